@@ -1,0 +1,123 @@
+//! Events: the VM's nondeterministic inputs.
+//!
+//! Every WASI call whose result is not a pure function of the guest's own execution is an
+//! [`Event`]: its position (sequence number), its kind, a digest of its arguments, the
+//! running digest of the outputs the VM produced before it, and its result. Recording
+//! appends events; replay takes results from them and checks kind, arguments and outputs
+//! so that the first difference is reported as a divergence at that event.
+//!
+//! Invariant: the sequence numbers of a VM's events are 0, 1, 2, ... without gaps, on the
+//! primary and on every replay of its log.
+
+use serde::{Deserialize, Serialize};
+
+/// What a WASI call was. Stored as one byte in the log; never renumber a variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Kind {
+    ClockTimeGet = 1,
+    RandomGet = 2,
+    PollOneoff = 3,
+    FdRead = 4,
+    FdPread = 5,
+    FdWrite = 6,
+    FdPwrite = 7,
+    FdSeekEnd = 8,
+    FdSync = 9,
+    FdFilestatGet = 10,
+    FdFilestatSetSize = 11,
+    FdFilestatSetTimes = 12,
+    FdReaddir = 13,
+    FdAllocate = 14,
+    PathOpen = 15,
+    PathCreateDirectory = 16,
+    PathRemoveDirectory = 17,
+    PathUnlinkFile = 18,
+    PathRename = 19,
+    PathFilestatGet = 20,
+    PathFilestatSetTimes = 21,
+    PathReadlink = 22,
+}
+
+/// File metadata as the guest sees it (WASI `filestat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filestat {
+    pub dev: u64,
+    pub ino: u64,
+    pub filetype: u8,
+    pub nlink: u64,
+    pub size: u64,
+    pub atim: u64,
+    pub mtim: u64,
+    pub ctim: u64,
+}
+
+/// One entry of a `poll_oneoff` result (WASI `event`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollEvent {
+    pub userdata: u64,
+    pub error: u16,
+    pub kind: u8,
+    pub nbytes: u64,
+    pub flags: u16,
+}
+
+/// The result of an event: everything the guest may observe of the call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The call failed with this WASI errno.
+    Errno(u16),
+    /// The call succeeded and returns nothing else.
+    Done,
+    /// A time in nanoseconds, a size or an offset.
+    Value(u64),
+    /// Bytes handed to the guest (data read, entropy, directory entries, a link target).
+    Data(Vec<u8>),
+    /// Bytes written and the file offset after the write.
+    Written { n: u32, offset: u64 },
+    /// A file or directory was opened; its WASI filetype.
+    Opened { filetype: u8 },
+    Stat(Filestat),
+    Polled(Vec<PollEvent>),
+}
+
+/// One entry of the VM's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position: the number of events before this one.
+    pub seq: u64,
+    pub kind: Kind,
+    /// Digest of the call's arguments, including the guest memory they point at.
+    pub args: u64,
+    /// Running digest of every output the VM produced before this event.
+    pub outputs: u64,
+    pub outcome: Outcome,
+}
+
+/// A 64-bit digest of a call's arguments; collisions only weaken divergence detection.
+pub fn args_digest(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    first_u64(h.finalize().as_bytes())
+}
+
+pub(crate) fn first_u64(bytes: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_digest_separates_parts() {
+        // Length-prefixing keeps ("ab","c") apart from ("a","bc").
+        assert_ne!(args_digest(&[b"ab", b"c"]), args_digest(&[b"a", b"bc"]));
+        assert_eq!(args_digest(&[b"x"]), args_digest(&[b"x"]));
+    }
+}

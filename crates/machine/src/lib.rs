@@ -1,0 +1,23 @@
+//! The Tandem VM: a deterministic WebAssembly machine whose every nondeterministic input is
+//! an event.
+//!
+//! A VM is one wasm32-wasi (preview 1) module instance, compiled by wasmtime under a
+//! deterministic configuration ([`deterministic_engine`]). The guest reaches the world only
+//! through WASI calls, served by [`wasi`]; each call whose result is not a pure function of
+//! the guest's execution is an [`event::Event`], taken from the live host ([`host`]) and
+//! appended to a log, or taken from a log during replay. This crate knows nothing of
+//! replication: lockstep drives it through [`log::EventSource`] and [`log::EventSink`].
+
+pub mod clock;
+pub mod event;
+pub mod fdtable;
+pub mod host;
+pub mod log;
+pub mod vm;
+pub mod wasi;
+
+pub use log::{End, EventSink, EventSource, Exit, LogError, LogHeader, LogReader, LogWriter, Tail};
+pub use vm::{
+    deterministic_engine, hex, live_inputs, GuestSpec, Inputs, Machine, MachineError,
+    RunReport, DEFAULT_MEMORY_LIMIT,
+};

@@ -1,0 +1,442 @@
+//! A Tandem VM: one wasm instance plus its state, run against live inputs or a log.
+//!
+//! [`Vm`] is the wasmtime store's data. It owns the VM state (descriptor table, clock,
+//! position, output digest) and the input side: [`Inputs::Live`] performs host operations
+//! and appends each result to an optional [`EventSink`]; [`Inputs::Replay`] takes every
+//! result from an [`EventSource`] and checks it belongs where the guest now is.
+//!
+//! Invariants:
+//! - every nondeterministic value the guest observes passes through [`Vm::event`];
+//! - during replay nothing is performed on the host: console and disk outputs are only
+//!   digested, so a replay leaves the datastore and the console untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+
+use crate::clock::VmClock;
+use crate::event::{first_u64, Event, Kind, Outcome};
+use crate::fdtable::FdTable;
+use crate::host::{HostError, LiveHost};
+use crate::log::{End, EventSink, EventSource, Exit, LogError, LogHeader, Tail};
+
+/// Default guest memory limit: fixed, so that `memory.grow` fails at the same point on
+/// every copy of the VM.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a WebAssembly module: {why}")]
+    NotWasm { path: PathBuf, why: String },
+    #[error("{0}")]
+    Link(String),
+    #[error("datastore {0} is not a directory")]
+    Datastore(PathBuf),
+    #[error("the log was recorded from a different module (log {log}, given {given})")]
+    ModuleMismatch { log: String, given: String },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("replay diverged at event {seq}: {why}")]
+    Divergence { seq: u64, why: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Why the guest stopped running before `_start` returned.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Fault {
+    #[error("guest exited with code {0}")]
+    Exit(u32),
+    #[error("replay diverged at event {seq}: {why}")]
+    Divergence { seq: u64, why: String },
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Where the VM's nondeterministic inputs come from.
+pub enum Inputs {
+    Live {
+        host: LiveHost,
+        sink: Option<Box<dyn EventSink + Send>>,
+    },
+    Replay {
+        source: Box<dyn EventSource + Send>,
+    },
+}
+
+/// What a guest sees of its configuration; fixed for the VM's life.
+#[derive(Clone, Debug, Default)]
+pub struct GuestSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    /// Whether the datastore is preopened at fd 3 (where it lives is the live host's).
+    pub datastore: bool,
+    pub memory_limit: u64,
+}
+
+pub struct Vm {
+    pub(crate) spec: Arc<GuestSpec>,
+    pub(crate) seq: u64,
+    pub(crate) fds: FdTable,
+    pub(crate) clock: VmClock,
+    pub(crate) outputs: Outputs,
+    pub(crate) inputs: Inputs,
+    limits: StoreLimits,
+    warned: std::collections::BTreeSet<&'static str>,
+}
+
+/// Every output the VM produces: digested always, performed only when live.
+pub(crate) struct Outputs {
+    hasher: blake3::Hasher,
+    short: Option<u64>,
+    /// Whether console output reaches the host's stdout/stderr.
+    pub(crate) perform: bool,
+}
+
+impl Outputs {
+    pub(crate) fn add(&mut self, what: &str, parts: &[&[u8]]) {
+        self.short = None;
+        self.hasher.update(&(what.len() as u64).to_le_bytes());
+        self.hasher.update(what.as_bytes());
+        for p in parts {
+            self.hasher.update(&(p.len() as u64).to_le_bytes());
+            self.hasher.update(p);
+        }
+    }
+
+    /// A short digest of the outputs so far, carried by each event.
+    fn short(&mut self) -> u64 {
+        *self
+            .short
+            .get_or_insert_with(|| first_u64(self.hasher.finalize().as_bytes()))
+    }
+
+    fn full(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+impl Vm {
+    pub(crate) fn host(&mut self) -> Option<&mut LiveHost> {
+        match &mut self.inputs {
+            Inputs::Live { host, .. } => Some(host),
+            Inputs::Replay { .. } => None,
+        }
+    }
+
+    /// Take one nondeterministic input. Live: run `op` on the host and log its outcome.
+    /// Replay: take the next logged outcome after checking it was logged at this position
+    /// for this call with these arguments and the same outputs before it.
+    pub(crate) fn event(
+        &mut self,
+        kind: Kind,
+        args: u64,
+        op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
+    ) -> Result<Outcome, Fault> {
+        let seq = self.seq;
+        let outputs = self.outputs.short();
+        let outcome = match &mut self.inputs {
+            Inputs::Live { host, sink } => {
+                let outcome = op(host, &self.fds, &self.clock);
+                match sink {
+                    Some(sink) => {
+                        let event = Event {
+                            seq,
+                            kind,
+                            args,
+                            outputs,
+                            outcome,
+                        };
+                        sink.append(&event)?;
+                        event.outcome
+                    }
+                    None => outcome,
+                }
+            }
+            Inputs::Replay { source } => {
+                let Some(event) = source.next_event()? else {
+                    return Err(Fault::Divergence {
+                        seq,
+                        why: format!("the guest made a {kind:?} call after the last logged event"),
+                    });
+                };
+                let why = if event.seq != seq {
+                    Some(format!("log holds event {} here", event.seq))
+                } else if event.kind != kind {
+                    Some(format!("the guest made a {kind:?} call where the log holds {:?}", event.kind))
+                } else if event.args != args {
+                    Some(format!("{kind:?} called with other arguments than logged"))
+                } else if event.outputs != outputs {
+                    Some("the outputs before this event differ from the logged run".to_string())
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(Fault::Divergence { seq, why });
+                }
+                event.outcome
+            }
+        };
+        self.seq += 1;
+        Ok(outcome)
+    }
+
+    /// An outcome of the wrong shape for its call can only come from a damaged or foreign
+    /// log: report it as divergence at the event just taken.
+    pub(crate) fn unexpected(&self, kind: Kind, got: &Outcome) -> Fault {
+        Fault::Divergence {
+            seq: self.seq.saturating_sub(1),
+            why: format!("logged outcome {got:?} does not fit a {kind:?} call"),
+        }
+    }
+
+    pub(crate) fn warn_unsupported(&mut self, name: &'static str) {
+        if self.warned.insert(name) {
+            tracing::warn!("guest called unsupported WASI function {name}; it gets ENOSYS");
+        }
+    }
+}
+
+/// The deterministic engine configuration every copy of a VM runs under.
+pub fn deterministic_engine() -> Result<Engine, MachineError> {
+    let mut config = Config::new();
+    config
+        // Threads are compiled out of our wasmtime build (no `threads` feature): a guest
+        // with shared memory or atomics.wait fails to load rather than race.
+        .cranelift_nan_canonicalization(true)
+        .wasm_relaxed_simd(false)
+        .relaxed_simd_deterministic(true);
+    Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))
+}
+
+/// A compiled guest module, ready to run as any number of VMs.
+pub struct Machine {
+    engine: Engine,
+    module: Module,
+    linker: Linker<Vm>,
+    digest: [u8; 32],
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunReport {
+    pub exit: Exit,
+    pub events: u64,
+    pub digest: [u8; 32],
+}
+
+impl RunReport {
+    pub fn end(&self) -> End {
+        End {
+            events: self.events,
+            exit: self.exit.clone(),
+            digest: self.digest,
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Machine {
+    pub fn load(path: &Path) -> Result<Self, MachineError> {
+        let bytes = std::fs::read(path).map_err(|source| MachineError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, MachineError> {
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(MachineError::NotWasm {
+                path: path.to_path_buf(),
+                why: "no wasm magic".into(),
+            });
+        }
+        let engine = deterministic_engine()?;
+        let module = Module::new(&engine, bytes).map_err(|e| MachineError::NotWasm {
+            path: path.to_path_buf(),
+            why: format!("{e:#}"),
+        })?;
+        for import in module.imports() {
+            if !crate::wasi::provides(import.module(), import.name()) {
+                return Err(MachineError::Link(format!(
+                    "{} imports {}::{}, which a Tandem VM does not provide",
+                    path.display(),
+                    import.module(),
+                    import.name()
+                )));
+            }
+        }
+        let mut linker = Linker::new(&engine);
+        crate::wasi::add_to_linker(&mut linker).map_err(|e| MachineError::Internal(e.to_string()))?;
+        Ok(Machine {
+            engine,
+            module,
+            linker,
+            digest: *blake3::hash(bytes).as_bytes(),
+        })
+    }
+
+    /// blake3 of the module's bytes.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    /// The header a log of a run of `spec` carries.
+    pub fn log_header(&self, spec: &GuestSpec) -> LogHeader {
+        LogHeader {
+            module_digest: self.digest,
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            datastore: spec.datastore,
+            memory_limit: spec.memory_limit,
+            first_seq: 0,
+        }
+    }
+
+    /// Check that a log was recorded from this module.
+    pub fn check_log(&self, header: &LogHeader) -> Result<(), MachineError> {
+        if header.module_digest != self.digest {
+            return Err(MachineError::ModuleMismatch {
+                log: hex(&header.module_digest[..8]),
+                given: hex(&self.digest[..8]),
+            });
+        }
+        Ok(())
+    }
+
+    /// Run a VM from power-on until the guest exits. A live run finishes its sink with the
+    /// run's end; a replay checks the run against the end its source recorded.
+    pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
+        let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
+        let perform = matches!(inputs, Inputs::Live { .. });
+        let vm = Vm {
+            fds: FdTable::new(spec.datastore),
+            spec: Arc::new(spec),
+            seq: 0,
+            clock: VmClock::default(),
+            outputs: Outputs {
+                hasher: blake3::Hasher::new(),
+                short: None,
+                perform,
+            },
+            inputs,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limit)
+                .instances(1)
+                .tables(4)
+                .memories(1)
+                .build(),
+            warned: Default::default(),
+        };
+        let mut store = Store::new(&self.engine, vm);
+        store.limiter(|vm| &mut vm.limits);
+        let exit = match self.linker.instantiate(&mut store, &self.module) {
+            Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                Ok(start) => classify(start.call(&mut store, ()))?,
+                Err(_) => {
+                    return Err(MachineError::Link(
+                        "the module exports no _start function (not a WASI command)".into(),
+                    ));
+                }
+            },
+            Err(e) => classify(Err(e))?,
+        };
+        let vm = store.into_data();
+        let report = RunReport {
+            exit,
+            events: vm.seq,
+            digest: vm.outputs.full(),
+        };
+        match vm.inputs {
+            Inputs::Live { sink: Some(sink), .. } => sink.finish(&report.end())?,
+            Inputs::Live { sink: None, .. } => {}
+            Inputs::Replay { mut source } => match source.tail()? {
+                Tail::End(end) => check_replay(&report, &end)?,
+                Tail::Event(seq) => {
+                    return Err(MachineError::Divergence {
+                        seq,
+                        why: format!("the guest finished ({}) but the log holds more events", report.exit),
+                    });
+                }
+            },
+        }
+        Ok(report)
+    }
+}
+
+/// Turn how `_start` ended into an exit, or an error that ends the run.
+fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
+    let err = match result {
+        Ok(()) => return Ok(Exit::Code(0)),
+        Err(e) => e,
+    };
+    if let Some(fault) = err.downcast_ref::<Fault>() {
+        return match fault {
+            Fault::Exit(code) => Ok(Exit::Code(*code)),
+            Fault::Divergence { seq, why } => Err(MachineError::Divergence {
+                seq: *seq,
+                why: why.clone(),
+            }),
+            Fault::Log(_) => match err.downcast::<Fault>() {
+                Ok(Fault::Log(l)) => Err(MachineError::Log(l)),
+                _ => Err(MachineError::Internal("log fault vanished".into())),
+            },
+        };
+    }
+    if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+        return Ok(Exit::Trap(trap.to_string()));
+    }
+    Ok(Exit::Trap(format!("{err:#}")))
+}
+
+/// Compare a finished replay with the end record of its log.
+fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
+    let seq = report.events;
+    if report.events != end.events {
+        return Err(MachineError::Divergence {
+            seq,
+            why: format!("the guest finished after {} events; the log holds {}", report.events, end.events),
+        });
+    }
+    if report.exit != end.exit {
+        return Err(MachineError::Divergence {
+            seq,
+            why: format!("the guest ended with {}; the logged run ended with {}", report.exit, end.exit),
+        });
+    }
+    if report.digest != end.digest {
+        return Err(MachineError::Divergence {
+            seq,
+            why: "the outputs after the last event differ from the logged run".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Inputs for a VM running live from power-on on this host, its datastore at `root`,
+/// with an optional sink recording the events.
+pub fn live_inputs(
+    root: Option<&Path>,
+    sink: Option<Box<dyn EventSink + Send>>,
+) -> Result<Inputs, MachineError> {
+    if let Some(ds) = root {
+        if !ds.is_dir() {
+            return Err(MachineError::Datastore(ds.to_path_buf()));
+        }
+    }
+    let fds = FdTable::new(root.is_some());
+    let host = LiveHost::from_state(root, &fds, &VmClock::default())?;
+    Ok(Inputs::Live { host, sink })
+}
