@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use machine::{live_inputs, EventSink, GuestSpec, LogWriter, Machine, DEFAULT_MEMORY_LIMIT};
+use machine::{live_inputs, EventSink, GuestSpec, Inputs, LogWriter, Machine, DEFAULT_MEMORY_LIMIT};
 use serde::Serialize;
 
 use crate::guests;
@@ -67,7 +67,7 @@ fn progress(json: bool, msg: &str) {
 
 pub fn vm(args: &VmBenchArgs) -> Result<u8> {
     let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 5 }).max(1);
-    let (io_rounds, cpu_scale) = if args.quick { ("2000", "1") } else { ("40000", "12") };
+    let (io_rounds, cpu_scale) = if args.quick { ("2000", "1") } else { ("40000", "40") };
     let work = tempfile::tempdir().context("creating a scratch folder")?;
 
     progress(args.json, "file- and clock-heavy guest: unrecorded vs recorded");
@@ -86,7 +86,7 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         } else {
             None
         };
-        let inputs = live_inputs(Some(work.path()), sink)?;
+        let inputs = quiet(live_inputs(Some(work.path()), sink)?);
         let start = Instant::now();
         let report = io.run(spec.clone(), inputs)?;
         let took = start.elapsed();
@@ -118,7 +118,7 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
     let (cpu_wasm, cpu_native) = side_by_side(
         rounds,
         || {
-            let inputs = live_inputs(None, None)?;
+            let inputs = quiet(live_inputs(None, None)?);
             let start = Instant::now();
             let report = cpu.run(cpu_spec.clone(), inputs)?;
             let took = start.elapsed();
@@ -147,6 +147,14 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         print_vm_table(&result);
     }
     Ok(0)
+}
+
+/// The guests' console output is not the bench's: keep it off the table.
+fn quiet(mut inputs: Inputs) -> Inputs {
+    if let Inputs::Live { echo_console, .. } = &mut inputs {
+        *echo_console = false;
+    }
+    inputs
 }
 
 fn run_native(exe: &Path, scale: &str) -> Result<Duration> {

@@ -72,7 +72,7 @@ pub enum Outcome {
     /// A time in nanoseconds, a size or an offset.
     Value(u64),
     /// Bytes handed to the guest (data read, entropy, directory entries, a link target).
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes written and the file offset after the write.
     Written { n: u32, offset: u64 },
     /// A file or directory was opened; its WASI filetype.

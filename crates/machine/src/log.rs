@@ -3,14 +3,17 @@
 //! Layout:
 //! ```text
 //! "TANDEMLG" | version u16 | header length u32 | crc32 u32 | header (postcard)
-//! zstd frame (with content checksum) of records:
-//!     length u32 | crc32 u32 | record (postcard)
+//! chunk*:  raw length u32 | compressed length u32 | crc32 of compressed u32 | zstd
+//!          the zstd data decompresses to records:
+//!              length u32 | crc32 u32 | record (postcard)
 //! ```
 //! All integers are little-endian. The records are the events in sequence order and, when
-//! the run finished, one [`End`] record. A log without its `End` record is truncated.
+//! the run finished, one [`End`] record. A log without its `End` record is truncated: a
+//! crash while recording leaves a log that reads up to its last whole chunk.
 //!
-//! Invariant: nothing read from a log reaches the VM unless its header, its record checksum
-//! and the zstd frame checksum all verified; any damage is a [`LogError`], never a guess.
+//! Invariant: nothing read from a log reaches the VM unless the header's, the chunk's and
+//! the record's checksums all verified, so every byte of the file is covered; any damage is
+//! a [`LogError`], never a guess.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -24,6 +27,8 @@ pub const MAGIC: &[u8; 8] = b"TANDEMLG";
 pub const VERSION: u16 = 1;
 /// No single record is larger than this; a larger length field means damage.
 const MAX_RECORD: u32 = 64 << 20;
+/// No chunk is larger than this (a batch plus its largest record).
+const MAX_CHUNK: u32 = 2 * MAX_RECORD;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -135,10 +140,30 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The same encoding as [`Record`], borrowing: the hot path serialises without a clone.
+#[derive(Serialize)]
+enum RecordRef<'a> {
+    Event(&'a Event),
+    End(&'a End),
+}
+
+/// Batches handed to the writer thread are about this large.
+const BATCH: usize = 256 << 10;
+/// How many batches may wait for the writer thread before the guest waits for it.
+const QUEUED_BATCHES: usize = 8;
+
 /// Appends events to a log file.
+///
+/// The guest's thread only encodes records into a batch; a writer thread compresses and
+/// writes batches, so recording costs the guest little more than a copy of each event.
+/// An I/O error on the writer thread is reported by the next `append` or by `finish_log`.
 pub struct LogWriter {
     path: PathBuf,
-    out: Option<zstd::stream::Encoder<'static, BufWriter<File>>>,
+    batch: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Batches the writer thread has emptied, for reuse: fresh memory costs page faults.
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
+    writer: Option<std::thread::JoinHandle<Result<(), LogError>>>,
 }
 
 impl LogWriter {
@@ -150,40 +175,110 @@ impl LogWriter {
             .and_then(|_| w.write_all(&VERSION.to_le_bytes()))
             .and_then(|_| w.write_all(&frame(&payload)))
             .map_err(io_err("write", path))?;
-        let mut enc = zstd::stream::Encoder::new(w, 3).map_err(io_err("compress", path))?;
-        enc.include_checksum(true).map_err(io_err("compress", path))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_BATCHES);
+        let (spent_tx, spent) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_BATCHES + 2);
+        let thread_path = path.to_path_buf();
+        let writer = std::thread::Builder::new()
+            .name("tandem-log".into())
+            .spawn(move || {
+                let path = thread_path;
+                let mut framed = Vec::with_capacity(BATCH + (64 << 10));
+                for mut batch in rx {
+                    // A batch is `length | payload` records; checksums and compression are
+                    // added here, off the guest's thread.
+                    framed.clear();
+                    let mut rest = &batch[..];
+                    while rest.len() >= 4 {
+                        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                        let payload = &rest[4..(4 + len).min(rest.len())];
+                        framed.extend_from_slice(&rest[..4]);
+                        framed.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+                        framed.extend_from_slice(payload);
+                        rest = &rest[4 + payload.len()..];
+                    }
+                    let packed = zstd::bulk::compress(&framed, 1).map_err(io_err("compress", &path))?;
+                    let mut head = [0u8; 12];
+                    head[0..4].copy_from_slice(&(framed.len() as u32).to_le_bytes());
+                    head[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
+                    head[8..12].copy_from_slice(&crc32fast::hash(&packed).to_le_bytes());
+                    w.write_all(&head)
+                        .and_then(|_| w.write_all(&packed))
+                        .map_err(io_err("write", &path))?;
+                    batch.clear();
+                    let _ = spent_tx.try_send(batch);
+                }
+                w.flush().map_err(io_err("write", &path))?;
+                w.get_ref().sync_all().map_err(io_err("sync", &path))
+            })
+            .map_err(io_err("start a writer for", path))?;
         Ok(LogWriter {
             path: path.to_path_buf(),
-            out: Some(enc),
+            batch: Vec::with_capacity(BATCH + (64 << 10)),
+            tx: Some(tx),
+            spent,
+            writer: Some(writer),
         })
     }
 
-    fn write_record(&mut self, record: &Record) -> Result<(), LogError> {
-        let path = &self.path;
-        let out = self.out.as_mut().ok_or_else(|| LogError::Corrupt {
-            path: path.clone(),
-            why: "write after end record".into(),
-        })?;
-        out.write_all(&frame(&encode(record)))
-            .map_err(io_err("write", path))
+    /// Append `length | payload` to the batch, serialising in place.
+    fn push(&mut self, record: &RecordRef) -> Result<(), LogError> {
+        let at = self.batch.len();
+        self.batch.extend_from_slice(&[0; 4]);
+        if let Err(e) = postcard::to_io(record, &mut self.batch) {
+            self.batch.truncate(at);
+            return Err(LogError::Corrupt {
+                path: self.path.clone(),
+                why: format!("cannot encode a record: {e}"),
+            });
+        }
+        let len = (self.batch.len() - at - 4) as u32;
+        self.batch[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        Ok(())
     }
 
-    /// Write the end record and close the log.
-    pub fn finish_log(mut self, end: &End) -> Result<(), LogError> {
-        self.write_record(&Record::End(end.clone()))?;
-        let path = self.path.clone();
-        if let Some(enc) = self.out.take() {
-            let mut w = enc.finish().map_err(io_err("write", &path))?;
-            w.flush().map_err(io_err("write", &path))?;
-            w.get_ref().sync_all().map_err(io_err("sync", &path))?;
+    /// Hand the batch to the writer thread; if it has stopped, collect its error.
+    fn ship(&mut self) -> Result<(), LogError> {
+        let fresh = self
+            .spent
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH + (64 << 10)));
+        let batch = std::mem::replace(&mut self.batch, fresh);
+        let sent = self.tx.as_ref().map(|tx| tx.send(batch).is_ok()).unwrap_or(false);
+        if sent {
+            return Ok(());
         }
-        Ok(())
+        self.tx = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => Err(e),
+            _ => Err(LogError::Corrupt {
+                path: self.path.clone(),
+                why: "the log writer stopped".into(),
+            }),
+        }
+    }
+
+    /// Write the end record and close the log, durably.
+    pub fn finish_log(mut self, end: &End) -> Result<(), LogError> {
+        self.push(&RecordRef::End(end))?;
+        self.ship()?;
+        self.tx = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(result)) => result,
+            _ => Err(LogError::Corrupt {
+                path: self.path.clone(),
+                why: "the log writer stopped".into(),
+            }),
+        }
     }
 }
 
 impl EventSink for LogWriter {
     fn append(&mut self, event: &Event) -> Result<(), LogError> {
-        self.write_record(&Record::Event(event.clone()))
+        self.push(&RecordRef::Event(event))?;
+        if self.batch.len() >= BATCH {
+            self.ship()?;
+        }
+        Ok(())
     }
 
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError> {
@@ -194,7 +289,10 @@ impl EventSink for LogWriter {
 /// Reads a log file, verifying every checksum.
 pub struct LogReader {
     path: PathBuf,
-    input: zstd::stream::Decoder<'static, BufReader<BufReader<File>>>,
+    input: BufReader<File>,
+    /// The current chunk, decompressed, and the read position in it.
+    chunk: Vec<u8>,
+    pos: usize,
     header: LogHeader,
     events: u64,
     end: Option<End>,
@@ -205,12 +303,12 @@ impl LogReader {
         let file = File::open(path).map_err(io_err("open", path))?;
         let mut r = BufReader::with_capacity(256 << 10, file);
         let mut magic = [0u8; 8];
-        read_exact_or(&mut r, &mut magic, || LogError::NotALog(path.to_path_buf()))?;
+        read_exact_or(&mut r, &mut magic, path, || LogError::NotALog(path.to_path_buf()))?;
         if &magic != MAGIC {
             return Err(LogError::NotALog(path.to_path_buf()));
         }
         let mut version = [0u8; 2];
-        read_exact_or(&mut r, &mut version, || truncated(path, 0))?;
+        read_exact_or(&mut r, &mut version, path, || truncated(path, 0))?;
         let found = u16::from_le_bytes(version);
         if found != VERSION {
             return Err(LogError::Version {
@@ -218,12 +316,14 @@ impl LogReader {
                 found,
             });
         }
-        let payload = read_frame(&mut r, path, 0)?.ok_or_else(|| truncated(path, 0))?;
+        let mut cursor = ChunkCursor { buf: &mut Vec::new(), pos: 0, input: &mut r };
+        let payload = read_frame(&mut cursor, path, 0)?.ok_or_else(|| truncated(path, 0))?;
         let header: LogHeader = decode(&payload, path, "header")?;
-        let input = zstd::stream::Decoder::new(r).map_err(io_err("decompress", path))?;
         Ok(LogReader {
             path: path.to_path_buf(),
-            input,
+            input: r,
+            chunk: Vec::new(),
+            pos: 0,
             header,
             events: 0,
             end: None,
@@ -248,6 +348,77 @@ impl LogReader {
         let end = self.end.clone().ok_or_else(|| truncated(&self.path, self.events))?;
         Ok((self.header, events, end))
     }
+
+    /// Load the next chunk; `false` at a clean end of the file.
+    fn next_chunk(&mut self) -> Result<bool, LogError> {
+        let mut head = [0u8; 12];
+        let mut got = 0;
+        while got < head.len() {
+            match self.input.read(&mut head[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => return Err(truncated(&self.path, self.events)),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(classify(&self.path, self.events, e)),
+            }
+        }
+        let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let (raw, packed_len, crc) = (word(0), word(4), word(8));
+        if raw > MAX_CHUNK || packed_len > MAX_CHUNK {
+            return Err(self.corrupt(format!("chunk after event {} claims {raw}/{packed_len} bytes", self.events)));
+        }
+        let mut packed = vec![0u8; packed_len as usize];
+        self.input
+            .read_exact(&mut packed)
+            .map_err(|e| classify(&self.path, self.events, e))?;
+        if crc32fast::hash(&packed) != crc {
+            return Err(self.corrupt(format!("checksum mismatch in the chunk after event {}", self.events)));
+        }
+        self.chunk = zstd::bulk::decompress(&packed, raw as usize)
+            .map_err(|e| self.corrupt(format!("undecompressable chunk: {e}")))?;
+        if self.chunk.len() != raw as usize {
+            return Err(self.corrupt("chunk length mismatch".into()));
+        }
+        self.pos = 0;
+        Ok(true)
+    }
+
+    fn corrupt(&self, why: String) -> LogError {
+        LogError::Corrupt {
+            path: self.path.clone(),
+            why,
+        }
+    }
+
+    fn next_record(&mut self) -> Result<Option<Record>, LogError> {
+        if self.pos == self.chunk.len() && !self.next_chunk()? {
+            return Ok(None);
+        }
+        let mut cursor = ChunkCursor { buf: &mut self.chunk, pos: self.pos, input: &mut io::empty() };
+        let payload = read_frame(&mut cursor, &self.path, self.events)?
+            .ok_or_else(|| truncated(&self.path, self.events))?;
+        self.pos = cursor.pos;
+        decode::<Record>(&payload, &self.path, "record").map(Some)
+    }
+}
+
+/// Reads from a chunk buffer first, then from `input` (used for the header frame).
+struct ChunkCursor<'a, R: Read + ?Sized> {
+    buf: &'a mut Vec<u8>,
+    pos: usize,
+    input: &'a mut R,
+}
+
+impl<R: Read + ?Sized> Read for ChunkCursor<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos < self.buf.len() {
+            let n = out.len().min(self.buf.len() - self.pos);
+            out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            self.pos += n;
+            return Ok(n);
+        }
+        self.input.read(out)
+    }
 }
 
 impl EventSource for LogReader {
@@ -255,36 +426,20 @@ impl EventSource for LogReader {
         if self.end.is_some() {
             return Ok(None);
         }
-        let Some(payload) = read_frame(&mut self.input, &self.path, self.events)? else {
-            return Err(truncated(&self.path, self.events));
-        };
-        match decode::<Record>(&payload, &self.path, "record")? {
-            Record::Event(e) => {
-                if e.seq != self.header.first_seq + self.events {
-                    return Err(LogError::Corrupt {
-                        path: self.path.clone(),
-                        why: format!(
-                            "event {} found where event {} belongs",
-                            e.seq,
-                            self.header.first_seq + self.events
-                        ),
-                    });
+        match self.next_record()? {
+            None => Err(truncated(&self.path, self.events)),
+            Some(Record::Event(e)) => {
+                let want = self.header.first_seq + self.events;
+                if e.seq != want {
+                    return Err(self.corrupt(format!("event {} found where event {want} belongs", e.seq)));
                 }
                 self.events += 1;
                 Ok(Some(e))
             }
-            Record::End(end) => {
-                // Anything after the end record (bytes, or a second zstd frame) is damage.
-                let mut rest = [0u8; 1];
-                match self.input.read(&mut rest) {
-                    Ok(0) => {}
-                    Ok(_) => {
-                        return Err(LogError::Corrupt {
-                            path: self.path.clone(),
-                            why: "data after the end record".into(),
-                        });
-                    }
-                    Err(e) => return Err(classify(&self.path, self.events, e)),
+            Some(Record::End(end)) => {
+                // Anything after the end record is damage.
+                if self.pos != self.chunk.len() || self.next_chunk()? {
+                    return Err(self.corrupt("data after the end record".into()));
                 }
                 self.end = Some(end);
                 Ok(None)
@@ -324,15 +479,17 @@ fn classify(path: &Path, events: u64, e: io::Error) -> LogError {
 fn read_exact_or(
     r: &mut impl Read,
     buf: &mut [u8],
+    path: &Path,
     on_eof: impl FnOnce() -> LogError,
 ) -> Result<(), LogError> {
     r.read_exact(buf).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             on_eof()
         } else {
-            LogError::Corrupt {
-                path: PathBuf::new(),
-                why: e.to_string(),
+            LogError::Io {
+                what: "read",
+                path: path.to_path_buf(),
+                source: e,
             }
         }
     })

@@ -66,6 +66,8 @@ pub enum Inputs {
     Live {
         host: LiveHost,
         sink: Option<Box<dyn EventSink + Send>>,
+        /// Whether console output reaches this process's stdout/stderr.
+        echo_console: bool,
     },
     Replay {
         source: Box<dyn EventSource + Send>,
@@ -144,7 +146,7 @@ impl Vm {
         let seq = self.seq;
         let outputs = self.outputs.short();
         let outcome = match &mut self.inputs {
-            Inputs::Live { host, sink } => {
+            Inputs::Live { host, sink, .. } => {
                 let outcome = op(host, &self.fds, &self.clock);
                 match sink {
                     Some(sink) => {
@@ -320,7 +322,7 @@ impl Machine {
     /// run's end; a replay checks the run against the end its source recorded.
     pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
         let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
-        let perform = matches!(inputs, Inputs::Live { .. });
+        let perform = matches!(inputs, Inputs::Live { echo_console: true, .. });
         let vm = Vm {
             fds: FdTable::new(spec.datastore),
             spec: Arc::new(spec),
@@ -438,5 +440,9 @@ pub fn live_inputs(
     }
     let fds = FdTable::new(root.is_some());
     let host = LiveHost::from_state(root, &fds, &VmClock::default())?;
-    Ok(Inputs::Live { host, sink })
+    Ok(Inputs::Live {
+        host,
+        sink,
+        echo_console: true,
+    })
 }

@@ -598,7 +598,8 @@ fn fd_write(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> R
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
         _ => return Err(errno::BADF.into()),
     };
-    let args = args_digest(&[&le(u64::from(fd)), &data]);
+    // The data itself is an output: the next event's output digest checks it.
+    let args = args_digest(&[&le(u64::from(fd)), &le(data.len() as u64)]);
     let (written, end) = expect!(vm, Kind::FdWrite,
         vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, at, &data))?,
         Outcome::Written { n, offset } if n as usize <= data.len() => (n, offset));
@@ -630,7 +631,7 @@ fn fd_pwrite(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out
         FdKind::File { .. } => return Err(errno::BADF.into()),
         _ => return Err(errno::SPIPE.into()),
     };
-    let args = args_digest(&[&le(u64::from(fd)), &le(off), &data]);
+    let args = args_digest(&[&le(u64::from(fd)), &le(off), &le(data.len() as u64)]);
     let written = expect!(vm, Kind::FdPwrite,
         vm.event(Kind::FdPwrite, args, |h, _, _| h.write_at(fd, Some(off), &data))?,
         Outcome::Written { n, .. } if n as usize <= data.len() => n);
