@@ -7,8 +7,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use machine::{live_inputs, EventSink, GuestSpec, Inputs, LogWriter, Machine, DEFAULT_MEMORY_LIMIT};
+use anyhow::{Context, Result, bail};
+use machine::{
+    DEFAULT_MEMORY_LIMIT, EventSink, GuestSpec, Inputs, LogWriter, Machine, live_inputs,
+};
 use serde::Serialize;
 
 use crate::guests;
@@ -67,10 +69,17 @@ fn progress(json: bool, msg: &str) {
 
 pub fn vm(args: &VmBenchArgs) -> Result<u8> {
     let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 5 }).max(1);
-    let (io_rounds, cpu_scale) = if args.quick { ("2000", "1") } else { ("40000", "40") };
+    let (io_rounds, cpu_scale) = if args.quick {
+        ("2000", "1")
+    } else {
+        ("40000", "40")
+    };
     let work = tempfile::tempdir().context("creating a scratch folder")?;
 
-    progress(args.json, "file- and clock-heavy guest: unrecorded vs recorded");
+    progress(
+        args.json,
+        "file- and clock-heavy guest: unrecorded vs recorded",
+    );
     let io = Machine::load(&guests::file("bench_io.wasm")?)?;
     let spec = GuestSpec {
         args: vec!["bench_io".into(), io_rounds.into()],
@@ -82,7 +91,8 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
     let mut io_events = 0;
     let run_io = |record: bool| -> Result<(Duration, u64)> {
         let sink = if record {
-            Some(Box::new(LogWriter::create(&log, &io.log_header(&spec))?) as Box<dyn EventSink + Send>)
+            Some(Box::new(LogWriter::create(&log, &io.log_header(&spec))?)
+                as Box<dyn EventSink + Send>)
         } else {
             None
         };
@@ -171,15 +181,29 @@ fn run_native(exe: &Path, scale: &str) -> Result<Duration> {
 }
 
 fn print_vm_table(r: &VmBench) {
-    println!("tandem bench vm  (best of {} rounds per side, sides alternated)", r.rounds);
-    println!("{:<34} {:>12} {:>12} {:>8} {:>6}", "measure", "A", "B", "A/B", "goal");
     println!(
-        "{:<34} {:>11.3}s {:>11.3}s {:>8.3} {:>6}",
-        "record_ratio (unrec. ÷ rec. time)", r.io_unrecorded_s, r.io_recorded_s, r.record_ratio, "≥0.95"
+        "tandem bench vm  (best of {} rounds per side, sides alternated)",
+        r.rounds
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>8} {:>6}",
+        "measure", "A", "B", "A/B", "goal"
     );
     println!(
         "{:<34} {:>11.3}s {:>11.3}s {:>8.3} {:>6}",
-        "wasm_native_ratio (native ÷ wasm)", r.cpu_native_s, r.cpu_wasm_s, r.wasm_native_ratio, "≥0.70"
+        "record_ratio (unrec. ÷ rec. time)",
+        r.io_unrecorded_s,
+        r.io_recorded_s,
+        r.record_ratio,
+        "≥0.95"
+    );
+    println!(
+        "{:<34} {:>11.3}s {:>11.3}s {:>8.3} {:>6}",
+        "wasm_native_ratio (native ÷ wasm)",
+        r.cpu_native_s,
+        r.cpu_wasm_s,
+        r.wasm_native_ratio,
+        "≥0.70"
     );
     println!(
         "recorded run: {} events, log {} bytes ({:.1} bytes/event)",

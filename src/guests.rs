@@ -6,22 +6,21 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 pub fn dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("TANDEM_GUESTS") {
         return Ok(PathBuf::from(d));
     }
-    let mut candidates = vec![PathBuf::from("guests/build")];
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(ws) = exe.parent().and_then(|p| p.parent()).and_then(|p| p.parent()) {
-            candidates.push(ws.join("guests/build"));
-        }
-    }
-    for c in &candidates {
-        if c.is_dir() {
-            return Ok(c.clone());
-        }
+    let beside_exe = std::env::current_exe().ok().and_then(|exe| {
+        let ws = exe.parent()?.parent()?.parent()?;
+        Some(ws.join("guests/build"))
+    });
+    if let Some(found) = std::iter::once(PathBuf::from("guests/build"))
+        .chain(beside_exe)
+        .find(|c| c.is_dir())
+    {
+        return Ok(found);
     }
     bail!("the example guests are not built: run `make -C guests` (or set TANDEM_GUESTS)")
 }

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use machine::{
-    hex, live_inputs, EventSink, Exit, GuestSpec, Inputs, LogReader, LogWriter,
-    Machine, MachineError, DEFAULT_MEMORY_LIMIT,
+    DEFAULT_MEMORY_LIMIT, EventSink, Exit, GuestSpec, Inputs, LogReader, LogWriter, Machine,
+    MachineError, hex, live_inputs,
 };
 
 #[derive(Parser)]
@@ -136,7 +136,14 @@ fn main() -> ExitCode {
             env,
             record,
             memory_mib,
-        }) => vm_run(&wasm, datastore.as_deref(), args, env, record.as_deref(), memory_mib),
+        }) => vm_run(
+            &wasm,
+            datastore.as_deref(),
+            args,
+            env,
+            record.as_deref(),
+            memory_mib,
+        ),
         Command::Vm(VmCommand::Replay {
             log,
             wasm,
@@ -194,7 +201,9 @@ fn vm_run(
         return Err(bad(format!("--env {bad_env:?} is not of the form K=V")));
     }
     if memory_mib == 0 || memory_mib > 4096 {
-        return Err(bad(format!("--memory-mib {memory_mib} is outside 1..=4096")));
+        return Err(bad(format!(
+            "--memory-mib {memory_mib} is outside 1..=4096"
+        )));
     }
     check_datastore(datastore)?;
     let machine = Machine::load(wasm)?;
@@ -205,14 +214,19 @@ fn vm_run(
         memory_limit: memory_mib << 20,
     };
     let sink = match record {
-        Some(path) => Some(Box::new(LogWriter::create(path, &machine.log_header(&spec)).map_err(MachineError::from)?)
-            as Box<dyn EventSink + Send>),
+        Some(path) => Some(Box::new(
+            LogWriter::create(path, &machine.log_header(&spec)).map_err(MachineError::from)?,
+        ) as Box<dyn EventSink + Send>),
         None => None,
     };
     let report = machine.run(spec, live_inputs(datastore, sink)?)?;
     if let Some(path) = record {
         tracing::info!("log written to {}", path.display());
-        println!("recorded: events={} digest={}", report.events, hex(&report.digest));
+        println!(
+            "recorded: events={} digest={}",
+            report.events,
+            hex(&report.digest)
+        );
     }
     Ok(exit_code(&report.exit))
 }
@@ -235,7 +249,16 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
         datastore: header.datastore,
         memory_limit: header.memory_limit,
     };
-    let report = machine.run(spec, Inputs::Replay { source: Box::new(reader) })?;
-    println!("replay ok: events={} digest={}", report.events, hex(&report.digest));
+    let report = machine.run(
+        spec,
+        Inputs::Replay {
+            source: Box::new(reader),
+        },
+    )?;
+    println!(
+        "replay ok: events={} digest={}",
+        report.events,
+        hex(&report.digest)
+    );
     Ok(0)
 }

@@ -74,9 +74,14 @@ pub enum Outcome {
     /// Bytes handed to the guest (data read, entropy, directory entries, a link target).
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes written and the file offset after the write.
-    Written { n: u32, offset: u64 },
+    Written {
+        n: u32,
+        offset: u64,
+    },
     /// A file or directory was opened; its WASI filetype.
-    Opened { filetype: u8 },
+    Opened {
+        filetype: u8,
+    },
     Stat(Filestat),
     Polled(Vec<PollEvent>),
 }

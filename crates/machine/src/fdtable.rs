@@ -21,7 +21,10 @@ pub enum FdKind {
     Stdout,
     Stderr,
     /// A directory; `preopen` is the name the guest sees for a preopened one.
-    Dir { path: String, preopen: Option<String> },
+    Dir {
+        path: String,
+        preopen: Option<String>,
+    },
     File {
         path: String,
         offset: u64,

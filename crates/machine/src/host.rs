@@ -153,13 +153,18 @@ fn timespecs(atim: u64, mtim: u64, flags: u16) -> [libc::timespec; 2] {
 }
 
 fn cpath(p: &Path) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 impl LiveHost {
     /// A live host for a VM whose state is `fds` and `clock`: reopens every file the guest
     /// holds open and continues the VM's monotonic clock from its last reading.
-    pub fn from_state(root: Option<&Path>, fds: &FdTable, clock: &VmClock) -> Result<Self, HostError> {
+    pub fn from_state(
+        root: Option<&Path>,
+        fds: &FdTable,
+        clock: &VmClock,
+    ) -> Result<Self, HostError> {
         let mut host = LiveHost {
             root: root.map(Path::to_path_buf),
             files: HashMap::new(),
@@ -174,7 +179,11 @@ impl LiveHost {
                 path, read, write, ..
             } = kind
             {
-                let full = host.root.as_deref().unwrap_or(Path::new("/nonexistent")).join(path);
+                let full = host
+                    .root
+                    .as_deref()
+                    .unwrap_or(Path::new("/nonexistent"))
+                    .join(path);
                 let file = OpenOptions::new()
                     .read(*read)
                     .write(*write)
@@ -225,9 +234,7 @@ impl LiveHost {
         let mut filled = 0;
         while filled < len {
             // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-            let n = unsafe {
-                libc::getrandom(buf[filled..].as_mut_ptr().cast(), len - filled, 0)
-            };
+            let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), len - filled, 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EINTR) {
@@ -286,7 +293,12 @@ impl LiveHost {
         if oflags_ & oflags::CREAT != 0 && !write {
             // O_CREAT on a read-only open still creates the file, as POSIX does.
             opts.write(false).append(false);
-            if let Err(e) = OpenOptions::new().write(true).create(true).truncate(false).open(&path) {
+            if let Err(e) = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+            {
                 return Outcome::Errno(errno_of(&e));
             }
         }

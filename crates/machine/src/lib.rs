@@ -18,6 +18,6 @@ pub mod wasi;
 
 pub use log::{End, EventSink, EventSource, Exit, LogError, LogHeader, LogReader, LogWriter, Tail};
 pub use vm::{
-    deterministic_engine, hex, live_inputs, GuestSpec, Inputs, Machine, MachineError,
-    RunReport, DEFAULT_MEMORY_LIMIT,
+    DEFAULT_MEMORY_LIMIT, GuestSpec, Inputs, Machine, MachineError, RunReport,
+    deterministic_engine, hex, live_inputs,
 };

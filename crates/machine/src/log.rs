@@ -196,7 +196,8 @@ impl LogWriter {
                         framed.extend_from_slice(payload);
                         rest = &rest[4 + payload.len()..];
                     }
-                    let packed = zstd::bulk::compress(&framed, 1).map_err(io_err("compress", &path))?;
+                    let packed =
+                        zstd::bulk::compress(&framed, 1).map_err(io_err("compress", &path))?;
                     let mut head = [0u8; 12];
                     head[0..4].copy_from_slice(&(framed.len() as u32).to_le_bytes());
                     head[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
@@ -243,7 +244,11 @@ impl LogWriter {
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(BATCH + (64 << 10)));
         let batch = std::mem::replace(&mut self.batch, fresh);
-        let sent = self.tx.as_ref().map(|tx| tx.send(batch).is_ok()).unwrap_or(false);
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(batch).is_ok())
+            .unwrap_or(false);
         if sent {
             return Ok(());
         }
@@ -303,7 +308,9 @@ impl LogReader {
         let file = File::open(path).map_err(io_err("open", path))?;
         let mut r = BufReader::with_capacity(256 << 10, file);
         let mut magic = [0u8; 8];
-        read_exact_or(&mut r, &mut magic, path, || LogError::NotALog(path.to_path_buf()))?;
+        read_exact_or(&mut r, &mut magic, path, || {
+            LogError::NotALog(path.to_path_buf())
+        })?;
         if &magic != MAGIC {
             return Err(LogError::NotALog(path.to_path_buf()));
         }
@@ -316,7 +323,11 @@ impl LogReader {
                 found,
             });
         }
-        let mut cursor = ChunkCursor { buf: &mut Vec::new(), pos: 0, input: &mut r };
+        let mut cursor = ChunkCursor {
+            buf: &mut Vec::new(),
+            pos: 0,
+            input: &mut r,
+        };
         let payload = read_frame(&mut cursor, path, 0)?.ok_or_else(|| truncated(path, 0))?;
         let header: LogHeader = decode(&payload, path, "header")?;
         Ok(LogReader {
@@ -345,7 +356,10 @@ impl LogReader {
         while let Some(e) = self.next_event()? {
             events.push(e);
         }
-        let end = self.end.clone().ok_or_else(|| truncated(&self.path, self.events))?;
+        let end = self
+            .end
+            .clone()
+            .ok_or_else(|| truncated(&self.path, self.events))?;
         Ok((self.header, events, end))
     }
 
@@ -365,14 +379,20 @@ impl LogReader {
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let (raw, packed_len, crc) = (word(0), word(4), word(8));
         if raw > MAX_CHUNK || packed_len > MAX_CHUNK {
-            return Err(self.corrupt(format!("chunk after event {} claims {raw}/{packed_len} bytes", self.events)));
+            return Err(self.corrupt(format!(
+                "chunk after event {} claims {raw}/{packed_len} bytes",
+                self.events
+            )));
         }
         let mut packed = vec![0u8; packed_len as usize];
         self.input
             .read_exact(&mut packed)
             .map_err(|e| classify(&self.path, self.events, e))?;
         if crc32fast::hash(&packed) != crc {
-            return Err(self.corrupt(format!("checksum mismatch in the chunk after event {}", self.events)));
+            return Err(self.corrupt(format!(
+                "checksum mismatch in the chunk after event {}",
+                self.events
+            )));
         }
         self.chunk = zstd::bulk::decompress(&packed, raw as usize)
             .map_err(|e| self.corrupt(format!("undecompressable chunk: {e}")))?;
@@ -394,7 +414,11 @@ impl LogReader {
         if self.pos == self.chunk.len() && !self.next_chunk()? {
             return Ok(None);
         }
-        let mut cursor = ChunkCursor { buf: &mut self.chunk, pos: self.pos, input: &mut io::empty() };
+        let mut cursor = ChunkCursor {
+            buf: &mut self.chunk,
+            pos: self.pos,
+            input: &mut io::empty(),
+        };
         let payload = read_frame(&mut cursor, &self.path, self.events)?
             .ok_or_else(|| truncated(&self.path, self.events))?;
         self.pos = cursor.pos;
@@ -431,7 +455,9 @@ impl EventSource for LogReader {
             Some(Record::Event(e)) => {
                 let want = self.header.first_seq + self.events;
                 if e.seq != want {
-                    return Err(self.corrupt(format!("event {} found where event {want} belongs", e.seq)));
+                    return Err(
+                        self.corrupt(format!("event {} found where event {want} belongs", e.seq))
+                    );
                 }
                 self.events += 1;
                 Ok(Some(e))
@@ -536,7 +562,12 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], path: &Path, what: &str) -> R
 }
 
 /// Write a complete log (header, events, end) in one go.
-pub fn write_log(path: &Path, header: &LogHeader, events: &[Event], end: &End) -> Result<(), LogError> {
+pub fn write_log(
+    path: &Path,
+    header: &LogHeader,
+    events: &[Event],
+    end: &End,
+) -> Result<(), LogError> {
     let mut w = LogWriter::create(path, header)?;
     for e in events {
         w.append(e)?;
@@ -597,7 +628,11 @@ mod tests {
             bad[i] ^= 0x10;
             std::fs::write(&path, &bad).unwrap();
             let res = LogReader::open(&path).and_then(|r| r.read_all());
-            assert!(res.is_err(), "flip at byte {i} of {} was accepted", good.len());
+            assert!(
+                res.is_err(),
+                "flip at byte {i} of {} was accepted",
+                good.len()
+            );
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::clock::VmClock;
-use crate::event::{first_u64, Event, Kind, Outcome};
+use crate::event::{Event, Kind, Outcome, first_u64};
 use crate::fdtable::FdTable;
 use crate::host::{HostError, LiveHost};
 use crate::log::{End, EventSink, EventSource, Exit, LogError, LogHeader, Tail};
@@ -173,7 +173,10 @@ impl Vm {
                 let why = if event.seq != seq {
                     Some(format!("log holds event {} here", event.seq))
                 } else if event.kind != kind {
-                    Some(format!("the guest made a {kind:?} call where the log holds {:?}", event.kind))
+                    Some(format!(
+                        "the guest made a {kind:?} call where the log holds {:?}",
+                        event.kind
+                    ))
                 } else if event.args != args {
                     Some(format!("{kind:?} called with other arguments than logged"))
                 } else if event.outputs != outputs {
@@ -281,7 +284,8 @@ impl Machine {
             }
         }
         let mut linker = Linker::new(&engine);
-        crate::wasi::add_to_linker(&mut linker).map_err(|e| MachineError::Internal(e.to_string()))?;
+        crate::wasi::add_to_linker(&mut linker)
+            .map_err(|e| MachineError::Internal(e.to_string()))?;
         Ok(Machine {
             engine,
             module,
@@ -322,7 +326,13 @@ impl Machine {
     /// run's end; a replay checks the run against the end its source recorded.
     pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
         let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
-        let perform = matches!(inputs, Inputs::Live { echo_console: true, .. });
+        let perform = matches!(
+            inputs,
+            Inputs::Live {
+                echo_console: true,
+                ..
+            }
+        );
         let vm = Vm {
             fds: FdTable::new(spec.datastore),
             spec: Arc::new(spec),
@@ -362,14 +372,19 @@ impl Machine {
             digest: vm.outputs.full(),
         };
         match vm.inputs {
-            Inputs::Live { sink: Some(sink), .. } => sink.finish(&report.end())?,
+            Inputs::Live {
+                sink: Some(sink), ..
+            } => sink.finish(&report.end())?,
             Inputs::Live { sink: None, .. } => {}
             Inputs::Replay { mut source } => match source.tail()? {
                 Tail::End(end) => check_replay(&report, &end)?,
                 Tail::Event(seq) => {
                     return Err(MachineError::Divergence {
                         seq,
-                        why: format!("the guest finished ({}) but the log holds more events", report.exit),
+                        why: format!(
+                            "the guest finished ({}) but the log holds more events",
+                            report.exit
+                        ),
                     });
                 }
             },
@@ -409,13 +424,19 @@ fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
     if report.events != end.events {
         return Err(MachineError::Divergence {
             seq,
-            why: format!("the guest finished after {} events; the log holds {}", report.events, end.events),
+            why: format!(
+                "the guest finished after {} events; the log holds {}",
+                report.events, end.events
+            ),
         });
     }
     if report.exit != end.exit {
         return Err(MachineError::Divergence {
             seq,
-            why: format!("the guest ended with {}; the logged run ended with {}", report.exit, end.exit),
+            why: format!(
+                "the guest ended with {}; the logged run ended with {}",
+                report.exit, end.exit
+            ),
         });
     }
     if report.digest != end.digest {
@@ -433,10 +454,8 @@ pub fn live_inputs(
     root: Option<&Path>,
     sink: Option<Box<dyn EventSink + Send>>,
 ) -> Result<Inputs, MachineError> {
-    if let Some(ds) = root {
-        if !ds.is_dir() {
-            return Err(MachineError::Datastore(ds.to_path_buf()));
-        }
+    if let Some(ds) = root.filter(|d| !d.is_dir()) {
+        return Err(MachineError::Datastore(ds.to_path_buf()));
     }
     let fds = FdTable::new(root.is_some());
     let host = LiveHost::from_state(root, &fds, &VmClock::default())?;

@@ -11,7 +11,7 @@
 
 use wasmtime::{Caller, Extern, Linker};
 
-use crate::event::{args_digest, Filestat, Kind, Outcome, PollEvent};
+use crate::event::{Filestat, Kind, Outcome, PollEvent, args_digest};
 use crate::fdtable::FdKind;
 use crate::host::Subscription;
 use crate::vm::{Fault, Vm};
@@ -104,15 +104,52 @@ const MAX_IO: usize = 16 << 20;
 
 /// Every preview 1 function; the linker provides all of them.
 const FUNCTIONS: &[&str] = &[
-    "args_get", "args_sizes_get", "environ_get", "environ_sizes_get", "clock_res_get",
-    "clock_time_get", "fd_advise", "fd_allocate", "fd_close", "fd_datasync", "fd_fdstat_get",
-    "fd_fdstat_set_flags", "fd_fdstat_set_rights", "fd_filestat_get", "fd_filestat_set_size",
-    "fd_filestat_set_times", "fd_pread", "fd_prestat_get", "fd_prestat_dir_name", "fd_pwrite",
-    "fd_read", "fd_readdir", "fd_renumber", "fd_seek", "fd_sync", "fd_tell", "fd_write",
-    "path_create_directory", "path_filestat_get", "path_filestat_set_times", "path_link",
-    "path_open", "path_readlink", "path_remove_directory", "path_rename", "path_symlink",
-    "path_unlink_file", "poll_oneoff", "proc_exit", "proc_raise", "sched_yield", "random_get",
-    "sock_accept", "sock_recv", "sock_send", "sock_shutdown",
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_advise",
+    "fd_allocate",
+    "fd_close",
+    "fd_datasync",
+    "fd_fdstat_get",
+    "fd_fdstat_set_flags",
+    "fd_fdstat_set_rights",
+    "fd_filestat_get",
+    "fd_filestat_set_size",
+    "fd_filestat_set_times",
+    "fd_pread",
+    "fd_prestat_get",
+    "fd_prestat_dir_name",
+    "fd_pwrite",
+    "fd_read",
+    "fd_readdir",
+    "fd_renumber",
+    "fd_seek",
+    "fd_sync",
+    "fd_tell",
+    "fd_write",
+    "path_create_directory",
+    "path_filestat_get",
+    "path_filestat_set_times",
+    "path_link",
+    "path_open",
+    "path_readlink",
+    "path_remove_directory",
+    "path_rename",
+    "path_symlink",
+    "path_unlink_file",
+    "poll_oneoff",
+    "proc_exit",
+    "proc_raise",
+    "sched_yield",
+    "random_get",
+    "sock_accept",
+    "sock_recv",
+    "sock_send",
+    "sock_shutdown",
 ];
 
 /// Whether a Tandem VM provides this import.
@@ -168,7 +205,8 @@ impl Mem<'_> {
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn put(&mut self, ptr: u32, data: &[u8]) -> Result<(), u16> {
-        self.bytes_mut(ptr, data.len() as u32)?.copy_from_slice(data);
+        self.bytes_mut(ptr, data.len() as u32)?
+            .copy_from_slice(data);
         Ok(())
     }
     fn put_u32(&mut self, ptr: u32, v: u32) -> Result<(), u16> {
@@ -181,7 +219,9 @@ impl Mem<'_> {
     fn iovecs(&self, ptr: u32, n: u32) -> Result<Vec<(u32, u32)>, u16> {
         let mut out = Vec::with_capacity(n.min(1024) as usize);
         for i in 0..n {
-            let at = ptr.checked_add(i.checked_mul(8).ok_or(errno::FAULT)?).ok_or(errno::FAULT)?;
+            let at = ptr
+                .checked_add(i.checked_mul(8).ok_or(errno::FAULT)?)
+                .ok_or(errno::FAULT)?;
             let (p, l) = (self.u32(at)?, self.u32(at + 4)?);
             self.range(p, l)?;
             out.push((p, l));
@@ -213,10 +253,16 @@ fn le(v: u64) -> [u8; 8] {
 }
 
 fn total_len(iovs: &[(u32, u32)]) -> usize {
-    iovs.iter().map(|&(_, l)| l as usize).sum::<usize>().min(MAX_IO)
+    iovs.iter()
+        .map(|&(_, l)| l as usize)
+        .sum::<usize>()
+        .min(MAX_IO)
 }
 
-fn call(caller: &mut Caller<'_, Vm>, f: impl FnOnce(&mut Mem, &mut Vm) -> Ret) -> wasmtime::Result<i32> {
+fn call(
+    caller: &mut Caller<'_, Vm>,
+    f: impl FnOnce(&mut Mem, &mut Vm) -> Ret,
+) -> wasmtime::Result<i32> {
     let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
         return Ok(i32::from(errno::FAULT));
     };
@@ -253,23 +299,50 @@ macro_rules! wasi {
 }
 
 pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
-    wasi!(l, "args_get", |m, vm, argv: u32, buf: u32| strings_get(m, &vm.spec.args, argv, buf));
-    wasi!(l, "args_sizes_get", |m, vm, n: u32, size: u32| strings_sizes(m, &vm.spec.args, n, size));
-    wasi!(l, "environ_get", |m, vm, envp: u32, buf: u32| strings_get(m, &vm.spec.env, envp, buf));
-    wasi!(l, "environ_sizes_get", |m, vm, n: u32, size: u32| strings_sizes(m, &vm.spec.env, n, size));
+    wasi!(l, "args_get", |m, vm, argv: u32, buf: u32| strings_get(
+        m,
+        &vm.spec.args,
+        argv,
+        buf
+    ));
+    wasi!(l, "args_sizes_get", |m, vm, n: u32, size: u32| {
+        strings_sizes(m, &vm.spec.args, n, size)
+    });
+    wasi!(l, "environ_get", |m, vm, envp: u32, buf: u32| strings_get(
+        m,
+        &vm.spec.env,
+        envp,
+        buf
+    ));
+    wasi!(l, "environ_sizes_get", |m, vm, n: u32, size: u32| {
+        strings_sizes(m, &vm.spec.env, n, size)
+    });
     wasi!(l, "clock_res_get", |m, _vm, id: u32, out: u32| {
         if id > clockid::THREAD_CPUTIME {
             return Err(errno::INVAL.into());
         }
         Ok(m.put_u64(out, 1_000)?)
     });
-    wasi!(l, "clock_time_get", |m, vm, id: u32, _precision: u64, out: u32| clock_time_get(m, vm, id, out));
-    wasi!(l, "random_get", |m, vm, buf: u32, len: u32| random_get(m, vm, buf, len));
-    wasi!(l, "fd_advise", |_m, vm, fd: u32, _o: u64, _l: u64, _a: u32| {
+    wasi!(
+        l,
+        "clock_time_get",
+        |m, vm, id: u32, _precision: u64, out: u32| clock_time_get(m, vm, id, out)
+    );
+    wasi!(l, "random_get", |m, vm, buf: u32, len: u32| random_get(
+        m, vm, buf, len
+    ));
+    wasi!(l, "fd_advise", |_m,
+                           vm,
+                           fd: u32,
+                           _o: u64,
+                           _l: u64,
+                           _a: u32| {
         vm.fds.get(fd)?;
         Ok(())
     });
-    wasi!(l, "fd_allocate", |_m, vm, fd: u32, off: u64, len: u64| fd_allocate(vm, fd, off, len));
+    wasi!(l, "fd_allocate", |_m, vm, fd: u32, off: u64, len: u64| {
+        fd_allocate(vm, fd, off, len)
+    });
     wasi!(l, "fd_close", |_m, vm, fd: u32| {
         vm.fds.remove(fd)?;
         if let Some(h) = vm.host() {
@@ -279,51 +352,108 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     });
     wasi!(l, "fd_datasync", |_m, vm, fd: u32| fd_sync(vm, fd));
     wasi!(l, "fd_sync", |_m, vm, fd: u32| fd_sync(vm, fd));
-    wasi!(l, "fd_fdstat_get", |m, vm, fd: u32, out: u32| fd_fdstat_get(m, vm, fd, out));
+    wasi!(
+        l,
+        "fd_fdstat_get",
+        |m, vm, fd: u32, out: u32| fd_fdstat_get(m, vm, fd, out)
+    );
     wasi!(l, "fd_fdstat_set_flags", |_m, vm, fd: u32, flags: u32| {
         if let FdKind::File { append, .. } = vm.fds.get_mut(fd)? {
             *append = flags as u16 & fdflags::APPEND != 0;
         }
         Ok(())
     });
-    wasi!(l, "fd_fdstat_set_rights", |_m, vm, fd: u32, _b: u64, _i: u64| {
-        vm.fds.get(fd)?;
-        Ok(())
+    wasi!(
+        l,
+        "fd_fdstat_set_rights",
+        |_m, vm, fd: u32, _b: u64, _i: u64| {
+            vm.fds.get(fd)?;
+            Ok(())
+        }
+    );
+    wasi!(l, "fd_filestat_get", |m, vm, fd: u32, out: u32| {
+        fd_filestat_get(m, vm, fd, out)
     });
-    wasi!(l, "fd_filestat_get", |m, vm, fd: u32, out: u32| fd_filestat_get(m, vm, fd, out));
-    wasi!(l, "fd_filestat_set_size", |_m, vm, fd: u32, size: u64| fd_set_size(vm, fd, size));
-    wasi!(l, "fd_filestat_set_times", |_m, vm, fd: u32, a: u64, mt: u64, f: u32| {
-        let path = match vm.fds.get(fd)? {
-            FdKind::File { path, .. } | FdKind::Dir { path, .. } => path.clone(),
-            _ => return Err(errno::NOTSUP.into()),
-        };
-        set_times(vm, Kind::FdFilestatSetTimes, &path, a, mt, f as u16)
+    wasi!(l, "fd_filestat_set_size", |_m, vm, fd: u32, size: u64| {
+        fd_set_size(vm, fd, size)
     });
-    wasi!(l, "fd_pread", |m, vm, fd: u32, iovs: u32, n: u32, off: u64, out: u32| fd_pread(m, vm, fd, iovs, n, off, out));
-    wasi!(l, "fd_pwrite", |m, vm, fd: u32, iovs: u32, n: u32, off: u64, out: u32| fd_pwrite(m, vm, fd, iovs, n, off, out));
+    wasi!(
+        l,
+        "fd_filestat_set_times",
+        |_m, vm, fd: u32, a: u64, mt: u64, f: u32| {
+            let path = match vm.fds.get(fd)? {
+                FdKind::File { path, .. } | FdKind::Dir { path, .. } => path.clone(),
+                _ => return Err(errno::NOTSUP.into()),
+            };
+            set_times(vm, Kind::FdFilestatSetTimes, &path, a, mt, f as u16)
+        }
+    );
+    wasi!(l, "fd_pread", |m,
+                          vm,
+                          fd: u32,
+                          iovs: u32,
+                          n: u32,
+                          off: u64,
+                          out: u32| fd_pread(
+        m, vm, fd, iovs, n, off, out
+    ));
+    wasi!(l, "fd_pwrite", |m,
+                           vm,
+                           fd: u32,
+                           iovs: u32,
+                           n: u32,
+                           off: u64,
+                           out: u32| {
+        fd_pwrite(m, vm, fd, iovs, n, off, out)
+    });
     wasi!(l, "fd_prestat_get", |m, vm, fd: u32, out: u32| {
         match vm.fds.get(fd)? {
-            FdKind::Dir { preopen: Some(name), .. } => {
+            FdKind::Dir {
+                preopen: Some(name),
+                ..
+            } => {
                 m.put(out, &[0, 0, 0, 0])?;
                 Ok(m.put_u32(out + 4, name.len() as u32)?)
             }
             _ => Err(errno::BADF.into()),
         }
     });
-    wasi!(l, "fd_prestat_dir_name", |m, vm, fd: u32, buf: u32, len: u32| {
-        match vm.fds.get(fd)? {
-            FdKind::Dir { preopen: Some(name), .. } => {
-                let name = name.as_bytes();
-                if (len as usize) < name.len() {
-                    return Err(errno::INVAL.into());
+    wasi!(
+        l,
+        "fd_prestat_dir_name",
+        |m, vm, fd: u32, buf: u32, len: u32| {
+            match vm.fds.get(fd)? {
+                FdKind::Dir {
+                    preopen: Some(name),
+                    ..
+                } => {
+                    let name = name.as_bytes();
+                    if (len as usize) < name.len() {
+                        return Err(errno::INVAL.into());
+                    }
+                    Ok(m.put(buf, name)?)
                 }
-                Ok(m.put(buf, name)?)
+                _ => Err(errno::BADF.into()),
             }
-            _ => Err(errno::BADF.into()),
         }
+    );
+    wasi!(l, "fd_read", |m,
+                         vm,
+                         fd: u32,
+                         iovs: u32,
+                         n: u32,
+                         out: u32| fd_read(
+        m, vm, fd, iovs, n, out
+    ));
+    wasi!(l, "fd_readdir", |m,
+                            vm,
+                            fd: u32,
+                            buf: u32,
+                            len: u32,
+                            cookie: u64,
+                            out: u32| {
+        fd_readdir(m, vm, fd, buf, len, cookie, out)
     });
-    wasi!(l, "fd_read", |m, vm, fd: u32, iovs: u32, n: u32, out: u32| fd_read(m, vm, fd, iovs, n, out));
-    wasi!(l, "fd_readdir", |m, vm, fd: u32, buf: u32, len: u32, cookie: u64, out: u32| fd_readdir(m, vm, fd, buf, len, cookie, out));
     wasi!(l, "fd_renumber", |_m, vm, from: u32, to: u32| {
         vm.fds.get(to)?;
         let kind = vm.fds.remove(from)?;
@@ -333,65 +463,180 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         }
         Ok(())
     });
-    wasi!(l, "fd_seek", |m, vm, fd: u32, delta: i64, whence: u32, out: u32| fd_seek(m, vm, fd, delta, whence, out));
-    wasi!(l, "fd_tell", |m, vm, fd: u32, out: u32| fd_seek(m, vm, fd, 0, 1, out));
-    wasi!(l, "fd_write", |m, vm, fd: u32, iovs: u32, n: u32, out: u32| fd_write(m, vm, fd, iovs, n, out));
-    wasi!(l, "path_create_directory", |m, vm, fd: u32, p: u32, pl: u32| {
-        let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        path_op(vm, Kind::PathCreateDirectory, "mkdir", &path, |h| h.mkdir(&path))
-    });
-    wasi!(l, "path_remove_directory", |m, vm, fd: u32, p: u32, pl: u32| {
-        let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        path_op(vm, Kind::PathRemoveDirectory, "rmdir", &path, |h| h.rmdir(&path))
-    });
+    wasi!(l, "fd_seek", |m,
+                         vm,
+                         fd: u32,
+                         delta: i64,
+                         whence: u32,
+                         out: u32| fd_seek(
+        m, vm, fd, delta, whence, out
+    ));
+    wasi!(l, "fd_tell", |m, vm, fd: u32, out: u32| fd_seek(
+        m, vm, fd, 0, 1, out
+    ));
+    wasi!(l, "fd_write", |m,
+                          vm,
+                          fd: u32,
+                          iovs: u32,
+                          n: u32,
+                          out: u32| fd_write(
+        m, vm, fd, iovs, n, out
+    ));
+    wasi!(
+        l,
+        "path_create_directory",
+        |m, vm, fd: u32, p: u32, pl: u32| {
+            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
+            path_op(vm, Kind::PathCreateDirectory, "mkdir", &path, |h| {
+                h.mkdir(&path)
+            })
+        }
+    );
+    wasi!(
+        l,
+        "path_remove_directory",
+        |m, vm, fd: u32, p: u32, pl: u32| {
+            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
+            path_op(vm, Kind::PathRemoveDirectory, "rmdir", &path, |h| {
+                h.rmdir(&path)
+            })
+        }
+    );
     wasi!(l, "path_unlink_file", |m, vm, fd: u32, p: u32, pl: u32| {
         let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        path_op(vm, Kind::PathUnlinkFile, "unlink", &path, |h| h.unlink(&path))
+        path_op(vm, Kind::PathUnlinkFile, "unlink", &path, |h| {
+            h.unlink(&path)
+        })
     });
-    wasi!(l, "path_rename", |m, vm, fd: u32, p: u32, pl: u32, fd2: u32, q: u32, ql: u32| {
+    wasi!(l, "path_rename", |m,
+                             vm,
+                             fd: u32,
+                             p: u32,
+                             pl: u32,
+                             fd2: u32,
+                             q: u32,
+                             ql: u32| {
         let from = vm.fds.resolve(fd, m.str(p, pl)?)?;
         let to = vm.fds.resolve(fd2, m.str(q, ql)?)?;
         let both = format!("{from}\0{to}");
-        path_op(vm, Kind::PathRename, "rename", &both, |h| h.rename(&from, &to))
+        path_op(vm, Kind::PathRename, "rename", &both, |h| {
+            h.rename(&from, &to)
+        })
     });
-    wasi!(l, "path_filestat_get", |m, vm, fd: u32, flags: u32, p: u32, pl: u32, out: u32| {
-        let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        let follow = flags & 1 != 0;
-        let args = args_digest(&[path.as_bytes(), &[follow as u8]]);
-        let st = expect!(vm, Kind::PathFilestatGet,
+    wasi!(
+        l,
+        "path_filestat_get",
+        |m, vm, fd: u32, flags: u32, p: u32, pl: u32, out: u32| {
+            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
+            let follow = flags & 1 != 0;
+            let args = args_digest(&[path.as_bytes(), &[follow as u8]]);
+            let st = expect!(vm, Kind::PathFilestatGet,
             vm.event(Kind::PathFilestatGet, args, |h, _, _| h.stat(&path, follow))?,
             Outcome::Stat(s) => s);
-        Ok(put_filestat(m, out, &st)?)
-    });
-    wasi!(l, "path_filestat_set_times", |m, vm, fd: u32, _fl: u32, p: u32, pl: u32, a: u64, mt: u64, f: u32| {
-        let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        set_times(vm, Kind::PathFilestatSetTimes, &path, a, mt, f as u16)
-    });
-    wasi!(l, "path_readlink", |m, vm, fd: u32, p: u32, pl: u32, buf: u32, len: u32, out: u32| {
-        let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        let args = args_digest(&[path.as_bytes()]);
-        let target = expect!(vm, Kind::PathReadlink,
+            Ok(put_filestat(m, out, &st)?)
+        }
+    );
+    wasi!(
+        l,
+        "path_filestat_set_times",
+        |m, vm, fd: u32, _fl: u32, p: u32, pl: u32, a: u64, mt: u64, f: u32| {
+            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
+            set_times(vm, Kind::PathFilestatSetTimes, &path, a, mt, f as u16)
+        }
+    );
+    wasi!(
+        l,
+        "path_readlink",
+        |m, vm, fd: u32, p: u32, pl: u32, buf: u32, len: u32, out: u32| {
+            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
+            let args = args_digest(&[path.as_bytes()]);
+            let target = expect!(vm, Kind::PathReadlink,
             vm.event(Kind::PathReadlink, args, |h, _, _| h.readlink(&path))?,
             Outcome::Data(d) => d);
-        let n = target.len().min(len as usize);
-        m.put(buf, &target[..n])?;
-        Ok(m.put_u32(out, n as u32)?)
-    });
-    wasi!(l, "path_open", |m, vm, fd: u32, _df: u32, p: u32, pl: u32, of: u32, rb: u64, _ri: u64, ff: u32, out: u32| {
+            let n = target.len().min(len as usize);
+            m.put(buf, &target[..n])?;
+            Ok(m.put_u32(out, n as u32)?)
+        }
+    );
+    wasi!(l, "path_open", |m,
+                           vm,
+                           fd: u32,
+                           _df: u32,
+                           p: u32,
+                           pl: u32,
+                           of: u32,
+                           rb: u64,
+                           _ri: u64,
+                           ff: u32,
+                           out: u32| {
         path_open(m, vm, fd, p, pl, of as u16, rb, ff as u16, out)
     });
-    wasi!(l, "poll_oneoff", |m, vm, subs: u32, events: u32, n: u32, out: u32| poll_oneoff(m, vm, subs, events, n, out));
+    wasi!(l, "poll_oneoff", |m,
+                             vm,
+                             subs: u32,
+                             events: u32,
+                             n: u32,
+                             out: u32| {
+        poll_oneoff(m, vm, subs, events, n, out)
+    });
     wasi!(l, "sched_yield", |_m, _vm| Ok(()));
-    wasi!(l, "path_link", |_m, vm, _a: u32, _b: u32, _c: u32, _d: u32, _e: u32, _f: u32, _g: u32| unsupported(vm, "path_link"));
-    wasi!(l, "path_symlink", |_m, vm, _a: u32, _b: u32, _c: u32, _d: u32, _e: u32| unsupported(vm, "path_symlink"));
-    wasi!(l, "proc_raise", |_m, vm, _s: u32| unsupported(vm, "proc_raise"));
-    wasi!(l, "sock_accept", |_m, vm, _a: u32, _b: u32, _c: u32| unsupported(vm, "sock_accept"));
-    wasi!(l, "sock_recv", |_m, vm, _a: u32, _b: u32, _c: u32, _d: u32, _e: u32, _f: u32| unsupported(vm, "sock_recv"));
-    wasi!(l, "sock_send", |_m, vm, _a: u32, _b: u32, _c: u32, _d: u32, _e: u32| unsupported(vm, "sock_send"));
-    wasi!(l, "sock_shutdown", |_m, vm, _a: u32, _b: u32| unsupported(vm, "sock_shutdown"));
-    l.func_wrap(MODULE, "proc_exit", |_: Caller<'_, Vm>, code: u32| -> wasmtime::Result<()> {
-        Err(wasmtime::Error::new(Fault::Exit(code)))
-    })?;
+    wasi!(l, "path_link", |_m,
+                           vm,
+                           _a: u32,
+                           _b: u32,
+                           _c: u32,
+                           _d: u32,
+                           _e: u32,
+                           _f: u32,
+                           _g: u32| {
+        unsupported(vm, "path_link")
+    });
+    wasi!(l, "path_symlink", |_m,
+                              vm,
+                              _a: u32,
+                              _b: u32,
+                              _c: u32,
+                              _d: u32,
+                              _e: u32| {
+        unsupported(vm, "path_symlink")
+    });
+    wasi!(l, "proc_raise", |_m, vm, _s: u32| unsupported(
+        vm,
+        "proc_raise"
+    ));
+    wasi!(l, "sock_accept", |_m, vm, _a: u32, _b: u32, _c: u32| {
+        unsupported(vm, "sock_accept")
+    });
+    wasi!(l, "sock_recv", |_m,
+                           vm,
+                           _a: u32,
+                           _b: u32,
+                           _c: u32,
+                           _d: u32,
+                           _e: u32,
+                           _f: u32| {
+        unsupported(vm, "sock_recv")
+    });
+    wasi!(l, "sock_send", |_m,
+                           vm,
+                           _a: u32,
+                           _b: u32,
+                           _c: u32,
+                           _d: u32,
+                           _e: u32| {
+        unsupported(vm, "sock_send")
+    });
+    wasi!(l, "sock_shutdown", |_m, vm, _a: u32, _b: u32| unsupported(
+        vm,
+        "sock_shutdown"
+    ));
+    l.func_wrap(
+        MODULE,
+        "proc_exit",
+        |_: Caller<'_, Vm>, code: u32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::new(Fault::Exit(code)))
+        },
+    )?;
     Ok(())
 }
 
@@ -452,7 +697,8 @@ fn fd_allocate(vm: &mut Vm, fd: u32, off: u64, len: u64) -> Ret {
     expect!(vm, Kind::FdAllocate,
         vm.event(Kind::FdAllocate, args, |h, _, _| h.allocate(fd, off, len))?,
         Outcome::Done => ());
-    vm.outputs.add("allocate", &[path.as_bytes(), &le(off), &le(len)]);
+    vm.outputs
+        .add("allocate", &[path.as_bytes(), &le(off), &le(len)]);
     Ok(())
 }
 
@@ -527,7 +773,10 @@ fn set_times(vm: &mut Vm, kind: Kind, path: &str, a: u64, mt: u64, f: u16) -> Re
     expect!(vm, kind,
         vm.event(kind, args, |h, _, _| h.set_times(path, a, mt, f))?,
         Outcome::Done => ());
-    vm.outputs.add("times", &[path.as_bytes(), &le(a), &le(mt), &le(u64::from(f))]);
+    vm.outputs.add(
+        "times",
+        &[path.as_bytes(), &le(a), &le(mt), &le(u64::from(f))],
+    );
     Ok(())
 }
 
@@ -551,7 +800,9 @@ fn fd_read(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Re
     m.bytes(out, 4)?;
     let (offset, stdin) = match vm.fds.get(fd)? {
         FdKind::Stdin => (0, true),
-        FdKind::File { offset, read: true, .. } => (*offset, false),
+        FdKind::File {
+            offset, read: true, ..
+        } => (*offset, false),
         FdKind::File { .. } | FdKind::Stdout | FdKind::Stderr => return Err(errno::BADF.into()),
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
     };
@@ -592,9 +843,13 @@ fn fd_write(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> R
             }
             return Ok(m.put_u32(out, data.len() as u32)?);
         }
-        FdKind::File { path, offset, write: true, append, .. } => {
-            (path.clone(), if *append { None } else { Some(*offset) })
-        }
+        FdKind::File {
+            path,
+            offset,
+            write: true,
+            append,
+            ..
+        } => (path.clone(), if *append { None } else { Some(*offset) }),
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
         _ => return Err(errno::BADF.into()),
     };
@@ -607,7 +862,10 @@ fn fd_write(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> R
         *offset = end;
     }
     let start = end.saturating_sub(u64::from(written));
-    vm.outputs.add("write", &[path.as_bytes(), &le(start), &data[..written as usize]]);
+    vm.outputs.add(
+        "write",
+        &[path.as_bytes(), &le(start), &data[..written as usize]],
+    );
     Ok(m.put_u32(out, written)?)
 }
 
@@ -615,7 +873,10 @@ fn console_write(fd: u32, data: &[u8]) {
     use std::io::Write;
     // A closed host console must not stop the VM; the output is in the digest regardless.
     let _ = if fd == 1 {
-        std::io::stdout().lock().write_all(data).and_then(|_| std::io::stdout().flush())
+        std::io::stdout()
+            .lock()
+            .write_all(data)
+            .and_then(|_| std::io::stdout().flush())
     } else {
         std::io::stderr().lock().write_all(data)
     };
@@ -626,7 +887,9 @@ fn fd_pwrite(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out
     m.bytes(out, 4)?;
     let data = m.gather(&iovs)?;
     let path = match vm.fds.get(fd)? {
-        FdKind::File { path, write: true, .. } => path.clone(),
+        FdKind::File {
+            path, write: true, ..
+        } => path.clone(),
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
         FdKind::File { .. } => return Err(errno::BADF.into()),
         _ => return Err(errno::SPIPE.into()),
@@ -635,7 +898,10 @@ fn fd_pwrite(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out
     let written = expect!(vm, Kind::FdPwrite,
         vm.event(Kind::FdPwrite, args, |h, _, _| h.write_at(fd, Some(off), &data))?,
         Outcome::Written { n, .. } if n as usize <= data.len() => n);
-    vm.outputs.add("write", &[path.as_bytes(), &le(off), &data[..written as usize]]);
+    vm.outputs.add(
+        "write",
+        &[path.as_bytes(), &le(off), &data[..written as usize]],
+    );
     Ok(m.put_u32(out, written)?)
 }
 
@@ -677,24 +943,49 @@ fn fd_readdir(m: &mut Mem, vm: &mut Vm, fd: u32, buf: u32, len: u32, cookie: u64
 }
 
 #[allow(clippy::too_many_arguments)]
-fn path_open(m: &mut Mem, vm: &mut Vm, dirfd: u32, p: u32, pl: u32, of: u16, rights_base: u64, ff: u16, out: u32) -> Ret {
+fn path_open(
+    m: &mut Mem,
+    vm: &mut Vm,
+    dirfd: u32,
+    p: u32,
+    pl: u32,
+    of: u16,
+    rights_base: u64,
+    ff: u16,
+    out: u32,
+) -> Ret {
     let path = vm.fds.resolve(dirfd, m.str(p, pl)?)?;
     m.bytes(out, 4)?;
     let read = rights_base & rights::FD_READ != 0;
     let write = rights_base & rights::FD_WRITE != 0 || ff & fdflags::APPEND != 0;
     let append = ff & fdflags::APPEND != 0;
     let fd = vm.fds.lowest_free()?;
-    let args = args_digest(&[path.as_bytes(), &le(u64::from(of)), &[read as u8, write as u8, append as u8], &le(u64::from(fd))]);
+    let args = args_digest(&[
+        path.as_bytes(),
+        &le(u64::from(of)),
+        &[read as u8, write as u8, append as u8],
+        &le(u64::from(fd)),
+    ]);
     let ft = expect!(vm, Kind::PathOpen,
         vm.event(Kind::PathOpen, args, |h, _, _| h.open(fd, &path, of, read, write))?,
         Outcome::Opened { filetype } => filetype);
     if of & (oflags::CREAT | oflags::TRUNC) != 0 {
-        vm.outputs.add("open", &[path.as_bytes(), &le(u64::from(of))]);
+        vm.outputs
+            .add("open", &[path.as_bytes(), &le(u64::from(of))]);
     }
     let kind = if ft == filetype::DIRECTORY {
-        FdKind::Dir { path, preopen: None }
+        FdKind::Dir {
+            path,
+            preopen: None,
+        }
     } else {
-        FdKind::File { path, offset: 0, read: read || !write, write, append }
+        FdKind::File {
+            path,
+            offset: 0,
+            read: read || !write,
+            write,
+            append,
+        }
     };
     vm.fds.insert(fd, kind);
     Ok(m.put_u32(out, fd)?)
@@ -704,7 +995,9 @@ fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u3
     if n == 0 {
         return Err(errno::INVAL.into());
     }
-    let raw = m.bytes(subs, n.checked_mul(48).ok_or(errno::FAULT)?)?.to_vec();
+    let raw = m
+        .bytes(subs, n.checked_mul(48).ok_or(errno::FAULT)?)?
+        .to_vec();
     m.bytes(events, n * 32)?;
     m.bytes(out, 4)?;
     let mut parsed = Vec::with_capacity(n as usize);
@@ -713,7 +1006,14 @@ fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u3
         let u32_at = |i: usize| u32::from_le_bytes(s[i..i + 4].try_into().unwrap_or([0; 4]));
         let userdata = u64_at(0);
         match s[8] {
-            eventtype::CLOCK => parsed.push((userdata, Err((u32_at(16), u64_at(24), u16::from_le_bytes([s[40], s[41]]) & 1 != 0)))),
+            eventtype::CLOCK => parsed.push((
+                userdata,
+                Err((
+                    u32_at(16),
+                    u64_at(24),
+                    u16::from_le_bytes([s[40], s[41]]) & 1 != 0,
+                )),
+            )),
             kind @ (eventtype::FD_READ | eventtype::FD_WRITE) => {
                 let ready = match (vm.fds.get(u32_at(16)), kind) {
                     (Ok(FdKind::Stdin), eventtype::FD_READ) => None,

@@ -1,0 +1,415 @@
+//! The Tandem VM end to end: the real `tandem` binary runs real wasm32-wasi guests built
+//! from C, records them, and replays the recordings.
+
+mod common;
+
+use common::{events_and_digest, guest, s, tandem, tree};
+use machine::event::{Kind, Outcome};
+use machine::log::{LogReader, write_log};
+
+/// Record `wasm` with `args` in `datastore` into `log`; returns (events, digest, stdout).
+fn record(
+    wasm: &str,
+    datastore: &std::path::Path,
+    log: &std::path::Path,
+    args: &[&str],
+) -> (u64, String, String) {
+    let g = guest(wasm);
+    let mut argv = vec![
+        "vm",
+        "run",
+        "--wasm",
+        s(&g),
+        "--datastore",
+        s(datastore),
+        "--record",
+        s(log),
+    ];
+    for a in args {
+        argv.push("--arg");
+        argv.push(a);
+    }
+    let run = tandem(&argv);
+    assert_eq!(
+        run.code, 0,
+        "recording {wasm} failed: {}{}",
+        run.stdout, run.stderr
+    );
+    let (n, d) = events_and_digest(run.last_line(), "recorded: ");
+    (n, d, run.stdout)
+}
+
+fn replay(wasm: &str, log: &std::path::Path) -> common::Run {
+    let g = guest(wasm);
+    tandem(&["vm", "replay", s(log), "--wasm", s(&g)])
+}
+
+#[test]
+fn ordinary_programs_record_and_replay_identically_without_touching_the_datastore() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    // Several runs, so that the journal and the notes folder carry state between them.
+    for i in 0..3 {
+        let log = dir.path().join(format!("fsdemo{i}.tlog"));
+        let (events, digest, stdout) = record("fsdemo.wasm", &ds, &log, &[&format!("run{i}")]);
+        assert!(
+            stdout.contains(&format!("journal holds {} runs", i + 1)),
+            "{stdout}"
+        );
+        assert!(events > 10, "fsdemo made only {events} events");
+
+        let before = tree(&ds);
+        let run = replay("fsdemo.wasm", &log);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        // A replay prints its verdict and nothing of the guest's console.
+        assert_eq!(
+            run.stdout.lines().count(),
+            1,
+            "replay wrote console output: {}",
+            run.stdout
+        );
+        assert_eq!(
+            events_and_digest(run.last_line(), "replay ok: "),
+            (events, digest)
+        );
+        assert!(before == tree(&ds), "replay changed the datastore");
+    }
+    assert!(ds.join("journal.log").is_file());
+    assert_eq!(
+        std::fs::read_to_string(ds.join("journal.log"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+
+    // A text-processing program that was not written for Tandem either.
+    let text =
+        "the quick brown fox jumps over the lazy dog\nThe dog sleeps; the fox runs.\n".repeat(200);
+    std::fs::write(ds.join("input.txt"), &text).unwrap();
+    let log = dir.path().join("wordfreq.tlog");
+    let (events, digest, stdout) = record("wordfreq.wasm", &ds, &log, &["input.txt", "freq.txt"]);
+    assert!(stdout.contains("3000 words, 10 distinct"), "{stdout}");
+    let freq = std::fs::read_to_string(ds.join("freq.txt")).unwrap();
+    assert_eq!(freq.lines().next(), Some("800 the"));
+    let run = replay("wordfreq.wasm", &log);
+    assert_eq!(
+        events_and_digest(run.last_line(), "replay ok: "),
+        (events, digest)
+    );
+}
+
+#[test]
+fn recordings_of_different_runs_differ_and_each_replays_to_its_own_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_ds, b_ds) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&a_ds).unwrap();
+    std::fs::create_dir(&b_ds).unwrap();
+    let (la, lb) = (dir.path().join("a.tlog"), dir.path().join("b.tlog"));
+    // Same program, same arguments: only entropy and time differ, and the digest shows it.
+    let (_, da, _) = record("fsdemo.wasm", &a_ds, &la, &["x"]);
+    let (_, db, _) = record("fsdemo.wasm", &b_ds, &lb, &["x"]);
+    assert_ne!(
+        da, db,
+        "two live runs with fresh entropy produced the same outputs"
+    );
+    assert_eq!(
+        events_and_digest(replay("fsdemo.wasm", &la).last_line(), "replay ok: ").1,
+        da
+    );
+    assert_eq!(
+        events_and_digest(replay("fsdemo.wasm", &lb).last_line(), "replay ok: ").1,
+        db
+    );
+}
+
+#[test]
+fn a_flipped_byte_anywhere_is_refused_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("good.tlog");
+    record("fsdemo.wasm", &ds, &log, &["flip"]);
+    let good = std::fs::read(&log).unwrap();
+    let bad = dir.path().join("bad.tlog");
+    // Positions across the header, the first chunk's header and body, and the last byte.
+    let n = good.len();
+    for at in [0, 9, 12, 20, n / 3, n / 2, 2 * n / 3, n - 5, n - 1] {
+        let mut b = good.clone();
+        b[at] ^= 0x01;
+        std::fs::write(&bad, &b).unwrap();
+        let run = replay("fsdemo.wasm", &bad);
+        assert_eq!(run.code, 2, "flip at {at}: {}{}", run.stdout, run.stderr);
+        assert_eq!(
+            run.stderr.trim().lines().count(),
+            1,
+            "flip at {at}: {}",
+            run.stderr
+        );
+        assert!(
+            // A flipped length field makes the log look cut short: refused all the same.
+            [
+                "corrupted",
+                "truncated",
+                "not a Tandem event log",
+                "version"
+            ]
+            .iter()
+            .any(|w| run.stderr.contains(w)),
+            "flip at {at}: {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn a_truncated_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("good.tlog");
+    record("fsdemo.wasm", &ds, &log, &["cut"]);
+    let good = std::fs::read(&log).unwrap();
+    let cut = dir.path().join("cut.tlog");
+    for len in [0, 5, 30, good.len() / 2, good.len() - 1] {
+        std::fs::write(&cut, &good[..len]).unwrap();
+        let run = replay("fsdemo.wasm", &cut);
+        assert_eq!(run.code, 2, "cut at {len}: {}{}", run.stdout, run.stderr);
+        assert!(
+            run.stderr.contains("truncated") || run.stderr.contains("not a Tandem event log"),
+            "cut at {len}: {}",
+            run.stderr
+        );
+    }
+}
+
+/// Rewrite `log` with `alter` applied to its events.
+fn alter_log(
+    log: &std::path::Path,
+    out: &std::path::Path,
+    alter: impl Fn(&mut Vec<machine::event::Event>),
+) {
+    let (header, mut events, end) = LogReader::open(log).unwrap().read_all().unwrap();
+    alter(&mut events);
+    write_log(out, &header, &events, &end).unwrap();
+}
+
+#[test]
+fn an_altered_but_valid_event_is_reported_as_divergence() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("good.tlog");
+    record("fsdemo.wasm", &ds, &log, &["alter"]);
+
+    // Different entropy: the guest prints another token, so its outputs diverge.
+    let altered = dir.path().join("entropy.tlog");
+    let seq = std::cell::Cell::new(None);
+    alter_log(&log, &altered, |events| {
+        let e = events
+            .iter_mut()
+            .find(|e| e.kind == Kind::RandomGet)
+            .expect("fsdemo reads entropy");
+        if let Outcome::Data(d) = &mut e.outcome {
+            d[0] ^= 0xff;
+        }
+        seq.set(Some(e.seq));
+    });
+    let run = replay("fsdemo.wasm", &altered);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    let line = run.last_line();
+    let at: u64 = line
+        .strip_prefix("replay diverged at event ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a divergence line: {line:?}"));
+    assert!(
+        at > seq.get().unwrap(),
+        "divergence reported at {at}, before the altered event"
+    );
+
+    // A different file read result: the journal count the guest prints changes.
+    let altered = dir.path().join("read.tlog");
+    alter_log(&log, &altered, |events| {
+        let e = events
+            .iter_mut()
+            .find(|e| {
+                e.kind == Kind::FdRead && matches!(&e.outcome, Outcome::Data(d) if !d.is_empty())
+            })
+            .expect("fsdemo reads its journal");
+        e.outcome = Outcome::Data(b"run a\nrun b\nrun c\n".to_vec());
+    });
+    let run = replay("fsdemo.wasm", &altered);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.last_line().starts_with("replay diverged at event "),
+        "{}",
+        run.stdout
+    );
+
+    // An event of another kind where the guest makes a clock call.
+    let altered = dir.path().join("kind.tlog");
+    alter_log(&log, &altered, |events| {
+        let e = events
+            .iter_mut()
+            .find(|e| e.kind == Kind::ClockTimeGet)
+            .expect("fsdemo reads the clock");
+        e.kind = Kind::RandomGet;
+    });
+    let run = replay("fsdemo.wasm", &altered);
+    assert_eq!(run.code, 3);
+    assert!(run.last_line().contains("ClockTimeGet"), "{}", run.stdout);
+
+    // Events the guest never asks for.
+    let altered = dir.path().join("extra.tlog");
+    alter_log(&log, &altered, |events| {
+        let mut extra = events.last().unwrap().clone();
+        extra.seq += 1;
+        events.push(extra);
+    });
+    let run = replay("fsdemo.wasm", &altered);
+    assert_eq!(run.code, 3);
+    assert!(run.last_line().contains("more events"), "{}", run.stdout);
+}
+
+#[test]
+fn the_clock_never_goes_backwards_even_when_the_log_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("clock.tlog");
+    let (events, digest, stdout) = record("clockcheck.wasm", &ds, &log, &["3000"]);
+    assert!(stdout.contains("never backwards"), "{stdout}");
+    // Make every other logged clock reading jump back an hour. The guest must still see a
+    // clock that never goes backwards, so it prints the same verdict: same digest.
+    let altered = dir.path().join("backwards.tlog");
+    alter_log(&log, &altered, |events| {
+        let mut n = 0;
+        for e in events.iter_mut().filter(|e| e.kind == Kind::ClockTimeGet) {
+            n += 1;
+            if let (Outcome::Value(t), true) = (&mut e.outcome, n % 2 == 0) {
+                *t = t.saturating_sub(3_600_000_000_000);
+            }
+        }
+        assert!(n >= 6000, "clockcheck read the clock {n} times");
+    });
+    let run = replay("clockcheck.wasm", &altered);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        events_and_digest(run.last_line(), "replay ok: "),
+        (events, digest)
+    );
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"this is not wasm at all").unwrap();
+    let fake_wasm = dir.path().join("fake.wasm");
+    std::fs::write(&fake_wasm, b"\0asm\x01\0\0\0\xff\xff\xff").unwrap();
+    let fs = guest("fsdemo.wasm");
+    let badimport = guest("badimport.wasm");
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("w.tlog");
+    std::fs::write(ds.join("t.txt"), "some words").unwrap();
+    record("wordfreq.wasm", &ds, &log, &["t.txt"]);
+    let missing = dir.path().join("nope");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["vm", "run", "--wasm", s(&missing)], "cannot read"),
+        (
+            vec!["vm", "run", "--wasm", s(&junk)],
+            "not a WebAssembly module",
+        ),
+        (
+            vec!["vm", "run", "--wasm", s(&fake_wasm)],
+            "not a WebAssembly module",
+        ),
+        (
+            vec!["vm", "run", "--wasm", s(&badimport)],
+            "env::launch_missiles",
+        ),
+        (
+            vec!["vm", "run", "--wasm", s(&fs), "--datastore", s(&missing)],
+            "not a directory",
+        ),
+        (
+            vec!["vm", "run", "--wasm", s(&fs), "--env", "NOEQUALS"],
+            "K=V",
+        ),
+        (
+            vec!["vm", "replay", s(&missing), "--wasm", s(&fs)],
+            "cannot open log",
+        ),
+        (
+            vec!["vm", "replay", s(&junk), "--wasm", s(&fs)],
+            "not a Tandem event log",
+        ),
+        (
+            vec!["vm", "replay", s(&log), "--wasm", s(&fs)],
+            "different module",
+        ),
+    ];
+    for (args, want) in cases {
+        let run = tandem(&args);
+        assert_eq!(run.code, 2, "{args:?}: {}{}", run.stdout, run.stderr);
+        assert_eq!(
+            run.stderr.trim().lines().count(),
+            1,
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(want),
+            "{args:?}: want {want:?} in {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn the_guest_exit_code_is_passed_on_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("w.tlog");
+    // wordfreq with a missing input exits 1 after perror: both live and in replay.
+    let g = guest("wordfreq.wasm");
+    let run = tandem(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&g),
+        "--datastore",
+        s(&ds),
+        "--record",
+        s(&log),
+        "--arg",
+        "absent.txt",
+    ]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("absent.txt"), "{}", run.stderr);
+    let (events, digest) = events_and_digest(run.last_line(), "recorded: ");
+    let rep = replay("wordfreq.wasm", &log);
+    assert_eq!(rep.code, 0, "{}{}", rep.stdout, rep.stderr);
+    assert_eq!(
+        events_and_digest(rep.last_line(), "replay ok: "),
+        (events, digest)
+    );
+}
+
+#[test]
+fn bench_vm_reports_both_ratios_as_json() {
+    let run = tandem(&["bench", "vm", "--quick", "--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let v: serde_json::Value = serde_json::from_str(run.last_line()).expect("one JSON object");
+    for key in ["record_ratio", "wasm_native_ratio"] {
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing in {v}"));
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    assert!(v["io_events"].as_u64().unwrap() > 1000, "{v}");
+}
