@@ -86,6 +86,8 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         env: vec![],
         datastore: true,
         memory_limit: DEFAULT_MEMORY_LIMIT,
+        nic: None,
+        listen: vec![],
     };
     let log = work.path().join("bench_io.tlog");
     let mut io_events = 0;
@@ -96,7 +98,7 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         } else {
             None
         };
-        let inputs = quiet(live_inputs(Some(work.path()), sink)?);
+        let inputs = quiet(live_inputs(&spec, Some(work.path()), None, sink)?);
         let start = Instant::now();
         let report = io.run(spec.clone(), inputs)?;
         let took = start.elapsed();
@@ -124,11 +126,13 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         env: vec![],
         datastore: false,
         memory_limit: DEFAULT_MEMORY_LIMIT,
+        nic: None,
+        listen: vec![],
     };
     let (cpu_wasm, cpu_native) = side_by_side(
         rounds,
         || {
-            let inputs = quiet(live_inputs(None, None)?);
+            let inputs = quiet(live_inputs(&cpu_spec, None, None, None)?);
             let start = Instant::now();
             let report = cpu.run(cpu_spec.clone(), inputs)?;
             let took = start.elapsed();

@@ -44,26 +44,7 @@ enum VmCommand {
     ///
     /// The guest sees DIR as its preopened directory "/" (fd 3); its stdout and stderr go
     /// to this process's. Exits with the guest's exit code (1 if the guest trapped).
-    Run {
-        /// The guest module (a wasm32-wasi command).
-        #[arg(long, value_name = "FILE")]
-        wasm: PathBuf,
-        /// The VM's datastore folder, preopened as "/" at fd 3.
-        #[arg(long, value_name = "DIR")]
-        datastore: Option<PathBuf>,
-        /// An argument for the guest (repeat for more); argv[0] is the module's file name.
-        #[arg(long = "arg", value_name = "A", allow_hyphen_values = true)]
-        args: Vec<String>,
-        /// An environment variable for the guest (repeat for more).
-        #[arg(long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        /// Record every event into this log file.
-        #[arg(long, value_name = "LOG")]
-        record: Option<PathBuf>,
-        /// The guest's memory limit in MiB (fixed for the VM's life).
-        #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_LIMIT >> 20)]
-        memory_mib: u64,
-    },
+    Run(RunArgs),
     /// Replay a recorded log and check the execution is identical.
     ///
     /// Nothing is written to the datastore or the console: outputs are computed and
@@ -79,6 +60,36 @@ enum VmCommand {
         #[arg(long, value_name = "DIR")]
         datastore: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The guest module (a wasm32-wasi command).
+    #[arg(long, value_name = "FILE")]
+    pub wasm: PathBuf,
+    /// The VM's datastore folder, preopened as "/" at fd 3.
+    #[arg(long, value_name = "DIR")]
+    pub datastore: Option<PathBuf>,
+    /// An argument for the guest (repeat for more); argv[0] is the module's file name.
+    #[arg(long = "arg", value_name = "A", allow_hyphen_values = true)]
+    pub args: Vec<String>,
+    /// An environment variable for the guest (repeat for more).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Record every event into this log file.
+    #[arg(long, value_name = "LOG")]
+    pub record: Option<PathBuf>,
+    /// The guest's memory limit in MiB (fixed for the VM's life).
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_LIMIT >> 20)]
+    pub memory_mib: u64,
+    /// Give the VM a NIC: a tap on bridge BR, with its own MAC and IPv4 address
+    /// (CIDR, e.g. 10.0.0.10/24), served by the VM's own network stack.
+    #[arg(long, value_name = "bridge=BR,mac=MAC,ip=CIDR")]
+    pub nic: Option<String>,
+    /// A TCP port the VM listens on; the guest finds the listeners preopened at fd 4,
+    /// 5, ... in this order (repeat for more). Needs --nic.
+    #[arg(long = "listen", value_name = "tcp:PORT")]
+    pub listen: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -129,21 +140,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Vm(VmCommand::Run {
-            wasm,
-            datastore,
-            args,
-            env,
-            record,
-            memory_mib,
-        }) => vm_run(
-            &wasm,
-            datastore.as_deref(),
-            args,
-            env,
-            record.as_deref(),
-            memory_mib,
-        ),
+        Command::Vm(VmCommand::Run(a)) => vm_run(a),
         Command::Vm(VmCommand::Replay {
             log,
             wasm,
@@ -189,14 +186,121 @@ fn exit_code(exit: &Exit) -> u8 {
     }
 }
 
-fn vm_run(
-    wasm: &Path,
-    datastore: Option<&Path>,
-    args: Vec<String>,
-    env: Vec<String>,
-    record: Option<&Path>,
-    memory_mib: u64,
-) -> Result<u8, Failure> {
+/// A NIC as given on the command line: the bridge its tap joins and its identity.
+struct Nic {
+    bridge: String,
+    config: netstack::NetConfig,
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok().filter(|l| (1..=32).contains(l))?;
+    Some((ip.octets(), len))
+}
+
+fn parse_network(nic: Option<&str>, listen: &[String]) -> Result<(Option<Nic>, Vec<u16>), Failure> {
+    let mut ports = Vec::new();
+    for l in listen {
+        let port = l
+            .strip_prefix("tcp:")
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                bad(format!(
+                    "--listen {l:?} is not of the form tcp:PORT (PORT 1-65535)"
+                ))
+            })?;
+        if ports.contains(&port) {
+            return Err(bad(format!("--listen: port {port} is already listened on")));
+        }
+        ports.push(port);
+    }
+    let Some(nic) = nic else {
+        if !ports.is_empty() {
+            return Err(bad(
+                "--listen needs a NIC: add --nic bridge=BR,mac=MAC,ip=CIDR".into(),
+            ));
+        }
+        return Ok((None, ports));
+    };
+    let (mut bridge, mut mac, mut ip) = (None, None, None);
+    for part in nic.split(',') {
+        match part.split_once('=') {
+            Some(("bridge", v)) if !v.is_empty() => bridge = Some(v.to_string()),
+            Some(("mac", v)) => {
+                let m = parse_mac(v).ok_or_else(|| {
+                    bad(format!(
+                        "--nic: {v:?} is not a MAC address like 02:00:00:00:00:10"
+                    ))
+                })?;
+                if m[0] & 1 != 0 {
+                    return Err(bad(format!(
+                        "--nic: {v} is a multicast MAC; a NIC needs a unicast one"
+                    )));
+                }
+                mac = Some(m);
+            }
+            Some(("ip", v)) => {
+                ip = Some(parse_cidr(v).ok_or_else(|| {
+                    bad(format!(
+                        "--nic: {v:?} is not an IPv4 address with prefix like 10.0.0.10/24"
+                    ))
+                })?)
+            }
+            _ => {
+                return Err(bad(format!(
+                    "--nic: {part:?} is not one of bridge=BR, mac=MAC, ip=CIDR"
+                )));
+            }
+        }
+    }
+    let missing = |what: &str| bad(format!("--nic needs {what}=..."));
+    let bridge = bridge.ok_or_else(|| missing("bridge"))?;
+    if !devices::bridge_exists(&bridge) {
+        return Err(bad(format!(
+            "--nic: bridge {bridge:?} does not exist on this host"
+        )));
+    }
+    let mac = mac.ok_or_else(|| missing("mac"))?;
+    let (ip, prefix_len) = ip.ok_or_else(|| missing("ip"))?;
+    Ok((
+        Some(Nic {
+            bridge,
+            config: netstack::NetConfig {
+                mac,
+                ip,
+                prefix_len,
+            },
+        }),
+        ports,
+    ))
+}
+
+fn vm_run(a: RunArgs) -> Result<u8, Failure> {
+    let (nic, listen) = parse_network(a.nic.as_deref(), &a.listen)?;
+    let (wasm, datastore, record, env) = (
+        a.wasm.as_path(),
+        a.datastore.as_deref(),
+        a.record.as_deref(),
+        a.env,
+    );
+    let (args, memory_mib) = (a.args, a.memory_mib);
     if let Some(bad_env) = env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
         return Err(bad(format!("--env {bad_env:?} is not of the form K=V")));
     }
@@ -212,6 +316,8 @@ fn vm_run(
         env,
         datastore: datastore.is_some(),
         memory_limit: memory_mib << 20,
+        nic: nic.as_ref().map(|n| n.config.clone()),
+        listen,
     };
     let sink = match record {
         Some(path) => Some(Box::new(
@@ -219,7 +325,9 @@ fn vm_run(
         ) as Box<dyn EventSink + Send>),
         None => None,
     };
-    let report = machine.run(spec, live_inputs(datastore, sink)?)?;
+    let bridge = nic.as_ref().map(|n| n.bridge.as_str());
+    let inputs = live_inputs(&spec, datastore, bridge, sink)?;
+    let report = machine.run(spec, inputs)?;
     if let Some(path) = record {
         tracing::info!("log written to {}", path.display());
         println!(
@@ -248,6 +356,8 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
         env: header.env,
         datastore: header.datastore,
         memory_limit: header.memory_limit,
+        nic: header.nic,
+        listen: header.listen,
     };
     let report = machine.run(
         spec,

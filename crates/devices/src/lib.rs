@@ -70,14 +70,22 @@ fn valid_name(name: &str) -> bool {
 
 /// Whether a bridge of this name exists on this host (in this network namespace).
 pub fn bridge_exists(bridge: &str) -> bool {
-    valid_name(bridge) && Path::new("/sys/class/net").join(bridge).join("bridge").is_dir()
+    valid_name(bridge)
+        && Path::new("/sys/class/net")
+            .join(bridge)
+            .join("bridge")
+            .is_dir()
 }
 
 fn ioctl(fd: RawFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
     // SAFETY: `ifr` is a valid, writable `struct ifreq` for the duration of the call, and
     // every request used here reads and writes at most that structure.
     let r = unsafe { libc::ioctl(fd, req as _, ifr as *mut IfReq) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 pub struct Tap {
@@ -98,9 +106,15 @@ impl Tap {
             let name = name.to_string();
             move |source| DeviceError::Tap { what, name, source }
         };
-        let path = CString::new("/dev/net/tun").map_err(|_| err("open")(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        let path = CString::new("/dev/net/tun")
+            .map_err(|_| err("open")(io::Error::from_raw_os_error(libc::EINVAL)))?;
         // SAFETY: `path` is a NUL-terminated string alive for the call.
-        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        let raw = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         if raw < 0 {
             return Err(err("open /dev/net/tun for")(io::Error::last_os_error()));
         }

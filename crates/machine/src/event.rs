@@ -37,6 +37,10 @@ pub enum Kind {
     PathFilestatGet = 20,
     PathFilestatSetTimes = 21,
     PathReadlink = 22,
+    /// The network's inputs: frames that arrived and the time, consumed by the VM's stack.
+    NetStep = 23,
+    /// Entropy for the VM's network stack, taken at power-on.
+    NetSeed = 24,
 }
 
 /// File metadata as the guest sees it (WASI `filestat`).
@@ -84,6 +88,13 @@ pub enum Outcome {
     },
     Stat(Filestat),
     Polled(Vec<PollEvent>),
+    /// Frames received since the last step, the VM monotonic time, and whether stdin was
+    /// readable (only looked at when the guest waits on it).
+    Net {
+        now: u64,
+        frames: Vec<serde_bytes::ByteBuf>,
+        stdin: bool,
+    },
 }
 
 /// One entry of the VM's log.

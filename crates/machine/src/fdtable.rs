@@ -32,6 +32,16 @@ pub enum FdKind {
         write: bool,
         append: bool,
     },
+    /// A preopened TCP listener of the VM's network stack.
+    Listener {
+        port: u16,
+        nonblocking: bool,
+    },
+    /// An accepted TCP connection of the VM's network stack.
+    Socket {
+        conn: u64,
+        nonblocking: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,8 +53,9 @@ pub struct FdTable {
 const MAX_FDS: usize = 4096;
 
 impl FdTable {
-    /// Console at 0-2 and, with a datastore, the root directory preopened as "/" at 3.
-    pub fn new(datastore: bool) -> Self {
+    /// Console at 0-2, with a datastore the root directory preopened as "/" at 3, and the
+    /// TCP listeners at 4, 5, ... in the order given.
+    pub fn new(datastore: bool, listen: &[u16]) -> Self {
         let mut fds = BTreeMap::new();
         fds.insert(0, FdKind::Stdin);
         fds.insert(1, FdKind::Stdout);
@@ -55,6 +66,15 @@ impl FdTable {
                 FdKind::Dir {
                     path: String::new(),
                     preopen: Some("/".into()),
+                },
+            );
+        }
+        for (i, &port) in listen.iter().enumerate() {
+            fds.insert(
+                4 + i as u32,
+                FdKind::Listener {
+                    port,
+                    nonblocking: false,
                 },
             );
         }
@@ -116,6 +136,7 @@ impl FdKind {
             FdKind::Stdin | FdKind::Stdout | FdKind::Stderr => filetype::CHARACTER_DEVICE,
             FdKind::Dir { .. } => filetype::DIRECTORY,
             FdKind::File { .. } => filetype::REGULAR_FILE,
+            FdKind::Listener { .. } | FdKind::Socket { .. } => filetype::SOCKET_STREAM,
         }
     }
 }
@@ -159,7 +180,7 @@ mod tests {
 
     #[test]
     fn lowest_free_fills_holes() {
-        let mut t = FdTable::new(true);
+        let mut t = FdTable::new(true, &[]);
         assert_eq!(t.lowest_free().unwrap(), 4);
         t.insert(4, FdKind::Stdin);
         t.insert(6, FdKind::Stdin);

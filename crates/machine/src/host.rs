@@ -40,6 +40,8 @@ pub enum Subscription {
 pub struct LiveHost {
     root: Option<PathBuf>,
     files: HashMap<u32, File>,
+    /// The VM's NIC on this host.
+    tap: Option<devices::Tap>,
     /// VM monotonic time = host monotonic time + this offset.
     mono_offset: i128,
 }
@@ -168,6 +170,7 @@ impl LiveHost {
         let mut host = LiveHost {
             root: root.map(Path::to_path_buf),
             files: HashMap::new(),
+            tap: None,
             mono_offset: 0,
         };
         let now = host_monotonic() as i128;
@@ -199,6 +202,82 @@ impl LiveHost {
         Ok(host)
     }
 
+    /// Give the VM its NIC on this host: a tap on `bridge`, named after the VM's MAC.
+    pub fn attach_nic(
+        &mut self,
+        nic: &netstack::NetConfig,
+        bridge: &str,
+    ) -> Result<(), devices::DeviceError> {
+        let m = nic.mac;
+        let name = format!("tnd{:02x}{:02x}{:02x}{:02x}", m[2], m[3], m[4], m[5]);
+        let tap = devices::Tap::create(&name, bridge)?;
+        tracing::info!("NIC {} on bridge {bridge}", tap.name());
+        self.tap = Some(tap);
+        Ok(())
+    }
+
+    pub fn tap_send(&mut self, frame: &[u8]) {
+        if let Some(tap) = &self.tap {
+            if let Err(e) = tap.send(frame) {
+                // Like a NIC with a broken link: the frame is lost and TCP will resend.
+                tracing::warn!("tap {}: send failed: {e}", tap.name());
+            }
+        }
+    }
+
+    fn monotonic(&self) -> u64 {
+        (host_monotonic() as i128 + self.mono_offset).max(0) as u64
+    }
+
+    /// The network's inputs: the frames waiting on the tap, after waiting (if `wait`) until
+    /// one arrives, stdin becomes readable (if `watch_stdin`), or `deadline` passes.
+    pub fn net_wait(&mut self, deadline: Option<u64>, wait: bool, watch_stdin: bool) -> Outcome {
+        const MAX_FRAMES: usize = 256;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            if let Some(tap) = &self.tap {
+                while frames.len() < MAX_FRAMES {
+                    match tap.recv(&mut buf) {
+                        Ok(Some(n)) => frames.push(serde_bytes::ByteBuf::from(buf[..n].to_vec())),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!("tap {}: receive failed: {e}", tap.name());
+                            break;
+                        }
+                    }
+                }
+            }
+            let stdin = watch_stdin && stdin_ready(0);
+            let now = self.monotonic();
+            let timeout_ms = match deadline {
+                Some(d) if d <= now => 0,
+                Some(d) => (d - now).div_ceil(1_000_000).min(i32::MAX as u64) as i32,
+                None => -1,
+            };
+            if !frames.is_empty() || stdin || !wait || timeout_ms == 0 {
+                return Outcome::Net { now, frames, stdin };
+            }
+            let mut fds = Vec::with_capacity(2);
+            if let Some(tap) = &self.tap {
+                fds.push(libc::pollfd {
+                    fd: tap.raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            if watch_stdin {
+                fds.push(libc::pollfd {
+                    fd: 0,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        }
+    }
+
     fn path(&self, rel: &str) -> Result<PathBuf, u16> {
         let root = self.root.as_ref().ok_or(errno::NOTCAPABLE)?;
         Ok(if rel.is_empty() {
@@ -223,7 +302,7 @@ impl LiveHost {
         match id {
             clockid::REALTIME => Outcome::Value(host_realtime()),
             clockid::MONOTONIC | clockid::PROCESS_CPUTIME | clockid::THREAD_CPUTIME => {
-                Outcome::Value((host_monotonic() as i128 + self.mono_offset).max(0) as u64)
+                Outcome::Value(self.monotonic())
             }
             _ => Outcome::Errno(errno::INVAL),
         }

@@ -13,6 +13,7 @@ pub mod event;
 pub mod fdtable;
 pub mod host;
 pub mod log;
+mod net;
 pub mod vm;
 pub mod wasi;
 

@@ -58,6 +58,9 @@ pub struct LogHeader {
     /// Whether the VM had a datastore preopened at fd 3.
     pub datastore: bool,
     pub memory_limit: u64,
+    /// The VM's NIC, if it has one, and its TCP listeners in fd order.
+    pub nic: Option<netstack::NetConfig>,
+    pub listen: Vec<u16>,
     /// Sequence number of the first event in this log (0 = from power-on).
     pub first_seq: u64,
 }
@@ -587,6 +590,8 @@ mod tests {
             env: vec![],
             datastore: true,
             memory_limit: 1 << 20,
+            nic: None,
+            listen: vec![],
             first_seq: 0,
         };
         let events = (0..100)

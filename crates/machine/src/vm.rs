@@ -44,6 +44,8 @@ pub enum MachineError {
     Log(#[from] LogError),
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error(transparent)]
+    Device(#[from] devices::DeviceError),
     #[error("replay diverged at event {seq}: {why}")]
     Divergence { seq: u64, why: String },
     #[error("internal error: {0}")]
@@ -82,6 +84,9 @@ pub struct GuestSpec {
     /// Whether the datastore is preopened at fd 3 (where it lives is the live host's).
     pub datastore: bool,
     pub memory_limit: u64,
+    /// The VM's NIC and the TCP ports it listens on (fds 4, 5, ...).
+    pub nic: Option<netstack::NetConfig>,
+    pub listen: Vec<u16>,
 }
 
 pub struct Vm {
@@ -91,6 +96,12 @@ pub struct Vm {
     pub(crate) clock: VmClock,
     pub(crate) outputs: Outputs,
     pub(crate) inputs: Inputs,
+    /// The guest's network stack, when the VM has a NIC.
+    pub(crate) net: Option<netstack::NetStack>,
+    /// VM monotonic time of the last network step: the stack's notion of now.
+    pub(crate) net_now: u64,
+    /// Whether stdin was readable at the last network step.
+    pub(crate) stdin_ready: bool,
     limits: StoreLimits,
     warned: std::collections::BTreeSet<&'static str>,
 }
@@ -307,6 +318,8 @@ impl Machine {
             env: spec.env.clone(),
             datastore: spec.datastore,
             memory_limit: spec.memory_limit,
+            nic: spec.nic.clone(),
+            listen: spec.listen.clone(),
             first_seq: 0,
         }
     }
@@ -333,8 +346,8 @@ impl Machine {
                 ..
             }
         );
-        let vm = Vm {
-            fds: FdTable::new(spec.datastore),
+        let mut vm = Vm {
+            fds: FdTable::new(spec.datastore, &spec.listen),
             spec: Arc::new(spec),
             seq: 0,
             clock: VmClock::default(),
@@ -344,6 +357,9 @@ impl Machine {
                 perform,
             },
             inputs,
+            net: None,
+            net_now: 0,
+            stdin_ready: false,
             limits: StoreLimitsBuilder::new()
                 .memory_size(limit)
                 .instances(1)
@@ -352,6 +368,13 @@ impl Machine {
                 .build(),
             warned: Default::default(),
         };
+        if let Err(fault) = vm.power_on() {
+            return Err(match fault {
+                Fault::Log(l) => MachineError::Log(l),
+                Fault::Divergence { seq, why } => MachineError::Divergence { seq, why },
+                Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
+            });
+        }
         let mut store = Store::new(&self.engine, vm);
         store.limiter(|vm| &mut vm.limits);
         let exit = match self.linker.instantiate(&mut store, &self.module) {
@@ -366,6 +389,9 @@ impl Machine {
             Err(e) => classify(Err(e))?,
         };
         let vm = store.into_data();
+        if let Some(net) = &vm.net {
+            tracing::info!("network: {:?}", net.stats());
+        }
         let report = RunReport {
             exit,
             events: vm.seq,
@@ -448,17 +474,28 @@ fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
     Ok(())
 }
 
-/// Inputs for a VM running live from power-on on this host, its datastore at `root`,
-/// with an optional sink recording the events.
+/// Inputs for a VM running live from power-on on this host, its datastore at `root`, its
+/// NIC (if `spec` has one) a tap on `bridge`, with an optional sink recording the events.
 pub fn live_inputs(
+    spec: &GuestSpec,
     root: Option<&Path>,
+    bridge: Option<&str>,
     sink: Option<Box<dyn EventSink + Send>>,
 ) -> Result<Inputs, MachineError> {
     if let Some(ds) = root.filter(|d| !d.is_dir()) {
         return Err(MachineError::Datastore(ds.to_path_buf()));
     }
-    let fds = FdTable::new(root.is_some());
-    let host = LiveHost::from_state(root, &fds, &VmClock::default())?;
+    let fds = FdTable::new(root.is_some(), &spec.listen);
+    let mut host = LiveHost::from_state(root, &fds, &VmClock::default())?;
+    match (&spec.nic, bridge) {
+        (Some(nic), Some(bridge)) => host.attach_nic(nic, bridge)?,
+        (None, None) => {}
+        _ => {
+            return Err(MachineError::Internal(
+                "a NIC needs a bridge and a bridge a NIC".into(),
+            ));
+        }
+    }
     Ok(Inputs::Live {
         host,
         sink,

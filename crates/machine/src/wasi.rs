@@ -21,9 +21,11 @@ pub const MODULE: &str = "wasi_snapshot_preview1";
 pub mod errno {
     pub const SUCCESS: u16 = 0;
     pub const ACCES: u16 = 2;
+    pub const ADDRINUSE: u16 = 3;
     pub const AGAIN: u16 = 6;
     pub const BADF: u16 = 8;
     pub const BUSY: u16 = 10;
+    pub const CONNRESET: u16 = 15;
     pub const DQUOT: u16 = 19;
     pub const EXIST: u16 = 20;
     pub const FAULT: u16 = 21;
@@ -43,8 +45,10 @@ pub mod errno {
     pub const NOSYS: u16 = 52;
     pub const NOTDIR: u16 = 54;
     pub const NOTEMPTY: u16 = 55;
+    pub const NOTSOCK: u16 = 57;
     pub const NOTSUP: u16 = 58;
     pub const PERM: u16 = 63;
+    pub const PIPE: u16 = 64;
     pub const ROFS: u16 = 69;
     pub const SPIPE: u16 = 70;
     pub const XDEV: u16 = 75;
@@ -57,6 +61,7 @@ pub mod filetype {
     pub const CHARACTER_DEVICE: u8 = 2;
     pub const DIRECTORY: u8 = 3;
     pub const REGULAR_FILE: u8 = 4;
+    pub const SOCKET_STREAM: u8 = 6;
     pub const SYMBOLIC_LINK: u8 = 7;
 }
 
@@ -76,6 +81,7 @@ pub mod oflags {
 
 pub mod fdflags {
     pub const APPEND: u16 = 1;
+    pub const NONBLOCK: u16 = 4;
 }
 
 pub mod fstflags {
@@ -344,7 +350,11 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         fd_allocate(vm, fd, off, len)
     });
     wasi!(l, "fd_close", |_m, vm, fd: u32| {
-        vm.fds.remove(fd)?;
+        if let FdKind::Socket { conn, .. } = vm.fds.remove(fd)? {
+            let now = vm.net_now;
+            vm.net_mut()?.close(conn, now);
+            vm.flush_net();
+        }
         if let Some(h) = vm.host() {
             h.close(fd);
         }
@@ -358,8 +368,12 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         |m, vm, fd: u32, out: u32| fd_fdstat_get(m, vm, fd, out)
     );
     wasi!(l, "fd_fdstat_set_flags", |_m, vm, fd: u32, flags: u32| {
-        if let FdKind::File { append, .. } = vm.fds.get_mut(fd)? {
-            *append = flags as u16 & fdflags::APPEND != 0;
+        match vm.fds.get_mut(fd)? {
+            FdKind::File { append, .. } => *append = flags as u16 & fdflags::APPEND != 0,
+            FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => {
+                *nonblocking = flags as u16 & fdflags::NONBLOCK != 0
+            }
+            _ => {}
         }
         Ok(())
     });
@@ -604,32 +618,49 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         vm,
         "proc_raise"
     ));
-    wasi!(l, "sock_accept", |_m, vm, _a: u32, _b: u32, _c: u32| {
-        unsupported(vm, "sock_accept")
+    wasi!(l, "sock_accept", |m, vm, fd: u32, flags: u32, out: u32| {
+        sock_accept(m, vm, fd, flags as u16, out)
     });
-    wasi!(l, "sock_recv", |_m,
+    wasi!(l, "sock_recv", |m,
                            vm,
-                           _a: u32,
-                           _b: u32,
-                           _c: u32,
-                           _d: u32,
-                           _e: u32,
-                           _f: u32| {
-        unsupported(vm, "sock_recv")
+                           fd: u32,
+                           iovs: u32,
+                           n: u32,
+                           fl: u32,
+                           out: u32,
+                           oflags: u32| {
+        let iovs = m.iovecs(iovs, n)?;
+        m.bytes(out, 4)?;
+        m.bytes(oflags, 2)?;
+        let data = sock_read(vm, fd, total_len(&iovs), fl & 1 != 0)?;
+        m.scatter(&iovs, &data)?;
+        m.put(oflags, &[0, 0])?;
+        Ok(m.put_u32(out, data.len() as u32)?)
     });
-    wasi!(l, "sock_send", |_m,
+    wasi!(l, "sock_send", |m,
                            vm,
-                           _a: u32,
-                           _b: u32,
-                           _c: u32,
-                           _d: u32,
-                           _e: u32| {
-        unsupported(vm, "sock_send")
+                           fd: u32,
+                           iovs: u32,
+                           n: u32,
+                           _fl: u32,
+                           out: u32| {
+        let iovs = m.iovecs(iovs, n)?;
+        m.bytes(out, 4)?;
+        let data = m.gather(&iovs)?;
+        let sent = sock_write(vm, fd, &data)?;
+        Ok(m.put_u32(out, sent as u32)?)
     });
-    wasi!(l, "sock_shutdown", |_m, vm, _a: u32, _b: u32| unsupported(
-        vm,
-        "sock_shutdown"
-    ));
+    wasi!(l, "sock_shutdown", |_m, vm, fd: u32, how: u32| {
+        let (conn, _) = socket(vm, fd)?;
+        if how & 2 != 0 {
+            let now = vm.net_now;
+            vm.net_mut()?
+                .shutdown_write(conn, now)
+                .map_err(crate::net::sock_errno)?;
+            vm.flush_net();
+        }
+        Ok(())
+    });
     l.func_wrap(
         MODULE,
         "proc_exit",
@@ -718,6 +749,10 @@ fn fd_fdstat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
     let (flags, rights) = match kind {
         FdKind::File { append, .. } => (if *append { fdflags::APPEND } else { 0 }, rights::ALL),
         FdKind::Dir { .. } => (0, rights::ALL),
+        FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => (
+            if *nonblocking { fdflags::NONBLOCK } else { 0 },
+            rights::ALL & !(rights::FD_SEEK | rights::FD_TELL),
+        ),
         // Console descriptors are not seekable, which is how libc tells a terminal.
         _ => (0, rights::ALL & !(rights::FD_SEEK | rights::FD_TELL)),
     };
@@ -799,6 +834,12 @@ fn fd_read(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Re
     let len = total_len(&iovs);
     m.bytes(out, 4)?;
     let (offset, stdin) = match vm.fds.get(fd)? {
+        FdKind::Socket { .. } => {
+            let data = sock_read(vm, fd, len, false)?;
+            m.scatter(&iovs, &data)?;
+            return Ok(m.put_u32(out, data.len() as u32)?);
+        }
+        FdKind::Listener { .. } => return Err(errno::INVAL.into()),
         FdKind::Stdin => (0, true),
         FdKind::File {
             offset, read: true, ..
@@ -991,6 +1032,21 @@ fn path_open(
     Ok(m.put_u32(out, fd)?)
 }
 
+/// One decoded `poll_oneoff` subscription.
+enum Sub {
+    Clock {
+        userdata: u64,
+        id: u32,
+        timeout: u64,
+        abs: bool,
+    },
+    Fd {
+        userdata: u64,
+        kind: u8,
+        fd: u32,
+    },
+}
+
 fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u32) -> Ret {
     if n == 0 {
         return Err(errno::INVAL.into());
@@ -1005,48 +1061,200 @@ fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u3
         let u64_at = |i: usize| u64::from_le_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |i: usize| u32::from_le_bytes(s[i..i + 4].try_into().unwrap_or([0; 4]));
         let userdata = u64_at(0);
-        match s[8] {
-            eventtype::CLOCK => parsed.push((
+        parsed.push(match s[8] {
+            eventtype::CLOCK => Sub::Clock {
                 userdata,
-                Err((
-                    u32_at(16),
-                    u64_at(24),
-                    u16::from_le_bytes([s[40], s[41]]) & 1 != 0,
-                )),
-            )),
-            kind @ (eventtype::FD_READ | eventtype::FD_WRITE) => {
-                let ready = match (vm.fds.get(u32_at(16)), kind) {
-                    (Ok(FdKind::Stdin), eventtype::FD_READ) => None,
-                    (Ok(_), _) => Some(Ok(0)),
-                    (Err(e), _) => Some(Err(e)),
-                };
-                parsed.push((userdata, Ok((kind, ready))));
-            }
+                id: u32_at(16),
+                timeout: u64_at(24),
+                abs: u16::from_le_bytes([s[40], s[41]]) & 1 != 0,
+            },
+            kind @ (eventtype::FD_READ | eventtype::FD_WRITE) => Sub::Fd {
+                userdata,
+                kind,
+                fd: u32_at(16),
+            },
             _ => return Err(errno::INVAL.into()),
-        }
+        });
     }
-    let args = args_digest(&[&raw]);
-    let polled = expect!(vm, Kind::PollOneoff,
+    let polled = if vm.net.is_some() {
+        poll_with_network(vm, &parsed)?
+    } else {
+        poll_host(vm, &parsed, &raw)?
+    };
+    for (i, e) in polled.iter().enumerate() {
+        put_event(m, events + 32 * i as u32, e)?;
+    }
+    Ok(m.put_u32(out, polled.len() as u32)?)
+}
+
+/// Without a NIC a poll is one event: the host waits and says what became ready.
+fn poll_host(vm: &mut Vm, parsed: &[Sub], raw: &[u8]) -> Result<Vec<PollEvent>, Stop> {
+    let ready: Vec<Option<Result<u64, u16>>> = parsed
+        .iter()
+        .map(|s| match s {
+            Sub::Fd { kind, fd, .. } => match vm.fds.get(*fd) {
+                Ok(FdKind::Stdin) if *kind == eventtype::FD_READ => None,
+                Ok(_) => Some(Ok(0)),
+                Err(e) => Some(Err(e)),
+            },
+            Sub::Clock { .. } => None,
+        })
+        .collect();
+    let args = args_digest(&[raw]);
+    let n = parsed.len();
+    Ok(expect!(vm, Kind::PollOneoff,
         vm.event(Kind::PollOneoff, args, |h, _, clock| {
             let now = |id: u32| match h.now(id) {
                 Outcome::Value(t) => t.max(if id == clockid::REALTIME { clock.last_realtime } else { clock.last_monotonic }),
                 _ => 0,
             };
-            let subs: Vec<Subscription> = parsed.iter().map(|(userdata, s)| match s {
-                Err((id, timeout, abs)) => Subscription::Clock {
+            let subs: Vec<Subscription> = parsed.iter().zip(&ready).map(|(s, ready)| match s {
+                Sub::Clock { userdata, id, timeout, abs } => Subscription::Clock {
                     userdata: *userdata,
                     id: *id,
                     deadline: if *abs { *timeout } else { now(*id).saturating_add(*timeout) },
                 },
-                Ok((kind, ready)) => Subscription::Fd { userdata: *userdata, kind: *kind, ready: *ready },
+                Sub::Fd { userdata, kind, .. } => Subscription::Fd { userdata: *userdata, kind: *kind, ready: *ready },
             }).collect();
             h.poll(&subs, now)
         })?,
-        Outcome::Polled(p) if !p.is_empty() && p.len() <= n as usize => p);
-    for (i, e) in polled.iter().enumerate() {
-        put_event(m, events + 32 * i as u32, e)?;
+        Outcome::Polled(p) if !p.is_empty() && p.len() <= n => p))
+}
+
+/// With a NIC a poll is a series of network steps: after each, readiness is a pure
+/// function of VM state, and the step's time decides which clocks fired.
+fn poll_with_network(vm: &mut Vm, parsed: &[Sub]) -> Result<Vec<PollEvent>, Stop> {
+    let watch_stdin = parsed.iter().any(|s| {
+        matches!(s, Sub::Fd { kind: eventtype::FD_READ, fd, .. } if matches!(vm.fds.get(*fd), Ok(FdKind::Stdin)))
+    });
+    vm.net_step(false, None, watch_stdin)?;
+    let start = vm.net_now;
+    let deadlines: Vec<Option<u64>> = parsed
+        .iter()
+        .map(|s| match s {
+            Sub::Clock {
+                id,
+                timeout,
+                abs: true,
+                ..
+            } if *id == clockid::REALTIME => {
+                Some(start.saturating_add(timeout.saturating_sub(vm.clock.last_realtime)))
+            }
+            Sub::Clock {
+                timeout, abs: true, ..
+            } => Some(*timeout),
+            Sub::Clock { timeout, .. } => Some(start.saturating_add(*timeout)),
+            Sub::Fd { .. } => None,
+        })
+        .collect();
+    loop {
+        let mut events = Vec::new();
+        let net = vm.net.as_ref();
+        for (s, deadline) in parsed.iter().zip(&deadlines) {
+            let (userdata, kind, ready) = match s {
+                Sub::Clock { userdata, .. } => (
+                    *userdata,
+                    eventtype::CLOCK,
+                    Ok(deadline.is_some_and(|d| vm.net_now >= d)),
+                ),
+                Sub::Fd { userdata, kind, fd } => {
+                    let read = *kind == eventtype::FD_READ;
+                    let ready = match vm.fds.get(*fd) {
+                        Ok(FdKind::Stdin) => Ok(read && vm.stdin_ready),
+                        Ok(FdKind::Socket { conn, .. }) => Ok(net.is_some_and(|n| {
+                            if read {
+                                n.readable(*conn)
+                            } else {
+                                n.writable(*conn)
+                            }
+                        })),
+                        Ok(FdKind::Listener { port, .. }) => {
+                            Ok(read && net.is_some_and(|n| n.acceptable(*port)))
+                        }
+                        Ok(_) => Ok(true),
+                        Err(e) => Err(e),
+                    };
+                    (*userdata, *kind, ready)
+                }
+            };
+            match ready {
+                Ok(false) => {}
+                Ok(true) => events.push(PollEvent {
+                    userdata,
+                    error: 0,
+                    kind,
+                    nbytes: 0,
+                    flags: 0,
+                }),
+                Err(e) => events.push(PollEvent {
+                    userdata,
+                    error: e,
+                    kind,
+                    nbytes: 0,
+                    flags: 0,
+                }),
+            }
+        }
+        if !events.is_empty() {
+            return Ok(events);
+        }
+        let next = deadlines
+            .iter()
+            .flatten()
+            .copied()
+            .chain(vm.net.as_ref().and_then(|n| n.next_deadline()))
+            .min();
+        vm.net_step(true, next, watch_stdin)?;
     }
-    Ok(m.put_u32(out, polled.len() as u32)?)
+}
+
+/// The connection behind a socket descriptor.
+fn socket(vm: &Vm, fd: u32) -> Result<(u64, bool), u16> {
+    match vm.fds.get(fd)? {
+        FdKind::Socket { conn, nonblocking } => Ok((*conn, *nonblocking)),
+        FdKind::Listener { .. } => Err(errno::INVAL),
+        _ => Err(errno::NOTSOCK),
+    }
+}
+
+fn sock_accept(m: &mut Mem, vm: &mut Vm, fd: u32, flags: u16, out: u32) -> Ret {
+    let (port, nonblocking) = match vm.fds.get(fd)? {
+        FdKind::Listener { port, nonblocking } => (*port, *nonblocking),
+        FdKind::Socket { .. } => return Err(errno::INVAL.into()),
+        _ => return Err(errno::NOTSOCK.into()),
+    };
+    m.bytes(out, 4)?;
+    let newfd = vm.fds.lowest_free()?;
+    let conn = vm.sock_op(nonblocking, |n| n.acceptable(port), |n, _| n.accept(port))?;
+    vm.fds.insert(
+        newfd,
+        FdKind::Socket {
+            conn,
+            nonblocking: flags & fdflags::NONBLOCK != 0,
+        },
+    );
+    Ok(m.put_u32(out, newfd)?)
+}
+
+fn sock_read(vm: &mut Vm, fd: u32, len: usize, peek: bool) -> Result<Vec<u8>, Stop> {
+    let (conn, nonblocking) = socket(vm, fd)?;
+    let mut buf = vec![0u8; len];
+    let n = vm.sock_op(
+        nonblocking,
+        |n| n.readable(conn),
+        |n, now| n.recv(conn, &mut buf, peek, now),
+    )?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn sock_write(vm: &mut Vm, fd: u32, data: &[u8]) -> Result<usize, Stop> {
+    let (conn, nonblocking) = socket(vm, fd)?;
+    vm.sock_op(
+        nonblocking,
+        |n| n.writable(conn),
+        |n, now| n.send(conn, data, now),
+    )
 }
 
 fn put_event(m: &mut Mem, at: u32, e: &PollEvent) -> Result<(), u16> {

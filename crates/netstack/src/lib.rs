@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use tcp::{Emit, State, Tcb};
-use wire::{Ip, Mac, TcpOptions, TcpOut, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use wire::{Ip, Mac, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpOptions, TcpOut};
 
 /// The NIC's identity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,7 +177,10 @@ impl NetStack {
     }
 
     pub fn from_state(state: NetStackState) -> Self {
-        NetStack { state, out: Vec::new() }
+        NetStack {
+            state,
+            out: Vec::new(),
+        }
     }
 
     pub fn state(&self) -> &NetStackState {
@@ -298,7 +301,8 @@ impl NetStack {
     }
 
     fn isn(&self, now: u64, key: (u16, Ip, u16)) -> u32 {
-        let tuple = u64::from(key.0) << 48 | u64::from(u32::from_be_bytes(key.1)) << 16 | u64::from(key.2);
+        let tuple =
+            u64::from(key.0) << 48 | u64::from(u32::from_be_bytes(key.1)) << 16 | u64::from(key.2);
         // RFC 6528: a secret hash of the 4-tuple plus a 4 µs clock.
         (mix(self.state.seed ^ mix(tuple)) as u32).wrapping_add((now / 4000) as u32)
     }
@@ -323,7 +327,10 @@ impl NetStack {
             if let Some(conn) = conns.get_mut(&id) {
                 let was = conn.tcb.state;
                 conn.tcb.on_segment(seg, now, &mut out);
-                if was == State::SynReceived && conn.tcb.state != State::SynReceived && conn.tcb.state != State::Closed {
+                if was == State::SynReceived
+                    && conn.tcb.state != State::SynReceived
+                    && conn.tcb.state != State::Closed
+                {
                     if let Some(l) = listeners.get_mut(&seg.dst_port) {
                         l.ready.push_back(id);
                         conn.queued = true;
@@ -341,7 +348,10 @@ impl NetStack {
                     .state
                     .conns
                     .values()
-                    .filter(|c| c.tcb.local_port == seg.dst_port && (c.queued || c.tcb.state == State::SynReceived))
+                    .filter(|c| {
+                        c.tcb.local_port == seg.dst_port
+                            && (c.queued || c.tcb.state == State::SynReceived)
+                    })
                     .count();
                 if pending >= l.backlog {
                     self.state.stats.tcp_syn_dropped += 1;
@@ -350,7 +360,15 @@ impl NetStack {
                 let iss = self.isn(now, key);
                 let id = self.state.next_conn;
                 self.state.next_conn += 1;
-                let tcb = Tcb::from_syn(seg.dst_port, src_ip, src_mac, seg, iss, now, &mut self.emitter());
+                let tcb = Tcb::from_syn(
+                    seg.dst_port,
+                    src_ip,
+                    src_mac,
+                    seg,
+                    iss,
+                    now,
+                    &mut self.emitter(),
+                );
                 self.state.conns.insert(
                     id,
                     Conn {
@@ -370,7 +388,9 @@ impl NetStack {
 
     /// Answer a segment for no connection with a reset (RFC 9293 3.10.7.1).
     fn reset_unknown(&mut self, src_ip: Ip, src_mac: Mac, seg: &wire::Tcp) {
-        let len = seg.payload.len() as u32 + u32::from(seg.flags & TCP_SYN != 0) + u32::from(seg.flags & TCP_FIN != 0);
+        let len = seg.payload.len() as u32
+            + u32::from(seg.flags & TCP_SYN != 0)
+            + u32::from(seg.flags & TCP_FIN != 0);
         let (seq, ack, flags) = if seg.flags & TCP_ACK != 0 {
             (seg.ack, 0, TCP_RST)
         } else {
@@ -404,7 +424,9 @@ impl NetStack {
             .state
             .conns
             .iter()
-            .filter(|(_, c)| c.tcb.state == State::Closed && !c.queued && (c.tcb.app_closed || !c.accepted))
+            .filter(|(_, c)| {
+                c.tcb.state == State::Closed && !c.queued && (c.tcb.app_closed || !c.accepted)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in dead {
@@ -441,11 +463,19 @@ impl NetStack {
 
     /// When the next timer fires, if any.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.state.conns.values().filter_map(|c| c.tcb.deadline()).min()
+        self.state
+            .conns
+            .values()
+            .filter_map(|c| c.tcb.deadline())
+            .min()
     }
 
     /// Run `f` on a connection the application holds, with an emitter for its segments.
-    fn with_conn<R>(&mut self, id: ConnId, f: impl FnOnce(&mut Tcb, &mut Out) -> R) -> Result<R, SockError> {
+    fn with_conn<R>(
+        &mut self,
+        id: ConnId,
+        f: impl FnOnce(&mut Tcb, &mut Out) -> R,
+    ) -> Result<R, SockError> {
         let NetStackState {
             config,
             ip_id,
@@ -469,11 +499,18 @@ impl NetStack {
     // The application side, as the VM's socket calls use it.
 
     pub fn acceptable(&self, port: u16) -> bool {
-        self.state.listeners.get(&port).is_some_and(|l| !l.ready.is_empty())
+        self.state
+            .listeners
+            .get(&port)
+            .is_some_and(|l| !l.ready.is_empty())
     }
 
     pub fn accept(&mut self, port: u16) -> Result<ConnId, SockError> {
-        let l = self.state.listeners.get_mut(&port).ok_or(SockError::BadSocket)?;
+        let l = self
+            .state
+            .listeners
+            .get_mut(&port)
+            .ok_or(SockError::BadSocket)?;
         let id = l.ready.pop_front().ok_or(SockError::WouldBlock)?;
         if let Some(c) = self.state.conns.get_mut(&id) {
             c.accepted = true;
@@ -491,7 +528,13 @@ impl NetStack {
     }
 
     /// Read queued bytes; `Ok(0)` is the end of the stream.
-    pub fn recv(&mut self, id: ConnId, buf: &mut [u8], peek: bool, now: u64) -> Result<usize, SockError> {
+    pub fn recv(
+        &mut self,
+        id: ConnId,
+        buf: &mut [u8],
+        peek: bool,
+        now: u64,
+    ) -> Result<usize, SockError> {
         self.with_conn(id, |t, out| {
             if !t.recv_buf.is_empty() {
                 Ok(t.recv(buf, peek, now, out))

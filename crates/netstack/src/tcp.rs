@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{Ip, Mac, Tcp, TcpOptions, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
+use crate::wire::{Ip, Mac, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, Tcp, TcpOptions};
 
 pub const OUR_MSS: u16 = 1460;
 pub const OUR_WSCALE: u8 = 7;
@@ -103,7 +103,15 @@ pub trait Emit {
 
 impl Tcb {
     /// A connection from a SYN received on a listening port; sends the SYN-ACK.
-    pub fn from_syn(local_port: u16, remote_ip: Ip, remote_mac: Mac, syn: &Tcp, iss: u32, now: u64, out: &mut impl Emit) -> Tcb {
+    pub fn from_syn(
+        local_port: u16,
+        remote_ip: Ip,
+        remote_mac: Mac,
+        syn: &Tcp,
+        iss: u32,
+        now: u64,
+        out: &mut impl Emit,
+    ) -> Tcb {
         let (snd_wscale, rcv_wscale) = match syn.options.wscale {
             Some(ws) => (ws, OUR_WSCALE),
             None => (0, 0),
@@ -167,7 +175,11 @@ impl Tcb {
     /// The receive window we advertise, in bytes.
     fn rcv_wnd(&self) -> u32 {
         let ooo: usize = self.ooo.values().map(Vec::len).sum();
-        let max = if self.rcv_wscale == 0 { 65535 } else { RECV_BUF };
+        let max = if self.rcv_wscale == 0 {
+            65535
+        } else {
+            RECV_BUF
+        };
         max.saturating_sub(self.recv_buf.len() + ooo) as u32
     }
 
@@ -182,7 +194,10 @@ impl Tcb {
 
     pub fn writable(&self) -> bool {
         self.reset
-            || !matches!(self.state, State::SynReceived | State::Established | State::CloseWait)
+            || !matches!(
+                self.state,
+                State::SynReceived | State::Established | State::CloseWait
+            )
             || self.send_buf.len() < SEND_BUF
     }
 
@@ -211,7 +226,8 @@ impl Tcb {
     /// Handle a segment for this connection.
     pub fn on_segment(&mut self, seg: &Tcp, now: u64, out: &mut impl Emit) {
         let len = seg.payload.len() as u32 + u32::from(seg.flags & TCP_FIN != 0);
-        if self.state == State::SynReceived && seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK == 0 {
+        if self.state == State::SynReceived && seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK == 0
+        {
             // The peer retransmitted its SYN: our SYN-ACK was lost.
             if seg.seq == self.irs {
                 self.send_syn_ack(out);
@@ -304,7 +320,9 @@ impl Tcb {
                     if self.cwnd < self.ssthresh {
                         self.cwnd = self.cwnd.saturating_add(acked.min(mss));
                     } else {
-                        self.cwnd = self.cwnd.saturating_add((mss * mss / self.cwnd.max(1)).max(1));
+                        self.cwnd = self
+                            .cwnd
+                            .saturating_add((mss * mss / self.cwnd.max(1)).max(1));
                     }
                 }
             }
@@ -358,7 +376,11 @@ impl Tcb {
         let mut seq = seg.seq;
         let mut data = seg.payload;
         if !data.is_empty() {
-            if matches!(self.state, State::Established | State::FinWait1 | State::FinWait2) && !self.app_closed {
+            if matches!(
+                self.state,
+                State::Established | State::FinWait1 | State::FinWait2
+            ) && !self.app_closed
+            {
                 // Trim what we already have.
                 if lt(seq, self.rcv_nxt) {
                     let skip = (self.rcv_nxt.wrapping_sub(seq) as usize).min(data.len());
@@ -402,7 +424,9 @@ impl Tcb {
             if lt(self.rcv_nxt, seq) {
                 break;
             }
-            let Some(data) = self.ooo.remove(&seq) else { break };
+            let Some(data) = self.ooo.remove(&seq) else {
+                break;
+            };
             let skip = self.rcv_nxt.wrapping_sub(seq) as usize;
             if skip < data.len() {
                 let take = (data.len() - skip).min(self.rcv_wnd() as usize);
@@ -420,7 +444,10 @@ impl Tcb {
 
     /// Send what the windows allow, then a pending ACK if nothing carried it.
     pub fn output(&mut self, now: u64, out: &mut impl Emit) {
-        if matches!(self.state, State::SynReceived | State::Closed | State::TimeWait) {
+        if matches!(
+            self.state,
+            State::SynReceived | State::Closed | State::TimeWait
+        ) {
             if self.state == State::TimeWait && self.ack_pending {
                 self.ack_pending = false;
                 out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
@@ -442,7 +469,12 @@ impl Tcb {
                 let chunk: Vec<u8> = if sent_data + n <= a.len() {
                     a[sent_data..sent_data + n].to_vec()
                 } else {
-                    a.iter().chain(b.iter()).skip(sent_data).take(n).copied().collect()
+                    a.iter()
+                        .chain(b.iter())
+                        .skip(sent_data)
+                        .take(n)
+                        .copied()
+                        .collect()
                 };
                 let flags = TCP_ACK | if n == avail { TCP_PSH } else { 0 };
                 let seq = self.snd_nxt;
@@ -459,7 +491,13 @@ impl Tcb {
                 continue;
             }
             if avail == 0 && self.fin_queued && !self.fin_sent {
-                out.segment(self, TCP_FIN | TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+                out.segment(
+                    self,
+                    TCP_FIN | TCP_ACK,
+                    self.snd_nxt,
+                    &[],
+                    TcpOptions::default(),
+                );
                 self.fin_sent = true;
                 self.snd_nxt = self.snd_nxt.wrapping_add(1);
                 if lt(self.snd_max, self.snd_nxt) {
@@ -490,9 +528,21 @@ impl Tcb {
         let n = self.send_buf.len().min(self.mss() as usize);
         if n > 0 {
             let chunk: Vec<u8> = self.send_buf.iter().take(n).copied().collect();
-            out.segment(self, TCP_ACK | TCP_PSH, self.snd_una, &chunk, TcpOptions::default());
+            out.segment(
+                self,
+                TCP_ACK | TCP_PSH,
+                self.snd_una,
+                &chunk,
+                TcpOptions::default(),
+            );
         } else if self.fin_sent {
-            out.segment(self, TCP_FIN | TCP_ACK, self.snd_una, &[], TcpOptions::default());
+            out.segment(
+                self,
+                TCP_FIN | TCP_ACK,
+                self.snd_una,
+                &[],
+                TcpOptions::default(),
+            );
         }
         out.retransmitted();
         self.rtt_probe = None;
@@ -507,14 +557,26 @@ impl Tcb {
             }
             return;
         }
-        let Some(deadline) = self.rto_deadline else { return };
+        let Some(deadline) = self.rto_deadline else {
+            return;
+        };
         if now < deadline {
             return;
         }
         self.retries += 1;
-        let limit = if self.state == State::SynReceived { SYN_RETRIES } else { MAX_RETRIES };
+        let limit = if self.state == State::SynReceived {
+            SYN_RETRIES
+        } else {
+            MAX_RETRIES
+        };
         if self.retries > limit {
-            out.segment(self, TCP_RST | TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+            out.segment(
+                self,
+                TCP_RST | TCP_ACK,
+                self.snd_nxt,
+                &[],
+                TcpOptions::default(),
+            );
             self.reset = true;
             self.close_now();
             return;
@@ -586,7 +648,12 @@ impl Tcb {
     }
 
     pub fn shutdown_write(&mut self, now: u64, out: &mut impl Emit) {
-        if !self.fin_queued && matches!(self.state, State::SynReceived | State::Established | State::CloseWait) {
+        if !self.fin_queued
+            && matches!(
+                self.state,
+                State::SynReceived | State::Established | State::CloseWait
+            )
+        {
             self.fin_queued = true;
             self.output(now, out);
         }
@@ -599,7 +666,13 @@ impl Tcb {
         }
         if !self.recv_buf.is_empty() {
             // Unread data at close: abort, as other stacks do, so the peer knows.
-            out.segment(self, TCP_RST | TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+            out.segment(
+                self,
+                TCP_RST | TCP_ACK,
+                self.snd_nxt,
+                &[],
+                TcpOptions::default(),
+            );
             self.close_now();
             return;
         }

@@ -57,7 +57,8 @@ fn segs(s: &mut NetStack) -> Vec<Seg> {
             let eth = parse_ethernet(f)?;
             assert_eq!(eth.src, VM_MAC);
             let ip = parse_ipv4(eth.payload).ok()?;
-            let t = parse_tcp(ip.src, ip.dst, ip.payload).expect("our segments carry valid checksums");
+            let t =
+                parse_tcp(ip.src, ip.dst, ip.payload).expect("our segments carry valid checksums");
             Some(Seg {
                 flags: t.flags,
                 seq: t.seq,
@@ -86,7 +87,10 @@ fn connect(s: &mut NetStack, sport: u16, now: u64) -> (ConnId, u32, u32) {
     assert_eq!(synack.options.mss, Some(1460));
     assert_eq!(synack.options.wscale, Some(7));
     let ours = synack.seq.wrapping_add(1);
-    s.input(now, &peer(sport, 1001, ours, TCP_ACK, &[], TcpOptions::default()));
+    s.input(
+        now,
+        &peer(sport, 1001, ours, TCP_ACK, &[], TcpOptions::default()),
+    );
     assert!(s.acceptable(6379));
     let id = s.accept(6379).unwrap();
     (id, ours, 1001)
@@ -95,15 +99,24 @@ fn connect(s: &mut NetStack, sport: u16, now: u64) -> (ConnId, u32, u32) {
 #[test]
 fn arp_requests_for_our_ip_are_answered() {
     let mut s = stack();
-    s.input(0, &arp_frame(1, PEER_MAC, PEER_IP, [0; 6], VM_IP, BROADCAST));
+    s.input(
+        0,
+        &arp_frame(1, PEER_MAC, PEER_IP, [0; 6], VM_IP, BROADCAST),
+    );
     let out = s.take_output();
     assert_eq!(out.len(), 1);
     let eth = parse_ethernet(&out[0]).unwrap();
     assert_eq!(eth.dst, PEER_MAC);
     let arp = parse_arp(eth.payload).unwrap();
-    assert_eq!((arp.op, arp.sha, arp.spa, arp.tpa), (2, VM_MAC, VM_IP, PEER_IP));
+    assert_eq!(
+        (arp.op, arp.sha, arp.spa, arp.tpa),
+        (2, VM_MAC, VM_IP, PEER_IP)
+    );
     // Someone else's address: no answer, but the sender is learnt.
-    s.input(0, &arp_frame(1, PEER_MAC, PEER_IP, [0; 6], [10, 9, 0, 99], BROADCAST));
+    s.input(
+        0,
+        &arp_frame(1, PEER_MAC, PEER_IP, [0; 6], [10, 9, 0, 99], BROADCAST),
+    );
     assert!(s.take_output().is_empty());
     assert_eq!(s.state().arp.get(&PEER_IP), Some(&PEER_MAC));
 }
@@ -144,7 +157,17 @@ fn icmp_echo_is_answered_with_the_same_payload() {
 fn a_connection_carries_data_both_ways_and_closes() {
     let mut s = stack();
     let (id, ours, mut theirs) = connect(&mut s, 40000, 0);
-    s.input(1, &peer(40000, theirs, ours, TCP_ACK | TCP_PSH, b"PING\r\n", TcpOptions::default()));
+    s.input(
+        1,
+        &peer(
+            40000,
+            theirs,
+            ours,
+            TCP_ACK | TCP_PSH,
+            b"PING\r\n",
+            TcpOptions::default(),
+        ),
+    );
     theirs += 6;
     let acks = segs(&mut s);
     assert_eq!(acks.last().unwrap().ack, theirs, "data is acknowledged");
@@ -157,21 +180,43 @@ fn a_connection_carries_data_both_ways_and_closes() {
     assert_eq!(s.send(id, b"+PONG\r\n", 3).unwrap(), 7);
     let out = segs(&mut s);
     assert_eq!(out.len(), 1);
-    assert_eq!((out[0].seq, out[0].payload.as_slice()), (ours, &b"+PONG\r\n"[..]));
+    assert_eq!(
+        (out[0].seq, out[0].payload.as_slice()),
+        (ours, &b"+PONG\r\n"[..])
+    );
     let ours = ours + 7;
-    s.input(4, &peer(40000, theirs, ours, TCP_ACK, &[], TcpOptions::default()));
+    s.input(
+        4,
+        &peer(40000, theirs, ours, TCP_ACK, &[], TcpOptions::default()),
+    );
     assert!(segs(&mut s).is_empty(), "a pure ACK needs no answer");
 
     // The client closes; we read EOF, close, and our FIN is acknowledged.
-    s.input(5, &peer(40000, theirs, ours, TCP_ACK | TCP_FIN, &[], TcpOptions::default()));
+    s.input(
+        5,
+        &peer(
+            40000,
+            theirs,
+            ours,
+            TCP_ACK | TCP_FIN,
+            &[],
+            TcpOptions::default(),
+        ),
+    );
     theirs += 1;
     assert_eq!(segs(&mut s).last().unwrap().ack, theirs);
     assert_eq!(s.recv(id, &mut buf, false, 6).unwrap(), 0, "end of stream");
     s.close(id, 6);
     let fin = segs(&mut s);
     assert_eq!(fin.last().unwrap().flags & TCP_FIN, TCP_FIN);
-    s.input(7, &peer(40000, theirs, ours + 1, TCP_ACK, &[], TcpOptions::default()));
-    assert!(s.state().conns.is_empty(), "the closed connection is forgotten");
+    s.input(
+        7,
+        &peer(40000, theirs, ours + 1, TCP_ACK, &[], TcpOptions::default()),
+    );
+    assert!(
+        s.state().conns.is_empty(),
+        "the closed connection is forgotten"
+    );
 }
 
 #[test]
@@ -187,7 +232,10 @@ fn lost_data_is_retransmitted_after_the_timeout() {
     s.on_timers(due);
     let again = segs(&mut s);
     assert_eq!(again.len(), 1);
-    assert_eq!((again[0].seq, again[0].payload.as_slice()), (ours, &b"hello"[..]));
+    assert_eq!(
+        (again[0].seq, again[0].payload.as_slice()),
+        (ours, &b"hello"[..])
+    );
     assert_eq!(s.stats().tcp_retransmits, 1);
     // Backoff: the next timeout is later than the first was.
     assert!(s.next_deadline().unwrap() - due > due - 10 * MS);
@@ -203,10 +251,16 @@ fn three_duplicate_acks_trigger_fast_retransmit() {
     assert!(sent.len() >= 4, "initial window sends several segments");
     // The first segment is lost: the peer acknowledges nothing new, three times.
     for _ in 0..3 {
-        s.input(2 * MS, &peer(40002, theirs, ours, TCP_ACK, &[], TcpOptions::default()));
+        s.input(
+            2 * MS,
+            &peer(40002, theirs, ours, TCP_ACK, &[], TcpOptions::default()),
+        );
     }
     let re = segs(&mut s);
-    assert!(re.iter().any(|g| g.seq == ours && g.payload.len() == 1460), "fast retransmit of the first segment");
+    assert!(
+        re.iter().any(|g| g.seq == ours && g.payload.len() == 1460),
+        "fast retransmit of the first segment"
+    );
     assert_eq!(s.stats().tcp_retransmits, 1);
 }
 
@@ -214,11 +268,35 @@ fn three_duplicate_acks_trigger_fast_retransmit() {
 fn out_of_order_segments_are_reassembled() {
     let mut s = stack();
     let (id, ours, theirs) = connect(&mut s, 40003, 0);
-    s.input(1, &peer(40003, theirs + 5, ours, TCP_ACK, b"world", TcpOptions::default()));
+    s.input(
+        1,
+        &peer(
+            40003,
+            theirs + 5,
+            ours,
+            TCP_ACK,
+            b"world",
+            TcpOptions::default(),
+        ),
+    );
     let dup = segs(&mut s);
-    assert_eq!(dup.last().unwrap().ack, theirs, "a hole: acknowledge what we have");
+    assert_eq!(
+        dup.last().unwrap().ack,
+        theirs,
+        "a hole: acknowledge what we have"
+    );
     assert!(!s.readable(id));
-    s.input(2, &peer(40003, theirs, ours, TCP_ACK, b"hello", TcpOptions::default()));
+    s.input(
+        2,
+        &peer(
+            40003,
+            theirs,
+            ours,
+            TCP_ACK,
+            b"hello",
+            TcpOptions::default(),
+        ),
+    );
     assert_eq!(segs(&mut s).last().unwrap().ack, theirs + 10);
     let mut buf = [0u8; 16];
     assert_eq!(s.recv(id, &mut buf, false, 3).unwrap(), 10);
@@ -228,26 +306,29 @@ fn out_of_order_segments_are_reassembled() {
 #[test]
 fn segments_for_no_connection_are_reset() {
     let mut s = stack();
-    s.input(0, &peer(40004, 5, 77, TCP_ACK, b"stray", TcpOptions::default()));
+    s.input(
+        0,
+        &peer(40004, 5, 77, TCP_ACK, b"stray", TcpOptions::default()),
+    );
     let out = segs(&mut s);
     assert_eq!(out.len(), 1);
     assert_eq!((out[0].flags, out[0].seq), (TCP_RST, 77));
     // A SYN to a port nobody listens on.
     let f = tcp_frame(&TcpOut {
-            src_mac: PEER_MAC,
-            dst_mac: VM_MAC,
-            src_ip: PEER_IP,
-            dst_ip: VM_IP,
-            ip_id: 1,
-            src_port: 40005,
-            dst_port: 7000,
-            seq: 9,
-            ack: 0,
-            flags: TCP_SYN,
-            window: 1000,
-            options: TcpOptions::default(),
-            payload: &[],
-        });
+        src_mac: PEER_MAC,
+        dst_mac: VM_MAC,
+        src_ip: PEER_IP,
+        dst_ip: VM_IP,
+        ip_id: 1,
+        src_port: 40005,
+        dst_port: 7000,
+        seq: 9,
+        ack: 0,
+        flags: TCP_SYN,
+        window: 1000,
+        options: TcpOptions::default(),
+        payload: &[],
+    });
     s.input(0, &f);
     let out = segs(&mut s);
     assert_eq!((out[0].flags, out[0].ack), (TCP_RST | TCP_ACK, 10));
@@ -258,7 +339,10 @@ fn segments_for_no_connection_are_reset() {
 fn a_peer_reset_is_reported_to_the_application() {
     let mut s = stack();
     let (id, ours, theirs) = connect(&mut s, 40006, 0);
-    s.input(1, &peer(40006, theirs, ours, TCP_RST, &[], TcpOptions::default()));
+    s.input(
+        1,
+        &peer(40006, theirs, ours, TCP_RST, &[], TcpOptions::default()),
+    );
     let mut buf = [0u8; 4];
     assert_eq!(s.recv(id, &mut buf, false, 2), Err(SockError::Reset));
     assert_eq!(s.send(id, b"x", 2), Err(SockError::Reset));
@@ -276,7 +360,17 @@ fn hundreds_of_connections_at_once() {
         ids.push((id, ours, theirs, 20000 + p));
     }
     for (id, ours, theirs, port) in &ids {
-        s.input(1000, &peer(*port, *theirs, *ours, TCP_ACK, &port.to_be_bytes(), TcpOptions::default()));
+        s.input(
+            1000,
+            &peer(
+                *port,
+                *theirs,
+                *ours,
+                TCP_ACK,
+                &port.to_be_bytes(),
+                TcpOptions::default(),
+            ),
+        );
         let mut buf = [0u8; 2];
         assert_eq!(s.recv(*id, &mut buf, false, 1001).unwrap(), 2);
         assert_eq!(u16::from_be_bytes(buf), *port);
@@ -289,7 +383,10 @@ fn hundreds_of_connections_at_once() {
 fn the_window_is_scaled_when_the_peer_offers_scaling() {
     let mut s = stack();
     let (_, ours, theirs) = connect(&mut s, 40007, 0);
-    s.input(1, &peer(40007, theirs, ours, TCP_ACK, b"x", TcpOptions::default()));
+    s.input(
+        1,
+        &peer(40007, theirs, ours, TCP_ACK, b"x", TcpOptions::default()),
+    );
     let ack = segs(&mut s).pop().unwrap();
     // 256 KiB minus the unread byte, in units of 2^7.
     assert_eq!(u32::from(ack.window), (tcp::RECV_BUF as u32 - 1) >> 7);
@@ -343,7 +440,10 @@ fn state_round_trips_and_continues_identically() {
     assert_eq!(a.state(), b.state());
     // The same inputs drive both to the same outputs.
     for s in [&mut a, &mut b] {
-        s.input(6, &peer(40009, theirs, ours, TCP_ACK, b"more", TcpOptions::default()));
+        s.input(
+            6,
+            &peer(40009, theirs, ours, TCP_ACK, b"more", TcpOptions::default()),
+        );
         s.on_timers(5_000 * MS);
     }
     assert_eq!(a.take_output(), b.take_output());

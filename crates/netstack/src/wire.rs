@@ -23,7 +23,12 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes([*b.get(at)?, *b.get(at + 1)?, *b.get(at + 2)?, *b.get(at + 3)?]))
+    Some(u32::from_be_bytes([
+        *b.get(at)?,
+        *b.get(at + 1)?,
+        *b.get(at + 2)?,
+        *b.get(at + 3)?,
+    ]))
 }
 
 /// The Internet checksum (RFC 1071) over `parts`, as if concatenated.
@@ -203,7 +208,10 @@ pub fn parse_tcp<'a>(src: Ip, dst: Ip, s: &'a [u8]) -> Option<Tcp<'a>> {
         return None;
     }
     let len = (s.len() as u16).to_be_bytes();
-    let pseudo = [src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, PROTO_TCP, len[0], len[1]];
+    let pseudo = [
+        src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, PROTO_TCP, len[0],
+        len[1],
+    ];
     if checksum(&[&pseudo, s]) != 0 {
         return None;
     }
@@ -281,14 +289,23 @@ pub fn tcp_frame(t: &TcpOut) -> Vec<u8> {
     f.extend_from_slice(t.payload);
     let len = (seg_len as u16).to_be_bytes();
     let (s, d) = (t.src_ip, t.dst_ip);
-    let pseudo = [s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], 0, PROTO_TCP, len[0], len[1]];
+    let pseudo = [
+        s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], 0, PROTO_TCP, len[0], len[1],
+    ];
     let c = checksum(&[&pseudo, &f[start..]]);
     f[start + 16..start + 18].copy_from_slice(&c.to_be_bytes());
     f
 }
 
 /// An ICMP echo reply to an echo request `req` (the ICMP message, header included).
-pub fn icmp_echo_reply(src_mac: Mac, dst_mac: Mac, src: Ip, dst: Ip, ip_id: u16, req: &[u8]) -> Option<Vec<u8>> {
+pub fn icmp_echo_reply(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ip,
+    dst: Ip,
+    ip_id: u16,
+    req: &[u8],
+) -> Option<Vec<u8>> {
     if req.len() < 8 || req[0] != 8 || checksum(&[req]) != 0 {
         return None;
     }
@@ -331,13 +348,19 @@ mod tests {
             ack: 2000,
             flags: TCP_SYN | TCP_ACK,
             window: 512,
-            options: TcpOptions { mss: Some(1460), wscale: Some(7) },
+            options: TcpOptions {
+                mss: Some(1460),
+                wscale: Some(7),
+            },
             payload: b"hello",
         });
         let eth = parse_ethernet(&f).unwrap();
         let ip = parse_ipv4(eth.payload).unwrap();
         let tcp = parse_tcp(ip.src, ip.dst, ip.payload).unwrap();
-        assert_eq!((tcp.src_port, tcp.dst_port, tcp.seq, tcp.ack), (80, 5555, 1000, 2000));
+        assert_eq!(
+            (tcp.src_port, tcp.dst_port, tcp.seq, tcp.ack),
+            (80, 5555, 1000, 2000)
+        );
         assert_eq!(tcp.options.mss, Some(1460));
         assert_eq!(tcp.options.wscale, Some(7));
         assert_eq!(tcp.payload, b"hello");

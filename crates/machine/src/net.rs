@@ -1,0 +1,143 @@
+//! The VM's NIC, guest side: how the network stack is driven from the guest's calls.
+//!
+//! The stack advances only at network steps ([`Vm::net_step`]): each is one event whose
+//! outcome holds the frames that arrived since the last step and the VM's monotonic time.
+//! Everything else the guest learns of the network (accepted connections, bytes received,
+//! readiness) is then a pure function of the stack's state, so socket calls need no
+//! events of their own. Frames the stack sends are outputs: digested always, written to
+//! the tap only by a live VM.
+//!
+//! Invariant: a replaying VM's stack takes exactly the steps the recording VM's took, at
+//! the same points of the guest's execution, and so holds the same state.
+
+use netstack::{NetStack, SockError};
+
+use crate::event::{Kind, Outcome, args_digest};
+use crate::vm::{Fault, Inputs, Vm};
+use crate::wasi::{Stop, clockid, errno};
+
+/// Listen backlog of every preopened listener.
+const BACKLOG: usize = 1024;
+
+pub(crate) fn sock_errno(e: SockError) -> u16 {
+    match e {
+        SockError::WouldBlock => errno::AGAIN,
+        SockError::Reset => errno::CONNRESET,
+        SockError::Closed => errno::PIPE,
+        SockError::BadSocket => errno::BADF,
+        SockError::PortInUse(_) => errno::ADDRINUSE,
+    }
+}
+
+impl Vm {
+    /// Power-on: give the VM's network stack its entropy and listeners, and announce the
+    /// VM's address on the network.
+    pub(crate) fn power_on(&mut self) -> Result<(), Fault> {
+        let Some(config) = self.spec.nic.clone() else {
+            return Ok(());
+        };
+        let seed = match self.event(Kind::NetSeed, 0, |h, _, _| h.random(8))? {
+            Outcome::Data(d) if d.len() == 8 => u64::from_le_bytes(d.try_into().unwrap_or([0; 8])),
+            other => return Err(self.unexpected(Kind::NetSeed, &other)),
+        };
+        let mut net = NetStack::new(config, seed);
+        for &port in &self.spec.listen {
+            // The CLI refuses duplicate ports; a second listen on one is harmless here.
+            let _ = net.listen(port, BACKLOG);
+        }
+        net.announce();
+        self.net = Some(net);
+        self.flush_net();
+        Ok(())
+    }
+
+    /// One network step: take the frames that arrived (if `wait`, waiting for some until
+    /// `deadline` in VM monotonic time, or for ever) and advance the stack to now.
+    pub(crate) fn net_step(
+        &mut self,
+        wait: bool,
+        deadline: Option<u64>,
+        watch_stdin: bool,
+    ) -> Result<(), Fault> {
+        let args = args_digest(&[
+            &[u8::from(wait), u8::from(watch_stdin)],
+            &deadline.unwrap_or(u64::MAX).to_le_bytes(),
+        ]);
+        let outcome = self.event(Kind::NetStep, args, |h, _, _| {
+            h.net_wait(deadline, wait, watch_stdin)
+        })?;
+        let Outcome::Net { now, frames, stdin } = outcome else {
+            return Err(self.unexpected(Kind::NetStep, &outcome));
+        };
+        let now = self.clock.observe(clockid::MONOTONIC, now);
+        self.net_now = now;
+        self.stdin_ready = stdin;
+        if let Some(net) = self.net.as_mut() {
+            for f in &frames {
+                net.input(now, f);
+            }
+            net.on_timers(now);
+        }
+        self.flush_net();
+        Ok(())
+    }
+
+    /// Send what the stack produced: digested always, onto the wire only when live.
+    pub(crate) fn flush_net(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        for frame in net.take_output() {
+            self.outputs.add("frame", &[&frame]);
+            if let Inputs::Live { host, .. } = &mut self.inputs {
+                host.tap_send(&frame);
+            }
+        }
+    }
+
+    /// Take network steps until `ready` holds of the stack.
+    pub(crate) fn net_wait_until(
+        &mut self,
+        ready: impl Fn(&NetStack) -> bool,
+    ) -> Result<(), Fault> {
+        loop {
+            let Some(net) = self.net.as_ref() else {
+                return Ok(());
+            };
+            if ready(net) {
+                return Ok(());
+            }
+            let deadline = net.next_deadline();
+            self.net_step(true, deadline, false)?;
+        }
+    }
+
+    pub(crate) fn net_mut(&mut self) -> Result<&mut NetStack, u16> {
+        self.net.as_mut().ok_or(errno::NOTSOCK)
+    }
+
+    /// Run a socket operation: first on the stack as it is; if it would block, after one
+    /// step that takes what arrived; then, for a blocking socket, after as many waiting
+    /// steps as it takes.
+    pub(crate) fn sock_op<T>(
+        &mut self,
+        nonblocking: bool,
+        ready: impl Fn(&NetStack) -> bool,
+        mut op: impl FnMut(&mut NetStack, u64) -> Result<T, SockError>,
+    ) -> Result<T, Stop> {
+        let mut stepped = false;
+        loop {
+            let now = self.net_now;
+            let result = op(self.net_mut()?, now);
+            self.flush_net();
+            match result {
+                Ok(v) => return Ok(v),
+                Err(SockError::WouldBlock) if !stepped => {
+                    self.net_step(false, None, false)?;
+                    stepped = true;
+                }
+                Err(SockError::WouldBlock) if nonblocking => return Err(errno::AGAIN.into()),
+                Err(SockError::WouldBlock) => self.net_wait_until(&ready)?,
+                Err(e) => return Err(sock_errno(e).into()),
+            }
+        }
+    }
+}
