@@ -298,7 +298,9 @@ macro_rules! wasi {
             MODULE,
             $name,
             |mut caller: Caller<'_, Vm>, $($arg: $ty),*| -> wasmtime::Result<i32> {
-                call(&mut caller, |$m, $vm| $body)
+                let r = call(&mut caller, |$m, $vm| $body);
+                tracing::trace!(target: "wasi", "{}({}) = {:?}", $name, { let a: &[String] = &[$(format!("{}", $arg)),*]; a.join(", ") }, r.as_ref().ok());
+                r
             },
         )?;
     };
