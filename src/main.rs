@@ -128,6 +128,24 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+/// SIGINT and SIGTERM stop the VMs of this process at their next event boundary, so that a
+/// recording ends with its end record and a NIC's tap is removed.
+fn install_stop_handler() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        machine::request_stop();
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe; the
+        // sigaction structure is fully initialised before the call.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -139,6 +157,7 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
+    install_stop_handler();
     let result = match cli.command {
         Command::Vm(VmCommand::Run(a)) => vm_run(a),
         Command::Vm(VmCommand::Replay {
@@ -182,6 +201,10 @@ fn exit_code(exit: &Exit) -> u8 {
         Exit::Trap(t) => {
             eprintln!("tandem: guest trapped: {t}");
             1
+        }
+        Exit::Stopped => {
+            tracing::info!("VM stopped on request");
+            0
         }
     }
 }

@@ -255,7 +255,12 @@ impl LiveHost {
                 Some(d) => (d - now).div_ceil(1_000_000).min(i32::MAX as u64) as i32,
                 None => -1,
             };
-            if !frames.is_empty() || stdin || !wait || timeout_ms == 0 {
+            if !frames.is_empty()
+                || stdin
+                || !wait
+                || timeout_ms == 0
+                || crate::vm::stop_requested()
+            {
                 return Outcome::Net { now, frames, stdin };
             }
             let mut fds = Vec::with_capacity(2);
@@ -665,16 +670,19 @@ impl LiveHost {
                     }
                 }
             }
-            if !events.is_empty() {
+            if !events.is_empty() || crate::vm::stop_requested() {
                 return Outcome::Polled(events);
             }
             match (earliest, wait_stdin) {
                 (Some(ns), Some(_)) => {
                     stdin_ready(ns.div_ceil(1_000_000).min(i32::MAX as u64) as i32);
                 }
-                (Some(ns), None) => std::thread::sleep(std::time::Duration::from_nanos(ns)),
+                // Sleep in slices so that a stop request is noticed.
+                (Some(ns), None) => {
+                    std::thread::sleep(std::time::Duration::from_nanos(ns.min(50_000_000)))
+                }
                 (None, Some(_)) => {
-                    stdin_ready(-1);
+                    stdin_ready(50);
                 }
                 (None, None) => return Outcome::Errno(errno::INVAL),
             }

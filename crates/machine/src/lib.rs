@@ -20,5 +20,5 @@ pub mod wasi;
 pub use log::{End, EventSink, EventSource, Exit, LogError, LogHeader, LogReader, LogWriter, Tail};
 pub use vm::{
     DEFAULT_MEMORY_LIMIT, GuestSpec, Inputs, Machine, MachineError, RunReport,
-    deterministic_engine, hex, live_inputs,
+    deterministic_engine, hex, live_inputs, request_stop,
 };

@@ -72,6 +72,8 @@ pub enum Exit {
     Code(u32),
     /// The guest trapped; the trap's message.
     Trap(String),
+    /// The host stopped the VM (on request) before the event numbered `End::events`.
+    Stopped,
 }
 
 impl std::fmt::Display for Exit {
@@ -79,6 +81,7 @@ impl std::fmt::Display for Exit {
         match self {
             Exit::Code(c) => write!(f, "exit code {c}"),
             Exit::Trap(t) => write!(f, "trap: {t}"),
+            Exit::Stopped => write!(f, "stopped by the host"),
         }
     }
 }

@@ -52,11 +52,25 @@ pub enum MachineError {
     Internal(String),
 }
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ask every live VM of this process to stop at its next event boundary (async-signal-safe:
+/// a signal handler may call it).
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub(crate) fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Why the guest stopped running before `_start` returned.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Fault {
     #[error("guest exited with code {0}")]
     Exit(u32),
+    #[error("stopped by the host")]
+    Stopped,
     #[error("replay diverged at event {seq}: {why}")]
     Divergence { seq: u64, why: String },
     #[error(transparent)]
@@ -158,7 +172,15 @@ impl Vm {
         let outputs = self.outputs.short();
         let outcome = match &mut self.inputs {
             Inputs::Live { host, sink, .. } => {
+                if stop_requested() {
+                    return Err(Fault::Stopped);
+                }
                 let outcome = op(host, &self.fds, &self.clock);
+                // A wait cut short by a stop request has no effect on the host and is not
+                // part of the run: the run ends before it.
+                if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
+                    return Err(Fault::Stopped);
+                }
                 match sink {
                     Some(sink) => {
                         let event = Event {
@@ -176,6 +198,17 @@ impl Vm {
             }
             Inputs::Replay { source } => {
                 let Some(event) = source.next_event()? else {
+                    // A run the host stopped ends where it was stopped: stop the replay there.
+                    if let Tail::End(End {
+                        exit: Exit::Stopped,
+                        events,
+                        ..
+                    }) = source.tail()?
+                    {
+                        if events == seq {
+                            return Err(Fault::Stopped);
+                        }
+                    }
                     return Err(Fault::Divergence {
                         seq,
                         why: format!("the guest made a {kind:?} call after the last logged event"),
@@ -373,6 +406,7 @@ impl Machine {
                 Fault::Log(l) => MachineError::Log(l),
                 Fault::Divergence { seq, why } => MachineError::Divergence { seq, why },
                 Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
+                Fault::Stopped => MachineError::Internal("stopped at power-on".into()),
             });
         }
         let mut store = Store::new(&self.engine, vm);
@@ -428,6 +462,7 @@ fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
     if let Some(fault) = err.downcast_ref::<Fault>() {
         return match fault {
             Fault::Exit(code) => Ok(Exit::Code(*code)),
+            Fault::Stopped => Ok(Exit::Stopped),
             Fault::Divergence { seq, why } => Err(MachineError::Divergence {
                 seq: *seq,
                 why: why.clone(),
