@@ -4,6 +4,7 @@
 
 mod bench;
 mod guests;
+mod lab;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,6 +37,33 @@ enum Command {
     /// Measure Tandem and print a table of ratios measured side by side.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// A cluster on this machine made of network namespaces: hosts, a switch, a client.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Create the lab: NAME-net (switches), NAME-client, NAME-host1..N, shared storage.
+    Up {
+        #[command(flatten)]
+        lab: lab::LabArgs,
+        /// How many hosts.
+        #[arg(long, default_value_t = 2)]
+        hosts: u32,
+    },
+    /// Remove the lab and everything running in it.
+    Down {
+        #[command(flatten)]
+        lab: lab::LabArgs,
+    },
+    /// Fail a host: SIGKILL every process on it and cut its links.
+    Kill {
+        #[command(flatten)]
+        lab: lab::LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +194,9 @@ fn main() -> ExitCode {
             datastore,
         }) => vm_replay(&log, &wasm, datastore.as_deref()),
         Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
+        Command::Lab(LabCommand::Up { lab, hosts }) => lab::run_up(&lab, hosts).map_err(Failure::from),
+        Command::Lab(LabCommand::Down { lab }) => lab::run_down(&lab).map_err(Failure::from),
+        Command::Lab(LabCommand::Kill { lab, host }) => lab::run_kill(&lab, &host).map_err(Failure::from),
     };
     match result {
         Ok(code) => ExitCode::from(code),

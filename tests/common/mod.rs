@@ -114,3 +114,94 @@ pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
     out.sort();
     out
 }
+
+/// A lab (namespaces: switch, client, hosts) that is removed when dropped, also when the
+/// test fails; every VM process started through it is stopped first.
+pub struct Lab {
+    pub name: String,
+    vms: Vec<std::process::Child>,
+}
+
+impl Lab {
+    pub fn up(tag: &str, hosts: u32) -> Lab {
+        let name = format!("t{}{tag}", std::process::id() % 100_000);
+        let h = hosts.to_string();
+        let run = tandem(&["lab", "up", "--name", &name, "--hosts", &h]);
+        // Construct first so that a half-built lab is removed too.
+        let lab = Lab { name, vms: vec![] };
+        assert_eq!(run.code, 0, "lab up failed (tests need root): {}{}", run.stdout, run.stderr);
+        lab
+    }
+
+    pub fn ns(&self, what: &str) -> String {
+        format!("{}-{what}", self.name)
+    }
+
+    /// Start `tandem ARGS` on host `k` in the background; stdout and stderr to `out`.
+    pub fn start_vm(&mut self, k: u32, args: &[&str], out: &Path) -> usize {
+        let file = std::fs::File::create(out).expect("creating the VM's output file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(&format!("host{k}"))])
+            .arg(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("starting a VM");
+        self.vms.push(child);
+        self.vms.len() - 1
+    }
+
+    /// Stop VM `i` as an operator would (SIGTERM) and wait for it; its exit code.
+    pub fn stop_vm(&mut self, i: usize) -> i32 {
+        let child = &mut self.vms[i];
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for a VM") {
+                return status.code().unwrap_or(-1);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("VM {i} did not stop within 10 s of SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Run a client tool in the client namespace.
+    pub fn client(&self, cmd: &str, args: &[&str]) -> Run {
+        let out = Command::new("timeout")
+            .args(["120", "ip", "netns", "exec", &self.ns("client"), cmd])
+            .args(args)
+            .output()
+            .expect("running a client");
+        Run::from(out)
+    }
+
+    /// Wait until `redis-cli PING` (or any probe) succeeds from the client, up to 10 s.
+    pub fn wait_for(&self, cmd: &str, args: &[&str], want: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = self.client(cmd, args);
+            if r.stdout.contains(want) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{cmd} never answered {want:?}: {}{}", r.stdout, r.stderr);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.vms {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+    }
+}
