@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 pub const CLIENT_IP: &str = "10.77.0.2";
 
@@ -71,7 +71,10 @@ pub fn namespaces(name: &str) -> Vec<String> {
 }
 
 fn valid_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 24 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    if name.is_empty()
+        || name.len() > 24
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
         bail!("lab name {name:?}: use 1-24 letters, digits or '-'");
     }
     Ok(())
@@ -79,7 +82,9 @@ fn valid_name(name: &str) -> Result<()> {
 
 /// A veth pair between two namespaces, created in place.
 fn veth(a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
-    ip(&["link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns", b_ns])
+    ip(&[
+        "link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns", b_ns,
+    ])
 }
 
 pub fn up(name: &str, hosts: u32) -> Result<()> {
@@ -100,24 +105,56 @@ pub fn up(name: &str, hosts: u32) -> Result<()> {
 fn build(name: &str, hosts: u32) -> Result<()> {
     let net = ns(name, "net");
     let client = ns(name, "client");
-    for n in std::iter::once(net.clone()).chain([client.clone()]).chain((1..=hosts).map(|k| host_ns(name, k))) {
+    for n in std::iter::once(net.clone())
+        .chain([client.clone()])
+        .chain((1..=hosts).map(|k| host_ns(name, k)))
+    {
         ip(&["netns", "add", &n])?;
         in_ns(&n, &["link", "set", "lo", "up"])?;
     }
     for br in ["sw0", "lg0"] {
         in_ns(&net, &["link", "add", br, "type", "bridge"])?;
         // Forward at once: a bridge that waits for spanning tree would eat the first frames.
-        in_ns(&net, &["link", "set", br, "type", "bridge", "forward_delay", "0", "stp_state", "0"])?;
+        in_ns(
+            &net,
+            &[
+                "link",
+                "set",
+                br,
+                "type",
+                "bridge",
+                "forward_delay",
+                "0",
+                "stp_state",
+                "0",
+            ],
+        )?;
         in_ns(&net, &["link", "set", br, "up"])?;
     }
     veth(&client, "eth0", &net, "client")?;
     in_ns(&net, &["link", "set", "client", "master", "sw0", "up"])?;
-    in_ns(&client, &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+    in_ns(
+        &client,
+        &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"],
+    )?;
     in_ns(&client, &["link", "set", "eth0", "up"])?;
     for k in 1..=hosts {
         let h = host_ns(name, k);
         in_ns(&h, &["link", "add", "br-vm", "type", "bridge"])?;
-        in_ns(&h, &["link", "set", "br-vm", "type", "bridge", "forward_delay", "0", "stp_state", "0"])?;
+        in_ns(
+            &h,
+            &[
+                "link",
+                "set",
+                "br-vm",
+                "type",
+                "bridge",
+                "forward_delay",
+                "0",
+                "stp_state",
+                "0",
+            ],
+        )?;
         in_ns(&h, &["link", "set", "br-vm", "up"])?;
         let up_port = format!("h{k}up");
         veth(&h, "uplink", &net, &up_port)?;
@@ -125,7 +162,16 @@ fn build(name: &str, hosts: u32) -> Result<()> {
         in_ns(&net, &["link", "set", &up_port, "master", "sw0", "up"])?;
         let lg_port = format!("h{k}log");
         veth(&h, "log0", &net, &lg_port)?;
-        in_ns(&h, &["addr", "add", &format!("10.78.0.{}/24", 10 + k), "dev", "log0"])?;
+        in_ns(
+            &h,
+            &[
+                "addr",
+                "add",
+                &format!("10.78.0.{}/24", 10 + k),
+                "dev",
+                "log0",
+            ],
+        )?;
         in_ns(&h, &["link", "set", "log0", "up"])?;
         in_ns(&net, &["link", "set", &lg_port, "master", "lg0", "up"])?;
     }
@@ -177,7 +223,10 @@ pub fn run_up(a: &LabArgs, hosts: u32) -> Result<u8> {
         "lab {} up: {} hosts ({}), client {} ({CLIENT_IP}), switch {}, shared storage {}",
         a.name,
         hosts,
-        (1..=hosts).map(|k| host_ns(&a.name, k)).collect::<Vec<_>>().join(" "),
+        (1..=hosts)
+            .map(|k| host_ns(&a.name, k))
+            .collect::<Vec<_>>()
+            .join(" "),
         ns(&a.name, "client"),
         ns(&a.name, "net"),
         shared_dir(&a.name).display()
@@ -193,6 +242,9 @@ pub fn run_down(a: &LabArgs) -> Result<u8> {
 
 pub fn run_kill(a: &LabArgs, host: &str) -> Result<u8> {
     kill(&a.name, host)?;
-    println!("lab {}: {host} killed (processes SIGKILLed, links cut)", a.name);
+    println!(
+        "lab {}: {host} killed (processes SIGKILLed, links cut)",
+        a.name
+    );
     Ok(0)
 }

@@ -194,9 +194,13 @@ fn main() -> ExitCode {
             datastore,
         }) => vm_replay(&log, &wasm, datastore.as_deref()),
         Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
-        Command::Lab(LabCommand::Up { lab, hosts }) => lab::run_up(&lab, hosts).map_err(Failure::from),
+        Command::Lab(LabCommand::Up { lab, hosts }) => {
+            lab::run_up(&lab, hosts).map_err(Failure::from)
+        }
         Command::Lab(LabCommand::Down { lab }) => lab::run_down(&lab).map_err(Failure::from),
-        Command::Lab(LabCommand::Kill { lab, host }) => lab::run_kill(&lab, &host).map_err(Failure::from),
+        Command::Lab(LabCommand::Kill { lab, host }) => {
+            lab::run_kill(&lab, &host).map_err(Failure::from)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -326,13 +330,13 @@ fn parse_network(nic: Option<&str>, listen: &[String]) -> Result<(Option<Nic>, V
     }
     let missing = |what: &str| bad(format!("--nic needs {what}=..."));
     let bridge = bridge.ok_or_else(|| missing("bridge"))?;
+    let mac = mac.ok_or_else(|| missing("mac"))?;
+    let (ip, prefix_len) = ip.ok_or_else(|| missing("ip"))?;
     if !devices::bridge_exists(&bridge) {
         return Err(bad(format!(
             "--nic: bridge {bridge:?} does not exist on this host"
         )));
     }
-    let mac = mac.ok_or_else(|| missing("mac"))?;
-    let (ip, prefix_len) = ip.ok_or_else(|| missing("ip"))?;
     Ok((
         Some(Nic {
             bridge,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{events_and_digest, guest, s, tandem, Lab};
+use common::{Lab, events_and_digest, guest, s, tandem};
 
 const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
 
@@ -23,7 +23,18 @@ fn kvd_serves_real_redis_clients_and_keeps_its_data_across_a_restart() {
     let ds = dir.path().join("ds");
     std::fs::create_dir(&ds).unwrap();
     let kvd = guest("kvd.wasm");
-    let args = ["vm", "run", "--wasm", s(&kvd), "--datastore", s(&ds), "--nic", KVD_NIC, "--listen", "tcp:6379"];
+    let args = [
+        "vm",
+        "run",
+        "--wasm",
+        s(&kvd),
+        "--datastore",
+        s(&ds),
+        "--nic",
+        KVD_NIC,
+        "--listen",
+        "tcp:6379",
+    ];
     let vm = lab.start_vm(1, &args, &dir.path().join("vm1.out"));
     lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
 
@@ -41,12 +52,28 @@ fn kvd_serves_real_redis_clients_and_keeps_its_data_across_a_restart() {
 
     let bench = lab.client(
         "redis-benchmark",
-        &["-h", "10.77.0.10", "-t", "set,get,incr", "-n", "20000", "-c", "20", "-P", "8", "-q"],
+        &[
+            "-h",
+            "10.77.0.10",
+            "-t",
+            "set,get,incr",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-P",
+            "8",
+            "-q",
+        ],
     );
     assert_eq!(bench.code, 0, "{}{}", bench.stdout, bench.stderr);
     let text = bench.stdout.replace('\r', "\n");
     for t in ["SET", "GET", "INCR"] {
-        assert!(text.lines().any(|l| l.starts_with(&format!("{t}: ")) && l.contains("requests per second")), "{t} missing: {text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{t}: ")) && l.contains("requests per second")),
+            "{t} missing: {text}"
+        );
     }
     // redis-benchmark's INCR hits one key 20000 times.
     assert_eq!(cli(&lab, &["GET", "counter:__rand_int__"]), "20000");
@@ -70,28 +97,91 @@ fn httpd_serves_files_over_keep_alive() {
     std::fs::create_dir_all(ds.join("docs")).unwrap();
     std::fs::write(ds.join("index.html"), "<h1>hello from a Tandem VM</h1>\n").unwrap();
     std::fs::write(ds.join("docs/notes.txt"), "some notes\n").unwrap();
-    let big: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(ds.join("big.bin"), &big).unwrap();
     let httpd = guest("httpd.wasm");
     let vm = lab.start_vm(
         1,
-        &["vm", "run", "--wasm", s(&httpd), "--datastore", s(&ds), "--nic", "bridge=br-vm,mac=02:00:00:00:00:11,ip=10.77.0.11/24", "--listen", "tcp:80"],
+        &[
+            "vm",
+            "run",
+            "--wasm",
+            s(&httpd),
+            "--datastore",
+            s(&ds),
+            "--nic",
+            "bridge=br-vm,mac=02:00:00:00:00:11,ip=10.77.0.11/24",
+            "--listen",
+            "tcp:80",
+        ],
         &dir.path().join("vm.out"),
     );
-    lab.wait_for("curl", &["-s", "http://10.77.0.11/"], "hello from a Tandem VM");
+    lab.wait_for(
+        "curl",
+        &["-s", "http://10.77.0.11/"],
+        "hello from a Tandem VM",
+    );
 
     // Three requests on one connection: curl says it re-used it.
-    let r = lab.client("curl", &["-sv", "http://10.77.0.11/", "http://10.77.0.11/docs/notes.txt", "http://10.77.0.11/missing"]);
+    let r = lab.client(
+        "curl",
+        &[
+            "-sv",
+            "http://10.77.0.11/",
+            "http://10.77.0.11/docs/notes.txt",
+            "http://10.77.0.11/missing",
+        ],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("hello from a Tandem VM") && r.stdout.contains("some notes"), "{}", r.stdout);
-    assert_eq!(r.stderr.matches("Re-using existing connection").count(), 2, "{}", r.stderr);
-    assert!(r.stderr.contains("< HTTP/1.1 404 Not Found"), "{}", r.stderr);
+    assert!(
+        r.stdout.contains("hello from a Tandem VM") && r.stdout.contains("some notes"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.stderr.matches("Re-using existing connection").count(),
+        2,
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("< HTTP/1.1 404 Not Found"),
+        "{}",
+        r.stderr
+    );
 
     let out = dir.path().join("big.out");
-    let r = lab.client("curl", &["-s", "-o", s(&out), "-w", "%{http_code}", "http://10.77.0.11/big.bin"]);
+    let r = lab.client(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            s(&out),
+            "-w",
+            "%{http_code}",
+            "http://10.77.0.11/big.bin",
+        ],
+    );
     assert_eq!(r.stdout, "200");
-    assert!(std::fs::read(&out).unwrap() == big, "the 300 kB file arrived damaged");
-    let r = lab.client("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE", "http://10.77.0.11/index.html"]);
+    assert!(
+        std::fs::read(&out).unwrap() == big,
+        "the 300 kB file arrived damaged"
+    );
+    let r = lab.client(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "DELETE",
+            "http://10.77.0.11/index.html",
+        ],
+    );
     assert_eq!(r.stdout, "405");
     assert_eq!(lab.stop_vm(vm), 0);
 }
@@ -107,50 +197,114 @@ fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
     let out = dir.path().join("vm.out");
     let vm = lab.start_vm(
         1,
-        &["vm", "run", "--wasm", s(&kvd), "--datastore", s(&ds), "--nic", KVD_NIC, "--listen", "tcp:6379", "--record", s(&log)],
+        &[
+            "vm",
+            "run",
+            "--wasm",
+            s(&kvd),
+            "--datastore",
+            s(&ds),
+            "--nic",
+            KVD_NIC,
+            "--listen",
+            "tcp:6379",
+            "--record",
+            s(&log),
+        ],
         &out,
     );
     lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     let bench = lab.client(
         "redis-benchmark",
-        &["-h", "10.77.0.10", "-t", "set,get,incr", "-n", "20000", "-c", "20", "-P", "8", "-q"],
+        &[
+            "-h",
+            "10.77.0.10",
+            "-t",
+            "set,get,incr",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-P",
+            "8",
+            "-q",
+        ],
     );
     assert_eq!(bench.code, 0, "{}", bench.stderr);
     assert_eq!(lab.stop_vm(vm), 0);
     let text = std::fs::read_to_string(&out).unwrap();
-    let line = text.lines().find(|l| l.starts_with("recorded: ")).unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
     let (events, digest) = events_and_digest(line, "recorded: ");
     assert!(events > 1000, "only {events} events under redis-benchmark");
 
     let before = common::tree(&ds);
     let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&kvd)]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), (events, digest));
-    assert!(before == common::tree(&ds), "the replay touched the datastore");
+    assert_eq!(
+        events_and_digest(run.last_line(), "replay ok: "),
+        (events, digest)
+    );
+    assert!(
+        before == common::tree(&ds),
+        "the replay touched the datastore"
+    );
 }
 
 #[test]
 fn bad_network_options_give_one_clear_line_and_exit_2() {
     let kvd = guest("kvd.wasm");
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--nic", "bridge=no-such-br,mac=02:00:00:00:00:10,ip=10.0.0.1/24"], "does not exist"),
-        (vec!["--nic", "bridge=lo,mac=02:00:00:00:00,ip=10.0.0.1/24"], "not a MAC address"),
-        (vec!["--nic", "bridge=lo,mac=03:00:00:00:00:10,ip=10.0.0.1/24"], "multicast"),
-        (vec!["--nic", "bridge=lo,mac=02:00:00:00:00:10,ip=10.0.0.300/24"], "not an IPv4 address"),
-        (vec!["--nic", "bridge=lo,mac=02:00:00:00:00:10,ip=10.0.0.1"], "not an IPv4 address"),
+        (
+            vec![
+                "--nic",
+                "bridge=no-such-br,mac=02:00:00:00:00:10,ip=10.0.0.1/24",
+            ],
+            "does not exist",
+        ),
+        (
+            vec!["--nic", "bridge=lo,mac=02:00:00:00:00,ip=10.0.0.1/24"],
+            "not a MAC address",
+        ),
+        (
+            vec!["--nic", "bridge=lo,mac=03:00:00:00:00:10,ip=10.0.0.1/24"],
+            "multicast",
+        ),
+        (
+            vec!["--nic", "bridge=lo,mac=02:00:00:00:00:10,ip=10.0.0.300/24"],
+            "not an IPv4 address",
+        ),
+        (
+            vec!["--nic", "bridge=lo,mac=02:00:00:00:00:10,ip=10.0.0.1"],
+            "not an IPv4 address",
+        ),
         (vec!["--nic", "bridge=lo,mac=02:00:00:00:00:10"], "needs ip"),
         (vec!["--nic", "colour=blue"], "not one of"),
         (vec!["--listen", "tcp:80"], "needs a NIC"),
         (vec!["--listen", "udp:53"], "tcp:PORT"),
         (vec!["--listen", "tcp:0"], "tcp:PORT"),
-        (vec!["--listen", "tcp:80", "--listen", "tcp:80"], "already listened"),
+        (
+            vec!["--listen", "tcp:80", "--listen", "tcp:80"],
+            "already listened",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["vm", "run", "--wasm", s(&kvd)];
         args.extend(extra.iter());
         let run = tandem(&args);
         assert_eq!(run.code, 2, "{extra:?}: {}{}", run.stdout, run.stderr);
-        assert_eq!(run.stderr.trim().lines().count(), 1, "{extra:?}: {}", run.stderr);
-        assert!(run.stderr.contains(want), "{extra:?}: want {want:?} in {}", run.stderr);
+        assert_eq!(
+            run.stderr.trim().lines().count(),
+            1,
+            "{extra:?}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(want),
+            "{extra:?}: want {want:?} in {}",
+            run.stderr
+        );
     }
 }

@@ -129,7 +129,11 @@ impl Lab {
         let run = tandem(&["lab", "up", "--name", &name, "--hosts", &h]);
         // Construct first so that a half-built lab is removed too.
         let lab = Lab { name, vms: vec![] };
-        assert_eq!(run.code, 0, "lab up failed (tests need root): {}{}", run.stdout, run.stderr);
+        assert_eq!(
+            run.code, 0,
+            "lab up failed (tests need root): {}{}",
+            run.stdout, run.stderr
+        );
         lab
     }
 
@@ -188,7 +192,12 @@ impl Lab {
             if r.stdout.contains(want) {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "{cmd} never answered {want:?}: {}{}", r.stdout, r.stderr);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{cmd} never answered {want:?}: {}{}",
+                r.stdout,
+                r.stderr
+            );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
