@@ -30,6 +30,10 @@ pub struct VmBenchArgs {
 
 #[derive(Serialize)]
 struct VmBench {
+    #[serde(flatten)]
+    net: Option<NetBench>,
+    /// Why the network rows are missing, when they are.
+    net_skipped: Option<String>,
     /// Throughput of the file- and clock-heavy guest recorded ÷ unrecorded (goal ≥ 0.95).
     record_ratio: f64,
     /// Speed of the CPU-bound guest under Tandem ÷ the same C compiled native (goal ≥ 0.7).
@@ -144,7 +148,17 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         || run_native(&native, cpu_scale),
     )?;
 
+    progress(
+        args.json,
+        "network: bulk TCP into a VM vs host loopback; kvd under redis-benchmark",
+    );
+    let (net, net_skipped) = match net_rows(args.quick, rounds) {
+        Ok(n) => (Some(n), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let result = VmBench {
+        net,
+        net_skipped,
         record_ratio: secs(io_plain) / secs(io_rec),
         wasm_native_ratio: secs(cpu_native) / secs(cpu_wasm),
         io_unrecorded_s: secs(io_plain),
@@ -215,4 +229,285 @@ fn print_vm_table(r: &VmBench) {
         r.io_log_bytes,
         r.io_log_bytes as f64 / r.io_events.max(1) as f64
     );
+    match (&r.net, &r.net_skipped) {
+        (Some(n), _) => {
+            println!(
+                "{:<34} {:>8.0}MB/s {:>8.0}MB/s {:>8.3} {:>6}",
+                "netstack_loopback_ratio (VM÷lo)",
+                n.vm_mbps,
+                n.loopback_mbps,
+                n.netstack_loopback_ratio,
+                "-"
+            );
+            println!(
+                "{:<34} {:>10.0}/s {:>10.0}/s {:>8.3} {:>6}",
+                "kvd_ops_per_s (rec. ÷ unrec.)",
+                n.kvd_ops_per_s_recorded,
+                n.kvd_ops_per_s,
+                n.kvd_record_ratio,
+                "≥0.95"
+            );
+        }
+        (None, Some(why)) => println!("network rows skipped: {why}"),
+        (None, None) => {}
+    }
+}
+
+#[derive(Serialize)]
+struct NetBench {
+    /// Bulk TCP throughput into a VM ÷ the same transfer over host loopback.
+    netstack_loopback_ratio: f64,
+    vm_mbps: f64,
+    loopback_mbps: f64,
+    /// kvd under redis-benchmark (mean of SET, GET, INCR requests per second), unrecorded.
+    kvd_ops_per_s: f64,
+    kvd_ops_per_s_recorded: f64,
+    /// Recorded ÷ unrecorded (goal ≥ 0.95).
+    kvd_record_ratio: f64,
+}
+
+/// Removes the bench's lab however the bench ends.
+struct LabGuard(String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        crate::lab::down(&self.0);
+    }
+}
+
+/// A VM process in a lab host, stopped (SIGTERM, then SIGKILL) when dropped.
+struct VmProcess(std::process::Child);
+
+impl VmProcess {
+    fn start(host_ns: &str, args: &[&str]) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding the tandem binary")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", host_ns])
+            .arg(exe)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting a VM")?;
+        Ok(VmProcess(child))
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Run `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns(2) on a valid namespace file descriptor; it changes only this
+        // thread's network namespace, and the thread ends with `f`.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        if r != 0 {
+            bail!(
+                "entering {ns_path}: {}",
+                std::io::Error::last_os_error(),
+                ns_path = path
+            );
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+/// Push `bytes` to a sink at `addr`, which answers with the count when we shut down.
+fn push(addr: std::net::SocketAddr, bytes: usize) -> Result<Duration> {
+    use std::io::{Read, Write};
+    let chunk = vec![0x5au8; 256 << 10];
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let took = start.elapsed();
+    if reply.trim() != bytes.to_string() {
+        bail!("the sink counted {:?} bytes of {bytes}", reply.trim());
+    }
+    Ok(took)
+}
+
+/// A sink on host loopback, for the baseline.
+fn loopback_sink() -> Result<std::net::SocketAddr> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        for mut s in l.incoming().flatten() {
+            let mut total = 0u64;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = writeln!(s, "{total}");
+        }
+    });
+    Ok(addr)
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
+    for _ in 0..200 {
+        if ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} never came up")
+}
+
+/// redis-benchmark against kvd in a fresh VM: the mean of its SET, GET and INCR rates.
+fn kvd_round(lab_name: &str, record: bool, requests: &str) -> Result<f64> {
+    let work = tempfile::tempdir()?;
+    let ds = work.path().join("ds");
+    std::fs::create_dir(&ds)?;
+    let kvd = guests::file("kvd.wasm")?;
+    let log = work.path().join("kvd.tlog");
+    let (kvd, ds, log) = (
+        kvd.display().to_string(),
+        ds.display().to_string(),
+        log.display().to_string(),
+    );
+    let mut args = vec![
+        "vm",
+        "run",
+        "--wasm",
+        &kvd,
+        "--datastore",
+        &ds,
+        "--nic",
+        "bridge=br-vm,mac=02:00:00:00:00:21,ip=10.77.0.21/24",
+        "--listen",
+        "tcp:6379",
+    ];
+    if record {
+        args.extend(["--record", &log]);
+    }
+    let _vm = VmProcess::start(&crate::lab::host_ns(lab_name, 1), &args)?;
+    let client = crate::lab::ns(lab_name, "client");
+    let redis = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &client])
+            .args(args)
+            .output()
+    };
+    wait_until("kvd", || {
+        redis(&["redis-cli", "-h", "10.77.0.21", "PING"])
+            .is_ok_and(|o| o.stdout.starts_with(b"PONG"))
+    })?;
+    let out = redis(&[
+        "redis-benchmark",
+        "-h",
+        "10.77.0.21",
+        "-t",
+        "set,get,incr",
+        "-n",
+        requests,
+        "-c",
+        "20",
+        "-P",
+        "8",
+        "--csv",
+    ])
+    .context("running redis-benchmark (package redis-tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rates: Vec<f64> = text
+        .lines()
+        .filter(|l| {
+            ["\"SET\"", "\"GET\"", "\"INCR\""]
+                .iter()
+                .any(|t| l.starts_with(t))
+        })
+        .filter_map(|l| l.split(',').nth(1)?.trim_matches('"').parse().ok())
+        .collect();
+    if rates.len() != 3 {
+        bail!("unexpected redis-benchmark output: {text}");
+    }
+    Ok(rates.iter().sum::<f64>() / 3.0)
+}
+
+fn net_rows(quick: bool, rounds: u32) -> Result<NetBench> {
+    let name = format!("bench{}", std::process::id() % 100_000);
+    crate::lab::up(&name, 1)?;
+    let _lab = LabGuard(name.clone());
+    let bytes = if quick { 8 << 20 } else { 128 << 20 };
+
+    let sink = guests::file("sink.wasm")?.display().to_string();
+    let vm = VmProcess::start(
+        &crate::lab::host_ns(&name, 1),
+        &[
+            "vm",
+            "run",
+            "--wasm",
+            &sink,
+            "--nic",
+            "bridge=br-vm,mac=02:00:00:00:00:20,ip=10.77.0.20/24",
+            "--listen",
+            "tcp:5001",
+        ],
+    )?;
+    let client = crate::lab::ns(&name, "client");
+    let vm_addr: std::net::SocketAddr = "10.77.0.20:5001".parse()?;
+    let c = client.clone();
+    in_netns(&c, move || {
+        wait_until("the sink VM", || push(vm_addr, 1).is_ok())
+    })?;
+    let lo = loopback_sink()?;
+    let (vm_t, lo_t) = side_by_side(
+        rounds,
+        || {
+            let c = client.clone();
+            in_netns(&c, move || push(vm_addr, bytes))
+        },
+        || push(lo, bytes),
+    )?;
+    drop(vm);
+
+    let requests = if quick { "20000" } else { "100000" };
+    let (plain, recorded) = side_by_side(
+        rounds,
+        || kvd_round(&name, false, requests).map(|ops| Duration::from_secs_f64(1.0 / ops)),
+        || kvd_round(&name, true, requests).map(|ops| Duration::from_secs_f64(1.0 / ops)),
+    )?;
+    let (ops, ops_rec) = (1.0 / secs(plain), 1.0 / secs(recorded));
+    let mb = bytes as f64 / 1e6;
+    Ok(NetBench {
+        netstack_loopback_ratio: secs(lo_t) / secs(vm_t),
+        vm_mbps: mb / secs(vm_t),
+        loopback_mbps: mb / secs(lo_t),
+        kvd_ops_per_s: ops,
+        kvd_ops_per_s_recorded: ops_rec,
+        kvd_record_ratio: ops_rec / ops,
+    })
 }
