@@ -179,8 +179,12 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
 
 /// The guests' console output is not the bench's: keep it off the table.
 fn quiet(mut inputs: Inputs) -> Inputs {
-    if let Inputs::Live { echo_console, .. } = &mut inputs {
-        *echo_console = false;
+    if let Inputs::Live { port, host, .. } = &mut inputs {
+        let _ = host;
+        *port = Box::new(machine::port::Direct {
+            tap: None,
+            console: false,
+        });
     }
     inputs
 }

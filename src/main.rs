@@ -421,6 +421,7 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
         spec,
         Inputs::Replay {
             source: Box::new(reader),
+            go_live: None,
         },
     )?;
     println!(

@@ -82,9 +82,10 @@ pub enum Outcome {
         n: u32,
         offset: u64,
     },
-    /// A file or directory was opened; its WASI filetype.
+    /// A file or directory was opened; its WASI filetype and size.
     Opened {
         filetype: u8,
+        size: u64,
     },
     Stat(Filestat),
     Polled(Vec<PollEvent>),
@@ -108,6 +109,27 @@ pub struct Event {
     /// Running digest of every output the VM produced before this event.
     pub outputs: u64,
     pub outcome: Outcome,
+}
+
+impl Kind {
+    /// Whether the call may change the datastore: such a call is an output as well as an
+    /// input, and waits for the output rule before it is performed.
+    pub fn mutates_disk(self) -> bool {
+        matches!(
+            self,
+            Kind::FdWrite
+                | Kind::FdPwrite
+                | Kind::FdFilestatSetSize
+                | Kind::FdFilestatSetTimes
+                | Kind::FdAllocate
+                | Kind::PathOpen
+                | Kind::PathCreateDirectory
+                | Kind::PathRemoveDirectory
+                | Kind::PathUnlinkFile
+                | Kind::PathRename
+                | Kind::PathFilestatSetTimes
+        )
+    }
 }
 
 /// A 64-bit digest of a call's arguments; collisions only weaken divergence detection.

@@ -31,6 +31,8 @@ pub enum FdKind {
         read: bool,
         write: bool,
         append: bool,
+        /// Where the next append goes: the file's end as the VM knows it.
+        append_at: u64,
     },
     /// A preopened TCP listener of the VM's network stack.
     Listener {

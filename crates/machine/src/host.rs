@@ -13,6 +13,7 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::clock::VmClock;
 use crate::event::{Filestat, Outcome, PollEvent};
@@ -41,7 +42,7 @@ pub struct LiveHost {
     root: Option<PathBuf>,
     files: HashMap<u32, File>,
     /// The VM's NIC on this host.
-    tap: Option<devices::Tap>,
+    tap: Option<Arc<devices::Tap>>,
     /// VM monotonic time = host monotonic time + this offset.
     mono_offset: i128,
 }
@@ -202,27 +203,10 @@ impl LiveHost {
         Ok(host)
     }
 
-    /// Give the VM its NIC on this host: a tap on `bridge`, named after the VM's MAC.
-    pub fn attach_nic(
-        &mut self,
-        nic: &netstack::NetConfig,
-        bridge: &str,
-    ) -> Result<(), devices::DeviceError> {
-        let m = nic.mac;
-        let name = format!("tnd{:02x}{:02x}{:02x}{:02x}", m[2], m[3], m[4], m[5]);
-        let tap = devices::Tap::create(&name, bridge)?;
-        tracing::info!("NIC {} on bridge {bridge}", tap.name());
+    /// Give the VM its NIC on this host (frames are read here; sending them is the output
+    /// port's).
+    pub fn attach_tap(&mut self, tap: Arc<devices::Tap>) {
         self.tap = Some(tap);
-        Ok(())
-    }
-
-    pub fn tap_send(&mut self, frame: &[u8]) {
-        if let Some(tap) = &self.tap {
-            if let Err(e) = tap.send(frame) {
-                // Like a NIC with a broken link: the frame is lost and TCP will resend.
-                tracing::warn!("tap {}: send failed: {e}", tap.name());
-            }
-        }
     }
 
     fn monotonic(&self) -> u64 {
@@ -359,6 +343,7 @@ impl LiveHost {
                 }
                 return Outcome::Opened {
                     filetype: filetype::DIRECTORY,
+                    size: 0,
                 };
             }
             if oflags_ & oflags::DIRECTORY != 0 {
@@ -388,13 +373,13 @@ impl LiveHost {
         }
         match opts.open(&path) {
             Ok(f) => {
-                let ft = match f.metadata() {
-                    Ok(m) if m.is_file() => filetype::REGULAR_FILE,
-                    Ok(_) => filetype::UNKNOWN,
+                let (ft, size) = match f.metadata() {
+                    Ok(m) if m.is_file() => (filetype::REGULAR_FILE, m.len()),
+                    Ok(_) => (filetype::UNKNOWN, 0),
                     Err(e) => return Outcome::Errno(errno_of(&e)),
                 };
                 self.files.insert(fd, f);
-                Outcome::Opened { filetype: ft }
+                Outcome::Opened { filetype: ft, size }
             }
             Err(e) => Outcome::Errno(errno_of(&e)),
         }

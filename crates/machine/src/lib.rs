@@ -14,11 +14,12 @@ pub mod fdtable;
 pub mod host;
 pub mod log;
 mod net;
+pub mod port;
 pub mod vm;
 pub mod wasi;
 
 pub use log::{End, EventSink, EventSource, Exit, LogError, LogHeader, LogReader, LogWriter, Tail};
 pub use vm::{
-    DEFAULT_MEMORY_LIMIT, GuestSpec, Inputs, Machine, MachineError, RunReport,
-    deterministic_engine, hex, live_inputs, request_stop,
+    DEFAULT_MEMORY_LIMIT, GoLive, GuestSpec, Inputs, Machine, MachineError, RunReport,
+    deterministic_engine, hex, live_host, live_inputs, nic_tap, request_stop,
 };

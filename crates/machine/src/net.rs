@@ -87,8 +87,8 @@ impl Vm {
         let Some(net) = self.net.as_mut() else { return };
         for frame in net.take_output() {
             self.outputs.add("frame", &[&frame]);
-            if let Inputs::Live { host, .. } = &mut self.inputs {
-                host.tap_send(&frame);
+            if let Inputs::Live { port, .. } = &mut self.inputs {
+                port.frame(self.seq, &frame);
             }
         }
     }

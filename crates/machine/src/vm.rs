@@ -20,6 +20,7 @@ use crate::event::{Event, Kind, Outcome, first_u64};
 use crate::fdtable::FdTable;
 use crate::host::{HostError, LiveHost};
 use crate::log::{End, EventSink, EventSource, Exit, LogError, LogHeader, Tail};
+use crate::port::{Direct, OutputPort};
 
 /// Default guest memory limit: fixed, so that `memory.grow` fails at the same point on
 /// every copy of the VM.
@@ -48,6 +49,8 @@ pub enum MachineError {
     Device(#[from] devices::DeviceError),
     #[error("replay diverged at event {seq}: {why}")]
     Divergence { seq: u64, why: String },
+    #[error("cannot go live: {0}")]
+    GoLive(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -75,19 +78,35 @@ pub(crate) enum Fault {
     Divergence { seq: u64, why: String },
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("cannot go live: {0}")]
+    GoLive(String),
 }
 
-/// Where the VM's nondeterministic inputs come from.
+/// Where the VM's nondeterministic inputs come from, and where a live VM's outputs go.
 pub enum Inputs {
     Live {
         host: LiveHost,
         sink: Option<Box<dyn EventSink + Send>>,
-        /// Whether console output reaches this process's stdout/stderr.
-        echo_console: bool,
+        port: Box<dyn OutputPort>,
     },
     Replay {
         source: Box<dyn EventSource + Send>,
+        /// What the VM becomes when its source runs dry: live on this host (go-live).
+        /// Without it, a dry source ends the replay.
+        go_live: Option<GoLive>,
     },
+}
+
+/// How a replaying VM goes live on this host.
+pub struct GoLive {
+    /// The datastore on this host.
+    pub root: Option<PathBuf>,
+    /// The bridge the VM's NIC joins on this host.
+    pub bridge: Option<String>,
+    /// Where the VM's events go from then on.
+    pub sink: Option<Box<dyn EventSink + Send>>,
+    /// Whether console output reaches this process's stdout/stderr.
+    pub console: bool,
 }
 
 /// What a guest sees of its configuration; fixed for the VM's life.
@@ -124,8 +143,6 @@ pub struct Vm {
 pub(crate) struct Outputs {
     hasher: blake3::Hasher,
     short: Option<u64>,
-    /// Whether console output reaches the host's stdout/stderr.
-    pub(crate) perform: bool,
 }
 
 impl Outputs {
@@ -161,7 +178,8 @@ impl Vm {
 
     /// Take one nondeterministic input. Live: run `op` on the host and log its outcome.
     /// Replay: take the next logged outcome after checking it was logged at this position
-    /// for this call with these arguments and the same outputs before it.
+    /// for this call with these arguments and the same outputs before it. A replay whose
+    /// source runs dry goes live, if it may, and takes the input live.
     pub(crate) fn event(
         &mut self,
         kind: Kind,
@@ -170,72 +188,119 @@ impl Vm {
     ) -> Result<Outcome, Fault> {
         let seq = self.seq;
         let outputs = self.outputs.short();
-        let outcome = match &mut self.inputs {
-            Inputs::Live { host, sink, .. } => {
-                if stop_requested() {
-                    return Err(Fault::Stopped);
-                }
-                let outcome = op(host, &self.fds, &self.clock);
-                // A wait cut short by a stop request has no effect on the host and is not
-                // part of the run: the run ends before it.
-                if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
-                    return Err(Fault::Stopped);
-                }
-                match sink {
-                    Some(sink) => {
-                        let event = Event {
-                            seq,
-                            kind,
-                            args,
-                            outputs,
-                            outcome,
-                        };
-                        sink.append(&event)?;
-                        event.outcome
+        let mut op = Some(op);
+        loop {
+            match &mut self.inputs {
+                Inputs::Live { host, sink, port } => {
+                    if stop_requested() {
+                        return Err(Fault::Stopped);
                     }
-                    None => outcome,
-                }
-            }
-            Inputs::Replay { source } => {
-                let Some(event) = source.next_event()? else {
-                    // A run the host stopped ends where it was stopped: stop the replay there.
-                    if let Tail::End(End {
-                        exit: Exit::Stopped,
-                        events,
-                        ..
-                    }) = source.tail()?
-                    {
-                        if events == seq {
-                            return Err(Fault::Stopped);
+                    if kind.mutates_disk() {
+                        port.before_disk(seq)?;
+                    }
+                    let op = op.take().ok_or(Fault::GoLive("input taken twice".into()))?;
+                    let outcome = op(host, &self.fds, &self.clock);
+                    // A wait cut short by a stop request has no effect on the host and is
+                    // not part of the run: the run ends before it.
+                    if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
+                        return Err(Fault::Stopped);
+                    }
+                    let outcome = match sink {
+                        Some(sink) => {
+                            let event = Event {
+                                seq,
+                                kind,
+                                args,
+                                outputs,
+                                outcome,
+                            };
+                            sink.append(&event)?;
+                            event.outcome
                         }
-                    }
-                    return Err(Fault::Divergence {
-                        seq,
-                        why: format!("the guest made a {kind:?} call after the last logged event"),
-                    });
-                };
-                let why = if event.seq != seq {
-                    Some(format!("log holds event {} here", event.seq))
-                } else if event.kind != kind {
-                    Some(format!(
-                        "the guest made a {kind:?} call where the log holds {:?}",
-                        event.kind
-                    ))
-                } else if event.args != args {
-                    Some(format!("{kind:?} called with other arguments than logged"))
-                } else if event.outputs != outputs {
-                    Some("the outputs before this event differ from the logged run".to_string())
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    return Err(Fault::Divergence { seq, why });
+                        None => outcome,
+                    };
+                    self.seq += 1;
+                    return Ok(outcome);
                 }
-                event.outcome
+                Inputs::Replay { source, go_live } => {
+                    let Some(event) = source.next_event()? else {
+                        if go_live.is_some() {
+                            self.go_live()?;
+                            continue;
+                        }
+                        // A run the host stopped ends where it was stopped: stop there too.
+                        if let Tail::End(End {
+                            exit: Exit::Stopped,
+                            events,
+                            ..
+                        }) = source.tail()?
+                        {
+                            if events == seq {
+                                return Err(Fault::Stopped);
+                            }
+                        }
+                        return Err(Fault::Divergence {
+                            seq,
+                            why: format!(
+                                "the guest made a {kind:?} call after the last logged event"
+                            ),
+                        });
+                    };
+                    let why = if event.seq != seq {
+                        Some(format!("log holds event {} here", event.seq))
+                    } else if event.kind != kind {
+                        Some(format!(
+                            "the guest made a {kind:?} call where the log holds {:?}",
+                            event.kind
+                        ))
+                    } else if event.args != args {
+                        Some(format!("{kind:?} called with other arguments than logged"))
+                    } else if event.outputs != outputs {
+                        Some("the outputs before this event differ from the logged run".to_string())
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        return Err(Fault::Divergence { seq, why });
+                    }
+                    self.seq += 1;
+                    return Ok(event.outcome);
+                }
             }
+        }
+    }
+
+    /// Go live where the replay stands: host resources rebuilt from VM state, the NIC on
+    /// this host, the VM's address announced, unacknowledged data sent again at once.
+    fn go_live(&mut self) -> Result<(), Fault> {
+        let Inputs::Replay { go_live, .. } = &mut self.inputs else {
+            return Ok(());
         };
-        self.seq += 1;
-        Ok(outcome)
+        let Some(gl) = go_live.take() else {
+            return Ok(());
+        };
+        let tap =
+            nic_tap(&self.spec, gl.bridge.as_deref()).map_err(|e| Fault::GoLive(e.to_string()))?;
+        let mut host = LiveHost::from_state(gl.root.as_deref(), &self.fds, &self.clock)
+            .map_err(|e| Fault::GoLive(e.to_string()))?;
+        if let Some(t) = &tap {
+            host.attach_tap(t.clone());
+        }
+        self.inputs = Inputs::Live {
+            host,
+            sink: gl.sink,
+            port: Box::new(Direct {
+                tap,
+                console: gl.console,
+            }),
+        };
+        tracing::warn!("went live at event {}", self.seq);
+        let now = self.net_now;
+        if let Some(net) = self.net.as_mut() {
+            net.go_live(now);
+        }
+        self.flush_net();
+        Ok(())
     }
 
     /// An outcome of the wrong shape for its call can only come from a damaged or foreign
@@ -372,13 +437,6 @@ impl Machine {
     /// run's end; a replay checks the run against the end its source recorded.
     pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
         let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
-        let perform = matches!(
-            inputs,
-            Inputs::Live {
-                echo_console: true,
-                ..
-            }
-        );
         let mut vm = Vm {
             fds: FdTable::new(spec.datastore, &spec.listen),
             spec: Arc::new(spec),
@@ -387,7 +445,6 @@ impl Machine {
             outputs: Outputs {
                 hasher: blake3::Hasher::new(),
                 short: None,
-                perform,
             },
             inputs,
             net: None,
@@ -407,6 +464,7 @@ impl Machine {
                 Fault::Divergence { seq, why } => MachineError::Divergence { seq, why },
                 Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
                 Fault::Stopped => MachineError::Internal("stopped at power-on".into()),
+                Fault::GoLive(why) => MachineError::GoLive(why),
             });
         }
         let mut store = Store::new(&self.engine, vm);
@@ -436,7 +494,7 @@ impl Machine {
                 sink: Some(sink), ..
             } => sink.finish(&report.end())?,
             Inputs::Live { sink: None, .. } => {}
-            Inputs::Replay { mut source } => match source.tail()? {
+            Inputs::Replay { mut source, .. } => match source.tail()? {
                 Tail::End(end) => check_replay(&report, &end)?,
                 Tail::Event(seq) => {
                     return Err(MachineError::Divergence {
@@ -463,6 +521,7 @@ fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
         return match fault {
             Fault::Exit(code) => Ok(Exit::Code(*code)),
             Fault::Stopped => Ok(Exit::Stopped),
+            Fault::GoLive(why) => Err(MachineError::GoLive(why.clone())),
             Fault::Divergence { seq, why } => Err(MachineError::Divergence {
                 seq: *seq,
                 why: why.clone(),
@@ -509,31 +568,57 @@ fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
     Ok(())
 }
 
-/// Inputs for a VM running live from power-on on this host, its datastore at `root`, its
-/// NIC (if `spec` has one) a tap on `bridge`, with an optional sink recording the events.
+/// The VM's NIC on this host: a tap on `bridge`, named after the VM's MAC. `None` for a
+/// VM without a NIC.
+pub fn nic_tap(
+    spec: &GuestSpec,
+    bridge: Option<&str>,
+) -> Result<Option<Arc<devices::Tap>>, MachineError> {
+    match (&spec.nic, bridge) {
+        (Some(nic), Some(bridge)) => {
+            let m = nic.mac;
+            let name = format!("tnd{:02x}{:02x}{:02x}{:02x}", m[2], m[3], m[4], m[5]);
+            let tap = devices::Tap::create(&name, bridge)?;
+            tracing::info!("NIC {} on bridge {bridge}", tap.name());
+            Ok(Some(Arc::new(tap)))
+        }
+        (None, None) => Ok(None),
+        _ => Err(MachineError::Internal(
+            "a NIC needs a bridge and a bridge a NIC".into(),
+        )),
+    }
+}
+
+/// The live host of a VM powering on here, its datastore at `root`.
+pub fn live_host(
+    spec: &GuestSpec,
+    root: Option<&Path>,
+    tap: Option<Arc<devices::Tap>>,
+) -> Result<LiveHost, MachineError> {
+    if let Some(ds) = root.filter(|d| !d.is_dir()) {
+        return Err(MachineError::Datastore(ds.to_path_buf()));
+    }
+    let fds = FdTable::new(root.is_some(), &spec.listen);
+    let mut host = LiveHost::from_state(root, &fds, &VmClock::default())?;
+    if let Some(tap) = tap {
+        host.attach_tap(tap);
+    }
+    Ok(host)
+}
+
+/// Inputs for an unprotected VM powering on here: its datastore at `root`, its NIC (if
+/// `spec` has one) a tap on `bridge`, events recorded into `sink` if given, outputs direct.
 pub fn live_inputs(
     spec: &GuestSpec,
     root: Option<&Path>,
     bridge: Option<&str>,
     sink: Option<Box<dyn EventSink + Send>>,
 ) -> Result<Inputs, MachineError> {
-    if let Some(ds) = root.filter(|d| !d.is_dir()) {
-        return Err(MachineError::Datastore(ds.to_path_buf()));
-    }
-    let fds = FdTable::new(root.is_some(), &spec.listen);
-    let mut host = LiveHost::from_state(root, &fds, &VmClock::default())?;
-    match (&spec.nic, bridge) {
-        (Some(nic), Some(bridge)) => host.attach_nic(nic, bridge)?,
-        (None, None) => {}
-        _ => {
-            return Err(MachineError::Internal(
-                "a NIC needs a bridge and a bridge a NIC".into(),
-            ));
-        }
-    }
+    let tap = nic_tap(spec, bridge)?;
+    let host = live_host(spec, root, tap.clone())?;
     Ok(Inputs::Live {
         host,
         sink,
-        echo_console: true,
+        port: Box::new(Direct { tap, console: true }),
     })
 }

@@ -371,7 +371,17 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     );
     wasi!(l, "fd_fdstat_set_flags", |_m, vm, fd: u32, flags: u32| {
         match vm.fds.get_mut(fd)? {
-            FdKind::File { append, .. } => *append = flags as u16 & fdflags::APPEND != 0,
+            FdKind::File {
+                append,
+                append_at,
+                offset,
+                ..
+            } => {
+                if !*append {
+                    *append_at = *offset;
+                }
+                *append = flags as u16 & fdflags::APPEND != 0
+            }
             FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => {
                 *nonblocking = flags as u16 & fdflags::NONBLOCK != 0
             }
@@ -881,28 +891,41 @@ fn fd_write(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> R
         FdKind::Stdout | FdKind::Stderr => {
             // Console output is an output, not an input: it always succeeds in full.
             vm.outputs.add("console", &[&le(u64::from(fd)), &data]);
-            if vm.outputs.perform {
-                console_write(fd, &data);
+            if let crate::vm::Inputs::Live { port, .. } = &mut vm.inputs {
+                port.console(vm.seq, fd, &data);
             }
             return Ok(m.put_u32(out, data.len() as u32)?);
         }
+        // Appends are positional too, at the end the VM knows of: a copy going live that
+        // writes again what its predecessor may already have written writes the same
+        // bytes in the same place, never twice.
         FdKind::File {
             path,
             offset,
             write: true,
             append,
+            append_at,
             ..
-        } => (path.clone(), if *append { None } else { Some(*offset) }),
+        } => (path.clone(), if *append { *append_at } else { *offset }),
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
         _ => return Err(errno::BADF.into()),
     };
     // The data itself is an output: the next event's output digest checks it.
     let args = args_digest(&[&le(u64::from(fd)), &le(data.len() as u64)]);
     let (written, end) = expect!(vm, Kind::FdWrite,
-        vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, at, &data))?,
+        vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, Some(at), &data))?,
         Outcome::Written { n, offset } if n as usize <= data.len() => (n, offset));
-    if let Ok(FdKind::File { offset, .. }) = vm.fds.get_mut(fd) {
+    if let Ok(FdKind::File {
+        offset,
+        append,
+        append_at,
+        ..
+    }) = vm.fds.get_mut(fd)
+    {
         *offset = end;
+        if *append {
+            *append_at = end;
+        }
     }
     let start = end.saturating_sub(u64::from(written));
     vm.outputs.add(
@@ -910,19 +933,6 @@ fn fd_write(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> R
         &[path.as_bytes(), &le(start), &data[..written as usize]],
     );
     Ok(m.put_u32(out, written)?)
-}
-
-fn console_write(fd: u32, data: &[u8]) {
-    use std::io::Write;
-    // A closed host console must not stop the VM; the output is in the digest regardless.
-    let _ = if fd == 1 {
-        std::io::stdout()
-            .lock()
-            .write_all(data)
-            .and_then(|_| std::io::stdout().flush())
-    } else {
-        std::io::stderr().lock().write_all(data)
-    };
 }
 
 fn fd_pwrite(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out: u32) -> Ret {
@@ -1009,9 +1019,9 @@ fn path_open(
         &[read as u8, write as u8, append as u8],
         &le(u64::from(fd)),
     ]);
-    let ft = expect!(vm, Kind::PathOpen,
+    let (ft, size) = expect!(vm, Kind::PathOpen,
         vm.event(Kind::PathOpen, args, |h, _, _| h.open(fd, &path, of, read, write))?,
-        Outcome::Opened { filetype } => filetype);
+        Outcome::Opened { filetype, size } => (filetype, size));
     if of & (oflags::CREAT | oflags::TRUNC) != 0 {
         vm.outputs
             .add("open", &[path.as_bytes(), &le(u64::from(of))]);
@@ -1028,6 +1038,7 @@ fn path_open(
             read: read || !write,
             write,
             append,
+            append_at: size,
         }
     };
     vm.fds.insert(fd, kind);

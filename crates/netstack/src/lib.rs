@@ -461,6 +461,28 @@ impl NetStack {
         self.collect();
     }
 
+    /// The VM went live on this host: announce its address so that switches and peers
+    /// learn where it is now, and resend what the peers have not acknowledged.
+    pub fn go_live(&mut self, now: u64) {
+        self.announce();
+        let NetStackState {
+            config,
+            ip_id,
+            stats,
+            conns,
+            ..
+        } = &mut self.state;
+        let mut out = Out {
+            config,
+            ip_id,
+            stats,
+            frames: &mut self.out,
+        };
+        for conn in conns.values_mut() {
+            conn.tcb.kick(now, &mut out);
+        }
+    }
+
     /// When the next timer fires, if any.
     pub fn next_deadline(&self) -> Option<u64> {
         self.state

@@ -549,6 +549,17 @@ impl Tcb {
         self.rto_deadline = Some(now + self.rto);
     }
 
+    /// The VM just went live on another host: whatever the peer has not acknowledged may
+    /// never have left the old host, so send it again now instead of at the next timeout.
+    pub fn kick(&mut self, now: u64, out: &mut impl Emit) {
+        match self.state {
+            State::SynReceived => self.send_syn_ack(out),
+            State::Closed | State::TimeWait => {}
+            _ if self.snd_una != self.snd_max => self.retransmit_one(now, out),
+            _ => {}
+        }
+    }
+
     /// Timers: retransmission (and persist) and TIME_WAIT.
     pub fn on_timer(&mut self, now: u64, out: &mut impl Emit) {
         if let Some(t) = self.tw_deadline {

@@ -1,0 +1,65 @@
+//! Where a live VM's outputs leave the host.
+//!
+//! Every output is tagged with the VM's position when it was produced: the number of
+//! events taken before it, i.e. the events whose results could have shaped it. A port may
+//! hold an output until whatever it waits for (lockstep: the secondary's acknowledgement of
+//! those events) has happened. The machine itself knows nothing of why.
+
+use std::sync::Arc;
+
+use crate::log::LogError;
+
+pub trait OutputPort: Send {
+    /// A frame for the wire, produced at `position`.
+    fn frame(&mut self, position: u64, frame: &[u8]);
+    /// Console output (`fd` 1 or 2), produced at `position`.
+    fn console(&mut self, position: u64, fd: u32, data: &[u8]);
+    /// Called before a disk mutation is performed at `position`; it is performed only when
+    /// this returns. An error stops the VM without performing it.
+    fn before_disk(&mut self, position: u64) -> Result<(), LogError>;
+}
+
+/// Write a console output to this process's stdout or stderr.
+pub fn write_console(fd: u32, data: &[u8]) {
+    use std::io::Write;
+    // A closed host console must not stop the VM; the output is in the digest regardless.
+    let _ = if fd == 1 {
+        let mut out = std::io::stdout().lock();
+        out.write_all(data).and_then(|_| out.flush())
+    } else {
+        std::io::stderr().lock().write_all(data)
+    };
+}
+
+/// Send a frame on a tap, logging (not failing) when the host refuses it.
+pub fn send_frame(tap: &devices::Tap, frame: &[u8]) {
+    if let Err(e) = tap.send(frame) {
+        // Like a NIC with a broken link: the frame is lost and TCP will resend.
+        tracing::warn!("tap {}: send failed: {e}", tap.name());
+    }
+}
+
+/// Outputs leave at once: an unprotected VM.
+pub struct Direct {
+    pub tap: Option<Arc<devices::Tap>>,
+    /// Whether console output reaches this process's stdout/stderr.
+    pub console: bool,
+}
+
+impl OutputPort for Direct {
+    fn frame(&mut self, _: u64, frame: &[u8]) {
+        if let Some(tap) = &self.tap {
+            send_frame(tap, frame);
+        }
+    }
+
+    fn console(&mut self, _: u64, fd: u32, data: &[u8]) {
+        if self.console {
+            write_console(fd, data);
+        }
+    }
+
+    fn before_disk(&mut self, _: u64) -> Result<(), LogError> {
+        Ok(())
+    }
+}
