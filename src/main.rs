@@ -40,6 +40,62 @@ enum Command {
     /// A cluster on this machine made of network namespaces: hosts, a switch, a client.
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Fault tolerance: run a VM as a primary or a secondary in lockstep.
+    #[command(subcommand)]
+    Ft(FtCommand),
+}
+
+#[derive(Subcommand)]
+enum FtCommand {
+    /// Run a VM as the primary: live on this host, every event streamed to a secondary
+    /// that connects to --log-listen; outputs wait until the secondary holds their events.
+    Primary(FtPrimaryArgs),
+    /// Run a VM as the secondary: replay the primary's events as they arrive; if the
+    /// primary is lost and this copy wins arbitration, go live here.
+    Secondary(FtSecondaryArgs),
+}
+
+#[derive(clap::Args)]
+struct FtArgs {
+    /// The VM's name: its folder on shared storage holds the pair key, the arbitration
+    /// records and its status.
+    #[arg(long)]
+    vm: String,
+    /// The shared storage folder both hosts reach.
+    #[arg(long, value_name = "DIR")]
+    shared: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct FtPrimaryArgs {
+    #[command(flatten)]
+    ft: FtArgs,
+    /// Address of the logging channel (on the logging network).
+    #[arg(long, value_name = "ADDR:PORT")]
+    log_listen: String,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct FtSecondaryArgs {
+    #[command(flatten)]
+    ft: FtArgs,
+    /// The primary's logging channel address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    primary: String,
+    /// The guest module (the same as the primary's).
+    #[arg(long, value_name = "FILE")]
+    wasm: PathBuf,
+    /// The VM's datastore: the same shared folder as the primary's.
+    #[arg(long, value_name = "DIR")]
+    datastore: Option<PathBuf>,
+    /// The bridge the VM's NIC joins on this host when this copy goes live.
+    #[arg(long, value_name = "BR")]
+    bridge: Option<String>,
+    /// How long to keep trying to reach the primary.
+    #[arg(long, default_value_t = 10)]
+    wait_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +195,10 @@ impl From<MachineError> for Failure {
                 code: 3,
                 message: e.to_string(),
             },
+            MachineError::Log(machine::LogError::Source(why)) => Failure {
+                code: 4,
+                message: format!("tandem: {why}"),
+            },
             _ => Failure {
                 code: 2,
                 message: format!("tandem: {e}"),
@@ -194,6 +254,8 @@ fn main() -> ExitCode {
             datastore,
         }) => vm_replay(&log, &wasm, datastore.as_deref()),
         Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
+        Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
+        Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),
         Command::Lab(LabCommand::Up { lab, hosts }) => {
             lab::run_up(&lab, hosts).map_err(Failure::from)
         }
@@ -350,33 +412,46 @@ fn parse_network(nic: Option<&str>, listen: &[String]) -> Result<(Option<Nic>, V
     ))
 }
 
-fn vm_run(a: RunArgs) -> Result<u8, Failure> {
+/// A VM as the run flags describe it: its module, what the guest sees, and its NIC.
+struct Prepared {
+    machine: Machine,
+    spec: GuestSpec,
+    nic: Option<Nic>,
+}
+
+fn prepare(a: &RunArgs) -> Result<Prepared, Failure> {
     let (nic, listen) = parse_network(a.nic.as_deref(), &a.listen)?;
-    let (wasm, datastore, record, env) = (
-        a.wasm.as_path(),
-        a.datastore.as_deref(),
-        a.record.as_deref(),
-        a.env,
-    );
-    let (args, memory_mib) = (a.args, a.memory_mib);
-    if let Some(bad_env) = env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
+    if let Some(bad_env) = a
+        .env
+        .iter()
+        .find(|e| !e.contains('=') || e.starts_with('='))
+    {
         return Err(bad(format!("--env {bad_env:?} is not of the form K=V")));
     }
-    if memory_mib == 0 || memory_mib > 4096 {
+    if a.memory_mib == 0 || a.memory_mib > 4096 {
         return Err(bad(format!(
-            "--memory-mib {memory_mib} is outside 1..=4096"
+            "--memory-mib {} is outside 1..=4096",
+            a.memory_mib
         )));
     }
-    check_datastore(datastore)?;
-    let machine = Machine::load(wasm)?;
+    check_datastore(a.datastore.as_deref())?;
+    let machine = Machine::load(&a.wasm)?;
     let spec = GuestSpec {
-        args: std::iter::once(guest_name(wasm)).chain(args).collect(),
-        env,
-        datastore: datastore.is_some(),
-        memory_limit: memory_mib << 20,
+        args: std::iter::once(guest_name(&a.wasm))
+            .chain(a.args.iter().cloned())
+            .collect(),
+        env: a.env.clone(),
+        datastore: a.datastore.is_some(),
+        memory_limit: a.memory_mib << 20,
         nic: nic.as_ref().map(|n| n.config.clone()),
         listen,
     };
+    Ok(Prepared { machine, spec, nic })
+}
+
+fn vm_run(a: RunArgs) -> Result<u8, Failure> {
+    let Prepared { machine, spec, nic } = prepare(&a)?;
+    let record = a.record.as_deref();
     let sink = match record {
         Some(path) => Some(Box::new(
             LogWriter::create(path, &machine.log_header(&spec)).map_err(MachineError::from)?,
@@ -384,7 +459,7 @@ fn vm_run(a: RunArgs) -> Result<u8, Failure> {
         None => None,
     };
     let bridge = nic.as_ref().map(|n| n.bridge.as_str());
-    let inputs = live_inputs(&spec, datastore, bridge, sink)?;
+    let inputs = live_inputs(&spec, a.datastore.as_deref(), bridge, sink)?;
     let report = machine.run(spec, inputs)?;
     if let Some(path) = record {
         tracing::info!("log written to {}", path.display());
@@ -394,6 +469,87 @@ fn vm_run(a: RunArgs) -> Result<u8, Failure> {
             hex(&report.digest)
         );
     }
+    Ok(exit_code(&report.exit))
+}
+
+/// Run a VM as an FT primary: live here, its events streamed to a secondary.
+fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
+    if a.run.record.is_some() {
+        return Err(bad(
+            "--record does not combine with FT: the secondary holds the log".into(),
+        ));
+    }
+    let Prepared { machine, spec, nic } = prepare(&a.run)?;
+    let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
+    let tap = machine::nic_tap(&spec, nic.as_ref().map(|n| n.bridge.as_str()))?;
+    let primary = lockstep::primary::Primary::start(
+        dir,
+        &a.log_listen,
+        machine.log_header(&spec),
+        tap.clone(),
+        true,
+        lockstep::FtConfig::default(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let host = machine::live_host(&spec, a.run.datastore.as_deref(), tap)?;
+    let inputs = Inputs::Live {
+        host,
+        sink: Some(Box::new(primary.sink())),
+        port: Box::new(primary.port()),
+    };
+    let result = machine.run(spec, inputs);
+    if let Some(why) = primary.halted() {
+        eprintln!("tandem: halted: {why}");
+        return Ok(4);
+    }
+    let report = result?;
+    primary.drain(std::time::Duration::from_secs(2));
+    Ok(exit_code(&report.exit))
+}
+
+/// Run a VM as an FT secondary: replay the primary's events; go live if it is lost.
+fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
+    check_datastore(a.datastore.as_deref())?;
+    let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
+    let secondary = lockstep::secondary::Secondary::connect(
+        dir,
+        &a.primary,
+        std::time::Duration::from_secs(a.wait_secs),
+        lockstep::FtConfig::default(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let machine = Machine::load(&a.wasm)?;
+    let header = secondary.header.clone();
+    machine.check_log(&header)?;
+    if header.datastore && a.datastore.is_none() {
+        return Err(bad(
+            "the VM has a datastore: give --datastore (the same shared folder as the primary's)"
+                .into(),
+        ));
+    }
+    if header.nic.is_some() && a.bridge.is_none() {
+        return Err(bad(
+            "the VM has a NIC: give --bridge for when this copy goes live".into(),
+        ));
+    }
+    let spec = GuestSpec {
+        args: header.args,
+        env: header.env,
+        datastore: header.datastore,
+        memory_limit: header.memory_limit,
+        nic: header.nic,
+        listen: header.listen,
+    };
+    let inputs = Inputs::Replay {
+        source: Box::new(secondary.source()),
+        go_live: Some(machine::GoLive {
+            root: a.datastore.clone(),
+            bridge: a.bridge.clone(),
+            sink: None,
+            console: true,
+        }),
+    };
+    let report = machine.run(spec, inputs)?;
     Ok(exit_code(&report.exit))
 }
 

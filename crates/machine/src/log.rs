@@ -46,6 +46,9 @@ pub enum LogError {
     Corrupt { path: PathBuf, why: String },
     #[error("log {path} is truncated: it ends after {events} events without an end record")]
     Truncated { path: PathBuf, events: u64 },
+    /// A live event source (the logging channel) failed.
+    #[error("{0}")]
+    Source(String),
 }
 
 /// What a replay must reproduce besides the events: the VM's configuration.
@@ -114,6 +117,9 @@ pub enum Tail {
     End(End),
     /// An event the replaying guest never asked for.
     Event(u64),
+    /// The source lost the copy that produced its events (a secondary whose primary
+    /// failed, and that won arbitration): this copy is to go live.
+    GoLive,
 }
 
 /// Where a replaying VM takes its events from.

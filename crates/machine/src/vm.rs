@@ -224,27 +224,26 @@ impl Vm {
                 }
                 Inputs::Replay { source, go_live } => {
                     let Some(event) = source.next_event()? else {
-                        if go_live.is_some() {
-                            self.go_live()?;
-                            continue;
-                        }
-                        // A run the host stopped ends where it was stopped: stop there too.
-                        if let Tail::End(End {
-                            exit: Exit::Stopped,
-                            events,
-                            ..
-                        }) = source.tail()?
-                        {
-                            if events == seq {
-                                return Err(Fault::Stopped);
+                        match source.tail()? {
+                            Tail::GoLive if go_live.is_some() => {
+                                self.go_live()?;
+                                continue;
+                            }
+                            // A run the host stopped ends where it was stopped: stop there too.
+                            Tail::End(End {
+                                exit: Exit::Stopped,
+                                events,
+                                ..
+                            }) if events == seq => return Err(Fault::Stopped),
+                            _ => {
+                                return Err(Fault::Divergence {
+                                    seq,
+                                    why: format!(
+                                        "the guest made a {kind:?} call after the last logged event"
+                                    ),
+                                });
                             }
                         }
-                        return Err(Fault::Divergence {
-                            seq,
-                            why: format!(
-                                "the guest made a {kind:?} call after the last logged event"
-                            ),
-                        });
                     };
                     let why = if event.seq != seq {
                         Some(format!("log holds event {} here", event.seq))
@@ -496,6 +495,8 @@ impl Machine {
             Inputs::Live { sink: None, .. } => {}
             Inputs::Replay { mut source, .. } => match source.tail()? {
                 Tail::End(end) => check_replay(&report, &end)?,
+                // The recorder was lost just as the guest finished: nothing to compare with.
+                Tail::GoLive => {}
                 Tail::Event(seq) => {
                     return Err(MachineError::Divergence {
                         seq,

@@ -1,0 +1,274 @@
+//! The secondary: replays the primary's events as they arrive, and goes live when the
+//! primary is lost and arbitration says so.
+//!
+//! A receiver thread takes frames into a queue and watches for silence; a sender thread
+//! acknowledges (received, executed) every heartbeat and whenever events arrive. The VM's
+//! thread takes events from the queue ([`SecondarySource`]). When the channel fails the
+//! receiver arbitrates; the source hands out every event still queued, then answers "no
+//! more" (go live) or an error (halt).
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use machine::event::Event;
+use machine::{End, EventSource, LogError, LogHeader, Tail};
+
+use crate::arbiter::{Arbiter, Claim};
+use crate::wire::{FrameReader, FrameWriter, connection_key};
+use crate::{FtConfig, FtError, KIND_MSG, ToPrimary, ToSecondary, VmDir, decode, encode, io_err};
+
+enum Verdict {
+    GoLive,
+    Halt(String),
+}
+
+struct State {
+    queue: VecDeque<Event>,
+    received: u64,
+    executed: u64,
+    end: Option<End>,
+    verdict: Option<Verdict>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct Secondary {
+    shared: Arc<Shared>,
+    pub header: LogHeader,
+    pub generation: u64,
+}
+
+impl Secondary {
+    /// Connect to the primary at `addr` (retrying for `wait`), authenticate with the pair
+    /// key from shared storage, and start following its event stream.
+    pub fn connect(
+        dir: VmDir,
+        addr: &str,
+        wait: Duration,
+        config: FtConfig,
+    ) -> Result<Secondary, FtError> {
+        let deadline = Instant::now() + wait;
+        let stream = loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(io_err(format!("connect to the primary at {addr}"))(e));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_read_timeout(Some(config.timeout))
+            .map_err(io_err("set a timeout"))?;
+        let mut nonce = [0u8; 16];
+        std::io::Read::read_exact(&mut &stream, &mut nonce)
+            .map_err(io_err("read the primary's nonce"))?;
+        let key = connection_key(&dir.read_key()?, &nonce);
+        let mut writer =
+            FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
+        let host = crate::primary::hostname();
+        writer
+            .send(KIND_MSG, &encode(&ToPrimary::Hello { host: host.clone() }))
+            .map_err(io_err("send Hello"))?;
+        let mut reader = FrameReader::new(stream, key);
+        let (_, hello) = reader.recv()?;
+        let ToSecondary::Hello { header, generation } = decode(&hello)? else {
+            return Err(FtError::Protocol("expected Hello".into()));
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                received: 0,
+                executed: 0,
+                end: None,
+                verdict: None,
+            }),
+            cv: Condvar::new(),
+        });
+        dir.write_status(&[
+            ("role", "secondary".into()),
+            ("host", host.clone()),
+            ("generation", generation.to_string()),
+        ]);
+        let s = shared.clone();
+        let heartbeat = config.heartbeat;
+        std::thread::Builder::new()
+            .name("ft-ack".into())
+            .spawn(move || acknowledge(s, writer, heartbeat))
+            .map_err(io_err("start the acknowledger"))?;
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("ft-recv".into())
+            .spawn(move || {
+                let why = match follow(&s, &mut reader) {
+                    Ok(()) => return,
+                    Err(e) => e.to_string(),
+                };
+                decide(&s, &dir, generation, &host, &why);
+            })
+            .map_err(io_err("start the receiver"))?;
+        tracing::info!("secondary following the primary at {addr} (generation {generation})");
+        Ok(Secondary {
+            shared,
+            header,
+            generation,
+        })
+    }
+
+    pub fn source(&self) -> SecondarySource {
+        SecondarySource(self.shared.clone())
+    }
+}
+
+/// Take frames until the primary ends the run or the channel fails.
+fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
+    loop {
+        let (_, payload) = r.recv()?;
+        match decode::<ToSecondary>(&payload)? {
+            ToSecondary::Events(events) => {
+                let mut st = s.lock();
+                for e in events {
+                    if e.seq != st.received {
+                        return Err(FtError::Protocol(format!(
+                            "event {} where {} belongs",
+                            e.seq, st.received
+                        )));
+                    }
+                    st.received += 1;
+                    st.queue.push_back(e);
+                }
+                s.cv.notify_all();
+            }
+            ToSecondary::End(end) => {
+                s.lock().end = Some(end);
+                s.cv.notify_all();
+                return Ok(());
+            }
+            ToSecondary::Heartbeat => {}
+            ToSecondary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
+        }
+    }
+}
+
+/// The primary is lost: arbitrate, and tell the VM what to do once the queue is empty.
+fn decide(s: &Shared, dir: &VmDir, generation: u64, host: &str, why: &str) {
+    let next = generation + 1;
+    let verdict =
+        match Arbiter::new(&dir.arbitration()).claim(next, &format!("secondary on {host}")) {
+            Ok(Claim::Won) => {
+                tracing::warn!(
+                    "primary lost ({why}); won arbitration for generation {next}: going live"
+                );
+                dir.write_status(&[
+                    ("role", "live".into()),
+                    ("host", host.into()),
+                    ("protected", "false".into()),
+                    ("generation", next.to_string()),
+                ]);
+                Verdict::GoLive
+            }
+            Ok(Claim::Lost(holder)) => Verdict::Halt(format!(
+                "the primary ({}) kept generation {next}",
+                holder.trim()
+            )),
+            Err(e) => Verdict::Halt(format!(
+                "{e}: a copy that cannot reach shared storage must not go live"
+            )),
+        };
+    if let Verdict::Halt(why) = &verdict {
+        tracing::error!("halting: {why}");
+        dir.write_status(&[("role", "halted".into()), ("host", host.into())]);
+    }
+    s.lock().verdict = Some(verdict);
+    s.cv.notify_all();
+}
+
+fn acknowledge(s: Arc<Shared>, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
+    let mut last = (u64::MAX, u64::MAX);
+    loop {
+        let now = {
+            let mut st = s.lock();
+            let deadline = Instant::now() + heartbeat;
+            while st.verdict.is_none() && (st.received, st.executed) == last {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                st =
+                    s.cv.wait_timeout(st, left)
+                        .map(|r| r.0)
+                        .unwrap_or_else(|p| p.into_inner().0);
+            }
+            if st.verdict.is_some() {
+                return;
+            }
+            (st.received, st.executed)
+        };
+        last = now;
+        let ack = ToPrimary::Ack {
+            received: now.0,
+            executed: now.1,
+        };
+        if w.send(KIND_MSG, &encode(&ack)).is_err() {
+            // The receiver will notice the broken channel and arbitrate.
+            return;
+        }
+    }
+}
+
+/// The replaying VM's events.
+pub struct SecondarySource(Arc<Shared>);
+
+impl EventSource for SecondarySource {
+    fn next_event(&mut self) -> Result<Option<Event>, LogError> {
+        let s = &self.0;
+        let mut st = s.lock();
+        loop {
+            if let Some(e) = st.queue.pop_front() {
+                st.executed += 1;
+                s.cv.notify_all();
+                return Ok(Some(e));
+            }
+            match &st.verdict {
+                Some(Verdict::GoLive) => return Ok(None),
+                Some(Verdict::Halt(why)) => return Err(LogError::Source(format!("halted: {why}"))),
+                None => {}
+            }
+            if st.end.is_some() {
+                return Ok(None);
+            }
+            st = s.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn tail(&mut self) -> Result<Tail, LogError> {
+        let s = &self.0;
+        let mut st = s.lock();
+        loop {
+            if let Some(e) = st.queue.front() {
+                return Ok(Tail::Event(e.seq));
+            }
+            if let Some(end) = &st.end {
+                return Ok(Tail::End(end.clone()));
+            }
+            match &st.verdict {
+                Some(Verdict::GoLive) => return Ok(Tail::GoLive),
+                Some(Verdict::Halt(why)) => return Err(LogError::Source(format!("halted: {why}"))),
+                None => {}
+            }
+            st = s.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
