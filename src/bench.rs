@@ -13,7 +13,9 @@ use machine::{
 };
 use serde::Serialize;
 
+use crate::client::in_netns;
 use crate::guests;
+use crate::lab::{LabGuard, VmProcess};
 
 #[derive(clap::Args)]
 pub struct VmBenchArgs {
@@ -268,72 +270,6 @@ struct NetBench {
     kvd_ops_per_s_recorded: f64,
     /// Recorded ÷ unrecorded (goal ≥ 0.95).
     kvd_record_ratio: f64,
-}
-
-/// Removes the bench's lab however the bench ends.
-struct LabGuard(String);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        crate::lab::down(&self.0);
-    }
-}
-
-/// A VM process in a lab host, stopped (SIGTERM, then SIGKILL) when dropped.
-struct VmProcess(std::process::Child);
-
-impl VmProcess {
-    fn start(host_ns: &str, args: &[&str]) -> Result<Self> {
-        let exe = std::env::current_exe().context("finding the tandem binary")?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", host_ns])
-            .arg(exe)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting a VM")?;
-        Ok(VmProcess(child))
-    }
-}
-
-impl Drop for VmProcess {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Run `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns(2) on a valid namespace file descriptor; it changes only this
-        // thread's network namespace, and the thread ends with `f`.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        if r != 0 {
-            bail!(
-                "entering {ns_path}: {}",
-                std::io::Error::last_os_error(),
-                ns_path = path
-            );
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
 }
 
 /// Push `bytes` to a sink at `addr`, which answers with the count when we shut down.

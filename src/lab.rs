@@ -210,10 +210,12 @@ pub fn kill(name: &str, host: &str) -> Result<()> {
     if !namespaces(name).contains(&h) {
         bail!("lab {name} has no host {host}");
     }
-    kill_all(&h);
+    // Links first: a host that dies says nothing, so its peers must not see a FIN or a
+    // reset from the kernel closing its sockets, only silence.
     for link in ["uplink", "log0"] {
         let _ = in_ns(&h, &["link", "set", link, "down"]);
     }
+    kill_all(&h);
     Ok(())
 }
 
@@ -247,4 +249,70 @@ pub fn run_kill(a: &LabArgs, host: &str) -> Result<u8> {
         a.name
     );
     Ok(0)
+}
+
+/// Removes a lab however the code that made it ends.
+pub struct LabGuard(pub String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        crate::lab::down(&self.0);
+    }
+}
+
+/// A VM process in a lab host, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct VmProcess(pub std::process::Child);
+
+impl VmProcess {
+    /// Whether the process has exited, and how.
+    pub fn exited(&mut self) -> Option<i32> {
+        self.0
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1))
+    }
+
+    /// Start `tandem ARGS` in namespace `host_ns`, its output to `out` (or nowhere).
+    pub fn start(host_ns: &str, args: &[&str]) -> Result<Self> {
+        Self::start_logged(host_ns, args, None)
+    }
+
+    pub fn start_logged(
+        host_ns: &str,
+        args: &[&str],
+        out: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding the tandem binary")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", host_ns])
+            .arg(exe)
+            .args(args)
+            .stdout(match out {
+                Some(p) => std::fs::File::create(p)?.into(),
+                None => std::process::Stdio::null(),
+            })
+            .stderr(match out {
+                Some(p) => std::fs::OpenOptions::new().append(true).open(p)?.into(),
+                None => std::process::Stdio::null(),
+            })
+            .spawn()
+            .context("starting a VM")?;
+        Ok(VmProcess(child))
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -3,6 +3,8 @@
 //! 0 success (or the guest's own exit code for `vm run`), 2 bad input, 3 replay divergence.
 
 mod bench;
+mod client;
+mod demo;
 mod guests;
 mod lab;
 
@@ -43,6 +45,9 @@ enum Command {
     /// Fault tolerance: run a VM as a primary or a secondary in lockstep.
     #[command(subcommand)]
     Ft(FtCommand),
+    /// The main job: an FT-protected kvd survives the death of its primary's host while
+    /// redis-benchmark and a checker drive it; ends with `verdict: PASS|FAIL ...`.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand)]
@@ -254,6 +259,7 @@ fn main() -> ExitCode {
             datastore,
         }) => vm_replay(&log, &wasm, datastore.as_deref()),
         Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
+        Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
         Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),
         Command::Lab(LabCommand::Up { lab, hosts }) => {

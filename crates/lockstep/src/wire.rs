@@ -22,7 +22,11 @@ const TRAILER: usize = 20;
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    #[error("the other side fell silent past the failure timeout")]
+    Silent,
+    #[error("the other side closed the channel")]
+    Closed,
     #[error("not a Tandem logging frame (bad magic)")]
     Magic,
     #[error("logging protocol version {0}; this tandem speaks {VERSION}")]
@@ -35,6 +39,16 @@ pub enum FrameError {
     Forged,
     #[error("frame {got} out of sequence (expected {want})")]
     Sequence { want: u64, got: u64 },
+}
+
+impl From<io::Error> for FrameError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => FrameError::Silent,
+            io::ErrorKind::UnexpectedEof => FrameError::Closed,
+            _ => FrameError::Io(e),
+        }
+    }
 }
 
 /// The key for one connection: the pair's key bound to the connection's nonce.
@@ -167,7 +181,7 @@ mod tests {
         let mut r = FrameReader::new(&bytes[..], key);
         assert_eq!(r.recv().unwrap(), (1, b"first".to_vec()));
         assert_eq!(r.recv().unwrap(), (2, b"second payload".to_vec()));
-        assert!(matches!(r.recv(), Err(FrameError::Io(_))));
+        assert!(matches!(r.recv(), Err(FrameError::Closed)));
     }
 
     #[test]

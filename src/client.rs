@@ -1,0 +1,145 @@
+//! Clients the binary drives from a lab's client namespace: entering a namespace, a minimal
+//! RESP client, and the failover checker.
+//!
+//! The checker holds one TCP connection to a Redis-protocol server and does INCR after
+//! INCR on one key, remembering every value the server acknowledged, every reset and the
+//! longest silence between two replies. After a failover it proves, with a fresh
+//! connection, that every acknowledged increment survived.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Run `f` on a thread inside network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns(2) on a valid namespace file descriptor; it changes only this
+        // thread's network namespace, and the thread ends with `f`.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        if r != 0 {
+            bail!("entering {path}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("a client thread panicked"))?
+}
+
+/// One RESP connection.
+pub struct Resp {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Resp {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Resp> {
+        let s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        Ok(Resp {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        })
+    }
+
+    /// Send a command and read a one-line reply (`+OK`, `:1`, `-ERR ...`) or a bulk string.
+    pub fn call(&mut self, args: &[&str]) -> Result<String> {
+        let mut cmd = format!("*{}\r\n", args.len());
+        for a in args {
+            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.w.write_all(cmd.as_bytes())?;
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            bail!("the server closed the connection");
+        }
+        let line = line.trim_end().to_string();
+        if let Some(len) = line.strip_prefix('$') {
+            let len: i64 = len.parse()?;
+            if len < 0 {
+                return Ok(String::new());
+            }
+            let mut body = String::new();
+            self.r.read_line(&mut body)?;
+            return Ok(body.trim_end().to_string());
+        }
+        Ok(line)
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct CheckerReport {
+    /// INCRs the server acknowledged, and the last value it returned.
+    pub acked: u64,
+    pub last_value: i64,
+    /// Replies that were not the previous value plus one.
+    pub out_of_order: u64,
+    pub resets: u64,
+    pub errors: Vec<String>,
+    /// The longest time between two replies, in ms.
+    pub max_gap_ms: u64,
+    /// Replies received after `mark` was set (e.g. after the kill).
+    pub after_mark: u64,
+}
+
+/// INCR `key` over one connection until `stop`; `mark` splits before and after an event.
+pub fn checker(
+    addr: SocketAddr,
+    key: String,
+    stop: Arc<AtomicBool>,
+    mark: Arc<AtomicBool>,
+) -> Result<CheckerReport> {
+    let mut rep = CheckerReport::default();
+    let mut conn = Resp::connect(addr, Duration::from_secs(10))?;
+    let mut last_reply = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        match conn.call(&["INCR", &key]) {
+            Ok(reply) => {
+                let now = Instant::now();
+                rep.max_gap_ms = rep
+                    .max_gap_ms
+                    .max(now.duration_since(last_reply).as_millis() as u64);
+                last_reply = now;
+                match reply.strip_prefix(':').and_then(|v| v.parse::<i64>().ok()) {
+                    Some(v) => {
+                        if rep.acked > 0 && v != rep.last_value + 1 {
+                            rep.out_of_order += 1;
+                        }
+                        rep.acked += 1;
+                        rep.last_value = v;
+                        if mark.load(Ordering::SeqCst) {
+                            rep.after_mark += 1;
+                        }
+                    }
+                    None => rep.errors.push(reply),
+                }
+            }
+            Err(e) => {
+                let reset = e
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset);
+                if reset {
+                    rep.resets += 1;
+                } else {
+                    rep.errors.push(format!("{e:#}"));
+                }
+                if rep.errors.len() > 20 {
+                    break;
+                }
+                conn = Resp::connect(addr, Duration::from_secs(10))?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(rep)
+}

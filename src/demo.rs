@@ -1,0 +1,293 @@
+//! `tandem demo`: an FT-protected VM surviving the death of its primary's host.
+//!
+//! A lab with two hosts; kvd protected by FT (primary on host1, secondary on host2, the
+//! datastore on shared storage); redis-benchmark and the checker drive it from the client
+//! namespace; host1 is killed midway; the verdict says whether the client carried on with
+//! every acknowledged write intact and no connection reset.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::client::{CheckerReport, Resp, checker, in_netns};
+use crate::guests;
+use crate::lab::{self, LabGuard, VmProcess};
+
+pub const VM_IP: &str = "10.77.0.10";
+pub const LOG_ADDR: &str = "10.78.0.11:7000";
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// The lab's name (prefix of its namespaces).
+    #[arg(long, default_value = "tandem-demo")]
+    pub name: String,
+    /// Leave the lab up afterwards for a look around (`tandem lab down --name NAME`).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+fn say(msg: &str) {
+    println!("demo: {msg}");
+}
+
+/// A lab running kvd under FT: primary on host1, secondary on host2.
+pub struct FtLab {
+    pub name: String,
+    pub shared: PathBuf,
+    pub primary: VmProcess,
+    pub secondary: VmProcess,
+    _guard: Option<LabGuard>,
+}
+
+impl FtLab {
+    pub fn start(name: &str, keep: bool) -> Result<FtLab> {
+        lab::down(name);
+        lab::up(name, 2)?;
+        let guard = (!keep).then(|| LabGuard(name.to_string()));
+        let shared = lab::shared_dir(name);
+        let data = shared.join("kvd/data");
+        std::fs::create_dir_all(&data).context("creating the datastore on shared storage")?;
+        let kvd = guests::file("kvd.wasm")?.display().to_string();
+        let (shared_s, data_s) = (shared.display().to_string(), data.display().to_string());
+        let nic = format!("bridge=br-vm,mac=02:00:00:00:00:10,ip={VM_IP}/24");
+        let primary = VmProcess::start_logged(
+            &lab::host_ns(name, 1),
+            &[
+                "ft",
+                "primary",
+                "--vm",
+                "kvd",
+                "--shared",
+                &shared_s,
+                "--log-listen",
+                LOG_ADDR,
+                "--wasm",
+                &kvd,
+                "--datastore",
+                &data_s,
+                "--nic",
+                &nic,
+                "--listen",
+                "tcp:6379",
+            ],
+            Some(&shared.join("primary.log")),
+        )?;
+        let secondary = VmProcess::start_logged(
+            &lab::host_ns(name, 2),
+            &[
+                "ft",
+                "secondary",
+                "--vm",
+                "kvd",
+                "--shared",
+                &shared_s,
+                "--primary",
+                LOG_ADDR,
+                "--wasm",
+                &kvd,
+                "--datastore",
+                &data_s,
+                "--bridge",
+                "br-vm",
+            ],
+            Some(&shared.join("secondary.log")),
+        )?;
+        let ft = FtLab {
+            name: name.to_string(),
+            shared,
+            primary,
+            secondary,
+            _guard: guard,
+        };
+        ft.wait_protected()?;
+        Ok(ft)
+    }
+
+    pub fn status(&self) -> String {
+        std::fs::read_to_string(self.shared.join("kvd/status")).unwrap_or_default()
+    }
+
+    fn wait_protected(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.status().contains("protected=true")
+                && self.redis(&["PING"]).is_ok_and(|r| r == "+PONG")
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "kvd did not come up protected; primary log:\n{}\nsecondary log:\n{}",
+            std::fs::read_to_string(self.shared.join("primary.log")).unwrap_or_default(),
+            std::fs::read_to_string(self.shared.join("secondary.log")).unwrap_or_default()
+        )
+    }
+
+    pub fn client_ns(&self) -> String {
+        lab::ns(&self.name, "client")
+    }
+
+    pub fn addr() -> SocketAddr {
+        SocketAddr::from(([10, 77, 0, 10], 6379))
+    }
+
+    /// One command over a fresh connection from the client namespace.
+    pub fn redis(&self, args: &[&str]) -> Result<String> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        in_netns(&self.client_ns(), move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            Resp::connect(Self::addr(), Duration::from_secs(5))?.call(&refs)
+        })
+    }
+
+    /// Kill host1 and wait (bounded) until the secondary reports it went live.
+    pub fn kill_primary_host(&self) -> Result<Instant> {
+        let at = Instant::now();
+        lab::kill(&self.name, "host1")?;
+        let deadline = at + Duration::from_secs(10);
+        while !self.status().contains("role=live") {
+            if Instant::now() > deadline {
+                bail!(
+                    "the secondary did not go live within 10 s: {}",
+                    self.status()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(at)
+    }
+}
+
+pub struct Outcome {
+    pub report: CheckerReport,
+    pub final_value: i64,
+    pub benchmark_ok: bool,
+}
+
+impl Outcome {
+    pub fn lost(&self) -> i64 {
+        (self.report.last_value - self.final_value).max(0)
+    }
+
+    pub fn pass(&self) -> bool {
+        let r = &self.report;
+        self.lost() == 0
+            && r.resets == 0
+            && r.errors.is_empty()
+            && r.out_of_order == 0
+            && r.after_mark > 0
+            && self.benchmark_ok
+    }
+}
+
+pub fn run(a: &DemoArgs) -> Result<u8> {
+    say(&format!(
+        "setting up lab {}: two hosts, a switch, a client, shared storage",
+        a.name
+    ));
+    let ft = FtLab::start(&a.name, a.keep)?;
+    say(&format!(
+        "kvd is FT-protected: primary on host1, secondary on host2, logging channel {LOG_ADDR}"
+    ));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mark = Arc::new(AtomicBool::new(false));
+    let (s, m) = (stop.clone(), mark.clone());
+    let ns = ft.client_ns();
+    let checker = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            checker(FtLab::addr(), "demo:counter".into(), s, m)
+        })
+    });
+    say(
+        "load: redis-benchmark (SET and INCR, 20 clients, pipeline 8) and the checker (one connection, INCR after INCR)",
+    );
+    let bench = Command::new("timeout")
+        .args([
+            "60",
+            "ip",
+            "netns",
+            "exec",
+            &ft.client_ns(),
+            "redis-benchmark",
+            "-h",
+            VM_IP,
+            "-t",
+            "set,incr",
+            "-n",
+            "400000",
+            "-c",
+            "20",
+            "-P",
+            "8",
+            "-q",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting redis-benchmark (package redis-tools)")?;
+
+    std::thread::sleep(Duration::from_millis(1500));
+    say("killing host1: its links cut, every process on it SIGKILLed");
+    mark.store(true, Ordering::SeqCst);
+    let killed = ft.kill_primary_host()?;
+    say(&format!(
+        "the secondary on host2 went live {} ms after the kill",
+        killed.elapsed().as_millis()
+    ));
+    std::thread::sleep(Duration::from_millis(2500));
+    stop.store(true, Ordering::SeqCst);
+    let report = checker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the checker panicked"))??;
+    let out = bench
+        .wait_with_output()
+        .context("waiting for redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    for line in text.lines().filter(|l| l.contains("requests per second")) {
+        say(&format!("redis-benchmark: {}", line.trim()));
+    }
+    let final_value: i64 = ft.redis(&["GET", "demo:counter"])?.parse().unwrap_or(-1);
+    let outcome = Outcome {
+        report,
+        final_value,
+        benchmark_ok: out.status.success(),
+    };
+    let r = &outcome.report;
+    say(&format!(
+        "checker: {} INCRs acknowledged ({} after the kill), longest gap between replies {} ms, {} resets, {} errors",
+        r.acked,
+        r.after_mark,
+        r.max_gap_ms,
+        r.resets,
+        r.errors.len()
+    ));
+    say(&format!(
+        "counter read back after the failover: {final_value} (last acknowledged {})",
+        r.last_value
+    ));
+    say(&format!(
+        "status: {}",
+        ft.status().replace('\n', " ").trim()
+    ));
+    println!(
+        "verdict: {} lost={} resets={} gap_ms={}",
+        if outcome.pass() { "PASS" } else { "FAIL" },
+        outcome.lost(),
+        r.resets,
+        r.max_gap_ms
+    );
+    if a.keep {
+        say(&format!(
+            "lab {} left up: `tandem lab down --name {}` removes it",
+            a.name, a.name
+        ));
+    }
+    Ok(if outcome.pass() { 0 } else { 1 })
+}
