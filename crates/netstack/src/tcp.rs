@@ -551,12 +551,22 @@ impl Tcb {
 
     /// The VM just went live on another host: whatever the peer has not acknowledged may
     /// never have left the old host, so send it again now instead of at the next timeout.
+    ///
+    /// The peer may also have sent something the old host took but never logged: three
+    /// duplicate ACKs make it retransmit that at once (fast retransmit) rather than after
+    /// its backed-off timeout.
     pub fn kick(&mut self, now: u64, out: &mut impl Emit) {
         match self.state {
             State::SynReceived => self.send_syn_ack(out),
             State::Closed | State::TimeWait => {}
-            _ if self.snd_una != self.snd_max => self.retransmit_one(now, out),
-            _ => {}
+            _ => {
+                if self.snd_una != self.snd_max {
+                    self.retransmit_one(now, out);
+                }
+                for _ in 0..3 {
+                    out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+                }
+            }
         }
     }
 
