@@ -39,8 +39,9 @@ fn say(msg: &str) {
 pub struct FtLab {
     pub name: String,
     pub shared: PathBuf,
-    pub primary: VmProcess,
-    pub secondary: VmProcess,
+    /// The two copies: stopped when the lab is dropped.
+    _primary: VmProcess,
+    _secondary: VmProcess,
     _guard: Option<LabGuard>,
 }
 
@@ -100,8 +101,8 @@ impl FtLab {
         let ft = FtLab {
             name: name.to_string(),
             shared,
-            primary,
-            secondary,
+            _primary: primary,
+            _secondary: secondary,
             _guard: guard,
         };
         ft.wait_protected()?;

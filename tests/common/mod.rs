@@ -214,3 +214,14 @@ impl Drop for Lab {
             .output();
     }
 }
+
+impl Lab {
+    /// How VM process `i` exited, if it has.
+    pub fn exited(&mut self, i: usize) -> Option<i32> {
+        self.vms[i]
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1))
+    }
+}
