@@ -264,15 +264,6 @@ impl Drop for LabGuard {
 pub struct VmProcess(pub std::process::Child);
 
 impl VmProcess {
-    /// Whether the process has exited, and how.
-    pub fn exited(&mut self) -> Option<i32> {
-        self.0
-            .try_wait()
-            .ok()
-            .flatten()
-            .map(|s| s.code().unwrap_or(-1))
-    }
-
     /// Start `tandem ARGS` in namespace `host_ns`, its output to `out` (or nowhere).
     pub fn start(host_ns: &str, args: &[&str]) -> Result<Self> {
         Self::start_logged(host_ns, args, None)
