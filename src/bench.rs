@@ -5,6 +5,8 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -327,6 +329,66 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
     bail!("{what} never came up")
 }
 
+/// One redis-benchmark result row.
+#[derive(Clone, Debug)]
+struct BenchRow {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Run redis-benchmark from `client_ns` against `ip` with `args` (CSV output): one row per test.
+fn redis_benchmark(client_ns: &str, ip: &str, args: &[&str]) -> Result<Vec<BenchRow>> {
+    let out = Command::new("timeout")
+        .args([
+            "120",
+            "ip",
+            "netns",
+            "exec",
+            client_ns,
+            "redis-benchmark",
+            "-h",
+            ip,
+            "--csv",
+        ])
+        .args(args)
+        .output()
+        .context("running redis-benchmark (package redis-tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with('"'));
+    let header: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(|c| c.trim_matches('"').to_string())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (rps, p50, p99) = (col("rps"), col("p50_latency_ms"), col("p99_latency_ms"));
+    let rows: Vec<BenchRow> = lines
+        .filter_map(|l| {
+            let cells: Vec<f64> = l
+                .split(',')
+                .map(|c| c.trim_matches('"').parse().unwrap_or(f64::NAN))
+                .collect();
+            let get = |i: Option<usize>| i.and_then(|i| cells.get(i).copied()).unwrap_or(f64::NAN);
+            Some(BenchRow {
+                rps: get(rps),
+                p50_ms: get(p50),
+                p99_ms: get(p99),
+            })
+        })
+        .collect();
+    if rows.is_empty() || rows.iter().any(|r| !r.rps.is_finite()) {
+        bail!("unexpected redis-benchmark output: {text}");
+    }
+    Ok(rows)
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = xs.collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
 /// redis-benchmark against kvd in a fresh VM: the mean of its SET, GET and INCR rates.
 fn kvd_round(lab_name: &str, record: bool, requests: &str) -> Result<f64> {
     let work = tempfile::tempdir()?;
@@ -356,45 +418,22 @@ fn kvd_round(lab_name: &str, record: bool, requests: &str) -> Result<f64> {
     }
     let _vm = VmProcess::start(&crate::lab::host_ns(lab_name, 1), &args)?;
     let client = crate::lab::ns(lab_name, "client");
-    let redis = |args: &[&str]| {
-        Command::new("ip")
-            .args(["netns", "exec", &client])
-            .args(args)
-            .output()
-    };
-    wait_until("kvd", || {
-        redis(&["redis-cli", "-h", "10.77.0.21", "PING"])
-            .is_ok_and(|o| o.stdout.starts_with(b"PONG"))
-    })?;
-    let out = redis(&[
-        "redis-benchmark",
-        "-h",
+    wait_for_kvd(&client, "10.77.0.21")?;
+    let rows = redis_benchmark(
+        &client,
         "10.77.0.21",
-        "-t",
-        "set,get,incr",
-        "-n",
-        requests,
-        "-c",
-        "20",
-        "-P",
-        "8",
-        "--csv",
-    ])
-    .context("running redis-benchmark (package redis-tools)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rates: Vec<f64> = text
-        .lines()
-        .filter(|l| {
-            ["\"SET\"", "\"GET\"", "\"INCR\""]
-                .iter()
-                .any(|t| l.starts_with(t))
-        })
-        .filter_map(|l| l.split(',').nth(1)?.trim_matches('"').parse().ok())
-        .collect();
-    if rates.len() != 3 {
-        bail!("unexpected redis-benchmark output: {text}");
-    }
-    Ok(rates.iter().sum::<f64>() / 3.0)
+        &["-t", "set,get,incr", "-n", requests, "-c", "20", "-P", "8"],
+    )?;
+    Ok(mean(rows.iter().map(|r| r.rps)))
+}
+
+fn wait_for_kvd(client_ns: &str, ip: &str) -> Result<()> {
+    wait_until("kvd", || {
+        Command::new("ip")
+            .args(["netns", "exec", client_ns, "redis-cli", "-h", ip, "PING"])
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"PONG"))
+    })
 }
 
 fn net_rows(quick: bool, rounds: u32) -> Result<NetBench> {
@@ -450,4 +489,278 @@ fn net_rows(quick: bool, rounds: u32) -> Result<NetBench> {
         kvd_ops_per_s_recorded: ops_rec,
         kvd_record_ratio: ops_rec / ops,
     })
+}
+
+#[derive(clap::Args)]
+pub struct FtBenchArgs {
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// A small, fast run: for smoke tests, not for figures.
+    #[arg(long)]
+    quick: bool,
+    /// Throughput and latency rounds per side (default 3, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Primary host kills for the failover gap (default 5, 1 with --quick).
+    #[arg(long)]
+    kills: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct FtBench {
+    /// kvd throughput under FT ÷ unprotected (goal ≥ 0.8).
+    throughput_ratio: f64,
+    ops_unprotected: f64,
+    ops_ft: f64,
+    /// Request latency FT minus unprotected, one client, no pipelining (goals ≤ 1 / ≤ 5 ms).
+    latency_added_p50_ms: f64,
+    latency_added_p99_ms: f64,
+    p50_unprotected_ms: f64,
+    p50_ft_ms: f64,
+    p99_unprotected_ms: f64,
+    p99_ft_ms: f64,
+    /// The longest client-visible silence across a primary host kill (goal ≤ 500 ms).
+    failover_gap_ms_median: f64,
+    failover_gaps_ms: Vec<u64>,
+    failover_lost: i64,
+    failover_resets: u64,
+    /// Logging channel bandwidth measured during the FT throughput run, next to the
+    /// sizing formula (disk reads MB/s × 8 + network input Mbit/s) × 1.2 for that run.
+    logging_mbps: f64,
+    formula_mbps: f64,
+    disk_read_mbps: f64,
+    net_in_mbps: f64,
+    rounds: u32,
+}
+
+fn status_counter(status: &str, key: &str) -> f64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+pub fn ft(args: &FtBenchArgs) -> Result<u8> {
+    use crate::demo::{FtLab, VM_IP};
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let kills = args.kills.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
+    let requests = if args.quick { "20000" } else { "100000" };
+    let lat_requests = if args.quick { "2000" } else { "10000" };
+    let pid = std::process::id() % 100_000;
+    let (plain_lab, ft_lab) = (format!("bfp{pid}"), format!("bff{pid}"));
+    crate::lab::up(&plain_lab, 1)?;
+    let _plain_guard = LabGuard(plain_lab.clone());
+    let kvd = guests::file("kvd.wasm")?.display().to_string();
+
+    let mut plain = Vec::new();
+    let mut ft_rows = Vec::new();
+    let mut logging = (0.0, 0.0, 0.0);
+    for round in 0..rounds {
+        progress(
+            args.json,
+            &format!("round {}/{rounds}: kvd unprotected", round + 1),
+        );
+        {
+            let work = tempfile::tempdir()?;
+            let ds = work.path().display().to_string();
+            let _vm = VmProcess::start(
+                &crate::lab::host_ns(&plain_lab, 1),
+                &[
+                    "vm",
+                    "run",
+                    "--wasm",
+                    &kvd,
+                    "--datastore",
+                    &ds,
+                    "--nic",
+                    &format!("bridge=br-vm,mac=02:00:00:00:00:10,ip={VM_IP}/24"),
+                    "--listen",
+                    "tcp:6379",
+                ],
+            )?;
+            let client = crate::lab::ns(&plain_lab, "client");
+            wait_for_kvd(&client, VM_IP)?;
+            let t = redis_benchmark(
+                &client,
+                VM_IP,
+                &["-t", "set,get,incr", "-n", requests, "-c", "20", "-P", "8"],
+            )?;
+            let l = redis_benchmark(
+                &client,
+                VM_IP,
+                &["-t", "set,get", "-n", lat_requests, "-c", "1"],
+            )?;
+            plain.push((t, l));
+        }
+        progress(
+            args.json,
+            &format!(
+                "round {}/{rounds}: kvd under FT (primary host1, secondary host2)",
+                round + 1
+            ),
+        );
+        {
+            let lab = FtLab::start(&ft_lab, false)?;
+            let client = lab.client_ns();
+            let before = lab.status();
+            let start = Instant::now();
+            let t = redis_benchmark(
+                &client,
+                VM_IP,
+                &["-t", "set,get,incr", "-n", requests, "-c", "20", "-P", "8"],
+            )?;
+            let took = start.elapsed().as_secs_f64();
+            // Let the status catch up with the last batches before reading the counters.
+            std::thread::sleep(Duration::from_millis(400));
+            let after = lab.status();
+            let delta = |k: &str| (status_counter(&after, k) - status_counter(&before, k)).max(0.0);
+            logging = (
+                delta("log_bytes") * 8.0 / took / 1e6,
+                delta("disk_read_bytes") / took / 1e6,
+                delta("net_in_bytes") * 8.0 / took / 1e6,
+            );
+            let l = redis_benchmark(
+                &client,
+                VM_IP,
+                &["-t", "set,get", "-n", lat_requests, "-c", "1"],
+            )?;
+            ft_rows.push((t, l));
+        }
+    }
+    let ops = |v: &[(Vec<BenchRow>, Vec<BenchRow>)]| {
+        mean(v.iter().map(|(t, _)| mean(t.iter().map(|r| r.rps))))
+    };
+    let p = |v: &[(Vec<BenchRow>, Vec<BenchRow>)], f: fn(&BenchRow) -> f64| {
+        mean(v.iter().map(|(_, l)| mean(l.iter().map(f))))
+    };
+
+    let mut gaps = Vec::new();
+    let (mut lost, mut resets) = (0i64, 0u64);
+    for k in 0..kills {
+        progress(
+            args.json,
+            &format!(
+                "failover {}/{kills}: killing the primary's host under the checker",
+                k + 1
+            ),
+        );
+        let lab = FtLab::start(&ft_lab, false)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mark = Arc::new(AtomicBool::new(false));
+        let (st, mk) = (stop.clone(), mark.clone());
+        let ns = lab.client_ns();
+        let checker = std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                crate::client::checker(FtLab::addr(), "bench:counter".into(), st, mk)
+            })
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        mark.store(true, Ordering::SeqCst);
+        lab.kill_primary_host()?;
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::SeqCst);
+        let rep = checker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the checker panicked"))??;
+        let final_value: i64 = lab.redis(&["GET", "bench:counter"])?.parse().unwrap_or(-1);
+        lost += (rep.last_value - final_value).max(0);
+        resets += rep.resets;
+        gaps.push(rep.max_gap_ms);
+    }
+    let mut sorted = gaps.clone();
+    sorted.sort_unstable();
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2] as f64
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) as f64 / 2.0
+    };
+    let (ops_plain, ops_ft) = (ops(&plain), ops(&ft_rows));
+    let r = FtBench {
+        throughput_ratio: ops_ft / ops_plain,
+        ops_unprotected: ops_plain,
+        ops_ft,
+        latency_added_p50_ms: p(&ft_rows, |r| r.p50_ms) - p(&plain, |r| r.p50_ms),
+        latency_added_p99_ms: p(&ft_rows, |r| r.p99_ms) - p(&plain, |r| r.p99_ms),
+        p50_unprotected_ms: p(&plain, |r| r.p50_ms),
+        p50_ft_ms: p(&ft_rows, |r| r.p50_ms),
+        p99_unprotected_ms: p(&plain, |r| r.p99_ms),
+        p99_ft_ms: p(&ft_rows, |r| r.p99_ms),
+        failover_gap_ms_median: median,
+        failover_gaps_ms: gaps,
+        failover_lost: lost,
+        failover_resets: resets,
+        logging_mbps: logging.0,
+        formula_mbps: (logging.1 * 8.0 + logging.2) * 1.2,
+        disk_read_mbps: logging.1,
+        net_in_mbps: logging.2,
+        rounds,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "tandem bench ft  ({rounds} rounds per side alternated, {kills} primary host kills)"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>10} {:>8}",
+            "measure", "unprotected", "FT", "result", "goal"
+        );
+        println!(
+            "{:<40} {:>10.0}/s {:>10.0}/s {:>10.3} {:>8}",
+            "throughput_ratio (FT ÷ unprotected)",
+            r.ops_unprotected,
+            r.ops_ft,
+            r.throughput_ratio,
+            "≥0.8"
+        );
+        println!(
+            "{:<40} {:>10.3}ms {:>10.3}ms {:>8.3}ms {:>8}",
+            "latency_added_p50_ms",
+            r.p50_unprotected_ms,
+            r.p50_ft_ms,
+            r.latency_added_p50_ms,
+            "≤1ms"
+        );
+        println!(
+            "{:<40} {:>10.3}ms {:>10.3}ms {:>8.3}ms {:>8}",
+            "latency_added_p99_ms",
+            r.p99_unprotected_ms,
+            r.p99_ft_ms,
+            r.latency_added_p99_ms,
+            "≤5ms"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>8.0}ms {:>8}",
+            "failover_gap_ms_median",
+            "-",
+            format!("{:?}", r.failover_gaps_ms),
+            r.failover_gap_ms_median,
+            "≤500ms"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>10}",
+            "failover lost / resets",
+            "-",
+            "-",
+            format!("{} / {}", r.failover_lost, r.failover_resets)
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>8.1}Mb {:>8}",
+            "logging_mbps (measured)", "-", "-", r.logging_mbps, "-"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>8.1}Mb {:>8}",
+            format!(
+                "formula_mbps ({:.2} MB/s×8 + {:.1} Mb/s)×1.2",
+                r.disk_read_mbps, r.net_in_mbps
+            ),
+            "-",
+            "-",
+            r.formula_mbps,
+            "-"
+        );
+    }
+    Ok(0)
 }

@@ -183,8 +183,10 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// The VM: recording overhead and wasm speed against native code.
+    /// The VM: recording overhead, wasm against native code, the network stack, kvd.
     Vm(bench::VmBenchArgs),
+    /// Fault tolerance: FT against unprotected kvd, failover gap, logging bandwidth.
+    Ft(bench::FtBenchArgs),
 }
 
 /// A failure with its exit code.
@@ -259,6 +261,7 @@ fn main() -> ExitCode {
             datastore,
         }) => vm_replay(&log, &wasm, datastore.as_deref()),
         Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
+        Command::Bench(BenchCommand::Ft(a)) => bench::ft(&a).map_err(Failure::from),
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
         Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),

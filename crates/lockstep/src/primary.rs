@@ -42,11 +42,19 @@ struct State {
     halted: Option<String>,
     held: VecDeque<(u64, Held)>,
     frames_sent_while_held: u64,
+    /// Bytes sent on logging channels, and the input bytes the events carried.
+    log_bytes: u64,
+    disk_read_bytes: u64,
+    net_in_bytes: u64,
 }
 
 struct Shared {
     state: Mutex<State>,
-    cv: Condvar,
+    /// New events (or the end) for the sender.
+    events: Condvar,
+    /// Acknowledgements and changes of protection: the releaser, the disk gate and the
+    /// lag bound wait on these.
+    acks: Condvar,
     config: FtConfig,
     key: [u8; 32],
     dir: VmDir,
@@ -78,6 +86,9 @@ impl Shared {
             ("generation", st.generation.to_string()),
             ("events", st.history.len().to_string()),
             ("acked", st.acked.to_string()),
+            ("log_bytes", st.log_bytes.to_string()),
+            ("disk_read_bytes", st.disk_read_bytes.to_string()),
+            ("net_in_bytes", st.net_in_bytes.to_string()),
         ]);
     }
 
@@ -117,7 +128,8 @@ impl Shared {
             machine::request_stop();
         }
         self.status(&st);
-        self.cv.notify_all();
+        self.events.notify_all();
+        self.acks.notify_all();
     }
 }
 
@@ -163,8 +175,12 @@ impl Primary {
                 halted: None,
                 held: VecDeque::new(),
                 frames_sent_while_held: 0,
+                log_bytes: 0,
+                disk_read_bytes: 0,
+                net_in_bytes: 0,
             }),
-            cv: Condvar::new(),
+            events: Condvar::new(),
+            acks: Condvar::new(),
             config,
             key,
             dir,
@@ -215,7 +231,7 @@ impl Primary {
         {
             st = self
                 .shared
-                .cv
+                .acks
                 .wait_timeout(st, self.shared.config.heartbeat)
                 .map(|r| r.0)
                 .unwrap_or_else(|p| p.into_inner().0);
@@ -240,14 +256,24 @@ impl EventSink for PrimarySink {
         if let Some(why) = &st.halted {
             return Err(LogError::Source(format!("halted: {why}")));
         }
+        use machine::event::{Kind, Outcome};
+        match (&event.kind, &event.outcome) {
+            (Kind::FdRead | Kind::FdPread, Outcome::Data(d)) => {
+                st.disk_read_bytes += d.len() as u64
+            }
+            (_, Outcome::Net { frames, .. }) => {
+                st.net_in_bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>()
+            }
+            _ => {}
+        }
         st.history.push(event.clone());
-        s.cv.notify_all();
+        s.events.notify_all();
         // Bounded lag: a secondary that trails too far slows the primary down.
         while st.attached.is_some()
             && st.halted.is_none()
             && st.history.len() as u64 > st.executed + s.config.max_lag_events
         {
-            st = s.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         Ok(())
     }
@@ -255,7 +281,7 @@ impl EventSink for PrimarySink {
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError> {
         let mut st = self.0.lock();
         st.end = Some(end.clone());
-        self.0.cv.notify_all();
+        self.0.events.notify_all();
         Ok(())
     }
 }
@@ -276,7 +302,10 @@ impl GatedPort {
             return;
         }
         st.held.push_back((position, out));
-        s.cv.notify_all();
+        // The releaser waits for acknowledgements; wake it only if this one is due.
+        if position <= st.acked {
+            s.acks.notify_all();
+        }
     }
 }
 
@@ -314,7 +343,7 @@ impl OutputPort for GatedPort {
             if st.attached.is_none() || st.acked >= position {
                 return Ok(());
             }
-            st = s.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -329,7 +358,7 @@ fn release(s: Arc<Shared>) {
             })
         };
         while !ready(&st) {
-            st = s.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         let mut batch = Vec::new();
         while ready(&st) {
@@ -430,7 +459,13 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
         .map_err(io_err("send Hello"))?;
     let mut sent = 0usize;
     let mut end_sent = false;
+    let mut status_at = Instant::now();
     loop {
+        if status_at.elapsed() > std::time::Duration::from_millis(250) {
+            // Keep the counters in the status current for operators and benchmarks.
+            s.status(&s.lock());
+            status_at = Instant::now();
+        }
         let (batch, end) = {
             let mut st = s.lock();
             let deadline = Instant::now() + s.config.heartbeat;
@@ -442,10 +477,11 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 if left.is_zero() {
                     break;
                 }
-                st =
-                    s.cv.wait_timeout(st, left)
-                        .map(|r| r.0)
-                        .unwrap_or_else(|p| p.into_inner().0);
+                st = s
+                    .events
+                    .wait_timeout(st, left)
+                    .map(|r| r.0)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
             if st.attached != Some(conn) {
                 return Ok(());
@@ -461,7 +497,10 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
         };
         if !batch.is_empty() {
             sent += batch.len();
-            w.send(KIND_MSG, &encode(&ToSecondary::Events(batch)))
+            let payload = encode(&ToSecondary::Events(batch));
+            // Frame overhead: 16 bytes of header, 4 of CRC, 16 of MAC.
+            s.lock().log_bytes += payload.len() as u64 + 36;
+            w.send(KIND_MSG, &payload)
                 .map_err(io_err("stream events"))?;
         } else if end.is_none() {
             w.send(KIND_MSG, &encode(&ToSecondary::Heartbeat))
@@ -504,7 +543,7 @@ fn receive_from(
                     tracing::info!("secondary {host} caught up at event {executed}: VM PROTECTED");
                     s.status(&st);
                 }
-                s.cv.notify_all();
+                s.acks.notify_all();
             }
             ToPrimary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
         }
