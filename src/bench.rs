@@ -365,17 +365,17 @@ fn redis_benchmark(client_ns: &str, ip: &str, args: &[&str]) -> Result<Vec<Bench
     let col = |name: &str| header.iter().position(|h| h == name);
     let (rps, p50, p99) = (col("rps"), col("p50_latency_ms"), col("p99_latency_ms"));
     let rows: Vec<BenchRow> = lines
-        .filter_map(|l| {
+        .map(|l| {
             let cells: Vec<f64> = l
                 .split(',')
                 .map(|c| c.trim_matches('"').parse().unwrap_or(f64::NAN))
                 .collect();
             let get = |i: Option<usize>| i.and_then(|i| cells.get(i).copied()).unwrap_or(f64::NAN);
-            Some(BenchRow {
+            BenchRow {
                 rps: get(rps),
                 p50_ms: get(p50),
                 p99_ms: get(p99),
-            })
+            }
         })
         .collect();
     if rows.is_empty() || rows.iter().any(|r| !r.rps.is_finite()) {

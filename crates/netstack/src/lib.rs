@@ -330,56 +330,53 @@ impl NetStack {
                 if was == State::SynReceived
                     && conn.tcb.state != State::SynReceived
                     && conn.tcb.state != State::Closed
+                    && let Some(l) = listeners.get_mut(&seg.dst_port)
                 {
-                    if let Some(l) = listeners.get_mut(&seg.dst_port) {
-                        l.ready.push_back(id);
-                        conn.queued = true;
-                        out.stats.tcp_accepted += 1;
-                    }
+                    l.ready.push_back(id);
+                    conn.queued = true;
+                    out.stats.tcp_accepted += 1;
                 }
             }
             self.collect();
             return;
         }
         let is_syn = seg.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
-        if is_syn {
-            if let Some(l) = self.state.listeners.get(&seg.dst_port) {
-                let pending = self
-                    .state
-                    .conns
-                    .values()
-                    .filter(|c| {
-                        c.tcb.local_port == seg.dst_port
-                            && (c.queued || c.tcb.state == State::SynReceived)
-                    })
-                    .count();
-                if pending >= l.backlog {
-                    self.state.stats.tcp_syn_dropped += 1;
-                    return;
-                }
-                let iss = self.isn(now, key);
-                let id = self.state.next_conn;
-                self.state.next_conn += 1;
-                let tcb = Tcb::from_syn(
-                    seg.dst_port,
-                    src_ip,
-                    src_mac,
-                    seg,
-                    iss,
-                    now,
-                    &mut self.emitter(),
-                );
-                self.state.conns.insert(
-                    id,
-                    Conn {
-                        tcb,
-                        accepted: false,
-                        queued: false,
-                    },
-                );
-                self.state.by_tuple.insert(key, id);
+        if is_syn && let Some(l) = self.state.listeners.get(&seg.dst_port) {
+            let pending = self
+                .state
+                .conns
+                .values()
+                .filter(|c| {
+                    c.tcb.local_port == seg.dst_port
+                        && (c.queued || c.tcb.state == State::SynReceived)
+                })
+                .count();
+            if pending >= l.backlog {
+                self.state.stats.tcp_syn_dropped += 1;
                 return;
             }
+            let iss = self.isn(now, key);
+            let id = self.state.next_conn;
+            self.state.next_conn += 1;
+            let tcb = Tcb::from_syn(
+                seg.dst_port,
+                src_ip,
+                src_mac,
+                seg,
+                iss,
+                now,
+                &mut self.emitter(),
+            );
+            self.state.conns.insert(
+                id,
+                Conn {
+                    tcb,
+                    accepted: false,
+                    queued: false,
+                },
+            );
+            self.state.by_tuple.insert(key, id);
+            return;
         }
         if seg.flags & TCP_RST == 0 {
             self.reset_unknown(src_ip, src_mac, seg);

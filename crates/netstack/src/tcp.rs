@@ -298,11 +298,11 @@ impl Tcb {
             if lt(self.snd_nxt, ack) {
                 self.snd_nxt = ack;
             }
-            if let Some((probe, sent)) = self.rtt_probe {
-                if le(probe, ack) {
-                    self.rtt_sample(now.saturating_sub(sent));
-                    self.rtt_probe = None;
-                }
+            if let Some((probe, sent)) = self.rtt_probe
+                && le(probe, ack)
+            {
+                self.rtt_sample(now.saturating_sub(sent));
+                self.rtt_probe = None;
             }
             self.retries = 0;
             self.rto_deadline = (self.snd_una != self.snd_max).then_some(now + self.rto);
