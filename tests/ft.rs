@@ -25,6 +25,16 @@ struct Ft {
 
 impl Ft {
     fn start(tag: &str) -> Ft {
+        let mut ft = Ft::start_primary(tag);
+        ft.start_secondary();
+        ft.lab
+            .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        ft.wait_status("protected=true", Duration::from_secs(10));
+        ft
+    }
+
+    /// Only the primary: an unprotected VM, FT to be enabled later.
+    fn start_primary(tag: &str) -> Ft {
         let mut lab = Lab::up(tag, 2);
         let shared = std::path::PathBuf::from(format!("/tmp/{}-shared", lab.name));
         let data = shared.join("kvd/data");
@@ -52,7 +62,22 @@ impl Ft {
             ],
             &shared.join("primary.out"),
         );
-        let secondary = lab.start_vm(
+        let ft = Ft {
+            lab,
+            shared,
+            primary,
+            secondary: usize::MAX,
+        };
+        ft.lab
+            .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        ft
+    }
+
+    /// Enable FT: a secondary on host2 catches up from the primary's log, then follows.
+    fn start_secondary(&mut self) {
+        let kvd = guest("kvd.wasm");
+        let data = self.shared.join("kvd/data");
+        self.secondary = self.lab.start_vm(
             2,
             &[
                 "ft",
@@ -60,7 +85,7 @@ impl Ft {
                 "--vm",
                 "kvd",
                 "--shared",
-                s(&shared),
+                s(&self.shared),
                 "--primary",
                 LOG_ADDR,
                 "--wasm",
@@ -70,18 +95,8 @@ impl Ft {
                 "--bridge",
                 "br-vm",
             ],
-            &shared.join("secondary.out"),
+            &self.shared.join("secondary.out"),
         );
-        let ft = Ft {
-            lab,
-            shared,
-            primary,
-            secondary,
-        };
-        ft.lab
-            .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
-        ft.wait_status("protected=true", Duration::from_secs(10));
-        ft
     }
 
     fn status(&self) -> String {
@@ -383,4 +398,63 @@ fn garbage_truncated_and_forged_frames_on_the_logging_port_are_refused() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn enabling_ft_on_a_running_vm_catches_up_and_protects_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_primary("fe");
+    // A VM with a past: 20000 writes before any secondary exists.
+    let bench = ft.lab.client(
+        "redis-benchmark",
+        &[
+            "-h",
+            "10.77.0.10",
+            "-t",
+            "incr",
+            "-n",
+            "20000",
+            "-c",
+            "10",
+            "-P",
+            "8",
+            "-q",
+        ],
+    );
+    assert_eq!(bench.code, 0, "{}", bench.stderr);
+    assert_eq!(ft.cli(&["SET", "before", "enable"]), "OK");
+    assert!(ft.status().contains("protected=false"), "{}", ft.status());
+    ft.start_secondary();
+    ft.wait_status("protected=true", Duration::from_secs(15));
+    assert!(
+        ft.log("primary").contains("VM PROTECTED"),
+        "{}",
+        ft.log("primary")
+    );
+    assert_eq!(ft.cli(&["INCR", "counter:__rand_int__"]), "20001");
+    // The caught-up secondary holds everything: it takes over with the whole history.
+    assert_eq!(
+        tandem(&["lab", "kill", "--name", &ft.lab.name, "host1"]).code,
+        0
+    );
+    ft.wait_status("role=live", Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = ft.lab.client(
+            "redis-cli",
+            &["-h", "10.77.0.10", "GET", "counter:__rand_int__"],
+        );
+        if r.stdout.trim() == "20001" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after failover: {}{}",
+            r.stdout,
+            r.stderr
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ft.cli(&["GET", "before"]), "enable");
+    assert!(ft.running(ft.secondary));
 }
