@@ -505,6 +505,9 @@ pub struct FtBenchArgs {
     /// Primary host kills for the failover gap (default 5, 1 with --quick).
     #[arg(long)]
     kills: Option<u32>,
+    /// The failure timeout of the FT pair (the design's default: 300 ms).
+    #[arg(long, default_value_t = 300)]
+    timeout_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -602,7 +605,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             ),
         );
         {
-            let lab = FtLab::start(&ft_lab, false)?;
+            let lab = FtLab::start(&ft_lab, false, args.timeout_ms)?;
             let client = lab.client_ns();
             let before = lab.status();
             let start = Instant::now();
@@ -646,7 +649,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
                 k + 1
             ),
         );
-        let lab = FtLab::start(&ft_lab, false)?;
+        let lab = FtLab::start(&ft_lab, false, args.timeout_ms)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mark = Arc::new(AtomicBool::new(false));
         let (st, mk) = (stop.clone(), mark.clone());

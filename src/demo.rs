@@ -46,7 +46,9 @@ pub struct FtLab {
 }
 
 impl FtLab {
-    pub fn start(name: &str, keep: bool) -> Result<FtLab> {
+    /// `timeout_ms`: the failure timeout both copies use (the design's default is 300).
+    pub fn start(name: &str, keep: bool, timeout_ms: u64) -> Result<FtLab> {
+        let timeout = timeout_ms.to_string();
         lab::down(name);
         lab::up(name, 2)?;
         let guard = (!keep).then(|| LabGuard(name.to_string()));
@@ -65,6 +67,8 @@ impl FtLab {
                 "kvd",
                 "--shared",
                 &shared_s,
+                "--timeout-ms",
+                &timeout,
                 "--log-listen",
                 LOG_ADDR,
                 "--wasm",
@@ -87,6 +91,8 @@ impl FtLab {
                 "kvd",
                 "--shared",
                 &shared_s,
+                "--timeout-ms",
+                &timeout,
                 "--primary",
                 LOG_ADDR,
                 "--wasm",
@@ -192,7 +198,7 @@ pub fn run(a: &DemoArgs) -> Result<u8> {
         "setting up lab {}: two hosts, a switch, a client, shared storage",
         a.name
     ));
-    let ft = FtLab::start(&a.name, a.keep)?;
+    let ft = FtLab::start(&a.name, a.keep, 300)?;
     say(&format!(
         "kvd is FT-protected: primary on host1, secondary on host2, logging channel {LOG_ADDR}"
     ));

@@ -69,6 +69,28 @@ struct FtArgs {
     /// The shared storage folder both hosts reach.
     #[arg(long, value_name = "DIR")]
     shared: PathBuf,
+    /// Heartbeat interval on the logging channel.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    heartbeat_ms: u64,
+    /// Silence for this long is a suspected failure (then arbitration decides).
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    timeout_ms: u64,
+}
+
+impl FtArgs {
+    fn config(&self) -> Result<lockstep::FtConfig, Failure> {
+        if self.heartbeat_ms == 0 || self.timeout_ms < 2 * self.heartbeat_ms {
+            return Err(bad(format!(
+                "--timeout-ms {} must be at least twice --heartbeat-ms {} (and the heartbeat above 0)",
+                self.timeout_ms, self.heartbeat_ms
+            )));
+        }
+        Ok(lockstep::FtConfig {
+            heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            ..lockstep::FtConfig::default()
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -488,6 +510,7 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
             "--record does not combine with FT: the secondary holds the log".into(),
         ));
     }
+    let config = a.ft.config()?;
     let Prepared { machine, spec, nic } = prepare(&a.run)?;
     let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
     let tap = machine::nic_tap(&spec, nic.as_ref().map(|n| n.bridge.as_str()))?;
@@ -497,7 +520,7 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         machine.log_header(&spec),
         tap.clone(),
         true,
-        lockstep::FtConfig::default(),
+        config,
     )
     .map_err(|e| bad(e.to_string()))?;
     let host = machine::live_host(&spec, a.run.datastore.as_deref(), tap)?;
@@ -519,12 +542,13 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
 /// Run a VM as an FT secondary: replay the primary's events; go live if it is lost.
 fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
     check_datastore(a.datastore.as_deref())?;
+    let config = a.ft.config()?;
     let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
     let secondary = lockstep::secondary::Secondary::connect(
         dir,
         &a.primary,
         std::time::Duration::from_secs(a.wait_secs),
-        lockstep::FtConfig::default(),
+        config,
     )
     .map_err(|e| bad(e.to_string()))?;
     let machine = Machine::load(&a.wasm)?;
