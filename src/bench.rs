@@ -5,8 +5,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -20,16 +18,30 @@ use crate::guests;
 use crate::lab::{LabGuard, VmProcess};
 
 #[derive(clap::Args)]
-pub struct VmBenchArgs {
+pub struct BenchFlags {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
     /// A small, fast run (fewer rounds, less work): for smoke tests, not for figures.
     #[arg(long)]
     quick: bool,
-    /// Rounds per side (default 5, or 2 with --quick).
+    /// Rounds per side (default: 5 for vm, 3 for ft; fewer with --quick).
     #[arg(long)]
     rounds: Option<u32>,
+}
+
+impl BenchFlags {
+    fn rounds(&self, full: u32, quick: u32) -> u32 {
+        self.rounds
+            .unwrap_or(if self.quick { quick } else { full })
+            .max(1)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct VmBenchArgs {
+    #[command(flatten)]
+    flags: BenchFlags,
 }
 
 #[derive(Serialize)]
@@ -76,8 +88,8 @@ fn progress(json: bool, msg: &str) {
 }
 
 pub fn vm(args: &VmBenchArgs) -> Result<u8> {
-    let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 5 }).max(1);
-    let (io_rounds, cpu_scale) = if args.quick {
+    let rounds = args.flags.rounds(5, 2);
+    let (io_rounds, cpu_scale) = if args.flags.quick {
         ("2000", "1")
     } else {
         ("40000", "40")
@@ -85,7 +97,7 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
     let work = tempfile::tempdir().context("creating a scratch folder")?;
 
     progress(
-        args.json,
+        args.flags.json,
         "file- and clock-heavy guest: unrecorded vs recorded",
     );
     let io = Machine::load(&guests::file("bench_io.wasm")?)?;
@@ -126,7 +138,10 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
     )?;
     let io_log_bytes = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
 
-    progress(args.json, "CPU-bound guest: wasm under Tandem vs native");
+    progress(
+        args.flags.json,
+        "CPU-bound guest: wasm under Tandem vs native",
+    );
     let cpu = Machine::load(&guests::file("bench_cpu.wasm")?)?;
     let native = guests::file("bench_cpu.native")?;
     let cpu_spec = GuestSpec {
@@ -153,10 +168,10 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
     )?;
 
     progress(
-        args.json,
+        args.flags.json,
         "network: bulk TCP into a VM vs host loopback; kvd under redis-benchmark",
     );
-    let (net, net_skipped) = match net_rows(args.quick, rounds) {
+    let (net, net_skipped) = match net_rows(args.flags.quick, rounds) {
         Ok(n) => (Some(n), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
@@ -173,7 +188,7 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         cpu_native_s: secs(cpu_native),
         rounds,
     };
-    if args.json {
+    if args.flags.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         print_vm_table(&result);
@@ -493,15 +508,8 @@ fn net_rows(quick: bool, rounds: u32) -> Result<NetBench> {
 
 #[derive(clap::Args)]
 pub struct FtBenchArgs {
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// A small, fast run: for smoke tests, not for figures.
-    #[arg(long)]
-    quick: bool,
-    /// Throughput and latency rounds per side (default 3, 1 with --quick).
-    #[arg(long)]
-    rounds: Option<u32>,
+    #[command(flatten)]
+    flags: BenchFlags,
     /// Primary host kills for the failover gap (default 5, 1 with --quick).
     #[arg(long)]
     kills: Option<u32>,
@@ -547,10 +555,13 @@ fn status_counter(status: &str, key: &str) -> f64 {
 
 pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     use crate::demo::{FtLab, VM_IP};
-    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
-    let kills = args.kills.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
-    let requests = if args.quick { "20000" } else { "100000" };
-    let lat_requests = if args.quick { "2000" } else { "10000" };
+    let rounds = args.flags.rounds(3, 1);
+    let kills = args
+        .kills
+        .unwrap_or(if args.flags.quick { 1 } else { 5 })
+        .max(1);
+    let requests = if args.flags.quick { "20000" } else { "100000" };
+    let lat_requests = if args.flags.quick { "2000" } else { "10000" };
     let pid = std::process::id() % 100_000;
     let (plain_lab, ft_lab) = (format!("bfp{pid}"), format!("bff{pid}"));
     crate::lab::up(&plain_lab, 1)?;
@@ -562,7 +573,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let mut logging = (0.0, 0.0, 0.0);
     for round in 0..rounds {
         progress(
-            args.json,
+            args.flags.json,
             &format!("round {}/{rounds}: kvd unprotected", round + 1),
         );
         {
@@ -598,7 +609,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             plain.push((t, l));
         }
         progress(
-            args.json,
+            args.flags.json,
             &format!(
                 "round {}/{rounds}: kvd under FT (primary host1, secondary host2)",
                 round + 1
@@ -643,30 +654,19 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let (mut lost, mut resets) = (0i64, 0u64);
     for k in 0..kills {
         progress(
-            args.json,
+            args.flags.json,
             &format!(
                 "failover {}/{kills}: killing the primary's host under the checker",
                 k + 1
             ),
         );
         let lab = FtLab::start(&ft_lab, false, args.timeout_ms)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mark = Arc::new(AtomicBool::new(false));
-        let (st, mk) = (stop.clone(), mark.clone());
-        let ns = lab.client_ns();
-        let checker = std::thread::spawn(move || {
-            in_netns(&ns, move || {
-                crate::client::checker(FtLab::addr(), "bench:counter".into(), st, mk)
-            })
-        });
+        let checker = lab.start_checker("bench:counter");
         std::thread::sleep(Duration::from_millis(800));
-        mark.store(true, Ordering::SeqCst);
+        checker.mark();
         lab.kill_primary_host()?;
         std::thread::sleep(Duration::from_millis(1500));
-        stop.store(true, Ordering::SeqCst);
-        let rep = checker
-            .join()
-            .map_err(|_| anyhow::anyhow!("the checker panicked"))??;
+        let rep = checker.finish()?;
         let final_value: i64 = lab.redis(&["GET", "bench:counter"])?.parse().unwrap_or(-1);
         lost += (rep.last_value - final_value).max(0);
         resets += rep.resets;
@@ -700,7 +700,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         net_in_mbps: logging.2,
         rounds,
     };
-    if args.json {
+    if args.flags.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(

@@ -153,6 +153,21 @@ impl FtLab {
         })
     }
 
+    /// Start the checker on `key` from the client namespace.
+    pub fn start_checker(&self, key: &str) -> RunningChecker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mark = Arc::new(AtomicBool::new(false));
+        let (s, m, key, ns) = (
+            stop.clone(),
+            mark.clone(),
+            key.to_string(),
+            self.client_ns(),
+        );
+        let handle =
+            std::thread::spawn(move || in_netns(&ns, move || checker(FtLab::addr(), key, s, m)));
+        RunningChecker { stop, mark, handle }
+    }
+
     /// Kill host1 and wait (bounded) until the secondary reports it went live.
     pub fn kill_primary_host(&self) -> Result<Instant> {
         let at = Instant::now();
@@ -168,6 +183,27 @@ impl FtLab {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(at)
+    }
+}
+
+/// A checker running on its own thread.
+pub struct RunningChecker {
+    stop: Arc<AtomicBool>,
+    mark: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<CheckerReport>>,
+}
+
+impl RunningChecker {
+    /// From now on, replies count as "after the mark" (the kill).
+    pub fn mark(&self) {
+        self.mark.store(true, Ordering::SeqCst);
+    }
+
+    pub fn finish(self) -> Result<CheckerReport> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the checker panicked"))?
     }
 }
 
@@ -203,15 +239,7 @@ pub fn run(a: &DemoArgs) -> Result<u8> {
         "kvd is FT-protected: primary on host1, secondary on host2, logging channel {LOG_ADDR}"
     ));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mark = Arc::new(AtomicBool::new(false));
-    let (s, m) = (stop.clone(), mark.clone());
-    let ns = ft.client_ns();
-    let checker = std::thread::spawn(move || {
-        in_netns(&ns, move || {
-            checker(FtLab::addr(), "demo:counter".into(), s, m)
-        })
-    });
+    let checker = ft.start_checker("demo:counter");
     say(
         "load: redis-benchmark (SET and INCR, 20 clients, pipeline 8) and the checker (one connection, INCR after INCR)",
     );
@@ -242,17 +270,14 @@ pub fn run(a: &DemoArgs) -> Result<u8> {
 
     std::thread::sleep(Duration::from_millis(1500));
     say("killing host1: its links cut, every process on it SIGKILLed");
-    mark.store(true, Ordering::SeqCst);
+    checker.mark();
     let killed = ft.kill_primary_host()?;
     say(&format!(
         "the secondary on host2 went live {} ms after the kill",
         killed.elapsed().as_millis()
     ));
     std::thread::sleep(Duration::from_millis(2500));
-    stop.store(true, Ordering::SeqCst);
-    let report = checker
-        .join()
-        .map_err(|_| anyhow::anyhow!("the checker panicked"))??;
+    let report = checker.finish()?;
     let out = bench
         .wait_with_output()
         .context("waiting for redis-benchmark")?;

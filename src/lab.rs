@@ -87,6 +87,27 @@ fn veth(a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
     ])
 }
 
+/// A bridge in `ns` that forwards at once: one that waits for spanning tree would eat the
+/// first frames of every test and demo.
+fn bridge(ns: &str, name: &str) -> Result<()> {
+    in_ns(ns, &["link", "add", name, "type", "bridge"])?;
+    in_ns(
+        ns,
+        &[
+            "link",
+            "set",
+            name,
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+            "stp_state",
+            "0",
+        ],
+    )?;
+    in_ns(ns, &["link", "set", name, "up"])
+}
+
 pub fn up(name: &str, hosts: u32) -> Result<()> {
     valid_name(name)?;
     if !(1..=16).contains(&hosts) {
@@ -113,23 +134,7 @@ fn build(name: &str, hosts: u32) -> Result<()> {
         in_ns(&n, &["link", "set", "lo", "up"])?;
     }
     for br in ["sw0", "lg0"] {
-        in_ns(&net, &["link", "add", br, "type", "bridge"])?;
-        // Forward at once: a bridge that waits for spanning tree would eat the first frames.
-        in_ns(
-            &net,
-            &[
-                "link",
-                "set",
-                br,
-                "type",
-                "bridge",
-                "forward_delay",
-                "0",
-                "stp_state",
-                "0",
-            ],
-        )?;
-        in_ns(&net, &["link", "set", br, "up"])?;
+        bridge(&net, br)?;
     }
     veth(&client, "eth0", &net, "client")?;
     in_ns(&net, &["link", "set", "client", "master", "sw0", "up"])?;
@@ -140,22 +145,7 @@ fn build(name: &str, hosts: u32) -> Result<()> {
     in_ns(&client, &["link", "set", "eth0", "up"])?;
     for k in 1..=hosts {
         let h = host_ns(name, k);
-        in_ns(&h, &["link", "add", "br-vm", "type", "bridge"])?;
-        in_ns(
-            &h,
-            &[
-                "link",
-                "set",
-                "br-vm",
-                "type",
-                "bridge",
-                "forward_delay",
-                "0",
-                "stp_state",
-                "0",
-            ],
-        )?;
-        in_ns(&h, &["link", "set", "br-vm", "up"])?;
+        bridge(&h, "br-vm")?;
         let up_port = format!("h{k}up");
         veth(&h, "uplink", &net, &up_port)?;
         in_ns(&h, &["link", "set", "uplink", "master", "br-vm", "up"])?;

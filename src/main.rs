@@ -565,14 +565,7 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             "the VM has a NIC: give --bridge for when this copy goes live".into(),
         ));
     }
-    let spec = GuestSpec {
-        args: header.args,
-        env: header.env,
-        datastore: header.datastore,
-        memory_limit: header.memory_limit,
-        nic: header.nic,
-        listen: header.listen,
-    };
+    let spec = GuestSpec::from_header(&header);
     let inputs = Inputs::Replay {
         source: Box::new(secondary.source()),
         go_live: Some(machine::GoLive {
@@ -598,14 +591,7 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
     let reader = LogReader::open(log).map_err(MachineError::from)?;
     machine.check_log(reader.header())?;
     let header = reader.header().clone();
-    let spec = GuestSpec {
-        args: header.args,
-        env: header.env,
-        datastore: header.datastore,
-        memory_limit: header.memory_limit,
-        nic: header.nic,
-        listen: header.listen,
-    };
+    let spec = GuestSpec::from_header(&header);
     let report = machine.run(
         spec,
         Inputs::Replay {

@@ -122,6 +122,20 @@ pub struct GuestSpec {
     pub listen: Vec<u16>,
 }
 
+impl GuestSpec {
+    /// What a guest saw in a recorded or streamed run.
+    pub fn from_header(h: &LogHeader) -> Self {
+        GuestSpec {
+            args: h.args.clone(),
+            env: h.env.clone(),
+            datastore: h.datastore,
+            memory_limit: h.memory_limit,
+            nic: h.nic.clone(),
+            listen: h.listen.clone(),
+        }
+    }
+}
+
 pub struct Vm {
     pub(crate) spec: Arc<GuestSpec>,
     pub(crate) seq: u64,

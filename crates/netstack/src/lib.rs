@@ -217,6 +217,32 @@ impl NetStack {
         self.emitter().push(f);
     }
 
+    /// The connections and listeners, and an emitter for their segments, borrowed side by
+    /// side.
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut BTreeMap<ConnId, Conn>,
+        &mut BTreeMap<u16, Listener>,
+        Out<'_>,
+    ) {
+        let NetStackState {
+            config,
+            ip_id,
+            stats,
+            conns,
+            listeners,
+            ..
+        } = &mut self.state;
+        let out = Out {
+            config,
+            ip_id,
+            stats,
+            frames: &mut self.out,
+        };
+        (conns, listeners, out)
+    }
+
     fn emitter(&mut self) -> Out<'_> {
         Out {
             config: &self.state.config,
@@ -310,20 +336,7 @@ impl NetStack {
     fn tcp_input(&mut self, now: u64, src_ip: Ip, src_mac: Mac, seg: &wire::Tcp) {
         let key = (seg.dst_port, src_ip, seg.src_port);
         if let Some(&id) = self.state.by_tuple.get(&key) {
-            let NetStackState {
-                config,
-                ip_id,
-                stats,
-                conns,
-                listeners,
-                ..
-            } = &mut self.state;
-            let mut out = Out {
-                config,
-                ip_id,
-                stats,
-                frames: &mut self.out,
-            };
+            let (conns, listeners, mut out) = self.parts();
             if let Some(conn) = conns.get_mut(&id) {
                 let was = conn.tcb.state;
                 conn.tcb.on_segment(seg, now, &mut out);
@@ -437,19 +450,7 @@ impl NetStack {
 
     /// Fire every timer due at `now`.
     pub fn on_timers(&mut self, now: u64) {
-        let NetStackState {
-            config,
-            ip_id,
-            stats,
-            conns,
-            ..
-        } = &mut self.state;
-        let mut out = Out {
-            config,
-            ip_id,
-            stats,
-            frames: &mut self.out,
-        };
+        let (conns, _, mut out) = self.parts();
         for conn in conns.values_mut() {
             if conn.tcb.deadline().is_some_and(|d| d <= now) {
                 conn.tcb.on_timer(now, &mut out);
@@ -462,19 +463,7 @@ impl NetStack {
     /// learn where it is now, and resend what the peers have not acknowledged.
     pub fn go_live(&mut self, now: u64) {
         self.announce();
-        let NetStackState {
-            config,
-            ip_id,
-            stats,
-            conns,
-            ..
-        } = &mut self.state;
-        let mut out = Out {
-            config,
-            ip_id,
-            stats,
-            frames: &mut self.out,
-        };
+        let (conns, _, mut out) = self.parts();
         for conn in conns.values_mut() {
             conn.tcb.kick(now, &mut out);
         }
@@ -495,23 +484,11 @@ impl NetStack {
         id: ConnId,
         f: impl FnOnce(&mut Tcb, &mut Out) -> R,
     ) -> Result<R, SockError> {
-        let NetStackState {
-            config,
-            ip_id,
-            stats,
-            conns,
-            ..
-        } = &mut self.state;
+        let (conns, _, mut out) = self.parts();
         let conn = conns.get_mut(&id).ok_or(SockError::BadSocket)?;
         if !conn.accepted || conn.tcb.app_closed {
             return Err(SockError::BadSocket);
         }
-        let mut out = Out {
-            config,
-            ip_id,
-            stats,
-            frames: &mut self.out,
-        };
         Ok(f(&mut conn.tcb, &mut out))
     }
 
