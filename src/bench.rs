@@ -404,18 +404,18 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// redis-benchmark against kvd in a fresh VM: the mean of its SET, GET and INCR rates.
-fn kvd_round(lab_name: &str, record: bool, requests: &str) -> Result<f64> {
+/// An unprotected kvd VM on host1 of `lab_name` at `ip`, with a fresh datastore, recording
+/// its log if `record`; up and answering when this returns.
+fn kvd_vm(lab_name: &str, ip: &str, record: bool) -> Result<(VmProcess, tempfile::TempDir)> {
     let work = tempfile::tempdir()?;
     let ds = work.path().join("ds");
     std::fs::create_dir(&ds)?;
-    let kvd = guests::file("kvd.wasm")?;
-    let log = work.path().join("kvd.tlog");
-    let (kvd, ds, log) = (
-        kvd.display().to_string(),
+    let kvd = guests::file("kvd.wasm")?.display().to_string();
+    let (ds, log) = (
         ds.display().to_string(),
-        log.display().to_string(),
+        work.path().join("kvd.tlog").display().to_string(),
     );
+    let nic = format!("bridge=br-vm,mac=02:00:00:00:00:10,ip={ip}/24");
     let mut args = vec![
         "vm",
         "run",
@@ -424,16 +424,22 @@ fn kvd_round(lab_name: &str, record: bool, requests: &str) -> Result<f64> {
         "--datastore",
         &ds,
         "--nic",
-        "bridge=br-vm,mac=02:00:00:00:00:21,ip=10.77.0.21/24",
+        &nic,
         "--listen",
         "tcp:6379",
     ];
     if record {
         args.extend(["--record", &log]);
     }
-    let _vm = VmProcess::start(&crate::lab::host_ns(lab_name, 1), &args)?;
+    let vm = VmProcess::start(&crate::lab::host_ns(lab_name, 1), &args)?;
+    wait_for_kvd(&crate::lab::ns(lab_name, "client"), ip)?;
+    Ok((vm, work))
+}
+
+/// redis-benchmark against kvd in a fresh VM: the mean of its SET, GET and INCR rates.
+fn kvd_round(lab_name: &str, record: bool, requests: &str) -> Result<f64> {
+    let _vm = kvd_vm(lab_name, "10.77.0.21", record)?;
     let client = crate::lab::ns(lab_name, "client");
-    wait_for_kvd(&client, "10.77.0.21")?;
     let rows = redis_benchmark(
         &client,
         "10.77.0.21",
@@ -566,7 +572,6 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let (plain_lab, ft_lab) = (format!("bfp{pid}"), format!("bff{pid}"));
     crate::lab::up(&plain_lab, 1)?;
     let _plain_guard = LabGuard(plain_lab.clone());
-    let kvd = guests::file("kvd.wasm")?.display().to_string();
 
     let mut plain = Vec::new();
     let mut ft_rows = Vec::new();
@@ -577,25 +582,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             &format!("round {}/{rounds}: kvd unprotected", round + 1),
         );
         {
-            let work = tempfile::tempdir()?;
-            let ds = work.path().display().to_string();
-            let _vm = VmProcess::start(
-                &crate::lab::host_ns(&plain_lab, 1),
-                &[
-                    "vm",
-                    "run",
-                    "--wasm",
-                    &kvd,
-                    "--datastore",
-                    &ds,
-                    "--nic",
-                    &format!("bridge=br-vm,mac=02:00:00:00:00:10,ip={VM_IP}/24"),
-                    "--listen",
-                    "tcp:6379",
-                ],
-            )?;
+            let _vm = kvd_vm(&plain_lab, VM_IP, false)?;
             let client = crate::lab::ns(&plain_lab, "client");
-            wait_for_kvd(&client, VM_IP)?;
             let t = redis_benchmark(
                 &client,
                 VM_IP,
