@@ -47,7 +47,8 @@ impl Default for FtConfig {
     }
 }
 
-/// Primary → secondary.
+/// Primary → secondary. Variant order is wire format (`primary::EventsRef` mirrors
+/// `Events` as variant 1): append, never reorder.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToSecondary {
     /// The VM's configuration, and the generation in which the primary is live.
@@ -165,5 +166,27 @@ impl VmDir {
         )))?;
         k.try_into()
             .map_err(|_| FtError::Protocol("the pair key is not 32 bytes".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use machine::event::{Kind, Outcome};
+
+    #[test]
+    fn borrowed_events_encode_as_the_message_does() {
+        let events = vec![Event {
+            seq: 3,
+            kind: Kind::ClockTimeGet,
+            args: 1,
+            outputs: 2,
+            outcome: Outcome::Value(42),
+        }];
+        let borrowed = encode(&primary::EventsRef(&events));
+        assert_eq!(borrowed, encode(&ToSecondary::Events(events.clone())));
+        assert!(
+            matches!(decode::<ToSecondary>(&borrowed).unwrap(), ToSecondary::Events(e) if e == events)
+        );
     }
 }

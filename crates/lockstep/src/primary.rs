@@ -447,6 +447,15 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
     result
 }
 
+/// Serialises exactly as `ToSecondary::Events`, borrowing the events.
+pub(crate) struct EventsRef<'a>(pub(crate) &'a [Event]);
+
+impl serde::Serialize for EventsRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_newtype_variant("ToSecondary", 1, "Events", self.0)
+    }
+}
+
 fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(), FtError> {
     let hello = {
         let st = s.lock();
@@ -487,19 +496,21 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 return Ok(());
             }
             let upto = st.history.len().min(sent + 4096);
-            let batch = st.history[sent..upto].to_vec();
+            // Serialised straight from the history: no copy of the events on this path.
+            let batch = (upto > sent).then(|| encode(&EventsRef(&st.history[sent..upto])));
             let end = if upto == st.history.len() && !end_sent {
                 st.end.clone()
             } else {
                 None
             };
+            if batch.is_some() {
+                // Frame overhead: 16 bytes of header, 4 of CRC, 16 of MAC.
+                st.log_bytes += batch.as_ref().map_or(0, |b| b.len() as u64 + 36);
+                sent = upto;
+            }
             (batch, end)
         };
-        if !batch.is_empty() {
-            sent += batch.len();
-            let payload = encode(&ToSecondary::Events(batch));
-            // Frame overhead: 16 bytes of header, 4 of CRC, 16 of MAC.
-            s.lock().log_bytes += payload.len() as u64 + 36;
+        if let Some(payload) = batch {
             w.send(KIND_MSG, &payload)
                 .map_err(io_err("stream events"))?;
         } else if end.is_none() {
