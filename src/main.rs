@@ -22,9 +22,12 @@ use machine::{
     name = "tandem",
     version,
     about = "Fault tolerance for WebAssembly VMs: a primary and a secondary in lockstep",
-    long_about = "Tandem runs ordinary wasm32-wasi programs as deterministic VMs. Every \
-nondeterministic input a VM observes (clock, entropy, file reads, stdin) is an event in its \
-log, so a recorded run replays to the identical execution."
+    long_about = "Tandem keeps a VM running when the host under it dies. VMs are ordinary \
+wasm32-wasi programs run deterministically: every nondeterministic input (clock, entropy, \
+file reads, network frames) is an event, so a recorded run replays to the identical \
+execution. Under FT a primary streams its events to a secondary that replays them in \
+lockstep; outputs leave only once the secondary holds their inputs; when the primary's host \
+dies the secondary goes live where it left off. Start with `tandem demo`."
 )]
 struct Cli {
     #[command(subcommand)]
