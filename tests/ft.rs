@@ -227,6 +227,17 @@ fn the_primary_host_dies_under_load_and_clients_carry_on() {
         .unwrap();
     let mut checker = Checker::start(&ft.lab, "ft:counter");
     checker.incr_for("ft:counter", Duration::from_millis(700));
+    // The secondary executes the same guest but performs none of its outputs.
+    assert!(
+        ft.log("primary").contains("kvd: serving on fd 4"),
+        "{}",
+        ft.log("primary")
+    );
+    assert!(
+        !ft.log("secondary").contains("kvd: serving"),
+        "{}",
+        ft.log("secondary")
+    );
     let killed = tandem(&["lab", "kill", "--name", &ft.lab.name, "host1"]);
     assert_eq!(killed.code, 0, "{}", killed.stderr);
     let before_kill = checker.sent;

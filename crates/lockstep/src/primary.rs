@@ -41,7 +41,8 @@ struct State {
     generation: u64,
     halted: Option<String>,
     held: VecDeque<(u64, Held)>,
-    frames_sent_while_held: u64,
+    /// Outputs the releaser sent after holding them.
+    released: u64,
     /// Bytes sent on logging channels, and the input bytes the events carried.
     log_bytes: u64,
     disk_read_bytes: u64,
@@ -174,7 +175,7 @@ impl Primary {
                 generation,
                 halted: None,
                 held: VecDeque::new(),
-                frames_sent_while_held: 0,
+                released: 0,
                 log_bytes: 0,
                 disk_read_bytes: 0,
                 net_in_bytes: 0,
@@ -213,6 +214,11 @@ impl Primary {
 
     pub fn port(&self) -> GatedPort {
         GatedPort(self.shared.clone())
+    }
+
+    /// Outputs held and then released under the output rule so far.
+    pub fn released(&self) -> u64 {
+        self.shared.lock().released
     }
 
     /// Why the primary halted, if it did.
@@ -366,7 +372,7 @@ fn release(s: Arc<Shared>) {
                 batch.push(out);
             }
         }
-        st.frames_sent_while_held += batch.len() as u64;
+        st.released += batch.len() as u64;
         drop(st);
         for out in batch {
             send(&s, out);
@@ -557,6 +563,101 @@ fn receive_from(
                 s.acks.notify_all();
             }
             ToPrimary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secondary::Secondary;
+    use machine::EventSource;
+    use machine::event::{Event, Kind, Outcome};
+    use std::time::Duration;
+
+    fn header() -> LogHeader {
+        LogHeader {
+            module_digest: [0; 32],
+            args: vec![],
+            env: vec![],
+            datastore: false,
+            memory_limit: 1 << 20,
+            nic: None,
+            listen: vec![],
+            first_seq: 0,
+        }
+    }
+
+    fn event(seq: u64) -> Event {
+        Event {
+            seq,
+            kind: Kind::ClockTimeGet,
+            args: 0,
+            outputs: 0,
+            outcome: Outcome::Value(seq),
+        }
+    }
+
+    fn wait(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what} never happened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn outputs_wait_until_the_secondary_holds_their_events() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let primary = Primary::start(
+            dir.clone(),
+            "127.0.0.1:0",
+            header(),
+            None,
+            false,
+            FtConfig::default(),
+        )
+        .unwrap();
+        let (mut sink, mut port) = (primary.sink(), primary.port());
+        // Unprotected: an output leaves at once.
+        port.frame(0, b"before any secondary");
+        assert_eq!(primary.released(), 0, "sent directly, not held");
+
+        let secondary = Secondary::connect(
+            dir,
+            &primary.addr.to_string(),
+            Duration::from_secs(5),
+            FtConfig::default(),
+        )
+        .unwrap();
+        let mut source = secondary.source();
+        wait("attach", || primary.shared.lock().attached.is_some());
+        // An output produced after 3 events is held while the secondary has fewer.
+        sink.append(&event(0)).unwrap();
+        port.frame(3, b"depends on events 0..3");
+        port.console(3, 1, b"so does this");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            primary.released(),
+            0,
+            "released before the secondary held its events"
+        );
+        // A disk mutation at position 2 waits too.
+        let mut disk_port = primary.port();
+        let disk = std::thread::spawn(move || disk_port.before_disk(2));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !disk.is_finished(),
+            "a disk mutation went ahead of the secondary"
+        );
+        sink.append(&event(1)).unwrap();
+        sink.append(&event(2)).unwrap();
+        // The secondary receives them (it need not have executed them yet).
+        wait("release", || primary.released() == 2);
+        assert!(disk.join().unwrap().is_ok());
+        for seq in 0..3 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
     }
 }
