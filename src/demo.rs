@@ -58,50 +58,41 @@ impl FtLab {
         let kvd = guests::file("kvd.wasm")?.display().to_string();
         let (shared_s, data_s) = (shared.display().to_string(), data.display().to_string());
         let nic = format!("bridge=br-vm,mac=02:00:00:00:00:10,ip={VM_IP}/24");
-        let primary = VmProcess::start_logged(
-            &lab::host_ns(name, 1),
-            &[
+        // What both copies are told alike: the VM, its shared folder, its timing, its
+        // module and datastore; then what only each role needs.
+        let common = |role: &'static str| -> Vec<&str> {
+            let mut v = vec![
                 "ft",
-                "primary",
+                role,
                 "--vm",
                 "kvd",
                 "--shared",
                 &shared_s,
                 "--timeout-ms",
                 &timeout,
-                "--log-listen",
-                LOG_ADDR,
-                "--wasm",
-                &kvd,
-                "--datastore",
-                &data_s,
-                "--nic",
-                &nic,
-                "--listen",
-                "tcp:6379",
-            ],
+            ];
+            v.extend(["--wasm", kvd.as_str(), "--datastore", data_s.as_str()]);
+            v
+        };
+        let mut primary_args = common("primary");
+        primary_args.extend([
+            "--log-listen",
+            LOG_ADDR,
+            "--nic",
+            &nic,
+            "--listen",
+            "tcp:6379",
+        ]);
+        let mut secondary_args = common("secondary");
+        secondary_args.extend(["--primary", LOG_ADDR, "--bridge", "br-vm"]);
+        let primary = VmProcess::start_logged(
+            &lab::host_ns(name, 1),
+            &primary_args,
             Some(&shared.join("primary.log")),
         )?;
         let secondary = VmProcess::start_logged(
             &lab::host_ns(name, 2),
-            &[
-                "ft",
-                "secondary",
-                "--vm",
-                "kvd",
-                "--shared",
-                &shared_s,
-                "--timeout-ms",
-                &timeout,
-                "--primary",
-                LOG_ADDR,
-                "--wasm",
-                &kvd,
-                "--datastore",
-                &data_s,
-                "--bridge",
-                "br-vm",
-            ],
+            &secondary_args,
             Some(&shared.join("secondary.log")),
         )?;
         let ft = FtLab {

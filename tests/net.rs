@@ -27,6 +27,29 @@ fn redis_benchmark(lab: &Lab) -> common::Run {
     )
 }
 
+/// `vm run` of kvd with its datastore at `ds`, its NIC at 10.77.0.10 and port 6379, plus
+/// `extra` flags.
+fn kvd_args<'a>(
+    kvd: &'a std::path::Path,
+    ds: &'a std::path::Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "vm",
+        "run",
+        "--wasm",
+        s(kvd),
+        "--datastore",
+        s(ds),
+        "--nic",
+        KVD_NIC,
+        "--listen",
+        "tcp:6379",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
 /// `redis-cli -h 10.77.0.10 ARGS` from the client: its trimmed output.
 fn cli(lab: &Lab, args: &[&str]) -> String {
     let mut a = vec!["-h", "10.77.0.10"];
@@ -43,18 +66,7 @@ fn kvd_serves_real_redis_clients_and_keeps_its_data_across_a_restart() {
     let ds = dir.path().join("ds");
     std::fs::create_dir(&ds).unwrap();
     let kvd = guest("kvd.wasm");
-    let args = [
-        "vm",
-        "run",
-        "--wasm",
-        s(&kvd),
-        "--datastore",
-        s(&ds),
-        "--nic",
-        KVD_NIC,
-        "--listen",
-        "tcp:6379",
-    ];
+    let args = kvd_args(&kvd, &ds, &[]);
     let vm = lab.start_vm(1, &args, &dir.path().join("vm1.out"));
     lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
 
@@ -200,24 +212,7 @@ fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
     let log = dir.path().join("kvd.tlog");
     let kvd = guest("kvd.wasm");
     let out = dir.path().join("vm.out");
-    let vm = lab.start_vm(
-        1,
-        &[
-            "vm",
-            "run",
-            "--wasm",
-            s(&kvd),
-            "--datastore",
-            s(&ds),
-            "--nic",
-            KVD_NIC,
-            "--listen",
-            "tcp:6379",
-            "--record",
-            s(&log),
-        ],
-        &out,
-    );
+    let vm = lab.start_vm(1, &kvd_args(&kvd, &ds, &["--record", s(&log)]), &out);
     lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     let bench = redis_benchmark(&lab);
     assert_eq!(bench.code, 0, "{}", bench.stderr);

@@ -43,6 +43,8 @@ pub struct LiveHost {
     files: HashMap<u32, File>,
     /// The VM's NIC on this host.
     tap: Option<Arc<devices::Tap>>,
+    /// Where frames are read from the tap: one buffer for the VM's life, not one a step.
+    frame_buf: Vec<u8>,
     /// VM monotonic time = host monotonic time + this offset.
     mono_offset: i128,
 }
@@ -172,6 +174,7 @@ impl LiveHost {
             root: root.map(Path::to_path_buf),
             files: HashMap::new(),
             tap: None,
+            frame_buf: Vec::new(),
             mono_offset: 0,
         };
         let now = host_monotonic() as i128;
@@ -218,7 +221,9 @@ impl LiveHost {
     pub fn net_wait(&mut self, deadline: Option<u64>, wait: bool, watch_stdin: bool) -> Outcome {
         const MAX_FRAMES: usize = 256;
         let mut frames = Vec::new();
-        let mut buf = vec![0u8; 65536];
+        // A frame is at most the tap's MTU plus headers; 64 KiB covers any offload size.
+        let mut buf = std::mem::take(&mut self.frame_buf);
+        buf.resize(65536, 0);
         loop {
             if let Some(tap) = &self.tap {
                 while frames.len() < MAX_FRAMES {
@@ -245,6 +250,7 @@ impl LiveHost {
                 || timeout_ms == 0
                 || crate::vm::stop_requested()
             {
+                self.frame_buf = buf;
                 return Outcome::Net { now, frames, stdin };
             }
             let mut fds = Vec::with_capacity(2);
@@ -361,7 +367,6 @@ impl LiveHost {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
         if oflags_ & oflags::CREAT != 0 && !write {
             // O_CREAT on a read-only open still creates the file, as POSIX does.
-            opts.write(false).append(false);
             if let Err(e) = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -416,18 +421,12 @@ impl LiveHost {
         Outcome::Data(buf)
     }
 
-    /// Write `data` at `offset`, or at the end of the file when `offset` is `None`.
-    pub fn write_at(&self, fd: u32, offset: Option<u64>, data: &[u8]) -> Outcome {
+    /// Write `data` at `at`. Every write is positional, appends included (at the end the VM
+    /// knows), so that writing again what a predecessor wrote is harmless.
+    pub fn write_at(&self, fd: u32, at: u64, data: &[u8]) -> Outcome {
         let file = match self.file(fd) {
             Ok(f) => f,
             Err(e) => return Outcome::Errno(e),
-        };
-        let at = match offset {
-            Some(o) => o,
-            None => match file.metadata() {
-                Ok(m) => m.len(),
-                Err(e) => return Outcome::Errno(errno_of(&e)),
-            },
         };
         match file.write_all_at(data, at) {
             Ok(()) => Outcome::Written {

@@ -913,7 +913,7 @@ fn fd_write(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> R
     // The data itself is an output: the next event's output digest checks it.
     let args = args_digest(&[&le(u64::from(fd)), &le(data.len() as u64)]);
     let (written, end) = expect!(vm, Kind::FdWrite,
-        vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, Some(at), &data))?,
+        vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, at, &data))?,
         Outcome::Written { n, offset } if n as usize <= data.len() => (n, offset));
     if let Ok(FdKind::File {
         offset,
@@ -949,7 +949,7 @@ fn fd_pwrite(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out
     };
     let args = args_digest(&[&le(u64::from(fd)), &le(off), &le(data.len() as u64)]);
     let written = expect!(vm, Kind::FdPwrite,
-        vm.event(Kind::FdPwrite, args, |h, _, _| h.write_at(fd, Some(off), &data))?,
+        vm.event(Kind::FdPwrite, args, |h, _, _| h.write_at(fd, off, &data))?,
         Outcome::Written { n, .. } if n as usize <= data.len() => n);
     vm.outputs.add(
         "write",
@@ -1251,14 +1251,18 @@ fn sock_accept(m: &mut Mem, vm: &mut Vm, fd: u32, flags: u16, out: u32) -> Ret {
 
 fn sock_read(vm: &mut Vm, fd: u32, len: usize, peek: bool) -> Result<Vec<u8>, Stop> {
     let (conn, nonblocking) = socket(vm, fd)?;
-    let mut buf = vec![0u8; len];
-    let n = vm.sock_op(
+    // Sized to what the stack holds, not to the guest's buffer: no 64 KiB to zero per call.
+    // (One byte when nothing is queued, so that "nothing yet" is not read as end of stream.)
+    vm.sock_op(
         nonblocking,
         |n| n.readable(conn),
-        |n, now| n.recv(conn, &mut buf, peek, now),
-    )?;
-    buf.truncate(n);
-    Ok(buf)
+        |n, now| {
+            let mut buf = vec![0u8; len.min(n.queued(conn).max(1))];
+            let got = n.recv(conn, &mut buf, peek, now)?;
+            buf.truncate(got);
+            Ok(buf)
+        },
+    )
 }
 
 fn sock_write(vm: &mut Vm, fd: u32, data: &[u8]) -> Result<usize, Stop> {

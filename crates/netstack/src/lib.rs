@@ -519,6 +519,14 @@ impl NetStack {
         self.state.conns.get(&id).is_none_or(|c| c.tcb.readable())
     }
 
+    /// Bytes received on a connection and not yet read.
+    pub fn queued(&self, id: ConnId) -> usize {
+        self.state
+            .conns
+            .get(&id)
+            .map_or(0, |c| c.tcb.recv_buf.len())
+    }
+
     pub fn writable(&self, id: ConnId) -> bool {
         self.state.conns.get(&id).is_none_or(|c| c.tcb.writable())
     }
