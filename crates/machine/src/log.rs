@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::Event;
 
 pub const MAGIC: &[u8; 8] = b"TANDEMLG";
-pub const VERSION: u16 = 1;
+/// 2: the output digest is a chain over event boundaries.
+pub const VERSION: u16 = 2;
 /// No single record is larger than this; a larger length field means damage.
 const MAX_RECORD: u32 = 64 << 20;
 /// No chunk is larger than this (a batch plus its largest record).

@@ -154,31 +154,60 @@ pub struct Vm {
 }
 
 /// Every output the VM produces: digested always, performed only when live.
+///
+/// The digest is a chain over event boundaries: at each event, the outputs since the last
+/// one (a segment) are sealed into `chain = blake3(chain ‖ blake3(segment))`. Each output
+/// byte is hashed once, sealing costs a few compressions however long the run, and the
+/// chain before an event is what that event carries (its first 8 bytes).
 pub(crate) struct Outputs {
-    hasher: blake3::Hasher,
-    short: Option<u64>,
+    chain: [u8; 32],
+    segment: blake3::Hasher,
+    /// Whether the segment holds outputs not yet sealed.
+    open: bool,
 }
 
 impl Outputs {
-    pub(crate) fn add(&mut self, what: &str, parts: &[&[u8]]) {
-        self.short = None;
-        self.hasher.update(&(what.len() as u64).to_le_bytes());
-        self.hasher.update(what.as_bytes());
-        for p in parts {
-            self.hasher.update(&(p.len() as u64).to_le_bytes());
-            self.hasher.update(p);
+    fn new() -> Self {
+        Outputs {
+            chain: [0; 32],
+            segment: blake3::Hasher::new(),
+            open: false,
         }
     }
 
-    /// A short digest of the outputs so far, carried by each event.
-    fn short(&mut self) -> u64 {
-        *self
-            .short
-            .get_or_insert_with(|| first_u64(self.hasher.finalize().as_bytes()))
+    pub(crate) fn add(&mut self, what: &str, parts: &[&[u8]]) {
+        self.open = true;
+        self.segment.update(&(what.len() as u64).to_le_bytes());
+        self.segment.update(what.as_bytes());
+        for p in parts {
+            self.segment.update(&(p.len() as u64).to_le_bytes());
+            self.segment.update(p);
+        }
     }
 
+    fn sealed(&self) -> [u8; 32] {
+        if !self.open {
+            return self.chain;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(&self.chain);
+        h.update(self.segment.finalize().as_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    /// Seal the outputs so far (an event boundary) and return the short digest.
+    fn seal(&mut self) -> u64 {
+        if self.open {
+            self.chain = self.sealed();
+            self.segment.reset();
+            self.open = false;
+        }
+        first_u64(&self.chain)
+    }
+
+    /// Digest of every output, sealed or not.
     fn full(&self) -> [u8; 32] {
-        *self.hasher.finalize().as_bytes()
+        self.sealed()
     }
 }
 
@@ -201,6 +230,9 @@ impl Vm {
         op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
     ) -> Result<Outcome, Fault> {
         let seq = self.seq;
+        // Every event is a boundary of the output digest, in every mode, so the digest of a
+        // run means the same thing live, recorded and replayed.
+        let outputs = self.outputs.seal();
         let mut op = Some(op);
         loop {
             match &mut self.inputs {
@@ -220,13 +252,11 @@ impl Vm {
                     }
                     let outcome = match sink {
                         Some(sink) => {
-                            // The output digest is for whoever checks the log: computed
-                            // only when there is a log.
                             let event = Event {
                                 seq,
                                 kind,
                                 args,
-                                outputs: self.outputs.short(),
+                                outputs,
                                 outcome,
                             };
                             sink.append(&event)?;
@@ -269,7 +299,7 @@ impl Vm {
                         ))
                     } else if event.args != args {
                         Some(format!("{kind:?} called with other arguments than logged"))
-                    } else if event.outputs != self.outputs.short() {
+                    } else if event.outputs != outputs {
                         Some("the outputs before this event differ from the logged run".to_string())
                     } else {
                         None
@@ -456,10 +486,7 @@ impl Machine {
             spec: Arc::new(spec),
             seq: 0,
             clock: VmClock::default(),
-            outputs: Outputs {
-                hasher: blake3::Hasher::new(),
-                short: None,
-            },
+            outputs: Outputs::new(),
             inputs,
             net: None,
             net_now: 0,
@@ -637,4 +664,36 @@ pub fn live_inputs(
         sink,
         port: Box::new(Direct { tap, console: true }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_output_digest_chains_over_event_boundaries() {
+        let run = |segments: &[&[u8]]| {
+            let mut o = Outputs::new();
+            let mut shorts = Vec::new();
+            for seg in segments {
+                o.add("console", &[seg]);
+                shorts.push(o.seal());
+            }
+            (shorts, o.full())
+        };
+        let (a, da) = run(&[b"one", b"two"]);
+        assert_eq!((a.clone(), da), run(&[b"one", b"two"]), "deterministic");
+        let (b, db) = run(&[b"one", b"TWO"]);
+        assert_eq!(a[0], b[0]);
+        assert_ne!(a[1], b[1], "a different output shows at the next boundary");
+        assert_ne!(da, db);
+        // Sealing with nothing new changes nothing; unsealed outputs are in the full digest.
+        let mut o = Outputs::new();
+        o.add("console", &[b"x"]);
+        let s1 = o.seal();
+        assert_eq!(o.seal(), s1);
+        let sealed = o.full();
+        o.add("console", &[b"y"]);
+        assert_ne!(o.full(), sealed);
+    }
 }
