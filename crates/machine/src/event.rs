@@ -41,7 +41,17 @@ pub enum Kind {
     NetStep = 23,
     /// Entropy for the VM's network stack, taken at power-on.
     NetSeed = 24,
+    PathSymlink = 25,
+    PathLink = 26,
+    /// The last descriptor of a file set aside (unlinked or replaced while open) closed:
+    /// the set-aside name is removed.
+    AsideDrop = 27,
 }
+
+/// No event carries more than this many bytes of data: larger reads, entropy and
+/// directory listings are served in parts, each its own event, so that a log record and a
+/// logging-channel frame stay bounded whatever the guest asks for.
+pub const MAX_EVENT_DATA: usize = 16 << 20;
 
 /// File metadata as the guest sees it (WASI `filestat`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,10 +92,13 @@ pub enum Outcome {
         n: u32,
         offset: u64,
     },
-    /// A file or directory was opened; its WASI filetype and size.
+    /// A file or directory was opened: its WASI filetype, size and inode, and its path
+    /// inside the datastore as the kernel resolved it (no symlinks, no `..`).
     Opened {
         filetype: u8,
         size: u64,
+        ino: u64,
+        path: String,
     },
     Stat(Filestat),
     Polled(Vec<PollEvent>),
@@ -95,6 +108,18 @@ pub enum Outcome {
         now: u64,
         frames: Vec<serde_bytes::ByteBuf>,
         stdin: bool,
+    },
+    /// A rename: the source's and the target's paths inside the datastore as the kernel
+    /// resolved them (equal when unknown), and the inode of an open file it replaced,
+    /// which was set aside first.
+    Moved {
+        from: String,
+        to: String,
+        aside: Option<u64>,
+    },
+    /// An unlink; the inode of the open file it removed, which was set aside first.
+    Removed {
+        aside: Option<u64>,
     },
 }
 
@@ -128,6 +153,9 @@ impl Kind {
                 | Kind::PathUnlinkFile
                 | Kind::PathRename
                 | Kind::PathFilestatSetTimes
+                | Kind::PathSymlink
+                | Kind::PathLink
+                | Kind::AsideDrop
         )
     }
 }

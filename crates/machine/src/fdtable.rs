@@ -1,19 +1,32 @@
 //! The guest's file descriptor table: VM state, identical on every copy of the VM.
 //!
-//! The table records what each descriptor is (console, directory or file, by its path
-//! inside the datastore) and each file's offset. It changes only through pure functions of
-//! the guest's calls and the events' outcomes, never by asking the host, so a replaying
-//! copy that never opens a host file holds the same table as the primary; a copy going live
-//! reopens its host files from it ([`crate::host::LiveHost::from_state`]).
+//! The table records what each descriptor is (console, directory, file, socket), each
+//! file's offset, flags and rights, and what a copy going live on another host needs to
+//! reopen it: the file's inode and its path inside the datastore as the kernel resolved it
+//! when it was opened. Descriptors refer to files, not names: the guest's own renames move
+//! the paths of the descriptors open below them, and a file unlinked or replaced while open
+//! is *set aside* (linked under its inode number in the VM's set-aside folder beside the
+//! datastore, as NFS's "silly rename" does) until its last descriptor closes.
 //!
-//! Invariant: every path in the table is normalised and relative to the datastore root; it
-//! never contains `..`, `.` or empty components, so it can never name anything outside.
+//! The table also knows each open file's size ([`FdTable::size_of`]): every change of a
+//! file's size goes through an event of this VM, so appends are written at the end the VM
+//! knows — the file's end at the time of the write — and a copy going live that writes
+//! again an append its predecessor may already have made writes the same bytes in the
+//! same place, never twice.
+//!
+//! The table changes only through pure functions of the guest's calls and the events'
+//! outcomes, never by asking the host, so a replaying copy that never opens a host file
+//! holds the same table as the primary; a copy going live reopens its host files from it
+//! ([`crate::host::LiveHost::from_state`]).
+//!
+//! Invariant: every path in the table is relative to the datastore root as the kernel
+//! resolved it beneath that root: no symlinks, no `.` or `..`, no empty components.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wasi::{errno, filetype};
+use crate::wasi::{errno, filetype, rights};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FdKind {
@@ -24,15 +37,19 @@ pub enum FdKind {
     Dir {
         path: String,
         preopen: Option<String>,
+        ino: u64,
     },
     File {
         path: String,
+        ino: u64,
         offset: u64,
         read: bool,
         write: bool,
         append: bool,
-        /// Where the next append goes: the file's end as the VM knows it.
-        append_at: u64,
+        /// WASI fdflags DSYNC, RSYNC and SYNC the file was opened with.
+        sync: u16,
+        /// Unlinked or replaced while open: the file lives on in the set-aside folder.
+        aside: bool,
     },
     /// A preopened TCP listener of the VM's network stack.
     Listener {
@@ -49,6 +66,10 @@ pub enum FdKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdTable {
     fds: BTreeMap<u32, FdKind>,
+    /// Rights (base, inheriting) of descriptors whose rights differ from their kind's.
+    rights: BTreeMap<u32, [u64; 2]>,
+    /// The size of every open file, by inode, as the VM knows it.
+    sizes: BTreeMap<u64, u64>,
 }
 
 /// The largest number of descriptors a guest may hold open.
@@ -68,6 +89,7 @@ impl FdTable {
                 FdKind::Dir {
                     path: String::new(),
                     preopen: Some("/".into()),
+                    ino: 0,
                 },
             );
         }
@@ -80,7 +102,11 @@ impl FdTable {
                 },
             );
         }
-        FdTable { fds }
+        FdTable {
+            fds,
+            rights: BTreeMap::new(),
+            sizes: BTreeMap::new(),
+        }
     }
 
     pub fn get(&self, fd: u32) -> Result<&FdKind, u16> {
@@ -114,11 +140,65 @@ impl FdTable {
         self.fds.insert(fd, kind);
     }
 
-    pub fn remove(&mut self, fd: u32) -> Result<FdKind, u16> {
-        self.fds.remove(&fd).ok_or(errno::BADF)
+    /// A file opened at `fd`: its size as the host reported it is now the VM's knowledge.
+    pub fn insert_file(&mut self, fd: u32, kind: FdKind, size: u64, rights: [u64; 2]) {
+        if let FdKind::File { ino, .. } = &kind {
+            self.sizes.insert(*ino, size);
+        }
+        self.fds.insert(fd, kind);
+        self.rights.insert(fd, rights);
     }
 
-    /// The directory path a descriptor names, for resolving a guest path against it.
+    /// Close `fd`. Returns what it was, and for a set-aside file whose last descriptor this
+    /// was, its inode (the set-aside name is to be removed).
+    pub fn remove(&mut self, fd: u32) -> Result<(FdKind, Option<u64>), u16> {
+        let kind = self.fds.remove(&fd).ok_or(errno::BADF)?;
+        self.rights.remove(&fd);
+        let mut drop_aside = None;
+        if let FdKind::File { ino, aside, .. } = &kind
+            && !self.holds_ino(*ino)
+        {
+            self.sizes.remove(ino);
+            if *aside {
+                drop_aside = Some(*ino);
+            }
+        }
+        Ok((kind, drop_aside))
+    }
+
+    /// `fd_renumber`: `from` takes the place of `to`, which is closed. Returns the inode of
+    /// a set-aside file whose last descriptor closed.
+    pub fn renumber(&mut self, from: u32, to: u32) -> Result<Option<u64>, u16> {
+        self.get(from)?;
+        self.get(to)?;
+        if from == to {
+            return Ok(None);
+        }
+        let rights = self.rights.remove(&from);
+        let kind = self.fds.remove(&from).ok_or(errno::BADF)?;
+        // `from` takes its place before `to` is counted out: a file both held stays open.
+        let old = self.fds.insert(to, kind);
+        self.rights.remove(&to);
+        if let Some(r) = rights {
+            self.rights.insert(to, r);
+        }
+        Ok(match old {
+            Some(FdKind::File { ino, aside, .. }) if !self.holds_ino(ino) => {
+                self.sizes.remove(&ino);
+                aside.then_some(ino)
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether a descriptor holds the file with inode `ino` open.
+    pub fn holds_ino(&self, ino: u64) -> bool {
+        self.fds
+            .values()
+            .any(|k| matches!(k, FdKind::File { ino: i, .. } if *i == ino))
+    }
+
+    /// The directory path a descriptor names.
     pub fn dir_path(&self, fd: u32) -> Result<&str, u16> {
         match self.get(fd)? {
             FdKind::Dir { path, .. } => Ok(path),
@@ -126,9 +206,73 @@ impl FdTable {
         }
     }
 
-    /// Resolve `guest` relative to directory `fd` into a datastore path.
-    pub fn resolve(&self, fd: u32, guest: &str) -> Result<String, u16> {
-        resolve(self.dir_path(fd)?, guest)
+    /// The guest renamed `from` to `to` (kernel-resolved paths): descriptors open at or
+    /// below `from` now live at or below `to`.
+    pub fn moved(&mut self, from: &str, to: &str) {
+        if from == to || from.is_empty() {
+            return;
+        }
+        for kind in self.fds.values_mut() {
+            let (FdKind::File { path, .. } | FdKind::Dir { path, .. }) = kind else {
+                continue;
+            };
+            if let Some(rest) = path.strip_prefix(from)
+                && (rest.is_empty() || rest.starts_with('/'))
+            {
+                *path = format!("{to}{rest}");
+            }
+        }
+    }
+
+    /// The open file `ino` was unlinked or replaced: its descriptors now reach it through
+    /// the set-aside folder.
+    pub fn set_aside(&mut self, ino: u64) {
+        for kind in self.fds.values_mut() {
+            if let FdKind::File { ino: i, aside, .. } = kind
+                && *i == ino
+            {
+                *aside = true;
+            }
+        }
+    }
+
+    /// The size the VM knows of open file `ino`.
+    pub fn size_of(&self, ino: u64) -> u64 {
+        self.sizes.get(&ino).copied().unwrap_or(0)
+    }
+
+    /// A write to open file `ino` ended at `end`.
+    pub fn grow(&mut self, ino: u64, end: u64) {
+        if let Some(s) = self.sizes.get_mut(&ino) {
+            *s = (*s).max(end);
+        }
+    }
+
+    /// Open file `ino` is now `size` bytes long (truncated, or its size observed).
+    pub fn resize(&mut self, ino: u64, size: u64) {
+        if let Some(s) = self.sizes.get_mut(&ino) {
+            *s = size;
+        }
+    }
+
+    /// Rights (base, inheriting) of `fd`.
+    pub fn rights(&self, fd: u32) -> Result<[u64; 2], u16> {
+        let kind = self.get(fd)?;
+        Ok(self
+            .rights
+            .get(&fd)
+            .copied()
+            .unwrap_or_else(|| rights::of_kind(kind)))
+    }
+
+    /// `fd_fdstat_set_rights`: rights can only be dropped, never gained.
+    pub fn restrict_rights(&mut self, fd: u32, base: u64, inheriting: u64) -> Result<(), u16> {
+        let [b, i] = self.rights(fd)?;
+        if base & !b != 0 || inheriting & !i != 0 {
+            return Err(errno::NOTCAPABLE);
+        }
+        self.rights.insert(fd, [base, inheriting]);
+        Ok(())
     }
 }
 
@@ -143,41 +287,28 @@ impl FdKind {
     }
 }
 
-/// Lexically join `guest` onto `base`, refusing any path that leaves the datastore.
-pub fn resolve(base: &str, guest: &str) -> Result<String, u16> {
-    if guest.starts_with('/') {
-        return Err(errno::NOTCAPABLE);
-    }
-    if guest.contains('\0') {
-        return Err(errno::INVAL);
-    }
-    let mut parts: Vec<&str> = base.split('/').filter(|p| !p.is_empty()).collect();
-    for comp in guest.split('/') {
-        match comp {
-            "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    return Err(errno::NOTCAPABLE);
-                }
-            }
-            c => parts.push(c),
-        }
-    }
-    Ok(parts.join("/"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn resolve_stays_inside() {
-        assert_eq!(resolve("", "a/b/../c").unwrap(), "a/c");
-        assert_eq!(resolve("d", "./x//y").unwrap(), "d/x/y");
-        assert_eq!(resolve("d", "..").unwrap(), "");
-        assert_eq!(resolve("", "..").unwrap_err(), errno::NOTCAPABLE);
-        assert_eq!(resolve("d", "../../etc").unwrap_err(), errno::NOTCAPABLE);
-        assert_eq!(resolve("", "/etc/passwd").unwrap_err(), errno::NOTCAPABLE);
+    fn file(path: &str, ino: u64) -> FdKind {
+        FdKind::File {
+            path: path.into(),
+            ino,
+            offset: 0,
+            read: true,
+            write: true,
+            append: false,
+            sync: 0,
+            aside: false,
+        }
+    }
+
+    fn path_of(t: &FdTable, fd: u32) -> String {
+        match t.get(fd).unwrap() {
+            FdKind::File { path, .. } | FdKind::Dir { path, .. } => path.clone(),
+            _ => panic!("not a file"),
+        }
     }
 
     #[test]
@@ -189,5 +320,68 @@ mod tests {
         assert_eq!(t.lowest_free().unwrap(), 5);
         t.remove(1).unwrap();
         assert_eq!(t.lowest_free().unwrap(), 1);
+    }
+
+    #[test]
+    fn renames_move_the_descriptors_below_them_only() {
+        let mut t = FdTable::new(true, &[]);
+        t.insert_file(4, file("d/a", 10), 0, [0, 0]);
+        t.insert_file(5, file("d2/a", 11), 0, [0, 0]);
+        t.insert_file(6, file("d", 12), 0, [0, 0]);
+        t.moved("d", "e/f");
+        assert_eq!(path_of(&t, 4), "e/f/a");
+        assert_eq!(path_of(&t, 5), "d2/a", "a sibling sharing a prefix stays");
+        assert_eq!(path_of(&t, 6), "e/f");
+    }
+
+    #[test]
+    fn a_set_aside_file_is_dropped_with_its_last_descriptor() {
+        let mut t = FdTable::new(true, &[]);
+        t.insert_file(4, file("a", 10), 5, [0, 0]);
+        t.insert_file(5, file("a", 10), 5, [0, 0]);
+        t.set_aside(10);
+        assert_eq!(
+            t.remove(4).unwrap().1,
+            None,
+            "one descriptor still holds it"
+        );
+        assert_eq!(t.size_of(10), 5);
+        assert_eq!(t.remove(5).unwrap().1, Some(10));
+        assert_eq!(t.size_of(10), 0);
+    }
+
+    #[test]
+    fn renumber_onto_itself_keeps_the_descriptor() {
+        let mut t = FdTable::new(true, &[]);
+        t.insert_file(4, file("a", 10), 0, [1, 2]);
+        assert_eq!(t.renumber(4, 4).unwrap(), None);
+        assert!(t.get(4).is_ok());
+        t.insert_file(5, file("b", 11), 0, [3, 4]);
+        t.renumber(4, 5).unwrap();
+        assert!(t.get(4).is_err());
+        assert_eq!(path_of(&t, 5), "a");
+        assert_eq!(t.rights(5).unwrap(), [1, 2]);
+        assert_eq!(t.renumber(9, 5).unwrap_err(), errno::BADF);
+    }
+
+    #[test]
+    fn rights_can_be_dropped_never_gained() {
+        let mut t = FdTable::new(true, &[]);
+        t.insert_file(4, file("a", 10), 0, [0b110, 0]);
+        t.restrict_rights(4, 0b100, 0).unwrap();
+        assert_eq!(t.rights(4).unwrap(), [0b100, 0]);
+        assert_eq!(t.restrict_rights(4, 0b110, 0), Err(errno::NOTCAPABLE));
+    }
+
+    #[test]
+    fn sizes_follow_writes_and_truncation() {
+        let mut t = FdTable::new(true, &[]);
+        t.insert_file(4, file("a", 10), 100, [0, 0]);
+        t.grow(10, 50);
+        assert_eq!(t.size_of(10), 100);
+        t.grow(10, 150);
+        assert_eq!(t.size_of(10), 150);
+        t.resize(10, 7);
+        assert_eq!(t.size_of(10), 7);
     }
 }

@@ -3,22 +3,22 @@
 //! Every method performs one host operation and returns its [`Outcome`]; the caller turns
 //! that into an event, so whatever the host answered is exactly what the log holds. Host
 //! file handles are keyed by guest descriptor and are *not* VM state: a copy going live
-//! rebuilds them from the [`FdTable`] with [`LiveHost::from_state`].
+//! rebuilds them from the [`FdTable`] with [`LiveHost::from_state`]. The datastore's file
+//! operations, sandboxed by the kernel, are in [`crate::datastore`].
 //!
 //! Invariant: no method panics on any host answer; failures become WASI errnos.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::clock::VmClock;
-use crate::event::{Filestat, Outcome, PollEvent};
-use crate::fdtable::{FdKind, FdTable};
-use crate::wasi::{clockid, errno, eventtype, filetype, fstflags, oflags};
+use crate::event::{Outcome, PollEvent};
+use crate::fdtable::FdTable;
+use crate::wasi::{clockid, errno, eventtype};
 
 /// One `poll_oneoff` subscription, decoded from guest memory.
 #[derive(Clone, Debug)]
@@ -39,8 +39,11 @@ pub enum Subscription {
 }
 
 pub struct LiveHost {
-    root: Option<PathBuf>,
-    files: HashMap<u32, File>,
+    /// The datastore, when the VM has one.
+    pub(crate) root: Option<Root>,
+    /// Host handles of the guest's open files and directories, by guest descriptor.
+    pub(crate) files: HashMap<u32, File>,
+    pub(crate) dirs: HashMap<u32, OwnedFd>,
     /// The VM's NIC on this host.
     tap: Option<Arc<devices::Tap>>,
     /// Where frames are read from the tap: one buffer for the VM's life, not one a step.
@@ -49,16 +52,20 @@ pub struct LiveHost {
     mono_offset: i128,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum HostError {
-    #[error("cannot reopen {path} for descriptor {fd}: {source}")]
-    Reopen {
-        fd: u32,
-        path: PathBuf,
-        source: io::Error,
-    },
+/// The datastore on this host: every guest path is resolved by the kernel beneath it.
+pub(crate) struct Root {
+    /// Its canonical path, to turn a descriptor's kernel path into a datastore path.
+    pub(crate) path: PathBuf,
+    /// Where files unlinked or replaced while open are set aside: a folder beside the
+    /// datastore (`.NAME.aside`), on the same file system and outside the guest's reach.
+    pub(crate) aside: Option<PathBuf>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot open the datastore {path}: {source}")]
+    Datastore { path: PathBuf, source: io::Error },
+}
 fn host_monotonic() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -105,74 +112,20 @@ pub fn errno_of(e: &io::Error) -> u16 {
     }
 }
 
-fn outcome(r: io::Result<()>) -> Outcome {
-    match r {
-        Ok(()) => Outcome::Done,
-        Err(e) => Outcome::Errno(errno_of(&e)),
-    }
-}
-
-fn stat_of(m: &std::fs::Metadata) -> Filestat {
-    let ft = m.file_type();
-    let filetype = if ft.is_dir() {
-        filetype::DIRECTORY
-    } else if ft.is_file() {
-        filetype::REGULAR_FILE
-    } else if ft.is_symlink() {
-        filetype::SYMBOLIC_LINK
-    } else if ft.is_block_device() {
-        filetype::BLOCK_DEVICE
-    } else if ft.is_char_device() {
-        filetype::CHARACTER_DEVICE
-    } else {
-        filetype::UNKNOWN
-    };
-    let ns = |s: i64, n: i64| (s.max(0) as u64) * 1_000_000_000 + n.max(0) as u64;
-    Filestat {
-        dev: m.dev(),
-        ino: m.ino(),
-        filetype,
-        nlink: m.nlink(),
-        size: m.size(),
-        atim: ns(m.atime(), m.atime_nsec()),
-        mtim: ns(m.mtime(), m.mtime_nsec()),
-        ctim: ns(m.ctime(), m.ctime_nsec()),
-    }
-}
-
-fn timespecs(atim: u64, mtim: u64, flags: u16) -> [libc::timespec; 2] {
-    let one = |t: u64, set: u16, now: u16| libc::timespec {
-        tv_sec: (t / 1_000_000_000) as libc::time_t,
-        tv_nsec: if flags & now != 0 {
-            libc::UTIME_NOW
-        } else if flags & set != 0 {
-            (t % 1_000_000_000) as libc::c_long
-        } else {
-            libc::UTIME_OMIT
-        },
-    };
-    [
-        one(atim, fstflags::ATIM, fstflags::ATIM_NOW),
-        one(mtim, fstflags::MTIM, fstflags::MTIM_NOW),
-    ]
-}
-
-fn cpath(p: &Path) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
 impl LiveHost {
-    /// A live host for a VM whose state is `fds` and `clock`: reopens every file the guest
-    /// holds open and continues the VM's monotonic clock from its last reading.
+    /// A live host for a VM whose state is `fds` and `clock`: reopens every file and
+    /// directory the guest holds open and continues the VM's monotonic clock from its last
+    /// reading. A descriptor whose file cannot be found again is reported and answers EIO;
+    /// only a datastore that cannot be opened at all is an error.
     pub fn from_state(
         root: Option<&Path>,
         fds: &FdTable,
         clock: &VmClock,
     ) -> Result<Self, HostError> {
         let mut host = LiveHost {
-            root: root.map(Path::to_path_buf),
+            root: None,
             files: HashMap::new(),
+            dirs: HashMap::new(),
             tap: None,
             frame_buf: Vec::new(),
             mono_offset: 0,
@@ -181,27 +134,8 @@ impl LiveHost {
         if (clock.last_monotonic as i128) > now {
             host.mono_offset = clock.last_monotonic as i128 - now;
         }
-        for (fd, kind) in fds.iter() {
-            if let FdKind::File {
-                path, read, write, ..
-            } = kind
-            {
-                let full = host
-                    .root
-                    .as_deref()
-                    .unwrap_or(Path::new("/nonexistent"))
-                    .join(path);
-                let file = OpenOptions::new()
-                    .read(*read)
-                    .write(*write)
-                    .open(&full)
-                    .map_err(|source| HostError::Reopen {
-                        fd,
-                        path: full.clone(),
-                        source,
-                    })?;
-                host.files.insert(fd, file);
-            }
+        if let Some(root) = root {
+            host.open_datastore(root, fds)?;
         }
         Ok(host)
     }
@@ -273,26 +207,6 @@ impl LiveHost {
         }
     }
 
-    fn path(&self, rel: &str) -> Result<PathBuf, u16> {
-        let root = self.root.as_ref().ok_or(errno::NOTCAPABLE)?;
-        Ok(if rel.is_empty() {
-            root.clone()
-        } else {
-            root.join(rel)
-        })
-    }
-
-    fn file(&self, fd: u32) -> Result<&File, u16> {
-        self.files.get(&fd).ok_or(errno::BADF)
-    }
-
-    fn with_path(&self, rel: &str, f: impl FnOnce(&Path) -> io::Result<()>) -> Outcome {
-        match self.path(rel) {
-            Ok(p) => outcome(f(&p)),
-            Err(e) => Outcome::Errno(e),
-        }
-    }
-
     pub fn now(&self, id: u32) -> Outcome {
         match id {
             clockid::REALTIME => Outcome::Value(host_realtime()),
@@ -330,277 +244,6 @@ impl LiveHost {
             }
             Err(e) => Outcome::Errno(errno_of(&e)),
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn open(&mut self, fd: u32, rel: &str, oflags_: u16, read: bool, write: bool) -> Outcome {
-        let path = match self.path(rel) {
-            Ok(p) => p,
-            Err(e) => return Outcome::Errno(e),
-        };
-        let meta = std::fs::metadata(&path);
-        if let Ok(m) = &meta {
-            if oflags_ & oflags::CREAT != 0 && oflags_ & oflags::EXCL != 0 {
-                return Outcome::Errno(errno::EXIST);
-            }
-            if m.is_dir() {
-                if write || oflags_ & oflags::TRUNC != 0 {
-                    return Outcome::Errno(errno::ISDIR);
-                }
-                return Outcome::Opened {
-                    filetype: filetype::DIRECTORY,
-                    size: 0,
-                };
-            }
-            if oflags_ & oflags::DIRECTORY != 0 {
-                return Outcome::Errno(errno::NOTDIR);
-            }
-        } else if oflags_ & oflags::DIRECTORY != 0 {
-            return Outcome::Errno(meta.map(|_| errno::NOENT).unwrap_or_else(|e| errno_of(&e)));
-        }
-        let mut opts = OpenOptions::new();
-        opts.read(read || !write)
-            .write(write)
-            .create(oflags_ & oflags::CREAT != 0 && write)
-            .create_new(oflags_ & oflags::EXCL != 0 && oflags_ & oflags::CREAT != 0 && write)
-            .truncate(oflags_ & oflags::TRUNC != 0 && write)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-        if oflags_ & oflags::CREAT != 0 && !write {
-            // O_CREAT on a read-only open still creates the file, as POSIX does.
-            if let Err(e) = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-            {
-                return Outcome::Errno(errno_of(&e));
-            }
-        }
-        match opts.open(&path) {
-            Ok(f) => {
-                let (ft, size) = match f.metadata() {
-                    Ok(m) if m.is_file() => (filetype::REGULAR_FILE, m.len()),
-                    Ok(_) => (filetype::UNKNOWN, 0),
-                    Err(e) => return Outcome::Errno(errno_of(&e)),
-                };
-                self.files.insert(fd, f);
-                Outcome::Opened { filetype: ft, size }
-            }
-            Err(e) => Outcome::Errno(errno_of(&e)),
-        }
-    }
-
-    pub fn close(&mut self, fd: u32) {
-        self.files.remove(&fd);
-    }
-
-    pub fn renumber(&mut self, from: u32, to: u32) {
-        self.files.remove(&to);
-        if let Some(f) = self.files.remove(&from) {
-            self.files.insert(to, f);
-        }
-    }
-
-    pub fn read_at(&self, fd: u32, offset: u64, len: usize) -> Outcome {
-        let file = match self.file(fd) {
-            Ok(f) => f,
-            Err(e) => return Outcome::Errno(e),
-        };
-        let mut buf = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            match file.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if got == 0 => return Outcome::Errno(errno_of(&e)),
-                Err(_) => break,
-            }
-        }
-        buf.truncate(got);
-        Outcome::Data(buf)
-    }
-
-    /// Write `data` at `at`. Every write is positional, appends included (at the end the VM
-    /// knows), so that writing again what a predecessor wrote is harmless.
-    pub fn write_at(&self, fd: u32, at: u64, data: &[u8]) -> Outcome {
-        let file = match self.file(fd) {
-            Ok(f) => f,
-            Err(e) => return Outcome::Errno(e),
-        };
-        match file.write_all_at(data, at) {
-            Ok(()) => Outcome::Written {
-                n: data.len() as u32,
-                offset: at + data.len() as u64,
-            },
-            Err(e) => Outcome::Errno(errno_of(&e)),
-        }
-    }
-
-    pub fn file_size(&self, fd: u32) -> Outcome {
-        match self.file(fd).map(File::metadata) {
-            Ok(Ok(m)) => Outcome::Value(m.len()),
-            Ok(Err(e)) => Outcome::Errno(errno_of(&e)),
-            Err(e) => Outcome::Errno(e),
-        }
-    }
-
-    pub fn sync(&self, fd: u32, kind: &FdKind) -> Outcome {
-        match kind {
-            FdKind::File { .. } => match self.file(fd) {
-                Ok(f) => outcome(f.sync_all()),
-                Err(e) => Outcome::Errno(e),
-            },
-            FdKind::Dir { path, .. } => self.with_path(path, |p| File::open(p)?.sync_all()),
-            _ => Outcome::Errno(errno::INVAL),
-        }
-    }
-
-    pub fn fstat(&self, fd: u32, kind: &FdKind) -> Outcome {
-        let meta = match kind {
-            FdKind::File { .. } => match self.file(fd) {
-                Ok(f) => f.metadata(),
-                Err(e) => return Outcome::Errno(e),
-            },
-            FdKind::Dir { path, .. } => match self.path(path) {
-                Ok(p) => std::fs::metadata(p),
-                Err(e) => return Outcome::Errno(e),
-            },
-            _ => {
-                return Outcome::Stat(Filestat {
-                    filetype: filetype::CHARACTER_DEVICE,
-                    nlink: 1,
-                    ..Filestat::default()
-                });
-            }
-        };
-        match meta {
-            Ok(m) => Outcome::Stat(stat_of(&m)),
-            Err(e) => Outcome::Errno(errno_of(&e)),
-        }
-    }
-
-    pub fn stat(&self, rel: &str, follow: bool) -> Outcome {
-        let p = match self.path(rel) {
-            Ok(p) => p,
-            Err(e) => return Outcome::Errno(e),
-        };
-        let m = if follow {
-            std::fs::metadata(p)
-        } else {
-            std::fs::symlink_metadata(p)
-        };
-        match m {
-            Ok(m) => Outcome::Stat(stat_of(&m)),
-            Err(e) => Outcome::Errno(errno_of(&e)),
-        }
-    }
-
-    pub fn set_size(&self, fd: u32, size: u64) -> Outcome {
-        match self.file(fd) {
-            Ok(f) => outcome(f.set_len(size)),
-            Err(e) => Outcome::Errno(e),
-        }
-    }
-
-    pub fn allocate(&self, fd: u32, offset: u64, len: u64) -> Outcome {
-        match self.file(fd) {
-            Ok(f) => match f.metadata() {
-                Ok(m) if m.len() < offset.saturating_add(len) => {
-                    outcome(f.set_len(offset.saturating_add(len)))
-                }
-                Ok(_) => Outcome::Done,
-                Err(e) => Outcome::Errno(errno_of(&e)),
-            },
-            Err(e) => Outcome::Errno(e),
-        }
-    }
-
-    pub fn set_times(&self, rel: &str, atim: u64, mtim: u64, flags: u16) -> Outcome {
-        let times = timespecs(atim, mtim, flags);
-        self.with_path(rel, |p| {
-            let c = cpath(p)?;
-            // SAFETY: `c` is a NUL-terminated path and `times` two valid timespecs, both
-            // alive for the duration of the call.
-            let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        })
-    }
-
-    pub fn mkdir(&self, rel: &str) -> Outcome {
-        self.with_path(rel, |p| std::fs::create_dir(p))
-    }
-
-    pub fn rmdir(&self, rel: &str) -> Outcome {
-        self.with_path(rel, |p| std::fs::remove_dir(p))
-    }
-
-    pub fn unlink(&self, rel: &str) -> Outcome {
-        self.with_path(rel, |p| {
-            if std::fs::symlink_metadata(p)?.is_dir() {
-                return Err(io::Error::from_raw_os_error(libc::EISDIR));
-            }
-            std::fs::remove_file(p)
-        })
-    }
-
-    pub fn rename(&self, from: &str, to: &str) -> Outcome {
-        match (self.path(from), self.path(to)) {
-            (Ok(a), Ok(b)) => outcome(std::fs::rename(a, b)),
-            (Err(e), _) | (_, Err(e)) => Outcome::Errno(e),
-        }
-    }
-
-    pub fn readlink(&self, rel: &str) -> Outcome {
-        match self.path(rel).map(std::fs::read_link) {
-            Ok(Ok(t)) => Outcome::Data(t.as_os_str().as_bytes().to_vec()),
-            Ok(Err(e)) => Outcome::Errno(errno_of(&e)),
-            Err(e) => Outcome::Errno(e),
-        }
-    }
-
-    /// Directory entries of `rel` in WASI `dirent` encoding, from entry `cookie` on, cut
-    /// at `buf_len` bytes as the guest's buffer is.
-    pub fn readdir(&self, rel: &str, cookie: u64, buf_len: usize) -> Outcome {
-        let p = match self.path(rel) {
-            Ok(p) => p,
-            Err(e) => return Outcome::Errno(e),
-        };
-        let mut names: Vec<(Vec<u8>, u64, u8)> = match std::fs::read_dir(&p) {
-            Ok(rd) => rd
-                .filter_map(Result::ok)
-                .map(|e| {
-                    let ft = match e.file_type() {
-                        Ok(t) if t.is_dir() => filetype::DIRECTORY,
-                        Ok(t) if t.is_file() => filetype::REGULAR_FILE,
-                        Ok(t) if t.is_symlink() => filetype::SYMBOLIC_LINK,
-                        _ => filetype::UNKNOWN,
-                    };
-                    let ino = e.metadata().map(|m| m.ino()).unwrap_or(0);
-                    (e.file_name().as_bytes().to_vec(), ino, ft)
-                })
-                .collect(),
-            Err(e) => return Outcome::Errno(errno_of(&e)),
-        };
-        // A stable order makes cookies mean the same entry across calls.
-        names.sort();
-        let mut out = Vec::new();
-        for (i, (name, ino, ft)) in names.iter().enumerate().skip(cookie as usize) {
-            out.extend_from_slice(&(i as u64 + 1).to_le_bytes());
-            out.extend_from_slice(&ino.to_le_bytes());
-            out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-            out.extend_from_slice(&[*ft, 0, 0, 0]);
-            out.extend_from_slice(name);
-            if out.len() >= buf_len {
-                break;
-            }
-        }
-        out.truncate(buf_len);
-        Outcome::Data(out)
     }
 
     /// Wait until a subscription is ready or a clock fires. `now` reads VM time.

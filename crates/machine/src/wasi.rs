@@ -81,7 +81,14 @@ pub mod oflags {
 
 pub mod fdflags {
     pub const APPEND: u16 = 1;
+    pub const DSYNC: u16 = 2;
     pub const NONBLOCK: u16 = 4;
+    pub const RSYNC: u16 = 8;
+    pub const SYNC: u16 = 16;
+}
+
+pub mod lookupflags {
+    pub const SYMLINK_FOLLOW: u32 = 1;
 }
 
 pub mod fstflags {
@@ -97,16 +104,94 @@ pub mod eventtype {
     pub const FD_WRITE: u8 = 2;
 }
 
-mod rights {
+/// WASI rights. Preview 1 rights are advisory (as in wasmtime, operations are not refused
+/// for lack of one); the table reports them, and a guest may drop them.
+pub mod rights {
+    use crate::fdtable::FdKind;
+
+    pub const FD_DATASYNC: u64 = 1 << 0;
     pub const FD_READ: u64 = 1 << 1;
     pub const FD_SEEK: u64 = 1 << 2;
+    pub const FD_FDSTAT_SET_FLAGS: u64 = 1 << 3;
+    pub const FD_SYNC: u64 = 1 << 4;
     pub const FD_TELL: u64 = 1 << 5;
     pub const FD_WRITE: u64 = 1 << 6;
-    pub const ALL: u64 = (1 << 29) - 1;
+    pub const FD_ADVISE: u64 = 1 << 7;
+    pub const FD_ALLOCATE: u64 = 1 << 8;
+    pub const FD_READDIR: u64 = 1 << 14;
+    pub const FD_FILESTAT_GET: u64 = 1 << 21;
+    pub const FD_FILESTAT_SET_SIZE: u64 = 1 << 22;
+    pub const FD_FILESTAT_SET_TIMES: u64 = 1 << 23;
+    pub const POLL_FD_READWRITE: u64 = 1 << 27;
+    pub const SOCK_SHUTDOWN: u64 = 1 << 28;
+    pub const SOCK_ACCEPT: u64 = 1 << 29;
+    /// Every path_* right: path_create_directory ... path_open (bits 9-13),
+    /// path_readlink ... path_filestat_set_times (15-20), path_symlink ...
+    /// path_unlink_file (24-26).
+    pub const PATH: u64 = (0b11111 << 9) | (0b11_1111 << 15) | (0b111 << 24);
+    /// What a directory may do.
+    pub const DIRECTORY: u64 = PATH
+        | FD_FDSTAT_SET_FLAGS
+        | FD_SYNC
+        | FD_DATASYNC
+        | FD_ADVISE
+        | FD_READDIR
+        | FD_FILESTAT_GET
+        | FD_FILESTAT_SET_TIMES
+        | POLL_FD_READWRITE;
+    /// What a regular file may do, reading and writing.
+    pub const FILE: u64 = FD_DATASYNC
+        | FD_READ
+        | FD_SEEK
+        | FD_FDSTAT_SET_FLAGS
+        | FD_SYNC
+        | FD_TELL
+        | FD_WRITE
+        | FD_ADVISE
+        | FD_ALLOCATE
+        | FD_FILESTAT_GET
+        | FD_FILESTAT_SET_SIZE
+        | FD_FILESTAT_SET_TIMES
+        | POLL_FD_READWRITE;
+    /// What only a writable file may do.
+    pub const FILE_WRITE: u64 = FD_WRITE | FD_ALLOCATE | FD_FILESTAT_SET_SIZE;
+    pub const STREAM: u64 =
+        FD_READ | FD_WRITE | FD_FDSTAT_SET_FLAGS | FD_FILESTAT_GET | POLL_FD_READWRITE;
+    pub const SOCKET: u64 = STREAM | SOCK_SHUTDOWN;
+    pub const LISTENER: u64 =
+        FD_FDSTAT_SET_FLAGS | FD_FILESTAT_GET | POLL_FD_READWRITE | SOCK_ACCEPT;
+
+    /// The rights (base, inheriting) a descriptor of this kind has until the guest drops
+    /// some.
+    pub fn of_kind(kind: &FdKind) -> [u64; 2] {
+        match kind {
+            FdKind::Dir { .. } => [DIRECTORY, DIRECTORY | FILE],
+            FdKind::File { read, write, .. } => {
+                let mut r = FILE;
+                if !*write {
+                    r &= !FILE_WRITE;
+                }
+                if !*read {
+                    r &= !FD_READ;
+                }
+                [r, 0]
+            }
+            FdKind::Stdin | FdKind::Stdout | FdKind::Stderr => [STREAM, 0],
+            FdKind::Socket { .. } => [SOCKET, 0],
+            FdKind::Listener { .. } => [LISTENER, 0],
+        }
+    }
 }
 
-/// The largest read served in one call; a shorter read is always allowed.
-const MAX_IO: usize = 16 << 20;
+/// Reads, writes and entropy larger than this are served in parts of this size, each its
+/// own event: no event, log record or frame on the logging channel grows with what a
+/// guest asks for.
+const MAX_IO: usize = crate::event::MAX_EVENT_DATA;
+/// The longest path a guest may pass (Linux's PATH_MAX).
+const MAX_PATH: u32 = 4096;
+/// The most subscriptions one `poll_oneoff` takes (Linux refuses more descriptors than
+/// its open-file limit the same way).
+const MAX_SUBSCRIPTIONS: u32 = 1 << 16;
 
 /// Every preview 1 function; the linker provides all of them.
 const FUNCTIONS: &[&str] = &[
@@ -234,13 +319,48 @@ impl Mem<'_> {
         }
         Ok(out)
     }
-    fn gather(&self, iovs: &[(u32, u32)]) -> Result<Vec<u8>, u16> {
+    /// At most `max` bytes of the gather list, from byte `skip` of it on: a gather is
+    /// taken in bounded parts, however often its iovecs point at the same memory.
+    fn gather_at(&self, iovs: &[(u32, u32)], mut skip: usize, max: usize) -> Result<Vec<u8>, u16> {
         let mut out = Vec::new();
         for &(p, l) in iovs {
-            out.extend_from_slice(self.bytes(p, l)?);
+            if out.len() >= max {
+                break;
+            }
+            let b = self.bytes(p, l)?;
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            let b = &b[skip..];
+            skip = 0;
+            out.extend_from_slice(&b[..b.len().min(max - out.len())]);
         }
         Ok(out)
     }
+    /// Scatter `data` into the iovecs from byte `skip` of them on.
+    fn scatter_at(
+        &mut self,
+        iovs: &[(u32, u32)],
+        mut skip: usize,
+        mut data: &[u8],
+    ) -> Result<(), u16> {
+        for &(p, l) in iovs {
+            if data.is_empty() {
+                break;
+            }
+            if skip >= l as usize {
+                skip -= l as usize;
+                continue;
+            }
+            let n = (l as usize - skip).min(data.len());
+            self.put(p + skip as u32, &data[..n])?;
+            data = &data[n..];
+            skip = 0;
+        }
+        Ok(())
+    }
+
     fn scatter(&mut self, iovs: &[(u32, u32)], mut data: &[u8]) -> Result<(), u16> {
         for &(p, l) in iovs {
             if data.is_empty() {
@@ -258,11 +378,11 @@ fn le(v: u64) -> [u8; 8] {
     v.to_le_bytes()
 }
 
+/// The bytes an iovec list asks for, bounded as Linux bounds one read or write.
 fn total_len(iovs: &[(u32, u32)]) -> usize {
     iovs.iter()
-        .map(|&(_, l)| l as usize)
-        .sum::<usize>()
-        .min(MAX_IO)
+        .fold(0usize, |a, &(_, l)| a.saturating_add(l as usize))
+        .min(MAX_RW)
 }
 
 fn call(
@@ -352,7 +472,8 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         fd_allocate(vm, fd, off, len)
     });
     wasi!(l, "fd_close", |_m, vm, fd: u32| {
-        if let FdKind::Socket { conn, .. } = vm.fds.remove(fd)? {
+        let (kind, drop_aside) = vm.fds.remove(fd)?;
+        if let FdKind::Socket { conn, .. } = kind {
             let now = vm.net_now;
             vm.net_mut()?.close(conn, now);
             vm.flush_net();
@@ -360,7 +481,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         if let Some(h) = vm.host() {
             h.close(fd);
         }
-        Ok(())
+        aside_drop(vm, drop_aside)
     });
     wasi!(l, "fd_datasync", |_m, vm, fd: u32| fd_sync(vm, fd));
     wasi!(l, "fd_sync", |_m, vm, fd: u32| fd_sync(vm, fd));
@@ -371,17 +492,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     );
     wasi!(l, "fd_fdstat_set_flags", |_m, vm, fd: u32, flags: u32| {
         match vm.fds.get_mut(fd)? {
-            FdKind::File {
-                append,
-                append_at,
-                offset,
-                ..
-            } => {
-                if !*append {
-                    *append_at = *offset;
-                }
-                *append = flags as u16 & fdflags::APPEND != 0
-            }
+            FdKind::File { append, .. } => *append = flags as u16 & fdflags::APPEND != 0,
             FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => {
                 *nonblocking = flags as u16 & fdflags::NONBLOCK != 0
             }
@@ -392,9 +503,8 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     wasi!(
         l,
         "fd_fdstat_set_rights",
-        |_m, vm, fd: u32, _b: u64, _i: u64| {
-            vm.fds.get(fd)?;
-            Ok(())
+        |_m, vm, fd: u32, base: u64, inheriting: u64| {
+            Ok(vm.fds.restrict_rights(fd, base, inheriting)?)
         }
     );
     wasi!(l, "fd_filestat_get", |m, vm, fd: u32, out: u32| {
@@ -411,7 +521,16 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
                 FdKind::File { path, .. } | FdKind::Dir { path, .. } => path.clone(),
                 _ => return Err(errno::NOTSUP.into()),
             };
-            set_times(vm, Kind::FdFilestatSetTimes, &path, a, mt, f as u16)
+            let flags = check_fstflags(f)?;
+            let args = args_digest(&[&le(u64::from(fd)), &le(a), &le(mt), &le(u64::from(flags))]);
+            expect!(vm, Kind::FdFilestatSetTimes,
+                vm.event(Kind::FdFilestatSetTimes, args, |h, _, _| h.fd_set_times(fd, a, mt, flags))?,
+                Outcome::Done => ());
+            vm.outputs.add(
+                "times",
+                &[path.as_bytes(), &le(a), &le(mt), &le(u64::from(flags))],
+            );
+            Ok(())
         }
     );
     wasi!(l, "fd_pread", |m,
@@ -481,13 +600,11 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         fd_readdir(m, vm, fd, buf, len, cookie, out)
     });
     wasi!(l, "fd_renumber", |_m, vm, from: u32, to: u32| {
-        vm.fds.get(to)?;
-        let kind = vm.fds.remove(from)?;
-        vm.fds.insert(to, kind);
+        let drop_aside = vm.fds.renumber(from, to)?;
         if let Some(h) = vm.host() {
             h.renumber(from, to);
         }
-        Ok(())
+        aside_drop(vm, drop_aside)
     });
     wasi!(l, "fd_seek", |m,
                          vm,
@@ -512,9 +629,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         l,
         "path_create_directory",
         |m, vm, fd: u32, p: u32, pl: u32| {
-            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-            path_op(vm, Kind::PathCreateDirectory, "mkdir", &path, |h| {
-                h.mkdir(&path)
+            let path = guest_path(m, vm, fd, p, pl)?;
+            path_op(vm, Kind::PathCreateDirectory, "mkdir", fd, &path, |h, _| {
+                h.mkdir(fd, &path)
             })
         }
     );
@@ -522,16 +639,16 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         l,
         "path_remove_directory",
         |m, vm, fd: u32, p: u32, pl: u32| {
-            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-            path_op(vm, Kind::PathRemoveDirectory, "rmdir", &path, |h| {
-                h.rmdir(&path)
+            let path = guest_path(m, vm, fd, p, pl)?;
+            path_op(vm, Kind::PathRemoveDirectory, "rmdir", fd, &path, |h, _| {
+                h.rmdir(fd, &path)
             })
         }
     );
     wasi!(l, "path_unlink_file", |m, vm, fd: u32, p: u32, pl: u32| {
-        let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        path_op(vm, Kind::PathUnlinkFile, "unlink", &path, |h| {
-            h.unlink(&path)
+        let path = guest_path(m, vm, fd, p, pl)?;
+        path_op(vm, Kind::PathUnlinkFile, "unlink", fd, &path, |h, fds| {
+            h.unlink(fd, &path, fds)
         })
     });
     wasi!(l, "path_rename", |m,
@@ -542,22 +659,57 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
                              fd2: u32,
                              q: u32,
                              ql: u32| {
-        let from = vm.fds.resolve(fd, m.str(p, pl)?)?;
-        let to = vm.fds.resolve(fd2, m.str(q, ql)?)?;
-        let both = format!("{from}\0{to}");
-        path_op(vm, Kind::PathRename, "rename", &both, |h| {
-            h.rename(&from, &to)
+        let from = guest_path(m, vm, fd, p, pl)?;
+        let to = guest_path(m, vm, fd2, q, ql)?;
+        let both = format!("{from}\0{fd2}\0{to}");
+        path_op(vm, Kind::PathRename, "rename", fd, &both, |h, fds| {
+            h.rename(fd, &from, fd2, &to, fds)
+        })
+    });
+    wasi!(l, "path_symlink", |m,
+                              vm,
+                              t: u32,
+                              tl: u32,
+                              fd: u32,
+                              p: u32,
+                              pl: u32| {
+        if tl > MAX_PATH {
+            return Err(errno::NAMETOOLONG.into());
+        }
+        let target = m.str(t, tl)?.to_string();
+        let path = guest_path(m, vm, fd, p, pl)?;
+        let both = format!("{target}\0{path}");
+        path_op(vm, Kind::PathSymlink, "symlink", fd, &both, |h, _| {
+            h.symlink(&target, fd, &path)
+        })
+    });
+    wasi!(l, "path_link", |m,
+                           vm,
+                           fd: u32,
+                           flags: u32,
+                           p: u32,
+                           pl: u32,
+                           fd2: u32,
+                           q: u32,
+                           ql: u32| {
+        let from = guest_path(m, vm, fd, p, pl)?;
+        let to = guest_path(m, vm, fd2, q, ql)?;
+        let follow = flags & lookupflags::SYMLINK_FOLLOW != 0;
+        let both = format!("{from}\0{}\0{fd2}\0{to}", u8::from(follow));
+        path_op(vm, Kind::PathLink, "link", fd, &both, |h, _| {
+            h.link(fd, &from, follow, fd2, &to)
         })
     });
     wasi!(
         l,
         "path_filestat_get",
         |m, vm, fd: u32, flags: u32, p: u32, pl: u32, out: u32| {
-            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-            let follow = flags & 1 != 0;
-            let args = args_digest(&[path.as_bytes(), &[follow as u8]]);
+            let path = guest_path(m, vm, fd, p, pl)?;
+            m.bytes(out, 64)?;
+            let follow = flags & lookupflags::SYMLINK_FOLLOW != 0;
+            let args = args_digest(&[&le(u64::from(fd)), path.as_bytes(), &[follow as u8]]);
             let st = expect!(vm, Kind::PathFilestatGet,
-            vm.event(Kind::PathFilestatGet, args, |h, _, _| h.stat(&path, follow))?,
+            vm.event(Kind::PathFilestatGet, args, |h, _, _| h.stat(fd, &path, follow))?,
             Outcome::Stat(s) => s);
             Ok(put_filestat(m, out, &st)?)
         }
@@ -565,20 +717,32 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     wasi!(
         l,
         "path_filestat_set_times",
-        |m, vm, fd: u32, _fl: u32, p: u32, pl: u32, a: u64, mt: u64, f: u32| {
-            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-            set_times(vm, Kind::PathFilestatSetTimes, &path, a, mt, f as u16)
+        |m, vm, fd: u32, fl: u32, p: u32, pl: u32, a: u64, mt: u64, f: u32| {
+            let path = guest_path(m, vm, fd, p, pl)?;
+            let flags = check_fstflags(f)?;
+            let follow = fl & lookupflags::SYMLINK_FOLLOW != 0;
+            let what = format!("{path}\0{}\0{a}\0{mt}\0{flags}", u8::from(follow));
+            path_op(
+                vm,
+                Kind::PathFilestatSetTimes,
+                "times",
+                fd,
+                &what,
+                |h, _| h.set_times(fd, &path, follow, a, mt, flags),
+            )
         }
     );
     wasi!(
         l,
         "path_readlink",
         |m, vm, fd: u32, p: u32, pl: u32, buf: u32, len: u32, out: u32| {
-            let path = vm.fds.resolve(fd, m.str(p, pl)?)?;
-            let args = args_digest(&[path.as_bytes()]);
+            let path = guest_path(m, vm, fd, p, pl)?;
+            m.bytes(buf, len)?;
+            m.bytes(out, 4)?;
+            let args = args_digest(&[&le(u64::from(fd)), path.as_bytes()]);
             let target = expect!(vm, Kind::PathReadlink,
-            vm.event(Kind::PathReadlink, args, |h, _, _| h.readlink(&path))?,
-            Outcome::Data(d) => d);
+            vm.event(Kind::PathReadlink, args, |h, _, _| h.readlink(fd, &path))?,
+            Outcome::Data(d) if d.len() <= MAX_PATH as usize => d);
             let n = target.len().min(len as usize);
             m.put(buf, &target[..n])?;
             Ok(m.put_u32(out, n as u32)?)
@@ -587,15 +751,23 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     wasi!(l, "path_open", |m,
                            vm,
                            fd: u32,
-                           _df: u32,
+                           lf: u32,
                            p: u32,
                            pl: u32,
                            of: u32,
                            rb: u64,
-                           _ri: u64,
+                           ri: u64,
                            ff: u32,
                            out: u32| {
-        path_open(m, vm, fd, p, pl, of as u16, rb, ff as u16, out)
+        let path = guest_path(m, vm, fd, p, pl)?;
+        let open = Open {
+            dirfd: fd,
+            follow: lf & lookupflags::SYMLINK_FOLLOW != 0,
+            oflags: of as u16,
+            rights: [rb, ri],
+            fdflags: ff as u16,
+        };
+        path_open(m, vm, &path, open, out)
     });
     wasi!(l, "poll_oneoff", |m,
                              vm,
@@ -606,26 +778,6 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         poll_oneoff(m, vm, subs, events, n, out)
     });
     wasi!(l, "sched_yield", |_m, _vm| Ok(()));
-    wasi!(l, "path_link", |_m,
-                           vm,
-                           _a: u32,
-                           _b: u32,
-                           _c: u32,
-                           _d: u32,
-                           _e: u32,
-                           _f: u32,
-                           _g: u32| {
-        unsupported(vm, "path_link")
-    });
-    wasi!(l, "path_symlink", |_m,
-                              vm,
-                              _a: u32,
-                              _b: u32,
-                              _c: u32,
-                              _d: u32,
-                              _e: u32| {
-        unsupported(vm, "path_symlink")
-    });
     wasi!(l, "proc_raise", |_m, vm, _s: u32| unsupported(
         vm,
         "proc_raise"
@@ -658,7 +810,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
                            out: u32| {
         let iovs = m.iovecs(iovs, n)?;
         m.bytes(out, 4)?;
-        let data = m.gather(&iovs)?;
+        let data = m.gather_at(&iovs, 0, MAX_IO)?;
         let sent = sock_write(vm, fd, &data)?;
         Ok(m.put_u32(out, sent as u32)?)
     });
@@ -719,60 +871,104 @@ fn clock_time_get(m: &mut Mem, vm: &mut Vm, id: u32, out: u32) -> Ret {
 
 fn random_get(m: &mut Mem, vm: &mut Vm, buf: u32, len: u32) -> Ret {
     m.bytes(buf, len)?;
-    let data = expect!(vm, Kind::RandomGet,
-        vm.event(Kind::RandomGet, u64::from(len), |h, _, _| h.random(len as usize))?,
-        Outcome::Data(d) if d.len() == len as usize => d);
-    Ok(m.put(buf, &data)?)
+    let len = len as usize;
+    let mut done = 0;
+    while done < len {
+        let part = (len - done).min(MAX_IO);
+        let data = expect!(vm, Kind::RandomGet,
+            vm.event(Kind::RandomGet, part as u64, |h, _, _| h.random(part))?,
+            Outcome::Data(d) if d.len() == part => d);
+        m.put(buf + done as u32, &data)?;
+        done += part;
+    }
+    Ok(())
 }
 
-/// The path of an open file, or the errno for a descriptor that is not one.
-fn file_path(vm: &Vm, fd: u32) -> Result<String, u16> {
+/// The largest read or write served in one call, as Linux's `MAX_RW_COUNT`: a larger
+/// request is answered short.
+const MAX_RW: usize = 0x7fff_f000;
+
+/// A guest path for an operation beneath directory `fd`: bounded, and only for a
+/// descriptor that is a directory.
+fn guest_path(m: &Mem, vm: &Vm, fd: u32, p: u32, pl: u32) -> Result<String, u16> {
+    vm.fds.dir_path(fd)?;
+    if pl > MAX_PATH {
+        return Err(errno::NAMETOOLONG);
+    }
+    Ok(m.str(p, pl)?.to_string())
+}
+
+/// Contradictory time flags (a time and "now" for the same stamp) are invalid.
+fn check_fstflags(f: u32) -> Result<u16, u16> {
+    let f = f as u16;
+    let both = |set, now| f & set != 0 && f & now != 0;
+    if u32::from(f) != u32::from(f & 0xf) as u32
+        || both(fstflags::ATIM, fstflags::ATIM_NOW)
+        || both(fstflags::MTIM, fstflags::MTIM_NOW)
+    {
+        return Err(errno::INVAL);
+    }
+    Ok(f)
+}
+
+/// The path and inode of an open file, or the errno for a descriptor that is not one.
+fn open_file(vm: &Vm, fd: u32) -> Result<(String, u64), u16> {
     match vm.fds.get(fd)? {
-        FdKind::File { path, .. } => Ok(path.clone()),
+        FdKind::File { path, ino, .. } => Ok((path.clone(), *ino)),
         FdKind::Dir { .. } => Err(errno::ISDIR),
         _ => Err(errno::SPIPE),
     }
 }
 
+/// The last descriptor of a set-aside file closed: its set-aside name goes, once the
+/// output rule allows (it is a change to shared storage like any other).
+fn aside_drop(vm: &mut Vm, ino: Option<u64>) -> Ret {
+    if let Some(ino) = ino {
+        expect!(vm, Kind::AsideDrop,
+            vm.event(Kind::AsideDrop, ino, |h, _, _| h.drop_aside(ino))?,
+            Outcome::Done => ());
+    }
+    Ok(())
+}
+
 fn fd_allocate(vm: &mut Vm, fd: u32, off: u64, len: u64) -> Ret {
-    let path = file_path(vm, fd)?;
+    let (path, ino) = open_file(vm, fd)?;
     let args = args_digest(&[&le(u64::from(fd)), &le(off), &le(len)]);
     expect!(vm, Kind::FdAllocate,
         vm.event(Kind::FdAllocate, args, |h, _, _| h.allocate(fd, off, len))?,
         Outcome::Done => ());
+    vm.fds.grow(ino, off.saturating_add(len));
     vm.outputs
         .add("allocate", &[path.as_bytes(), &le(off), &le(len)]);
     Ok(())
 }
 
 fn fd_sync(vm: &mut Vm, fd: u32) -> Ret {
-    let kind = vm.fds.get(fd)?.clone();
-    if !matches!(kind, FdKind::File { .. } | FdKind::Dir { .. }) {
+    if !matches!(vm.fds.get(fd)?, FdKind::File { .. } | FdKind::Dir { .. }) {
         return Err(errno::INVAL.into());
     }
     expect!(vm, Kind::FdSync,
-        vm.event(Kind::FdSync, u64::from(fd), |h, _, _| h.sync(fd, &kind))?,
+        vm.event(Kind::FdSync, u64::from(fd), |h, _, _| h.sync(fd))?,
         Outcome::Done => ());
     Ok(())
 }
 
 fn fd_fdstat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
     let kind = vm.fds.get(fd)?;
-    let (flags, rights) = match kind {
-        FdKind::File { append, .. } => (if *append { fdflags::APPEND } else { 0 }, rights::ALL),
-        FdKind::Dir { .. } => (0, rights::ALL),
-        FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => (
-            if *nonblocking { fdflags::NONBLOCK } else { 0 },
-            rights::ALL & !(rights::FD_SEEK | rights::FD_TELL),
-        ),
-        // Console descriptors are not seekable, which is how libc tells a terminal.
-        _ => (0, rights::ALL & !(rights::FD_SEEK | rights::FD_TELL)),
+    let flags = match kind {
+        FdKind::File { append, sync, .. } => sync | if *append { fdflags::APPEND } else { 0 },
+        FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => {
+            if *nonblocking { fdflags::NONBLOCK } else { 0 }
+        }
+        _ => 0,
     };
+    let filetype = kind.filetype();
+    let [base, inheriting] = vm.fds.rights(fd)?;
     let mut b = [0u8; 24];
-    b[0] = kind.filetype();
+    b[0] = filetype;
     b[2..4].copy_from_slice(&flags.to_le_bytes());
-    b[8..16].copy_from_slice(&rights.to_le_bytes());
-    b[16..24].copy_from_slice(&rights::ALL.to_le_bytes());
+    b[8..16].copy_from_slice(&base.to_le_bytes());
+    b[16..24].copy_from_slice(&inheriting.to_le_bytes());
     Ok(m.put(out, &b)?)
 }
 
@@ -794,7 +990,7 @@ fn fd_filestat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
     m.bytes(out, 64)?;
     let st = match kind {
         FdKind::File { .. } | FdKind::Dir { .. } => expect!(vm, Kind::FdFilestatGet,
-            vm.event(Kind::FdFilestatGet, u64::from(fd), |h, _, _| h.fstat(fd, &kind))?,
+            vm.event(Kind::FdFilestatGet, u64::from(fd), |h, _, _| h.fstat(fd))?,
             Outcome::Stat(s) => s),
         _ => Filestat {
             filetype: kind.filetype(),
@@ -802,175 +998,261 @@ fn fd_filestat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
             ..Filestat::default()
         },
     };
+    if let FdKind::File { ino, .. } = kind {
+        // What the host said is now what the VM knows.
+        vm.fds.resize(ino, st.size);
+    }
     Ok(put_filestat(m, out, &st)?)
 }
 
 fn fd_set_size(vm: &mut Vm, fd: u32, size: u64) -> Ret {
-    let path = file_path(vm, fd)?;
+    let (path, ino) = open_file(vm, fd)?;
     let args = args_digest(&[&le(u64::from(fd)), &le(size)]);
     expect!(vm, Kind::FdFilestatSetSize,
         vm.event(Kind::FdFilestatSetSize, args, |h, _, _| h.set_size(fd, size))?,
         Outcome::Done => ());
+    vm.fds.resize(ino, size);
     vm.outputs.add("truncate", &[path.as_bytes(), &le(size)]);
     Ok(())
 }
 
-fn set_times(vm: &mut Vm, kind: Kind, path: &str, a: u64, mt: u64, f: u16) -> Ret {
-    let args = args_digest(&[path.as_bytes(), &le(a), &le(mt), &le(u64::from(f))]);
-    expect!(vm, kind,
-        vm.event(kind, args, |h, _, _| h.set_times(path, a, mt, f))?,
-        Outcome::Done => ());
-    vm.outputs.add(
-        "times",
-        &[path.as_bytes(), &le(a), &le(mt), &le(u64::from(f))],
-    );
-    Ok(())
-}
-
-/// A directory operation on `path`: an event, and on success an output.
+/// An operation on a name beneath directory `dirfd` (`desc` says which names): an event,
+/// and on success an output. Renames and unlinks also tell the descriptor table what
+/// became of the files the guest holds open.
 fn path_op(
     vm: &mut Vm,
     kind: Kind,
     what: &str,
-    path: &str,
-    op: impl FnOnce(&mut crate::host::LiveHost) -> Outcome,
+    dirfd: u32,
+    desc: &str,
+    op: impl FnOnce(&mut crate::host::LiveHost, &crate::fdtable::FdTable) -> Outcome,
 ) -> Ret {
-    let args = args_digest(&[what.as_bytes(), path.as_bytes()]);
-    expect!(vm, kind, vm.event(kind, args, |h, _, _| op(h))?, Outcome::Done => ());
-    vm.outputs.add(what, &[path.as_bytes()]);
+    let args = args_digest(&[what.as_bytes(), &le(u64::from(dirfd)), desc.as_bytes()]);
+    match vm.event(kind, args, |h, fds, _| op(h, fds))? {
+        Outcome::Done => {}
+        Outcome::Removed { aside } if kind == Kind::PathUnlinkFile => {
+            if let Some(ino) = aside {
+                vm.fds.set_aside(ino);
+            }
+        }
+        Outcome::Moved { from, to, aside } if kind == Kind::PathRename => {
+            if let Some(ino) = aside {
+                vm.fds.set_aside(ino);
+            }
+            vm.fds.moved(&from, &to);
+        }
+        Outcome::Errno(e) => return Err(e.into()),
+        other => return Err(Stop::Fault(vm.unexpected(kind, &other))),
+    }
+    vm.outputs
+        .add(what, &[&le(u64::from(dirfd)), desc.as_bytes()]);
     Ok(())
+}
+
+/// Read up to `len` bytes in parts of at most [`MAX_IO`], each its own event, scattering
+/// them into `iovs`; a short part ends the read, as it would natively.
+fn read_parts(
+    m: &mut Mem,
+    vm: &mut Vm,
+    iovs: &[(u32, u32)],
+    len: usize,
+    kind: Kind,
+    mut part: impl FnMut(&mut Vm, usize, usize) -> Result<Vec<u8>, Stop>,
+) -> Result<usize, Stop> {
+    let _ = kind;
+    let mut done = 0;
+    while done < len {
+        let want = (len - done).min(MAX_IO);
+        let data = match part(vm, done, want) {
+            Ok(d) => d,
+            Err(Stop::Errno(_)) if done > 0 => break,
+            Err(e) => return Err(e),
+        };
+        m.scatter_at(iovs, done, &data)?;
+        done += data.len();
+        if data.len() < want {
+            break;
+        }
+    }
+    Ok(done)
 }
 
 fn fd_read(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Ret {
     let iovs = m.iovecs(iovs, n)?;
     let len = total_len(&iovs);
     m.bytes(out, 4)?;
-    let (offset, stdin) = match vm.fds.get(fd)? {
+    let (offset, ino) = match vm.fds.get(fd)? {
         FdKind::Socket { .. } => {
-            let data = sock_read(vm, fd, len, false)?;
+            let data = sock_read(vm, fd, len.min(MAX_IO), false)?;
             m.scatter(&iovs, &data)?;
             return Ok(m.put_u32(out, data.len() as u32)?);
         }
         FdKind::Listener { .. } => return Err(errno::INVAL.into()),
-        FdKind::Stdin => (0, true),
+        FdKind::Stdin => {
+            let want = len.min(MAX_IO);
+            let args = args_digest(&[&le(u64::from(fd)), &le(want as u64)]);
+            let data = expect!(vm, Kind::FdRead,
+                vm.event(Kind::FdRead, args, |h, _, _| h.read_stdin(want))?,
+                Outcome::Data(d) if d.len() <= want => d);
+            m.scatter(&iovs, &data)?;
+            return Ok(m.put_u32(out, data.len() as u32)?);
+        }
         FdKind::File {
-            offset, read: true, ..
-        } => (*offset, false),
+            offset,
+            read: true,
+            ino,
+            ..
+        } => (*offset, *ino),
         FdKind::File { .. } | FdKind::Stdout | FdKind::Stderr => return Err(errno::BADF.into()),
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
     };
-    let args = args_digest(&[&le(u64::from(fd)), &le(len as u64)]);
-    let data = expect!(vm, Kind::FdRead,
-        vm.event(Kind::FdRead, args, |h, _, _| if stdin { h.read_stdin(len) } else { h.read_at(fd, offset, len) })?,
-        Outcome::Data(d) if d.len() <= len => d);
+    let _ = ino;
+    let got = read_parts(m, vm, &iovs, len, Kind::FdRead, |vm, done, want| {
+        let at = offset + done as u64;
+        let args = args_digest(&[&le(u64::from(fd)), &le(want as u64)]);
+        Ok(expect!(vm, Kind::FdRead,
+            vm.event(Kind::FdRead, args, |h, _, _| h.read_at(fd, at, want))?,
+            Outcome::Data(d) if d.len() <= want => d))
+    })?;
     if let Ok(FdKind::File { offset, .. }) = vm.fds.get_mut(fd) {
-        *offset += data.len() as u64;
+        *offset += got as u64;
     }
-    m.scatter(&iovs, &data)?;
-    Ok(m.put_u32(out, data.len() as u32)?)
+    Ok(m.put_u32(out, got as u32)?)
 }
 
 fn fd_pread(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out: u32) -> Ret {
     let iovs = m.iovecs(iovs, n)?;
     let len = total_len(&iovs);
     m.bytes(out, 4)?;
-    file_path(vm, fd)?;
-    let args = args_digest(&[&le(u64::from(fd)), &le(off), &le(len as u64)]);
-    let data = expect!(vm, Kind::FdPread,
-        vm.event(Kind::FdPread, args, |h, _, _| h.read_at(fd, off, len))?,
-        Outcome::Data(d) if d.len() <= len => d);
-    m.scatter(&iovs, &data)?;
-    Ok(m.put_u32(out, data.len() as u32)?)
+    match vm.fds.get(fd)? {
+        FdKind::File { read: true, .. } => {}
+        FdKind::File { .. } => return Err(errno::BADF.into()),
+        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
+        _ => return Err(errno::SPIPE.into()),
+    }
+    let got = read_parts(m, vm, &iovs, len, Kind::FdPread, |vm, done, want| {
+        let at = off.saturating_add(done as u64);
+        let args = args_digest(&[&le(u64::from(fd)), &le(at), &le(want as u64)]);
+        Ok(expect!(vm, Kind::FdPread,
+            vm.event(Kind::FdPread, args, |h, _, _| h.read_at(fd, at, want))?,
+            Outcome::Data(d) if d.len() <= want => d))
+    })?;
+    Ok(m.put_u32(out, got as u32)?)
+}
+
+/// Write the guest's `iovs` to open file `fd` in parts of at most [`MAX_IO`], each its
+/// own event: at `at` (pwrite) or at the descriptor's offset, or for an append at the end
+/// the VM knows. Returns the bytes written; an error after some were is a short write.
+fn write_file(
+    m: &Mem,
+    vm: &mut Vm,
+    fd: u32,
+    iovs: &[(u32, u32)],
+    at: Option<u64>,
+) -> Result<usize, Stop> {
+    let (path, ino, offset, append) = match vm.fds.get(fd)? {
+        FdKind::File {
+            path,
+            ino,
+            offset,
+            write: true,
+            append,
+            ..
+        } => (path.clone(), *ino, *offset, *append),
+        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
+        FdKind::File { .. } => return Err(errno::BADF.into()),
+        _ if at.is_some() => return Err(errno::SPIPE.into()),
+        _ => return Err(errno::BADF.into()),
+    };
+    let len = total_len(iovs);
+    let mut done = 0;
+    let mut position = at.unwrap_or(offset);
+    loop {
+        let data = m.gather_at(iovs, done, MAX_IO)?;
+        // Appends go to the file's end: every change of its size went through this VM, so
+        // the end it knows is the end, and writing there again is idempotent. (Linux
+        // appends a pwrite on an append descriptor too.)
+        let start = if append {
+            vm.fds.size_of(ino)
+        } else {
+            position
+        };
+        let args = args_digest(&[&le(u64::from(fd)), &le(start), &le(data.len() as u64)]);
+        let outcome = vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, start, &data));
+        let (written, end) = match outcome? {
+            Outcome::Written { n, offset } if n as usize <= data.len() => (n as usize, offset),
+            Outcome::Errno(_) if done > 0 => break,
+            Outcome::Errno(e) => return Err(e.into()),
+            other => return Err(Stop::Fault(vm.unexpected(Kind::FdWrite, &other))),
+        };
+        vm.fds.grow(ino, end);
+        vm.outputs
+            .add("write", &[path.as_bytes(), &le(start), &data[..written]]);
+        done += written;
+        position = end;
+        if written < data.len() || done >= len {
+            break;
+        }
+    }
+    if at.is_none()
+        && let Ok(FdKind::File { offset, .. }) = vm.fds.get_mut(fd)
+    {
+        *offset = position;
+    }
+    Ok(done)
 }
 
 fn fd_write(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Ret {
     let iovs = m.iovecs(iovs, n)?;
     m.bytes(out, 4)?;
-    let data = m.gather(&iovs)?;
-    let (path, at) = match vm.fds.get(fd)? {
+    let written = match vm.fds.get(fd)? {
         FdKind::Stdout | FdKind::Stderr => {
             // Console output is an output, not an input: it always succeeds in full.
-            vm.outputs.add("console", &[&le(u64::from(fd)), &data]);
-            if let crate::vm::Inputs::Live { port, .. } = &mut vm.inputs {
-                port.console(vm.seq, fd, &data);
+            let len = total_len(&iovs);
+            let mut done = 0;
+            while done < len {
+                let data = m.gather_at(&iovs, done, MAX_IO)?;
+                vm.outputs.add("console", &[&le(u64::from(fd)), &data]);
+                if let crate::vm::Inputs::Live { port, .. } = &mut vm.inputs {
+                    port.console(vm.seq, fd, &data);
+                }
+                done += data.len();
             }
-            return Ok(m.put_u32(out, data.len() as u32)?);
+            done
         }
-        // Appends are positional too, at the end the VM knows of: a copy going live that
-        // writes again what its predecessor may already have written writes the same
-        // bytes in the same place, never twice.
-        FdKind::File {
-            path,
-            offset,
-            write: true,
-            append,
-            append_at,
-            ..
-        } => (path.clone(), if *append { *append_at } else { *offset }),
-        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
-        _ => return Err(errno::BADF.into()),
+        FdKind::Socket { .. } => {
+            let data = m.gather_at(&iovs, 0, MAX_IO)?;
+            sock_write(vm, fd, &data)?
+        }
+        _ => write_file(m, vm, fd, &iovs, None)?,
     };
-    // The data itself is an output: the next event's output digest checks it.
-    let args = args_digest(&[&le(u64::from(fd)), &le(data.len() as u64)]);
-    let (written, end) = expect!(vm, Kind::FdWrite,
-        vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, at, &data))?,
-        Outcome::Written { n, offset } if n as usize <= data.len() => (n, offset));
-    if let Ok(FdKind::File {
-        offset,
-        append,
-        append_at,
-        ..
-    }) = vm.fds.get_mut(fd)
-    {
-        *offset = end;
-        if *append {
-            *append_at = end;
-        }
-    }
-    let start = end.saturating_sub(u64::from(written));
-    vm.outputs.add(
-        "write",
-        &[path.as_bytes(), &le(start), &data[..written as usize]],
-    );
-    Ok(m.put_u32(out, written)?)
+    Ok(m.put_u32(out, written as u32)?)
 }
 
 fn fd_pwrite(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out: u32) -> Ret {
     let iovs = m.iovecs(iovs, n)?;
     m.bytes(out, 4)?;
-    let data = m.gather(&iovs)?;
-    let path = match vm.fds.get(fd)? {
-        FdKind::File {
-            path, write: true, ..
-        } => path.clone(),
-        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
-        FdKind::File { .. } => return Err(errno::BADF.into()),
-        _ => return Err(errno::SPIPE.into()),
-    };
-    let args = args_digest(&[&le(u64::from(fd)), &le(off), &le(data.len() as u64)]);
-    let written = expect!(vm, Kind::FdPwrite,
-        vm.event(Kind::FdPwrite, args, |h, _, _| h.write_at(fd, off, &data))?,
-        Outcome::Written { n, .. } if n as usize <= data.len() => n);
-    vm.outputs.add(
-        "write",
-        &[path.as_bytes(), &le(off), &data[..written as usize]],
-    );
-    Ok(m.put_u32(out, written)?)
+    let written = write_file(m, vm, fd, &iovs, Some(off))?;
+    Ok(m.put_u32(out, written as u32)?)
 }
 
 fn fd_seek(m: &mut Mem, vm: &mut Vm, fd: u32, delta: i64, whence: u32, out: u32) -> Ret {
     m.bytes(out, 8)?;
-    let cur = match vm.fds.get(fd)? {
-        FdKind::File { offset, .. } => *offset,
+    let (cur, ino) = match vm.fds.get(fd)? {
+        FdKind::File { offset, ino, .. } => (*offset, *ino),
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
         _ => return Err(errno::SPIPE.into()),
     };
     let base = match whence {
         0 => 0,
         1 => cur,
-        2 => expect!(vm, Kind::FdSeekEnd,
-            vm.event(Kind::FdSeekEnd, u64::from(fd), |h, _, _| h.file_size(fd))?,
-            Outcome::Value(v) => v),
+        2 => {
+            let size = expect!(vm, Kind::FdSeekEnd,
+                vm.event(Kind::FdSeekEnd, u64::from(fd), |h, _, _| h.file_size(fd))?,
+                Outcome::Value(v) => v);
+            vm.fds.resize(ino, size);
+            size
+        }
         _ => return Err(errno::INVAL.into()),
     };
     let new = i128::from(base) + i128::from(delta);
@@ -986,62 +1268,73 @@ fn fd_seek(m: &mut Mem, vm: &mut Vm, fd: u32, delta: i64, whence: u32, out: u32)
 fn fd_readdir(m: &mut Mem, vm: &mut Vm, fd: u32, buf: u32, len: u32, cookie: u64, out: u32) -> Ret {
     m.bytes(buf, len)?;
     m.bytes(out, 4)?;
-    let path = vm.fds.dir_path(fd)?.to_string();
-    let args = args_digest(&[path.as_bytes(), &le(cookie), &le(u64::from(len))]);
+    vm.fds.dir_path(fd)?;
+    // A listing is one event, bounded like any other: a buffer larger than that is
+    // filled up to the bound.
+    let want = (len as usize).min(MAX_IO);
+    let args = args_digest(&[&le(u64::from(fd)), &le(cookie), &le(want as u64)]);
     let data = expect!(vm, Kind::FdReaddir,
-        vm.event(Kind::FdReaddir, args, |h, _, _| h.readdir(&path, cookie, len as usize))?,
-        Outcome::Data(d) if d.len() <= len as usize => d);
+        vm.event(Kind::FdReaddir, args, |h, _, _| h.readdir(fd, cookie, want))?,
+        Outcome::Data(d) if d.len() <= want => d);
     m.put(buf, &data)?;
     Ok(m.put_u32(out, data.len() as u32)?)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn path_open(
-    m: &mut Mem,
-    vm: &mut Vm,
+/// A decoded `path_open` call.
+struct Open {
     dirfd: u32,
-    p: u32,
-    pl: u32,
-    of: u16,
-    rights_base: u64,
-    ff: u16,
-    out: u32,
-) -> Ret {
-    let path = vm.fds.resolve(dirfd, m.str(p, pl)?)?;
+    follow: bool,
+    oflags: u16,
+    rights: [u64; 2],
+    fdflags: u16,
+}
+
+fn path_open(m: &mut Mem, vm: &mut Vm, path: &str, o: Open, out: u32) -> Ret {
     m.bytes(out, 4)?;
+    let [rights_base, rights_inheriting] = o.rights;
+    let append = o.fdflags & fdflags::APPEND != 0;
     let read = rights_base & rights::FD_READ != 0;
-    let write = rights_base & rights::FD_WRITE != 0 || ff & fdflags::APPEND != 0;
-    let append = ff & fdflags::APPEND != 0;
+    let write = rights_base & rights::FD_WRITE != 0 || append;
     let fd = vm.fds.lowest_free()?;
+    let flags = crate::datastore::open_flags(o.oflags, o.fdflags, read, write, o.follow);
     let args = args_digest(&[
+        &le(u64::from(o.dirfd)),
         path.as_bytes(),
-        &le(u64::from(of)),
-        &[read as u8, write as u8, append as u8],
+        &le(flags as u64),
         &le(u64::from(fd)),
     ]);
-    let (ft, size) = expect!(vm, Kind::PathOpen,
-        vm.event(Kind::PathOpen, args, |h, _, _| h.open(fd, &path, of, read, write))?,
-        Outcome::Opened { filetype, size } => (filetype, size));
-    if of & (oflags::CREAT | oflags::TRUNC) != 0 {
+    let dirfd = o.dirfd;
+    let (ft, size, ino, kpath) = expect!(vm, Kind::PathOpen,
+        vm.event(Kind::PathOpen, args, |h, _, _| h.open(dirfd, path, flags, fd))?,
+        Outcome::Opened { filetype, size, ino, path } => (filetype, size, ino, path));
+    if o.oflags & (oflags::CREAT | oflags::TRUNC) != 0 {
         vm.outputs
-            .add("open", &[path.as_bytes(), &le(u64::from(of))]);
+            .add("open", &[path.as_bytes(), &le(u64::from(o.oflags))]);
     }
     let kind = if ft == filetype::DIRECTORY {
         FdKind::Dir {
-            path,
+            path: kpath,
             preopen: None,
+            ino,
         }
     } else {
         FdKind::File {
-            path,
+            path: kpath,
+            ino,
             offset: 0,
             read: read || !write,
             write,
             append,
-            append_at: size,
+            sync: o.fdflags & (fdflags::DSYNC | fdflags::RSYNC | fdflags::SYNC),
+            aside: false,
         }
     };
-    vm.fds.insert(fd, kind);
+    let [kind_base, _] = rights::of_kind(&kind);
+    let rights = [
+        rights_base & kind_base,
+        rights_inheriting & (rights::DIRECTORY | rights::FILE),
+    ];
+    vm.fds.insert_file(fd, kind, size, rights);
     Ok(m.put_u32(out, fd)?)
 }
 
@@ -1061,12 +1354,10 @@ enum Sub {
 }
 
 fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u32) -> Ret {
-    if n == 0 {
+    if n == 0 || n > MAX_SUBSCRIPTIONS {
         return Err(errno::INVAL.into());
     }
-    let raw = m
-        .bytes(subs, n.checked_mul(48).ok_or(errno::FAULT)?)?
-        .to_vec();
+    let raw = m.bytes(subs, n * 48)?.to_vec();
     m.bytes(events, n * 32)?;
     m.bytes(out, 4)?;
     let mut parsed = Vec::with_capacity(n as usize);
@@ -1075,6 +1366,10 @@ fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u3
         let u32_at = |i: usize| u32::from_le_bytes(s[i..i + 4].try_into().unwrap_or([0; 4]));
         let userdata = u64_at(0);
         parsed.push(match s[8] {
+            // A clock the VM does not have can never fire.
+            eventtype::CLOCK if u32_at(16) > clockid::THREAD_CPUTIME => {
+                return Err(errno::INVAL.into());
+            }
             eventtype::CLOCK => Sub::Clock {
                 userdata,
                 id: u32_at(16),
