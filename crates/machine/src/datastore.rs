@@ -677,6 +677,8 @@ impl LiveHost {
     pub fn drop_aside(&self, ino: u64) -> Outcome {
         if let Some(aside) = self.root.as_ref().and_then(|r| r.aside.as_ref()) {
             let _ = std::fs::remove_file(aside.join(ino.to_string()));
+            // Only removed when nothing else is set aside.
+            let _ = std::fs::remove_dir(aside);
         }
         Outcome::Done
     }

@@ -900,15 +900,14 @@ fn guest_path(m: &Mem, vm: &Vm, fd: u32, p: u32, pl: u32) -> Result<String, u16>
 
 /// Contradictory time flags (a time and "now" for the same stamp) are invalid.
 fn check_fstflags(f: u32) -> Result<u16, u16> {
-    let f = f as u16;
-    let both = |set, now| f & set != 0 && f & now != 0;
-    if u32::from(f) != u32::from(f & 0xf) as u32
+    let both = |set: u16, now: u16| f & u32::from(set) != 0 && f & u32::from(now) != 0;
+    if f > 0xf
         || both(fstflags::ATIM, fstflags::ATIM_NOW)
         || both(fstflags::MTIM, fstflags::MTIM_NOW)
     {
         return Err(errno::INVAL);
     }
-    Ok(f)
+    Ok(f as u16)
 }
 
 /// The path and inode of an open file, or the errno for a descriptor that is not one.
@@ -957,9 +956,12 @@ fn fd_fdstat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
     let kind = vm.fds.get(fd)?;
     let flags = match kind {
         FdKind::File { append, sync, .. } => sync | if *append { fdflags::APPEND } else { 0 },
-        FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => {
-            if *nonblocking { fdflags::NONBLOCK } else { 0 }
+        FdKind::Socket {
+            nonblocking: true, ..
         }
+        | FdKind::Listener {
+            nonblocking: true, ..
+        } => fdflags::NONBLOCK,
         _ => 0,
     };
     let filetype = kind.filetype();
@@ -1056,10 +1058,8 @@ fn read_parts(
     vm: &mut Vm,
     iovs: &[(u32, u32)],
     len: usize,
-    kind: Kind,
     mut part: impl FnMut(&mut Vm, usize, usize) -> Result<Vec<u8>, Stop>,
 ) -> Result<usize, Stop> {
-    let _ = kind;
     let mut done = 0;
     while done < len {
         let want = (len - done).min(MAX_IO);
@@ -1081,7 +1081,7 @@ fn fd_read(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Re
     let iovs = m.iovecs(iovs, n)?;
     let len = total_len(&iovs);
     m.bytes(out, 4)?;
-    let (offset, ino) = match vm.fds.get(fd)? {
+    let offset = match vm.fds.get(fd)? {
         FdKind::Socket { .. } => {
             let data = sock_read(vm, fd, len.min(MAX_IO), false)?;
             m.scatter(&iovs, &data)?;
@@ -1098,16 +1098,12 @@ fn fd_read(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Re
             return Ok(m.put_u32(out, data.len() as u32)?);
         }
         FdKind::File {
-            offset,
-            read: true,
-            ino,
-            ..
-        } => (*offset, *ino),
+            offset, read: true, ..
+        } => *offset,
         FdKind::File { .. } | FdKind::Stdout | FdKind::Stderr => return Err(errno::BADF.into()),
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
     };
-    let _ = ino;
-    let got = read_parts(m, vm, &iovs, len, Kind::FdRead, |vm, done, want| {
+    let got = read_parts(m, vm, &iovs, len, |vm, done, want| {
         let at = offset + done as u64;
         let args = args_digest(&[&le(u64::from(fd)), &le(want as u64)]);
         Ok(expect!(vm, Kind::FdRead,
@@ -1130,7 +1126,7 @@ fn fd_pread(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out:
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
         _ => return Err(errno::SPIPE.into()),
     }
-    let got = read_parts(m, vm, &iovs, len, Kind::FdPread, |vm, done, want| {
+    let got = read_parts(m, vm, &iovs, len, |vm, done, want| {
         let at = off.saturating_add(done as u64);
         let args = args_digest(&[&le(u64::from(fd)), &le(at), &le(want as u64)]);
         Ok(expect!(vm, Kind::FdPread,
