@@ -635,6 +635,8 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
         }),
     };
     let report = machine.run(spec, inputs)?;
+    // Ended with the primary: make sure it heard so before the channel closes.
+    secondary.finish(std::time::Duration::from_secs(2));
     Ok(exit_code(&report.exit))
 }
 

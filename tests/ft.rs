@@ -646,13 +646,17 @@ impl BigRead {
                 && lines[1].starts_with(&read)
                 && lines[1].ends_with(&sum)
                 && lines[2] == "bigread: done",
-            "the guest's output, once and in full, was expected:\n{plog}"
+            "the guest's output, once and in full, was expected:\n{plog}\nsecondary:\n{slog}"
         );
         assert!(plog.contains("VM PROTECTED"), "never protected:\n{plog}");
         assert!(!slog.contains("bigread:"), "the secondary printed:\n{slog}");
         let gens = arbitration(&self.shared.join(&self.vm));
         assert_never_live(&slog, &gens);
-        assert_eq!(gens.len(), 1, "nobody needed arbitration: {gens:?}");
+        assert_eq!(
+            gens.len(),
+            1,
+            "nobody needed arbitration: {gens:?}\nprimary:\n{plog}\nsecondary:\n{slog}"
+        );
         let status =
             std::fs::read_to_string(self.shared.join(&self.vm).join("status")).unwrap_or_default();
         assert!(

@@ -36,6 +36,9 @@ struct State {
     executed: u64,
     end: Option<End>,
     verdict: Option<Verdict>,
+    /// The end's confirmation was sent, or can no longer be (the channel broke).
+    end_confirmed: bool,
+    acknowledger_gone: bool,
 }
 
 struct Shared {
@@ -108,6 +111,8 @@ impl Secondary {
                 executed: 0,
                 end: None,
                 verdict: None,
+                end_confirmed: false,
+                acknowledger_gone: false,
             }),
             cv: Condvar::new(),
         });
@@ -121,7 +126,11 @@ impl Secondary {
         let heartbeat = config.heartbeat;
         std::thread::Builder::new()
             .name("ft-ack".into())
-            .spawn(move || acknowledge(s, writer, heartbeat))
+            .spawn(move || {
+                acknowledge(&s, writer, heartbeat);
+                s.lock().acknowledger_gone = true;
+                s.cv.notify_all();
+            })
             .map_err(io_err("start the acknowledger"))?;
         let s = shared.clone();
         std::thread::Builder::new()
@@ -155,6 +164,26 @@ impl Secondary {
 
     pub fn source(&self) -> SecondarySource {
         SecondarySource(self.shared.clone())
+    }
+
+    /// The replay ended: wait (at most `limit`) until the primary was told that this copy
+    /// holds the end, so that the process does not exit (closing the channel) before the
+    /// primary heard it: the primary would take that for a lost secondary.
+    pub fn finish(&self, limit: Duration) {
+        let s = &self.shared;
+        let deadline = Instant::now() + limit;
+        let mut st = s.lock();
+        while st.end.is_some() && !st.end_confirmed && !st.acknowledger_gone {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = s
+                .cv
+                .wait_timeout(st, left)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 }
 
@@ -255,7 +284,7 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
     s.cv.notify_all();
 }
 
-fn acknowledge(s: Arc<Shared>, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
+fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     let mut last = (u64::MAX, u64::MAX);
     let mut end_confirmed = false;
     loop {
@@ -295,7 +324,11 @@ fn acknowledge(s: Arc<Shared>, mut w: FrameWriter<TcpStream>, heartbeat: Duratio
             // The receiver notices a broken channel and decides (unless it holds the end).
             return;
         }
-        end_confirmed |= end.is_some();
+        if end.is_some() {
+            end_confirmed = true;
+            s.lock().end_confirmed = true;
+            s.cv.notify_all();
+        }
     }
 }
 
