@@ -750,7 +750,8 @@ fn sigterm_to_a_protected_primary_stops_the_vm_on_both_copies() {
 }
 
 /// A kvd with a history of about 15 MB and two acknowledged writes; FT enabled over a
-/// logging link slowed to 8 Mbit/s, so that the history is still in transit a second later.
+/// logging link slowed to 8 Mbit/s (a token bucket), so that the history is still in
+/// transit a second later.
 fn secondary_in_catch_up(tag: &str) -> Ft {
     let mut ft = Ft::start_primary(tag);
     let bench = ft.lab.client(
@@ -774,10 +775,14 @@ fn secondary_in_catch_up(tag: &str) -> Ft {
     assert_eq!(ft.cli(&["INCR", "acked"]), "1");
     let slow = Command::new("ip")
         .args(["netns", "exec", &ft.lab.ns("host1"), "tc", "qdisc", "add"])
-        .args(["dev", "log0", "root", "netem", "rate", "8mbit"])
+        .args(["dev", "log0", "root", "tbf", "rate", "8mbit"])
+        .args(["burst", "32kbit", "latency", "500ms"])
         .status()
         .unwrap();
-    assert!(slow.success(), "tc netem");
+    assert!(
+        slow.success(),
+        "tc qdisc tbf (the kernel has no netem here)"
+    );
     ft.start_secondary();
     let own = ft.shared.join(&ft.vm).join("status.secondary");
     let deadline = Instant::now() + Duration::from_secs(10);

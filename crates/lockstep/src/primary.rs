@@ -309,13 +309,14 @@ impl Primary {
             if secondary_done && outputs_done {
                 break;
             }
-            if !secondary_done && start.elapsed() >= wait {
-                if let Some(conn) = st.attached {
-                    drop(st);
-                    s.lose_secondary(conn, "it did not confirm the end in time");
-                    st = s.lock();
-                    continue;
-                }
+            if !secondary_done
+                && start.elapsed() >= wait
+                && let Some(conn) = st.attached
+            {
+                drop(st);
+                s.lose_secondary(conn, "it did not confirm the end in time");
+                st = s.lock();
+                continue;
             }
             if secondary_done && start.elapsed() >= wait * 2 {
                 tracing::error!("held outputs still unwritten at the end; giving up on them");

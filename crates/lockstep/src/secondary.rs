@@ -178,11 +178,10 @@ impl Secondary {
             if left.is_zero() {
                 break;
             }
-            st = s
-                .cv
-                .wait_timeout(st, left)
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st =
+                s.cv.wait_timeout(st, left)
+                    .map(|r| r.0)
+                    .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 }
