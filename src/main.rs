@@ -80,11 +80,37 @@ struct FtArgs {
     timeout_ms: u64,
 }
 
+/// The largest heartbeat interval or failure timeout accepted, in milliseconds.
+const MAX_FT_MS: u64 = 60_000;
+/// The longest a secondary keeps trying to reach its primary: a day.
+const MAX_WAIT_SECS: u64 = 86_400;
+
 impl FtArgs {
+    /// The checked arguments: `--vm` a plain name, `--shared` an existing folder, the
+    /// timings in range (checked arithmetic: no value may pass a check by overflow).
     fn config(&self) -> Result<lockstep::FtConfig, Failure> {
-        if self.heartbeat_ms == 0 || self.timeout_ms < 2 * self.heartbeat_ms {
+        check_vm_name(&self.vm)?;
+        if !self.shared.is_dir() {
             return Err(bad(format!(
-                "--timeout-ms {} must be at least twice --heartbeat-ms {} (and the heartbeat above 0)",
+                "--shared {}: no such folder (shared storage must exist)",
+                self.shared.display()
+            )));
+        }
+        for (flag, v) in [
+            ("--heartbeat-ms", self.heartbeat_ms),
+            ("--timeout-ms", self.timeout_ms),
+        ] {
+            if v == 0 || v > MAX_FT_MS {
+                return Err(bad(format!("{flag} {v} is outside 1..={MAX_FT_MS}")));
+            }
+        }
+        if self
+            .heartbeat_ms
+            .checked_mul(2)
+            .is_none_or(|twice| self.timeout_ms < twice)
+        {
+            return Err(bad(format!(
+                "--timeout-ms {} must be at least twice --heartbeat-ms {}",
                 self.timeout_ms, self.heartbeat_ms
             )));
         }
@@ -93,6 +119,24 @@ impl FtArgs {
             timeout: std::time::Duration::from_millis(self.timeout_ms),
             ..lockstep::FtConfig::default()
         })
+    }
+}
+
+/// A VM's name names its folder below --shared: a plain name, so that the pair key and the
+/// arbitration records stay inside shared storage.
+fn check_vm_name(vm: &str) -> Result<(), Failure> {
+    let plain = !vm.is_empty()
+        && vm.len() <= 64
+        && !vm.starts_with('.')
+        && vm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if plain {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "--vm {vm:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
     }
 }
 
@@ -123,7 +167,7 @@ struct FtSecondaryArgs {
     /// The bridge the VM's NIC joins on this host when this copy goes live.
     #[arg(long, value_name = "BR")]
     bridge: Option<String>,
-    /// How long to keep trying to reach the primary.
+    /// How long to keep trying to reach the primary (at most a day).
     #[arg(long, default_value_t = 10)]
     wait_secs: u64,
 }
@@ -538,7 +582,13 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         return Ok(4);
     }
     let report = result?;
-    primary.drain(std::time::Duration::from_secs(2));
+    // Stopping is not failing: the secondary confirms the end (or is fenced off) and every
+    // held output is written before this process exits.
+    primary.finish();
+    if let Some(why) = primary.halted() {
+        eprintln!("tandem: halted: {why}");
+        return Ok(4);
+    }
     Ok(exit_code(&report.exit))
 }
 
@@ -546,6 +596,12 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
 fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
     check_datastore(a.datastore.as_deref())?;
     let config = a.ft.config()?;
+    if a.wait_secs > MAX_WAIT_SECS {
+        return Err(bad(format!(
+            "--wait-secs {} is over a day ({MAX_WAIT_SECS})",
+            a.wait_secs
+        )));
+    }
     let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
     let secondary = lockstep::secondary::Secondary::connect(
         dir,
@@ -579,6 +635,8 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
         }),
     };
     let report = machine.run(spec, inputs)?;
+    // Ended with the primary: make sure it heard so before the channel closes.
+    secondary.finish(std::time::Duration::from_secs(2));
     Ok(exit_code(&report.exit))
 }
 

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Lab, guest, s, tandem};
+use common::{Lab, Run, guest, s, tandem};
 
 const LOG_ADDR: &str = "10.78.0.11:7000";
 const NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
@@ -19,13 +19,20 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 struct Ft {
     lab: Lab,
     shared: std::path::PathBuf,
+    /// The VM's name: its folder below `shared`.
+    vm: String,
     primary: usize,
     secondary: usize,
 }
 
 impl Ft {
     fn start(tag: &str) -> Ft {
-        let mut ft = Ft::start_primary(tag);
+        Ft::start_in(Lab::up(tag, 2), "kvd")
+    }
+
+    /// A protected kvd named `vm` in an existing lab.
+    fn start_in(lab: Lab, vm: &str) -> Ft {
+        let mut ft = Ft::start_primary_in(lab, vm);
         ft.start_secondary();
         ft.lab
             .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
@@ -35,9 +42,12 @@ impl Ft {
 
     /// Only the primary: an unprotected VM, FT to be enabled later.
     fn start_primary(tag: &str) -> Ft {
-        let mut lab = Lab::up(tag, 2);
+        Ft::start_primary_in(Lab::up(tag, 2), "kvd")
+    }
+
+    fn start_primary_in(mut lab: Lab, vm: &str) -> Ft {
         let shared = std::path::PathBuf::from(format!("/tmp/{}-shared", lab.name));
-        let data = shared.join("kvd/data");
+        let data = shared.join(vm).join("data");
         std::fs::create_dir_all(&data).unwrap();
         let kvd = guest("kvd.wasm");
         let primary = lab.start_vm(
@@ -46,7 +56,7 @@ impl Ft {
                 "ft",
                 "primary",
                 "--vm",
-                "kvd",
+                vm,
                 "--shared",
                 s(&shared),
                 "--log-listen",
@@ -60,11 +70,12 @@ impl Ft {
                 "--listen",
                 "tcp:6379",
             ],
-            &shared.join("primary.out"),
+            &shared.join(format!("{vm}.primary.out")),
         );
         let ft = Ft {
             lab,
             shared,
+            vm: vm.to_string(),
             primary,
             secondary: usize::MAX,
         };
@@ -76,14 +87,14 @@ impl Ft {
     /// Enable FT: a secondary on host2 catches up from the primary's log, then follows.
     fn start_secondary(&mut self) {
         let kvd = guest("kvd.wasm");
-        let data = self.shared.join("kvd/data");
+        let data = self.shared.join(&self.vm).join("data");
         self.secondary = self.lab.start_vm(
             2,
             &[
                 "ft",
                 "secondary",
                 "--vm",
-                "kvd",
+                &self.vm,
                 "--shared",
                 s(&self.shared),
                 "--primary",
@@ -95,16 +106,23 @@ impl Ft {
                 "--bridge",
                 "br-vm",
             ],
-            &self.shared.join("secondary.out"),
+            &self.shared.join(format!("{}.secondary.out", self.vm)),
         );
     }
 
+    /// The VM's status: written only by its live copy.
     fn status(&self) -> String {
-        std::fs::read_to_string(self.shared.join("kvd/status")).unwrap_or_default()
+        std::fs::read_to_string(self.shared.join(&self.vm).join("status")).unwrap_or_default()
     }
 
     fn log(&self, who: &str) -> String {
-        std::fs::read_to_string(self.shared.join(format!("{who}.out"))).unwrap_or_default()
+        std::fs::read_to_string(self.shared.join(format!("{}.{who}.out", self.vm)))
+            .unwrap_or_default()
+    }
+
+    /// The holders of the VM's arbitration records, by generation.
+    fn generations(&self) -> Vec<(String, String)> {
+        arbitration(&self.shared.join(&self.vm))
     }
 
     fn wait_status(&self, want: &str, limit: Duration) {
@@ -468,4 +486,468 @@ fn enabling_ft_on_a_running_vm_catches_up_and_protects_it() {
     }
     assert_eq!(ft.cli(&["GET", "before"]), "enable");
     assert!(ft.running(ft.secondary));
+}
+
+/// Every `gen-N` record in a VM folder's arbitration folder, with its holder, by generation.
+fn arbitration(vm_dir: &std::path::Path) -> Vec<(String, String)> {
+    let mut gens: Vec<(String, String)> = std::fs::read_dir(vm_dir.join("arbitration"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| {
+                    let holder = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    (e.file_name().to_string_lossy().into_owned(), holder)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    gens.sort();
+    gens
+}
+
+/// Wait (bounded) for VM process `i` to exit; its exit code.
+fn wait_exit(lab: &mut Lab, i: usize, limit: Duration, what: &str) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(code) = lab.exited(i) {
+            return code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A copy that never went live: it claimed no generation and never switched to live inputs.
+fn assert_never_live(secondary_log: &str, gens: &[(String, String)]) {
+    assert!(
+        !secondary_log.contains("went live") && !secondary_log.contains("won arbitration"),
+        "the secondary went live:\n{secondary_log}"
+    );
+    assert!(
+        gens.iter().all(|(_, holder)| !holder.contains("secondary")),
+        "the secondary claimed a generation: {gens:?}\n{secondary_log}"
+    );
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// One bigread VM under FT in `lab`: the primary on host1, the secondary on host2.
+struct BigRead {
+    shared: std::path::PathBuf,
+    vm: String,
+    input: Vec<u8>,
+    primary: usize,
+    secondary: usize,
+}
+
+impl BigRead {
+    /// Run bigread over `input` in `chunk`-byte reads, sleeping `sleep_ms` before it prints
+    /// and exits with `code`. The secondary starts `secondary_after` the primary, or (None)
+    /// first, retrying until the primary listens.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        lab: &mut Lab,
+        vm: &str,
+        input: Vec<u8>,
+        chunk: usize,
+        sleep_ms: u32,
+        code: u8,
+        secondary_after: Option<Duration>,
+    ) -> BigRead {
+        let shared = std::path::PathBuf::from(format!("/tmp/{}-shared", lab.name));
+        let data = shared.join(vm).join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("in.bin"), &input).unwrap();
+        let wasm = guest("bigread.wasm");
+        let (chunk, sleep, code) = (chunk.to_string(), sleep_ms.to_string(), code.to_string());
+        let ft = |role: &str| -> Vec<String> {
+            [
+                "ft",
+                role,
+                "--vm",
+                vm,
+                "--shared",
+                s(&shared),
+                "--wasm",
+                s(&wasm),
+                "--datastore",
+                s(&data),
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let mut primary_args = ft("primary");
+        primary_args.extend(["--log-listen", LOG_ADDR].map(String::from));
+        for a in ["/in.bin", &chunk, &sleep, &code] {
+            primary_args.extend(["--arg".to_string(), a.to_string()]);
+        }
+        let mut secondary_args = ft("secondary");
+        secondary_args.extend(["--primary", LOG_ADDR].map(String::from));
+        let out = |who: &str| shared.join(format!("{vm}.{who}.out"));
+        let (primary, secondary) = match secondary_after {
+            Some(d) => {
+                let p = lab.start_vm(1, &as_str(&primary_args), &out("primary"));
+                std::thread::sleep(d);
+                (
+                    p,
+                    lab.start_vm(2, &as_str(&secondary_args), &out("secondary")),
+                )
+            }
+            None => {
+                let sec = lab.start_vm(2, &as_str(&secondary_args), &out("secondary"));
+                (
+                    lab.start_vm(1, &as_str(&primary_args), &out("primary")),
+                    sec,
+                )
+            }
+        };
+        BigRead {
+            shared,
+            vm: vm.to_string(),
+            input,
+            primary,
+            secondary,
+        }
+    }
+
+    fn log(&self, who: &str) -> String {
+        std::fs::read_to_string(self.shared.join(format!("{}.{who}.out", self.vm)))
+            .unwrap_or_default()
+    }
+
+    /// Both copies ended with `code`; the guest's output appeared in full, exactly once,
+    /// from the primary only; the VM never failed over and was protected while it ran.
+    fn check_ended_together(&self, lab: &mut Lab, code: i32) {
+        let p = wait_exit(lab, self.primary, Duration::from_secs(60), "the primary");
+        let s_ = wait_exit(
+            lab,
+            self.secondary,
+            Duration::from_secs(20),
+            "the secondary",
+        );
+        let (plog, slog) = (self.log("primary"), self.log("secondary"));
+        assert_eq!(
+            (p, s_),
+            (code, code),
+            "exit codes (primary, secondary)\nprimary:\n{plog}\nsecondary:\n{slog}"
+        );
+        let lines: Vec<&str> = plog.lines().filter(|l| l.starts_with("bigread:")).collect();
+        let read = format!("bigread: read {} bytes in ", self.input.len());
+        let sum = format!(", fnv {:016x}", fnv(&self.input));
+        assert!(
+            lines.len() == 3
+                && lines[0] == "bigread: start"
+                && lines[1].starts_with(&read)
+                && lines[1].ends_with(&sum)
+                && lines[2] == "bigread: done",
+            "the guest's output, once and in full, was expected:\n{plog}\nsecondary:\n{slog}"
+        );
+        assert!(plog.contains("VM PROTECTED"), "never protected:\n{plog}");
+        assert!(!slog.contains("bigread:"), "the secondary printed:\n{slog}");
+        let gens = arbitration(&self.shared.join(&self.vm));
+        assert_never_live(&slog, &gens);
+        assert_eq!(
+            gens.len(),
+            1,
+            "nobody needed arbitration: {gens:?}\nprimary:\n{plog}\nsecondary:\n{slog}"
+        );
+        let status =
+            std::fs::read_to_string(self.shared.join(&self.vm).join("status")).unwrap_or_default();
+        assert!(
+            status.contains("role=stopped") && status.contains("generation=1"),
+            "{status}"
+        );
+    }
+}
+
+fn as_str(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn a_big_history_streams_in_bounded_frames_without_failover() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("fb", 2);
+    let mut input = vec![0u8; 64 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in input.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    // 40 MiB in 64 KiB reads, FT enabled a second later: the history is 40 MiB when the
+    // secondary attaches (one 40 MiB batch closed the channel before frames were bounded).
+    let many = BigRead::start(
+        &mut lab,
+        "many",
+        input[..40 << 20].to_vec(),
+        64 << 10,
+        4000,
+        0,
+        Some(Duration::from_secs(1)),
+    );
+    many.check_ended_together(&mut lab, 0);
+    // One 64 MiB read (served in reads of at most 16 MiB, each one event).
+    let one = BigRead::start(
+        &mut lab,
+        "one",
+        input,
+        64 << 20,
+        4000,
+        0,
+        Some(Duration::from_secs(1)),
+    );
+    one.check_ended_together(&mut lab, 0);
+}
+
+#[test]
+fn a_short_protected_guest_prints_once_and_its_secondary_ends_the_same_way() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("fo", 2);
+    let input: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();
+    for run in 0..20 {
+        let vm = format!("short{run}");
+        // The secondary first (it retries until the primary listens): it attaches as the
+        // guest starts, so the whole output is held to the output rule.
+        let r = BigRead::start(&mut lab, &vm, input.clone(), 64 << 10, 500, 7, None);
+        r.check_ended_together(&mut lab, 7);
+    }
+}
+
+#[test]
+fn sigterm_to_a_protected_primary_stops_the_vm_on_both_copies() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Some(Lab::up("ft", 2));
+    for round in 1..=5 {
+        let mut ft = Ft::start_in(lab.take().unwrap(), &format!("kvd{round}"));
+        assert_eq!(ft.cli(&["INCR", "n"]), "1");
+        let p = ft.lab.stop_vm(ft.primary);
+        let sec = ft.secondary;
+        let s_ = wait_exit(&mut ft.lab, sec, Duration::from_secs(10), "the secondary");
+        let (plog, slog) = (ft.log("primary"), ft.log("secondary"));
+        assert_eq!(
+            (p, s_),
+            (0, 0),
+            "round {round}: both copies stop (exit 0)\nprimary:\n{plog}\nsecondary:\n{slog}"
+        );
+        assert_never_live(&slog, &ft.generations());
+        assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
+        assert!(slog.contains("VM stopped on request"), "{slog}");
+        let status = ft.status();
+        assert!(
+            status.contains("role=stopped") && status.contains("exit=stopped by the host"),
+            "round {round}: {status}"
+        );
+        lab = Some(ft.lab);
+    }
+}
+
+/// A kvd with a history of about 15 MB and two acknowledged writes; FT enabled over a
+/// logging link slowed to 8 Mbit/s (a token bucket), so that the history is still in
+/// transit a second later.
+fn secondary_in_catch_up(tag: &str) -> Ft {
+    let mut ft = Ft::start_primary(tag);
+    let bench = ft.lab.client(
+        "redis-benchmark",
+        &[
+            "-h",
+            "10.77.0.10",
+            "-t",
+            "set",
+            "-d",
+            "3000",
+            "-n",
+            "5000",
+            "-c",
+            "10",
+            "-q",
+        ],
+    );
+    assert_eq!(bench.code, 0, "{}", bench.stderr);
+    assert_eq!(ft.cli(&["SET", "before", "attach"]), "OK");
+    assert_eq!(ft.cli(&["INCR", "acked"]), "1");
+    let slow = Command::new("ip")
+        .args(["netns", "exec", &ft.lab.ns("host1"), "tc", "qdisc", "add"])
+        .args(["dev", "log0", "root", "tbf", "rate", "8mbit"])
+        .args(["burst", "32kbit", "latency", "500ms"])
+        .status()
+        .unwrap();
+    assert!(
+        slow.success(),
+        "tc qdisc tbf (the kernel has no netem here)"
+    );
+    ft.start_secondary();
+    let own = ft.shared.join(&ft.vm).join("status.secondary");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&own).is_ok_and(|s| s.contains("role=secondary")) {
+        assert!(Instant::now() < deadline, "the secondary never attached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        ft.status().contains("protected=false"),
+        "caught up already: the test needs the history in transit\n{}",
+        ft.status()
+    );
+    ft
+}
+
+/// The primary serves on, unprotected, with every acknowledged write.
+fn check_primary_serves_on(ft: &mut Ft) {
+    assert!(ft.running(ft.primary), "{}", ft.log("primary"));
+    ft.wait_status("protected=false", Duration::from_secs(5));
+    assert!(ft.status().contains("role=primary"), "{}", ft.status());
+    assert_eq!(ft.cli(&["GET", "before"]), "attach");
+    assert_eq!(ft.cli(&["INCR", "acked"]), "2");
+}
+
+#[test]
+fn a_secondary_killed_during_catch_up_never_goes_live() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = secondary_in_catch_up("fk2");
+    let killed = tandem(&["lab", "kill", "--name", &ft.lab.name, "host2"]);
+    assert_eq!(killed.code, 0, "{}", killed.stderr);
+    let sec = ft.secondary;
+    wait_exit(
+        &mut ft.lab,
+        sec,
+        Duration::from_secs(5),
+        "the killed secondary",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_never_live(&ft.log("secondary"), &ft.generations());
+    check_primary_serves_on(&mut ft);
+}
+
+#[test]
+fn a_secondary_cut_off_during_catch_up_drops_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = secondary_in_catch_up("fd");
+    let cut = Command::new("ip")
+        .args(["-n", &ft.lab.ns("host2"), "link", "set", "log0", "down"])
+        .status()
+        .unwrap();
+    assert!(cut.success());
+    let sec = ft.secondary;
+    let code = wait_exit(&mut ft.lab, sec, Duration::from_secs(10), "the secondary");
+    let slog = ft.log("secondary");
+    assert_eq!(code, 4, "a secondary dropping out exits 4:\n{slog}");
+    assert!(slog.contains("dropped out"), "{slog}");
+    assert_never_live(&slog, &ft.generations());
+    let own = std::fs::read_to_string(ft.shared.join(&ft.vm).join("status.secondary")).unwrap();
+    assert!(own.contains("role=dropped-out"), "{own}");
+    check_primary_serves_on(&mut ft);
+}
+
+#[test]
+fn ft_arguments_are_range_checked_and_the_vm_stays_inside_shared_storage() {
+    let shared = tempfile::tempdir().unwrap();
+    let sh = s(shared.path());
+    let wasm = guest("bigread.wasm");
+    let missing = shared.path().join("missing");
+    let primary = |extra: &[&str]| {
+        let mut a = vec![
+            "ft",
+            "primary",
+            "--log-listen",
+            "127.0.0.1:0",
+            "--wasm",
+            s(&wasm),
+        ];
+        a.extend_from_slice(extra);
+        tandem(&a)
+    };
+    let secondary = |extra: &[&str]| {
+        let mut a = vec![
+            "ft",
+            "secondary",
+            "--primary",
+            "127.0.0.1:9",
+            "--wasm",
+            s(&wasm),
+        ];
+        a.extend_from_slice(extra);
+        tandem(&a)
+    };
+    let cases: Vec<(&str, Run)> = vec![
+        (
+            "--wait-secs",
+            secondary(&[
+                "--vm",
+                "v",
+                "--shared",
+                sh,
+                "--wait-secs",
+                "18446744073709551615",
+            ]),
+        ),
+        (
+            "--heartbeat-ms",
+            secondary(&[
+                "--vm",
+                "v",
+                "--shared",
+                sh,
+                "--heartbeat-ms",
+                "9223372036854775808",
+                "--timeout-ms",
+                "1",
+            ]),
+        ),
+        (
+            "--timeout-ms",
+            primary(&[
+                "--vm",
+                "v",
+                "--shared",
+                sh,
+                "--timeout-ms",
+                "18446744073709551615",
+            ]),
+        ),
+        (
+            "--timeout-ms",
+            primary(&[
+                "--vm",
+                "v",
+                "--shared",
+                sh,
+                "--heartbeat-ms",
+                "100",
+                "--timeout-ms",
+                "150",
+            ]),
+        ),
+        ("--vm", primary(&["--vm", "/tmp/outside", "--shared", sh])),
+        ("--vm", primary(&["--vm", "../outside", "--shared", sh])),
+        ("--vm", primary(&["--vm", "..", "--shared", sh])),
+        ("--vm", primary(&["--vm", ".", "--shared", sh])),
+        ("--vm", primary(&["--vm", "", "--shared", sh])),
+        ("--vm", secondary(&["--vm", "a/b", "--shared", sh])),
+        ("--vm", primary(&["--vm", &"v".repeat(65), "--shared", sh])),
+        ("--shared", primary(&["--vm", "v", "--shared", s(&missing)])),
+    ];
+    for (flag, run) in &cases {
+        assert_eq!(run.code, 2, "{flag}: {}{}", run.stdout, run.stderr);
+        assert_eq!(
+            run.stderr.lines().count(),
+            1,
+            "{flag}: one line: {}",
+            run.stderr
+        );
+        assert!(run.stderr.contains(flag), "{flag}: {}", run.stderr);
+    }
+    assert!(!missing.exists(), "ft primary created --shared");
+    assert!(!std::path::Path::new("/tmp/outside").exists());
+    assert!(
+        std::fs::read_dir(shared.path()).unwrap().next().is_none(),
+        "a refused command left files in shared storage"
+    );
 }

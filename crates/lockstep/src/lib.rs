@@ -13,7 +13,22 @@
 //! 1. no output leaves the primary's host before the secondary holds the events it depends on;
 //! 2. the secondary performs no output while replaying;
 //! 3. at most one copy is live: a copy goes live only after winning arbitration;
-//! 4. a damaged or forged frame closes the channel and never reaches the replica.
+//! 4. a damaged or forged frame closes the channel and never reaches the replica; no frame
+//!    is ever larger than [`wire::MAX_PAYLOAD`] (the history is split by bytes);
+//! 5. (design invariant 9) only a caught-up secondary may go live. When a secondary attaches,
+//!    the primary's *release point* is its history length: outputs depending on those events
+//!    may already have left. The secondary is *eligible* once it holds every event up to the
+//!    release point; an ineligible secondary that loses the primary drops out and never
+//!    claims a generation. The VM is reported protected only once the secondary is eligible;
+//!    a primary that loses a secondary to which it sent fewer events than the release point
+//!    keeps running without arbitration (that secondary cannot be eligible);
+//! 6. (design invariant 10) stopping is not failing: the primary's end (a guest exit or an
+//!    operator's stop, always at an event boundary) is sent after every event and confirmed
+//!    by the secondary (`ToPrimary::EndHeld`); a secondary that holds the end never
+//!    arbitrates and replays to the same end. The primary exits only once the secondary
+//!    confirmed and every held output was written, or, past a bound, after fencing the
+//!    secondary off by claiming the next generation. Only the live copy writes the VM's
+//!    status file; a secondary keeps its own in `status.secondary`.
 
 pub mod arbiter;
 pub mod primary;
@@ -23,6 +38,7 @@ pub mod wire;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use arbiter::Arbiter;
 use machine::event::Event;
 use machine::{End, LogHeader};
 use serde::{Deserialize, Serialize};
@@ -35,6 +51,9 @@ pub struct FtConfig {
     pub timeout: Duration,
     /// The primary is slowed when the secondary trails by more events than this.
     pub max_lag_events: u64,
+    /// How long a finished primary waits for its secondary to confirm the end (and for its
+    /// held outputs to be written) before it fences the secondary off.
+    pub end_wait: Duration,
 }
 
 impl Default for FtConfig {
@@ -43,6 +62,7 @@ impl Default for FtConfig {
             heartbeat: Duration::from_millis(50),
             timeout: Duration::from_millis(300),
             max_lag_events: 100_000,
+            end_wait: Duration::from_secs(10),
         }
     }
 }
@@ -51,10 +71,12 @@ impl Default for FtConfig {
 /// `Events` as variant 1): append, never reorder.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToSecondary {
-    /// The VM's configuration, and the generation in which the primary is live.
+    /// The VM's configuration, the generation in which the primary is live, and its
+    /// release point: the secondary may go live only once it holds this many events.
     Hello {
         header: LogHeader,
         generation: u64,
+        release: u64,
     },
     /// The next events, in sequence order.
     Events(Vec<Event>),
@@ -73,6 +95,11 @@ pub enum ToPrimary {
     Ack {
         received: u64,
         executed: u64,
+    },
+    /// The secondary holds all `events` events and the end: it will end the same way and
+    /// never arbitrate.
+    EndHeld {
+        events: u64,
     },
 }
 
@@ -124,16 +151,40 @@ impl VmDir {
     pub fn arbitration(&self) -> PathBuf {
         self.0.join("arbitration")
     }
+    /// The VM's status: written only by the live copy.
     pub fn status(&self) -> PathBuf {
         self.0.join("status")
     }
 
-    /// Record what this copy is doing, for operators and tests (`key=value` lines).
-    pub fn write_status(&self, fields: &[(&str, String)]) {
+    /// What the secondary is doing: written only by a secondary that is not live.
+    pub fn secondary_status(&self) -> PathBuf {
+        self.0.join("status.secondary")
+    }
+
+    /// Record what the live copy is doing, for operators and tests (`key=value` lines),
+    /// unless a later generation than `generation` was claimed: then this copy is not live
+    /// and the status belongs to the copy that is.
+    pub fn write_status(&self, generation: u64, fields: &[(&str, String)]) {
+        let live = Arbiter::new(&self.arbitration()).current();
+        if live.is_ok_and(|g| g == generation) {
+            self.write_fields(&self.status(), fields);
+        }
+    }
+
+    /// Record what a secondary is doing (never the VM's status).
+    pub fn write_secondary_status(&self, fields: &[(&str, String)]) {
+        self.write_fields(&self.secondary_status(), fields);
+    }
+
+    fn write_fields(&self, path: &Path, fields: &[(&str, String)]) {
         let text: String = fields.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        let tmp = self.0.join(format!("status.{}", std::process::id()));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("status");
+        let tmp = self.0.join(format!(".{name}.{}", std::process::id()));
         if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, self.status());
+            let _ = std::fs::rename(&tmp, path);
         }
     }
 

@@ -3,25 +3,39 @@
 //! One [`Primary`] serves one VM. Its state sits behind one mutex with one condition
 //! variable: the VM's thread appends events ([`PrimarySink`]) and outputs ([`GatedPort`]);
 //! a listener accepts a secondary on the logging address; per connection a sender streams
-//! history and heartbeats and a receiver takes acknowledgements and watches for silence; a
-//! releaser sends held outputs once they are acknowledged.
+//! history (in frames split by bytes, [`next_batch`]) and heartbeats and a receiver takes
+//! acknowledgements and watches for silence; a releaser sends held outputs once they are
+//! acknowledged.
 //!
 //! Invariants: a held output at position p leaves only when the secondary holds p events or
 //! the VM is not protected (no secondary, or arbitration won after losing it); after losing
-//! arbitration nothing more leaves, ever.
+//! arbitration nothing more leaves, ever, and this copy never writes the VM's status again.
+//! A secondary is eligible to go live only once it acknowledged the release point (the
+//! history length when it attached); losing one to which fewer events than that were sent
+//! needs no arbitration, since it cannot be eligible. The process ends ([`Primary::finish`])
+//! only once the secondary confirmed the end and every held output was written, or after
+//! the secondary was fenced off by claiming the next generation.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use machine::event::Event;
 use machine::port::{OutputPort, send_frame, write_console};
 use machine::{End, EventSink, LogError, LogHeader};
 
 use crate::arbiter::{Arbiter, Claim};
-use crate::wire::{FrameReader, FrameWriter, connection_key};
+use crate::wire::{FrameReader, FrameWriter, MAX_PAYLOAD, connection_key};
 use crate::{FtConfig, FtError, KIND_MSG, ToPrimary, ToSecondary, VmDir, decode, encode, io_err};
+
+/// The payload bytes a frame of events aims at: large enough that frame overhead is
+/// nothing, small enough that acknowledgements flow while a long history is in transit.
+pub const FRAME_TARGET: usize = 1 << 20;
+
+/// A `ToSecondary::Events` payload's bytes beyond its events: the variant's tag (1) and the
+/// event count (a varint of at most 10).
+const EVENTS_OVERHEAD: usize = 11;
 
 enum Held {
     Frame(Vec<u8>),
@@ -37,24 +51,40 @@ struct State {
     executed: u64,
     /// The attached secondary's connection number, if one is attached.
     attached: Option<u64>,
+    /// The attached secondary's release point (history length when it attached), the
+    /// events handed to its connection, and whether it confirmed holding the end.
+    release: u64,
+    sent: u64,
+    end_held: bool,
     next_conn: u64,
     generation: u64,
     halted: Option<String>,
     held: VecDeque<(u64, Held)>,
-    /// Outputs the releaser sent after holding them.
+    /// Outputs ever held, and those the releaser has written (held outputs all written:
+    /// `held` empty and the two equal).
+    held_total: u64,
     released: u64,
+    /// Set once the run ended and its final status was written.
+    finished: Option<String>,
     /// Bytes sent on logging channels, and the input bytes the events carried.
     log_bytes: u64,
     disk_read_bytes: u64,
     net_in_bytes: u64,
 }
 
+impl State {
+    /// The attached secondary holds every event up to its release point: it may go live.
+    fn protected(&self) -> bool {
+        self.attached.is_some() && self.halted.is_none() && self.acked >= self.release
+    }
+}
+
 struct Shared {
     state: Mutex<State>,
     /// New events (or the end) for the sender.
     events: Condvar,
-    /// Acknowledgements and changes of protection: the releaser, the disk gate and the
-    /// lag bound wait on these.
+    /// Acknowledgements, written outputs and changes of protection: the releaser, the disk
+    /// gate, the lag bound and the end wait wait on these.
     acks: Condvar,
     config: FtConfig,
     key: [u8; 32],
@@ -71,56 +101,76 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The VM's status, while this copy is the live one (never after it halted).
     fn status(&self, st: &State) {
-        let role = if st.halted.is_some() {
-            "halted"
+        if st.halted.is_some() {
+            return;
+        }
+        let role = if st.finished.is_some() {
+            "stopped"
         } else {
             "primary"
         };
-        self.dir.write_status(&[
-            ("role", role.into()),
+        let mut fields = vec![
+            ("role", role.to_string()),
             ("host", self.host.clone()),
-            (
-                "protected",
-                (st.attached.is_some() && st.halted.is_none()).to_string(),
-            ),
+            ("protected", st.protected().to_string()),
             ("generation", st.generation.to_string()),
             ("events", st.history.len().to_string()),
             ("acked", st.acked.to_string()),
+            ("release", st.release.to_string()),
             ("log_bytes", st.log_bytes.to_string()),
             ("disk_read_bytes", st.disk_read_bytes.to_string()),
             ("net_in_bytes", st.net_in_bytes.to_string()),
-        ]);
+        ];
+        if let Some(exit) = &st.finished {
+            fields.push(("exit", exit.clone()));
+        }
+        self.dir.write_status(st.generation, &fields);
     }
 
-    /// The attached secondary went silent or broke the protocol: settle who is live.
+    /// The attached secondary went silent, broke the protocol, ended with the VM or is
+    /// being fenced off: settle who is live, if that is in question.
     fn lose_secondary(&self, conn: u64, why: &str) {
         let mut st = self.lock();
         if st.attached != Some(conn) || st.halted.is_some() {
             return;
         }
         st.attached = None;
-        let next = st.generation + 1;
-        match self
-            .arbiter
-            .claim(next, &format!("primary on {}", self.host))
-        {
-            Ok(Claim::Won) => {
-                st.generation = next;
-                tracing::warn!(
-                    "secondary lost ({why}); won arbitration for generation {next}: live, NOT PROTECTED"
-                );
-            }
-            Ok(Claim::Lost(holder)) => {
-                st.halted = Some(format!(
-                    "the other copy ({}) went live in generation {next}",
-                    holder.trim()
-                ));
-            }
-            Err(e) => {
-                st.halted = Some(format!(
-                    "{e}: a copy that cannot reach shared storage must not stay live"
-                ))
+        if st.end_held {
+            // It holds the end and never arbitrates: it ends the way this copy did.
+            tracing::info!("secondary done ({why}); it ends with the VM");
+        } else if st.sent < st.release {
+            // It cannot hold the release point, so it cannot be eligible: it drops out and
+            // never claims a generation. No arbitration needed.
+            tracing::warn!(
+                "secondary lost during catch-up ({why}) after {} of {} events: NOT PROTECTED",
+                st.sent,
+                st.release
+            );
+        } else {
+            let next = st.generation + 1;
+            match self
+                .arbiter
+                .claim(next, &format!("primary on {}", self.host))
+            {
+                Ok(Claim::Won) => {
+                    st.generation = next;
+                    tracing::warn!(
+                        "secondary lost ({why}); won arbitration for generation {next}: live, NOT PROTECTED"
+                    );
+                }
+                Ok(Claim::Lost(holder)) => {
+                    st.halted = Some(format!(
+                        "the other copy ({}) went live in generation {next}",
+                        holder.trim()
+                    ));
+                }
+                Err(e) => {
+                    st.halted = Some(format!(
+                        "{e}: a copy that cannot reach shared storage must not stay live"
+                    ))
+                }
             }
         }
         if let Some(why) = &st.halted {
@@ -171,11 +221,16 @@ impl Primary {
                 acked: 0,
                 executed: 0,
                 attached: None,
+                release: 0,
+                sent: 0,
+                end_held: false,
                 next_conn: 1,
                 generation,
                 halted: None,
                 held: VecDeque::new(),
+                held_total: 0,
                 released: 0,
+                finished: None,
                 log_bytes: 0,
                 disk_read_bytes: 0,
                 net_in_bytes: 0,
@@ -216,7 +271,7 @@ impl Primary {
         GatedPort(self.shared.clone())
     }
 
-    /// Outputs held and then released under the output rule so far.
+    /// Outputs held and then written under the output rule so far.
     pub fn released(&self) -> u64 {
         self.shared.lock().released
     }
@@ -226,22 +281,59 @@ impl Primary {
         self.shared.lock().halted.clone()
     }
 
-    /// Wait (bounded) until the attached secondary holds every event, so that a guest
-    /// that exits is not cut off from its secondary mid-stream.
-    pub fn drain(&self, limit: std::time::Duration) {
-        let deadline = Instant::now() + limit;
-        let mut st = self.shared.lock();
-        while st.attached.is_some()
-            && st.acked < st.history.len() as u64
-            && Instant::now() < deadline
-        {
-            st = self
-                .shared
+    /// Whether the VM is protected: a secondary is attached and eligible to go live.
+    pub fn protected(&self) -> bool {
+        self.shared.lock().protected()
+    }
+
+    /// The run ended (the sink's end is recorded): end the VM on both copies the same way.
+    ///
+    /// Waits until the attached secondary confirmed it holds every event and the end (it
+    /// then replays to the same end and never arbitrates) and every held output was
+    /// written. If the secondary does not confirm within `FtConfig::end_wait`, it is fenced
+    /// off: dropped like a lost secondary, which claims the next generation when it could
+    /// be eligible, so that it can never go live after this copy's end. Afterwards
+    /// [`Primary::halted`] says whether this copy lost that claim (its outputs then stay
+    /// unwritten, as they must).
+    pub fn finish(&self) {
+        let s = &self.shared;
+        let start = Instant::now();
+        let wait = s.config.end_wait;
+        let mut st = s.lock();
+        loop {
+            if st.halted.is_some() {
+                return;
+            }
+            let secondary_done = st.attached.is_none() || st.end_held;
+            let outputs_done = st.held.is_empty() && st.released == st.held_total;
+            if secondary_done && outputs_done {
+                break;
+            }
+            if !secondary_done
+                && start.elapsed() >= wait
+                && let Some(conn) = st.attached
+            {
+                drop(st);
+                s.lose_secondary(conn, "it did not confirm the end in time");
+                st = s.lock();
+                continue;
+            }
+            if secondary_done && start.elapsed() >= wait * 2 {
+                tracing::error!("held outputs still unwritten at the end; giving up on them");
+                break;
+            }
+            st = s
                 .acks
-                .wait_timeout(st, self.shared.config.heartbeat)
+                .wait_timeout(st, s.config.heartbeat)
                 .map(|r| r.0)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+        st.finished = Some(
+            st.end
+                .as_ref()
+                .map_or_else(|| "unknown".to_string(), |e| e.exit.to_string()),
+        );
+        s.status(&st);
     }
 }
 
@@ -308,8 +400,9 @@ impl GatedPort {
             return;
         }
         st.held.push_back((position, out));
+        st.held_total += 1;
         // The releaser waits for acknowledgements; wake it only if this one is due.
-        if position <= st.acked {
+        if position <= st.acked || st.attached.is_none() {
             s.acks.notify_all();
         }
     }
@@ -372,11 +465,14 @@ fn release(s: Arc<Shared>) {
                 batch.push(out);
             }
         }
-        st.released += batch.len() as u64;
         drop(st);
+        let n = batch.len() as u64;
         for out in batch {
             send(&s, out);
         }
+        // Counted once written, so that the end waits for the writes themselves.
+        s.lock().released += n;
+        s.acks.notify_all();
     }
 }
 
@@ -414,10 +510,13 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
     let ToPrimary::Hello { host } = decode(&hello)? else {
         return Err(FtError::Protocol("expected Hello".into()));
     };
-    let conn = {
+    let (conn, release) = {
         let mut st = s.lock();
         if st.halted.is_some() {
             return Err(FtError::Protocol("this copy has halted".into()));
+        }
+        if st.end.is_some() {
+            return Err(FtError::Protocol("the VM has ended".into()));
         }
         if st.attached.is_some() {
             return Err(FtError::Protocol(format!(
@@ -429,13 +528,15 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
         st.attached = Some(conn);
         st.acked = 0;
         st.executed = 0;
+        st.sent = 0;
+        st.end_held = false;
+        // Outputs depending on every event so far may have left already: a copy going live
+        // short of this point would roll back what the world was told.
+        st.release = st.history.len() as u64;
         s.status(&st);
-        conn
+        (conn, st.release)
     };
-    tracing::info!(
-        "secondary {host} attached; streaming {} events of history",
-        s.lock().history.len()
-    );
+    tracing::info!("secondary {host} attached; release point {release}: streaming the history");
     let writer = FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
     let sender_shared = s.clone();
     let _ = std::thread::Builder::new()
@@ -446,9 +547,11 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
             }
         });
     let result = receive_from(s, conn, &mut reader, &host);
-    if let Err(e) = &result {
-        s.lose_secondary(conn, &e.to_string());
-    }
+    let why = match &result {
+        Ok(()) => "the channel closed".to_string(),
+        Err(e) => e.to_string(),
+    };
+    s.lose_secondary(conn, &why);
     let _ = stream.shutdown(std::net::Shutdown::Both);
     result
 }
@@ -462,12 +565,31 @@ impl serde::Serialize for EventsRef<'_> {
     }
 }
 
+/// Where the next frame of `history[from..]` ends: as many events as fit in `target`
+/// payload bytes, and at least one. Sizes are measured, not encoded (postcard's size
+/// flavor walks the event without copying its data), so a batch is encoded once.
+/// Whatever the events, a batch is over `target` only when it is a single event.
+pub fn next_batch(history: &[Event], from: usize, target: usize) -> usize {
+    let mut bytes = EVENTS_OVERHEAD;
+    let mut upto = from;
+    for e in &history[from..] {
+        let size = postcard::experimental::serialized_size(e).unwrap_or(usize::MAX / 2);
+        if upto > from && bytes + size > target {
+            break;
+        }
+        bytes += size;
+        upto += 1;
+    }
+    upto
+}
+
 fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(), FtError> {
     let hello = {
         let st = s.lock();
         ToSecondary::Hello {
             header: st.header.clone(),
             generation: st.generation,
+            release: st.release,
         }
     };
     w.send(KIND_MSG, &encode(&hello))
@@ -476,7 +598,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
     let mut end_sent = false;
     let mut status_at = Instant::now();
     loop {
-        if status_at.elapsed() > std::time::Duration::from_millis(250) {
+        if status_at.elapsed() > Duration::from_millis(250) {
             // Keep the counters in the status current for operators and benchmarks.
             s.status(&s.lock());
             status_at = Instant::now();
@@ -501,9 +623,18 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             if st.attached != Some(conn) {
                 return Ok(());
             }
-            let upto = st.history.len().min(sent + 4096);
+            let upto = next_batch(&st.history, sent, FRAME_TARGET);
             // Serialised straight from the history: no copy of the events on this path.
             let batch = (upto > sent).then(|| encode(&EventsRef(&st.history[sent..upto])));
+            if batch
+                .as_ref()
+                .is_some_and(|b| b.len() > MAX_PAYLOAD as usize)
+            {
+                return Err(FtError::Protocol(format!(
+                    "event {sent} is too large for a frame ({} bytes)",
+                    batch.map_or(0, |b| b.len())
+                )));
+            }
             let end = if upto == st.history.len() && !end_sent {
                 st.end.clone()
             } else {
@@ -513,6 +644,8 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 // Frame overhead: 16 bytes of header, 4 of CRC, 16 of MAC.
                 st.log_bytes += batch.as_ref().map_or(0, |b| b.len() as u64 + 36);
                 sent = upto;
+                // Counted before the write: a secondary may hold these from now on.
+                st.sent = upto as u64;
             }
             (batch, end)
         };
@@ -537,33 +670,46 @@ fn receive_from(
     r: &mut FrameReader<TcpStream>,
     host: &str,
 ) -> Result<(), FtError> {
-    let mut caught_up = false;
+    let mut protected = false;
     loop {
         // The read timeout is the failure timeout: silence that long ends the channel.
         let (_, payload) = r.recv()?;
+        let mut st = s.lock();
+        if st.attached != Some(conn) {
+            return Ok(());
+        }
         match decode::<ToPrimary>(&payload)? {
             ToPrimary::Ack { received, executed } => {
-                let mut st = s.lock();
-                if st.attached != Some(conn) {
-                    return Ok(());
-                }
-                if received > st.history.len() as u64 || executed > received {
+                if received > st.sent || executed > received {
                     return Err(FtError::Protocol(format!(
                         "acknowledgement of {received} events beyond the {} sent",
-                        st.history.len()
+                        st.sent
                     )));
                 }
                 st.acked = st.acked.max(received);
                 st.executed = st.executed.max(executed);
-                if !caught_up && executed + 64 >= st.history.len() as u64 {
-                    caught_up = true;
-                    tracing::info!("secondary {host} caught up at event {executed}: VM PROTECTED");
-                    s.status(&st);
+            }
+            ToPrimary::EndHeld { events } => {
+                if st.end.as_ref().map(|e| e.events) != Some(events) || events > st.sent {
+                    return Err(FtError::Protocol(format!(
+                        "the secondary claims to hold an end after {events} events"
+                    )));
                 }
-                s.acks.notify_all();
+                st.acked = st.acked.max(events);
+                st.end_held = true;
+                tracing::info!("secondary {host} holds the end after {events} events");
             }
             ToPrimary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
         }
+        if !protected && st.protected() {
+            protected = true;
+            tracing::info!(
+                "secondary {host} holds the release point ({} events): VM PROTECTED",
+                st.release
+            );
+            s.status(&st);
+        }
+        s.acks.notify_all();
     }
 }
 
@@ -571,9 +717,366 @@ fn receive_from(
 mod tests {
     use super::*;
     use crate::secondary::Secondary;
-    use machine::EventSource;
     use machine::event::{Event, Kind, Outcome};
+    use machine::{EventSource, Exit, Tail};
     use std::time::Duration;
+
+    fn data_event(seq: u64, len: usize) -> Event {
+        Event {
+            seq,
+            kind: Kind::FdRead,
+            args: u64::MAX,
+            outputs: u64::MAX,
+            outcome: Outcome::Data(vec![seq as u8; len]),
+        }
+    }
+
+    fn config() -> FtConfig {
+        FtConfig {
+            end_wait: Duration::from_secs(1),
+            ..FtConfig::default()
+        }
+    }
+
+    fn generations(dir: &VmDir) -> Vec<String> {
+        let mut g: Vec<String> = std::fs::read_dir(dir.arbitration())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        g.sort();
+        g
+    }
+
+    /// Split `history` as the sender does; check every frame against the cap and the target.
+    fn split(history: &[Event], target: usize) -> Vec<std::ops::Range<usize>> {
+        let mut frames = Vec::new();
+        let mut from = 0;
+        while from < history.len() {
+            let upto = next_batch(history, from, target);
+            assert!(upto > from, "no progress at {from}");
+            let len = encode(&EventsRef(&history[from..upto])).len();
+            assert!(
+                len <= MAX_PAYLOAD as usize,
+                "frame {from}..{upto}: {len} bytes"
+            );
+            assert!(
+                len <= target || upto == from + 1,
+                "frame {from}..{upto} of {len} bytes is over the target with several events"
+            );
+            frames.push(from..upto);
+            from = upto;
+        }
+        frames
+    }
+
+    #[test]
+    fn frames_are_split_by_bytes_whatever_the_events() {
+        // Many tiny events: far more than the old 4096 per frame, and bounded by bytes.
+        let tiny: Vec<Event> = (0..300_000).map(event).collect();
+        let frames = split(&tiny, FRAME_TARGET);
+        assert!(frames.len() > 1 && frames.iter().any(|f| f.len() > 4096));
+        // 40 MiB in 64 KiB reads: about 1 MiB per frame, never one 40 MiB frame.
+        let reads: Vec<Event> = (0..640).map(|i| data_event(i, 64 << 10)).collect();
+        let frames = split(&reads, FRAME_TARGET);
+        assert!(frames.len() >= 40, "{} frames", frames.len());
+        // Events of 16 MiB (the most one event carries) go alone, each under the cap.
+        let mut mixed: Vec<Event> = (0..10).map(event).collect();
+        for i in 10..13 {
+            mixed.push(data_event(i, 16 << 20));
+        }
+        mixed.extend((13..20).map(event));
+        let frames = split(&mixed, FRAME_TARGET);
+        for big in 10..13 {
+            assert!(frames.contains(&(big..big + 1)), "{frames:?}");
+        }
+        // The frames cover the history once, in order.
+        let covered: Vec<usize> = frames.into_iter().flatten().collect();
+        assert_eq!(covered, (0..20).collect::<Vec<_>>());
+        // A measured size is the encoded size, so the target is met exactly.
+        let one = [data_event(0, 1000)];
+        assert_eq!(
+            postcard::experimental::serialized_size(&one[0]).unwrap() + 2,
+            encode(&EventsRef(&one)).len()
+        );
+    }
+
+    /// A stand-in primary on a real TCP channel speaking the real wire format: it sends
+    /// Hello with `release`, then `events`, then `end` if any, then closes the channel.
+    fn fake_primary(dir: &VmDir, release: u64, events: Vec<Event>, end: Option<End>) -> String {
+        let pair = dir.create_key().unwrap();
+        let arbiter = Arbiter::new(&dir.arbitration());
+        assert_eq!(arbiter.claim(1, "primary").unwrap(), Claim::Won);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let nonce = [9u8; 16];
+            std::io::Write::write_all(&mut &stream, &nonce).unwrap();
+            let key = connection_key(&pair, &nonce);
+            let mut r = FrameReader::new(stream.try_clone().unwrap(), key);
+            let mut w = FrameWriter::new(stream.try_clone().unwrap(), key);
+            r.recv().unwrap();
+            let hello = ToSecondary::Hello {
+                header: header(),
+                generation: 1,
+                release,
+            };
+            w.send(KIND_MSG, &encode(&hello)).unwrap();
+            w.send(KIND_MSG, &encode(&ToSecondary::Events(events)))
+                .unwrap();
+            if let Some(end) = end {
+                w.send(KIND_MSG, &encode(&ToSecondary::End(end))).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        });
+        addr
+    }
+
+    #[test]
+    fn a_secondary_lost_before_the_release_point_drops_out_without_claiming() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let addr = fake_primary(&dir, 10, (0..3).map(event).collect(), None);
+        let secondary =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config()).unwrap();
+        assert_eq!(secondary.release, 10);
+        let mut source = secondary.source();
+        for seq in 0..3 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+        }
+        let err = source.next_event().unwrap_err().to_string();
+        assert!(err.contains("dropped out"), "{err}");
+        assert_eq!(
+            generations(&dir),
+            ["gen-1"],
+            "an ineligible secondary claimed"
+        );
+        assert!(!dir.status().exists(), "a secondary wrote the VM's status");
+        let own = std::fs::read_to_string(dir.secondary_status()).unwrap();
+        assert!(own.contains("role=dropped-out"), "{own}");
+    }
+
+    #[test]
+    fn a_secondary_holding_the_release_point_arbitrates_and_goes_live() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let addr = fake_primary(&dir, 3, (0..3).map(event).collect(), None);
+        let secondary =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config()).unwrap();
+        let mut source = secondary.source();
+        for seq in 0..3 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+        }
+        assert!(source.next_event().unwrap().is_none());
+        assert!(matches!(source.tail().unwrap(), Tail::GoLive));
+        assert_eq!(generations(&dir), ["gen-1", "gen-2"]);
+        let status = std::fs::read_to_string(dir.status()).unwrap();
+        assert!(status.contains("role=live") && status.contains("generation=2"));
+    }
+
+    #[test]
+    fn a_secondary_that_holds_the_end_never_arbitrates() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let end = End {
+            events: 3,
+            exit: Exit::Stopped,
+            digest: [1; 32],
+        };
+        // The channel closes right after the end, as when the primary's process exits.
+        let addr = fake_primary(&dir, 3, (0..3).map(event).collect(), Some(end.clone()));
+        let secondary =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config()).unwrap();
+        let mut source = secondary.source();
+        for seq in 0..3 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+        }
+        assert!(source.next_event().unwrap().is_none());
+        std::thread::sleep(config().timeout * 3);
+        assert!(matches!(source.tail().unwrap(), Tail::End(e) if e == end));
+        assert_eq!(
+            generations(&dir),
+            ["gen-1"],
+            "a secondary holding the end claimed"
+        );
+    }
+
+    /// A stand-in secondary: authenticates, then reads frames and acknowledges only what
+    /// `ack` allows (`None`: never reads after Hello and stays silent).
+    fn fake_secondary(primary: &Primary, ack: Option<u64>) -> std::thread::JoinHandle<()> {
+        let addr = primary.addr;
+        let pair = primary.shared.key;
+        std::thread::spawn(move || {
+            let stream = TcpStream::connect(addr).unwrap();
+            let mut nonce = [0u8; 16];
+            std::io::Read::read_exact(&mut &stream, &mut nonce).unwrap();
+            let key = connection_key(&pair, &nonce);
+            let mut w = FrameWriter::new(stream.try_clone().unwrap(), key);
+            let mut r = FrameReader::new(stream.try_clone().unwrap(), key);
+            w.send(
+                KIND_MSG,
+                &encode(&ToPrimary::Hello {
+                    host: "fake".into(),
+                }),
+            )
+            .unwrap();
+            r.recv().unwrap();
+            let Some(limit) = ack else {
+                // Silent, reading nothing more: the history stays in transit.
+                std::thread::sleep(Duration::from_secs(3));
+                return;
+            };
+            let mut received = 0u64;
+            while let Ok((_, payload)) = r.recv() {
+                if let Ok(ToSecondary::Events(e)) = decode::<ToSecondary>(&payload) {
+                    received += e.len() as u64;
+                }
+                let acked = received.min(limit);
+                let ack = ToPrimary::Ack {
+                    received: acked,
+                    executed: acked,
+                };
+                if w.send(KIND_MSG, &encode(&ack)).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn primary_with_history(dir: &VmDir, events: Vec<Event>) -> (Primary, PrimarySink) {
+        let primary =
+            Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config()).unwrap();
+        let mut sink = primary.sink();
+        for e in &events {
+            sink.append(e).unwrap();
+        }
+        (primary, sink)
+    }
+
+    #[test]
+    fn a_secondary_lost_with_its_history_in_transit_is_dropped_without_arbitration() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        // 64 MiB of history: far more than socket buffers hold, so most of it is unsent.
+        let (primary, _sink) =
+            primary_with_history(&dir, (0..16).map(|i| data_event(i, 4 << 20)).collect());
+        let fake = fake_secondary(&primary, None);
+        wait("attach", || primary.shared.lock().attached.is_some());
+        assert!(!primary.protected(), "protected before catching up");
+        let status = std::fs::read_to_string(dir.status()).unwrap();
+        assert!(status.contains("protected=false"), "{status}");
+        wait("the silent secondary dropped", || {
+            primary.shared.lock().attached.is_none()
+        });
+        fake.join().unwrap();
+        assert!(primary.shared.lock().sent < 16);
+        assert_eq!(generations(&dir), ["gen-1"], "arbitration was not needed");
+        assert!(primary.halted().is_none());
+    }
+
+    #[test]
+    fn protected_only_once_the_secondary_holds_the_release_point() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, _sink) = primary_with_history(&dir, (0..100).map(event).collect());
+        // Acknowledges at most 60 of the 100 events of its release point.
+        let fake = fake_secondary(&primary, Some(60));
+        wait("acks", || primary.shared.lock().acked == 60);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!primary.protected());
+        assert!(
+            std::fs::read_to_string(dir.status())
+                .unwrap()
+                .contains("protected=false")
+        );
+        drop(fake);
+        // A real secondary holds all 100 and protects the VM.
+        let shared2 = tempfile::tempdir().unwrap();
+        let dir2 = VmDir::new(shared2.path(), "vm");
+        let (primary2, _sink2) = primary_with_history(&dir2, (0..100).map(event).collect());
+        let _secondary = Secondary::connect(
+            dir2.clone(),
+            &primary2.addr.to_string(),
+            Duration::from_secs(5),
+            config(),
+        )
+        .unwrap();
+        wait("protected", || primary2.protected());
+        wait("status", || {
+            std::fs::read_to_string(dir2.status())
+                .unwrap()
+                .contains("protected=true")
+        });
+    }
+
+    #[test]
+    fn the_end_is_confirmed_and_every_held_output_written_before_the_primary_finishes() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, mut sink) = primary_with_history(&dir, vec![]);
+        let secondary = Secondary::connect(
+            dir.clone(),
+            &primary.addr.to_string(),
+            Duration::from_secs(5),
+            config(),
+        )
+        .unwrap();
+        let mut source = secondary.source();
+        wait("attach", || primary.protected());
+        let mut port = primary.port();
+        for seq in 0..50 {
+            sink.append(&event(seq)).unwrap();
+            port.console(seq + 1, 1, b"a line");
+        }
+        let end = End {
+            events: 50,
+            exit: Exit::Code(3),
+            digest: [2; 32],
+        };
+        Box::new(sink).finish(&end).unwrap();
+        primary.finish();
+        assert!(
+            primary.shared.lock().end_held,
+            "finished without the confirmation"
+        );
+        assert_eq!(primary.released(), 50, "held outputs were not all written");
+        assert!(primary.halted().is_none());
+        let status = std::fs::read_to_string(dir.status()).unwrap();
+        assert!(
+            status.contains("role=stopped") && status.contains("exit=exit code 3"),
+            "{status}"
+        );
+        for seq in 0..50 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+        }
+        assert!(source.next_event().unwrap().is_none());
+        assert!(matches!(source.tail().unwrap(), Tail::End(e) if e == end));
+        assert_eq!(generations(&dir), ["gen-1"]);
+    }
+
+    #[test]
+    fn a_secondary_that_never_confirms_the_end_is_fenced_off() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, mut sink) = primary_with_history(&dir, vec![]);
+        // Acknowledges every event but never confirms an end.
+        let _fake = fake_secondary(&primary, Some(u64::MAX));
+        wait("attach", || primary.protected());
+        sink.append(&event(0)).unwrap();
+        let end = End {
+            events: 1,
+            exit: Exit::Stopped,
+            digest: [0; 32],
+        };
+        Box::new(sink).finish(&end).unwrap();
+        let start = Instant::now();
+        primary.finish();
+        assert!(start.elapsed() >= config().end_wait);
+        // The primary claimed the next generation: the secondary can never go live.
+        assert_eq!(generations(&dir), ["gen-1", "gen-2"]);
+        assert!(primary.halted().is_none());
+    }
 
     fn header() -> LogHeader {
         LogHeader {

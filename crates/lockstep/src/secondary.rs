@@ -2,10 +2,16 @@
 //! primary is lost and arbitration says so.
 //!
 //! A receiver thread takes frames into a queue and watches for silence; a sender thread
-//! acknowledges (received, executed) every heartbeat and whenever events arrive. The VM's
-//! thread takes events from the queue ([`SecondarySource`]). When the channel fails the
-//! receiver arbitrates; the source hands out every event still queued, then answers "no
-//! more" (go live) or an error (halt).
+//! acknowledges (received, executed) every heartbeat and whenever events arrive, and
+//! confirms the end once it holds it. The VM's thread takes events from the queue
+//! ([`SecondarySource`]). When the channel fails the receiver decides: a secondary that
+//! does not yet hold the primary's release point drops out without arbitrating; otherwise
+//! it arbitrates. The source hands out every event still queued, then answers "no more"
+//! (go live) or an error (halt).
+//!
+//! Invariants: this copy claims a generation only if it holds every event up to the
+//! release point and never received the primary's end; it writes the VM's status only
+//! once it won (it is then the live copy), and its own doings to `status.secondary`.
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
@@ -30,6 +36,9 @@ struct State {
     executed: u64,
     end: Option<End>,
     verdict: Option<Verdict>,
+    /// The end's confirmation was sent, or can no longer be (the channel broke).
+    end_confirmed: bool,
+    acknowledger_gone: bool,
 }
 
 struct Shared {
@@ -47,6 +56,9 @@ pub struct Secondary {
     shared: Arc<Shared>,
     pub header: LogHeader,
     pub generation: u64,
+    /// The primary's release point: this copy is eligible to go live once it holds this
+    /// many events.
+    pub release: u64,
 }
 
 impl Secondary {
@@ -84,7 +96,12 @@ impl Secondary {
             .map_err(io_err("send Hello"))?;
         let mut reader = FrameReader::new(stream, key);
         let (_, hello) = reader.recv()?;
-        let ToSecondary::Hello { header, generation } = decode(&hello)? else {
+        let ToSecondary::Hello {
+            header,
+            generation,
+            release,
+        } = decode(&hello)?
+        else {
             return Err(FtError::Protocol("expected Hello".into()));
         };
         let shared = Arc::new(Shared {
@@ -94,41 +111,78 @@ impl Secondary {
                 executed: 0,
                 end: None,
                 verdict: None,
+                end_confirmed: false,
+                acknowledger_gone: false,
             }),
             cv: Condvar::new(),
         });
-        dir.write_status(&[
+        dir.write_secondary_status(&[
             ("role", "secondary".into()),
             ("host", host.clone()),
             ("generation", generation.to_string()),
+            ("release", release.to_string()),
         ]);
         let s = shared.clone();
         let heartbeat = config.heartbeat;
         std::thread::Builder::new()
             .name("ft-ack".into())
-            .spawn(move || acknowledge(s, writer, heartbeat))
+            .spawn(move || {
+                acknowledge(&s, writer, heartbeat);
+                s.lock().acknowledger_gone = true;
+                s.cv.notify_all();
+            })
             .map_err(io_err("start the acknowledger"))?;
         let s = shared.clone();
         std::thread::Builder::new()
             .name("ft-recv".into())
             .spawn(move || {
                 let why = match follow(&s, &mut reader) {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        dir.write_secondary_status(&[
+                            ("role", "ending".into()),
+                            ("host", host.clone()),
+                            ("generation", generation.to_string()),
+                            ("release", release.to_string()),
+                        ]);
+                        return;
+                    }
                     Err(e) => e.to_string(),
                 };
-                decide(&s, &dir, generation, &host, &why);
+                decide(&s, &dir, generation, release, &host, &why);
             })
             .map_err(io_err("start the receiver"))?;
-        tracing::info!("secondary following the primary at {addr} (generation {generation})");
+        tracing::info!(
+            "secondary following the primary at {addr} (generation {generation}, release point {release})"
+        );
         Ok(Secondary {
             shared,
             header,
             generation,
+            release,
         })
     }
 
     pub fn source(&self) -> SecondarySource {
         SecondarySource(self.shared.clone())
+    }
+
+    /// The replay ended: wait (at most `limit`) until the primary was told that this copy
+    /// holds the end, so that the process does not exit (closing the channel) before the
+    /// primary heard it: the primary would take that for a lost secondary.
+    pub fn finish(&self, limit: Duration) {
+        let s = &self.shared;
+        let deadline = Instant::now() + limit;
+        let mut st = s.lock();
+        while st.end.is_some() && !st.end_confirmed && !st.acknowledger_gone {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st =
+                s.cv.wait_timeout(st, left)
+                    .map(|r| r.0)
+                    .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 }
 
@@ -152,7 +206,15 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
                 s.cv.notify_all();
             }
             ToSecondary::End(end) => {
-                s.lock().end = Some(end);
+                let mut st = s.lock();
+                if end.events != st.received {
+                    return Err(FtError::Protocol(format!(
+                        "an end after {} events where {} were received",
+                        end.events, st.received
+                    )));
+                }
+                // From here on this copy ends the way the primary did and never arbitrates.
+                st.end = Some(end);
                 s.cv.notify_all();
                 return Ok(());
             }
@@ -162,21 +224,33 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
     }
 }
 
-/// The primary is lost: arbitrate, and tell the VM what to do once the queue is empty.
-fn decide(s: &Shared, dir: &VmDir, generation: u64, host: &str, why: &str) {
+/// The primary is lost: drop out if this copy has not caught up, otherwise arbitrate; tell
+/// the VM what to do once the queue is empty.
+fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, why: &str) {
     let next = generation + 1;
-    let verdict =
+    let received = s.lock().received;
+    let verdict = if received < release {
+        // Outputs depending on events this copy does not hold may have left the primary:
+        // going live here would roll back what the world was told.
+        Verdict::Halt(format!(
+            "dropped out: lost the primary ({why}) during catch-up, holding {received} of the \
+             {release} events it must hold to go live; not claiming a generation"
+        ))
+    } else {
         match Arbiter::new(&dir.arbitration()).claim(next, &format!("secondary on {host}")) {
             Ok(Claim::Won) => {
                 tracing::warn!(
                     "primary lost ({why}); won arbitration for generation {next}: going live"
                 );
-                dir.write_status(&[
-                    ("role", "live".into()),
-                    ("host", host.into()),
-                    ("protected", "false".into()),
-                    ("generation", next.to_string()),
-                ]);
+                dir.write_status(
+                    next,
+                    &[
+                        ("role", "live".into()),
+                        ("host", host.into()),
+                        ("protected", "false".into()),
+                        ("generation", next.to_string()),
+                    ],
+                );
                 Verdict::GoLive
             }
             Ok(Claim::Lost(holder)) => Verdict::Halt(format!(
@@ -186,22 +260,40 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, host: &str, why: &str) {
             Err(e) => Verdict::Halt(format!(
                 "{e}: a copy that cannot reach shared storage must not go live"
             )),
-        };
-    if let Verdict::Halt(why) = &verdict {
-        tracing::error!("halting: {why}");
-        dir.write_status(&[("role", "halted".into()), ("host", host.into())]);
-    }
+        }
+    };
+    let role = match &verdict {
+        Verdict::GoLive => "live",
+        Verdict::Halt(why) => {
+            tracing::error!("halting: {why}");
+            if received < release {
+                "dropped-out"
+            } else {
+                "halted"
+            }
+        }
+    };
+    dir.write_secondary_status(&[
+        ("role", role.into()),
+        ("host", host.into()),
+        ("received", received.to_string()),
+        ("release", release.to_string()),
+    ]);
     s.lock().verdict = Some(verdict);
     s.cv.notify_all();
 }
 
-fn acknowledge(s: Arc<Shared>, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
+fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     let mut last = (u64::MAX, u64::MAX);
+    let mut end_confirmed = false;
     loop {
-        let now = {
+        let (now, end) = {
             let mut st = s.lock();
             let deadline = Instant::now() + heartbeat;
-            while st.verdict.is_none() && (st.received, st.executed) == last {
+            while st.verdict.is_none()
+                && (st.received, st.executed) == last
+                && (end_confirmed || st.end.is_none())
+            {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -214,16 +306,27 @@ fn acknowledge(s: Arc<Shared>, mut w: FrameWriter<TcpStream>, heartbeat: Duratio
             if st.verdict.is_some() {
                 return;
             }
-            (st.received, st.executed)
+            let end = (!end_confirmed)
+                .then(|| st.end.as_ref().map(|e| e.events))
+                .flatten();
+            ((st.received, st.executed), end)
         };
         last = now;
-        let ack = ToPrimary::Ack {
-            received: now.0,
-            executed: now.1,
+        let msg = match end {
+            Some(events) => ToPrimary::EndHeld { events },
+            None => ToPrimary::Ack {
+                received: now.0,
+                executed: now.1,
+            },
         };
-        if w.send(KIND_MSG, &encode(&ack)).is_err() {
-            // The receiver will notice the broken channel and arbitrate.
+        if w.send(KIND_MSG, &encode(&msg)).is_err() {
+            // The receiver notices a broken channel and decides (unless it holds the end).
             return;
+        }
+        if end.is_some() {
+            end_confirmed = true;
+            s.lock().end_confirmed = true;
+            s.cv.notify_all();
         }
     }
 }

@@ -9,13 +9,18 @@
 //! connection are worthless on another. Sequence numbers count from 0 in each direction.
 //!
 //! Invariant: a frame reaches its reader only if its length, CRC, MAC and sequence number
-//! all check; anything else is an error that closes the channel.
+//! all check; anything else is an error that closes the channel. A writer never sends a
+//! payload over [`MAX_PAYLOAD`]: the primary splits its history into frames by bytes
+//! (`primary::next_batch`), and one event carries at most 16 MiB of data, so the cap,
+//! twice that, is never reached by an honest primary.
 
 use std::io::{self, Read, Write};
 
 pub const MAGIC: &[u8; 2] = b"TL";
-pub const VERSION: u8 = 1;
-pub const MAX_PAYLOAD: u32 = 16 << 20;
+/// Version 2: `Hello` carries the release point, `ToPrimary::EndHeld` confirms the end.
+pub const VERSION: u8 = 2;
+/// The largest payload a frame may carry: comfortably above one event's 16 MiB of data.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
 const HEADER: usize = 16;
 const TRAILER: usize = 20;
 
@@ -95,7 +100,18 @@ impl<W: Write> FrameWriter<W> {
         FrameWriter { out, key, seq: 0 }
     }
 
+    /// Send one frame; a payload over [`MAX_PAYLOAD`] is refused before anything is
+    /// written (the reader would refuse it and close the channel).
     pub fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
+        if payload.len() > MAX_PAYLOAD as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a frame of {} bytes is over the {MAX_PAYLOAD}-byte cap",
+                    payload.len()
+                ),
+            ));
+        }
         let f = encode(&self.key, self.seq, kind, payload);
         self.seq += 1;
         self.out.write_all(&f)?;
@@ -233,5 +249,19 @@ mod tests {
             FrameReader::new(&huge[..], key).recv(),
             Err(FrameError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn a_writer_refuses_a_payload_over_the_cap_and_sends_one_at_the_cap() {
+        let key = [7u8; 32];
+        let mut w = FrameWriter::new(Vec::new(), key);
+        let over = vec![0u8; MAX_PAYLOAD as usize + 1];
+        assert!(w.send(1, &over).is_err());
+        assert!(w.out.is_empty(), "nothing is written for a refused frame");
+        let at = vec![5u8; MAX_PAYLOAD as usize];
+        w.send(1, &at).unwrap();
+        let mut r = FrameReader::new(&w.out[..], key);
+        let (kind, payload) = r.recv().unwrap();
+        assert_eq!((kind, payload.len()), (1, MAX_PAYLOAD as usize));
     }
 }
