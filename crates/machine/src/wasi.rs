@@ -1591,6 +1591,49 @@ mod tests {
     }
 
     #[test]
+    fn a_gather_is_taken_in_bounded_parts_however_its_iovecs_overlap() {
+        let mut buf = vec![7u8; 64 << 20];
+        let m = Mem(&mut buf);
+        // 256 iovecs over one 64 MiB buffer ask for 16 GiB.
+        let iovs = vec![(0u32, 64u32 << 20); 256];
+        assert_eq!(total_len(&iovs), MAX_RW);
+        let part = m.gather_at(&iovs, 0, MAX_IO).unwrap();
+        assert_eq!(part.len(), MAX_IO);
+        // A part from deep inside the list: the bytes after `skip`, across iovecs.
+        let small = [(0u32, 3u32), (8, 4)];
+        let mut b = (0u8..16).collect::<Vec<_>>();
+        let m = Mem(&mut b);
+        assert_eq!(m.gather_at(&small, 2, 3).unwrap(), vec![2, 8, 9]);
+        assert_eq!(m.gather_at(&small, 7, 10).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn scatter_at_skips_what_earlier_parts_filled() {
+        let mut buf = vec![0u8; 16];
+        let mut m = Mem(&mut buf);
+        m.scatter_at(&[(0, 2), (8, 4)], 1, b"xyz").unwrap();
+        assert_eq!(&buf[0..2], b"\0x");
+        assert_eq!(&buf[8..10], b"yz");
+    }
+
+    #[test]
+    fn contradictory_time_flags_are_invalid() {
+        assert_eq!(
+            check_fstflags(u32::from(fstflags::ATIM | fstflags::MTIM_NOW)),
+            Ok(fstflags::ATIM | fstflags::MTIM_NOW)
+        );
+        assert_eq!(
+            check_fstflags(u32::from(fstflags::ATIM | fstflags::ATIM_NOW)),
+            Err(errno::INVAL)
+        );
+        assert_eq!(
+            check_fstflags(u32::from(fstflags::MTIM | fstflags::MTIM_NOW)),
+            Err(errno::INVAL)
+        );
+        assert_eq!(check_fstflags(16), Err(errno::INVAL));
+    }
+
+    #[test]
     fn scatter_fills_iovecs_in_order() {
         let mut buf = vec![0u8; 16];
         let mut m = Mem(&mut buf);
