@@ -88,6 +88,9 @@ fn escape_world(base: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (outside, ds)
 }
 
+/// One entry of `common::tree`: path, content, modification time.
+type Entry = (std::path::PathBuf, Vec<u8>, std::time::SystemTime);
+
 /// Lines of an escape run that report an escape attempt as having succeeded.
 fn escapes_allowed(stdout: &str) -> Vec<&str> {
     stdout
@@ -130,7 +133,7 @@ fn sandbox_escapes_are_refused_as_in_wasmtime_and_the_outside_is_untouched() {
     }
     let after = common::tree(&t_out);
     if before != after {
-        let names = |t: &[(std::path::PathBuf, Vec<u8>, std::time::SystemTime)]| {
+        let names = |t: &[Entry]| {
             t.iter()
                 .map(|(p, c, m)| {
                     format!("{} {:?} {:?}", p.display(), String::from_utf8_lossy(c), m)

@@ -8,7 +8,9 @@
 //! goes to a temporary name first and is renamed into place, so concurrent test binaries never
 //! see half a binary.
 
-use crate::common::{self, Run, s, workspace};
+#![allow(dead_code)] // each test binary uses a part
+
+use crate::common::{Run, s, workspace};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,7 +89,21 @@ pub fn tandem(wasm: &Path, datastore: &Path, args: &[&str], env: &[&str]) -> Run
     for e in env {
         argv.extend(["--env", e]);
     }
-    common::tandem(&argv)
+    // A guest the VM never returns to (a lost wakeup, say) must fail the test, not hang it:
+    // `timeout` kills the run after 20 s (exit code 137).
+    let run: Run = Command::new("timeout")
+        .args(["-s", "KILL", "20"])
+        .arg(env!("CARGO_BIN_EXE_tandem"))
+        .args(&argv)
+        .output()
+        .expect("running tandem under timeout")
+        .into();
+    assert!(
+        !run.stderr.contains("panicked"),
+        "tandem panicked: {}",
+        run.stderr
+    );
+    run
 }
 
 /// The same run under wasmtime (see `tests/c/wasmtime_run.py`).
@@ -127,6 +143,9 @@ pub enum Node {
     File(String),
     Symlink(String),
 }
+
+/// A folder's entries by relative path.
+pub type Tree = BTreeMap<String, Node>;
 
 /// Every entry below `dir` by its path relative to `dir`. File contents are shown as text
 /// with escapes (`{:?}`); symlink targets have `strip` (a test's own temporary folder)
@@ -215,7 +234,7 @@ pub fn differences(
     reference: &str,
     want: &Run,
     got: &Run,
-    trees: Option<(&BTreeMap<String, Node>, &BTreeMap<String, Node>)>,
+    trees: Option<(&Tree, &Tree)>,
 ) -> String {
     let mut out = String::new();
     if want.stdout != got.stdout {

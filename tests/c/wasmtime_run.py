@@ -38,7 +38,7 @@ def main() -> int:
         instance.exports(store)["_start"](store)
     except wasmtime.ExitTrap as e:
         return e.code
-    except wasmtime.Trap as e:
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
         print(f"wasmtime_run: trap: {e}", file=sys.stderr)
         return 134
     return 0
