@@ -110,8 +110,6 @@ int main(void) {
     poll_("realtime, absolute in the past", s, 1);
     s[0] = clock_sub(14, __WASI_CLOCKID_MONOTONIC, 0, 0);
     poll_("monotonic, relative 0", s, 1);
-    s[0] = clock_sub(15, 99, 1000000, 0);
-    poll_("unknown clock 99, relative 1 ms", s, 1);
     s[0] = clock_sub(16, __WASI_CLOCKID_MONOTONIC, 1000000000ull * 3600, 0);
     s[1] = clock_sub(17, __WASI_CLOCKID_MONOTONIC, 2000000, 0);
     poll_("1 h and 2 ms: the 2 ms fires", s, 2);
@@ -139,6 +137,10 @@ int main(void) {
     R(__wasi_sock_shutdown(99, __WASI_SDFLAGS_RD));
     R(__wasi_sock_shutdown(f, __WASI_SDFLAGS_WR));
     R(__wasi_fd_close(f));
+
+    /* Last, as a VM that never answers it must not hide the checks above. */
+    s[0] = clock_sub(15, 99, 1000000, 0);
+    poll_("unknown clock 99, relative 1 ms", s, 1);
 
     printf("exiting with 7\n");
     fflush(stdout);
