@@ -172,12 +172,28 @@ pub fn snapshot(dir: &Path, strip: Option<&Path>) -> BTreeMap<String, Node> {
                 Node::Dir
             } else {
                 let bytes = std::fs::read(&p).expect("read");
-                Node::File(format!("{:?}", String::from_utf8_lossy(&bytes)))
+                Node::File(describe(&bytes))
             };
             out.insert(rel, node);
         }
     }
     out
+}
+
+/// A file's content as text with escapes; a long one by its length, its start and a hash
+/// of all of it (FNV-1a), so that a difference report stays readable.
+fn describe(bytes: &[u8]) -> String {
+    if bytes.len() <= 96 {
+        return format!("{:?}", String::from_utf8_lossy(bytes));
+    }
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!(
+        "{} bytes {:?}... fnv={hash:016x}",
+        bytes.len(),
+        String::from_utf8_lossy(&bytes[..64])
+    )
 }
 
 /// The differences between two trees, one line per entry that differs.
@@ -245,7 +261,7 @@ pub fn differences(
     }
     if want.code != got.code {
         out.push_str(&format!(
-            "exit code: {reference} {}, tandem {} (tandem stderr: {})\n",
+            "exit code: {reference} {}, tandem {} (-1: killed by the 20 s timeout; tandem stderr: {})\n",
             want.code,
             got.code,
             got.stderr.trim()
