@@ -4,7 +4,7 @@
 //! beneath a directory the guest holds open — `openat2` with `RESOLVE_BENEATH` (and no
 //! magic links) — never as text: symlinks inside the datastore are followed only where
 //! they stay inside, `..` never climbs above the datastore, and an absolute path or an
-//! escaping link answers `ENOTCAPABLE`. Operations on a name (mkdir, unlink, rename,
+//! escaping link answers `EPERM` (as in wasmtime). Operations on a name (mkdir, unlink, rename,
 //! link, symlink, readlink, lstat) resolve the name's parent that way and then act on the
 //! last component with the `*at` system calls, which never follow a last component
 //! outside. Nothing ever acts on the datastore folder itself (it has no name inside).
@@ -79,10 +79,11 @@ fn openat2(base: RawFd, path: &CStr, flags: i32, mode: u64) -> io::Result<OwnedF
     Err(io::Error::from_raw_os_error(libc::EAGAIN))
 }
 
-/// The errno for a failed resolution: leaving the datastore is a missing capability.
+/// The errno for a failed resolution: leaving the datastore is not permitted (EPERM, as
+/// wasmtime answers).
 fn resolve_errno(e: &io::Error) -> u16 {
     match e.raw_os_error() {
-        Some(libc::EXDEV) => errno::NOTCAPABLE,
+        Some(libc::EXDEV) => errno::PERM,
         _ => errno_of(e),
     }
 }
@@ -210,7 +211,8 @@ fn push_dirent(out: &mut Vec<u8>, next: u64, ino: u64, kind: u8, name: &[u8]) {
 pub(crate) fn open_flags(of: u16, fdfl: u16, read: bool, write: bool, follow: bool) -> i32 {
     let mut flags = libc::O_NONBLOCK;
     if of & oflags::DIRECTORY != 0 {
-        flags |= libc::O_RDONLY | libc::O_DIRECTORY;
+        // A directory opened to write is EISDIR, as natively and in wasmtime.
+        flags |= libc::O_DIRECTORY | if write { libc::O_RDWR } else { libc::O_RDONLY };
     } else {
         flags |= match (read, write) {
             (true, true) => libc::O_RDWR,
@@ -282,7 +284,7 @@ impl LiveHost {
                     ino,
                     read,
                     write,
-                    sync,
+                    flags,
                     aside,
                     ..
                 } => {
@@ -295,7 +297,7 @@ impl LiveHost {
                         base,
                         p,
                         *ino,
-                        access | libc::O_NONBLOCK | sync_flags(*sync),
+                        access | libc::O_NONBLOCK | sync_flags(*flags),
                         *aside,
                     ) {
                         Some(f) => {
@@ -365,7 +367,7 @@ impl LiveHost {
             return Err(errno::NOENT);
         }
         if guest.starts_with('/') {
-            return Err(errno::NOTCAPABLE);
+            return Err(errno::PERM);
         }
         let trimmed = guest.trim_end_matches('/');
         let (parent, last) = match trimmed.rfind('/') {
@@ -630,11 +632,10 @@ impl LiveHost {
             Ok(at) => at,
             Err(e) => return Outcome::Errno(e),
         };
-        match at.last.as_str() {
-            // As Linux answers; and the datastore itself is never removed.
-            "." => return Outcome::Errno(errno::INVAL),
-            ".." => return Outcome::Errno(errno::NOTEMPTY),
-            _ => {}
+        if at.is_dot() {
+            // As wasmtime answers (Linux says ENOTEMPTY for ".."); and the datastore
+            // itself is never removed.
+            return Outcome::Errno(errno::INVAL);
         }
         // SAFETY: `name` is NUL-terminated and alive for the call.
         done(check(unsafe {
@@ -760,6 +761,10 @@ impl LiveHost {
             Ok(at) => at,
             Err(e) => return Outcome::Errno(e),
         };
+        // An absolute target could only ever lead outside: refused, as in wasmtime.
+        if target.starts_with('/') {
+            return Outcome::Errno(errno::PERM);
+        }
         let Ok(t) = cstr(target) else {
             return Outcome::Errno(errno::INVAL);
         };
@@ -771,40 +776,18 @@ impl LiveHost {
         }))
     }
 
-    pub fn link(&self, dirfd: u32, from: &str, follow: bool, dirfd2: u32, to: &str) -> Outcome {
-        let b = match self.at(dirfd2, to) {
-            Ok(b) if b.is_dot() => return Outcome::Errno(errno::EXIST),
-            Ok(b) => b,
-            Err(e) => return Outcome::Errno(e),
+    pub fn link(&self, dirfd: u32, from: &str, dirfd2: u32, to: &str) -> Outcome {
+        let (a, b) = match (self.at(dirfd, from), self.at(dirfd2, to)) {
+            (Ok(a), _) if a.is_dot() => return Outcome::Errno(errno::PERM),
+            (_, Ok(b)) if b.is_dot() => return Outcome::Errno(errno::EXIST),
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return Outcome::Errno(e),
         };
-        let r = if follow {
-            match self.locate(dirfd, from, true) {
-                Ok(f) => {
-                    let empty = c"";
-                    // SAFETY: the names are NUL-terminated and alive for the call.
-                    check(unsafe {
-                        libc::linkat(
-                            f.as_raw_fd(),
-                            empty.as_ptr(),
-                            b.dir(),
-                            b.name.as_ptr(),
-                            libc::AT_EMPTY_PATH,
-                        )
-                    })
-                }
-                Err(e) => return Outcome::Errno(e),
-            }
-        } else {
-            match self.at(dirfd, from) {
-                Ok(a) if a.is_dot() => return Outcome::Errno(errno::PERM),
-                // SAFETY: both names are NUL-terminated and alive for the call.
-                Ok(a) => check(unsafe {
-                    libc::linkat(a.dir(), a.name.as_ptr(), b.dir(), b.name.as_ptr(), 0)
-                }),
-                Err(e) => return Outcome::Errno(e),
-            }
-        };
-        done(r)
+        // Flags 0: a link's source that is a symlink is linked itself, never followed.
+        // SAFETY: both names are NUL-terminated and alive for the call.
+        done(check(unsafe {
+            libc::linkat(a.dir(), a.name.as_ptr(), b.dir(), b.name.as_ptr(), 0)
+        }))
     }
 
     pub fn readlink(&self, dirfd: u32, guest: &str) -> Outcome {
@@ -827,6 +810,10 @@ impl LiveHost {
             return Outcome::Errno(errno_of(&io::Error::last_os_error()));
         }
         buf.truncate(n as usize);
+        // A link to an absolute path names nothing inside the datastore (as in wasmtime).
+        if buf.first() == Some(&b'/') {
+            return Outcome::Errno(errno::PERM);
+        }
         Outcome::Data(buf)
     }
 

@@ -1,7 +1,7 @@
 //! The guest's file descriptor table: VM state, identical on every copy of the VM.
 //!
 //! The table records what each descriptor is (console, directory, file, socket), each
-//! file's offset, flags and rights, and what a copy going live on another host needs to
+//! file's offset and flags, and what a copy going live on another host needs to
 //! reopen it: the file's inode and its path inside the datastore as the kernel resolved it
 //! when it was opened. Descriptors refer to files, not names: the guest's own renames move
 //! the paths of the descriptors open below them, and a file unlinked or replaced while open
@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wasi::{errno, filetype, rights};
+use crate::wasi::{errno, filetype};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FdKind {
@@ -45,9 +45,8 @@ pub enum FdKind {
         offset: u64,
         read: bool,
         write: bool,
-        append: bool,
-        /// WASI fdflags DSYNC, RSYNC and SYNC the file was opened with.
-        sync: u16,
+        /// WASI fdflags: APPEND and NONBLOCK as last set, DSYNC, RSYNC and SYNC as opened.
+        flags: u16,
         /// Unlinked or replaced while open: the file lives on in the set-aside folder.
         aside: bool,
     },
@@ -66,8 +65,11 @@ pub enum FdKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdTable {
     fds: BTreeMap<u32, FdKind>,
-    /// Rights (base, inheriting) of descriptors whose rights differ from their kind's.
-    rights: BTreeMap<u32, [u64; 2]>,
+    /// Directory cookies handed to the guest, per directory descriptor: guest cookie k
+    /// (from 1) stands for the file system's directory offset `offsets[k - 1]`. The file
+    /// system's offsets (64-bit hashes on ext4) do not survive wasi-libc's 32-bit `long`
+    /// (`telldir`); small cookies do, and being VM state they mean the same after a go-live.
+    cookies: BTreeMap<u32, Cookies>,
     /// The size of every open file, by inode, as the VM knows it.
     sizes: BTreeMap<u64, u64>,
 }
@@ -104,7 +106,7 @@ impl FdTable {
         }
         FdTable {
             fds,
-            rights: BTreeMap::new(),
+            cookies: BTreeMap::new(),
             sizes: BTreeMap::new(),
         }
     }
@@ -141,19 +143,18 @@ impl FdTable {
     }
 
     /// A file opened at `fd`: its size as the host reported it is now the VM's knowledge.
-    pub fn insert_file(&mut self, fd: u32, kind: FdKind, size: u64, rights: [u64; 2]) {
+    pub fn insert_file(&mut self, fd: u32, kind: FdKind, size: u64) {
         if let FdKind::File { ino, .. } = &kind {
             self.sizes.insert(*ino, size);
         }
         self.fds.insert(fd, kind);
-        self.rights.insert(fd, rights);
     }
 
     /// Close `fd`. Returns what it was, and for a set-aside file whose last descriptor this
     /// was, its inode (the set-aside name is to be removed).
     pub fn remove(&mut self, fd: u32) -> Result<(FdKind, Option<u64>), u16> {
         let kind = self.fds.remove(&fd).ok_or(errno::BADF)?;
-        self.rights.remove(&fd);
+        self.cookies.remove(&fd);
         let mut drop_aside = None;
         if let FdKind::File { ino, aside, .. } = &kind
             && !self.holds_ino(*ino)
@@ -174,13 +175,13 @@ impl FdTable {
         if from == to {
             return Ok(None);
         }
-        let rights = self.rights.remove(&from);
+        let cookies = self.cookies.remove(&from);
         let kind = self.fds.remove(&from).ok_or(errno::BADF)?;
         // `from` takes its place before `to` is counted out: a file both held stays open.
         let old = self.fds.insert(to, kind);
-        self.rights.remove(&to);
-        if let Some(r) = rights {
-            self.rights.insert(to, r);
+        self.cookies.remove(&to);
+        if let Some(c) = cookies {
+            self.cookies.insert(to, c);
         }
         Ok(match old {
             Some(FdKind::File { ino, aside, .. }) if !self.holds_ino(ino) => {
@@ -255,24 +256,75 @@ impl FdTable {
         }
     }
 
-    /// Rights (base, inheriting) of `fd`.
-    pub fn rights(&self, fd: u32) -> Result<[u64; 2], u16> {
-        let kind = self.get(fd)?;
-        Ok(self
-            .rights
-            .get(&fd)
-            .copied()
-            .unwrap_or_else(|| rights::of_kind(kind)))
+    /// The file system's directory offset that guest cookie `cookie` of directory `fd`
+    /// stands for (0: the start); `None` for a cookie this VM never handed out.
+    pub fn dir_offset(&mut self, fd: u32, cookie: u64) -> Option<u64> {
+        let c = self.cookies.entry(fd).or_default();
+        if cookie == 0 {
+            // Cookies stay valid across rewinds; only a descriptor that has handed out
+            // very many forgets them at a rewind, to stay bounded.
+            if c.offsets.len() >= MAX_COOKIES / 2 {
+                *c = Cookies::default();
+            }
+            return Some(0);
+        }
+        c.offsets.get(usize::try_from(cookie - 1).ok()?).copied()
     }
 
-    /// `fd_fdstat_set_rights`: rights can only be dropped, never gained.
-    pub fn restrict_rights(&mut self, fd: u32, base: u64, inheriting: u64) -> Result<(), u16> {
-        let [b, i] = self.rights(fd)?;
-        if base & !b != 0 || inheriting & !i != 0 {
-            return Err(errno::NOTCAPABLE);
+    /// Rewrite the `d_next` fields of a directory listing of `fd` (WASI dirents, the last
+    /// possibly cut short) from file-system offsets to this VM's small cookies.
+    pub fn give_cookies(&mut self, fd: u32, listing: &mut [u8]) -> Result<(), u16> {
+        let c = self.cookies.entry(fd).or_default();
+        let mut at = 0usize;
+        while at < listing.len() {
+            let rest = listing.len() - at;
+            if rest < 8 {
+                // A cut d_next: no part of a file-system offset reaches the guest.
+                listing[at..].fill(0);
+                break;
+            }
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&listing[at..at + 8]);
+            let cookie = c.cookie_of(u64::from_le_bytes(raw))?;
+            listing[at..at + 8].copy_from_slice(&cookie.to_le_bytes());
+            if rest < 24 {
+                break;
+            }
+            let namelen = u32::from_le_bytes([
+                listing[at + 16],
+                listing[at + 17],
+                listing[at + 18],
+                listing[at + 19],
+            ]) as usize;
+            at = at.saturating_add(24).saturating_add(namelen);
         }
-        self.rights.insert(fd, [base, inheriting]);
         Ok(())
+    }
+}
+
+/// The cookies of one directory descriptor (see [`FdTable::dir_offset`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Cookies {
+    offsets: Vec<u64>,
+    index: BTreeMap<u64, u64>,
+}
+
+/// The most cookies one directory descriptor holds: past half of it a rewind forgets them,
+/// and a listing needing more is refused rather than grow VM state without bound.
+const MAX_COOKIES: usize = 1 << 22;
+
+impl Cookies {
+    fn cookie_of(&mut self, offset: u64) -> Result<u64, u16> {
+        if let Some(&c) = self.index.get(&offset) {
+            return Ok(c);
+        }
+        if self.offsets.len() >= MAX_COOKIES {
+            return Err(errno::OVERFLOW);
+        }
+        self.offsets.push(offset);
+        let c = self.offsets.len() as u64;
+        self.index.insert(offset, c);
+        Ok(c)
     }
 }
 
@@ -298,8 +350,7 @@ mod tests {
             offset: 0,
             read: true,
             write: true,
-            append: false,
-            sync: 0,
+            flags: 0,
             aside: false,
         }
     }
@@ -325,9 +376,9 @@ mod tests {
     #[test]
     fn renames_move_the_descriptors_below_them_only() {
         let mut t = FdTable::new(true, &[]);
-        t.insert_file(4, file("d/a", 10), 0, [0, 0]);
-        t.insert_file(5, file("d2/a", 11), 0, [0, 0]);
-        t.insert_file(6, file("d", 12), 0, [0, 0]);
+        t.insert_file(4, file("d/a", 10), 0);
+        t.insert_file(5, file("d2/a", 11), 0);
+        t.insert_file(6, file("d", 12), 0);
         t.moved("d", "e/f");
         assert_eq!(path_of(&t, 4), "e/f/a");
         assert_eq!(path_of(&t, 5), "d2/a", "a sibling sharing a prefix stays");
@@ -337,8 +388,8 @@ mod tests {
     #[test]
     fn a_set_aside_file_is_dropped_with_its_last_descriptor() {
         let mut t = FdTable::new(true, &[]);
-        t.insert_file(4, file("a", 10), 5, [0, 0]);
-        t.insert_file(5, file("a", 10), 5, [0, 0]);
+        t.insert_file(4, file("a", 10), 5);
+        t.insert_file(5, file("a", 10), 5);
         t.set_aside(10);
         assert_eq!(
             t.remove(4).unwrap().1,
@@ -353,30 +404,54 @@ mod tests {
     #[test]
     fn renumber_onto_itself_keeps_the_descriptor() {
         let mut t = FdTable::new(true, &[]);
-        t.insert_file(4, file("a", 10), 0, [1, 2]);
+        t.insert_file(4, file("a", 10), 0);
         assert_eq!(t.renumber(4, 4).unwrap(), None);
         assert!(t.get(4).is_ok());
-        t.insert_file(5, file("b", 11), 0, [3, 4]);
+        t.insert_file(5, file("b", 11), 0);
         t.renumber(4, 5).unwrap();
         assert!(t.get(4).is_err());
         assert_eq!(path_of(&t, 5), "a");
-        assert_eq!(t.rights(5).unwrap(), [1, 2]);
         assert_eq!(t.renumber(9, 5).unwrap_err(), errno::BADF);
     }
 
     #[test]
-    fn rights_can_be_dropped_never_gained() {
+    fn guests_get_small_cookies_that_stand_for_file_system_offsets() {
         let mut t = FdTable::new(true, &[]);
-        t.insert_file(4, file("a", 10), 0, [0b110, 0]);
-        t.restrict_rights(4, 0b100, 0).unwrap();
-        assert_eq!(t.rights(4).unwrap(), [0b100, 0]);
-        assert_eq!(t.restrict_rights(4, 0b110, 0), Err(errno::NOTCAPABLE));
+        let entry = |next: u64, name: &[u8]| {
+            let mut e = next.to_le_bytes().to_vec();
+            e.extend_from_slice(&7u64.to_le_bytes());
+            e.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            e.extend_from_slice(&[4, 0, 0, 0]);
+            e.extend_from_slice(name);
+            e
+        };
+        assert_eq!(t.dir_offset(3, 0), Some(0));
+        let mut listing = [
+            entry(0x7fff_0000_1234, b"a"),
+            entry(0x1_0000_0000_0009, b"bc"),
+        ]
+        .concat();
+        // Cut inside the third entry's d_next.
+        listing.extend_from_slice(&[9, 9, 9]);
+        t.give_cookies(3, &mut listing).unwrap();
+        assert_eq!(&listing[0..8], &1u64.to_le_bytes());
+        assert_eq!(&listing[25..33], &2u64.to_le_bytes());
+        assert_eq!(&listing[listing.len() - 3..], &[0, 0, 0]);
+        assert_eq!(t.dir_offset(3, 2), Some(0x1_0000_0000_0009));
+        assert_eq!(t.dir_offset(3, 3), None, "never handed out");
+        // The same offset listed again gets the same cookie.
+        let mut again = entry(0x1_0000_0000_0009, b"bc");
+        t.give_cookies(3, &mut again).unwrap();
+        assert_eq!(&again[0..8], &2u64.to_le_bytes());
+        // They stay valid across a rewind.
+        assert_eq!(t.dir_offset(3, 0), Some(0));
+        assert_eq!(t.dir_offset(3, 1), Some(0x7fff_0000_1234));
     }
 
     #[test]
     fn sizes_follow_writes_and_truncation() {
         let mut t = FdTable::new(true, &[]);
-        t.insert_file(4, file("a", 10), 100, [0, 0]);
+        t.insert_file(4, file("a", 10), 100);
         t.grow(10, 50);
         assert_eq!(t.size_of(10), 100);
         t.grow(10, 150);

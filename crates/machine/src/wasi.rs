@@ -47,6 +47,7 @@ pub mod errno {
     pub const NOTEMPTY: u16 = 55;
     pub const NOTSOCK: u16 = 57;
     pub const NOTSUP: u16 = 58;
+    pub const OVERFLOW: u16 = 61;
     pub const PERM: u16 = 63;
     pub const PIPE: u16 = 64;
     pub const ROFS: u16 = 69;
@@ -104,81 +105,48 @@ pub mod eventtype {
     pub const FD_WRITE: u8 = 2;
 }
 
-/// WASI rights. Preview 1 rights are advisory (as in wasmtime, operations are not refused
-/// for lack of one); the table reports them, and a guest may drop them.
+/// WASI rights. Preview 1 rights are advisory: as in wasmtime, a descriptor's rights are a
+/// function of what it is (and, for a file, whether it reads and writes), the rights asked
+/// for at `path_open` only say whether the file is opened to read and to write, and
+/// `fd_fdstat_set_rights` is not supported.
 pub mod rights {
     use crate::fdtable::FdKind;
 
     pub const FD_DATASYNC: u64 = 1 << 0;
     pub const FD_READ: u64 = 1 << 1;
-    pub const FD_SEEK: u64 = 1 << 2;
-    pub const FD_FDSTAT_SET_FLAGS: u64 = 1 << 3;
-    pub const FD_SYNC: u64 = 1 << 4;
-    pub const FD_TELL: u64 = 1 << 5;
     pub const FD_WRITE: u64 = 1 << 6;
-    pub const FD_ADVISE: u64 = 1 << 7;
     pub const FD_ALLOCATE: u64 = 1 << 8;
     pub const FD_READDIR: u64 = 1 << 14;
-    pub const FD_FILESTAT_GET: u64 = 1 << 21;
     pub const FD_FILESTAT_SET_SIZE: u64 = 1 << 22;
-    pub const FD_FILESTAT_SET_TIMES: u64 = 1 << 23;
-    pub const POLL_FD_READWRITE: u64 = 1 << 27;
-    pub const SOCK_SHUTDOWN: u64 = 1 << 28;
-    pub const SOCK_ACCEPT: u64 = 1 << 29;
-    /// Every path_* right: path_create_directory ... path_open (bits 9-13),
-    /// path_readlink ... path_filestat_set_times (15-20), path_symlink ...
-    /// path_unlink_file (24-26).
-    pub const PATH: u64 = (0b11111 << 9) | (0b11_1111 << 15) | (0b111 << 24);
-    /// What a directory may do.
-    pub const DIRECTORY: u64 = PATH
-        | FD_FDSTAT_SET_FLAGS
-        | FD_SYNC
-        | FD_DATASYNC
-        | FD_ADVISE
-        | FD_READDIR
-        | FD_FILESTAT_GET
-        | FD_FILESTAT_SET_TIMES
-        | POLL_FD_READWRITE;
-    /// What a regular file may do, reading and writing.
-    pub const FILE: u64 = FD_DATASYNC
-        | FD_READ
-        | FD_SEEK
-        | FD_FDSTAT_SET_FLAGS
-        | FD_SYNC
-        | FD_TELL
-        | FD_WRITE
-        | FD_ADVISE
-        | FD_ALLOCATE
-        | FD_FILESTAT_GET
-        | FD_FILESTAT_SET_SIZE
-        | FD_FILESTAT_SET_TIMES
-        | POLL_FD_READWRITE;
-    /// What only a writable file may do.
-    pub const FILE_WRITE: u64 = FD_WRITE | FD_ALLOCATE | FD_FILESTAT_SET_SIZE;
-    pub const STREAM: u64 =
-        FD_READ | FD_WRITE | FD_FDSTAT_SET_FLAGS | FD_FILESTAT_GET | POLL_FD_READWRITE;
-    pub const SOCKET: u64 = STREAM | SOCK_SHUTDOWN;
-    pub const LISTENER: u64 =
-        FD_FDSTAT_SET_FLAGS | FD_FILESTAT_GET | POLL_FD_READWRITE | SOCK_ACCEPT;
+    /// Rights 0-29: everything preview 1 defines.
+    pub const ALL: u64 = (1 << 30) - 1;
+    /// Asking for any of these opens a file to read; for any of `WRITES`, to write.
+    pub const READS: u64 = FD_READ | FD_READDIR;
+    pub const WRITES: u64 = FD_DATASYNC | FD_WRITE | FD_ALLOCATE | FD_FILESTAT_SET_SIZE;
+    /// The preopened datastore, and a directory opened by the guest (wasmtime's values).
+    pub const PREOPEN: [u64; 2] = [0x07b7_fe00, 0x0ff7_ffff];
+    pub const DIRECTORY: u64 = 0x3fb7_ffbb;
+    /// Console and sockets: not seekable, which is how libc tells a terminal.
+    pub const STREAM: [u64; 2] = [((1 << 29) - 1) & !((1 << 2) | (1 << 5)), (1 << 29) - 1];
 
-    /// The rights (base, inheriting) a descriptor of this kind has until the guest drops
-    /// some.
+    /// The rights (base, inheriting) of a descriptor.
     pub fn of_kind(kind: &FdKind) -> [u64; 2] {
         match kind {
-            FdKind::Dir { .. } => [DIRECTORY, DIRECTORY | FILE],
+            FdKind::Dir {
+                preopen: Some(_), ..
+            } => PREOPEN,
+            FdKind::Dir { .. } => [DIRECTORY, DIRECTORY],
             FdKind::File { read, write, .. } => {
-                let mut r = FILE;
+                let mut r = ALL;
                 if !*write {
-                    r &= !FILE_WRITE;
+                    r &= !FD_WRITE;
                 }
                 if !*read {
-                    r &= !FD_READ;
+                    r &= !READS;
                 }
-                [r, 0]
+                [r, r]
             }
-            FdKind::Stdin | FdKind::Stdout | FdKind::Stderr => [STREAM, 0],
-            FdKind::Socket { .. } => [SOCKET, 0],
-            FdKind::Listener { .. } => [LISTENER, 0],
+            _ => STREAM,
         }
     }
 }
@@ -446,9 +414,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         strings_sizes(m, &vm.spec.env, n, size)
     });
     wasi!(l, "clock_res_get", |m, _vm, id: u32, out: u32| {
-        if id > clockid::THREAD_CPUTIME {
-            return Err(errno::INVAL.into());
-        }
+        clock_id(id)?;
         Ok(m.put_u64(out, 1_000)?)
     });
     wasi!(
@@ -465,8 +431,10 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
                            _o: u64,
                            _l: u64,
                            _a: u32| {
-        vm.fds.get(fd)?;
-        Ok(())
+        match vm.fds.get(fd)? {
+            FdKind::File { .. } => Ok(()),
+            _ => Err(errno::BADF.into()),
+        }
     });
     wasi!(l, "fd_allocate", |_m, vm, fd: u32, off: u64, len: u64| {
         fd_allocate(vm, fd, off, len)
@@ -492,7 +460,10 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     );
     wasi!(l, "fd_fdstat_set_flags", |_m, vm, fd: u32, flags: u32| {
         match vm.fds.get_mut(fd)? {
-            FdKind::File { append, .. } => *append = flags as u16 & fdflags::APPEND != 0,
+            FdKind::File { flags: f, .. } => {
+                let settable = fdflags::APPEND | fdflags::NONBLOCK;
+                *f = (*f & !settable) | (flags as u16 & settable)
+            }
             FdKind::Socket { nonblocking, .. } | FdKind::Listener { nonblocking, .. } => {
                 *nonblocking = flags as u16 & fdflags::NONBLOCK != 0
             }
@@ -503,8 +474,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
     wasi!(
         l,
         "fd_fdstat_set_rights",
-        |_m, vm, fd: u32, base: u64, inheriting: u64| {
-            Ok(vm.fds.restrict_rights(fd, base, inheriting)?)
+        |_m, vm, fd: u32, _base: u64, _inheriting: u64| {
+            vm.fds.get(fd)?;
+            Err(errno::NOTSUP.into())
         }
     );
     wasi!(l, "fd_filestat_get", |m, vm, fd: u32, out: u32| {
@@ -694,10 +666,14 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
                            ql: u32| {
         let from = guest_path(m, vm, fd, p, pl)?;
         let to = guest_path(m, vm, fd2, q, ql)?;
-        let follow = flags & lookupflags::SYMLINK_FOLLOW != 0;
-        let both = format!("{from}\0{}\0{fd2}\0{to}", u8::from(follow));
+        // Following a link's source is not supported (as in wasmtime; POSIX link()
+        // does not follow either).
+        if flags & lookupflags::SYMLINK_FOLLOW != 0 {
+            return Err(errno::INVAL.into());
+        }
+        let both = format!("{from}\0{fd2}\0{to}");
         path_op(vm, Kind::PathLink, "link", fd, &both, |h, _| {
-            h.link(fd, &from, follow, fd2, &to)
+            h.link(fd, &from, fd2, &to)
         })
     });
     wasi!(
@@ -857,10 +833,18 @@ fn strings_get(m: &mut Mem, strings: &[String], ptrs: u32, buf: u32) -> Ret {
     Ok(())
 }
 
-fn clock_time_get(m: &mut Mem, vm: &mut Vm, id: u32, out: u32) -> Ret {
-    if id > clockid::THREAD_CPUTIME {
-        return Err(errno::INVAL.into());
+/// The clocks a VM has: real time and monotonic time. CPU-time clocks answer EBADF as in
+/// wasmtime (a replica's CPU time is not the primary's); other ids are invalid.
+fn clock_id(id: u32) -> Result<(), u16> {
+    match id {
+        clockid::REALTIME | clockid::MONOTONIC => Ok(()),
+        clockid::PROCESS_CPUTIME | clockid::THREAD_CPUTIME => Err(errno::BADF),
+        _ => Err(errno::INVAL),
     }
+}
+
+fn clock_time_get(m: &mut Mem, vm: &mut Vm, id: u32, out: u32) -> Ret {
+    clock_id(id)?;
     m.bytes(out, 8)?;
     let raw = expect!(vm, Kind::ClockTimeGet,
         vm.event(Kind::ClockTimeGet, u64::from(id), |h, _, _| h.now(id))?,
@@ -914,7 +898,7 @@ fn check_fstflags(f: u32) -> Result<u16, u16> {
 fn open_file(vm: &Vm, fd: u32) -> Result<(String, u64), u16> {
     match vm.fds.get(fd)? {
         FdKind::File { path, ino, .. } => Ok((path.clone(), *ino)),
-        FdKind::Dir { .. } => Err(errno::ISDIR),
+        FdKind::Dir { .. } => Err(errno::BADF),
         _ => Err(errno::SPIPE),
     }
 }
@@ -955,7 +939,7 @@ fn fd_sync(vm: &mut Vm, fd: u32) -> Ret {
 fn fd_fdstat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
     let kind = vm.fds.get(fd)?;
     let flags = match kind {
-        FdKind::File { append, sync, .. } => sync | if *append { fdflags::APPEND } else { 0 },
+        FdKind::File { flags, .. } => *flags,
         FdKind::Socket {
             nonblocking: true, ..
         }
@@ -965,7 +949,7 @@ fn fd_fdstat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
         _ => 0,
     };
     let filetype = kind.filetype();
-    let [base, inheriting] = vm.fds.rights(fd)?;
+    let [base, inheriting] = rights::of_kind(kind);
     let mut b = [0u8; 24];
     b[0] = filetype;
     b[2..4].copy_from_slice(&flags.to_le_bytes());
@@ -990,7 +974,7 @@ fn put_filestat(m: &mut Mem, out: u32, s: &Filestat) -> Result<(), u16> {
 fn fd_filestat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
     let kind = vm.fds.get(fd)?.clone();
     m.bytes(out, 64)?;
-    let st = match kind {
+    let mut st = match kind {
         FdKind::File { .. } | FdKind::Dir { .. } => expect!(vm, Kind::FdFilestatGet,
             vm.event(Kind::FdFilestatGet, u64::from(fd), |h, _, _| h.fstat(fd))?,
             Outcome::Stat(s) => s),
@@ -1000,9 +984,13 @@ fn fd_filestat_get(m: &mut Mem, vm: &mut Vm, fd: u32, out: u32) -> Ret {
             ..Filestat::default()
         },
     };
-    if let FdKind::File { ino, .. } = kind {
+    if let FdKind::File { ino, aside, .. } = kind {
         // What the host said is now what the VM knows.
         vm.fds.resize(ino, st.size);
+        if aside {
+            // The set-aside link is the host's, not a name the guest could see.
+            st.nlink = st.nlink.saturating_sub(1);
+        }
     }
     Ok(put_filestat(m, out, &st)?)
 }
@@ -1101,7 +1089,7 @@ fn fd_read(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Re
             offset, read: true, ..
         } => *offset,
         FdKind::File { .. } | FdKind::Stdout | FdKind::Stderr => return Err(errno::BADF.into()),
-        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
+        FdKind::Dir { .. } => return Err(errno::BADF.into()),
     };
     let got = read_parts(m, vm, &iovs, len, |vm, done, want| {
         let at = offset + done as u64;
@@ -1123,7 +1111,7 @@ fn fd_pread(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, off: u64, out:
     match vm.fds.get(fd)? {
         FdKind::File { read: true, .. } => {}
         FdKind::File { .. } => return Err(errno::BADF.into()),
-        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
+        FdKind::Dir { .. } => return Err(errno::BADF.into()),
         _ => return Err(errno::SPIPE.into()),
     }
     let got = read_parts(m, vm, &iovs, len, |vm, done, want| {
@@ -1152,11 +1140,10 @@ fn write_file(
             ino,
             offset,
             write: true,
-            append,
+            flags,
             ..
-        } => (path.clone(), *ino, *offset, *append),
-        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
-        FdKind::File { .. } => return Err(errno::BADF.into()),
+        } => (path.clone(), *ino, *offset, flags & fdflags::APPEND != 0),
+        FdKind::File { .. } | FdKind::Dir { .. } => return Err(errno::BADF.into()),
         _ if at.is_some() => return Err(errno::SPIPE.into()),
         _ => return Err(errno::BADF.into()),
     };
@@ -1236,7 +1223,7 @@ fn fd_seek(m: &mut Mem, vm: &mut Vm, fd: u32, delta: i64, whence: u32, out: u32)
     m.bytes(out, 8)?;
     let (cur, ino) = match vm.fds.get(fd)? {
         FdKind::File { offset, ino, .. } => (*offset, *ino),
-        FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
+        FdKind::Dir { .. } => return Err(errno::BADF.into()),
         _ => return Err(errno::SPIPE.into()),
     };
     let base = match whence {
@@ -1264,14 +1251,22 @@ fn fd_seek(m: &mut Mem, vm: &mut Vm, fd: u32, delta: i64, whence: u32, out: u32)
 fn fd_readdir(m: &mut Mem, vm: &mut Vm, fd: u32, buf: u32, len: u32, cookie: u64, out: u32) -> Ret {
     m.bytes(buf, len)?;
     m.bytes(out, 4)?;
-    vm.fds.dir_path(fd)?;
+    match vm.fds.get(fd)? {
+        FdKind::Dir { .. } => {}
+        _ => return Err(errno::BADF.into()),
+    }
+    // A cookie this VM never handed out lists nothing, as past the end.
+    let Some(offset) = vm.fds.dir_offset(fd, cookie) else {
+        return Ok(m.put_u32(out, 0)?);
+    };
     // A listing is one event, bounded like any other: a buffer larger than that is
     // filled up to the bound.
     let want = (len as usize).min(MAX_IO);
-    let args = args_digest(&[&le(u64::from(fd)), &le(cookie), &le(want as u64)]);
-    let data = expect!(vm, Kind::FdReaddir,
-        vm.event(Kind::FdReaddir, args, |h, _, _| h.readdir(fd, cookie, want))?,
+    let args = args_digest(&[&le(u64::from(fd)), &le(offset), &le(want as u64)]);
+    let mut data = expect!(vm, Kind::FdReaddir,
+        vm.event(Kind::FdReaddir, args, |h, _, _| h.readdir(fd, offset, want))?,
         Outcome::Data(d) if d.len() <= want => d);
+    vm.fds.give_cookies(fd, &mut data)?;
     m.put(buf, &data)?;
     Ok(m.put_u32(out, data.len() as u32)?)
 }
@@ -1287,10 +1282,10 @@ struct Open {
 
 fn path_open(m: &mut Mem, vm: &mut Vm, path: &str, o: Open, out: u32) -> Ret {
     m.bytes(out, 4)?;
-    let [rights_base, rights_inheriting] = o.rights;
+    let [rights_base, _] = o.rights;
     let append = o.fdflags & fdflags::APPEND != 0;
-    let read = rights_base & rights::FD_READ != 0;
-    let write = rights_base & rights::FD_WRITE != 0 || append;
+    let read = rights_base & rights::READS != 0;
+    let write = rights_base & rights::WRITES != 0 || append;
     let fd = vm.fds.lowest_free()?;
     let flags = crate::datastore::open_flags(o.oflags, o.fdflags, read, write, o.follow);
     let args = args_digest(&[
@@ -1320,17 +1315,16 @@ fn path_open(m: &mut Mem, vm: &mut Vm, path: &str, o: Open, out: u32) -> Ret {
             offset: 0,
             read: read || !write,
             write,
-            append,
-            sync: o.fdflags & (fdflags::DSYNC | fdflags::RSYNC | fdflags::SYNC),
+            flags: o.fdflags
+                & (fdflags::APPEND
+                    | fdflags::NONBLOCK
+                    | fdflags::DSYNC
+                    | fdflags::RSYNC
+                    | fdflags::SYNC),
             aside: false,
         }
     };
-    let [kind_base, _] = rights::of_kind(&kind);
-    let rights = [
-        rights_base & kind_base,
-        rights_inheriting & (rights::DIRECTORY | rights::FILE),
-    ];
-    vm.fds.insert_file(fd, kind, size, rights);
+    vm.fds.insert_file(fd, kind, size);
     Ok(m.put_u32(out, fd)?)
 }
 
@@ -1363,7 +1357,7 @@ fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u3
         let userdata = u64_at(0);
         parsed.push(match s[8] {
             // A clock the VM does not have can never fire.
-            eventtype::CLOCK if u32_at(16) > clockid::THREAD_CPUTIME => {
+            eventtype::CLOCK if clock_id(u32_at(16)).is_err() => {
                 return Err(errno::INVAL.into());
             }
             eventtype::CLOCK => Sub::Clock {
@@ -1372,11 +1366,12 @@ fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u3
                 timeout: u64_at(24),
                 abs: u16::from_le_bytes([s[40], s[41]]) & 1 != 0,
             },
-            kind @ (eventtype::FD_READ | eventtype::FD_WRITE) => Sub::Fd {
-                userdata,
-                kind,
-                fd: u32_at(16),
-            },
+            // As wasmtime: a subscription to a descriptor that is not open fails the call.
+            kind @ (eventtype::FD_READ | eventtype::FD_WRITE) => {
+                let fd = u32_at(16);
+                vm.fds.get(fd)?;
+                Sub::Fd { userdata, kind, fd }
+            }
             _ => return Err(errno::INVAL.into()),
         });
     }
