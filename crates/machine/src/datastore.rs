@@ -871,11 +871,6 @@ impl LiveHost {
         out.truncate(buf_len);
         Outcome::Data(out)
     }
-
-    /// The folder the datastore's set-aside files are kept in, for tests and operators.
-    pub fn aside_folder(&self) -> Option<&Path> {
-        self.root.as_ref()?.aside.as_deref()
-    }
 }
 
 /// The folder beside datastore `root` where its open files are set aside.
