@@ -260,13 +260,29 @@ impl LiveHost {
         }
         let rootfd = OwnedFd::from(rootfd);
         let base = rootfd.as_raw_fd();
+        let dev = fstat(base).map_err(err)?.st_dev;
+        if let Some(parent) = path.parent()
+            && std::fs::metadata(parent)
+                .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+                .ok()
+                != Some(dev)
+        {
+            tracing::warn!(
+                "datastore {} is a file system of its own: files it unlinks or replaces while \
+                 open cannot be set aside beside it, and cannot be reopened after a failover \
+                 (give a folder inside the mounted file system instead)",
+                path.display()
+            );
+        }
         self.root = Some(Root {
             aside: aside_folder(&path),
             path,
         });
         for (fd, kind) in fds.iter() {
             match kind {
-                FdKind::Dir { path: p, .. } if p.is_empty() => {
+                FdKind::Dir {
+                    preopen: Some(_), ..
+                } => {
                     self.dirs.insert(fd, rootfd.try_clone().map_err(err)?);
                 }
                 FdKind::Dir { path: p, ino, .. } => {
@@ -419,7 +435,9 @@ impl LiveHost {
             let mode = if flags & libc::O_CREAT != 0 { 0o666 } else { 0 };
             let f = openat2(base, &c, flags, mode).map_err(|e| resolve_errno(&e))?;
             let st = fstat(f.as_raw_fd()).map_err(|e| errno_of(&e))?;
-            let path = self.rel(f.as_raw_fd()).unwrap_or_default();
+            // What a copy going live reopens it by. Beyond PATH_MAX the kernel cannot name
+            // it in one path: refused, as nothing could find it again after a failover.
+            let path = self.rel(f.as_raw_fd()).ok_or(errno::NAMETOOLONG)?;
             let ft = filetype_of(st.st_mode);
             if ft == filetype::DIRECTORY {
                 self.dirs.insert(guest_fd, f);
@@ -726,6 +744,20 @@ impl LiveHost {
             Ok(st) => st.st_ino,
             Err(e) => return Outcome::Errno(errno_of(&e)),
         };
+        // Both names as the kernel knows them, taken before the rename: the descriptors
+        // below the source move with it. A name the kernel cannot give (beyond PATH_MAX)
+        // is refused rather than leave descriptors that could not be found again.
+        let path = |at: &At| {
+            let parent = self.rel(at.dir())?;
+            Some(if parent.is_empty() {
+                at.last.clone()
+            } else {
+                format!("{parent}/{}", at.last)
+            })
+        };
+        let (Some(from), Some(to)) = (path(&a), path(&b)) else {
+            return Outcome::Errno(errno::NAMETOOLONG);
+        };
         let aside = Self::open_file_at(b.dir(), &b.name, fds)
             .filter(|ino| *ino != source && self.set_aside(b.dir(), &b.name, *ino));
         // SAFETY: both names are NUL-terminated and alive for the call.
@@ -737,22 +769,7 @@ impl LiveHost {
             }
             return Outcome::Errno(errno_of(&e));
         }
-        let path = |at: &At| {
-            let parent = self.rel(at.dir())?;
-            Some(if parent.is_empty() {
-                at.last.clone()
-            } else {
-                format!("{parent}/{}", at.last)
-            })
-        };
-        match (path(&a), path(&b)) {
-            (Some(from), Some(to)) => Outcome::Moved { from, to, aside },
-            _ => Outcome::Moved {
-                from: String::new(),
-                to: String::new(),
-                aside,
-            },
-        }
+        Outcome::Moved { from, to, aside }
     }
 
     pub fn symlink(&self, target: &str, dirfd: u32, guest: &str) -> Outcome {

@@ -72,6 +72,9 @@ pub struct FdTable {
     cookies: BTreeMap<u32, Cookies>,
     /// The size of every open file, by inode, as the VM knows it.
     sizes: BTreeMap<u64, u64>,
+    /// Inodes linked into the set-aside folder: the name goes when no descriptor holds the
+    /// inode any more, however it was opened (by the name that went or by another link).
+    aside: std::collections::BTreeSet<u64>,
 }
 
 /// The largest number of descriptors a guest may hold open.
@@ -108,6 +111,7 @@ impl FdTable {
             fds,
             cookies: BTreeMap::new(),
             sizes: BTreeMap::new(),
+            aside: Default::default(),
         }
     }
 
@@ -155,25 +159,29 @@ impl FdTable {
     pub fn remove(&mut self, fd: u32) -> Result<(FdKind, Option<u64>), u16> {
         let kind = self.fds.remove(&fd).ok_or(errno::BADF)?;
         self.cookies.remove(&fd);
-        let mut drop_aside = None;
-        if let FdKind::File { ino, aside, .. } = &kind
-            && !self.holds_ino(*ino)
-        {
-            self.sizes.remove(ino);
-            if *aside {
-                drop_aside = Some(*ino);
-            }
-        }
+        let drop_aside = self.closed(&kind);
         Ok((kind, drop_aside))
     }
 
-    /// `fd_renumber`: `from` takes the place of `to`, which is closed. Returns the inode of
-    /// a set-aside file whose last descriptor closed.
-    pub fn renumber(&mut self, from: u32, to: u32) -> Result<Option<u64>, u16> {
+    /// A descriptor of `kind` is gone: forget what only it held.
+    fn closed(&mut self, kind: &FdKind) -> Option<u64> {
+        let FdKind::File { ino, .. } = kind else {
+            return None;
+        };
+        if self.holds_ino(*ino) {
+            return None;
+        }
+        self.sizes.remove(ino);
+        self.aside.remove(ino).then_some(*ino)
+    }
+
+    /// `fd_renumber`: `from` takes the place of `to`, which is closed. Returns what `to`
+    /// was, and the inode of a set-aside file whose last descriptor closed.
+    pub fn renumber(&mut self, from: u32, to: u32) -> Result<(Option<FdKind>, Option<u64>), u16> {
         self.get(from)?;
         self.get(to)?;
         if from == to {
-            return Ok(None);
+            return Ok((None, None));
         }
         let cookies = self.cookies.remove(&from);
         let kind = self.fds.remove(&from).ok_or(errno::BADF)?;
@@ -183,13 +191,8 @@ impl FdTable {
         if let Some(c) = cookies {
             self.cookies.insert(to, c);
         }
-        Ok(match old {
-            Some(FdKind::File { ino, aside, .. }) if !self.holds_ino(ino) => {
-                self.sizes.remove(&ino);
-                aside.then_some(ino)
-            }
-            _ => None,
-        })
+        let drop_aside = old.as_ref().and_then(|k| self.closed(k));
+        Ok((old, drop_aside))
     }
 
     /// Whether a descriptor holds the file with inode `ino` open.
@@ -228,6 +231,7 @@ impl FdTable {
     /// The open file `ino` was unlinked or replaced: its descriptors now reach it through
     /// the set-aside folder.
     pub fn set_aside(&mut self, ino: u64) {
+        self.aside.insert(ino);
         for kind in self.fds.values_mut() {
             if let FdKind::File { ino: i, aside, .. } = kind
                 && *i == ino
@@ -399,13 +403,19 @@ mod tests {
         assert_eq!(t.size_of(10), 5);
         assert_eq!(t.remove(5).unwrap().1, Some(10));
         assert_eq!(t.size_of(10), 0);
+        // Opened again by another link after it was set aside: still dropped at the end.
+        t.insert_file(4, file("b", 11), 5);
+        t.set_aside(11);
+        t.insert_file(5, file("c", 11), 5);
+        t.renumber(5, 4).unwrap();
+        assert_eq!(t.remove(4).unwrap().1, Some(11));
     }
 
     #[test]
     fn renumber_onto_itself_keeps_the_descriptor() {
         let mut t = FdTable::new(true, &[]);
         t.insert_file(4, file("a", 10), 0);
-        assert_eq!(t.renumber(4, 4).unwrap(), None);
+        assert_eq!(t.renumber(4, 4).unwrap(), (None, None));
         assert!(t.get(4).is_ok());
         t.insert_file(5, file("b", 11), 0);
         t.renumber(4, 5).unwrap();

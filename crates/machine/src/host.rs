@@ -108,7 +108,16 @@ pub fn errno_of(e: &io::Error) -> u16 {
         Some(libc::EAGAIN) => errno::AGAIN,
         Some(libc::EINTR) => errno::INTR,
         Some(libc::ENOMEM) => errno::NOMEM,
-        _ => errno::IO,
+        Some(libc::ESPIPE) => errno::SPIPE,
+        Some(libc::ENXIO) => errno::NXIO,
+        Some(libc::EOVERFLOW) => errno::OVERFLOW,
+        Some(libc::EMLINK) => errno::MLINK,
+        Some(libc::ETXTBSY) => errno::TXTBSY,
+        Some(libc::EOPNOTSUPP) => errno::NOTSUP,
+        Some(_) => errno::IO,
+        // Errors the standard library makes up (no OS error) are invalid arguments, such
+        // as a length beyond what the file system takes.
+        None => errno::INVAL,
     }
 }
 

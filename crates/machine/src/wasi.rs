@@ -37,6 +37,7 @@ pub mod errno {
     pub const ISDIR: u16 = 31;
     pub const LOOP: u16 = 32;
     pub const MFILE: u16 = 33;
+    pub const MLINK: u16 = 34;
     pub const NAMETOOLONG: u16 = 37;
     pub const NFILE: u16 = 41;
     pub const NOENT: u16 = 44;
@@ -47,11 +48,13 @@ pub mod errno {
     pub const NOTEMPTY: u16 = 55;
     pub const NOTSOCK: u16 = 57;
     pub const NOTSUP: u16 = 58;
+    pub const NXIO: u16 = 60;
     pub const OVERFLOW: u16 = 61;
     pub const PERM: u16 = 63;
     pub const PIPE: u16 = 64;
     pub const ROFS: u16 = 69;
     pub const SPIPE: u16 = 70;
+    pub const TXTBSY: u16 = 74;
     pub const XDEV: u16 = 75;
     pub const NOTCAPABLE: u16 = 76;
 }
@@ -155,6 +158,8 @@ pub mod rights {
 /// own event: no event, log record or frame on the logging channel grows with what a
 /// guest asks for.
 const MAX_IO: usize = crate::event::MAX_EVENT_DATA;
+/// The most iovecs one call takes (Linux's IOV_MAX).
+const MAX_IOVECS: u32 = 1024;
 /// The longest path a guest may pass (Linux's PATH_MAX).
 const MAX_PATH: u32 = 4096;
 /// The most subscriptions one `poll_oneoff` takes (Linux refuses more descriptors than
@@ -275,8 +280,12 @@ impl Mem<'_> {
         self.put(ptr, &v.to_le_bytes())
     }
     /// The (pointer, length) pairs of an iovec array, checked to lie in memory.
+    /// At most [`MAX_IOVECS`], as Linux takes at most `IOV_MAX`.
     fn iovecs(&self, ptr: u32, n: u32) -> Result<Vec<(u32, u32)>, u16> {
-        let mut out = Vec::with_capacity(n.min(1024) as usize);
+        if n > MAX_IOVECS {
+            return Err(errno::INVAL);
+        }
+        let mut out = Vec::with_capacity(n as usize);
         for i in 0..n {
             let at = ptr
                 .checked_add(i.checked_mul(8).ok_or(errno::FAULT)?)
@@ -572,7 +581,13 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         fd_readdir(m, vm, fd, buf, len, cookie, out)
     });
     wasi!(l, "fd_renumber", |_m, vm, from: u32, to: u32| {
-        let drop_aside = vm.fds.renumber(from, to)?;
+        let (old, drop_aside) = vm.fds.renumber(from, to)?;
+        if let Some(FdKind::Socket { conn, .. }) = old {
+            // The connection `to` held is closed as by fd_close: its peer gets a FIN.
+            let now = vm.net_now;
+            vm.net_mut()?.close(conn, now);
+            vm.flush_net();
+        }
         if let Some(h) = vm.host() {
             h.renumber(from, to);
         }
@@ -1283,9 +1298,9 @@ struct Open {
 fn path_open(m: &mut Mem, vm: &mut Vm, path: &str, o: Open, out: u32) -> Ret {
     m.bytes(out, 4)?;
     let [rights_base, _] = o.rights;
-    let append = o.fdflags & fdflags::APPEND != 0;
     let read = rights_base & rights::READS != 0;
-    let write = rights_base & rights::WRITES != 0 || append;
+    // O_APPEND alone does not make a descriptor writable (O_RDONLY|O_APPEND cannot write).
+    let write = rights_base & rights::WRITES != 0;
     let fd = vm.fds.lowest_free()?;
     let flags = crate::datastore::open_flags(o.oflags, o.fdflags, read, write, o.follow);
     let args = args_digest(&[
@@ -1583,6 +1598,7 @@ mod tests {
         assert_eq!(m.bytes(u32::MAX, 2).unwrap_err(), errno::FAULT);
         assert_eq!(m.put_u64(9, 1).unwrap_err(), errno::FAULT);
         assert!(m.iovecs(0, u32::MAX).is_err());
+        assert_eq!(m.iovecs(0, MAX_IOVECS + 1).unwrap_err(), errno::INVAL);
     }
 
     #[test]
@@ -1591,7 +1607,7 @@ mod tests {
         let m = Mem(&mut buf);
         // 256 iovecs over one 64 MiB buffer ask for 16 GiB.
         let iovs = vec![(0u32, 64u32 << 20); 256];
-        assert_eq!(total_len(&iovs), MAX_RW);
+        assert_eq!(total_len(&iovs), super::MAX_RW);
         let part = m.gather_at(&iovs, 0, MAX_IO).unwrap();
         assert_eq!(part.len(), MAX_IO);
         // A part from deep inside the list: the bytes after `skip`, across iovecs.
