@@ -8,6 +8,7 @@
 //! appended to a log, or taken from a log during replay. This crate knows nothing of
 //! replication: lockstep drives it through [`log::EventSource`] and [`log::EventSink`].
 
+pub mod asyncify;
 pub mod clock;
 pub mod datastore;
 pub mod event;
