@@ -17,6 +17,7 @@ pub mod host;
 pub mod log;
 mod net;
 pub mod port;
+pub mod snapshot;
 pub mod vm;
 pub mod wasi;
 
