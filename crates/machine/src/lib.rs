@@ -9,6 +9,7 @@
 //! replication: lockstep drives it through [`log::EventSource`] and [`log::EventSink`].
 
 pub mod asyncify;
+pub mod capture;
 pub mod clock;
 pub mod datastore;
 pub mod event;

@@ -266,7 +266,9 @@ fn header(bytes: &[u8]) -> Result<(Header, usize), SnapshotError> {
             )));
         }
         std::cmp::Ordering::Greater => {
-            return Err(SnapshotError::Damaged("bytes after the last section".into()));
+            return Err(SnapshotError::Damaged(
+                "bytes after the last section".into(),
+            ));
         }
         std::cmp::Ordering::Equal => {}
     }
