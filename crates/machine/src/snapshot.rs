@@ -146,7 +146,7 @@ fn decode_memory(raw: &[u8]) -> Result<Vec<u8>, SnapshotError> {
         .get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
         .ok_or_else(|| bad("no length"))?;
-    if len > MAX_RAW || len as usize % PAGE != 0 {
+    if len > MAX_RAW || !(len as usize).is_multiple_of(PAGE) {
         return Err(bad("impossible length"));
     }
     let len = len as usize;
