@@ -8,6 +8,8 @@
 //! appended to a log, or taken from a log during replay. This crate knows nothing of
 //! replication: lockstep drives it through [`log::EventSource`] and [`log::EventSink`].
 
+pub mod asyncify;
+pub mod capture;
 pub mod clock;
 pub mod datastore;
 pub mod event;
@@ -16,6 +18,7 @@ pub mod host;
 pub mod log;
 mod net;
 pub mod port;
+pub mod snapshot;
 pub mod vm;
 pub mod wasi;
 

@@ -151,6 +151,9 @@ pub struct Vm {
     pub(crate) stdin_ready: bool,
     limits: StoreLimits,
     warned: std::collections::BTreeSet<&'static str>,
+    /// Snapshots (issue 8): the host's side of Asyncify, for a VM of an instrumented
+    /// module ([`crate::capture`]); `None` otherwise.
+    pub(crate) snap: Option<Box<crate::capture::Ctl>>,
 }
 
 /// Every output the VM produces: digested always, performed only when live.
@@ -498,6 +501,7 @@ impl Machine {
                 .memories(1)
                 .build(),
             warned: Default::default(),
+            snap: None,
         };
         if let Err(fault) = vm.power_on() {
             return Err(match fault {
@@ -555,7 +559,7 @@ impl Machine {
 }
 
 /// Turn how `_start` ended into an exit, or an error that ends the run.
-fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
+pub(crate) fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
     let err = match result {
         Ok(()) => return Ok(Exit::Code(0)),
         Err(e) => e,
@@ -582,7 +586,7 @@ fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
 }
 
 /// Compare a finished replay with the end record of its log.
-fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
+pub(crate) fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
     let seq = report.events;
     if report.events != end.events {
         return Err(MachineError::Divergence {
@@ -665,6 +669,64 @@ pub fn live_inputs(
         port: Box::new(Direct { tap, console: true }),
     })
 }
+
+// ---- Snapshots (issue 8): what crate::capture needs of the VM. New items only; nothing
+// above depends on them. `Machine::run` could build its Vm with `Vm::new` too.
+
+impl Outputs {
+    /// The chain, if every output so far is sealed (an event boundary with no output
+    /// since): then the chain is the whole digest state and can be saved.
+    pub(crate) fn sealed_chain(&self) -> Option<[u8; 32]> {
+        (!self.open).then_some(self.chain)
+    }
+
+    /// Outputs continuing from a saved chain.
+    pub(crate) fn from_chain(chain: [u8; 32]) -> Self {
+        Outputs {
+            chain,
+            ..Outputs::new()
+        }
+    }
+
+    /// Digest of every output, sealed or not.
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        self.full()
+    }
+}
+
+impl Vm {
+    /// A VM at power-on (before [`Vm::power_on`]), as [`Machine::run`] builds it.
+    pub(crate) fn new(spec: GuestSpec, inputs: Inputs) -> Vm {
+        let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
+        Vm {
+            fds: FdTable::new(spec.datastore, &spec.listen),
+            spec: Arc::new(spec),
+            seq: 0,
+            clock: VmClock::default(),
+            outputs: Outputs::new(),
+            inputs,
+            net: None,
+            net_now: 0,
+            stdin_ready: false,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limit)
+                .instances(1)
+                .tables(4)
+                .memories(1)
+                .build(),
+            warned: Default::default(),
+            snap: None,
+        }
+    }
+
+    /// A store holding this VM, its memory limited as [`Machine::run`] limits it.
+    pub(crate) fn into_store(self, engine: &Engine) -> Store<Vm> {
+        let mut store = Store::new(engine, self);
+        store.limiter(|vm| &mut vm.limits);
+        store
+    }
+}
+// ---- end of snapshot additions.
 
 #[cfg(test)]
 mod tests {

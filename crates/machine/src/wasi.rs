@@ -364,17 +364,29 @@ fn total_len(iovs: &[(u32, u32)]) -> usize {
 
 fn call(
     caller: &mut Caller<'_, Vm>,
+    name: &'static str,
     f: impl FnOnce(&mut Mem, &mut Vm) -> Ret,
 ) -> wasmtime::Result<i32> {
+    // Snapshots (issue 8): a call re-entered by a rewind returns what it returned before.
+    if caller.data().snap.is_some()
+        && let Some(r) = crate::capture::on_entry(caller, name)?
+    {
+        return Ok(r);
+    }
     let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
         return Ok(i32::from(errno::FAULT));
     };
-    let (data, vm) = memory.data_and_store_mut(caller);
-    match f(&mut Mem(data), vm) {
-        Ok(()) => Ok(0),
-        Err(Stop::Errno(e)) => Ok(i32::from(e)),
-        Err(Stop::Fault(fault)) => Err(wasmtime::Error::new(fault)),
+    let (data, vm) = memory.data_and_store_mut(&mut *caller);
+    let r = match f(&mut Mem(data), vm) {
+        Ok(()) => 0,
+        Err(Stop::Errno(e)) => i32::from(e),
+        Err(Stop::Fault(fault)) => return Err(wasmtime::Error::new(fault)),
+    };
+    // Snapshots: an event import returning may be a snapshot point.
+    if caller.data().snap.is_some() {
+        crate::capture::on_exit(caller, name, r)?;
     }
+    Ok(r)
 }
 
 /// Take an event and insist on one outcome shape; an `Errno` outcome becomes the call's.
@@ -395,7 +407,7 @@ macro_rules! wasi {
             MODULE,
             $name,
             |mut caller: Caller<'_, Vm>, $($arg: $ty),*| -> wasmtime::Result<i32> {
-                let r = call(&mut caller, |$m, $vm| $body);
+                let r = call(&mut caller, $name, |$m, $vm| $body);
                 tracing::trace!(target: "wasi", "{}({}) = {:?}", $name, { let a: &[String] = &[$(format!("{}", $arg)),*]; a.join(", ") }, r.as_ref().ok());
                 r
             },
