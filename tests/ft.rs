@@ -504,21 +504,6 @@ fn arbitration(vm_dir: &std::path::Path) -> Vec<(String, String)> {
     gens
 }
 
-/// Wait (bounded) for VM process `i` to exit; its exit code.
-fn wait_exit(lab: &mut Lab, i: usize, limit: Duration, what: &str) -> i32 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(code) = lab.exited(i) {
-            return code;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A copy that never went live: it claimed no generation and never switched to live inputs.
 fn assert_never_live(secondary_log: &str, gens: &[(String, String)]) {
     assert!(
@@ -624,13 +609,8 @@ impl BigRead {
     /// Both copies ended with `code`; the guest's output appeared in full, exactly once,
     /// from the primary only; the VM never failed over and was protected while it ran.
     fn check_ended_together(&self, lab: &mut Lab, code: i32) {
-        let p = wait_exit(lab, self.primary, Duration::from_secs(60), "the primary");
-        let s_ = wait_exit(
-            lab,
-            self.secondary,
-            Duration::from_secs(20),
-            "the secondary",
-        );
+        let p = lab.wait_exit(self.primary, Duration::from_secs(60), "the primary");
+        let s_ = lab.wait_exit(self.secondary, Duration::from_secs(20), "the secondary");
         let (plog, slog) = (self.log("primary"), self.log("secondary"));
         assert_eq!(
             (p, s_),
@@ -730,7 +710,9 @@ fn sigterm_to_a_protected_primary_stops_the_vm_on_both_copies() {
         assert_eq!(ft.cli(&["INCR", "n"]), "1");
         let p = ft.lab.stop_vm(ft.primary);
         let sec = ft.secondary;
-        let s_ = wait_exit(&mut ft.lab, sec, Duration::from_secs(10), "the secondary");
+        let s_ = ft
+            .lab
+            .wait_exit(sec, Duration::from_secs(10), "the secondary");
         let (plog, slog) = (ft.log("primary"), ft.log("secondary"));
         assert_eq!(
             (p, s_),
@@ -815,12 +797,8 @@ fn a_secondary_killed_during_catch_up_never_goes_live() {
     let killed = tandem(&["lab", "kill", "--name", &ft.lab.name, "host2"]);
     assert_eq!(killed.code, 0, "{}", killed.stderr);
     let sec = ft.secondary;
-    wait_exit(
-        &mut ft.lab,
-        sec,
-        Duration::from_secs(5),
-        "the killed secondary",
-    );
+    ft.lab
+        .wait_exit(sec, Duration::from_secs(5), "the killed secondary");
     std::thread::sleep(Duration::from_secs(1));
     assert_never_live(&ft.log("secondary"), &ft.generations());
     check_primary_serves_on(&mut ft);
@@ -836,7 +814,9 @@ fn a_secondary_cut_off_during_catch_up_drops_out() {
         .unwrap();
     assert!(cut.success());
     let sec = ft.secondary;
-    let code = wait_exit(&mut ft.lab, sec, Duration::from_secs(10), "the secondary");
+    let code = ft
+        .lab
+        .wait_exit(sec, Duration::from_secs(10), "the secondary");
     let slog = ft.log("secondary");
     assert_eq!(code, 4, "a secondary dropping out exits 4:\n{slog}");
     assert!(slog.contains("dropped out"), "{slog}");

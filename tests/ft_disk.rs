@@ -20,20 +20,6 @@ fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
-fn wait_exit(lab: &mut Lab, i: usize, limit: Duration) -> i32 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(code) = lab.exited(i) {
-            return code;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VM {i} did not finish in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn renamed_rotated_and_unlinked_open_files_survive_a_primary_host_kill() {
     let churn = guest("filechurn.wasm");
@@ -129,7 +115,7 @@ fn renamed_rotated_and_unlinked_open_files_survive_a_primary_host_kill() {
     let r = tandem(&["lab", "kill", "--name", &lab.name, "host1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 
-    let code = wait_exit(&mut lab, secondary, Duration::from_secs(30));
+    let code = lab.wait_exit(secondary, Duration::from_secs(30), "the secondary");
     let out = log("secondary");
     assert_eq!(code, 0, "the secondary's run:\n{out}");
     assert!(

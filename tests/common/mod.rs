@@ -216,6 +216,21 @@ impl Drop for Lab {
 }
 
 impl Lab {
+    /// Wait (bounded) for VM process `i` to exit; its exit code.
+    pub fn wait_exit(&mut self, i: usize, limit: std::time::Duration, what: &str) -> i32 {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(code) = self.exited(i) {
+                return code;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not exit within {limit:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// How VM process `i` exited, if it has.
     pub fn exited(&mut self, i: usize) -> Option<i32> {
         self.vms[i]
