@@ -1,6 +1,7 @@
 //! `tandem`: the command-line edge of Tandem. Parses arguments, drives the crates, and
 //! turns their typed errors into one clear line and an exit code:
-//! 0 success (or the guest's own exit code for `vm run`), 2 bad input, 3 replay divergence.
+//! 0 success (or the guest's own exit code for `vm run`), 2 bad input, 3 replay divergence,
+//! 4 a copy halted (lost arbitration), 5 a replayed log that was cut (its recorder killed).
 
 mod bench;
 mod client;
@@ -158,12 +159,21 @@ enum VmCommand {
     ///
     /// The guest sees DIR as its preopened directory "/" (fd 3); its stdout and stderr go
     /// to this process's. Exits with the guest's exit code (1 if the guest trapped).
+    /// SIGINT/SIGTERM stop the guest within a second, even one making no calls (exit 0;
+    /// a recording then ends with a stop record and replays to the same stop).
     Run(RunArgs),
     /// Replay a recorded log and check the execution is identical.
     ///
     /// Nothing is written to the datastore or the console: outputs are computed and
     /// digested. Prints `replay ok: events=N digest=HEX` (exit 0) or
     /// `replay diverged at event N: WHY` (exit 3).
+    ///
+    /// A recording stopped by SIGINT/SIGTERM replays to the same stop: `replay ok: ...`,
+    /// then `stopped: ...` saying where (exit 0). A recording killed (no end record; its
+    /// last chunk possibly torn) replays every event it holds, then prints `replay ok:
+    /// events=N digest=HEX` and `cut: the log ends after N events without an end record
+    /// (its recording was killed); replayed up to there` (exit 5). The digest then covers
+    /// the outputs up to the last event. Damage anywhere else is refused (exit 2).
     Replay {
         /// The log written by `vm run --record`.
         log: PathBuf,
@@ -248,14 +258,16 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// SIGINT and SIGTERM stop the VMs of this process at their next event boundary, so that a
-/// recording ends with its end record and a NIC's tap is removed.
+/// SIGINT and SIGTERM stop the VMs of this process (at their next call, or mid-computation
+/// through the engine's epoch), so that a recording ends with its end record and a NIC's
+/// tap is removed.
 fn install_stop_handler() {
     extern "C" fn on_signal(_: libc::c_int) {
         machine::request_stop();
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe; the
+        // SAFETY: `on_signal` only calls `machine::request_stop`, which stores to an atomic
+        // and adds to one (async-signal-safe: no locks, no allocation, no syscalls); the
         // sigaction structure is fully initialised before the call.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
@@ -277,7 +289,11 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
-    install_stop_handler();
+    // A replay performs nothing on the host and does not stop on request: SIGINT/SIGTERM
+    // keep their default action there (end the process).
+    if !matches!(cli.command, Command::Vm(VmCommand::Replay { .. })) {
+        install_stop_handler();
+    }
     let result = match cli.command {
         Command::Vm(VmCommand::Run(a)) => vm_run(a),
         Command::Vm(VmCommand::Replay {
@@ -335,6 +351,10 @@ fn exit_code(exit: &Exit) -> u8 {
         }
         Exit::Stopped => {
             tracing::info!("VM stopped on request");
+            0
+        }
+        Exit::Interrupted => {
+            tracing::info!("VM stopped on request between events");
             0
         }
     }
@@ -607,5 +627,30 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
         report.events,
         hex(&report.digest)
     );
+    if report.cut {
+        println!(
+            "cut: the log ends after {} events without an end record (its recording was \
+             killed); replayed up to there",
+            report.events
+        );
+        return Ok(CUT);
+    }
+    match report.exit {
+        Exit::Stopped => println!(
+            "stopped: the recorded run was stopped by the host at its call after {} events; \
+             the replay stopped there",
+            report.events
+        ),
+        Exit::Interrupted => println!(
+            "stopped: the recorded run was stopped by the host between events, after {} \
+             events; the replay stopped there (outputs compared up to the last event)",
+            report.events
+        ),
+        _ => {}
+    }
     Ok(0)
 }
+
+/// `vm replay`'s exit code for a log cut short (its recorder killed): every event it holds
+/// replayed identically, but the run's end is unknown.
+const CUT: u8 = 5;

@@ -9,11 +9,29 @@
 //! - every nondeterministic value the guest observes passes through [`Vm::event`];
 //! - during replay nothing is performed on the host: console and disk outputs are only
 //!   digested, so a replay leaves the datastore and the console untouched.
+//!
+//! Stopping. A stop request ([`request_stop`], e.g. from SIGTERM) stops a live VM at its
+//! next WASI call ([`Exit::Stopped`]) or, if the guest is computing, at its next epoch
+//! check ([`Exit::Interrupted`]): every VM runs under wasmtime epoch interruption with a
+//! deadline one tick ahead, and only a stop request advances the (process-wide) engine's
+//! epoch, so a run nobody stops pays the checks in compiled code and nothing else. A
+//! replaying VM has a ticker advance the epoch a few times a second and asks its source
+//! whether the recorded run ended there ([`EventSource::stops_at`]): a replay of a run
+//! interrupted or cut mid-computation stops once it has taken every event, instead of
+//! running on (the guest may never make another call).
+//!
+//! The digest of a run stopped between events, or of a replay of a cut log, covers the
+//! outputs up to its last event: what the guest wrote after it (console writes are outputs
+//! but not events) depends on where the interruption caught it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Config, Engine, Linker, Module, Store, StoreContextMut, StoreLimits, StoreLimitsBuilder,
+    UpdateDeadline,
+};
 
 use crate::clock::VmClock;
 use crate::event::{Event, Kind, Outcome, first_u64};
@@ -57,10 +75,23 @@ pub enum MachineError {
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Ask every live VM of this process to stop at its next event boundary (async-signal-safe:
-/// a signal handler may call it).
+/// The engine every VM of this process runs under: one, so that a stop request can reach
+/// every running guest through its epoch.
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+/// How often a replaying VM asks its source whether the recorded run stopped where the
+/// guest now is.
+const REPLAY_TICK: Duration = Duration::from_millis(50);
+
+/// Ask every live VM of this process to stop: at its next WASI call, or within an epoch
+/// check if it is computing. Async-signal-safe (a signal handler may call it): it stores
+/// to an atomic and increments the engine's epoch, itself one atomic add
+/// (`Engine::increment_epoch` is documented signal-safe); `OnceLock::get` only loads.
 pub fn request_stop() {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(engine) = ENGINE.get() {
+        engine.increment_epoch();
+    }
 }
 
 pub(crate) fn stop_requested() -> bool {
@@ -74,6 +105,10 @@ pub(crate) enum Fault {
     Exit(u32),
     #[error("stopped by the host")]
     Stopped,
+    /// Stopped between events (at an epoch check), or at the end of a replayed log that
+    /// stops or is cut there.
+    #[error("stopped by the host between events")]
+    Interrupted,
     #[error("replay diverged at event {seq}: {why}")]
     Divergence { seq: u64, why: String },
     #[error(transparent)]
@@ -209,6 +244,18 @@ impl Outputs {
     fn full(&self) -> [u8; 32] {
         self.sealed()
     }
+
+    /// Digest of the outputs sealed at the last event boundary.
+    fn at_last_event(&self) -> [u8; 32] {
+        self.chain
+    }
+
+    /// Undo the last seal (the run ends before the event that made it).
+    fn rewind(&mut self, chain: [u8; 32]) {
+        self.chain = chain;
+        self.segment.reset();
+        self.open = false;
+    }
 }
 
 impl Vm {
@@ -230,6 +277,7 @@ impl Vm {
         op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
     ) -> Result<Outcome, Fault> {
         let seq = self.seq;
+        let prior = self.outputs.at_last_event();
         // Every event is a boundary of the output digest, in every mode, so the digest of a
         // run means the same thing live, recorded and replayed.
         let outputs = self.outputs.seal();
@@ -280,6 +328,21 @@ impl Vm {
                                 events,
                                 ..
                             }) if events == seq => return Err(Fault::Stopped),
+                            // A run stopped between events, or a recording cut, after the
+                            // events taken: the guest stops before the call the log does
+                            // not hold, its digest that of the outputs up to the last
+                            // event, as the recording's.
+                            Tail::End(End {
+                                exit: Exit::Interrupted,
+                                events,
+                                ..
+                            })
+                            | Tail::Cut(events)
+                                if events == seq =>
+                            {
+                                self.outputs.rewind(prior);
+                                return Err(Fault::Interrupted);
+                            }
                             _ => {
                                 return Err(Fault::Divergence {
                                     seq,
@@ -363,16 +426,78 @@ impl Vm {
     }
 }
 
-/// The deterministic engine configuration every copy of a VM runs under.
+/// The deterministic engine configuration every copy of a VM runs under (one engine per
+/// process, shared by every VM in it).
 pub fn deterministic_engine() -> Result<Engine, MachineError> {
+    if let Some(engine) = ENGINE.get() {
+        return Ok(engine.clone());
+    }
     let mut config = Config::new();
     config
         // Threads are compiled out of our wasmtime build (no `threads` feature): a guest
         // with shared memory or atomics.wait fails to load rather than race.
         .cranelift_nan_canonicalization(true)
         .wasm_relaxed_simd(false)
-        .relaxed_simd_deterministic(true);
-    Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))
+        .relaxed_simd_deterministic(true)
+        // So that a stop request reaches a guest that makes no calls. Whether and where a
+        // guest is interrupted is not part of its execution: the epoch callback either
+        // lets it go on untouched or ends the run.
+        .epoch_interruption(true);
+    let engine = Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))?;
+    // Two threads racing here build two engines; both are configured alike, and the one
+    // kept is the one stop requests reach.
+    Ok(ENGINE.get_or_init(|| engine).clone())
+}
+
+/// The epoch passed a running VM's deadline: a stop request (live), a replay's ticker, or
+/// another VM's stop in this process. End the run if it is to stop, else wait for the
+/// next tick.
+fn on_epoch(mut ctx: StoreContextMut<'_, Vm>) -> wasmtime::Result<UpdateDeadline> {
+    let vm = ctx.data_mut();
+    let stop = match &mut vm.inputs {
+        Inputs::Live { .. } => stop_requested(),
+        Inputs::Replay { source, .. } => source.stops_at(vm.seq),
+    };
+    if stop {
+        return Err(wasmtime::Error::new(Fault::Interrupted));
+    }
+    Ok(UpdateDeadline::Continue(1))
+}
+
+/// Advances the engine's epoch every [`REPLAY_TICK`] while a replay runs; stops when
+/// dropped.
+struct Ticker {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> Result<Self, MachineError> {
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tandem-tick".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(REPLAY_TICK)
+                {
+                    engine.increment_epoch();
+                }
+            })
+            .map_err(|e| MachineError::Internal(format!("cannot start the replay ticker: {e}")))?;
+        Ok(Ticker {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A compiled guest module, ready to run as any number of VMs.
@@ -388,7 +513,12 @@ pub struct Machine {
 pub struct RunReport {
     pub exit: Exit,
     pub events: u64,
+    /// Digest of the run's outputs: all of them, or those up to the last event when the
+    /// run was interrupted between events or replayed a log that stops or is cut there.
     pub digest: [u8; 32],
+    /// A replay whose log was cut (no end record; its recorder killed): it replayed every
+    /// event the log holds, `events` of them, and stopped there.
+    pub cut: bool,
 }
 
 impl RunReport {
@@ -504,12 +634,25 @@ impl Machine {
                 Fault::Log(l) => MachineError::Log(l),
                 Fault::Divergence { seq, why } => MachineError::Divergence { seq, why },
                 Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
-                Fault::Stopped => MachineError::Internal("stopped at power-on".into()),
+                Fault::Stopped | Fault::Interrupted => {
+                    MachineError::Internal("stopped at power-on".into())
+                }
                 Fault::GoLive(why) => MachineError::GoLive(why),
             });
         }
+        let ticker = match vm.inputs {
+            Inputs::Replay { .. } => Some(Ticker::start(self.engine.clone())?),
+            Inputs::Live { .. } => None,
+        };
         let mut store = Store::new(&self.engine, vm);
         store.limiter(|vm| &mut vm.limits);
+        store.epoch_deadline_callback(on_epoch);
+        // One tick ahead: the next stop request reaches this guest. A request made before
+        // the deadline was set has already advanced the epoch: check now.
+        store.set_epoch_deadline(1);
+        if stop_requested() {
+            store.set_epoch_deadline(0);
+        }
         let exit = match self.linker.instantiate(&mut store, &self.module) {
             Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
                 Ok(start) => classify(start.call(&mut store, ()))?,
@@ -521,14 +664,20 @@ impl Machine {
             },
             Err(e) => classify(Err(e))?,
         };
+        drop(ticker);
         let vm = store.into_data();
         if let Some(net) = &vm.net {
             tracing::info!("network: {:?}", net.stats());
         }
-        let report = RunReport {
+        let mut report = RunReport {
+            digest: if exit == Exit::Interrupted {
+                vm.outputs.at_last_event()
+            } else {
+                vm.outputs.full()
+            },
             exit,
             events: vm.seq,
-            digest: vm.outputs.full(),
+            cut: false,
         };
         match vm.inputs {
             Inputs::Live {
@@ -536,7 +685,35 @@ impl Machine {
             } => sink.finish(&report.end())?,
             Inputs::Live { sink: None, .. } => {}
             Inputs::Replay { mut source, .. } => match source.tail()? {
-                Tail::End(end) => check_replay(&report, &end)?,
+                Tail::End(end) => {
+                    if end.exit == Exit::Interrupted {
+                        // Whether the replay was stopped where the log ends or its guest
+                        // ran on to an end of its own, what the log vouches for is the
+                        // outputs up to its last event.
+                        report.digest = vm.outputs.at_last_event();
+                    }
+                    check_replay(&report, &end)?;
+                    // The replay reproduced a run the host stopped: report that stop, not
+                    // where the replay happened to be caught (or ran on to).
+                    if end.exit.is_stop() {
+                        report.exit = end.exit;
+                    }
+                }
+                Tail::Cut(events) => {
+                    // Nothing to compare beyond the events themselves, each checked
+                    // with the outputs before it as it was taken.
+                    report.digest = vm.outputs.at_last_event();
+                    report.cut = true;
+                    if events != report.events {
+                        return Err(MachineError::Divergence {
+                            seq: report.events,
+                            why: format!(
+                                "the guest finished ({}) after {} events; the log holds {events}",
+                                report.exit, report.events
+                            ),
+                        });
+                    }
+                }
                 // The recorder was lost just as the guest finished: nothing to compare with.
                 Tail::GoLive => {}
                 Tail::Event(seq) => {
@@ -564,6 +741,7 @@ fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
         return match fault {
             Fault::Exit(code) => Ok(Exit::Code(*code)),
             Fault::Stopped => Ok(Exit::Stopped),
+            Fault::Interrupted => Ok(Exit::Interrupted),
             Fault::GoLive(why) => Err(MachineError::GoLive(why.clone())),
             Fault::Divergence { seq, why } => Err(MachineError::Divergence {
                 seq: *seq,
@@ -582,6 +760,14 @@ fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineError> {
 }
 
 /// Compare a finished replay with the end record of its log.
+///
+/// A run that ended by itself, or was stopped at a call, must end the same way with the
+/// same outputs. A run stopped between events ([`Exit::Interrupted`]) is reproduced up to
+/// its last event: the replay may stop where the log ends or run on to an end of its own
+/// (the live run was cut off on its way there), and the digests compared are those of the
+/// outputs up to the last event. A replay interrupted where a log stopped at a call (a
+/// source that stops a guest wherever it is, such as a secondary) compares nothing beyond
+/// the events, each checked with the outputs before it as it was taken.
 fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
     let seq = report.events;
     if report.events != end.events {
@@ -593,14 +779,16 @@ fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
             ),
         });
     }
-    if report.exit != end.exit {
-        return Err(MachineError::Divergence {
-            seq,
-            why: format!(
-                "the guest ended with {}; the logged run ended with {}",
-                report.exit, end.exit
-            ),
-        });
+    match (&end.exit, &report.exit) {
+        (Exit::Interrupted, _) => {}
+        (Exit::Stopped, Exit::Interrupted) => return Ok(()),
+        (logged, replayed) if logged != replayed => {
+            return Err(MachineError::Divergence {
+                seq,
+                why: format!("the guest ended with {replayed}; the logged run ended with {logged}"),
+            });
+        }
+        _ => {}
     }
     if report.digest != end.digest {
         return Err(MachineError::Divergence {
