@@ -11,29 +11,36 @@
 //!   digested, so a replay leaves the datastore and the console untouched.
 //!
 //! Stopping. A stop request ([`request_stop`], e.g. from SIGTERM) stops a live VM at its
-//! next WASI call ([`Exit::Stopped`]) or, if the guest is computing, at its next epoch
-//! check ([`Exit::Interrupted`]): every VM runs under wasmtime epoch interruption with a
-//! deadline one tick ahead, and only a stop request advances the (process-wide) engine's
-//! epoch, so a run nobody stops pays the checks in compiled code and nothing else. A
-//! replaying VM has a ticker advance the epoch a few times a second and asks its source
-//! whether the recorded run ended there ([`EventSource::stops_at`]): a replay of a run
-//! interrupted or cut mid-computation stops once it has taken every event, instead of
-//! running on (the guest may never make another call).
+//! next WASI call ([`Exit::Stopped`]). A guest computing without calls is stopped between
+//! events ([`Exit::Interrupted`]) without any check in its compiled code: the guest runs on
+//! a thread of its own while the thread that called [`Machine::run`] watches, and when the
+//! guest has not reached a call [`STOP_GRACE`] after a stop request, the watcher ends the
+//! run itself. It can, because everything the end of a run needs is behind a [`Gate`] the
+//! guest holds through each event: the events taken, the output chain at the last one, the
+//! sink or source. Closing the gate abandons the guest: its thread may compute on until the
+//! process ends, but it takes no more events and its outputs no longer leave (the port is
+//! muted), so nothing it does after the stop is seen. A replaying VM is watched the same
+//! way: when its source says the recorded run stopped or was cut where the guest now is
+//! ([`EventSource::stops_at`]), the replay ends there instead of running on (the guest may
+//! never make another call).
+//!
+//! (wasmtime's epoch interruption would stop the guest from inside, but its checks at every
+//! loop header and function entry cost 40% on the CPU benchmark even with the epoch never
+//! advanced.)
 //!
 //! The digest of a run stopped between events, or of a replay of a cut log, covers the
 //! outputs up to its last event: what the guest wrote after it (console writes are outputs
-//! but not events) depends on where the interruption caught it.
+//! but not events) depends on where the stop caught it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use wasmtime::{
-    Config, Engine, Linker, Module, Store, StoreContextMut, StoreLimits, StoreLimitsBuilder,
-    UpdateDeadline,
-};
+use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::clock::VmClock;
+use crate::event::Event as LoggedEvent;
 use crate::event::{Event, Kind, Outcome, first_u64};
 use crate::fdtable::FdTable;
 use crate::host::{HostError, LiveHost};
@@ -75,23 +82,19 @@ pub enum MachineError {
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The engine every VM of this process runs under: one, so that a stop request can reach
-/// every running guest through its epoch.
-static ENGINE: OnceLock<Engine> = OnceLock::new();
+/// How long a computing guest has to reach a call after a stop request before the run
+/// is ended between events.
+pub const STOP_GRACE: Duration = Duration::from_millis(250);
+/// How often the thread that runs a VM looks for a stop.
+const WATCH_TICK: Duration = Duration::from_millis(50);
+/// The guest's thread's stack: the wasm stack (wasmtime's 512 KiB limit) plus host calls.
+const GUEST_STACK: usize = 8 << 20;
 
-/// How often a replaying VM asks its source whether the recorded run stopped where the
-/// guest now is.
-const REPLAY_TICK: Duration = Duration::from_millis(50);
-
-/// Ask every live VM of this process to stop: at its next WASI call, or within an epoch
-/// check if it is computing. Async-signal-safe (a signal handler may call it): it stores
-/// to an atomic and increments the engine's epoch, itself one atomic add
-/// (`Engine::increment_epoch` is documented signal-safe); `OnceLock::get` only loads.
+/// Ask every live VM of this process to stop (async-signal-safe: a signal handler may call
+/// it; it only stores to an atomic). A guest stops at its next call, or between events
+/// [`STOP_GRACE`] later.
 pub fn request_stop() {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
-    if let Some(engine) = ENGINE.get() {
-        engine.increment_epoch();
-    }
 }
 
 pub(crate) fn stop_requested() -> bool {
@@ -105,8 +108,8 @@ pub(crate) enum Fault {
     Exit(u32),
     #[error("stopped by the host")]
     Stopped,
-    /// Stopped between events (at an epoch check), or at the end of a replayed log that
-    /// stops or is cut there.
+    /// Stopped between events, or at the end of a replayed log that stops between events
+    /// or is cut there.
     #[error("stopped by the host between events")]
     Interrupted,
     #[error("replay diverged at event {seq}: {why}")]
@@ -186,6 +189,9 @@ pub struct Vm {
     pub(crate) stdin_ready: bool,
     limits: StoreLimits,
     warned: std::collections::BTreeSet<&'static str>,
+    gate: SharedGate,
+    /// Set when the watcher ends the run between events (mutes the port).
+    abandoned: Arc<AtomicBool>,
 }
 
 /// Every output the VM produces: digested always, performed only when live.
@@ -281,10 +287,16 @@ impl Vm {
         // Every event is a boundary of the output digest, in every mode, so the digest of a
         // run means the same thing live, recorded and replayed.
         let outputs = self.outputs.seal();
+        let gate = Arc::clone(&self.gate);
+        let mut g = lock(&gate);
+        if g.closed {
+            // The watcher ended the run between events: this guest is abandoned.
+            return Err(Fault::Stopped);
+        }
         let mut op = Some(op);
         loop {
             match &mut self.inputs {
-                Inputs::Live { host, sink, port } => {
+                Inputs::Live { host, port, .. } => {
                     if stop_requested() {
                         return Err(Fault::Stopped);
                     }
@@ -298,7 +310,7 @@ impl Vm {
                     if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
                         return Err(Fault::Stopped);
                     }
-                    let outcome = match sink {
+                    let outcome = match &mut g.sink {
                         Some(sink) => {
                             let event = Event {
                                 seq,
@@ -313,13 +325,21 @@ impl Vm {
                         None => outcome,
                     };
                     self.seq += 1;
+                    g.seq = self.seq;
+                    g.chain = self.outputs.at_last_event();
                     return Ok(outcome);
                 }
-                Inputs::Replay { source, go_live } => {
+                Inputs::Replay { go_live, .. } => {
+                    let source = g
+                        .source
+                        .as_mut()
+                        .ok_or_else(|| Fault::GoLive("the replay has no source".into()))?;
                     let Some(event) = source.next_event()? else {
                         match source.tail()? {
                             Tail::GoLive if go_live.is_some() => {
+                                drop(g);
                                 self.go_live()?;
+                                g = lock(&gate);
                                 continue;
                             }
                             // A run the host stopped ends where it was stopped: stop there too.
@@ -371,6 +391,8 @@ impl Vm {
                         return Err(Fault::Divergence { seq, why });
                     }
                     self.seq += 1;
+                    g.seq = self.seq;
+                    g.chain = self.outputs.at_last_event();
                     return Ok(event.outcome);
                 }
             }
@@ -393,12 +415,20 @@ impl Vm {
         if let Some(t) = &tap {
             host.attach_tap(t.clone());
         }
+        {
+            let mut g = lock(&self.gate);
+            g.sink = gl.sink;
+            g.live = true;
+        }
         self.inputs = Inputs::Live {
             host,
-            sink: gl.sink,
-            port: Box::new(Direct {
-                tap,
-                console: gl.console,
+            sink: None,
+            port: Box::new(Muted {
+                port: Box::new(Direct {
+                    tap,
+                    console: gl.console,
+                }),
+                abandoned: self.abandoned.clone(),
             }),
         };
         tracing::warn!("went live at event {}", self.seq);
@@ -426,77 +456,82 @@ impl Vm {
     }
 }
 
-/// The deterministic engine configuration every copy of a VM runs under (one engine per
-/// process, shared by every VM in it).
+/// The deterministic engine configuration every copy of a VM runs under.
 pub fn deterministic_engine() -> Result<Engine, MachineError> {
-    if let Some(engine) = ENGINE.get() {
-        return Ok(engine.clone());
-    }
     let mut config = Config::new();
     config
         // Threads are compiled out of our wasmtime build (no `threads` feature): a guest
         // with shared memory or atomics.wait fails to load rather than race.
         .cranelift_nan_canonicalization(true)
         .wasm_relaxed_simd(false)
-        .relaxed_simd_deterministic(true)
-        // So that a stop request reaches a guest that makes no calls. Whether and where a
-        // guest is interrupted is not part of its execution: the epoch callback either
-        // lets it go on untouched or ends the run.
-        .epoch_interruption(true);
-    let engine = Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))?;
-    // Two threads racing here build two engines; both are configured alike, and the one
-    // kept is the one stop requests reach.
-    Ok(ENGINE.get_or_init(|| engine).clone())
+        .relaxed_simd_deterministic(true);
+    Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))
 }
 
-/// The epoch passed a running VM's deadline: a stop request (live), a replay's ticker, or
-/// another VM's stop in this process. End the run if it is to stop, else wait for the
-/// next tick.
-fn on_epoch(mut ctx: StoreContextMut<'_, Vm>) -> wasmtime::Result<UpdateDeadline> {
-    let vm = ctx.data_mut();
-    let stop = match &mut vm.inputs {
-        Inputs::Live { .. } => stop_requested(),
-        Inputs::Replay { source, .. } => source.stops_at(vm.seq),
-    };
-    if stop {
-        return Err(wasmtime::Error::new(Fault::Interrupted));
+/// What ending a run needs, shared by the guest's thread and the thread watching it.
+///
+/// Invariant: the guest's thread holds the lock through every event, from its first check
+/// to its last update, so whoever holds it between events sees a VM at an event boundary
+/// whose sink or source holds exactly `seq` events. The watcher only ever `try_lock`s it: a
+/// guest inside an event (a wait, a disk write) is not stopped there, it stops at the
+/// event's end by itself.
+pub(crate) struct Gate {
+    /// The run was ended by the watcher: the guest's thread takes no more events.
+    closed: bool,
+    /// The VM takes its inputs live (from power-on, or since it went live).
+    live: bool,
+    /// Events taken, and the output chain sealed at the last of them.
+    seq: u64,
+    chain: [u8; 32],
+    /// Where a live VM's events go (moved here from [`Inputs::Live`] at power-on, and from
+    /// [`GoLive`] at go-live).
+    sink: Option<Box<dyn EventSink + Send>>,
+    /// Where a replaying VM's events come from (moved here from [`Inputs::Replay`]).
+    source: Option<Box<dyn EventSource + Send>>,
+}
+
+type SharedGate = Arc<Mutex<Gate>>;
+
+fn lock(gate: &SharedGate) -> MutexGuard<'_, Gate> {
+    gate.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stands in [`Inputs::Replay`] for the source, which lives in the [`Gate`].
+struct InGate;
+
+impl EventSource for InGate {
+    fn next_event(&mut self) -> Result<Option<LoggedEvent>, LogError> {
+        Err(LogError::Source(
+            "internal: the source is in the gate".into(),
+        ))
     }
-    Ok(UpdateDeadline::Continue(1))
-}
-
-/// Advances the engine's epoch every [`REPLAY_TICK`] while a replay runs; stops when
-/// dropped.
-struct Ticker {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn start(engine: Engine) -> Result<Self, MachineError> {
-        let (stop, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("tandem-tick".into())
-            .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    rx.recv_timeout(REPLAY_TICK)
-                {
-                    engine.increment_epoch();
-                }
-            })
-            .map_err(|e| MachineError::Internal(format!("cannot start the replay ticker: {e}")))?;
-        Ok(Ticker {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+    fn tail(&mut self) -> Result<Tail, LogError> {
+        Err(LogError::Source(
+            "internal: the source is in the gate".into(),
+        ))
     }
 }
 
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+/// A live VM's port, silenced once its run has been ended between events: an abandoned
+/// guest computing on must not be seen (its disk writes are events, refused by the gate).
+struct Muted {
+    port: Box<dyn OutputPort>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl OutputPort for Muted {
+    fn frame(&mut self, position: u64, frame: &[u8]) {
+        if !self.abandoned.load(Ordering::Relaxed) {
+            self.port.frame(position, frame);
         }
+    }
+    fn console(&mut self, position: u64, fd: u32, data: &[u8]) {
+        if !self.abandoned.load(Ordering::Relaxed) {
+            self.port.console(position, fd, data);
+        }
+    }
+    fn before_disk(&mut self, position: u64) -> Result<(), LogError> {
+        self.port.before_disk(position)
     }
 }
 
@@ -607,10 +642,42 @@ impl Machine {
         Ok(())
     }
 
-    /// Run a VM from power-on until the guest exits. A live run finishes its sink with the
-    /// run's end; a replay checks the run against the end its source recorded.
-    pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
+    /// Run a VM from power-on until the guest exits or is stopped. A live run finishes its
+    /// sink with the run's end; a replay checks the run against the end its source
+    /// recorded. The guest runs on a thread of its own while this one watches for a stop
+    /// (see the module documentation).
+    pub fn run(&self, spec: GuestSpec, mut inputs: Inputs) -> Result<RunReport, MachineError> {
         let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let mut gate = Gate {
+            closed: false,
+            live: false,
+            seq: 0,
+            chain: [0; 32],
+            sink: None,
+            source: None,
+        };
+        match &mut inputs {
+            Inputs::Live { sink, port, .. } => {
+                gate.live = true;
+                gate.sink = sink.take();
+                let inner = std::mem::replace(
+                    port,
+                    Box::new(Direct {
+                        tap: None,
+                        console: false,
+                    }),
+                );
+                *port = Box::new(Muted {
+                    port: inner,
+                    abandoned: abandoned.clone(),
+                });
+            }
+            Inputs::Replay { source, .. } => {
+                gate.source = Some(std::mem::replace(source, Box::new(InGate)));
+            }
+        }
+        let gate = Arc::new(Mutex::new(gate));
         let mut vm = Vm {
             fds: FdTable::new(spec.datastore, &spec.listen),
             spec: Arc::new(spec),
@@ -628,6 +695,8 @@ impl Machine {
                 .memories(1)
                 .build(),
             warned: Default::default(),
+            gate: gate.clone(),
+            abandoned: abandoned.clone(),
         };
         if let Err(fault) = vm.power_on() {
             return Err(match fault {
@@ -640,38 +709,66 @@ impl Machine {
                 Fault::GoLive(why) => MachineError::GoLive(why),
             });
         }
-        let ticker = match vm.inputs {
-            Inputs::Replay { .. } => Some(Ticker::start(self.engine.clone())?),
-            Inputs::Live { .. } => None,
-        };
-        let mut store = Store::new(&self.engine, vm);
-        store.limiter(|vm| &mut vm.limits);
-        store.epoch_deadline_callback(on_epoch);
-        // One tick ahead: the next stop request reaches this guest. A request made before
-        // the deadline was set has already advanced the epoch: check now.
-        store.set_epoch_deadline(1);
-        if stop_requested() {
-            store.set_epoch_deadline(0);
-        }
-        let exit = match self.linker.instantiate(&mut store, &self.module) {
-            Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                Ok(start) => classify(start.call(&mut store, ()))?,
-                Err(_) => {
-                    return Err(MachineError::Link(
-                        "the module exports no _start function (not a WASI command)".into(),
-                    ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (engine, module, linker) = (
+            self.engine.clone(),
+            self.module.clone(),
+            self.linker.clone(),
+        );
+        let guest = std::thread::Builder::new()
+            .name("tandem-vm".into())
+            .stack_size(GUEST_STACK)
+            .spawn(move || {
+                let mut store = Store::new(&engine, vm);
+                store.limiter(|vm| &mut vm.limits);
+                let exit = match linker.instantiate(&mut store, &module) {
+                    Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                        Ok(start) => classify(start.call(&mut store, ())),
+                        Err(_) => Err(MachineError::Link(
+                            "the module exports no _start function (not a WASI command)".into(),
+                        )),
+                    },
+                    Err(e) => classify(Err(e)),
+                };
+                // The watcher may have ended the run and gone: nobody to tell, then.
+                let _ = tx.send((exit, store.into_data()));
+            })
+            .map_err(|e| MachineError::Internal(format!("cannot start the VM's thread: {e}")))?;
+        let mut stop_seen = None;
+        let (exit, vm) = loop {
+            match rx.recv_timeout(WATCH_TICK) {
+                Ok(done) => break done,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(report) = watch(&gate, &abandoned, &mut stop_seen)? {
+                        // The guest's thread is abandoned (see `Gate`); it ends with the
+                        // process.
+                        return Ok(report);
+                    }
                 }
-            },
-            Err(e) => classify(Err(e))?,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let why = match guest.join() {
+                        Err(panic) => panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".into()),
+                        Ok(()) => "no result".into(),
+                    };
+                    return Err(MachineError::Internal(format!(
+                        "the VM's thread ended with {why}"
+                    )));
+                }
+            }
         };
-        drop(ticker);
-        let vm = store.into_data();
+        let _ = guest.join();
+        let exit = exit?;
         if let Some(net) = &vm.net {
             tracing::info!("network: {:?}", net.stats());
         }
-        let mut report = RunReport {
+        let at_last = vm.outputs.at_last_event();
+        let report = RunReport {
             digest: if exit == Exit::Interrupted {
-                vm.outputs.at_last_event()
+                at_last
             } else {
                 vm.outputs.full()
             },
@@ -679,56 +776,134 @@ impl Machine {
             events: vm.seq,
             cut: false,
         };
-        match vm.inputs {
-            Inputs::Live {
-                sink: Some(sink), ..
-            } => sink.finish(&report.end())?,
-            Inputs::Live { sink: None, .. } => {}
-            Inputs::Replay { mut source, .. } => match source.tail()? {
-                Tail::End(end) => {
-                    if end.exit == Exit::Interrupted {
-                        // Whether the replay was stopped where the log ends or its guest
-                        // ran on to an end of its own, what the log vouches for is the
-                        // outputs up to its last event.
-                        report.digest = vm.outputs.at_last_event();
-                    }
-                    check_replay(&report, &end)?;
-                    // The replay reproduced a run the host stopped: report that stop, not
-                    // where the replay happened to be caught (or ran on to).
-                    if end.exit.is_stop() {
-                        report.exit = end.exit;
-                    }
-                }
-                Tail::Cut(events) => {
-                    // Nothing to compare beyond the events themselves, each checked
-                    // with the outputs before it as it was taken.
-                    report.digest = vm.outputs.at_last_event();
-                    report.cut = true;
-                    if events != report.events {
-                        return Err(MachineError::Divergence {
-                            seq: report.events,
-                            why: format!(
-                                "the guest finished ({}) after {} events; the log holds {events}",
-                                report.exit, report.events
-                            ),
-                        });
-                    }
-                }
-                // The recorder was lost just as the guest finished: nothing to compare with.
-                Tail::GoLive => {}
-                Tail::Event(seq) => {
-                    return Err(MachineError::Divergence {
-                        seq,
-                        why: format!(
-                            "the guest finished ({}) but the log holds more events",
-                            report.exit
-                        ),
-                    });
-                }
-            },
+        let (sink, source) = {
+            let mut g = lock(&gate);
+            (g.sink.take(), g.source.take())
+        };
+        match (vm.inputs, sink, source) {
+            (Inputs::Live { .. }, Some(sink), _) => sink.finish(&report.end())?,
+            (Inputs::Live { .. }, None, _) => {}
+            (Inputs::Replay { .. }, _, Some(mut source)) => {
+                return conclude_replay(report, &mut *source, at_last);
+            }
+            (Inputs::Replay { .. }, _, None) => {
+                return Err(MachineError::Internal("the replay lost its source".into()));
+            }
         }
         Ok(report)
     }
+}
+
+/// One look at a running VM: end the run if it is to stop and its guest is between events.
+///
+/// Live: a stop was requested at least [`STOP_GRACE`] ago and the guest has not stopped at
+/// a call (it is computing). Replay: the source holds no more events and says the recorded
+/// run stopped or was cut where the guest is. The gate is closed, the port muted, and the
+/// run ends as [`Exit::Interrupted`] with what the gate holds.
+fn watch(
+    gate: &SharedGate,
+    abandoned: &AtomicBool,
+    stop_seen: &mut Option<Instant>,
+) -> Result<Option<RunReport>, MachineError> {
+    let stop_due =
+        stop_requested() && stop_seen.get_or_insert_with(Instant::now).elapsed() >= STOP_GRACE;
+    let mut g = match gate.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        // The guest is inside an event: it is not computing, and checks for a stop there.
+        Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+    };
+    if g.closed {
+        return Ok(None);
+    }
+    let seq = g.seq;
+    let stop = if g.live {
+        stop_due
+    } else {
+        g.source.as_mut().is_some_and(|s| s.stops_at(seq))
+    };
+    if !stop {
+        return Ok(None);
+    }
+    g.closed = true;
+    abandoned.store(true, Ordering::Relaxed);
+    let report = RunReport {
+        exit: Exit::Interrupted,
+        events: g.seq,
+        digest: g.chain,
+        cut: false,
+    };
+    if g.live {
+        let sink = g.sink.take();
+        drop(g);
+        tracing::info!(
+            "the guest made no call within {} ms of the stop request: stopped between events, after {} events",
+            STOP_GRACE.as_millis(),
+            report.events
+        );
+        if let Some(sink) = sink {
+            sink.finish(&report.end())?;
+        }
+        return Ok(Some(report));
+    }
+    let Some(mut source) = g.source.take() else {
+        return Err(MachineError::Internal("the replay lost its source".into()));
+    };
+    drop(g);
+    let at_last = report.digest;
+    conclude_replay(report, &mut *source, at_last).map(Some)
+}
+
+/// Check a finished replay against what its source holds beyond the guest's last event.
+/// `at_last` is the output chain at the replay's last event.
+fn conclude_replay(
+    mut report: RunReport,
+    source: &mut dyn EventSource,
+    at_last: [u8; 32],
+) -> Result<RunReport, MachineError> {
+    match source.tail()? {
+        Tail::End(end) => {
+            if end.exit == Exit::Interrupted {
+                // Whether the replay was stopped where the log ends or its guest ran on to
+                // an end of its own, what the log vouches for is the outputs up to its last
+                // event.
+                report.digest = at_last;
+            }
+            check_replay(&report, &end)?;
+            // The replay reproduced a run the host stopped: report that stop, not where the
+            // replay happened to be caught (or ran on to).
+            if end.exit.is_stop() {
+                report.exit = end.exit;
+            }
+        }
+        Tail::Cut(events) => {
+            // Nothing to compare beyond the events themselves, each checked with the
+            // outputs before it as it was taken.
+            report.digest = at_last;
+            report.cut = true;
+            if events != report.events {
+                return Err(MachineError::Divergence {
+                    seq: report.events,
+                    why: format!(
+                        "the guest finished ({}) after {} events; the log holds {events}",
+                        report.exit, report.events
+                    ),
+                });
+            }
+        }
+        // The recorder was lost just as the guest finished: nothing to compare with.
+        Tail::GoLive => {}
+        Tail::Event(seq) => {
+            return Err(MachineError::Divergence {
+                seq,
+                why: format!(
+                    "the guest finished ({}) but the log holds more events",
+                    report.exit
+                ),
+            });
+        }
+    }
+    Ok(report)
 }
 
 /// Turn how `_start` ended into an exit, or an error that ends the run.
