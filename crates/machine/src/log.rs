@@ -846,4 +846,155 @@ mod tests {
             assert!(res.is_err(), "truncation at {cut} was accepted");
         }
     }
+
+    /// Read with a replay's tolerance: events until the source runs dry, then the tail.
+    fn replay_read(path: &Path) -> Result<(Vec<Event>, Tail), LogError> {
+        let mut r = LogReader::open(path)?;
+        let mut events = Vec::new();
+        while let Some(e) = r.next_event()? {
+            events.push(e);
+        }
+        Ok((events, r.tail()?))
+    }
+
+    /// A log written in several chunks: groups of events with pauses longer than STALE,
+    /// so that the writer thread writes each group while the log is still open. Returns
+    /// the file length after each group, as read while the writer was still open.
+    fn chunked(path: &Path, exit: Exit) -> (Vec<Event>, Vec<u64>) {
+        let (h, ev, _) = sample();
+        let mut w = LogWriter::create(path, &h).unwrap();
+        let mut lens = Vec::new();
+        for group in ev.chunks(20) {
+            for e in group {
+                w.append(e).unwrap();
+            }
+            std::thread::sleep(STALE * 4);
+            lens.push(std::fs::metadata(path).unwrap().len());
+        }
+        let end = End {
+            events: ev.len() as u64,
+            exit,
+            digest: [1; 32],
+        };
+        w.finish_log(&end).unwrap();
+        (ev, lens)
+    }
+
+    #[test]
+    fn a_quiet_writer_still_writes_its_events_within_a_short_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tlog");
+        let (h, ev, _) = sample();
+        let mut w = LogWriter::create(&path, &h).unwrap();
+        for e in &ev[..20] {
+            w.append(e).unwrap();
+        }
+        std::thread::sleep(STALE * 4);
+        // The writer is still open and nothing filled a batch: a kill now loses nothing.
+        let (got, tail) = replay_read(&path).unwrap();
+        assert_eq!(got, ev[..20].to_vec());
+        assert!(matches!(tail, Tail::Cut(20)), "{tail:?}");
+        drop(w);
+    }
+
+    #[test]
+    fn a_cut_log_replays_up_to_its_last_whole_chunk_at_every_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tlog");
+        let (ev, lens) = chunked(&path, Exit::Code(0));
+        assert!(
+            lens.windows(2).all(|w| w[0] < w[1]),
+            "one chunk per group: {lens:?}"
+        );
+        let good = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.tlog");
+        let mut last = 0;
+        for at in 0..good.len() {
+            std::fs::write(&cut, &good[..at]).unwrap();
+            match replay_read(&cut) {
+                Ok((got, Tail::Cut(n))) => {
+                    assert_eq!(n as usize, got.len(), "cut at {at}");
+                    assert_eq!(got[..], ev[..got.len()], "cut at {at}");
+                    assert!(got.len() >= last, "cut at {at} reads fewer events");
+                    // Whole groups: every event of every chunk before the cut.
+                    let whole = lens.iter().filter(|&&l| l as usize <= at).count() * 20;
+                    assert_eq!(got.len(), whole, "cut at {at}");
+                    last = got.len();
+                }
+                // Inside the file header: not a log one can replay at all.
+                Err(LogError::Truncated { events: 0, .. } | LogError::NotALog(_)) => {
+                    assert_eq!(last, 0, "cut at {at}");
+                }
+                other => panic!("cut at {at}: {other:?}"),
+            }
+        }
+        let (got, tail) = replay_read(&path).unwrap();
+        assert_eq!(got, ev);
+        assert!(matches!(tail, Tail::End(_)));
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_chunked_log_is_damage_not_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tlog");
+        chunked(&path, Exit::Code(0));
+        let good = std::fs::read(&path).unwrap();
+        let bad = dir.path().join("bad.tlog");
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x10;
+            std::fs::write(&bad, &b).unwrap();
+            let res = replay_read(&bad);
+            assert!(
+                res.is_err(),
+                "flip at byte {i} of {} was accepted: {:?}",
+                good.len(),
+                res.map(|r| r.1)
+            );
+        }
+    }
+
+    #[test]
+    fn a_source_says_where_a_recorded_run_stopped_between_events_or_was_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, ev, _) = sample();
+        let n = ev.len() as u64;
+        for (exit, stops) in [
+            (Exit::Interrupted, true),
+            (Exit::Stopped, false),
+            (Exit::Code(0), false),
+        ] {
+            let path = dir.path().join("a.tlog");
+            let end = End {
+                events: n,
+                exit: exit.clone(),
+                digest: [1; 32],
+            };
+            write_log(&path, &h, &ev, &end).unwrap();
+            let mut r = LogReader::open(&path).unwrap();
+            for e in &ev {
+                // Asking reads ahead; the event is still handed out next.
+                assert!(!r.stops_at(e.seq), "{exit:?} at {}", e.seq);
+                assert_eq!(r.next_event().unwrap().as_ref(), Some(e));
+            }
+            assert_eq!(r.stops_at(n), stops, "{exit:?}");
+            assert!(!r.stops_at(n + 1));
+            assert!(r.next_event().unwrap().is_none());
+            assert!(matches!(r.tail().unwrap(), Tail::End(e) if e == end));
+        }
+        // A cut log (its writer still open, as if killed) stops where it was cut.
+        let path = dir.path().join("cut.tlog");
+        let mut w = LogWriter::create(&path, &h).unwrap();
+        for e in &ev {
+            w.append(e).unwrap();
+        }
+        std::thread::sleep(STALE * 4);
+        let mut r = LogReader::open(&path).unwrap();
+        for e in &ev {
+            assert_eq!(r.next_event().unwrap().as_ref(), Some(e));
+        }
+        assert!(r.stops_at(n));
+        assert!(matches!(r.tail().unwrap(), Tail::Cut(c) if c == n));
+        drop(w);
+    }
 }
