@@ -168,12 +168,12 @@ enum VmCommand {
     /// digested. Prints `replay ok: events=N digest=HEX` (exit 0) or
     /// `replay diverged at event N: WHY` (exit 3).
     ///
-    /// A recording stopped by SIGINT/SIGTERM replays to the same stop: `replay ok: ...`,
-    /// then `stopped: ...` saying where (exit 0). A recording killed (no end record; its
-    /// last chunk possibly torn) replays every event it holds, then prints `replay ok:
-    /// events=N digest=HEX` and `cut: the log ends after N events without an end record
-    /// (its recording was killed); replayed up to there` (exit 5). The digest then covers
-    /// the outputs up to the last event. Damage anywhere else is refused (exit 2).
+    /// A recording stopped by SIGINT/SIGTERM replays to the same stop: `stopped: ...`
+    /// saying where, then `replay ok: ...` (exit 0). A recording killed (no end record; its
+    /// last chunk possibly torn) replays every event it holds, then prints `cut: the log
+    /// ends after N events without an end record (its recording was killed); replayed up
+    /// to there` and `replay ok: events=N digest=HEX` (exit 5). The digest then covers the
+    /// outputs up to the last event. Damage anywhere else is refused (exit 2).
     Replay {
         /// The log written by `vm run --record`.
         log: PathBuf,
@@ -622,33 +622,34 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
             go_live: None,
         },
     )?;
-    println!(
-        "replay ok: events={} digest={}",
-        report.events,
-        hex(&report.digest)
-    );
+    // What kind of end the log had first, the verdict last (`replay ok: ...` stays the last
+    // line whatever the log's end).
     if report.cut {
         println!(
             "cut: the log ends after {} events without an end record (its recording was \
              killed); replayed up to there",
             report.events
         );
-        return Ok(CUT);
     }
     match report.exit {
-        Exit::Stopped => println!(
+        Exit::Stopped if !report.cut => println!(
             "stopped: the recorded run was stopped by the host at its call after {} events; \
              the replay stopped there",
             report.events
         ),
-        Exit::Interrupted => println!(
+        Exit::Interrupted if !report.cut => println!(
             "stopped: the recorded run was stopped by the host between events, after {} \
              events; the replay stopped there (outputs compared up to the last event)",
             report.events
         ),
         _ => {}
     }
-    Ok(0)
+    println!(
+        "replay ok: events={} digest={}",
+        report.events,
+        hex(&report.digest)
+    );
+    Ok(if report.cut { CUT } else { 0 })
 }
 
 /// `vm replay`'s exit code for a log cut short (its recorder killed): every event it holds

@@ -191,9 +191,9 @@ fn a_log_cut_short_replays_up_to_the_cut_and_says_so() {
         assert_eq!(run.code, 5, "cut at {len}: {}{}", run.stdout, run.stderr);
         let lines: Vec<&str> = run.stdout.lines().collect();
         assert_eq!(lines.len(), 2, "cut at {len}: {}", run.stdout);
-        let (n, _) = events_and_digest(lines[0], "replay ok: ");
+        let (n, _) = events_and_digest(lines[1], "replay ok: ");
         assert!(
-            lines[1].starts_with(&format!("cut: the log ends after {n} events")),
+            lines[0].starts_with(&format!("cut: the log ends after {n} events")),
             "cut at {len}: {}",
             run.stdout
         );
@@ -316,12 +316,15 @@ fn sigterm_stops_a_guest_that_makes_no_calls_and_its_recording_replays_to_the_st
         // The replay stops where the recording stopped: between events, after the last
         // one; it does not spin forever, nor call the log damaged.
         let mut rep = Live::start(&["vm", "replay", s(&log), "--wasm", s(&spin)]);
-        rep.wait_line(|l| l.starts_with("stopped:"));
+        rep.wait_line(|l| l.starts_with("replay ok:"));
         let (code, _, out) = rep.wait_exit(std::time::Duration::from_secs(10));
         assert_eq!(code, 0, "{out:?}");
         assert_eq!(out.len(), 2, "{out:?}");
-        assert_eq!(events_and_digest(&out[0], "replay ok: "), (events, digest));
-        assert!(out[1].contains("between events, after 1 events"), "{out:?}");
+        assert_eq!(events_and_digest(&out[1], "replay ok: "), (events, digest));
+        assert!(
+            out[0].starts_with("stopped:") && out[0].contains("between events, after 1 events"),
+            "{out:?}"
+        );
     }
 }
 
@@ -356,9 +359,9 @@ fn a_recording_killed_mid_run_replays_up_to_where_it_was_cut() {
     assert_eq!(run.code, 5, "{}{}", run.stdout, run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{}", run.stdout);
-    let (events, _) = events_and_digest(lines[0], "replay ok: ");
+    let (events, _) = events_and_digest(lines[1], "replay ok: ");
     assert!(
-        lines[1].starts_with(&format!(
+        lines[0].starts_with(&format!(
             "cut: the log ends after {events} events without an end record"
         )),
         "{}",
