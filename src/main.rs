@@ -258,17 +258,17 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// SIGINT and SIGTERM stop the VMs of this process (at their next call, or mid-computation
-/// through the engine's epoch), so that a recording ends with its end record and a NIC's
-/// tap is removed.
+/// SIGINT and SIGTERM stop the VMs of this process (at their next call, or between events
+/// if the guest computes without calls), so that a recording ends with its end record and a
+/// NIC's tap is removed.
 fn install_stop_handler() {
     extern "C" fn on_signal(_: libc::c_int) {
         machine::request_stop();
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: `on_signal` only calls `machine::request_stop`, which stores to an atomic
-        // and adds to one (async-signal-safe: no locks, no allocation, no syscalls); the
-        // sigaction structure is fully initialised before the call.
+        // (async-signal-safe: no locks, no allocation, no syscalls); the sigaction
+        // structure is fully initialised before the call.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as *const () as usize;

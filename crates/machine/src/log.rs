@@ -232,7 +232,8 @@ fn lock(p: &Pending) -> MutexGuard<'_, Vec<u8>> {
 /// The writer takes a batch when the guest hands it over full, or itself when the batch
 /// has waited [`STALE`] (a quiet or blocked guest appends nothing that would ship it), and
 /// writes each chunk through to the file at once (not synced: that is for `finish_log`).
-/// An I/O error on the writer thread is reported by the next `append` or by `finish_log`.
+/// An I/O error on the writer thread is reported by the `append` that next hands over a
+/// batch, or by `finish_log`.
 pub struct LogWriter {
     path: PathBuf,
     pending: Pending,

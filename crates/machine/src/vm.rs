@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::clock::VmClock;
-use crate::event::Event as LoggedEvent;
 use crate::event::{Event, Kind, Outcome, first_u64};
 use crate::fdtable::FdTable;
 use crate::host::{HostError, LiveHost};
@@ -500,7 +499,7 @@ fn lock(gate: &SharedGate) -> MutexGuard<'_, Gate> {
 struct InGate;
 
 impl EventSource for InGate {
-    fn next_event(&mut self) -> Result<Option<LoggedEvent>, LogError> {
+    fn next_event(&mut self) -> Result<Option<Event>, LogError> {
         Err(LogError::Source(
             "internal: the source is in the gate".into(),
         ))
