@@ -329,6 +329,42 @@ fn sigterm_stops_a_guest_that_makes_no_calls_and_its_recording_replays_to_the_st
 }
 
 #[test]
+fn sigterm_during_a_wait_stops_at_the_call_and_the_replay_compares_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let spin = guest("spin.wasm");
+    let log = dir.path().join("tick.tlog");
+    let mut vm = Live::start(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&spin),
+        "--record",
+        s(&log),
+        "--arg",
+        "tick",
+    ]);
+    vm.wait_line(|l| l == "ticks 200");
+    // The guest spends its time sleeping in poll_oneoff: the stop finds it at a call.
+    vm.signal(libc::SIGTERM);
+    let (code, _, out) = vm.wait_exit(std::time::Duration::from_secs(3));
+    assert_eq!(code, 0, "{out:?}");
+    let (events, digest) = events_and_digest(out.last().unwrap(), "recorded: ");
+    assert!(events >= 200, "{events} events");
+    let run = replay("spin.wasm", &log);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.stdout);
+    assert!(
+        lines[0].starts_with(&format!(
+            "stopped: the recorded run was stopped by the host at its call after {events} events"
+        )),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(events_and_digest(lines[1], "replay ok: "), (events, digest));
+}
+
+#[test]
 fn a_recording_killed_mid_run_replays_up_to_where_it_was_cut() {
     let dir = tempfile::tempdir().unwrap();
     let spin = guest("spin.wasm");
