@@ -1,6 +1,7 @@
 //! `tandem`: the command-line edge of Tandem. Parses arguments, drives the crates, and
 //! turns their typed errors into one clear line and an exit code:
-//! 0 success (or the guest's own exit code for `vm run`), 2 bad input, 3 replay divergence.
+//! 0 success (or the guest's own exit code for `vm run`), 2 bad input, 3 replay divergence,
+//! 4 a copy halted (lost arbitration), 5 a replayed log that was cut (its recorder killed).
 
 mod bench;
 mod client;
@@ -202,12 +203,21 @@ enum VmCommand {
     ///
     /// The guest sees DIR as its preopened directory "/" (fd 3); its stdout and stderr go
     /// to this process's. Exits with the guest's exit code (1 if the guest trapped).
+    /// SIGINT/SIGTERM stop the guest within a second, even one making no calls (exit 0;
+    /// a recording then ends with a stop record and replays to the same stop).
     Run(RunArgs),
     /// Replay a recorded log and check the execution is identical.
     ///
     /// Nothing is written to the datastore or the console: outputs are computed and
     /// digested. Prints `replay ok: events=N digest=HEX` (exit 0) or
     /// `replay diverged at event N: WHY` (exit 3).
+    ///
+    /// A recording stopped by SIGINT/SIGTERM replays to the same stop: `stopped: ...`
+    /// saying where, then `replay ok: ...` (exit 0). A recording killed (no end record; its
+    /// last chunk possibly torn) replays every event it holds, then prints `cut: the log
+    /// ends after N events without an end record (its recording was killed); replayed up
+    /// to there` and `replay ok: events=N digest=HEX` (exit 5). The digest then covers the
+    /// outputs up to the last event. Damage anywhere else is refused (exit 2).
     Replay {
         /// The log written by `vm run --record`.
         log: PathBuf,
@@ -292,15 +302,17 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// SIGINT and SIGTERM stop the VMs of this process at their next event boundary, so that a
-/// recording ends with its end record and a NIC's tap is removed.
+/// SIGINT and SIGTERM stop the VMs of this process (at their next call, or between events
+/// if the guest computes without calls), so that a recording ends with its end record and a
+/// NIC's tap is removed.
 fn install_stop_handler() {
     extern "C" fn on_signal(_: libc::c_int) {
         machine::request_stop();
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe; the
-        // sigaction structure is fully initialised before the call.
+        // SAFETY: `on_signal` only calls `machine::request_stop`, which stores to an atomic
+        // (async-signal-safe: no locks, no allocation, no syscalls); the sigaction
+        // structure is fully initialised before the call.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as *const () as usize;
@@ -321,7 +333,11 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
-    install_stop_handler();
+    // A replay performs nothing on the host and does not stop on request: SIGINT/SIGTERM
+    // keep their default action there (end the process).
+    if !matches!(cli.command, Command::Vm(VmCommand::Replay { .. })) {
+        install_stop_handler();
+    }
     let result = match cli.command {
         Command::Vm(VmCommand::Run(a)) => vm_run(a),
         Command::Vm(VmCommand::Replay {
@@ -379,6 +395,10 @@ fn exit_code(exit: &Exit) -> u8 {
         }
         Exit::Stopped => {
             tracing::info!("VM stopped on request");
+            0
+        }
+        Exit::Interrupted => {
+            tracing::info!("VM stopped on request between events");
             0
         }
     }
@@ -660,10 +680,36 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
             go_live: None,
         },
     )?;
+    // What kind of end the log had first, the verdict last (`replay ok: ...` stays the last
+    // line whatever the log's end).
+    if report.cut {
+        println!(
+            "cut: the log ends after {} events without an end record (its recording was \
+             killed); replayed up to there",
+            report.events
+        );
+    }
+    match report.exit {
+        Exit::Stopped if !report.cut => println!(
+            "stopped: the recorded run was stopped by the host at its call after {} events; \
+             the replay stopped there",
+            report.events
+        ),
+        Exit::Interrupted if !report.cut => println!(
+            "stopped: the recorded run was stopped by the host between events, after {} \
+             events; the replay stopped there (outputs compared up to the last event)",
+            report.events
+        ),
+        _ => {}
+    }
     println!(
         "replay ok: events={} digest={}",
         report.events,
         hex(&report.digest)
     );
-    Ok(0)
+    Ok(if report.cut { CUT } else { 0 })
 }
+
+/// `vm replay`'s exit code for a log cut short (its recorder killed): every event it holds
+/// replayed identically, but the run's end is unknown.
+const CUT: u8 = 5;

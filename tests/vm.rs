@@ -148,7 +148,8 @@ fn a_flipped_byte_anywhere_is_refused_with_one_clear_line() {
             run.stderr
         );
         assert!(
-            // A flipped length field makes the log look cut short: refused all the same.
+            // A flipped length in the file header makes it look cut short (refused all the
+            // same); chunk heads carry their own checksum, so in a chunk it is damage.
             [
                 "corrupted",
                 "truncated",
@@ -164,7 +165,7 @@ fn a_flipped_byte_anywhere_is_refused_with_one_clear_line() {
 }
 
 #[test]
-fn a_truncated_log_is_refused() {
+fn a_log_cut_short_replays_up_to_the_cut_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let ds = dir.path().join("ds");
     std::fs::create_dir(&ds).unwrap();
@@ -172,7 +173,8 @@ fn a_truncated_log_is_refused() {
     record("fsdemo.wasm", &ds, &log, &["cut"]);
     let good = std::fs::read(&log).unwrap();
     let cut = dir.path().join("cut.tlog");
-    for len in [0, 5, 30, good.len() / 2, good.len() - 1] {
+    // Inside the file header: not a log at all.
+    for len in [0, 5, 30] {
         std::fs::write(&cut, &good[..len]).unwrap();
         let run = replay("fsdemo.wasm", &cut);
         assert_eq!(run.code, 2, "cut at {len}: {}{}", run.stdout, run.stderr);
@@ -182,6 +184,241 @@ fn a_truncated_log_is_refused() {
             run.stderr
         );
     }
+    // Inside the chunks (fsdemo's run is short: one chunk, torn): a cut, exit 5.
+    for len in [good.len() / 2, good.len() - 1] {
+        std::fs::write(&cut, &good[..len]).unwrap();
+        let run = replay("fsdemo.wasm", &cut);
+        assert_eq!(run.code, 5, "cut at {len}: {}{}", run.stdout, run.stderr);
+        let lines: Vec<&str> = run.stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "cut at {len}: {}", run.stdout);
+        let (n, _) = events_and_digest(lines[1], "replay ok: ");
+        assert!(
+            lines[0].starts_with(&format!("cut: the log ends after {n} events")),
+            "cut at {len}: {}",
+            run.stdout
+        );
+    }
+}
+
+/// A `tandem` process whose stdout is read line by line as it comes.
+struct Live {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Live {
+    fn start(args: &[&str]) -> Live {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting tandem");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Live {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait (at most 20 s) for a line satisfying `want`; returns it.
+    fn wait_line(&mut self, want: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if want(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("no such line; stdout so far: {:?}", self.seen);
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid, which it still is (not yet waited for).
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Wait for the process to exit, at most `bound` (it is killed and the test fails
+    /// otherwise); returns its exit code (-1 for a signal), how long it took, and the rest
+    /// of its stdout.
+    fn wait_exit(mut self, bound: std::time::Duration) -> (i32, std::time::Duration, Vec<String>) {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let took = start.elapsed();
+                let mut rest = std::mem::take(&mut self.seen);
+                rest.extend(self.lines.iter());
+                return (status.code().unwrap_or(-1), took, rest);
+            }
+            if start.elapsed() > bound {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "tandem did not exit within {bound:?}; stdout: {:?}",
+                    self.seen
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn sigterm_stops_a_guest_that_makes_no_calls_and_its_recording_replays_to_the_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let spin = guest("spin.wasm");
+    let log = dir.path().join("spin.tlog");
+    // Generous bound (the stop itself takes about 0.3 s): not a timing test.
+    let bound = std::time::Duration::from_secs(3);
+    for record in [false, true] {
+        let mut args = vec!["vm", "run", "--wasm", s(&spin)];
+        if record {
+            args.extend(["--record", s(&log)]);
+        }
+        let mut vm = Live::start(&args);
+        vm.wait_line(|l| l == "spinning");
+        // Let it spin: it has made its last call.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        vm.signal(libc::SIGTERM);
+        let (code, took, out) = vm.wait_exit(bound);
+        assert_eq!(code, 0, "record={record}: {out:?}");
+        assert!(took < bound, "record={record}: took {took:?}");
+        if !record {
+            continue;
+        }
+        let (events, digest) = events_and_digest(out.last().unwrap(), "recorded: ");
+        assert_eq!(
+            events, 1,
+            "spin makes one call (a clock read), then computes"
+        );
+
+        // The replay stops where the recording stopped: between events, after the last
+        // one; it does not spin forever, nor call the log damaged.
+        let mut rep = Live::start(&["vm", "replay", s(&log), "--wasm", s(&spin)]);
+        rep.wait_line(|l| l.starts_with("replay ok:"));
+        let (code, _, out) = rep.wait_exit(std::time::Duration::from_secs(10));
+        assert_eq!(code, 0, "{out:?}");
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(events_and_digest(&out[1], "replay ok: "), (events, digest));
+        assert!(
+            out[0].starts_with("stopped:") && out[0].contains("between events, after 1 events"),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_during_a_wait_stops_at_the_call_and_the_replay_compares_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let spin = guest("spin.wasm");
+    let log = dir.path().join("tick.tlog");
+    let mut vm = Live::start(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&spin),
+        "--record",
+        s(&log),
+        "--arg",
+        "tick",
+    ]);
+    vm.wait_line(|l| l == "ticks 200");
+    // The guest spends its time sleeping in poll_oneoff: the stop finds it at a call.
+    vm.signal(libc::SIGTERM);
+    let (code, _, out) = vm.wait_exit(std::time::Duration::from_secs(3));
+    assert_eq!(code, 0, "{out:?}");
+    let (events, digest) = events_and_digest(out.last().unwrap(), "recorded: ");
+    assert!(events >= 200, "{events} events");
+    let run = replay("spin.wasm", &log);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.stdout);
+    assert!(
+        lines[0].starts_with(&format!(
+            "stopped: the recorded run was stopped by the host at its call after {events} events"
+        )),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(events_and_digest(lines[1], "replay ok: "), (events, digest));
+}
+
+#[test]
+fn a_recording_killed_mid_run_replays_up_to_where_it_was_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let spin = guest("spin.wasm");
+    let log = dir.path().join("tick.tlog");
+    // One event per millisecond: far from filling a batch, so only the writer's time
+    // limit puts them on disk before the kill.
+    let mut vm = Live::start(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&spin),
+        "--record",
+        s(&log),
+        "--arg",
+        "tick",
+    ]);
+    vm.wait_line(|l| l == "ticks 500");
+    vm.signal(libc::SIGKILL);
+    let (code, _, out) = vm.wait_exit(std::time::Duration::from_secs(3));
+    assert_eq!(code, -1, "killed");
+    let ticks: u64 = out
+        .iter()
+        .filter_map(|l| l.strip_prefix("ticks "))
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap();
+    let run = replay("spin.wasm", &log);
+    assert_eq!(run.code, 5, "{}{}", run.stdout, run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.stdout);
+    let (events, _) = events_and_digest(lines[1], "replay ok: ");
+    assert!(
+        lines[0].starts_with(&format!(
+            "cut: the log ends after {events} events without an end record"
+        )),
+        "{}",
+        run.stdout
+    );
+    // The guest had made at least `ticks` calls when it said so; at most the last ~50 ms
+    // (a few dozen events here) may be lost. 400 leaves room for a loaded machine.
+    assert!(
+        events + 400 >= ticks,
+        "the log holds {events} events; the guest had made {ticks} calls"
+    );
+
+    // Damage inside the cut log (more data follows it) is still damage.
+    let good = std::fs::read(&log).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x01;
+    let damaged = dir.path().join("damaged.tlog");
+    std::fs::write(&damaged, &bad).unwrap();
+    let run = replay("spin.wasm", &damaged);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("corrupted"), "{}", run.stderr);
 }
 
 /// Rewrite `log` with `alter` applied to its events.

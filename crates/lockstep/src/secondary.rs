@@ -356,6 +356,15 @@ impl EventSource for SecondarySource {
         }
     }
 
+    /// The primary's run ended after `events` events by a stop (at a call or between
+    /// events) and this copy holds no more: a replaying guest that computes on without
+    /// calls is to be stopped there too.
+    fn stops_at(&mut self, events: u64) -> bool {
+        let st = self.0.lock();
+        st.queue.is_empty()
+            && matches!(&st.end, Some(End { exit, events: n, .. }) if exit.is_stop() && *n == events)
+    }
+
     fn tail(&mut self) -> Result<Tail, LogError> {
         let s = &self.0;
         let mut st = s.lock();

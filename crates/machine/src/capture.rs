@@ -42,8 +42,7 @@ use crate::fdtable::FdTable;
 use crate::log::{EventSource, LogError, Tail};
 use crate::snapshot::{GlobalValue, PAGE, Snapshot, SnapshotError};
 use crate::vm::{
-    Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, check_replay, classify,
-    deterministic_engine,
+    Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, classify, deterministic_engine,
 };
 
 /// The largest Asyncify buffer: the guest's stack, saved, must fit (the CPU-bound and
@@ -314,13 +313,7 @@ impl SnapMachine {
             }
             break classify(result)?;
         };
-        let vm = store.into_data();
-        let report = RunReport {
-            exit,
-            events: vm.seq,
-            digest: vm.outputs.digest(),
-        };
-        finish(vm.inputs, &report)?;
+        let report = store.into_data().conclude(exit)?;
         Ok(Ran { report, taken })
     }
 
@@ -564,37 +557,12 @@ fn begin_rewind(store: &mut Store<Vm>, instance: &Instance, stack: &[u8]) -> Res
         .map_err(|e| format!("asyncify_start_rewind: {e:#}"))
 }
 
-/// End a run as [`crate::Machine::run`] does: a live run finishes its sink; a replay
-/// checks the run against the end its source recorded.
-fn finish(inputs: Inputs, report: &RunReport) -> Result<(), MachineError> {
-    match inputs {
-        Inputs::Live {
-            sink: Some(sink), ..
-        } => sink.finish(&report.end())?,
-        Inputs::Live { sink: None, .. } => {}
-        Inputs::Replay { mut source, .. } => match source.tail()? {
-            Tail::End(end) => check_replay(report, &end)?,
-            Tail::GoLive => {}
-            Tail::Event(seq) => {
-                return Err(MachineError::Divergence {
-                    seq,
-                    why: format!(
-                        "the guest finished ({}) but the log holds more events",
-                        report.exit
-                    ),
-                });
-            }
-        },
-    }
-    Ok(())
-}
-
 fn fault_error(fault: Fault) -> CaptureError {
     CaptureError::Machine(match fault {
         Fault::Log(l) => MachineError::Log(l),
         Fault::Divergence { seq, why } => MachineError::Divergence { seq, why },
         Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
-        Fault::Stopped => MachineError::Internal("stopped at power-on".into()),
+        Fault::Stopped | Fault::Interrupted => MachineError::Internal("stopped at power-on".into()),
         Fault::GoLive(why) => MachineError::GoLive(why),
     })
 }

@@ -3,13 +3,25 @@
 //! Layout:
 //! ```text
 //! "TANDEMLG" | version u16 | header length u32 | crc32 u32 | header (postcard)
-//! chunk*:  raw length u32 | compressed length u32 | crc32 of compressed u32 | zstd
+//! chunk*:  raw length u32 | compressed length u32 | crc32 of compressed u32
+//!          | crc32 of the previous 12 bytes u32 | zstd
 //!          the zstd data decompresses to records:
 //!              length u32 | crc32 u32 | record (postcard)
 //! ```
 //! All integers are little-endian. The records are the events in sequence order and, when
-//! the run finished, one [`End`] record. A log without its `End` record is truncated: a
-//! crash while recording leaves a log that reads up to its last whole chunk.
+//! the run finished (or was stopped), one [`End`] record.
+//!
+//! A log without its `End` record was *cut*: its recorder was killed. Chunks are written
+//! whole and in order, so a kill leaves whole chunks followed by at most one torn chunk
+//! (its head or body shorter than it claims, up to the end of the file). Such a log reads
+//! up to its last whole chunk and then reports the cut ([`Tail::Cut`]), never damage. A
+//! chunk whose checksum fails is damage wherever it is: a kill shortens a chunk, it does
+//! not change its bytes (the head's own checksum means a damaged length field cannot pass
+//! for a torn chunk either).
+//!
+//! The writer hands a batch to its thread when it is full or older than [`STALE`], and
+//! the thread writes each chunk to the file at once, so a recording killed at any moment
+//! loses at most the events of about that long.
 //!
 //! Invariant: nothing read from a log reaches the VM unless the header's, the chunk's and
 //! the record's checksums all verified, so every byte of the file is covered; any damage is
@@ -18,6 +30,8 @@
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +39,9 @@ use crate::event::Event;
 
 pub const MAGIC: &[u8; 8] = b"TANDEMLG";
 /// 2: the output digest is a chain over event boundaries.
-pub const VERSION: u16 = 2;
+/// 3: descriptors by inode, stops between events (an [`Exit::Interrupted`] end; chunk
+/// heads carry their own checksum so that a cut log tells a torn tail from damage).
+pub const VERSION: u16 = 3;
 /// No single record is larger than this; a larger length field means damage.
 const MAX_RECORD: u32 = 64 << 20;
 /// No chunk is larger than this (a batch plus its largest record).
@@ -76,8 +92,20 @@ pub enum Exit {
     Code(u32),
     /// The guest trapped; the trap's message.
     Trap(String),
-    /// The host stopped the VM (on request) before the event numbered `End::events`.
+    /// The host stopped the VM (on request) at a WASI call: the guest had made the call
+    /// that would have been event number `End::events`.
     Stopped,
+    /// The host stopped the VM (on request) between events: after `End::events` events,
+    /// while the guest computed and before it made another call. The end's digest then
+    /// covers the outputs up to the last event only (see [`End::digest`]).
+    Interrupted,
+}
+
+impl Exit {
+    /// Whether the host stopped the run (at a call or between events).
+    pub fn is_stop(&self) -> bool {
+        matches!(self, Exit::Stopped | Exit::Interrupted)
+    }
 }
 
 impl std::fmt::Display for Exit {
@@ -86,6 +114,7 @@ impl std::fmt::Display for Exit {
             Exit::Code(c) => write!(f, "exit code {c}"),
             Exit::Trap(t) => write!(f, "trap: {t}"),
             Exit::Stopped => write!(f, "stopped by the host"),
+            Exit::Interrupted => write!(f, "stopped by the host between events"),
         }
     }
 }
@@ -94,7 +123,9 @@ impl std::fmt::Display for Exit {
 pub struct End {
     pub events: u64,
     pub exit: Exit,
-    /// Digest of every output the VM produced.
+    /// Digest of every output the VM produced; for an [`Exit::Interrupted`] run, of the
+    /// outputs produced before its last event (what followed it was cut off mid-way and
+    /// a replay cannot reproduce how far it got: console writes are outputs, not events).
     pub digest: [u8; 32],
 }
 
@@ -121,6 +152,9 @@ pub enum Tail {
     /// The source lost the copy that produced its events (a secondary whose primary
     /// failed, and that won arbitration): this copy is to go live.
     GoLive,
+    /// The source ends after this many events without an end record: the recording was
+    /// cut (its recorder killed). A replay stops there.
+    Cut(u64),
 }
 
 /// Where a replaying VM takes its events from.
@@ -129,6 +163,17 @@ pub trait EventSource {
     fn next_event(&mut self) -> Result<Option<Event>, LogError>;
     /// Called once the guest has finished: what the source holds beyond its last event.
     fn tail(&mut self) -> Result<Tail, LogError>;
+    /// Without blocking: whether a guest that has taken `events` events is to stop now,
+    /// wherever it is, because the source holds no more events and ends there with a stop
+    /// (an [`End`] whose exit [`Exit::is_stop`], `End::events == events`) or a cut.
+    ///
+    /// A replaying VM asks this a few times a second while its guest computes, so that a
+    /// guest recorded up to a stop does not run on past it (it may never make another
+    /// call). The default never says so: the guest then stops only at its next call.
+    fn stops_at(&mut self, events: u64) -> bool {
+        let _ = events;
+        false
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {
@@ -164,19 +209,70 @@ enum RecordRef<'a> {
 const BATCH: usize = 256 << 10;
 /// How many batches may wait for the writer thread before the guest waits for it.
 const QUEUED_BATCHES: usize = 8;
+/// A batch older than this is written even if not full: what a recording killed at any
+/// moment loses at most (plus the time to write it).
+pub const STALE: Duration = Duration::from_millis(50);
+
+/// The batch being filled, shared by the guest's thread (which appends) and the writer
+/// thread (which takes it when it goes stale).
+///
+/// Invariant (chunk order): batches enter the channel only while this lock is held, and
+/// the writer takes a stale batch only under it after first draining the channel, so the
+/// file holds chunks in the order their records were appended.
+type Pending = Arc<Mutex<Vec<u8>>>;
+
+fn lock(p: &Pending) -> MutexGuard<'_, Vec<u8>> {
+    p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Appends events to a log file.
 ///
 /// The guest's thread only encodes records into a batch; a writer thread compresses and
 /// writes batches, so recording costs the guest little more than a copy of each event.
-/// An I/O error on the writer thread is reported by the next `append` or by `finish_log`.
+/// The writer takes a batch when the guest hands it over full, or itself when the batch
+/// has waited [`STALE`] (a quiet or blocked guest appends nothing that would ship it), and
+/// writes each chunk through to the file at once (not synced: that is for `finish_log`).
+/// An I/O error on the writer thread is reported by the `append` that next hands over a
+/// batch, or by `finish_log`.
 pub struct LogWriter {
     path: PathBuf,
-    batch: Vec<u8>,
+    pending: Pending,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     /// Batches the writer thread has emptied, for reuse: fresh memory costs page faults.
     spent: std::sync::mpsc::Receiver<Vec<u8>>,
     writer: Option<std::thread::JoinHandle<Result<(), LogError>>>,
+}
+
+/// Frame, compress and write one batch of `length | payload` records as a chunk.
+fn write_chunk(
+    w: &mut impl Write,
+    batch: &[u8],
+    framed: &mut Vec<u8>,
+    path: &Path,
+) -> Result<(), LogError> {
+    // Checksums and compression are added here, off the guest's thread.
+    framed.clear();
+    let mut rest = batch;
+    while rest.len() >= 4 {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let payload = &rest[4..(4 + len).min(rest.len())];
+        framed.extend_from_slice(&rest[..4]);
+        framed.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        framed.extend_from_slice(payload);
+        rest = &rest[4 + payload.len()..];
+    }
+    let packed = zstd::bulk::compress(framed, 1).map_err(io_err("compress", path))?;
+    let mut head = [0u8; 16];
+    head[0..4].copy_from_slice(&(framed.len() as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
+    head[8..12].copy_from_slice(&crc32fast::hash(&packed).to_le_bytes());
+    let head_crc = crc32fast::hash(&head[..12]);
+    head[12..16].copy_from_slice(&head_crc.to_le_bytes());
+    // Through to the file now: a kill after this loses nothing of this chunk.
+    w.write_all(&head)
+        .and_then(|_| w.write_all(&packed))
+        .and_then(|_| w.flush())
+        .map_err(io_err("write", path))
 }
 
 impl LogWriter {
@@ -187,39 +283,56 @@ impl LogWriter {
         w.write_all(MAGIC)
             .and_then(|_| w.write_all(&VERSION.to_le_bytes()))
             .and_then(|_| w.write_all(&frame(&payload)))
+            .and_then(|_| w.flush())
             .map_err(io_err("write", path))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_BATCHES);
         let (spent_tx, spent) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_BATCHES + 2);
+        let pending: Pending = Arc::new(Mutex::new(Vec::with_capacity(BATCH + (64 << 10))));
+        let thread_pending = pending.clone();
         let thread_path = path.to_path_buf();
         let writer = std::thread::Builder::new()
             .name("tandem-log".into())
             .spawn(move || {
+                use std::sync::mpsc::RecvTimeoutError;
                 let path = thread_path;
                 let mut framed = Vec::with_capacity(BATCH + (64 << 10));
-                for mut batch in rx {
-                    // A batch is `length | payload` records; checksums and compression are
-                    // added here, off the guest's thread.
-                    framed.clear();
-                    let mut rest = &batch[..];
-                    while rest.len() >= 4 {
-                        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                        let payload = &rest[4..(4 + len).min(rest.len())];
-                        framed.extend_from_slice(&rest[..4]);
-                        framed.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-                        framed.extend_from_slice(payload);
-                        rest = &rest[4 + payload.len()..];
+                // What replaces a stale batch taken from the guest.
+                let mut spare: Vec<u8> = Vec::new();
+                let mut next_look = Instant::now() + STALE;
+                loop {
+                    let wait = next_look.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(mut batch) => {
+                            write_chunk(&mut w, &batch, &mut framed, &path)?;
+                            batch.clear();
+                            let _ = spent_tx.try_send(batch);
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            next_look = Instant::now() + STALE;
+                            // Never wait for the lock: the guest may hold it while it waits
+                            // for this thread to take a full batch.
+                            let Ok(mut batch) = thread_pending.try_lock() else {
+                                continue;
+                            };
+                            if batch.is_empty() {
+                                continue;
+                            }
+                            // Chunk order: full batches sent before this one go first.
+                            let mut ready: Vec<Vec<u8>> = rx.try_iter().collect();
+                            ready.push(std::mem::replace(&mut *batch, std::mem::take(&mut spare)));
+                            drop(batch);
+                            for mut b in ready {
+                                write_chunk(&mut w, &b, &mut framed, &path)?;
+                                b.clear();
+                                if spare.capacity() < b.capacity() {
+                                    spare = b;
+                                } else {
+                                    let _ = spent_tx.try_send(b);
+                                }
+                            }
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
                     }
-                    let packed =
-                        zstd::bulk::compress(&framed, 1).map_err(io_err("compress", &path))?;
-                    let mut head = [0u8; 12];
-                    head[0..4].copy_from_slice(&(framed.len() as u32).to_le_bytes());
-                    head[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
-                    head[8..12].copy_from_slice(&crc32fast::hash(&packed).to_le_bytes());
-                    w.write_all(&head)
-                        .and_then(|_| w.write_all(&packed))
-                        .map_err(io_err("write", &path))?;
-                    batch.clear();
-                    let _ = spent_tx.try_send(batch);
                 }
                 w.flush().map_err(io_err("write", &path))?;
                 w.get_ref().sync_all().map_err(io_err("sync", &path))
@@ -227,41 +340,43 @@ impl LogWriter {
             .map_err(io_err("start a writer for", path))?;
         Ok(LogWriter {
             path: path.to_path_buf(),
-            batch: Vec::with_capacity(BATCH + (64 << 10)),
+            pending,
             tx: Some(tx),
             spent,
             writer: Some(writer),
         })
     }
 
-    /// Append `length | payload` to the batch, serialising in place.
-    fn push(&mut self, record: &RecordRef) -> Result<(), LogError> {
-        let at = self.batch.len();
-        self.batch.extend_from_slice(&[0; 4]);
-        if let Err(e) = postcard::to_io(record, &mut self.batch) {
-            self.batch.truncate(at);
+    /// Append `length | payload` to the batch, serialising in place; hand the batch over
+    /// when it is full (or `ship` is set).
+    fn push(&mut self, record: &RecordRef, ship: bool) -> Result<(), LogError> {
+        let mut batch = lock(&self.pending);
+        let at = batch.len();
+        batch.extend_from_slice(&[0; 4]);
+        if let Err(e) = postcard::to_io(record, &mut *batch) {
+            batch.truncate(at);
             return Err(LogError::Corrupt {
                 path: self.path.clone(),
                 why: format!("cannot encode a record: {e}"),
             });
         }
-        let len = (self.batch.len() - at - 4) as u32;
-        self.batch[at..at + 4].copy_from_slice(&len.to_le_bytes());
-        Ok(())
-    }
-
-    /// Hand the batch to the writer thread; if it has stopped, collect its error.
-    fn ship(&mut self) -> Result<(), LogError> {
+        let len = (batch.len() - at - 4) as u32;
+        batch[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        if !ship && batch.len() < BATCH {
+            return Ok(());
+        }
+        // Sent under the lock: see `Pending` (chunk order).
         let fresh = self
             .spent
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(BATCH + (64 << 10)));
-        let batch = std::mem::replace(&mut self.batch, fresh);
+        let full = std::mem::replace(&mut *batch, fresh);
         let sent = self
             .tx
             .as_ref()
-            .map(|tx| tx.send(batch).is_ok())
+            .map(|tx| tx.send(full).is_ok())
             .unwrap_or(false);
+        drop(batch);
         if sent {
             return Ok(());
         }
@@ -277,8 +392,7 @@ impl LogWriter {
 
     /// Write the end record and close the log, durably.
     pub fn finish_log(mut self, end: &End) -> Result<(), LogError> {
-        self.push(&RecordRef::End(end))?;
-        self.ship()?;
+        self.push(&RecordRef::End(end), true)?;
         self.tx = None;
         match self.writer.take().map(|w| w.join()) {
             Some(Ok(result)) => result,
@@ -292,11 +406,7 @@ impl LogWriter {
 
 impl EventSink for LogWriter {
     fn append(&mut self, event: &Event) -> Result<(), LogError> {
-        self.push(&RecordRef::Event(event))?;
-        if self.batch.len() >= BATCH {
-            self.ship()?;
-        }
-        Ok(())
+        self.push(&RecordRef::Event(event), false)
     }
 
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError> {
@@ -312,8 +422,36 @@ pub struct LogReader {
     chunk: Vec<u8>,
     pos: usize,
     header: LogHeader,
+    /// Events read so far.
     events: u64,
     end: Option<End>,
+    /// The file ended (cleanly between chunks, or in a torn chunk) before an end record.
+    cut: bool,
+    /// What `stops_at` read ahead, for the next `next_event`.
+    lookahead: Option<Result<Option<Event>, LogError>>,
+}
+
+/// What reading the next chunk found.
+enum ChunkRead {
+    Loaded,
+    /// The end of the file, between chunks.
+    Eof,
+    /// The end of the file inside a chunk: a chunk whose writing was cut short.
+    Torn,
+}
+
+/// Read into `buf` until it is full or the input ends; how many bytes were read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<usize, LogError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read", path)(e)),
+        }
+    }
+    Ok(got)
 }
 
 impl LogReader {
@@ -351,6 +489,8 @@ impl LogReader {
             header,
             events: 0,
             end: None,
+            cut: false,
+            lookahead: None,
         })
     }
 
@@ -376,21 +516,22 @@ impl LogReader {
         Ok((self.header, events, end))
     }
 
-    /// Load the next chunk; `false` at a clean end of the file.
-    fn next_chunk(&mut self) -> Result<bool, LogError> {
-        let mut head = [0u8; 12];
-        let mut got = 0;
-        while got < head.len() {
-            match self.input.read(&mut head[got..]) {
-                Ok(0) if got == 0 => return Ok(false),
-                Ok(0) => return Err(truncated(&self.path, self.events)),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(classify(&self.path, self.events, e)),
-            }
+    /// Load the next chunk.
+    fn next_chunk(&mut self) -> Result<ChunkRead, LogError> {
+        let mut head = [0u8; 16];
+        match read_up_to(&mut self.input, &mut head, &self.path)? {
+            0 => return Ok(ChunkRead::Eof),
+            n if n < head.len() => return Ok(ChunkRead::Torn),
+            _ => {}
         }
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-        let (raw, packed_len, crc) = (word(0), word(4), word(8));
+        let (raw, packed_len, crc, head_crc) = (word(0), word(4), word(8), word(12));
+        if crc32fast::hash(&head[..12]) != head_crc {
+            return Err(self.corrupt(format!(
+                "checksum mismatch in the head of the chunk after event {}",
+                self.events
+            )));
+        }
         if raw > MAX_CHUNK || packed_len > MAX_CHUNK {
             return Err(self.corrupt(format!(
                 "chunk after event {} claims {raw}/{packed_len} bytes",
@@ -398,9 +539,9 @@ impl LogReader {
             )));
         }
         let mut packed = vec![0u8; packed_len as usize];
-        self.input
-            .read_exact(&mut packed)
-            .map_err(|e| classify(&self.path, self.events, e))?;
+        if read_up_to(&mut self.input, &mut packed, &self.path)? < packed.len() {
+            return Ok(ChunkRead::Torn);
+        }
         if crc32fast::hash(&packed) != crc {
             return Err(self.corrupt(format!(
                 "checksum mismatch in the chunk after event {}",
@@ -413,7 +554,7 @@ impl LogReader {
             return Err(self.corrupt("chunk length mismatch".into()));
         }
         self.pos = 0;
-        Ok(true)
+        Ok(ChunkRead::Loaded)
     }
 
     fn corrupt(&self, why: String) -> LogError {
@@ -423,19 +564,63 @@ impl LogReader {
         }
     }
 
+    /// The next record; `None` where the file ends (cleanly or in a torn chunk).
     fn next_record(&mut self) -> Result<Option<Record>, LogError> {
-        if self.pos == self.chunk.len() && !self.next_chunk()? {
-            return Ok(None);
+        while self.pos == self.chunk.len() {
+            match self.next_chunk()? {
+                ChunkRead::Loaded => {}
+                ChunkRead::Eof | ChunkRead::Torn => return Ok(None),
+            }
         }
         let mut cursor = ChunkCursor {
             buf: &mut self.chunk,
             pos: self.pos,
             input: &mut io::empty(),
         };
-        let payload = read_frame(&mut cursor, &self.path, self.events)?
-            .ok_or_else(|| truncated(&self.path, self.events))?;
+        // A chunk is verified whole: a record running past its end is damage, not a cut.
+        let payload = match read_frame(&mut cursor, &self.path, self.events) {
+            Ok(Some(p)) => p,
+            Ok(None) | Err(LogError::Truncated { .. }) => {
+                return Err(self.corrupt(format!(
+                    "record {} runs past the end of its chunk",
+                    self.events
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         self.pos = cursor.pos;
         decode::<Record>(&payload, &self.path, "record").map(Some)
+    }
+
+    /// The next event from the file (no lookahead).
+    fn read_event(&mut self) -> Result<Option<Event>, LogError> {
+        if self.end.is_some() || self.cut {
+            return Ok(None);
+        }
+        match self.next_record()? {
+            None => {
+                self.cut = true;
+                Ok(None)
+            }
+            Some(Record::Event(e)) => {
+                let want = self.header.first_seq + self.events;
+                if e.seq != want {
+                    return Err(
+                        self.corrupt(format!("event {} found where event {want} belongs", e.seq))
+                    );
+                }
+                self.events += 1;
+                Ok(Some(e))
+            }
+            Some(Record::End(end)) => {
+                // Anything after the end record is damage.
+                if self.pos != self.chunk.len() || !matches!(self.next_chunk()?, ChunkRead::Eof) {
+                    return Err(self.corrupt("data after the end record".into()));
+                }
+                self.end = Some(end);
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -460,29 +645,9 @@ impl<R: Read + ?Sized> Read for ChunkCursor<'_, R> {
 
 impl EventSource for LogReader {
     fn next_event(&mut self) -> Result<Option<Event>, LogError> {
-        if self.end.is_some() {
-            return Ok(None);
-        }
-        match self.next_record()? {
-            None => Err(truncated(&self.path, self.events)),
-            Some(Record::Event(e)) => {
-                let want = self.header.first_seq + self.events;
-                if e.seq != want {
-                    return Err(
-                        self.corrupt(format!("event {} found where event {want} belongs", e.seq))
-                    );
-                }
-                self.events += 1;
-                Ok(Some(e))
-            }
-            Some(Record::End(end)) => {
-                // Anything after the end record is damage.
-                if self.pos != self.chunk.len() || self.next_chunk()? {
-                    return Err(self.corrupt("data after the end record".into()));
-                }
-                self.end = Some(end);
-                Ok(None)
-            }
+        match self.lookahead.take() {
+            Some(ahead) => ahead,
+            None => self.read_event(),
         }
     }
 
@@ -490,10 +655,28 @@ impl EventSource for LogReader {
         if let Some(e) = self.next_event()? {
             return Ok(Tail::Event(e.seq));
         }
-        self.end
-            .clone()
-            .map(Tail::End)
-            .ok_or_else(|| truncated(&self.path, self.events))
+        Ok(match &self.end {
+            Some(end) => Tail::End(end.clone()),
+            None => Tail::Cut(self.header.first_seq + self.events),
+        })
+    }
+
+    /// True at an [`Exit::Interrupted`] end or a cut. Not at an [`Exit::Stopped`] end: a
+    /// guest stopped at a call makes that call again in replay (it is deterministic), and
+    /// stopping it there, rather than wherever a check finds it, compares every output.
+    fn stops_at(&mut self, events: u64) -> bool {
+        if self.lookahead.is_none() {
+            let ahead = self.read_event();
+            self.lookahead = Some(ahead);
+        }
+        if !matches!(self.lookahead, Some(Ok(None))) {
+            return false;
+        }
+        let at = self.header.first_seq + self.events;
+        match &self.end {
+            Some(end) => end.exit == Exit::Interrupted && end.events == events && at == events,
+            None => at == events,
+        }
     }
 }
 
@@ -663,5 +846,156 @@ mod tests {
             let res = LogReader::open(&path).and_then(|r| r.read_all());
             assert!(res.is_err(), "truncation at {cut} was accepted");
         }
+    }
+
+    /// Read with a replay's tolerance: events until the source runs dry, then the tail.
+    fn replay_read(path: &Path) -> Result<(Vec<Event>, Tail), LogError> {
+        let mut r = LogReader::open(path)?;
+        let mut events = Vec::new();
+        while let Some(e) = r.next_event()? {
+            events.push(e);
+        }
+        Ok((events, r.tail()?))
+    }
+
+    /// A log written in several chunks: groups of events with pauses longer than STALE,
+    /// so that the writer thread writes each group while the log is still open. Returns
+    /// the file length after each group, as read while the writer was still open.
+    fn chunked(path: &Path, exit: Exit) -> (Vec<Event>, Vec<u64>) {
+        let (h, ev, _) = sample();
+        let mut w = LogWriter::create(path, &h).unwrap();
+        let mut lens = Vec::new();
+        for group in ev.chunks(20) {
+            for e in group {
+                w.append(e).unwrap();
+            }
+            std::thread::sleep(STALE * 4);
+            lens.push(std::fs::metadata(path).unwrap().len());
+        }
+        let end = End {
+            events: ev.len() as u64,
+            exit,
+            digest: [1; 32],
+        };
+        w.finish_log(&end).unwrap();
+        (ev, lens)
+    }
+
+    #[test]
+    fn a_quiet_writer_still_writes_its_events_within_a_short_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tlog");
+        let (h, ev, _) = sample();
+        let mut w = LogWriter::create(&path, &h).unwrap();
+        for e in &ev[..20] {
+            w.append(e).unwrap();
+        }
+        std::thread::sleep(STALE * 4);
+        // The writer is still open and nothing filled a batch: a kill now loses nothing.
+        let (got, tail) = replay_read(&path).unwrap();
+        assert_eq!(got, ev[..20].to_vec());
+        assert!(matches!(tail, Tail::Cut(20)), "{tail:?}");
+        drop(w);
+    }
+
+    #[test]
+    fn a_cut_log_replays_up_to_its_last_whole_chunk_at_every_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tlog");
+        let (ev, lens) = chunked(&path, Exit::Code(0));
+        assert!(
+            lens.windows(2).all(|w| w[0] < w[1]),
+            "one chunk per group: {lens:?}"
+        );
+        let good = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.tlog");
+        let mut last = 0;
+        for at in 0..good.len() {
+            std::fs::write(&cut, &good[..at]).unwrap();
+            match replay_read(&cut) {
+                Ok((got, Tail::Cut(n))) => {
+                    assert_eq!(n as usize, got.len(), "cut at {at}");
+                    assert_eq!(got[..], ev[..got.len()], "cut at {at}");
+                    assert!(got.len() >= last, "cut at {at} reads fewer events");
+                    // Whole groups: every event of every chunk before the cut.
+                    let whole = lens.iter().filter(|&&l| l as usize <= at).count() * 20;
+                    assert_eq!(got.len(), whole, "cut at {at}");
+                    last = got.len();
+                }
+                // Inside the file header: not a log one can replay at all.
+                Err(LogError::Truncated { events: 0, .. } | LogError::NotALog(_)) => {
+                    assert_eq!(last, 0, "cut at {at}");
+                }
+                other => panic!("cut at {at}: {other:?}"),
+            }
+        }
+        let (got, tail) = replay_read(&path).unwrap();
+        assert_eq!(got, ev);
+        assert!(matches!(tail, Tail::End(_)));
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_chunked_log_is_damage_not_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tlog");
+        chunked(&path, Exit::Code(0));
+        let good = std::fs::read(&path).unwrap();
+        let bad = dir.path().join("bad.tlog");
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x10;
+            std::fs::write(&bad, &b).unwrap();
+            let res = replay_read(&bad);
+            assert!(
+                res.is_err(),
+                "flip at byte {i} of {} was accepted: {:?}",
+                good.len(),
+                res.map(|r| r.1)
+            );
+        }
+    }
+
+    #[test]
+    fn a_source_says_where_a_recorded_run_stopped_between_events_or_was_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, ev, _) = sample();
+        let n = ev.len() as u64;
+        for (exit, stops) in [
+            (Exit::Interrupted, true),
+            (Exit::Stopped, false),
+            (Exit::Code(0), false),
+        ] {
+            let path = dir.path().join("a.tlog");
+            let end = End {
+                events: n,
+                exit: exit.clone(),
+                digest: [1; 32],
+            };
+            write_log(&path, &h, &ev, &end).unwrap();
+            let mut r = LogReader::open(&path).unwrap();
+            for e in &ev {
+                // Asking reads ahead; the event is still handed out next.
+                assert!(!r.stops_at(e.seq), "{exit:?} at {}", e.seq);
+                assert_eq!(r.next_event().unwrap().as_ref(), Some(e));
+            }
+            assert_eq!(r.stops_at(n), stops, "{exit:?}");
+            assert!(!r.stops_at(n + 1));
+            assert!(r.next_event().unwrap().is_none());
+            assert!(matches!(r.tail().unwrap(), Tail::End(e) if e == end));
+        }
+        // A cut log (its writer still open, as if killed) stops where it was cut.
+        let path = dir.path().join("cut.tlog");
+        let mut w = LogWriter::create(&path, &h).unwrap();
+        for e in &ev {
+            w.append(e).unwrap();
+        }
+        std::thread::sleep(STALE * 4);
+        let mut r = LogReader::open(&path).unwrap();
+        for e in &ev {
+            assert_eq!(r.next_event().unwrap().as_ref(), Some(e));
+        }
+        assert!(r.stops_at(n));
+        assert!(matches!(r.tail().unwrap(), Tail::Cut(c) if c == n));
+        drop(w);
     }
 }

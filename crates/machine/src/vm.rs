@@ -9,9 +9,33 @@
 //! - every nondeterministic value the guest observes passes through [`Vm::event`];
 //! - during replay nothing is performed on the host: console and disk outputs are only
 //!   digested, so a replay leaves the datastore and the console untouched.
+//!
+//! Stopping. A stop request ([`request_stop`], e.g. from SIGTERM) stops a live VM at its
+//! next WASI call ([`Exit::Stopped`]). A guest computing without calls is stopped between
+//! events ([`Exit::Interrupted`]) without any check in its compiled code: the guest runs on
+//! a thread of its own while the thread that called [`Machine::run`] watches, and when the
+//! guest has not reached a call [`STOP_GRACE`] after a stop request, the watcher ends the
+//! run itself. It can, because everything the end of a run needs is behind a [`Gate`] the
+//! guest holds through each event: the events taken, the output chain at the last one, the
+//! sink or source. Closing the gate abandons the guest: its thread may compute on until the
+//! process ends, but it takes no more events and its outputs no longer leave (the port is
+//! muted), so nothing it does after the stop is seen. A replaying VM is watched the same
+//! way: when its source says the recorded run stopped or was cut where the guest now is
+//! ([`EventSource::stops_at`]), the replay ends there instead of running on (the guest may
+//! never make another call).
+//!
+//! (wasmtime's epoch interruption would stop the guest from inside, but its checks at every
+//! loop header and function entry cost 40% on the CPU benchmark even with the epoch never
+//! advanced.)
+//!
+//! The digest of a run stopped between events, or of a replay of a cut log, covers the
+//! outputs up to its last event: what the guest wrote after it (console writes are outputs
+//! but not events) depends on where the stop caught it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 
@@ -57,8 +81,17 @@ pub enum MachineError {
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Ask every live VM of this process to stop at its next event boundary (async-signal-safe:
-/// a signal handler may call it).
+/// How long a computing guest has to reach a call after a stop request before the run
+/// is ended between events.
+pub const STOP_GRACE: Duration = Duration::from_millis(250);
+/// How often the thread that runs a VM looks for a stop.
+const WATCH_TICK: Duration = Duration::from_millis(50);
+/// The guest's thread's stack: the wasm stack (wasmtime's 512 KiB limit) plus host calls.
+const GUEST_STACK: usize = 8 << 20;
+
+/// Ask every live VM of this process to stop (async-signal-safe: a signal handler may call
+/// it; it only stores to an atomic). A guest stops at its next call, or between events
+/// [`STOP_GRACE`] later.
 pub fn request_stop() {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
@@ -74,6 +107,10 @@ pub(crate) enum Fault {
     Exit(u32),
     #[error("stopped by the host")]
     Stopped,
+    /// Stopped between events, or at the end of a replayed log that stops between events
+    /// or is cut there.
+    #[error("stopped by the host between events")]
+    Interrupted,
     #[error("replay diverged at event {seq}: {why}")]
     Divergence { seq: u64, why: String },
     #[error(transparent)]
@@ -151,6 +188,9 @@ pub struct Vm {
     pub(crate) stdin_ready: bool,
     limits: StoreLimits,
     warned: std::collections::BTreeSet<&'static str>,
+    gate: SharedGate,
+    /// Set when the watcher ends the run between events (mutes the port).
+    abandoned: Arc<AtomicBool>,
     /// Snapshots (issue 8): the host's side of Asyncify, for a VM of an instrumented
     /// module ([`crate::capture`]); `None` otherwise.
     pub(crate) snap: Option<Box<crate::capture::Ctl>>,
@@ -212,6 +252,18 @@ impl Outputs {
     fn full(&self) -> [u8; 32] {
         self.sealed()
     }
+
+    /// Digest of the outputs sealed at the last event boundary.
+    fn at_last_event(&self) -> [u8; 32] {
+        self.chain
+    }
+
+    /// Undo the last seal (the run ends before the event that made it).
+    fn rewind(&mut self, chain: [u8; 32]) {
+        self.chain = chain;
+        self.segment.reset();
+        self.open = false;
+    }
 }
 
 impl Vm {
@@ -233,13 +285,20 @@ impl Vm {
         op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
     ) -> Result<Outcome, Fault> {
         let seq = self.seq;
+        let prior = self.outputs.at_last_event();
         // Every event is a boundary of the output digest, in every mode, so the digest of a
         // run means the same thing live, recorded and replayed.
         let outputs = self.outputs.seal();
+        let gate = Arc::clone(&self.gate);
+        let mut g = lock(&gate);
+        if g.closed {
+            // The watcher ended the run between events: this guest is abandoned.
+            return Err(Fault::Stopped);
+        }
         let mut op = Some(op);
         loop {
             match &mut self.inputs {
-                Inputs::Live { host, sink, port } => {
+                Inputs::Live { host, port, .. } => {
                     if stop_requested() {
                         return Err(Fault::Stopped);
                     }
@@ -253,7 +312,7 @@ impl Vm {
                     if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
                         return Err(Fault::Stopped);
                     }
-                    let outcome = match sink {
+                    let outcome = match &mut g.sink {
                         Some(sink) => {
                             let event = Event {
                                 seq,
@@ -268,13 +327,21 @@ impl Vm {
                         None => outcome,
                     };
                     self.seq += 1;
+                    g.seq = self.seq;
+                    g.chain = self.outputs.at_last_event();
                     return Ok(outcome);
                 }
-                Inputs::Replay { source, go_live } => {
+                Inputs::Replay { go_live, .. } => {
+                    let source = g
+                        .source
+                        .as_mut()
+                        .ok_or_else(|| Fault::GoLive("the replay has no source".into()))?;
                     let Some(event) = source.next_event()? else {
                         match source.tail()? {
                             Tail::GoLive if go_live.is_some() => {
+                                drop(g);
                                 self.go_live()?;
+                                g = lock(&gate);
                                 continue;
                             }
                             // A run the host stopped ends where it was stopped: stop there too.
@@ -283,6 +350,21 @@ impl Vm {
                                 events,
                                 ..
                             }) if events == seq => return Err(Fault::Stopped),
+                            // A run stopped between events, or a recording cut, after the
+                            // events taken: the guest stops before the call the log does
+                            // not hold, its digest that of the outputs up to the last
+                            // event, as the recording's.
+                            Tail::End(End {
+                                exit: Exit::Interrupted,
+                                events,
+                                ..
+                            })
+                            | Tail::Cut(events)
+                                if events == seq =>
+                            {
+                                self.outputs.rewind(prior);
+                                return Err(Fault::Interrupted);
+                            }
                             _ => {
                                 return Err(Fault::Divergence {
                                     seq,
@@ -311,6 +393,8 @@ impl Vm {
                         return Err(Fault::Divergence { seq, why });
                     }
                     self.seq += 1;
+                    g.seq = self.seq;
+                    g.chain = self.outputs.at_last_event();
                     return Ok(event.outcome);
                 }
             }
@@ -333,12 +417,20 @@ impl Vm {
         if let Some(t) = &tap {
             host.attach_tap(t.clone());
         }
+        {
+            let mut g = lock(&self.gate);
+            g.sink = gl.sink;
+            g.live = true;
+        }
         self.inputs = Inputs::Live {
             host,
-            sink: gl.sink,
-            port: Box::new(Direct {
-                tap,
-                console: gl.console,
+            sink: None,
+            port: Box::new(Muted {
+                port: Box::new(Direct {
+                    tap,
+                    console: gl.console,
+                }),
+                abandoned: self.abandoned.clone(),
             }),
         };
         tracing::warn!("went live at event {}", self.seq);
@@ -378,6 +470,73 @@ pub fn deterministic_engine() -> Result<Engine, MachineError> {
     Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))
 }
 
+/// What ending a run needs, shared by the guest's thread and the thread watching it.
+///
+/// Invariant: the guest's thread holds the lock through every event, from its first check
+/// to its last update, so whoever holds it between events sees a VM at an event boundary
+/// whose sink or source holds exactly `seq` events. The watcher only ever `try_lock`s it: a
+/// guest inside an event (a wait, a disk write) is not stopped there, it stops at the
+/// event's end by itself.
+pub(crate) struct Gate {
+    /// The run was ended by the watcher: the guest's thread takes no more events.
+    closed: bool,
+    /// The VM takes its inputs live (from power-on, or since it went live).
+    live: bool,
+    /// Events taken, and the output chain sealed at the last of them.
+    seq: u64,
+    chain: [u8; 32],
+    /// Where a live VM's events go (moved here from [`Inputs::Live`] at power-on, and from
+    /// [`GoLive`] at go-live).
+    sink: Option<Box<dyn EventSink + Send>>,
+    /// Where a replaying VM's events come from (moved here from [`Inputs::Replay`]).
+    source: Option<Box<dyn EventSource + Send>>,
+}
+
+type SharedGate = Arc<Mutex<Gate>>;
+
+fn lock(gate: &SharedGate) -> MutexGuard<'_, Gate> {
+    gate.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stands in [`Inputs::Replay`] for the source, which lives in the [`Gate`].
+struct InGate;
+
+impl EventSource for InGate {
+    fn next_event(&mut self) -> Result<Option<Event>, LogError> {
+        Err(LogError::Source(
+            "internal: the source is in the gate".into(),
+        ))
+    }
+    fn tail(&mut self) -> Result<Tail, LogError> {
+        Err(LogError::Source(
+            "internal: the source is in the gate".into(),
+        ))
+    }
+}
+
+/// A live VM's port, silenced once its run has been ended between events: an abandoned
+/// guest computing on must not be seen (its disk writes are events, refused by the gate).
+struct Muted {
+    port: Box<dyn OutputPort>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl OutputPort for Muted {
+    fn frame(&mut self, position: u64, frame: &[u8]) {
+        if !self.abandoned.load(Ordering::Relaxed) {
+            self.port.frame(position, frame);
+        }
+    }
+    fn console(&mut self, position: u64, fd: u32, data: &[u8]) {
+        if !self.abandoned.load(Ordering::Relaxed) {
+            self.port.console(position, fd, data);
+        }
+    }
+    fn before_disk(&mut self, position: u64) -> Result<(), LogError> {
+        self.port.before_disk(position)
+    }
+}
+
 /// A compiled guest module, ready to run as any number of VMs.
 pub struct Machine {
     engine: Engine,
@@ -391,7 +550,12 @@ pub struct Machine {
 pub struct RunReport {
     pub exit: Exit,
     pub events: u64,
+    /// Digest of the run's outputs: all of them, or those up to the last event when the
+    /// run was interrupted between events or replayed a log that stops or is cut there.
     pub digest: [u8; 32],
+    /// A replay whose log was cut (no end record; its recorder killed): it replayed every
+    /// event the log holds, `events` of them, and stopped there.
+    pub cut: bool,
 }
 
 impl RunReport {
@@ -480,82 +644,190 @@ impl Machine {
         Ok(())
     }
 
-    /// Run a VM from power-on until the guest exits. A live run finishes its sink with the
-    /// run's end; a replay checks the run against the end its source recorded.
+    /// Run a VM from power-on until the guest exits or is stopped. A live run finishes its
+    /// sink with the run's end; a replay checks the run against the end its source
+    /// recorded. The guest runs on a thread of its own while this one watches for a stop
+    /// (see the module documentation).
     pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
-        let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
-        let mut vm = Vm {
-            fds: FdTable::new(spec.datastore, &spec.listen),
-            spec: Arc::new(spec),
-            seq: 0,
-            clock: VmClock::default(),
-            outputs: Outputs::new(),
-            inputs,
-            net: None,
-            net_now: 0,
-            stdin_ready: false,
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limit)
-                .instances(1)
-                .tables(4)
-                .memories(1)
-                .build(),
-            warned: Default::default(),
-            snap: None,
-        };
+        let mut vm = Vm::new(spec, inputs);
+        let (gate, abandoned) = (vm.gate.clone(), vm.abandoned.clone());
         if let Err(fault) = vm.power_on() {
             return Err(match fault {
                 Fault::Log(l) => MachineError::Log(l),
                 Fault::Divergence { seq, why } => MachineError::Divergence { seq, why },
                 Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
-                Fault::Stopped => MachineError::Internal("stopped at power-on".into()),
+                Fault::Stopped | Fault::Interrupted => {
+                    MachineError::Internal("stopped at power-on".into())
+                }
                 Fault::GoLive(why) => MachineError::GoLive(why),
             });
         }
-        let mut store = Store::new(&self.engine, vm);
-        store.limiter(|vm| &mut vm.limits);
-        let exit = match self.linker.instantiate(&mut store, &self.module) {
-            Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                Ok(start) => classify(start.call(&mut store, ()))?,
-                Err(_) => {
-                    return Err(MachineError::Link(
-                        "the module exports no _start function (not a WASI command)".into(),
-                    ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (engine, module, linker) = (
+            self.engine.clone(),
+            self.module.clone(),
+            self.linker.clone(),
+        );
+        let guest = std::thread::Builder::new()
+            .name("tandem-vm".into())
+            .stack_size(GUEST_STACK)
+            .spawn(move || {
+                let mut store = Store::new(&engine, vm);
+                store.limiter(|vm| &mut vm.limits);
+                let exit = match linker.instantiate(&mut store, &module) {
+                    Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                        Ok(start) => classify(start.call(&mut store, ())),
+                        Err(_) => Err(MachineError::Link(
+                            "the module exports no _start function (not a WASI command)".into(),
+                        )),
+                    },
+                    Err(e) => classify(Err(e)),
+                };
+                // The watcher may have ended the run and gone: nobody to tell, then.
+                let _ = tx.send((exit, store.into_data()));
+            })
+            .map_err(|e| MachineError::Internal(format!("cannot start the VM's thread: {e}")))?;
+        let mut stop_seen = None;
+        let (exit, vm) = loop {
+            match rx.recv_timeout(WATCH_TICK) {
+                Ok(done) => break done,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(report) = watch(&gate, &abandoned, &mut stop_seen)? {
+                        // The guest's thread is abandoned (see `Gate`); it ends with the
+                        // process.
+                        return Ok(report);
+                    }
                 }
-            },
-            Err(e) => classify(Err(e))?,
-        };
-        let vm = store.into_data();
-        if let Some(net) = &vm.net {
-            tracing::info!("network: {:?}", net.stats());
-        }
-        let report = RunReport {
-            exit,
-            events: vm.seq,
-            digest: vm.outputs.full(),
-        };
-        match vm.inputs {
-            Inputs::Live {
-                sink: Some(sink), ..
-            } => sink.finish(&report.end())?,
-            Inputs::Live { sink: None, .. } => {}
-            Inputs::Replay { mut source, .. } => match source.tail()? {
-                Tail::End(end) => check_replay(&report, &end)?,
-                // The recorder was lost just as the guest finished: nothing to compare with.
-                Tail::GoLive => {}
-                Tail::Event(seq) => {
-                    return Err(MachineError::Divergence {
-                        seq,
-                        why: format!(
-                            "the guest finished ({}) but the log holds more events",
-                            report.exit
-                        ),
-                    });
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let why = match guest.join() {
+                        Err(panic) => panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".into()),
+                        Ok(()) => "no result".into(),
+                    };
+                    return Err(MachineError::Internal(format!(
+                        "the VM's thread ended with {why}"
+                    )));
                 }
-            },
-        }
-        Ok(report)
+            }
+        };
+        let _ = guest.join();
+        vm.conclude(exit?)
     }
+}
+
+/// One look at a running VM: end the run if it is to stop and its guest is between events.
+///
+/// Live: a stop was requested at least [`STOP_GRACE`] ago and the guest has not stopped at
+/// a call (it is computing). Replay: the source holds no more events and says the recorded
+/// run stopped or was cut where the guest is. The gate is closed, the port muted, and the
+/// run ends as [`Exit::Interrupted`] with what the gate holds.
+fn watch(
+    gate: &SharedGate,
+    abandoned: &AtomicBool,
+    stop_seen: &mut Option<Instant>,
+) -> Result<Option<RunReport>, MachineError> {
+    let stop_due =
+        stop_requested() && stop_seen.get_or_insert_with(Instant::now).elapsed() >= STOP_GRACE;
+    let mut g = match gate.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        // The guest is inside an event: it is not computing, and checks for a stop there.
+        Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+    };
+    if g.closed {
+        return Ok(None);
+    }
+    let seq = g.seq;
+    let stop = if g.live {
+        stop_due
+    } else {
+        g.source.as_mut().is_some_and(|s| s.stops_at(seq))
+    };
+    if !stop {
+        return Ok(None);
+    }
+    g.closed = true;
+    abandoned.store(true, Ordering::Relaxed);
+    let report = RunReport {
+        exit: Exit::Interrupted,
+        events: g.seq,
+        digest: g.chain,
+        cut: false,
+    };
+    if g.live {
+        let sink = g.sink.take();
+        drop(g);
+        tracing::info!(
+            "the guest made no call within {} ms of the stop request: stopped between events, after {} events",
+            STOP_GRACE.as_millis(),
+            report.events
+        );
+        if let Some(sink) = sink {
+            sink.finish(&report.end())?;
+        }
+        return Ok(Some(report));
+    }
+    let Some(mut source) = g.source.take() else {
+        return Err(MachineError::Internal("the replay lost its source".into()));
+    };
+    drop(g);
+    let at_last = report.digest;
+    conclude_replay(report, &mut *source, at_last).map(Some)
+}
+
+/// Check a finished replay against what its source holds beyond the guest's last event.
+/// `at_last` is the output chain at the replay's last event.
+fn conclude_replay(
+    mut report: RunReport,
+    source: &mut dyn EventSource,
+    at_last: [u8; 32],
+) -> Result<RunReport, MachineError> {
+    match source.tail()? {
+        Tail::End(end) => {
+            if end.exit == Exit::Interrupted {
+                // Whether the replay was stopped where the log ends or its guest ran on to
+                // an end of its own, what the log vouches for is the outputs up to its last
+                // event.
+                report.digest = at_last;
+            }
+            check_replay(&report, &end)?;
+            // The replay reproduced a run the host stopped: report that stop, not where the
+            // replay happened to be caught (or ran on to).
+            if end.exit.is_stop() {
+                report.exit = end.exit;
+            }
+        }
+        Tail::Cut(events) => {
+            // Nothing to compare beyond the events themselves, each checked with the
+            // outputs before it as it was taken.
+            report.digest = at_last;
+            report.cut = true;
+            if events != report.events {
+                return Err(MachineError::Divergence {
+                    seq: report.events,
+                    why: format!(
+                        "the guest finished ({}) after {} events; the log holds {events}",
+                        report.exit, report.events
+                    ),
+                });
+            }
+        }
+        // The recorder was lost just as the guest finished: nothing to compare with.
+        Tail::GoLive => {}
+        Tail::Event(seq) => {
+            return Err(MachineError::Divergence {
+                seq,
+                why: format!(
+                    "the guest finished ({}) but the log holds more events",
+                    report.exit
+                ),
+            });
+        }
+    }
+    Ok(report)
 }
 
 /// Turn how `_start` ended into an exit, or an error that ends the run.
@@ -568,6 +840,7 @@ pub(crate) fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineErro
         return match fault {
             Fault::Exit(code) => Ok(Exit::Code(*code)),
             Fault::Stopped => Ok(Exit::Stopped),
+            Fault::Interrupted => Ok(Exit::Interrupted),
             Fault::GoLive(why) => Err(MachineError::GoLive(why.clone())),
             Fault::Divergence { seq, why } => Err(MachineError::Divergence {
                 seq: *seq,
@@ -586,7 +859,15 @@ pub(crate) fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineErro
 }
 
 /// Compare a finished replay with the end record of its log.
-pub(crate) fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
+///
+/// A run that ended by itself, or was stopped at a call, must end the same way with the
+/// same outputs. A run stopped between events ([`Exit::Interrupted`]) is reproduced up to
+/// its last event: the replay may stop where the log ends or run on to an end of its own
+/// (the live run was cut off on its way there), and the digests compared are those of the
+/// outputs up to the last event. A replay interrupted where a log stopped at a call (a
+/// source that stops a guest wherever it is, such as a secondary) compares nothing beyond
+/// the events, each checked with the outputs before it as it was taken.
+fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineError> {
     let seq = report.events;
     if report.events != end.events {
         return Err(MachineError::Divergence {
@@ -597,14 +878,16 @@ pub(crate) fn check_replay(report: &RunReport, end: &End) -> Result<(), MachineE
             ),
         });
     }
-    if report.exit != end.exit {
-        return Err(MachineError::Divergence {
-            seq,
-            why: format!(
-                "the guest ended with {}; the logged run ended with {}",
-                report.exit, end.exit
-            ),
-        });
+    match (&end.exit, &report.exit) {
+        (Exit::Interrupted, _) => {}
+        (Exit::Stopped, Exit::Interrupted) => return Ok(()),
+        (logged, replayed) if logged != replayed => {
+            return Err(MachineError::Divergence {
+                seq,
+                why: format!("the guest ended with {replayed}; the logged run ended with {logged}"),
+            });
+        }
+        _ => {}
     }
     if report.digest != end.digest {
         return Err(MachineError::Divergence {
@@ -687,17 +970,42 @@ impl Outputs {
             ..Outputs::new()
         }
     }
-
-    /// Digest of every output, sealed or not.
-    pub(crate) fn digest(&self) -> [u8; 32] {
-        self.full()
-    }
 }
 
 impl Vm {
-    /// A VM at power-on (before [`Vm::power_on`]), as [`Machine::run`] builds it.
-    pub(crate) fn new(spec: GuestSpec, inputs: Inputs) -> Vm {
+    /// A VM at power-on (before [`Vm::power_on`]): its sink or source moved into its
+    /// [`Gate`], a live VM's port muted once the run is abandoned.
+    pub(crate) fn new(spec: GuestSpec, mut inputs: Inputs) -> Vm {
         let limit = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let mut gate = Gate {
+            closed: false,
+            live: false,
+            seq: 0,
+            chain: [0; 32],
+            sink: None,
+            source: None,
+        };
+        match &mut inputs {
+            Inputs::Live { sink, port, .. } => {
+                gate.live = true;
+                gate.sink = sink.take();
+                let inner = std::mem::replace(
+                    port,
+                    Box::new(Direct {
+                        tap: None,
+                        console: false,
+                    }),
+                );
+                *port = Box::new(Muted {
+                    port: inner,
+                    abandoned: abandoned.clone(),
+                });
+            }
+            Inputs::Replay { source, .. } => {
+                gate.source = Some(std::mem::replace(source, Box::new(InGate)));
+            }
+        }
         Vm {
             fds: FdTable::new(spec.datastore, &spec.listen),
             spec: Arc::new(spec),
@@ -715,8 +1023,44 @@ impl Vm {
                 .memories(1)
                 .build(),
             warned: Default::default(),
+            gate: Arc::new(Mutex::new(gate)),
+            abandoned,
             snap: None,
         }
+    }
+
+    /// End a run that ended with `exit`: a live run finishes its sink with the run's end; a
+    /// replay checks the run against the end its source recorded.
+    pub(crate) fn conclude(self, exit: Exit) -> Result<RunReport, MachineError> {
+        if let Some(net) = &self.net {
+            tracing::info!("network: {:?}", net.stats());
+        }
+        let at_last = self.outputs.at_last_event();
+        let report = RunReport {
+            digest: if exit == Exit::Interrupted {
+                at_last
+            } else {
+                self.outputs.full()
+            },
+            exit,
+            events: self.seq,
+            cut: false,
+        };
+        let (sink, source) = {
+            let mut g = lock(&self.gate);
+            (g.sink.take(), g.source.take())
+        };
+        match (self.inputs, sink, source) {
+            (Inputs::Live { .. }, Some(sink), _) => sink.finish(&report.end())?,
+            (Inputs::Live { .. }, None, _) => {}
+            (Inputs::Replay { .. }, _, Some(mut source)) => {
+                return conclude_replay(report, &mut *source, at_last);
+            }
+            (Inputs::Replay { .. }, _, None) => {
+                return Err(MachineError::Internal("the replay lost its source".into()));
+            }
+        }
+        Ok(report)
     }
 
     /// A store holding this VM, its memory limited as [`Machine::run`] limits it.
