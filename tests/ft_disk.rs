@@ -132,3 +132,122 @@ fn renamed_rotated_and_unlinked_open_files_survive_a_primary_host_kill() {
         "the files differ from an uninterrupted run's"
     );
 }
+
+/// A primary that dies right after performing a disk operation that must not be done
+/// twice — before its event reached the log or the secondary — leaves a secondary that
+/// answers the guest as the primary would have: the operation is not done again (a rename
+/// would fail ENOENT, a mkdir EEXIST), its outcome is taken from the disk. For each of the
+/// guest's eight such operations in turn, the files end exactly as an uninterrupted run's.
+#[test]
+fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_go_live() {
+    let wasm = guest("uncertain.wasm");
+    let reference = tempfile::tempdir().unwrap();
+    let run = tandem(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&wasm),
+        "--datastore",
+        s(reference.path()),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let want = contents(reference.path());
+    let results = String::from_utf8_lossy(
+        &want
+            .iter()
+            .find(|(p, _)| p == Path::new("results"))
+            .expect("the guest writes its results")
+            .1,
+    )
+    .into_owned();
+    assert_eq!(results.lines().count(), 10, "{results}");
+    assert!(results.lines().all(|l| l.ends_with("= 0 ok")), "{results}");
+
+    let port0 = 20_000 + (std::process::id() % 20_000) as u16;
+    for k in 1..=8u16 {
+        let shared = tempfile::tempdir().unwrap();
+        let data = shared.path().join("u/data");
+        std::fs::create_dir_all(&data).unwrap();
+        let addr = format!("127.0.0.1:{}", port0 + k);
+        let out = |who: &str| std::fs::File::create(shared.path().join(who)).unwrap();
+        let spawn = |args: &[&str], who: &str, failpoint: Option<String>| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
+            c.args(args)
+                .stdout(out(who))
+                .stderr(out(&format!("{who}.err")));
+            if let Some(f) = failpoint {
+                c.env("TANDEM_FAILPOINT", f);
+            }
+            c.spawn().expect("starting tandem")
+        };
+        let mut primary = spawn(
+            &[
+                "ft",
+                "primary",
+                "--vm",
+                "u",
+                "--shared",
+                s(shared.path()),
+                "--log-listen",
+                &addr,
+                "--wasm",
+                s(&wasm),
+                "--datastore",
+                s(&data),
+                "--arg",
+                "1000",
+            ],
+            "primary",
+            Some(format!("die-after-uncertain:{k}")),
+        );
+        let mut secondary = spawn(
+            &[
+                "ft",
+                "secondary",
+                "--vm",
+                "u",
+                "--shared",
+                s(shared.path()),
+                "--primary",
+                &addr,
+                "--wasm",
+                s(&wasm),
+                "--datastore",
+                s(&data),
+            ],
+            "secondary",
+            None,
+        );
+        let wait = |c: &mut std::process::Child, what: &str| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(st) = c.try_wait().unwrap() {
+                    return st;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    panic!("{what} did not finish");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let p = wait(&mut primary, "the primary");
+        let sec = wait(&mut secondary, "the secondary");
+        let read = |who: &str| std::fs::read_to_string(shared.path().join(who)).unwrap_or_default();
+        let story = format!(
+            "failpoint {k}\nprimary: {p:?}\n{}{}\nsecondary: {sec:?}\n{}{}",
+            read("primary"),
+            read("primary.err"),
+            read("secondary"),
+            read("secondary.err")
+        );
+        assert_eq!(p.code(), None, "the primary died by its failpoint: {story}");
+        assert_eq!(sec.code(), Some(0), "{story}");
+        assert!(read("secondary.err").contains("went live"), "{story}");
+        assert_eq!(
+            contents(&data),
+            want,
+            "the files differ from an uninterrupted run's: {story}"
+        );
+    }
+}

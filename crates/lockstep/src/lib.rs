@@ -29,6 +29,12 @@
 //!    confirmed and every held output was written, or, past a bound, after fencing the
 //!    secondary off by claiming the next generation. Only the live copy writes the VM's
 //!    status file; a secondary keeps its own in `status.secondary`.
+//! 7. a disk operation that must not be done twice (create, remove, rename, link) is
+//!    performed only once the secondary holds its intent (`ToSecondary::Intent`, answered
+//!    by `ToPrimary::IntentHeld`; see `machine::event::Intent`): a secondary going live at
+//!    that very operation takes its outcome from the disk if the primary performed it, so
+//!    the guest never sees "already exists" for what it did itself
+//!    (`tests/ft_disk.rs`, every such operation in turn).
 
 pub mod arbiter;
 pub mod primary;
@@ -39,7 +45,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arbiter::Arbiter;
-use machine::event::Event;
+use machine::event::{Event, Intent};
 use machine::{End, LogHeader};
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +89,9 @@ pub enum ToSecondary {
     /// The guest finished (the secondary's replay must end the same way).
     End(End),
     Heartbeat,
+    /// The primary is about to perform a disk operation that must not be done twice, as
+    /// its next event (after every event sent so far); it waits for `IntentHeld`.
+    Intent(Intent),
 }
 
 /// Secondary → primary.
@@ -100,6 +109,10 @@ pub enum ToPrimary {
     /// never arbitrate.
     EndHeld {
         events: u64,
+    },
+    /// The secondary holds the intent for event `seq`.
+    IntentHeld {
+        seq: u64,
     },
 }
 

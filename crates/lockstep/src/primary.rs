@@ -21,7 +21,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use machine::event::Event;
+use machine::event::{Event, Intent};
 use machine::port::{OutputPort, send_frame, write_console};
 use machine::{End, EventSink, LogError, LogHeader};
 
@@ -56,6 +56,10 @@ struct State {
     release: u64,
     sent: u64,
     end_held: bool,
+    /// The intent of the disk operation the VM is about to perform (it waits until the
+    /// attached secondary holds it), and the last intent the secondary said it holds.
+    intent: Option<Intent>,
+    intent_held: Option<u64>,
     next_conn: u64,
     generation: u64,
     halted: Option<String>,
@@ -224,6 +228,8 @@ impl Primary {
                 release: 0,
                 sent: 0,
                 end_held: false,
+                intent: None,
+                intent_held: None,
                 next_conn: 1,
                 generation,
                 halted: None,
@@ -432,6 +438,24 @@ impl OutputPort for GatedPort {
         self.hold(position, Held::Console(fd, data.to_vec()));
     }
 
+    fn before_uncertain(&mut self, intent: &Intent) -> Result<(), LogError> {
+        let s = &self.0;
+        let mut st = s.lock();
+        st.intent = Some(intent.clone());
+        s.events.notify_all();
+        loop {
+            if let Some(why) = &st.halted {
+                return Err(LogError::Source(format!("halted: {why}")));
+            }
+            // Held by the secondary (which holds every event before it too, the channel
+            // being in order), or no secondary that could go live here.
+            if st.attached.is_none() || st.intent_held == Some(intent.seq) {
+                return Ok(());
+            }
+            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     fn before_disk(&mut self, position: u64) -> Result<(), LogError> {
         let s = &self.0;
         let mut st = s.lock();
@@ -530,6 +554,7 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
         st.executed = 0;
         st.sent = 0;
         st.end_held = false;
+        st.intent_held = None;
         // Outputs depending on every event so far may have left already: a copy going live
         // short of this point would roll back what the world was told.
         st.release = st.history.len() as u64;
@@ -596,6 +621,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
         .map_err(io_err("send Hello"))?;
     let mut sent = 0usize;
     let mut end_sent = false;
+    let mut intent_sent = None;
     let mut status_at = Instant::now();
     loop {
         if status_at.elapsed() > Duration::from_millis(250) {
@@ -603,12 +629,18 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             s.status(&s.lock());
             status_at = Instant::now();
         }
-        let (batch, end) = {
+        let (batch, end, intent) = {
             let mut st = s.lock();
             let deadline = Instant::now() + s.config.heartbeat;
+            let unsent = |st: &State| {
+                st.intent
+                    .as_ref()
+                    .is_some_and(|i| Some(i.seq) != intent_sent && i.seq == st.history.len() as u64)
+            };
             while st.attached == Some(conn)
                 && st.history.len() == sent
                 && (st.end.is_none() || end_sent)
+                && !unsent(&st)
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -640,6 +672,10 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             } else {
                 None
             };
+            // An intent follows every event before it, never an event after it.
+            let intent = (upto == st.history.len() && unsent(&st))
+                .then(|| st.intent.clone())
+                .flatten();
             if batch.is_some() {
                 // Frame overhead: 16 bytes of header, 4 of CRC, 16 of MAC.
                 st.log_bytes += batch.as_ref().map_or(0, |b| b.len() as u64 + 36);
@@ -647,12 +683,19 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 // Counted before the write: a secondary may hold these from now on.
                 st.sent = upto as u64;
             }
-            (batch, end)
+            (batch, end, intent)
         };
+        let idle = batch.is_none() && intent.is_none();
         if let Some(payload) = batch {
             w.send(KIND_MSG, &payload)
                 .map_err(io_err("stream events"))?;
-        } else if end.is_none() {
+        }
+        if let Some(intent) = intent {
+            intent_sent = Some(intent.seq);
+            w.send(KIND_MSG, &encode(&ToSecondary::Intent(intent)))
+                .map_err(io_err("send an intent"))?;
+        }
+        if idle && end.is_none() {
             w.send(KIND_MSG, &encode(&ToSecondary::Heartbeat))
                 .map_err(io_err("send a heartbeat"))?;
         }
@@ -698,6 +741,15 @@ fn receive_from(
                 st.acked = st.acked.max(events);
                 st.end_held = true;
                 tracing::info!("secondary {host} holds the end after {events} events");
+            }
+            ToPrimary::IntentHeld { seq } => {
+                if seq > st.sent || st.intent.as_ref().is_none_or(|i| seq > i.seq) {
+                    return Err(FtError::Protocol(format!(
+                        "the secondary claims to hold an intent for event {seq}"
+                    )));
+                }
+                st.acked = st.acked.max(seq);
+                st.intent_held = Some(seq);
             }
             ToPrimary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
         }

@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use machine::event::Event;
+use machine::event::{Event, Intent};
 use machine::{End, EventSource, LogError, LogHeader, Tail};
 
 use crate::arbiter::{Arbiter, Claim};
@@ -38,6 +38,8 @@ struct State {
     verdict: Option<Verdict>,
     /// The end's confirmation was sent, or can no longer be (the channel broke).
     end_confirmed: bool,
+    /// The primary's intent for the event after those received, if it sent one.
+    intent: Option<Intent>,
     acknowledger_gone: bool,
 }
 
@@ -112,6 +114,7 @@ impl Secondary {
                 end: None,
                 verdict: None,
                 end_confirmed: false,
+                intent: None,
                 acknowledger_gone: false,
             }),
             cv: Condvar::new(),
@@ -218,6 +221,17 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
                 s.cv.notify_all();
                 return Ok(());
             }
+            ToSecondary::Intent(intent) => {
+                let mut st = s.lock();
+                if intent.seq != st.received {
+                    return Err(FtError::Protocol(format!(
+                        "an intent for event {} where {} were received",
+                        intent.seq, st.received
+                    )));
+                }
+                st.intent = Some(intent);
+                s.cv.notify_all();
+            }
             ToSecondary::Heartbeat => {}
             ToSecondary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
         }
@@ -286,13 +300,15 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
 fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     let mut last = (u64::MAX, u64::MAX);
     let mut end_confirmed = false;
+    let mut intent_held = None;
     loop {
-        let (now, end) = {
+        let (now, end, intent) = {
             let mut st = s.lock();
             let deadline = Instant::now() + heartbeat;
             while st.verdict.is_none()
                 && (st.received, st.executed) == last
                 && (end_confirmed || st.end.is_none())
+                && st.intent.as_ref().map(|i| i.seq) == intent_held
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -309,15 +325,26 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
             let end = (!end_confirmed)
                 .then(|| st.end.as_ref().map(|e| e.events))
                 .flatten();
-            ((st.received, st.executed), end)
+            let intent = st
+                .intent
+                .as_ref()
+                .map(|i| i.seq)
+                .filter(|seq| Some(*seq) != intent_held);
+            ((st.received, st.executed), end, intent)
         };
-        last = now;
-        let msg = match end {
-            Some(events) => ToPrimary::EndHeld { events },
-            None => ToPrimary::Ack {
-                received: now.0,
-                executed: now.1,
-            },
+        let msg = match (end, intent) {
+            (Some(events), _) => ToPrimary::EndHeld { events },
+            (None, Some(seq)) => {
+                intent_held = Some(seq);
+                ToPrimary::IntentHeld { seq }
+            }
+            (None, None) => {
+                last = now;
+                ToPrimary::Ack {
+                    received: now.0,
+                    executed: now.1,
+                }
+            }
         };
         if w.send(KIND_MSG, &encode(&msg)).is_err() {
             // The receiver notices a broken channel and decides (unless it holds the end).
@@ -359,6 +386,15 @@ impl EventSource for SecondarySource {
     /// The primary's run ended after `events` events by a stop (at a call or between
     /// events) and this copy holds no more: a replaying guest that computes on without
     /// calls is to be stopped there too.
+    /// The primary's intent for the operation right after the events this copy holds
+    /// (and has all handed out): a copy going live there takes it along.
+    fn pending_intent(&mut self) -> Option<Intent> {
+        let st = self.0.lock();
+        st.intent
+            .clone()
+            .filter(|i| i.seq == st.received && st.queue.is_empty())
+    }
+
     fn stops_at(&mut self, events: u64) -> bool {
         let st = self.0.lock();
         st.queue.is_empty()

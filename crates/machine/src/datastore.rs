@@ -31,7 +31,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::event::{Filestat, Outcome};
+use crate::event::{Filestat, Kind, NameState, Outcome};
 use crate::fdtable::{FdKind, FdTable};
 use crate::host::{HostError, LiveHost, Root, errno_of};
 use crate::wasi::{errno, fdflags, filetype, fstflags, oflags};
@@ -431,6 +431,12 @@ impl LiveHost {
                 return Err(errno::NOENT);
             }
             let c = cstr(guest)?;
+            // Created by this VM's predecessor just before it failed: open what it made.
+            let flags = if self.redo {
+                flags & !libc::O_EXCL
+            } else {
+                flags
+            };
             // openat2 refuses a mode without O_CREAT.
             let mode = if flags & libc::O_CREAT != 0 { 0o666 } else { 0 };
             let f = openat2(base, &c, flags, mode).map_err(|e| resolve_errno(&e))?;
@@ -452,6 +458,66 @@ impl LiveHost {
             })
         })();
         r.unwrap_or_else(Outcome::Errno)
+    }
+
+    /// What each name (a guest path beneath a directory descriptor) stands for now.
+    pub(crate) fn name_states(&self, names: &[(u32, &str)]) -> Vec<NameState> {
+        names
+            .iter()
+            .map(|&(fd, guest)| match self.at(fd, guest) {
+                Err(e) => NameState::Unreachable(e),
+                Ok(at) => match fstatat(at.dir(), &at.name) {
+                    Ok(st) => NameState::Present {
+                        ino: st.st_ino,
+                        dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+                    },
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => NameState::Missing,
+                    Err(e) => NameState::Unreachable(errno_of(&e)),
+                },
+            })
+            .collect()
+    }
+
+    /// The outcome of an operation on `names` that this VM's predecessor performed (the
+    /// names were `before` just before): what the guest would have been answered.
+    /// `None`: the operation's outcome is what running it again gives.
+    pub(crate) fn performed(
+        &self,
+        kind: Kind,
+        names: &[(u32, &str)],
+        before: &[NameState],
+        fds: &FdTable,
+    ) -> Option<Outcome> {
+        let open_ino = |i: usize| match before.get(i) {
+            Some(NameState::Present { ino, dir: false }) if fds.holds_ino(*ino) => Some(*ino),
+            _ => None,
+        };
+        match kind {
+            Kind::PathUnlinkFile => Some(Outcome::Removed { aside: open_ino(0) }),
+            Kind::PathRename => {
+                let path = |i: usize| {
+                    let &(fd, guest) = names.get(i)?;
+                    let at = self.at(fd, guest).ok()?;
+                    let parent = self.rel(at.dir())?;
+                    Some(if parent.is_empty() {
+                        at.last.clone()
+                    } else {
+                        format!("{parent}/{}", at.last)
+                    })
+                };
+                let source = match before.first() {
+                    Some(NameState::Present { ino, .. }) => Some(*ino),
+                    _ => None,
+                };
+                let aside = open_ino(1).filter(|ino| Some(*ino) != source);
+                Some(match (path(0), path(1)) {
+                    (Some(from), Some(to)) => Outcome::Moved { from, to, aside },
+                    _ => Outcome::Errno(errno::NAMETOOLONG),
+                })
+            }
+            Kind::PathOpen => None,
+            _ => Some(Outcome::Done),
+        }
     }
 
     pub fn close(&mut self, fd: u32) {

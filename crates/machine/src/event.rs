@@ -123,6 +123,32 @@ pub enum Outcome {
     },
 }
 
+/// What a name stood for just before a disk operation that must not be done twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NameState {
+    Missing,
+    Present {
+        ino: u64,
+        dir: bool,
+    },
+    /// Its folder could not be reached (the errno).
+    Unreachable(u16),
+}
+
+/// Announced to the secondary before a disk operation that must not be done twice
+/// (create, remove, rename, link — unlike a positional write, doing one again answers
+/// differently) and performed only once the secondary holds it. A copy going live whose
+/// first event is that operation compares the names with `names`: if they changed, its
+/// predecessor performed it, and the copy takes the outcome from the disk instead of doing
+/// it again, so the guest sees what it would have seen had nothing failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub seq: u64,
+    pub kind: Kind,
+    pub args: u64,
+    pub names: Vec<NameState>,
+}
+
 /// One entry of the VM's log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {

@@ -50,6 +50,11 @@ pub struct LiveHost {
     frame_buf: Vec<u8>,
     /// VM monotonic time = host monotonic time + this offset.
     mono_offset: i128,
+    /// A copy that went live holding its predecessor's intent for the next operation.
+    pub(crate) uncertain: Option<crate::event::Intent>,
+    /// The operation at hand was performed before the go-live: an exclusive create opens
+    /// the file it created.
+    pub(crate) redo: bool,
 }
 
 /// The datastore on this host: every guest path is resolved by the kernel beneath it.
@@ -138,6 +143,8 @@ impl LiveHost {
             tap: None,
             frame_buf: Vec::new(),
             mono_offset: 0,
+            uncertain: None,
+            redo: false,
         };
         let now = host_monotonic() as i128;
         if (clock.last_monotonic as i128) > now {

@@ -13,6 +13,7 @@ pub mod capture;
 pub mod clock;
 pub mod datastore;
 pub mod event;
+mod failpoint;
 pub mod fdtable;
 pub mod host;
 pub mod log;

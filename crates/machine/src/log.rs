@@ -174,6 +174,11 @@ pub trait EventSource {
         let _ = events;
         false
     }
+    /// The intent of the operation after the last event, if the source holds one for it
+    /// (a secondary whose primary announced it): see [`crate::event::Intent`].
+    fn pending_intent(&mut self) -> Option<crate::event::Intent> {
+        None
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {

@@ -17,6 +17,10 @@ pub trait OutputPort: Send {
     /// Called before a disk mutation is performed at `position`; it is performed only when
     /// this returns. An error stops the VM without performing it.
     fn before_disk(&mut self, position: u64) -> Result<(), LogError>;
+    /// Called instead of [`OutputPort::before_disk`] before a disk mutation that must not
+    /// be done twice: a port that replicates makes the intent known first. (No default: a
+    /// port that wraps another must pass this on, not fall back to `before_disk`.)
+    fn before_uncertain(&mut self, intent: &crate::event::Intent) -> Result<(), LogError>;
 }
 
 /// Write a console output to this process's stdout or stderr.
@@ -60,6 +64,10 @@ impl OutputPort for Direct {
     }
 
     fn before_disk(&mut self, _: u64) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    fn before_uncertain(&mut self, _: &crate::event::Intent) -> Result<(), LogError> {
         Ok(())
     }
 }

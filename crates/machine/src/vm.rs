@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::clock::VmClock;
-use crate::event::{Event, Kind, Outcome, first_u64};
+use crate::event::{Event, Intent, Kind, Outcome, first_u64};
 use crate::fdtable::FdTable;
 use crate::host::{HostError, LiveHost};
 use crate::log::{End, EventSink, EventSource, Exit, LogError, LogHeader, Tail};
@@ -284,6 +284,20 @@ impl Vm {
         args: u64,
         op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
     ) -> Result<Outcome, Fault> {
+        self.event_on(kind, args, &[], op)
+    }
+
+    /// [`Vm::event`] for a disk operation that must not be done twice, on `names` (each a
+    /// guest path beneath a directory descriptor): live, its [`Intent`] is made known to
+    /// the output port before it is performed; a copy going live whose first event is the
+    /// one its predecessor announced takes its outcome from the disk if it was performed.
+    pub(crate) fn event_on(
+        &mut self,
+        kind: Kind,
+        args: u64,
+        names: &[(u32, &str)],
+        op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
+    ) -> Result<Outcome, Fault> {
         let seq = self.seq;
         let prior = self.outputs.at_last_event();
         // Every event is a boundary of the output digest, in every mode, so the digest of a
@@ -302,11 +316,47 @@ impl Vm {
                     if stop_requested() {
                         return Err(Fault::Stopped);
                     }
-                    if kind.mutates_disk() {
+                    let uncertain = host.uncertain.take();
+                    let mut done_before = None;
+                    if !names.is_empty() {
+                        let before = host.name_states(names);
+                        match uncertain {
+                            // This copy went live at the very operation its predecessor
+                            // announced: if the names changed since, it was performed.
+                            Some(i) if i.seq == seq && i.kind == kind && i.args == args => {
+                                if before != i.names {
+                                    tracing::warn!(
+                                        "event {seq} ({kind:?}) was performed before the go-live: its outcome is taken from the disk"
+                                    );
+                                    done_before =
+                                        Some(host.performed(kind, names, &i.names, &self.fds));
+                                }
+                                port.before_disk(seq)?;
+                            }
+                            _ => port.before_uncertain(&Intent {
+                                seq,
+                                kind,
+                                args,
+                                names: before,
+                            })?,
+                        }
+                    } else if kind.mutates_disk() {
                         port.before_disk(seq)?;
                     }
                     let op = op.take().ok_or(Fault::GoLive("input taken twice".into()))?;
-                    let outcome = op(host, &self.fds, &self.clock);
+                    let outcome = match done_before {
+                        Some(Some(outcome)) => outcome,
+                        // Performed, but its outcome is what running it again gives (an
+                        // exclusive create opens what it created).
+                        Some(None) => {
+                            host.redo = true;
+                            let o = op(host, &self.fds, &self.clock);
+                            host.redo = false;
+                            o
+                        }
+                        None => op(host, &self.fds, &self.clock),
+                    };
+                    crate::failpoint::after_disk_op(kind, !names.is_empty());
                     // A wait cut short by a stop request has no effect on the host and is
                     // not part of the run: the run ends before it.
                     if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
@@ -339,8 +389,9 @@ impl Vm {
                     let Some(event) = source.next_event()? else {
                         match source.tail()? {
                             Tail::GoLive if go_live.is_some() => {
+                                let intent = source.pending_intent();
                                 drop(g);
-                                self.go_live()?;
+                                self.go_live(intent)?;
                                 g = lock(&gate);
                                 continue;
                             }
@@ -403,7 +454,7 @@ impl Vm {
 
     /// Go live where the replay stands: host resources rebuilt from VM state, the NIC on
     /// this host, the VM's address announced, unacknowledged data sent again at once.
-    fn go_live(&mut self) -> Result<(), Fault> {
+    fn go_live(&mut self, intent: Option<Intent>) -> Result<(), Fault> {
         let Inputs::Replay { go_live, .. } = &mut self.inputs else {
             return Ok(());
         };
@@ -417,6 +468,10 @@ impl Vm {
         if let Some(t) = &tap {
             host.attach_tap(t.clone());
         }
+        if let Some(i) = &intent {
+            tracing::info!("going live holding the intent of event {} ({:?})", i.seq, i.kind);
+        }
+        host.uncertain = intent;
         {
             let mut g = lock(&self.gate);
             g.sink = gl.sink;
@@ -534,6 +589,9 @@ impl OutputPort for Muted {
     }
     fn before_disk(&mut self, position: u64) -> Result<(), LogError> {
         self.port.before_disk(position)
+    }
+    fn before_uncertain(&mut self, intent: &Intent) -> Result<(), LogError> {
+        self.port.before_uncertain(intent)
     }
 }
 

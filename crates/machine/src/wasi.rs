@@ -629,9 +629,15 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         "path_create_directory",
         |m, vm, fd: u32, p: u32, pl: u32| {
             let path = guest_path(m, vm, fd, p, pl)?;
-            path_op(vm, Kind::PathCreateDirectory, "mkdir", fd, &path, |h, _| {
-                h.mkdir(fd, &path)
-            })
+            path_op(
+                vm,
+                Kind::PathCreateDirectory,
+                "mkdir",
+                fd,
+                &path,
+                &[(fd, &path)],
+                |h, _| h.mkdir(fd, &path),
+            )
         }
     );
     wasi!(
@@ -639,16 +645,28 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         "path_remove_directory",
         |m, vm, fd: u32, p: u32, pl: u32| {
             let path = guest_path(m, vm, fd, p, pl)?;
-            path_op(vm, Kind::PathRemoveDirectory, "rmdir", fd, &path, |h, _| {
-                h.rmdir(fd, &path)
-            })
+            path_op(
+                vm,
+                Kind::PathRemoveDirectory,
+                "rmdir",
+                fd,
+                &path,
+                &[(fd, &path)],
+                |h, _| h.rmdir(fd, &path),
+            )
         }
     );
     wasi!(l, "path_unlink_file", |m, vm, fd: u32, p: u32, pl: u32| {
         let path = guest_path(m, vm, fd, p, pl)?;
-        path_op(vm, Kind::PathUnlinkFile, "unlink", fd, &path, |h, fds| {
-            h.unlink(fd, &path, fds)
-        })
+        path_op(
+            vm,
+            Kind::PathUnlinkFile,
+            "unlink",
+            fd,
+            &path,
+            &[(fd, &path)],
+            |h, fds| h.unlink(fd, &path, fds),
+        )
     });
     wasi!(l, "path_rename", |m,
                              vm,
@@ -661,9 +679,15 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         let from = guest_path(m, vm, fd, p, pl)?;
         let to = guest_path(m, vm, fd2, q, ql)?;
         let both = format!("{from}\0{fd2}\0{to}");
-        path_op(vm, Kind::PathRename, "rename", fd, &both, |h, fds| {
-            h.rename(fd, &from, fd2, &to, fds)
-        })
+        path_op(
+            vm,
+            Kind::PathRename,
+            "rename",
+            fd,
+            &both,
+            &[(fd, &from), (fd2, &to)],
+            |h, fds| h.rename(fd, &from, fd2, &to, fds),
+        )
     });
     wasi!(l, "path_symlink", |m,
                               vm,
@@ -678,9 +702,15 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
         let target = m.str(t, tl)?.to_string();
         let path = guest_path(m, vm, fd, p, pl)?;
         let both = format!("{target}\0{path}");
-        path_op(vm, Kind::PathSymlink, "symlink", fd, &both, |h, _| {
-            h.symlink(&target, fd, &path)
-        })
+        path_op(
+            vm,
+            Kind::PathSymlink,
+            "symlink",
+            fd,
+            &both,
+            &[(fd, &path)],
+            |h, _| h.symlink(&target, fd, &path),
+        )
     });
     wasi!(l, "path_link", |m,
                            vm,
@@ -699,9 +729,15 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
             return Err(errno::INVAL.into());
         }
         let both = format!("{from}\0{fd2}\0{to}");
-        path_op(vm, Kind::PathLink, "link", fd, &both, |h, _| {
-            h.link(fd, &from, fd2, &to)
-        })
+        path_op(
+            vm,
+            Kind::PathLink,
+            "link",
+            fd,
+            &both,
+            &[(fd, &from), (fd2, &to)],
+            |h, _| h.link(fd, &from, fd2, &to),
+        )
     });
     wasi!(
         l,
@@ -731,6 +767,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<Vm>) -> wasmtime::Result<()> {
                 "times",
                 fd,
                 &what,
+                &[],
                 |h, _| h.set_times(fd, &path, follow, a, mt, flags),
             )
         }
@@ -1035,17 +1072,20 @@ fn fd_set_size(vm: &mut Vm, fd: u32, size: u64) -> Ret {
 
 /// An operation on a name beneath directory `dirfd` (`desc` says which names): an event,
 /// and on success an output. Renames and unlinks also tell the descriptor table what
-/// became of the files the guest holds open.
+/// became of the files the guest holds open. `names` (each beneath a directory
+/// descriptor), for an operation that must not be done twice: see [`Vm::event_on`].
+#[allow(clippy::too_many_arguments)]
 fn path_op(
     vm: &mut Vm,
     kind: Kind,
     what: &str,
     dirfd: u32,
     desc: &str,
+    names: &[(u32, &str)],
     op: impl FnOnce(&mut crate::host::LiveHost, &crate::fdtable::FdTable) -> Outcome,
 ) -> Ret {
     let args = args_digest(&[what.as_bytes(), &le(u64::from(dirfd)), desc.as_bytes()]);
-    match vm.event(kind, args, |h, fds, _| op(h, fds))? {
+    match vm.event_on(kind, args, names, |h, fds, _| op(h, fds))? {
         Outcome::Done => {}
         Outcome::Removed { aside } if kind == Kind::PathUnlinkFile => {
             if let Some(ino) = aside {
@@ -1322,8 +1362,11 @@ fn path_open(m: &mut Mem, vm: &mut Vm, path: &str, o: Open, out: u32) -> Ret {
         &le(u64::from(fd)),
     ]);
     let dirfd = o.dirfd;
+    // An exclusive create must not be done twice (the second would fail EEXIST).
+    let exclusive = o.oflags & (oflags::CREAT | oflags::EXCL) == oflags::CREAT | oflags::EXCL;
+    let names: &[(u32, &str)] = if exclusive { &[(dirfd, path)] } else { &[] };
     let (ft, size, ino, kpath) = expect!(vm, Kind::PathOpen,
-        vm.event(Kind::PathOpen, args, |h, _, _| h.open(dirfd, path, flags, fd))?,
+        vm.event_on(Kind::PathOpen, args, names, |h, _, _| h.open(dirfd, path, flags, fd))?,
         Outcome::Opened { filetype, size, ino, path } => (filetype, size, ino, path));
     if o.oflags & (oflags::CREAT | oflags::TRUNC) != 0 {
         vm.outputs

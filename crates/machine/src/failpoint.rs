@@ -1,0 +1,37 @@
+//! Fault injection for tests: a process that dies at a chosen point, as a host that loses
+//! power there would.
+//!
+//! `TANDEM_FAILPOINT=die-after-uncertain:K` SIGKILLs this process right after it performed
+//! the K-th (from 1) disk operation that must not be done twice, before its event reaches
+//! the log or the logging channel: the window the intent records of
+//! [`crate::event::Intent`] exist for. Unset (always, outside tests), it costs one relaxed
+//! load per disk operation.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+fn target() -> Option<u64> {
+    static TARGET: OnceLock<Option<u64>> = OnceLock::new();
+    *TARGET.get_or_init(|| {
+        std::env::var("TANDEM_FAILPOINT")
+            .ok()?
+            .strip_prefix("die-after-uncertain:")?
+            .parse()
+            .ok()
+    })
+}
+
+/// A disk operation of `kind` was just performed (`uncertain`: one that must not be done
+/// twice).
+pub(crate) fn after_disk_op(kind: crate::event::Kind, uncertain: bool) {
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    if !uncertain {
+        return;
+    }
+    let Some(k) = target() else { return };
+    if SEEN.fetch_add(1, Ordering::Relaxed) + 1 == k {
+        tracing::error!("failpoint: dying after {kind:?}");
+        // SAFETY: kill(2) on this very process; no memory is involved.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
