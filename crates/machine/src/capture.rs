@@ -39,7 +39,8 @@ use crate::asyncify::{EVENT_IMPORTS, InstrumentError, Instrumented};
 use crate::clock::VmClock;
 use crate::event::Event;
 use crate::fdtable::FdTable;
-use crate::log::{EventSource, LogError, Tail};
+use crate::host::LiveHost;
+use crate::log::{EventSource, LogError, LogHeader, Tail};
 use crate::snapshot::{GlobalValue, PAGE, Snapshot, SnapshotError};
 use crate::vm::{
     Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, classify, deterministic_engine,
@@ -72,6 +73,10 @@ fn wasm_err(what: &str) -> impl FnOnce(wasmtime::Error) -> CaptureError + '_ {
 /// The VM state a snapshot holds besides the instance's.
 #[derive(Debug, Serialize, Deserialize)]
 struct VmState {
+    /// What the guest sees of its configuration (args, env, memory limit, NIC,
+    /// listeners), as a log header starting at the snapshot: a restored VM is the same
+    /// VM, whatever flags the command that restores it was given.
+    spec: LogHeader,
     seq: u64,
     chain: [u8; 32],
     fds: FdTable,
@@ -109,6 +114,59 @@ pub struct Taken {
 pub struct Ran {
     pub report: RunReport,
     pub taken: Option<Taken>,
+}
+
+/// A snapshot checked against a module, its VM state decoded: what
+/// [`SnapMachine::resume`] continues.
+pub struct Restore {
+    snap: Snapshot,
+    state: VmState,
+}
+
+impl Restore {
+    /// The snapshot's position: the sequence number of the next event.
+    pub fn events(&self) -> u64 {
+        self.snap.events
+    }
+
+    /// What the guest sees, as it saw it when the snapshot was taken.
+    pub fn spec(&self) -> GuestSpec {
+        GuestSpec::from_header(&self.state.spec)
+    }
+
+    /// The header of a log of the VM's events from the snapshot on.
+    pub fn log_header(&self) -> LogHeader {
+        self.state.spec.clone()
+    }
+
+    /// The live host of the VM restored here: its datastore at `root` with every file the
+    /// guest holds open reopened, its clock continued, its NIC `tap` (see
+    /// [`crate::vm::nic_tap`]).
+    pub fn live_host(
+        &self,
+        root: Option<&Path>,
+        tap: Option<std::sync::Arc<devices::Tap>>,
+    ) -> Result<LiveHost, MachineError> {
+        if let Some(ds) = root.filter(|d| !d.is_dir()) {
+            return Err(MachineError::Datastore(ds.to_path_buf()));
+        }
+        if root.is_some() != self.state.spec.datastore {
+            return Err(MachineError::Internal(if self.state.spec.datastore {
+                "the VM has a datastore: give the folder it is in".into()
+            } else {
+                "the VM has no datastore".into()
+            }));
+        }
+        let mut host = LiveHost::from_state(root, &self.state.fds, &self.state.clock)?;
+        if let Some(tap) = tap {
+            host.attach_tap(tap);
+        }
+        Ok(host)
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
 }
 
 /// The host's side of Asyncify during one run: [`Vm::snap`] of a VM of an instrumented
@@ -204,15 +262,16 @@ impl SnapMachine {
         self.drive(vm, plan, None)
     }
 
-    /// Continue a VM from `snap` (checked against this module) with `inputs` supplying
-    /// events from the snapshot's position on.
-    pub fn resume(
-        &self,
-        snap: &Snapshot,
-        spec: GuestSpec,
-        inputs: Inputs,
-        plan: Option<Plan>,
-    ) -> Result<Ran, CaptureError> {
+    /// Check a snapshot read from a file against this module and decode its VM state:
+    /// nothing of it is used before every byte was checked.
+    pub fn open_snapshot(&self, path: &Path) -> Result<Restore, CaptureError> {
+        let snap =
+            crate::snapshot::read_file(path, &self.inst.original_digest, Some(&self.inst.digest))?;
+        self.check(snap)
+    }
+
+    /// Check a snapshot against this module and decode its VM state.
+    pub fn check(&self, snap: Snapshot) -> Result<Restore, CaptureError> {
         if snap.module_digest != self.inst.original_digest {
             return Err(SnapshotError::OtherModule {
                 snapshot: crate::vm::hex(&snap.module_digest[..8]),
@@ -225,18 +284,48 @@ impl SnapMachine {
         }
         let state: VmState = postcard::from_bytes(&snap.vm)
             .map_err(|e| SnapshotError::Damaged(format!("VM state: {e}")))?;
-        if state.seq != snap.events {
+        if state.seq != snap.events
+            || state.spec.first_seq != snap.events
+            || state.spec.module_digest != snap.module_digest
+        {
             return Err(SnapshotError::Damaged("VM state of another position".into()).into());
         }
-        let mut vm = Vm::new(spec, inputs);
+        Ok(Restore { snap, state })
+    }
+
+    /// Continue a VM from a checked snapshot with `inputs` supplying events from the
+    /// snapshot's position on.
+    ///
+    /// A VM with a NIC that is restored live goes live as a secondary does: its address
+    /// announced and unacknowledged data resent (its network stack's
+    /// `NetStack::go_live`), those frames being outputs like any other. A replay does the
+    /// same when `announced` says the run it replays was itself restored from this
+    /// snapshot (its log starts at the snapshot), so that the two stay identical.
+    pub fn resume(
+        &self,
+        restore: &Restore,
+        inputs: Inputs,
+        plan: Option<Plan>,
+        announced: bool,
+    ) -> Result<Ran, CaptureError> {
+        let state = &restore.state;
+        let live = matches!(inputs, Inputs::Live { .. });
+        let mut vm = Vm::new(restore.spec(), inputs);
         vm.seq = state.seq;
-        vm.fds = state.fds;
-        vm.clock = state.clock;
+        vm.fds = state.fds.clone();
+        vm.clock = state.clock.clone();
         vm.outputs = Outputs::from_chain(state.chain);
-        vm.net = state.net.map(netstack::NetStack::from_state);
+        vm.net = state.net.clone().map(netstack::NetStack::from_state);
         vm.net_now = state.net_now;
         vm.stdin_ready = state.stdin_ready;
-        self.drive(vm, plan, Some(snap))
+        if live || announced {
+            let now = vm.net_now;
+            if let Some(net) = vm.net.as_mut() {
+                net.go_live(now);
+            }
+            vm.flush_net();
+        }
+        self.drive(vm, plan, Some(&restore.snap))
     }
 
     fn drive(
@@ -363,7 +452,18 @@ impl SnapMachine {
             .outputs
             .sealed_chain()
             .ok_or_else(|| CaptureError::Take("outputs not sealed".into()))?;
+        let spec = &vm.spec;
         let state = VmState {
+            spec: LogHeader {
+                module_digest: self.inst.original_digest,
+                args: spec.args.clone(),
+                env: spec.env.clone(),
+                datastore: spec.datastore,
+                memory_limit: spec.memory_limit,
+                nic: spec.nic.clone(),
+                listen: spec.listen.clone(),
+                first_seq: vm.seq,
+            },
             seq: vm.seq,
             chain,
             fds: vm.fds.clone(),
@@ -713,8 +813,14 @@ mod tests {
             snap.stack.len()
         );
         eprintln!("snapshot: {taken:?}, stack {} bytes", snap.stack.len());
+        let restore = m.check(snap.clone()).unwrap();
+        assert_eq!(
+            restore.spec().args,
+            spec.args,
+            "the snapshot holds the spec"
+        );
         let resumed = m
-            .resume(&snap, spec.clone(), replay(&log, snap.events), None)
+            .resume(&restore, replay(&log, snap.events), None, false)
             .unwrap();
         assert_eq!(resumed.report, recorded, "resumed to the same end");
 
@@ -724,7 +830,7 @@ mod tests {
         let other_log = dir.path().join("other.tlog");
         record(&wasm, &spec, &other_ds, &other_log);
         let e = m
-            .resume(&snap, spec.clone(), replay(&other_log, snap.events), None)
+            .resume(&restore, replay(&other_log, snap.events), None, false)
             .unwrap_err();
         assert!(
             matches!(e, CaptureError::Machine(MachineError::Divergence { .. })),
@@ -768,8 +874,8 @@ mod tests {
         assert_eq!(stopped.report.exit, Exit::Stopped);
         let taken = stopped.taken.unwrap();
         assert_eq!(stopped.report.events, taken.events);
-        let snap = crate::snapshot::read_file(&snap_path, &m.module_digest(), None).unwrap();
-        let resumed = m.resume(&snap, spec.clone(), quiet(), None).unwrap();
+        let restore = m.open_snapshot(&snap_path).unwrap();
+        let resumed = m.resume(&restore, quiet(), None, false).unwrap();
         assert_eq!(resumed.report.exit, Exit::Code(0));
         assert_eq!(resumed.report.events, plain.report.events);
         assert_eq!(
