@@ -541,6 +541,13 @@ struct Prepared {
 }
 
 fn prepare(a: &RunArgs) -> Result<Prepared, Failure> {
+    let (spec, nic) = prepare_spec(a)?;
+    let machine = Machine::load(&a.wasm)?;
+    Ok(Prepared { machine, spec, nic })
+}
+
+/// What the run flags say the guest sees, and its NIC, checked (the module not loaded).
+fn prepare_spec(a: &RunArgs) -> Result<(GuestSpec, Option<Nic>), Failure> {
     let (nic, listen) = parse_network(a.nic.as_deref(), &a.listen)?;
     if let Some(bad_env) = a
         .env
@@ -556,7 +563,6 @@ fn prepare(a: &RunArgs) -> Result<Prepared, Failure> {
         )));
     }
     check_datastore(a.datastore.as_deref())?;
-    let machine = Machine::load(&a.wasm)?;
     let spec = GuestSpec {
         args: std::iter::once(guest_name(&a.wasm))
             .chain(a.args.iter().cloned())
@@ -567,7 +573,7 @@ fn prepare(a: &RunArgs) -> Result<Prepared, Failure> {
         nic: nic.as_ref().map(|n| n.config.clone()),
         listen,
     };
-    Ok(Prepared { machine, spec, nic })
+    Ok((spec, nic))
 }
 
 fn vm_run(a: RunArgs) -> Result<u8, Failure> {
@@ -695,6 +701,13 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
     let reader = LogReader::open(log).map_err(MachineError::from)?;
     machine.check_log(reader.header())?;
     let header = reader.header().clone();
+    if header.first_seq != 0 {
+        return Err(bad(format!(
+            "the log starts at event {} (a VM restored from a snapshot recorded it): give \
+             --from the snapshot it continues",
+            header.first_seq
+        )));
+    }
     let spec = GuestSpec::from_header(&header);
     let report = machine.run(
         spec,

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use machine::capture::{CaptureError, FromEvent, Plan, Ran, Restore, SnapMachine};
+use machine::control;
 use machine::{EventSink, Exit, Inputs, LogReader, LogWriter, MachineError, hex};
 
 use crate::{Failure, RunArgs, bad, check_datastore, exit_code, parse_network, replay_verdict};
@@ -202,10 +203,51 @@ fn open_restore(a: &VmRunArgs, path: &Path) -> Result<Restored, Failure> {
 
 /// `vm run --restore SNAP` and/or `--api-sock PATH`.
 pub fn vm_run(a: VmRunArgs) -> Result<u8, Failure> {
-    let Some(path) = a.restore.clone() else {
-        return Err(bad("--api-sock is not available yet".into()));
+    match a.restore.clone() {
+        Some(path) => run_restored(&a, &path),
+        None => run_fresh(&a),
+    }
+}
+
+/// The control API, if asked for: the machine answers it and the socket is served until
+/// the returned server is dropped (which removes the socket file).
+fn control(
+    a: &VmRunArgs,
+    m: SnapMachine,
+) -> Result<(SnapMachine, Option<control::Server>), Failure> {
+    let Some(path) = &a.api_sock else {
+        return Ok((m, None));
     };
-    let Restored { m, restore } = open_restore(&a, &path)?;
+    let c = control::Control::new(&m.module_digest(), &m.instrumented_digest());
+    let server = control::serve(path, c.clone()).map_err(|e| bad(e.to_string()))?;
+    tracing::info!("control API on {}", path.display());
+    Ok((m.with_control(c), Some(server)))
+}
+
+/// `vm run --api-sock PATH ...`: a VM powered on here, instrumented for snapshots.
+fn run_fresh(a: &VmRunArgs) -> Result<u8, Failure> {
+    let (spec, nic) = crate::prepare_spec(&a.run)?;
+    let m = load(&a.run.wasm)?;
+    let sink = match &a.run.record {
+        Some(log) => Some(Box::new(
+            LogWriter::create(log, &m.log_header(&spec)).map_err(MachineError::from)?,
+        ) as Box<dyn EventSink + Send>),
+        None => None,
+    };
+    let inputs = machine::live_inputs(
+        &spec,
+        a.run.datastore.as_deref(),
+        nic.as_ref().map(|n| n.bridge.as_str()),
+        sink,
+    )?;
+    let (m, _server) = control(a, m)?;
+    let ran = m.run(spec, inputs, None)?;
+    finish_run(a, &ran)
+}
+
+/// `vm run --restore SNAP ...`: the VM continues here from its snapshot.
+fn run_restored(a: &VmRunArgs, path: &Path) -> Result<u8, Failure> {
+    let Restored { m, restore } = open_restore(a, path)?;
     let spec = restore.spec();
     let (nic, listen) = parse_network(a.run.nic.as_deref(), &a.run.listen)?;
     if nic.as_ref().map(|n| &n.config) != spec.nic.as_ref() {
@@ -243,8 +285,9 @@ pub fn vm_run(a: VmRunArgs) -> Result<u8, Failure> {
         sink,
         port: Box::new(machine::port::Direct { tap, console: true }),
     };
+    let (m, _server) = control(a, m)?;
     let ran = m.resume(&restore, inputs, None, true)?;
-    finish_run(&a, &ran)
+    finish_run(a, &ran)
 }
 
 fn finish_run(a: &VmRunArgs, ran: &Ran) -> Result<u8, Failure> {
@@ -265,6 +308,36 @@ fn finish_run(a: &VmRunArgs, ran: &Ran) -> Result<u8, Failure> {
 }
 
 /// `vm snapshot --api-sock PATH --to FILE [--stop]`.
-pub fn vm_snapshot(_a: &SnapshotArgs) -> Result<u8, Failure> {
-    Err(bad("vm snapshot is not available yet".into()))
+pub fn vm_snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
+    // The VM resolves the path in its own working folder: give it ours.
+    let to =
+        std::path::absolute(&a.to).map_err(|e| bad(format!("--to {}: {e}", a.to.display())))?;
+    let body = serde_json::json!({ "to": to, "stop": a.stop });
+    let (code, reply) = control::request(
+        &a.api_sock,
+        "PUT",
+        "/snapshot",
+        Some(&body),
+        control::SNAPSHOT_WAIT + std::time::Duration::from_secs(10),
+    )
+    .map_err(|e| {
+        bad(format!(
+            "cannot reach the VM at {}: {e}",
+            a.api_sock.display()
+        ))
+    })?;
+    if code != 200 {
+        let why = reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no reason given");
+        return Err(bad(format!("snapshot refused ({code}): {why}")));
+    }
+    let r: control::SnapshotReply =
+        serde_json::from_value(reply).map_err(|e| bad(format!("the VM's reply: {e}")))?;
+    println!(
+        "snapshot: events={} bytes={} pause_ms={:.3}",
+        r.events, r.bytes, r.pause_ms
+    );
+    Ok(0)
 }

@@ -309,3 +309,192 @@ fn a_recorded_kvd_under_redis_benchmark_replays_from_a_mid_way_snapshot() {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
 }
+
+/// A file's name below `dir` and its content, for every file (mtimes differ by design).
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    common::tree(dir)
+        .into_iter()
+        .map(|(p, c, _)| (p.strip_prefix(dir).unwrap().to_path_buf(), c))
+        .collect()
+}
+
+fn wait_for_socket(path: &Path, vm: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        assert!(vm.try_wait().unwrap().is_none(), "the VM ended early");
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The control API of a running VM: its status, a snapshot while it runs (replayable
+/// from), then a suspend (`vm snapshot --stop`) and `vm run --restore` on another
+/// process: the files at the end are those of an uninterrupted run, both recordings
+/// replay (the second from the snapshot it continues), and bad requests get HTTP errors
+/// without disturbing the VM.
+#[test]
+fn a_vm_snapshotted_and_suspended_through_its_api_resumes_to_the_same_end() {
+    use machine::control::request;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guest("filechurn.wasm");
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let api = dir.path().join("api.sock");
+    let first_log = dir.path().join("first.tlog");
+    let out = std::fs::File::create(dir.path().join("vm.out")).unwrap();
+    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["vm", "run", "--wasm", s(&wasm), "--datastore", s(&ds)])
+        .args(["--api-sock", s(&api), "--record", s(&first_log)])
+        .args(["--arg", "250", "--arg", "10"])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    wait_for_socket(&api, &mut vm);
+    let t = std::time::Duration::from_secs(5);
+
+    let (code, status) = request(&api, "GET", "/status", None, t).unwrap();
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["state"], "running");
+    let digest = blake3::hash(&std::fs::read(&wasm).unwrap())
+        .to_hex()
+        .to_string();
+    assert_eq!(status["module_digest"], digest.as_str());
+    for (method, path, body, want) in [
+        ("GET", "/nowhere", None, 404),
+        ("POST", "/snapshot", None, 405),
+        ("PUT", "/snapshot", Some(serde_json::json!({"to": 7})), 400),
+        (
+            "PUT",
+            "/snapshot",
+            Some(serde_json::json!({"to": "/no/such/dir/x"})),
+            400,
+        ),
+        (
+            "PUT",
+            "/snapshot",
+            Some(serde_json::json!({"to": "x", "now": 1})),
+            400,
+        ),
+        (
+            "PUT",
+            "/snapshot",
+            Some(serde_json::json!({"to": "a".repeat(70_000)})),
+            413,
+        ),
+    ] {
+        let (code, reply) = request(&api, method, path, body.as_ref(), t).unwrap();
+        assert_eq!(code, want, "{method} {path}: {reply}");
+        assert!(reply["error"].is_string(), "{reply}");
+    }
+
+    // A snapshot while it runs: the VM goes on.
+    let live = dir.path().join("live.snap");
+    let run = tandem(&["vm", "snapshot", "--api-sock", s(&api), "--to", s(&live)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let (live_at, live_bytes, pause) = taken(run.last_line());
+    assert_eq!(std::fs::metadata(&live).unwrap().len(), live_bytes);
+    assert!(pause < 1000.0, "paused {pause} ms");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, status) = request(&api, "GET", "/status", None, t).unwrap();
+    assert!(status["events"].as_u64().unwrap() > live_at, "{status}");
+    assert_eq!(status["snapshots"], 1);
+
+    // Suspend.
+    let suspended = dir.path().join("suspended.snap");
+    let run = tandem(&[
+        "vm",
+        "snapshot",
+        "--api-sock",
+        s(&api),
+        "--to",
+        s(&suspended),
+        "--stop",
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let (at, _, _) = taken(run.last_line());
+    assert!(at > live_at);
+    assert_eq!(vm.wait().unwrap().code(), Some(0), "a suspended VM exits 0");
+    assert!(!api.exists(), "the control socket is removed");
+    let text = std::fs::read_to_string(dir.path().join("vm.out")).unwrap();
+    assert!(!text.contains("250 steps"), "the VM ran to its end: {text}");
+    let line = text.lines().find(|l| l.starts_with("recorded: ")).unwrap();
+    assert_eq!(events_and_digest(line, "recorded: ").0, at);
+
+    // Resume in another process, recording.
+    let second_log = dir.path().join("second.tlog");
+    let run = tandem(&[
+        "vm",
+        "run",
+        "--restore",
+        s(&suspended),
+        "--wasm",
+        s(&wasm),
+        "--datastore",
+        s(&ds),
+        "--record",
+        s(&second_log),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("filechurn: 250 steps, 0 bad reads"),
+        "{}",
+        run.stdout
+    );
+    let resumed = events_and_digest(run.last_line(), "recorded: ");
+
+    let reference = dir.path().join("ref");
+    std::fs::create_dir(&reference).unwrap();
+    let run = tandem(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&wasm),
+        "--datastore",
+        s(&reference),
+        "--arg",
+        "250",
+        "--arg",
+        "10",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(contents(&ds), contents(&reference), "the files of one run");
+
+    // Both recordings replay: the first whole (and from the live snapshot), the second
+    // from the snapshot it continues.
+    let first = tandem(&["vm", "replay", s(&first_log), "--wasm", s(&wasm)]);
+    assert_eq!(first.code, 0, "{}{}", first.stdout, first.stderr);
+    let first_end = events_and_digest(first.last_line(), "replay ok: ");
+    assert_eq!(first_end.0, at);
+    let from_live = tandem(&[
+        "vm",
+        "replay",
+        s(&first_log),
+        "--wasm",
+        s(&wasm),
+        "--from",
+        s(&live),
+    ]);
+    assert_eq!(
+        events_and_digest(from_live.last_line(), "replay ok: "),
+        first_end
+    );
+    let second = tandem(&[
+        "vm",
+        "replay",
+        s(&second_log),
+        "--wasm",
+        s(&wasm),
+        "--from",
+        s(&suspended),
+    ]);
+    assert_eq!(second.code, 0, "{}{}", second.stdout, second.stderr);
+    assert_eq!(
+        events_and_digest(second.last_line(), "replay ok: "),
+        resumed
+    );
+    // Without its snapshot, the second recording cannot be replayed: it says so.
+    let alone = tandem(&["vm", "replay", s(&second_log), "--wasm", s(&wasm)]);
+    assert_eq!(alone.code, 2, "{}", alone.stdout);
+    assert!(alone.stderr.contains("--from"), "{}", alone.stderr);
+}

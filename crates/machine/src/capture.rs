@@ -30,6 +30,7 @@
 //! as one that does not (same events, same digest).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,7 @@ use wasmtime::{Caller, Engine, Extern, Instance, Linker, Module, Store, Val};
 
 use crate::asyncify::{EVENT_IMPORTS, InstrumentError, Instrumented};
 use crate::clock::VmClock;
+use crate::control::Control;
 use crate::event::Event;
 use crate::fdtable::FdTable;
 use crate::host::LiveHost;
@@ -183,6 +185,8 @@ pub(crate) struct Ctl {
     borrowed: Option<Vec<u8>>,
     /// When the unwind started.
     since: Option<Instant>,
+    /// The VM's control API, whose snapshot requests are due at the next snapshot point.
+    remote: Option<Arc<Control>>,
 }
 
 fn ctl(vm: &mut Vm) -> &mut Ctl {
@@ -200,6 +204,8 @@ pub struct SnapMachine {
     module: Module,
     linker: Linker<Vm>,
     inst: Instrumented,
+    /// The control API the VMs run by this machine answer ([`SnapMachine::with_control`]).
+    control: Option<Arc<Control>>,
 }
 
 impl SnapMachine {
@@ -237,7 +243,31 @@ impl SnapMachine {
             module,
             linker,
             inst,
+            control: None,
         })
+    }
+
+    /// VMs run by this machine answer `control`'s requests (see [`crate::control`]): its
+    /// snapshot requests are taken at the next snapshot point, its status kept current,
+    /// and it is ended with the run.
+    pub fn with_control(mut self, control: Arc<Control>) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// The header of a log of a run of `spec` from power-on: that of the original module,
+    /// as `vm run --record` writes it, so that either module replays it.
+    pub fn log_header(&self, spec: &GuestSpec) -> LogHeader {
+        LogHeader {
+            module_digest: self.inst.original_digest,
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            datastore: spec.datastore,
+            memory_limit: spec.memory_limit,
+            nic: spec.nic.clone(),
+            listen: spec.listen.clone(),
+            first_seq: 0,
+        }
     }
 
     /// blake3 of the original module (what logs and snapshots name).
@@ -334,9 +364,23 @@ impl SnapMachine {
         plan: Option<Plan>,
         restore: Option<&Snapshot>,
     ) -> Result<Ran, CaptureError> {
+        let ran = self.drive_inner(vm, plan, restore);
+        if let Some(c) = &self.control {
+            c.end();
+        }
+        ran
+    }
+
+    fn drive_inner(
+        &self,
+        vm: Vm,
+        plan: Option<Plan>,
+        restore: Option<&Snapshot>,
+    ) -> Result<Ran, CaptureError> {
         let mut vm = vm;
         vm.snap = Some(Box::new(Ctl {
             want: plan.as_ref().map(|p| p.at),
+            remote: self.control.clone(),
             ..Ctl::default()
         }));
         let mut store = vm.into_store(&self.engine);
@@ -374,30 +418,57 @@ impl SnapMachine {
                 stop_unwind
                     .call(&mut store, ())
                     .map_err(wasm_err("asyncify_stop_unwind"))?;
-                let plan = plan
-                    .as_ref()
-                    .ok_or_else(|| CaptureError::Take("unplanned".into()))?;
+                // An API request goes first; a plan not yet due stays for later.
+                let remote = self.control.as_ref().and_then(|c| c.take());
+                let (to, stop) = match (&remote, &plan) {
+                    (Some(r), _) => (r.to.clone(), r.stop),
+                    (None, Some(p)) => (p.to.clone(), p.stop),
+                    (None, None) => return Err(CaptureError::Take("unplanned".into())),
+                };
                 let snap = self.capture(&mut store, &instance)?;
-                let bytes = crate::snapshot::write_file(&plan.to, &snap)?;
+                let written = crate::snapshot::write_file(&to, &snap);
                 let since = ctl(store.data_mut())
                     .since
                     .take()
                     .unwrap_or_else(Instant::now);
-                if plan.stop {
-                    taken = Some(Taken {
+                let bytes = match (written, &remote) {
+                    (Ok(bytes), _) => bytes,
+                    // A snapshot asked for through the API that cannot be written is that
+                    // request's failure, not the VM's: it goes on.
+                    (Err(e), Some(r)) => {
+                        let _ = r.reply.send(Err(e.to_string()));
+                        begin_rewind(&mut store, &instance, &snap.stack)
+                            .map_err(|e| CaptureError::Take(e.to_string()))?;
+                        continue;
+                    }
+                    (Err(e), None) => return Err(e.into()),
+                };
+                if let Some(c) = &self.control {
+                    c.taken_one();
+                }
+                if stop {
+                    let t = Taken {
                         events: snap.events,
                         bytes,
                         pause_ms: since.elapsed().as_secs_f64() * 1e3,
-                    });
+                    };
+                    if let Some(r) = &remote {
+                        let _ = r.reply.send(Ok(t.clone()));
+                    }
+                    taken = Some(t);
                     break crate::log::Exit::Stopped;
                 }
                 begin_rewind(&mut store, &instance, &snap.stack)
                     .map_err(|e| CaptureError::Take(e.to_string()))?;
-                taken = Some(Taken {
+                let t = Taken {
                     events: snap.events,
                     bytes,
                     pause_ms: since.elapsed().as_secs_f64() * 1e3,
-                });
+                };
+                if let Some(r) = &remote {
+                    let _ = r.reply.send(Ok(t.clone()));
+                }
+                taken = Some(t);
                 continue;
             }
             break classify(result)?;
@@ -574,13 +645,15 @@ pub(crate) fn on_exit(
         return Ok(());
     }
     let vm = caller.data();
-    let due = vm
-        .snap
-        .as_ref()
-        .and_then(|c| c.want)
-        .is_some_and(|n| vm.seq >= n)
-        && vm.outputs.sealed_chain().is_some();
-    if !due {
+    let Some(c) = vm.snap.as_ref() else {
+        return Ok(());
+    };
+    if let Some(r) = &c.remote {
+        r.set_events(vm.seq);
+    }
+    let planned = c.want.is_some_and(|n| vm.seq >= n);
+    let asked = c.remote.as_ref().is_some_and(|r| r.pending());
+    if !(planned || asked) || vm.outputs.sealed_chain().is_none() {
         return Ok(());
     }
     let memory = guest_memory(caller)?;
@@ -590,7 +663,9 @@ pub(crate) fn on_exit(
         return Ok(()); // no room to unwind into: not a snapshot point
     }
     let c = ctl(vm);
-    c.want = None;
+    if planned {
+        c.want = None;
+    }
     c.unwound = Some(result);
     c.since = Some(Instant::now());
     c.borrowed = Some(data[..cap].to_vec());
