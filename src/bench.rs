@@ -60,6 +60,16 @@ struct VmBench {
     io_log_bytes: u64,
     cpu_wasm_s: f64,
     cpu_native_s: f64,
+    /// Speed of the CPU-bound guest instrumented for snapshots (Asyncify) ÷ plain
+    /// (goal ≥ 0.9).
+    asyncify_ratio: f64,
+    cpu_instrumented_s: f64,
+    /// Pause to snapshot a VM, per GiB of (incompressible) guest memory: capture,
+    /// compress, write and fsync, and resume.
+    snapshot_ms_per_gib: f64,
+    snapshot_memory_mib: u64,
+    snapshot_pause_ms: f64,
+    snapshot_bytes: u64,
     rounds: u32,
 }
 
@@ -169,6 +179,12 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
 
     progress(
         args.flags.json,
+        "CPU-bound guest: instrumented for snapshots vs plain; a snapshot's pause",
+    );
+    let snap = snapshot_rows(&cpu, &cpu_spec, rounds, args.flags.quick, work.path())?;
+
+    progress(
+        args.flags.json,
         "network: bulk TCP into a VM vs host loopback; kvd under redis-benchmark",
     );
     let (net, net_skipped) = match net_rows(args.flags.quick, rounds) {
@@ -186,6 +202,12 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         io_log_bytes,
         cpu_wasm_s: secs(cpu_wasm),
         cpu_native_s: secs(cpu_native),
+        asyncify_ratio: snap.asyncify_ratio,
+        cpu_instrumented_s: snap.cpu_instrumented_s,
+        snapshot_ms_per_gib: snap.pause_ms / (snap.memory_mib as f64 / 1024.0),
+        snapshot_memory_mib: snap.memory_mib,
+        snapshot_pause_ms: snap.pause_ms,
+        snapshot_bytes: snap.bytes,
         rounds,
     };
     if args.flags.json {
@@ -194,6 +216,90 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         print_vm_table(&result);
     }
     Ok(0)
+}
+
+struct SnapRows {
+    asyncify_ratio: f64,
+    cpu_instrumented_s: f64,
+    memory_mib: u64,
+    pause_ms: f64,
+    bytes: u64,
+}
+
+/// Asyncify's cost (the CPU-bound guest plain and instrumented, alternated) and the pause
+/// of a snapshot of a guest whose memory is full of incompressible bytes (the best of
+/// `rounds`), taken at its first event after filling it.
+fn snapshot_rows(
+    cpu: &Machine,
+    cpu_spec: &GuestSpec,
+    rounds: u32,
+    quick: bool,
+    work: &Path,
+) -> Result<SnapRows> {
+    use machine::capture::{Plan, SnapMachine};
+    let instrumented = SnapMachine::load(&guests::file("bench_cpu.wasm")?)?;
+    let (plain, inst) = side_by_side(
+        rounds,
+        || {
+            let inputs = quiet(live_inputs(cpu_spec, None, None, None)?);
+            let start = Instant::now();
+            let report = cpu.run(cpu_spec.clone(), inputs)?;
+            let took = start.elapsed();
+            if report.exit != machine::Exit::Code(0) {
+                bail!("bench_cpu.wasm ended with {}", report.exit);
+            }
+            Ok(took)
+        },
+        || {
+            let inputs = quiet(live_inputs(cpu_spec, None, None, None)?);
+            let start = Instant::now();
+            let ran = instrumented.run(cpu_spec.clone(), inputs, None)?;
+            let took = start.elapsed();
+            if ran.report.exit != machine::Exit::Code(0) {
+                bail!(
+                    "bench_cpu.wasm (instrumented) ended with {}",
+                    ran.report.exit
+                );
+            }
+            Ok(took)
+        },
+    )?;
+    let memory_mib: u64 = if quick { 32 } else { 512 };
+    let fill = SnapMachine::load(&guests::file("memfill.wasm")?)?;
+    let spec = GuestSpec {
+        args: vec!["memfill".into(), memory_mib.to_string()],
+        env: vec![],
+        datastore: false,
+        memory_limit: DEFAULT_MEMORY_LIMIT,
+        nic: None,
+        listen: vec![],
+    };
+    let to = work.join("bench.snap");
+    let (mut best, mut bytes) = (f64::MAX, 0);
+    for _ in 0..rounds {
+        let inputs = quiet(live_inputs(&spec, None, None, None)?);
+        // Event 0 is the clock read after the fill (memfill makes no call before it).
+        let plan = Plan {
+            at: 0,
+            to: to.clone(),
+            stop: false,
+        };
+        let ran = fill.run(spec.clone(), inputs, Some(plan))?;
+        if ran.report.exit != machine::Exit::Code(0) {
+            bail!("memfill ended with {}", ran.report.exit);
+        }
+        let taken = ran.taken.context("memfill took no snapshot")?;
+        best = best.min(taken.pause_ms);
+        bytes = taken.bytes;
+    }
+    let _ = std::fs::remove_file(&to);
+    Ok(SnapRows {
+        asyncify_ratio: secs(plain) / secs(inst),
+        cpu_instrumented_s: secs(inst),
+        memory_mib,
+        pause_ms: best,
+        bytes,
+    })
 }
 
 /// The guests' console output is not the bench's: keep it off the table.
@@ -245,6 +351,19 @@ fn print_vm_table(r: &VmBench) {
         r.cpu_wasm_s,
         r.wasm_native_ratio,
         "≥0.70"
+    );
+    println!(
+        "{:<34} {:>11.3}s {:>11.3}s {:>8.3} {:>6}",
+        "asyncify_ratio (plain ÷ instr.)",
+        r.cpu_instrumented_s * r.asyncify_ratio,
+        r.cpu_instrumented_s,
+        r.asyncify_ratio,
+        "≥0.90"
+    );
+    println!(
+        "snapshot_ms_per_gib: {:.0} ms/GiB ({} MiB of incompressible memory paused {:.1} ms, \
+         snapshot {} bytes)",
+        r.snapshot_ms_per_gib, r.snapshot_memory_mib, r.snapshot_pause_ms, r.snapshot_bytes
     );
     println!(
         "recorded run: {} events, log {} bytes ({:.1} bytes/event)",

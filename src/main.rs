@@ -8,6 +8,7 @@ mod client;
 mod demo;
 mod guests;
 mod lab;
+mod snap;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -205,7 +206,18 @@ enum VmCommand {
     /// to this process's. Exits with the guest's exit code (1 if the guest trapped).
     /// SIGINT/SIGTERM stop the guest within a second, even one making no calls (exit 0;
     /// a recording then ends with a stop record and replays to the same stop).
-    Run(RunArgs),
+    ///
+    /// With --restore, the VM continues from a snapshot (its module instrumented for
+    /// snapshots the same way; a snapshot of another module is refused, exit 2): the
+    /// guest's arguments, environment, memory limit, NIC and listeners are the
+    /// snapshot's; --nic names the bridge on this host (its MAC and IP must be the
+    /// snapshot's). With --api-sock, the VM serves its control API (HTTP/JSON on a Unix
+    /// socket: GET /status, PUT /snapshot, PUT /stop); see `tandem vm snapshot`.
+    Run(snap::VmRunArgs),
+    /// Checkpoint a running VM (one started with --api-sock) at its next event boundary:
+    /// prints `snapshot: events=N bytes=B pause_ms=P`. With --stop the VM then stops
+    /// (suspend); `tandem vm run --restore FILE` resumes it.
+    Snapshot(snap::SnapshotArgs),
     /// Replay a recorded log and check the execution is identical.
     ///
     /// Nothing is written to the datastore or the console: outputs are computed and
@@ -227,6 +239,8 @@ enum VmCommand {
         /// The VM's datastore folder (checked to exist; never touched by a replay).
         #[arg(long, value_name = "DIR")]
         datastore: Option<PathBuf>,
+        #[command(flatten)]
+        snap: snap::ReplaySnapArgs,
     },
 }
 
@@ -339,12 +353,21 @@ fn main() -> ExitCode {
         install_stop_handler();
     }
     let result = match cli.command {
-        Command::Vm(VmCommand::Run(a)) => vm_run(a),
+        Command::Vm(VmCommand::Run(a)) if a.is_plain() => vm_run(a.run),
+        Command::Vm(VmCommand::Run(a)) => snap::vm_run(a),
+        Command::Vm(VmCommand::Snapshot(a)) => snap::vm_snapshot(&a),
         Command::Vm(VmCommand::Replay {
             log,
             wasm,
             datastore,
-        }) => vm_replay(&log, &wasm, datastore.as_deref()),
+            snap,
+        }) if snap.is_plain() => vm_replay(&log, &wasm, datastore.as_deref()),
+        Command::Vm(VmCommand::Replay {
+            log,
+            wasm,
+            datastore,
+            snap,
+        }) => snap::vm_replay(&log, &wasm, datastore.as_deref(), &snap),
         Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
         Command::Bench(BenchCommand::Ft(a)) => bench::ft(&a).map_err(Failure::from),
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
@@ -518,6 +541,13 @@ struct Prepared {
 }
 
 fn prepare(a: &RunArgs) -> Result<Prepared, Failure> {
+    let (spec, nic) = prepare_spec(a)?;
+    let machine = Machine::load(&a.wasm)?;
+    Ok(Prepared { machine, spec, nic })
+}
+
+/// What the run flags say the guest sees, and its NIC, checked (the module not loaded).
+fn prepare_spec(a: &RunArgs) -> Result<(GuestSpec, Option<Nic>), Failure> {
     let (nic, listen) = parse_network(a.nic.as_deref(), &a.listen)?;
     if let Some(bad_env) = a
         .env
@@ -533,7 +563,6 @@ fn prepare(a: &RunArgs) -> Result<Prepared, Failure> {
         )));
     }
     check_datastore(a.datastore.as_deref())?;
-    let machine = Machine::load(&a.wasm)?;
     let spec = GuestSpec {
         args: std::iter::once(guest_name(&a.wasm))
             .chain(a.args.iter().cloned())
@@ -544,7 +573,7 @@ fn prepare(a: &RunArgs) -> Result<Prepared, Failure> {
         nic: nic.as_ref().map(|n| n.config.clone()),
         listen,
     };
-    Ok(Prepared { machine, spec, nic })
+    Ok((spec, nic))
 }
 
 fn vm_run(a: RunArgs) -> Result<u8, Failure> {
@@ -672,6 +701,13 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
     let reader = LogReader::open(log).map_err(MachineError::from)?;
     machine.check_log(reader.header())?;
     let header = reader.header().clone();
+    if header.first_seq != 0 {
+        return Err(bad(format!(
+            "the log starts at event {} (a VM restored from a snapshot recorded it): give \
+             --from the snapshot it continues",
+            header.first_seq
+        )));
+    }
     let spec = GuestSpec::from_header(&header);
     let report = machine.run(
         spec,
@@ -680,6 +716,11 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
             go_live: None,
         },
     )?;
+    Ok(replay_verdict(&report))
+}
+
+/// Print how a replay ended and its verdict; `vm replay`'s exit code.
+fn replay_verdict(report: &machine::RunReport) -> u8 {
     // What kind of end the log had first, the verdict last (`replay ok: ...` stays the last
     // line whatever the log's end).
     if report.cut {
@@ -707,7 +748,7 @@ fn vm_replay(log: &Path, wasm: &Path, datastore: Option<&Path>) -> Result<u8, Fa
         report.events,
         hex(&report.digest)
     );
-    Ok(if report.cut { CUT } else { 0 })
+    if report.cut { CUT } else { 0 }
 }
 
 /// `vm replay`'s exit code for a log cut short (its recorder killed): every event it holds

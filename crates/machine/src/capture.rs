@@ -30,6 +30,7 @@
 //! as one that does not (same events, same digest).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -37,9 +38,11 @@ use wasmtime::{Caller, Engine, Extern, Instance, Linker, Module, Store, Val};
 
 use crate::asyncify::{EVENT_IMPORTS, InstrumentError, Instrumented};
 use crate::clock::VmClock;
+use crate::control::Control;
 use crate::event::Event;
 use crate::fdtable::FdTable;
-use crate::log::{EventSource, LogError, Tail};
+use crate::host::LiveHost;
+use crate::log::{EventSource, LogError, LogHeader, Tail};
 use crate::snapshot::{GlobalValue, PAGE, Snapshot, SnapshotError};
 use crate::vm::{
     Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, classify, deterministic_engine,
@@ -72,6 +75,10 @@ fn wasm_err(what: &str) -> impl FnOnce(wasmtime::Error) -> CaptureError + '_ {
 /// The VM state a snapshot holds besides the instance's.
 #[derive(Debug, Serialize, Deserialize)]
 struct VmState {
+    /// What the guest sees of its configuration (args, env, memory limit, NIC,
+    /// listeners), as a log header starting at the snapshot: a restored VM is the same
+    /// VM, whatever flags the command that restores it was given.
+    spec: LogHeader,
     seq: u64,
     chain: [u8; 32],
     fds: FdTable,
@@ -111,6 +118,59 @@ pub struct Ran {
     pub taken: Option<Taken>,
 }
 
+/// A snapshot checked against a module, its VM state decoded: what
+/// [`SnapMachine::resume`] continues.
+pub struct Restore {
+    snap: Snapshot,
+    state: VmState,
+}
+
+impl Restore {
+    /// The snapshot's position: the sequence number of the next event.
+    pub fn events(&self) -> u64 {
+        self.snap.events
+    }
+
+    /// What the guest sees, as it saw it when the snapshot was taken.
+    pub fn spec(&self) -> GuestSpec {
+        GuestSpec::from_header(&self.state.spec)
+    }
+
+    /// The header of a log of the VM's events from the snapshot on.
+    pub fn log_header(&self) -> LogHeader {
+        self.state.spec.clone()
+    }
+
+    /// The live host of the VM restored here: its datastore at `root` with every file the
+    /// guest holds open reopened, its clock continued, its NIC `tap` (see
+    /// [`crate::vm::nic_tap`]).
+    pub fn live_host(
+        &self,
+        root: Option<&Path>,
+        tap: Option<std::sync::Arc<devices::Tap>>,
+    ) -> Result<LiveHost, MachineError> {
+        if let Some(ds) = root.filter(|d| !d.is_dir()) {
+            return Err(MachineError::Datastore(ds.to_path_buf()));
+        }
+        if root.is_some() != self.state.spec.datastore {
+            return Err(MachineError::Internal(if self.state.spec.datastore {
+                "the VM has a datastore: give the folder it is in".into()
+            } else {
+                "the VM has no datastore".into()
+            }));
+        }
+        let mut host = LiveHost::from_state(root, &self.state.fds, &self.state.clock)?;
+        if let Some(tap) = tap {
+            host.attach_tap(tap);
+        }
+        Ok(host)
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+}
+
 /// The host's side of Asyncify during one run: [`Vm::snap`] of a VM of an instrumented
 /// module.
 #[derive(Debug, Default)]
@@ -125,6 +185,8 @@ pub(crate) struct Ctl {
     borrowed: Option<Vec<u8>>,
     /// When the unwind started.
     since: Option<Instant>,
+    /// The VM's control API, whose snapshot requests are due at the next snapshot point.
+    remote: Option<Arc<Control>>,
 }
 
 fn ctl(vm: &mut Vm) -> &mut Ctl {
@@ -142,6 +204,8 @@ pub struct SnapMachine {
     module: Module,
     linker: Linker<Vm>,
     inst: Instrumented,
+    /// The control API the VMs run by this machine answer ([`SnapMachine::with_control`]).
+    control: Option<Arc<Control>>,
 }
 
 impl SnapMachine {
@@ -179,7 +243,31 @@ impl SnapMachine {
             module,
             linker,
             inst,
+            control: None,
         })
+    }
+
+    /// VMs run by this machine answer `control`'s requests (see [`crate::control`]): its
+    /// snapshot requests are taken at the next snapshot point, its status kept current,
+    /// and it is ended with the run.
+    pub fn with_control(mut self, control: Arc<Control>) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// The header of a log of a run of `spec` from power-on: that of the original module,
+    /// as `vm run --record` writes it, so that either module replays it.
+    pub fn log_header(&self, spec: &GuestSpec) -> LogHeader {
+        LogHeader {
+            module_digest: self.inst.original_digest,
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            datastore: spec.datastore,
+            memory_limit: spec.memory_limit,
+            nic: spec.nic.clone(),
+            listen: spec.listen.clone(),
+            first_seq: 0,
+        }
     }
 
     /// blake3 of the original module (what logs and snapshots name).
@@ -204,15 +292,16 @@ impl SnapMachine {
         self.drive(vm, plan, None)
     }
 
-    /// Continue a VM from `snap` (checked against this module) with `inputs` supplying
-    /// events from the snapshot's position on.
-    pub fn resume(
-        &self,
-        snap: &Snapshot,
-        spec: GuestSpec,
-        inputs: Inputs,
-        plan: Option<Plan>,
-    ) -> Result<Ran, CaptureError> {
+    /// Check a snapshot read from a file against this module and decode its VM state:
+    /// nothing of it is used before every byte was checked.
+    pub fn open_snapshot(&self, path: &Path) -> Result<Restore, CaptureError> {
+        let snap =
+            crate::snapshot::read_file(path, &self.inst.original_digest, Some(&self.inst.digest))?;
+        self.check(snap)
+    }
+
+    /// Check a snapshot against this module and decode its VM state.
+    pub fn check(&self, snap: Snapshot) -> Result<Restore, CaptureError> {
         if snap.module_digest != self.inst.original_digest {
             return Err(SnapshotError::OtherModule {
                 snapshot: crate::vm::hex(&snap.module_digest[..8]),
@@ -225,18 +314,48 @@ impl SnapMachine {
         }
         let state: VmState = postcard::from_bytes(&snap.vm)
             .map_err(|e| SnapshotError::Damaged(format!("VM state: {e}")))?;
-        if state.seq != snap.events {
+        if state.seq != snap.events
+            || state.spec.first_seq != snap.events
+            || state.spec.module_digest != snap.module_digest
+        {
             return Err(SnapshotError::Damaged("VM state of another position".into()).into());
         }
-        let mut vm = Vm::new(spec, inputs);
+        Ok(Restore { snap, state })
+    }
+
+    /// Continue a VM from a checked snapshot with `inputs` supplying events from the
+    /// snapshot's position on.
+    ///
+    /// A VM with a NIC that is restored live goes live as a secondary does: its address
+    /// announced and unacknowledged data resent (its network stack's
+    /// `NetStack::go_live`), those frames being outputs like any other. A replay does the
+    /// same when `announced` says the run it replays was itself restored from this
+    /// snapshot (its log starts at the snapshot), so that the two stay identical.
+    pub fn resume(
+        &self,
+        restore: &Restore,
+        inputs: Inputs,
+        plan: Option<Plan>,
+        announced: bool,
+    ) -> Result<Ran, CaptureError> {
+        let state = &restore.state;
+        let live = matches!(inputs, Inputs::Live { .. });
+        let mut vm = Vm::new(restore.spec(), inputs);
         vm.seq = state.seq;
-        vm.fds = state.fds;
-        vm.clock = state.clock;
+        vm.fds = state.fds.clone();
+        vm.clock = state.clock.clone();
         vm.outputs = Outputs::from_chain(state.chain);
-        vm.net = state.net.map(netstack::NetStack::from_state);
+        vm.net = state.net.clone().map(netstack::NetStack::from_state);
         vm.net_now = state.net_now;
         vm.stdin_ready = state.stdin_ready;
-        self.drive(vm, plan, Some(snap))
+        if live || announced {
+            let now = vm.net_now;
+            if let Some(net) = vm.net.as_mut() {
+                net.go_live(now);
+            }
+            vm.flush_net();
+        }
+        self.drive(vm, plan, Some(&restore.snap))
     }
 
     fn drive(
@@ -245,9 +364,23 @@ impl SnapMachine {
         plan: Option<Plan>,
         restore: Option<&Snapshot>,
     ) -> Result<Ran, CaptureError> {
+        let ran = self.drive_inner(vm, plan, restore);
+        if let Some(c) = &self.control {
+            c.end();
+        }
+        ran
+    }
+
+    fn drive_inner(
+        &self,
+        vm: Vm,
+        plan: Option<Plan>,
+        restore: Option<&Snapshot>,
+    ) -> Result<Ran, CaptureError> {
         let mut vm = vm;
         vm.snap = Some(Box::new(Ctl {
             want: plan.as_ref().map(|p| p.at),
+            remote: self.control.clone(),
             ..Ctl::default()
         }));
         let mut store = vm.into_store(&self.engine);
@@ -285,30 +418,57 @@ impl SnapMachine {
                 stop_unwind
                     .call(&mut store, ())
                     .map_err(wasm_err("asyncify_stop_unwind"))?;
-                let plan = plan
-                    .as_ref()
-                    .ok_or_else(|| CaptureError::Take("unplanned".into()))?;
+                // An API request goes first; a plan not yet due stays for later.
+                let remote = self.control.as_ref().and_then(|c| c.take());
+                let (to, stop) = match (&remote, &plan) {
+                    (Some(r), _) => (r.to.clone(), r.stop),
+                    (None, Some(p)) => (p.to.clone(), p.stop),
+                    (None, None) => return Err(CaptureError::Take("unplanned".into())),
+                };
                 let snap = self.capture(&mut store, &instance)?;
-                let bytes = crate::snapshot::write_file(&plan.to, &snap)?;
+                let written = crate::snapshot::write_file(&to, &snap);
                 let since = ctl(store.data_mut())
                     .since
                     .take()
                     .unwrap_or_else(Instant::now);
-                if plan.stop {
-                    taken = Some(Taken {
+                let bytes = match (written, &remote) {
+                    (Ok(bytes), _) => bytes,
+                    // A snapshot asked for through the API that cannot be written is that
+                    // request's failure, not the VM's: it goes on.
+                    (Err(e), Some(r)) => {
+                        let _ = r.reply.send(Err(e.to_string()));
+                        begin_rewind(&mut store, &instance, &snap.stack)
+                            .map_err(|e| CaptureError::Take(e.to_string()))?;
+                        continue;
+                    }
+                    (Err(e), None) => return Err(e.into()),
+                };
+                if let Some(c) = &self.control {
+                    c.taken_one();
+                }
+                if stop {
+                    let t = Taken {
                         events: snap.events,
                         bytes,
                         pause_ms: since.elapsed().as_secs_f64() * 1e3,
-                    });
+                    };
+                    if let Some(r) = &remote {
+                        let _ = r.reply.send(Ok(t.clone()));
+                    }
+                    taken = Some(t);
                     break crate::log::Exit::Stopped;
                 }
                 begin_rewind(&mut store, &instance, &snap.stack)
                     .map_err(|e| CaptureError::Take(e.to_string()))?;
-                taken = Some(Taken {
+                let t = Taken {
                     events: snap.events,
                     bytes,
                     pause_ms: since.elapsed().as_secs_f64() * 1e3,
-                });
+                };
+                if let Some(r) = &remote {
+                    let _ = r.reply.send(Ok(t.clone()));
+                }
+                taken = Some(t);
                 continue;
             }
             break classify(result)?;
@@ -363,7 +523,18 @@ impl SnapMachine {
             .outputs
             .sealed_chain()
             .ok_or_else(|| CaptureError::Take("outputs not sealed".into()))?;
+        let spec = &vm.spec;
         let state = VmState {
+            spec: LogHeader {
+                module_digest: self.inst.original_digest,
+                args: spec.args.clone(),
+                env: spec.env.clone(),
+                datastore: spec.datastore,
+                memory_limit: spec.memory_limit,
+                nic: spec.nic.clone(),
+                listen: spec.listen.clone(),
+                first_seq: vm.seq,
+            },
             seq: vm.seq,
             chain,
             fds: vm.fds.clone(),
@@ -474,13 +645,15 @@ pub(crate) fn on_exit(
         return Ok(());
     }
     let vm = caller.data();
-    let due = vm
-        .snap
-        .as_ref()
-        .and_then(|c| c.want)
-        .is_some_and(|n| vm.seq >= n)
-        && vm.outputs.sealed_chain().is_some();
-    if !due {
+    let Some(c) = vm.snap.as_ref() else {
+        return Ok(());
+    };
+    if let Some(r) = &c.remote {
+        r.set_events(vm.seq);
+    }
+    let planned = c.want.is_some_and(|n| vm.seq >= n);
+    let asked = c.remote.as_ref().is_some_and(|r| r.pending());
+    if !(planned || asked) || vm.outputs.sealed_chain().is_none() {
         return Ok(());
     }
     let memory = guest_memory(caller)?;
@@ -490,7 +663,9 @@ pub(crate) fn on_exit(
         return Ok(()); // no room to unwind into: not a snapshot point
     }
     let c = ctl(vm);
-    c.want = None;
+    if planned {
+        c.want = None;
+    }
     c.unwound = Some(result);
     c.since = Some(Instant::now());
     c.borrowed = Some(data[..cap].to_vec());
@@ -713,8 +888,14 @@ mod tests {
             snap.stack.len()
         );
         eprintln!("snapshot: {taken:?}, stack {} bytes", snap.stack.len());
+        let restore = m.check(snap.clone()).unwrap();
+        assert_eq!(
+            restore.spec().args,
+            spec.args,
+            "the snapshot holds the spec"
+        );
         let resumed = m
-            .resume(&snap, spec.clone(), replay(&log, snap.events), None)
+            .resume(&restore, replay(&log, snap.events), None, false)
             .unwrap();
         assert_eq!(resumed.report, recorded, "resumed to the same end");
 
@@ -724,7 +905,7 @@ mod tests {
         let other_log = dir.path().join("other.tlog");
         record(&wasm, &spec, &other_ds, &other_log);
         let e = m
-            .resume(&snap, spec.clone(), replay(&other_log, snap.events), None)
+            .resume(&restore, replay(&other_log, snap.events), None, false)
             .unwrap_err();
         assert!(
             matches!(e, CaptureError::Machine(MachineError::Divergence { .. })),
@@ -768,8 +949,8 @@ mod tests {
         assert_eq!(stopped.report.exit, Exit::Stopped);
         let taken = stopped.taken.unwrap();
         assert_eq!(stopped.report.events, taken.events);
-        let snap = crate::snapshot::read_file(&snap_path, &m.module_digest(), None).unwrap();
-        let resumed = m.resume(&snap, spec.clone(), quiet(), None).unwrap();
+        let restore = m.open_snapshot(&snap_path).unwrap();
+        let resumed = m.resume(&restore, quiet(), None, false).unwrap();
         assert_eq!(resumed.report.exit, Exit::Code(0));
         assert_eq!(resumed.report.events, plain.report.events);
         assert_eq!(

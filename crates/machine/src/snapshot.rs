@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"TNDMSNAP";
-pub const VERSION: u32 = 1;
+/// 2: the VM state holds the guest's configuration.
+pub const VERSION: u32 = 2;
 /// A wasm page.
 pub const PAGE: usize = 65536;
 /// No honest header comes near this (it lists a handful of sections).

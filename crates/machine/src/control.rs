@@ -1,0 +1,457 @@
+//! A VM's control API: HTTP/1.1 with JSON bodies on a Unix socket, as Firecracker serves
+//! its API, so that an operator (and later the cluster's agents) can drive one running VM.
+//!
+//! - `GET /status` → `{"state", "events", "module_digest", "instrumented_digest",
+//!   "snapshots"}`
+//! - `PUT /snapshot` `{"to": FILE, "stop": bool}` → at the VM's next snapshot point (an
+//!   event boundary, see [`crate::capture`]) the snapshot is written to FILE (whole, then
+//!   renamed into place); the reply, once it is, is `{"events", "bytes", "pause_ms"}`.
+//!   With `"stop": true` the VM then stops (suspend).
+//! - `PUT /stop` → the VM stops at its next call, as on SIGTERM.
+//!
+//! This module owns the socket and the [`Control`] shared with the VM's thread. The VM
+//! never blocks on the API: it only looks at an atomic flag as each event import returns
+//! (where [`crate::capture::on_exit`] already is) and, when a snapshot is pending, takes
+//! the request from the [`Control`] between events, answering it through a channel.
+//!
+//! Bounds: one request per connection; a request's head is at most [`MAX_HEAD`] bytes and
+//! its body at most [`MAX_BODY`]; a client has [`IO_TIMEOUT`] to send it; one snapshot may
+//! be pending at a time (a second gets 409); a snapshot the VM has not reached an event
+//! boundary for within [`SNAPSHOT_WAIT`] is withdrawn (504), so a VM waiting for input
+//! that never comes cannot hold a client for ever.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capture::Taken;
+
+/// The largest request line plus headers.
+pub const MAX_HEAD: usize = 8 << 10;
+/// The largest request body.
+pub const MAX_BODY: usize = 64 << 10;
+/// How long a client has to send its request.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a snapshot request waits for the VM to reach a snapshot point.
+pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A snapshot asked for through the API, waiting for the VM.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) to: PathBuf,
+    pub(crate) stop: bool,
+    pub(crate) reply: Sender<Result<Taken, String>>,
+}
+
+/// What the API and the VM's thread share.
+#[derive(Debug)]
+pub struct Control {
+    /// Set while a snapshot request waits: the VM's only check, at each event import.
+    pending: AtomicBool,
+    request: Mutex<Option<Request>>,
+    /// Events taken so far (updated by the VM as event imports return).
+    events: AtomicU64,
+    snapshots: AtomicU64,
+    /// The VM has ended (exited, stopped, suspended).
+    ended: AtomicBool,
+    module_digest: String,
+    instrumented_digest: String,
+}
+
+impl Control {
+    pub fn new(module_digest: &[u8; 32], instrumented_digest: &[u8; 32]) -> Arc<Self> {
+        Arc::new(Control {
+            pending: AtomicBool::new(false),
+            request: Mutex::new(None),
+            events: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+            module_digest: crate::vm::hex(module_digest),
+            instrumented_digest: crate::vm::hex(instrumented_digest),
+        })
+    }
+
+    pub(crate) fn pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_events(&self, n: u64) {
+        self.events.store(n, Ordering::Relaxed);
+    }
+
+    /// The waiting request, taken by the VM at a snapshot point.
+    pub(crate) fn take(&self) -> Option<Request> {
+        let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending.store(false, Ordering::Relaxed);
+        r.take()
+    }
+
+    pub(crate) fn taken_one(&self) {
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The VM's run is over: requests are refused from now on.
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        // A request that arrived too late is answered rather than left to time out.
+        if let Some(r) = self.take() {
+            let _ = r.reply.send(Err("the VM has ended".into()));
+        }
+    }
+
+    /// Queue a snapshot request; the receiver gets the VM's answer.
+    fn submit(
+        &self,
+        to: PathBuf,
+        stop: bool,
+    ) -> Result<Receiver<Result<Taken, String>>, (u16, String)> {
+        let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ended.load(Ordering::SeqCst) {
+            return Err((409, "the VM has ended".into()));
+        }
+        if r.is_some() {
+            return Err((409, "a snapshot is already pending".into()));
+        }
+        let (tx, rx) = channel();
+        *r = Some(Request {
+            to,
+            stop,
+            reply: tx,
+        });
+        self.pending.store(true, Ordering::Relaxed);
+        Ok(rx)
+    }
+
+    /// Withdraw a request the VM has not taken; false if it already has.
+    fn withdraw(&self) -> bool {
+        let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        let had = r.take().is_some();
+        if had {
+            self.pending.store(false, Ordering::Relaxed);
+        }
+        had
+    }
+
+    fn status(&self) -> Status {
+        let state = if self.ended.load(Ordering::SeqCst) {
+            "ended"
+        } else if crate::vm::stop_requested() {
+            "stopping"
+        } else if self.pending() {
+            "snapshot-pending"
+        } else {
+            "running"
+        };
+        Status {
+            state: state.into(),
+            events: self.events.load(Ordering::Relaxed),
+            module_digest: self.module_digest.clone(),
+            instrumented_digest: self.instrumented_digest.clone(),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// `GET /status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub state: String,
+    pub events: u64,
+    pub module_digest: String,
+    pub instrumented_digest: String,
+    pub snapshots: u64,
+}
+
+/// `PUT /snapshot`'s body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub to: PathBuf,
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// `PUT /snapshot`'s reply.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    pub events: u64,
+    pub bytes: u64,
+    pub pause_ms: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorReply {
+    error: String,
+}
+
+/// The API's socket, served by a thread of its own; the socket file is removed when this
+/// is dropped.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bind `path` (a stale socket file left by a dead process is replaced; a live one is
+/// refused) and serve `control` on it.
+pub fn serve(path: &Path, control: Arc<Control>) -> Result<Server, ControlError> {
+    let err = |source| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another VM serves this socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::thread::Builder::new()
+        .name("tandem-api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let control = control.clone();
+                // A snapshot request waits for the VM: a thread per connection keeps
+                // status and stop answered meanwhile (a second snapshot gets 409).
+                let _ = std::thread::Builder::new()
+                    .name("tandem-api-conn".into())
+                    .spawn(move || handle(conn, &control));
+            }
+        })
+        .map_err(err)?;
+    Ok(Server {
+        path: path.to_path_buf(),
+    })
+}
+
+/// A parsed request.
+struct HttpRequest {
+    method: String,
+    path: String,
+    body: Vec<u8>,
+}
+
+/// Read one line of the request head into `line`, counting it against [`MAX_HEAD`].
+fn next_line(
+    r: &mut impl BufRead,
+    line: &mut String,
+    head: &mut usize,
+) -> Result<(), (u16, String)> {
+    line.clear();
+    let n = r
+        .take((MAX_HEAD - *head) as u64 + 1)
+        .read_line(line)
+        .map_err(|e| (400, format!("reading the request: {e}")))?;
+    *head += n;
+    if *head > MAX_HEAD {
+        return Err((431, "request head too large".into()));
+    }
+    if n == 0 || !line.ends_with('\n') {
+        return Err((400, "incomplete request".into()));
+    }
+    Ok(())
+}
+
+fn read_request(conn: &mut UnixStream) -> Result<HttpRequest, (u16, String)> {
+    let bad = |why: &str| (400, why.to_string());
+    let mut r = BufReader::new(Read::take(&mut *conn, (MAX_HEAD + MAX_BODY) as u64));
+    let mut head = 0usize;
+    let mut line = String::new();
+    next_line(&mut r, &mut line, &mut head)?;
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("malformed request line"));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err((505, "HTTP/1.x only".into()));
+    }
+    let (method, path) = (method.to_string(), path.to_string());
+    let mut length = 0usize;
+    loop {
+        next_line(&mut r, &mut line, &mut head)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let Some((name, value)) = l.split_once(':') else {
+            return Err(bad("malformed header"));
+        };
+        if name.eq_ignore_ascii_case("content-length") {
+            length = value
+                .trim()
+                .parse()
+                .map_err(|_| bad("bad Content-Length"))?;
+            if length > MAX_BODY {
+                return Err((413, format!("body over {MAX_BODY} bytes")));
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err((411, "give a Content-Length".into()));
+        }
+    }
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body)
+        .map_err(|e| (400, format!("reading the body: {e}")))?;
+    Ok(HttpRequest { method, path, body })
+}
+
+fn respond(conn: &mut UnixStream, code: u16, body: &impl Serialize) {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Internal Server Error",
+    };
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    // The client may have gone: nothing to do about it.
+    let _ = conn
+        .write_all(head.as_bytes())
+        .and_then(|_| conn.write_all(&body));
+}
+
+fn handle(mut conn: UnixStream, control: &Control) {
+    let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    let (code, body) = match read_request(&mut conn).and_then(|req| route(&req, control)) {
+        Ok(v) => (200, v),
+        Err((code, error)) => (
+            code,
+            serde_json::to_value(ErrorReply { error }).unwrap_or_default(),
+        ),
+    };
+    respond(&mut conn, code, &body);
+    // Closing with part of the request unread (a refused body) would reset the
+    // connection and lose the reply: read what the client still sends, boundedly.
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = std::io::copy(
+        &mut Read::take(&mut conn, (1 << 20) as u64),
+        &mut std::io::sink(),
+    );
+}
+
+fn route(req: &HttpRequest, control: &Control) -> Result<serde_json::Value, (u16, String)> {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/status") => Ok(json(&control.status())),
+        ("PUT", "/stop") => {
+            crate::vm::request_stop();
+            Ok(json(&control.status()))
+        }
+        ("PUT", "/snapshot") => {
+            let r: SnapshotRequest =
+                serde_json::from_slice(&req.body).map_err(|e| (400, format!("body: {e}")))?;
+            let parent = match r.to.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if r.to.file_name().is_none() || !parent.is_dir() {
+                return Err((
+                    400,
+                    format!(
+                        "\"to\": {} is not a file in an existing folder",
+                        r.to.display()
+                    ),
+                ));
+            }
+            let rx = control.submit(r.to, r.stop)?;
+            let answer = match rx.recv_timeout(SNAPSHOT_WAIT) {
+                Ok(a) => a,
+                Err(_) if control.withdraw() => {
+                    return Err((
+                        504,
+                        format!(
+                            "the VM reached no snapshot point within {} s (it waits for input)",
+                            SNAPSHOT_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                // Taken just now: its answer is on its way.
+                Err(_) => rx
+                    .recv()
+                    .map_err(|_| (500, "the VM ended without answering".to_string()))?,
+            };
+            let t = answer.map_err(|e| (500, e))?;
+            Ok(json(&SnapshotReply {
+                events: t.events,
+                bytes: t.bytes,
+                pause_ms: t.pause_ms,
+            }))
+        }
+        (_, "/status" | "/stop" | "/snapshot") => Err((405, "method not allowed".into())),
+        _ => Err((404, format!("no such resource: {}", req.path))),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+/// A client of the API: one request, its status code and JSON body.
+pub fn request(
+    path: &Path,
+    method: &str,
+    resource: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), std::io::Error> {
+    let mut conn = UnixStream::connect(path)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let body = body
+        .map(|b| serde_json::to_vec(b).unwrap_or_default())
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {resource} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(&body)?;
+    let mut reply = Vec::new();
+    Read::take(&mut conn, (MAX_HEAD + MAX_BODY) as u64).read_to_end(&mut reply)?;
+    let text = String::from_utf8_lossy(&reply);
+    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| invalid("no reply head"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| invalid("no status code"))?;
+    let value = serde_json::from_str(body).map_err(|_| invalid("reply body is not JSON"))?;
+    Ok((code, value))
+}

@@ -1,0 +1,343 @@
+//! The snapshot side of `tandem vm`: replaying from a snapshot (or taking one while
+//! replaying), restoring a VM from one, and the per-VM control API (`--api-sock`,
+//! `vm snapshot`).
+//!
+//! Runs that use none of these flags never come here: they run the plain module exactly
+//! as before. Runs that do use the module instrumented for snapshots
+//! ([`machine::asyncify`]), whose execution is identical (same events, same digest).
+
+use std::path::{Path, PathBuf};
+
+use machine::capture::{CaptureError, FromEvent, Plan, Ran, Restore, SnapMachine};
+use machine::control;
+use machine::{EventSink, Exit, Inputs, LogReader, LogWriter, MachineError, hex};
+
+use crate::{Failure, RunArgs, bad, check_datastore, exit_code, parse_network, replay_verdict};
+
+impl From<CaptureError> for Failure {
+    fn from(e: CaptureError) -> Self {
+        match e {
+            CaptureError::Machine(m) => Failure::from(m),
+            other => Failure {
+                code: 2,
+                message: format!("tandem: {other}"),
+            },
+        }
+    }
+}
+
+/// `vm replay`'s snapshot flags.
+#[derive(clap::Args)]
+pub struct ReplaySnapArgs {
+    /// Start from this snapshot (of a run of the same VM) and replay only the log's events
+    /// after it; the verdict is the same as replaying the whole log.
+    #[arg(long, value_name = "SNAP")]
+    pub from: Option<PathBuf>,
+    /// Take a snapshot at the first snapshot point at or after event N (written to --to),
+    /// then replay on to the end of the log.
+    #[arg(long, value_name = "N", requires = "to")]
+    pub snapshot_at: Option<u64>,
+    /// Where --snapshot-at writes the snapshot.
+    #[arg(long, value_name = "SNAP", requires = "snapshot_at")]
+    pub to: Option<PathBuf>,
+}
+
+impl ReplaySnapArgs {
+    pub fn is_plain(&self) -> bool {
+        self.from.is_none() && self.snapshot_at.is_none()
+    }
+}
+
+/// `vm run`'s arguments: a VM's flags plus restoring and the control API.
+#[derive(clap::Args)]
+pub struct VmRunArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Continue the VM from this snapshot (taken by `vm snapshot` or `vm replay
+    /// --snapshot-at`) instead of powering it on.
+    #[arg(long, value_name = "SNAP")]
+    pub restore: Option<PathBuf>,
+    /// Serve the VM's control API (HTTP/1.1, JSON) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+}
+
+impl VmRunArgs {
+    pub fn is_plain(&self) -> bool {
+        self.restore.is_none() && self.api_sock.is_none()
+    }
+}
+
+/// `vm snapshot`'s arguments.
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// The VM's control socket (its `vm run --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Where the snapshot goes (written whole, then renamed into place).
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
+    /// Stop the VM once the snapshot is written (suspend).
+    #[arg(long)]
+    pub stop: bool,
+}
+
+fn load(wasm: &Path) -> Result<SnapMachine, Failure> {
+    Ok(SnapMachine::load(wasm)?)
+}
+
+fn print_taken(ran: &Ran) {
+    if let Some(t) = &ran.taken {
+        println!(
+            "snapshot: events={} bytes={} pause_ms={:.3}",
+            t.events, t.bytes, t.pause_ms
+        );
+    }
+}
+
+/// `vm replay LOG --wasm FILE [--from SNAP] [--snapshot-at N --to SNAP]`.
+pub fn vm_replay(
+    log: &Path,
+    wasm: &Path,
+    datastore: Option<&Path>,
+    a: &ReplaySnapArgs,
+) -> Result<u8, Failure> {
+    check_datastore(datastore)?;
+    let m = load(wasm)?;
+    let reader = LogReader::open(log).map_err(MachineError::from)?;
+    let header = reader.header().clone();
+    if header.module_digest != m.module_digest() {
+        return Err(MachineError::ModuleMismatch {
+            log: hex(&header.module_digest[..8]),
+            given: hex(&m.module_digest()[..8]),
+        }
+        .into());
+    }
+    let plan = match (a.snapshot_at, &a.to) {
+        (Some(at), Some(to)) => Some(Plan {
+            at,
+            to: to.clone(),
+            stop: false,
+        }),
+        _ => None,
+    };
+    let ran = match &a.from {
+        None => {
+            if header.first_seq != 0 {
+                return Err(bad(format!(
+                    "the log starts at event {}: give --from the snapshot it continues",
+                    header.first_seq
+                )));
+            }
+            let spec = machine::GuestSpec::from_header(&header);
+            let inputs = Inputs::Replay {
+                source: Box::new(reader),
+                go_live: None,
+            };
+            m.run(spec, inputs, plan)?
+        }
+        Some(from) => {
+            let restore = m.open_snapshot(from)?;
+            let events = restore.events();
+            if header.first_seq > events {
+                return Err(bad(format!(
+                    "the log starts at event {}, after the snapshot (event {events})",
+                    header.first_seq
+                )));
+            }
+            let mut ours = restore.log_header();
+            ours.first_seq = header.first_seq;
+            if ours != header {
+                return Err(bad(
+                    "the snapshot is of another VM than the log (arguments, environment, \
+                     memory limit, NIC or listeners differ)"
+                        .into(),
+                ));
+            }
+            // A log that starts at the snapshot was recorded by a VM restored from it,
+            // which announced itself as it went live (see `SnapMachine::resume`).
+            let announced = header.first_seq == events && events > 0;
+            let inputs = Inputs::Replay {
+                source: Box::new(FromEvent::new(reader, events)),
+                go_live: None,
+            };
+            m.resume(&restore, inputs, plan, announced)?
+        }
+    };
+    if let Some(at) = a.snapshot_at
+        && ran.taken.is_none()
+    {
+        return Err(bad(format!(
+            "no snapshot taken: the run ended after {} events, before a snapshot point at \
+             or after event {at}",
+            ran.report.events
+        )));
+    }
+    print_taken(&ran);
+    Ok(replay_verdict(&ran.report))
+}
+
+/// The VM `vm run --restore` continues: its snapshot, checked, and the module.
+struct Restored {
+    m: SnapMachine,
+    restore: Restore,
+}
+
+fn open_restore(a: &VmRunArgs, path: &Path) -> Result<Restored, Failure> {
+    let r = &a.run;
+    if !r.args.is_empty()
+        || !r.env.is_empty()
+        || r.memory_mib != machine::DEFAULT_MEMORY_LIMIT >> 20
+    {
+        return Err(bad(
+            "--restore: the guest's arguments, environment and memory limit are the \
+             snapshot's (drop --arg, --env and --memory-mib)"
+                .into(),
+        ));
+    }
+    check_datastore(r.datastore.as_deref())?;
+    let m = load(&r.wasm)?;
+    let restore = m.open_snapshot(path)?;
+    Ok(Restored { m, restore })
+}
+
+/// `vm run --restore SNAP` and/or `--api-sock PATH`.
+pub fn vm_run(a: VmRunArgs) -> Result<u8, Failure> {
+    match a.restore.clone() {
+        Some(path) => run_restored(&a, &path),
+        None => run_fresh(&a),
+    }
+}
+
+/// The control API, if asked for: the machine answers it and the socket is served until
+/// the returned server is dropped (which removes the socket file).
+fn control(
+    a: &VmRunArgs,
+    m: SnapMachine,
+) -> Result<(SnapMachine, Option<control::Server>), Failure> {
+    let Some(path) = &a.api_sock else {
+        return Ok((m, None));
+    };
+    let c = control::Control::new(&m.module_digest(), &m.instrumented_digest());
+    let server = control::serve(path, c.clone()).map_err(|e| bad(e.to_string()))?;
+    tracing::info!("control API on {}", path.display());
+    Ok((m.with_control(c), Some(server)))
+}
+
+/// `vm run --api-sock PATH ...`: a VM powered on here, instrumented for snapshots.
+fn run_fresh(a: &VmRunArgs) -> Result<u8, Failure> {
+    let (spec, nic) = crate::prepare_spec(&a.run)?;
+    let m = load(&a.run.wasm)?;
+    let sink = match &a.run.record {
+        Some(log) => Some(Box::new(
+            LogWriter::create(log, &m.log_header(&spec)).map_err(MachineError::from)?,
+        ) as Box<dyn EventSink + Send>),
+        None => None,
+    };
+    let inputs = machine::live_inputs(
+        &spec,
+        a.run.datastore.as_deref(),
+        nic.as_ref().map(|n| n.bridge.as_str()),
+        sink,
+    )?;
+    let (m, _server) = control(a, m)?;
+    let ran = m.run(spec, inputs, None)?;
+    finish_run(a, &ran)
+}
+
+/// `vm run --restore SNAP ...`: the VM continues here from its snapshot.
+fn run_restored(a: &VmRunArgs, path: &Path) -> Result<u8, Failure> {
+    let Restored { m, restore } = open_restore(a, path)?;
+    let spec = restore.spec();
+    let (nic, listen) = parse_network(a.run.nic.as_deref(), &a.run.listen)?;
+    if nic.as_ref().map(|n| &n.config) != spec.nic.as_ref() {
+        return Err(bad(match &spec.nic {
+            Some(_) => "--restore: the VM has a NIC: give --nic with the snapshot's MAC and IP \
+                        and this host's bridge"
+                .into(),
+            None => "--restore: the VM has no NIC (drop --nic)".into(),
+        }));
+    }
+    if !listen.is_empty() && listen != spec.listen {
+        return Err(bad(format!(
+            "--restore: the VM listens on {:?}; --listen must name the same ports or none",
+            spec.listen
+        )));
+    }
+    if spec.datastore != a.run.datastore.is_some() {
+        return Err(bad(if spec.datastore {
+            "--restore: the VM has a datastore: give --datastore".into()
+        } else {
+            "--restore: the VM has no datastore (drop --datastore)".into()
+        }));
+    }
+    let sink = match &a.run.record {
+        Some(log) => Some(Box::new(
+            LogWriter::create(log, &restore.log_header()).map_err(MachineError::from)?,
+        ) as Box<dyn EventSink + Send>),
+        None => None,
+    };
+    let tap = machine::nic_tap(&spec, nic.as_ref().map(|n| n.bridge.as_str()))?;
+    let host = restore.live_host(a.run.datastore.as_deref(), tap.clone())?;
+    tracing::info!("restored at event {}", restore.events());
+    let inputs = Inputs::Live {
+        host,
+        sink,
+        port: Box::new(machine::port::Direct { tap, console: true }),
+    };
+    let (m, _server) = control(a, m)?;
+    let ran = m.resume(&restore, inputs, None, true)?;
+    finish_run(a, &ran)
+}
+
+fn finish_run(a: &VmRunArgs, ran: &Ran) -> Result<u8, Failure> {
+    if let Some(path) = &a.run.record {
+        tracing::info!("log written to {}", path.display());
+        println!(
+            "recorded: events={} digest={}",
+            ran.report.events,
+            hex(&ran.report.digest)
+        );
+    }
+    if ran.report.exit == Exit::Stopped
+        && let Some(t) = &ran.taken
+    {
+        tracing::info!("suspended at event {} ({} bytes)", t.events, t.bytes);
+    }
+    Ok(exit_code(&ran.report.exit))
+}
+
+/// `vm snapshot --api-sock PATH --to FILE [--stop]`.
+pub fn vm_snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
+    // The VM resolves the path in its own working folder: give it ours.
+    let to =
+        std::path::absolute(&a.to).map_err(|e| bad(format!("--to {}: {e}", a.to.display())))?;
+    let body = serde_json::json!({ "to": to, "stop": a.stop });
+    let (code, reply) = control::request(
+        &a.api_sock,
+        "PUT",
+        "/snapshot",
+        Some(&body),
+        control::SNAPSHOT_WAIT + std::time::Duration::from_secs(10),
+    )
+    .map_err(|e| {
+        bad(format!(
+            "cannot reach the VM at {}: {e}",
+            a.api_sock.display()
+        ))
+    })?;
+    if code != 200 {
+        let why = reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no reason given");
+        return Err(bad(format!("snapshot refused ({code}): {why}")));
+    }
+    let r: control::SnapshotReply =
+        serde_json::from_value(reply).map_err(|e| bad(format!("the VM's reply: {e}")))?;
+    println!(
+        "snapshot: events={} bytes={} pause_ms={:.3}",
+        r.events, r.bytes, r.pause_ms
+    );
+    Ok(0)
+}

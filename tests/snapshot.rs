@@ -1,0 +1,500 @@
+//! Snapshots end to end (issue 8): the real `tandem` binary, real guests built from C,
+//! Binaryen's real wasm-opt. A recorded run snapshotted mid-way replays from the snapshot
+//! to the same digest; damaged, truncated and foreign snapshots are refused whole.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{events_and_digest, guest, s, tandem};
+
+/// Record `wasm ARGS` in a fresh datastore below `dir`; (log, events, digest).
+fn record(dir: &Path, wasm: &str, args: &[&str]) -> (PathBuf, u64, String) {
+    let ds = dir.join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let log = dir.join("run.tlog");
+    let g = guest(wasm);
+    let mut argv = vec![
+        "vm",
+        "run",
+        "--wasm",
+        s(&g),
+        "--datastore",
+        s(&ds),
+        "--record",
+        s(&log),
+    ];
+    for a in args {
+        argv.extend(["--arg", a]);
+    }
+    let run = tandem(&argv);
+    assert_eq!(
+        run.code, 0,
+        "recording failed: {}{}",
+        run.stdout, run.stderr
+    );
+    let (events, digest) = events_and_digest(run.last_line(), "recorded: ");
+    (log, events, digest)
+}
+
+/// `snapshot: events=N bytes=B pause_ms=P` → (N, B, P).
+fn taken(line: &str) -> (u64, u64, f64) {
+    let mut out = (None, None, None);
+    for part in line
+        .strip_prefix("snapshot: ")
+        .unwrap_or_else(|| panic!("not a snapshot line: {line:?}"))
+        .split_whitespace()
+    {
+        match part.split_once('=') {
+            Some(("events", v)) => out.0 = v.parse().ok(),
+            Some(("bytes", v)) => out.1 = v.parse().ok(),
+            Some(("pause_ms", v)) => out.2 = v.parse().ok(),
+            _ => panic!("unexpected field in {line:?}"),
+        }
+    }
+    (out.0.unwrap(), out.1.unwrap(), out.2.unwrap())
+}
+
+/// Replay `log` taking a snapshot at `at` into `to`: (position, bytes); the replay itself
+/// must still end as the whole log does.
+fn snapshot_while_replaying(
+    wasm: &Path,
+    log: &Path,
+    at: u64,
+    to: &Path,
+    whole: &(u64, String),
+) -> (u64, u64) {
+    let at = at.to_string();
+    let run = tandem(&[
+        "vm",
+        "replay",
+        s(log),
+        "--wasm",
+        s(wasm),
+        "--snapshot-at",
+        &at,
+        "--to",
+        s(to),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        &events_and_digest(run.last_line(), "replay ok: "),
+        whole,
+        "taking a snapshot changes nothing"
+    );
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("snapshot: "))
+        .unwrap_or_else(|| panic!("no snapshot line: {}", run.stdout));
+    let (events, bytes, _) = taken(line);
+    assert_eq!(std::fs::metadata(to).unwrap().len(), bytes);
+    (events, bytes)
+}
+
+/// The heart of the issue: a clock-, entropy- and file-heavy guest (snapmix: rotated
+/// journal, a scratch file unlinked while open, a growing heap, I/O deep in a recursion),
+/// recorded, then snapshotted at several points of a replay; each snapshot replays the
+/// rest of the log to the same events and digest as the whole log, and a snapshot does
+/// not replay a log of another run.
+#[test]
+fn a_recorded_run_snapshotted_mid_way_replays_from_the_snapshot_to_the_same_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guest("snapmix.wasm");
+    let (log, events, digest) = record(dir.path(), "snapmix.wasm", &["240"]);
+    assert!(events > 1000, "only {events} events");
+    let whole = (events, digest);
+    let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&wasm)]);
+    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+
+    let mut positions = Vec::new();
+    for at in [events / 4, events / 2, events - events / 8] {
+        let snap = dir.path().join(format!("at{at}.snap"));
+        let (pos, _) = snapshot_while_replaying(&wasm, &log, at, &snap, &whole);
+        assert!(pos >= at && pos < events, "snapshot at {pos} for {at}");
+        positions.push(pos);
+        let run = tandem(&[
+            "vm",
+            "replay",
+            s(&log),
+            "--wasm",
+            s(&wasm),
+            "--from",
+            s(&snap),
+        ]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        assert_eq!(
+            events_and_digest(run.last_line(), "replay ok: "),
+            whole,
+            "replayed from event {pos}"
+        );
+    }
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+
+    // The check is real: another run of the same guest (other clocks, other entropy)
+    // replayed from this run's snapshot diverges at the first event after it.
+    let other = tempfile::tempdir().unwrap();
+    let (other_log, _, _) = record(other.path(), "snapmix.wasm", &["240"]);
+    let snap = dir.path().join(format!("at{}.snap", events / 2));
+    let run = tandem(&[
+        "vm",
+        "replay",
+        s(&other_log),
+        "--wasm",
+        s(&wasm),
+        "--from",
+        s(&snap),
+    ]);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .starts_with(&format!("replay diverged at event {}", positions[1])),
+        "{}",
+        run.stdout
+    );
+}
+
+/// Damage anywhere, truncation anywhere, a snapshot of another module, a file that is no
+/// snapshot: one line on stderr, exit 2, and nothing restored (a restore that would record
+/// creates no log).
+#[test]
+fn damaged_truncated_and_foreign_snapshots_are_refused_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guest("snapmix.wasm");
+    let (log, events, digest) = record(dir.path(), "snapmix.wasm", &["64"]);
+    let good = dir.path().join("good.snap");
+    snapshot_while_replaying(&wasm, &log, events / 2, &good, &(events, digest));
+    let bytes = std::fs::read(&good).unwrap();
+
+    let fsdemo = guest("fsdemo.wasm");
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let (other_log, oe, od) = record(&other_dir, "fsdemo.wasm", &["x"]);
+    let foreign = dir.path().join("foreign.snap");
+    snapshot_while_replaying(&fsdemo, &other_log, oe / 2, &foreign, &(oe, od));
+
+    let mut cases: Vec<(String, PathBuf, &str)> = Vec::new();
+    let mut put = |name: &str, content: &[u8], want: &'static str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        cases.push((name.to_string(), p, want));
+    };
+    for at in [9, 20, 60, bytes.len() / 2, bytes.len() - 1] {
+        let mut b = bytes.clone();
+        b[at] ^= 0x40;
+        put(&format!("flip{at}.snap"), &b, "");
+    }
+    for len in [0, 5, 30, bytes.len() / 2, bytes.len() - 1] {
+        put(&format!("cut{len}.snap"), &bytes[..len], "truncated");
+    }
+    put(
+        "log.snap",
+        &std::fs::read(&log).unwrap(),
+        "not a Tandem snapshot",
+    );
+    cases.push(("foreign".into(), foreign, "another module"));
+
+    for (name, path, want) in &cases {
+        let replay = tandem(&[
+            "vm",
+            "replay",
+            s(&log),
+            "--wasm",
+            s(&wasm),
+            "--from",
+            s(path),
+        ]);
+        let restored_log = dir.path().join(format!("{name}.tlog"));
+        let ds = dir.path().join("ds");
+        let restore = tandem(&[
+            "vm",
+            "run",
+            "--restore",
+            s(path),
+            "--wasm",
+            s(&wasm),
+            "--datastore",
+            s(&ds),
+            "--record",
+            s(&restored_log),
+        ]);
+        for (what, run) in [("replay", &replay), ("restore", &restore)] {
+            assert_eq!(run.code, 2, "{name} {what}: {}{}", run.stdout, run.stderr);
+            assert_eq!(run.stdout, "", "{name} {what}");
+            assert_eq!(
+                run.stderr.lines().count(),
+                1,
+                "{name} {what}: {}",
+                run.stderr
+            );
+            assert!(
+                run.stderr.starts_with("tandem: ") && run.stderr.contains(want),
+                "{name} {what}: {}",
+                run.stderr
+            );
+        }
+        assert!(!restored_log.exists(), "{name}: a refused restore recorded");
+    }
+}
+
+const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
+
+/// kvd under the issue's load (`redis-benchmark -t set,get,incr -n 20000 -c 20 -P 8`),
+/// recorded in a lab, snapshotted mid-way through a replay (its network stack, open
+/// connections and append-only file with it), replays from the snapshot to the same end.
+#[test]
+fn a_recorded_kvd_under_redis_benchmark_replays_from_a_mid_way_snapshot() {
+    let mut lab = common::Lab::up("snk", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("kvd.tlog");
+    let kvd = guest("kvd.wasm");
+    let out = dir.path().join("vm.out");
+    let args = [
+        "vm",
+        "run",
+        "--wasm",
+        s(&kvd),
+        "--datastore",
+        s(&ds),
+        "--nic",
+        KVD_NIC,
+        "--listen",
+        "tcp:6379",
+        "--record",
+        s(&log),
+    ];
+    let vm = lab.start_vm(1, &args, &out);
+    lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    let bench = lab.client(
+        "redis-benchmark",
+        &[
+            "-h",
+            "10.77.0.10",
+            "-t",
+            "set,get,incr",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-P",
+            "8",
+            "-q",
+        ],
+    );
+    assert_eq!(bench.code, 0, "{}", bench.stderr);
+    assert_eq!(lab.stop_vm(vm), 0);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let whole = events_and_digest(line, "recorded: ");
+    assert!(whole.0 > 1000, "only {} events", whole.0);
+
+    let snap = dir.path().join("kvd.snap");
+    let (pos, bytes) = snapshot_while_replaying(&kvd, &log, whole.0 / 2, &snap, &whole);
+    assert!(pos >= whole.0 / 2 && pos < whole.0);
+    eprintln!("kvd snapshot at event {pos} of {}: {bytes} bytes", whole.0);
+    let run = tandem(&[
+        "vm",
+        "replay",
+        s(&log),
+        "--wasm",
+        s(&kvd),
+        "--from",
+        s(&snap),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+}
+
+/// A file's name below `dir` and its content, for every file (mtimes differ by design).
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    common::tree(dir)
+        .into_iter()
+        .map(|(p, c, _)| (p.strip_prefix(dir).unwrap().to_path_buf(), c))
+        .collect()
+}
+
+fn wait_for_socket(path: &Path, vm: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        assert!(vm.try_wait().unwrap().is_none(), "the VM ended early");
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The control API of a running VM: its status, a snapshot while it runs (replayable
+/// from), then a suspend (`vm snapshot --stop`) and `vm run --restore` on another
+/// process: the files at the end are those of an uninterrupted run, both recordings
+/// replay (the second from the snapshot it continues), and bad requests get HTTP errors
+/// without disturbing the VM.
+#[test]
+fn a_vm_snapshotted_and_suspended_through_its_api_resumes_to_the_same_end() {
+    use machine::control::request;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guest("filechurn.wasm");
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let api = dir.path().join("api.sock");
+    let first_log = dir.path().join("first.tlog");
+    let out = std::fs::File::create(dir.path().join("vm.out")).unwrap();
+    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["vm", "run", "--wasm", s(&wasm), "--datastore", s(&ds)])
+        .args(["--api-sock", s(&api), "--record", s(&first_log)])
+        .args(["--arg", "250", "--arg", "10"])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    wait_for_socket(&api, &mut vm);
+    let t = std::time::Duration::from_secs(5);
+
+    let (code, status) = request(&api, "GET", "/status", None, t).unwrap();
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["state"], "running");
+    let digest = blake3::hash(&std::fs::read(&wasm).unwrap())
+        .to_hex()
+        .to_string();
+    assert_eq!(status["module_digest"], digest.as_str());
+    for (method, path, body, want) in [
+        ("GET", "/nowhere", None, 404),
+        ("POST", "/snapshot", None, 405),
+        ("PUT", "/snapshot", Some(serde_json::json!({"to": 7})), 400),
+        (
+            "PUT",
+            "/snapshot",
+            Some(serde_json::json!({"to": "/no/such/dir/x"})),
+            400,
+        ),
+        (
+            "PUT",
+            "/snapshot",
+            Some(serde_json::json!({"to": "x", "now": 1})),
+            400,
+        ),
+        (
+            "PUT",
+            "/snapshot",
+            Some(serde_json::json!({"to": "a".repeat(70_000)})),
+            413,
+        ),
+    ] {
+        let (code, reply) = request(&api, method, path, body.as_ref(), t).unwrap();
+        assert_eq!(code, want, "{method} {path}: {reply}");
+        assert!(reply["error"].is_string(), "{reply}");
+    }
+
+    // A snapshot while it runs: the VM goes on.
+    let live = dir.path().join("live.snap");
+    let run = tandem(&["vm", "snapshot", "--api-sock", s(&api), "--to", s(&live)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let (live_at, live_bytes, pause) = taken(run.last_line());
+    assert_eq!(std::fs::metadata(&live).unwrap().len(), live_bytes);
+    assert!(pause < 1000.0, "paused {pause} ms");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, status) = request(&api, "GET", "/status", None, t).unwrap();
+    assert!(status["events"].as_u64().unwrap() > live_at, "{status}");
+    assert_eq!(status["snapshots"], 1);
+
+    // Suspend.
+    let suspended = dir.path().join("suspended.snap");
+    let run = tandem(&[
+        "vm",
+        "snapshot",
+        "--api-sock",
+        s(&api),
+        "--to",
+        s(&suspended),
+        "--stop",
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let (at, _, _) = taken(run.last_line());
+    assert!(at > live_at);
+    assert_eq!(vm.wait().unwrap().code(), Some(0), "a suspended VM exits 0");
+    assert!(!api.exists(), "the control socket is removed");
+    let text = std::fs::read_to_string(dir.path().join("vm.out")).unwrap();
+    assert!(!text.contains("250 steps"), "the VM ran to its end: {text}");
+    let line = text.lines().find(|l| l.starts_with("recorded: ")).unwrap();
+    assert_eq!(events_and_digest(line, "recorded: ").0, at);
+
+    // Resume in another process, recording.
+    let second_log = dir.path().join("second.tlog");
+    let run = tandem(&[
+        "vm",
+        "run",
+        "--restore",
+        s(&suspended),
+        "--wasm",
+        s(&wasm),
+        "--datastore",
+        s(&ds),
+        "--record",
+        s(&second_log),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("filechurn: 250 steps, 0 bad reads"),
+        "{}",
+        run.stdout
+    );
+    let resumed = events_and_digest(run.last_line(), "recorded: ");
+
+    let reference = dir.path().join("ref");
+    std::fs::create_dir(&reference).unwrap();
+    let run = tandem(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&wasm),
+        "--datastore",
+        s(&reference),
+        "--arg",
+        "250",
+        "--arg",
+        "10",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(contents(&ds), contents(&reference), "the files of one run");
+
+    // Both recordings replay: the first whole (and from the live snapshot), the second
+    // from the snapshot it continues.
+    let first = tandem(&["vm", "replay", s(&first_log), "--wasm", s(&wasm)]);
+    assert_eq!(first.code, 0, "{}{}", first.stdout, first.stderr);
+    let first_end = events_and_digest(first.last_line(), "replay ok: ");
+    assert_eq!(first_end.0, at);
+    let from_live = tandem(&[
+        "vm",
+        "replay",
+        s(&first_log),
+        "--wasm",
+        s(&wasm),
+        "--from",
+        s(&live),
+    ]);
+    assert_eq!(
+        events_and_digest(from_live.last_line(), "replay ok: "),
+        first_end
+    );
+    let second = tandem(&[
+        "vm",
+        "replay",
+        s(&second_log),
+        "--wasm",
+        s(&wasm),
+        "--from",
+        s(&suspended),
+    ]);
+    assert_eq!(second.code, 0, "{}{}", second.stdout, second.stderr);
+    assert_eq!(
+        events_and_digest(second.last_line(), "replay ok: "),
+        resumed
+    );
+    // Without its snapshot, the second recording cannot be replayed: it says so.
+    let alone = tandem(&["vm", "replay", s(&second_log), "--wasm", s(&wasm)]);
+    assert_eq!(alone.code, 2, "{}", alone.stdout);
+    assert!(alone.stderr.contains("--from"), "{}", alone.stderr);
+}
