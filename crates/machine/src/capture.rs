@@ -44,9 +44,7 @@ use crate::fdtable::FdTable;
 use crate::host::LiveHost;
 use crate::log::{EventSource, LogError, LogHeader, Tail};
 use crate::snapshot::{GlobalValue, PAGE, Snapshot, SnapshotError};
-use crate::vm::{
-    Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, classify, deterministic_engine,
-};
+use crate::vm::{Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, classify};
 
 /// The largest Asyncify buffer: the guest's stack, saved, must fit (the CPU-bound and
 /// file guests need a few hundred bytes; 1 MiB allows deep recursion).
@@ -219,25 +217,7 @@ impl SnapMachine {
     }
 
     pub fn from_instrumented(inst: Instrumented, path: &Path) -> Result<Self, CaptureError> {
-        let engine = deterministic_engine()?;
-        let module = Module::new(&engine, &inst.bytes).map_err(|e| MachineError::NotWasm {
-            path: path.to_path_buf(),
-            why: format!("{e:#}"),
-        })?;
-        for import in module.imports() {
-            if !crate::wasi::provides(import.module(), import.name()) {
-                return Err(MachineError::Link(format!(
-                    "{} imports {}::{}, which a Tandem VM does not provide",
-                    path.display(),
-                    import.module(),
-                    import.name()
-                ))
-                .into());
-            }
-        }
-        let mut linker = Linker::new(&engine);
-        crate::wasi::add_to_linker(&mut linker)
-            .map_err(|e| MachineError::Internal(e.to_string()))?;
+        let (engine, module, linker) = crate::vm::compile_guest(&inst.bytes, path)?;
         Ok(SnapMachine {
             engine,
             module,

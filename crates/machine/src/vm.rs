@@ -469,7 +469,11 @@ impl Vm {
             host.attach_tap(t.clone());
         }
         if let Some(i) = &intent {
-            tracing::info!("going live holding the intent of event {} ({:?})", i.seq, i.kind);
+            tracing::info!(
+                "going live holding the intent of event {} ({:?})",
+                i.seq,
+                i.kind
+            );
         }
         host.uncertain = intent;
         {
@@ -511,6 +515,32 @@ impl Vm {
             tracing::warn!("guest called unsupported WASI function {name}; it gets ENOSYS");
         }
     }
+}
+
+/// Compile a guest under the deterministic engine and link it to the WASI host; a module
+/// importing anything else is refused.
+pub(crate) fn compile_guest(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(Engine, Module, Linker<Vm>), MachineError> {
+    let engine = deterministic_engine()?;
+    let module = Module::new(&engine, bytes).map_err(|e| MachineError::NotWasm {
+        path: path.to_path_buf(),
+        why: format!("{e:#}"),
+    })?;
+    for import in module.imports() {
+        if !crate::wasi::provides(import.module(), import.name()) {
+            return Err(MachineError::Link(format!(
+                "{} imports {}::{}, which a Tandem VM does not provide",
+                path.display(),
+                import.module(),
+                import.name()
+            )));
+        }
+    }
+    let mut linker = Linker::new(&engine);
+    crate::wasi::add_to_linker(&mut linker).map_err(|e| MachineError::Internal(e.to_string()))?;
+    Ok((engine, module, linker))
 }
 
 /// The deterministic engine configuration every copy of a VM runs under.
@@ -646,24 +676,7 @@ impl Machine {
                 why: "no wasm magic".into(),
             });
         }
-        let engine = deterministic_engine()?;
-        let module = Module::new(&engine, bytes).map_err(|e| MachineError::NotWasm {
-            path: path.to_path_buf(),
-            why: format!("{e:#}"),
-        })?;
-        for import in module.imports() {
-            if !crate::wasi::provides(import.module(), import.name()) {
-                return Err(MachineError::Link(format!(
-                    "{} imports {}::{}, which a Tandem VM does not provide",
-                    path.display(),
-                    import.module(),
-                    import.name()
-                )));
-            }
-        }
-        let mut linker = Linker::new(&engine);
-        crate::wasi::add_to_linker(&mut linker)
-            .map_err(|e| MachineError::Internal(e.to_string()))?;
+        let (engine, module, linker) = compile_guest(bytes, path)?;
         Ok(Machine {
             engine,
             module,
