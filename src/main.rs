@@ -683,7 +683,41 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             console: true,
         }),
     };
-    let report = machine.run(spec, inputs)?;
+    // An operator's stop while this copy replays makes it leave (drop out without
+    // claiming a generation); it is never kept for a later go-live. Once live, the VM's
+    // own stop handling takes it.
+    let secondary = std::sync::Arc::new(secondary);
+    let leaving = secondary.clone();
+    std::thread::Builder::new()
+        .name("ft-leave".into())
+        .spawn(move || {
+            while !machine::stop_requested() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            leaving.leave("stopped by the operator");
+        })
+        .map_err(|e| bad(format!("cannot start a thread: {e}")))?;
+    let result = machine.run(spec, inputs);
+    if secondary.left() {
+        eprintln!("tandem: the secondary left on request; the primary carries on unprotected");
+        return Ok(0);
+    }
+    let report = result?;
+    if let Some(generation) = secondary.live_generation() {
+        // This copy is the VM now: its end is the VM's status.
+        let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
+        dir.write_status(
+            generation,
+            &[
+                ("role", "stopped".into()),
+                ("host", lockstep::primary::hostname()),
+                ("protected", "false".into()),
+                ("generation", generation.to_string()),
+                ("events", report.events.to_string()),
+                ("exit", report.exit.to_string()),
+            ],
+        );
+    }
     // Ended with the primary: make sure it heard so before the channel closes.
     secondary.finish(std::time::Duration::from_secs(2));
     Ok(exit_code(&report.exit))

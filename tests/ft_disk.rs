@@ -136,8 +136,9 @@ fn renamed_rotated_and_unlinked_open_files_survive_a_primary_host_kill() {
 /// A primary that dies right after performing a disk operation that must not be done
 /// twice — before its event reached the log or the secondary — leaves a secondary that
 /// answers the guest as the primary would have: the operation is not done again (a rename
-/// would fail ENOENT, a mkdir EEXIST), its outcome is taken from the disk. For each of the
-/// guest's eight such operations in turn, the files end exactly as an uninterrupted run's.
+/// would fail ENOENT, a mkdir EEXIST), its outcome is taken from the disk, and descriptors
+/// held across a rename keep working. For each of the guest's ten such operations in turn,
+/// the files end exactly as an uninterrupted run's.
 #[test]
 fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_go_live() {
     let wasm = guest("uncertain.wasm");
@@ -160,11 +161,13 @@ fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_
             .1,
     )
     .into_owned();
-    assert_eq!(results.lines().count(), 10, "{results}");
+    assert_eq!(results.lines().count(), 15, "{results}");
     assert!(results.lines().all(|l| l.ends_with("= 0 ok")), "{results}");
 
     let port0 = 20_000 + (std::process::id() % 20_000) as u16;
-    for k in 1..=8u16 {
+    // mkdir, O_EXCL create, rename, link, symlink, unlink, rename over an open file,
+    // rename of a folder held open, unlink, rmdir.
+    for k in 1..=10u16 {
         let shared = tempfile::tempdir().unwrap();
         let data = shared.path().join("u/data");
         std::fs::create_dir_all(&data).unwrap();
@@ -250,4 +253,135 @@ fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_
             "the files differ from an uninterrupted run's: {story}"
         );
     }
+}
+
+/// An operator's stop of a secondary makes it leave: it exits at once without claiming a
+/// generation, the primary carries on unprotected and finishes the run, and the stop is
+/// never kept for a later go-live.
+#[test]
+fn sigterm_to_a_secondary_makes_it_leave_and_the_primary_carries_on() {
+    let churn = guest("filechurn.wasm");
+    let reference = tempfile::tempdir().unwrap();
+    let run = tandem(&[
+        "vm",
+        "run",
+        "--wasm",
+        s(&churn),
+        "--datastore",
+        s(reference.path()),
+        "--arg",
+        "200",
+        "--arg",
+        "10",
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let want = contents(reference.path());
+
+    let shared = tempfile::tempdir().unwrap();
+    let data = shared.path().join("c/data");
+    std::fs::create_dir_all(&data).unwrap();
+    let addr = format!(
+        "127.0.0.1:{}",
+        40_000 + (std::process::id() % 20_000) as u16
+    );
+    let out = |who: &str| std::fs::File::create(shared.path().join(who)).unwrap();
+    let spawn = |args: &[&str], who: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .stdout(out(who))
+            .stderr(out(&format!("{who}.err")))
+            .spawn()
+            .expect("starting tandem")
+    };
+    let mut primary = spawn(
+        &[
+            "ft",
+            "primary",
+            "--vm",
+            "c",
+            "--shared",
+            s(shared.path()),
+            "--log-listen",
+            &addr,
+            "--wasm",
+            s(&churn),
+            "--datastore",
+            s(&data),
+            "--arg",
+            "200",
+            "--arg",
+            "10",
+        ],
+        "primary",
+    );
+    let mut secondary = spawn(
+        &[
+            "ft",
+            "secondary",
+            "--vm",
+            "c",
+            "--shared",
+            s(shared.path()),
+            "--primary",
+            &addr,
+            "--wasm",
+            s(&churn),
+            "--datastore",
+            s(&data),
+        ],
+        "secondary",
+    );
+    let read = |who: &str| std::fs::read_to_string(shared.path().join(who)).unwrap_or_default();
+    let status = || read("c/status");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status().contains("protected=true") {
+        assert!(
+            Instant::now() < deadline,
+            "never protected: {}",
+            read("primary.err")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(secondary.id() as i32, libc::SIGTERM) };
+    let wait = |c: &mut std::process::Child, limit: u64| {
+        let deadline = Instant::now() + Duration::from_secs(limit);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let sec = wait(&mut secondary, 5);
+    let story = || {
+        format!(
+            "primary:\n{}\nsecondary:\n{}",
+            read("primary.err"),
+            read("secondary.err")
+        )
+    };
+    assert_eq!(sec, Some(0), "the secondary left at once: {}", story());
+    assert!(
+        read("secondary.err").contains("left on request"),
+        "{}",
+        story()
+    );
+    let p = wait(&mut primary, 20);
+    assert_eq!(p, Some(0), "the primary finished the run: {}", story());
+    assert!(
+        read("primary").contains("filechurn: 200 steps, 0 bad reads"),
+        "{}",
+        story()
+    );
+    assert!(
+        !read("secondary").contains("filechurn"),
+        "the secondary never went live: {}",
+        story()
+    );
+    assert_eq!(contents(&data), want, "{}", story());
 }

@@ -40,6 +40,10 @@ struct State {
     end_confirmed: bool,
     /// The primary's intent for the event after those received, if it sent one.
     intent: Option<Intent>,
+    /// The generation this copy won to go live in, once it did.
+    live_generation: Option<u64>,
+    /// This copy left on request (an operator's stop) before it went live.
+    left: bool,
     acknowledger_gone: bool,
 }
 
@@ -56,6 +60,8 @@ impl Shared {
 
 pub struct Secondary {
     shared: Arc<Shared>,
+    /// The logging channel, to close it when this copy leaves.
+    stream: TcpStream,
     pub header: LogHeader,
     pub generation: u64,
     /// The primary's release point: this copy is eligible to go live once it holds this
@@ -96,6 +102,7 @@ impl Secondary {
         writer
             .send(KIND_MSG, &encode(&ToPrimary::Hello { host: host.clone() }))
             .map_err(io_err("send Hello"))?;
+        let channel = stream.try_clone().map_err(io_err("clone the stream"))?;
         let mut reader = FrameReader::new(stream, key);
         let (_, hello) = reader.recv()?;
         let ToSecondary::Hello {
@@ -115,6 +122,8 @@ impl Secondary {
                 verdict: None,
                 end_confirmed: false,
                 intent: None,
+                live_generation: None,
+                left: false,
                 acknowledger_gone: false,
             }),
             cv: Condvar::new(),
@@ -159,10 +168,40 @@ impl Secondary {
         );
         Ok(Secondary {
             shared,
+            stream: channel,
             header,
             generation,
             release,
         })
+    }
+
+    /// Leave (an operator stopped this copy) unless it already went live or holds the end:
+    /// it drops out without claiming a generation, and the primary, finding the channel
+    /// closed, carries on unprotected. A stop is never remembered for a later go-live.
+    /// Returns whether it left.
+    pub fn leave(&self, why: &str) -> bool {
+        {
+            let mut st = self.shared.lock();
+            if st.verdict.is_some() || st.end.is_some() {
+                return false;
+            }
+            st.left = true;
+            st.verdict = Some(Verdict::Halt(format!("left: {why}")));
+        }
+        self.shared.cv.notify_all();
+        tracing::warn!("secondary leaving: {why}; not claiming a generation");
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        true
+    }
+
+    /// Whether this copy left on request ([`Secondary::leave`]).
+    pub fn left(&self) -> bool {
+        self.shared.lock().left
+    }
+
+    /// The generation this copy went live in, if it won arbitration.
+    pub fn live_generation(&self) -> Option<u64> {
+        self.shared.lock().live_generation
     }
 
     pub fn source(&self) -> SecondarySource {
@@ -241,6 +280,10 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
 /// The primary is lost: drop out if this copy has not caught up, otherwise arbitrate; tell
 /// the VM what to do once the queue is empty.
 fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, why: &str) {
+    if s.lock().verdict.is_some() {
+        // This copy left on request: nothing to settle.
+        return;
+    }
     let next = generation + 1;
     let received = s.lock().received;
     let verdict = if received < release {
@@ -256,6 +299,7 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
                 tracing::warn!(
                     "primary lost ({why}); won arbitration for generation {next}: going live"
                 );
+                s.lock().live_generation = Some(next);
                 dir.write_status(
                     next,
                     &[

@@ -218,7 +218,15 @@ pub fn serve(path: &Path, control: Arc<Control>) -> Result<Server, ControlError>
         path: path.to_path_buf(),
         source,
     };
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a stale socket is replaced: any other file there is someone's.
+        if !meta.file_type().is_socket() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
@@ -228,6 +236,12 @@ pub fn serve(path: &Path, control: Arc<Control>) -> Result<Server, ControlError>
         std::fs::remove_file(path).map_err(err)?;
     }
     let listener = UnixListener::bind(path).map_err(err)?;
+    // Whoever can connect can snapshot the VM to any path this process may write, and
+    // stop it: the socket is its owner's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    }
     std::thread::Builder::new()
         .name("tandem-api".into())
         .spawn(move || {

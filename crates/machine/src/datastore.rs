@@ -277,24 +277,38 @@ impl LiveHost {
         self.root = Some(Root {
             aside: aside_folder(&path),
             path,
+            fd: rootfd.try_clone().map_err(err)?,
         });
         for (fd, kind) in fds.iter() {
-            match kind {
-                FdKind::Dir {
-                    preopen: Some(_), ..
-                } => {
-                    self.dirs.insert(fd, rootfd.try_clone().map_err(err)?);
-                }
-                FdKind::Dir { path: p, ino, .. } => {
-                    match self.reopen(base, p, *ino, libc::O_RDONLY | libc::O_DIRECTORY, false) {
-                        Some(d) => {
-                            self.dirs.insert(fd, d);
-                        }
-                        None => tracing::error!(
-                            "directory descriptor {fd} ({p}) is gone: it answers EIO"
-                        ),
-                    }
-                }
+            if let FdKind::Dir {
+                preopen: Some(_), ..
+            } = kind
+            {
+                self.dirs.insert(fd, rootfd.try_clone().map_err(err)?);
+            }
+        }
+        self.reopen_missing(fds);
+        Ok(())
+    }
+
+    /// Open again every file and directory of `fds` this host holds no handle for (all of
+    /// them on a copy going live; after that, those whose path was unknown until the
+    /// outcome of the operation at the go-live said where they went). One that cannot be
+    /// found answers EIO.
+    pub(crate) fn reopen_missing(&mut self, fds: &FdTable) {
+        self.missing = false;
+        let Some(base) = self.root.as_ref().map(|r| r.fd.as_raw_fd()) else {
+            return;
+        };
+        for (fd, kind) in fds.iter() {
+            if self.files.contains_key(&fd) || self.dirs.contains_key(&fd) {
+                continue;
+            }
+            let found = match kind {
+                FdKind::Dir { path: p, ino, .. } => self
+                    .reopen(base, p, *ino, libc::O_RDONLY | libc::O_DIRECTORY, false)
+                    .map(|d| self.dirs.insert(fd, d))
+                    .is_some(),
                 FdKind::File {
                     path: p,
                     ino,
@@ -309,25 +323,20 @@ impl LiveHost {
                         (false, true) => libc::O_WRONLY,
                         _ => libc::O_RDONLY,
                     };
-                    match self.reopen(
-                        base,
-                        p,
-                        *ino,
-                        access | libc::O_NONBLOCK | sync_flags(*flags),
-                        *aside,
-                    ) {
-                        Some(f) => {
-                            self.files.insert(fd, File::from(f));
-                        }
-                        None => tracing::error!(
-                            "descriptor {fd} ({p}, inode {ino}) cannot be reopened: it answers EIO"
-                        ),
-                    }
+                    let flags = access | libc::O_NONBLOCK | sync_flags(*flags);
+                    self.reopen(base, p, *ino, flags, *aside)
+                        .map(|f| self.files.insert(fd, File::from(f)))
+                        .is_some()
                 }
-                _ => {}
+                _ => continue,
+            };
+            if !found {
+                self.missing = true;
+                tracing::warn!(
+                    "descriptor {fd} ({kind:?}) cannot be found again (yet): it answers EIO"
+                );
             }
         }
-        Ok(())
     }
 
     /// Find an open file or directory again: at its path if the same inode is there,

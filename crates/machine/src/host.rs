@@ -55,6 +55,9 @@ pub struct LiveHost {
     /// The operation at hand was performed before the go-live: an exclusive create opens
     /// the file it created.
     pub(crate) redo: bool,
+    /// Some descriptor of the table could not be found again (see
+    /// [`LiveHost::reopen_missing`]).
+    pub(crate) missing: bool,
 }
 
 /// The datastore on this host: every guest path is resolved by the kernel beneath it.
@@ -64,6 +67,8 @@ pub(crate) struct Root {
     /// Where files unlinked or replaced while open are set aside: a folder beside the
     /// datastore (`.NAME.aside`), on the same file system and outside the guest's reach.
     pub(crate) aside: Option<PathBuf>,
+    /// The datastore folder itself, which every reopened path is resolved beneath.
+    pub(crate) fd: OwnedFd,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +150,7 @@ impl LiveHost {
             mono_offset: 0,
             uncertain: None,
             redo: false,
+            missing: false,
         };
         let now = host_monotonic() as i128;
         if (clock.last_monotonic as i128) > now {

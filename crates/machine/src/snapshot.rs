@@ -342,6 +342,23 @@ pub fn decode(
 
 /// Write a snapshot to `path` durably and atomically: a temporary file beside it, synced,
 /// renamed over `path`, the folder synced. Returns the file's length.
+/// A random number for a temporary name (it only has to defeat guessing).
+fn nonce() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is writable for its length for the duration of the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == b.len() as isize {
+        u64::from_le_bytes(b)
+    } else {
+        // No entropy is no reason to fail a snapshot: the exclusive create still refuses
+        // anything planted at the name.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    }
+}
+
 pub fn write_file(path: &Path, s: &Snapshot) -> Result<u64, SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
@@ -358,16 +375,21 @@ pub fn write_file(path: &Path, s: &Snapshot) -> Result<u64, SnapshotError> {
             "not a file name",
         ))
     })?;
+    // A fresh name, created exclusively and never through a link: a file or link planted
+    // at a predictable name is never written through.
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{}.tmp",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        nonce()
     ));
     let result = (|| {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;

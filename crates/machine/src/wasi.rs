@@ -1097,6 +1097,13 @@ fn path_op(
                 vm.fds.set_aside(ino);
             }
             vm.fds.moved(&from, &to);
+            // A copy gone live at a rename its predecessor performed could not reopen what
+            // moved: now the table says where it went.
+            if let crate::vm::Inputs::Live { host, .. } = &mut vm.inputs
+                && host.missing
+            {
+                host.reopen_missing(&vm.fds);
+            }
         }
         Outcome::Errno(e) => return Err(e.into()),
         other => return Err(Stop::Fault(vm.unexpected(kind, &other))),
