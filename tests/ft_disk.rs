@@ -26,21 +26,7 @@ fn renamed_rotated_and_unlinked_open_files_survive_a_primary_host_kill() {
     let (steps, ms) = ("300", "10");
 
     // The reference: the same guest run unprotected, start to end.
-    let reference = tempfile::tempdir().unwrap();
-    let run = tandem(&[
-        "vm",
-        "run",
-        "--wasm",
-        s(&churn),
-        "--datastore",
-        s(reference.path()),
-        "--arg",
-        steps,
-        "--arg",
-        ms,
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let want = contents(reference.path());
+    let want = reference_run(&churn, &[steps, ms]);
     assert!(
         want.iter().any(|(p, _)| p == Path::new("app.log.5")),
         "the guest rotated its log: {want:?}"
@@ -133,6 +119,62 @@ fn renamed_rotated_and_unlinked_open_files_survive_a_primary_host_kill() {
     );
 }
 
+/// The files an uninterrupted, unprotected run of `wasm` with `args` leaves.
+fn reference_run(wasm: &Path, args: &[&str]) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = vec!["vm", "run", "--wasm", s(wasm), "--datastore", s(dir.path())];
+    for x in args {
+        a.extend(["--arg", x]);
+    }
+    let run = tandem(&a);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    contents(dir.path())
+}
+
+/// `tandem ARGS` in this namespace (an FT pair on loopback), its stdout and stderr in
+/// `dir/WHO` and `dir/WHO.err`.
+fn spawn(dir: &Path, who: &str, args: &[&str], env: &[(&str, String)]) -> std::process::Child {
+    let out = |name: String| std::fs::File::create(dir.join(name)).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(out(who.to_string()))
+        .stderr(out(format!("{who}.err")))
+        .spawn()
+        .expect("starting tandem")
+}
+
+/// Wait (bounded) for `c`; how it ended, or `None` if it had to be killed.
+fn wait_child(c: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read(dir: &Path, who: &str) -> String {
+    std::fs::read_to_string(dir.join(who)).unwrap_or_default()
+}
+
+/// What both copies said, for a failing assertion.
+fn story(dir: &Path) -> String {
+    format!(
+        "primary:\n{}{}\nsecondary:\n{}{}",
+        read(dir, "primary"),
+        read(dir, "primary.err"),
+        read(dir, "secondary"),
+        read(dir, "secondary.err")
+    )
+}
+
 /// A primary that dies right after performing a disk operation that must not be done
 /// twice — before its event reached the log or the secondary — leaves a secondary that
 /// answers the guest as the primary would have: the operation is not done again (a rename
@@ -142,17 +184,7 @@ fn renamed_rotated_and_unlinked_open_files_survive_a_primary_host_kill() {
 #[test]
 fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_go_live() {
     let wasm = guest("uncertain.wasm");
-    let reference = tempfile::tempdir().unwrap();
-    let run = tandem(&[
-        "vm",
-        "run",
-        "--wasm",
-        s(&wasm),
-        "--datastore",
-        s(reference.path()),
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let want = contents(reference.path());
+    let want = reference_run(&wasm, &[]);
     let results = String::from_utf8_lossy(
         &want
             .iter()
@@ -169,84 +201,48 @@ fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_
     // rename of a folder held open, unlink, rmdir.
     for k in 1..=10u16 {
         let shared = tempfile::tempdir().unwrap();
-        let data = shared.path().join("u/data");
+        let dir = shared.path();
+        let data = dir.join("u/data");
         std::fs::create_dir_all(&data).unwrap();
         let addr = format!("127.0.0.1:{}", port0 + k);
-        let out = |who: &str| std::fs::File::create(shared.path().join(who)).unwrap();
-        let spawn = |args: &[&str], who: &str, failpoint: Option<String>| {
-            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
-            c.args(args)
-                .stdout(out(who))
-                .stderr(out(&format!("{who}.err")));
-            if let Some(f) = failpoint {
-                c.env("TANDEM_FAILPOINT", f);
-            }
-            c.spawn().expect("starting tandem")
-        };
+        let ft = [
+            "--vm",
+            "u",
+            "--shared",
+            s(dir),
+            "--wasm",
+            s(&wasm),
+            "--datastore",
+            s(&data),
+        ];
+        // The guest waits a second first: the secondary is attached before its first
+        // operation.
         let mut primary = spawn(
-            &[
-                "ft",
-                "primary",
-                "--vm",
-                "u",
-                "--shared",
-                s(shared.path()),
-                "--log-listen",
-                &addr,
-                "--wasm",
-                s(&wasm),
-                "--datastore",
-                s(&data),
-                "--arg",
-                "1000",
-            ],
+            dir,
             "primary",
-            Some(format!("die-after-uncertain:{k}")),
+            &[
+                &["ft", "primary", "--log-listen", &addr, "--arg", "1000"][..],
+                &ft,
+            ]
+            .concat(),
+            &[("TANDEM_FAILPOINT", format!("die-after-uncertain:{k}"))],
         );
         let mut secondary = spawn(
-            &[
-                "ft",
-                "secondary",
-                "--vm",
-                "u",
-                "--shared",
-                s(shared.path()),
-                "--primary",
-                &addr,
-                "--wasm",
-                s(&wasm),
-                "--datastore",
-                s(&data),
-            ],
+            dir,
             "secondary",
-            None,
+            &[&["ft", "secondary", "--primary", &addr][..], &ft].concat(),
+            &[],
         );
-        let wait = |c: &mut std::process::Child, what: &str| {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Some(st) = c.try_wait().unwrap() {
-                    return st;
-                }
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    panic!("{what} did not finish");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
-        let p = wait(&mut primary, "the primary");
-        let sec = wait(&mut secondary, "the secondary");
-        let read = |who: &str| std::fs::read_to_string(shared.path().join(who)).unwrap_or_default();
-        let story = format!(
-            "failpoint {k}\nprimary: {p:?}\n{}{}\nsecondary: {sec:?}\n{}{}",
-            read("primary"),
-            read("primary.err"),
-            read("secondary"),
-            read("secondary.err")
+        let p = wait_child(&mut primary, Duration::from_secs(20));
+        let sec = wait_child(&mut secondary, Duration::from_secs(20));
+        let story = format!("failpoint {k}\n{}", story(dir));
+        assert_eq!(
+            p.map(|p| p.code()),
+            Some(None),
+            "the primary died by its failpoint: {story}"
         );
-        assert_eq!(p.code(), None, "the primary died by its failpoint: {story}");
-        assert_eq!(sec.code(), Some(0), "{story}");
-        assert!(read("secondary.err").contains("went live"), "{story}");
+        assert_eq!(sec.and_then(|s| s.code()), Some(0), "{story}");
+        assert!(read(dir, "secondary.err").contains("went live"), "{story}");
         assert_eq!(
             contents(&data),
             want,
@@ -261,127 +257,85 @@ fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_
 #[test]
 fn sigterm_to_a_secondary_makes_it_leave_and_the_primary_carries_on() {
     let churn = guest("filechurn.wasm");
-    let reference = tempfile::tempdir().unwrap();
-    let run = tandem(&[
-        "vm",
-        "run",
-        "--wasm",
-        s(&churn),
-        "--datastore",
-        s(reference.path()),
-        "--arg",
-        "200",
-        "--arg",
-        "10",
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let want = contents(reference.path());
-
+    let want = reference_run(&churn, &["200", "10"]);
     let shared = tempfile::tempdir().unwrap();
-    let data = shared.path().join("c/data");
+    let dir = shared.path();
+    let data = dir.join("c/data");
     std::fs::create_dir_all(&data).unwrap();
     let addr = format!(
         "127.0.0.1:{}",
         40_000 + (std::process::id() % 20_000) as u16
     );
-    let out = |who: &str| std::fs::File::create(shared.path().join(who)).unwrap();
-    let spawn = |args: &[&str], who: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(args)
-            .stdout(out(who))
-            .stderr(out(&format!("{who}.err")))
-            .spawn()
-            .expect("starting tandem")
-    };
+    let ft = [
+        "--vm",
+        "c",
+        "--shared",
+        s(dir),
+        "--wasm",
+        s(&churn),
+        "--datastore",
+        s(&data),
+    ];
     let mut primary = spawn(
-        &[
-            "ft",
-            "primary",
-            "--vm",
-            "c",
-            "--shared",
-            s(shared.path()),
-            "--log-listen",
-            &addr,
-            "--wasm",
-            s(&churn),
-            "--datastore",
-            s(&data),
-            "--arg",
-            "200",
-            "--arg",
-            "10",
-        ],
+        dir,
         "primary",
+        &[
+            &[
+                "ft",
+                "primary",
+                "--log-listen",
+                &addr,
+                "--arg",
+                "200",
+                "--arg",
+                "10",
+            ][..],
+            &ft,
+        ]
+        .concat(),
+        &[],
     );
     let mut secondary = spawn(
-        &[
-            "ft",
-            "secondary",
-            "--vm",
-            "c",
-            "--shared",
-            s(shared.path()),
-            "--primary",
-            &addr,
-            "--wasm",
-            s(&churn),
-            "--datastore",
-            s(&data),
-        ],
+        dir,
         "secondary",
+        &[&["ft", "secondary", "--primary", &addr][..], &ft].concat(),
+        &[],
     );
-    let read = |who: &str| std::fs::read_to_string(shared.path().join(who)).unwrap_or_default();
-    let status = || read("c/status");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !status().contains("protected=true") {
-        assert!(
-            Instant::now() < deadline,
-            "never protected: {}",
-            read("primary.err")
-        );
+    while !read(dir, "c/status").contains("protected=true") {
+        assert!(Instant::now() < deadline, "never protected: {}", story(dir));
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
     unsafe { libc::kill(secondary.id() as i32, libc::SIGTERM) };
-    let wait = |c: &mut std::process::Child, limit: u64| {
-        let deadline = Instant::now() + Duration::from_secs(limit);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let sec = wait(&mut secondary, 5);
-    let story = || {
-        format!(
-            "primary:\n{}\nsecondary:\n{}",
-            read("primary.err"),
-            read("secondary.err")
-        )
-    };
-    assert_eq!(sec, Some(0), "the secondary left at once: {}", story());
-    assert!(
-        read("secondary.err").contains("left on request"),
-        "{}",
-        story()
-    );
-    let p = wait(&mut primary, 20);
-    assert_eq!(p, Some(0), "the primary finished the run: {}", story());
-    assert!(
-        read("primary").contains("filechurn: 200 steps, 0 bad reads"),
-        "{}",
-        story()
+    let sec = wait_child(&mut secondary, Duration::from_secs(5));
+    assert_eq!(
+        sec.and_then(|s| s.code()),
+        Some(0),
+        "the secondary left at once: {}",
+        story(dir)
     );
     assert!(
-        !read("secondary").contains("filechurn"),
+        read(dir, "secondary.err").contains("left on request"),
+        "{}",
+        story(dir)
+    );
+    let p = wait_child(&mut primary, Duration::from_secs(20));
+    assert_eq!(
+        p.and_then(|p| p.code()),
+        Some(0),
+        "the primary finished the run: {}",
+        story(dir)
+    );
+    assert!(
+        read(dir, "primary").contains("filechurn: 200 steps, 0 bad reads"),
+        "{}",
+        story(dir)
+    );
+    assert!(
+        !read(dir, "secondary").contains("filechurn"),
         "the secondary never went live: {}",
-        story()
+        story(dir)
     );
-    assert_eq!(contents(&data), want, "{}", story());
+    assert_eq!(contents(&data), want, "{}", story(dir));
 }
