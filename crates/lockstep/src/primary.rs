@@ -438,6 +438,10 @@ impl OutputPort for GatedPort {
         self.hold(position, Held::Console(fd, data.to_vec()));
     }
 
+    fn replicates(&self) -> bool {
+        true
+    }
+
     fn before_uncertain(&mut self, intent: &Intent) -> Result<(), LogError> {
         let s = &self.0;
         let mut st = s.lock();

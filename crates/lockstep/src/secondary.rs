@@ -228,6 +228,18 @@ impl Secondary {
     }
 }
 
+/// Events, the end and intents each come at the position right after the events received:
+/// anything else is a broken stream.
+fn in_place(st: &State, position: u64, what: &str) -> Result<(), FtError> {
+    if position != st.received {
+        return Err(FtError::Protocol(format!(
+            "{what} at position {position} where {} events were received",
+            st.received
+        )));
+    }
+    Ok(())
+}
+
 /// Take frames until the primary ends the run or the channel fails.
 fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
     loop {
@@ -236,12 +248,7 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
             ToSecondary::Events(events) => {
                 let mut st = s.lock();
                 for e in events {
-                    if e.seq != st.received {
-                        return Err(FtError::Protocol(format!(
-                            "event {} where {} belongs",
-                            e.seq, st.received
-                        )));
-                    }
+                    in_place(&st, e.seq, "event")?;
                     st.received += 1;
                     st.queue.push_back(e);
                 }
@@ -249,12 +256,7 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
             }
             ToSecondary::End(end) => {
                 let mut st = s.lock();
-                if end.events != st.received {
-                    return Err(FtError::Protocol(format!(
-                        "an end after {} events where {} were received",
-                        end.events, st.received
-                    )));
-                }
+                in_place(&st, end.events, "the end")?;
                 // From here on this copy ends the way the primary did and never arbitrates.
                 st.end = Some(end);
                 s.cv.notify_all();
@@ -262,12 +264,7 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
             }
             ToSecondary::Intent(intent) => {
                 let mut st = s.lock();
-                if intent.seq != st.received {
-                    return Err(FtError::Protocol(format!(
-                        "an intent for event {} where {} were received",
-                        intent.seq, st.received
-                    )));
-                }
+                in_place(&st, intent.seq, "an intent")?;
                 st.intent = Some(intent);
                 s.cv.notify_all();
             }

@@ -657,19 +657,7 @@ mod tests {
     static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn guest(name: &str) -> Vec<u8> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = Command::new("make")
-            .arg("-s")
-            .arg("-C")
-            .arg(root.join("guests"))
-            .output()
-            .expect("make");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::read(root.join("guests/build").join(name)).unwrap()
+        std::fs::read(crate::testing::guest(name)).unwrap()
     }
 
     #[test]

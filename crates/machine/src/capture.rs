@@ -756,21 +756,7 @@ mod tests {
     use crate::log::{Exit, LogReader, LogWriter};
     use crate::vm::{DEFAULT_MEMORY_LIMIT, Machine, live_inputs};
 
-    fn guest(name: &str) -> PathBuf {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = std::process::Command::new("make")
-            .arg("-s")
-            .arg("-C")
-            .arg(root.join("guests"))
-            .output()
-            .expect("make");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        root.join("guests/build").join(name)
-    }
+    use crate::testing::{guest, quiet};
 
     fn spec(args: &[&str], datastore: bool) -> GuestSpec {
         GuestSpec {
@@ -909,15 +895,7 @@ mod tests {
         )
         .unwrap();
         let spec = spec(&["clockcheck", "300"], false);
-        let quiet = || Inputs::Live {
-            host: crate::vm::live_host(&spec, None, None).unwrap(),
-            sink: None,
-            port: Box::new(crate::port::Direct {
-                tap: None,
-                console: false,
-            }),
-        };
-        let plain = m.run(spec.clone(), quiet(), None).unwrap();
+        let plain = m.run(spec.clone(), quiet(&spec), None).unwrap();
         assert_eq!(plain.report.exit, Exit::Code(0));
         let snap_path = dir.path().join("suspended.snap");
         let plan = Plan {
@@ -925,12 +903,12 @@ mod tests {
             to: snap_path.clone(),
             stop: true,
         };
-        let stopped = m.run(spec.clone(), quiet(), Some(plan)).unwrap();
+        let stopped = m.run(spec.clone(), quiet(&spec), Some(plan)).unwrap();
         assert_eq!(stopped.report.exit, Exit::Stopped);
         let taken = stopped.taken.unwrap();
         assert_eq!(stopped.report.events, taken.events);
         let restore = m.open_snapshot(&snap_path).unwrap();
-        let resumed = m.resume(&restore, quiet(), None, false).unwrap();
+        let resumed = m.resume(&restore, quiet(&spec), None, false).unwrap();
         assert_eq!(resumed.report.exit, Exit::Code(0));
         assert_eq!(resumed.report.events, plain.report.events);
         assert_eq!(
@@ -955,23 +933,15 @@ mod tests {
         )
         .unwrap();
         let spec = spec(&["bench_cpu", "10"], false);
-        let quiet = || Inputs::Live {
-            host: crate::vm::live_host(&spec, None, None).unwrap(),
-            sink: None,
-            port: Box::new(crate::port::Direct {
-                tap: None,
-                console: false,
-            }),
-        };
         let (mut best_plain, mut best_inst) = (f64::MAX, f64::MAX);
         let (mut dp, mut di) = (None, None);
         for _ in 0..5 {
             let t = Instant::now();
-            let r = plain.run(spec.clone(), quiet()).unwrap();
+            let r = plain.run(spec.clone(), quiet(&spec)).unwrap();
             best_plain = best_plain.min(t.elapsed().as_secs_f64());
             dp = Some(r.digest);
             let t = Instant::now();
-            let r = inst.run(spec.clone(), quiet(), None).unwrap();
+            let r = inst.run(spec.clone(), quiet(&spec), None).unwrap();
             best_inst = best_inst.min(t.elapsed().as_secs_f64());
             di = Some(r.report.digest);
         }

@@ -208,17 +208,22 @@ fn push_dirent(out: &mut Vec<u8>, next: u64, ino: u64, kind: u8, name: &[u8]) {
 
 /// What open flags a guest's `path_open` maps to on the host. Appends are not passed on:
 /// every write is positional, at the end the VM knows for an append.
+/// The access mode of a descriptor that reads and/or writes (neither: read-only).
+fn access(read: bool, write: bool) -> i32 {
+    match (read, write) {
+        (true, true) => libc::O_RDWR,
+        (false, true) => libc::O_WRONLY,
+        _ => libc::O_RDONLY,
+    }
+}
+
 pub(crate) fn open_flags(of: u16, fdfl: u16, read: bool, write: bool, follow: bool) -> i32 {
     let mut flags = libc::O_NONBLOCK;
     if of & oflags::DIRECTORY != 0 {
         // A directory opened to write is EISDIR, as natively and in wasmtime.
         flags |= libc::O_DIRECTORY | if write { libc::O_RDWR } else { libc::O_RDONLY };
     } else {
-        flags |= match (read, write) {
-            (true, true) => libc::O_RDWR,
-            (false, true) => libc::O_WRONLY,
-            _ => libc::O_RDONLY,
-        };
+        flags |= access(read, write);
     }
     if of & oflags::CREAT != 0 {
         flags |= libc::O_CREAT;
@@ -318,12 +323,7 @@ impl LiveHost {
                     aside,
                     ..
                 } => {
-                    let access = match (*read, *write) {
-                        (true, true) => libc::O_RDWR,
-                        (false, true) => libc::O_WRONLY,
-                        _ => libc::O_RDONLY,
-                    };
-                    let flags = access | libc::O_NONBLOCK | sync_flags(*flags);
+                    let flags = access(*read, *write) | libc::O_NONBLOCK | sync_flags(*flags);
                     self.reopen(base, p, *ino, flags, *aside)
                         .map(|f| self.files.insert(fd, File::from(f)))
                         .is_some()
@@ -427,6 +427,17 @@ impl LiveHost {
         openat2(base, &c, flags, 0).map_err(|e| resolve_errno(&e))
     }
 
+    /// The path inside the datastore of the name `at` (its parent as the kernel knows it),
+    /// or `None` where the kernel cannot give it (beyond PATH_MAX).
+    fn kernel_path(&self, at: &At) -> Option<String> {
+        let parent = self.rel(at.dir())?;
+        Some(if parent.is_empty() {
+            at.last.clone()
+        } else {
+            format!("{parent}/{}", at.last)
+        })
+    }
+
     fn rel(&self, fd: RawFd) -> Option<String> {
         datastore_path(&self.root.as_ref()?.path, fd)
     }
@@ -506,13 +517,7 @@ impl LiveHost {
             Kind::PathRename => {
                 let path = |i: usize| {
                     let &(fd, guest) = names.get(i)?;
-                    let at = self.at(fd, guest).ok()?;
-                    let parent = self.rel(at.dir())?;
-                    Some(if parent.is_empty() {
-                        at.last.clone()
-                    } else {
-                        format!("{parent}/{}", at.last)
-                    })
+                    self.kernel_path(&self.at(fd, guest).ok()?)
                 };
                 let source = match before.first() {
                     Some(NameState::Present { ino, .. }) => Some(*ino),
@@ -822,15 +827,7 @@ impl LiveHost {
         // Both names as the kernel knows them, taken before the rename: the descriptors
         // below the source move with it. A name the kernel cannot give (beyond PATH_MAX)
         // is refused rather than leave descriptors that could not be found again.
-        let path = |at: &At| {
-            let parent = self.rel(at.dir())?;
-            Some(if parent.is_empty() {
-                at.last.clone()
-            } else {
-                format!("{parent}/{}", at.last)
-            })
-        };
-        let (Some(from), Some(to)) = (path(&a), path(&b)) else {
+        let (Some(from), Some(to)) = (self.kernel_path(&a), self.kernel_path(&b)) else {
             return Outcome::Errno(errno::NAMETOOLONG);
         };
         let aside = Self::open_file_at(b.dir(), &b.name, fds)

@@ -29,3 +29,38 @@ pub use vm::{
     DEFAULT_MEMORY_LIMIT, GoLive, GuestSpec, Inputs, Machine, MachineError, RunReport,
     deterministic_engine, hex, live_host, live_inputs, nic_tap, request_stop, stop_requested,
 };
+
+/// Helpers for this crate's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::{Path, PathBuf};
+
+    /// An example guest, built by `make -C guests` (idempotent) if need be.
+    pub fn guest(name: &str) -> PathBuf {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = std::process::Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(root.join("guests"))
+            .output()
+            .expect("make");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join("guests/build").join(name)
+    }
+
+    /// Live inputs for a VM without datastore or NIC whose console goes nowhere.
+    pub fn quiet(spec: &crate::GuestSpec) -> crate::Inputs {
+        crate::Inputs::Live {
+            host: crate::vm::live_host(spec, None, None).unwrap(),
+            sink: None,
+            port: Box::new(crate::port::Direct {
+                tap: None,
+                console: false,
+            }),
+        }
+    }
+}

@@ -21,6 +21,8 @@ pub trait OutputPort: Send {
     /// be done twice: a port that replicates makes the intent known first. (No default: a
     /// port that wraps another must pass this on, not fall back to `before_disk`.)
     fn before_uncertain(&mut self, intent: &crate::event::Intent) -> Result<(), LogError>;
+    /// Whether outputs go to a replica that may go live (intents are worth computing).
+    fn replicates(&self) -> bool;
 }
 
 /// Write a console output to this process's stdout or stderr.
@@ -69,5 +71,9 @@ impl OutputPort for Direct {
 
     fn before_uncertain(&mut self, _: &crate::event::Intent) -> Result<(), LogError> {
         Ok(())
+    }
+
+    fn replicates(&self) -> bool {
+        false
     }
 }

@@ -316,14 +316,19 @@ impl Vm {
                     if stop_requested() {
                         return Err(Fault::Stopped);
                     }
-                    let uncertain = host.uncertain.take();
+                    let uncertain = host
+                        .uncertain
+                        .take()
+                        .filter(|i| i.seq == seq && i.kind == kind && i.args == args);
                     let mut done_before = None;
-                    if !names.is_empty() {
+                    // The names are looked at only where an intent is to be compared or
+                    // made known: an unprotected VM pays nothing for them.
+                    if !names.is_empty() && (uncertain.is_some() || port.replicates()) {
                         let before = host.name_states(names);
                         match uncertain {
                             // This copy went live at the very operation its predecessor
                             // announced: if the names changed since, it was performed.
-                            Some(i) if i.seq == seq && i.kind == kind && i.args == args => {
+                            Some(i) => {
                                 if before != i.names {
                                     tracing::warn!(
                                         "event {seq} ({kind:?}) was performed before the go-live: its outcome is taken from the disk"
@@ -333,7 +338,7 @@ impl Vm {
                                 }
                                 port.before_disk(seq)?;
                             }
-                            _ => port.before_uncertain(&Intent {
+                            None => port.before_uncertain(&Intent {
                                 seq,
                                 kind,
                                 args,
@@ -622,6 +627,9 @@ impl OutputPort for Muted {
     }
     fn before_uncertain(&mut self, intent: &Intent) -> Result<(), LogError> {
         self.port.before_uncertain(intent)
+    }
+    fn replicates(&self) -> bool {
+        self.port.replicates()
     }
 }
 
