@@ -434,22 +434,9 @@ fn enabling_ft_on_a_running_vm_catches_up_and_protects_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut ft = Ft::start_primary("fe");
     // A VM with a past: 20000 writes before any secondary exists.
-    let bench = ft.lab.client(
-        "redis-benchmark",
-        &[
-            "-h",
-            "10.77.0.10",
-            "-t",
-            "incr",
-            "-n",
-            "20000",
-            "-c",
-            "10",
-            "-P",
-            "8",
-            "-q",
-        ],
-    );
+    let bench = ft
+        .lab
+        .redis_benchmark(&["-t", "incr", "-n", "20000", "-c", "10", "-P", "8"]);
     assert_eq!(bench.code, 0, "{}", bench.stderr);
     assert_eq!(ft.cli(&["SET", "before", "enable"]), "OK");
     assert!(ft.status().contains("protected=false"), "{}", ft.status());
@@ -736,22 +723,9 @@ fn sigterm_to_a_protected_primary_stops_the_vm_on_both_copies() {
 /// transit a second later.
 fn secondary_in_catch_up(tag: &str) -> Ft {
     let mut ft = Ft::start_primary(tag);
-    let bench = ft.lab.client(
-        "redis-benchmark",
-        &[
-            "-h",
-            "10.77.0.10",
-            "-t",
-            "set",
-            "-d",
-            "3000",
-            "-n",
-            "5000",
-            "-c",
-            "10",
-            "-q",
-        ],
-    );
+    let bench = ft
+        .lab
+        .redis_benchmark(&["-t", "set", "-d", "3000", "-n", "5000", "-c", "10"]);
     assert_eq!(bench.code, 0, "{}", bench.stderr);
     assert_eq!(ft.cli(&["SET", "before", "attach"]), "OK");
     assert_eq!(ft.cli(&["INCR", "acked"]), "1");

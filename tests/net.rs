@@ -7,26 +7,6 @@ use common::{Lab, events_and_digest, guest, s, tandem};
 
 const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
 
-/// The load: `redis-benchmark -t set,get,incr -n 20000 -c 20 -P 8` at kvd.
-fn redis_benchmark(lab: &Lab) -> common::Run {
-    lab.client(
-        "redis-benchmark",
-        &[
-            "-h",
-            "10.77.0.10",
-            "-t",
-            "set,get,incr",
-            "-n",
-            "20000",
-            "-c",
-            "20",
-            "-P",
-            "8",
-            "-q",
-        ],
-    )
-}
-
 /// `vm run` of kvd with its datastore at `ds`, its NIC at 10.77.0.10 and port 6379, plus
 /// `extra` flags.
 fn kvd_args<'a>(
@@ -82,7 +62,7 @@ fn kvd_serves_real_redis_clients_and_keeps_its_data_across_a_restart() {
     assert_eq!(cli(&lab, &["DEL", "doomed"]), "1");
     assert_eq!(cli(&lab, &["GET", "doomed"]), "");
 
-    let bench = redis_benchmark(&lab);
+    let bench = lab.redis_benchmark(common::KVD_LOAD);
     assert_eq!(bench.code, 0, "{}{}", bench.stdout, bench.stderr);
     let text = bench.stdout.replace('\r', "\n");
     for t in ["SET", "GET", "INCR"] {
@@ -214,7 +194,7 @@ fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
     let out = dir.path().join("vm.out");
     let vm = lab.start_vm(1, &kvd_args(&kvd, &ds, &["--record", s(&log)]), &out);
     lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
-    let bench = redis_benchmark(&lab);
+    let bench = lab.redis_benchmark(common::KVD_LOAD);
     assert_eq!(bench.code, 0, "{}", bench.stderr);
     assert_eq!(lab.stop_vm(vm), 0);
     let text = std::fs::read_to_string(&out).unwrap();

@@ -267,22 +267,7 @@ fn a_recorded_kvd_under_redis_benchmark_replays_from_a_mid_way_snapshot() {
     ];
     let vm = lab.start_vm(1, &args, &out);
     lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
-    let bench = lab.client(
-        "redis-benchmark",
-        &[
-            "-h",
-            "10.77.0.10",
-            "-t",
-            "set,get,incr",
-            "-n",
-            "20000",
-            "-c",
-            "20",
-            "-P",
-            "8",
-            "-q",
-        ],
-    );
+    let bench = lab.redis_benchmark(common::KVD_LOAD);
     assert_eq!(bench.code, 0, "{}", bench.stderr);
     assert_eq!(lab.stop_vm(vm), 0);
     let text = std::fs::read_to_string(&out).unwrap();

@@ -122,6 +122,9 @@ pub struct Lab {
     vms: Vec<std::process::Child>,
 }
 
+/// The issues' standard load at kvd: `redis-benchmark -t set,get,incr -n 20000 -c 20 -P 8`.
+pub const KVD_LOAD: &[&str] = &["-t", "set,get,incr", "-n", "20000", "-c", "20", "-P", "8"];
+
 impl Lab {
     pub fn up(tag: &str, hosts: u32) -> Lab {
         let name = format!("t{}{tag}", std::process::id() % 100_000);
@@ -182,6 +185,14 @@ impl Lab {
             .output()
             .expect("running a client");
         Run::from(out)
+    }
+
+    /// `redis-benchmark -h KVD ARGS -q` from the client against the lab's kvd.
+    pub fn redis_benchmark(&self, args: &[&str]) -> Run {
+        let mut a = vec!["-h", "10.77.0.10"];
+        a.extend_from_slice(args);
+        a.push("-q");
+        self.client("redis-benchmark", &a)
     }
 
     /// Wait until `redis-cli PING` (or any probe) succeeds from the client, up to 10 s.

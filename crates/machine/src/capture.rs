@@ -238,16 +238,7 @@ impl SnapMachine {
     /// The header of a log of a run of `spec` from power-on: that of the original module,
     /// as `vm run --record` writes it, so that either module replays it.
     pub fn log_header(&self, spec: &GuestSpec) -> LogHeader {
-        LogHeader {
-            module_digest: self.inst.original_digest,
-            args: spec.args.clone(),
-            env: spec.env.clone(),
-            datastore: spec.datastore,
-            memory_limit: spec.memory_limit,
-            nic: spec.nic.clone(),
-            listen: spec.listen.clone(),
-            first_seq: 0,
-        }
+        spec.log_header(self.inst.original_digest)
     }
 
     /// blake3 of the original module (what logs and snapshots name).
@@ -426,20 +417,6 @@ impl SnapMachine {
                 if let Some(c) = &self.control {
                     c.taken_one();
                 }
-                if stop {
-                    let t = Taken {
-                        events: snap.events,
-                        bytes,
-                        pause_ms: since.elapsed().as_secs_f64() * 1e3,
-                    };
-                    if let Some(r) = &remote {
-                        let _ = r.reply.send(Ok(t.clone()));
-                    }
-                    taken = Some(t);
-                    break crate::log::Exit::Stopped;
-                }
-                begin_rewind(&mut store, &instance, &snap.stack)
-                    .map_err(|e| CaptureError::Take(e.to_string()))?;
                 let t = Taken {
                     events: snap.events,
                     bytes,
@@ -449,6 +426,11 @@ impl SnapMachine {
                     let _ = r.reply.send(Ok(t.clone()));
                 }
                 taken = Some(t);
+                if stop {
+                    break crate::log::Exit::Stopped;
+                }
+                begin_rewind(&mut store, &instance, &snap.stack)
+                    .map_err(|e| CaptureError::Take(e.to_string()))?;
                 continue;
             }
             break classify(result)?;
@@ -503,17 +485,10 @@ impl SnapMachine {
             .outputs
             .sealed_chain()
             .ok_or_else(|| CaptureError::Take("outputs not sealed".into()))?;
-        let spec = &vm.spec;
         let state = VmState {
             spec: LogHeader {
-                module_digest: self.inst.original_digest,
-                args: spec.args.clone(),
-                env: spec.env.clone(),
-                datastore: spec.datastore,
-                memory_limit: spec.memory_limit,
-                nic: spec.nic.clone(),
-                listen: spec.listen.clone(),
                 first_seq: vm.seq,
+                ..vm.spec.log_header(self.inst.original_digest)
             },
             seq: vm.seq,
             chain,

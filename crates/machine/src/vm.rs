@@ -160,6 +160,20 @@ pub struct GuestSpec {
 }
 
 impl GuestSpec {
+    /// The header of a log of a run of this guest from power-on, by the module `digest`.
+    pub fn log_header(&self, module_digest: [u8; 32]) -> LogHeader {
+        LogHeader {
+            module_digest,
+            args: self.args.clone(),
+            env: self.env.clone(),
+            datastore: self.datastore,
+            memory_limit: self.memory_limit,
+            nic: self.nic.clone(),
+            listen: self.listen.clone(),
+            first_seq: 0,
+        }
+    }
+
     /// What a guest saw in a recorded or streamed run.
     pub fn from_header(h: &LogHeader) -> Self {
         GuestSpec {
@@ -700,16 +714,7 @@ impl Machine {
 
     /// The header a log of a run of `spec` carries.
     pub fn log_header(&self, spec: &GuestSpec) -> LogHeader {
-        LogHeader {
-            module_digest: self.digest,
-            args: spec.args.clone(),
-            env: spec.env.clone(),
-            datastore: spec.datastore,
-            memory_limit: spec.memory_limit,
-            nic: spec.nic.clone(),
-            listen: spec.listen.clone(),
-            first_seq: 0,
-        }
+        spec.log_header(self.digest)
     }
 
     /// Check that a log was recorded from this module.
