@@ -314,7 +314,14 @@ pub fn decode(
                 s.kind
             )));
         }
-        let raw = zstd::bulk::decompress(stored, s.raw_len as usize)
+        // Streamed, not sized by the header: memory is only taken for bytes the section
+        // really holds, whatever length a crafted header claims.
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::with_buffer(stored)
+            .and_then(|d| {
+                use std::io::Read;
+                d.take(s.raw_len + 1).read_to_end(&mut raw)
+            })
             .map_err(|e| SnapshotError::Damaged(format!("{:?} section: {e}", s.kind)))?;
         if raw.len() as u64 != s.raw_len {
             return Err(SnapshotError::Damaged(format!(
