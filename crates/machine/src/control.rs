@@ -38,6 +38,8 @@ pub const MAX_HEAD: usize = 8 << 10;
 pub const MAX_BODY: usize = 64 << 10;
 /// How long a client has to send its request.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most connections served at once; more are closed unanswered.
+pub const MAX_CONNECTIONS: usize = 16;
 /// How long a snapshot request waits for the VM to reach a snapshot point.
 pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
 
@@ -245,14 +247,32 @@ pub fn serve(path: &Path, control: Arc<Control>) -> Result<Server, ControlError>
     std::thread::Builder::new()
         .name("tandem-api".into())
         .spawn(move || {
+            let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                use std::sync::atomic::Ordering;
+                // Bounded: a client that opens connections and sends nothing holds no
+                // more than this many threads (each also bounded in time).
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    drop(conn);
+                    continue;
+                }
                 let control = control.clone();
                 // A snapshot request waits for the VM: a thread per connection keeps
                 // status and stop answered meanwhile (a second snapshot gets 409).
-                let _ = std::thread::Builder::new()
+                let spawned = std::thread::Builder::new()
                     .name("tandem-api-conn".into())
-                    .spawn(move || handle(conn, &control));
+                    .spawn({
+                        let open = open.clone();
+                        move || {
+                            handle(conn, &control);
+                            open.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    });
+                if spawned.is_err() {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })
         .map_err(err)?;
