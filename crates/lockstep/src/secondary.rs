@@ -44,6 +44,8 @@ struct State {
     live_generation: Option<u64>,
     /// This copy left on request (an operator's stop) before it went live.
     left: bool,
+    /// The primary was lost and this copy is settling what to do: too late to leave.
+    deciding: bool,
     acknowledger_gone: bool,
 }
 
@@ -124,6 +126,7 @@ impl Secondary {
                 intent: None,
                 live_generation: None,
                 left: false,
+                deciding: false,
                 acknowledger_gone: false,
             }),
             cv: Condvar::new(),
@@ -182,7 +185,7 @@ impl Secondary {
     pub fn leave(&self, why: &str) -> bool {
         {
             let mut st = self.shared.lock();
-            if st.verdict.is_some() || st.end.is_some() {
+            if st.verdict.is_some() || st.end.is_some() || st.deciding {
                 return false;
             }
             st.left = true;
@@ -277,9 +280,15 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
 /// The primary is lost: drop out if this copy has not caught up, otherwise arbitrate; tell
 /// the VM what to do once the queue is empty.
 fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, why: &str) {
-    if s.lock().verdict.is_some() {
-        // This copy left on request: nothing to settle.
-        return;
+    {
+        let mut st = s.lock();
+        if st.verdict.is_some() {
+            // This copy left on request: nothing to settle.
+            return;
+        }
+        // From here a stop no longer makes it leave: it may be about to claim the VM,
+        // and if it goes live the stop stops the live VM instead.
+        st.deciding = true;
     }
     let next = generation + 1;
     let received = s.lock().received;
