@@ -37,6 +37,7 @@
 //!    (`tests/ft_disk.rs`, every such operation in turn).
 
 pub mod arbiter;
+pub mod checkpoint;
 pub mod primary;
 pub mod secondary;
 pub mod wire;
@@ -92,13 +93,19 @@ pub enum ToSecondary {
     /// The primary is about to perform a disk operation that must not be done twice, as
     /// its next event (after every event sent so far); it waits for `IntentHeld`.
     Intent(Intent),
+    /// Instead of Hello: this copy cannot serve the secondary, and why (e.g. it starts
+    /// from a checkpoint older than the history this copy keeps).
+    Refused(String),
 }
 
 /// Secondary → primary.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToPrimary {
+    /// `from`: the position the secondary starts at (0: power-on; else the checkpoint
+    /// it restored). The primary streams its history from there.
     Hello {
         host: String,
+        from: u64,
     },
     /// The secondary holds `received` events and has executed `executed` of them.
     Ack {
@@ -113,6 +120,11 @@ pub enum ToPrimary {
     /// The secondary holds the intent for event `seq`.
     IntentHeld {
         seq: u64,
+    },
+    /// The secondary wrote a checkpoint holding the VM at event `events` to shared
+    /// storage: the events before it may be dropped.
+    Checkpoint {
+        events: u64,
     },
 }
 
@@ -134,6 +146,8 @@ pub enum FtError {
     Protocol(String),
     #[error(transparent)]
     Storage(#[from] arbiter::StorageError),
+    #[error("the primary refused this secondary: {0}")]
+    Refused(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FtError {

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use machine::event::{Event, Intent};
@@ -44,7 +44,17 @@ enum Held {
 
 struct State {
     header: LogHeader,
+    /// The events from position `base` on: those since the latest checkpoint (a snapshot
+    /// holds the VM at `base`), which a secondary joining from that checkpoint replays.
     history: Vec<Event>,
+    base: u64,
+    /// What `history` weighs (encoded bytes): the checkpoint policy's measure.
+    history_bytes: u64,
+    /// The latest checkpoint's position, once there is one.
+    checkpoint: Option<u64>,
+    /// A secondary's copy-to-be: it keeps the history it replays, but is not live (no
+    /// listener, no generation, no status) until [`Primary::activate`].
+    standby: bool,
     end: Option<End>,
     /// Events the attached secondary holds and has executed.
     acked: u64,
@@ -77,6 +87,40 @@ struct State {
 }
 
 impl State {
+    /// The position after the last event: how many events the VM has taken.
+    fn end(&self) -> u64 {
+        self.base + self.history.len() as u64
+    }
+
+    fn push(&mut self, event: &Event) {
+        self.history_bytes += weight(event);
+        self.history.push(event.clone());
+    }
+
+    /// Forget the events before `position`, which a checkpoint holds, but never one an
+    /// attached secondary may still need sent (its history in transit).
+    fn drop_before(&mut self, position: u64) {
+        let keep_from = if self.attached.is_some() {
+            position.min(self.acked)
+        } else {
+            position
+        };
+        let n = keep_from
+            .saturating_sub(self.base)
+            .min(self.history.len() as u64) as usize;
+        if n == 0 {
+            return;
+        }
+        let freed: u64 = self.history[..n].iter().map(weight).sum();
+        self.history.drain(..n);
+        self.base += n as u64;
+        self.history_bytes = self.history_bytes.saturating_sub(freed);
+        // A burst of events leaves a large allocation behind: give it back.
+        if self.history.capacity() > 4 * self.history.len() + 4096 {
+            self.history.shrink_to(2 * self.history.len());
+        }
+    }
+
     /// The attached secondary holds every event up to its release point: it may go live.
     fn protected(&self) -> bool {
         self.attached.is_some() && self.halted.is_none() && self.acked >= self.release
@@ -94,7 +138,8 @@ struct Shared {
     key: [u8; 32],
     dir: VmDir,
     arbiter: Arbiter,
-    tap: Option<Arc<devices::Tap>>,
+    /// The NIC's tap on this host: set at start, or when a standby copy goes live.
+    tap: OnceLock<Arc<devices::Tap>>,
     console: bool,
     host: String,
 }
@@ -107,7 +152,7 @@ impl Shared {
 
     /// The VM's status, while this copy is the live one (never after it halted).
     fn status(&self, st: &State) {
-        if st.halted.is_some() {
+        if st.halted.is_some() || st.standby {
             return;
         }
         let role = if st.finished.is_some() {
@@ -120,7 +165,13 @@ impl Shared {
             ("host", self.host.clone()),
             ("protected", st.protected().to_string()),
             ("generation", st.generation.to_string()),
-            ("events", st.history.len().to_string()),
+            ("events", st.end().to_string()),
+            ("history_events", st.history.len().to_string()),
+            ("history_bytes", st.history_bytes.to_string()),
+            (
+                "checkpoint",
+                st.checkpoint.map_or_else(|| "none".into(), |c| c.to_string()),
+            ),
             ("acked", st.acked.to_string()),
             ("release", st.release.to_string()),
             ("log_bytes", st.log_bytes.to_string()),
@@ -188,39 +239,24 @@ impl Shared {
     }
 }
 
-/// A running primary. Dropping it does not stop its threads; they end with the process.
-pub struct Primary {
-    shared: Arc<Shared>,
-    pub addr: SocketAddr,
-}
-
-impl Primary {
-    /// Claim the next generation, create the pair key and listen for a secondary on `addr`.
-    pub fn start(
+impl Shared {
+    fn new(
         dir: VmDir,
-        addr: &str,
+        key: [u8; 32],
         header: LogHeader,
-        tap: Option<Arc<devices::Tap>>,
+        base: u64,
         console: bool,
         config: FtConfig,
-    ) -> Result<Primary, FtError> {
-        let key = dir.create_key()?;
+    ) -> Arc<Shared> {
         let arbiter = Arbiter::new(&dir.arbitration());
-        let host = hostname();
-        let generation = arbiter.current()? + 1;
-        if arbiter.claim(generation, &format!("primary on {host}"))? != Claim::Won {
-            return Err(FtError::Protocol(format!(
-                "another copy claimed generation {generation} first"
-            )));
-        }
-        let listener = TcpListener::bind(addr).map_err(io_err(format!("listen on {addr}")))?;
-        let local = listener
-            .local_addr()
-            .map_err(io_err("read the listening address"))?;
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             state: Mutex::new(State {
                 header,
                 history: Vec::new(),
+                base,
+                history_bytes: 0,
+                checkpoint: None,
+                standby: false,
                 end: None,
                 acked: 0,
                 executed: 0,
@@ -231,7 +267,7 @@ impl Primary {
                 intent: None,
                 intent_held: None,
                 next_conn: 1,
-                generation,
+                generation: 0,
                 halted: None,
                 held: VecDeque::new(),
                 held_total: 0,
@@ -247,26 +283,146 @@ impl Primary {
             key,
             dir,
             arbiter,
-            tap,
+            tap: OnceLock::new(),
             console,
-            host,
-        });
-        shared.status(&shared.lock());
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("ft-listen".into())
-            .spawn(move || listen(s, listener))
-            .map_err(io_err("start the listener"))?;
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("ft-release".into())
-            .spawn(move || release(s))
-            .map_err(io_err("start the releaser"))?;
-        tracing::info!("primary live in generation {generation}; logging channel on {local}");
+            host: hostname(),
+        })
+    }
+}
+
+/// Go live in `generation`: start the releaser and, given a listener, accept secondaries.
+fn launch(
+    shared: &Arc<Shared>,
+    generation: u64,
+    listener: Option<TcpListener>,
+) -> Result<Option<SocketAddr>, FtError> {
+    shared.lock().generation = generation;
+    shared.status(&shared.lock());
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("ft-release".into())
+        .spawn(move || release(s))
+        .map_err(io_err("start the releaser"))?;
+    let Some(listener) = listener else {
+        tracing::warn!("primary live in generation {generation}; no logging channel: NOT PROTECTABLE");
+        return Ok(None);
+    };
+    let local = listener
+        .local_addr()
+        .map_err(io_err("read the listening address"))?;
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("ft-listen".into())
+        .spawn(move || listen(s, listener))
+        .map_err(io_err("start the listener"))?;
+    tracing::info!("primary live in generation {generation}; logging channel on {local}");
+    Ok(Some(local))
+}
+
+/// A running primary (a handle: clones are the same primary). Dropping it does not stop
+/// its threads; they end with the process.
+#[derive(Clone)]
+pub struct Primary {
+    shared: Arc<Shared>,
+    pub addr: SocketAddr,
+}
+
+impl Primary {
+    /// Claim the next generation, create the pair key and listen for a secondary on `addr`.
+    /// The VM powers on: checkpoints of an earlier life of it are removed.
+    pub fn start(
+        dir: VmDir,
+        addr: &str,
+        header: LogHeader,
+        tap: Option<Arc<devices::Tap>>,
+        console: bool,
+        config: FtConfig,
+    ) -> Result<Primary, FtError> {
+        let key = dir.create_key()?;
+        crate::checkpoint::Checkpoints::new(&dir).clear()?;
+        let arbiter = Arbiter::new(&dir.arbitration());
+        let generation = arbiter.current()? + 1;
+        let host = hostname();
+        if arbiter.claim(generation, &format!("primary on {host}"))? != Claim::Won {
+            return Err(FtError::Protocol(format!(
+                "another copy claimed generation {generation} first"
+            )));
+        }
+        let listener = TcpListener::bind(addr).map_err(io_err(format!("listen on {addr}")))?;
+        let shared = Shared::new(dir, key, header, 0, console, config);
+        if let Some(tap) = tap {
+            let _ = shared.tap.set(tap);
+        }
+        let addr = launch(&shared, generation, Some(listener))?;
         Ok(Primary {
             shared,
-            addr: local,
+            addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
         })
+    }
+
+    /// A secondary's primary-to-be: it keeps the events the secondary replays from
+    /// position `base` on ([`Primary::retain`]), so that once this copy goes live
+    /// ([`Primary::activate`]) a newcomer can join it from the latest checkpoint.
+    pub fn standby(
+        dir: VmDir,
+        header: LogHeader,
+        base: u64,
+        console: bool,
+        config: FtConfig,
+    ) -> Result<Primary, FtError> {
+        let key = dir.read_key()?;
+        let shared = Shared::new(dir, key, header, base, console, config);
+        shared.lock().standby = true;
+        Ok(Primary {
+            shared,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        })
+    }
+
+    /// A standby copy keeps an event it replayed.
+    pub fn retain(&self, event: &Event) {
+        let mut st = self.shared.lock();
+        if st.standby && st.end() == event.seq {
+            st.push(event);
+        }
+    }
+
+    /// This (standby) copy won `generation` and went live with its NIC on `tap`: from
+    /// now on it is the primary, accepting a secondary on `addr` (if given). A copy that
+    /// cannot listen stays live, unprotectable, and says so.
+    pub fn activate(&self, generation: u64, tap: Option<Arc<devices::Tap>>, addr: Option<&str>) {
+        if let Some(tap) = tap {
+            let _ = self.shared.tap.set(tap);
+        }
+        let listener = addr.and_then(|a| match TcpListener::bind(a) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen for a secondary on {a}: {e}; the VM stays live, NOT PROTECTED"
+                );
+                None
+            }
+        });
+        self.shared.lock().standby = false;
+        if let Err(e) = launch(&self.shared, generation, listener) {
+            tracing::error!("{e}; the VM stays live, NOT PROTECTED");
+        }
+    }
+
+    /// A checkpoint holds the VM at `position`: the events before it are dropped (but
+    /// never those an attached secondary has yet to receive).
+    pub fn checkpointed(&self, position: u64) {
+        let mut st = self.shared.lock();
+        st.checkpoint = Some(st.checkpoint.map_or(position, |c| c.max(position)));
+        st.drop_before(position);
+        self.shared.status(&st);
+    }
+
+    /// What the kept history weighs, and whether a secondary is attached (which then
+    /// takes the checkpoints: a primary never pauses for one while protected).
+    pub fn history(&self) -> (u64, bool) {
+        let st = self.shared.lock();
+        (st.history_bytes, st.attached.is_some())
     }
 
     pub fn sink(&self) -> PrimarySink {
@@ -370,12 +526,19 @@ impl EventSink for PrimarySink {
             }
             _ => {}
         }
-        st.history.push(event.clone());
+        if st.end() != event.seq {
+            return Err(LogError::Source(format!(
+                "event {} out of order: the history ends at {}",
+                event.seq,
+                st.end()
+            )));
+        }
+        st.push(event);
         s.events.notify_all();
         // Bounded lag: a secondary that trails too far slows the primary down.
         while st.attached.is_some()
             && st.halted.is_none()
-            && st.history.len() as u64 > st.executed + s.config.max_lag_events
+            && st.end() > st.executed + s.config.max_lag_events
         {
             st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -417,7 +580,7 @@ impl GatedPort {
 fn send(s: &Shared, out: Held) {
     match out {
         Held::Frame(f) => {
-            if let Some(tap) = &s.tap {
+            if let Some(tap) = s.tap.get() {
                 send_frame(tap, &f);
             }
         }
@@ -535,37 +698,23 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
         .map_err(io_err("set a timeout"))?;
     let mut reader = FrameReader::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
     let (_, hello) = reader.recv()?;
-    let ToPrimary::Hello { host } = decode(&hello)? else {
+    let ToPrimary::Hello { host, from } = decode(&hello)? else {
         return Err(FtError::Protocol("expected Hello".into()));
     };
-    let (conn, release) = {
-        let mut st = s.lock();
-        if st.halted.is_some() {
-            return Err(FtError::Protocol("this copy has halted".into()));
+    let attached = attach(s, &host, from);
+    let (conn, release) = match attached {
+        Ok(a) => a,
+        Err(e) => {
+            // Say why, so that the newcomer does not take it for a lost primary.
+            let mut w =
+                FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
+            let _ = w.send(KIND_MSG, &encode(&ToSecondary::Refused(e.to_string())));
+            return Err(e);
         }
-        if st.end.is_some() {
-            return Err(FtError::Protocol("the VM has ended".into()));
-        }
-        if st.attached.is_some() {
-            return Err(FtError::Protocol(format!(
-                "a secondary is attached already; refusing {host}"
-            )));
-        }
-        let conn = st.next_conn;
-        st.next_conn += 1;
-        st.attached = Some(conn);
-        st.acked = 0;
-        st.executed = 0;
-        st.sent = 0;
-        st.end_held = false;
-        st.intent_held = None;
-        // Outputs depending on every event so far may have left already: a copy going live
-        // short of this point would roll back what the world was told.
-        st.release = st.history.len() as u64;
-        s.status(&st);
-        (conn, st.release)
     };
-    tracing::info!("secondary {host} attached; release point {release}: streaming the history");
+    tracing::info!(
+        "secondary {host} attached from event {from}; release point {release}: streaming the history"
+    );
     let writer = FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
     let sender_shared = s.clone();
     let _ = std::thread::Builder::new()
@@ -585,6 +734,51 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
     result
 }
 
+
+/// Attach the secondary `host` starting at event `from`, if this copy can serve it: its
+/// connection number and release point.
+fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, u64), FtError> {
+
+    let mut st = s.lock();
+    if st.halted.is_some() {
+        return Err(FtError::Protocol("this copy has halted".into()));
+    }
+    if st.standby {
+        return Err(FtError::Protocol("this copy is not live".into()));
+    }
+    // A newcomer starts from a checkpoint (or power-on) and replays what follows it:
+    // this copy must still hold every event from there.
+    if from < st.base || from > st.end() {
+        return Err(FtError::Protocol(format!(
+            "{host} starts at event {from}, but this copy holds events {} to {}: start \
+             from the latest checkpoint",
+            st.base,
+            st.end()
+        )));
+    }
+    if st.end.is_some() {
+        return Err(FtError::Protocol("the VM has ended".into()));
+    }
+    if st.attached.is_some() {
+        return Err(FtError::Protocol(format!(
+            "a secondary is attached already; refusing {host}"
+        )));
+    }
+    let conn = st.next_conn;
+    st.next_conn += 1;
+    st.attached = Some(conn);
+    st.acked = from;
+    st.executed = from;
+    st.sent = from;
+    st.end_held = false;
+    st.intent_held = None;
+    // Outputs depending on every event so far may have left already: a copy going live
+    // short of this point would roll back what the world was told.
+    st.release = st.end();
+    s.status(&st);
+    Ok((conn, st.release))
+}
+
 /// Serialises exactly as `ToSecondary::Events`, borrowing the events.
 pub(crate) struct EventsRef<'a>(pub(crate) &'a [Event]);
 
@@ -592,6 +786,11 @@ impl serde::Serialize for EventsRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_newtype_variant("ToSecondary", 1, "Events", self.0)
     }
+}
+
+/// What an event weighs in the history: its encoded size.
+pub fn weight(e: &Event) -> u64 {
+    postcard::experimental::serialized_size(e).unwrap_or(0) as u64
 }
 
 /// Where the next frame of `history[from..]` ends: as many events as fit in `target`
@@ -623,7 +822,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
     };
     w.send(KIND_MSG, &encode(&hello))
         .map_err(io_err("send Hello"))?;
-    let mut sent = 0usize;
+    let mut sent = s.lock().sent;
     let mut end_sent = false;
     let mut intent_sent = None;
     let mut status_at = Instant::now();
@@ -639,10 +838,10 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             let unsent = |st: &State| {
                 st.intent
                     .as_ref()
-                    .is_some_and(|i| Some(i.seq) != intent_sent && i.seq == st.history.len() as u64)
+                    .is_some_and(|i| Some(i.seq) != intent_sent && i.seq == st.end())
             };
             while st.attached == Some(conn)
-                && st.history.len() == sent
+                && st.end() == sent
                 && (st.end.is_none() || end_sent)
                 && !unsent(&st)
             {
@@ -659,9 +858,16 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             if st.attached != Some(conn) {
                 return Ok(());
             }
-            let upto = next_batch(&st.history, sent, FRAME_TARGET);
+            if sent < st.base {
+                return Err(FtError::Protocol(format!(
+                    "events from {sent} were dropped at a checkpoint before they were sent"
+                )));
+            }
+            let from = (sent - st.base) as usize;
+            let upto = next_batch(&st.history, from, FRAME_TARGET);
             // Serialised straight from the history: no copy of the events on this path.
-            let batch = (upto > sent).then(|| encode(&EventsRef(&st.history[sent..upto])));
+            let batch = (upto > from).then(|| encode(&EventsRef(&st.history[from..upto])));
+            let upto = st.base + upto as u64;
             if batch
                 .as_ref()
                 .is_some_and(|b| b.len() > MAX_PAYLOAD as usize)
@@ -671,13 +877,13 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                     batch.map_or(0, |b| b.len())
                 )));
             }
-            let end = if upto == st.history.len() && !end_sent {
+            let end = if upto == st.end() && !end_sent {
                 st.end.clone()
             } else {
                 None
             };
             // An intent follows every event before it, never an event after it.
-            let intent = (upto == st.history.len() && unsent(&st))
+            let intent = (upto == st.end() && unsent(&st))
                 .then(|| st.intent.clone())
                 .flatten();
             if batch.is_some() {
@@ -685,7 +891,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 st.log_bytes += batch.as_ref().map_or(0, |b| b.len() as u64 + 36);
                 sent = upto;
                 // Counted before the write: a secondary may hold these from now on.
-                st.sent = upto as u64;
+                st.sent = upto;
             }
             (batch, end, intent)
         };
@@ -754,6 +960,21 @@ fn receive_from(
                 }
                 st.acked = st.acked.max(seq);
                 st.intent_held = Some(seq);
+            }
+            ToPrimary::Checkpoint { events } => {
+                if events > st.executed {
+                    return Err(FtError::Protocol(format!(
+                        "a checkpoint at event {events}, beyond the {} executed",
+                        st.executed
+                    )));
+                }
+                st.checkpoint = Some(st.checkpoint.map_or(events, |c| c.max(events)));
+                st.drop_before(events);
+                tracing::info!(
+                    "secondary {host} checkpointed at event {events}; history kept from event {}",
+                    st.base
+                );
+                s.status(&st);
             }
             ToPrimary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
         }

@@ -22,6 +22,7 @@ use machine::event::{Event, Intent};
 use machine::{End, EventSource, LogError, LogHeader, Tail};
 
 use crate::arbiter::{Arbiter, Claim};
+use crate::primary::Primary;
 use crate::wire::{FrameReader, FrameWriter, connection_key};
 use crate::{FtConfig, FtError, KIND_MSG, ToPrimary, ToSecondary, VmDir, decode, encode, io_err};
 
@@ -44,6 +45,8 @@ struct State {
     live_generation: Option<u64>,
     /// This copy left on request (an operator's stop) before it went live.
     left: bool,
+    /// The latest checkpoint this copy wrote, to be reported to the primary.
+    checkpoint: Option<u64>,
     /// The primary was lost and this copy is settling what to do: too late to leave.
     deciding: bool,
     acknowledger_gone: bool,
@@ -73,12 +76,14 @@ pub struct Secondary {
 
 impl Secondary {
     /// Connect to the primary at `addr` (retrying for `wait`), authenticate with the pair
-    /// key from shared storage, and start following its event stream.
+    /// key from shared storage, and start following its event stream from event `from`
+    /// (0: the VM's power-on; else the position of the checkpoint this copy restored).
     pub fn connect(
         dir: VmDir,
         addr: &str,
         wait: Duration,
         config: FtConfig,
+        from: u64,
     ) -> Result<Secondary, FtError> {
         let deadline = Instant::now() + wait;
         let stream = loop {
@@ -102,30 +107,38 @@ impl Secondary {
             FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
         let host = crate::primary::hostname();
         writer
-            .send(KIND_MSG, &encode(&ToPrimary::Hello { host: host.clone() }))
+            .send(
+                KIND_MSG,
+                &encode(&ToPrimary::Hello {
+                    host: host.clone(),
+                    from,
+                }),
+            )
             .map_err(io_err("send Hello"))?;
         let channel = stream.try_clone().map_err(io_err("clone the stream"))?;
         let mut reader = FrameReader::new(stream, key);
         let (_, hello) = reader.recv()?;
-        let ToSecondary::Hello {
-            header,
-            generation,
-            release,
-        } = decode(&hello)?
-        else {
-            return Err(FtError::Protocol("expected Hello".into()));
+        let (header, generation, release) = match decode(&hello)? {
+            ToSecondary::Hello {
+                header,
+                generation,
+                release,
+            } => (header, generation, release),
+            ToSecondary::Refused(why) => return Err(FtError::Refused(why)),
+            _ => return Err(FtError::Protocol("expected Hello".into())),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                received: 0,
-                executed: 0,
+                received: from,
+                executed: from,
                 end: None,
                 verdict: None,
                 end_confirmed: false,
                 intent: None,
                 live_generation: None,
                 left: false,
+                checkpoint: None,
                 deciding: false,
                 acknowledger_gone: false,
             }),
@@ -207,8 +220,21 @@ impl Secondary {
         self.shared.lock().live_generation
     }
 
-    pub fn source(&self) -> SecondarySource {
-        SecondarySource(self.shared.clone())
+    /// The replaying VM's events. Each one handed out is kept by `standby` (this copy's
+    /// primary-to-be), so that once live it can serve a newcomer the events since the
+    /// latest checkpoint.
+    pub fn source(&self, standby: Option<Primary>) -> SecondarySource {
+        SecondarySource {
+            shared: self.shared.clone(),
+            standby,
+        }
+    }
+
+    /// This copy wrote a checkpoint at event `events`: tell the primary, which then drops
+    /// the events before it.
+    pub fn checkpointed(&self, events: u64) {
+        self.shared.lock().checkpoint = Some(events);
+        self.shared.cv.notify_all();
     }
 
     /// The replay ended: wait (at most `limit`) until the primary was told that this copy
@@ -272,7 +298,9 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
                 s.cv.notify_all();
             }
             ToSecondary::Heartbeat => {}
-            ToSecondary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
+            ToSecondary::Hello { .. } | ToSecondary::Refused(_) => {
+                return Err(FtError::Protocol("a second Hello".into()));
+            }
         }
     }
 }
@@ -351,14 +379,16 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     let mut last = (u64::MAX, u64::MAX);
     let mut end_confirmed = false;
     let mut intent_held = None;
+    let mut checkpoint_sent = None;
     loop {
-        let (now, end, intent) = {
+        let (now, end, intent, checkpoint) = {
             let mut st = s.lock();
             let deadline = Instant::now() + heartbeat;
             while st.verdict.is_none()
                 && (st.received, st.executed) == last
                 && (end_confirmed || st.end.is_none())
                 && st.intent.as_ref().map(|i| i.seq) == intent_held
+                && st.checkpoint == checkpoint_sent
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -380,15 +410,20 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
                 .as_ref()
                 .map(|i| i.seq)
                 .filter(|seq| Some(*seq) != intent_held);
-            ((st.received, st.executed), end, intent)
+            let checkpoint = st.checkpoint.filter(|c| Some(*c) != checkpoint_sent);
+            ((st.received, st.executed), end, intent, checkpoint)
         };
-        let msg = match (end, intent) {
-            (Some(events), _) => ToPrimary::EndHeld { events },
-            (None, Some(seq)) => {
+        let msg = match (end, intent, checkpoint) {
+            (Some(events), _, _) => ToPrimary::EndHeld { events },
+            (None, Some(seq), _) => {
                 intent_held = Some(seq);
                 ToPrimary::IntentHeld { seq }
             }
-            (None, None) => {
+            (None, None, Some(events)) => {
+                checkpoint_sent = Some(events);
+                ToPrimary::Checkpoint { events }
+            }
+            (None, None, None) => {
                 last = now;
                 ToPrimary::Ack {
                     received: now.0,
@@ -409,16 +444,23 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
 }
 
 /// The replaying VM's events.
-pub struct SecondarySource(Arc<Shared>);
+pub struct SecondarySource {
+    shared: Arc<Shared>,
+    standby: Option<Primary>,
+}
 
 impl EventSource for SecondarySource {
     fn next_event(&mut self) -> Result<Option<Event>, LogError> {
-        let s = &self.0;
+        let s = &self.shared;
         let mut st = s.lock();
         loop {
             if let Some(e) = st.queue.pop_front() {
                 st.executed += 1;
                 s.cv.notify_all();
+                drop(st);
+                if let Some(p) = &self.standby {
+                    p.retain(&e);
+                }
                 return Ok(Some(e));
             }
             match &st.verdict {
@@ -439,20 +481,20 @@ impl EventSource for SecondarySource {
     /// The primary's intent for the operation right after the events this copy holds
     /// (and has all handed out): a copy going live there takes it along.
     fn pending_intent(&mut self) -> Option<Intent> {
-        let st = self.0.lock();
+        let st = self.shared.lock();
         st.intent
             .clone()
             .filter(|i| i.seq == st.received && st.queue.is_empty())
     }
 
     fn stops_at(&mut self, events: u64) -> bool {
-        let st = self.0.lock();
+        let st = self.shared.lock();
         st.queue.is_empty()
             && matches!(&st.end, Some(End { exit, events: n, .. }) if exit.is_stop() && *n == events)
     }
 
     fn tail(&mut self) -> Result<Tail, LogError> {
-        let s = &self.0;
+        let s = &self.shared;
         let mut st = s.lock();
         loop {
             if let Some(e) = st.queue.front() {

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 pub const MAGIC: &[u8; 2] = b"TL";
 /// Version 2: `Hello` carries the release point, `ToPrimary::EndHeld` confirms the end.
 /// 3: intents (`ToSecondary::Intent`, `ToPrimary::IntentHeld`).
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// The largest payload a frame may carry: comfortably above one event's 16 MiB of data.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 const HEADER: usize = 16;

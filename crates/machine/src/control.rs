@@ -107,6 +107,11 @@ impl Control {
         self.snapshots.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether the VM's run is over.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
     /// The VM's run is over: requests are refused from now on.
     pub fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
@@ -137,6 +142,32 @@ impl Control {
         });
         self.pending.store(true, Ordering::Relaxed);
         Ok(rx)
+    }
+
+    /// Take a snapshot at the VM's next snapshot point, written to `to` (whole, then
+    /// renamed into place), and wait for it: at most `wait` for the VM to reach a point
+    /// (then the request is withdrawn), however long the writing takes once it did.
+    /// Errors carry the HTTP status that says why (409 busy or ended, 504 no point in
+    /// time, 500 the VM could not take or write it).
+    pub fn snapshot(&self, to: PathBuf, stop: bool, wait: Duration) -> Result<Taken, (u16, String)> {
+        let rx = self.submit(to, stop)?;
+        let answer = match rx.recv_timeout(wait) {
+            Ok(a) => a,
+            Err(_) if self.withdraw() => {
+                return Err((
+                    504,
+                    format!(
+                        "the VM reached no snapshot point within {} s (it waits for input)",
+                        wait.as_secs()
+                    ),
+                ));
+            }
+            // Taken just now: its answer is on its way.
+            Err(_) => rx
+                .recv()
+                .map_err(|_| (500, "the VM ended without answering".to_string()))?,
+        };
+        answer.map_err(|e| (500, e))
     }
 
     /// Withdraw a request the VM has not taken; false if it already has.
@@ -421,24 +452,7 @@ fn route(req: &HttpRequest, control: &Control) -> Result<serde_json::Value, (u16
                     ),
                 ));
             }
-            let rx = control.submit(r.to, r.stop)?;
-            let answer = match rx.recv_timeout(SNAPSHOT_WAIT) {
-                Ok(a) => a,
-                Err(_) if control.withdraw() => {
-                    return Err((
-                        504,
-                        format!(
-                            "the VM reached no snapshot point within {} s (it waits for input)",
-                            SNAPSHOT_WAIT.as_secs()
-                        ),
-                    ));
-                }
-                // Taken just now: its answer is on its way.
-                Err(_) => rx
-                    .recv()
-                    .map_err(|_| (500, "the VM ended without answering".to_string()))?,
-            };
-            let t = answer.map_err(|e| (500, e))?;
+            let t = control.snapshot(r.to, r.stop, SNAPSHOT_WAIT)?;
             Ok(json(&SnapshotReply {
                 events: t.events,
                 bytes: t.bytes,

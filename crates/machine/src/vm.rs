@@ -144,7 +144,14 @@ pub struct GoLive {
     pub sink: Option<Box<dyn EventSink + Send>>,
     /// Whether console output reaches this process's stdout/stderr.
     pub console: bool,
+    /// The live VM's output port, built from its NIC's tap on this host. Without it,
+    /// outputs go straight to the tap and the console: an FT copy going live instead
+    /// becomes a primary, holding outputs to the output rule for a secondary that joins.
+    pub port: Option<PortFactory>,
 }
+
+/// Builds a live VM's output port from its NIC's tap on this host ([`GoLive::port`]).
+pub type PortFactory = Box<dyn FnOnce(Option<Arc<devices::Tap>>) -> Box<dyn OutputPort> + Send>;
 
 /// What a guest sees of its configuration; fixed for the VM's life.
 #[derive(Clone, Debug, Default)]
@@ -500,14 +507,18 @@ impl Vm {
             g.sink = gl.sink;
             g.live = true;
         }
+        let port: Box<dyn OutputPort> = match gl.port {
+            Some(build) => build(tap),
+            None => Box::new(Direct {
+                tap,
+                console: gl.console,
+            }),
+        };
         self.inputs = Inputs::Live {
             host,
             sink: None,
             port: Box::new(Muted {
-                port: Box::new(Direct {
-                    tap,
-                    console: gl.console,
-                }),
+                port,
                 abandoned: self.abandoned.clone(),
             }),
         };

@@ -1,0 +1,208 @@
+//! Checkpoints: snapshots of a protected VM on shared storage. They bound what both copies
+//! keep (the events since the latest one) and let a newcomer join any live copy (restore
+//! the latest, then replay what follows it).
+//!
+//! This module owns the VM's checkpoint folder, `<shared>/<vm>/checkpoints/`, and the
+//! thread that takes checkpoints ([`spawn`]). A checkpoint is written whole under a
+//! temporary name by the VM itself (`machine::snapshot::write_file`: write, fsync,
+//! rename), then renamed to its position (`<events, 20 digits>.snap`) and the folder
+//! synced; older ones are then pruned, the newest two kept (a newcomer may be reading the
+//! previous one).
+//!
+//! Invariants: a file named for a position holds this VM at that position (a VM powering
+//! on removes the checkpoints of an earlier life, [`Checkpoints::clear`]); the events before
+//! a checkpoint are dropped only once its file is in place; while a secondary is attached
+//! only the secondary takes checkpoints (the primary never pauses for one while protected);
+//! a copy without a secondary (a primary alone, or a copy that went live) takes its own,
+//! since it alone holds the history then.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use machine::control::Control;
+
+use crate::{FtError, VmDir, io_err};
+
+/// The suffix of a checkpoint file.
+const SUFFIX: &str = ".snap";
+/// How many checkpoints are kept.
+const KEEP: usize = 2;
+/// How long a checkpoint waits for the VM to reach a snapshot point.
+const POINT_WAIT: Duration = Duration::from_secs(10);
+
+/// The VM's checkpoint folder.
+#[derive(Clone, Debug)]
+pub struct Checkpoints {
+    folder: PathBuf,
+}
+
+impl Checkpoints {
+    pub fn new(dir: &VmDir) -> Self {
+        Checkpoints {
+            folder: dir.0.join("checkpoints"),
+        }
+    }
+
+    /// Remove every checkpoint (the VM powers on: they are of an earlier life of it).
+    pub fn clear(&self) -> Result<(), FtError> {
+        std::fs::create_dir_all(&self.folder)
+            .map_err(io_err(format!("create {}", self.folder.display())))?;
+        for entry in std::fs::read_dir(&self.folder)
+            .map_err(io_err(format!("list {}", self.folder.display())))?
+            .flatten()
+        {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "snap") {
+                std::fs::remove_file(&path)
+                    .map_err(io_err(format!("remove {}", path.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every checkpoint, oldest first: (position, file).
+    fn all(&self) -> Vec<(u64, PathBuf)> {
+        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.folder)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let digits = name.strip_suffix(SUFFIX)?;
+                if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                Some((digits.parse().ok()?, e.path()))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// The latest checkpoint: (position, file).
+    pub fn latest(&self) -> Option<(u64, PathBuf)> {
+        self.all().pop()
+    }
+
+    /// Where the VM writes a checkpoint being taken.
+    fn taking(&self) -> PathBuf {
+        self.folder
+            .join(format!(".taking-{}{SUFFIX}", std::process::id()))
+    }
+
+    /// The checkpoint just written to [`Checkpoints::taking`] holds the VM at `events`:
+    /// name it so, durably, and prune the old ones.
+    fn install(&self, events: u64) -> Result<PathBuf, FtError> {
+        let path = self.folder.join(format!("{events:020}{SUFFIX}"));
+        std::fs::rename(self.taking(), &path)
+            .map_err(io_err(format!("install checkpoint {}", path.display())))?;
+        std::fs::File::open(&self.folder)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(format!("sync {}", self.folder.display())))?;
+        let all = self.all();
+        for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(path)
+    }
+}
+
+/// When to checkpoint: once the events kept since the last one weigh `bytes`, or `every`
+/// has passed and there are any.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub bytes: u64,
+    pub every: Duration,
+}
+
+/// Take checkpoints of the VM behind `control` as `policy` says, until the VM ends.
+/// `kept()` is what this copy keeps since the last checkpoint (bytes), or `None` while it
+/// must not take one; `done(events)` is called once a checkpoint at `events` is in place.
+pub fn spawn(
+    control: Arc<Control>,
+    checkpoints: Checkpoints,
+    policy: Policy,
+    kept: impl Fn() -> Option<u64> + Send + 'static,
+    done: impl Fn(u64) + Send + 'static,
+) -> Result<(), FtError> {
+    std::fs::create_dir_all(&checkpoints.folder)
+        .map_err(io_err(format!("create {}", checkpoints.folder.display())))?;
+    std::thread::Builder::new()
+        .name("ft-checkpoint".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            while !control.ended() {
+                std::thread::sleep(Duration::from_millis(50));
+                let Some(bytes) = kept() else {
+                    continue;
+                };
+                if bytes < policy.bytes && (bytes == 0 || last.elapsed() < policy.every) {
+                    continue;
+                }
+                last = Instant::now();
+                match take(&control, &checkpoints) {
+                    Ok((events, path, pause_ms)) => {
+                        tracing::info!(
+                            "checkpoint at event {events} in {} (the VM paused {pause_ms:.1} ms)",
+                            path.display()
+                        );
+                        done(events);
+                    }
+                    Err(why) if control.ended() => {
+                        tracing::debug!("no checkpoint: {why}");
+                    }
+                    Err(why) => tracing::warn!("checkpoint failed: {why}"),
+                }
+            }
+        })
+        .map_err(io_err("start the checkpointer"))?;
+    Ok(())
+}
+
+fn take(control: &Control, checkpoints: &Checkpoints) -> Result<(u64, PathBuf, f64), String> {
+    let taken = control
+        .snapshot(checkpoints.taking(), false, POINT_WAIT)
+        .map_err(|(_, why)| why)?;
+    let path = checkpoints
+        .install(taken.events)
+        .map_err(|e| e.to_string())?;
+    Ok((taken.events, path, taken.pause_ms))
+}
+
+/// Whether `path` is a checkpoint file of this module's naming (for tests and tools).
+pub fn is_checkpoint(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(SUFFIX))
+        .is_some_and(|d| d.len() == 20 && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_is_the_highest_position_and_install_keeps_two() {
+        let tmp = std::env::temp_dir().join(format!("tandem-cp-{}", std::process::id()));
+        let dir = VmDir(tmp.clone());
+        let cps = Checkpoints::new(&dir);
+        cps.clear().unwrap();
+        assert_eq!(cps.latest(), None);
+        for events in [5u64, 100, 42] {
+            std::fs::write(cps.taking(), events.to_le_bytes()).unwrap();
+            cps.install(events).unwrap();
+        }
+        // Named by position: 42 sorts below 100 whatever the order written.
+        let (pos, path) = cps.latest().unwrap();
+        assert_eq!(pos, 100);
+        assert!(is_checkpoint(&path));
+        assert_eq!(cps.all().len(), KEEP);
+        std::fs::write(cps.folder.join("00000000000000000007.snap.junk"), b"x").unwrap();
+        std::fs::write(cps.folder.join("7.snap"), b"x").unwrap();
+        assert_eq!(cps.latest().unwrap().0, 100, "stray names are not checkpoints");
+        cps.clear().unwrap();
+        assert_eq!(cps.latest(), None);
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+}
