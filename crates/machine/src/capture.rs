@@ -12,11 +12,19 @@
 //! this time ends the rewind and returns the result it returned before — so the guest
 //! sees one ordinary call.
 //!
-//! **Snapshot points.** A snapshot is taken when an event import returns, once the VM
-//! is at or past the requested position, and only if every output so far is sealed (no
-//! output since the last event): then the output digest is just its chain, and the next
-//! thing the VM does is take its next event. The snapshot's position is that event's
-//! sequence number.
+//! **Snapshot points.** A snapshot is taken once the VM is at or past the requested
+//! position (or an API request is pending), at the first snapshot point: when an event
+//! import returns, and inside a `poll_oneoff` of a VM with a NIC just before each waiting
+//! network step (an idle server waits there, in one call, for ever). The snapshot's
+//! position is the sequence number of the next event. Outputs since the last event need
+//! not be sealed: the output digest's open segment is part of the VM state.
+//!
+//! A poll interrupted before its wait unwinds without a result ([`crate::wasi::Stop::Unwind`]):
+//! it leaves its clock deadlines in [`Vm::poll_resume`] (part of the VM state, `None` at
+//! every other point), and the rewind, instead of returning a saved result, ends there
+//! and lets the import run again: finding the saved deadlines, it skips its first
+//! (non-waiting) network step and goes on with the wait it was about to take. The guest
+//! ran no instruction in between, so its subscriptions read again are the same.
 //!
 //! **Asyncify's buffer** is a borrowed region at the start of the guest's memory
 //! ([`crate::asyncify`] says why): the host saves the guest's bytes there before an
@@ -78,12 +86,16 @@ struct VmState {
     /// VM, whatever flags the command that restores it was given.
     spec: LogHeader,
     seq: u64,
+    /// The output digest: its chain and its open segment (outputs since the last event).
     chain: [u8; 32],
+    pending: Option<[u8; 32]>,
     fds: FdTable,
     clock: VmClock,
     net: Option<netstack::NetStackState>,
     net_now: u64,
     stdin_ready: bool,
+    /// At a snapshot point inside a waiting poll: what the poll goes on with.
+    poll_resume: Option<Vec<Option<u64>>>,
 }
 
 /// When to snapshot and what to do then.
@@ -175,16 +187,27 @@ impl Restore {
 pub(crate) struct Ctl {
     /// Snapshot at the first snapshot point at or after this position.
     want: Option<u64>,
-    /// The result of the import that started the unwind.
+    /// The result of the import that started the unwind (0 for a poll interrupted
+    /// before its wait: see [`Rewind::Again`]).
     unwound: Option<i32>,
-    /// While rewinding: what the re-entered import returns.
-    rewinding: Option<i32>,
+    /// While rewinding: what the re-entered import does.
+    rewinding: Option<Rewind>,
     /// The guest's bytes under the buffer, while Asyncify borrows them.
     borrowed: Option<Vec<u8>>,
     /// When the unwind started.
     since: Option<Instant>,
     /// The VM's control API, whose snapshot requests are due at the next snapshot point.
     remote: Option<Arc<Control>>,
+}
+
+/// What an import re-entered by a rewind does.
+#[derive(Clone, Copy, Debug)]
+enum Rewind {
+    /// Return this, the result it returned as it started the unwind.
+    Return(i32),
+    /// Run again: a `poll_oneoff` interrupted just before a waiting network step goes on
+    /// from there ([`Vm::poll_resume`]).
+    Again,
 }
 
 fn ctl(vm: &mut Vm) -> &mut Ctl {
@@ -285,6 +308,13 @@ impl SnapMachine {
         }
         let state: VmState = postcard::from_bytes(&snap.vm)
             .map_err(|e| SnapshotError::Damaged(format!("VM state: {e}")))?;
+        if state
+            .poll_resume
+            .as_ref()
+            .is_some_and(|d| d.is_empty() || d.len() > 1 << 16 || state.net.is_none())
+        {
+            return Err(SnapshotError::Damaged("an impossible poll".into()).into());
+        }
         if state.seq != snap.events
             || state.spec.first_seq != snap.events
             || state.spec.module_digest != snap.module_digest
@@ -315,10 +345,11 @@ impl SnapMachine {
         vm.seq = state.seq;
         vm.fds = state.fds.clone();
         vm.clock = state.clock.clone();
-        vm.outputs = Outputs::from_chain(state.chain);
+        vm.outputs = Outputs::from_state(state.chain, state.pending);
         vm.net = state.net.clone().map(netstack::NetStack::from_state);
         vm.net_now = state.net_now;
         vm.stdin_ready = state.stdin_ready;
+        vm.poll_resume = state.poll_resume.clone();
         if live || announced {
             let now = vm.net_now;
             if let Some(net) = vm.net.as_mut() {
@@ -481,10 +512,7 @@ impl SnapMachine {
             });
         }
         let vm = store.data();
-        let chain = vm
-            .outputs
-            .sealed_chain()
-            .ok_or_else(|| CaptureError::Take("outputs not sealed".into()))?;
+        let (chain, pending) = vm.outputs.state();
         let state = VmState {
             spec: LogHeader {
                 first_seq: vm.seq,
@@ -492,11 +520,13 @@ impl SnapMachine {
             },
             seq: vm.seq,
             chain,
+            pending,
             fds: vm.fds.clone(),
             clock: vm.clock.clone(),
             net: vm.net.as_ref().map(|n| n.state().clone()),
             net_now: vm.net_now,
             stdin_ready: vm.stdin_ready,
+            poll_resume: vm.poll_resume.clone(),
         };
         Ok(Snapshot {
             module_digest: self.inst.original_digest,
@@ -571,9 +601,10 @@ fn same(a: &Val, b: &Val) -> bool {
 
 /// Called as a WASI import is entered, for a VM of an instrumented module: a call
 /// re-entered by a rewind ends the rewind, gives the guest its bytes back and returns
-/// what it returned before (see the module docs).
+/// what it returned before (see the module docs) — or, for a poll interrupted before its
+/// wait, `None`: the call then runs again, from where it was interrupted.
 pub(crate) fn on_entry(caller: &mut Caller<'_, Vm>, name: &str) -> wasmtime::Result<Option<i32>> {
-    let Some(result) = ctl(caller.data_mut()).rewinding.take() else {
+    let Some(rewind) = ctl(caller.data_mut()).rewinding.take() else {
         return Ok(None);
     };
     if !EVENT_IMPORTS.contains(&name) {
@@ -582,11 +613,36 @@ pub(crate) fn on_entry(caller: &mut Caller<'_, Vm>, name: &str) -> wasmtime::Res
             "a rewind re-entered {name}, which never unwinds"
         )));
     }
+    let again = matches!(rewind, Rewind::Again);
+    if again != (name == "poll_oneoff" && caller.data().poll_resume.is_some()) {
+        return Err(wasmtime::Error::msg(format!(
+            "a rewind re-entered {name}, not the call that unwound"
+        )));
+    }
     call_export(caller, "asyncify_stop_rewind", None)?;
     let memory = guest_memory(caller)?;
     let (data, vm) = memory.data_and_store_mut(&mut *caller);
     give_back(data, vm);
-    Ok(Some(result))
+    Ok(match rewind {
+        Rewind::Return(r) => Some(r),
+        Rewind::Again => None,
+    })
+}
+
+/// Whether a snapshot is due at this snapshot point of a VM whose memory is `memory_len`
+/// bytes: the plan's position reached or an API request pending, and room for Asyncify's
+/// buffer. Tells the control API where the VM is.
+pub(crate) fn due(vm: &Vm, memory_len: usize) -> bool {
+    let Some(c) = vm.snap.as_ref() else {
+        return false;
+    };
+    if let Some(r) = &c.remote {
+        r.set_events(vm.seq);
+    }
+    let planned = c.want.is_some_and(|n| vm.seq >= n);
+    let asked = c.remote.as_ref().is_some_and(|r| r.pending());
+    // No room to unwind into: not a snapshot point.
+    (planned || asked) && capacity(memory_len) >= HEADER + 64
 }
 
 /// Called as a WASI import returns `result`, for a VM of an instrumented module: at a
@@ -599,24 +655,24 @@ pub(crate) fn on_exit(
     if !EVENT_IMPORTS.contains(&name) {
         return Ok(());
     }
-    let vm = caller.data();
-    let Some(c) = vm.snap.as_ref() else {
-        return Ok(());
-    };
-    if let Some(r) = &c.remote {
-        r.set_events(vm.seq);
-    }
-    let planned = c.want.is_some_and(|n| vm.seq >= n);
-    let asked = c.remote.as_ref().is_some_and(|r| r.pending());
-    if !(planned || asked) || vm.outputs.sealed_chain().is_none() {
+    let memory = guest_memory(caller)?;
+    if !due(caller.data(), memory.data_size(&*caller)) {
         return Ok(());
     }
+    start_unwind(caller, result)
+}
+
+/// Start the unwind of a snapshot found due by [`due`]: the import that calls this
+/// returns to the guest, whose frames then save themselves. `result` is what the import
+/// returns when the rewind re-enters it (unused for a poll that runs again).
+pub(crate) fn start_unwind(caller: &mut Caller<'_, Vm>, result: i32) -> wasmtime::Result<()> {
     let memory = guest_memory(caller)?;
     let (data, vm) = memory.data_and_store_mut(&mut *caller);
     let cap = capacity(data.len());
-    if cap < HEADER + 64 {
-        return Ok(()); // no room to unwind into: not a snapshot point
-    }
+    let planned = vm
+        .snap
+        .as_ref()
+        .is_some_and(|c| c.want.is_some_and(|n| vm.seq >= n));
     let c = ctl(vm);
     if planned {
         c.want = None;
@@ -674,8 +730,13 @@ fn begin_rewind(store: &mut Store<Vm>, instance: &Instance, stack: &[u8]) -> Res
             saved.len()
         ));
     }
+    let again = vm.poll_resume.is_some();
     let c = ctl(vm);
-    c.rewinding = Some(result);
+    c.rewinding = Some(if again {
+        Rewind::Again
+    } else {
+        Rewind::Return(result)
+    });
     c.borrowed = Some(data[..end].to_vec());
     // Asyncify pops frames from where the unwind left its position: the data's end.
     data[..4].copy_from_slice(&(end as u32).to_le_bytes());
@@ -694,6 +755,7 @@ fn fault_error(fault: Fault) -> CaptureError {
         Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
         Fault::Stopped | Fault::Interrupted => MachineError::Internal("stopped at power-on".into()),
         Fault::GoLive(why) => MachineError::GoLive(why),
+        Fault::Internal(why) => MachineError::Internal(why),
     })
 }
 

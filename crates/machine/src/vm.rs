@@ -117,6 +117,9 @@ pub(crate) enum Fault {
     Log(#[from] LogError),
     #[error("cannot go live: {0}")]
     GoLive(String),
+    /// A VM state that cannot be (a snapshot that does not fit where it resumes).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Where the VM's nondeterministic inputs come from, and where a live VM's outputs go.
@@ -208,57 +211,69 @@ pub struct Vm {
     /// Snapshots (issue 8): the host's side of Asyncify, for a VM of an instrumented
     /// module ([`crate::capture`]); `None` otherwise.
     pub(crate) snap: Option<Box<crate::capture::Ctl>>,
+    /// Set only at a snapshot point inside a waiting `poll_oneoff` (see
+    /// [`crate::capture`]): the clock deadlines the interrupted call computed, which the
+    /// call, entered again by the rewind, goes on with. `None` at every other point.
+    pub(crate) poll_resume: Option<Vec<Option<u64>>>,
 }
 
 /// Every output the VM produces: digested always, performed only when live.
 ///
-/// The digest is a chain over event boundaries: at each event, the outputs since the last
-/// one (a segment) are sealed into `chain = blake3(chain ‖ blake3(segment))`. Each output
-/// byte is hashed once, sealing costs a few compressions however long the run, and the
-/// chain before an event is what that event carries (its first 8 bytes).
+/// The digest is a chain over event boundaries: each output is hashed once and folded
+/// into the open segment (`pending = blake3(pending ‖ blake3(output))`, the first output's
+/// hash standing alone); at each event the segment is sealed into
+/// `chain = blake3(chain ‖ pending)`. Sealing costs a few compressions however long the
+/// run, the chain before an event is what that event carries (its first 8 bytes), and the
+/// whole digest state is two hashes, so a snapshot can hold it between events too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outputs {
     chain: [u8; 32],
-    segment: blake3::Hasher,
-    /// Whether the segment holds outputs not yet sealed.
-    open: bool,
+    /// The outputs since the last event, folded; `None` when there were none.
+    pending: Option<[u8; 32]>,
 }
 
 impl Outputs {
     fn new() -> Self {
         Outputs {
             chain: [0; 32],
-            segment: blake3::Hasher::new(),
-            open: false,
+            pending: None,
         }
     }
 
     pub(crate) fn add(&mut self, what: &str, parts: &[&[u8]]) {
-        self.open = true;
-        self.segment.update(&(what.len() as u64).to_le_bytes());
-        self.segment.update(what.as_bytes());
+        let mut h = blake3::Hasher::new();
+        h.update(&(what.len() as u64).to_le_bytes());
+        h.update(what.as_bytes());
         for p in parts {
-            self.segment.update(&(p.len() as u64).to_le_bytes());
-            self.segment.update(p);
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(p);
         }
+        let one = *h.finalize().as_bytes();
+        self.pending = Some(match self.pending {
+            None => one,
+            Some(before) => {
+                let mut h = blake3::Hasher::new();
+                h.update(&before);
+                h.update(&one);
+                *h.finalize().as_bytes()
+            }
+        });
     }
 
     fn sealed(&self) -> [u8; 32] {
-        if !self.open {
+        let Some(pending) = self.pending else {
             return self.chain;
-        }
+        };
         let mut h = blake3::Hasher::new();
         h.update(&self.chain);
-        h.update(self.segment.finalize().as_bytes());
+        h.update(&pending);
         *h.finalize().as_bytes()
     }
 
     /// Seal the outputs so far (an event boundary) and return the short digest.
     fn seal(&mut self) -> u64 {
-        if self.open {
-            self.chain = self.sealed();
-            self.segment.reset();
-            self.open = false;
-        }
+        self.chain = self.sealed();
+        self.pending = None;
         first_u64(&self.chain)
     }
 
@@ -275,8 +290,7 @@ impl Outputs {
     /// Undo the last seal (the run ends before the event that made it).
     fn rewind(&mut self, chain: [u8; 32]) {
         self.chain = chain;
-        self.segment.reset();
-        self.open = false;
+        self.pending = None;
     }
 }
 
@@ -744,6 +758,7 @@ impl Machine {
                     MachineError::Internal("stopped at power-on".into())
                 }
                 Fault::GoLive(why) => MachineError::GoLive(why),
+                Fault::Internal(why) => MachineError::Internal(why),
             });
         }
         let (tx, rx) = std::sync::mpsc::channel();
@@ -926,6 +941,7 @@ pub(crate) fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineErro
             Fault::Stopped => Ok(Exit::Stopped),
             Fault::Interrupted => Ok(Exit::Interrupted),
             Fault::GoLive(why) => Err(MachineError::GoLive(why.clone())),
+            Fault::Internal(why) => Err(MachineError::Internal(why.clone())),
             Fault::Divergence { seq, why } => Err(MachineError::Divergence {
                 seq: *seq,
                 why: why.clone(),
@@ -1041,18 +1057,14 @@ pub fn live_inputs(
 // above depends on them. `Machine::run` could build its Vm with `Vm::new` too.
 
 impl Outputs {
-    /// The chain, if every output so far is sealed (an event boundary with no output
-    /// since): then the chain is the whole digest state and can be saved.
-    pub(crate) fn sealed_chain(&self) -> Option<[u8; 32]> {
-        (!self.open).then_some(self.chain)
+    /// The whole digest state: the chain and the open segment (a snapshot holds it).
+    pub(crate) fn state(&self) -> ([u8; 32], Option<[u8; 32]>) {
+        (self.chain, self.pending)
     }
 
-    /// Outputs continuing from a saved chain.
-    pub(crate) fn from_chain(chain: [u8; 32]) -> Self {
-        Outputs {
-            chain,
-            ..Outputs::new()
-        }
+    /// Outputs continuing from a saved state.
+    pub(crate) fn from_state(chain: [u8; 32], pending: Option<[u8; 32]>) -> Self {
+        Outputs { chain, pending }
     }
 }
 
@@ -1110,6 +1122,7 @@ impl Vm {
             gate: Arc::new(Mutex::new(gate)),
             abandoned,
             snap: None,
+            poll_resume: None,
         }
     }
 
