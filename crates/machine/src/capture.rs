@@ -33,6 +33,10 @@
 //! import, before it returns). The stack section holds the import's result (4 bytes)
 //! and then Asyncify's data.
 //!
+//! The guest runs on a thread of its own, watched for a stop as a plain VM is
+//! ([`crate::vm::run_watched`]); while a snapshot is taken the VM holds its gate, so the
+//! watcher does not take a VM being captured for a guest computing.
+//!
 //! Invariants: a snapshot is refused whole or applied whole (it is decoded and checked
 //! before an instance exists); a run that takes a snapshot and goes on executes exactly
 //! as one that does not (same events, same digest).
@@ -42,7 +46,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use wasmtime::{Caller, Engine, Extern, Instance, Linker, Module, Store, Val};
+use wasmtime::{Caller, Engine, Extern, Instance, Linker, Module, Store, TypedFunc, Val};
 
 use crate::asyncify::{EVENT_IMPORTS, InstrumentError, Instrumented};
 use crate::clock::VmClock;
@@ -52,7 +56,9 @@ use crate::fdtable::FdTable;
 use crate::host::LiveHost;
 use crate::log::{EventSource, LogError, LogHeader, Tail};
 use crate::snapshot::{GlobalValue, PAGE, Snapshot, SnapshotError};
-use crate::vm::{Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, classify};
+use crate::vm::{
+    Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, Watched, Watcher, classify,
+};
 
 /// The largest Asyncify buffer: the guest's stack, saved, must fit (the CPU-bound and
 /// file guests need a few hundred bytes; 1 MiB allows deep recursion).
@@ -385,6 +391,7 @@ impl SnapMachine {
             remote: self.control.clone(),
             ..Ctl::default()
         }));
+        let watcher = vm.watcher();
         let mut store = vm.into_store(&self.engine);
         let instance = match self.linker.instantiate(&mut store, &self.module) {
             Ok(i) => i,
@@ -411,23 +418,89 @@ impl SnapMachine {
             begin_rewind(&mut store, &instance, &snap.stack)
                 .map_err(|e| CaptureError::Restore(e.to_string()))?;
         }
-        let mut taken = None;
+        let run = Driven {
+            store,
+            instance,
+            start,
+            get_state,
+            stop_unwind,
+            ident: Ident {
+                globals: self.inst.globals,
+                original: self.inst.original_digest,
+                instrumented: self.inst.digest,
+            },
+            control: self.control.clone(),
+            plan,
+            watcher: watcher.clone(),
+        };
+        let taken = Arc::new(std::sync::Mutex::new(None));
+        let shared = taken.clone();
+        match crate::vm::run_watched(&watcher, move || run.go(&shared))? {
+            Watched::Ended(ran) => ran,
+            Watched::Stopped(report) => Ok(Ran {
+                report,
+                taken: taken.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            }),
+        }
+    }
+}
+
+/// What identifies the instance a snapshot is of.
+#[derive(Clone, Copy)]
+struct Ident {
+    globals: u32,
+    original: [u8; 32],
+    instrumented: [u8; 32],
+}
+
+/// An instrumented VM's run, on the guest's thread: `_start` called again after each
+/// snapshot taken, until the guest ends or is stopped.
+struct Driven {
+    store: Store<Vm>,
+    instance: Instance,
+    start: TypedFunc<(), ()>,
+    get_state: TypedFunc<(), i32>,
+    stop_unwind: TypedFunc<(), ()>,
+    ident: Ident,
+    control: Option<Arc<Control>>,
+    plan: Option<Plan>,
+    watcher: Watcher,
+}
+
+impl Driven {
+    /// Run to the end; each snapshot taken is also put in `taken`, so that a run the
+    /// watcher ends still reports it.
+    fn go(self, taken: &std::sync::Mutex<Option<Taken>>) -> Result<Ran, CaptureError> {
+        let Driven {
+            mut store,
+            instance,
+            start,
+            get_state,
+            stop_unwind,
+            ident,
+            control,
+            plan,
+            watcher,
+        } = self;
         let exit = loop {
             let result = start.call(&mut store, ());
             // `_start` returning while Asyncify unwinds: the stack is saved, take the
             // snapshot. (A trap mid-unwind is an ordinary trap: classified below.)
             if result.is_ok() && get_state.call(&mut store, ()).map_err(wasm_err("state"))? == 1 {
+                // The VM is at an event boundary, not computing: the watcher leaves it be
+                // until the snapshot is written.
+                let _held = watcher.hold();
                 stop_unwind
                     .call(&mut store, ())
                     .map_err(wasm_err("asyncify_stop_unwind"))?;
                 // An API request goes first; a plan not yet due stays for later.
-                let remote = self.control.as_ref().and_then(|c| c.take());
+                let remote = control.as_ref().and_then(|c| c.take());
                 let (to, stop) = match (&remote, &plan) {
                     (Some(r), _) => (r.to.clone(), r.stop),
                     (None, Some(p)) => (p.to.clone(), p.stop),
                     (None, None) => return Err(CaptureError::Take("unplanned".into())),
                 };
-                let snap = self.capture(&mut store, &instance)?;
+                let snap = capture(ident, &mut store, &instance)?;
                 let written = crate::snapshot::write_file(&to, &snap);
                 let since = ctl(store.data_mut())
                     .since
@@ -445,7 +518,7 @@ impl SnapMachine {
                     }
                     (Err(e), None) => return Err(e.into()),
                 };
-                if let Some(c) = &self.control {
+                if let Some(c) = &control {
                     c.taken_one();
                 }
                 let t = Taken {
@@ -456,7 +529,7 @@ impl SnapMachine {
                 if let Some(r) = &remote {
                     let _ = r.reply.send(Ok(t.clone()));
                 }
-                taken = Some(t);
+                *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
                 if stop {
                     break crate::log::Exit::Stopped;
                 }
@@ -467,78 +540,12 @@ impl SnapMachine {
             break classify(result)?;
         };
         let report = store.into_data().conclude(exit)?;
+        let taken = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(Ran { report, taken })
     }
+}
 
-    /// The snapshot of a VM whose stack has just been unwound.
-    fn capture(
-        &self,
-        store: &mut Store<Vm>,
-        instance: &Instance,
-    ) -> Result<Snapshot, CaptureError> {
-        let memory = instance
-            .get_memory(&mut *store, "memory")
-            .ok_or_else(|| CaptureError::Take("the module exports no memory".into()))?;
-        let (data, vm) = memory.data_and_store_mut(&mut *store);
-        let result = ctl(vm)
-            .unwound
-            .take()
-            .ok_or_else(|| CaptureError::Take("an unwind no import started".into()))?;
-        let current = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let saved = data
-            .get(HEADER..current)
-            .ok_or_else(|| CaptureError::Take("Asyncify's buffer is inconsistent".into()))?;
-        let mut stack = result.to_le_bytes().to_vec();
-        stack.extend_from_slice(saved);
-        give_back(data, vm);
-        let memory = memory.data(&*store).to_vec();
-        let mut globals = Vec::with_capacity(self.inst.globals as usize);
-        for i in 0..self.inst.globals {
-            let g = instance
-                .get_global(&mut *store, &crate::asyncify::global_export_name(i))
-                .ok_or_else(|| CaptureError::Take(format!("global {i} is not exported")))?;
-            globals.push(match g.get(&mut *store) {
-                Val::I32(v) => GlobalValue::I32(v),
-                Val::I64(v) => GlobalValue::I64(v),
-                Val::F32(v) => GlobalValue::F32(v),
-                Val::F64(v) => GlobalValue::F64(v),
-                Val::V128(v) => GlobalValue::V128(v.as_u128()),
-                other => {
-                    return Err(CaptureError::Take(format!(
-                        "global {i} holds a reference ({:?})",
-                        other.ty(&*store)
-                    )));
-                }
-            });
-        }
-        let vm = store.data();
-        let (chain, pending) = vm.outputs.state();
-        let state = VmState {
-            spec: LogHeader {
-                first_seq: vm.seq,
-                ..vm.spec.log_header(self.inst.original_digest)
-            },
-            seq: vm.seq,
-            chain,
-            pending,
-            fds: vm.fds.clone(),
-            clock: vm.clock.clone(),
-            net: vm.net.as_ref().map(|n| n.state().clone()),
-            net_now: vm.net_now,
-            stdin_ready: vm.stdin_ready,
-            poll_resume: vm.poll_resume.clone(),
-        };
-        Ok(Snapshot {
-            module_digest: self.inst.original_digest,
-            instrumented_digest: self.inst.digest,
-            events: vm.seq,
-            memory,
-            globals,
-            stack,
-            vm: postcard::to_stdvec(&state).map_err(|e| CaptureError::Take(e.to_string()))?,
-        })
-    }
-
+impl SnapMachine {
     /// Put a snapshot's memory and globals into a fresh instance.
     fn apply(
         &self,
@@ -586,6 +593,75 @@ impl SnapMachine {
         }
         Ok(())
     }
+}
+
+/// The snapshot of a VM whose stack has just been unwound.
+fn capture(
+    id: Ident,
+    store: &mut Store<Vm>,
+    instance: &Instance,
+) -> Result<Snapshot, CaptureError> {
+    let memory = instance
+        .get_memory(&mut *store, "memory")
+        .ok_or_else(|| CaptureError::Take("the module exports no memory".into()))?;
+    let (data, vm) = memory.data_and_store_mut(&mut *store);
+    let result = ctl(vm)
+        .unwound
+        .take()
+        .ok_or_else(|| CaptureError::Take("an unwind no import started".into()))?;
+    let current = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+    let saved = data
+        .get(HEADER..current)
+        .ok_or_else(|| CaptureError::Take("Asyncify's buffer is inconsistent".into()))?;
+    let mut stack = result.to_le_bytes().to_vec();
+    stack.extend_from_slice(saved);
+    give_back(data, vm);
+    let memory = memory.data(&*store).to_vec();
+    let mut globals = Vec::with_capacity(id.globals as usize);
+    for i in 0..id.globals {
+        let g = instance
+            .get_global(&mut *store, &crate::asyncify::global_export_name(i))
+            .ok_or_else(|| CaptureError::Take(format!("global {i} is not exported")))?;
+        globals.push(match g.get(&mut *store) {
+            Val::I32(v) => GlobalValue::I32(v),
+            Val::I64(v) => GlobalValue::I64(v),
+            Val::F32(v) => GlobalValue::F32(v),
+            Val::F64(v) => GlobalValue::F64(v),
+            Val::V128(v) => GlobalValue::V128(v.as_u128()),
+            other => {
+                return Err(CaptureError::Take(format!(
+                    "global {i} holds a reference ({:?})",
+                    other.ty(&*store)
+                )));
+            }
+        });
+    }
+    let vm = store.data();
+    let (chain, pending) = vm.outputs.state();
+    let state = VmState {
+        spec: LogHeader {
+            first_seq: vm.seq,
+            ..vm.spec.log_header(id.original)
+        },
+        seq: vm.seq,
+        chain,
+        pending,
+        fds: vm.fds.clone(),
+        clock: vm.clock.clone(),
+        net: vm.net.as_ref().map(|n| n.state().clone()),
+        net_now: vm.net_now,
+        stdin_ready: vm.stdin_ready,
+        poll_resume: vm.poll_resume.clone(),
+    };
+    Ok(Snapshot {
+        module_digest: id.original,
+        instrumented_digest: id.instrumented,
+        events: vm.seq,
+        memory,
+        globals,
+        stack,
+        vm: postcard::to_stdvec(&state).map_err(|e| CaptureError::Take(e.to_string()))?,
+    })
 }
 
 fn same(a: &Val, b: &Val) -> bool {

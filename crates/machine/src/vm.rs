@@ -13,7 +13,8 @@
 //! Stopping. A stop request ([`request_stop`], e.g. from SIGTERM) stops a live VM at its
 //! next WASI call ([`Exit::Stopped`]). A guest computing without calls is stopped between
 //! events ([`Exit::Interrupted`]) without any check in its compiled code: the guest runs on
-//! a thread of its own while the thread that called [`Machine::run`] watches, and when the
+//! a thread of its own while the thread that called [`Machine::run`] (or
+//! [`crate::capture::SnapMachine`]'s run, through [`run_watched`]) watches, and when the
 //! guest has not reached a call [`STOP_GRACE`] after a stop request, the watcher ends the
 //! run itself. It can, because everything the end of a run needs is behind a [`Gate`] the
 //! guest holds through each event: the events taken, the output chain at the last one, the
@@ -748,7 +749,7 @@ impl Machine {
     /// (see the module documentation).
     pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
         let mut vm = Vm::new(spec, inputs);
-        let (gate, abandoned) = (vm.gate.clone(), vm.abandoned.clone());
+        let watcher = vm.watcher();
         if let Err(fault) = vm.power_on() {
             return Err(match fault {
                 Fault::Log(l) => MachineError::Log(l),
@@ -761,60 +762,98 @@ impl Machine {
                 Fault::Internal(why) => MachineError::Internal(why),
             });
         }
-        let (tx, rx) = std::sync::mpsc::channel();
         let (engine, module, linker) = (
             self.engine.clone(),
             self.module.clone(),
             self.linker.clone(),
         );
-        let guest = std::thread::Builder::new()
-            .name("tandem-vm".into())
-            .stack_size(GUEST_STACK)
-            .spawn(move || {
-                let mut store = Store::new(&engine, vm);
-                store.limiter(|vm| &mut vm.limits);
-                let exit = match linker.instantiate(&mut store, &module) {
-                    Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                        Ok(start) => classify(start.call(&mut store, ())),
-                        Err(_) => Err(MachineError::Link(
-                            "the module exports no _start function (not a WASI command)".into(),
-                        )),
-                    },
-                    Err(e) => classify(Err(e)),
-                };
-                // The watcher may have ended the run and gone: nobody to tell, then.
-                let _ = tx.send((exit, store.into_data()));
-            })
-            .map_err(|e| MachineError::Internal(format!("cannot start the VM's thread: {e}")))?;
-        let mut stop_seen = None;
-        let (exit, vm) = loop {
-            match rx.recv_timeout(WATCH_TICK) {
-                Ok(done) => break done,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(report) = watch(&gate, &abandoned, &mut stop_seen)? {
-                        // The guest's thread is abandoned (see `Gate`); it ends with the
-                        // process.
-                        return Ok(report);
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    let why = match guest.join() {
-                        Err(panic) => panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a panic".into()),
-                        Ok(()) => "no result".into(),
-                    };
-                    return Err(MachineError::Internal(format!(
-                        "the VM's thread ended with {why}"
-                    )));
+        let watched = run_watched(&watcher, move || {
+            let mut store = Store::new(&engine, vm);
+            store.limiter(|vm| &mut vm.limits);
+            let exit = match linker.instantiate(&mut store, &module) {
+                Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                    Ok(start) => classify(start.call(&mut store, ())),
+                    Err(_) => Err(MachineError::Link(
+                        "the module exports no _start function (not a WASI command)".into(),
+                    )),
+                },
+                Err(e) => classify(Err(e)),
+            };
+            (exit, store.into_data())
+        })?;
+        match watched {
+            Watched::Ended((exit, vm)) => vm.conclude(exit?),
+            Watched::Stopped(report) => Ok(report),
+        }
+    }
+}
+
+/// What the thread watching a VM needs of it (see the module documentation).
+#[derive(Clone)]
+pub(crate) struct Watcher {
+    gate: SharedGate,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    /// Hold the VM at its event boundary: the watcher leaves a guest that holds this
+    /// alone, as one inside an event (a snapshot being taken is not a guest computing).
+    pub(crate) fn hold(&self) -> MutexGuard<'_, Gate> {
+        lock(&self.gate)
+    }
+}
+
+/// How a watched run ended.
+pub(crate) enum Watched<T> {
+    /// The guest's thread finished, with this.
+    Ended(T),
+    /// The watcher ended the run between events; the guest's thread is abandoned.
+    Stopped(RunReport),
+}
+
+/// Run `guest` (a VM's whole run, its store inside) on a thread of its own while this
+/// thread watches for a stop (see the module documentation).
+pub(crate) fn run_watched<T: Send + 'static>(
+    watcher: &Watcher,
+    guest: impl FnOnce() -> T + Send + 'static,
+) -> Result<Watched<T>, MachineError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let guest = std::thread::Builder::new()
+        .name("tandem-vm".into())
+        .stack_size(GUEST_STACK)
+        .spawn(move || {
+            // The watcher may have ended the run and gone: nobody to tell, then.
+            let _ = tx.send(guest());
+        })
+        .map_err(|e| MachineError::Internal(format!("cannot start the VM's thread: {e}")))?;
+    let mut stop_seen = None;
+    let done = loop {
+        match rx.recv_timeout(WATCH_TICK) {
+            Ok(done) => break done,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(report) = watch(&watcher.gate, &watcher.abandoned, &mut stop_seen)? {
+                    // The guest's thread is abandoned (see `Gate`); it ends with the
+                    // process.
+                    return Ok(Watched::Stopped(report));
                 }
             }
-        };
-        let _ = guest.join();
-        vm.conclude(exit?)
-    }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let why = match guest.join() {
+                    Err(panic) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into()),
+                    Ok(()) => "no result".into(),
+                };
+                return Err(MachineError::Internal(format!(
+                    "the VM's thread ended with {why}"
+                )));
+            }
+        }
+    };
+    let _ = guest.join();
+    Ok(Watched::Ended(done))
 }
 
 /// One look at a running VM: end the run if it is to stop and its guest is between events.
@@ -1158,6 +1197,14 @@ impl Vm {
             }
         }
         Ok(report)
+    }
+
+    /// What the thread watching this VM's run needs of it ([`run_watched`]).
+    pub(crate) fn watcher(&self) -> Watcher {
+        Watcher {
+            gate: self.gate.clone(),
+            abandoned: self.abandoned.clone(),
+        }
     }
 
     /// A store holding this VM, its memory limited as [`Machine::run`] limits it.
