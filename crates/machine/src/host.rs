@@ -408,3 +408,36 @@ fn stdin_ready(timeout_ms: i32) -> bool {
     let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
     n > 0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait with nothing to wait for (no NIC, no stdin, no deadline) blocks for ever;
+    /// a wake ends it with an outcome that holds no frames.
+    #[test]
+    fn a_wake_ends_a_wait_without_deadline() {
+        let mut host = LiveHost::from_state(None, &FdTable::new(false, &[]), &VmClock::default())
+            .expect("a host without datastore");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(host.net_wait(None, true, false));
+        });
+        // Woken again and again: another test of this process may consume a wake.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let outcome = loop {
+            wake_waits();
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(o) => break o,
+                Err(_) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the wait was never woken"
+                ),
+            }
+        };
+        assert!(
+            matches!(&outcome, Outcome::Net { frames, stdin: false, .. } if frames.is_empty()),
+            "{outcome:?}"
+        );
+    }
+}
