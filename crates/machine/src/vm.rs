@@ -1245,5 +1245,20 @@ mod tests {
         let sealed = o.full();
         o.add("console", &[b"y"]);
         assert_ne!(o.full(), sealed);
+
+        // The state between events (a snapshot's) continues exactly: open segment and all.
+        let (chain, pending) = o.state();
+        assert!(pending.is_some());
+        let mut copy = Outputs::from_state(chain, pending);
+        for x in [&mut o, &mut copy] {
+            x.add("frame", &[b"z", b"w"]);
+            x.seal();
+        }
+        assert_eq!(o, copy);
+        // Parts are framed: moving a byte from one part to the next is another output.
+        let (mut a, mut b) = (Outputs::new(), Outputs::new());
+        a.add("frame", &[b"ab", b"c"]);
+        b.add("frame", &[b"a", b"bc"]);
+        assert_ne!(a.full(), b.full());
     }
 }
