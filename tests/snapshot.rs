@@ -666,6 +666,11 @@ for line in sys.stdin:
 
 impl Connection {
     fn open(lab: &common::Lab) -> Connection {
+        Self::with(lab, CLIENT)
+    }
+
+    /// A connection driven by another `script` (the same protocol: a line in, a line out).
+    fn with(lab: &common::Lab, script: &str) -> Connection {
         use std::process::{Command, Stdio};
         let mut child = Command::new("ip")
             .args([
@@ -675,7 +680,7 @@ impl Connection {
                 "python3",
                 "-u",
                 "-c",
-                CLIENT,
+                script,
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -797,4 +802,109 @@ fn kvd_suspended_while_a_client_holds_a_connection_resumes_on_another_host() {
     ]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(events_and_digest(run.last_line(), "replay ok: "), resumed);
+}
+
+/// A sink client: `send N` sends N bytes (`sent`), `end` shuts its side and prints the
+/// sink's answer (the byte count).
+const SINK_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection(("10.77.0.10", 7000), timeout=60)
+for line in sys.stdin:
+    words = line.split()
+    try:
+        if words[0] == "send":
+            s.sendall(b"x" * int(words[1]))
+            print("sent", flush=True)
+        elif words[0] == "end":
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                b = s.recv(100)
+                if not b:
+                    break
+                got += b
+            print(got.decode().strip(), flush=True)
+    except Exception as e:
+        print("ERROR %s" % type(e).__name__, flush=True)
+"#;
+
+/// A server blocked in a socket call (sink: a blocking accept, then a blocking receive)
+/// is snapshotted through its API inside that call, before its wait, and goes on; its
+/// recording replays whole and from each snapshot to the same end.
+#[test]
+fn a_server_blocked_in_accept_or_receive_is_snapshotted_inside_the_call() {
+    use machine::control::request;
+    let mut lab = common::Lab::up("sns", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("sink.tlog");
+    let sink = guest("sink.wasm");
+    let out = dir.path().join("vm.out");
+    let args = [
+        "vm",
+        "run",
+        "--wasm",
+        s(&sink),
+        "--nic",
+        KVD_NIC,
+        "--listen",
+        "tcp:7000",
+        "--api-sock",
+        s(&api),
+        "--record",
+        s(&log),
+    ];
+    let vm = lab.start_vm(1, &args, &out);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !api.exists() {
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let t = std::time::Duration::from_secs(5);
+    let mut snaps = Vec::new();
+    let mut snapshot = |name: &str| {
+        let to = dir.path().join(name);
+        let body = serde_json::json!({ "to": s(&to) });
+        let (code, reply) = request(&api, "PUT", "/snapshot", Some(&body), t)
+            .unwrap_or_else(|e| panic!("{name}: no answer within 5 s: {e}"));
+        assert_eq!(code, 200, "{name}: {reply}");
+        snaps.push(to);
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    snapshot("accepting.snap");
+    let mut conn = Connection::with(&lab, SINK_CLIENT);
+    assert_eq!(conn.ask("send 100000"), "sent");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    snapshot("receiving.snap");
+    assert_eq!(conn.ask("send 5000"), "sent");
+    assert_eq!(conn.ask("end"), "105000");
+    drop(conn);
+    assert_eq!(lab.stop_vm(vm), 0);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let whole = events_and_digest(line, "recorded: ");
+    let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&sink)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+    for from in &snaps {
+        let run = tandem(&[
+            "vm",
+            "replay",
+            s(&log),
+            "--wasm",
+            s(&sink),
+            "--from",
+            s(from),
+        ]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        assert_eq!(
+            events_and_digest(run.last_line(), "replay ok: "),
+            whole,
+            "replayed from {}",
+            from.display()
+        );
+    }
 }

@@ -19,12 +19,15 @@
 //! position is the sequence number of the next event. Outputs since the last event need
 //! not be sealed: the output digest's open segment is part of the VM state.
 //!
-//! A poll interrupted before its wait unwinds without a result ([`crate::wasi::Stop::Unwind`]):
-//! it leaves its clock deadlines in [`Vm::poll_resume`] (part of the VM state, `None` at
-//! every other point), and the rewind, instead of returning a saved result, ends there
-//! and lets the import run again: finding the saved deadlines, it skips its first
-//! (non-waiting) network step and goes on with the wait it was about to take. The guest
-//! ran no instruction in between, so its subscriptions read again are the same.
+//! The same holds of a blocking socket call (accept, receive, send) about to wait for its
+//! socket. A call interrupted before its wait unwinds without a result
+//! ([`crate::wasi::Stop::Unwind`]): it leaves what the rest of it depends on in
+//! [`Vm::resume`] (a poll: its clock deadlines; part of the VM state, `None` at every
+//! other point), and the rewind, instead of returning a saved result, ends there and
+//! lets the import run again: finding [`Vm::resume`], it skips what it did before the
+//! point (a poll: its first, non-waiting, network step; a socket call: its first try and
+//! step) and goes on with the wait it was about to take. The guest ran no instruction in
+//! between, so its arguments read again are the same.
 //!
 //! **Asyncify's buffer** is a borrowed region at the start of the guest's memory
 //! ([`crate::asyncify`] says why): the host saves the guest's bytes there before an
@@ -57,7 +60,8 @@ use crate::host::LiveHost;
 use crate::log::{EventSource, LogError, LogHeader, Tail};
 use crate::snapshot::{GlobalValue, PAGE, Snapshot, SnapshotError};
 use crate::vm::{
-    Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, Watched, Watcher, classify,
+    Fault, GuestSpec, Inputs, MachineError, Outputs, Resume, RunReport, Vm, Watched, Watcher,
+    classify,
 };
 
 /// The largest Asyncify buffer: the guest's stack, saved, must fit (the CPU-bound and
@@ -100,8 +104,8 @@ struct VmState {
     net: Option<netstack::NetStackState>,
     net_now: u64,
     stdin_ready: bool,
-    /// At a snapshot point inside a waiting poll: what the poll goes on with.
-    poll_resume: Option<Vec<Option<u64>>>,
+    /// At a snapshot point inside a call, before its wait: what the call goes on with.
+    resume: Option<Resume>,
 }
 
 /// When to snapshot and what to do then.
@@ -211,8 +215,8 @@ pub(crate) struct Ctl {
 enum Rewind {
     /// Return this, the result it returned as it started the unwind.
     Return(i32),
-    /// Run again: a `poll_oneoff` interrupted just before a waiting network step goes on
-    /// from there ([`Vm::poll_resume`]).
+    /// Run again: a call interrupted just before a waiting network step goes on from
+    /// there ([`Vm::resume`]).
     Again,
 }
 
@@ -314,11 +318,12 @@ impl SnapMachine {
         }
         let state: VmState = postcard::from_bytes(&snap.vm)
             .map_err(|e| SnapshotError::Damaged(format!("VM state: {e}")))?;
-        if state
-            .poll_resume
-            .as_ref()
-            .is_some_and(|d| d.is_empty() || d.len() > 1 << 16 || state.net.is_none())
-        {
+        let impossible = match &state.resume {
+            None => false,
+            Some(Resume::Poll(d)) => d.is_empty() || d.len() > 1 << 16 || state.net.is_none(),
+            Some(Resume::Socket) => state.net.is_none(),
+        };
+        if impossible {
             return Err(SnapshotError::Damaged("an impossible poll".into()).into());
         }
         if state.seq != snap.events
@@ -355,7 +360,7 @@ impl SnapMachine {
         vm.net = state.net.clone().map(netstack::NetStack::from_state);
         vm.net_now = state.net_now;
         vm.stdin_ready = state.stdin_ready;
-        vm.poll_resume = state.poll_resume.clone();
+        vm.resume = state.resume.clone();
         if live || announced {
             let now = vm.net_now;
             if let Some(net) = vm.net.as_mut() {
@@ -651,7 +656,7 @@ fn capture(
         net: vm.net.as_ref().map(|n| n.state().clone()),
         net_now: vm.net_now,
         stdin_ready: vm.stdin_ready,
-        poll_resume: vm.poll_resume.clone(),
+        resume: vm.resume.clone(),
     };
     Ok(Snapshot {
         module_digest: id.original,
@@ -690,7 +695,15 @@ pub(crate) fn on_entry(caller: &mut Caller<'_, Vm>, name: &str) -> wasmtime::Res
         )));
     }
     let again = matches!(rewind, Rewind::Again);
-    if again != (name == "poll_oneoff" && caller.data().poll_resume.is_some()) {
+    let resumes = match &caller.data().resume {
+        None => false,
+        Some(Resume::Poll(_)) => name == "poll_oneoff",
+        Some(Resume::Socket) => matches!(
+            name,
+            "sock_accept" | "sock_recv" | "sock_send" | "fd_read" | "fd_write"
+        ),
+    };
+    if again != resumes {
         return Err(wasmtime::Error::msg(format!(
             "a rewind re-entered {name}, not the call that unwound"
         )));
@@ -806,7 +819,7 @@ fn begin_rewind(store: &mut Store<Vm>, instance: &Instance, stack: &[u8]) -> Res
             saved.len()
         ));
     }
-    let again = vm.poll_resume.is_some();
+    let again = vm.resume.is_some();
     let c = ctl(vm);
     c.rewinding = Some(if again {
         Rewind::Again

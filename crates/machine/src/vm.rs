@@ -212,10 +212,22 @@ pub struct Vm {
     /// Snapshots (issue 8): the host's side of Asyncify, for a VM of an instrumented
     /// module ([`crate::capture`]); `None` otherwise.
     pub(crate) snap: Option<Box<crate::capture::Ctl>>,
-    /// Set only at a snapshot point inside a waiting `poll_oneoff` (see
-    /// [`crate::capture`]): the clock deadlines the interrupted call computed, which the
-    /// call, entered again by the rewind, goes on with. `None` at every other point.
-    pub(crate) poll_resume: Option<Vec<Option<u64>>>,
+    /// Set only at a snapshot point inside a call, before its wait (see
+    /// [`crate::capture`]): what the interrupted call, entered again by the rewind, goes
+    /// on with. `None` at every other point.
+    pub(crate) resume: Option<Resume>,
+    /// The guest memory's size as the current call was entered (whether Asyncify's
+    /// buffer fits, at a snapshot point inside a call).
+    pub(crate) memory_len: usize,
+}
+
+/// Where a call interrupted by a snapshot before its wait goes on (see [`crate::capture`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Resume {
+    /// A `poll_oneoff` with a NIC, with the clock deadlines it computed.
+    Poll(Vec<Option<u64>>),
+    /// A blocking socket call (accept, receive, send), waiting for its socket.
+    Socket,
 }
 
 /// Every output the VM produces: digested always, performed only when live.
@@ -1161,7 +1173,8 @@ impl Vm {
             gate: Arc::new(Mutex::new(gate)),
             abandoned,
             snap: None,
-            poll_resume: None,
+            resume: None,
+            memory_len: 0,
         }
     }
 

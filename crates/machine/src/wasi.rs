@@ -14,7 +14,7 @@ use wasmtime::{Caller, Extern, Linker};
 use crate::event::{Filestat, Kind, Outcome, PollEvent, args_digest};
 use crate::fdtable::FdKind;
 use crate::host::Subscription;
-use crate::vm::{Fault, Vm};
+use crate::vm::{Fault, Resume, Vm};
 
 pub const MODULE: &str = "wasi_snapshot_preview1";
 
@@ -380,6 +380,7 @@ fn call(
         return Ok(i32::from(errno::FAULT));
     };
     let (data, vm) = memory.data_and_store_mut(&mut *caller);
+    vm.memory_len = data.len();
     let r = match f(&mut Mem(data), vm) {
         Ok(()) => 0,
         Err(Stop::Errno(e)) => i32::from(e),
@@ -1429,7 +1430,15 @@ enum Sub {
 
 fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u32) -> Ret {
     // Taken first: whatever this call does, it is `None` again once the call is entered.
-    let resume = vm.poll_resume.take();
+    let resume = match vm.resume.take() {
+        None => None,
+        Some(Resume::Poll(d)) => Some(d),
+        Some(other) => {
+            return Err(Stop::Fault(Fault::Internal(format!(
+                "a poll resumed where {other:?} was interrupted"
+            ))));
+        }
+    };
     if n == 0 || n > MAX_SUBSCRIPTIONS {
         return Err(errno::INVAL.into());
     }
@@ -1514,7 +1523,7 @@ fn poll_host(vm: &mut Vm, parsed: &[Sub], raw: &[u8]) -> Result<Vec<PollEvent>, 
 /// function of VM state, and the step's time decides which clocks fired.
 ///
 /// Just before each waiting step is a snapshot point (an idle VM waits here): with a
-/// snapshot due, the call saves its deadlines in [`Vm::poll_resume`] and unwinds
+/// snapshot due, the call saves its deadlines in [`Vm::resume`] and unwinds
 /// ([`Stop::Unwind`]); rewound, it is entered again with the same subscriptions (the
 /// guest ran no instruction since) and goes on from that point, without the first
 /// non-waiting step it already took: the same events follow as without the snapshot.
@@ -1615,7 +1624,7 @@ fn poll_with_network(
             .chain(vm.net.as_ref().and_then(|n| n.next_deadline()))
             .min();
         if vm.snap.is_some() && crate::capture::due(vm, memory_len) {
-            vm.poll_resume = Some(deadlines);
+            vm.resume = Some(Resume::Poll(deadlines));
             return Err(Stop::Unwind);
         }
         vm.net_step(true, next, watch_stdin)?;
