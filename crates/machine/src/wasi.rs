@@ -225,8 +225,9 @@ pub fn provides(module: &str, name: &str) -> bool {
 pub(crate) enum Stop {
     Errno(u16),
     Fault(Fault),
-    /// A snapshot is due inside the call, before it is done (a poll about to wait): the
-    /// call unwinds without a result and, rewound, runs again (see [`crate::capture`]).
+    /// A snapshot is due inside the call, before it is done (a poll or a blocking socket
+    /// call about to wait): the call unwinds without a result and, rewound, runs again
+    /// (see [`crate::capture`]).
     Unwind,
 }
 
