@@ -293,6 +293,24 @@ fn a_recorded_kvd_under_redis_benchmark_replays_from_a_mid_way_snapshot() {
     ]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+
+    // Near the end, once the load is over: kvd idle, waiting in its poll until stopped.
+    // (That a snapshot lands inside a waiting poll, live and in a replay, is shown by
+    // `an_idle_kvd_is_snapshotted_through_its_api_at_once`.)
+    let idle = dir.path().join("idle.snap");
+    let (pos, _) = snapshot_while_replaying(&kvd, &log, whole.0 - 1, &idle, &whole);
+    assert!(pos < whole.0);
+    let run = tandem(&[
+        "vm",
+        "replay",
+        s(&log),
+        "--wasm",
+        s(&kvd),
+        "--from",
+        s(&idle),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
 }
 
 /// A file's name below `dir` and its content, for every file (mtimes differ by design).
@@ -482,4 +500,411 @@ fn a_vm_snapshotted_and_suspended_through_its_api_resumes_to_the_same_end() {
     let alone = tandem(&["vm", "replay", s(&second_log), "--wasm", s(&wasm)]);
     assert_eq!(alone.code, 2, "{}", alone.stdout);
     assert!(alone.stderr.contains("--from"), "{}", alone.stderr);
+}
+
+/// kvd with a NIC, recorded in a lab, its control API on `api`; waits until it answers.
+fn start_kvd(lab: &mut common::Lab, host: u32, dir: &Path, api: &Path, log: &Path) -> usize {
+    let ds = dir.join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let kvd = guest("kvd.wasm");
+    let out = dir.join(format!("vm{host}.out"));
+    let args = [
+        "vm",
+        "run",
+        "--wasm",
+        s(&kvd),
+        "--datastore",
+        s(&ds),
+        "--nic",
+        KVD_NIC,
+        "--listen",
+        "tcp:6379",
+        "--api-sock",
+        s(api),
+        "--record",
+        s(log),
+    ];
+    let vm = lab.start_vm(host, &args, &out);
+    lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    vm
+}
+
+/// An idle kvd (a NIC, no traffic) waits in one `poll_oneoff` for ever: a snapshot asked
+/// for through its API wakes the wait and lands inside the poll, at once (well within the
+/// API's 30 s, after which it used to be withdrawn). The VM goes on serving, and its
+/// recording replays whole and from the snapshot to the same end.
+#[test]
+fn an_idle_kvd_is_snapshotted_through_its_api_at_once() {
+    use machine::control::request;
+    let mut lab = common::Lab::up("sni", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("kvd.tlog");
+    let vm = start_kvd(&mut lab, 1, dir.path(), &api, &log);
+    let set = lab.client("redis-cli", &["-h", "10.77.0.10", "SET", "idle", "yes"]);
+    assert!(set.stdout.contains("OK"), "{}{}", set.stdout, set.stderr);
+    // Idle: no client, and TCP's timers long settled.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let t = std::time::Duration::from_secs(5);
+    let (_, before) = request(&api, "GET", "/status", None, t).unwrap();
+    let snap = dir.path().join("idle.snap");
+    let body = serde_json::json!({ "to": s(&snap) });
+    let asked = std::time::Instant::now();
+    let (code, reply) = request(&api, "PUT", "/snapshot", Some(&body), t)
+        .expect("the idle VM answers a snapshot request within 5 s");
+    eprintln!("idle snapshot answered in {:?}", asked.elapsed());
+    assert_eq!(code, 200, "{reply}");
+    let at = reply["events"].as_u64().unwrap();
+    assert!(at >= before["events"].as_u64().unwrap(), "{reply} {before}");
+    assert_eq!(
+        std::fs::metadata(&snap).unwrap().len(),
+        reply["bytes"].as_u64().unwrap()
+    );
+    // A second one of the still idle VM, through the CLI.
+    let again = dir.path().join("again.snap");
+    let run = tandem(&["vm", "snapshot", "--api-sock", s(&api), "--to", s(&again)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let (at2, _, _) = taken(run.last_line());
+    assert!(at2 > at, "{at2} {at}");
+
+    // It goes on serving.
+    let get = lab.client("redis-cli", &["-h", "10.77.0.10", "GET", "idle"]);
+    assert_eq!(get.stdout.trim(), "yes", "{}", get.stderr);
+    // A stop through the API wakes the idle wait too.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (code, reply) = request(&api, "PUT", "/stop", None, t).unwrap();
+    assert_eq!(code, 200, "{reply}");
+    assert_eq!(
+        lab.wait_exit(
+            vm,
+            std::time::Duration::from_secs(10),
+            "the idle VM stopped"
+        ),
+        0
+    );
+
+    let text = std::fs::read_to_string(dir.path().join("vm1.out")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let whole = events_and_digest(line, "recorded: ");
+    assert!(at2 < whole.0);
+
+    let kvd = guest("kvd.wasm");
+    let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&kvd)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+    // The replay reaches the same point inside the poll (the event before it is the
+    // woken wait, in the same call: no import returns in between) and takes the same
+    // snapshot there, byte for byte.
+    let replayed = dir.path().join("replayed.snap");
+    let (pos, _) = snapshot_while_replaying(&kvd, &log, at, &replayed, &whole);
+    assert_eq!(pos, at);
+    assert!(
+        std::fs::read(&replayed).unwrap() == std::fs::read(&snap).unwrap(),
+        "the replay's snapshot is the live one"
+    );
+    for from in [&snap, &again] {
+        let run = tandem(&[
+            "vm",
+            "replay",
+            s(&log),
+            "--wasm",
+            s(&kvd),
+            "--from",
+            s(from),
+        ]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        assert_eq!(
+            events_and_digest(run.last_line(), "replay ok: "),
+            whole,
+            "replayed from {}",
+            from.display()
+        );
+    }
+}
+
+/// One TCP connection to the lab's kvd from the client namespace, driven line by line:
+/// each line written is a command (words), each line read its reply (`+OK`, a bulk
+/// string's value, `(nil)`, an error) or `ERROR <why>` if the connection failed.
+struct Connection {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::io::BufReader<std::process::ChildStdout>,
+}
+
+const CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection(("10.77.0.10", 6379), timeout=60)
+f = s.makefile("rb")
+for line in sys.stdin:
+    words = line.split()
+    if not words:
+        continue
+    try:
+        msg = b"*%d\r\n" % len(words)
+        for w in words:
+            b = w.encode()
+            msg += b"$%d\r\n%s\r\n" % (len(b), b)
+        s.sendall(msg)
+        r = f.readline()
+        if not r:
+            print("ERROR closed", flush=True)
+            continue
+        if r.startswith(b"$"):
+            n = int(r[1:])
+            if n < 0:
+                print("(nil)", flush=True)
+            else:
+                print(f.read(n + 2)[:n].decode(), flush=True)
+        else:
+            print(r.decode().strip(), flush=True)
+    except Exception as e:
+        print("ERROR %s" % type(e).__name__, flush=True)
+"#;
+
+impl Connection {
+    fn open(lab: &common::Lab) -> Connection {
+        Self::with(lab, CLIENT)
+    }
+
+    /// A connection driven by another `script` (the same protocol: a line in, a line out).
+    fn with(lab: &common::Lab, script: &str) -> Connection {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("client"),
+                "python3",
+                "-u",
+                "-c",
+                script,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the client");
+        let to = child.stdin.take().unwrap();
+        let from = std::io::BufReader::new(child.stdout.take().unwrap());
+        Connection { child, to, from }
+    }
+
+    fn ask(&mut self, command: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.to, "{command}").unwrap();
+        self.to.flush().unwrap();
+        let mut line = String::new();
+        self.from.read_line(&mut line).unwrap();
+        line.trim_end().to_string()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Suspend and resume elsewhere: kvd on host 1 holds a client's connection and its keys;
+/// `vm snapshot --stop` suspends it (idle, waiting in a poll); `vm run --restore` on
+/// host 2 resumes it, and the same connection reads every key back: no reset, nothing
+/// lost. The resumed VM's recording replays from the snapshot.
+#[test]
+fn kvd_suspended_while_a_client_holds_a_connection_resumes_on_another_host() {
+    let mut lab = common::Lab::up("snm", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let first_log = dir.path().join("first.tlog");
+    let first = start_kvd(&mut lab, 1, dir.path(), &api, &first_log);
+    let mut conn = Connection::open(&lab);
+    for i in 0..20 {
+        assert_eq!(conn.ask(&format!("SET key{i} value{i}")), "+OK");
+    }
+    assert_eq!(conn.ask("INCR counter"), ":1");
+
+    let snap = dir.path().join("suspended.snap");
+    let run = tandem(&[
+        "vm",
+        "snapshot",
+        "--api-sock",
+        s(&api),
+        "--to",
+        s(&snap),
+        "--stop",
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let (at, _, _) = taken(run.last_line());
+    assert_eq!(
+        lab.wait_exit(
+            first,
+            std::time::Duration::from_secs(10),
+            "the suspended VM"
+        ),
+        0
+    );
+
+    let kvd = guest("kvd.wasm");
+    let ds = dir.path().join("ds");
+    let second_log = dir.path().join("second.tlog");
+    let out = dir.path().join("vm2.out");
+    let second = lab.start_vm(
+        2,
+        &[
+            "vm",
+            "run",
+            "--restore",
+            s(&snap),
+            "--wasm",
+            s(&kvd),
+            "--datastore",
+            s(&ds),
+            "--nic",
+            KVD_NIC,
+            "--listen",
+            "tcp:6379",
+            "--record",
+            s(&second_log),
+        ],
+        &out,
+    );
+    for i in 0..20 {
+        assert_eq!(
+            conn.ask(&format!("GET key{i}")),
+            format!("value{i}"),
+            "key{i} read back on the same connection: {}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+    }
+    assert_eq!(conn.ask("INCR counter"), ":2");
+    drop(conn);
+    // A new connection reaches the VM on host 2 as well.
+    let get = lab.client("redis-cli", &["-h", "10.77.0.10", "GET", "key7"]);
+    assert_eq!(get.stdout.trim(), "value7", "{}", get.stderr);
+    assert_eq!(lab.stop_vm(second), 0);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let resumed = events_and_digest(line, "recorded: ");
+    assert!(resumed.0 > at);
+    let run = tandem(&[
+        "vm",
+        "replay",
+        s(&second_log),
+        "--wasm",
+        s(&kvd),
+        "--from",
+        s(&snap),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), resumed);
+}
+
+/// A sink client: `send N` sends N bytes (`sent`), `end` shuts its side and prints the
+/// sink's answer (the byte count).
+const SINK_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection(("10.77.0.10", 7000), timeout=60)
+for line in sys.stdin:
+    words = line.split()
+    try:
+        if words[0] == "send":
+            s.sendall(b"x" * int(words[1]))
+            print("sent", flush=True)
+        elif words[0] == "end":
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                b = s.recv(100)
+                if not b:
+                    break
+                got += b
+            print(got.decode().strip(), flush=True)
+    except Exception as e:
+        print("ERROR %s" % type(e).__name__, flush=True)
+"#;
+
+/// A server blocked in a socket call (sink: a blocking accept, then a blocking receive)
+/// is snapshotted through its API inside that call, before its wait, and goes on; its
+/// recording replays whole and from each snapshot to the same end.
+#[test]
+fn a_server_blocked_in_accept_or_receive_is_snapshotted_inside_the_call() {
+    use machine::control::request;
+    let mut lab = common::Lab::up("sns", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("sink.tlog");
+    let sink = guest("sink.wasm");
+    let out = dir.path().join("vm.out");
+    let args = [
+        "vm",
+        "run",
+        "--wasm",
+        s(&sink),
+        "--nic",
+        KVD_NIC,
+        "--listen",
+        "tcp:7000",
+        "--api-sock",
+        s(&api),
+        "--record",
+        s(&log),
+    ];
+    let vm = lab.start_vm(1, &args, &out);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !api.exists() {
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let t = std::time::Duration::from_secs(5);
+    let mut snaps = Vec::new();
+    let mut snapshot = |name: &str| {
+        let to = dir.path().join(name);
+        let body = serde_json::json!({ "to": s(&to) });
+        let (code, reply) = request(&api, "PUT", "/snapshot", Some(&body), t)
+            .unwrap_or_else(|e| panic!("{name}: no answer within 5 s: {e}"));
+        assert_eq!(code, 200, "{name}: {reply}");
+        snaps.push(to);
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    snapshot("accepting.snap");
+    let mut conn = Connection::with(&lab, SINK_CLIENT);
+    assert_eq!(conn.ask("send 100000"), "sent");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    snapshot("receiving.snap");
+    assert_eq!(conn.ask("send 5000"), "sent");
+    assert_eq!(conn.ask("end"), "105000");
+    drop(conn);
+    assert_eq!(lab.stop_vm(vm), 0);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let whole = events_and_digest(line, "recorded: ");
+    let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&sink)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+    for from in &snaps {
+        let run = tandem(&[
+            "vm",
+            "replay",
+            s(&log),
+            "--wasm",
+            s(&sink),
+            "--from",
+            s(from),
+        ]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        assert_eq!(
+            events_and_digest(run.last_line(), "replay ok: "),
+            whole,
+            "replayed from {}",
+            from.display()
+        );
+    }
 }

@@ -291,10 +291,16 @@ fn sigterm_stops_a_guest_that_makes_no_calls_and_its_recording_replays_to_the_st
     let log = dir.path().join("spin.tlog");
     // Generous bound (the stop itself takes about 0.3 s): not a timing test.
     let bound = std::time::Duration::from_secs(3);
-    for record in [false, true] {
+    let api = dir.path().join("api.sock");
+    // The third run is of the module instrumented for snapshots (it serves a control
+    // API): it is watched the same way.
+    for (record, instrumented) in [(false, false), (true, false), (true, true)] {
         let mut args = vec!["vm", "run", "--wasm", s(&spin)];
         if record {
             args.extend(["--record", s(&log)]);
+        }
+        if instrumented {
+            args.extend(["--api-sock", s(&api)]);
         }
         let mut vm = Live::start(&args);
         vm.wait_line(|l| l == "spinning");
@@ -302,8 +308,11 @@ fn sigterm_stops_a_guest_that_makes_no_calls_and_its_recording_replays_to_the_st
         std::thread::sleep(std::time::Duration::from_millis(300));
         vm.signal(libc::SIGTERM);
         let (code, took, out) = vm.wait_exit(bound);
-        assert_eq!(code, 0, "record={record}: {out:?}");
-        assert!(took < bound, "record={record}: took {took:?}");
+        assert_eq!(code, 0, "record={record} {instrumented}: {out:?}");
+        assert!(
+            took < bound,
+            "record={record} {instrumented}: took {took:?}"
+        );
         if !record {
             continue;
         }

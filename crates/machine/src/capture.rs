@@ -12,11 +12,22 @@
 //! this time ends the rewind and returns the result it returned before — so the guest
 //! sees one ordinary call.
 //!
-//! **Snapshot points.** A snapshot is taken when an event import returns, once the VM
-//! is at or past the requested position, and only if every output so far is sealed (no
-//! output since the last event): then the output digest is just its chain, and the next
-//! thing the VM does is take its next event. The snapshot's position is that event's
-//! sequence number.
+//! **Snapshot points.** A snapshot is taken once the VM is at or past the requested
+//! position (or an API request is pending), at the first snapshot point: when an event
+//! import returns, and inside a `poll_oneoff` of a VM with a NIC just before each waiting
+//! network step (an idle server waits there, in one call, for ever). The snapshot's
+//! position is the sequence number of the next event. Outputs since the last event need
+//! not be sealed: the output digest's open segment is part of the VM state.
+//!
+//! The same holds of a blocking socket call (accept, receive, send) about to wait for its
+//! socket. A call interrupted before its wait unwinds without a result
+//! ([`crate::wasi::Stop::Unwind`]): it leaves what the rest of it depends on in
+//! [`Vm::resume`] (a poll: its clock deadlines; part of the VM state, `None` at every
+//! other point), and the rewind, instead of returning a saved result, ends there and
+//! lets the import run again: finding [`Vm::resume`], it skips what it did before the
+//! point (a poll: its first, non-waiting, network step; a socket call: its first try and
+//! step) and goes on with the wait it was about to take. The guest ran no instruction in
+//! between, so its arguments read again are the same.
 //!
 //! **Asyncify's buffer** is a borrowed region at the start of the guest's memory
 //! ([`crate::asyncify`] says why): the host saves the guest's bytes there before an
@@ -24,6 +35,10 @@
 //! again (after the unwind: before capturing memory; after the rewind: in the re-entered
 //! import, before it returns). The stack section holds the import's result (4 bytes)
 //! and then Asyncify's data.
+//!
+//! The guest runs on a thread of its own, watched for a stop as a plain VM is
+//! ([`crate::vm::run_watched`]); while a snapshot is taken the VM holds its gate, so the
+//! watcher does not take a VM being captured for a guest computing.
 //!
 //! Invariants: a snapshot is refused whole or applied whole (it is decoded and checked
 //! before an instance exists); a run that takes a snapshot and goes on executes exactly
@@ -34,7 +49,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use wasmtime::{Caller, Engine, Extern, Instance, Linker, Module, Store, Val};
+use wasmtime::{Caller, Engine, Extern, Instance, Linker, Module, Store, TypedFunc, Val};
 
 use crate::asyncify::{EVENT_IMPORTS, InstrumentError, Instrumented};
 use crate::clock::VmClock;
@@ -44,7 +59,10 @@ use crate::fdtable::FdTable;
 use crate::host::LiveHost;
 use crate::log::{EventSource, LogError, LogHeader, Tail};
 use crate::snapshot::{GlobalValue, PAGE, Snapshot, SnapshotError};
-use crate::vm::{Fault, GuestSpec, Inputs, MachineError, Outputs, RunReport, Vm, classify};
+use crate::vm::{
+    Fault, GuestSpec, Inputs, MachineError, Outputs, Resume, RunReport, Vm, Watched, Watcher,
+    classify,
+};
 
 /// The largest Asyncify buffer: the guest's stack, saved, must fit (the CPU-bound and
 /// file guests need a few hundred bytes; 1 MiB allows deep recursion).
@@ -78,12 +96,16 @@ struct VmState {
     /// VM, whatever flags the command that restores it was given.
     spec: LogHeader,
     seq: u64,
+    /// The output digest: its chain and its open segment (outputs since the last event).
     chain: [u8; 32],
+    pending: Option<[u8; 32]>,
     fds: FdTable,
     clock: VmClock,
     net: Option<netstack::NetStackState>,
     net_now: u64,
     stdin_ready: bool,
+    /// At a snapshot point inside a call, before its wait: what the call goes on with.
+    resume: Option<Resume>,
 }
 
 /// When to snapshot and what to do then.
@@ -175,16 +197,27 @@ impl Restore {
 pub(crate) struct Ctl {
     /// Snapshot at the first snapshot point at or after this position.
     want: Option<u64>,
-    /// The result of the import that started the unwind.
+    /// The result of the import that started the unwind (0 for a poll interrupted
+    /// before its wait: see [`Rewind::Again`]).
     unwound: Option<i32>,
-    /// While rewinding: what the re-entered import returns.
-    rewinding: Option<i32>,
+    /// While rewinding: what the re-entered import does.
+    rewinding: Option<Rewind>,
     /// The guest's bytes under the buffer, while Asyncify borrows them.
     borrowed: Option<Vec<u8>>,
     /// When the unwind started.
     since: Option<Instant>,
     /// The VM's control API, whose snapshot requests are due at the next snapshot point.
     remote: Option<Arc<Control>>,
+}
+
+/// What an import re-entered by a rewind does.
+#[derive(Clone, Copy, Debug)]
+enum Rewind {
+    /// Return this, the result it returned as it started the unwind.
+    Return(i32),
+    /// Run again: a call interrupted just before a waiting network step goes on from
+    /// there ([`Vm::resume`]).
+    Again,
 }
 
 fn ctl(vm: &mut Vm) -> &mut Ctl {
@@ -285,6 +318,14 @@ impl SnapMachine {
         }
         let state: VmState = postcard::from_bytes(&snap.vm)
             .map_err(|e| SnapshotError::Damaged(format!("VM state: {e}")))?;
+        let impossible = match &state.resume {
+            None => false,
+            Some(Resume::Poll(d)) => d.is_empty() || d.len() > 1 << 16 || state.net.is_none(),
+            Some(Resume::Socket) => state.net.is_none(),
+        };
+        if impossible {
+            return Err(SnapshotError::Damaged("an impossible poll".into()).into());
+        }
         if state.seq != snap.events
             || state.spec.first_seq != snap.events
             || state.spec.module_digest != snap.module_digest
@@ -315,10 +356,11 @@ impl SnapMachine {
         vm.seq = state.seq;
         vm.fds = state.fds.clone();
         vm.clock = state.clock.clone();
-        vm.outputs = Outputs::from_chain(state.chain);
+        vm.outputs = Outputs::from_state(state.chain, state.pending);
         vm.net = state.net.clone().map(netstack::NetStack::from_state);
         vm.net_now = state.net_now;
         vm.stdin_ready = state.stdin_ready;
+        vm.resume = state.resume.clone();
         if live || announced {
             let now = vm.net_now;
             if let Some(net) = vm.net.as_mut() {
@@ -354,6 +396,7 @@ impl SnapMachine {
             remote: self.control.clone(),
             ..Ctl::default()
         }));
+        let watcher = vm.watcher();
         let mut store = vm.into_store(&self.engine);
         let instance = match self.linker.instantiate(&mut store, &self.module) {
             Ok(i) => i,
@@ -380,23 +423,89 @@ impl SnapMachine {
             begin_rewind(&mut store, &instance, &snap.stack)
                 .map_err(|e| CaptureError::Restore(e.to_string()))?;
         }
-        let mut taken = None;
+        let run = Driven {
+            store,
+            instance,
+            start,
+            get_state,
+            stop_unwind,
+            ident: Ident {
+                globals: self.inst.globals,
+                original: self.inst.original_digest,
+                instrumented: self.inst.digest,
+            },
+            control: self.control.clone(),
+            plan,
+            watcher: watcher.clone(),
+        };
+        let taken = Arc::new(std::sync::Mutex::new(None));
+        let shared = taken.clone();
+        match crate::vm::run_watched(&watcher, move || run.go(&shared))? {
+            Watched::Ended(ran) => ran,
+            Watched::Stopped(report) => Ok(Ran {
+                report,
+                taken: taken.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            }),
+        }
+    }
+}
+
+/// What identifies the instance a snapshot is of.
+#[derive(Clone, Copy)]
+struct Ident {
+    globals: u32,
+    original: [u8; 32],
+    instrumented: [u8; 32],
+}
+
+/// An instrumented VM's run, on the guest's thread: `_start` called again after each
+/// snapshot taken, until the guest ends or is stopped.
+struct Driven {
+    store: Store<Vm>,
+    instance: Instance,
+    start: TypedFunc<(), ()>,
+    get_state: TypedFunc<(), i32>,
+    stop_unwind: TypedFunc<(), ()>,
+    ident: Ident,
+    control: Option<Arc<Control>>,
+    plan: Option<Plan>,
+    watcher: Watcher,
+}
+
+impl Driven {
+    /// Run to the end; each snapshot taken is also put in `taken`, so that a run the
+    /// watcher ends still reports it.
+    fn go(self, taken: &std::sync::Mutex<Option<Taken>>) -> Result<Ran, CaptureError> {
+        let Driven {
+            mut store,
+            instance,
+            start,
+            get_state,
+            stop_unwind,
+            ident,
+            control,
+            plan,
+            watcher,
+        } = self;
         let exit = loop {
             let result = start.call(&mut store, ());
             // `_start` returning while Asyncify unwinds: the stack is saved, take the
             // snapshot. (A trap mid-unwind is an ordinary trap: classified below.)
             if result.is_ok() && get_state.call(&mut store, ()).map_err(wasm_err("state"))? == 1 {
+                // The VM is at an event boundary, not computing: the watcher leaves it be
+                // until the snapshot is written.
+                let _held = watcher.hold();
                 stop_unwind
                     .call(&mut store, ())
                     .map_err(wasm_err("asyncify_stop_unwind"))?;
                 // An API request goes first; a plan not yet due stays for later.
-                let remote = self.control.as_ref().and_then(|c| c.take());
+                let remote = control.as_ref().and_then(|c| c.take());
                 let (to, stop) = match (&remote, &plan) {
                     (Some(r), _) => (r.to.clone(), r.stop),
                     (None, Some(p)) => (p.to.clone(), p.stop),
                     (None, None) => return Err(CaptureError::Take("unplanned".into())),
                 };
-                let snap = self.capture(&mut store, &instance)?;
+                let snap = capture(ident, &mut store, &instance)?;
                 let written = crate::snapshot::write_file(&to, &snap);
                 let since = ctl(store.data_mut())
                     .since
@@ -414,7 +523,7 @@ impl SnapMachine {
                     }
                     (Err(e), None) => return Err(e.into()),
                 };
-                if let Some(c) = &self.control {
+                if let Some(c) = &control {
                     c.taken_one();
                 }
                 let t = Taken {
@@ -425,7 +534,7 @@ impl SnapMachine {
                 if let Some(r) = &remote {
                     let _ = r.reply.send(Ok(t.clone()));
                 }
-                taken = Some(t);
+                *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
                 if stop {
                     break crate::log::Exit::Stopped;
                 }
@@ -436,79 +545,12 @@ impl SnapMachine {
             break classify(result)?;
         };
         let report = store.into_data().conclude(exit)?;
+        let taken = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(Ran { report, taken })
     }
+}
 
-    /// The snapshot of a VM whose stack has just been unwound.
-    fn capture(
-        &self,
-        store: &mut Store<Vm>,
-        instance: &Instance,
-    ) -> Result<Snapshot, CaptureError> {
-        let memory = instance
-            .get_memory(&mut *store, "memory")
-            .ok_or_else(|| CaptureError::Take("the module exports no memory".into()))?;
-        let (data, vm) = memory.data_and_store_mut(&mut *store);
-        let result = ctl(vm)
-            .unwound
-            .take()
-            .ok_or_else(|| CaptureError::Take("an unwind no import started".into()))?;
-        let current = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let saved = data
-            .get(HEADER..current)
-            .ok_or_else(|| CaptureError::Take("Asyncify's buffer is inconsistent".into()))?;
-        let mut stack = result.to_le_bytes().to_vec();
-        stack.extend_from_slice(saved);
-        give_back(data, vm);
-        let memory = memory.data(&*store).to_vec();
-        let mut globals = Vec::with_capacity(self.inst.globals as usize);
-        for i in 0..self.inst.globals {
-            let g = instance
-                .get_global(&mut *store, &crate::asyncify::global_export_name(i))
-                .ok_or_else(|| CaptureError::Take(format!("global {i} is not exported")))?;
-            globals.push(match g.get(&mut *store) {
-                Val::I32(v) => GlobalValue::I32(v),
-                Val::I64(v) => GlobalValue::I64(v),
-                Val::F32(v) => GlobalValue::F32(v),
-                Val::F64(v) => GlobalValue::F64(v),
-                Val::V128(v) => GlobalValue::V128(v.as_u128()),
-                other => {
-                    return Err(CaptureError::Take(format!(
-                        "global {i} holds a reference ({:?})",
-                        other.ty(&*store)
-                    )));
-                }
-            });
-        }
-        let vm = store.data();
-        let chain = vm
-            .outputs
-            .sealed_chain()
-            .ok_or_else(|| CaptureError::Take("outputs not sealed".into()))?;
-        let state = VmState {
-            spec: LogHeader {
-                first_seq: vm.seq,
-                ..vm.spec.log_header(self.inst.original_digest)
-            },
-            seq: vm.seq,
-            chain,
-            fds: vm.fds.clone(),
-            clock: vm.clock.clone(),
-            net: vm.net.as_ref().map(|n| n.state().clone()),
-            net_now: vm.net_now,
-            stdin_ready: vm.stdin_ready,
-        };
-        Ok(Snapshot {
-            module_digest: self.inst.original_digest,
-            instrumented_digest: self.inst.digest,
-            events: vm.seq,
-            memory,
-            globals,
-            stack,
-            vm: postcard::to_stdvec(&state).map_err(|e| CaptureError::Take(e.to_string()))?,
-        })
-    }
-
+impl SnapMachine {
     /// Put a snapshot's memory and globals into a fresh instance.
     fn apply(
         &self,
@@ -558,6 +600,75 @@ impl SnapMachine {
     }
 }
 
+/// The snapshot of a VM whose stack has just been unwound.
+fn capture(
+    id: Ident,
+    store: &mut Store<Vm>,
+    instance: &Instance,
+) -> Result<Snapshot, CaptureError> {
+    let memory = instance
+        .get_memory(&mut *store, "memory")
+        .ok_or_else(|| CaptureError::Take("the module exports no memory".into()))?;
+    let (data, vm) = memory.data_and_store_mut(&mut *store);
+    let result = ctl(vm)
+        .unwound
+        .take()
+        .ok_or_else(|| CaptureError::Take("an unwind no import started".into()))?;
+    let current = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+    let saved = data
+        .get(HEADER..current)
+        .ok_or_else(|| CaptureError::Take("Asyncify's buffer is inconsistent".into()))?;
+    let mut stack = result.to_le_bytes().to_vec();
+    stack.extend_from_slice(saved);
+    give_back(data, vm);
+    let memory = memory.data(&*store).to_vec();
+    let mut globals = Vec::with_capacity(id.globals as usize);
+    for i in 0..id.globals {
+        let g = instance
+            .get_global(&mut *store, &crate::asyncify::global_export_name(i))
+            .ok_or_else(|| CaptureError::Take(format!("global {i} is not exported")))?;
+        globals.push(match g.get(&mut *store) {
+            Val::I32(v) => GlobalValue::I32(v),
+            Val::I64(v) => GlobalValue::I64(v),
+            Val::F32(v) => GlobalValue::F32(v),
+            Val::F64(v) => GlobalValue::F64(v),
+            Val::V128(v) => GlobalValue::V128(v.as_u128()),
+            other => {
+                return Err(CaptureError::Take(format!(
+                    "global {i} holds a reference ({:?})",
+                    other.ty(&*store)
+                )));
+            }
+        });
+    }
+    let vm = store.data();
+    let (chain, pending) = vm.outputs.state();
+    let state = VmState {
+        spec: LogHeader {
+            first_seq: vm.seq,
+            ..vm.spec.log_header(id.original)
+        },
+        seq: vm.seq,
+        chain,
+        pending,
+        fds: vm.fds.clone(),
+        clock: vm.clock.clone(),
+        net: vm.net.as_ref().map(|n| n.state().clone()),
+        net_now: vm.net_now,
+        stdin_ready: vm.stdin_ready,
+        resume: vm.resume.clone(),
+    };
+    Ok(Snapshot {
+        module_digest: id.original,
+        instrumented_digest: id.instrumented,
+        events: vm.seq,
+        memory,
+        globals,
+        stack,
+        vm: postcard::to_stdvec(&state).map_err(|e| CaptureError::Take(e.to_string()))?,
+    })
+}
+
 fn same(a: &Val, b: &Val) -> bool {
     match (a, b) {
         (Val::I32(x), Val::I32(y)) => x == y,
@@ -571,9 +682,10 @@ fn same(a: &Val, b: &Val) -> bool {
 
 /// Called as a WASI import is entered, for a VM of an instrumented module: a call
 /// re-entered by a rewind ends the rewind, gives the guest its bytes back and returns
-/// what it returned before (see the module docs).
+/// what it returned before (see the module docs) — or, for a poll interrupted before its
+/// wait, `None`: the call then runs again, from where it was interrupted.
 pub(crate) fn on_entry(caller: &mut Caller<'_, Vm>, name: &str) -> wasmtime::Result<Option<i32>> {
-    let Some(result) = ctl(caller.data_mut()).rewinding.take() else {
+    let Some(rewind) = ctl(caller.data_mut()).rewinding.take() else {
         return Ok(None);
     };
     if !EVENT_IMPORTS.contains(&name) {
@@ -582,11 +694,44 @@ pub(crate) fn on_entry(caller: &mut Caller<'_, Vm>, name: &str) -> wasmtime::Res
             "a rewind re-entered {name}, which never unwinds"
         )));
     }
+    let again = matches!(rewind, Rewind::Again);
+    let resumes = match &caller.data().resume {
+        None => false,
+        Some(Resume::Poll(_)) => name == "poll_oneoff",
+        Some(Resume::Socket) => matches!(
+            name,
+            "sock_accept" | "sock_recv" | "sock_send" | "fd_read" | "fd_write"
+        ),
+    };
+    if again != resumes {
+        return Err(wasmtime::Error::msg(format!(
+            "a rewind re-entered {name}, not the call that unwound"
+        )));
+    }
     call_export(caller, "asyncify_stop_rewind", None)?;
     let memory = guest_memory(caller)?;
     let (data, vm) = memory.data_and_store_mut(&mut *caller);
     give_back(data, vm);
-    Ok(Some(result))
+    Ok(match rewind {
+        Rewind::Return(r) => Some(r),
+        Rewind::Again => None,
+    })
+}
+
+/// Whether a snapshot is due at this snapshot point of a VM whose memory is `memory_len`
+/// bytes: the plan's position reached or an API request pending, and room for Asyncify's
+/// buffer. Tells the control API where the VM is.
+pub(crate) fn due(vm: &Vm, memory_len: usize) -> bool {
+    let Some(c) = vm.snap.as_ref() else {
+        return false;
+    };
+    if let Some(r) = &c.remote {
+        r.set_events(vm.seq);
+    }
+    let planned = c.want.is_some_and(|n| vm.seq >= n);
+    let asked = c.remote.as_ref().is_some_and(|r| r.pending());
+    // No room to unwind into: not a snapshot point.
+    (planned || asked) && capacity(memory_len) >= HEADER + 64
 }
 
 /// Called as a WASI import returns `result`, for a VM of an instrumented module: at a
@@ -599,24 +744,24 @@ pub(crate) fn on_exit(
     if !EVENT_IMPORTS.contains(&name) {
         return Ok(());
     }
-    let vm = caller.data();
-    let Some(c) = vm.snap.as_ref() else {
-        return Ok(());
-    };
-    if let Some(r) = &c.remote {
-        r.set_events(vm.seq);
-    }
-    let planned = c.want.is_some_and(|n| vm.seq >= n);
-    let asked = c.remote.as_ref().is_some_and(|r| r.pending());
-    if !(planned || asked) || vm.outputs.sealed_chain().is_none() {
+    let memory = guest_memory(caller)?;
+    if !due(caller.data(), memory.data_size(&*caller)) {
         return Ok(());
     }
+    start_unwind(caller, result)
+}
+
+/// Start the unwind of a snapshot found due by [`due`]: the import that calls this
+/// returns to the guest, whose frames then save themselves. `result` is what the import
+/// returns when the rewind re-enters it (unused for a poll that runs again).
+pub(crate) fn start_unwind(caller: &mut Caller<'_, Vm>, result: i32) -> wasmtime::Result<()> {
     let memory = guest_memory(caller)?;
     let (data, vm) = memory.data_and_store_mut(&mut *caller);
     let cap = capacity(data.len());
-    if cap < HEADER + 64 {
-        return Ok(()); // no room to unwind into: not a snapshot point
-    }
+    let planned = vm
+        .snap
+        .as_ref()
+        .is_some_and(|c| c.want.is_some_and(|n| vm.seq >= n));
     let c = ctl(vm);
     if planned {
         c.want = None;
@@ -674,8 +819,13 @@ fn begin_rewind(store: &mut Store<Vm>, instance: &Instance, stack: &[u8]) -> Res
             saved.len()
         ));
     }
+    let again = vm.resume.is_some();
     let c = ctl(vm);
-    c.rewinding = Some(result);
+    c.rewinding = Some(if again {
+        Rewind::Again
+    } else {
+        Rewind::Return(result)
+    });
     c.borrowed = Some(data[..end].to_vec());
     // Asyncify pops frames from where the unwind left its position: the data's end.
     data[..4].copy_from_slice(&(end as u32).to_le_bytes());
@@ -694,6 +844,7 @@ fn fault_error(fault: Fault) -> CaptureError {
         Fault::Exit(_) => MachineError::Internal("exit at power-on".into()),
         Fault::Stopped | Fault::Interrupted => MachineError::Internal("stopped at power-on".into()),
         Fault::GoLive(why) => MachineError::GoLive(why),
+        Fault::Internal(why) => MachineError::Internal(why),
     })
 }
 

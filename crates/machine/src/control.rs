@@ -10,9 +10,11 @@
 //! - `PUT /stop` → the VM stops at its next call, as on SIGTERM.
 //!
 //! This module owns the socket and the [`Control`] shared with the VM's thread. The VM
-//! never blocks on the API: it only looks at an atomic flag as each event import returns
-//! (where [`crate::capture::on_exit`] already is) and, when a snapshot is pending, takes
-//! the request from the [`Control`] between events, answering it through a channel.
+//! never blocks on the API: it only looks at an atomic flag at each snapshot point (as
+//! each event import returns, and before each wait of a poll: see [`crate::capture`])
+//! and, when a snapshot is pending, takes the request from the [`Control`] there,
+//! answering it through a channel. A request wakes a VM blocked waiting for the network
+//! ([`crate::host::wake_waits`]), so an idle VM reaches its snapshot point at once.
 //!
 //! Bounds: one request per connection; a request's head is at most [`MAX_HEAD`] bytes and
 //! its body at most [`MAX_BODY`]; a client has [`IO_TIMEOUT`] to send it; one snapshot may
@@ -100,6 +102,8 @@ impl Control {
     pub(crate) fn take(&self) -> Option<Request> {
         let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
         self.pending.store(false, Ordering::Relaxed);
+        // A wake the request caused and no wait consumed would end the next wait early.
+        crate::host::clear_wake();
         r.take()
     }
 
@@ -141,6 +145,8 @@ impl Control {
             reply: tx,
         });
         self.pending.store(true, Ordering::Relaxed);
+        // An idle VM waits for the network without a deadline: wake it.
+        crate::host::wake_waits();
         Ok(rx)
     }
 
@@ -434,6 +440,7 @@ fn route(req: &HttpRequest, control: &Control) -> Result<serde_json::Value, (u16
         ("GET", "/status") => Ok(json(&control.status())),
         ("PUT", "/stop") => {
             crate::vm::request_stop();
+            crate::host::wake_waits();
             Ok(json(&control.status()))
         }
         ("PUT", "/snapshot") => {

@@ -7,11 +7,17 @@
 //! operations, sandboxed by the kernel, are in [`crate::datastore`].
 //!
 //! Invariant: no method panics on any host answer; failures become WASI errnos.
+//!
+//! Waking a wait. A network wait with no deadline blocks until a frame or stdin arrives;
+//! a request that needs the VM at its next snapshot point (a snapshot through the
+//! control API, an API stop) wakes it through a process-wide eventfd ([`wake_waits`]).
+//! The woken wait returns an ordinary outcome with no frames (recorded and replayed like
+//! any other), after which the guest reaches a snapshot point. Each wake ends one wait.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,6 +25,42 @@ use crate::clock::VmClock;
 use crate::event::{Outcome, PollEvent};
 use crate::fdtable::FdTable;
 use crate::wasi::{clockid, errno, eventtype};
+
+/// The eventfd that wakes network waits (see the module docs); `None` if the kernel gave
+/// none, and then a wait is woken only by its own inputs.
+fn wake_fd() -> Option<RawFd> {
+    static WAKE: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    WAKE.get_or_init(|| {
+        // SAFETY: eventfd(2) takes no pointers; a non-negative result is a new descriptor
+        // that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    })
+    .as_ref()
+    .map(|f| f.as_raw_fd())
+}
+
+/// Wake the network wait of this process's VM (or its next one): it returns at once with
+/// what it has, so that the VM reaches its next snapshot point.
+pub fn wake_waits() {
+    if let Some(fd) = wake_fd() {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to an eventfd we own. A full
+        // counter (EAGAIN) means a wake is already pending: nothing to do.
+        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// Consume a pending wake, if any.
+pub(crate) fn clear_wake() {
+    if let Some(fd) = wake_fd() {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live local buffer from a nonblocking
+        // eventfd we own; EAGAIN (no wake pending) is fine.
+        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    }
+}
 
 /// One `poll_oneoff` subscription, decoded from guest memory.
 #[derive(Clone, Debug)]
@@ -180,6 +222,8 @@ impl LiveHost {
         // A frame is at most the tap's MTU plus headers; 64 KiB covers any offload size.
         let mut buf = std::mem::take(&mut self.frame_buf);
         buf.resize(65536, 0);
+        let wake = if wait { wake_fd() } else { None };
+        let mut woken = false;
         loop {
             if let Some(tap) = &self.tap {
                 while frames.len() < MAX_FRAMES {
@@ -204,6 +248,7 @@ impl LiveHost {
                 || stdin
                 || !wait
                 || timeout_ms == 0
+                || woken
                 || crate::vm::stop_requested()
             {
                 self.frame_buf = buf;
@@ -224,8 +269,21 @@ impl LiveHost {
                     revents: 0,
                 });
             }
+            if let Some(fd) = wake {
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
             // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the call.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            if let Some(fd) = wake
+                && fds.iter().any(|p| p.fd == fd && p.revents != 0)
+            {
+                clear_wake();
+                woken = true;
+            }
         }
     }
 
@@ -349,4 +407,37 @@ fn stdin_ready(timeout_ms: i32) -> bool {
     // SAFETY: `pfd` is one valid pollfd, alive for the duration of the call.
     let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
     n > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait with nothing to wait for (no NIC, no stdin, no deadline) blocks for ever;
+    /// a wake ends it with an outcome that holds no frames.
+    #[test]
+    fn a_wake_ends_a_wait_without_deadline() {
+        let mut host = LiveHost::from_state(None, &FdTable::new(false, &[]), &VmClock::default())
+            .expect("a host without datastore");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(host.net_wait(None, true, false));
+        });
+        // Woken again and again: another test of this process may consume a wake.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let outcome = loop {
+            wake_waits();
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(o) => break o,
+                Err(_) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the wait was never woken"
+                ),
+            }
+        };
+        assert!(
+            matches!(&outcome, Outcome::Net { frames, stdin: false, .. } if frames.is_empty()),
+            "{outcome:?}"
+        );
+    }
 }

@@ -41,7 +41,9 @@ pub const MAGIC: &[u8; 8] = b"TANDEMLG";
 /// 2: the output digest is a chain over event boundaries.
 /// 3: descriptors by inode, stops between events (an [`Exit::Interrupted`] end; chunk
 /// heads carry their own checksum so that a cut log tells a torn tail from damage).
-pub const VERSION: u16 = 3;
+/// 4: the outputs between two events are folded one by one (so that a snapshot can hold
+/// the open segment): digests differ.
+pub const VERSION: u16 = 4;
 /// No single record is larger than this; a larger length field means damage.
 const MAX_RECORD: u32 = 64 << 20;
 /// No chunk is larger than this (a batch plus its largest record).

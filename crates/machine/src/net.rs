@@ -13,7 +13,7 @@
 use netstack::{NetStack, SockError};
 
 use crate::event::{Kind, Outcome, args_digest};
-use crate::vm::{Fault, Inputs, Vm};
+use crate::vm::{Fault, Inputs, Resume, Vm};
 use crate::wasi::{Stop, clockid, errno};
 
 /// Listen backlog of every preopened listener.
@@ -94,10 +94,11 @@ impl Vm {
     }
 
     /// Take network steps until `ready` holds of the stack.
-    pub(crate) fn net_wait_until(
-        &mut self,
-        ready: impl Fn(&NetStack) -> bool,
-    ) -> Result<(), Fault> {
+    ///
+    /// Before each waiting step is a snapshot point (a server blocked in accept or receive
+    /// waits here): with a snapshot due, the call unwinds, marked [`Resume::Socket`], and
+    /// rewound comes back here through [`Vm::sock_op`] (see [`crate::capture`]).
+    pub(crate) fn net_wait_until(&mut self, ready: impl Fn(&NetStack) -> bool) -> Result<(), Stop> {
         loop {
             let Some(net) = self.net.as_ref() else {
                 return Ok(());
@@ -106,6 +107,10 @@ impl Vm {
                 return Ok(());
             }
             let deadline = net.next_deadline();
+            if self.snap.is_some() && crate::capture::due(self, self.memory_len) {
+                self.resume = Some(Resume::Socket);
+                return Err(Stop::Unwind);
+            }
             self.net_step(true, deadline, false)?;
         }
     }
@@ -124,6 +129,20 @@ impl Vm {
         mut op: impl FnMut(&mut NetStack, u64) -> Result<T, SockError>,
     ) -> Result<T, Stop> {
         let mut stepped = false;
+        match self.resume.take() {
+            None => {}
+            // Interrupted by a snapshot in the wait below: what came before it (a try that
+            // would block, a step) was done; go on with the wait.
+            Some(Resume::Socket) => {
+                self.net_wait_until(&ready)?;
+                stepped = true;
+            }
+            Some(other) => {
+                return Err(Stop::Fault(Fault::Internal(format!(
+                    "a socket call resumed where {other:?} was interrupted"
+                ))));
+            }
+        }
         loop {
             let now = self.net_now;
             let result = op(self.net_mut()?, now);

@@ -13,7 +13,8 @@
 //! Stopping. A stop request ([`request_stop`], e.g. from SIGTERM) stops a live VM at its
 //! next WASI call ([`Exit::Stopped`]). A guest computing without calls is stopped between
 //! events ([`Exit::Interrupted`]) without any check in its compiled code: the guest runs on
-//! a thread of its own while the thread that called [`Machine::run`] watches, and when the
+//! a thread of its own while the thread that called [`Machine::run`] (or
+//! [`crate::capture::SnapMachine`]'s run, through [`run_watched`]) watches, and when the
 //! guest has not reached a call [`STOP_GRACE`] after a stop request, the watcher ends the
 //! run itself. It can, because everything the end of a run needs is behind a [`Gate`] the
 //! guest holds through each event: the events taken, the output chain at the last one, the
@@ -117,6 +118,9 @@ pub(crate) enum Fault {
     Log(#[from] LogError),
     #[error("cannot go live: {0}")]
     GoLive(String),
+    /// A VM state that cannot be (a snapshot that does not fit where it resumes).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Where the VM's nondeterministic inputs come from, and where a live VM's outputs go.
@@ -215,57 +219,81 @@ pub struct Vm {
     /// Snapshots (issue 8): the host's side of Asyncify, for a VM of an instrumented
     /// module ([`crate::capture`]); `None` otherwise.
     pub(crate) snap: Option<Box<crate::capture::Ctl>>,
+    /// Set only at a snapshot point inside a call, before its wait (see
+    /// [`crate::capture`]): what the interrupted call, entered again by the rewind, goes
+    /// on with. `None` at every other point.
+    pub(crate) resume: Option<Resume>,
+    /// The guest memory's size as the current call was entered (whether Asyncify's
+    /// buffer fits, at a snapshot point inside a call).
+    pub(crate) memory_len: usize,
+}
+
+/// Where a call interrupted by a snapshot before its wait goes on (see [`crate::capture`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Resume {
+    /// A `poll_oneoff` with a NIC, with the clock deadlines it computed.
+    Poll(Vec<Option<u64>>),
+    /// A blocking socket call (accept, receive, send), waiting for its socket.
+    Socket,
 }
 
 /// Every output the VM produces: digested always, performed only when live.
 ///
-/// The digest is a chain over event boundaries: at each event, the outputs since the last
-/// one (a segment) are sealed into `chain = blake3(chain ‖ blake3(segment))`. Each output
-/// byte is hashed once, sealing costs a few compressions however long the run, and the
-/// chain before an event is what that event carries (its first 8 bytes).
+/// The digest is a chain over event boundaries: each output is hashed once and folded
+/// into the open segment (`pending = blake3(pending ‖ blake3(output))`, the first output's
+/// hash standing alone); at each event the segment is sealed into
+/// `chain = blake3(chain ‖ pending)`. Sealing costs a few compressions however long the
+/// run, the chain before an event is what that event carries (its first 8 bytes), and the
+/// whole digest state is two hashes, so a snapshot can hold it between events too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outputs {
     chain: [u8; 32],
-    segment: blake3::Hasher,
-    /// Whether the segment holds outputs not yet sealed.
-    open: bool,
+    /// The outputs since the last event, folded; `None` when there were none.
+    pending: Option<[u8; 32]>,
 }
 
 impl Outputs {
     fn new() -> Self {
         Outputs {
             chain: [0; 32],
-            segment: blake3::Hasher::new(),
-            open: false,
+            pending: None,
         }
     }
 
     pub(crate) fn add(&mut self, what: &str, parts: &[&[u8]]) {
-        self.open = true;
-        self.segment.update(&(what.len() as u64).to_le_bytes());
-        self.segment.update(what.as_bytes());
+        let mut h = blake3::Hasher::new();
+        h.update(&(what.len() as u64).to_le_bytes());
+        h.update(what.as_bytes());
         for p in parts {
-            self.segment.update(&(p.len() as u64).to_le_bytes());
-            self.segment.update(p);
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(p);
         }
+        let one = *h.finalize().as_bytes();
+        self.pending = Some(match self.pending {
+            None => one,
+            Some(before) => {
+                let mut h = blake3::Hasher::new();
+                h.update(&before);
+                h.update(&one);
+                *h.finalize().as_bytes()
+            }
+        });
     }
 
     fn sealed(&self) -> [u8; 32] {
-        if !self.open {
+        let Some(pending) = self.pending else {
             return self.chain;
-        }
+        };
         let mut h = blake3::Hasher::new();
         h.update(&self.chain);
-        h.update(self.segment.finalize().as_bytes());
+        h.update(&pending);
         *h.finalize().as_bytes()
     }
 
     /// Seal the outputs so far (an event boundary) and return the short digest.
     fn seal(&mut self) -> u64 {
-        if self.open {
-            self.chain = self.sealed();
-            self.segment.reset();
-            self.open = false;
-        }
+        self.chain = self.sealed();
+        self.pending = None;
         first_u64(&self.chain)
     }
 
@@ -282,8 +310,7 @@ impl Outputs {
     /// Undo the last seal (the run ends before the event that made it).
     fn rewind(&mut self, chain: [u8; 32]) {
         self.chain = chain;
-        self.segment.reset();
-        self.open = false;
+        self.pending = None;
     }
 }
 
@@ -745,7 +772,7 @@ impl Machine {
     /// (see the module documentation).
     pub fn run(&self, spec: GuestSpec, inputs: Inputs) -> Result<RunReport, MachineError> {
         let mut vm = Vm::new(spec, inputs);
-        let (gate, abandoned) = (vm.gate.clone(), vm.abandoned.clone());
+        let watcher = vm.watcher();
         if let Err(fault) = vm.power_on() {
             return Err(match fault {
                 Fault::Log(l) => MachineError::Log(l),
@@ -755,62 +782,101 @@ impl Machine {
                     MachineError::Internal("stopped at power-on".into())
                 }
                 Fault::GoLive(why) => MachineError::GoLive(why),
+                Fault::Internal(why) => MachineError::Internal(why),
             });
         }
-        let (tx, rx) = std::sync::mpsc::channel();
         let (engine, module, linker) = (
             self.engine.clone(),
             self.module.clone(),
             self.linker.clone(),
         );
-        let guest = std::thread::Builder::new()
-            .name("tandem-vm".into())
-            .stack_size(GUEST_STACK)
-            .spawn(move || {
-                let mut store = Store::new(&engine, vm);
-                store.limiter(|vm| &mut vm.limits);
-                let exit = match linker.instantiate(&mut store, &module) {
-                    Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                        Ok(start) => classify(start.call(&mut store, ())),
-                        Err(_) => Err(MachineError::Link(
-                            "the module exports no _start function (not a WASI command)".into(),
-                        )),
-                    },
-                    Err(e) => classify(Err(e)),
-                };
-                // The watcher may have ended the run and gone: nobody to tell, then.
-                let _ = tx.send((exit, store.into_data()));
-            })
-            .map_err(|e| MachineError::Internal(format!("cannot start the VM's thread: {e}")))?;
-        let mut stop_seen = None;
-        let (exit, vm) = loop {
-            match rx.recv_timeout(WATCH_TICK) {
-                Ok(done) => break done,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(report) = watch(&gate, &abandoned, &mut stop_seen)? {
-                        // The guest's thread is abandoned (see `Gate`); it ends with the
-                        // process.
-                        return Ok(report);
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    let why = match guest.join() {
-                        Err(panic) => panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a panic".into()),
-                        Ok(()) => "no result".into(),
-                    };
-                    return Err(MachineError::Internal(format!(
-                        "the VM's thread ended with {why}"
-                    )));
+        let watched = run_watched(&watcher, move || {
+            let mut store = Store::new(&engine, vm);
+            store.limiter(|vm| &mut vm.limits);
+            let exit = match linker.instantiate(&mut store, &module) {
+                Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                    Ok(start) => classify(start.call(&mut store, ())),
+                    Err(_) => Err(MachineError::Link(
+                        "the module exports no _start function (not a WASI command)".into(),
+                    )),
+                },
+                Err(e) => classify(Err(e)),
+            };
+            (exit, store.into_data())
+        })?;
+        match watched {
+            Watched::Ended((exit, vm)) => vm.conclude(exit?),
+            Watched::Stopped(report) => Ok(report),
+        }
+    }
+}
+
+/// What the thread watching a VM needs of it (see the module documentation).
+#[derive(Clone)]
+pub(crate) struct Watcher {
+    gate: SharedGate,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    /// Hold the VM at its event boundary: the watcher leaves a guest that holds this
+    /// alone, as one inside an event (a snapshot being taken is not a guest computing).
+    pub(crate) fn hold(&self) -> MutexGuard<'_, Gate> {
+        lock(&self.gate)
+    }
+}
+
+/// How a watched run ended.
+pub(crate) enum Watched<T> {
+    /// The guest's thread finished, with this.
+    Ended(T),
+    /// The watcher ended the run between events; the guest's thread is abandoned.
+    Stopped(RunReport),
+}
+
+/// Run `guest` (a VM's whole run, its store inside) on a thread of its own while this
+/// thread watches for a stop (see the module documentation).
+pub(crate) fn run_watched<T: Send + 'static>(
+    watcher: &Watcher,
+    guest: impl FnOnce() -> T + Send + 'static,
+) -> Result<Watched<T>, MachineError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let guest = std::thread::Builder::new()
+        .name("tandem-vm".into())
+        .stack_size(GUEST_STACK)
+        .spawn(move || {
+            // The watcher may have ended the run and gone: nobody to tell, then.
+            let _ = tx.send(guest());
+        })
+        .map_err(|e| MachineError::Internal(format!("cannot start the VM's thread: {e}")))?;
+    let mut stop_seen = None;
+    let done = loop {
+        match rx.recv_timeout(WATCH_TICK) {
+            Ok(done) => break done,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(report) = watch(&watcher.gate, &watcher.abandoned, &mut stop_seen)? {
+                    // The guest's thread is abandoned (see `Gate`); it ends with the
+                    // process.
+                    return Ok(Watched::Stopped(report));
                 }
             }
-        };
-        let _ = guest.join();
-        vm.conclude(exit?)
-    }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let why = match guest.join() {
+                    Err(panic) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into()),
+                    Ok(()) => "no result".into(),
+                };
+                return Err(MachineError::Internal(format!(
+                    "the VM's thread ended with {why}"
+                )));
+            }
+        }
+    };
+    let _ = guest.join();
+    Ok(Watched::Ended(done))
 }
 
 /// One look at a running VM: end the run if it is to stop and its guest is between events.
@@ -937,6 +1003,7 @@ pub(crate) fn classify(result: wasmtime::Result<()>) -> Result<Exit, MachineErro
             Fault::Stopped => Ok(Exit::Stopped),
             Fault::Interrupted => Ok(Exit::Interrupted),
             Fault::GoLive(why) => Err(MachineError::GoLive(why.clone())),
+            Fault::Internal(why) => Err(MachineError::Internal(why.clone())),
             Fault::Divergence { seq, why } => Err(MachineError::Divergence {
                 seq: *seq,
                 why: why.clone(),
@@ -1052,18 +1119,14 @@ pub fn live_inputs(
 // above depends on them. `Machine::run` could build its Vm with `Vm::new` too.
 
 impl Outputs {
-    /// The chain, if every output so far is sealed (an event boundary with no output
-    /// since): then the chain is the whole digest state and can be saved.
-    pub(crate) fn sealed_chain(&self) -> Option<[u8; 32]> {
-        (!self.open).then_some(self.chain)
+    /// The whole digest state: the chain and the open segment (a snapshot holds it).
+    pub(crate) fn state(&self) -> ([u8; 32], Option<[u8; 32]>) {
+        (self.chain, self.pending)
     }
 
-    /// Outputs continuing from a saved chain.
-    pub(crate) fn from_chain(chain: [u8; 32]) -> Self {
-        Outputs {
-            chain,
-            ..Outputs::new()
-        }
+    /// Outputs continuing from a saved state.
+    pub(crate) fn from_state(chain: [u8; 32], pending: Option<[u8; 32]>) -> Self {
+        Outputs { chain, pending }
     }
 }
 
@@ -1121,6 +1184,8 @@ impl Vm {
             gate: Arc::new(Mutex::new(gate)),
             abandoned,
             snap: None,
+            resume: None,
+            memory_len: 0,
         }
     }
 
@@ -1156,6 +1221,14 @@ impl Vm {
             }
         }
         Ok(report)
+    }
+
+    /// What the thread watching this VM's run needs of it ([`run_watched`]).
+    pub(crate) fn watcher(&self) -> Watcher {
+        Watcher {
+            gate: self.gate.clone(),
+            abandoned: self.abandoned.clone(),
+        }
     }
 
     /// A store holding this VM, its memory limited as [`Machine::run`] limits it.
@@ -1196,5 +1269,20 @@ mod tests {
         let sealed = o.full();
         o.add("console", &[b"y"]);
         assert_ne!(o.full(), sealed);
+
+        // The state between events (a snapshot's) continues exactly: open segment and all.
+        let (chain, pending) = o.state();
+        assert!(pending.is_some());
+        let mut copy = Outputs::from_state(chain, pending);
+        for x in [&mut o, &mut copy] {
+            x.add("frame", &[b"z", b"w"]);
+            x.seal();
+        }
+        assert_eq!(o, copy);
+        // Parts are framed: moving a byte from one part to the next is another output.
+        let (mut a, mut b) = (Outputs::new(), Outputs::new());
+        a.add("frame", &[b"ab", b"c"]);
+        b.add("frame", &[b"a", b"bc"]);
+        assert_ne!(a.full(), b.full());
     }
 }

@@ -14,7 +14,7 @@ use wasmtime::{Caller, Extern, Linker};
 use crate::event::{Filestat, Kind, Outcome, PollEvent, args_digest};
 use crate::fdtable::FdKind;
 use crate::host::Subscription;
-use crate::vm::{Fault, Vm};
+use crate::vm::{Fault, Resume, Vm};
 
 pub const MODULE: &str = "wasi_snapshot_preview1";
 
@@ -225,6 +225,10 @@ pub fn provides(module: &str, name: &str) -> bool {
 pub(crate) enum Stop {
     Errno(u16),
     Fault(Fault),
+    /// A snapshot is due inside the call, before it is done (a poll or a blocking socket
+    /// call about to wait): the call unwinds without a result and, rewound, runs again
+    /// (see [`crate::capture`]).
+    Unwind,
 }
 
 impl From<u16> for Stop {
@@ -377,10 +381,15 @@ fn call(
         return Ok(i32::from(errno::FAULT));
     };
     let (data, vm) = memory.data_and_store_mut(&mut *caller);
+    vm.memory_len = data.len();
     let r = match f(&mut Mem(data), vm) {
         Ok(()) => 0,
         Err(Stop::Errno(e)) => i32::from(e),
         Err(Stop::Fault(fault)) => return Err(wasmtime::Error::new(fault)),
+        Err(Stop::Unwind) => {
+            crate::capture::start_unwind(caller, 0)?;
+            return Ok(0);
+        }
     };
     // Snapshots: an event import returning may be a snapshot point.
     if caller.data().snap.is_some() {
@@ -1421,6 +1430,16 @@ enum Sub {
 }
 
 fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u32) -> Ret {
+    // Taken first: whatever this call does, it is `None` again once the call is entered.
+    let resume = match vm.resume.take() {
+        None => None,
+        Some(Resume::Poll(d)) => Some(d),
+        Some(other) => {
+            return Err(Stop::Fault(Fault::Internal(format!(
+                "a poll resumed where {other:?} was interrupted"
+            ))));
+        }
+    };
     if n == 0 || n > MAX_SUBSCRIPTIONS {
         return Err(errno::INVAL.into());
     }
@@ -1453,7 +1472,11 @@ fn poll_oneoff(m: &mut Mem, vm: &mut Vm, subs: u32, events: u32, n: u32, out: u3
         });
     }
     let polled = if vm.net.is_some() {
-        poll_with_network(vm, &parsed)?
+        poll_with_network(vm, &parsed, resume, m.0.len())?
+    } else if resume.is_some() {
+        return Err(Stop::Fault(Fault::Internal(
+            "a poll resumed in a VM without a NIC".into(),
+        )));
     } else {
         poll_host(vm, &parsed, &raw)?
     };
@@ -1499,30 +1522,51 @@ fn poll_host(vm: &mut Vm, parsed: &[Sub], raw: &[u8]) -> Result<Vec<PollEvent>, 
 
 /// With a NIC a poll is a series of network steps: after each, readiness is a pure
 /// function of VM state, and the step's time decides which clocks fired.
-fn poll_with_network(vm: &mut Vm, parsed: &[Sub]) -> Result<Vec<PollEvent>, Stop> {
+///
+/// Just before each waiting step is a snapshot point (an idle VM waits here): with a
+/// snapshot due, the call saves its deadlines in [`Vm::resume`] and unwinds
+/// ([`Stop::Unwind`]); rewound, it is entered again with the same subscriptions (the
+/// guest ran no instruction since) and goes on from that point, without the first
+/// non-waiting step it already took: the same events follow as without the snapshot.
+fn poll_with_network(
+    vm: &mut Vm,
+    parsed: &[Sub],
+    resume: Option<Vec<Option<u64>>>,
+    memory_len: usize,
+) -> Result<Vec<PollEvent>, Stop> {
     let watch_stdin = parsed.iter().any(|s| {
         matches!(s, Sub::Fd { kind: eventtype::FD_READ, fd, .. } if matches!(vm.fds.get(*fd), Ok(FdKind::Stdin)))
     });
-    vm.net_step(false, None, watch_stdin)?;
-    let start = vm.net_now;
-    let deadlines: Vec<Option<u64>> = parsed
-        .iter()
-        .map(|s| match s {
-            Sub::Clock {
-                id,
-                timeout,
-                abs: true,
-                ..
-            } if *id == clockid::REALTIME => {
-                Some(start.saturating_add(timeout.saturating_sub(vm.clock.last_realtime)))
-            }
-            Sub::Clock {
-                timeout, abs: true, ..
-            } => Some(*timeout),
-            Sub::Clock { timeout, .. } => Some(start.saturating_add(*timeout)),
-            Sub::Fd { .. } => None,
-        })
-        .collect();
+    let deadlines: Vec<Option<u64>> = match resume {
+        Some(d) if d.len() == parsed.len() => d,
+        Some(_) => {
+            return Err(Stop::Fault(Fault::Internal(
+                "the poll resumed has other subscriptions than the one interrupted".into(),
+            )));
+        }
+        None => {
+            vm.net_step(false, None, watch_stdin)?;
+            let start = vm.net_now;
+            parsed
+                .iter()
+                .map(|s| match s {
+                    Sub::Clock {
+                        id,
+                        timeout,
+                        abs: true,
+                        ..
+                    } if *id == clockid::REALTIME => {
+                        Some(start.saturating_add(timeout.saturating_sub(vm.clock.last_realtime)))
+                    }
+                    Sub::Clock {
+                        timeout, abs: true, ..
+                    } => Some(*timeout),
+                    Sub::Clock { timeout, .. } => Some(start.saturating_add(*timeout)),
+                    Sub::Fd { .. } => None,
+                })
+                .collect()
+        }
+    };
     loop {
         let mut events = Vec::new();
         let net = vm.net.as_ref();
@@ -1580,6 +1624,10 @@ fn poll_with_network(vm: &mut Vm, parsed: &[Sub]) -> Result<Vec<PollEvent>, Stop
             .copied()
             .chain(vm.net.as_ref().and_then(|n| n.next_deadline()))
             .min();
+        if vm.snap.is_some() && crate::capture::due(vm, memory_len) {
+            vm.resume = Some(Resume::Poll(deadlines));
+            return Err(Stop::Unwind);
+        }
         vm.net_step(true, next, watch_stdin)?;
     }
 }
