@@ -218,6 +218,17 @@ enum VmCommand {
     /// prints `snapshot: events=N bytes=B pause_ms=P`. With --stop the VM then stops
     /// (suspend); `tandem vm run --restore FILE` resumes it.
     Snapshot(snap::SnapshotArgs),
+    /// Wait for one VM migrated here by `tandem vm migrate` (from another host), then run
+    /// it as `vm run --restore` would: its MAC and IP are the VM's own (announced as it
+    /// goes live), --bridge names this host's bridge for its NIC. Failed attempts are
+    /// logged and the next source awaited; SIGTERM before a VM arrived exits 0.
+    Receive(snap::ReceiveArgs),
+    /// Move a running VM (started with --api-sock) to a `vm receive` on another host: a
+    /// stop at its next event boundary, the receiver goes live, this VM exits. Prints
+    /// `migrated: events=N pause_ms=P bytes=B`. Exit 1: not migrated, the VM goes on here
+    /// (receiver absent, refusing or failing before the commit); exit 4: the receiver was
+    /// told to go live but did not confirm, so the VM stopped here (it may run there).
+    Migrate(snap::MigrateArgs),
     /// Replay a recorded log and check the execution is identical.
     ///
     /// Nothing is written to the datastore or the console: outputs are computed and
@@ -356,6 +367,8 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Run(a)) if a.is_plain() => vm_run(a.run),
         Command::Vm(VmCommand::Run(a)) => snap::vm_run(a),
         Command::Vm(VmCommand::Snapshot(a)) => snap::vm_snapshot(&a),
+        Command::Vm(VmCommand::Receive(a)) => snap::vm_receive(&a),
+        Command::Vm(VmCommand::Migrate(a)) => snap::vm_migrate(&a),
         Command::Vm(VmCommand::Replay {
             log,
             wasm,
