@@ -94,6 +94,18 @@ impl Setup {
         name: &str,
         more: &[&str],
     ) -> usize {
+        self.start_receiver_env(k, addr, wasm, name, more, &[])
+    }
+
+    fn start_receiver_env(
+        &mut self,
+        k: u32,
+        addr: &str,
+        wasm: &Path,
+        name: &str,
+        more: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
         let (data, sock, out) = (self.data.clone(), self.sock(name), self.out(name));
         let mut args = vec![
             "vm",
@@ -108,7 +120,7 @@ impl Setup {
             s(&sock),
         ];
         args.extend_from_slice(more);
-        let i = self.lab.start_vm(k, &args, &out);
+        let i = self.lab.start_vm_env(k, env, &args, &out);
         wait_until(
             || self.text(name).contains("waiting for a VM on"),
             "the receiver listening",
@@ -307,4 +319,56 @@ fn a_failed_migration_leaves_the_source_running() {
     let sent = checker.finish();
     assert_eq!(t.cli(&["GET", "mf:n"]), sent.to_string());
     assert!(t.lab.exited(right).is_none(), "{}", t.text("right"));
+}
+
+/// A receiver that dies holding the whole offer, before it said ready: the source goes on
+/// (exit 1). One that dies once committed, before it said live: the source cannot know
+/// whether it went live and stops (exit 4): neither runs, never both (see
+/// `machine::migrate`).
+#[test]
+fn a_receiver_that_dies_mid_hand_over() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut t = Setup::new("md");
+    let source = t.start_kvd(1, "source");
+    const KEY: &str = "md:n";
+    let mut checker = Checker::start(&t.lab, KEY);
+    let kvd = t.kvd.clone();
+    let bridge = ["--bridge", "br-vm"];
+
+    let early = t.start_receiver_env(
+        2,
+        "10.78.0.12:7100",
+        &kvd,
+        "early",
+        &bridge,
+        &[("TANDEM_FAILPOINT", "receiver-dies:before-ready")],
+    );
+    let run = migrate(&t.sock("source"), "10.78.0.12:7100", &mut checker, KEY);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("not migrated"), "{}", run.stderr);
+    assert_eq!(t.lab.wait_exit(early, Duration::from_secs(10), "early"), -1);
+    checker.incr_for(KEY, Duration::from_millis(300));
+    assert!(t.lab.exited(source).is_none(), "{}", t.text("source"));
+    let sent = checker.finish();
+    assert_eq!(t.cli(&["GET", KEY]), sent.to_string());
+
+    let late = t.start_receiver_env(
+        2,
+        "10.78.0.12:7101",
+        &kvd,
+        "late",
+        &bridge,
+        &[("TANDEM_FAILPOINT", "receiver-dies:after-commit")],
+    );
+    let mut checker = Checker::start(&t.lab, "md:m");
+    let run = migrate(&t.sock("source"), "10.78.0.12:7101", &mut checker, "md:m");
+    assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("stopped"), "{}", run.stderr);
+    assert_eq!(t.lab.wait_exit(late, Duration::from_secs(10), "late"), -1);
+    assert_eq!(
+        t.lab
+            .wait_exit(source, Duration::from_secs(10), "the source"),
+        0
+    );
 }

@@ -146,11 +146,23 @@ impl Lab {
 
     /// Start `tandem ARGS` on host `k` in the background; stdout and stderr to `out`.
     pub fn start_vm(&mut self, k: u32, args: &[&str], out: &Path) -> usize {
+        self.start_vm_env(k, &[], args, out)
+    }
+
+    /// [`Lab::start_vm`] with environment variables `env` (K, V) set for it.
+    pub fn start_vm_env(
+        &mut self,
+        k: u32,
+        env: &[(&str, &str)],
+        args: &[&str],
+        out: &Path,
+    ) -> usize {
         let file = std::fs::File::create(out).expect("creating the VM's output file");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(&format!("host{k}"))])
             .arg(env!("CARGO_BIN_EXE_tandem"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
             .spawn()

@@ -458,6 +458,7 @@ impl Inbound {
     /// Say ready and wait for the source's commit. An error means the source did not
     /// commit (or we cannot know it did): the VM must not go live here.
     pub fn ready(&mut self) -> Result<(), MigrateError> {
+        crate::failpoint::receiver_at("before-ready");
         send(&mut self.conn, Kind::Ready, &[])?;
         expect(
             &mut self.conn,
@@ -465,6 +466,7 @@ impl Inbound {
             FRAME_TIMEOUT,
             "the source's commit",
         )?;
+        crate::failpoint::receiver_at("after-commit");
         Ok(())
     }
 
