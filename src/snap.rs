@@ -442,10 +442,11 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
 pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
     check_datastore(a.datastore.as_deref())?;
     let m = load(&a.wasm)?;
-    // The API socket is bound before any VM arrives: a bad path is refused now, never
-    // after a source committed (the VM must then go live here whatever happens).
-    let (m, _server) = serve_control(a.api_sock.as_deref(), m)?;
     let listener = Listener::bind(&a.listen).map_err(|e| listen_failure(&a.listen, e))?;
+    // The API socket is bound before any VM arrives: a bad path is refused now, never
+    // after a source committed (the VM must then go live here whatever happens). Bound
+    // after the listener, so that the socket's presence says the receiver listens.
+    let (m, _server) = serve_control(a.api_sock.as_deref(), m)?;
     let at = listener
         .local_addr()
         .map_err(|e| listen_failure(&a.listen, e))?;
