@@ -51,6 +51,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const LIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a receiver waits for the next frame of a source that is connected.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the source may take to send its offer (the guest is paused meanwhile; the
+/// receiver's [`OFFER_TIMEOUT`] is longer).
+pub const OFFER_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a receiver waits for the offer: the VM reaches a snapshot point within the
 /// control API's wait, then its snapshot travels.
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -105,23 +108,72 @@ impl Kind {
     }
 }
 
-/// One frame's bytes.
+/// A frame's head: magic, version, kind, payload length.
+fn head(kind: Kind, len: usize) -> [u8; HEAD] {
+    let mut h = [0u8; HEAD];
+    h[..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12] = kind as u8;
+    h[13..21].copy_from_slice(&(len as u64).to_le_bytes());
+    h
+}
+
+/// One frame's bytes (for tests: [`send`] writes the parts without copying the payload).
+#[cfg(test)]
 fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEAD + payload.len() + 32);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(kind as u8);
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut out = head(kind, payload.len()).to_vec();
     out.extend_from_slice(payload);
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
     out
 }
 
-fn send(conn: &mut TcpStream, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
-    conn.write_all(&frame(kind, payload))?;
+/// Write all of `buf` by `deadline`, however slowly the peer reads.
+fn write_by(
+    conn: &mut TcpStream,
+    buf: &[u8],
+    deadline: Instant,
+    what: &'static str,
+) -> Result<(), MigrateError> {
+    for chunk in buf.chunks(1 << 20) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrateError::Timeout(what));
+        }
+        conn.set_write_timeout(Some(left))?;
+        conn.write_all(chunk).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                MigrateError::Timeout(what)
+            }
+            _ => e.into(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Send one frame, whole, within `timeout`.
+fn send_within(
+    conn: &mut TcpStream,
+    kind: Kind,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(), MigrateError> {
+    let deadline = Instant::now() + timeout;
+    let h = head(kind, payload.len());
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&h);
+    hasher.update(payload);
+    let what = "the peer to take a frame";
+    write_by(conn, &h, deadline, what)?;
+    write_by(conn, payload, deadline, what)?;
+    write_by(conn, hasher.finalize().as_bytes(), deadline, what)?;
     conn.flush()?;
     Ok(())
+}
+
+/// Send one small frame.
+fn send(conn: &mut TcpStream, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
+    send_within(conn, kind, payload, FRAME_TIMEOUT)
 }
 
 /// Read exactly `buf.len()` bytes by `deadline`.
@@ -309,7 +361,6 @@ impl Outbound {
     ) -> Result<Outbound, MigrateError> {
         let mut conn = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
         conn.set_nodelay(true)?;
-        conn.set_write_timeout(Some(READY_TIMEOUT))?;
         send(&mut conn, Kind::Hello, &hello_payload(module, instrumented))?;
         expect(
             &mut conn,
@@ -329,7 +380,8 @@ impl Outbound {
     /// nothing more unless this fails with [`HandOverError::NotCommitted`].
     pub fn hand_over(mut self, snapshot: &[u8]) -> Result<(), HandOverError> {
         use HandOverError::{NotCommitted, Uncertain};
-        send(&mut self.conn, Kind::Offer, snapshot).map_err(NotCommitted)?;
+        send_within(&mut self.conn, Kind::Offer, snapshot, OFFER_SEND_TIMEOUT)
+            .map_err(NotCommitted)?;
         expect(
             &mut self.conn,
             Kind::Ready,
@@ -374,7 +426,6 @@ impl Listener {
                 Ok((conn, peer)) => {
                     conn.set_nonblocking(false)?;
                     conn.set_nodelay(true)?;
-                    conn.set_write_timeout(Some(FRAME_TIMEOUT))?;
                     return Ok(Some(Inbound { conn, peer }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -540,6 +591,21 @@ mod tests {
         let (_a, mut b) = pair();
         let e = receive(&mut b, Instant::now() + Duration::from_millis(100), "x").unwrap_err();
         assert!(matches!(e, MigrateError::Timeout(_)), "{e}");
+    }
+
+    #[test]
+    fn a_peer_that_does_not_read_cannot_hold_a_send_past_its_deadline() {
+        let (mut a, _b) = pair();
+        let t = Instant::now();
+        let e = send_within(
+            &mut a,
+            Kind::Offer,
+            &vec![1u8; 256 << 20],
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(matches!(e, MigrateError::Timeout(_)), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
     #[test]
