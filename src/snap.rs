@@ -223,10 +223,20 @@ fn serve_control(
     path: Option<&Path>,
     m: SnapMachine,
 ) -> Result<(SnapMachine, Option<control::Server>), Failure> {
+    serve_control_with(path, m, |_| ())
+}
+
+/// [`serve_control`], `prepare` seeing the control before it is served.
+fn serve_control_with(
+    path: Option<&Path>,
+    m: SnapMachine,
+    prepare: impl FnOnce(&std::sync::Arc<control::Control>),
+) -> Result<(SnapMachine, Option<control::Server>), Failure> {
     let Some(path) = path else {
         return Ok((m, None));
     };
     let c = control::Control::new(&m.module_digest(), &m.instrumented_digest());
+    prepare(&c);
     let server = control::serve(path, c.clone()).map_err(|e| bad(e.to_string()))?;
     tracing::info!("control API on {}", path.display());
     Ok((m.with_control(c), Some(server)))
@@ -446,7 +456,11 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
     // The API socket is bound before any VM arrives: a bad path is refused now, never
     // after a source committed (the VM must then go live here whatever happens). Bound
     // after the listener, so that the socket's presence says the receiver listens.
-    let (m, _server) = serve_control(a.api_sock.as_deref(), m)?;
+    let mut waiting = None;
+    let (m, _server) = serve_control_with(a.api_sock.as_deref(), m, |c| {
+        c.set_waiting(true);
+        waiting = Some(c.clone());
+    })?;
     let at = listener
         .local_addr()
         .map_err(|e| listen_failure(&a.listen, e))?;
@@ -468,6 +482,9 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
         }
     };
     drop(listener);
+    if let Some(c) = waiting {
+        c.set_waiting(false);
+    }
     let Arrived { restore, host, tap } = arrived;
     tracing::info!(
         "VM from {} committed at event {}",

@@ -273,6 +273,20 @@ fn a_failed_migration_leaves_the_source_running() {
     // A receiver of another module refuses it (and waits on for the right one).
     let other = guest("clockcheck.wasm");
     let wrong = t.start_receiver(2, "10.78.0.12:7100", &other, "wrong");
+    // Its API says it has no VM yet and takes no request for one.
+    let api = t.sock("wrong");
+    let (code, status) =
+        machine::control::request(&api, "GET", "/status", None, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        (code, status["state"].as_str()),
+        (200, Some("waiting")),
+        "{status}"
+    );
+    let body = serde_json::json!({"to": "10.78.0.11:7100"});
+    let (code, reply) =
+        machine::control::request(&api, "PUT", "/migrate", Some(&body), Duration::from_secs(5))
+            .unwrap();
+    assert_eq!(code, 409, "{reply}");
     let run = migrate(&t.sock("source"), "10.78.0.12:7100", &mut checker, KEY);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);

@@ -1,7 +1,8 @@
 //! A VM's control API: HTTP/1.1 with JSON bodies on a Unix socket, as Firecracker serves
 //! its API, so that an operator (and later the cluster's agents) can drive one running VM.
 //!
-//! - `GET /status` → `{"state", "events", "module_digest", "instrumented_digest",
+//! - `GET /status` → `{"state" (running, snapshot-pending, stopping, ended; waiting: a
+//!   `vm receive` that has no VM yet), "events", "module_digest", "instrumented_digest",
 //!   "snapshots"}`
 //! - `PUT /snapshot` `{"to": FILE, "stop": bool}` → at the VM's next snapshot point (an
 //!   event boundary, see [`crate::capture`]) the snapshot is written to FILE (whole, then
@@ -87,6 +88,8 @@ pub struct Control {
     snapshots: AtomicU64,
     /// The VM has ended (exited, stopped, suspended).
     ended: AtomicBool,
+    /// No VM here yet: a migration's receiver waiting for one.
+    waiting: AtomicBool,
     /// Connections whose request the VM has answered or will answer, until their reply
     /// is written: the process waits for them (boundedly) before it exits.
     answering: std::sync::atomic::AtomicUsize,
@@ -105,6 +108,7 @@ impl Control {
             snapshots: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             answering: std::sync::atomic::AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
             module_digest: crate::vm::hex(module_digest),
             instrumented_digest: crate::vm::hex(instrumented_digest),
             digests: (*module_digest, *instrumented_digest),
@@ -146,11 +150,28 @@ impl Control {
         }
     }
 
+    /// Whether there is no VM here yet (`vm receive` before one arrived): requests for
+    /// one are refused meanwhile rather than left to time out.
+    pub fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::SeqCst);
+    }
+
+    /// Why the VM cannot take a request now, if it cannot.
+    fn unavailable(&self) -> Option<(u16, String)> {
+        if self.ended.load(Ordering::SeqCst) {
+            Some((409, "the VM has ended".into()))
+        } else if self.waiting.load(Ordering::SeqCst) {
+            Some((409, "no VM here yet: this receiver waits for one".into()))
+        } else {
+            None
+        }
+    }
+
     /// Queue a snapshot request; the receiver gets the VM's answer.
     fn submit(&self, action: Action) -> Result<Receiver<Answer>, (u16, String)> {
         let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
-        if self.ended.load(Ordering::SeqCst) {
-            return Err((409, "the VM has ended".into()));
+        if let Some(e) = self.unavailable() {
+            return Err(e);
         }
         if r.is_some() {
             return Err((409, "a snapshot is already pending".into()));
@@ -176,6 +197,8 @@ impl Control {
     fn status(&self) -> Status {
         let state = if self.ended.load(Ordering::SeqCst) {
             "ended"
+        } else if self.waiting.load(Ordering::SeqCst) {
+            "waiting"
         } else if crate::vm::stop_requested() {
             "stopping"
         } else if self.pending() {
@@ -512,8 +535,8 @@ fn route<'a>(
         ("PUT", "/migrate") => {
             let r: MigrateRequest =
                 serde_json::from_slice(&req.body).map_err(|e| (400, format!("body: {e}")))?;
-            if control.ended.load(Ordering::SeqCst) {
-                return Err((409, "the VM has ended".into()));
+            if let Some(e) = control.unavailable() {
+                return Err(e);
             }
             let to = crate::migrate::resolve(&r.to)
                 .map_err(|e| (400, format!("\"to\": {}: {e}", r.to)))?;
