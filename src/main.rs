@@ -18,6 +18,8 @@ use machine::{
     DEFAULT_MEMORY_LIMIT, EventSink, Exit, GuestSpec, Inputs, LogReader, LogWriter, Machine,
     MachineError, hex, live_inputs,
 };
+use machine::capture::{CaptureError, SnapMachine};
+use machine::control::Control;
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +82,14 @@ struct FtArgs {
     /// Silence for this long is a suspected failure (then arbitration decides).
     #[arg(long, value_name = "MS", default_value_t = 300)]
     timeout_ms: u64,
+    /// Checkpoint the VM (a snapshot on shared storage) once the events since the last
+    /// one weigh this much: what each copy keeps in memory is bounded by it. The
+    /// secondary takes checkpoints; a copy without one takes its own.
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    checkpoint_mib: u64,
+    /// Checkpoint at least this often while the VM takes events.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    checkpoint_secs: u64,
 }
 
 /// The largest heartbeat interval or failure timeout accepted, in milliseconds.
@@ -88,6 +98,26 @@ const MAX_FT_MS: u64 = 60_000;
 const MAX_WAIT_SECS: u64 = 86_400;
 
 impl FtArgs {
+    /// The checked checkpoint policy.
+    fn policy(&self) -> Result<lockstep::checkpoint::Policy, Failure> {
+        if self.checkpoint_mib == 0 || self.checkpoint_mib > 4096 {
+            return Err(bad(format!(
+                "--checkpoint-mib {} is outside 1..=4096",
+                self.checkpoint_mib
+            )));
+        }
+        if self.checkpoint_secs == 0 || self.checkpoint_secs > MAX_WAIT_SECS {
+            return Err(bad(format!(
+                "--checkpoint-secs {} is outside 1..={MAX_WAIT_SECS}",
+                self.checkpoint_secs
+            )));
+        }
+        Ok(lockstep::checkpoint::Policy {
+            bytes: self.checkpoint_mib << 20,
+            every: std::time::Duration::from_secs(self.checkpoint_secs),
+        })
+    }
+
     /// The checked arguments: `--vm` a plain name, `--shared` an existing folder, the
     /// timings in range (checked arithmetic: no value may pass a check by overflow).
     fn config(&self) -> Result<lockstep::FtConfig, Failure> {
@@ -172,6 +202,9 @@ struct FtSecondaryArgs {
     /// How long to keep trying to reach the primary (at most a day).
     #[arg(long, default_value_t = 10)]
     wait_secs: u64,
+    /// Once this copy is live (its primary lost), accept a new secondary here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    log_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +251,17 @@ enum VmCommand {
     /// prints `snapshot: events=N bytes=B pause_ms=P`. With --stop the VM then stops
     /// (suspend); `tandem vm run --restore FILE` resumes it.
     Snapshot(snap::SnapshotArgs),
+    /// Wait for one VM migrated here by `tandem vm migrate` (from another host), then run
+    /// it as `vm run --restore` would: its MAC and IP are the VM's own (announced as it
+    /// goes live), --bridge names this host's bridge for its NIC. Failed attempts are
+    /// logged and the next source awaited; SIGTERM before a VM arrived exits 0.
+    Receive(snap::ReceiveArgs),
+    /// Move a running VM (started with --api-sock) to a `vm receive` on another host: a
+    /// stop at its next event boundary, the receiver goes live, this VM exits. Prints
+    /// `migrated: events=N pause_ms=P bytes=B`. Exit 1: not migrated, the VM goes on here
+    /// (receiver absent, refusing or failing before the commit); exit 4: the receiver was
+    /// told to go live but did not confirm, so the VM stopped here (it may run there).
+    Migrate(snap::MigrateArgs),
     /// Replay a recorded log and check the execution is identical.
     ///
     /// Nothing is written to the datastore or the console: outputs are computed and
@@ -356,6 +400,8 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Run(a)) if a.is_plain() => vm_run(a.run),
         Command::Vm(VmCommand::Run(a)) => snap::vm_run(a),
         Command::Vm(VmCommand::Snapshot(a)) => snap::vm_snapshot(&a),
+        Command::Vm(VmCommand::Receive(a)) => snap::vm_receive(&a),
+        Command::Vm(VmCommand::Migrate(a)) => snap::vm_migrate(&a),
         Command::Vm(VmCommand::Replay {
             log,
             wasm,
@@ -600,6 +646,10 @@ fn vm_run(a: RunArgs) -> Result<u8, Failure> {
 }
 
 /// Run a VM as an FT primary: live here, its events streamed to a secondary.
+///
+/// The VM runs instrumented for snapshots: while no secondary is attached this copy
+/// takes its own checkpoints, so that what it keeps stays bounded (see
+/// `lockstep::checkpoint`).
 fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
     if a.run.record.is_some() {
         return Err(bad(
@@ -607,16 +657,29 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         ));
     }
     let config = a.ft.config()?;
-    let Prepared { machine, spec, nic } = prepare(&a.run)?;
+    let policy = a.ft.policy()?;
+    let (spec, nic) = prepare_spec(&a.run)?;
+    let machine = SnapMachine::load(&a.run.wasm)?;
+    let control = Control::new(&machine.module_digest(), &machine.instrumented_digest());
+    let machine = machine.with_control(control.clone());
     let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
     let tap = machine::nic_tap(&spec, nic.as_ref().map(|n| n.bridge.as_str()))?;
     let primary = lockstep::primary::Primary::start(
-        dir,
+        dir.clone(),
         &a.log_listen,
         machine.log_header(&spec),
         tap.clone(),
         true,
         config,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let (kept, done) = (primary.clone(), primary.clone());
+    lockstep::checkpoint::spawn(
+        control,
+        lockstep::checkpoint::Checkpoints::new(&dir),
+        policy,
+        move || unprotected_weight(&kept),
+        move |events| done.checkpointed(events),
     )
     .map_err(|e| bad(e.to_string()))?;
     let host = machine::live_host(&spec, a.run.datastore.as_deref(), tap)?;
@@ -625,14 +688,28 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         sink: Some(Box::new(primary.sink())),
         port: Box::new(primary.port()),
     };
-    let result = machine.run(spec, inputs);
+    let result = machine.run(spec, inputs, None);
+    end_primary(&primary, result.map(|r| r.report))
+}
+
+/// What a live copy keeps since its last checkpoint, while it is the one to take the
+/// next (no secondary attached, which would take it instead).
+fn unprotected_weight(p: &lockstep::primary::Primary) -> Option<u64> {
+    let (bytes, attached) = p.history();
+    (!attached).then_some(bytes)
+}
+
+/// A live copy's run ended: end it on both copies the same way. The secondary confirms
+/// the end (or is fenced off) and every held output is written before this process exits.
+fn end_primary(
+    primary: &lockstep::primary::Primary,
+    result: Result<machine::RunReport, CaptureError>,
+) -> Result<u8, Failure> {
     if let Some(why) = primary.halted() {
         eprintln!("tandem: halted: {why}");
         return Ok(4);
     }
     let report = result?;
-    // Stopping is not failing: the secondary confirms the end (or is fenced off) and every
-    // held output is written before this process exits.
     primary.finish();
     if let Some(why) = primary.halted() {
         eprintln!("tandem: halted: {why}");
@@ -641,10 +718,19 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
     Ok(exit_code(&report.exit))
 }
 
+/// How many times a newcomer tries again when a newer checkpoint appeared between reading
+/// the latest and attaching.
+const JOIN_TRIES: u32 = 5;
+
 /// Run a VM as an FT secondary: replay the primary's events; go live if it is lost.
+///
+/// It joins from the VM's latest checkpoint (or from power-on if there is none), takes
+/// checkpoints as it replays, and keeps the events since the latest: once live, it
+/// accepts a new secondary on --log-listen, which joins the same way.
 fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
     check_datastore(a.datastore.as_deref())?;
     let config = a.ft.config()?;
+    let policy = a.ft.policy()?;
     if a.wait_secs > MAX_WAIT_SECS {
         return Err(bad(format!(
             "--wait-secs {} is over a day ({MAX_WAIT_SECS})",
@@ -652,16 +738,51 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
         )));
     }
     let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
-    let secondary = lockstep::secondary::Secondary::connect(
-        dir,
-        &a.primary,
-        std::time::Duration::from_secs(a.wait_secs),
-        config,
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    let machine = Machine::load(&a.wasm)?;
+    let machine = SnapMachine::load(&a.wasm)?;
+    let checkpoints = lockstep::checkpoint::Checkpoints::new(&dir);
+    let mut tries = 0;
+    let (secondary, restore) = loop {
+        let restore = match checkpoints.latest() {
+            Some((_, path)) => Some(machine.open_snapshot(&path)?),
+            None => None,
+        };
+        let from = restore.as_ref().map_or(0, |r| r.events());
+        match lockstep::secondary::Secondary::connect(
+            dir.clone(),
+            &a.primary,
+            std::time::Duration::from_secs(a.wait_secs),
+            config.clone(),
+            from,
+        ) {
+            Ok(s) => break (s, restore),
+            Err(lockstep::FtError::Refused(why))
+                if tries < JOIN_TRIES && checkpoints.latest().map(|c| c.0) != Some(from) =>
+            {
+                tracing::info!("refused ({why}); a newer checkpoint is there: joining from it");
+                tries += 1;
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        }
+    };
     let header = secondary.header.clone();
-    machine.check_log(&header)?;
+    if header.module_digest != machine.module_digest() {
+        return Err(MachineError::ModuleMismatch {
+            log: hex(&header.module_digest[..8]),
+            given: hex(&machine.module_digest()[..8]),
+        }
+        .into());
+    }
+    if let Some(r) = &restore {
+        let mut ours = r.log_header();
+        ours.first_seq = header.first_seq;
+        if ours != header {
+            return Err(bad(
+                "the latest checkpoint is of another VM than the primary's (arguments, \
+                 environment, memory limit, NIC or listeners differ)"
+                    .into(),
+            ));
+        }
+    }
     if header.datastore && a.datastore.is_none() {
         return Err(bad(
             "the VM has a datastore: give --datastore (the same shared folder as the primary's)"
@@ -673,20 +794,60 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             "the VM has a NIC: give --bridge for when this copy goes live".into(),
         ));
     }
-    let spec = GuestSpec::from_header(&header);
+    let from = restore.as_ref().map_or(0, |r| r.events());
+    let standby =
+        lockstep::primary::Primary::standby(dir.clone(), header.clone(), from, true, config)
+            .map_err(|e| bad(e.to_string()))?;
+    let control = Control::new(&machine.module_digest(), &machine.instrumented_digest());
+    let machine = machine.with_control(control.clone());
+    let secondary = std::sync::Arc::new(secondary);
+    {
+        let (sec, kept) = (secondary.clone(), standby.clone());
+        let (sec2, done) = (secondary.clone(), standby.clone());
+        lockstep::checkpoint::spawn(
+            control,
+            checkpoints,
+            policy,
+            move || {
+                if sec.left() {
+                    None
+                } else if sec.live_generation().is_some() {
+                    unprotected_weight(&kept)
+                } else {
+                    Some(kept.history().0)
+                }
+            },
+            move |events| {
+                done.checkpointed(events);
+                if sec2.live_generation().is_none() {
+                    sec2.checkpointed(events);
+                }
+            },
+        )
+        .map_err(|e| bad(e.to_string()))?;
+    }
+    // Going live, this copy becomes the primary: outputs held to the output rule for the
+    // secondary that may join it on --log-listen.
+    let port: machine::PortFactory = {
+        let (sec, p, listen) = (secondary.clone(), standby.clone(), a.log_listen.clone());
+        Box::new(move |tap| {
+            p.activate(sec.live_generation().unwrap_or(0), tap, listen.as_deref());
+            Box::new(p.port())
+        })
+    };
     let inputs = Inputs::Replay {
-        source: Box::new(secondary.source()),
+        source: Box::new(secondary.source(Some(standby.clone()))),
         go_live: Some(machine::GoLive {
             root: a.datastore.clone(),
             bridge: a.bridge.clone(),
-            sink: None,
+            sink: Some(Box::new(standby.sink())),
             console: true,
+            port: Some(port),
         }),
     };
     // An operator's stop while this copy replays makes it leave (drop out without
     // claiming a generation); it is never kept for a later go-live. Once live, the VM's
     // own stop handling takes it.
-    let secondary = std::sync::Arc::new(secondary);
     let leaving = secondary.clone();
     std::thread::Builder::new()
         .name("ft-leave".into())
@@ -697,27 +858,19 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             leaving.leave("stopped by the operator");
         })
         .map_err(|e| bad(format!("cannot start a thread: {e}")))?;
-    let result = machine.run(spec, inputs);
+    let result = match &restore {
+        Some(r) => machine.resume(r, inputs, None, false),
+        None => machine.run(GuestSpec::from_header(&header), inputs, None),
+    };
     if secondary.left() {
         eprintln!("tandem: the secondary left on request; the primary carries on unprotected");
         return Ok(0);
     }
-    let report = result?;
-    if let Some(generation) = secondary.live_generation() {
-        // This copy is the VM now: its end is the VM's status.
-        let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
-        dir.write_status(
-            generation,
-            &[
-                ("role", "stopped".into()),
-                ("host", lockstep::primary::hostname()),
-                ("protected", "false".into()),
-                ("generation", generation.to_string()),
-                ("events", report.events.to_string()),
-                ("exit", report.exit.to_string()),
-            ],
-        );
+    if secondary.live_generation().is_some() {
+        // This copy is the VM now: its end is the VM's, on its own secondary too.
+        return end_primary(&standby, result.map(|r| r.report));
     }
+    let report = result?.report;
     // Ended with the primary: make sure it heard so before the channel closes.
     secondary.finish(std::time::Duration::from_secs(2));
     Ok(exit_code(&report.exit))

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use machine::capture::{CaptureError, FromEvent, Plan, Ran, Restore, SnapMachine};
 use machine::control;
+use machine::migrate::{Inbound, Listener, MigrateError};
 use machine::{EventSink, Exit, Inputs, LogReader, LogWriter, MachineError, hex};
 
 use crate::{Failure, RunArgs, bad, check_datastore, exit_code, parse_network, replay_verdict};
@@ -215,10 +216,27 @@ fn control(
     a: &VmRunArgs,
     m: SnapMachine,
 ) -> Result<(SnapMachine, Option<control::Server>), Failure> {
-    let Some(path) = &a.api_sock else {
+    serve_control(a.api_sock.as_deref(), m)
+}
+
+fn serve_control(
+    path: Option<&Path>,
+    m: SnapMachine,
+) -> Result<(SnapMachine, Option<control::Server>), Failure> {
+    serve_control_with(path, m, |_| ())
+}
+
+/// [`serve_control`], `prepare` seeing the control before it is served.
+fn serve_control_with(
+    path: Option<&Path>,
+    m: SnapMachine,
+    prepare: impl FnOnce(&std::sync::Arc<control::Control>),
+) -> Result<(SnapMachine, Option<control::Server>), Failure> {
+    let Some(path) = path else {
         return Ok((m, None));
     };
     let c = control::Control::new(&m.module_digest(), &m.instrumented_digest());
+    prepare(&c);
     let server = control::serve(path, c.clone()).map_err(|e| bad(e.to_string()))?;
     tracing::info!("control API on {}", path.display());
     Ok((m.with_control(c), Some(server)))
@@ -302,7 +320,11 @@ fn finish_run(a: &VmRunArgs, ran: &Ran) -> Result<u8, Failure> {
     if ran.report.exit == Exit::Stopped
         && let Some(t) = &ran.taken
     {
-        tracing::info!("suspended at event {} ({} bytes)", t.events, t.bytes);
+        if ran.handed_over {
+            tracing::info!("migrated away at event {} ({} bytes)", t.events, t.bytes);
+        } else {
+            tracing::info!("suspended at event {} ({} bytes)", t.events, t.bytes);
+        }
     }
     Ok(exit_code(&ran.report.exit))
 }
@@ -340,4 +362,203 @@ pub fn vm_snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
         r.events, r.bytes, r.pause_ms
     );
     Ok(0)
+}
+
+/// `vm receive`'s arguments.
+#[derive(clap::Args)]
+pub struct ReceiveArgs {
+    /// Where sources connect (`vm migrate --to` names it).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// The guest module (the VM's; checked against the one the source runs).
+    #[arg(long, value_name = "FILE")]
+    pub wasm: PathBuf,
+    /// The VM's datastore folder on this host (shared storage: the same files the source
+    /// uses). Needed if the VM has one.
+    #[arg(long, value_name = "DIR")]
+    pub datastore: Option<PathBuf>,
+    /// The bridge the VM's NIC joins on this host (its MAC and IP are the VM's own).
+    /// Needed if the VM has a NIC.
+    #[arg(long, value_name = "BR")]
+    pub bridge: Option<String>,
+    /// Serve the VM's control API on this Unix socket (so it can be migrated again).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+}
+
+/// `vm migrate`'s arguments.
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// The VM's control socket (its `vm run --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// The receiver: a `vm receive --listen ADDR:PORT` on another host.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub to: String,
+}
+
+/// A VM that arrived: checked, its host here set up, the source committed.
+struct Arrived {
+    restore: Restore,
+    host: machine::host::LiveHost,
+    tap: Option<std::sync::Arc<devices::Tap>>,
+}
+
+/// One migration attempt on a connected source, up to its commit. Any error leaves
+/// nothing behind here (the tap and reopened files are dropped) and the source running.
+fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived, String> {
+    let (module, instrumented) = (m.module_digest(), m.instrumented_digest());
+    inb.hello(&module, &instrumented)
+        .map_err(|e| e.to_string())?;
+    let bytes = inb.offer().map_err(|e| e.to_string())?;
+    let prepared = (|| {
+        let snap = machine::snapshot::decode(&bytes, &module, Some(&instrumented))
+            .map_err(|e| e.to_string())?;
+        drop(bytes);
+        let restore = m.check(snap).map_err(|e| e.to_string())?;
+        let spec = restore.spec();
+        if spec.nic.is_some() != a.bridge.is_some() {
+            return Err(if spec.nic.is_some() {
+                "the VM has a NIC: this receiver was given no --bridge".to_string()
+            } else {
+                "the VM has no NIC: this receiver was given --bridge".to_string()
+            });
+        }
+        if spec.datastore != a.datastore.is_some() {
+            return Err(if spec.datastore {
+                "the VM has a datastore: this receiver was given no --datastore".to_string()
+            } else {
+                "the VM has no datastore: this receiver was given --datastore".to_string()
+            });
+        }
+        let tap = machine::nic_tap(&spec, a.bridge.as_deref()).map_err(|e| e.to_string())?;
+        let host = restore
+            .live_host(a.datastore.as_deref(), tap.clone())
+            .map_err(|e| e.to_string())?;
+        Ok(Arrived { restore, host, tap })
+    })();
+    let arrived = match prepared {
+        Ok(p) => p,
+        Err(why) => {
+            inb.refuse(&why);
+            return Err(why);
+        }
+    };
+    inb.ready().map_err(|e| e.to_string())?;
+    Ok(arrived)
+}
+
+/// `vm receive --listen ADDR:PORT --wasm FILE [--datastore DIR] [--bridge BR] [--api-sock PATH]`.
+pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
+    check_datastore(a.datastore.as_deref())?;
+    let m = load(&a.wasm)?;
+    let listener = Listener::bind(&a.listen).map_err(|e| listen_failure(&a.listen, e))?;
+    // The API socket is bound before any VM arrives: a bad path is refused now, never
+    // after a source committed (the VM must then go live here whatever happens). Bound
+    // after the listener, so that the socket's presence says the receiver listens.
+    let mut waiting = None;
+    let (m, _server) = serve_control_with(a.api_sock.as_deref(), m, |c| {
+        c.set_waiting(true);
+        waiting = Some(c.clone());
+    })?;
+    let at = listener
+        .local_addr()
+        .map_err(|e| listen_failure(&a.listen, e))?;
+    tracing::info!("waiting for a VM on {at}");
+    let (arrived, inb) = loop {
+        let Some(mut inb) = listener
+            .accept(machine::stop_requested)
+            .map_err(|e| listen_failure(&a.listen, e))?
+        else {
+            tracing::info!("stopped before a VM arrived");
+            return Ok(0);
+        };
+        let peer = inb.peer();
+        match arrive(&m, a, &mut inb) {
+            Ok(arrived) => break (arrived, inb),
+            // A failed attempt is the source's to report (it goes on running); this
+            // receiver waits for the next one.
+            Err(why) => tracing::warn!("no VM from {peer}: {why}"),
+        }
+    };
+    drop(listener);
+    if let Some(c) = waiting {
+        c.set_waiting(false);
+    }
+    let Arrived { restore, host, tap } = arrived;
+    tracing::info!(
+        "VM from {} committed at event {}",
+        inb.peer(),
+        restore.events()
+    );
+    let inputs = Inputs::Live {
+        host,
+        sink: None,
+        port: Box::new(machine::port::Direct { tap, console: true }),
+    };
+    let ready: machine::capture::Ready<'_> = Box::new(move || match inb.live() {
+        Ok(()) => tracing::info!("live"),
+        // Committed: the VM runs here whether or not the source hears it (it stops).
+        Err(e) => tracing::warn!("live, but the source did not hear it: {e}"),
+    });
+    let ran = m.resume_then(&restore, inputs, None, true, Some(ready))?;
+    if ran.report.exit == Exit::Stopped
+        && let Some(t) = &ran.taken
+        && ran.handed_over
+    {
+        tracing::info!("migrated away at event {} ({} bytes)", t.events, t.bytes);
+    }
+    Ok(exit_code(&ran.report.exit))
+}
+
+fn listen_failure(listen: &str, e: MigrateError) -> Failure {
+    bad(format!("--listen {listen}: {e}"))
+}
+
+/// `vm migrate --api-sock PATH --to ADDR:PORT`.
+pub fn vm_migrate(a: &MigrateArgs) -> Result<u8, Failure> {
+    let body = serde_json::json!({ "to": a.to });
+    let wait = control::SNAPSHOT_WAIT
+        + machine::migrate::READY_TIMEOUT
+        + machine::migrate::LIVE_TIMEOUT
+        + machine::migrate::CONNECT_TIMEOUT
+        + std::time::Duration::from_secs(10);
+    let (code, reply) = control::request(&a.api_sock, "PUT", "/migrate", Some(&body), wait)
+        .map_err(|e| {
+            bad(format!(
+                "cannot reach the VM at {}: {e}",
+                a.api_sock.display()
+            ))
+        })?;
+    let why = || {
+        reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no reason given")
+            .to_string()
+    };
+    match code {
+        200 => {
+            let r: control::SnapshotReply = serde_json::from_value(reply.clone())
+                .map_err(|e| bad(format!("the VM's reply: {e}")))?;
+            println!(
+                "migrated: events={} pause_ms={:.3} bytes={}",
+                r.events, r.pause_ms, r.bytes
+            );
+            Ok(0)
+        }
+        // Committed without an answer: the VM stopped at the source (see
+        // `machine::migrate`).
+        500 => Err(Failure {
+            code: 4,
+            message: format!("tandem: {}", why()),
+        }),
+        _ => Err(Failure {
+            code: 1,
+            message: format!(
+                "tandem: not migrated, the VM goes on at the source: {}",
+                why()
+            ),
+        }),
+    }
 }

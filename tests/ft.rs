@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Lab, Run, guest, s, tandem};
+use common::{Checker, Lab, Run, guest, s, tandem};
 
 const LOG_ADDR: &str = "10.78.0.11:7000";
 const NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
@@ -150,74 +149,6 @@ impl Ft {
     /// Whether VM process `i` is still running.
     fn running(&mut self, i: usize) -> bool {
         self.lab.exited(i).is_none()
-    }
-}
-
-/// One redis-cli holding one connection, fed INCR after INCR through its stdin.
-struct Checker {
-    child: std::process::Child,
-    sent: u64,
-}
-
-impl Checker {
-    fn start(lab: &Lab, key: &str) -> Checker {
-        let child = Command::new("timeout")
-            .args([
-                "60",
-                "ip",
-                "netns",
-                "exec",
-                &lab.ns("client"),
-                "redis-cli",
-                "-h",
-                "10.77.0.10",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting redis-cli");
-        let mut c = Checker { child, sent: 0 };
-        c.incr_for(key, Duration::from_millis(300));
-        c
-    }
-
-    fn incr_for(&mut self, key: &str, d: Duration) {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            writeln!(stdin, "INCR {key}").expect("writing to redis-cli");
-            stdin.flush().unwrap();
-            self.sent += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Every reply, in order; panics unless each INCR was answered with the next value.
-    fn finish(mut self) -> u64 {
-        drop(self.child.stdin.take());
-        let out = self.child.wait_with_output().expect("redis-cli");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let values: Vec<&str> = text.lines().collect();
-        assert_eq!(
-            values.len() as u64,
-            self.sent,
-            "not every INCR was answered: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for (i, v) in values.iter().enumerate() {
-            assert_eq!(
-                v.trim().parse::<u64>().ok(),
-                Some(i as u64 + 1),
-                "reply {i} on the one connection: {v:?}\n{text}"
-            );
-        }
-        assert!(
-            !String::from_utf8_lossy(&out.stderr).contains("reset"),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.sent
     }
 }
 

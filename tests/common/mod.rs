@@ -146,11 +146,23 @@ impl Lab {
 
     /// Start `tandem ARGS` on host `k` in the background; stdout and stderr to `out`.
     pub fn start_vm(&mut self, k: u32, args: &[&str], out: &Path) -> usize {
+        self.start_vm_env(k, &[], args, out)
+    }
+
+    /// [`Lab::start_vm`] with environment variables `env` (K, V) set for it.
+    pub fn start_vm_env(
+        &mut self,
+        k: u32,
+        env: &[(&str, &str)],
+        args: &[&str],
+        out: &Path,
+    ) -> usize {
         let file = std::fs::File::create(out).expect("creating the VM's output file");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(&format!("host{k}"))])
             .arg(env!("CARGO_BIN_EXE_tandem"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
             .spawn()
@@ -249,5 +261,74 @@ impl Lab {
             .ok()
             .flatten()
             .map(|s| s.code().unwrap_or(-1))
+    }
+}
+
+/// One redis-cli holding one connection, fed INCR after INCR through its stdin.
+pub struct Checker {
+    child: std::process::Child,
+    pub sent: u64,
+}
+
+impl Checker {
+    pub fn start(lab: &Lab, key: &str) -> Checker {
+        let child = std::process::Command::new("timeout")
+            .args([
+                "60",
+                "ip",
+                "netns",
+                "exec",
+                &lab.ns("client"),
+                "redis-cli",
+                "-h",
+                "10.77.0.10",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting redis-cli");
+        let mut c = Checker { child, sent: 0 };
+        c.incr_for(key, std::time::Duration::from_millis(300));
+        c
+    }
+
+    pub fn incr_for(&mut self, key: &str, d: std::time::Duration) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        let end = std::time::Instant::now() + d;
+        while std::time::Instant::now() < end {
+            writeln!(stdin, "INCR {key}").expect("writing to redis-cli");
+            stdin.flush().unwrap();
+            self.sent += 1;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Every reply, in order; panics unless each INCR was answered with the next value.
+    pub fn finish(mut self) -> u64 {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().expect("redis-cli");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let values: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            values.len() as u64,
+            self.sent,
+            "not every INCR was answered: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(
+                v.trim().parse::<u64>().ok(),
+                Some(i as u64 + 1),
+                "reply {i} on the one connection: {v:?}\n{text}"
+            );
+        }
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("reset"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.sent
     }
 }

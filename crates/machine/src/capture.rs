@@ -53,7 +53,7 @@ use wasmtime::{Caller, Engine, Extern, Instance, Linker, Module, Store, TypedFun
 
 use crate::asyncify::{EVENT_IMPORTS, InstrumentError, Instrumented};
 use crate::clock::VmClock;
-use crate::control::Control;
+use crate::control::{Action, Control};
 use crate::event::Event;
 use crate::fdtable::FdTable;
 use crate::host::LiveHost;
@@ -136,7 +136,12 @@ pub struct Taken {
 pub struct Ran {
     pub report: RunReport,
     pub taken: Option<Taken>,
+    /// The VM was migrated: it runs on at the receiver (`taken` says where and how).
+    pub handed_over: bool,
 }
+
+/// Called once a restored instance is about to run.
+pub type Ready<'a> = Box<dyn FnOnce() + 'a>;
 
 /// A snapshot checked against a module, its VM state decoded: what
 /// [`SnapMachine::resume`] continues.
@@ -293,7 +298,7 @@ impl SnapMachine {
     ) -> Result<Ran, CaptureError> {
         let mut vm = Vm::new(spec, inputs);
         vm.power_on().map_err(fault_error)?;
-        self.drive(vm, plan, None)
+        self.drive(vm, plan, None, None)
     }
 
     /// Check a snapshot read from a file against this module and decode its VM state:
@@ -350,6 +355,19 @@ impl SnapMachine {
         plan: Option<Plan>,
         announced: bool,
     ) -> Result<Ran, CaptureError> {
+        self.resume_then(restore, inputs, plan, announced, None)
+    }
+
+    /// [`SnapMachine::resume`], calling `ready` once the fresh instance holds the
+    /// snapshot and is about to run (a migration's receiver then says live).
+    pub fn resume_then(
+        &self,
+        restore: &Restore,
+        inputs: Inputs,
+        plan: Option<Plan>,
+        announced: bool,
+        ready: Option<Ready<'_>>,
+    ) -> Result<Ran, CaptureError> {
         let state = &restore.state;
         let live = matches!(inputs, Inputs::Live { .. });
         let mut vm = Vm::new(restore.spec(), inputs);
@@ -368,7 +386,7 @@ impl SnapMachine {
             }
             vm.flush_net();
         }
-        self.drive(vm, plan, Some(&restore.snap))
+        self.drive(vm, plan, Some(&restore.snap), ready)
     }
 
     fn drive(
@@ -376,8 +394,9 @@ impl SnapMachine {
         vm: Vm,
         plan: Option<Plan>,
         restore: Option<&Snapshot>,
+        ready: Option<Ready<'_>>,
     ) -> Result<Ran, CaptureError> {
-        let ran = self.drive_inner(vm, plan, restore);
+        let ran = self.drive_inner(vm, plan, restore, ready);
         if let Some(c) = &self.control {
             c.end();
         }
@@ -389,6 +408,7 @@ impl SnapMachine {
         vm: Vm,
         plan: Option<Plan>,
         restore: Option<&Snapshot>,
+        ready: Option<Ready<'_>>,
     ) -> Result<Ran, CaptureError> {
         let mut vm = vm;
         vm.snap = Some(Box::new(Ctl {
@@ -423,6 +443,11 @@ impl SnapMachine {
             begin_rewind(&mut store, &instance, &snap.stack)
                 .map_err(|e| CaptureError::Restore(e.to_string()))?;
         }
+        if let Some(ready) = ready {
+            // The instance holds the snapshot and is about to run: a migration's
+            // receiver says live now (see `crate::migrate`).
+            ready();
+        }
         let run = Driven {
             store,
             instance,
@@ -445,6 +470,7 @@ impl SnapMachine {
             Watched::Stopped(report) => Ok(Ran {
                 report,
                 taken: taken.lock().unwrap_or_else(|p| p.into_inner()).take(),
+                handed_over: false,
             }),
         }
     }
@@ -487,6 +513,7 @@ impl Driven {
             plan,
             watcher,
         } = self;
+        let mut handed_over = false;
         let exit = loop {
             let result = start.call(&mut store, ());
             // `_start` returning while Asyncify unwinds: the stack is saved, take the
@@ -500,23 +527,60 @@ impl Driven {
                     .map_err(wasm_err("asyncify_stop_unwind"))?;
                 // An API request goes first; a plan not yet due stays for later.
                 let remote = control.as_ref().and_then(|c| c.take());
-                let (to, stop) = match (&remote, &plan) {
-                    (Some(r), _) => (r.to.clone(), r.stop),
-                    (None, Some(p)) => (p.to.clone(), p.stop),
+                let (reply, action) = match (remote, &plan) {
+                    (Some(r), _) => (Some(r.reply), r.action),
+                    (None, Some(p)) => (
+                        None,
+                        Action::Write {
+                            to: p.to.clone(),
+                            stop: p.stop,
+                        },
+                    ),
                     (None, None) => return Err(CaptureError::Take("unplanned".into())),
                 };
                 let snap = capture(ident, &mut store, &instance)?;
+                let (to, stop) = match action {
+                    Action::Write { to, stop } => (to, stop),
+                    Action::Migrate(out) => {
+                        let since = ctl(store.data_mut())
+                            .since
+                            .take()
+                            .unwrap_or_else(Instant::now);
+                        match crate::migrate::migrate_out(out, &snap, since) {
+                            Ok(t) => {
+                                if let Some(r) = &reply {
+                                    let _ = r.send(Ok(t.clone()));
+                                }
+                                *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+                                handed_over = true;
+                                break crate::log::Exit::Stopped;
+                            }
+                            Err(e) => {
+                                let (go_on, code, why) = e.verdict();
+                                if let Some(r) = &reply {
+                                    let _ = r.send(Err((code, why)));
+                                }
+                                if !go_on {
+                                    break crate::log::Exit::Stopped;
+                                }
+                                begin_rewind(&mut store, &instance, &snap.stack)
+                                    .map_err(|e| CaptureError::Take(e.to_string()))?;
+                                continue;
+                            }
+                        }
+                    }
+                };
                 let written = crate::snapshot::write_file(&to, &snap);
                 let since = ctl(store.data_mut())
                     .since
                     .take()
                     .unwrap_or_else(Instant::now);
-                let bytes = match (written, &remote) {
+                let bytes = match (written, &reply) {
                     (Ok(bytes), _) => bytes,
                     // A snapshot asked for through the API that cannot be written is that
                     // request's failure, not the VM's: it goes on.
                     (Err(e), Some(r)) => {
-                        let _ = r.reply.send(Err(e.to_string()));
+                        let _ = r.send(Err((500, e.to_string())));
                         begin_rewind(&mut store, &instance, &snap.stack)
                             .map_err(|e| CaptureError::Take(e.to_string()))?;
                         continue;
@@ -531,8 +595,8 @@ impl Driven {
                     bytes,
                     pause_ms: since.elapsed().as_secs_f64() * 1e3,
                 };
-                if let Some(r) = &remote {
-                    let _ = r.reply.send(Ok(t.clone()));
+                if let Some(r) = &reply {
+                    let _ = r.send(Ok(t.clone()));
                 }
                 *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
                 if stop {
@@ -546,7 +610,11 @@ impl Driven {
         };
         let report = store.into_data().conclude(exit)?;
         let taken = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
-        Ok(Ran { report, taken })
+        Ok(Ran {
+            report,
+            taken,
+            handed_over,
+        })
     }
 }
 

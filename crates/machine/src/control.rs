@@ -1,12 +1,18 @@
 //! A VM's control API: HTTP/1.1 with JSON bodies on a Unix socket, as Firecracker serves
 //! its API, so that an operator (and later the cluster's agents) can drive one running VM.
 //!
-//! - `GET /status` → `{"state", "events", "module_digest", "instrumented_digest",
+//! - `GET /status` → `{"state" (running, snapshot-pending, stopping, ended; waiting: a
+//!   `vm receive` that has no VM yet), "events", "module_digest", "instrumented_digest",
 //!   "snapshots"}`
 //! - `PUT /snapshot` `{"to": FILE, "stop": bool}` → at the VM's next snapshot point (an
 //!   event boundary, see [`crate::capture`]) the snapshot is written to FILE (whole, then
 //!   renamed into place); the reply, once it is, is `{"events", "bytes", "pause_ms"}`.
 //!   With `"stop": true` the VM then stops (suspend).
+//! - `PUT /migrate` `{"to": "ADDR:PORT"}` → the VM moves to the `vm receive` listening
+//!   there ([`crate::migrate`]): connected and checked while the guest runs, handed over
+//!   at its next snapshot point; the reply, once the receiver is live, is `{"events",
+//!   "bytes", "pause_ms"}` and the VM here then stops. A failed migration (502 before the
+//!   pause, 500 after it) leaves the VM running here, unless the error says it stopped.
 //! - `PUT /stop` → the VM stops at its next call, as on SIGTERM.
 //!
 //! This module owns the socket and the [`Control`] shared with the VM's thread. The VM
@@ -54,12 +60,23 @@ pub enum ControlError {
     },
 }
 
+/// What a request asks of the VM at its next snapshot point.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Write the snapshot to `to`; then stop if `stop`.
+    Write { to: PathBuf, stop: bool },
+    /// Hand the VM over to the receiver at the other end (see [`crate::migrate`]).
+    Migrate(crate::migrate::Outbound),
+}
+
+/// The VM's answer to a request: what it took, or an HTTP status and why not.
+pub(crate) type Answer = Result<Taken, (u16, String)>;
+
 /// A snapshot asked for through the API, waiting for the VM.
 #[derive(Debug)]
 pub(crate) struct Request {
-    pub(crate) to: PathBuf,
-    pub(crate) stop: bool,
-    pub(crate) reply: Sender<Result<Taken, String>>,
+    pub(crate) action: Action,
+    pub(crate) reply: Sender<Answer>,
 }
 
 /// What the API and the VM's thread share.
@@ -73,8 +90,15 @@ pub struct Control {
     snapshots: AtomicU64,
     /// The VM has ended (exited, stopped, suspended).
     ended: AtomicBool,
+    /// No VM here yet: a migration's receiver waiting for one.
+    waiting: AtomicBool,
+    /// Connections whose request the VM has answered or will answer, until their reply
+    /// is written: the process waits for them (boundedly) before it exits.
+    answering: std::sync::atomic::AtomicUsize,
     module_digest: String,
     instrumented_digest: String,
+    /// The same, as bytes: what a migration's receiver must run.
+    digests: ([u8; 32], [u8; 32]),
 }
 
 impl Control {
@@ -85,8 +109,11 @@ impl Control {
             events: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            answering: std::sync::atomic::AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
             module_digest: crate::vm::hex(module_digest),
             instrumented_digest: crate::vm::hex(instrumented_digest),
+            digests: (*module_digest, *instrumented_digest),
         })
     }
 
@@ -121,29 +148,47 @@ impl Control {
         self.ended.store(true, Ordering::SeqCst);
         // A request that arrived too late is answered rather than left to time out.
         if let Some(r) = self.take() {
-            let _ = r.reply.send(Err("the VM has ended".into()));
+            let _ = r.reply.send(Err((409, "the VM has ended".into())));
+        }
+        // A suspend's or a migration's reply is the client's only word on what became of
+        // the VM: let it be written before the process exits (boundedly: a client that
+        // does not read gets IO_TIMEOUT at most).
+        let deadline = std::time::Instant::now() + IO_TIMEOUT;
+        while self.answering.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Whether there is no VM here yet (`vm receive` before one arrived): requests for
+    /// one are refused meanwhile rather than left to time out.
+    pub fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::SeqCst);
+    }
+
+    /// Why the VM cannot take a request now, if it cannot.
+    fn unavailable(&self) -> Option<(u16, String)> {
+        if self.ended.load(Ordering::SeqCst) {
+            Some((409, "the VM has ended".into()))
+        } else if self.waiting.load(Ordering::SeqCst) {
+            Some((409, "no VM here yet: this receiver waits for one".into()))
+        } else {
+            None
         }
     }
 
     /// Queue a snapshot request; the receiver gets the VM's answer.
-    fn submit(
-        &self,
-        to: PathBuf,
-        stop: bool,
-    ) -> Result<Receiver<Result<Taken, String>>, (u16, String)> {
+    fn submit(&self, action: Action) -> Result<Receiver<Answer>, (u16, String)> {
         let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
-        if self.ended.load(Ordering::SeqCst) {
-            return Err((409, "the VM has ended".into()));
+        if let Some(e) = self.unavailable() {
+            return Err(e);
         }
         if r.is_some() {
             return Err((409, "a snapshot is already pending".into()));
         }
         let (tx, rx) = channel();
-        *r = Some(Request {
-            to,
-            stop,
-            reply: tx,
-        });
+        *r = Some(Request { action, reply: tx });
+        // Counted before the VM can see it, so that its end waits for the reply.
+        self.answering.fetch_add(1, Ordering::SeqCst);
         self.pending.store(true, Ordering::Relaxed);
         // An idle VM waits for the network without a deadline: wake it.
         crate::host::wake_waits();
@@ -156,24 +201,27 @@ impl Control {
     /// Errors carry the HTTP status that says why (409 busy or ended, 504 no point in
     /// time, 500 the VM could not take or write it).
     pub fn snapshot(&self, to: PathBuf, stop: bool, wait: Duration) -> Result<Taken, (u16, String)> {
-        let rx = self.submit(to, stop)?;
-        let answer = match rx.recv_timeout(wait) {
+        let rx = self.submit(Action::Write { to, stop })?;
+        self.answer(rx, wait)
+    }
+
+    /// The VM's answer to a request submitted, withdrawing it if the VM reached no
+    /// snapshot point within `wait`.
+    fn answer(&self, rx: Receiver<Answer>, wait: Duration) -> Result<Taken, (u16, String)> {
+        match rx.recv_timeout(wait) {
             Ok(a) => a,
-            Err(_) if self.withdraw() => {
-                return Err((
-                    504,
-                    format!(
-                        "the VM reached no snapshot point within {} s (it waits for input)",
-                        wait.as_secs()
-                    ),
-                ));
-            }
+            Err(_) if self.withdraw() => Err((
+                504,
+                format!(
+                    "the VM reached no snapshot point within {} s (it waits for input)",
+                    wait.as_secs()
+                ),
+            )),
             // Taken just now: its answer is on its way.
             Err(_) => rx
                 .recv()
                 .map_err(|_| (500, "the VM ended without answering".to_string()))?,
-        };
-        answer.map_err(|e| (500, e))
+        }
     }
 
     /// Withdraw a request the VM has not taken; false if it already has.
@@ -189,6 +237,8 @@ impl Control {
     fn status(&self) -> Status {
         let state = if self.ended.load(Ordering::SeqCst) {
             "ended"
+        } else if self.waiting.load(Ordering::SeqCst) {
+            "waiting"
         } else if crate::vm::stop_requested() {
             "stopping"
         } else if self.pending() {
@@ -223,6 +273,14 @@ pub struct SnapshotRequest {
     pub to: PathBuf,
     #[serde(default)]
     pub stop: bool,
+}
+
+/// `PUT /migrate`'s body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The receiver: `vm receive --listen ADDR:PORT`.
+    pub to: String,
 }
 
 /// `PUT /snapshot`'s reply.
@@ -399,6 +457,7 @@ fn respond(conn: &mut UnixStream, code: u16, body: &impl Serialize) {
         411 => "Length Required",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Internal Server Error",
@@ -417,14 +476,17 @@ fn respond(conn: &mut UnixStream, code: u16, body: &impl Serialize) {
 fn handle(mut conn: UnixStream, control: &Control) {
     let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
     let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
-    let (code, body) = match read_request(&mut conn).and_then(|req| route(&req, control)) {
-        Ok(v) => (200, v),
-        Err((code, error)) => (
-            code,
-            serde_json::to_value(ErrorReply { error }).unwrap_or_default(),
-        ),
-    };
+    let mut answering = None;
+    let (code, body) =
+        match read_request(&mut conn).and_then(|req| route(&req, control, &mut answering)) {
+            Ok(v) => (200, v),
+            Err((code, error)) => (
+                code,
+                serde_json::to_value(ErrorReply { error }).unwrap_or_default(),
+            ),
+        };
     respond(&mut conn, code, &body);
+    drop(answering);
     // Closing with part of the request unread (a refused body) would reset the
     // connection and lose the reply: read what the client still sends, boundedly.
     let _ = conn.shutdown(std::net::Shutdown::Write);
@@ -435,7 +497,32 @@ fn handle(mut conn: UnixStream, control: &Control) {
     );
 }
 
-fn route(req: &HttpRequest, control: &Control) -> Result<serde_json::Value, (u16, String)> {
+/// A connection whose request the VM will answer, until its reply is written (see
+/// [`Control::end`]).
+struct Answering<'a>(&'a Control);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Queue `action` for the VM's next snapshot point and wait for its answer.
+fn wait_answer<'a>(
+    control: &'a Control,
+    action: Action,
+    answering: &mut Option<Answering<'a>>,
+) -> Result<Taken, (u16, String)> {
+    let rx = control.submit(action)?;
+    *answering = Some(Answering(control));
+    control.answer(rx, SNAPSHOT_WAIT)
+}
+
+fn route<'a>(
+    req: &HttpRequest,
+    control: &'a Control,
+    answering: &mut Option<Answering<'a>>,
+) -> Result<serde_json::Value, (u16, String)> {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/status") => Ok(json(&control.status())),
         ("PUT", "/stop") => {
@@ -459,14 +546,43 @@ fn route(req: &HttpRequest, control: &Control) -> Result<serde_json::Value, (u16
                     ),
                 ));
             }
-            let t = control.snapshot(r.to, r.stop, SNAPSHOT_WAIT)?;
+            let t = wait_answer(
+                control,
+                Action::Write {
+                    to: r.to,
+                    stop: r.stop,
+                },
+                answering,
+            )?;
             Ok(json(&SnapshotReply {
                 events: t.events,
                 bytes: t.bytes,
                 pause_ms: t.pause_ms,
             }))
         }
-        (_, "/status" | "/stop" | "/snapshot") => Err((405, "method not allowed".into())),
+        ("PUT", "/migrate") => {
+            let r: MigrateRequest =
+                serde_json::from_slice(&req.body).map_err(|e| (400, format!("body: {e}")))?;
+            if let Some(e) = control.unavailable() {
+                return Err(e);
+            }
+            let to = crate::migrate::resolve(&r.to)
+                .map_err(|e| (400, format!("\"to\": {}: {e}", r.to)))?;
+            // Connected and welcomed while the guest runs: a receiver that is not there
+            // or refuses this module costs the VM no pause.
+            let (module, instrumented) = control.digests;
+            let out = crate::migrate::Outbound::connect(to, &module, &instrumented)
+                .map_err(|e| (502, format!("receiver {to}: {e}")))?;
+            let t = wait_answer(control, Action::Migrate(out), answering)?;
+            Ok(json(&SnapshotReply {
+                events: t.events,
+                bytes: t.bytes,
+                pause_ms: t.pause_ms,
+            }))
+        }
+        (_, "/status" | "/stop" | "/snapshot" | "/migrate") => {
+            Err((405, "method not allowed".into()))
+        }
         _ => Err((404, format!("no such resource: {}", req.path))),
     }
 }

@@ -6,6 +6,10 @@
 //! the log or the logging channel: the window the intent records of
 //! [`crate::event::Intent`] exist for. Unset (always, outside tests), it costs one relaxed
 //! load per disk operation.
+//!
+//! `TANDEM_FAILPOINT=receiver-dies:POINT` SIGKILLs a migration's receiver at POINT
+//! (`before-ready`: holding the whole offer; `after-commit`: committed, before saying live):
+//! the windows [`crate::migrate`]'s handshake is built around.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +35,18 @@ pub(crate) fn after_disk_op(kind: crate::event::Kind, uncertain: bool) {
     let Some(k) = target() else { return };
     if SEEN.fetch_add(1, Ordering::Relaxed) + 1 == k {
         tracing::error!("failpoint: dying after {kind:?}");
+        // SAFETY: kill(2) on this very process; no memory is involved.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+/// A migration's receiver reached `point` (see the module docs).
+pub(crate) fn receiver_at(point: &str) {
+    let Ok(v) = std::env::var("TANDEM_FAILPOINT") else {
+        return;
+    };
+    if v.strip_prefix("receiver-dies:") == Some(point) {
+        tracing::error!("failpoint: the receiver dies {point}");
         // SAFETY: kill(2) on this very process; no memory is involved.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }

@@ -18,6 +18,7 @@ mod failpoint;
 pub mod fdtable;
 pub mod host;
 pub mod log;
+pub mod migrate;
 mod net;
 pub mod port;
 pub mod snapshot;
