@@ -754,7 +754,13 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             config.clone(),
             from,
         ) {
-            Ok(s) => break (s, restore),
+            Ok(s) => {
+                match &restore {
+                    Some(r) => tracing::info!("joining from the checkpoint at event {}", r.events()),
+                    None => tracing::info!("joining from the VM's power-on"),
+                }
+                break (s, restore);
+            }
             Err(lockstep::FtError::Refused(why))
                 if tries < JOIN_TRIES && checkpoints.latest().map(|c| c.0) != Some(from) =>
             {

@@ -836,3 +836,173 @@ fn ft_arguments_are_range_checked_and_the_vm_stays_inside_shared_storage() {
         "a refused command left files in shared storage"
     );
 }
+
+/// The logging address of lab host `k`.
+fn log_addr(k: u32) -> String {
+    format!("10.78.0.{}:7000", 10 + k)
+}
+
+impl Ft {
+    /// A secondary on host `k` following the live copy on host `of`, itself accepting a
+    /// secondary once live; `extra` flags added.
+    fn join(&mut self, k: u32, of: u32, extra: &[&str]) -> usize {
+        let kvd = guest("kvd.wasm");
+        let data = self.shared.join(&self.vm).join("data");
+        let (primary, listen) = (log_addr(of), log_addr(k));
+        let mut args = vec![
+            "ft",
+            "secondary",
+            "--vm",
+            &self.vm,
+            "--shared",
+            s(&self.shared),
+            "--primary",
+            &primary,
+            "--log-listen",
+            &listen,
+            "--wasm",
+            s(&kvd),
+            "--datastore",
+            s(&data),
+            "--bridge",
+            "br-vm",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.shared.join(format!("{}.host{k}.out", self.vm));
+        self.lab.start_vm(k, &args, &out)
+    }
+
+    fn host_log(&self, k: u32) -> String {
+        std::fs::read_to_string(self.shared.join(format!("{}.host{k}.out", self.vm)))
+            .unwrap_or_default()
+    }
+
+    /// The latest checkpoint's position, from the live copy's status.
+    fn checkpoint(&self) -> Option<u64> {
+        self.status()
+            .lines()
+            .find_map(|l| l.strip_prefix("checkpoint="))
+            .and_then(|v| v.parse().ok())
+    }
+
+    fn wait_checkpoint(&self, limit: Duration) -> u64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(c) = self.checkpoint().filter(|c| *c > 0) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint: {}\n{}",
+                self.status(),
+                self.host_log(2)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_successive_host_kills_under_load_and_clients_never_notice() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_primary_in(Lab::up("fc", 3), "kvd");
+    // Small checkpoints: several are taken within the test's load.
+    let second = ft.join(2, 1, &["--checkpoint-mib", "2"]);
+    ft.wait_status("protected=true", Duration::from_secs(10));
+    let mut bench = Command::new("timeout")
+        .args(["90", "ip", "netns", "exec", &ft.lab.ns("client")])
+        .args(["redis-benchmark", "-h", "10.77.0.10", "-q"])
+        .args(["-t", "set,incr", "-n", "400000", "-c", "20", "-P", "8"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut checker = Checker::start(&ft.lab, "chain");
+    checker.incr_for("chain", Duration::from_millis(1500));
+    let first_checkpoint = ft.wait_checkpoint(Duration::from_secs(20));
+
+    // host1 dies: host2 goes live, and accepts a secondary.
+    assert_eq!(tandem(&["lab", "kill", "--name", &ft.lab.name, "host1"]).code, 0);
+    checker.incr_for("chain", Duration::from_millis(1500));
+    ft.wait_status("role=live", Duration::from_secs(5));
+    assert!(ft.status().contains("generation=2"), "{}", ft.status());
+
+    // A newcomer on host3 joins the live copy from the latest checkpoint plus the events
+    // since, and the VM is protected again.
+    let third = ft.join(3, 2, &["--checkpoint-mib", "2"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ft.status().contains("protected=true") {
+        checker.incr_for("chain", Duration::from_millis(100));
+        assert!(
+            Instant::now() < deadline,
+            "host3 never protected the VM: {}\nhost2:\n{}\nhost3:\n{}",
+            ft.status(),
+            ft.host_log(2),
+            ft.host_log(3)
+        );
+    }
+    let joined = ft.host_log(3);
+    let from = joined
+        .split("joining from the checkpoint at event ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("host3 did not join from a checkpoint:\n{joined}"));
+    assert!(from >= first_checkpoint, "joined from {from} < {first_checkpoint}");
+    checker.incr_for("chain", Duration::from_millis(1000));
+
+    // host2 dies: host3 goes live; the clients carry on.
+    assert_eq!(tandem(&["lab", "kill", "--name", &ft.lab.name, "host2"]).code, 0);
+    let before = checker.sent;
+    checker.incr_for("chain", Duration::from_millis(2500));
+    ft.wait_status("generation=3", Duration::from_secs(5));
+    assert!(ft.status().contains("role=live"), "{}", ft.status());
+    let sent = checker.finish();
+    assert!(sent > before + 100, "the client did not carry on");
+    assert!(bench.wait().unwrap().success(), "redis-benchmark failed");
+    assert_eq!(ft.cli(&["GET", "chain"]), sent.to_string());
+    assert!(ft.running(third));
+    assert!(!ft.running(second));
+}
+
+#[test]
+fn checkpoints_bound_both_copies_memory_under_two_minutes_of_load() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_primary_in(Lab::up("fm", 2), "kvd");
+    let second = ft.join(2, 1, &[]);
+    ft.wait_status("protected=true", Duration::from_secs(10));
+    let (p, s2) = (ft.lab.pid(ft.primary), ft.lab.pid(second));
+    let start = Instant::now();
+    let mut at_one_minute = None;
+    let mut rounds = 0;
+    // Bounded in count and time: rounds of the issues' load for two minutes.
+    while start.elapsed() < Duration::from_secs(120) && rounds < 10_000 {
+        let r = ft.lab.redis_benchmark(&["-t", "set,incr", "-n", "50000", "-c", "20", "-P", "8"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        rounds += 1;
+        if at_one_minute.is_none() && start.elapsed() >= Duration::from_secs(60) {
+            at_one_minute = Some((rss_kib(p), rss_kib(s2)));
+        }
+    }
+    let (p1, s1) = at_one_minute.expect("a minute of load");
+    let (p2, s2now) = (rss_kib(p), rss_kib(s2));
+    assert!(p1 > 0 && s1 > 0 && p2 > 0 && s2now > 0, "both copies ran throughout");
+    assert!(ft.checkpoint().is_some_and(|c| c > 0), "{}", ft.status());
+    let grew = |a: u64, b: u64| b.saturating_sub(a) / 1024;
+    assert!(
+        grew(p1, p2) <= 64 && grew(s1, s2now) <= 64,
+        "RSS between minute 1 and 2: primary {p1} -> {p2} KiB, secondary {s1} -> {s2now} KiB\n{}",
+        ft.status()
+    );
+    eprintln!("RSS at 1 and 2 min: primary {p1} -> {p2} KiB, secondary {s1} -> {s2now} KiB");
+}

@@ -171,6 +171,11 @@ impl Lab {
         self.vms.len() - 1
     }
 
+    /// The process id of VM `i` (`ip netns exec` execs it: the same process).
+    pub fn pid(&self, i: usize) -> u32 {
+        self.vms[i].id()
+    }
+
     /// Stop VM `i` as an operator would (SIGTERM) and wait for it; its exit code.
     pub fn stop_vm(&mut self, i: usize) -> i32 {
         let child = &mut self.vms[i];

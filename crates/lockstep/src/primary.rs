@@ -55,6 +55,8 @@ struct State {
     /// A secondary's copy-to-be: it keeps the history it replays, but is not live (no
     /// listener, no generation, no status) until [`Primary::activate`].
     standby: bool,
+    /// This copy was a secondary and went live (its status says `live`).
+    promoted: bool,
     end: Option<End>,
     /// Events the attached secondary holds and has executed.
     acked: u64,
@@ -157,6 +159,8 @@ impl Shared {
         }
         let role = if st.finished.is_some() {
             "stopped"
+        } else if st.promoted {
+            "live"
         } else {
             "primary"
         };
@@ -257,6 +261,7 @@ impl Shared {
                 history_bytes: 0,
                 checkpoint: None,
                 standby: false,
+                promoted: false,
                 end: None,
                 acked: 0,
                 executed: 0,
@@ -403,7 +408,11 @@ impl Primary {
                 None
             }
         });
-        self.shared.lock().standby = false;
+        {
+            let mut st = self.shared.lock();
+            st.standby = false;
+            st.promoted = true;
+        }
         if let Err(e) = launch(&self.shared, generation, listener) {
             tracing::error!("{e}; the VM stays live, NOT PROTECTED");
         }
@@ -1116,9 +1125,9 @@ mod tests {
         let dir = VmDir::new(shared.path(), "vm");
         let addr = fake_primary(&dir, 10, (0..3).map(event).collect(), None);
         let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config()).unwrap();
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
         assert_eq!(secondary.release, 10);
-        let mut source = secondary.source();
+        let mut source = secondary.source(None);
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
@@ -1140,8 +1149,8 @@ mod tests {
         let dir = VmDir::new(shared.path(), "vm");
         let addr = fake_primary(&dir, 3, (0..3).map(event).collect(), None);
         let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config()).unwrap();
-        let mut source = secondary.source();
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        let mut source = secondary.source(None);
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
@@ -1164,8 +1173,8 @@ mod tests {
         // The channel closes right after the end, as when the primary's process exits.
         let addr = fake_primary(&dir, 3, (0..3).map(event).collect(), Some(end.clone()));
         let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config()).unwrap();
-        let mut source = secondary.source();
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        let mut source = secondary.source(None);
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
@@ -1195,6 +1204,7 @@ mod tests {
                 KIND_MSG,
                 &encode(&ToPrimary::Hello {
                     host: "fake".into(),
+                    from: 0,
                 }),
             )
             .unwrap();
@@ -1229,6 +1239,60 @@ mod tests {
             sink.append(e).unwrap();
         }
         (primary, sink)
+    }
+
+    #[test]
+    fn a_checkpoint_drops_the_history_before_it_and_newcomers_join_from_there() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, _sink) = primary_with_history(&dir, (0..10).map(|i| data_event(i, 100)).collect());
+        let (bytes, attached) = primary.history();
+        assert!(bytes >= 1000 && !attached);
+        primary.checkpointed(6);
+        assert!(primary.history().0 < bytes / 2, "dropped six of ten events");
+        let status = std::fs::read_to_string(dir.status()).unwrap();
+        assert!(status.contains("checkpoint=6") && status.contains("events=10"), "{status}");
+        // Before the checkpoint: refused, saying why; at it: served from there.
+        let addr = primary.addr.to_string();
+        match Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 5) {
+            Err(FtError::Refused(why)) => assert!(why.contains("events 6 to 10"), "{why}"),
+            other => panic!("joining before the history: {:?}", other.err()),
+        }
+        let secondary =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 6).unwrap();
+        let mut source = secondary.source(None);
+        for seq in 6..10 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+        }
+        assert_eq!(secondary.release, 10);
+    }
+
+    #[test]
+    fn a_standby_keeps_what_it_replays_and_serves_it_once_live() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        dir.create_key().unwrap();
+        let standby = Primary::standby(dir.clone(), header(), 3, false, config()).unwrap();
+        for seq in [3, 4, 9, 5] {
+            standby.retain(&data_event(seq, 10));
+        }
+        standby.checkpointed(4);
+        assert!(!dir.status().exists(), "a standby writes no status");
+        Arbiter::new(&dir.arbitration()).claim(1, "test").unwrap();
+        // Listening on a port of its own choosing: find it from the status-less handle.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap().to_string();
+        drop(probe);
+        standby.activate(1, None, Some(&addr));
+        let status = std::fs::read_to_string(dir.status()).unwrap();
+        assert!(status.contains("role=live") && status.contains("events=6"), "{status}");
+        let secondary =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 4).unwrap();
+        let mut source = secondary.source(None);
+        // Event 9 was out of order and not kept: 4 and 5 are what follow the checkpoint.
+        assert_eq!(source.next_event().unwrap().unwrap().seq, 4);
+        assert_eq!(source.next_event().unwrap().unwrap().seq, 5);
+        assert_eq!(secondary.release, 6);
     }
 
     #[test]
@@ -1277,6 +1341,7 @@ mod tests {
             &primary2.addr.to_string(),
             Duration::from_secs(5),
             config(),
+            0,
         )
         .unwrap();
         wait("protected", || primary2.protected());
@@ -1297,9 +1362,10 @@ mod tests {
             &primary.addr.to_string(),
             Duration::from_secs(5),
             config(),
+            0,
         )
         .unwrap();
-        let mut source = secondary.source();
+        let mut source = secondary.source(None);
         wait("attach", || primary.protected());
         let mut port = primary.port();
         for seq in 0..50 {
@@ -1409,9 +1475,10 @@ mod tests {
             &primary.addr.to_string(),
             Duration::from_secs(5),
             FtConfig::default(),
+            0,
         )
         .unwrap();
-        let mut source = secondary.source();
+        let mut source = secondary.source(None);
         wait("attach", || primary.shared.lock().attached.is_some());
         // An output produced after 3 events is held while the secondary has fewer.
         sink.append(&event(0)).unwrap();
