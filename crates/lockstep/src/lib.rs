@@ -35,6 +35,14 @@
 //!    that very operation takes its outcome from the disk if the primary performed it, so
 //!    the guest never sees "already exists" for what it did itself
 //!    (`tests/ft_disk.rs`, every such operation in turn).
+//! 8. (design: snapshots) both copies keep only the events since the latest checkpoint
+//!    ([`checkpoint`]): the secondary takes checkpoints while attached (the primary never
+//!    pauses for one while protected) and reports them (`ToPrimary::Checkpoint`); a copy
+//!    with no secondary takes its own. Any live copy accepts a secondary: a newcomer
+//!    restores the latest checkpoint and says where it starts (`ToPrimary::Hello::from`); a
+//!    copy that no longer holds the events from there refuses it (`ToSecondary::Refused`).
+//!    Every secondary keeps what it replays in a standby [`primary::Primary`], which becomes
+//!    the primary when it goes live (`tests/ft.rs`: two successive host kills).
 
 pub mod arbiter;
 pub mod checkpoint;
