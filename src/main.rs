@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use machine::capture::{CaptureError, SnapMachine};
+use machine::control::Control;
 use machine::{
     DEFAULT_MEMORY_LIMIT, EventSink, Exit, GuestSpec, Inputs, LogReader, LogWriter, Machine,
     MachineError, hex, live_inputs,
 };
-use machine::capture::{CaptureError, SnapMachine};
-use machine::control::Control;
 
 #[derive(Parser)]
 #[command(
@@ -756,7 +756,9 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
         ) {
             Ok(s) => {
                 match &restore {
-                    Some(r) => tracing::info!("joining from the checkpoint at event {}", r.events()),
+                    Some(r) => {
+                        tracing::info!("joining from the checkpoint at event {}", r.events())
+                    }
                     None => tracing::info!("joining from the VM's power-on"),
                 }
                 break (s, restore);

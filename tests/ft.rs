@@ -932,7 +932,10 @@ fn two_successive_host_kills_under_load_and_clients_never_notice() {
     let first_checkpoint = ft.wait_checkpoint(Duration::from_secs(20));
 
     // host1 dies: host2 goes live, and accepts a secondary.
-    assert_eq!(tandem(&["lab", "kill", "--name", &ft.lab.name, "host1"]).code, 0);
+    assert_eq!(
+        tandem(&["lab", "kill", "--name", &ft.lab.name, "host1"]).code,
+        0
+    );
     checker.incr_for("chain", Duration::from_millis(1500));
     ft.wait_status("role=live", Duration::from_secs(5));
     assert!(ft.status().contains("generation=2"), "{}", ft.status());
@@ -958,11 +961,17 @@ fn two_successive_host_kills_under_load_and_clients_never_notice() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("host3 did not join from a checkpoint:\n{joined}"));
-    assert!(from >= first_checkpoint, "joined from {from} < {first_checkpoint}");
+    assert!(
+        from >= first_checkpoint,
+        "joined from {from} < {first_checkpoint}"
+    );
     checker.incr_for("chain", Duration::from_millis(1000));
 
     // host2 dies: host3 goes live; the clients carry on.
-    assert_eq!(tandem(&["lab", "kill", "--name", &ft.lab.name, "host2"]).code, 0);
+    assert_eq!(
+        tandem(&["lab", "kill", "--name", &ft.lab.name, "host2"]).code,
+        0
+    );
     let before = checker.sent;
     checker.incr_for("chain", Duration::from_millis(2500));
     ft.wait_status("generation=3", Duration::from_secs(5));
@@ -987,7 +996,9 @@ fn checkpoints_bound_both_copies_memory_under_two_minutes_of_load() {
     let mut rounds = 0;
     // Bounded in count and time: rounds of the issues' load for two minutes.
     while start.elapsed() < Duration::from_secs(120) && rounds < 10_000 {
-        let r = ft.lab.redis_benchmark(&["-t", "set,incr", "-n", "50000", "-c", "20", "-P", "8"]);
+        let r = ft
+            .lab
+            .redis_benchmark(&["-t", "set,incr", "-n", "50000", "-c", "20", "-P", "8"]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         rounds += 1;
         if at_one_minute.is_none() && start.elapsed() >= Duration::from_secs(60) {
@@ -996,7 +1007,10 @@ fn checkpoints_bound_both_copies_memory_under_two_minutes_of_load() {
     }
     let (p1, s1) = at_one_minute.expect("a minute of load");
     let (p2, s2now) = (rss_kib(p), rss_kib(s2));
-    assert!(p1 > 0 && s1 > 0 && p2 > 0 && s2now > 0, "both copies ran throughout");
+    assert!(
+        p1 > 0 && s1 > 0 && p2 > 0 && s2now > 0,
+        "both copies ran throughout"
+    );
     assert!(ft.checkpoint().is_some_and(|c| c > 0), "{}", ft.status());
     let grew = |a: u64, b: u64| b.saturating_sub(a) / 1024;
     assert!(

@@ -200,7 +200,11 @@ mod tests {
         assert_eq!(cps.all().len(), KEEP);
         std::fs::write(cps.folder.join("00000000000000000007.snap.junk"), b"x").unwrap();
         std::fs::write(cps.folder.join("7.snap"), b"x").unwrap();
-        assert_eq!(cps.latest().unwrap().0, 100, "stray names are not checkpoints");
+        assert_eq!(
+            cps.latest().unwrap().0,
+            100,
+            "stray names are not checkpoints"
+        );
         cps.clear().unwrap();
         assert_eq!(cps.latest(), None);
         let _ = std::fs::remove_dir_all(tmp);

@@ -111,29 +111,17 @@ pub enum ToSecondary {
 pub enum ToPrimary {
     /// `from`: the position the secondary starts at (0: power-on; else the checkpoint
     /// it restored). The primary streams its history from there.
-    Hello {
-        host: String,
-        from: u64,
-    },
+    Hello { host: String, from: u64 },
     /// The secondary holds `received` events and has executed `executed` of them.
-    Ack {
-        received: u64,
-        executed: u64,
-    },
+    Ack { received: u64, executed: u64 },
     /// The secondary holds all `events` events and the end: it will end the same way and
     /// never arbitrate.
-    EndHeld {
-        events: u64,
-    },
+    EndHeld { events: u64 },
     /// The secondary holds the intent for event `seq`.
-    IntentHeld {
-        seq: u64,
-    },
+    IntentHeld { seq: u64 },
     /// The secondary wrote a checkpoint holding the VM at event `events` to shared
     /// storage: the events before it may be dropped.
-    Checkpoint {
-        events: u64,
-    },
+    Checkpoint { events: u64 },
 }
 
 /// Frame kinds on the wire.

@@ -174,7 +174,8 @@ impl Shared {
             ("history_bytes", st.history_bytes.to_string()),
             (
                 "checkpoint",
-                st.checkpoint.map_or_else(|| "none".into(), |c| c.to_string()),
+                st.checkpoint
+                    .map_or_else(|| "none".into(), |c| c.to_string()),
             ),
             ("acked", st.acked.to_string()),
             ("release", st.release.to_string()),
@@ -309,7 +310,9 @@ fn launch(
         .spawn(move || release(s))
         .map_err(io_err("start the releaser"))?;
     let Some(listener) = listener else {
-        tracing::warn!("primary live in generation {generation}; no logging channel: NOT PROTECTABLE");
+        tracing::warn!(
+            "primary live in generation {generation}; no logging channel: NOT PROTECTABLE"
+        );
         return Ok(None);
     };
     let local = listener
@@ -743,11 +746,9 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
     result
 }
 
-
 /// Attach the secondary `host` starting at event `from`, if this copy can serve it: its
 /// connection number and release point.
 fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, u64), FtError> {
-
     let mut st = s.lock();
     if st.halted.is_some() {
         return Err(FtError::Protocol("this copy has halted".into()));
@@ -1245,13 +1246,17 @@ mod tests {
     fn a_checkpoint_drops_the_history_before_it_and_newcomers_join_from_there() {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
-        let (primary, _sink) = primary_with_history(&dir, (0..10).map(|i| data_event(i, 100)).collect());
+        let (primary, _sink) =
+            primary_with_history(&dir, (0..10).map(|i| data_event(i, 100)).collect());
         let (bytes, attached) = primary.history();
         assert!(bytes >= 1000 && !attached);
         primary.checkpointed(6);
         assert!(primary.history().0 < bytes / 2, "dropped six of ten events");
         let status = std::fs::read_to_string(dir.status()).unwrap();
-        assert!(status.contains("checkpoint=6") && status.contains("events=10"), "{status}");
+        assert!(
+            status.contains("checkpoint=6") && status.contains("events=10"),
+            "{status}"
+        );
         // Before the checkpoint: refused, saying why; at it: served from there.
         let addr = primary.addr.to_string();
         match Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 5) {
@@ -1285,7 +1290,10 @@ mod tests {
         drop(probe);
         standby.activate(1, None, Some(&addr));
         let status = std::fs::read_to_string(dir.status()).unwrap();
-        assert!(status.contains("role=live") && status.contains("events=6"), "{status}");
+        assert!(
+            status.contains("role=live") && status.contains("events=6"),
+            "{status}"
+        );
         let secondary =
             Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 4).unwrap();
         let mut source = secondary.source(None);

@@ -200,7 +200,12 @@ impl Control {
     /// (then the request is withdrawn), however long the writing takes once it did.
     /// Errors carry the HTTP status that says why (409 busy or ended, 504 no point in
     /// time, 500 the VM could not take or write it).
-    pub fn snapshot(&self, to: PathBuf, stop: bool, wait: Duration) -> Result<Taken, (u16, String)> {
+    pub fn snapshot(
+        &self,
+        to: PathBuf,
+        stop: bool,
+        wait: Duration,
+    ) -> Result<Taken, (u16, String)> {
         let rx = self.submit(Action::Write { to, stop })?;
         self.answer(rx, wait)
     }
