@@ -85,28 +85,7 @@ impl Ft {
 
     /// Enable FT: a secondary on host2 catches up from the primary's log, then follows.
     fn start_secondary(&mut self) {
-        let kvd = guest("kvd.wasm");
-        let data = self.shared.join(&self.vm).join("data");
-        self.secondary = self.lab.start_vm(
-            2,
-            &[
-                "ft",
-                "secondary",
-                "--vm",
-                &self.vm,
-                "--shared",
-                s(&self.shared),
-                "--primary",
-                LOG_ADDR,
-                "--wasm",
-                s(&kvd),
-                "--datastore",
-                s(&data),
-                "--bridge",
-                "br-vm",
-            ],
-            &self.shared.join(format!("{}.secondary.out", self.vm)),
-        );
+        self.secondary = self.join(2, 1, &[], "secondary");
     }
 
     /// The VM's status: written only by its live copy.
@@ -844,8 +823,8 @@ fn log_addr(k: u32) -> String {
 
 impl Ft {
     /// A secondary on host `k` following the live copy on host `of`, itself accepting a
-    /// secondary once live; `extra` flags added.
-    fn join(&mut self, k: u32, of: u32, extra: &[&str]) -> usize {
+    /// secondary once live; `extra` flags added; its output in `VM.WHO.out`.
+    fn join(&mut self, k: u32, of: u32, extra: &[&str], who: &str) -> usize {
         let kvd = guest("kvd.wasm");
         let data = self.shared.join(&self.vm).join("data");
         let (primary, listen) = (log_addr(of), log_addr(k));
@@ -868,13 +847,12 @@ impl Ft {
             "br-vm",
         ];
         args.extend_from_slice(extra);
-        let out = self.shared.join(format!("{}.host{k}.out", self.vm));
+        let out = self.shared.join(format!("{}.{who}.out", self.vm));
         self.lab.start_vm(k, &args, &out)
     }
 
     fn host_log(&self, k: u32) -> String {
-        std::fs::read_to_string(self.shared.join(format!("{}.host{k}.out", self.vm)))
-            .unwrap_or_default()
+        self.log(&format!("host{k}"))
     }
 
     /// The latest checkpoint's position, from the live copy's status.
@@ -917,7 +895,7 @@ fn two_successive_host_kills_under_load_and_clients_never_notice() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut ft = Ft::start_primary_in(Lab::up("fc", 3), "kvd");
     // Small checkpoints: several are taken within the test's load.
-    let second = ft.join(2, 1, &["--checkpoint-mib", "2"]);
+    let second = ft.join(2, 1, &["--checkpoint-mib", "2"], "host2");
     ft.wait_status("protected=true", Duration::from_secs(10));
     let mut bench = Command::new("timeout")
         .args(["90", "ip", "netns", "exec", &ft.lab.ns("client")])
@@ -942,7 +920,7 @@ fn two_successive_host_kills_under_load_and_clients_never_notice() {
 
     // A newcomer on host3 joins the live copy from the latest checkpoint plus the events
     // since, and the VM is protected again.
-    let third = ft.join(3, 2, &["--checkpoint-mib", "2"]);
+    let third = ft.join(3, 2, &["--checkpoint-mib", "2"], "host3");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ft.status().contains("protected=true") {
         checker.incr_for("chain", Duration::from_millis(100));
@@ -988,7 +966,7 @@ fn two_successive_host_kills_under_load_and_clients_never_notice() {
 fn checkpoints_bound_both_copies_memory_under_two_minutes_of_load() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut ft = Ft::start_primary_in(Lab::up("fm", 2), "kvd");
-    let second = ft.join(2, 1, &[]);
+    let second = ft.join(2, 1, &[], "secondary");
     ft.wait_status("protected=true", Duration::from_secs(10));
     let (p, s2) = (ft.lab.pid(ft.primary), ft.lab.pid(second));
     let start = Instant::now();
@@ -1019,4 +997,111 @@ fn checkpoints_bound_both_copies_memory_under_two_minutes_of_load() {
         ft.status()
     );
     eprintln!("RSS at 1 and 2 min: primary {p1} -> {p2} KiB, secondary {s1} -> {s2now} KiB");
+}
+
+/// Run VM process `i` to its end, sampling its peak resident memory (VmHWM) as it goes;
+/// the last sample (KiB) and its exit code.
+fn peak_rss_until_exit(lab: &mut Lab, i: usize, limit: Duration) -> (u64, i32) {
+    let pid = lab.pid(i);
+    let deadline = Instant::now() + limit;
+    let mut peak = 0;
+    loop {
+        let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        peak = peak.max(hwm);
+        if let Some(code) = lab.exited(i) {
+            return (peak, code);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {i} still running after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_protected_guest_rereading_a_file_keeps_its_primary_within_twice_a_plain_runs_memory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("fr", 2);
+    let shared = std::path::PathBuf::from(format!("/tmp/{}-shared", lab.name));
+    let data = shared.join("rr").join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let file: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(data.join("in.bin"), &file).unwrap();
+    let wasm = guest("reread.wasm");
+    // 16 MiB read 128 times: 2 GiB of disk reads, every byte of them events.
+    let guest_args = ["--arg", "/in.bin", "--arg", "128", "--arg", "16777216"];
+    let mut plain = vec!["vm", "run", "--wasm", s(&wasm), "--datastore", s(&data)];
+    plain.extend_from_slice(&guest_args);
+    let i = lab.start_vm(1, &plain, &shared.join("plain.out"));
+    let (plain_kib, code) = peak_rss_until_exit(&mut lab, i, Duration::from_secs(120));
+    assert_eq!(
+        code,
+        0,
+        "{}",
+        std::fs::read_to_string(shared.join("plain.out")).unwrap_or_default()
+    );
+    let common = [
+        "--vm",
+        "rr",
+        "--shared",
+        s(&shared),
+        "--wasm",
+        s(&wasm),
+        "--datastore",
+        s(&data),
+    ];
+    let mut secondary = vec![
+        "ft",
+        "secondary",
+        "--primary",
+        LOG_ADDR,
+        "--wait-secs",
+        "30",
+    ];
+    secondary.extend_from_slice(&common);
+    let sec = lab.start_vm(2, &secondary, &shared.join("secondary.out"));
+    let mut primary = vec!["ft", "primary", "--log-listen", LOG_ADDR];
+    primary.extend_from_slice(&common);
+    primary.extend_from_slice(&guest_args);
+    let p = lab.start_vm(1, &primary, &shared.join("primary.out"));
+    let (ft_kib, code) = peak_rss_until_exit(&mut lab, p, Duration::from_secs(300));
+    let logs = || {
+        format!(
+            "primary:\n{}\nsecondary:\n{}",
+            std::fs::read_to_string(shared.join("primary.out")).unwrap_or_default(),
+            std::fs::read_to_string(shared.join("secondary.out")).unwrap_or_default()
+        )
+    };
+    assert_eq!(code, 0, "{}", logs());
+    assert_eq!(
+        lab.wait_exit(sec, Duration::from_secs(30), "the secondary"),
+        0,
+        "{}",
+        logs()
+    );
+    let out = std::fs::read_to_string(shared.join("primary.out")).unwrap_or_default();
+    let plain_out = std::fs::read_to_string(shared.join("plain.out")).unwrap_or_default();
+    let line = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("reread:"))
+            .map(str::to_string)
+    };
+    assert_eq!(line(&out), line(&plain_out), "the same output");
+    assert!(
+        line(&out).is_some_and(|l| l.contains("2147483648 bytes")),
+        "{out}"
+    );
+    assert!(
+        ft_kib <= 2 * plain_kib,
+        "peak RSS: ft primary {ft_kib} KiB, vm run {plain_kib} KiB\n{}",
+        logs()
+    );
 }

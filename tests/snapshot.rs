@@ -55,6 +55,18 @@ fn taken(line: &str) -> (u64, u64, f64) {
     (out.0.unwrap(), out.1.unwrap(), out.2.unwrap())
 }
 
+/// `tandem vm snapshot` through the control socket `api` into `to` (and `--stop`): its
+/// (position, bytes, pause_ms); it must succeed.
+fn snapshot_via_api(api: &Path, to: &Path, stop: bool) -> (u64, u64, f64) {
+    let mut args = vec!["vm", "snapshot", "--api-sock", s(api), "--to", s(to)];
+    if stop {
+        args.push("--stop");
+    }
+    let run = tandem(&args);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    taken(run.last_line())
+}
+
 /// Replay `log` taking a snapshot at `at` into `to`: (position, bytes); the replay itself
 /// must still end as the whole log does.
 fn snapshot_while_replaying(
@@ -405,17 +417,7 @@ fn a_vm_snapshotted_and_suspended_through_its_api_resumes_to_the_same_end() {
 
     // Suspend.
     let suspended = dir.path().join("suspended.snap");
-    let run = tandem(&[
-        "vm",
-        "snapshot",
-        "--api-sock",
-        s(&api),
-        "--to",
-        s(&suspended),
-        "--stop",
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let (at, _, _) = taken(run.last_line());
+    let (at, _, _) = snapshot_via_api(&api, &suspended, true);
     assert!(at > live_at);
     assert_eq!(vm.wait().unwrap().code(), Some(0), "a suspended VM exits 0");
     assert!(!api.exists(), "the control socket is removed");
@@ -726,17 +728,7 @@ fn kvd_suspended_while_a_client_holds_a_connection_resumes_on_another_host() {
     assert_eq!(conn.ask("INCR counter"), ":1");
 
     let snap = dir.path().join("suspended.snap");
-    let run = tandem(&[
-        "vm",
-        "snapshot",
-        "--api-sock",
-        s(&api),
-        "--to",
-        s(&snap),
-        "--stop",
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let (at, _, _) = taken(run.last_line());
+    let (at, _, _) = snapshot_via_api(&api, &snap, true);
     assert_eq!(
         lab.wait_exit(
             first,
