@@ -149,6 +149,9 @@ impl FtArgs {
         Ok(lockstep::FtConfig {
             heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
             timeout: std::time::Duration::from_millis(self.timeout_ms),
+            // Two intervals and one largest event: the secondary checkpoints at one interval
+            // and may be taking that checkpoint while the next accumulates.
+            max_history_bytes: (self.checkpoint_mib << 21) + machine::event::MAX_EVENT_DATA as u64,
             ..lockstep::FtConfig::default()
         })
     }

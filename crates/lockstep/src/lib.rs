@@ -66,6 +66,11 @@ pub struct FtConfig {
     pub timeout: Duration,
     /// The primary is slowed when the secondary trails by more events than this.
     pub max_lag_events: u64,
+    /// While a secondary is attached, the primary is slowed when the history it keeps
+    /// (the events since the latest checkpoint) weighs more than this: the secondary's
+    /// checkpoints, not the run's length, bound the primary's memory. If no checkpoint
+    /// comes within [`HISTORY_WAIT`] the primary goes on (checkpoints are failing).
+    pub max_history_bytes: u64,
     /// How long a finished primary waits for its secondary to confirm the end (and for its
     /// held outputs to be written) before it fences the secondary off.
     pub end_wait: Duration,
@@ -77,10 +82,15 @@ impl Default for FtConfig {
             heartbeat: Duration::from_millis(50),
             timeout: Duration::from_millis(300),
             max_lag_events: 100_000,
+            max_history_bytes: u64::MAX,
             end_wait: Duration::from_secs(10),
         }
     }
 }
+
+/// The longest one event waits for a checkpoint that brings the history under
+/// [`FtConfig::max_history_bytes`].
+pub const HISTORY_WAIT: Duration = Duration::from_secs(5);
 
 /// Primary → secondary. Variant order is wire format (`primary::EventsRef` mirrors
 /// `Events` as variant 1): append, never reorder.

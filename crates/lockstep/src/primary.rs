@@ -57,6 +57,8 @@ struct State {
     standby: bool,
     /// This copy was a secondary and went live (its status says `live`).
     promoted: bool,
+    /// The history outgrew its bound once without a checkpoint (said once).
+    history_warned: bool,
     end: Option<End>,
     /// Events the attached secondary holds and has executed.
     acked: u64,
@@ -263,6 +265,7 @@ impl Shared {
                 checkpoint: None,
                 standby: false,
                 promoted: false,
+                history_warned: false,
                 end: None,
                 acked: 0,
                 executed: 0,
@@ -553,6 +556,30 @@ impl EventSink for PrimarySink {
             && st.end() > st.executed + s.config.max_lag_events
         {
             st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        // Bounded history: past its bound, wait for the secondary's next checkpoint.
+        let deadline = Instant::now() + crate::HISTORY_WAIT;
+        while st.attached.is_some()
+            && st.halted.is_none()
+            && st.history_bytes > s.config.max_history_bytes
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                if !st.history_warned {
+                    st.history_warned = true;
+                    tracing::warn!(
+                        "no checkpoint from the secondary in {} s: the history grows past {} bytes",
+                        crate::HISTORY_WAIT.as_secs(),
+                        s.config.max_history_bytes
+                    );
+                }
+                break;
+            }
+            st = s
+                .acks
+                .wait_timeout(st, left)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
         Ok(())
     }

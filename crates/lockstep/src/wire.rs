@@ -74,20 +74,42 @@ fn same(a: &[u8; 16], b: &[u8]) -> bool {
     b.len() == 16 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub fn encode(key: &[u8; 32], seq: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(HEADER + payload.len() + TRAILER);
-    f.extend_from_slice(MAGIC);
-    f.push(VERSION);
-    f.push(kind);
-    f.extend_from_slice(&seq.to_le_bytes());
-    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    f.extend_from_slice(payload);
-    let crc = crc32fast::hash(&f);
-    f.extend_from_slice(&crc.to_le_bytes());
-    let tag = mac(key, &f);
-    f.extend_from_slice(&tag);
-    f
+/// A frame's header and trailer around `payload`, computed over the payload in place.
+fn frame_parts(
+    key: &[u8; 32],
+    seq: u64,
+    kind: u8,
+    payload: &[u8],
+) -> ([u8; HEADER], [u8; TRAILER]) {
+    let mut head = [0u8; HEADER];
+    head[..MAGIC.len()].copy_from_slice(MAGIC);
+    let mut at = MAGIC.len();
+    head[at] = VERSION;
+    head[at + 1] = kind;
+    at += 2;
+    head[at..at + 8].copy_from_slice(&seq.to_le_bytes());
+    head[at + 8..at + 12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(payload);
+    let crc = crc.finalize().to_le_bytes();
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&head);
+    h.update(payload);
+    h.update(&crc);
+    let mut tail = [0u8; TRAILER];
+    tail[..4].copy_from_slice(&crc);
+    tail[4..].copy_from_slice(&h.finalize().as_bytes()[..16]);
+    (head, tail)
 }
+
+pub fn encode(key: &[u8; 32], seq: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
+    let (head, tail) = frame_parts(key, seq, kind, payload);
+    [&head[..], payload, &tail[..]].concat()
+}
+
+/// Payloads up to this size are framed in one buffer and written at once.
+const SMALL: usize = 64 << 10;
 
 /// Writes frames with consecutive sequence numbers.
 pub struct FrameWriter<W> {
@@ -113,9 +135,18 @@ impl<W: Write> FrameWriter<W> {
                 ),
             ));
         }
-        let f = encode(&self.key, self.seq, kind, payload);
+        if payload.len() <= SMALL {
+            // One write: a heartbeat or an acknowledgement is one segment on the wire.
+            let f = encode(&self.key, self.seq, kind, payload);
+            self.out.write_all(&f)?;
+        } else {
+            // A large payload is written where it is, never copied into a frame.
+            let (head, tail) = frame_parts(&self.key, self.seq, kind, payload);
+            self.out.write_all(&head)?;
+            self.out.write_all(payload)?;
+            self.out.write_all(&tail)?;
+        }
         self.seq += 1;
-        self.out.write_all(&f)?;
         self.out.flush()
     }
 }
