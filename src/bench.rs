@@ -668,8 +668,11 @@ struct JoinBench {
     join_primary_rss_mib: f64,
     join_filled_mib: u64,
     join_load_s: u64,
-    /// The checkpoint the secondary joined from (its event number).
+    /// The checkpoint the secondary joined from (its event number), and what the primary
+    /// held since its latest checkpoint as the secondary started: what it sends before the
+    /// secondary can acknowledge new events (outputs wait for those acknowledgements).
     join_from_event: Option<u64>,
+    join_history_mib: f64,
 }
 
 #[derive(Serialize)]
@@ -966,7 +969,10 @@ fn print_join_table(j: &JoinBench) {
     );
     println!(
         "{:<40} {:>12} {:>12} {:>8.1}ms {:>8}",
-        "enable_pause_ms (checker gap − interval)",
+        format!(
+            "enable_pause_ms (gap − interval; {:.1} MiB)",
+            j.join_history_mib
+        ),
         "-",
         format!(
             "{} − {:.1} ms",
@@ -1089,6 +1095,7 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
     let checker_start = Instant::now();
     let checker = lab.start_checker("bench:join");
     std::thread::sleep(Duration::from_millis(500));
+    let history_mib = status_counter(&lab.status(), "history_bytes") / f64::from(1 << 20);
     let start = Instant::now();
     lab.start_secondary()?;
     let limit = Duration::from_secs(120);
@@ -1132,6 +1139,7 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
         join_filled_mib: filled_mib,
         join_load_s: load_s,
         join_from_event,
+        join_history_mib: history_mib,
     })
 }
 
