@@ -660,6 +660,9 @@ struct JoinBench {
     enable_pause_ms: f64,
     enable_max_gap_ms: u64,
     enable_checker_interval_ms: f64,
+    /// For comparison: the checker's longest gap over 2 s just before, no secondary
+    /// starting (what the machine's scheduling alone costs).
+    enable_baseline_gap_ms: u64,
     /// The lone primary's longest pause for its own checkpoints during the fill and the
     /// load (its "checkpoint at event N ... (the VM paused P ms)" lines), and their count.
     checkpoint_pause_ms: f64,
@@ -668,11 +671,12 @@ struct JoinBench {
     join_primary_rss_mib: f64,
     join_filled_mib: u64,
     join_load_s: u64,
-    /// The checkpoint the secondary joined from (its event number), and what the primary
-    /// held since its latest checkpoint as the secondary started: what it sends before the
-    /// secondary can acknowledge new events (outputs wait for those acknowledgements).
+    /// The checkpoint the secondary joined from (its event number), and the events the
+    /// primary streamed it from there to its release point (the primary's "attached from
+    /// event A; release point R" line): outputs of later events wait until the secondary
+    /// acknowledges them, so after all of these.
     join_from_event: Option<u64>,
-    join_history_mib: f64,
+    join_events_streamed: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -959,7 +963,7 @@ fn print_join_table(j: &JoinBench) {
     println!(
         "{:<40} {:>12} {:>12} {:>9.2}s {:>8}",
         format!(
-            "join_s (kvd: {} MiB of values, {} s load)",
+            "join_s ({} MiB of values, {} s load)",
             j.join_filled_mib, j.join_load_s
         ),
         "-",
@@ -970,8 +974,9 @@ fn print_join_table(j: &JoinBench) {
     println!(
         "{:<40} {:>12} {:>12} {:>8.1}ms {:>8}",
         format!(
-            "enable_pause_ms (gap − interval; {:.1} MiB)",
-            j.join_history_mib
+            "enable_pause_ms (gap−interval, {} ev)",
+            j.join_events_streamed
+                .map_or_else(|| "?".to_string(), |n| n.to_string())
         ),
         "-",
         format!(
@@ -980,6 +985,10 @@ fn print_join_table(j: &JoinBench) {
         ),
         j.enable_pause_ms,
         "≤10ms"
+    );
+    println!(
+        "{:<40} {:>12} {:>12} {:>8}ms {:>8}",
+        "  checker's max gap, 2 s, no join", "-", "-", j.enable_baseline_gap_ms, "-"
     );
     println!(
         "{:<40} {:>12} {:>12} {:>8.1}ms {:>8}",
@@ -998,6 +1007,16 @@ fn checkpoint_pauses(log: &str) -> Vec<f64> {
         .filter_map(|l| l.split("(the VM paused ").nth(1))
         .filter_map(|rest| rest.split(" ms)").next()?.parse().ok())
         .collect()
+}
+
+/// From a primary's output, its secondary's "attached from event A; release point R": R − A.
+fn attached_span(log: &str) -> Option<u64> {
+    let number =
+        |s: &str| -> Option<u64> { s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok() };
+    let rest = log.split(" attached from event ").nth(1)?;
+    let from = number(rest)?;
+    let release = number(rest.split("; release point ").nth(1)?)?;
+    release.checked_sub(from)
 }
 
 /// A process's resident memory in MiB (0 if unreadable).
@@ -1090,12 +1109,14 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
 
     progress(
         args.flags.json,
-        "join: the INCR checker on, a secondary starting on host2",
+        "join: the INCR checker on, 2 s alone, then a secondary starting on host2",
     );
+    let baseline = lab.start_checker("bench:baseline");
+    std::thread::sleep(Duration::from_secs(2));
+    let baseline = baseline.finish()?;
     let checker_start = Instant::now();
     let checker = lab.start_checker("bench:join");
     std::thread::sleep(Duration::from_millis(500));
-    let history_mib = status_counter(&lab.status(), "history_bytes") / f64::from(1 << 20);
     let start = Instant::now();
     lab.start_secondary()?;
     let limit = Duration::from_secs(120);
@@ -1133,13 +1154,14 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
         enable_pause_ms: (rep.max_gap_ms as f64 - interval).max(0.0),
         enable_max_gap_ms: rep.max_gap_ms,
         enable_checker_interval_ms: interval,
+        enable_baseline_gap_ms: baseline.max_gap_ms,
         checkpoint_pause_ms: pauses.iter().copied().fold(0.0, f64::max),
         checkpoints: pauses.len(),
         join_primary_rss_mib: rss,
         join_filled_mib: filled_mib,
         join_load_s: load_s,
         join_from_event,
-        join_history_mib: history_mib,
+        join_events_streamed: attached_span(&lab.log("primary")),
     })
 }
 
