@@ -641,6 +641,42 @@ pub struct FtBenchArgs {
     /// The failure timeout of the FT pair (the design's default: 300 ms).
     #[arg(long, default_value_t = 300)]
     timeout_ms: u64,
+    /// Only the rows of a secondary joining a loaded kvd (join_s, enable_pause_ms,
+    /// checkpoint_pause_ms).
+    #[arg(long)]
+    join_only: bool,
+}
+
+/// A secondary joining a running kvd (FT enabled late): see [`join_rows`].
+#[derive(Serialize)]
+struct JoinBench {
+    /// From the secondary's start to the VM's status saying `protected=true`, kvd having
+    /// touched `join_filled_mib` of values and then taken `join_load_s` of load (goal ≤ 5 s).
+    join_s: f64,
+    /// The primary's longest pause while its first secondary joins, as the one-connection
+    /// INCR checker sees it: its longest gap between two replies, from just before the
+    /// secondary starts until 0.5 s after protected, minus its mean interval between
+    /// replies over that time (goal ≤ 10 ms).
+    enable_pause_ms: f64,
+    enable_max_gap_ms: u64,
+    enable_checker_interval_ms: f64,
+    /// For comparison: the checker's longest gap over 2 s just before, no secondary
+    /// starting (what the machine's scheduling alone costs).
+    enable_baseline_gap_ms: u64,
+    /// The lone primary's longest pause for its own checkpoints during the fill and the
+    /// load (its "checkpoint at event N ... (the VM paused P ms)" lines), and their count.
+    checkpoint_pause_ms: f64,
+    checkpoints: usize,
+    /// The primary's resident memory once filled and loaded, just before the join.
+    join_primary_rss_mib: f64,
+    join_filled_mib: u64,
+    join_load_s: u64,
+    /// The checkpoint the secondary joined from (its event number), and the events the
+    /// primary streamed it from there to its release point (the primary's "attached from
+    /// event A; release point R" line): outputs of later events wait until the secondary
+    /// acknowledges them, so after all of these.
+    join_from_event: Option<u64>,
+    join_events_streamed: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -670,6 +706,8 @@ struct FtBench {
     migrate_pause_ms: f64,
     migrate_pauses_ms: Vec<f64>,
     migrate_bytes: u64,
+    #[serde(flatten)]
+    join: JoinBench,
     disk_read_mbps: f64,
     net_in_mbps: f64,
     rounds: u32,
@@ -685,6 +723,18 @@ fn status_counter(status: &str, key: &str) -> f64 {
 
 pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     use crate::demo::{FtLab, VM_IP};
+    let pid = std::process::id() % 100_000;
+    if args.join_only {
+        let join = join_rows(&format!("bfj{pid}"), args)?;
+        if args.flags.json {
+            println!("{}", serde_json::to_string(&join)?);
+        } else {
+            println!("tandem bench ft --join-only");
+            print_ft_header();
+            print_join_table(&join);
+        }
+        return Ok(0);
+    }
     let rounds = args.flags.rounds(3, 1);
     let kills = args
         .kills
@@ -692,7 +742,6 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         .max(1);
     let requests = if args.flags.quick { "20000" } else { "100000" };
     let lat_requests = if args.flags.quick { "2000" } else { "10000" };
-    let pid = std::process::id() % 100_000;
     let (plain_lab, ft_lab) = (format!("bfp{pid}"), format!("bff{pid}"));
     crate::lab::up(&plain_lab, 1)?;
     let _plain_guard = LabGuard(plain_lab.clone());
@@ -797,6 +846,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         &format!("live migration: kvd under load, {migrations} moves between two hosts"),
     );
     let (migrate_pauses_ms, migrate_bytes) = migrate_rows(&format!("bfm{pid}"), migrations)?;
+    let join = join_rows(&format!("bfj{pid}"), args)?;
     let (ops_plain, ops_ft) = (ops(&plain), ops(&ft_rows));
     let r = FtBench {
         throughput_ratio: ops_ft / ops_plain,
@@ -819,6 +869,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         migrate_pause_ms: median_f64(&migrate_pauses_ms),
         migrate_pauses_ms,
         migrate_bytes,
+        join,
         rounds,
     };
     if args.flags.json {
@@ -827,10 +878,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         println!(
             "tandem bench ft  ({rounds} rounds per side alternated, {kills} primary host kills)"
         );
-        println!(
-            "{:<40} {:>12} {:>12} {:>10} {:>8}",
-            "measure", "unprotected", "FT", "result", "goal"
-        );
+        print_ft_header();
         println!(
             "{:<40} {:>10.0}/s {:>10.0}/s {:>10.3} {:>8}",
             "throughput_ratio (FT ÷ unprotected)",
@@ -899,8 +947,222 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             r.migrate_pause_ms,
             "≤50ms"
         );
+        print_join_table(&r.join);
     }
     Ok(0)
+}
+
+fn print_ft_header() {
+    println!(
+        "{:<40} {:>12} {:>12} {:>10} {:>8}",
+        "measure", "unprotected", "FT", "result", "goal"
+    );
+}
+
+fn print_join_table(j: &JoinBench) {
+    println!(
+        "{:<40} {:>12} {:>12} {:>9.2}s {:>8}",
+        format!(
+            "join_s ({} MiB of values, {} s load)",
+            j.join_filled_mib, j.join_load_s
+        ),
+        "-",
+        format!("rss {:.0} MiB", j.join_primary_rss_mib),
+        j.join_s,
+        "≤5s"
+    );
+    println!(
+        "{:<40} {:>12} {:>12} {:>8.1}ms {:>8}",
+        format!(
+            "enable_pause_ms (gap−interval, {} ev)",
+            j.join_events_streamed
+                .map_or_else(|| "?".to_string(), |n| n.to_string())
+        ),
+        "-",
+        format!(
+            "{} − {:.1} ms",
+            j.enable_max_gap_ms, j.enable_checker_interval_ms
+        ),
+        j.enable_pause_ms,
+        "≤10ms"
+    );
+    println!(
+        "{:<40} {:>12} {:>12} {:>8}ms {:>8}",
+        "  checker's max gap, 2 s, no join", "-", "-", j.enable_baseline_gap_ms, "-"
+    );
+    println!(
+        "{:<40} {:>12} {:>12} {:>8.1}ms {:>8}",
+        "checkpoint_pause_ms (lone primary, max)",
+        "-",
+        format!("{} taken", j.checkpoints),
+        j.checkpoint_pause_ms,
+        "-"
+    );
+}
+
+/// The pauses a copy reported for its checkpoints in its output, in ms.
+fn checkpoint_pauses(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("checkpoint at event "))
+        .filter_map(|l| l.split("(the VM paused ").nth(1))
+        .filter_map(|rest| rest.split(" ms)").next()?.parse().ok())
+        .collect()
+}
+
+/// From a primary's output, its secondary's "attached from event A; release point R": R − A.
+fn attached_span(log: &str) -> Option<u64> {
+    let number =
+        |s: &str| -> Option<u64> { s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok() };
+    let rest = log.split(" attached from event ").nth(1)?;
+    let from = number(rest)?;
+    let release = number(rest.split("; release point ").nth(1)?)?;
+    release.checked_sub(from)
+}
+
+/// A process's resident memory in MiB (0 if unreadable).
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Run redis-benchmark from `client_ns` against `ip` to its end (at most `limit_s`).
+fn redis_benchmark_quiet(client_ns: &str, ip: &str, limit_s: u64, args: &[&str]) -> Result<()> {
+    let status = Command::new("timeout")
+        .arg(limit_s.to_string())
+        .args([
+            "ip",
+            "netns",
+            "exec",
+            client_ns,
+            "redis-benchmark",
+            "-h",
+            ip,
+            "-q",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running redis-benchmark (package redis-tools)")?;
+    if !status.success() {
+        bail!("redis-benchmark {args:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// FT enabled on a busy kvd: kvd alone as an `ft primary` in a fresh lab `lab_name`, filled
+/// with 64 KiB values (256 MiB; 64 MiB with --quick), then a minute (5 s) of the standard
+/// load, which then stops; then a secondary starts on host2 and joins (from the latest
+/// checkpoint plus the events since) while the INCR checker runs.
+fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
+    use crate::demo::{FtLab, VM_IP};
+    let quick = args.flags.quick;
+    let (keys, load_s): (u64, u64) = if quick { (1024, 5) } else { (4096, 60) };
+    let filled_mib = keys * 64 / 1024;
+    progress(
+        args.flags.json,
+        &format!("join: kvd as a lone FT primary, filling {filled_mib} MiB of values"),
+    );
+    let mut lab =
+        FtLab::start_primary(lab_name, false, args.timeout_ms, &["--memory-mib", "1024"])?;
+    let client = lab.client_ns();
+    // Random keys over `keys` names, twice as many SETs: most names get a value.
+    let (r, n) = (keys.to_string(), (keys * 2).to_string());
+    redis_benchmark_quiet(
+        &client,
+        VM_IP,
+        900,
+        &["-t", "set", "-d", "65536", "-r", &r, "-n", &n, "-c", "20"],
+    )?;
+    progress(
+        args.flags.json,
+        &format!(
+            "join: {load_s} s of redis-benchmark load (SET, GET, INCR; 20 clients, pipeline 8)"
+        ),
+    );
+    let mut load = Command::new("ip")
+        .args(["netns", "exec", &client, "redis-benchmark", "-h", VM_IP])
+        .args([
+            "-t",
+            "set,get,incr",
+            "-n",
+            "1000000000",
+            "-c",
+            "20",
+            "-P",
+            "8",
+            "-q",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting redis-benchmark")?;
+    std::thread::sleep(Duration::from_secs(load_s));
+    let _ = load.kill();
+    let _ = load.wait();
+    let rss = rss_mib(lab.primary_pid());
+    let pauses = checkpoint_pauses(&lab.log("primary"));
+
+    progress(
+        args.flags.json,
+        "join: the INCR checker on, 2 s alone, then a secondary starting on host2",
+    );
+    let baseline = lab.start_checker("bench:baseline");
+    std::thread::sleep(Duration::from_secs(2));
+    let baseline = baseline.finish()?;
+    let checker_start = Instant::now();
+    let checker = lab.start_checker("bench:join");
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    lab.start_secondary()?;
+    let limit = Duration::from_secs(120);
+    while !lab.status().contains("protected=true") {
+        if start.elapsed() > limit {
+            let _ = checker.finish();
+            bail!(
+                "the secondary did not join within {} s; its output:\n{}",
+                limit.as_secs(),
+                lab.log("secondary")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let join_s = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let rep = checker.finish()?;
+    let ran_ms = checker_start.elapsed().as_secs_f64() * 1000.0;
+    if rep.acked == 0 || rep.resets > 0 || !rep.errors.is_empty() || rep.out_of_order > 0 {
+        bail!("the checker saw trouble during the join: {rep:?}");
+    }
+    let interval = ran_ms / rep.acked as f64;
+    let join_from_event = lab
+        .log("secondary")
+        .split("joining from the checkpoint at event ")
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        });
+    Ok(JoinBench {
+        join_s,
+        enable_pause_ms: (rep.max_gap_ms as f64 - interval).max(0.0),
+        enable_max_gap_ms: rep.max_gap_ms,
+        enable_checker_interval_ms: interval,
+        enable_baseline_gap_ms: baseline.max_gap_ms,
+        checkpoint_pause_ms: pauses.iter().copied().fold(0.0, f64::max),
+        checkpoints: pauses.len(),
+        join_primary_rss_mib: rss,
+        join_filled_mib: filled_mib,
+        join_load_s: load_s,
+        join_from_event,
+        join_events_streamed: attached_span(&lab.log("primary")),
+    })
 }
 
 fn median_f64(xs: &[f64]) -> f64 {

@@ -35,20 +35,30 @@ fn say(msg: &str) {
     println!("demo: {msg}");
 }
 
-/// A lab running kvd under FT: primary on host1, secondary on host2.
+/// A lab running kvd under FT: primary on host1, secondary on host2 (or the primary alone,
+/// FT to be enabled later with [`FtLab::start_secondary`]).
 pub struct FtLab {
     pub name: String,
     pub shared: PathBuf,
-    /// The two copies: stopped when the lab is dropped.
-    _primary: VmProcess,
-    _secondary: VmProcess,
+    /// The copies: stopped when the lab is dropped.
+    primary: VmProcess,
+    secondary: Option<VmProcess>,
+    timeout_ms: u64,
     _guard: Option<LabGuard>,
 }
 
 impl FtLab {
     /// `timeout_ms`: the failure timeout both copies use (the design's default is 300).
     pub fn start(name: &str, keep: bool, timeout_ms: u64) -> Result<FtLab> {
-        let timeout = timeout_ms.to_string();
+        let mut ft = FtLab::start_primary(name, keep, timeout_ms, &[])?;
+        ft.start_secondary()?;
+        ft.wait_protected(Duration::from_secs(15))?;
+        Ok(ft)
+    }
+
+    /// kvd as an `ft primary` on host1 alone (unprotected), `extra` added to its arguments;
+    /// answering PING when this returns.
+    pub fn start_primary(name: &str, keep: bool, timeout_ms: u64, extra: &[&str]) -> Result<FtLab> {
         lab::down(name);
         lab::up(name, 2)?;
         let guard = (!keep).then(|| LabGuard(name.to_string()));
@@ -57,25 +67,10 @@ impl FtLab {
         std::fs::create_dir_all(&data).context("creating the datastore on shared storage")?;
         let kvd = guests::file("kvd.wasm")?.display().to_string();
         let (shared_s, data_s) = (shared.display().to_string(), data.display().to_string());
+        let timeout = timeout_ms.to_string();
         let nic = format!("bridge=br-vm,mac=02:00:00:00:00:10,ip={VM_IP}/24");
-        // What both copies are told alike: the VM, its shared folder, its timing, its
-        // module and datastore; then what only each role needs.
-        let common = |role: &'static str| -> Vec<&str> {
-            let mut v = vec![
-                "ft",
-                role,
-                "--vm",
-                "kvd",
-                "--shared",
-                &shared_s,
-                "--timeout-ms",
-                &timeout,
-            ];
-            v.extend(["--wasm", kvd.as_str(), "--datastore", data_s.as_str()]);
-            v
-        };
-        let mut primary_args = common("primary");
-        primary_args.extend([
+        let mut args = Self::common("primary", &shared_s, &timeout, &kvd, &data_s);
+        args.extend([
             "--log-listen",
             LOG_ADDR,
             "--nic",
@@ -83,35 +78,92 @@ impl FtLab {
             "--listen",
             "tcp:6379",
         ]);
-        let mut secondary_args = common("secondary");
-        secondary_args.extend(["--primary", LOG_ADDR, "--bridge", "br-vm"]);
+        args.extend_from_slice(extra);
         let primary = VmProcess::start_logged(
             &lab::host_ns(name, 1),
-            &primary_args,
+            &args,
             Some(&shared.join("primary.log")),
-        )?;
-        let secondary = VmProcess::start_logged(
-            &lab::host_ns(name, 2),
-            &secondary_args,
-            Some(&shared.join("secondary.log")),
         )?;
         let ft = FtLab {
             name: name.to_string(),
             shared,
-            _primary: primary,
-            _secondary: secondary,
+            primary,
+            secondary: None,
+            timeout_ms,
             _guard: guard,
         };
-        ft.wait_protected()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !ft.redis(&["PING"]).is_ok_and(|r| r == "+PONG") {
+            if Instant::now() > deadline {
+                bail!("kvd did not come up; primary log:\n{}", ft.log("primary"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(ft)
+    }
+
+    /// What both copies are told alike: the VM, its shared folder, its timing, its module
+    /// and datastore; then what only each role needs.
+    fn common<'a>(
+        role: &'a str,
+        shared: &'a str,
+        timeout: &'a str,
+        kvd: &'a str,
+        data: &'a str,
+    ) -> Vec<&'a str> {
+        vec![
+            "ft",
+            role,
+            "--vm",
+            "kvd",
+            "--shared",
+            shared,
+            "--timeout-ms",
+            timeout,
+            "--wasm",
+            kvd,
+            "--datastore",
+            data,
+        ]
+    }
+
+    /// Start the secondary on host2 (it joins the primary and catches up; see
+    /// [`FtLab::wait_protected`]).
+    pub fn start_secondary(&mut self) -> Result<()> {
+        let kvd = guests::file("kvd.wasm")?.display().to_string();
+        let data = self.shared.join("kvd/data");
+        let (shared_s, data_s) = (
+            self.shared.display().to_string(),
+            data.display().to_string(),
+        );
+        let timeout = self.timeout_ms.to_string();
+        let mut args = Self::common("secondary", &shared_s, &timeout, &kvd, &data_s);
+        args.extend(["--primary", LOG_ADDR, "--bridge", "br-vm"]);
+        self.secondary = Some(VmProcess::start_logged(
+            &lab::host_ns(&self.name, 2),
+            &args,
+            Some(&self.shared.join("secondary.log")),
+        )?);
+        Ok(())
+    }
+
+    /// The primary's process id (that of `tandem` itself: `ip netns exec` execs it).
+    pub fn primary_pid(&self) -> u32 {
+        self.primary.0.id()
+    }
+
+    /// What copy `who` ("primary" or "secondary") printed so far.
+    pub fn log(&self, who: &str) -> String {
+        std::fs::read_to_string(self.shared.join(format!("{who}.log"))).unwrap_or_default()
     }
 
     pub fn status(&self) -> String {
         std::fs::read_to_string(self.shared.join("kvd/status")).unwrap_or_default()
     }
 
-    fn wait_protected(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+    /// Wait (at most `limit`) until the status says protected and kvd answers.
+    pub fn wait_protected(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if self.status().contains("protected=true")
                 && self.redis(&["PING"]).is_ok_and(|r| r == "+PONG")
@@ -122,8 +174,8 @@ impl FtLab {
         }
         bail!(
             "kvd did not come up protected; primary log:\n{}\nsecondary log:\n{}",
-            std::fs::read_to_string(self.shared.join("primary.log")).unwrap_or_default(),
-            std::fs::read_to_string(self.shared.join("secondary.log")).unwrap_or_default()
+            self.log("primary"),
+            self.log("secondary")
         )
     }
 
