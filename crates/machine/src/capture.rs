@@ -476,6 +476,38 @@ impl SnapMachine {
     }
 }
 
+/// Write a snapshot the VM no longer waits for, and answer its request once it is in place.
+fn write_behind(
+    snap: Snapshot,
+    to: PathBuf,
+    pause_ms: f64,
+    reply: std::sync::mpsc::Sender<crate::control::Answer>,
+    control: Option<Arc<Control>>,
+) {
+    let write = move || {
+        let answer = match crate::snapshot::write_file(&to, &snap) {
+            Ok(bytes) => {
+                if let Some(c) = &control {
+                    c.taken_one();
+                }
+                Ok(Taken {
+                    events: snap.events,
+                    bytes,
+                    pause_ms,
+                })
+            }
+            Err(e) => Err((500, e.to_string())),
+        };
+        let _ = reply.send(answer);
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("snapshot-write".into())
+        .spawn(write)
+    {
+        tracing::warn!("cannot start a thread to write a snapshot: {e}");
+    }
+}
+
 /// What identifies the instance a snapshot is of.
 #[derive(Clone, Copy)]
 struct Ident {
@@ -570,6 +602,21 @@ impl Driven {
                         }
                     }
                 };
+                if let (Some(r), false) = (&reply, stop) {
+                    // Asked for through the API and the VM goes on: it waits only for the
+                    // capture; the file is compressed and written while it runs, and the
+                    // request is answered once it is in place.
+                    let since = ctl(store.data_mut())
+                        .since
+                        .take()
+                        .unwrap_or_else(Instant::now);
+                    let stack = snap.stack.clone();
+                    begin_rewind(&mut store, &instance, &stack)
+                        .map_err(|e| CaptureError::Take(e.to_string()))?;
+                    let pause_ms = since.elapsed().as_secs_f64() * 1e3;
+                    write_behind(snap, to, pause_ms, r.clone(), control.clone());
+                    continue;
+                }
                 let written = crate::snapshot::write_file(&to, &snap);
                 let since = ctl(store.data_mut())
                     .since
