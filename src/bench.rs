@@ -1084,23 +1084,7 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
             "join: {load_s} s of redis-benchmark load (SET, GET, INCR; 20 clients, pipeline 8)"
         ),
     );
-    let mut load = Command::new("ip")
-        .args(["netns", "exec", &client, "redis-benchmark", "-h", VM_IP])
-        .args([
-            "-t",
-            "set,get,incr",
-            "-n",
-            "1000000000",
-            "-c",
-            "20",
-            "-P",
-            "8",
-            "-q",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting redis-benchmark")?;
+    let mut load = background_load(&client, "1000000000")?;
     std::thread::sleep(Duration::from_secs(load_s));
     let _ = load.kill();
     let _ = load.wait();
@@ -1165,6 +1149,35 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
     })
 }
 
+/// The standard load at kvd (SET, GET, INCR; 20 clients, pipeline 8) in the background,
+/// `requests` of it at most: the caller stops it (kill) when it has measured enough.
+fn background_load(client: &str, requests: &str) -> Result<std::process::Child> {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client,
+            "redis-benchmark",
+            "-h",
+            crate::demo::VM_IP,
+        ])
+        .args([
+            "-t",
+            "set,get,incr",
+            "-n",
+            requests,
+            "-c",
+            "20",
+            "-P",
+            "8",
+            "-q",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting redis-benchmark")
+}
+
 fn median_f64(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -1211,23 +1224,7 @@ fn migrate_rows(lab_name: &str, migrations: u32) -> Result<(Vec<f64>, u64)> {
     wait_for_kvd(&client, VM_IP)?;
     wait_until("the control socket", || sock(0).exists())?;
     // The load: kept running through every migration, stopped at the end.
-    let mut load = Command::new("ip")
-        .args(["netns", "exec", &client, "redis-benchmark", "-h", VM_IP])
-        .args([
-            "-t",
-            "set,get,incr",
-            "-n",
-            "100000000",
-            "-c",
-            "20",
-            "-P",
-            "8",
-            "-q",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting redis-benchmark")?;
+    let mut load = background_load(&client, "100000000")?;
     let result = (|| {
         let mut pauses = Vec::new();
         let mut bytes = 0;

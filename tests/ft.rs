@@ -135,24 +135,7 @@ impl Ft {
 fn the_primary_host_dies_under_load_and_clients_carry_on() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut ft = Ft::start("fk");
-    let mut bench = Command::new("timeout")
-        .args([
-            "60",
-            "ip",
-            "netns",
-            "exec",
-            &ft.lab.ns("client"),
-            "redis-benchmark",
-            "-h",
-            "10.77.0.10",
-        ])
-        .args([
-            "-t", "set,incr", "-n", "300000", "-c", "20", "-P", "8", "-q",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut bench = background_benchmark(&ft.lab, "300000", Stdio::piped());
     let mut checker = Checker::start(&ft.lab, "ft:counter");
     checker.incr_for("ft:counter", Duration::from_millis(700));
     // The secondary executes the same guest but performs none of its outputs.
@@ -386,6 +369,19 @@ fn enabling_ft_on_a_running_vm_catches_up_and_protects_it() {
 }
 
 /// Every `gen-N` record in a VM folder's arbitration folder, with its holder, by generation.
+/// redis-benchmark (SET, INCR; 20 clients, pipeline 8; `requests` of them, at most 60 s) at
+/// the VM from the client, in the background.
+fn background_benchmark(lab: &Lab, requests: &str, stdout: Stdio) -> std::process::Child {
+    Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", &lab.ns("client")])
+        .args(["redis-benchmark", "-h", "10.77.0.10", "-q"])
+        .args(["-t", "set,incr", "-n", requests, "-c", "20", "-P", "8"])
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn arbitration(vm_dir: &std::path::Path) -> Vec<(String, String)> {
     let mut gens: Vec<(String, String)> = std::fs::read_dir(vm_dir.join("arbitration"))
         .map(|d| {
@@ -897,14 +893,7 @@ fn two_successive_host_kills_under_load_and_clients_never_notice() {
     // Small checkpoints: several are taken within the test's load.
     let second = ft.join(2, 1, &["--checkpoint-mib", "2"], "host2");
     ft.wait_status("protected=true", Duration::from_secs(10));
-    let mut bench = Command::new("timeout")
-        .args(["90", "ip", "netns", "exec", &ft.lab.ns("client")])
-        .args(["redis-benchmark", "-h", "10.77.0.10", "-q"])
-        .args(["-t", "set,incr", "-n", "400000", "-c", "20", "-P", "8"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut bench = background_benchmark(&ft.lab, "400000", Stdio::null());
     let mut checker = Checker::start(&ft.lab, "chain");
     checker.incr_for("chain", Duration::from_millis(1500));
     let first_checkpoint = ft.wait_checkpoint(Duration::from_secs(20));
