@@ -67,6 +67,13 @@ fn snapshot_via_api(api: &Path, to: &Path, stop: bool) -> (u64, u64, f64) {
     taken(run.last_line())
 }
 
+/// `tandem vm replay LOG --wasm WASM --from SNAP`: it must succeed; its (events, digest).
+fn replay_from(log: &Path, wasm: &Path, snap: &Path) -> (u64, String) {
+    let run = tandem(&["vm", "replay", s(log), "--wasm", s(wasm), "--from", s(snap)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    events_and_digest(run.last_line(), "replay ok: ")
+}
+
 /// Replay `log` taking a snapshot at `at` into `to`: (position, bytes); the replay itself
 /// must still end as the whole log does.
 fn snapshot_while_replaying(
@@ -294,17 +301,7 @@ fn a_recorded_kvd_under_redis_benchmark_replays_from_a_mid_way_snapshot() {
     let (pos, bytes) = snapshot_while_replaying(&kvd, &log, whole.0 / 2, &snap, &whole);
     assert!(pos >= whole.0 / 2 && pos < whole.0);
     eprintln!("kvd snapshot at event {pos} of {}: {bytes} bytes", whole.0);
-    let run = tandem(&[
-        "vm",
-        "replay",
-        s(&log),
-        "--wasm",
-        s(&kvd),
-        "--from",
-        s(&snap),
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+    assert_eq!(replay_from(&log, &kvd, &snap), whole);
 
     // Near the end, once the load is over: kvd idle, waiting in its poll until stopped.
     // (That a snapshot lands inside a waiting poll, live and in a replay, is shown by
@@ -312,17 +309,7 @@ fn a_recorded_kvd_under_redis_benchmark_replays_from_a_mid_way_snapshot() {
     let idle = dir.path().join("idle.snap");
     let (pos, _) = snapshot_while_replaying(&kvd, &log, whole.0 - 1, &idle, &whole);
     assert!(pos < whole.0);
-    let run = tandem(&[
-        "vm",
-        "replay",
-        s(&log),
-        "--wasm",
-        s(&kvd),
-        "--from",
-        s(&idle),
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), whole);
+    assert_eq!(replay_from(&log, &kvd, &idle), whole);
 }
 
 /// A file's name below `dir` and its content, for every file (mtimes differ by design).
@@ -783,17 +770,7 @@ fn kvd_suspended_while_a_client_holds_a_connection_resumes_on_another_host() {
         .unwrap_or_else(|| panic!("no recorded line: {text}"));
     let resumed = events_and_digest(line, "recorded: ");
     assert!(resumed.0 > at);
-    let run = tandem(&[
-        "vm",
-        "replay",
-        s(&second_log),
-        "--wasm",
-        s(&kvd),
-        "--from",
-        s(&snap),
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), resumed);
+    assert_eq!(replay_from(&second_log, &kvd, &snap), resumed);
 }
 
 /// A sink client: `send N` sends N bytes (`sent`), `end` shuts its side and prints the
