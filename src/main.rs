@@ -681,7 +681,7 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         control,
         lockstep::checkpoint::Checkpoints::new(&dir),
         policy,
-        move || unprotected_weight(&kept),
+        move || kept.to_checkpoint(),
         move |events| done.checkpointed(events),
     )
     .map_err(|e| bad(e.to_string()))?;
@@ -693,13 +693,6 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
     };
     let result = machine.run(spec, inputs, None);
     end_primary(&primary, result.map(|r| r.report))
-}
-
-/// What a live copy keeps since its last checkpoint, while it is the one to take the
-/// next (no secondary attached, which would take it instead).
-fn unprotected_weight(p: &lockstep::primary::Primary) -> Option<u64> {
-    let (bytes, attached) = p.history();
-    (!attached).then_some(bytes)
 }
 
 /// A live copy's run ended: end it on both copies the same way. The secondary confirms
@@ -746,7 +739,16 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
     let mut tries = 0;
     let (secondary, restore) = loop {
         let restore = match checkpoints.latest() {
-            Some((_, path)) => Some(machine.open_snapshot(&path)?),
+            Some((_, path)) => match machine.open_snapshot(&path) {
+                Ok(r) => Some(r),
+                // Pruned while read (two newer ones were installed meanwhile): the newest.
+                Err(e) if tries < JOIN_TRIES && !path.exists() => {
+                    tracing::info!("{e}; joining from the newest checkpoint");
+                    tries += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
             None => None,
         };
         let from = restore.as_ref().map_or(0, |r| r.events());
@@ -823,9 +825,9 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
                 if sec.left() {
                     None
                 } else if sec.live_generation().is_some() {
-                    unprotected_weight(&kept)
+                    kept.to_checkpoint()
                 } else {
-                    Some(kept.history().0)
+                    Some(kept.history_bytes())
                 }
             },
             move |events| {
@@ -842,7 +844,12 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
     let port: machine::PortFactory = {
         let (sec, p, listen) = (secondary.clone(), standby.clone(), a.log_listen.clone());
         Box::new(move |tap| {
-            p.activate(sec.live_generation().unwrap_or(0), tap, listen.as_deref());
+            // Going live follows a generation won; a copy without one has nothing to serve.
+            let generation = sec.live_generation();
+            match generation {
+                Some(g) => p.activate(g, tap, listen.as_deref()),
+                None => tracing::error!("going live without a generation won: not serving"),
+            }
             Box::new(p.port())
         })
     };

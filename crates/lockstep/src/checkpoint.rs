@@ -85,17 +85,21 @@ impl Checkpoints {
         self.all().pop()
     }
 
-    /// Where the VM writes a checkpoint being taken.
+    /// Where the VM writes a checkpoint being taken: a name no other copy, on this host or
+    /// another, uses at the same time.
     fn taking(&self) -> PathBuf {
-        self.folder
-            .join(format!(".taking-{}{SUFFIX}", std::process::id()))
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let host = crate::primary::hostname().replace('/', "-");
+        self.folder.join(format!(".taking-{host}-{nanos}{SUFFIX}"))
     }
 
-    /// The checkpoint just written to [`Checkpoints::taking`] holds the VM at `events`:
-    /// name it so, durably, and prune the old ones.
-    fn install(&self, events: u64) -> Result<PathBuf, FtError> {
+    /// The checkpoint just written to `taken` holds the VM at `events`: name it so,
+    /// durably, and prune the old ones.
+    fn install(&self, taken: &Path, events: u64) -> Result<PathBuf, FtError> {
         let path = self.folder.join(format!("{events:020}{SUFFIX}"));
-        std::fs::rename(self.taking(), &path)
+        std::fs::rename(taken, &path)
             .map_err(io_err(format!("install checkpoint {}", path.display())))?;
         std::fs::File::open(&self.folder)
             .and_then(|d| d.sync_all())
@@ -118,7 +122,9 @@ pub struct Policy {
 
 /// Take checkpoints of the VM behind `control` as `policy` says, until the VM ends.
 /// `kept()` is what this copy keeps since the last checkpoint (bytes), or `None` while it
-/// must not take one; `done(events)` is called once a checkpoint at `events` is in place.
+/// must not take one (asked again before a checkpoint taken is installed: a copy that
+/// lost arbitration meanwhile must not publish its state); `done(events)` is called once a
+/// checkpoint at `events` is in place.
 pub fn spawn(
     control: Arc<Control>,
     checkpoints: Checkpoints,
@@ -141,7 +147,7 @@ pub fn spawn(
                     continue;
                 }
                 last = Instant::now();
-                match take(&control, &checkpoints) {
+                match take(&control, &checkpoints, &kept) {
                     Ok((events, path, pause_ms)) => {
                         tracing::info!(
                             "checkpoint at event {events} in {} (the VM paused {pause_ms:.1} ms)",
@@ -160,12 +166,21 @@ pub fn spawn(
     Ok(())
 }
 
-fn take(control: &Control, checkpoints: &Checkpoints) -> Result<(u64, PathBuf, f64), String> {
+fn take(
+    control: &Control,
+    checkpoints: &Checkpoints,
+    kept: &impl Fn() -> Option<u64>,
+) -> Result<(u64, PathBuf, f64), String> {
+    let tmp = checkpoints.taking();
     let taken = control
-        .snapshot(checkpoints.taking(), false, POINT_WAIT)
+        .snapshot(tmp.clone(), false, POINT_WAIT)
         .map_err(|(_, why)| why)?;
+    if kept().is_none() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err("this copy may no longer checkpoint (it halted or left)".into());
+    }
     let path = checkpoints
-        .install(taken.events)
+        .install(&tmp, taken.events)
         .map_err(|e| e.to_string())?;
     Ok((taken.events, path, taken.pause_ms))
 }
@@ -190,8 +205,9 @@ mod tests {
         cps.clear().unwrap();
         assert_eq!(cps.latest(), None);
         for events in [5u64, 100, 42] {
-            std::fs::write(cps.taking(), events.to_le_bytes()).unwrap();
-            cps.install(events).unwrap();
+            let tmp = cps.taking();
+            std::fs::write(&tmp, events.to_le_bytes()).unwrap();
+            cps.install(&tmp, events).unwrap();
         }
         // Named by position: 42 sorts below 100 whatever the order written.
         let (pos, path) = cps.latest().unwrap();

@@ -119,6 +119,8 @@ impl State {
         self.history.drain(..n);
         self.base += n as u64;
         self.history_bytes = self.history_bytes.saturating_sub(freed);
+        // Checkpoints come again: the bound holds again.
+        self.history_warned = false;
         // A burst of events leaves a large allocation behind: give it back.
         if self.history.capacity() > 4 * self.history.len() + 4096 {
             self.history.shrink_to(2 * self.history.len());
@@ -350,7 +352,6 @@ impl Primary {
         config: FtConfig,
     ) -> Result<Primary, FtError> {
         let key = dir.create_key()?;
-        crate::checkpoint::Checkpoints::new(&dir).clear()?;
         let arbiter = Arbiter::new(&dir.arbitration());
         let generation = arbiter.current()? + 1;
         let host = hostname();
@@ -359,6 +360,8 @@ impl Primary {
                 "another copy claimed generation {generation} first"
             )));
         }
+        // Won: the VM powers on here, and checkpoints of an earlier life of it go.
+        crate::checkpoint::Checkpoints::new(&dir).clear()?;
         let listener = TcpListener::bind(addr).map_err(io_err(format!("listen on {addr}")))?;
         let shared = Shared::new(dir, key, header, 0, console, config);
         if let Some(tap) = tap {
@@ -428,16 +431,26 @@ impl Primary {
     /// never those an attached secondary has yet to receive).
     pub fn checkpointed(&self, position: u64) {
         let mut st = self.shared.lock();
+        if st.halted.is_some() {
+            return;
+        }
         st.checkpoint = Some(st.checkpoint.map_or(position, |c| c.max(position)));
         st.drop_before(position);
         self.shared.status(&st);
     }
 
-    /// What the kept history weighs, and whether a secondary is attached (which then
-    /// takes the checkpoints: a primary never pauses for one while protected).
-    pub fn history(&self) -> (u64, bool) {
+    /// What the kept history weighs, if this copy is to take the next checkpoint: not
+    /// while a secondary is attached (it takes them: a primary never pauses for one while
+    /// protected), and never once this copy halted (its state is not the VM's).
+    pub fn to_checkpoint(&self) -> Option<u64> {
         let st = self.shared.lock();
-        (st.history_bytes, st.attached.is_some())
+        (st.attached.is_none() && st.halted.is_none()).then_some(st.history_bytes)
+    }
+
+    /// What the kept history weighs (a standby's: what its secondary replayed since the
+    /// latest checkpoint).
+    pub fn history_bytes(&self) -> u64 {
+        self.shared.lock().history_bytes
     }
 
     pub fn sink(&self) -> PrimarySink {
@@ -561,6 +574,7 @@ impl EventSink for PrimarySink {
         let deadline = Instant::now() + crate::HISTORY_WAIT;
         while st.attached.is_some()
             && st.halted.is_none()
+            && !st.history_warned
             && st.history_bytes > s.config.max_history_bytes
         {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -999,12 +1013,15 @@ fn receive_from(
                 st.intent_held = Some(seq);
             }
             ToPrimary::Checkpoint { events } => {
-                if events > st.executed {
+                // Its acknowledgement of the events may still be on its way: a checkpoint
+                // is bounded by what was sent, and says that much was executed.
+                if events > st.sent {
                     return Err(FtError::Protocol(format!(
-                        "a checkpoint at event {events}, beyond the {} executed",
-                        st.executed
+                        "a checkpoint at event {events}, beyond the {} sent",
+                        st.sent
                     )));
                 }
+                st.executed = st.executed.max(events);
                 st.checkpoint = Some(st.checkpoint.map_or(events, |c| c.max(events)));
                 st.drop_before(events);
                 tracing::info!(
@@ -1275,10 +1292,13 @@ mod tests {
         let dir = VmDir::new(shared.path(), "vm");
         let (primary, _sink) =
             primary_with_history(&dir, (0..10).map(|i| data_event(i, 100)).collect());
-        let (bytes, attached) = primary.history();
-        assert!(bytes >= 1000 && !attached);
+        let bytes = primary.to_checkpoint().unwrap();
+        assert!(bytes >= 1000);
         primary.checkpointed(6);
-        assert!(primary.history().0 < bytes / 2, "dropped six of ten events");
+        assert!(
+            primary.history_bytes() < bytes / 2,
+            "dropped six of ten events"
+        );
         let status = std::fs::read_to_string(dir.status()).unwrap();
         assert!(
             status.contains("checkpoint=6") && status.contains("events=10"),
