@@ -681,7 +681,10 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         control,
         lockstep::checkpoint::Checkpoints::new(&dir),
         policy,
-        move || kept.to_checkpoint(),
+        move || {
+            kept.to_checkpoint()
+                .map(|bytes| lockstep::checkpoint::Kept { bytes, live: true })
+        },
         move |events| done.checkpointed(events),
     )
     .map_err(|e| bad(e.to_string()))?;
@@ -826,8 +829,12 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
                     None
                 } else if sec.live_generation().is_some() {
                     kept.to_checkpoint()
+                        .map(|bytes| lockstep::checkpoint::Kept { bytes, live: true })
                 } else {
-                    Some(kept.history_bytes())
+                    Some(lockstep::checkpoint::Kept {
+                        bytes: kept.history_bytes(),
+                        live: false,
+                    })
                 }
             },
             move |events| {

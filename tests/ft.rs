@@ -444,22 +444,7 @@ impl BigRead {
         std::fs::write(data.join("in.bin"), &input).unwrap();
         let wasm = guest("bigread.wasm");
         let (chunk, sleep, code) = (chunk.to_string(), sleep_ms.to_string(), code.to_string());
-        let ft = |role: &str| -> Vec<String> {
-            [
-                "ft",
-                role,
-                "--vm",
-                vm,
-                "--shared",
-                s(&shared),
-                "--wasm",
-                s(&wasm),
-                "--datastore",
-                s(&data),
-            ]
-            .map(String::from)
-            .to_vec()
-        };
+        let ft = |role: &str| ft_args(role, vm, &shared, &wasm, &data);
         let mut primary_args = ft("primary");
         primary_args.extend(["--log-listen", LOG_ADDR].map(String::from));
         for a in ["/in.bin", &chunk, &sleep, &code] {
@@ -537,6 +522,19 @@ impl BigRead {
             "{status}"
         );
     }
+}
+
+/// `ft ROLE` for VM `vm` on shared storage `shared`, running `wasm` on datastore `data`.
+fn ft_args(
+    role: &str,
+    vm: &str,
+    shared: &std::path::Path,
+    wasm: &std::path::Path,
+    data: &std::path::Path,
+) -> Vec<String> {
+    let flags = ["ft", role, "--vm", vm, "--shared", s(shared)];
+    let more = ["--wasm", s(wasm), "--datastore", s(data)];
+    flags.iter().chain(&more).map(|a| a.to_string()).collect()
 }
 
 fn as_str(v: &[String]) -> Vec<&str> {
@@ -1037,30 +1035,13 @@ fn a_protected_guest_rereading_a_file_keeps_its_primary_memory_bounded_by_checkp
         "{}",
         std::fs::read_to_string(shared.join("plain.out")).unwrap_or_default()
     );
-    let common = [
-        "--vm",
-        "rr",
-        "--shared",
-        s(&shared),
-        "--wasm",
-        s(&wasm),
-        "--datastore",
-        s(&data),
-    ];
-    let mut secondary = vec![
-        "ft",
-        "secondary",
-        "--primary",
-        LOG_ADDR,
-        "--wait-secs",
-        "30",
-    ];
-    secondary.extend_from_slice(&common);
-    let sec = lab.start_vm(2, &secondary, &shared.join("secondary.out"));
-    let mut primary = vec!["ft", "primary", "--log-listen", LOG_ADDR];
-    primary.extend_from_slice(&common);
-    primary.extend_from_slice(&guest_args);
-    let p = lab.start_vm(1, &primary, &shared.join("primary.out"));
+    let mut secondary = ft_args("secondary", "rr", &shared, &wasm, &data);
+    secondary.extend(["--primary", LOG_ADDR, "--wait-secs", "30"].map(String::from));
+    let sec = lab.start_vm(2, &as_str(&secondary), &shared.join("secondary.out"));
+    let mut primary = ft_args("primary", "rr", &shared, &wasm, &data);
+    primary.extend(["--log-listen", LOG_ADDR].map(String::from));
+    primary.extend(guest_args.map(String::from));
+    let p = lab.start_vm(1, &as_str(&primary), &shared.join("primary.out"));
     let (ft_kib, code) = peak_rss_until_exit(&mut lab, p, Duration::from_secs(300));
     let logs = || {
         format!(

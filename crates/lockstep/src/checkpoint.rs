@@ -28,6 +28,8 @@ use crate::{FtError, VmDir, io_err};
 const SUFFIX: &str = ".snap";
 /// How many checkpoints are kept.
 const KEEP: usize = 2;
+/// How often the checkpointer looks at what its copy keeps.
+const POLL: Duration = Duration::from_millis(50);
 /// How long a checkpoint waits for the VM to reach a snapshot point.
 const POINT_WAIT: Duration = Duration::from_secs(10);
 
@@ -112,6 +114,17 @@ impl Checkpoints {
     }
 }
 
+/// What a copy keeps since its last checkpoint, when it is to take the next one.
+#[derive(Clone, Copy, Debug)]
+pub struct Kept {
+    /// What the events since the last checkpoint weigh.
+    pub bytes: u64,
+    /// The copy is live: it pauses only for the capture, and the file is written while
+    /// it runs. A replaying secondary waits for the file too: its pause holds the primary
+    /// back (see `FtConfig::max_history_bytes`), which is what bounds the history.
+    pub live: bool,
+}
+
 /// When to checkpoint: once the events kept since the last one weigh `bytes`, or `every`
 /// has passed and there are any.
 #[derive(Clone, Debug)]
@@ -129,7 +142,7 @@ pub fn spawn(
     control: Arc<Control>,
     checkpoints: Checkpoints,
     policy: Policy,
-    kept: impl Fn() -> Option<u64> + Send + 'static,
+    kept: impl Fn() -> Option<Kept> + Send + 'static,
     done: impl Fn(u64) + Send + 'static,
 ) -> Result<(), FtError> {
     std::fs::create_dir_all(&checkpoints.folder)
@@ -139,15 +152,15 @@ pub fn spawn(
         .spawn(move || {
             let mut last = Instant::now();
             while !control.ended() {
-                std::thread::sleep(Duration::from_millis(50));
-                let Some(bytes) = kept() else {
+                std::thread::sleep(POLL);
+                let Some(Kept { bytes, live }) = kept() else {
                     continue;
                 };
                 if bytes < policy.bytes && (bytes == 0 || last.elapsed() < policy.every) {
                     continue;
                 }
                 last = Instant::now();
-                match take(&control, &checkpoints, &kept) {
+                match take(&control, &checkpoints, live, &kept) {
                     Ok((events, path, pause_ms)) => {
                         tracing::info!(
                             "checkpoint at event {events} in {} (the VM paused {pause_ms:.1} ms)",
@@ -169,11 +182,12 @@ pub fn spawn(
 fn take(
     control: &Control,
     checkpoints: &Checkpoints,
-    kept: &impl Fn() -> Option<u64>,
+    live: bool,
+    kept: &impl Fn() -> Option<Kept>,
 ) -> Result<(u64, PathBuf, f64), String> {
     let tmp = checkpoints.taking();
     let taken = control
-        .snapshot(tmp.clone(), false, POINT_WAIT)
+        .snapshot(tmp.clone(), false, live, POINT_WAIT)
         .map_err(|(_, why)| why)?;
     if kept().is_none() {
         let _ = std::fs::remove_file(&tmp);
@@ -183,14 +197,6 @@ fn take(
         .install(&tmp, taken.events)
         .map_err(|e| e.to_string())?;
     Ok((taken.events, path, taken.pause_ms))
-}
-
-/// Whether `path` is a checkpoint file of this module's naming (for tests and tools).
-pub fn is_checkpoint(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(SUFFIX))
-        .is_some_and(|d| d.len() == 20 && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -212,7 +218,7 @@ mod tests {
         // Named by position: 42 sorts below 100 whatever the order written.
         let (pos, path) = cps.latest().unwrap();
         assert_eq!(pos, 100);
-        assert!(is_checkpoint(&path));
+        assert_eq!(path.file_name().unwrap(), "00000000000000000100.snap");
         assert_eq!(cps.all().len(), KEEP);
         std::fs::write(cps.folder.join("00000000000000000007.snap.junk"), b"x").unwrap();
         std::fs::write(cps.folder.join("7.snap"), b"x").unwrap();

@@ -570,11 +570,15 @@ impl EventSink for PrimarySink {
         {
             st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        // Bounded history: past its bound, wait for the secondary's next checkpoint.
+        // Bounded history: past its bound, wait for the secondary's next checkpoint, but
+        // only while it has events left to replay: a secondary that took them all waits
+        // inside a call for the next one, where it has no snapshot point to take a
+        // checkpoint at.
         let deadline = Instant::now() + crate::HISTORY_WAIT;
         while st.attached.is_some()
             && st.halted.is_none()
             && !st.history_warned
+            && st.executed < st.end()
             && st.history_bytes > s.config.max_history_bytes
         {
             let left = deadline.saturating_duration_since(Instant::now());

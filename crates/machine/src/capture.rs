@@ -566,13 +566,14 @@ impl Driven {
                         Action::Write {
                             to: p.to.clone(),
                             stop: p.stop,
+                            behind: false,
                         },
                     ),
                     (None, None) => return Err(CaptureError::Take("unplanned".into())),
                 };
                 let snap = capture(ident, &mut store, &instance)?;
-                let (to, stop) = match action {
-                    Action::Write { to, stop } => (to, stop),
+                let (to, stop, behind) = match action {
+                    Action::Write { to, stop, behind } => (to, stop, behind),
                     Action::Migrate(out) => {
                         let since = ctl(store.data_mut())
                             .since
@@ -602,8 +603,8 @@ impl Driven {
                         }
                     }
                 };
-                if let (Some(r), false) = (&reply, stop) {
-                    // Asked for through the API and the VM goes on: it waits only for the
+                if let (Some(r), false, true) = (&reply, stop, behind) {
+                    // Asked to go on while it is written: the VM waits only for the
                     // capture; the file is compressed and written while it runs, and the
                     // request is answered once it is in place.
                     let since = ctl(store.data_mut())

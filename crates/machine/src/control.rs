@@ -63,8 +63,13 @@ pub enum ControlError {
 /// What a request asks of the VM at its next snapshot point.
 #[derive(Debug)]
 pub(crate) enum Action {
-    /// Write the snapshot to `to`; then stop if `stop`.
-    Write { to: PathBuf, stop: bool },
+    /// Write the snapshot to `to`; then stop if `stop`. With `behind` (and not `stop`)
+    /// the VM waits only for the capture and goes on while the file is written.
+    Write {
+        to: PathBuf,
+        stop: bool,
+        behind: bool,
+    },
     /// Hand the VM over to the receiver at the other end (see [`crate::migrate`]).
     Migrate(crate::migrate::Outbound),
 }
@@ -200,13 +205,18 @@ impl Control {
     /// (then the request is withdrawn), however long the writing takes once it did.
     /// Errors carry the HTTP status that says why (409 busy or ended, 504 no point in
     /// time, 500 the VM could not take or write it).
+    ///
+    /// With `behind`, the VM pauses only for the capture and the file is written while it
+    /// runs; without, it also waits for the file (a copy that may pause: a replaying
+    /// secondary, whose pause is what holds its primary's history to its bound).
     pub fn snapshot(
         &self,
         to: PathBuf,
         stop: bool,
+        behind: bool,
         wait: Duration,
     ) -> Result<Taken, (u16, String)> {
-        let rx = self.submit(Action::Write { to, stop })?;
+        let rx = self.submit(Action::Write { to, stop, behind })?;
         self.answer(rx, wait)
     }
 
@@ -556,6 +566,7 @@ fn route<'a>(
                 Action::Write {
                     to: r.to,
                     stop: r.stop,
+                    behind: true,
                 },
                 answering,
             )?;
