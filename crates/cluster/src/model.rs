@@ -1,0 +1,336 @@
+//! The cluster's state, as kept in the store (etcd), and the names of its keys.
+//!
+//! Keys, all below [`PREFIX`] (values are JSON):
+//! - `hosts/<host>` → [`HostRecord`], under the host's lease (a dead host's record vanishes);
+//! - `master` → [`MasterRecord`], under the master's lease (the election: created only if
+//!   absent);
+//! - `vms/<vm>` → [`VmRecord`], desired state, written by the verbs only (no lease);
+//! - `place/<vm>` → [`Placement`], which copy runs where, written by the master only;
+//! - `copies/<host>/<vm>` → [`CopyReport`], actual state, written by the host's agent under
+//!   its lease. A copy's report is also its lock: the master starts a copy of the VM
+//!   elsewhere only once this key is gone, and an agent that cannot renew its lease stops
+//!   its copies before the lease can expire (the isolation response);
+//! - `kill/<copy id>` → `""`, a request (test-failover, restart-secondary, disable) that the
+//!   agent running that copy carries out and deletes.
+//!
+//! Invariant: one writer per key family (verbs: `vms/`, `kill/`; master: `place/`, `master`;
+//! each agent: its own `hosts/<host>` and `copies/<host>/`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Every key of a cluster starts with this.
+pub const PREFIX: &str = "/tandem/";
+
+/// At most this many FT copies (primaries and secondaries together) on one host.
+pub const MAX_FT_COPIES_PER_HOST: usize = 4;
+
+/// The longest VM or host name.
+pub const MAX_NAME: usize = 63;
+
+/// A VM or host name: 1-63 lowercase letters, digits and '-', starting with a letter or
+/// digit. It names keys and folders, so nothing else is accepted.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+pub fn host_key(host: &str) -> String {
+    format!("{PREFIX}hosts/{host}")
+}
+pub fn master_key() -> String {
+    format!("{PREFIX}master")
+}
+pub fn vm_key(vm: &str) -> String {
+    format!("{PREFIX}vms/{vm}")
+}
+pub fn place_key(vm: &str) -> String {
+    format!("{PREFIX}place/{vm}")
+}
+pub fn copy_key(host: &str, vm: &str) -> String {
+    format!("{PREFIX}copies/{host}/{vm}")
+}
+pub fn kill_key(copy: u64) -> String {
+    format!("{PREFIX}kill/{copy}")
+}
+
+/// A host, as its agent registers it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostRecord {
+    pub name: String,
+    /// Tandem's version on the host.
+    pub version: String,
+    /// What snapshots and logs of this host's engine are compatible with (see
+    /// `machine::engine_fingerprint`): copies of one VM must agree on it.
+    pub fingerprint: String,
+    /// The agent's REST API, `http://IP:PORT`.
+    pub api: String,
+    /// The host's address on the logging network.
+    pub log_ip: String,
+    /// Memory the host offers VMs, MiB.
+    pub memory_mib: u64,
+    /// In maintenance mode, a host takes no new copy.
+    #[serde(default)]
+    pub maintenance: bool,
+    /// When the agent started (Unix ms).
+    pub started_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MasterRecord {
+    pub host: String,
+    pub since_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Medium,
+    Low,
+    /// Never HA-restarted.
+    Disabled,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Power {
+    On,
+    #[default]
+    Off,
+}
+
+/// What the user asked of FT for a VM.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FtMode {
+    /// No secondary.
+    #[default]
+    Off,
+    /// A secondary, placed and running.
+    On,
+    /// The secondary's placement kept, its copy stopped.
+    Disabled,
+}
+
+/// The VM's NIC: its own MAC and address (the bridge is each host's VM bridge).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Nic {
+    pub mac: String,
+    /// CIDR, e.g. `10.77.0.10/24`.
+    pub ip: String,
+}
+
+/// What a VM is: fixed at `vm create`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmSpec {
+    pub name: String,
+    /// The guest module (a path every host reads: on shared storage, or installed alike).
+    pub wasm: PathBuf,
+    /// The VM's datastore folder (on shared storage).
+    pub datastore: PathBuf,
+    #[serde(default)]
+    pub nic: Option<Nic>,
+    /// TCP ports the VM listens on.
+    #[serde(default)]
+    pub listen: Vec<u16>,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub restart_priority: Priority,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The VM's logging-channel port on the host of its primary (unique in the cluster).
+    pub log_port: u16,
+}
+
+/// Desired state of a VM: its spec and what the user last asked.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub power: Power,
+    pub ft: FtMode,
+    /// `power-on --host`: where the primary should start (if it may).
+    #[serde(default)]
+    pub want_host: Option<String>,
+    /// `migrate-secondary --to`: where the secondary should move.
+    #[serde(default)]
+    pub secondary_to: Option<String>,
+}
+
+/// What a copy is.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// One copy of a VM on one host, as the master placed it. `id` is unique in the cluster
+/// for the copy's life: a copy that goes live keeps its id as it becomes the primary.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Copy {
+    pub id: u64,
+    pub host: String,
+}
+
+/// Which copies of a VM run where: the master's decision.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct Placement {
+    pub primary: Option<Copy>,
+    pub secondary: Option<Copy>,
+    /// FT disabled: the secondary's host kept, its copy not running.
+    #[serde(default)]
+    pub secondary_parked: Option<String>,
+    /// The next copy id to hand out for this VM.
+    pub next_id: u64,
+    /// Why the VM is not protected, when it should be (for `vm list`).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Failovers and re-protections seen (statistics).
+    #[serde(default)]
+    pub failovers: u64,
+    #[serde(default)]
+    pub reprotections: u64,
+    /// HA restarts of this VM.
+    #[serde(default)]
+    pub restarts: u64,
+    /// When the VM last lost protection (Unix ms), to measure re-protection.
+    #[serde(default)]
+    pub unprotected_since_ms: Option<u64>,
+}
+
+/// How a copy's process is.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyState {
+    /// Started, not yet running the VM (a secondary joining, a primary booting).
+    Starting,
+    Running,
+    /// The process ended; `exit` says how.
+    Exited,
+}
+
+/// A copy as its host's agent sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CopyReport {
+    pub vm: String,
+    pub id: u64,
+    /// The role the copy was started in.
+    pub role: Role,
+    pub pid: u32,
+    pub state: CopyState,
+    /// This copy is the VM's live one (it writes the VM's status on shared storage).
+    pub live: bool,
+    /// Live and protected by a caught-up secondary.
+    pub protected: bool,
+    /// Events the live copy executed, and the secondary acknowledged.
+    #[serde(default)]
+    pub events: u64,
+    #[serde(default)]
+    pub acked: u64,
+    /// How far behind the secondary is, in ms (the age of the oldest unacknowledged event).
+    #[serde(default)]
+    pub lag_ms: u64,
+    /// Bytes streamed over the logging channel.
+    #[serde(default)]
+    pub log_bytes: u64,
+    /// How the process ended (`exit 0`, `signal 9`, ...).
+    #[serde(default)]
+    pub exit: Option<String>,
+    /// The last line the copy logged at warn/error level (why it ended).
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The FT status users see.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FtStatus {
+    Protected,
+    NotProtected,
+    Disabled,
+    Off,
+}
+
+/// A VM as `vm list` / `vm show` present it (JSON keys are part of the API).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmView {
+    pub name: String,
+    pub power: Power,
+    pub ft: FtStatus,
+    pub ft_reason: Option<String>,
+    pub primary_host: Option<String>,
+    pub secondary_host: Option<String>,
+    pub lag_ms: Option<u64>,
+    pub lag_events: Option<u64>,
+    pub log_bytes: Option<u64>,
+    pub restart_priority: Priority,
+    pub failovers: u64,
+    pub reprotections: u64,
+    pub restarts: u64,
+    pub spec: VmSpec,
+}
+
+/// A host as `host list` presents it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostView {
+    pub name: String,
+    /// `connected` (its agent holds its lease).
+    pub state: String,
+    pub version: String,
+    pub fingerprint: String,
+    pub master: bool,
+    pub ft_vms: usize,
+    pub vms: usize,
+    pub maintenance: bool,
+    pub memory_mib: u64,
+    pub memory_reserved_mib: u64,
+    pub api: String,
+}
+
+/// `cluster status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClusterView {
+    pub master: Option<String>,
+    pub hosts: usize,
+    pub vms: usize,
+    pub protected: usize,
+    pub not_protected: usize,
+    pub version: String,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_plain() {
+        for good in ["kvd", "web-1", "a", &"x".repeat(63)] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", "-a", "A", "a/b", "..", "a b", "é", &"x".repeat(64), "a_b"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn views_serialise_with_the_documented_keys() {
+        let v = serde_json::to_value(FtStatus::NotProtected).unwrap();
+        assert_eq!(v, "not_protected");
+        assert_eq!(serde_json::to_value(Power::On).unwrap(), "on");
+    }
+}
