@@ -196,7 +196,7 @@ impl Master {
     fn decide(
         &mut self,
         view: &View,
-        loads: &mut Vec<HostLoad>,
+        loads: &mut [HostLoad],
         r: &VmRecord,
         p: &mut Placement,
         notes: &mut Vec<String>,
