@@ -363,10 +363,14 @@ impl Conn<'_> {
 
     /// One line without its CRLF (a bare LF is accepted), at most `limit` bytes.
     fn read_line(&mut self, limit: usize, what: &str) -> Result<Vec<u8>, HttpError> {
-        let mut scanned = self.pos;
+        // Bytes after `pos` already searched: relative, as `fill` may move the buffer.
+        let mut scanned = 0;
         loop {
-            if let Some(i) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
-                let end = scanned + i;
+            if let Some(i) = self.buf[self.pos + scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                let end = self.pos + scanned + i;
                 if end - self.pos > limit {
                     return Err(self.too_large(format!("{what} longer than {limit} bytes")));
                 }
@@ -377,8 +381,8 @@ impl Conn<'_> {
                 self.pos = end + 1;
                 return Ok(line);
             }
-            scanned = self.buf.len();
-            if scanned - self.pos > limit {
+            scanned = self.buf.len() - self.pos;
+            if scanned > limit {
                 return Err(self.too_large(format!("{what} longer than {limit} bytes")));
             }
             if !self.fill()? {
@@ -561,6 +565,55 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(5);
+
+    /// Like [`serve`], the answer written in pieces with pauses (so the client reads it
+    /// in several reads, its buffer emptied between them).
+    fn serve_pieces(pieces: Vec<&'static [u8]>) -> (String, JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&chunk[..n]);
+            }
+            for p in pieces {
+                s.write_all(p).unwrap();
+                s.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            req
+        });
+        (url, h)
+    }
+
+    #[test]
+    fn answers_split_across_reads() {
+        let (url, h) = serve_pieces(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-",
+            b"Encoding: chunked\r\n\r\n",
+            b"3\r\nabc\r\n",
+            b"2\r",
+            b"\nde\r\n0\r\n",
+            b"T: 1\r\n",
+            b"\r\n",
+        ]);
+        let r = request("GET", &url, None, T).unwrap();
+        assert_eq!(r.body, b"abcde");
+        h.join().unwrap();
+        let (url, h) = serve_pieces(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab",
+            b"cd",
+            b"ef",
+        ]);
+        assert_eq!(request("GET", &url, None, T).unwrap().body, b"abcdef");
+        h.join().unwrap();
+    }
 
     #[test]
     fn sends_a_json_body_and_reads_content_length() {
