@@ -556,12 +556,13 @@ fn host_number(name: &str, host: &str) -> Result<u32> {
     }
 }
 
+/// Every link of host K up or down: each one tried, the first failure reported.
 fn set_links(name: &str, k: u32, state: &str) -> Result<()> {
     let h = host_ns(name, k);
-    for link in HOST_LINKS {
-        in_ns(&h, &["link", "set", link, state])?;
-    }
-    Ok(())
+    HOST_LINKS
+        .iter()
+        .map(|link| in_ns(&h, &["link", "set", link, state]))
+        .fold(Ok(()), Result::and)
 }
 
 /// A host failure: SIGKILL every process of host `k` and cut its links.
