@@ -121,6 +121,17 @@ impl Store {
         })
     }
 
+    /// The same endpoints with another per-endpoint timeout (default [`TIMEOUT`]).
+    pub fn with_timeout(&self, timeout: Duration) -> Store {
+        Store {
+            inner: Arc::new(Inner {
+                endpoints: self.inner.endpoints.clone(),
+                preferred: AtomicUsize::new(self.inner.preferred.load(Ordering::Relaxed)),
+                timeout,
+            }),
+        }
+    }
+
     /// The endpoints, as normalised by [`Store::connect`].
     pub fn endpoints(&self) -> &[String] {
         &self.inner.endpoints
@@ -701,6 +712,22 @@ pub(crate) mod tests {
             matches!(&e, StoreError::Unreachable(m) if m.contains(dead.trim_start_matches("http://"))),
             "{e}"
         );
+
+        // An endpoint that accepts and never answers costs its timeout, then the next is
+        // asked.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = Store::connect(&format!(
+            "http://{},{}",
+            silent.local_addr().unwrap(),
+            etcd.url
+        ))
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+        let start = Instant::now();
+        assert_eq!(s.get("/e/k").unwrap().unwrap().value, b"v");
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        drop(silent);
 
         for bad in [
             "",
