@@ -48,7 +48,7 @@ enum Command {
     Bench(BenchCommand),
     /// A cluster on this machine made of network namespaces: hosts, a switch, a client.
     #[command(subcommand)]
-    Lab(LabCommand),
+    Lab(lab::LabCommand),
     /// Fault tolerance: run a VM as a primary or a secondary in lockstep.
     #[command(subcommand)]
     Ft(FtCommand),
@@ -208,30 +208,6 @@ struct FtSecondaryArgs {
     /// Once this copy is live (its primary lost), accept a new secondary here.
     #[arg(long, value_name = "ADDR:PORT")]
     log_listen: Option<String>,
-}
-
-#[derive(Subcommand)]
-enum LabCommand {
-    /// Create the lab: NAME-net (switches), NAME-client, NAME-host1..N, shared storage.
-    Up {
-        #[command(flatten)]
-        lab: lab::LabArgs,
-        /// How many hosts.
-        #[arg(long, default_value_t = 2)]
-        hosts: u32,
-    },
-    /// Remove the lab and everything running in it.
-    Down {
-        #[command(flatten)]
-        lab: lab::LabArgs,
-    },
-    /// Fail a host: SIGKILL every process on it and cut its links.
-    Kill {
-        #[command(flatten)]
-        lab: lab::LabArgs,
-        /// The host, e.g. host1.
-        host: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -422,13 +398,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
         Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),
-        Command::Lab(LabCommand::Up { lab, hosts }) => {
-            lab::run_up(&lab, hosts).map_err(Failure::from)
-        }
-        Command::Lab(LabCommand::Down { lab }) => lab::run_down(&lab).map_err(Failure::from),
-        Command::Lab(LabCommand::Kill { lab, host }) => {
-            lab::run_kill(&lab, &host).map_err(Failure::from)
-        }
+        Command::Lab(c) => lab::run(c).map_err(Failure::from),
     };
     match result {
         Ok(code) => ExitCode::from(code),
