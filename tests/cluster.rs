@@ -244,7 +244,7 @@ fn both_hosts_of_a_pair_killed_restarts_the_vm_with_every_acknowledged_write_and
 
 #[test]
 fn placement_rules_anti_affinity_four_ft_copies_per_host_and_the_same_version() {
-    let c = Cluster::up("place", 3);
+    let mut c = Cluster::up("place", 3);
     // host3 runs another Tandem version (a rolling upgrade half done).
     c.lab.restart_agent(3, &["--advertise-version", "9.9.9"]);
     c.wait("host3 back with version 9.9.9", 60, || {

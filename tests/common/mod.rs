@@ -192,6 +192,37 @@ impl Lab {
         format!("{}-{what}", self.name)
     }
 
+    /// Replace host K's agent (SIGKILL, which takes its copies with it) by one started with
+    /// the lab's flags and `extra`; it registers once the old one's lease expired.
+    pub fn restart_agent(&mut self, k: u32, extra: &[&str]) {
+        let ns = self.ns(&format!("host{k}"));
+        let out = Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .expect("ip netns pids");
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmd.windows(11).any(|w| w == b"host\0agent\0")
+                && let Ok(pid) = pid.parse::<i32>()
+            {
+                // SAFETY: kill(2) with a pid read from the kernel; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let (log_ip, api) = (
+            format!("10.78.0.{}", 10 + k),
+            format!("10.79.0.{}:7070", 10 + k),
+        );
+        let (host, shared) = (format!("host{k}"), format!("/tmp/{}-shared", self.name));
+        let mut args = vec![
+            "host", "agent", "--name", &host, "--store", "http://10.79.0.1:2379", "--shared",
+            &shared, "--vm-bridge", "br-vm", "--log-ip", &log_ip, "--api", &api,
+        ];
+        args.extend_from_slice(extra);
+        let log = self.agent_log(k).with_extension("restarted.log");
+        self.start_vm(k, &args, &log);
+    }
+
     /// Start `tandem ARGS` on host `k` in the background; stdout and stderr to `out`.
     pub fn start_vm(&mut self, k: u32, args: &[&str], out: &Path) -> usize {
         self.start_vm_env(k, &[], args, out)
