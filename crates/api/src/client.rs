@@ -161,9 +161,13 @@ impl Client {
         self.post(&format!("/api/v1/vms/{name}/ft/{verb}"), body)
     }
 
-    /// `GET path`'s JSON as the API returned it (for `--json` output).
-    pub fn get_raw(&self, path: &str) -> Result<serde_json::Value, ClientError> {
-        self.get(path)
+    /// `GET path`'s JSON text exactly as the API returned it (for `--json` output),
+    /// checked to be JSON.
+    pub fn get_raw(&self, path: &str) -> Result<String, ClientError> {
+        let r = ok_or_error(self.call("GET", path, None)?)?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(&r.body)
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        String::from_utf8(r.body).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

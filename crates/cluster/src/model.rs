@@ -322,7 +322,17 @@ mod tests {
         for good in ["kvd", "web-1", "a", &"x".repeat(63)] {
             assert!(valid_name(good), "{good}");
         }
-        for bad in ["", "-a", "A", "a/b", "..", "a b", "é", &"x".repeat(64), "a_b"] {
+        for bad in [
+            "",
+            "-a",
+            "A",
+            "a/b",
+            "..",
+            "a b",
+            "é",
+            &"x".repeat(64),
+            "a_b",
+        ] {
             assert!(!valid_name(bad), "{bad}");
         }
     }
