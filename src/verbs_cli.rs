@@ -761,6 +761,11 @@ fn wait(
                 "tandem: timed out after {} s waiting for {}: {goal}",
                 w.timeout_secs, before.name
             );
+            // Unreachable to the end: say so, by the exit code too.
+            if unreachable {
+                println!("{} (last seen; the cluster is unreachable)", holds(&now));
+                return Ok(UNREACHABLE);
+            }
             println!("{}", holds(&now));
             return Ok(FAILED);
         }
@@ -937,6 +942,125 @@ mod tests {
         let mut a = args(&[]);
         a.name = "Web".into();
         assert!(matches!(create_request(&a), Err(Fail(2, _))));
+    }
+
+    /// Verbs whose VM goes through `script`, one step per look (then stays at the last);
+    /// an empty step is a VM gone. Only the HTTP layer and this module are under test.
+    struct Scripted {
+        script: Vec<Option<VmView>>,
+        looks: std::sync::atomic::AtomicUsize,
+    }
+
+    impl api::server::Backend for Scripted {
+        fn status(&self) -> Result<cluster::model::ClusterView, cluster::ClusterError> {
+            Err(cluster::ClusterError::Internal("not scripted".into()))
+        }
+        fn hosts(&self) -> Result<Vec<HostView>, cluster::ClusterError> {
+            Err(cluster::ClusterError::Internal("not scripted".into()))
+        }
+        fn vms(&self) -> Result<Vec<VmView>, cluster::ClusterError> {
+            Err(cluster::ClusterError::Internal("not scripted".into()))
+        }
+        fn vm(&self, name: &str) -> Result<VmView, cluster::ClusterError> {
+            let i = self.looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.script[(i + 1).min(self.script.len() - 1)]
+                .clone()
+                .ok_or_else(|| cluster::ClusterError::NotFound(format!("no VM {name}")))
+        }
+        fn create(&self, _: CreateVm) -> Result<VmView, cluster::ClusterError> {
+            Err(cluster::ClusterError::Internal("not scripted".into()))
+        }
+        fn power_on(&self, _: &str, _: Option<String>) -> Result<VmView, cluster::ClusterError> {
+            Ok(self.script[0].clone().unwrap())
+        }
+        fn power_off(&self, _: &str) -> Result<VmView, cluster::ClusterError> {
+            Err(cluster::ClusterError::Internal("not scripted".into()))
+        }
+        fn destroy(&self, _: &str) -> Result<(), cluster::ClusterError> {
+            Err(cluster::ClusterError::Internal("not scripted".into()))
+        }
+        fn ft(&self, _: &str, _: FtOp) -> Result<VmView, cluster::ClusterError> {
+            Ok(self.script[0].clone().unwrap())
+        }
+    }
+
+    /// Run an FT verb against the script: (exit code, looks taken).
+    fn run_ft(script: Vec<Option<VmView>>, op: FtOp, timeout_secs: u64) -> (u8, usize) {
+        let backend = std::sync::Arc::new(Scripted {
+            script,
+            looks: Default::default(),
+        });
+        let server = api::server::serve_backend(
+            "127.0.0.1:0".parse().unwrap(),
+            backend.clone(),
+            api::server::AgentInfo {
+                host: "host1".into(),
+            },
+        )
+        .unwrap();
+        let args = WaitVmArgs {
+            name: "kvd".into(),
+            target: Target {
+                lab: "tandem".into(),
+                api: vec![format!("http://{}", server.local_addr())],
+            },
+            wait: Wait {
+                timeout_secs,
+                no_wait: false,
+            },
+        };
+        let code = ft_wait(&args, op);
+        (
+            code,
+            backend.looks.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    fn step(
+        ft: FtStatus,
+        primary: &str,
+        secondary: Option<&str>,
+        failovers: u64,
+    ) -> Option<VmView> {
+        let mut v = vm(ft);
+        v.primary_host = Some(primary.into());
+        v.secondary_host = secondary.map(str::to_string);
+        v.failovers = failovers;
+        Some(v)
+    }
+
+    #[test]
+    fn test_failover_waits_past_the_stale_protected_state_until_protected_again() {
+        let script = vec![
+            step(FtStatus::Protected, "host2", Some("host3"), 0),
+            step(FtStatus::Protected, "host2", Some("host3"), 0),
+            step(FtStatus::NotProtected, "host3", None, 1),
+            step(FtStatus::NotProtected, "host3", Some("host4"), 1),
+            step(FtStatus::Protected, "host3", Some("host4"), 1),
+        ];
+        let (code, looks) = run_ft(script, FtOp::TestFailover, 30);
+        assert_eq!((code, looks), (OK, 4));
+    }
+
+    #[test]
+    fn migrate_waits_for_the_secondary_on_its_new_host() {
+        let script = vec![
+            step(FtStatus::Protected, "host2", Some("host3"), 0),
+            step(FtStatus::NotProtected, "host2", Some("host4"), 0),
+            step(FtStatus::Protected, "host2", Some("host4"), 0),
+        ];
+        let to = FtOp::MigrateSecondary { to: "host4".into() };
+        assert_eq!(run_ft(script, to, 30), (OK, 2));
+    }
+
+    #[test]
+    fn a_verb_that_never_holds_times_out_and_a_vanished_vm_fails() {
+        let stuck = vec![step(FtStatus::NotProtected, "host2", None, 0)];
+        let (code, looks) = run_ft(stuck, FtOp::TurnOn, 1);
+        assert_eq!(code, FAILED);
+        assert!(looks >= 2, "{looks}");
+        let gone = vec![step(FtStatus::NotProtected, "host2", None, 0), None];
+        assert_eq!(run_ft(gone, FtOp::Enable, 30), (FAILED, 1));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub const MAX_HEADERS: usize = 64;
 pub const MAX_BODY: usize = 1 << 20;
 /// The longest wait for a client's next bytes, and for it to take ours.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a whole request may take to arrive (a client trickling bytes just under
+/// [`IO_TIMEOUT`] holds its slot no longer than this).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Who serves: named in every answer's `X-Tandem-Host` header and in `/healthz`.
 #[derive(Clone, Debug)]
@@ -337,6 +340,8 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 /// Read and parse one request: `Ok(None)` if the peer sent nothing, `Err` the answer to a
 /// request refused (too large, malformed, too slow).
 pub(crate) fn read_request<S: Read + Write>(stream: &mut S) -> Result<Option<Request>, Response> {
+    let started = std::time::Instant::now();
+    let too_slow = || error(408, "timed out waiting for the request".into());
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -346,14 +351,15 @@ pub(crate) fn read_request<S: Read + Write>(stream: &mut S) -> Result<Option<Req
         if buf.len() > MAX_HEAD {
             return Err(error(431, format!("request head over {MAX_HEAD} bytes")));
         }
+        if started.elapsed() > REQUEST_DEADLINE {
+            return Err(too_slow());
+        }
         match stream.read(&mut chunk) {
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err(error(400, "the request ended inside its head".into())),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => {
-                return Err(error(408, "timed out waiting for the request".into()));
-            }
+            Err(e) if is_timeout(&e) => return Err(too_slow()),
             Err(_) => return Ok(None),
         }
     };
@@ -429,6 +435,9 @@ pub(crate) fn read_request<S: Read + Write>(stream: &mut S) -> Result<Option<Req
         let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
     while body.len() < length {
+        if started.elapsed() > REQUEST_DEADLINE {
+            return Err(too_slow());
+        }
         let want = (length - body.len()).min(chunk.len());
         match stream.read(&mut chunk[..want]) {
             Ok(0) => {
@@ -439,9 +448,7 @@ pub(crate) fn read_request<S: Read + Write>(stream: &mut S) -> Result<Option<Req
             }
             Ok(n) => body.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => {
-                return Err(error(408, "timed out waiting for the request body".into()));
-            }
+            Err(e) if is_timeout(&e) => return Err(too_slow()),
             Err(_) => return Ok(None),
         }
     }

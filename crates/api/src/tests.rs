@@ -521,6 +521,41 @@ fn the_wire_is_parsed_and_bounded() {
     assert_eq!(over_wire(&fake, b""), None, "no request, no answer");
 }
 
+/// A connection whose client stops sending (its reads time out).
+struct Stalled(std::io::Cursor<Vec<u8>>, Vec<u8>);
+
+impl Read for Stalled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.read(buf)? {
+            0 => Err(std::io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        }
+    }
+}
+impl Write for Stalled {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stalled_request_is_answered_408() {
+    let fake = Fake::default();
+    for partial in [
+        &b"GET /api/v1/vms HTTP/1.1\r\nHost"[..],
+        b"POST /api/v1/vms HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"na",
+    ] {
+        let mut s = Stalled(std::io::Cursor::new(partial.to_vec()), Vec::new());
+        server::serve_connection(&mut s, &fake, &info());
+        let out = String::from_utf8_lossy(&s.1);
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+    }
+    assert!(fake.calls().is_empty());
+}
+
 /// xorshift64*: reproducible noise without a dependency.
 struct Noise(u64);
 
