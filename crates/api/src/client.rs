@@ -182,8 +182,11 @@ impl Client {
         decode(self.call("POST", path, body)?)
     }
 
-    /// One exchange: the APIs in order until one answers (an API that answers 503, its
-    /// store unreachable, passes to the next; its answer stands if none does better).
+    /// One exchange: the APIs in order until one answers. An API that was not reached
+    /// passes to the next; so does one that answers 503 (its store unreachable: its
+    /// answer stands if none does better). A request that reached an API and got no answer
+    /// is passed on only if it is a GET: a verb may have been carried out, and is not
+    /// sent twice.
     fn call(
         &self,
         method: &'static str,
@@ -199,7 +202,14 @@ impl Client {
                 match request(method, url, body.as_deref(), timeout) {
                     Ok(r) if r.status == 503 => unavailable = Some(r),
                     Ok(r) => return Ok(r),
-                    Err(e) => failures.push(e.to_string()),
+                    Err(e) if e.is_connect() || method == "GET" => failures.push(e.to_string()),
+                    Err(e) => {
+                        failures.push(e.to_string());
+                        return Err(ClientError::Unreachable(format!(
+                            "{}; the request was sent, it may have been carried out",
+                            failures.join("; ")
+                        )));
+                    }
                 }
             }
             match unavailable {

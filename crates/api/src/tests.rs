@@ -717,6 +717,36 @@ fn the_client_calls_the_server_and_carries_its_errors() {
 }
 
 #[test]
+fn a_verb_sent_without_answer_is_not_sent_again_elsewhere() {
+    // An API that takes requests and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_api = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for c in silent.incoming().take(2) {
+            kept.push(c.unwrap());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let fake = Arc::new(Fake::default());
+    let server = start(fake.clone());
+    let client = Client::new(
+        vec![silent_api, format!("http://{}", server.local_addr())],
+        None,
+    )
+    .with_timeout(Duration::from_millis(500));
+    match client.ft("kvd", &FtOp::TestFailover) {
+        Err(ClientError::Unreachable(why)) => assert!(why.contains("may have been"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(fake.calls().is_empty(), "the verb was sent twice");
+    // A read is safe to ask elsewhere.
+    assert_eq!(client.vm("kvd").unwrap().name, "kvd");
+    assert_eq!(fake.calls(), ["vm kvd"]);
+    held.join().unwrap();
+}
+
+#[test]
 fn connections_beyond_the_bound_are_refused_503_and_served_again_after() {
     let fake = Arc::new(Fake::default());
     let server = start(fake);

@@ -30,6 +30,13 @@ pub enum HttpError {
     Malformed(String),
 }
 
+impl HttpError {
+    /// The server was never reached (nothing was sent): trying another server is safe.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, HttpError::Url(_) | HttpError::Connect(_))
+    }
+}
+
 /// `METHOD url` with an optional JSON body; the whole exchange within about `timeout`.
 pub fn request(
     method: &str,
