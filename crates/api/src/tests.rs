@@ -907,3 +907,47 @@ fn the_client_reaches_an_api_inside_a_network_namespace() {
     serving.thread().unpark();
     serving.join().unwrap();
 }
+
+/// `curl -s -w '%{http_code}'` against the server: (status, body).
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn curl_speaks_to_the_server() {
+    let fake = Arc::new(Fake::default());
+    let server = start(fake.clone());
+    let base = format!("http://{}", server.local_addr());
+    let (s, body) = curl(&[&format!("{base}/api/v1/vms/kvd")]);
+    assert_eq!(s, 200);
+    assert_eq!(serde_json::from_str::<VmView>(&body).unwrap().name, "kvd");
+    // A body over 1 KiB: curl sends `Expect: 100-continue` and waits for it.
+    let big_env = format!("K={}", "v".repeat(2000));
+    let create = serde_json::json!({"name": "web", "wasm": "/g/httpd.wasm", "env": [big_env]});
+    let (s, _) = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &create.to_string(),
+        &format!("{base}/api/v1/vms"),
+    ]);
+    assert_eq!(s, 201);
+    let (s, body) = curl(&["-X", "PUT", &format!("{base}/api/v1/vms/kvd")]);
+    assert_eq!(s, 405);
+    assert!(body.contains("not allowed"), "{body}");
+    let (s, body) = curl(&["-d", "{nope", &format!("{base}/api/v1/vms")]);
+    assert_eq!(s, 400);
+    assert!(body.starts_with("{\"error\":\"malformed JSON"), "{body}");
+    let (s, _) = curl(&["-X", "DELETE", &format!("{base}/api/v1/vms/kvd")]);
+    assert_eq!(s, 204);
+    let (s, body) = curl(&[&format!("{base}/healthz")]);
+    assert_eq!((s, body.as_str()), (200, r#"{"host":"host1","ok":true}"#));
+    assert_eq!(fake.calls(), ["vm kvd", "create web", "destroy kvd"]);
+}
