@@ -2,6 +2,9 @@
 //! turns their typed errors into one clear line and an exit code:
 //! 0 success (or the guest's own exit code for `vm run`), 2 bad input, 3 replay divergence,
 //! 4 a copy halted (lost arbitration), 5 a replayed log that was cut (its recorder killed).
+//! The cluster verbs (`cluster`, `host list`, `vm create|power-on|...`, `ft turn-on|...`,
+//! see `verbs_cli`) have their own: 0 done, 1 timed out or failed, 2 bad request,
+//! 3 cluster unreachable.
 
 mod agent_cli;
 mod bench;

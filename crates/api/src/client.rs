@@ -8,6 +8,8 @@
 //! A non-2xx answer is [`ClientError::Api`] carrying the server's `error` line.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cluster::model::{ClusterView, HostView, VmView, valid_name};
@@ -17,8 +19,9 @@ use serde::de::DeserializeOwned;
 
 use crate::transport::{Response, request};
 
-/// How long one exchange with one API may take.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one exchange with one API may take (a verb only records what it asks, so
+/// an answer is quick; an API on a dead host costs this much, once: see `preferred`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest error line kept from an answer that is not `{"error": ...}`.
 const MAX_ERROR_LINE: usize = 200;
 
@@ -61,6 +64,9 @@ pub struct Client {
     apis: Vec<String>,
     netns: Option<String>,
     timeout: Duration,
+    /// The API that answered last: tried first next time, so that a dead host's API (its
+    /// connection attempts time out) slows one call, not every poll of a long verb.
+    preferred: Arc<AtomicUsize>,
 }
 
 impl Client {
@@ -73,6 +79,7 @@ impl Client {
                 .collect(),
             netns,
             timeout: DEFAULT_TIMEOUT,
+            preferred: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -193,15 +200,24 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
-        let urls: Vec<String> = self.apis.iter().map(|a| format!("{a}{path}")).collect();
+        // The preferred API first, then the others in order.
+        let first = self.preferred.load(Ordering::Relaxed);
+        let urls: Vec<(usize, String)> = (0..self.apis.len())
+            .map(|i| (i + first) % self.apis.len())
+            .map(|i| (i, format!("{}{path}", self.apis[i])))
+            .collect();
         let timeout = self.timeout;
+        let preferred = self.preferred.clone();
         let exchange = move || -> Result<Response, ClientError> {
             let mut failures = Vec::new();
             let mut unavailable = None;
-            for url in &urls {
+            for (i, url) in &urls {
                 match request(method, url, body.as_deref(), timeout) {
                     Ok(r) if r.status == 503 => unavailable = Some(r),
-                    Ok(r) => return Ok(r),
+                    Ok(r) => {
+                        preferred.store(*i, Ordering::Relaxed);
+                        return Ok(r);
+                    }
                     Err(e) if e.is_connect() || method == "GET" => failures.push(e.to_string()),
                     Err(e) => {
                         failures.push(e.to_string());
