@@ -1,22 +1,111 @@
 //! `tandem lab`: a cluster on one machine, made of network namespaces.
 //!
 //! A lab named NAME is:
-//! - `NAME-net`: the switches: `sw0` (the VM network 10.77.0.0/24) and `lg0` (the logging
-//!   network 10.78.0.0/24);
-//! - `NAME-client`: a client machine, `eth0` 10.77.0.2/24 on `sw0`;
+//! - `NAME-net`: the switches: `sw0` (the VM network 10.77.0.0/24), `lg0` (the logging
+//!   network 10.78.0.0/24) and `mg0` (the management network 10.79.0.0/24, the bridge
+//!   itself at 10.79.0.1, where the lab's etcd member listens);
+//! - `NAME-client`: a client machine, `eth0` 10.77.0.2/24 on `sw0`, `mgmt0` 10.79.0.2/24
+//!   on `mg0`;
 //! - `NAME-hostK`: host K, with a VM bridge `br-vm` whose uplink is a port of `sw0` (so a
-//!   VM's tap on `br-vm` is on the VM network), and `log0` 10.78.0.(10+K)/24 on `lg0`;
-//! - `/tmp/NAME-shared`: the shared storage folder.
+//!   VM's tap on `br-vm` is on the VM network), `log0` 10.78.0.(10+K)/24 on `lg0` and
+//!   `mgmt0` 10.79.0.(10+K)/24 on `mg0`;
+//! - `/tmp/NAME-shared`: the shared storage folder;
+//! - unless made `--bare`: one etcd member in `NAME-net` (data `/tmp/NAME-etcd`, log
+//!   `/tmp/NAME-etcd.log`), a host agent in every host (log `/tmp/NAME-hostK-agent.log`),
+//!   and the lab file `/tmp/NAME-lab.json` saying where they are. The lab file exists only
+//!   for a lab that runs a cluster.
 //!
 //! Every link is created inside its namespaces, so several labs can exist at once. `down`
-//! deletes the namespaces (which deletes their links) and kills what runs in them.
+//! kills what runs in the namespaces (etcd and the agents included), deletes them (which
+//! deletes their links) and the files above; it is idempotent. Processes the lab starts
+//! are detached (their own session): they outlive the `tandem lab up` that started them.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 pub const CLIENT_IP: &str = "10.77.0.2";
+/// The management network's bridge, where etcd listens.
+pub const MGMT_BRIDGE_IP: &str = "10.79.0.1";
+/// The client's address on the management network.
+pub const CLIENT_MGMT_IP: &str = "10.79.0.2";
+/// The lab's etcd, as agents and clients address it.
+pub const STORE_URL: &str = "http://10.79.0.1:2379";
+/// The port of every agent's REST API (on its host's management address).
+pub const API_PORT: u16 = 7070;
+/// How long `lab up` waits for etcd to answer.
+const ETCD_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Subcommand)]
+pub enum LabCommand {
+    /// Create the lab: NAME-net (switches), NAME-client, NAME-host1..N, shared storage,
+    /// and (unless --bare) etcd on the management network and a host agent on every host.
+    Up {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// How many hosts.
+        #[arg(long, default_value_t = 2)]
+        hosts: u32,
+        /// Only the namespaces and networks: no etcd, no agents, no lab file.
+        #[arg(long)]
+        bare: bool,
+    },
+    /// Remove the lab and everything running in it.
+    Down {
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Fail a host: SIGKILL every process on it and cut its links.
+    Kill {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+    },
+    /// Isolate a host: cut its links (VM, logging, management), its processes alive.
+    Isolate {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+    },
+    /// Bring a killed or isolated host back: links up, and its agent started again if it
+    /// is not running (in a lab that runs a cluster).
+    Revive {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+    },
+}
+
+/// Carry out a `tandem lab` command.
+pub fn run(cmd: LabCommand) -> Result<u8> {
+    match cmd {
+        LabCommand::Up { lab, hosts, bare } => run_up(&lab, hosts, bare),
+        LabCommand::Down { lab } => run_down(&lab),
+        LabCommand::Kill { lab, host } => run_kill(&lab, &host),
+        LabCommand::Isolate { lab, host } => {
+            isolate(&lab.name, &host)?;
+            println!(
+                "lab {}: {host} isolated (links cut, processes alive)",
+                lab.name
+            );
+            Ok(0)
+        }
+        LabCommand::Revive { lab, host } => {
+            let started = revive(&lab.name, &host)?;
+            println!(
+                "lab {}: {host} revived (links up{})",
+                lab.name,
+                if started { ", agent started" } else { "" }
+            );
+            Ok(0)
+        }
+    }
+}
 
 #[derive(clap::Args)]
 pub struct LabArgs {
@@ -35,6 +124,46 @@ pub fn host_ns(name: &str, k: u32) -> String {
 
 pub fn shared_dir(name: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/{name}-shared"))
+}
+
+/// `/tmp/NAME-lab.json`: where a lab's cluster is (see [`LabFile`]).
+pub fn lab_file(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/{name}-lab.json"))
+}
+
+fn etcd_dir(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/{name}-etcd"))
+}
+
+fn etcd_log(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/{name}-etcd.log"))
+}
+
+pub fn agent_log(name: &str, k: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/{name}-host{k}-agent.log"))
+}
+
+/// Host K's address on the management network (its agent's API listens there).
+pub fn mgmt_ip(k: u32) -> String {
+    format!("10.79.0.{}", 10 + k)
+}
+
+/// Host K's address on the logging network.
+pub fn log_ip(k: u32) -> String {
+    format!("10.78.0.{}", 10 + k)
+}
+
+/// What `/tmp/NAME-lab.json` says: how clients (run in `netns`) reach the lab's cluster.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct LabFile {
+    pub name: String,
+    /// The namespace to run clients in (the management network is reachable from it).
+    pub netns: String,
+    /// The etcd endpoint(s).
+    pub store: String,
+    /// Every host's agent API, `http://IP:PORT`, host1 first.
+    pub apis: Vec<String>,
+    pub hosts: u32,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -108,7 +237,20 @@ fn bridge(ns: &str, name: &str) -> Result<()> {
     in_ns(ns, &["link", "set", name, "up"])
 }
 
+/// Create lab `name` with `hosts` hosts, bare: namespaces and networks only (what the
+/// FT tests, the demo and the benchmarks use). See [`up_cluster`] for etcd and agents.
 pub fn up(name: &str, hosts: u32) -> Result<()> {
+    up_with(name, hosts, false)
+}
+
+/// Create lab `name` with `hosts` hosts running a cluster: etcd on the management network
+/// (waited for), a host agent started in every host (not waited for), the lab file.
+#[allow(dead_code)] // for the cluster's demo and benchmarks, which start labs in-process
+pub fn up_cluster(name: &str, hosts: u32) -> Result<()> {
+    up_with(name, hosts, true)
+}
+
+fn up_with(name: &str, hosts: u32, cluster: bool) -> Result<()> {
     valid_name(name)?;
     if !(1..=16).contains(&hosts) {
         bail!("--hosts {hosts}: a lab has 1 to 16 hosts");
@@ -116,7 +258,15 @@ pub fn up(name: &str, hosts: u32) -> Result<()> {
     if !namespaces(name).is_empty() {
         bail!("lab {name} is already up: `tandem lab down --name {name}` first");
     }
-    let result = build(name, hosts);
+    // What a lab that was never taken down left behind (a stale cluster state above all).
+    remove_files(name);
+    let result = build(name, hosts).and_then(|()| {
+        if cluster {
+            start_cluster(name, hosts)
+        } else {
+            Ok(())
+        }
+    });
     if result.is_err() {
         down(name);
     }
@@ -133,9 +283,13 @@ fn build(name: &str, hosts: u32) -> Result<()> {
         ip(&["netns", "add", &n])?;
         in_ns(&n, &["link", "set", "lo", "up"])?;
     }
-    for br in ["sw0", "lg0"] {
+    for br in ["sw0", "lg0", "mg0"] {
         bridge(&net, br)?;
     }
+    in_ns(
+        &net,
+        &["addr", "add", &format!("{MGMT_BRIDGE_IP}/24"), "dev", "mg0"],
+    )?;
     veth(&client, "eth0", &net, "client")?;
     in_ns(&net, &["link", "set", "client", "master", "sw0", "up"])?;
     in_ns(
@@ -143,6 +297,7 @@ fn build(name: &str, hosts: u32) -> Result<()> {
         &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"],
     )?;
     in_ns(&client, &["link", "set", "eth0", "up"])?;
+    mgmt_port(&net, &client, "clientmg", CLIENT_MGMT_IP)?;
     for k in 1..=hosts {
         let h = host_ns(name, k);
         bridge(&h, "br-vm")?;
@@ -164,25 +319,217 @@ fn build(name: &str, hosts: u32) -> Result<()> {
         )?;
         in_ns(&h, &["link", "set", "log0", "up"])?;
         in_ns(&net, &["link", "set", &lg_port, "master", "lg0", "up"])?;
+        mgmt_port(&net, &h, &format!("h{k}mg"), &mgmt_ip(k))?;
     }
     std::fs::create_dir_all(shared_dir(name)).context("creating the shared storage folder")?;
     Ok(())
 }
 
+/// `mgmt0` with address `ip` in namespace `ns`, its peer `port` a port of `mg0`.
+fn mgmt_port(net: &str, ns: &str, port: &str, ip: &str) -> Result<()> {
+    veth(ns, "mgmt0", net, port)?;
+    in_ns(ns, &["addr", "add", &format!("{ip}/24"), "dev", "mgmt0"])?;
+    in_ns(ns, &["link", "set", "mgmt0", "up"])?;
+    in_ns(net, &["link", "set", port, "master", "mg0", "up"])
+}
+
+/// Start a command detached (its own session, stdin closed, output appended to `log`)
+/// in namespace `ns`; the child is reaped by a thread of its own, so a long-lived caller
+/// (the demo, a benchmark) collects no zombies.
+fn spawn_detached(
+    ns: &str,
+    program: &std::ffi::OsStr,
+    args: &[String],
+    log: &std::path::Path,
+) -> Result<std::process::Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    // `setsid` execs (a spawned child leads no process group), so the child is the
+    // program itself once `ip netns exec` execs it too.
+    Command::new("setsid")
+        .args(["ip", "netns", "exec", ns])
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {} in {ns}", program.to_string_lossy()))
+}
+
+fn reap_in_background(mut child: std::process::Child) {
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+}
+
+/// etcd in `NAME-net`, waited for; then an agent on every host; then the lab file.
+fn start_cluster(name: &str, hosts: u32) -> Result<()> {
+    let net = ns(name, "net");
+    let peer = format!("http://{MGMT_BRIDGE_IP}:2380");
+    let args = vec![
+        format!("--name={name}"),
+        format!("--data-dir={}", etcd_dir(name).display()),
+        format!("--listen-client-urls={STORE_URL}"),
+        format!("--advertise-client-urls={STORE_URL}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster={name}={peer}"),
+        "--initial-cluster-state=new".to_string(),
+    ];
+    let mut etcd = spawn_detached(&net, "etcd".as_ref(), &args, &etcd_log(name))
+        .context("etcd (scripts/setup installs etcd-server; `lab up --bare` runs without it)")?;
+    let deadline = Instant::now() + ETCD_WAIT;
+    loop {
+        if let Ok(Some(status)) = etcd.try_wait() {
+            bail!(
+                "etcd exited at start ({status}); {}:\n{}",
+                etcd_log(name).display(),
+                tail(&etcd_log(name), 10)
+            );
+        }
+        if etcd_answers(&net) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "etcd did not answer at {STORE_URL} within {ETCD_WAIT:?}; {}:\n{}",
+                etcd_log(name).display(),
+                tail(&etcd_log(name), 10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    reap_in_background(etcd);
+    for k in 1..=hosts {
+        start_agent(name, k)?;
+    }
+    let file = LabFile {
+        name: name.to_string(),
+        netns: ns(name, "client"),
+        store: STORE_URL.to_string(),
+        apis: (1..=hosts)
+            .map(|k| format!("http://{}:{API_PORT}", mgmt_ip(k)))
+            .collect(),
+        hosts,
+    };
+    let path = lab_file(name);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&file)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Whether the lab's etcd reports itself healthy, asked from inside `NAME-net` (the
+/// management network is not reachable from where `lab up` runs).
+fn etcd_answers(net: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", net, "curl", "-s", "-m", "1"])
+        .arg(format!("{STORE_URL}/health"))
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""))
+}
+
+/// The last `n` lines of a log, for error messages.
+fn tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Start host K's agent (detached, output appended to `/tmp/NAME-hostK-agent.log`) with
+/// this very binary. Not waited for: an agent that cannot start says why in its log.
+pub fn start_agent(name: &str, k: u32) -> Result<()> {
+    let h = host_ns(name, k);
+    if !namespaces(name).contains(&h) {
+        bail!("lab {name} has no host{k}");
+    }
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let args: Vec<String> = [
+        "host",
+        "agent",
+        "--name",
+        &format!("host{k}"),
+        "--store",
+        STORE_URL,
+        "--shared",
+        &shared_dir(name).display().to_string(),
+        "--vm-bridge",
+        "br-vm",
+        "--log-ip",
+        &log_ip(k),
+        "--api",
+        &format!("{}:{API_PORT}", mgmt_ip(k)),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let child = spawn_detached(&h, exe.as_os_str(), &args, &agent_log(name, k))?;
+    reap_in_background(child);
+    Ok(())
+}
+
+/// Whether a `tandem host agent` runs in namespace `ns`.
+fn agent_running(ns: &str) -> bool {
+    pids(ns).into_iter().any(|pid| {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        args.windows(2).any(|w| w[0] == b"host" && w[1] == b"agent")
+    })
+}
+
+/// The processes in a namespace.
+fn pids(ns: &str) -> Vec<i32> {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return vec![];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Kill every process in a namespace with SIGKILL.
 fn kill_all(ns: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: kill(2) with a pid read from the kernel; no memory is involved.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+    for pid in pids(ns) {
+        // SAFETY: kill(2) with a pid read from the kernel; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// The files of lab `name` outside its namespaces: shared storage, etcd's data and log,
+/// the agents' logs, the lab file.
+fn remove_files(name: &str) {
+    let _ = std::fs::remove_dir_all(shared_dir(name));
+    let _ = std::fs::remove_dir_all(etcd_dir(name));
+    let _ = std::fs::remove_file(etcd_log(name));
+    let _ = std::fs::remove_file(lab_file(name));
+    // Agent logs of any host number (the lab may have had more hosts than are left).
+    let prefix = format!("{name}-host");
+    if let Ok(dir) = std::fs::read_dir("/tmp") {
+        for e in dir.flatten() {
+            let f = e.file_name();
+            let f = f.to_string_lossy();
+            let is_agent_log = f
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix("-agent.log"))
+                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()));
+            if is_agent_log {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
 }
 
-/// Remove lab `name`: kill what runs in it, delete its namespaces and shared folder.
-/// Removing what is already gone is not an error.
+/// Remove lab `name`: kill what runs in it (etcd and agents too), delete its namespaces
+/// and files. Removing what is already gone is not an error.
 pub fn down(name: &str) {
     let all = namespaces(name);
     for n in &all {
@@ -191,26 +538,65 @@ pub fn down(name: &str) {
     for n in &all {
         let _ = ip(&["netns", "delete", n]);
     }
-    let _ = std::fs::remove_dir_all(shared_dir(name));
+    remove_files(name);
+}
+
+/// Every link of a host to the outside: VM network, logging, management.
+const HOST_LINKS: [&str; 3] = ["uplink", "log0", "mgmt0"];
+
+/// `host` (`hostK`) of lab `name`: its K, checked to exist.
+fn host_number(name: &str, host: &str) -> Result<u32> {
+    let k = host
+        .strip_prefix("host")
+        .and_then(|k| k.parse::<u32>().ok())
+        .filter(|k| (1..=16).contains(k));
+    match k {
+        Some(k) if namespaces(name).contains(&host_ns(name, k)) => Ok(k),
+        _ => bail!("lab {name} has no host {host:?} (hosts are host1, host2, ...)"),
+    }
+}
+
+/// Every link of host K up or down: each one tried, the first failure reported.
+fn set_links(name: &str, k: u32, state: &str) -> Result<()> {
+    let h = host_ns(name, k);
+    HOST_LINKS
+        .iter()
+        .map(|link| in_ns(&h, &["link", "set", link, state]))
+        .fold(Ok(()), Result::and)
 }
 
 /// A host failure: SIGKILL every process of host `k` and cut its links.
 pub fn kill(name: &str, host: &str) -> Result<()> {
-    let h = ns(name, host);
-    if !namespaces(name).contains(&h) {
-        bail!("lab {name} has no host {host}");
-    }
+    let k = host_number(name, host)?;
     // Links first: a host that dies says nothing, so its peers must not see a FIN or a
-    // reset from the kernel closing its sockets, only silence.
-    for link in ["uplink", "log0"] {
-        let _ = in_ns(&h, &["link", "set", link, "down"]);
-    }
-    kill_all(&h);
+    // reset from the kernel closing its sockets, only silence. Its agent's lease then
+    // expires in etcd.
+    let _ = set_links(name, k, "down");
+    kill_all(&host_ns(name, k));
     Ok(())
 }
 
-pub fn run_up(a: &LabArgs, hosts: u32) -> Result<u8> {
-    up(&a.name, hosts)?;
+/// A network isolation: cut every link of `host`, its processes left running (its agent
+/// cannot renew its lease; its VMs cannot be reached).
+pub fn isolate(name: &str, host: &str) -> Result<()> {
+    let k = host_number(name, host)?;
+    set_links(name, k, "down")
+}
+
+/// Undo [`kill`] or [`isolate`]: links up, and, in a lab that runs a cluster, the host's
+/// agent started again if none runs there. Whether an agent was started.
+pub fn revive(name: &str, host: &str) -> Result<bool> {
+    let k = host_number(name, host)?;
+    set_links(name, k, "up")?;
+    if lab_file(name).is_file() && !agent_running(&host_ns(name, k)) {
+        start_agent(name, k)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+pub fn run_up(a: &LabArgs, hosts: u32, bare: bool) -> Result<u8> {
+    up_with(&a.name, hosts, !bare)?;
     println!(
         "lab {} up: {} hosts ({}), client {} ({CLIENT_IP}), switch {}, shared storage {}",
         a.name,
@@ -223,6 +609,15 @@ pub fn run_up(a: &LabArgs, hosts: u32) -> Result<u8> {
         ns(&a.name, "net"),
         shared_dir(&a.name).display()
     );
+    if !bare {
+        println!(
+            "cluster: etcd {STORE_URL} (log {}), agents' APIs {}:{API_PORT} (logs /tmp/{}-hostK-agent.log), lab file {}",
+            etcd_log(&a.name).display(),
+            (1..=hosts).map(mgmt_ip).collect::<Vec<_>>().join(","),
+            a.name,
+            lab_file(&a.name).display()
+        );
+    }
     Ok(0)
 }
 

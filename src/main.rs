@@ -54,7 +54,7 @@ enum Command {
     Bench(BenchCommand),
     /// A cluster on this machine made of network namespaces: hosts, a switch, a client.
     #[command(subcommand)]
-    Lab(LabCommand),
+    Lab(lab::LabCommand),
     /// Fault tolerance: a cluster VM's FT verbs (turn-on, disable, test-failover, ...), or
     /// run a VM as a primary or a secondary in lockstep by hand.
     #[command(subcommand)]
@@ -245,30 +245,6 @@ struct FtSecondaryArgs {
 }
 
 #[derive(Subcommand)]
-enum LabCommand {
-    /// Create the lab: NAME-net (switches), NAME-client, NAME-host1..N, shared storage.
-    Up {
-        #[command(flatten)]
-        lab: lab::LabArgs,
-        /// How many hosts.
-        #[arg(long, default_value_t = 2)]
-        hosts: u32,
-    },
-    /// Remove the lab and everything running in it.
-    Down {
-        #[command(flatten)]
-        lab: lab::LabArgs,
-    },
-    /// Fail a host: SIGKILL every process on it and cut its links.
-    Kill {
-        #[command(flatten)]
-        lab: lab::LabArgs,
-        /// The host, e.g. host1.
-        host: String,
-    },
-}
-
-#[derive(Subcommand)]
 enum VmCommand {
     /// Run a wasm32-wasi program as a Tandem VM, optionally recording its event log.
     ///
@@ -333,7 +309,7 @@ enum VmCommand {
     /// Cluster verb: destroy a powered-off VM (its datastore is kept).
     Destroy(verbs_cli::VmArgs),
     /// Cluster verb: the VMs: power, FT status (Protected; Not protected with the reason;
-    /// Disabled; Off), primary and secondary hosts, the secondary's lag, logging traffic.
+    /// Disabled; Off), primary and secondary hosts, the secondary's lag, logging bandwidth.
     List(verbs_cli::ListArgs),
     /// Cluster verb: one VM in full.
     Show(verbs_cli::ShowArgs),
@@ -470,9 +446,6 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
         Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),
-        Command::Lab(LabCommand::Up { lab, hosts }) => {
-            lab::run_up(&lab, hosts).map_err(Failure::from)
-        }
         Command::Cluster(c) => Ok(verbs_cli::cluster(&c)),
         Command::Host(c) => verbs_cli::host(&c).map_err(Failure::from),
         Command::Vm(VmCommand::Create(a)) => Ok(verbs_cli::vm_create(&a)),
@@ -493,10 +466,7 @@ fn main() -> ExitCode {
             &a.vm,
             FtOp::MigrateSecondary { to: a.to.clone() },
         )),
-        Command::Lab(LabCommand::Down { lab }) => lab::run_down(&lab).map_err(Failure::from),
-        Command::Lab(LabCommand::Kill { lab, host }) => {
-            lab::run_kill(&lab, &host).map_err(Failure::from)
-        }
+        Command::Lab(c) => lab::run(c).map_err(Failure::from),
     };
     match result {
         Ok(code) => ExitCode::from(code),

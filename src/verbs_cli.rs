@@ -365,7 +365,7 @@ fn vm_table(vms: &[VmView]) -> String {
                 v.primary_host.clone().unwrap_or_else(dash),
                 v.secondary_host.clone().unwrap_or_else(dash),
                 lag,
-                v.log_bytes.map_or_else(dash, bytes),
+                v.log_bps.map_or_else(dash, |b| bytes(b) + "/s"),
             ]
         })
         .collect();
@@ -819,6 +819,7 @@ mod tests {
             lag_ms: Some(12),
             lag_events: Some(3),
             log_bytes: Some(3 << 20),
+            log_bps: Some(3 << 19),
             restart_priority: Priority::High,
             failovers: 0,
             reprotections: 0,
@@ -875,7 +876,7 @@ mod tests {
             ]
         );
         assert!(lines[1].contains("Protected") && lines[1].contains("12 ms / 3 ev"));
-        assert!(lines[1].contains("3.0 MiB"), "{t}");
+        assert!(lines[1].contains("1.5 MiB/s"), "{t}");
         assert!(
             lines[2].contains("Not protected (secondary starting)"),
             "{t}"

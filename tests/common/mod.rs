@@ -120,24 +120,72 @@ pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
 pub struct Lab {
     pub name: String,
     vms: Vec<std::process::Child>,
+    /// Made with etcd and agents ([`Lab::cluster`]).
+    cluster: bool,
 }
 
 /// The issues' standard load at kvd: `redis-benchmark -t set,get,incr -n 20000 -c 20 -P 8`.
 pub const KVD_LOAD: &[&str] = &["-t", "set,get,incr", "-n", "20000", "-c", "20", "-P", "8"];
 
 impl Lab {
+    /// A bare lab (`lab up --bare`: namespaces and networks, no etcd, no agents) named
+    /// after this test process and `tag`.
     pub fn up(tag: &str, hosts: u32) -> Lab {
+        Self::make(tag, hosts, false)
+    }
+
+    /// A lab running a cluster: etcd on the management network and a host agent on every
+    /// host (started, not waited for), described by [`Lab::lab_file`].
+    pub fn cluster(tag: &str, hosts: u32) -> Lab {
+        Self::make(tag, hosts, true)
+    }
+
+    fn make(tag: &str, hosts: u32, cluster: bool) -> Lab {
         let name = format!("t{}{tag}", std::process::id() % 100_000);
         let h = hosts.to_string();
-        let run = tandem(&["lab", "up", "--name", &name, "--hosts", &h]);
+        let mut args = vec!["lab", "up", "--name", &name, "--hosts", &h];
+        if !cluster {
+            args.push("--bare");
+        }
+        let run = tandem(&args);
         // Construct first so that a half-built lab is removed too.
-        let lab = Lab { name, vms: vec![] };
+        let lab = Lab {
+            name,
+            vms: vec![],
+            cluster,
+        };
         assert_eq!(
             run.code, 0,
             "lab up failed (tests need root): {}{}",
             run.stdout, run.stderr
         );
         lab
+    }
+
+    /// The lab's name (`--name` of every `tandem lab` command).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/tmp/NAME-lab.json`: where the lab's cluster is (only for [`Lab::cluster`] labs).
+    pub fn lab_file(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/{}-lab.json", self.name))
+    }
+
+    /// Host K's agent log (`/tmp/NAME-hostK-agent.log`).
+    pub fn agent_log(&self, k: u32) -> PathBuf {
+        PathBuf::from(format!("/tmp/{}-host{k}-agent.log", self.name))
+    }
+
+    /// `tandem lab VERB --name NAME hostK` (kill, isolate, revive); panics unless it worked.
+    pub fn host_op(&self, verb: &str, k: u32) {
+        let host = format!("host{k}");
+        let run = tandem(&["lab", verb, "--name", &self.name, &host]);
+        assert_eq!(
+            run.code, 0,
+            "lab {verb} {host}: {}{}",
+            run.stdout, run.stderr
+        );
     }
 
     pub fn ns(&self, what: &str) -> String {
@@ -233,6 +281,22 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // A failing cluster test says what etcd and the agents said, before `down`
+        // removes their logs.
+        if self.cluster && std::thread::panicking() {
+            let mut logs = vec![PathBuf::from(format!("/tmp/{}-etcd.log", self.name))];
+            logs.extend((1..=16).map(|k| self.agent_log(k)));
+            for log in logs {
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    eprintln!(
+                        "--- {} (last 30 lines)\n{}",
+                        log.display(),
+                        lines[lines.len().saturating_sub(30)..].join("\n")
+                    );
+                }
+            }
+        }
         for child in &mut self.vms {
             let _ = child.kill();
             let _ = child.wait();

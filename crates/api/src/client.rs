@@ -17,7 +17,7 @@ use cluster::verbs::{CreateVm, FtOp};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::transport::{Response, request};
+use cluster::http::{Response, request};
 
 /// How long one exchange with one API may take (a verb only records what it asks, so
 /// an answer is quick; an API on a dead host costs this much, once: see `preferred`).

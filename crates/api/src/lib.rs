@@ -12,7 +12,6 @@ pub mod client;
 pub mod server;
 
 mod routes;
-mod transport;
 
 /// The OpenAPI 3.0 document describing every route (hand-written; a unit test checks that
 /// its paths and methods are exactly the router's).

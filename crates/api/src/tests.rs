@@ -53,6 +53,7 @@ fn view(name: &str) -> VmView {
         lag_ms: Some(3),
         lag_events: Some(1),
         log_bytes: Some(1000),
+        log_bps: Some(250),
         restart_priority: Priority::Medium,
         failovers: 0,
         reprotections: 0,

@@ -3,8 +3,11 @@
 //! re-protects them ([`master`], [`placement`]), and the verbs users call ([`verbs`]).
 //! No HTTP server here: `crates/api` serves the verbs.
 
+pub mod agent;
 pub mod http;
+pub mod master;
 pub mod model;
+pub mod placement;
 pub mod store;
 pub mod verbs;
 

@@ -239,9 +239,11 @@ pub struct CopyReport {
     /// How far behind the secondary is, in ms (the age of the oldest unacknowledged event).
     #[serde(default)]
     pub lag_ms: u64,
-    /// Bytes streamed over the logging channel.
+    /// Bytes streamed over the logging channel, and their rate over the last report.
     #[serde(default)]
     pub log_bytes: u64,
+    #[serde(default)]
+    pub log_bps: u64,
     /// How the process ended (`exit 0`, `signal 9`, ...).
     #[serde(default)]
     pub exit: Option<String>,
@@ -272,6 +274,8 @@ pub struct VmView {
     pub lag_ms: Option<u64>,
     pub lag_events: Option<u64>,
     pub log_bytes: Option<u64>,
+    /// Logging-channel bandwidth, bytes per second.
+    pub log_bps: Option<u64>,
     pub restart_priority: Priority,
     pub failovers: u64,
     pub reprotections: u64,

@@ -7,7 +7,12 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::ClusterError;
-use crate::model::{ClusterView, HostView, Nic, Priority, VmView};
+use crate::master::View;
+use crate::model::{
+    self, ClusterView, CopyState, FtMode, FtStatus, HostView, Nic, Power, Priority, VmRecord,
+    VmSpec, VmView,
+};
+use crate::placement::{self, Request};
 use crate::store::Store;
 
 /// `POST /api/v1/vms`.
@@ -47,42 +52,530 @@ pub enum FtOp {
 }
 
 /// The verbs, over one cluster store.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Verbs {
     store: Store,
     /// The shared storage folder, as this host sees it.
     shared: PathBuf,
 }
 
+/// Bounds on what a VM may ask for.
+const MAX_MEMORY_MIB: u64 = 4096;
+const MAX_LISTEN: usize = 16;
+const MAX_ARGS: usize = 64;
+const MAX_ARG_BYTES: usize = 4096;
+/// Logging-channel ports handed to VMs.
+const LOG_PORTS: std::ops::RangeInclusive<u16> = 7100..=7999;
+/// Kill requests for a copy that no agent carries out vanish after this long.
+const KILL_TTL_SECS: i64 = 30;
+
+fn invalid(s: impl Into<String>) -> ClusterError {
+    ClusterError::Invalid(s.into())
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ClusterError> {
+    if model::valid_name(name) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{what} name {name:?}: use 1-{} lowercase letters, digits and '-', not starting with '-'",
+            model::MAX_NAME
+        )))
+    }
+}
+
+/// A MAC address, six hex pairs separated by ':'.
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn valid_cidr(ip: &str) -> bool {
+    ip.split_once('/').is_some_and(|(a, n)| {
+        a.parse::<std::net::Ipv4Addr>().is_ok()
+            && n.parse::<u8>().is_ok_and(|n| (1..=32).contains(&n))
+    })
+}
+
+/// `path` is inside `root`, as the kernel resolves both (symbolic links followed).
+fn inside(path: &std::path::Path, root: &std::path::Path) -> bool {
+    match (path.canonicalize(), root.canonicalize()) {
+        (Ok(p), Ok(r)) => p.starts_with(r),
+        _ => false,
+    }
+}
+
 impl Verbs {
     pub fn new(store: Store, shared: PathBuf) -> Self {
         Verbs { store, shared }
     }
+
+    fn view(&self) -> Result<View, ClusterError> {
+        Ok(View::read(&self.store)?)
+    }
+
+    fn record(&self, name: &str) -> Result<(VmRecord, i64), ClusterError> {
+        check_name("VM", name)?;
+        self.store
+            .get_json::<VmRecord>(&model::vm_key(name))?
+            .ok_or_else(|| ClusterError::NotFound(format!("no VM named {name}")))
+    }
+
+    /// Change a VM's record with a compare-and-swap (a concurrent verb makes this one fail
+    /// with a conflict rather than be lost).
+    fn update(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut VmRecord) -> Result<(), ClusterError>,
+    ) -> Result<VmView, ClusterError> {
+        let (mut rec, rev) = self.record(name)?;
+        change(&mut rec)?;
+        let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
+        if !self.store.put_if(&model::vm_key(name), &bytes, rev, None)? {
+            return Err(ClusterError::Conflict(format!(
+                "{name} changed while this request ran; try again"
+            )));
+        }
+        self.vm(name)
+    }
+
     pub fn status(&self) -> Result<ClusterView, ClusterError> {
-        todo!("{:?}{:?}", self.shared, self.store)
+        let v = self.view()?;
+        let views = Self::views(&v);
+        Ok(ClusterView {
+            master: v.master.map(|m| m.host),
+            hosts: v.hosts.len(),
+            vms: views.len(),
+            protected: views.iter().filter(|x| x.ft == FtStatus::Protected).count(),
+            not_protected: views
+                .iter()
+                .filter(|x| x.ft == FtStatus::NotProtected)
+                .count(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
     }
+
     pub fn hosts(&self) -> Result<Vec<HostView>, ClusterError> {
-        todo!()
+        let v = self.view()?;
+        let master = v.master.as_ref().map(|m| m.host.clone());
+        Ok(v.loads()
+            .into_iter()
+            .map(|l| HostView {
+                master: master.as_deref() == Some(l.host.name.as_str()),
+                state: "connected".into(),
+                name: l.host.name,
+                version: l.host.version,
+                fingerprint: l.host.fingerprint,
+                ft_vms: l.ft_copies,
+                vms: l.copies,
+                maintenance: l.host.maintenance,
+                memory_mib: l.host.memory_mib,
+                memory_reserved_mib: l.reserved_mib,
+                api: l.host.api,
+            })
+            .collect())
     }
+
+    fn views(v: &View) -> Vec<VmView> {
+        v.vms.values().map(|r| Self::view_of(v, r)).collect()
+    }
+
+    fn view_of(v: &View, r: &VmRecord) -> VmView {
+        let name = &r.spec.name;
+        let p = v
+            .places
+            .get(name)
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default();
+        let primary = p.primary.as_ref().and_then(|c| v.report(name, c));
+        let secondary = p.secondary.as_ref().and_then(|c| v.report(name, c));
+        let protected = primary.is_some_and(|c| c.live && c.protected);
+        let (ft, reason) = match r.ft {
+            FtMode::Off => (FtStatus::Off, None),
+            FtMode::Disabled => (FtStatus::Disabled, Some("FT is disabled".to_string())),
+            FtMode::On if protected => (FtStatus::Protected, None),
+            FtMode::On => {
+                let why = if r.power == Power::Off {
+                    "the VM is powered off".to_string()
+                } else if let Some(s) = secondary.filter(|s| s.state == CopyState::Exited) {
+                    format!(
+                        "the secondary on {} ended ({})",
+                        p.secondary.as_ref().map_or("?", |c| c.host.as_str()),
+                        s.exit.clone().unwrap_or_default()
+                    )
+                } else {
+                    p.reason.clone().unwrap_or_else(|| "starting".into())
+                };
+                (FtStatus::NotProtected, Some(why))
+            }
+        };
+        let power = if p.primary.is_some() {
+            Power::On
+        } else {
+            r.power
+        };
+        let power = if r.power == Power::Off {
+            Power::Off
+        } else {
+            power
+        };
+        VmView {
+            name: name.clone(),
+            power,
+            ft,
+            ft_reason: reason,
+            primary_host: p.primary.as_ref().map(|c| c.host.clone()),
+            secondary_host: p
+                .secondary
+                .as_ref()
+                .map(|c| c.host.clone())
+                .or(p.secondary_parked.clone()),
+            lag_ms: primary.filter(|_| p.secondary.is_some()).map(|c| c.lag_ms),
+            lag_events: primary
+                .filter(|_| p.secondary.is_some())
+                .map(|c| c.events.saturating_sub(c.acked)),
+            log_bytes: primary.map(|c| c.log_bytes),
+            log_bps: primary.map(|c| c.log_bps),
+            restart_priority: r.spec.restart_priority,
+            failovers: p.failovers,
+            reprotections: p.reprotections,
+            restarts: p.restarts,
+            spec: r.spec.clone(),
+        }
+    }
+
     pub fn vms(&self) -> Result<Vec<VmView>, ClusterError> {
-        todo!()
+        Ok(Self::views(&self.view()?))
     }
-    pub fn vm(&self, _name: &str) -> Result<VmView, ClusterError> {
-        todo!()
+
+    pub fn vm(&self, name: &str) -> Result<VmView, ClusterError> {
+        check_name("VM", name)?;
+        let v = self.view()?;
+        let r = v
+            .vms
+            .get(name)
+            .ok_or_else(|| ClusterError::NotFound(format!("no VM named {name}")))?;
+        Ok(Self::view_of(&v, r))
     }
-    pub fn create(&self, _req: CreateVm) -> Result<VmView, ClusterError> {
-        todo!()
+
+    pub fn create(&self, req: CreateVm) -> Result<VmView, ClusterError> {
+        check_name("VM", &req.name)?;
+        if !req.wasm.is_absolute() || !req.wasm.is_file() {
+            return Err(invalid(format!(
+                "--wasm {}: not a file (give an absolute path every host can read)",
+                req.wasm.display()
+            )));
+        }
+        let datastore = match req.datastore {
+            Some(d) => {
+                if !d.is_absolute() || !d.is_dir() {
+                    return Err(invalid(format!(
+                        "--datastore {}: not a folder (give an absolute path on shared storage)",
+                        d.display()
+                    )));
+                }
+                d
+            }
+            None => {
+                let d = self.shared.join(&req.name).join("datastore");
+                std::fs::create_dir_all(&d)
+                    .map_err(|e| ClusterError::Internal(format!("create {}: {e}", d.display())))?;
+                d
+            }
+        };
+        let memory_mib = req.memory_mib.unwrap_or(256);
+        if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+            return Err(invalid(format!(
+                "--memory-mib {memory_mib} is outside 1..={MAX_MEMORY_MIB}"
+            )));
+        }
+        if let Some(nic) = &req.nic {
+            if !valid_mac(&nic.mac) {
+                return Err(invalid(format!(
+                    "NIC mac {:?}: use six hex pairs, e.g. 02:00:00:00:00:0a",
+                    nic.mac
+                )));
+            }
+            if !valid_cidr(&nic.ip) {
+                return Err(invalid(format!(
+                    "NIC ip {:?}: use IPv4 CIDR, e.g. 10.77.0.10/24",
+                    nic.ip
+                )));
+            }
+        }
+        if req.listen.len() > MAX_LISTEN {
+            return Err(invalid(format!("at most {MAX_LISTEN} --listen ports")));
+        }
+        if !req.listen.is_empty() && req.nic.is_none() {
+            return Err(invalid("--listen needs --nic"));
+        }
+        if req.listen.contains(&0) {
+            return Err(invalid("--listen port 0 is not a port"));
+        }
+        if req.args.len() + req.env.len() > MAX_ARGS
+            || req
+                .args
+                .iter()
+                .chain(&req.env)
+                .any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0'))
+        {
+            return Err(invalid(format!(
+                "at most {MAX_ARGS} arguments and variables, each at most {MAX_ARG_BYTES} bytes, no NUL"
+            )));
+        }
+        if let Some(e) = req
+            .env
+            .iter()
+            .find(|e| !e.contains('=') || e.starts_with('='))
+        {
+            return Err(invalid(format!("--env {e:?}: use K=V")));
+        }
+        let v = self.view()?;
+        let used: std::collections::BTreeSet<u16> =
+            v.vms.values().map(|r| r.spec.log_port).collect();
+        let log_port = LOG_PORTS
+            .clone()
+            .find(|p| !used.contains(p))
+            .ok_or_else(|| {
+                ClusterError::Conflict("every logging port is taken: too many VMs".into())
+            })?;
+        let rec = VmRecord {
+            spec: VmSpec {
+                name: req.name.clone(),
+                wasm: req.wasm,
+                datastore,
+                nic: req.nic,
+                listen: req.listen,
+                memory_mib,
+                restart_priority: req.restart_priority.unwrap_or_default(),
+                args: req.args,
+                env: req.env,
+                log_port,
+            },
+            power: Power::Off,
+            ft: FtMode::Off,
+            want_host: None,
+            secondary_to: None,
+        };
+        let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
+        if !self.store.create(&model::vm_key(&req.name), &bytes, None)? {
+            return Err(ClusterError::Conflict(format!(
+                "a VM named {} already exists",
+                req.name
+            )));
+        }
+        tracing::info!("created VM {}", req.name);
+        self.vm(&req.name)
     }
-    pub fn power_on(&self, _name: &str, _host: Option<String>) -> Result<VmView, ClusterError> {
-        todo!()
+
+    pub fn power_on(&self, name: &str, host: Option<String>) -> Result<VmView, ClusterError> {
+        if let Some(h) = &host {
+            check_name("host", h)?;
+            if self.store.get(&model::host_key(h))?.is_none() {
+                return Err(ClusterError::NotFound(format!(
+                    "no connected host named {h}"
+                )));
+            }
+        }
+        self.update(name, |r| {
+            r.power = Power::On;
+            r.want_host = host;
+            Ok(())
+        })
     }
-    pub fn power_off(&self, _name: &str) -> Result<VmView, ClusterError> {
-        todo!()
+
+    pub fn power_off(&self, name: &str) -> Result<VmView, ClusterError> {
+        self.update(name, |r| {
+            r.power = Power::Off;
+            Ok(())
+        })
     }
-    pub fn destroy(&self, _name: &str) -> Result<(), ClusterError> {
-        todo!()
+
+    pub fn destroy(&self, name: &str) -> Result<(), ClusterError> {
+        let (rec, _) = self.record(name)?;
+        let v = self.view()?;
+        let running = v.copies.keys().any(|(_, vm)| vm == name);
+        if rec.power == Power::On || running {
+            return Err(ClusterError::Conflict(format!(
+                "{name} is powered on (or its copies are still stopping): power it off first"
+            )));
+        }
+        self.store.delete(&model::vm_key(name))?;
+        tracing::info!("destroyed VM {name}");
+        Ok(())
     }
-    pub fn ft(&self, _name: &str, _op: FtOp) -> Result<VmView, ClusterError> {
-        todo!()
+
+    /// The FT requirements for a VM (DESIGN.md, "Lifecycle": turn on FT): its datastore on
+    /// shared storage, and a compatible second host with room.
+    fn ft_requirements(&self, r: &VmRecord, v: &View) -> Result<(), ClusterError> {
+        if !inside(&r.spec.datastore, &self.shared) {
+            return Err(ClusterError::Conflict(format!(
+                "cannot turn FT on for {}: its datastore {} is not on shared storage ({})",
+                r.spec.name,
+                r.spec.datastore.display(),
+                self.shared.display()
+            )));
+        }
+        let loads = v.loads();
+        let p = v
+            .places
+            .get(&r.spec.name)
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default();
+        let primary_host = p.primary.as_ref().map(|c| c.host.clone());
+        // Where the primary is (or would be), then whether a secondary fits beside it.
+        let phost = match primary_host {
+            Some(h) => h,
+            None => placement::place(
+                &loads,
+                &Request {
+                    vm: r,
+                    ft: true,
+                    primary: None,
+                    prefer: r.want_host.as_deref(),
+                    avoid: &[],
+                    counted_on: None,
+                },
+            )
+            .map_err(|why| {
+                ClusterError::Conflict(format!("cannot turn FT on for {}: {why}", r.spec.name))
+            })?,
+        };
+        let Some(prec) = v.hosts.get(&phost) else {
+            return Err(ClusterError::Conflict(format!(
+                "cannot turn FT on for {}: its primary's host {phost} is not connected",
+                r.spec.name
+            )));
+        };
+        placement::place(
+            &loads,
+            &Request {
+                vm: r,
+                ft: true,
+                primary: Some(prec),
+                prefer: None,
+                avoid: &[],
+                counted_on: p.secondary_parked.as_deref(),
+            },
+        )
+        .map(|_| ())
+        .map_err(|why| {
+            ClusterError::Conflict(format!("cannot turn FT on for {}: {why}", r.spec.name))
+        })
+    }
+
+    fn kill(&self, vm: &str, id: u64) -> Result<(), ClusterError> {
+        let lease = self.store.grant(KILL_TTL_SECS)?;
+        self.store
+            .put(&model::kill_key(id), vm.as_bytes(), Some(lease))?;
+        Ok(())
+    }
+
+    pub fn ft(&self, name: &str, op: FtOp) -> Result<VmView, ClusterError> {
+        let (rec, _) = self.record(name)?;
+        let v = self.view()?;
+        let p = v
+            .places
+            .get(name)
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default();
+        let conflict = |s: String| Err(ClusterError::Conflict(s));
+        match op {
+            FtOp::TurnOn => {
+                if rec.ft == FtMode::On {
+                    return self.vm(name);
+                }
+                self.ft_requirements(&rec, &v)?;
+                self.update(name, |r| {
+                    r.ft = FtMode::On;
+                    Ok(())
+                })
+            }
+            FtOp::TurnOff => self.update(name, |r| {
+                r.ft = FtMode::Off;
+                r.secondary_to = None;
+                Ok(())
+            }),
+            FtOp::Disable => {
+                if rec.ft != FtMode::On {
+                    return conflict(format!("FT is not on for {name}: nothing to disable"));
+                }
+                self.update(name, |r| {
+                    r.ft = FtMode::Disabled;
+                    Ok(())
+                })
+            }
+            FtOp::Enable => {
+                if rec.ft != FtMode::Disabled {
+                    return conflict(format!("FT is not disabled for {name}: use `ft turn-on`"));
+                }
+                self.update(name, |r| {
+                    r.ft = FtMode::On;
+                    Ok(())
+                })
+            }
+            FtOp::TestFailover => {
+                let view = Self::view_of(&v, &rec);
+                if view.ft != FtStatus::Protected {
+                    return conflict(format!(
+                        "{name} is not protected ({}): a test failover would lose it",
+                        view.ft_reason.unwrap_or_default()
+                    ));
+                }
+                let c = p.primary.expect("protected implies a primary");
+                self.kill(name, c.id)?;
+                tracing::warn!("test failover of {name}: killing its primary on {}", c.host);
+                Ok(view)
+            }
+            FtOp::RestartSecondary => {
+                let Some(c) = p.secondary else {
+                    return conflict(format!("{name} has no running secondary"));
+                };
+                self.kill(name, c.id)?;
+                tracing::warn!("restarting the secondary of {name} on {}", c.host);
+                self.vm(name)
+            }
+            FtOp::MigrateSecondary { to } => {
+                check_name("host", &to)?;
+                if rec.ft != FtMode::On {
+                    return conflict(format!("FT is not on for {name}"));
+                }
+                let Some(h) = v.hosts.get(&to) else {
+                    return Err(ClusterError::NotFound(format!(
+                        "no connected host named {to}"
+                    )));
+                };
+                if p.primary.as_ref().is_some_and(|c| c.host == to) {
+                    return conflict(format!(
+                        "{to} runs the primary of {name}: the secondary must be on another host"
+                    ));
+                }
+                if p.secondary.as_ref().is_some_and(|c| c.host == to) {
+                    return self.vm(name);
+                }
+                if let Some(prec) = p.primary.as_ref().and_then(|c| v.hosts.get(&c.host)) {
+                    let loads = v.loads();
+                    let req = Request {
+                        vm: &rec,
+                        ft: true,
+                        primary: Some(prec),
+                        prefer: Some(&h.name),
+                        avoid: &[],
+                        counted_on: None,
+                    };
+                    let got = placement::place(&loads, &req).map_err(ClusterError::Conflict)?;
+                    if got != to {
+                        return conflict(format!("{to} cannot take the secondary of {name}"));
+                    }
+                }
+                self.update(name, |r| {
+                    r.secondary_to = Some(to);
+                    Ok(())
+                })
+            }
+        }
     }
 }

@@ -99,7 +99,7 @@ pub const WASM_OPT_ARGS: &[&str] = &["--asyncify", "-O2"];
 
 /// Bumped whenever [`export_globals`] or the arguments change what an instrumented module
 /// is: part of the cache key and of a snapshot's identity.
-const TRANSFORM_VERSION: u32 = 1;
+pub const TRANSFORM_VERSION: u32 = 1;
 
 /// The export name under which global `index` of an instrumented module is reachable.
 pub fn global_export_name(index: u32) -> String {

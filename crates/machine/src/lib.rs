@@ -28,7 +28,8 @@ pub mod wasi;
 pub use log::{End, EventSink, EventSource, Exit, LogError, LogHeader, LogReader, LogWriter, Tail};
 pub use vm::{
     DEFAULT_MEMORY_LIMIT, GoLive, GuestSpec, Inputs, Machine, MachineError, PortFactory, RunReport,
-    deterministic_engine, hex, live_host, live_inputs, nic_tap, request_stop, stop_requested,
+    deterministic_engine, engine_fingerprint, hex, live_host, live_inputs, nic_tap, request_stop,
+    stop_requested,
 };
 
 /// Helpers for this crate's unit tests.

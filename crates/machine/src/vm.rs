@@ -612,6 +612,24 @@ pub fn deterministic_engine() -> Result<Engine, MachineError> {
     Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))
 }
 
+/// What copies of one VM on two hosts must agree on to exchange logs and snapshots: the
+/// formats' versions, the snapshot transform and the engine's compiled-code identity
+/// (wasmtime checks the last itself for serialized modules: `Engine::precompile_compatibility_hash`).
+pub fn engine_fingerprint() -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(engine) = deterministic_engine() {
+        engine.precompile_compatibility_hash().hash(&mut h);
+    }
+    let mut key = blake3::Hasher::new();
+    key.update(&h.finish().to_le_bytes());
+    key.update(&crate::log::VERSION.to_le_bytes());
+    key.update(&crate::snapshot::VERSION.to_le_bytes());
+    key.update(&crate::migrate::VERSION.to_le_bytes());
+    key.update(&crate::asyncify::TRANSFORM_VERSION.to_le_bytes());
+    crate::hex(&key.finalize().as_bytes()[..8])
+}
+
 /// What ending a run needs, shared by the guest's thread and the thread watching it.
 ///
 /// Invariant: the guest's thread holds the lock through every event, from its first check

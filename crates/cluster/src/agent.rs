@@ -1,0 +1,610 @@
+//! The host agent: registers its host under a lease, runs the copies the master placed on
+//! it as child processes (`tandem ft primary` / `tandem ft secondary`), reports them, and
+//! takes its turn as the HA master when elected.
+//!
+//! Invariants:
+//! - a copy id is started at most once on this host: a copy that ended (or was stopped) is
+//!   never started again; the master places a new copy instead;
+//! - the isolation response: an agent whose lease was not renewed for half its TTL stops
+//!   every copy it runs (SIGKILL) and starts none until it renews again. Its reports (the
+//!   copies' locks) vanish with its lease no earlier than a full TTL after the last renewal,
+//!   so by then no copy of it runs, and the master may start them elsewhere;
+//! - children die with the agent (`PR_SET_PDEATHSIG`): an agent that dies is a host that
+//!   died, as far as its copies are concerned. A restarted agent finds no copy of its
+//!   earlier life still running.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::ClusterError;
+use crate::master::{self, Master};
+use crate::model::{self, CopyReport, CopyState, HostRecord, Placement, Role, VmRecord};
+use crate::store::{Store, StoreError};
+
+/// The host's lease: its records vanish this long after its agent last renewed it.
+pub const LEASE_TTL_SECS: i64 = 4;
+/// How often the lease is renewed.
+const RENEW_EVERY: Duration = Duration::from_millis(1000);
+/// Without a renewal for this long, the agent stops its copies (half the TTL).
+const ISOLATED_AFTER: Duration = Duration::from_millis(LEASE_TTL_SECS as u64 * 500);
+/// How often the agent looks at its placements and its children.
+const TICK: Duration = Duration::from_millis(200);
+/// A report is rewritten at least this often (its counters move).
+const REPORT_EVERY: Duration = Duration::from_millis(1000);
+
+/// What an agent is told at start.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub store: Store,
+    /// The shared storage folder.
+    pub shared: PathBuf,
+    /// The bridge VMs' NICs join on this host.
+    pub vm_bridge: String,
+    /// This host's address on the logging network.
+    pub log_ip: String,
+    /// The URL the host's REST API is reached at.
+    pub api: String,
+    pub memory_mib: u64,
+    pub version: String,
+    pub fingerprint: String,
+    /// The `tandem` binary the copies run.
+    pub exe: PathBuf,
+    /// Where the copies' logs go.
+    pub state_dir: PathBuf,
+}
+
+/// A copy this agent started.
+struct Running {
+    vm: String,
+    id: u64,
+    role: Role,
+    child: Child,
+    exit: Option<String>,
+    /// (when, events executed) samples of the live copy, to tell the secondary's lag in ms.
+    samples: VecDeque<(Instant, u64)>,
+    log_bytes: (Instant, u64),
+    reported: Option<(Instant, CopyReport)>,
+    log: PathBuf,
+}
+
+/// The lease, shared between the renewing thread and the rest.
+struct Lease {
+    id: i64,
+    renewed: Instant,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    lease: Arc<Mutex<Lease>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    /// Register the host (under a new lease). Refused if another live agent holds the name.
+    pub fn register(cfg: AgentConfig) -> Result<Agent, ClusterError> {
+        if !model::valid_name(&cfg.name) {
+            return Err(ClusterError::Invalid(format!(
+                "host name {:?}: use 1-63 lowercase letters, digits and '-'",
+                cfg.name
+            )));
+        }
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+            ClusterError::Internal(format!("create {}: {e}", cfg.state_dir.display()))
+        })?;
+        let id = cfg.store.grant(LEASE_TTL_SECS)?;
+        let rec = Self::record(&cfg);
+        let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
+        if !cfg
+            .store
+            .create(&model::host_key(&cfg.name), &bytes, Some(id))?
+        {
+            let _ = cfg.store.revoke(id);
+            return Err(ClusterError::Conflict(format!(
+                "host {} is already registered by a live agent (or one that died less than {LEASE_TTL_SECS} s ago)",
+                cfg.name
+            )));
+        }
+        tracing::info!(
+            "host {} registered (Tandem {}, engine {}, {} MiB, API {})",
+            cfg.name,
+            cfg.version,
+            cfg.fingerprint,
+            cfg.memory_mib,
+            cfg.api
+        );
+        Ok(Agent {
+            cfg,
+            lease: Arc::new(Mutex::new(Lease {
+                id,
+                renewed: Instant::now(),
+            })),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn record(cfg: &AgentConfig) -> HostRecord {
+        HostRecord {
+            name: cfg.name.clone(),
+            version: cfg.version.clone(),
+            fingerprint: cfg.fingerprint.clone(),
+            api: cfg.api.clone(),
+            log_ip: cfg.log_ip.clone(),
+            memory_mib: cfg.memory_mib,
+            maintenance: false,
+            started_ms: model::now_ms(),
+        }
+    }
+
+    /// A flag that ends [`Agent::run`] when set.
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Renew the lease, run the master when elected and the copies until stopped; then
+    /// stop every copy and give the lease back.
+    pub fn run(self) -> Result<(), ClusterError> {
+        let renewer = {
+            let (store, lease, stop, cfg) = (
+                self.cfg.store.clone(),
+                self.lease.clone(),
+                self.stop.clone(),
+                self.cfg.clone(),
+            );
+            std::thread::Builder::new()
+                .name("lease".into())
+                .spawn(move || renew(&store, &lease, &stop, &cfg))
+                .map_err(|e| ClusterError::Internal(format!("start a thread: {e}")))?
+        };
+        let masterer = {
+            let (store, lease, stop, name) = (
+                self.cfg.store.clone(),
+                self.lease.clone(),
+                self.stop.clone(),
+                self.cfg.name.clone(),
+            );
+            std::thread::Builder::new()
+                .name("master".into())
+                .spawn(move || run_master(&store, &lease, &stop, &name))
+                .map_err(|e| ClusterError::Internal(format!("start a thread: {e}")))?
+        };
+        let mut copies: BTreeMap<String, Running> = BTreeMap::new();
+        let mut started: BTreeSet<(String, u64)> = BTreeSet::new();
+        let mut isolated = false;
+        while !self.stop.load(Ordering::Relaxed) {
+            let (lease_id, since) = {
+                let l = lock(&self.lease);
+                (l.id, l.renewed.elapsed())
+            };
+            if since > ISOLATED_AFTER {
+                if !isolated {
+                    tracing::error!(
+                        "isolated: the cluster store has not renewed this host's lease for {} ms; stopping every copy here (isolation response)",
+                        since.as_millis()
+                    );
+                    isolated = true;
+                }
+                for c in copies.values_mut() {
+                    if c.exit.is_none() {
+                        let _ = c.child.kill();
+                    }
+                }
+                self.reap(&mut copies);
+                std::thread::sleep(TICK);
+                continue;
+            }
+            if isolated {
+                tracing::warn!("the cluster store answers again: this host takes copies again");
+                isolated = false;
+            }
+            if let Err(e) = self.tick(&mut copies, &mut started, lease_id) {
+                tracing::warn!("{e}");
+            }
+            std::thread::sleep(TICK);
+        }
+        tracing::info!("agent stopping: stopping its copies");
+        for c in copies.values_mut() {
+            stop_copy(c);
+        }
+        let _ = renewer.join();
+        let _ = masterer.join();
+        let id = lock(&self.lease).id;
+        let _ = self.cfg.store.revoke(id);
+        Ok(())
+    }
+
+    fn reap(&self, copies: &mut BTreeMap<String, Running>) {
+        for c in copies.values_mut() {
+            if c.exit.is_none()
+                && let Ok(Some(status)) = c.child.try_wait()
+            {
+                let how = describe(status);
+                tracing::info!("{} copy {} ({:?}) ended: {how}", c.vm, c.id, c.role);
+                c.exit = Some(how);
+            }
+        }
+    }
+
+    /// One look at the placements: stop what is no longer placed here, start what is,
+    /// report every copy.
+    fn tick(
+        &self,
+        copies: &mut BTreeMap<String, Running>,
+        started: &mut BTreeSet<(String, u64)>,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let store = &self.cfg.store;
+        let me = &self.cfg.name;
+        let places = store.prefix_json::<Placement>(&format!("{}place/", model::PREFIX))?;
+        let vms: BTreeMap<String, VmRecord> = store
+            .prefix_json::<VmRecord>(&format!("{}vms/", model::PREFIX))?
+            .into_iter()
+            .map(|(_, r)| (r.spec.name.clone(), r))
+            .collect();
+        let hosts: BTreeMap<String, HostRecord> = store
+            .prefix_json::<HostRecord>(&format!("{}hosts/", model::PREFIX))?
+            .into_iter()
+            .map(|(_, h)| (h.name.clone(), h))
+            .collect();
+        // What the master placed here: vm → (id, role, placement).
+        let mut wanted: BTreeMap<String, (u64, Role, Placement)> = BTreeMap::new();
+        for (key, p) in places {
+            let vm = key.rsplit('/').next().unwrap_or_default().to_string();
+            if let Some(c) = p.primary.as_ref().filter(|c| &c.host == me) {
+                wanted.insert(vm, (c.id, Role::Primary, p.clone()));
+            } else if let Some(c) = p.secondary.as_ref().filter(|c| &c.host == me) {
+                wanted.insert(vm, (c.id, Role::Secondary, p.clone()));
+            }
+        }
+        // Kill requests.
+        let kills = format!("{}kill/", model::PREFIX);
+        for kv in store.get_prefix(&kills)? {
+            let id: Option<u64> = kv.key.strip_prefix(&kills).and_then(|s| s.parse().ok());
+            let vm = String::from_utf8_lossy(&kv.value).to_string();
+            if let Some(c) = copies.get_mut(&vm).filter(|c| Some(c.id) == id)
+                && c.exit.is_none()
+            {
+                tracing::warn!("{vm}: killing copy {} ({:?}) on request", c.id, c.role);
+                let _ = c.child.kill();
+                store.delete(&kv.key)?;
+            }
+        }
+        self.reap(copies);
+        // Copies no longer placed here stop, and their reports go.
+        let gone: Vec<String> = copies
+            .iter()
+            .filter(|(vm, c)| wanted.get(*vm).is_none_or(|(id, _, _)| *id != c.id))
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        for vm in gone {
+            if let Some(mut c) = copies.remove(&vm) {
+                if c.exit.is_none() {
+                    tracing::info!("{vm}: copy {} no longer placed here; stopping it", c.id);
+                    stop_copy(&mut c);
+                }
+                if !wanted.contains_key(&vm) {
+                    store.delete(&model::copy_key(me, &vm))?;
+                }
+            }
+        }
+        // Placed copies not yet started start.
+        for (vm, (id, role, p)) in &wanted {
+            if copies.contains_key(vm) || started.contains(&(vm.clone(), *id)) {
+                continue;
+            }
+            let Some(rec) = vms.get(vm) else { continue };
+            let primary_ip = match role {
+                Role::Primary => None,
+                Role::Secondary => {
+                    let host = p.primary.as_ref().map(|c| c.host.as_str()).unwrap_or("");
+                    match hosts.get(host) {
+                        Some(h) => Some(h.log_ip.clone()),
+                        None => continue,
+                    }
+                }
+            };
+            started.insert((vm.clone(), *id));
+            match self.start(rec, *id, *role, primary_ip.as_deref()) {
+                Ok(c) => {
+                    tracing::info!("{vm}: started copy {id} as {role:?} (pid {})", c.child.id());
+                    copies.insert(vm.clone(), c);
+                }
+                Err(e) => tracing::error!("{vm}: cannot start copy {id}: {e}"),
+            }
+        }
+        // Reports.
+        for (vm, c) in copies.iter_mut() {
+            let report = self.report(c);
+            let due = c.reported.as_ref().is_none_or(|(at, last)| {
+                at.elapsed() > REPORT_EVERY
+                    || last.state != report.state
+                    || last.live != report.live
+                    || last.protected != report.protected
+            });
+            if due {
+                store.put_json(&model::copy_key(me, vm), &report, Some(lease))?;
+                c.reported = Some((Instant::now(), report));
+            }
+        }
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        rec: &VmRecord,
+        id: u64,
+        role: Role,
+        primary_ip: Option<&str>,
+    ) -> std::io::Result<Running> {
+        let spec = &rec.spec;
+        let cfg = &self.cfg;
+        let mut args: Vec<String> = vec![
+            "ft".into(),
+            match role {
+                Role::Primary => "primary",
+                Role::Secondary => "secondary",
+            }
+            .into(),
+            "--vm".into(),
+            spec.name.clone(),
+            "--shared".into(),
+            cfg.shared.display().to_string(),
+            "--wasm".into(),
+            spec.wasm.display().to_string(),
+            "--datastore".into(),
+            spec.datastore.display().to_string(),
+            "--log-listen".into(),
+            format!("{}:{}", cfg.log_ip, spec.log_port),
+        ];
+        match role {
+            Role::Primary => {
+                args.extend(["--memory-mib".into(), spec.memory_mib.to_string()]);
+                if let Some(nic) = &spec.nic {
+                    args.extend([
+                        "--nic".into(),
+                        format!("bridge={},mac={},ip={}", cfg.vm_bridge, nic.mac, nic.ip),
+                    ]);
+                }
+                for p in &spec.listen {
+                    args.extend(["--listen".into(), format!("tcp:{p}")]);
+                }
+                for a in &spec.args {
+                    args.push(format!("--arg={a}"));
+                }
+                for e in &spec.env {
+                    args.extend(["--env".into(), e.clone()]);
+                }
+            }
+            Role::Secondary => {
+                args.extend([
+                    "--primary".into(),
+                    format!("{}:{}", primary_ip.unwrap_or_default(), spec.log_port),
+                    "--bridge".into(),
+                    cfg.vm_bridge.clone(),
+                    "--wait-secs".into(),
+                    "30".into(),
+                ]);
+            }
+        }
+        let log = cfg.state_dir.join(format!("{}.{id}.log", spec.name));
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(&cfg.exe);
+        cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        Ok(Running {
+            vm: spec.name.clone(),
+            id,
+            role,
+            child,
+            exit: None,
+            samples: VecDeque::new(),
+            log_bytes: (Instant::now(), 0),
+            reported: None,
+            log,
+        })
+    }
+
+    /// What a copy is doing, from its process and the status files on shared storage.
+    fn report(&self, c: &mut Running) -> CopyReport {
+        let dir = lockstep::VmDir::new(&self.cfg.shared, &c.vm);
+        let pid = c.child.id();
+        let mine = |f: &BTreeMap<String, String>| {
+            f.get("host")
+                .and_then(|h| h.rsplit('/').next())
+                .is_some_and(|p| p == pid.to_string())
+        };
+        let status = read_fields(&dir.status());
+        let live = c.exit.is_none() && mine(&status);
+        let secondary = read_fields(&dir.secondary_status());
+        let running =
+            live || (mine(&secondary) && secondary.get("role").is_some_and(|r| r == "secondary"));
+        let num = |k: &str| {
+            status
+                .get(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (events, acked, log_bytes) = if live {
+            (num("events"), num("acked"), num("log_bytes"))
+        } else {
+            (0, 0, 0)
+        };
+        let now = Instant::now();
+        let mut lag_ms = 0;
+        if live {
+            c.samples.push_back((now, events));
+            while c.samples.len() > 100 {
+                c.samples.pop_front();
+            }
+            // The age of the oldest sample the secondary has not acknowledged yet.
+            if let Some((at, _)) = c.samples.iter().find(|(_, e)| *e > acked) {
+                lag_ms = now.duration_since(*at).as_millis() as u64;
+            }
+        }
+        let (at, before) = c.log_bytes;
+        let dt = now.duration_since(at).as_secs_f64();
+        let log_bps = if dt > 0.0 && log_bytes >= before {
+            ((log_bytes - before) as f64 / dt) as u64
+        } else {
+            0
+        };
+        if dt >= 1.0 {
+            c.log_bytes = (now, log_bytes);
+        }
+        CopyReport {
+            vm: c.vm.clone(),
+            id: c.id,
+            role: c.role,
+            pid,
+            state: if c.exit.is_some() {
+                CopyState::Exited
+            } else if running {
+                CopyState::Running
+            } else {
+                CopyState::Starting
+            },
+            live,
+            protected: live && status.get("protected").is_some_and(|p| p == "true"),
+            events,
+            acked,
+            lag_ms,
+            log_bytes,
+            log_bps,
+            exit: c.exit.clone(),
+            last_error: c.exit.as_ref().and_then(|_| last_error(&c.log)),
+        }
+    }
+}
+
+/// Stop a copy: SIGTERM (a primary stops its VM cleanly, a secondary leaves), then SIGKILL.
+fn stop_copy(c: &mut Running) {
+    if c.exit.is_some() {
+        return;
+    }
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(c.child.id() as i32, libc::SIGTERM) };
+    for _ in 0..100 {
+        if let Ok(Some(s)) = c.child.try_wait() {
+            c.exit = Some(describe(s));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.child.kill();
+    c.exit = c.child.wait().ok().map(describe);
+}
+
+fn describe(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (_, Some(sig)) => format!("signal {sig}"),
+        _ => "ended".into(),
+    }
+}
+
+/// `key=value` lines (a missing or torn file is empty).
+fn read_fields(path: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The last warning or error a copy logged (its log is ours, bounded by reading its tail).
+fn last_error(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)))
+        .ok()?;
+    let mut tail = String::new();
+    f.take(16 * 1024).read_to_string(&mut tail).ok()?;
+    tail.lines()
+        .rev()
+        .find(|l| l.contains("ERROR") || l.contains("WARN") || l.starts_with("tandem:"))
+        .map(|l| l.chars().take(300).collect())
+}
+
+/// Keep the lease alive; if it expired (the host was cut off too long), register again
+/// under a new one.
+fn renew(store: &Store, lease: &Mutex<Lease>, stop: &AtomicBool, cfg: &AgentConfig) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(RENEW_EVERY);
+        let id = lock(lease).id;
+        match store.keepalive(id) {
+            Ok(_) => lock(lease).renewed = Instant::now(),
+            Err(StoreError::LeaseExpired) => {
+                tracing::warn!("this host's lease expired; registering again");
+                let again = store.grant(LEASE_TTL_SECS).and_then(|id| {
+                    let rec = Agent::record(cfg);
+                    store.put_json(&model::host_key(&cfg.name), &rec, Some(id))?;
+                    Ok(id)
+                });
+                match again {
+                    Ok(id) => {
+                        let mut l = lock(lease);
+                        l.id = id;
+                        l.renewed = Instant::now();
+                    }
+                    Err(e) => tracing::warn!("cannot register again: {e}"),
+                }
+            }
+            Err(e) => tracing::debug!("lease renewal failed: {e}"),
+        }
+    }
+}
+
+/// Take part in the election; while master, reconcile.
+fn run_master(store: &Store, lease: &Mutex<Lease>, stop: &AtomicBool, name: &str) {
+    let mut master = Master::default();
+    let mut was = false;
+    while !stop.load(Ordering::Relaxed) {
+        let (id, fresh) = {
+            let l = lock(lease);
+            (l.id, l.renewed.elapsed() < ISOLATED_AFTER)
+        };
+        let is = fresh && master::elect(store, name, id).unwrap_or(false);
+        if is != was {
+            if is {
+                tracing::info!("{name} is the HA master now");
+                master = Master::default();
+            } else {
+                tracing::warn!("{name} is no longer the HA master");
+            }
+            was = is;
+        }
+        if is {
+            match master.reconcile(store) {
+                Ok(said) => {
+                    for s in said {
+                        tracing::info!("master: {s}");
+                    }
+                }
+                Err(e) => tracing::warn!("master: {e}"),
+            }
+        }
+        std::thread::sleep(master::PERIOD);
+    }
+}

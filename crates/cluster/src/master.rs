@@ -1,0 +1,664 @@
+//! The HA master: one agent, elected through the store, reconciles desired state (`vms/`)
+//! with actual state (`hosts/`, `copies/`) by writing placements (`place/`).
+//!
+//! Election: the master key is created only if absent, under the agent's lease; the master
+//! loses it when its lease expires (its host died or was cut off) and any other agent may
+//! then take it. Every placement is written with a compare-and-swap on its revision, so a
+//! master that lost its key without noticing cannot overwrite a newer master's decision.
+//!
+//! Invariants:
+//! - a copy is started elsewhere only once the copy it replaces holds no report: a report is
+//!   held under its host's lease, and an agent that cannot renew its lease stops its copies
+//!   before the lease can expire (the agent's isolation response), so no VM runs twice;
+//! - a secondary that went live (it won arbitration) becomes the primary at once, without
+//!   waiting for the old primary's lease: arbitration already fenced the old primary;
+//! - an FT VM is restarted from its datastore only when neither copy runs anywhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use crate::model::{
+    self, Copy, CopyReport, CopyState, FtMode, HostRecord, MasterRecord, Placement, Power,
+    Priority, VmRecord,
+};
+use crate::placement::{self, HostLoad, Request};
+use crate::store::{Store, StoreError};
+
+/// How often the master looks at the cluster.
+pub const PERIOD: Duration = Duration::from_millis(200);
+
+/// A copy that does not report running this long after it was placed is replaced.
+const START_GRACE: Duration = Duration::from_secs(30);
+
+/// Everything the master decides from, read in one pass.
+#[derive(Default)]
+pub struct View {
+    pub hosts: BTreeMap<String, HostRecord>,
+    pub vms: BTreeMap<String, VmRecord>,
+    pub places: BTreeMap<String, (Placement, i64)>,
+    /// (host, vm) → report.
+    pub copies: BTreeMap<(String, String), CopyReport>,
+    pub master: Option<MasterRecord>,
+}
+
+impl View {
+    pub fn read(store: &Store) -> Result<View, StoreError> {
+        let mut v = View::default();
+        for (_, h) in store.prefix_json::<HostRecord>(&format!("{}hosts/", model::PREFIX))? {
+            v.hosts.insert(h.name.clone(), h);
+        }
+        for (_, r) in store.prefix_json::<VmRecord>(&format!("{}vms/", model::PREFIX))? {
+            v.vms.insert(r.spec.name.clone(), r);
+        }
+        for kv in store.get_prefix(&format!("{}place/", model::PREFIX))? {
+            let name = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+            if let Ok(p) = serde_json::from_slice::<Placement>(&kv.value) {
+                v.places.insert(name, (p, kv.mod_revision));
+            }
+        }
+        let copies = format!("{}copies/", model::PREFIX);
+        for (key, c) in store.prefix_json::<CopyReport>(&copies)? {
+            let host = key
+                .strip_prefix(&copies)
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default()
+                .to_string();
+            v.copies.insert((host, c.vm.clone()), c);
+        }
+        v.master = store
+            .get_json::<MasterRecord>(&model::master_key())?
+            .map(|(m, _)| m);
+        Ok(v)
+    }
+
+    /// The report of this copy, if its host reports it (and it is this copy, not an
+    /// older one on the same host).
+    pub fn report(&self, vm: &str, copy: &Copy) -> Option<&CopyReport> {
+        self.copies
+            .get(&(copy.host.clone(), vm.to_string()))
+            .filter(|r| r.id == copy.id)
+    }
+
+    pub fn loads(&self) -> Vec<HostLoad> {
+        let hosts: Vec<HostRecord> = self.hosts.values().cloned().collect();
+        let places: BTreeMap<String, Placement> = self
+            .places
+            .iter()
+            .map(|(k, (p, _))| (k.clone(), p.clone()))
+            .collect();
+        placement::loads(&hosts, &self.vms, &places)
+    }
+}
+
+/// How a placed copy is doing.
+#[derive(Debug, PartialEq)]
+enum Health {
+    /// Running (or starting within its grace).
+    Up,
+    /// Live: it runs the VM and writes its status.
+    Live { protected: bool },
+    /// Its process ended, or it has no report and its host is gone.
+    Gone,
+}
+
+/// The master's memory between passes (not in the store: a new master starts afresh,
+/// which at worst gives a starting copy a new grace period).
+#[derive(Default)]
+pub struct Master {
+    /// When each copy id was first seen placed without a report.
+    waiting: BTreeMap<(String, u64), Instant>,
+}
+
+impl Master {
+    fn health(&mut self, view: &View, vm: &str, copy: &Copy) -> Health {
+        match view.report(vm, copy) {
+            Some(r) if r.state == CopyState::Exited => Health::Gone,
+            Some(r) if r.live && r.state == CopyState::Running => Health::Live {
+                protected: r.protected,
+            },
+            Some(_) => Health::Up,
+            None if !view.hosts.contains_key(&copy.host) => Health::Gone,
+            None => {
+                let since = *self
+                    .waiting
+                    .entry((vm.to_string(), copy.id))
+                    .or_insert_with(Instant::now);
+                if since.elapsed() > START_GRACE {
+                    tracing::warn!(
+                        "{vm}: copy {} on {} never reported; replacing it",
+                        copy.id,
+                        copy.host
+                    );
+                    Health::Gone
+                } else {
+                    Health::Up
+                }
+            }
+        }
+    }
+
+    /// One pass: every VM's placement brought toward its desired state. Returns what
+    /// changed, as log lines.
+    pub fn reconcile(&mut self, store: &Store) -> Result<Vec<String>, StoreError> {
+        let view = View::read(store)?;
+        let mut said = Vec::new();
+        // Restart order: high priority first, so capacity goes to what matters most.
+        let mut order: Vec<&VmRecord> = view.vms.values().collect();
+        order.sort_by_key(|r| (r.spec.restart_priority, r.spec.name.clone()));
+        let mut loads = view.loads();
+        for r in order {
+            let name = &r.spec.name;
+            let (old, rev) = view.places.get(name).cloned().unwrap_or_default();
+            let mut p = old.clone();
+            let mut notes = Vec::new();
+            self.decide(&view, &mut loads, r, &mut p, &mut notes);
+            if p != old {
+                let bytes =
+                    serde_json::to_vec(&p).map_err(|e| StoreError::Decode(e.to_string()))?;
+                if store.put_if(&model::place_key(name), &bytes, rev, None)? {
+                    said.extend(notes.into_iter().map(|n| format!("{name}: {n}")));
+                } else {
+                    said.push(format!("{name}: placement changed under me; next pass"));
+                }
+            }
+        }
+        // Placements of destroyed VMs go once no copy reports.
+        for (name, (_, rev)) in &view.places {
+            if !view.vms.contains_key(name) && !view.copies.keys().any(|(_, v)| v == name) {
+                let _ = rev;
+                store.delete(&model::place_key(name))?;
+                said.push(format!("{name}: destroyed"));
+            }
+        }
+        let live: BTreeSet<(String, u64)> = view
+            .places
+            .iter()
+            .flat_map(|(n, (p, _))| {
+                [p.primary.as_ref(), p.secondary.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(move |c| (n.clone(), c.id))
+            })
+            .collect();
+        self.waiting.retain(|k, _| live.contains(k));
+        Ok(said)
+    }
+
+    fn new_copy(p: &mut Placement, host: String) -> Copy {
+        p.next_id += 1;
+        Copy {
+            id: p.next_id,
+            host,
+        }
+    }
+
+    /// Bring one VM's placement toward its record.
+    fn decide(
+        &mut self,
+        view: &View,
+        loads: &mut [HostLoad],
+        r: &VmRecord,
+        p: &mut Placement,
+        notes: &mut Vec<String>,
+    ) {
+        let name = r.spec.name.as_str();
+        if r.power == Power::Off {
+            if p.primary.is_some() || p.secondary.is_some() {
+                notes.push("powered off".into());
+            }
+            p.primary = None;
+            p.secondary = None;
+            p.secondary_parked = None;
+            p.reason = None;
+            p.unprotected_since_ms = None;
+            return;
+        }
+        let ft = r.ft != FtMode::Off;
+        // The primary.
+        let primary = p.primary.clone();
+        let primary_health = primary.as_ref().map(|c| self.health(view, name, c));
+        let secondary_health = p.secondary.clone().map(|c| self.health(view, name, &c));
+        if let Some(Health::Live { .. }) = secondary_health {
+            // The secondary won arbitration and runs the VM: it is the primary now.
+            let s = p
+                .secondary
+                .take()
+                .expect("secondary health implies a secondary");
+            notes.push(format!(
+                "failover: the secondary on {} went live (primary was on {})",
+                s.host,
+                primary.as_ref().map_or("?", |c| c.host.as_str())
+            ));
+            p.primary = Some(s);
+            p.failovers += 1;
+            p.unprotected_since_ms.get_or_insert(model::now_ms());
+        } else if primary_health == Some(Health::Gone) {
+            let secondary_up = secondary_health == Some(Health::Up);
+            if secondary_up {
+                // Arbitration is deciding: the secondary goes live or halts (then gone).
+                p.reason = Some("failover in progress".into());
+                return;
+            }
+            let old = primary.as_ref().map(|c| c.host.clone()).unwrap_or_default();
+            p.primary = None;
+            p.secondary = None;
+            if r.spec.restart_priority == Priority::Disabled {
+                if p.reason.is_none() {
+                    notes.push(format!("lost on {old}; restart priority disabled"));
+                }
+                p.reason = Some(format!("lost on {old}; restart priority is disabled"));
+                return;
+            }
+            notes.push(format!("lost on {old}: HA restart from its datastore"));
+            p.restarts += 1;
+            p.unprotected_since_ms.get_or_insert(model::now_ms());
+        }
+        if p.primary.is_none() {
+            if r.spec.restart_priority == Priority::Disabled && p.restarts > 0 {
+                return;
+            }
+            let req = Request {
+                vm: r,
+                ft,
+                primary: None,
+                prefer: r.want_host.as_deref(),
+                avoid: &[],
+                counted_on: None,
+            };
+            match placement::place(loads, &req) {
+                Ok(host) => {
+                    notes.push(format!("primary placed on {host}"));
+                    Self::account(loads, &host, r, ft);
+                    p.primary = Some(Self::new_copy(p, host));
+                    p.reason = None;
+                }
+                Err(why) => {
+                    if p.reason.as_deref() != Some(&why) {
+                        notes.push(format!("cannot place: {why}"));
+                    }
+                    p.reason = Some(why);
+                }
+            }
+            return;
+        }
+        // The secondary.
+        let primary = p.primary.clone().expect("placed above");
+        let primary_live = matches!(self.health(view, name, &primary), Health::Live { .. });
+        match r.ft {
+            FtMode::Off => {
+                if p.secondary.take().is_some() {
+                    notes.push("FT turned off: secondary removed".into());
+                }
+                p.secondary_parked = None;
+                p.reason = None;
+                p.unprotected_since_ms = None;
+                return;
+            }
+            FtMode::Disabled => {
+                if let Some(s) = p.secondary.take() {
+                    notes.push(format!("FT disabled: secondary on {} stopped", s.host));
+                    p.secondary_parked = Some(s.host);
+                }
+                p.reason = None;
+                p.unprotected_since_ms = None;
+                return;
+            }
+            FtMode::On => {}
+        }
+        let secondary = p.secondary.clone();
+        let replace = match &secondary {
+            None => true,
+            Some(s) => {
+                let gone = self.health(view, name, s) == Health::Gone;
+                let moved = r
+                    .secondary_to
+                    .as_ref()
+                    .is_some_and(|to| to != &s.host && to != &primary.host);
+                if gone {
+                    notes.push(format!("secondary on {} lost", s.host));
+                    p.unprotected_since_ms.get_or_insert(model::now_ms());
+                }
+                gone || moved
+            }
+        };
+        if replace {
+            if !primary_live {
+                // A secondary joins a live copy: wait until the primary runs.
+                p.secondary = None;
+                p.reason = Some("waiting for the primary to run".into());
+                return;
+            }
+            let Some(phost) = view.hosts.get(&primary.host) else {
+                p.secondary = None;
+                p.reason = Some(format!(
+                    "the primary's host {} is not connected",
+                    primary.host
+                ));
+                return;
+            };
+            let avoid: Vec<String> = secondary.iter().map(|s| s.host.clone()).collect();
+            let prefer = r.secondary_to.as_deref().or(p.secondary_parked.as_deref());
+            let req = Request {
+                vm: r,
+                ft: true,
+                primary: Some(phost),
+                prefer,
+                avoid: if r.secondary_to.is_some() {
+                    &[]
+                } else {
+                    &avoid
+                },
+                counted_on: p.secondary_parked.as_deref(),
+            };
+            match placement::place(loads, &req) {
+                Ok(host) => {
+                    notes.push(format!("secondary placed on {host}"));
+                    if p.secondary_parked.as_deref() != Some(&host) {
+                        Self::account(loads, &host, r, true);
+                    }
+                    p.secondary_parked = None;
+                    p.secondary = Some(Self::new_copy(p, host));
+                    p.reason = Some("secondary starting".into());
+                }
+                Err(why) => {
+                    if p.reason.as_deref() != Some(&why) {
+                        notes.push(format!("cannot place the secondary: {why}"));
+                    }
+                    p.secondary = None;
+                    p.reason = Some(why);
+                }
+            }
+            return;
+        }
+        let protected = matches!(
+            self.health(view, name, &primary),
+            Health::Live { protected: true }
+        );
+        if protected {
+            if let Some(since) = p.unprotected_since_ms.take() {
+                p.reprotections += 1;
+                notes.push(format!(
+                    "protected again after {:.1} s",
+                    model::now_ms().saturating_sub(since) as f64 / 1000.0
+                ));
+            }
+            p.reason = None;
+        } else if p.reason.is_none() || p.reason.as_deref() == Some("secondary starting") {
+            p.reason = Some("secondary catching up".into());
+        }
+    }
+
+    fn account(loads: &mut [HostLoad], host: &str, r: &VmRecord, ft: bool) {
+        if let Some(l) = loads.iter_mut().find(|l| l.host.name == host) {
+            l.copies += 1;
+            l.ft_copies += usize::from(ft);
+            l.reserved_mib += r.spec.memory_mib;
+        }
+    }
+}
+
+/// Try to become the master (or confirm this agent still is). `lease` is the agent's.
+pub fn elect(store: &Store, host: &str, lease: i64) -> Result<bool, StoreError> {
+    let key = model::master_key();
+    if let Some(kv) = store.get(&key)? {
+        let rec: Option<MasterRecord> = serde_json::from_slice(&kv.value).ok();
+        return Ok(rec.is_some_and(|m| m.host == host) && kv.lease == lease);
+    }
+    let rec = MasterRecord {
+        host: host.to_string(),
+        since_ms: model::now_ms(),
+    };
+    let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Decode(e.to_string()))?;
+    store.create(&key, &bytes, Some(lease))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Role, VmSpec};
+
+    fn host(name: &str) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            version: "1".into(),
+            fingerprint: "f".into(),
+            api: String::new(),
+            log_ip: String::new(),
+            memory_mib: 4096,
+            maintenance: false,
+            started_ms: 0,
+        }
+    }
+
+    fn vm(ft: FtMode) -> VmRecord {
+        VmRecord {
+            spec: VmSpec {
+                name: "kvd".into(),
+                wasm: "/k.wasm".into(),
+                datastore: "/d".into(),
+                nic: None,
+                listen: vec![],
+                memory_mib: 64,
+                restart_priority: Priority::Medium,
+                args: vec![],
+                env: vec![],
+                log_port: 7100,
+            },
+            power: Power::On,
+            ft,
+            want_host: None,
+            secondary_to: None,
+        }
+    }
+
+    fn report(id: u64, role: Role, state: CopyState, live: bool, protected: bool) -> CopyReport {
+        CopyReport {
+            vm: "kvd".into(),
+            id,
+            role,
+            pid: 1,
+            state,
+            live,
+            protected,
+            events: 0,
+            acked: 0,
+            lag_ms: 0,
+            log_bytes: 0,
+            log_bps: 0,
+            exit: None,
+            last_error: None,
+        }
+    }
+
+    fn view(hosts: &[&str], r: VmRecord, copies: Vec<(&str, CopyReport)>) -> View {
+        let mut v = View::default();
+        for h in hosts {
+            v.hosts.insert(h.to_string(), host(h));
+        }
+        v.vms.insert("kvd".into(), r);
+        for (h, c) in copies {
+            v.copies.insert((h.to_string(), "kvd".into()), c);
+        }
+        v
+    }
+
+    fn decide(v: &View, p: &mut Placement) -> Vec<String> {
+        let mut notes = vec![];
+        let mut loads = v.loads();
+        let r = v.vms["kvd"].clone();
+        Master::default().decide(v, &mut loads, &r, p, &mut notes);
+        notes
+    }
+
+    fn copy(id: u64, host: &str) -> Option<Copy> {
+        Some(Copy {
+            id,
+            host: host.into(),
+        })
+    }
+
+    #[test]
+    fn a_powered_on_ft_vm_gets_a_primary_then_a_secondary_on_another_host() {
+        let mut p = Placement::default();
+        let v = view(&["h1", "h2"], vm(FtMode::On), vec![]);
+        decide(&v, &mut p);
+        let primary = p.primary.clone().unwrap();
+        assert!(
+            p.secondary.is_none(),
+            "a secondary waits for a running primary"
+        );
+        let v = view(
+            &["h1", "h2"],
+            vm(FtMode::On),
+            vec![(
+                &primary.host,
+                report(primary.id, Role::Primary, CopyState::Running, true, false),
+            )],
+        );
+        decide(&v, &mut p);
+        let s = p.secondary.clone().unwrap();
+        assert_ne!(s.host, primary.host);
+        assert_ne!(s.id, primary.id);
+    }
+
+    #[test]
+    fn a_live_secondary_becomes_the_primary_and_a_new_secondary_is_placed_elsewhere() {
+        let mut p = Placement {
+            primary: copy(1, "h1"),
+            secondary: copy(2, "h2"),
+            next_id: 2,
+            ..Default::default()
+        };
+        // h1 died (no host record, no report); the secondary won arbitration.
+        let v = view(
+            &["h2", "h3"],
+            vm(FtMode::On),
+            vec![(
+                "h2",
+                report(2, Role::Secondary, CopyState::Running, true, false),
+            )],
+        );
+        let notes = decide(&v, &mut p);
+        assert_eq!(p.primary, copy(2, "h2"), "{notes:?}");
+        assert_eq!(p.failovers, 1);
+        assert_eq!(p.secondary.as_ref().unwrap().host, "h3");
+        assert!(p.unprotected_since_ms.is_some());
+        // Once the new pair is protected, the re-protection is counted once.
+        let v = view(
+            &["h2", "h3"],
+            vm(FtMode::On),
+            vec![
+                (
+                    "h2",
+                    report(2, Role::Secondary, CopyState::Running, true, true),
+                ),
+                (
+                    "h3",
+                    report(3, Role::Secondary, CopyState::Running, false, false),
+                ),
+            ],
+        );
+        decide(&v, &mut p);
+        decide(&v, &mut p);
+        assert_eq!(p.reprotections, 1);
+        assert!(p.reason.is_none());
+    }
+
+    #[test]
+    fn while_arbitration_decides_nothing_is_restarted() {
+        let mut p = Placement {
+            primary: copy(1, "h1"),
+            secondary: copy(2, "h2"),
+            next_id: 2,
+            ..Default::default()
+        };
+        let v = view(
+            &["h2", "h3"],
+            vm(FtMode::On),
+            vec![(
+                "h2",
+                report(2, Role::Secondary, CopyState::Running, false, false),
+            )],
+        );
+        let before = p.clone();
+        decide(&v, &mut p);
+        assert_eq!(p.primary, before.primary);
+        assert_eq!(p.secondary, before.secondary);
+        assert_eq!(p.restarts, 0);
+    }
+
+    #[test]
+    fn an_ft_vm_whose_two_hosts_died_restarts_from_its_datastore_but_one_with_priority_disabled_does_not()
+     {
+        let base = Placement {
+            primary: copy(1, "h1"),
+            secondary: copy(2, "h2"),
+            next_id: 2,
+            ..Default::default()
+        };
+        let mut p = base.clone();
+        let v = view(&["h3"], vm(FtMode::On), vec![]);
+        decide(&v, &mut p);
+        assert_eq!(p.primary, copy(3, "h3"));
+        assert_eq!(p.restarts, 1);
+        assert!(p.secondary.is_none());
+        let mut r = vm(FtMode::Off);
+        r.spec.restart_priority = Priority::Disabled;
+        let mut p = base;
+        p.secondary = None;
+        let v = view(&["h3"], r, vec![]);
+        decide(&v, &mut p);
+        assert!(p.primary.is_none());
+        assert!(p.reason.unwrap().contains("disabled"));
+    }
+
+    #[test]
+    fn an_exited_secondary_is_replaced_and_disable_parks_its_host() {
+        let mut p = Placement {
+            primary: copy(1, "h1"),
+            secondary: copy(2, "h2"),
+            next_id: 2,
+            ..Default::default()
+        };
+        let primary = (
+            "h1",
+            report(1, Role::Primary, CopyState::Running, true, false),
+        );
+        let v = view(
+            &["h1", "h2", "h3"],
+            vm(FtMode::On),
+            vec![
+                primary.clone(),
+                (
+                    "h2",
+                    report(2, Role::Secondary, CopyState::Exited, false, false),
+                ),
+            ],
+        );
+        decide(&v, &mut p);
+        assert_eq!(
+            p.secondary,
+            copy(3, "h3"),
+            "the host it failed on is avoided"
+        );
+        let v = view(
+            &["h1", "h2", "h3"],
+            vm(FtMode::Disabled),
+            vec![primary.clone()],
+        );
+        decide(&v, &mut p);
+        assert!(p.secondary.is_none());
+        assert_eq!(p.secondary_parked.as_deref(), Some("h3"));
+        let v = view(&["h1", "h2", "h3"], vm(FtMode::On), vec![primary]);
+        decide(&v, &mut p);
+        assert_eq!(
+            p.secondary.as_ref().unwrap().host,
+            "h3",
+            "enable goes back to the parked host"
+        );
+        let mut off = vm(FtMode::On);
+        off.power = Power::Off;
+        decide(&view(&["h1"], off, vec![]), &mut p);
+        assert!(p.primary.is_none() && p.secondary.is_none());
+    }
+}

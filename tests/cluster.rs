@@ -1,0 +1,470 @@
+//! The cluster end to end, through the verbs only (the real `tandem` CLI against the REST
+//! API of real host agents on a real etcd), with real clients: placement rules, automatic
+//! re-protection after a host kill under load, HA restart, the master's failover, bad
+//! requests.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Checker, KVD_LOAD, Lab, Run, guest, s, tandem};
+use serde_json::Value;
+
+/// A lab with etcd and an agent on every host, driven through the verbs.
+struct Cluster {
+    lab: Lab,
+}
+
+const KVD_NIC: &str = "mac=02:00:00:00:00:10,ip=10.77.0.10/24";
+
+impl Cluster {
+    fn up(tag: &str, hosts: u32) -> Cluster {
+        let c = Cluster {
+            lab: Lab::cluster(tag, hosts),
+        };
+        c.wait("every agent registered", 30, || {
+            c.json(&["host", "list"])
+                .as_array()
+                .is_some_and(|a| a.len() == hosts as usize)
+        });
+        c
+    }
+
+    /// `tandem ARGS --lab NAME`.
+    fn verb(&self, args: &[&str]) -> Run {
+        let mut a = args.to_vec();
+        a.extend(["--lab", &self.lab.name]);
+        tandem(&a)
+    }
+
+    /// A verb that must succeed.
+    fn ok(&self, args: &[&str]) -> Run {
+        let r = self.verb(args);
+        assert_eq!(
+            r.code, 0,
+            "tandem {args:?} failed:\n{}{}",
+            r.stdout, r.stderr
+        );
+        r
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let r = self.ok(&a);
+        serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("tandem {args:?} --json: {e}: {}", r.stdout))
+    }
+
+    fn show(&self, vm: &str) -> Value {
+        self.json(&["vm", "show", vm])
+    }
+
+    fn wait(&self, what: &str, secs: u64, mut ok: impl FnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while !ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "{what}: not within {secs} s; cluster: {}",
+                self.verb(&["vm", "list"]).stdout
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        start.elapsed()
+    }
+
+    fn kill(&self, host: &str) {
+        let r = tandem(&["lab", "kill", host, "--name", &self.lab.name]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    }
+
+    /// kvd created with its datastore on shared storage and powered on.
+    fn kvd(&self, name: &str, nic: &str, extra: &[&str]) {
+        self.kvd_with(name, nic, extra, None)
+    }
+
+    fn kvd_on(&self, name: &str, nic: &str, host: Option<&str>) {
+        self.kvd_with(name, nic, &[], host)
+    }
+
+    fn kvd_with(&self, name: &str, nic: &str, extra: &[&str], host: Option<&str>) {
+        let kvd = guest("kvd.wasm");
+        let mut a = vec![
+            "vm",
+            "create",
+            name,
+            "--wasm",
+            s(&kvd),
+            "--nic",
+            nic,
+            "--listen",
+            "tcp:6379",
+            "--memory-mib",
+            "64",
+        ];
+        a.extend_from_slice(extra);
+        self.ok(&a);
+        match host {
+            Some(h) => self.ok(&["vm", "power-on", name, "--host", h]),
+            None => self.ok(&["vm", "power-on", name]),
+        };
+    }
+
+    /// How many `ft primary`/`ft secondary` processes of `vm` run, over every host.
+    fn copies_running(&self, vm: &str) -> usize {
+        let out = std::process::Command::new("pgrep")
+            .args([
+                "-f",
+                &format!(
+                    "ft (primary|secondary) --vm {vm} --shared /tmp/{}-shared ",
+                    self.lab.name
+                ),
+            ])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+fn field<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("")
+}
+
+#[test]
+fn a_host_kill_under_load_fails_over_and_the_cluster_reprotects_without_a_command() {
+    let c = Cluster::up("reprot", 3);
+    c.kvd("kvd", KVD_NIC, &[]);
+    let on = c.ok(&["ft", "turn-on", "kvd"]);
+    assert!(
+        on.stdout.lines().last().unwrap_or("").contains("Protected"),
+        "{}",
+        on.stdout
+    );
+    let v = c.show("kvd");
+    assert_eq!(field(&v, "ft"), "protected", "{v}");
+    let (p1, s1) = (field(&v, "primary_host"), field(&v, "secondary_host"));
+    assert!(
+        !p1.is_empty() && !s1.is_empty() && p1 != s1,
+        "anti-affinity: {v}"
+    );
+    assert!(v["lag_ms"].is_u64(), "{v}");
+    let (p1, s1) = (p1.to_string(), s1.to_string());
+
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    let mut checker = Checker::start(&c.lab, "reprot:counter");
+    let load = std::thread::scope(|sc| {
+        let bench = sc.spawn(|| c.lab.redis_benchmark(KVD_LOAD));
+        checker.incr_for("reprot:counter", Duration::from_millis(500));
+        c.kill(&p1);
+        checker.incr_for("reprot:counter", Duration::from_secs(2));
+        bench.join().unwrap()
+    });
+    assert_eq!(
+        load.code, 0,
+        "redis-benchmark: {}{}",
+        load.stdout, load.stderr
+    );
+    let sent = checker.sent;
+    assert_eq!(checker.finish(), sent, "every INCR answered in order");
+
+    // Protected again, with no command: the old secondary is the primary, a new secondary
+    // runs on the third host.
+    c.wait("re-protected", 60, || {
+        let v = c.show("kvd");
+        field(&v, "ft") == "protected" && field(&v, "primary_host") == s1
+    });
+    let v = c.show("kvd");
+    let s2 = field(&v, "secondary_host");
+    assert!(s2 != s1 && s2 != p1 && !s2.is_empty(), "{v}");
+    assert_eq!(v["failovers"], 1, "{v}");
+    assert_eq!(v["reprotections"], 1, "{v}");
+    let r = c
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.10", "GET", "reprot:counter"]);
+    assert_eq!(r.stdout.trim(), sent.to_string());
+    let list = c.ok(&["vm", "list"]);
+    assert!(list.stdout.contains("Protected"), "{}", list.stdout);
+}
+
+#[test]
+fn both_hosts_of_a_pair_killed_restarts_the_vm_with_every_acknowledged_write_and_a_plain_vm_too() {
+    let c = Cluster::up("harst", 4);
+    c.kvd("kvd", KVD_NIC, &["--restart-priority", "high"]);
+    c.ok(&["ft", "turn-on", "kvd"]);
+    // An unprotected httpd beside it, on the primary's host.
+    let v = c.show("kvd");
+    let (p, sec) = (
+        field(&v, "primary_host").to_string(),
+        field(&v, "secondary_host").to_string(),
+    );
+    let httpd = guest("httpd.wasm");
+    let shared = format!("/tmp/{}-shared", c.lab.name);
+    let www = format!("{shared}/www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(format!("{www}/index.html"), "served by the cluster\n").unwrap();
+    c.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--wasm",
+        s(&httpd),
+        "--datastore",
+        &www,
+        "--nic",
+        "mac=02:00:00:00:00:11,ip=10.77.0.11/24",
+        "--listen",
+        "tcp:80",
+        "--memory-mib",
+        "64",
+    ]);
+    c.ok(&["vm", "power-on", "web", "--host", &p]);
+    assert_eq!(field(&c.show("web"), "primary_host"), p);
+    c.lab.wait_for(
+        "curl",
+        &["-s", "http://10.77.0.11/"],
+        "served by the cluster",
+    );
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    for i in 0..50 {
+        let r = c.lab.client(
+            "redis-cli",
+            &[
+                "-h",
+                "10.77.0.10",
+                "SET",
+                &format!("k{i}"),
+                &format!("v{i}"),
+            ],
+        );
+        assert_eq!(r.stdout.trim(), "OK");
+    }
+
+    c.kill(&p);
+    c.kill(&sec);
+    let took = c.wait("kvd and web restarted elsewhere", 60, || {
+        let (k, w) = (c.show("kvd"), c.show("web"));
+        let alive = |h: &str| !h.is_empty() && h != p && h != sec;
+        alive(field(&k, "primary_host")) && alive(field(&w, "primary_host"))
+    });
+    eprintln!("restarted in {took:?}");
+    c.lab.wait_for(
+        "curl",
+        &["-s", "http://10.77.0.11/"],
+        "served by the cluster",
+    );
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    for i in 0..50 {
+        let r = c
+            .lab
+            .client("redis-cli", &["-h", "10.77.0.10", "GET", &format!("k{i}")]);
+        assert_eq!(r.stdout.trim(), format!("v{i}"), "every acknowledged write");
+    }
+    let k = c.show("kvd");
+    assert_eq!(k["restarts"], 1, "{k}");
+    // And it is protected again, on the two hosts left.
+    c.wait("kvd protected again", 60, || {
+        field(&c.show("kvd"), "ft") == "protected"
+    });
+    assert!(c.copies_running("kvd") == 2);
+}
+
+#[test]
+fn placement_rules_anti_affinity_four_ft_copies_per_host_and_the_same_version() {
+    let c = Cluster::up("place", 3);
+    // host3 runs another Tandem version (a rolling upgrade half done).
+    c.lab.restart_agent(3, &["--advertise-version", "9.9.9"]);
+    c.wait("host3 back with version 9.9.9", 60, || {
+        c.json(&["host", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == "host3" && h["version"] == "9.9.9")
+    });
+    // Four FT VMs with their primaries on host1 and host2: each secondary must go to the
+    // other of the two (never beside its primary, never to host3), which fills both.
+    for i in 0..4 {
+        let name = format!("kv{i}");
+        let host = if i % 2 == 0 { "host1" } else { "host2" };
+        c.kvd_on(
+            &name,
+            &format!("mac=02:00:00:00:01:0{i},ip=10.77.0.2{i}/24"),
+            Some(host),
+        );
+        c.ok(&["ft", "turn-on", &name]);
+        let v = c.show(&name);
+        assert_eq!(field(&v, "primary_host"), host, "{v}");
+        assert_ne!(field(&v, "secondary_host"), host, "anti-affinity: {v}");
+        assert_ne!(field(&v, "secondary_host"), "host3", "same version: {v}");
+    }
+    let hosts = c.json(&["host", "list"]);
+    for h in hosts.as_array().unwrap() {
+        let want = if h["name"] == "host3" { 0 } else { 4 };
+        assert_eq!(h["ft_vms"], want, "{hosts}");
+    }
+    // A fifth VM runs unprotected on host1 (a non-FT VM does not count), but FT for it is
+    // refused, in one line naming each host's reason.
+    c.kvd_on(
+        "kv4",
+        "mac=02:00:00:00:01:04,ip=10.77.0.24/24",
+        Some("host1"),
+    );
+    let r = c.verb(&["ft", "turn-on", "kv4"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    let why = r.stderr.trim();
+    assert_eq!(why.lines().count(), 1, "{why}");
+    assert!(why.contains("no compatible second host"), "{why}");
+    assert!(
+        why.contains("host2 is full (4 FT copies, at most 4)"),
+        "{why}"
+    );
+    assert!(why.contains("host3 runs Tandem 9.9.9"), "{why}");
+    // Turning FT off for kv1 frees a slot on each of host1 and host2: kv4 now fits.
+    c.ok(&["ft", "turn-off", "kv1"]);
+    c.wait("kv1's secondary removed", 30, || {
+        c.copies_running("kv1") == 1
+    });
+    c.ok(&["ft", "turn-on", "kv4"]);
+    let v = c.show("kv4");
+    assert_eq!(field(&v, "ft"), "protected", "{v}");
+    assert_eq!(field(&v, "secondary_host"), "host2", "{v}");
+}
+
+#[test]
+fn the_masters_host_killed_another_agent_becomes_master_and_reconciling_goes_on() {
+    let c = Cluster::up("master", 3);
+    let st = c.json(&["cluster", "status"]);
+    let m1 = field(&st, "master").to_string();
+    assert!(!m1.is_empty(), "{st}");
+    c.kill(&m1);
+    let took = c.wait("a new master", 30, || {
+        let m = field(&c.json(&["cluster", "status"]), "master").to_string();
+        !m.is_empty() && m != m1
+    });
+    eprintln!("master failover in {took:?}");
+    // The new master places a new VM, avoiding the dead host.
+    c.kvd("kvd", KVD_NIC, &[]);
+    c.wait("kvd placed and running", 60, || {
+        let v = c.show("kvd");
+        !field(&v, "primary_host").is_empty() && field(&v, "primary_host") != m1
+    });
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_4xx_and_a_clear_message() {
+    let c = Cluster::up("bad", 2);
+    let r = c.verb(&["vm", "show", "nope"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no VM named nope"), "{}", r.stderr);
+    let r = c.verb(&["vm", "power-on", "Bad/Name"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("VM name"), "{}", r.stderr);
+    let r = c.verb(&["vm", "create", "x", "--wasm", "/no/such.wasm"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("not a file"), "{}", r.stderr);
+    c.kvd("kvd", KVD_NIC, &[]);
+    let r = c.verb(&["vm", "create", "kvd", "--wasm", s(&guest("kvd.wasm"))]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
+    let r = c.verb(&["vm", "destroy", "kvd"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("power it off first"), "{}", r.stderr);
+    let r = c.verb(&["ft", "disable", "kvd"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("FT is not on"), "{}", r.stderr);
+    let r = c.verb(&["ft", "test-failover", "kvd"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("not protected"), "{}", r.stderr);
+    // Raw HTTP from the client machine: malformed JSON, unknown fields, unknown routes.
+    let api = "http://10.79.0.11:7070/api/v1";
+    let curl = |args: &[&str]| {
+        c.lab
+            .client("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat())
+    };
+    let r = curl(&["-X", "POST", "-d", "{bad", &format!("{api}/vms")]);
+    assert!(r.stdout.ends_with("400"), "{}", r.stdout);
+    assert!(r.stdout.contains("\"error\""), "{}", r.stdout);
+    let r = curl(&[
+        "-X",
+        "POST",
+        "-d",
+        r#"{"name":"y","wasm":"/x","colour":1}"#,
+        &format!("{api}/vms"),
+    ]);
+    assert!(r.stdout.ends_with("400"), "{}", r.stdout);
+    let r = curl(&[&format!("{api}/nothing")]);
+    assert!(r.stdout.ends_with("404"), "{}", r.stdout);
+    let r = curl(&["-X", "DELETE", &format!("{api}/cluster")]);
+    assert!(r.stdout.ends_with("405"), "{}", r.stdout);
+    let r = curl(&[&format!("{api}/openapi.json")]);
+    assert!(
+        r.stdout.contains("\"openapi\"") && r.stdout.ends_with("200"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn an_isolated_host_stops_its_vm_which_restarts_elsewhere_and_never_runs_twice() {
+    let c = Cluster::up("isol", 2);
+    let httpd = guest("httpd.wasm");
+    let www = format!("/tmp/{}-shared/www", c.lab.name);
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(format!("{www}/index.html"), "one copy only\n").unwrap();
+    c.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--wasm",
+        s(&httpd),
+        "--datastore",
+        &www,
+        "--nic",
+        "mac=02:00:00:00:00:11,ip=10.77.0.11/24",
+        "--listen",
+        "tcp:80",
+        "--memory-mib",
+        "64",
+    ]);
+    c.ok(&["vm", "power-on", "web", "--host", "host1"]);
+    c.lab
+        .wait_for("curl", &["-s", "http://10.77.0.11/"], "one copy only");
+    let r = tandem(&["lab", "isolate", "host1", "--name", &c.lab.name]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    // Until it serves from host2, never more than one copy runs anywhere.
+    let start = Instant::now();
+    let mut samples = 0;
+    loop {
+        let n = c.copies_running("web");
+        assert!(
+            n <= 1,
+            "web runs {n} times, {:?} after the isolation",
+            start.elapsed()
+        );
+        samples += 1;
+        if field(&c.show("web"), "primary_host") == "host2" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "web never restarted on host2"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        samples > 10,
+        "the isolation was watched ({samples} samples)"
+    );
+    c.lab
+        .wait_for("curl", &["-s", "http://10.77.0.11/"], "one copy only");
+    let log =
+        std::fs::read_to_string(format!("/tmp/{}-host1-agent.log", c.lab.name)).unwrap_or_default();
+    assert!(
+        log.contains("isolation response"),
+        "host1's agent says why it stopped web: {log}"
+    );
+}
