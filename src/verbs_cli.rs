@@ -451,8 +451,9 @@ pub fn vm_show(a: &ShowArgs) -> u8 {
             }
         );
         println!(
-            "logged:           {}",
-            v.log_bytes.map_or("-".into(), bytes)
+            "logging:          {} sent, {}",
+            v.log_bytes.map_or("-".into(), bytes),
+            v.log_bps.map_or("-".into(), |b| bytes(b) + "/s")
         );
         println!(
             "failovers:        {} (re-protected {}, HA restarts {})",

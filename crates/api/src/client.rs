@@ -277,6 +277,7 @@ fn ok_or_error(r: Response) -> Result<Response, ClientError> {
     }
     let message = match serde_json::from_slice::<ErrorBody>(&r.body) {
         Ok(b) => b.error,
+        // Not a Tandem API's error: quote the start of what came back.
         Err(_) => {
             let text = String::from_utf8_lossy(&r.body);
             let line: String = text
@@ -286,10 +287,10 @@ fn ok_or_error(r: Response) -> Result<Response, ClientError> {
                 .chars()
                 .take(MAX_ERROR_LINE)
                 .collect();
-            if line.is_empty() {
-                format!("HTTP {}", r.status)
+            if line.trim().is_empty() {
+                "an answer without an error message (is this a Tandem agent's API?)".into()
             } else {
-                line
+                format!("{line} (not a Tandem API's error)")
             }
         }
     };

@@ -760,6 +760,39 @@ fn a_verb_sent_without_answer_is_not_sent_again_elsewhere() {
 }
 
 #[test]
+fn an_answer_that_is_not_a_tandem_error_says_so() {
+    // A plain HTTP server answering 404 with no body, then one with HTML.
+    for (body, says) in [
+        ("", "without an error message"),
+        ("<html>nope</html>", "<html>nope"),
+    ] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let api = format!("http://{}", l.local_addr().unwrap());
+        let serving = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            c.write_all(head.as_bytes()).unwrap();
+            c.write_all(body.as_bytes()).unwrap();
+        });
+        match Client::new(vec![api], None).vms() {
+            Err(ClientError::Api {
+                status: 404,
+                message,
+            }) => {
+                assert!(message.contains(says), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        serving.join().unwrap();
+    }
+}
+
+#[test]
 fn connections_beyond_the_bound_are_refused_503_and_served_again_after() {
     let fake = Arc::new(Fake::default());
     let server = start(fake);
