@@ -2,18 +2,24 @@
 //! turns their typed errors into one clear line and an exit code:
 //! 0 success (or the guest's own exit code for `vm run`), 2 bad input, 3 replay divergence,
 //! 4 a copy halted (lost arbitration), 5 a replayed log that was cut (its recorder killed).
+//! The cluster verbs (`cluster`, `host list`, `vm create|power-on|...`, `ft turn-on|...`,
+//! see `verbs_cli`) have their own: 0 done, 1 timed out or failed, 2 bad request,
+//! 3 cluster unreachable.
 
+mod agent_cli;
 mod bench;
 mod client;
 mod demo;
 mod guests;
 mod lab;
 mod snap;
+mod verbs_cli;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cluster::verbs::FtOp;
 use machine::capture::{CaptureError, SnapMachine};
 use machine::control::Control;
 use machine::{
@@ -40,7 +46,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run, record and replay VMs.
+    /// Run, record and replay VMs; create and manage a cluster's VMs.
     #[command(subcommand)]
     Vm(VmCommand),
     /// Measure Tandem and print a table of ratios measured side by side.
@@ -49,9 +55,16 @@ enum Command {
     /// A cluster on this machine made of network namespaces: hosts, a switch, a client.
     #[command(subcommand)]
     Lab(lab::LabCommand),
-    /// Fault tolerance: run a VM as a primary or a secondary in lockstep.
+    /// Fault tolerance: a cluster VM's FT verbs (turn-on, disable, test-failover, ...), or
+    /// run a VM as a primary or a secondary in lockstep by hand.
     #[command(subcommand)]
     Ft(FtCommand),
+    /// The cluster: its master, hosts and VMs (a REST call to a host agent).
+    #[command(subcommand)]
+    Cluster(verbs_cli::ClusterCommand),
+    /// The cluster's hosts: list them, or run this host's agent.
+    #[command(subcommand)]
+    Host(verbs_cli::HostCommand),
     /// The main job: an FT-protected kvd survives the death of its primary's host while
     /// redis-benchmark and a checker drive it; ends with `verdict: PASS|FAIL ...`.
     Demo(demo::DemoArgs),
@@ -65,6 +78,27 @@ enum FtCommand {
     /// Run a VM as the secondary: replay the primary's events as they arrive; if the
     /// primary is lost and this copy wins arbitration, go live here.
     Secondary(FtSecondaryArgs),
+    /// Cluster verb: turn FT on for a VM. The cluster checks the requirements (each
+    /// refusal one line with its reason), places a secondary on another host and starts
+    /// it; waits until the VM is Protected.
+    TurnOn(verbs_cli::WaitVmArgs),
+    /// Cluster verb: turn FT off for a VM: its secondary is stopped and its placement
+    /// removed.
+    TurnOff(verbs_cli::VmArgs),
+    /// Cluster verb: disable FT for a VM: its secondary is stopped, its placement and
+    /// statistics kept (`ft enable` starts it there again).
+    Disable(verbs_cli::VmArgs),
+    /// Cluster verb: enable FT again after `ft disable`; waits until the VM is Protected.
+    Enable(verbs_cli::WaitVmArgs),
+    /// Cluster verb: kill the VM's primary on purpose; the secondary goes live and the
+    /// cluster re-protects it. Waits until it failed over and is Protected again.
+    TestFailover(verbs_cli::WaitVmArgs),
+    /// Cluster verb: kill the VM's secondary on purpose; waits until a new secondary
+    /// protects it again.
+    RestartSecondary(verbs_cli::WaitVmArgs),
+    /// Cluster verb: move the VM's secondary to another host; waits until the VM is
+    /// Protected with its secondary there.
+    MigrateSecondary(verbs_cli::MigrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -265,6 +299,20 @@ enum VmCommand {
         #[command(flatten)]
         snap: snap::ReplaySnapArgs,
     },
+    /// Cluster verb: create a VM (powered off, FT off) from a guest module every host
+    /// reads; its datastore on shared storage.
+    Create(verbs_cli::CreateArgs),
+    /// Cluster verb: power a VM on; waits until it runs on a host (the primary's).
+    PowerOn(verbs_cli::PowerOnArgs),
+    /// Cluster verb: power a VM off: every copy of it stops.
+    PowerOff(verbs_cli::VmArgs),
+    /// Cluster verb: destroy a powered-off VM (its datastore is kept).
+    Destroy(verbs_cli::VmArgs),
+    /// Cluster verb: the VMs: power, FT status (Protected; Not protected with the reason;
+    /// Disabled; Off), primary and secondary hosts, the secondary's lag, logging bandwidth.
+    List(verbs_cli::ListArgs),
+    /// Cluster verb: one VM in full.
+    Show(verbs_cli::ShowArgs),
 }
 
 #[derive(clap::Args)]
@@ -398,6 +446,26 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
         Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),
+        Command::Cluster(c) => Ok(verbs_cli::cluster(&c)),
+        Command::Host(c) => verbs_cli::host(&c).map_err(Failure::from),
+        Command::Vm(VmCommand::Create(a)) => Ok(verbs_cli::vm_create(&a)),
+        Command::Vm(VmCommand::PowerOn(a)) => Ok(verbs_cli::vm_power_on(&a)),
+        Command::Vm(VmCommand::PowerOff(a)) => Ok(verbs_cli::vm_power_off(&a)),
+        Command::Vm(VmCommand::Destroy(a)) => Ok(verbs_cli::vm_destroy(&a)),
+        Command::Vm(VmCommand::List(a)) => Ok(verbs_cli::vm_list(&a)),
+        Command::Vm(VmCommand::Show(a)) => Ok(verbs_cli::vm_show(&a)),
+        Command::Ft(FtCommand::TurnOn(a)) => Ok(verbs_cli::ft_wait(&a, FtOp::TurnOn)),
+        Command::Ft(FtCommand::TurnOff(a)) => Ok(verbs_cli::ft_now(&a, FtOp::TurnOff)),
+        Command::Ft(FtCommand::Disable(a)) => Ok(verbs_cli::ft_now(&a, FtOp::Disable)),
+        Command::Ft(FtCommand::Enable(a)) => Ok(verbs_cli::ft_wait(&a, FtOp::Enable)),
+        Command::Ft(FtCommand::TestFailover(a)) => Ok(verbs_cli::ft_wait(&a, FtOp::TestFailover)),
+        Command::Ft(FtCommand::RestartSecondary(a)) => {
+            Ok(verbs_cli::ft_wait(&a, FtOp::RestartSecondary))
+        }
+        Command::Ft(FtCommand::MigrateSecondary(a)) => Ok(verbs_cli::ft_wait(
+            &a.vm,
+            FtOp::MigrateSecondary { to: a.to.clone() },
+        )),
         Command::Lab(c) => lab::run(c).map_err(Failure::from),
     };
     match result {

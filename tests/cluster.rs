@@ -143,11 +143,15 @@ fn a_host_kill_under_load_fails_over_and_the_cluster_reprotects_without_a_comman
     let v = c.show("kvd");
     assert_eq!(field(&v, "ft"), "protected", "{v}");
     let (p1, s1) = (field(&v, "primary_host"), field(&v, "secondary_host"));
-    assert!(!p1.is_empty() && !s1.is_empty() && p1 != s1, "anti-affinity: {v}");
+    assert!(
+        !p1.is_empty() && !s1.is_empty() && p1 != s1,
+        "anti-affinity: {v}"
+    );
     assert!(v["lag_ms"].is_u64(), "{v}");
     let (p1, s1) = (p1.to_string(), s1.to_string());
 
-    c.lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     let mut checker = Checker::start(&c.lab, "reprot:counter");
     let load = std::thread::scope(|sc| {
         let bench = sc.spawn(|| c.lab.redis_benchmark(KVD_LOAD));
@@ -156,7 +160,11 @@ fn a_host_kill_under_load_fails_over_and_the_cluster_reprotects_without_a_comman
         checker.incr_for("reprot:counter", Duration::from_secs(2));
         bench.join().unwrap()
     });
-    assert_eq!(load.code, 0, "redis-benchmark: {}{}", load.stdout, load.stderr);
+    assert_eq!(
+        load.code, 0,
+        "redis-benchmark: {}{}",
+        load.stdout, load.stderr
+    );
     let sent = checker.sent;
     assert_eq!(checker.finish(), sent, "every INCR answered in order");
 
@@ -171,7 +179,9 @@ fn a_host_kill_under_load_fails_over_and_the_cluster_reprotects_without_a_comman
     assert!(s2 != s1 && s2 != p1 && !s2.is_empty(), "{v}");
     assert_eq!(v["failovers"], 1, "{v}");
     assert_eq!(v["reprotections"], 1, "{v}");
-    let r = c.lab.client("redis-cli", &["-h", "10.77.0.10", "GET", "reprot:counter"]);
+    let r = c
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.10", "GET", "reprot:counter"]);
     assert_eq!(r.stdout.trim(), sent.to_string());
     let list = c.ok(&["vm", "list"]);
     assert!(list.stdout.contains("Protected"), "{}", list.stdout);
@@ -210,13 +220,24 @@ fn both_hosts_of_a_pair_killed_restarts_the_vm_with_every_acknowledged_write_and
     ]);
     c.ok(&["vm", "power-on", "web", "--host", &p]);
     assert_eq!(field(&c.show("web"), "primary_host"), p);
+    c.lab.wait_for(
+        "curl",
+        &["-s", "http://10.77.0.11/"],
+        "served by the cluster",
+    );
     c.lab
-        .wait_for("curl", &["-s", "http://10.77.0.11/"], "served by the cluster");
-    c.lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     for i in 0..50 {
-        let r = c
-            .lab
-            .client("redis-cli", &["-h", "10.77.0.10", "SET", &format!("k{i}"), &format!("v{i}")]);
+        let r = c.lab.client(
+            "redis-cli",
+            &[
+                "-h",
+                "10.77.0.10",
+                "SET",
+                &format!("k{i}"),
+                &format!("v{i}"),
+            ],
+        );
         assert_eq!(r.stdout.trim(), "OK");
     }
 
@@ -228,17 +249,25 @@ fn both_hosts_of_a_pair_killed_restarts_the_vm_with_every_acknowledged_write_and
         alive(field(&k, "primary_host")) && alive(field(&w, "primary_host"))
     });
     eprintln!("restarted in {took:?}");
+    c.lab.wait_for(
+        "curl",
+        &["-s", "http://10.77.0.11/"],
+        "served by the cluster",
+    );
     c.lab
-        .wait_for("curl", &["-s", "http://10.77.0.11/"], "served by the cluster");
-    c.lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     for i in 0..50 {
-        let r = c.lab.client("redis-cli", &["-h", "10.77.0.10", "GET", &format!("k{i}")]);
+        let r = c
+            .lab
+            .client("redis-cli", &["-h", "10.77.0.10", "GET", &format!("k{i}")]);
         assert_eq!(r.stdout.trim(), format!("v{i}"), "every acknowledged write");
     }
     let k = c.show("kvd");
     assert_eq!(k["restarts"], 1, "{k}");
     // And it is protected again, on the two hosts left.
-    c.wait("kvd protected again", 60, || field(&c.show("kvd"), "ft") == "protected");
+    c.wait("kvd protected again", 60, || {
+        field(&c.show("kvd"), "ft") == "protected"
+    });
     assert!(c.copies_running("kvd") == 2);
 }
 
@@ -259,7 +288,11 @@ fn placement_rules_anti_affinity_four_ft_copies_per_host_and_the_same_version() 
     for i in 0..4 {
         let name = format!("kv{i}");
         let host = if i % 2 == 0 { "host1" } else { "host2" };
-        c.kvd_on(&name, &format!("mac=02:00:00:00:01:0{i},ip=10.77.0.2{i}/24"), Some(host));
+        c.kvd_on(
+            &name,
+            &format!("mac=02:00:00:00:01:0{i},ip=10.77.0.2{i}/24"),
+            Some(host),
+        );
         c.ok(&["ft", "turn-on", &name]);
         let v = c.show(&name);
         assert_eq!(field(&v, "primary_host"), host, "{v}");
@@ -273,17 +306,26 @@ fn placement_rules_anti_affinity_four_ft_copies_per_host_and_the_same_version() 
     }
     // A fifth VM runs unprotected on host1 (a non-FT VM does not count), but FT for it is
     // refused, in one line naming each host's reason.
-    c.kvd_on("kv4", "mac=02:00:00:00:01:04,ip=10.77.0.24/24", Some("host1"));
+    c.kvd_on(
+        "kv4",
+        "mac=02:00:00:00:01:04,ip=10.77.0.24/24",
+        Some("host1"),
+    );
     let r = c.verb(&["ft", "turn-on", "kv4"]);
     assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
     let why = r.stderr.trim();
     assert_eq!(why.lines().count(), 1, "{why}");
     assert!(why.contains("no compatible second host"), "{why}");
-    assert!(why.contains("host2 is full (4 FT copies, at most 4)"), "{why}");
+    assert!(
+        why.contains("host2 is full (4 FT copies, at most 4)"),
+        "{why}"
+    );
     assert!(why.contains("host3 runs Tandem 9.9.9"), "{why}");
     // Turning FT off for kv1 frees a slot on each of host1 and host2: kv4 now fits.
     c.ok(&["ft", "turn-off", "kv1"]);
-    c.wait("kv1's secondary removed", 30, || c.copies_running("kv1") == 1);
+    c.wait("kv1's secondary removed", 30, || {
+        c.copies_running("kv1") == 1
+    });
     c.ok(&["ft", "turn-on", "kv4"]);
     let v = c.show("kv4");
     assert_eq!(field(&v, "ft"), "protected", "{v}");
@@ -308,7 +350,8 @@ fn the_masters_host_killed_another_agent_becomes_master_and_reconciling_goes_on(
         let v = c.show("kvd");
         !field(&v, "primary_host").is_empty() && field(&v, "primary_host") != m1
     });
-    c.lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
 }
 
 #[test]
@@ -338,18 +381,31 @@ fn bad_requests_are_refused_with_a_4xx_and_a_clear_message() {
     assert!(r.stderr.contains("not protected"), "{}", r.stderr);
     // Raw HTTP from the client machine: malformed JSON, unknown fields, unknown routes.
     let api = "http://10.79.0.11:7070/api/v1";
-    let curl = |args: &[&str]| c.lab.client("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat());
+    let curl = |args: &[&str]| {
+        c.lab
+            .client("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat())
+    };
     let r = curl(&["-X", "POST", "-d", "{bad", &format!("{api}/vms")]);
     assert!(r.stdout.ends_with("400"), "{}", r.stdout);
     assert!(r.stdout.contains("\"error\""), "{}", r.stdout);
-    let r = curl(&["-X", "POST", "-d", r#"{"name":"y","wasm":"/x","colour":1}"#, &format!("{api}/vms")]);
+    let r = curl(&[
+        "-X",
+        "POST",
+        "-d",
+        r#"{"name":"y","wasm":"/x","colour":1}"#,
+        &format!("{api}/vms"),
+    ]);
     assert!(r.stdout.ends_with("400"), "{}", r.stdout);
     let r = curl(&[&format!("{api}/nothing")]);
     assert!(r.stdout.ends_with("404"), "{}", r.stdout);
     let r = curl(&["-X", "DELETE", &format!("{api}/cluster")]);
     assert!(r.stdout.ends_with("405"), "{}", r.stdout);
     let r = curl(&[&format!("{api}/openapi.json")]);
-    assert!(r.stdout.contains("\"openapi\"") && r.stdout.ends_with("200"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("\"openapi\"") && r.stdout.ends_with("200"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -384,17 +440,31 @@ fn an_isolated_host_stops_its_vm_which_restarts_elsewhere_and_never_runs_twice()
     let mut samples = 0;
     loop {
         let n = c.copies_running("web");
-        assert!(n <= 1, "web runs {n} times, {:?} after the isolation", start.elapsed());
+        assert!(
+            n <= 1,
+            "web runs {n} times, {:?} after the isolation",
+            start.elapsed()
+        );
         samples += 1;
         if field(&c.show("web"), "primary_host") == "host2" {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "web never restarted on host2");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "web never restarted on host2"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(samples > 10, "the isolation was watched ({samples} samples)");
+    assert!(
+        samples > 10,
+        "the isolation was watched ({samples} samples)"
+    );
     c.lab
         .wait_for("curl", &["-s", "http://10.77.0.11/"], "one copy only");
-    let log = std::fs::read_to_string(format!("/tmp/{}-host1-agent.log", c.lab.name)).unwrap_or_default();
-    assert!(log.contains("isolation response"), "host1's agent says why it stopped web: {log}");
+    let log =
+        std::fs::read_to_string(format!("/tmp/{}-host1-agent.log", c.lab.name)).unwrap_or_default();
+    assert!(
+        log.contains("isolation response"),
+        "host1's agent says why it stopped web: {log}"
+    );
 }
