@@ -28,7 +28,7 @@ pub struct AgentArgs {
     /// Memory this host offers VMs, MiB (default: the machine's total memory).
     #[arg(long, value_name = "MIB")]
     pub memory_mib: Option<u64>,
-    /// Where the copies' logs go (default /tmp/tandem-agent-NAME).
+    /// Where the copies' logs go (default /var/lib/tandem/agent-NAME).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Announce this Tandem version instead of the binary's: for testing the placement
@@ -72,7 +72,7 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
         state_dir: a
             .state_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("/tmp/tandem-agent-{}", a.name))),
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/tandem/agent-{}", a.name))),
     };
     // The store may still be starting (a lab coming up): wait for it, bounded.
     let mut tries = 0;

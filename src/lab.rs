@@ -143,6 +143,12 @@ pub fn agent_log(name: &str, k: u32) -> PathBuf {
     PathBuf::from(format!("/tmp/{name}-host{k}-agent.log"))
 }
 
+/// Where host K's agent keeps its copies' logs: on the lab's shared storage, so that
+/// `lab down` removes them and a test that failed can show them.
+pub fn agent_dir(name: &str, k: u32) -> PathBuf {
+    shared_dir(name).join(".agents").join(format!("host{k}"))
+}
+
 /// Host K's address on the management network (its agent's API listens there).
 pub fn mgmt_ip(k: u32) -> String {
     format!("10.79.0.{}", 10 + k)
@@ -465,6 +471,8 @@ pub fn start_agent(name: &str, k: u32) -> Result<()> {
         &log_ip(k),
         "--api",
         &format!("{}:{API_PORT}", mgmt_ip(k)),
+        "--state-dir",
+        &agent_dir(name, k).display().to_string(),
     ]
     .iter()
     .map(|a| a.to_string())

@@ -719,10 +719,7 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         control,
         lockstep::checkpoint::Checkpoints::new(&dir),
         policy,
-        move || {
-            kept.to_checkpoint()
-                .map(|bytes| lockstep::checkpoint::Kept { bytes, live: true })
-        },
+        move || kept.to_checkpoint_kept(),
         move |events| done.checkpointed(events),
     )
     .map_err(|e| bad(e.to_string()))?;
@@ -755,9 +752,12 @@ fn end_primary(
     Ok(exit_code(&report.exit))
 }
 
-/// How many times a newcomer tries again when a newer checkpoint appeared between reading
-/// the latest and attaching.
-const JOIN_TRIES: u32 = 5;
+/// How many times a newcomer tries again when it was refused: a newer checkpoint appeared
+/// between reading the latest and attaching, or the copy it joins just went live and is
+/// taking the checkpoint to join from.
+const JOIN_TRIES: u32 = 20;
+/// How long a refused newcomer waits for a newer checkpoint before asking again.
+const JOIN_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Run a VM as an FT secondary: replay the primary's events; go live if it is lost.
 ///
@@ -809,10 +809,14 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
                 }
                 break (s, restore);
             }
-            Err(lockstep::FtError::Refused(why))
-                if tries < JOIN_TRIES && checkpoints.latest().map(|c| c.0) != Some(from) =>
-            {
-                tracing::info!("refused ({why}); a newer checkpoint is there: joining from it");
+            Err(lockstep::FtError::Refused(why)) if tries < JOIN_TRIES => {
+                if checkpoints.latest().map(|c| c.0) != Some(from) {
+                    tracing::info!("refused ({why}); a newer checkpoint is there: joining from it");
+                } else {
+                    // A copy that just went live takes its first checkpoint at once.
+                    tracing::info!("refused ({why}); waiting for a newer checkpoint");
+                    std::thread::sleep(JOIN_RETRY);
+                }
                 tries += 1;
             }
             Err(e) => return Err(bad(e.to_string())),
@@ -866,12 +870,12 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
                 if sec.left() {
                     None
                 } else if sec.live_generation().is_some() {
-                    kept.to_checkpoint()
-                        .map(|bytes| lockstep::checkpoint::Kept { bytes, live: true })
+                    kept.to_checkpoint_kept()
                 } else {
                     Some(lockstep::checkpoint::Kept {
                         bytes: kept.history_bytes(),
                         live: false,
+                        due: false,
                     })
                 }
             },

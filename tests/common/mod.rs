@@ -214,9 +214,24 @@ impl Lab {
             format!("10.79.0.{}:7070", 10 + k),
         );
         let (host, shared) = (format!("host{k}"), format!("/tmp/{}-shared", self.name));
+        let state = format!("{shared}/.agents/host{k}");
         let mut args = vec![
-            "host", "agent", "--name", &host, "--store", "http://10.79.0.1:2379", "--shared",
-            &shared, "--vm-bridge", "br-vm", "--log-ip", &log_ip, "--api", &api,
+            "host",
+            "agent",
+            "--name",
+            &host,
+            "--store",
+            "http://10.79.0.1:2379",
+            "--shared",
+            &shared,
+            "--vm-bridge",
+            "br-vm",
+            "--log-ip",
+            &log_ip,
+            "--api",
+            &api,
+            "--state-dir",
+            &state,
         ];
         args.extend_from_slice(extra);
         let log = self.agent_log(k).with_extension("restarted.log");

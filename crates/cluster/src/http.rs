@@ -223,6 +223,9 @@ pub fn request(
     }
 }
 
+/// The longest wait for a connection to be accepted.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn connect(u: &Url, deadline: Instant, timeout: Duration) -> Result<TcpStream, HttpError> {
     let host = u.host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<SocketAddr> = (host, u.port)
@@ -238,7 +241,10 @@ fn connect(u: &Url, deadline: Instant, timeout: Duration) -> Result<TcpStream, H
         if left.is_zero() {
             break;
         }
-        match TcpStream::connect_timeout(&addr, left) {
+        // A server on the same network accepts within milliseconds: one that does not
+        // within a second is down or cut off, and the caller's next server is worth more
+        // than the rest of the wait.
+        match TcpStream::connect_timeout(&addr, left.min(CONNECT_TIMEOUT)) {
             Ok(s) => {
                 // Small requests and answers: do not wait to coalesce them.
                 let _ = s.set_nodelay(true);

@@ -373,7 +373,11 @@ impl Master {
         let protected = matches!(
             self.health(view, name, &primary),
             Health::Live { protected: true }
-        );
+        ) && p
+            .secondary
+            .as_ref()
+            .and_then(|s| view.report(name, s))
+            .is_some_and(|r| r.state == CopyState::Running);
         if protected {
             if let Some(since) = p.unprotected_since_ms.take() {
                 p.reprotections += 1;

@@ -192,7 +192,10 @@ impl Verbs {
             .unwrap_or_default();
         let primary = p.primary.as_ref().and_then(|c| v.report(name, c));
         let secondary = p.secondary.as_ref().and_then(|c| v.report(name, c));
-        let protected = primary.is_some_and(|c| c.live && c.protected);
+        // The primary's word alone may be a second old: the secondary it counts on must be
+        // the one placed, and running.
+        let protected = primary.is_some_and(|c| c.live && c.protected)
+            && secondary.is_some_and(|s| s.state == CopyState::Running);
         let (ft, reason) = match r.ft {
             FtMode::Off => (FtStatus::Off, None),
             FtMode::Disabled => (FtStatus::Disabled, Some("FT is disabled".to_string())),
@@ -520,9 +523,12 @@ impl Verbs {
             FtOp::TestFailover => {
                 let view = Self::view_of(&v, &rec);
                 if view.ft != FtStatus::Protected {
+                    let why = view
+                        .ft_reason
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default();
                     return conflict(format!(
-                        "{name} is not protected ({}): a test failover would lose it",
-                        view.ft_reason.unwrap_or_default()
+                        "{name} is not protected{why}: a test failover would lose it"
                     ));
                 }
                 let c = p.primary.expect("protected implies a primary");

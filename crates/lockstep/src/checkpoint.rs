@@ -123,6 +123,8 @@ pub struct Kept {
     /// it runs. A replaying secondary waits for the file too: its pause holds the primary
     /// back (see `FtConfig::max_history_bytes`), which is what bounds the history.
     pub live: bool,
+    /// Take one now, whatever the policy says.
+    pub due: bool,
 }
 
 /// When to checkpoint: once the events kept since the last one weigh `bytes`, or `every`
@@ -153,10 +155,10 @@ pub fn spawn(
             let mut last = Instant::now();
             while !control.ended() {
                 std::thread::sleep(POLL);
-                let Some(Kept { bytes, live }) = kept() else {
+                let Some(Kept { bytes, live, due }) = kept() else {
                     continue;
                 };
-                if bytes < policy.bytes && (bytes == 0 || last.elapsed() < policy.every) {
+                if !due && bytes < policy.bytes && (bytes == 0 || last.elapsed() < policy.every) {
                     continue;
                 }
                 last = Instant::now();

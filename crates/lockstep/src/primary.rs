@@ -59,6 +59,8 @@ struct State {
     promoted: bool,
     /// The history outgrew its bound once without a checkpoint (said once).
     history_warned: bool,
+    /// This copy went live: its next checkpoint is due at once (see [`Primary::activate`]).
+    checkpoint_due: bool,
     end: Option<End>,
     /// Events the attached secondary holds and has executed.
     acked: u64,
@@ -268,6 +270,7 @@ impl Shared {
                 standby: false,
                 promoted: false,
                 history_warned: false,
+                checkpoint_due: false,
                 end: None,
                 acked: 0,
                 executed: 0,
@@ -421,6 +424,13 @@ impl Primary {
             let mut st = self.shared.lock();
             st.standby = false;
             st.promoted = true;
+            // Going live changed the VM outside any event (the NIC announced, unacknowledged
+            // data sent again): a replay of the history across this point would diverge.
+            // So the history starts here, a newcomer joins from a checkpoint taken after
+            // it, and that checkpoint is taken at once.
+            let end = st.end();
+            st.drop_before(end);
+            st.checkpoint_due = true;
         }
         if let Err(e) = launch(&self.shared, generation, listener) {
             tracing::error!("{e}; the VM stays live, NOT PROTECTED");
@@ -436,7 +446,21 @@ impl Primary {
         }
         st.checkpoint = Some(st.checkpoint.map_or(position, |c| c.max(position)));
         st.drop_before(position);
+        if position >= st.base {
+            st.checkpoint_due = false;
+        }
         self.shared.status(&st);
+    }
+
+    /// What [`Primary::to_checkpoint`] says, and whether the checkpoint is due at once
+    /// (this copy just went live: no newcomer can join it before).
+    pub fn to_checkpoint_kept(&self) -> Option<crate::checkpoint::Kept> {
+        let due = self.shared.lock().checkpoint_due;
+        self.to_checkpoint().map(|bytes| crate::checkpoint::Kept {
+            bytes,
+            live: true,
+            due,
+        })
     }
 
     /// What the kept history weighs, if this copy is to take the next checkpoint: not
