@@ -1315,6 +1315,37 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_that_goes_live_keeps_no_history_from_before_and_checkpoints_at_once() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        dir.create_key().unwrap();
+        let standby = Primary::standby(dir.clone(), header(), 0, false, config()).unwrap();
+        for i in 0..10 {
+            standby.retain(&data_event(i, 100));
+        }
+        assert!(standby.history_bytes() >= 1000);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        standby.activate(1, None, Some(&addr));
+        assert_eq!(standby.history_bytes(), 0, "the events before going live are gone");
+        let kept = standby.to_checkpoint_kept().unwrap();
+        assert!(kept.due && kept.live, "{kept:?}");
+        // A newcomer from power-on would replay across the go-live: refused.
+        match Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0) {
+            Err(FtError::Refused(why)) => assert!(why.contains("events 10 to 10"), "{why}"),
+            other => panic!("joining from before the go-live: {:?}", other.err()),
+        }
+        standby.checkpointed(10);
+        assert!(!standby.to_checkpoint_kept().unwrap().due);
+        let s = Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 10);
+        assert!(s.is_ok(), "from the checkpoint after the go-live: {:?}", s.err());
+    }
+
+    #[test]
     fn a_checkpoint_drops_the_history_before_it_and_newcomers_join_from_there() {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
