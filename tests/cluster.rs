@@ -401,6 +401,42 @@ fn bad_requests_are_refused_with_a_4xx_and_a_clear_message() {
     assert!(r.stdout.ends_with("404"), "{}", r.stdout);
     let r = curl(&["-X", "DELETE", &format!("{api}/cluster")]);
     assert!(r.stdout.ends_with("405"), "{}", r.stdout);
+    // A host whose logging link is down cannot take a secondary, and the refusal says so.
+    let v = c.show("kvd");
+    let other = if field(&v, "primary_host") == "host1" {
+        2
+    } else {
+        1
+    };
+    let cut = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &c.lab.ns(&format!("host{other}")),
+            "link",
+            "set",
+            "log0",
+            "down",
+        ])
+        .status()
+        .unwrap();
+    assert!(cut.success());
+    c.wait("the cut seen by the probe", 30, || {
+        c.json(&["host", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == format!("host{other}") && h["log_peers"] == serde_json::json!([]))
+    });
+    let r = c.verb(&["ft", "turn-on", "kvd"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "host{other} cannot reach the primary's host {} on the logging network",
+            field(&v, "primary_host")
+        )),
+        "{}",
+        r.stderr
+    );
     let r = curl(&[&format!("{api}/openapi.json")]);
     assert!(
         r.stdout.contains("\"openapi\"") && r.stdout.ends_with("200"),

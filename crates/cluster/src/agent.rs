@@ -35,6 +35,12 @@ const ISOLATED_AFTER: Duration = Duration::from_millis(LEASE_TTL_SECS as u64 * 5
 const TICK: Duration = Duration::from_millis(200);
 /// A report is rewritten at least this often (its counters move).
 const REPORT_EVERY: Duration = Duration::from_millis(1000);
+/// Every agent accepts (and at once closes) connections on this port of its logging
+/// address, so that its peers can tell whether the logging network joins them.
+pub const LOG_PROBE_PORT: u16 = 7069;
+/// How often the logging network is probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What an agent is told at start.
 #[derive(Clone, Debug)]
@@ -82,6 +88,8 @@ pub struct Agent {
     cfg: AgentConfig,
     lease: Arc<Mutex<Lease>>,
     stop: Arc<AtomicBool>,
+    /// The hosts reached on the logging network at the last probe.
+    log_peers: Arc<Mutex<Option<Vec<String>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,7 +109,7 @@ impl Agent {
             ClusterError::Internal(format!("create {}: {e}", cfg.state_dir.display()))
         })?;
         let id = cfg.store.grant(LEASE_TTL_SECS)?;
-        let rec = Self::record(&cfg);
+        let rec = Self::record(&cfg, None);
         let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
         if !cfg
             .store
@@ -128,10 +136,11 @@ impl Agent {
                 renewed: Instant::now(),
             })),
             stop: Arc::new(AtomicBool::new(false)),
+            log_peers: Arc::new(Mutex::new(None)),
         })
     }
 
-    fn record(cfg: &AgentConfig) -> HostRecord {
+    fn record(cfg: &AgentConfig, log_peers: Option<Vec<String>>) -> HostRecord {
         HostRecord {
             name: cfg.name.clone(),
             version: cfg.version.clone(),
@@ -141,6 +150,7 @@ impl Agent {
             memory_mib: cfg.memory_mib,
             maintenance: false,
             started_ms: model::now_ms(),
+            log_peers,
         }
     }
 
@@ -153,17 +163,19 @@ impl Agent {
     /// stop every copy and give the lease back.
     pub fn run(self) -> Result<(), ClusterError> {
         let renewer = {
-            let (store, lease, stop, cfg) = (
+            let (store, lease, stop, cfg, peers) = (
                 self.cfg.store.clone(),
                 self.lease.clone(),
                 self.stop.clone(),
                 self.cfg.clone(),
+                self.log_peers.clone(),
             );
             std::thread::Builder::new()
                 .name("lease".into())
-                .spawn(move || renew(&store, &lease, &stop, &cfg))
+                .spawn(move || renew(&store, &lease, &stop, &cfg, &peers))
                 .map_err(|e| ClusterError::Internal(format!("start a thread: {e}")))?
         };
+        self.probe_logging_network()?;
         let masterer = {
             let (store, lease, stop, name) = (
                 self.cfg.store.clone(),
@@ -219,6 +231,82 @@ impl Agent {
         let id = lock(&self.lease).id;
         let _ = self.cfg.store.revoke(id);
         Ok(())
+    }
+
+    /// Answer peers' probes on the logging network, and probe theirs: the host record says
+    /// which hosts this one reaches there (placement needs a secondary that reaches its
+    /// primary).
+    fn probe_logging_network(&self) -> Result<(), ClusterError> {
+        let addr = format!("{}:{LOG_PROBE_PORT}", self.cfg.log_ip);
+        let listener = std::net::TcpListener::bind(&addr)
+            .map_err(|e| ClusterError::Internal(format!("listen on {addr} for probes: {e}")))?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map(|_| ())
+                .map_err(|e| ClusterError::Internal(format!("start a thread: {e}")))
+        };
+        spawn(
+            "probe-answer",
+            Box::new(move || {
+                // Accepting is the answer; the connection closes as it drops.
+                for conn in listener.incoming() {
+                    drop(conn);
+                }
+            }),
+        )?;
+        let (cfg, lease, stop, peers) = (
+            self.cfg.clone(),
+            self.lease.clone(),
+            self.stop.clone(),
+            self.log_peers.clone(),
+        );
+        spawn(
+            "probe",
+            Box::new(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(hosts) = cfg
+                        .store
+                        .prefix_json::<HostRecord>(&format!("{}hosts/", model::PREFIX))
+                    {
+                        let mut reached: Vec<String> = hosts
+                            .into_iter()
+                            .map(|(_, h)| h)
+                            .filter(|h| h.name != cfg.name)
+                            .filter(|h| {
+                                format!("{}:{LOG_PROBE_PORT}", h.log_ip)
+                                    .parse::<std::net::SocketAddr>()
+                                    .is_ok_and(|a| {
+                                        std::net::TcpStream::connect_timeout(&a, PROBE_TIMEOUT)
+                                            .is_ok()
+                                    })
+                            })
+                            .map(|h| h.name)
+                            .collect();
+                        reached.sort();
+                        let changed = lock(&peers).as_ref() != Some(&reached);
+                        if changed {
+                            tracing::info!(
+                                "logging network: this host reaches [{}]",
+                                reached.join(", ")
+                            );
+                            *lock(&peers) = Some(reached.clone());
+                            let id = lock(&lease).id;
+                            let rec = Agent::record(&cfg, Some(reached));
+                            if let Err(e) =
+                                cfg.store
+                                    .put_json(&model::host_key(&cfg.name), &rec, Some(id))
+                            {
+                                tracing::warn!("cannot update this host's record: {e}");
+                                *lock(&peers) = None;
+                            }
+                        }
+                    }
+                    std::thread::sleep(PROBE_EVERY);
+                }
+            }),
+        )
     }
 
     fn reap(&self, copies: &mut BTreeMap<String, Running>) {
@@ -549,7 +637,13 @@ fn last_error(log: &Path) -> Option<String> {
 
 /// Keep the lease alive; if it expired (the host was cut off too long), register again
 /// under a new one.
-fn renew(store: &Store, lease: &Mutex<Lease>, stop: &AtomicBool, cfg: &AgentConfig) {
+fn renew(
+    store: &Store,
+    lease: &Mutex<Lease>,
+    stop: &AtomicBool,
+    cfg: &AgentConfig,
+    peers: &Mutex<Option<Vec<String>>>,
+) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(RENEW_EVERY);
         let id = lock(lease).id;
@@ -558,7 +652,7 @@ fn renew(store: &Store, lease: &Mutex<Lease>, stop: &AtomicBool, cfg: &AgentConf
             Err(StoreError::LeaseExpired) => {
                 tracing::warn!("this host's lease expired; registering again");
                 let again = store.grant(LEASE_TTL_SECS).and_then(|id| {
-                    let rec = Agent::record(cfg);
+                    let rec = Agent::record(cfg, lock(peers).clone());
                     store.put_json(&model::host_key(&cfg.name), &rec, Some(id))?;
                     Ok(id)
                 });

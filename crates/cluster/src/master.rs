@@ -431,6 +431,7 @@ mod tests {
             memory_mib: 4096,
             maintenance: false,
             started_ms: 0,
+            log_peers: None,
         }
     }
 

@@ -79,6 +79,9 @@ pub struct HostRecord {
     pub maintenance: bool,
     /// When the agent started (Unix ms).
     pub started_ms: u64,
+    /// The hosts this host reaches on the logging network (`None` until first probed).
+    #[serde(default)]
+    pub log_peers: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -298,6 +301,8 @@ pub struct HostView {
     pub memory_mib: u64,
     pub memory_reserved_mib: u64,
     pub api: String,
+    /// The hosts it reaches on the logging network (`None` until probed).
+    pub log_peers: Option<Vec<String>>,
 }
 
 /// `cluster status`.

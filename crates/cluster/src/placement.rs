@@ -5,7 +5,8 @@
 //! copy only if the memory of every copy placed on it, this one included, fits; at most
 //! [`MAX_FT_COPIES_PER_HOST`] FT copies (primaries and secondaries of FT VMs together) per
 //! host; a secondary never shares its primary's host and needs a host with the same Tandem
-//! version and engine fingerprint; among the hosts that qualify, the least loaded wins
+//! version and engine fingerprint, and one that reaches the primary's host on the logging
+//! network (as its agent last probed); among the hosts that qualify, the least loaded wins
 //! (fewest FT copies, then fewest copies, then least memory reserved, then name), which
 //! spreads load.
 
@@ -92,6 +93,14 @@ fn unfit(load: &HostLoad, req: &Request) -> Option<String> {
             return Some(format!(
                 "{} has engine fingerprint {} but the primary's host {} has {}",
                 h.name, h.fingerprint, p.name, p.fingerprint
+            ));
+        }
+        if let Some(peers) = &h.log_peers
+            && !peers.contains(&p.name)
+        {
+            return Some(format!(
+                "{} cannot reach the primary's host {} on the logging network ({})",
+                h.name, p.name, p.log_ip
             ));
         }
     }
@@ -189,6 +198,7 @@ mod tests {
             memory_mib: 4096,
             maintenance: false,
             started_ms: 0,
+            log_peers: None,
         }
     }
 
@@ -292,6 +302,26 @@ mod tests {
         let l = loads(&[host("h1"), third], &BTreeMap::new(), &BTreeMap::new());
         let e = place(&l, &req(&v, Some(&hosts[0]))).unwrap_err();
         assert!(e.contains("engine fingerprint g"), "{e}");
+    }
+
+    #[test]
+    fn a_host_that_cannot_reach_the_primary_on_the_logging_network_is_refused() {
+        let mut cut = host("h2");
+        cut.log_peers = Some(vec!["h3".into()]);
+        let mut p = host("h1");
+        p.log_ip = "10.78.0.11".into();
+        let hosts = vec![p, cut];
+        let l = loads(&hosts, &BTreeMap::new(), &BTreeMap::new());
+        let v = vm("kvd", FtMode::On);
+        let e = place(&l, &req(&v, Some(&hosts[0]))).unwrap_err();
+        assert!(
+            e.contains("h2 cannot reach the primary's host h1 on the logging network (10.78.0.11)"),
+            "{e}"
+        );
+        let mut ok = host("h2");
+        ok.log_peers = Some(vec!["h1".into()]);
+        let l = loads(&[hosts[0].clone(), ok], &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(place(&l, &req(&v, Some(&hosts[0]))).unwrap(), "h2");
     }
 
     #[test]

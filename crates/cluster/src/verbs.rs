@@ -175,6 +175,7 @@ impl Verbs {
                 memory_mib: l.host.memory_mib,
                 memory_reserved_mib: l.reserved_mib,
                 api: l.host.api,
+                log_peers: l.host.log_peers,
             })
             .collect())
     }

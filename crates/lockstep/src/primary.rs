@@ -1331,7 +1331,11 @@ mod tests {
             .port();
         let addr = format!("127.0.0.1:{port}");
         standby.activate(1, None, Some(&addr));
-        assert_eq!(standby.history_bytes(), 0, "the events before going live are gone");
+        assert_eq!(
+            standby.history_bytes(),
+            0,
+            "the events before going live are gone"
+        );
         let kept = standby.to_checkpoint_kept().unwrap();
         assert!(kept.due && kept.live, "{kept:?}");
         // A newcomer from power-on would replay across the go-live: refused.
@@ -1342,7 +1346,11 @@ mod tests {
         standby.checkpointed(10);
         assert!(!standby.to_checkpoint_kept().unwrap().due);
         let s = Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 10);
-        assert!(s.is_ok(), "from the checkpoint after the go-live: {:?}", s.err());
+        assert!(
+            s.is_ok(),
+            "from the checkpoint after the go-live: {:?}",
+            s.err()
+        );
     }
 
     #[test]
