@@ -195,6 +195,12 @@ impl Lab {
     /// Replace host K's agent (SIGKILL, which takes its copies with it) by one started with
     /// the lab's flags and `extra`; it registers once the old one's lease expired.
     pub fn restart_agent(&mut self, k: u32, extra: &[&str]) {
+        self.kill_agent(k);
+        self.start_agent(k, extra);
+    }
+
+    /// SIGKILL host K's agent (its copies die with it), leaving the host up.
+    pub fn kill_agent(&self, k: u32) {
         let ns = self.ns(&format!("host{k}"));
         let out = Command::new("ip")
             .args(["netns", "pids", &ns])
@@ -209,6 +215,10 @@ impl Lab {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
+    }
+
+    /// Start an agent on host K with the lab's flags and `extra`.
+    pub fn start_agent(&mut self, k: u32, extra: &[&str]) {
         let (log_ip, api) = (
             format!("10.78.0.{}", 10 + k),
             format!("10.79.0.{}:7070", 10 + k),
