@@ -325,7 +325,11 @@ fn ft_cell(v: &VmView) -> String {
             None => "Not protected".into(),
         },
         FtStatus::Disabled => "Disabled".into(),
-        FtStatus::Off => "Off".into(),
+        // FT off has a reason only when the VM is off for one (its guest ended).
+        FtStatus::Off => match &v.ft_reason {
+            Some(why) => format!("Off ({why})"),
+            None => "Off".into(),
+        },
     }
 }
 
@@ -399,6 +403,9 @@ fn holds(v: &VmView) -> String {
         format!(" ({})", hosts.join(", "))
     };
     let state = match (v.power, v.ft) {
+        (Power::Off, FtStatus::Off) if v.ft_reason.is_some() => {
+            format!("Powered off: {}", v.ft_reason.as_deref().unwrap_or_default())
+        }
         (Power::Off, _) => "Powered off".to_string(),
         (Power::On, FtStatus::Protected) => "Protected".into(),
         (Power::On, FtStatus::NotProtected) => match &v.ft_reason {

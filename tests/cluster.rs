@@ -521,3 +521,42 @@ fn an_isolated_host_stops_its_vm_which_restarts_elsewhere_and_never_runs_twice()
         "host1's agent says why it stopped web: {log}"
     );
 }
+
+#[test]
+fn a_guest_that_ends_leaves_its_vm_off_and_power_on_starts_it_again() {
+    let c = Cluster::up("ends", 2);
+    let fsdemo = guest("fsdemo.wasm");
+    c.ok(&[
+        "vm",
+        "create",
+        "once",
+        "--wasm",
+        s(&fsdemo),
+        "--arg",
+        "hello",
+    ]);
+    c.ok(&["vm", "power-on", "once"]);
+    let agents = format!("/tmp/{}-shared/.agents", c.lab.name);
+    let runs = || -> usize {
+        (1..=2)
+            .flat_map(|k| {
+                std::fs::read_dir(format!("{agents}/host{k}"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("once."))
+            .count()
+    };
+    c.wait("the guest ended and the VM is off", 30, || {
+        let v = c.show("once");
+        field(&v, "power") == "off" && field(&v, "ft_reason").contains("the guest ended (exit 0)")
+    });
+    // Not restarted: the guest ended by itself, and would end alike anywhere.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(runs(), 1);
+    assert_eq!(c.show("once")["restarts"], 0);
+    c.ok(&["vm", "power-on", "once"]);
+    c.wait("a second run", 30, || runs() == 2);
+    c.wait("off again", 30, || field(&c.show("once"), "power") == "off");
+}

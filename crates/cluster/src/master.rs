@@ -202,7 +202,14 @@ impl Master {
         notes: &mut Vec<String>,
     ) {
         let name = r.spec.name.as_str();
-        if r.power == Power::Off {
+        if p.ended.as_ref().is_some_and(|(boot, _)| *boot < r.boots) {
+            // Powered on again since the guest ended.
+            p.ended = None;
+        }
+        if r.power == Power::Off || p.ended.is_some() {
+            if r.power == Power::Off {
+                p.ended = None;
+            }
             if p.primary.is_some() || p.secondary.is_some() {
                 notes.push("powered off".into());
             }
@@ -234,6 +241,25 @@ impl Master {
             p.unprotected_since_ms.get_or_insert(model::now_ms());
         } else if primary_health == Some(Health::Gone) {
             let secondary_up = secondary_health == Some(Health::Up);
+            let exit = primary
+                .as_ref()
+                .and_then(|c| view.report(name, c))
+                .and_then(|r| r.exit.clone())
+                .filter(|e| e.starts_with("exit "));
+            if let Some(exit) = exit {
+                if secondary_up {
+                    // It replays to the same end, then exits too.
+                    return;
+                }
+                // The guest ended by itself: restarting it elsewhere would end alike.
+                notes.push(format!("the guest ended ({exit}): the VM is off"));
+                p.ended = Some((r.boots, format!("the guest ended ({exit})")));
+                p.primary = None;
+                p.secondary = None;
+                p.reason = None;
+                p.unprotected_since_ms = None;
+                return;
+            }
             if secondary_up {
                 // Arbitration is deciding: the secondary goes live or halts (then gone).
                 p.reason = Some("failover in progress".into());
@@ -243,10 +269,15 @@ impl Master {
             p.primary = None;
             p.secondary = None;
             if r.spec.restart_priority == Priority::Disabled {
-                if p.reason.is_none() {
-                    notes.push(format!("lost on {old}; restart priority disabled"));
-                }
-                p.reason = Some(format!("lost on {old}; restart priority is disabled"));
+                notes.push(format!(
+                    "lost on {old}; restart priority disabled: left off"
+                ));
+                p.ended = Some((
+                    r.boots,
+                    format!("lost with its host {old}; its restart priority is disabled"),
+                ));
+                p.reason = None;
+                p.unprotected_since_ms = None;
                 return;
             }
             notes.push(format!("lost on {old}: HA restart from its datastore"));
@@ -254,9 +285,6 @@ impl Master {
             p.unprotected_since_ms.get_or_insert(model::now_ms());
         }
         if p.primary.is_none() {
-            if r.spec.restart_priority == Priority::Disabled && p.restarts > 0 {
-                return;
-            }
             let req = Request {
                 vm: r,
                 ft,
@@ -453,6 +481,7 @@ mod tests {
             ft,
             want_host: None,
             secondary_to: None,
+            boots: 1,
         }
     }
 
@@ -614,7 +643,46 @@ mod tests {
         let v = view(&["h3"], r, vec![]);
         decide(&v, &mut p);
         assert!(p.primary.is_none());
-        assert!(p.reason.unwrap().contains("disabled"));
+        assert!(p.ended.as_ref().unwrap().1.contains("disabled"));
+        decide(&v, &mut p);
+        assert!(p.primary.is_none(), "and it stays off");
+    }
+
+    #[test]
+    fn a_guest_that_ended_leaves_the_vm_off_until_it_is_powered_on_again() {
+        let mut p = Placement {
+            primary: copy(1, "h1"),
+            next_id: 1,
+            ..Default::default()
+        };
+        let mut ended = report(1, Role::Primary, CopyState::Exited, false, false);
+        ended.exit = Some("exit 3".into());
+        let v = view(&["h1", "h2"], vm(FtMode::Off), vec![("h1", ended.clone())]);
+        decide(&v, &mut p);
+        assert!(p.primary.is_none(), "not restarted");
+        assert_eq!(p.restarts, 0);
+        assert!(p.ended.as_ref().unwrap().1.contains("exit 3"));
+        decide(&v, &mut p);
+        assert!(p.primary.is_none(), "still not restarted");
+        // Killed (a signal) is not ended: that copy is restarted.
+        let mut killed = ended.clone();
+        killed.exit = Some("signal 9".into());
+        let mut q = Placement {
+            primary: copy(1, "h1"),
+            next_id: 1,
+            ..Default::default()
+        };
+        decide(
+            &view(&["h1", "h2"], vm(FtMode::Off), vec![("h1", killed)]),
+            &mut q,
+        );
+        assert_eq!(q.restarts, 1);
+        assert!(q.primary.is_some());
+        // Powered on again (a new boot): placed again.
+        let mut again = vm(FtMode::Off);
+        again.boots = 2;
+        decide(&view(&["h1", "h2"], again, vec![("h1", ended)]), &mut p);
+        assert!(p.primary.is_some() && p.ended.is_none());
     }
 
     #[test]

@@ -166,6 +166,10 @@ pub struct VmRecord {
     /// `migrate-secondary --to`: where the secondary should move.
     #[serde(default)]
     pub secondary_to: Option<String>,
+    /// How many times the VM was powered on: a power-on after its guest ended starts it
+    /// again (see [`Placement::ended`]).
+    #[serde(default)]
+    pub boots: u64,
 }
 
 /// What a copy is.
@@ -208,6 +212,10 @@ pub struct Placement {
     /// When the VM last lost protection (Unix ms), to measure re-protection.
     #[serde(default)]
     pub unprotected_since_ms: Option<u64>,
+    /// The guest ended by itself (exited, or trapped) in boot `.0`, as `.1` says: the VM is
+    /// off until powered on again, never restarted by HA (its copies would end alike).
+    #[serde(default)]
+    pub ended: Option<(u64, String)>,
 }
 
 /// How a copy's process is.

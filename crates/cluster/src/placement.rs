@@ -220,6 +220,7 @@ mod tests {
             ft,
             want_host: None,
             secondary_to: None,
+            boots: 1,
         }
     }
 

@@ -197,7 +197,16 @@ impl Verbs {
         // the one placed, and running.
         let protected = primary.is_some_and(|c| c.live && c.protected)
             && secondary.is_some_and(|s| s.state == CopyState::Running);
+        let ended = p.ended.as_ref().filter(|(boot, _)| *boot >= r.boots);
         let (ft, reason) = match r.ft {
+            _ if ended.is_some() => (
+                if r.ft == FtMode::Off {
+                    FtStatus::Off
+                } else {
+                    FtStatus::NotProtected
+                },
+                ended.map(|(_, why)| format!("{why}; `vm power-on` starts it again")),
+            ),
             FtMode::Off => (FtStatus::Off, None),
             FtMode::Disabled => (FtStatus::Disabled, Some("FT is disabled".to_string())),
             FtMode::On if protected => (FtStatus::Protected, None),
@@ -216,16 +225,8 @@ impl Verbs {
                 (FtStatus::NotProtected, Some(why))
             }
         };
-        let power = if p.primary.is_some() {
-            Power::On
-        } else {
-            r.power
-        };
-        let power = if r.power == Power::Off {
-            Power::Off
-        } else {
-            power
-        };
+        // A VM whose guest ended is off, whatever was last asked, until powered on again.
+        let power = if ended.is_some() { Power::Off } else { r.power };
         VmView {
             name: name.clone(),
             power,
@@ -363,6 +364,7 @@ impl Verbs {
             ft: FtMode::Off,
             want_host: None,
             secondary_to: None,
+            boots: 0,
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
         if !self.store.create(&model::vm_key(&req.name), &bytes, None)? {
@@ -387,6 +389,7 @@ impl Verbs {
         self.update(name, |r| {
             r.power = Power::On;
             r.want_host = host;
+            r.boots += 1;
             Ok(())
         })
     }
