@@ -404,7 +404,10 @@ fn holds(v: &VmView) -> String {
     };
     let state = match (v.power, v.ft) {
         (Power::Off, FtStatus::Off) if v.ft_reason.is_some() => {
-            format!("Powered off: {}", v.ft_reason.as_deref().unwrap_or_default())
+            format!(
+                "Powered off: {}",
+                v.ft_reason.as_deref().unwrap_or_default()
+            )
         }
         (Power::Off, _) => "Powered off".to_string(),
         (Power::On, FtStatus::Protected) => "Protected".into(),

@@ -86,6 +86,8 @@ struct Lease {
 
 pub struct Agent {
     cfg: AgentConfig,
+    /// This machine's host name, as copies write it in their status (`name/pid`).
+    hostname: String,
     lease: Arc<Mutex<Lease>>,
     stop: Arc<AtomicBool>,
     /// The hosts reached on the logging network at the last probe.
@@ -109,7 +111,7 @@ impl Agent {
             ClusterError::Internal(format!("create {}: {e}", cfg.state_dir.display()))
         })?;
         let id = cfg.store.grant(LEASE_TTL_SECS)?;
-        let rec = Self::record(&cfg, None);
+        let rec = Self::record(&cfg, None, id);
         let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
         if !cfg
             .store
@@ -129,8 +131,12 @@ impl Agent {
             cfg.memory_mib,
             cfg.api
         );
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
         Ok(Agent {
             cfg,
+            hostname,
             lease: Arc::new(Mutex::new(Lease {
                 id,
                 renewed: Instant::now(),
@@ -140,7 +146,7 @@ impl Agent {
         })
     }
 
-    fn record(cfg: &AgentConfig, log_peers: Option<Vec<String>>) -> HostRecord {
+    fn record(cfg: &AgentConfig, log_peers: Option<Vec<String>>, lease: i64) -> HostRecord {
         HostRecord {
             name: cfg.name.clone(),
             version: cfg.version.clone(),
@@ -151,6 +157,7 @@ impl Agent {
             maintenance: false,
             started_ms: model::now_ms(),
             log_peers,
+            incarnation: lease,
         }
     }
 
@@ -293,7 +300,7 @@ impl Agent {
                             );
                             *lock(&peers) = Some(reached.clone());
                             let id = lock(&lease).id;
-                            let rec = Agent::record(&cfg, Some(reached));
+                            let rec = Agent::record(&cfg, Some(reached), id);
                             if let Err(e) =
                                 cfg.store
                                     .put_json(&model::host_key(&cfg.name), &rec, Some(id))
@@ -342,21 +349,25 @@ impl Agent {
             .into_iter()
             .map(|(_, h)| (h.name.clone(), h))
             .collect();
-        // What the master placed here: vm → (id, role, placement).
+        // What the master placed here, under this incarnation: vm → (id, role, placement).
+        // A copy placed under an earlier one died with that agent: never started again.
         let mut wanted: BTreeMap<String, (u64, Role, Placement)> = BTreeMap::new();
         for (key, p) in places {
             let vm = key.rsplit('/').next().unwrap_or_default().to_string();
-            if let Some(c) = p.primary.as_ref().filter(|c| &c.host == me) {
+            let here = |c: &&model::Copy| &c.host == me && c.incarnation == lease;
+            if let Some(c) = p.primary.as_ref().filter(here) {
                 wanted.insert(vm, (c.id, Role::Primary, p.clone()));
-            } else if let Some(c) = p.secondary.as_ref().filter(|c| &c.host == me) {
+            } else if let Some(c) = p.secondary.as_ref().filter(here) {
                 wanted.insert(vm, (c.id, Role::Secondary, p.clone()));
             }
         }
         // Kill requests.
         let kills = format!("{}kill/", model::PREFIX);
         for kv in store.get_prefix(&kills)? {
-            let id: Option<u64> = kv.key.strip_prefix(&kills).and_then(|s| s.parse().ok());
-            let vm = String::from_utf8_lossy(&kv.value).to_string();
+            let Some((vm, id)) = kv.key.strip_prefix(&kills).and_then(|s| s.split_once('/')) else {
+                continue;
+            };
+            let (vm, id) = (vm.to_string(), id.parse::<u64>().ok());
             if let Some(c) = copies.get_mut(&vm).filter(|c| Some(c.id) == id)
                 && c.exit.is_none()
             {
@@ -468,7 +479,8 @@ impl Agent {
                     args.push(format!("--arg={a}"));
                 }
                 for e in &spec.env {
-                    args.extend(["--env".into(), e.clone()]);
+                    // One argument: a value starting with '-' stays a value.
+                    args.push(format!("--env={e}"));
                 }
             }
             Role::Secondary => {
@@ -488,11 +500,17 @@ impl Agent {
         let mut cmd = Command::new(&cfg.exe);
         cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+        // prctl(2) and getppid(2), which are async-signal-safe; it touches no memory of the
+        // parent but the pid copied into it.
+        let agent = std::process::id() as libc::pid_t;
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The agent died between fork and prctl: the signal will never come.
+                if libc::getppid() != agent {
+                    libc::_exit(1);
                 }
                 Ok(())
             });
@@ -514,14 +532,16 @@ impl Agent {
     /// What a copy is doing, from its process and the status files on shared storage.
     fn report(&self, c: &mut Running) -> CopyReport {
         let dir = lockstep::VmDir::new(&self.cfg.shared, &c.vm);
+        // A copy names itself `hostname/pid` in the status files.
+        let me = format!("{}/{}", self.hostname, c.child.id());
         let pid = c.child.id();
-        let mine = |f: &BTreeMap<String, String>| {
-            f.get("host")
-                .and_then(|h| h.rsplit('/').next())
-                .is_some_and(|p| p == pid.to_string())
-        };
+        let mine = |f: &BTreeMap<String, String>| f.get("host").is_some_and(|h| *h == me);
         let status = read_fields(&dir.status());
         let live = c.exit.is_none() && mine(&status);
+        // The guest's own end, as this copy recorded it while live.
+        let guest_exit = (c.exit.is_some() && mine(&status))
+            .then(|| status.get("exit").cloned())
+            .flatten();
         let secondary = read_fields(&dir.secondary_status());
         let running =
             live || (mine(&secondary) && secondary.get("role").is_some_and(|r| r == "secondary"));
@@ -572,6 +592,7 @@ impl Agent {
             },
             live,
             protected: live && status.get("protected").is_some_and(|p| p == "true"),
+            guest_exit,
             events,
             acked,
             lag_ms,
@@ -652,7 +673,7 @@ fn renew(
             Err(StoreError::LeaseExpired) => {
                 tracing::warn!("this host's lease expired; registering again");
                 let again = store.grant(LEASE_TTL_SECS).and_then(|id| {
-                    let rec = Agent::record(cfg, lock(peers).clone());
+                    let rec = Agent::record(cfg, lock(peers).clone(), id);
                     store.put_json(&model::host_key(&cfg.name), &rec, Some(id))?;
                     Ok(id)
                 });

@@ -29,6 +29,9 @@ pub const PERIOD: Duration = Duration::from_millis(200);
 
 /// A copy that does not report running this long after it was placed is replaced.
 const START_GRACE: Duration = Duration::from_secs(30);
+/// A VM lost this many times within [`RESTART_WINDOW_MS`] is left off, with the reason.
+const MAX_RESTARTS_IN_WINDOW: usize = 5;
+const RESTART_WINDOW_MS: u64 = 60_000;
 
 /// Everything the master decides from, read in one pass.
 #[derive(Default)]
@@ -93,7 +96,9 @@ impl View {
 /// How a placed copy is doing.
 #[derive(Debug, PartialEq)]
 enum Health {
-    /// Running (or starting within its grace).
+    /// Started, not yet running (a secondary joining, a primary booting), within its grace.
+    Starting,
+    /// Running: a primary running its VM, or a secondary following its primary.
     Up,
     /// Live: it runs the VM and writes its status.
     Live { protected: bool },
@@ -111,13 +116,20 @@ pub struct Master {
 
 impl Master {
     fn health(&mut self, view: &View, vm: &str, copy: &Copy) -> Health {
+        let host = view.hosts.get(&copy.host);
+        if host.is_some_and(|h| h.incarnation != copy.incarnation) {
+            // Placed under an earlier life of its host's agent: it died with that agent
+            // (and its report with that lease), and is never started by the new one.
+            return Health::Gone;
+        }
         match view.report(vm, copy) {
             Some(r) if r.state == CopyState::Exited => Health::Gone,
             Some(r) if r.live && r.state == CopyState::Running => Health::Live {
                 protected: r.protected,
             },
-            Some(_) => Health::Up,
-            None if !view.hosts.contains_key(&copy.host) => Health::Gone,
+            Some(r) if r.state == CopyState::Running => Health::Up,
+            Some(_) => Health::Starting,
+            None if host.is_none() => Health::Gone,
             None => {
                 let since = *self
                     .waiting
@@ -131,7 +143,7 @@ impl Master {
                     );
                     Health::Gone
                 } else {
-                    Health::Up
+                    Health::Starting
                 }
             }
         }
@@ -184,12 +196,33 @@ impl Master {
         Ok(said)
     }
 
-    fn new_copy(p: &mut Placement, host: String) -> Copy {
-        p.next_id += 1;
+    /// A new copy of the VM on `host`, under the host's current incarnation. Ids start
+    /// from the clock when a VM is first placed, so that a VM destroyed and created again
+    /// under its name never reuses an id an agent remembers having started.
+    fn new_copy(view: &View, p: &mut Placement, host: String) -> Copy {
+        p.next_id = p.next_id.max(model::now_ms()) + 1;
         Copy {
             id: p.next_id,
+            incarnation: view.hosts.get(&host).map_or(0, |h| h.incarnation),
             host,
         }
+    }
+
+    /// A copy of the VM that is not among those placed is still running somewhere
+    /// (powered off and on again, or replaced, before it stopped): its host, if any.
+    fn stray(view: &View, name: &str, p: &Placement) -> Option<String> {
+        let placed = |host: &str, id: u64| {
+            [p.primary.as_ref(), p.secondary.as_ref()]
+                .into_iter()
+                .flatten()
+                .any(|c| c.host == host && c.id == id)
+        };
+        view.copies
+            .iter()
+            .find(|((host, vm), r)| {
+                vm == name && r.state != CopyState::Exited && !placed(host, r.id)
+            })
+            .map(|((host, _), _)| host.clone())
     }
 
     /// Bring one VM's placement toward its record.
@@ -240,12 +273,13 @@ impl Master {
             p.failovers += 1;
             p.unprotected_since_ms.get_or_insert(model::now_ms());
         } else if primary_health == Some(Health::Gone) {
+            // Only a running secondary can be deciding arbitration: one still joining
+            // never claims (it is not caught up), so it is not waited for.
             let secondary_up = secondary_health == Some(Health::Up);
             let exit = primary
                 .as_ref()
                 .and_then(|c| view.report(name, c))
-                .and_then(|r| r.exit.clone())
-                .filter(|e| e.starts_with("exit "));
+                .and_then(|r| r.guest_exit.clone());
             if let Some(exit) = exit {
                 if secondary_up {
                     // It replays to the same end, then exits too.
@@ -280,11 +314,39 @@ impl Master {
                 p.unprotected_since_ms = None;
                 return;
             }
+            let now = model::now_ms();
+            p.recent_starts
+                .retain(|t| now.saturating_sub(*t) < RESTART_WINDOW_MS);
+            if p.recent_starts.len() >= MAX_RESTARTS_IN_WINDOW {
+                let why = primary
+                    .as_ref()
+                    .and_then(|c| view.report(name, c))
+                    .and_then(|r| r.last_error.clone().or(r.exit.clone()))
+                    .unwrap_or_else(|| "its copies kept being lost".into());
+                notes.push(format!(
+                    "lost {MAX_RESTARTS_IN_WINDOW} times within a minute: left off"
+                ));
+                p.ended = Some((
+                    r.boots,
+                    format!(
+                        "lost {MAX_RESTARTS_IN_WINDOW} times within a minute (last: {why}); left off"
+                    ),
+                ));
+                p.reason = None;
+                p.unprotected_since_ms = None;
+                return;
+            }
+            p.recent_starts.push(now);
             notes.push(format!("lost on {old}: HA restart from its datastore"));
             p.restarts += 1;
-            p.unprotected_since_ms.get_or_insert(model::now_ms());
+            p.unprotected_since_ms.get_or_insert(now);
         }
         if p.primary.is_none() {
+            if let Some(host) = Self::stray(view, name, p) {
+                // Never two copies at once: the earlier one stops first.
+                p.reason = Some(format!("waiting for an earlier copy on {host} to stop"));
+                return;
+            }
             let req = Request {
                 vm: r,
                 ft,
@@ -297,7 +359,7 @@ impl Master {
                 Ok(host) => {
                     notes.push(format!("primary placed on {host}"));
                     Self::account(loads, &host, r, ft);
-                    p.primary = Some(Self::new_copy(p, host));
+                    p.primary = Some(Self::new_copy(view, p, host));
                     p.reason = None;
                 }
                 Err(why) => {
@@ -338,10 +400,23 @@ impl Master {
             None => true,
             Some(s) => {
                 let gone = self.health(view, name, s) == Health::Gone;
-                let moved = r
-                    .secondary_to
-                    .as_ref()
-                    .is_some_and(|to| to != &s.host && to != &primary.host);
+                // `migrate-secondary --to`: moved only to a host that can take it now (one
+                // that cannot is not worth losing the running secondary for).
+                let moved = r.secondary_to.as_ref().is_some_and(|to| {
+                    to != &s.host
+                        && to != &primary.host
+                        && view.hosts.get(&primary.host).is_some_and(|ph| {
+                            let req = Request {
+                                vm: r,
+                                ft: true,
+                                primary: Some(ph),
+                                prefer: Some(to),
+                                avoid: &[],
+                                counted_on: None,
+                            };
+                            placement::place(loads, &req).is_ok_and(|h| &h == to)
+                        })
+                });
                 if gone {
                     notes.push(format!("secondary on {} lost", s.host));
                     p.unprotected_since_ms.get_or_insert(model::now_ms());
@@ -385,7 +460,7 @@ impl Master {
                         Self::account(loads, &host, r, true);
                     }
                     p.secondary_parked = None;
-                    p.secondary = Some(Self::new_copy(p, host));
+                    p.secondary = Some(Self::new_copy(view, p, host));
                     p.reason = Some("secondary starting".into());
                 }
                 Err(why) => {

@@ -10,7 +10,8 @@
 //!   its lease. A copy's report is also its lock: the master starts a copy of the VM
 //!   elsewhere only once this key is gone, and an agent that cannot renew its lease stops
 //!   its copies before the lease can expire (the isolation response);
-//! - `kill/<copy id>` → `""`, a request (test-failover, restart-secondary, disable) that the
+//! - `ports/<port>` → the VM holding that logging-channel port (created with the VM);
+//! - `kill/<vm>/<copy id>` → `""`, a request (test-failover, restart-secondary, disable) that the
 //!   agent running that copy carries out and deletes.
 //!
 //! Invariant: one writer per key family (verbs: `vms/`, `kill/`; master: `place/`, `master`;
@@ -55,8 +56,11 @@ pub fn place_key(vm: &str) -> String {
 pub fn copy_key(host: &str, vm: &str) -> String {
     format!("{PREFIX}copies/{host}/{vm}")
 }
-pub fn kill_key(copy: u64) -> String {
-    format!("{PREFIX}kill/{copy}")
+pub fn kill_key(vm: &str, copy: u64) -> String {
+    format!("{PREFIX}kill/{vm}/{copy}")
+}
+pub fn port_key(port: u16) -> String {
+    format!("{PREFIX}ports/{port}")
 }
 
 /// A host, as its agent registers it.
@@ -82,6 +86,10 @@ pub struct HostRecord {
     /// The hosts this host reaches on the logging network (`None` until first probed).
     #[serde(default)]
     pub log_peers: Option<Vec<String>>,
+    /// This registration of the host (its lease): a copy placed under an earlier one died
+    /// with that agent and is never started by a later one.
+    #[serde(default)]
+    pub incarnation: i64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -186,6 +194,9 @@ pub enum Role {
 pub struct Copy {
     pub id: u64,
     pub host: String,
+    /// The host's incarnation when the copy was placed there.
+    #[serde(default)]
+    pub incarnation: i64,
 }
 
 /// Which copies of a VM run where: the master's decision.
@@ -209,6 +220,10 @@ pub struct Placement {
     /// HA restarts of this VM.
     #[serde(default)]
     pub restarts: u64,
+    /// When the recent copies of the VM were placed after one was lost (Unix ms): too many
+    /// in a short time and the VM is left off (a copy that cannot start anywhere).
+    #[serde(default)]
+    pub recent_starts: Vec<u64>,
     /// When the VM last lost protection (Unix ms), to measure re-protection.
     #[serde(default)]
     pub unprotected_since_ms: Option<u64>,
@@ -242,6 +257,10 @@ pub struct CopyReport {
     pub live: bool,
     /// Live and protected by a caught-up secondary.
     pub protected: bool,
+    /// How the guest ended, as the live copy recorded it (`None`: it did not end by itself;
+    /// a copy that failed to start or was killed has none).
+    #[serde(default)]
+    pub guest_exit: Option<String>,
     /// Events the live copy executed, and the secondary acknowledged.
     #[serde(default)]
     pub events: u64,

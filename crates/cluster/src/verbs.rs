@@ -66,6 +66,8 @@ const MAX_ARGS: usize = 64;
 const MAX_ARG_BYTES: usize = 4096;
 /// Logging-channel ports handed to VMs.
 const LOG_PORTS: std::ops::RangeInclusive<u16> = 7100..=7999;
+/// Datastores local to a host (not shared: a VM there cannot be FT-protected).
+pub const LOCAL_DATASTORES: &str = "/var/lib/tandem/datastores";
 /// Kill requests for a copy that no agent carries out vanish after this long.
 const KILL_TTL_SECS: i64 = 30;
 
@@ -87,16 +89,20 @@ fn check_name(what: &str, name: &str) -> Result<(), ClusterError> {
 /// A MAC address, six hex pairs separated by ':'.
 fn valid_mac(mac: &str) -> bool {
     let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    let bytes: Vec<u8> = parts
+        .iter()
+        .filter(|p| p.len() == 2)
+        .filter_map(|p| u8::from_str_radix(p, 16).ok())
+        .collect();
+    // Six octets, a unicast address (the multicast bit clear), not all zero.
+    parts.len() == 6 && bytes.len() == 6 && bytes[0] & 1 == 0 && bytes.iter().any(|b| *b != 0)
 }
 
 fn valid_cidr(ip: &str) -> bool {
     ip.split_once('/').is_some_and(|(a, n)| {
-        a.parse::<std::net::Ipv4Addr>().is_ok()
-            && n.parse::<u8>().is_ok_and(|n| (1..=32).contains(&n))
+        a.parse::<std::net::Ipv4Addr>().is_ok_and(|a| {
+            !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() && !a.is_loopback()
+        }) && n.parse::<u8>().is_ok_and(|n| (8..=30).contains(&n))
     })
 }
 
@@ -207,6 +213,11 @@ impl Verbs {
                 },
                 ended.map(|(_, why)| format!("{why}; `vm power-on` starts it again")),
             ),
+            // A VM that should run but has no primary says why (it cannot be placed).
+            FtMode::Off if r.power == Power::On && p.primary.is_none() => (
+                FtStatus::Off,
+                Some(p.reason.clone().unwrap_or_else(|| "starting".into())),
+            ),
             FtMode::Off => (FtStatus::Off, None),
             FtMode::Disabled => (FtStatus::Disabled, Some("FT is disabled".to_string())),
             FtMode::On if protected => (FtStatus::Protected, None),
@@ -275,15 +286,7 @@ impl Verbs {
             )));
         }
         let datastore = match req.datastore {
-            Some(d) => {
-                if !d.is_absolute() || !d.is_dir() {
-                    return Err(invalid(format!(
-                        "--datastore {}: not a folder (give an absolute path on shared storage)",
-                        d.display()
-                    )));
-                }
-                d
-            }
+            Some(d) => self.check_datastore(&req.name, &d)?,
             None => {
                 let d = self.shared.join(&req.name).join("datastore");
                 std::fs::create_dir_all(&d)
@@ -339,14 +342,50 @@ impl Verbs {
             return Err(invalid(format!("--env {e:?}: use K=V")));
         }
         let v = self.view()?;
-        let used: std::collections::BTreeSet<u16> =
-            v.vms.values().map(|r| r.spec.log_port).collect();
-        let log_port = LOG_PORTS
-            .clone()
-            .find(|p| !used.contains(p))
-            .ok_or_else(|| {
-                ClusterError::Conflict("every logging port is taken: too many VMs".into())
-            })?;
+        if let Some(nic) = &req.nic {
+            let ip = nic.ip.split('/').next().unwrap_or_default();
+            for o in v.vms.values().filter(|o| o.spec.name != req.name) {
+                if let Some(on) = &o.spec.nic
+                    && (on.mac.eq_ignore_ascii_case(&nic.mac)
+                        || on.ip.split('/').next() == Some(ip))
+                {
+                    return Err(ClusterError::Conflict(format!(
+                        "VM {} already has MAC {} / address {}",
+                        o.spec.name, on.mac, on.ip
+                    )));
+                }
+            }
+        }
+        for o in v.vms.values().filter(|o| o.spec.name != req.name) {
+            let theirs = o
+                .spec
+                .datastore
+                .canonicalize()
+                .unwrap_or(o.spec.datastore.clone());
+            if theirs.starts_with(&datastore) || datastore.starts_with(&theirs) {
+                return Err(ClusterError::Conflict(format!(
+                    "--datastore {}: VM {} uses {} (a datastore belongs to one VM)",
+                    datastore.display(),
+                    o.spec.name,
+                    o.spec.datastore.display()
+                )));
+            }
+        }
+        // The logging port is reserved in the store, so that two VMs created at once
+        // never get the same one.
+        let mut log_port = None;
+        for port in LOG_PORTS {
+            if self
+                .store
+                .create(&model::port_key(port), req.name.as_bytes(), None)?
+            {
+                log_port = Some(port);
+                break;
+            }
+        }
+        let log_port = log_port.ok_or_else(|| {
+            ClusterError::Conflict("every logging port is taken: too many VMs".into())
+        })?;
         let rec = VmRecord {
             spec: VmSpec {
                 name: req.name.clone(),
@@ -368,6 +407,7 @@ impl Verbs {
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
         if !self.store.create(&model::vm_key(&req.name), &bytes, None)? {
+            self.store.delete(&model::port_key(log_port))?;
             return Err(ClusterError::Conflict(format!(
                 "a VM named {} already exists",
                 req.name
@@ -375,6 +415,53 @@ impl Verbs {
         }
         tracing::info!("created VM {}", req.name);
         self.vm(&req.name)
+    }
+
+    /// A datastore a guest may be given: an existing folder, as the kernel resolves it,
+    /// inside the VM's own folder on shared storage (not its FT state), or inside the
+    /// local datastores folder ([`LOCAL_DATASTORES`]; such a VM cannot be FT-protected).
+    /// Anything else would hand the guest a folder of the host or of another VM.
+    fn check_datastore(&self, name: &str, d: &std::path::Path) -> Result<PathBuf, ClusterError> {
+        let own = self.shared.join(name);
+        let refuse = |why: &str| {
+            invalid(format!(
+                "--datastore {}: {why}; a datastore is a folder inside {}/ (shared storage) or {}/ (this host only)",
+                d.display(),
+                own.display(),
+                LOCAL_DATASTORES
+            ))
+        };
+        if !d.is_absolute() {
+            return Err(refuse("not an absolute path"));
+        }
+        let real = d.canonicalize().map_err(|e| refuse(&e.to_string()))?;
+        if !real.is_dir() {
+            return Err(refuse("not a folder"));
+        }
+        let local = std::path::Path::new(LOCAL_DATASTORES).canonicalize().ok();
+        if let Some(local) = local
+            && real.starts_with(&local)
+            && real != local
+        {
+            return Ok(real);
+        }
+        let own = own
+            .canonicalize()
+            .map_err(|_| refuse("not inside the VM's own folder"))?;
+        match real
+            .strip_prefix(&own)
+            .ok()
+            .and_then(|r| r.components().next())
+        {
+            Some(std::path::Component::Normal(first))
+                if !matches!(first.to_str(), Some("checkpoints" | "arbitration")) =>
+            {
+                Ok(real)
+            }
+            _ => Err(refuse(
+                "not inside the VM's own folder (or it is its FT state)",
+            )),
+        }
     }
 
     pub fn power_on(&self, name: &str, host: Option<String>) -> Result<VmView, ClusterError> {
@@ -411,6 +498,7 @@ impl Verbs {
             )));
         }
         self.store.delete(&model::vm_key(name))?;
+        self.store.delete(&model::port_key(rec.spec.log_port))?;
         tracing::info!("destroyed VM {name}");
         Ok(())
     }
@@ -476,8 +564,7 @@ impl Verbs {
 
     fn kill(&self, vm: &str, id: u64) -> Result<(), ClusterError> {
         let lease = self.store.grant(KILL_TTL_SECS)?;
-        self.store
-            .put(&model::kill_key(id), vm.as_bytes(), Some(lease))?;
+        self.store.put(&model::kill_key(vm, id), b"", Some(lease))?;
         Ok(())
     }
 
@@ -544,6 +631,14 @@ impl Verbs {
                 let Some(c) = p.secondary else {
                     return conflict(format!("{name} has no running secondary"));
                 };
+                // Between a failover and the master's next look, the placed secondary is
+                // the live copy: never kill that one.
+                if v.report(name, &c).is_some_and(|r| r.live) {
+                    return conflict(format!(
+                        "the secondary of {name} on {} just went live; try again",
+                        c.host
+                    ));
+                }
                 self.kill(name, c.id)?;
                 tracing::warn!("restarting the secondary of {name} on {}", c.host);
                 self.vm(name)
