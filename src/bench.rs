@@ -1398,11 +1398,11 @@ pub fn cluster(args: &ClusterBenchArgs) -> Result<u8> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "cluster ({} hosts, {} runs)            median    worst   goal",
+            "cluster ({} hosts, {} runs)                median    worst   goal",
             r.hosts, r.runs
         );
         let row = |what: &str, m: f64, w: f64, goal: &str| {
-            println!("  {what:<34} {m:>6.2} s {w:>6.2} s  {goal}");
+            println!("  {what:<38} {m:>6.2} s {w:>6.2} s  {goal}");
         };
         row(
             "reprotect_s (kill → Protected)",
