@@ -85,7 +85,8 @@ impl ClusterLab {
 
     /// Poll `f` every 100 ms until it gives `Some`, at most `limit`; an error from `f` (the
     /// cluster briefly unreachable while its master changes) counts as "not yet". Says
-    /// every 10 s that it still waits. Returns the value and how long it took.
+    /// every 10 s that it still waits; gives up at once on SIGINT/SIGTERM (the lab is then
+    /// taken down as the caller unwinds). Returns the value and how long it took.
     pub fn wait_until<T>(
         &self,
         what: &str,
@@ -100,6 +101,9 @@ impl ClusterLab {
                 Ok(Some(v)) => return Ok((v, start.elapsed())),
                 Ok(None) => {}
                 Err(e) => last_err = Some(format!("{e:#}")),
+            }
+            if machine::stop_requested() {
+                bail!("interrupted while waiting for {what}");
             }
             let took = start.elapsed();
             if took > limit {
@@ -314,7 +318,8 @@ impl Load {
         let (s, ns, ip) = (stop.clone(), ns.to_string(), ip.to_string());
         let handle = std::thread::spawn(move || {
             let mut rep = LoadReport::default();
-            while !s.load(Ordering::SeqCst) && rep.failures.len() < 5 {
+            while !s.load(Ordering::SeqCst) && !machine::stop_requested() && rep.failures.len() < 5
+            {
                 let out = Command::new("timeout")
                     .args([
                         "60",

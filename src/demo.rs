@@ -303,31 +303,14 @@ pub fn run(a: &DemoArgs) -> Result<u8> {
         "setting up lab {}: 4 hosts, etcd and a host agent on each, a client, shared storage",
         a.name
     ));
-    let c = ClusterLab::up(&a.name, 4, a.keep, Some("demo"))?;
-    say(&format!(
-        "cluster up: hosts {}, master {}",
-        c.host_names()?.join(" "),
-        c.master()?.unwrap_or_else(|| "(none yet)".into())
-    ));
-    c.create_kvd(Priority::High)?;
-    let v = c.vm("kvd")?;
-    say(&format!(
-        "kvd (a Redis-protocol server) created and powered on through the API: on {}, {KVD_IP}:6379",
-        v.primary_host.as_deref().unwrap_or("?")
-    ));
-    let started = Instant::now();
-    let v = c.ft_on("kvd")?;
-    let primary = v.primary_host.clone().unwrap_or_default();
-    say(&format!(
-        "ft turn-on kvd: Protected in {:.1} s (primary {primary}, secondary {})",
-        started.elapsed().as_secs_f64(),
-        v.secondary_host.as_deref().unwrap_or("?")
-    ));
-    c.create_web(&primary)?;
-    say(&format!(
-        "web (httpd, not FT, restart priority high, index.html on shared storage) powered on on {primary}: serving at http://{WEB_IP}/"
-    ));
-
+    // A failure before the kills still ends with a verdict line (the README's promise).
+    let c = match ClusterLab::up(&a.name, 4, a.keep, Some("demo")) {
+        Ok(c) => c,
+        Err(e) => return Ok(fail_early(&e)),
+    };
+    if let Err(e) = prepare(&c) {
+        return Ok(fail_early(&e));
+    }
     let checker = c.start_checker("demo:counter");
     let load = c.start_load();
     say(
@@ -410,6 +393,44 @@ pub fn run(a: &DemoArgs) -> Result<u8> {
         ));
     }
     Ok(if pass { 0 } else { 1 })
+}
+
+/// The VMs, through the API: kvd created, powered on and turned FT on; web powered on on
+/// kvd's primary's host.
+fn prepare(c: &ClusterLab) -> Result<()> {
+    say(&format!(
+        "cluster up: hosts {}, master {}",
+        c.host_names()?.join(" "),
+        c.master()?.unwrap_or_else(|| "(none yet)".into())
+    ));
+    c.create_kvd(Priority::High)?;
+    let v = c.vm("kvd")?;
+    say(&format!(
+        "kvd (a Redis-protocol server) created and powered on through the API: on {}, {KVD_IP}:6379",
+        v.primary_host.as_deref().unwrap_or("?")
+    ));
+    let started = Instant::now();
+    let v = c.ft_on("kvd")?;
+    let primary = v.primary_host.clone().context("kvd has no primary")?;
+    say(&format!(
+        "ft turn-on kvd: Protected in {:.1} s (primary {primary}, secondary {})",
+        started.elapsed().as_secs_f64(),
+        v.secondary_host.as_deref().unwrap_or("?")
+    ));
+    c.create_web(&primary)?;
+    say(&format!(
+        "web (httpd, not FT, restart priority high, index.html on shared storage) powered on on {primary}: serving at http://{WEB_IP}/"
+    ));
+    Ok(())
+}
+
+/// The demo could not set its stage: why, and a FAIL verdict with nothing measured.
+fn fail_early(e: &anyhow::Error) -> u8 {
+    say(&format!("error: {e:#}"));
+    println!(
+        "verdict: FAIL failovers=0 reprotected=0 lost=0 resets=0 gap_ms=0 reprotect_s=0.0 ha_restart_s=0.0"
+    );
+    1
 }
 
 /// Kill kvd's primary's host, twice, each time waiting for the failover, the
