@@ -1287,7 +1287,7 @@ pub struct ClusterBenchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     runs: u32,
     /// The lab's name (taken down and made afresh).
-    #[arg(long, default_value = "tandem-bcluster")]
+    #[arg(long, default_value = "bcluster")]
     name: String,
 }
 
@@ -1451,7 +1451,7 @@ pub struct SoakArgs {
     #[arg(long)]
     json: bool,
     /// The lab's name (taken down and made afresh).
-    #[arg(long, default_value = "tandem-soak")]
+    #[arg(long, default_value = "soak")]
     name: String,
 }
 

@@ -32,8 +32,9 @@ pub const LOG_ADDR: &str = "10.78.0.11:7000";
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// The lab's name (prefix of its namespaces).
-    #[arg(long, default_value = "tandem-demo")]
+    /// The lab's name (prefix of its namespaces). Any lab of that name is taken down
+    /// first. Not `tandem-...`: `lab down` of the default lab `tandem` would take it too.
+    #[arg(long, default_value = "demo")]
     pub name: String,
     /// Leave the lab up afterwards for a look around (`tandem lab down --name NAME`).
     #[arg(long)]
