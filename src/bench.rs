@@ -1324,7 +1324,7 @@ fn worst(xs: &[f64]) -> f64 {
 }
 
 pub fn cluster(args: &ClusterBenchArgs) -> Result<u8> {
-    use crate::cluster_lab::{ClusterLab, KillOutcome};
+    use crate::cluster_lab::{ClusterLab, KillOutcome, Progress};
     use cluster::model::Priority;
 
     let hosts = 4;
@@ -1332,7 +1332,12 @@ pub fn cluster(args: &ClusterBenchArgs) -> Result<u8> {
         args.json,
         &format!("lab {}: {hosts} hosts running a cluster", args.name),
     );
-    let c = ClusterLab::up(&args.name, hosts, false, (!args.json).then_some("bench"))?;
+    let say = if args.json {
+        Progress::Quiet
+    } else {
+        Progress::Stderr("bench")
+    };
+    let c = ClusterLab::up(&args.name, hosts, false, say)?;
     c.create_kvd(Priority::High)?;
     let v = c.ft_on("kvd")?;
     c.create_web(v.primary_host.as_deref().unwrap_or("host1"))?;
@@ -1485,11 +1490,15 @@ struct Soak {
 }
 
 pub fn soak(args: &SoakArgs) -> Result<u8> {
-    use crate::cluster_lab::{ClusterLab, KillOutcome};
+    use crate::cluster_lab::{ClusterLab, KillOutcome, Progress};
     use cluster::model::Priority;
 
-    let prefix = (!args.json).then_some("soak");
-    let c = ClusterLab::up(&args.name, args.hosts, false, prefix)?;
+    let progress = if args.json {
+        Progress::Quiet
+    } else {
+        Progress::Stdout("soak")
+    };
+    let c = ClusterLab::up(&args.name, args.hosts, false, progress)?;
     c.create_kvd(Priority::High)?;
     let v = c.ft_on("kvd")?;
     c.say(&format!(

@@ -42,19 +42,28 @@ const POLL: Duration = Duration::from_millis(100);
 /// Each client call (API, HTTP probe) gives up after this long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where a [`ClusterLab`] says what happens: `PREFIX: line` on stdout (the demo, whose
+/// story it is), on stderr (a benchmark, whose table is its output), or nowhere (`--json`).
+#[derive(Clone, Copy)]
+pub enum Progress {
+    Stdout(&'static str),
+    Stderr(&'static str),
+    Quiet,
+}
+
 /// A lab running a cluster, and the way to drive it.
 pub struct ClusterLab {
     pub name: String,
     client: Client,
-    /// Where progress lines go (`None`: nowhere, e.g. under `--json`).
-    prefix: Option<&'static str>,
+    /// Where progress lines go.
+    progress: Progress,
     _guard: Option<LabGuard>,
 }
 
 impl ClusterLab {
     /// A fresh lab `name` of `hosts` hosts (any old one of that name taken down first),
     /// returned once every agent is registered. Taken down when dropped unless `keep`.
-    pub fn up(name: &str, hosts: u32, keep: bool, prefix: Option<&'static str>) -> Result<Self> {
+    pub fn up(name: &str, hosts: u32, keep: bool, progress: Progress) -> Result<Self> {
         lab::down(name);
         lab::up_cluster(name, hosts)?;
         let guard = (!keep).then(|| LabGuard(name.to_string()));
@@ -62,7 +71,7 @@ impl ClusterLab {
         let c = ClusterLab {
             name: name.to_string(),
             client,
-            prefix,
+            progress,
             _guard: guard,
         };
         c.wait_until("every agent registered", Duration::from_secs(30), || {
@@ -74,8 +83,10 @@ impl ClusterLab {
 
     /// A progress line (nothing if quiet).
     pub fn say(&self, msg: &str) {
-        if let Some(p) = self.prefix {
-            println!("{p}: {msg}");
+        match self.progress {
+            Progress::Stdout(p) => println!("{p}: {msg}"),
+            Progress::Stderr(p) => eprintln!("{p}: {msg}"),
+            Progress::Quiet => {}
         }
     }
 

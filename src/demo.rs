@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use cluster::model::Priority;
 
 use crate::client::{CheckerReport, Resp, checker, in_netns};
-use crate::cluster_lab::{ClusterLab, KVD_IP, KillOutcome, WEB_IP};
+use crate::cluster_lab::{ClusterLab, KVD_IP, KillOutcome, Progress, WEB_IP};
 use crate::guests;
 use crate::lab::{self, LabGuard, VmProcess};
 
@@ -305,7 +305,7 @@ pub fn run(a: &DemoArgs) -> Result<u8> {
         a.name
     ));
     // A failure before the kills still ends with a verdict line (the README's promise).
-    let c = match ClusterLab::up(&a.name, 4, a.keep, Some("demo")) {
+    let c = match ClusterLab::up(&a.name, 4, a.keep, Progress::Stdout("demo")) {
         Ok(c) => c,
         Err(e) => return Ok(fail_early(&e)),
     };
