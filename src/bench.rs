@@ -1276,3 +1276,333 @@ fn migrate_rows(lab_name: &str, migrations: u32) -> Result<(Vec<f64>, u64)> {
     drop(vm);
     result
 }
+
+/// `tandem bench cluster`: how fast the cluster heals, measured through its API.
+#[derive(clap::Args)]
+pub struct ClusterBenchArgs {
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Repetitions of each measurement (median and worst reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    runs: u32,
+    /// The lab's name (taken down and made afresh).
+    #[arg(long, default_value = "bcluster")]
+    name: String,
+}
+
+#[derive(Serialize)]
+struct ClusterBench {
+    runs: u32,
+    hosts: u32,
+    /// kvd's primary's host killed → kvd Protected again (its secondary on a live host),
+    /// median over the runs (goal ≤ 10 s); `reprotect_worst_s` the worst run.
+    reprotect_s: f64,
+    reprotect_worst_s: f64,
+    /// The same kill → the cluster showing kvd's primary on another host (the clients'
+    /// failover itself is far quicker: see `bench ft`'s gap_ms).
+    failover_seen_s: f64,
+    failover_seen_worst_s: f64,
+    /// The same kill (web, httpd not FT, ran there too) → web serving from another host
+    /// (goal ≤ 15 s).
+    ha_restart_s: f64,
+    ha_restart_worst_s: f64,
+    /// The master's host killed → another master in `cluster status`.
+    master_failover_s: f64,
+    master_failover_worst_s: f64,
+    /// A killed host revived (`lab revive`) → back in `host list`.
+    rejoin_s: f64,
+    rejoin_worst_s: f64,
+    /// Each run's figures, in order.
+    reprotect_runs_s: Vec<f64>,
+    ha_restart_runs_s: Vec<f64>,
+    master_failover_runs_s: Vec<f64>,
+}
+
+fn worst(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::NAN, f64::max)
+}
+
+pub fn cluster(args: &ClusterBenchArgs) -> Result<u8> {
+    use crate::cluster_lab::{ClusterLab, KillOutcome, Progress};
+    use cluster::model::Priority;
+
+    let hosts = 4;
+    progress(
+        args.json,
+        &format!("lab {}: {hosts} hosts running a cluster", args.name),
+    );
+    let say = if args.json {
+        Progress::Quiet
+    } else {
+        Progress::Stderr("bench")
+    };
+    let c = ClusterLab::up(&args.name, hosts, false, say)?;
+    c.create_kvd(Priority::High)?;
+    let v = c.ft_on("kvd")?;
+    c.create_web(v.primary_host.as_deref().unwrap_or("host1"))?;
+    let (mut reprotect, mut failover, mut ha, mut master, mut rejoin) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let limit = Duration::from_secs(60);
+    for run in 1..=args.runs {
+        // kvd's primary's host, with web beside it, killed.
+        let p = c.vm("kvd")?.primary_host.context("kvd has no primary")?;
+        c.place_web(&p)?;
+        progress(
+            args.json,
+            &format!("run {run}/{}: killing {p} (kvd's primary, web)", args.runs),
+        );
+        let mut out = KillOutcome::default();
+        c.kill_and_watch(&p, true, limit, &mut out)?;
+        let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
+        reprotect.push(secs(out.protected));
+        failover.push(secs(out.failover));
+        ha.push(secs(out.web_back));
+        rejoin.push(c.revive(&p)?.as_secs_f64());
+
+        // The master's host killed (whatever runs there: the cluster heals it too).
+        let m = c.master()?.context("the cluster has no master")?;
+        progress(
+            args.json,
+            &format!("run {run}/{}: killing {m} (the master)", args.runs),
+        );
+        c.kill(&m)?;
+        let (_, took) = c.wait_until("another master", limit, || {
+            Ok(c.master()?.filter(|n| *n != m))
+        })?;
+        master.push(took.as_secs_f64());
+        c.wait_until("kvd protected and web serving", limit, || {
+            let v = c.vm("kvd")?;
+            let ok = v.ft == cluster::model::FtStatus::Protected
+                && v.primary_host.as_deref() != Some(m.as_str())
+                && v.secondary_host.as_deref() != Some(m.as_str())
+                && !c.web_on(&m)?
+                && c.web_serves();
+            Ok(ok.then_some(()))
+        })?;
+        rejoin.push(c.revive(&m)?.as_secs_f64());
+    }
+    let r = ClusterBench {
+        runs: args.runs,
+        hosts,
+        reprotect_s: median_f64(&reprotect),
+        reprotect_worst_s: worst(&reprotect),
+        failover_seen_s: median_f64(&failover),
+        failover_seen_worst_s: worst(&failover),
+        ha_restart_s: median_f64(&ha),
+        ha_restart_worst_s: worst(&ha),
+        master_failover_s: median_f64(&master),
+        master_failover_worst_s: worst(&master),
+        rejoin_s: median_f64(&rejoin),
+        rejoin_worst_s: worst(&rejoin),
+        reprotect_runs_s: reprotect,
+        ha_restart_runs_s: ha,
+        master_failover_runs_s: master,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "cluster ({} hosts, {} runs)                median    worst   goal",
+            r.hosts, r.runs
+        );
+        let row = |what: &str, m: f64, w: f64, goal: &str| {
+            println!("  {what:<38} {m:>6.2} s {w:>6.2} s  {goal}");
+        };
+        row(
+            "reprotect_s (kill → Protected)",
+            r.reprotect_s,
+            r.reprotect_worst_s,
+            "≤ 10 s",
+        );
+        row(
+            "failover_seen_s (kill → new primary)",
+            r.failover_seen_s,
+            r.failover_seen_worst_s,
+            "",
+        );
+        row(
+            "ha_restart_s (kill → web serving)",
+            r.ha_restart_s,
+            r.ha_restart_worst_s,
+            "≤ 15 s",
+        );
+        row(
+            "master_failover_s (kill → master)",
+            r.master_failover_s,
+            r.master_failover_worst_s,
+            "",
+        );
+        row(
+            "rejoin_s (revive → in host list)",
+            r.rejoin_s,
+            r.rejoin_worst_s,
+            "",
+        );
+    }
+    Ok(0)
+}
+
+/// `tandem bench soak`: kvd under FT and load, its primary's host killed again and again.
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// How many times to kill the current primary's host.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    kills: u32,
+    /// Hosts in the lab (at least 3: a failover needs a third host to re-protect on).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..=16))]
+    hosts: u32,
+    /// Print one JSON object instead of the lines.
+    #[arg(long)]
+    json: bool,
+    /// The lab's name (taken down and made afresh).
+    #[arg(long, default_value = "soak")]
+    name: String,
+}
+
+#[derive(Serialize)]
+struct Soak {
+    pass: bool,
+    kills: u32,
+    /// Kills after which kvd's primary moved, and after which it was Protected again.
+    failovers: u32,
+    reprotected: u32,
+    /// The cluster's own counts (`vm show kvd`).
+    cluster_failovers: u64,
+    cluster_reprotections: u64,
+    /// Acknowledged INCRs missing from the counter read back at the end.
+    lost: i64,
+    resets: u64,
+    /// Checker replies that were errors or out of order.
+    checker_errors: u64,
+    acked: u64,
+    /// The checker's longest silence between two replies, ms.
+    gap_ms: u64,
+    /// Worst and median kill → Protected, s.
+    reprotect_s: f64,
+    reprotect_median_s: f64,
+    /// Worst revive → back in `host list`, s.
+    rejoin_worst_s: f64,
+    load_runs: u32,
+    load_failures: Vec<String>,
+    /// Why the soak stopped early, if it did.
+    error: Option<String>,
+}
+
+pub fn soak(args: &SoakArgs) -> Result<u8> {
+    use crate::cluster_lab::{ClusterLab, KillOutcome, Progress};
+    use cluster::model::Priority;
+
+    let progress = if args.json {
+        Progress::Quiet
+    } else {
+        Progress::Stdout("soak")
+    };
+    let c = ClusterLab::up(&args.name, args.hosts, false, progress)?;
+    c.create_kvd(Priority::High)?;
+    let v = c.ft_on("kvd")?;
+    c.say(&format!(
+        "kvd Protected (primary {}, secondary {}); load: redis-benchmark runs and the checker",
+        v.primary_host.as_deref().unwrap_or("?"),
+        v.secondary_host.as_deref().unwrap_or("?")
+    ));
+    let checker = c.start_checker("soak:counter");
+    let load = c.start_load();
+    std::thread::sleep(Duration::from_millis(1000));
+    checker.mark();
+    let (mut failovers, mut reprotected) = (0u32, 0u32);
+    let (mut reprotect, mut rejoin) = (vec![], vec![]);
+    let mut error = None;
+    for k in 1..=args.kills {
+        let step = (|| -> Result<()> {
+            let p = c.vm("kvd")?.primary_host.context("kvd has no primary")?;
+            c.say(&format!("kill {k}/{}: {p} (kvd's primary)", args.kills));
+            let mut out = KillOutcome::default();
+            let r = c.kill_and_watch(&p, false, Duration::from_secs(60), &mut out);
+            failovers += u32::from(out.failover.is_some());
+            if let Some(d) = out.protected {
+                reprotected += 1;
+                reprotect.push(d.as_secs_f64());
+            }
+            r?;
+            rejoin.push(c.revive(&p)?.as_secs_f64());
+            c.say(&format!("{p} revived and back in host list"));
+            Ok(())
+        })();
+        if let Err(e) = step {
+            c.say(&format!("stopped at kill {k}: {e:#}"));
+            error = Some(format!("kill {k}: {e:#}"));
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rep = checker.finish()?;
+    let load = load.finish()?;
+    let final_value: i64 = c
+        .redis(&["GET", "soak:counter"])
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    let (cf, cr) = c
+        .vm("kvd")
+        .map(|v| (v.failovers, v.reprotections))
+        .unwrap_or((0, 0));
+    let lost = (rep.last_value - final_value).max(0);
+    let checker_errors = rep.errors.len() as u64 + rep.out_of_order;
+    let pass = error.is_none()
+        && failovers == args.kills
+        && reprotected == args.kills
+        && lost == 0
+        && rep.resets == 0
+        && checker_errors == 0
+        && rep.after_mark > 0
+        && load.ok();
+    let r = Soak {
+        pass,
+        kills: args.kills,
+        failovers,
+        reprotected,
+        cluster_failovers: cf,
+        cluster_reprotections: cr,
+        lost,
+        resets: rep.resets,
+        checker_errors,
+        acked: rep.acked,
+        gap_ms: rep.max_gap_ms,
+        reprotect_s: worst(&reprotect),
+        reprotect_median_s: median_f64(&reprotect),
+        rejoin_worst_s: worst(&rejoin),
+        load_runs: load.runs,
+        load_failures: load.failures,
+        error,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        for e in rep.errors.iter().take(3) {
+            c.say(&format!("checker error: {e}"));
+        }
+        for f in &r.load_failures {
+            c.say(&format!("load failed: {f}"));
+        }
+        println!(
+            "soak: {} kills={} failovers={} reprotected={} lost={} resets={} checker_errors={} acked={} gap_ms={} reprotect_s={:.1} (median {:.1}) rejoin_worst_s={:.1} load_runs={} (cluster counts {} failovers, {} re-protections)",
+            if r.pass { "PASS" } else { "FAIL" },
+            r.kills,
+            r.failovers,
+            r.reprotected,
+            r.lost,
+            r.resets,
+            r.checker_errors,
+            r.acked,
+            r.gap_ms,
+            r.reprotect_s,
+            r.reprotect_median_s,
+            r.rejoin_worst_s,
+            r.load_runs,
+            r.cluster_failovers,
+            r.cluster_reprotections
+        );
+    }
+    Ok(if r.pass { 0 } else { 1 })
+}

@@ -9,6 +9,7 @@
 mod agent_cli;
 mod bench;
 mod client;
+mod cluster_lab;
 mod demo;
 mod guests;
 mod lab;
@@ -351,6 +352,11 @@ enum BenchCommand {
     Vm(bench::VmBenchArgs),
     /// Fault tolerance: FT against unprotected kvd, failover gap, logging bandwidth.
     Ft(bench::FtBenchArgs),
+    /// The cluster: re-protection, HA restart and master failover times (a lab of 4 hosts).
+    Cluster(bench::ClusterBenchArgs),
+    /// kvd under FT and load, its primary's host killed N times (revived in between):
+    /// nothing lost, no reset, every failover re-protected.
+    Soak(bench::SoakArgs),
 }
 
 /// A failure with its exit code.
@@ -443,6 +449,8 @@ fn main() -> ExitCode {
         }) => snap::vm_replay(&log, &wasm, datastore.as_deref(), &snap),
         Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
         Command::Bench(BenchCommand::Ft(a)) => bench::ft(&a).map_err(Failure::from),
+        Command::Bench(BenchCommand::Cluster(a)) => bench::cluster(&a).map_err(Failure::from),
+        Command::Bench(BenchCommand::Soak(a)) => bench::soak(&a).map_err(Failure::from),
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
         Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),
