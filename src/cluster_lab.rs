@@ -189,7 +189,7 @@ impl ClusterLab {
     /// httpd (`web`) created with its datastore (holding an index.html) on shared storage,
     /// restart priority high, powered on on `host`, waited for until it serves its page.
     pub fn create_web(&self, host: &str) -> Result<()> {
-        let www = lab::shared_dir(&self.name).join("www");
+        let www = lab::shared_dir(&self.name).join("web").join("www");
         std::fs::create_dir_all(&www).context("creating httpd's datastore")?;
         std::fs::write(www.join("index.html"), WEB_PAGE).context("writing index.html")?;
         self.client.create(&CreateVm {

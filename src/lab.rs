@@ -200,7 +200,18 @@ pub fn namespaces(name: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{name}-")))
+        // Exactly this lab's: `tandem` must not take `tandem-demo`'s namespaces.
+        .filter(|n| {
+            n.strip_prefix(name)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|what| {
+                    what == "net"
+                        || what == "client"
+                        || what
+                            .strip_prefix("host")
+                            .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+                })
+        })
         .map(str::to_string)
         .collect()
 }
@@ -251,7 +262,6 @@ pub fn up(name: &str, hosts: u32) -> Result<()> {
 
 /// Create lab `name` with `hosts` hosts running a cluster: etcd on the management network
 /// (waited for), a host agent started in every host (not waited for), the lab file.
-#[allow(dead_code)] // for the cluster's demo and benchmarks, which start labs in-process
 pub fn up_cluster(name: &str, hosts: u32) -> Result<()> {
     up_with(name, hosts, true)
 }

@@ -125,6 +125,11 @@ struct FtArgs {
     /// Checkpoint at least this often while the VM takes events.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     checkpoint_secs: u64,
+    /// Set by a host agent: the fence this copy lives by. The agent keeps writing deadlines
+    /// until which its host's lease is held; a missed one, or the pipe closing, ends this
+    /// copy at once (so that no copy outlives its host's lease).
+    #[arg(long, value_name = "FD")]
+    fence_fd: Option<i32>,
 }
 
 /// The largest heartbeat interval or failure timeout accepted, in milliseconds.
@@ -133,6 +138,14 @@ const MAX_FT_MS: u64 = 60_000;
 const MAX_WAIT_SECS: u64 = 86_400;
 
 impl FtArgs {
+    /// Live by the fence, if a host agent gave one (before anything else is started).
+    fn fence(&self) -> Result<(), Failure> {
+        match self.fence_fd {
+            Some(fd) => cluster::fence::watch(fd).map_err(|e| bad(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
     /// The checked checkpoint policy.
     fn policy(&self) -> Result<lockstep::checkpoint::Policy, Failure> {
         if self.checkpoint_mib == 0 || self.checkpoint_mib > 4096 {
@@ -700,6 +713,7 @@ fn vm_run(a: RunArgs) -> Result<u8, Failure> {
 /// takes its own checkpoints, so that what it keeps stays bounded (see
 /// `lockstep::checkpoint`).
 fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
+    a.ft.fence()?;
     if a.run.record.is_some() {
         return Err(bad(
             "--record does not combine with FT: the secondary holds the log".into(),
@@ -773,6 +787,7 @@ const JOIN_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 /// checkpoints as it replays, and keeps the events since the latest: once live, it
 /// accepts a new secondary on --log-listen, which joins the same way.
 fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
+    a.ft.fence()?;
     check_datastore(a.datastore.as_deref())?;
     let config = a.ft.config()?;
     let policy = a.ft.policy()?;

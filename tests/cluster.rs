@@ -201,7 +201,7 @@ fn both_hosts_of_a_pair_killed_restarts_the_vm_with_every_acknowledged_write_and
     );
     let httpd = guest("httpd.wasm");
     let shared = format!("/tmp/{}-shared", c.lab.name);
-    let www = format!("{shared}/www");
+    let www = format!("{shared}/web/www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(format!("{www}/index.html"), "served by the cluster\n").unwrap();
     c.ok(&[
@@ -466,7 +466,7 @@ fn bad_requests_are_refused_with_a_4xx_and_a_clear_message() {
 fn an_isolated_host_stops_its_vm_which_restarts_elsewhere_and_never_runs_twice() {
     let c = Cluster::up("isol", 2);
     let httpd = guest("httpd.wasm");
-    let www = format!("/tmp/{}-shared/www", c.lab.name);
+    let www = format!("/tmp/{}-shared/web/www", c.lab.name);
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(format!("{www}/index.html"), "one copy only\n").unwrap();
     c.ok(&[
@@ -550,7 +550,8 @@ fn a_guest_that_ends_leaves_its_vm_off_and_power_on_starts_it_again() {
     };
     c.wait("the guest ended and the VM is off", 30, || {
         let v = c.show("once");
-        field(&v, "power") == "off" && field(&v, "ft_reason").contains("the guest ended (exit 0)")
+        field(&v, "power") == "off"
+            && field(&v, "ft_reason").contains("the guest ended (exit code 0)")
     });
     // Not restarted: the guest ended by itself, and would end alike anywhere.
     std::thread::sleep(Duration::from_secs(2));
@@ -559,4 +560,53 @@ fn a_guest_that_ends_leaves_its_vm_off_and_power_on_starts_it_again() {
     c.ok(&["vm", "power-on", "once"]);
     c.wait("a second run", 30, || runs() == 2);
     c.wait("off again", 30, || field(&c.show("once"), "power") == "off");
+}
+
+#[test]
+fn a_stalled_agent_fences_its_copies_before_its_lease_expires() {
+    let c = Cluster::up("stall", 2);
+    c.kvd_on("kvd", KVD_NIC, Some("host1"));
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    // The agent stops (SIGSTOP): it neither renews its lease nor kills anything. Its copy
+    // must end by itself before the lease expires and kvd starts on host2.
+    c.lab.signal_agent(1, libc::SIGSTOP);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (most, samples) = std::thread::scope(|sc| {
+        let watcher = sc.spawn(|| {
+            let (mut most, mut samples) = (0, 0);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(c.copies_running("kvd"));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (most, samples)
+        });
+        c.wait("kvd restarted on host2", 60, || {
+            field(&c.show("kvd"), "primary_host") == "host2"
+        });
+        c.lab
+            .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    c.lab.signal_agent(1, libc::SIGCONT);
+    assert_eq!(most, 1, "kvd ran {most} times at once");
+    assert!(samples > 10, "watched ({samples} samples)");
+    let logs = format!("/tmp/{}-shared/.agents/host1", c.lab.name);
+    let fenced = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("fenced")));
+    assert!(fenced, "host1's copy says it was fenced");
+    // The agent, running again, registers anew and runs nothing of its earlier life.
+    c.wait("host1 back", 30, || {
+        c.json(&["host", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == "host1")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.copies_running("kvd"), 1);
 }

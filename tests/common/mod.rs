@@ -201,6 +201,11 @@ impl Lab {
 
     /// SIGKILL host K's agent (its copies die with it), leaving the host up.
     pub fn kill_agent(&self, k: u32) {
+        self.signal_agent(k, libc::SIGKILL);
+    }
+
+    /// Send `sig` to host K's agent.
+    pub fn signal_agent(&self, k: u32, sig: i32) {
         let ns = self.ns(&format!("host{k}"));
         let out = Command::new("ip")
             .args(["netns", "pids", &ns])
@@ -212,7 +217,7 @@ impl Lab {
                 && let Ok(pid) = pid.parse::<i32>()
             {
                 // SAFETY: kill(2) with a pid read from the kernel; no memory is involved.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                unsafe { libc::kill(pid, sig) };
             }
         }
     }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::ClusterError;
+use crate::fence::{self, FenceWriter};
 use crate::master::{self, Master};
 use crate::model::{self, CopyReport, CopyState, HostRecord, Placement, Role, VmRecord};
 use crate::store::{Store, StoreError};
@@ -31,6 +32,8 @@ pub const LEASE_TTL_SECS: i64 = 4;
 const RENEW_EVERY: Duration = Duration::from_millis(1000);
 /// Without a renewal for this long, the agent stops its copies (half the TTL).
 const ISOLATED_AFTER: Duration = Duration::from_millis(LEASE_TTL_SECS as u64 * 500);
+/// How often each copy's fence is fed.
+const FENCE_EVERY: Duration = Duration::from_millis(100);
 /// How often the agent looks at its placements and its children.
 const TICK: Duration = Duration::from_millis(200);
 /// A report is rewritten at least this often (its counters move).
@@ -81,7 +84,10 @@ struct Running {
 /// The lease, shared between the renewing thread and the rest.
 struct Lease {
     id: i64,
+    /// When the last successful renewal was *sent* (the store counts the TTL from when
+    /// it received it, which is later), and the same on the machine's monotonic clock.
     renewed: Instant,
+    renewed_ns: u64,
 }
 
 pub struct Agent {
@@ -92,6 +98,8 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     /// The hosts reached on the logging network at the last probe.
     log_peers: Arc<Mutex<Option<Vec<String>>>>,
+    /// Each running copy's fence (by copy id): its process lives only while fed.
+    fences: Arc<Mutex<BTreeMap<u64, FenceWriter>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -110,6 +118,7 @@ impl Agent {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
             ClusterError::Internal(format!("create {}: {e}", cfg.state_dir.display()))
         })?;
+        let (renewed, renewed_ns) = (Instant::now(), fence::monotonic_ns());
         let id = cfg.store.grant(LEASE_TTL_SECS)?;
         let rec = Self::record(&cfg, None, id);
         let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
@@ -139,10 +148,12 @@ impl Agent {
             hostname,
             lease: Arc::new(Mutex::new(Lease {
                 id,
-                renewed: Instant::now(),
+                renewed,
+                renewed_ns,
             })),
             stop: Arc::new(AtomicBool::new(false)),
             log_peers: Arc::new(Mutex::new(None)),
+            fences: Arc::new(Mutex::new(BTreeMap::new())),
         })
     }
 
@@ -183,6 +194,25 @@ impl Agent {
                 .map_err(|e| ClusterError::Internal(format!("start a thread: {e}")))?
         };
         self.probe_logging_network()?;
+        {
+            let (lease, stop, fences) =
+                (self.lease.clone(), self.stop.clone(), self.fences.clone());
+            std::thread::Builder::new()
+                .name("fence".into())
+                .spawn(move || {
+                    // The copies' deadlines follow the lease's renewals, from a thread of
+                    // its own: a stalled main loop must not let a copy outlive the lease,
+                    // nor kill copies whose lease is held.
+                    while !stop.load(Ordering::Relaxed) {
+                        let deadline = lock(&lease).renewed_ns + ISOLATED_AFTER.as_nanos() as u64;
+                        for f in lock(&fences).values_mut() {
+                            f.send(deadline);
+                        }
+                        std::thread::sleep(FENCE_EVERY);
+                    }
+                })
+                .map_err(|e| ClusterError::Internal(format!("start a thread: {e}")))?;
+        }
         let masterer = {
             let (store, lease, stop, name) = (
                 self.cfg.store.clone(),
@@ -325,6 +355,9 @@ impl Agent {
                 tracing::info!("{} copy {} ({:?}) ended: {how}", c.vm, c.id, c.role);
                 c.exit = Some(how);
             }
+            if c.exit.is_some() {
+                lock(&self.fences).remove(&c.id);
+            }
         }
     }
 
@@ -389,6 +422,7 @@ impl Agent {
                     tracing::info!("{vm}: copy {} no longer placed here; stopping it", c.id);
                     stop_copy(&mut c);
                 }
+                lock(&self.fences).remove(&c.id);
                 if !wanted.contains_key(&vm) {
                     store.delete(&model::copy_key(me, &vm))?;
                 }
@@ -499,12 +533,23 @@ impl Agent {
         let err = out.try_clone()?;
         let mut cmd = Command::new(&cfg.exe);
         cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
+        let (writer, reader) = fence::pipe()?;
+        let reader_fd = std::os::fd::AsRawFd::as_raw_fd(&reader);
+        cmd.args(["--fence-fd", &fence::FENCE_FD.to_string()]);
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // prctl(2) and getppid(2), which are async-signal-safe; it touches no memory of the
-        // parent but the pid copied into it.
+        // dup2(2), prctl(2) and getppid(2), which are async-signal-safe; it touches no
+        // memory of the parent but the two integers copied into it.
         let agent = std::process::id() as libc::pid_t;
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                // The fence at a known descriptor (dup2 clears close-on-exec on it).
+                if reader_fd == fence::FENCE_FD {
+                    if libc::fcntl(reader_fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(reader_fd, fence::FENCE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -516,6 +561,8 @@ impl Agent {
             });
         }
         let child = cmd.spawn()?;
+        drop(reader);
+        lock(&self.fences).insert(id, writer);
         Ok(Running {
             vm: spec.name.clone(),
             id,
@@ -668,8 +715,13 @@ fn renew(
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(RENEW_EVERY);
         let id = lock(lease).id;
+        let (sent, sent_ns) = (Instant::now(), fence::monotonic_ns());
         match store.keepalive(id) {
-            Ok(_) => lock(lease).renewed = Instant::now(),
+            Ok(_) => {
+                let mut l = lock(lease);
+                l.renewed = sent;
+                l.renewed_ns = sent_ns;
+            }
             Err(StoreError::LeaseExpired) => {
                 tracing::warn!("this host's lease expired; registering again");
                 let again = store.grant(LEASE_TTL_SECS).and_then(|id| {
@@ -681,7 +733,8 @@ fn renew(
                     Ok(id) => {
                         let mut l = lock(lease);
                         l.id = id;
-                        l.renewed = Instant::now();
+                        l.renewed = sent;
+                        l.renewed_ns = sent_ns;
                     }
                     Err(e) => tracing::warn!("cannot register again: {e}"),
                 }

@@ -4,6 +4,7 @@
 //! No HTTP server here: `crates/api` serves the verbs.
 
 pub mod agent;
+pub mod fence;
 pub mod http;
 pub mod master;
 pub mod model;

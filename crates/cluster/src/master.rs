@@ -535,6 +535,7 @@ mod tests {
             maintenance: false,
             started_ms: 0,
             log_peers: None,
+            incarnation: 0,
         }
     }
 
@@ -569,6 +570,7 @@ mod tests {
             state,
             live,
             protected,
+            guest_exit: None,
             events: 0,
             acked: 0,
             lag_ms: 0,
@@ -603,6 +605,7 @@ mod tests {
         Some(Copy {
             id,
             host: host.into(),
+            incarnation: 0,
         })
     }
 
@@ -652,6 +655,8 @@ mod tests {
         assert_eq!(p.failovers, 1);
         assert_eq!(p.secondary.as_ref().unwrap().host, "h3");
         assert!(p.unprotected_since_ms.is_some());
+        let new_id = p.secondary.as_ref().unwrap().id;
+        assert!(new_id > 2, "ids are never reused");
         // Once the new pair is protected, the re-protection is counted once.
         let v = view(
             &["h2", "h3"],
@@ -663,7 +668,7 @@ mod tests {
                 ),
                 (
                     "h3",
-                    report(3, Role::Secondary, CopyState::Running, false, false),
+                    report(new_id, Role::Secondary, CopyState::Running, false, false),
                 ),
             ],
         );
@@ -671,6 +676,83 @@ mod tests {
         decide(&v, &mut p);
         assert_eq!(p.reprotections, 1);
         assert!(p.reason.is_none());
+    }
+
+    #[test]
+    fn no_fresh_primary_while_an_earlier_copy_runs_and_none_from_an_earlier_agent() {
+        // Powered off and on again: copy 1 still runs on h1 (not placed any more).
+        let mut p = Placement::default();
+        let v = view(
+            &["h1", "h2"],
+            vm(FtMode::Off),
+            vec![(
+                "h1",
+                report(1, Role::Primary, CopyState::Running, true, false),
+            )],
+        );
+        decide(&v, &mut p);
+        assert!(p.primary.is_none());
+        assert!(
+            p.reason.as_deref().unwrap().contains("earlier copy on h1"),
+            "{:?}",
+            p.reason
+        );
+        // A copy placed under an earlier incarnation of its host is gone: its agent died.
+        let mut v = view(&["h1", "h2"], vm(FtMode::Off), vec![]);
+        v.hosts.get_mut("h1").unwrap().incarnation = 7;
+        let mut p = Placement {
+            primary: copy(1, "h1"),
+            next_id: 1,
+            ..Default::default()
+        };
+        decide(&v, &mut p);
+        let c = p.primary.unwrap();
+        assert_ne!(c.id, 1, "replaced");
+        assert_eq!(p.restarts, 1);
+        if c.host == "h1" {
+            assert_eq!(
+                c.incarnation, 7,
+                "placed under the host's current incarnation"
+            );
+        }
+    }
+
+    #[test]
+    fn a_secondary_still_joining_does_not_hold_off_a_restart_and_five_losses_leave_it_off() {
+        let mut p = Placement {
+            primary: copy(1, "h1"),
+            secondary: copy(2, "h2"),
+            next_id: 2,
+            ..Default::default()
+        };
+        let v = view(
+            &["h2", "h3"],
+            vm(FtMode::On),
+            vec![(
+                "h2",
+                report(2, Role::Secondary, CopyState::Starting, false, false),
+            )],
+        );
+        decide(&v, &mut p);
+        assert_eq!(p.restarts, 1, "restarted at once");
+        assert!(p.secondary.is_none());
+        for _ in 0..10 {
+            let mut q = p.clone();
+            q.primary = copy(99, "gone");
+            q.secondary = None;
+            decide(&view(&["h3"], vm(FtMode::Off), vec![]), &mut q);
+            p = q;
+        }
+        assert_eq!(p.restarts, 5);
+        assert!(
+            p.ended
+                .as_ref()
+                .unwrap()
+                .1
+                .contains("5 times within a minute"),
+            "{:?}",
+            p.ended
+        );
     }
 
     #[test]
@@ -708,7 +790,7 @@ mod tests {
         let mut p = base.clone();
         let v = view(&["h3"], vm(FtMode::On), vec![]);
         decide(&v, &mut p);
-        assert_eq!(p.primary, copy(3, "h3"));
+        assert_eq!(p.primary.as_ref().unwrap().host, "h3");
         assert_eq!(p.restarts, 1);
         assert!(p.secondary.is_none());
         let mut r = vm(FtMode::Off);
@@ -732,6 +814,7 @@ mod tests {
         };
         let mut ended = report(1, Role::Primary, CopyState::Exited, false, false);
         ended.exit = Some("exit 3".into());
+        ended.guest_exit = Some("exit 3".into());
         let v = view(&["h1", "h2"], vm(FtMode::Off), vec![("h1", ended.clone())]);
         decide(&v, &mut p);
         assert!(p.primary.is_none(), "not restarted");
@@ -742,6 +825,7 @@ mod tests {
         // Killed (a signal) is not ended: that copy is restarted.
         let mut killed = ended.clone();
         killed.exit = Some("signal 9".into());
+        killed.guest_exit = None;
         let mut q = Placement {
             primary: copy(1, "h1"),
             next_id: 1,
@@ -785,8 +869,8 @@ mod tests {
         );
         decide(&v, &mut p);
         assert_eq!(
-            p.secondary,
-            copy(3, "h3"),
+            p.secondary.as_ref().unwrap().host,
+            "h3",
             "the host it failed on is avoided"
         );
         let v = view(

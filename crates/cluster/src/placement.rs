@@ -199,6 +199,7 @@ mod tests {
             maintenance: false,
             started_ms: 0,
             log_peers: None,
+            incarnation: 0,
         }
     }
 
@@ -261,10 +262,12 @@ mod tests {
                     primary: Some(Copy {
                         id: 1,
                         host: "h1".into(),
+                        incarnation: 0,
                     }),
                     secondary: Some(Copy {
                         id: 2,
                         host: if i < 2 { "h2" } else { "h3" }.into(),
+                        incarnation: 0,
                     }),
                     ..Default::default()
                 },
