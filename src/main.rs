@@ -442,6 +442,26 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Vm(VmCommand::Replay { .. })) {
         install_stop_handler();
     }
+    // The cluster's client verbs print reports that are piped into `head` and the like:
+    // a closed pipe ends them quietly, as it does any Unix tool (everything else keeps
+    // Rust's default, where a closed socket is an error, not a signal).
+    let client_verb = matches!(
+        cli.command,
+        Command::Cluster(_)
+            | Command::Host(verbs_cli::HostCommand::List { .. })
+            | Command::Vm(
+                VmCommand::Create(_)
+                    | VmCommand::PowerOn(_)
+                    | VmCommand::PowerOff(_)
+                    | VmCommand::Destroy(_)
+                    | VmCommand::List(_)
+                    | VmCommand::Show(_)
+            )
+    );
+    if client_verb {
+        // SAFETY: restoring a signal's default disposition; no handler, no memory.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Vm(VmCommand::Run(a)) if a.is_plain() => vm_run(a.run),
         Command::Vm(VmCommand::Run(a)) => snap::vm_run(a),
