@@ -12,26 +12,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 
 /// Run `f` on a thread inside network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns(2) on a valid namespace file descriptor; it changes only this
-        // thread's network namespace, and the thread ends with `f`.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        if r != 0 {
-            bail!("entering {path}: {}", std::io::Error::last_os_error());
-        }
-        f()
+    api::client::in_netns(ns, f)?
+}
+
+/// One command to the RESP server at `addr`, over a fresh connection from namespace `ns`.
+pub fn redis_in(ns: &str, addr: SocketAddr, args: &[&str]) -> Result<String> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    in_netns(ns, move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Resp::connect(addr, Duration::from_secs(5))?.call(&refs)
     })
-    .join()
-    .map_err(|_| anyhow!("a client thread panicked"))?
 }
 
 /// One RESP connection.

@@ -22,7 +22,7 @@ use api::client::Client;
 use cluster::model::{FtStatus, Nic, Priority, VmView};
 use cluster::verbs::{CreateVm, FtOp};
 
-use crate::client::{Resp, in_netns};
+use crate::client::{in_netns, redis_in};
 use crate::demo::RunningChecker;
 use crate::guests;
 use crate::lab::{self, LabGuard};
@@ -275,11 +275,7 @@ impl ClusterLab {
 
     /// One command to kvd over a fresh connection from the client namespace.
     pub fn redis(&self, args: &[&str]) -> Result<String> {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        in_netns(&self.client_ns(), move || {
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            Resp::connect(Self::kvd_addr(), Duration::from_secs(5))?.call(&refs)
-        })
+        redis_in(&self.client_ns(), Self::kvd_addr(), args)
     }
 
     /// The one-connection INCR checker on kvd's `key`.

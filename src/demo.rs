@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 
 use cluster::model::Priority;
 
-use crate::client::{CheckerReport, Resp, checker, in_netns};
+use crate::client::{CheckerReport, checker, in_netns, redis_in};
 use crate::cluster_lab::{ClusterLab, KVD_IP, KillOutcome, Progress, WEB_IP};
 use crate::guests;
 use crate::lab::{self, LabGuard, VmProcess};
@@ -199,11 +199,7 @@ impl FtLab {
 
     /// One command over a fresh connection from the client namespace.
     pub fn redis(&self, args: &[&str]) -> Result<String> {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        in_netns(&self.client_ns(), move || {
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            Resp::connect(Self::addr(), Duration::from_secs(5))?.call(&refs)
-        })
+        redis_in(&self.client_ns(), Self::addr(), args)
     }
 
     /// Start the checker on `key` from the client namespace.

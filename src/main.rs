@@ -583,23 +583,25 @@ fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
     Some((ip.octets(), len))
 }
 
-fn parse_network(nic: Option<&str>, listen: &[String]) -> Result<(Option<Nic>, Vec<u16>), Failure> {
+/// `--listen tcp:PORT` flags: the ports, each 1-65535 and given once.
+pub fn listen_ports(listen: &[String]) -> Result<Vec<u16>, String> {
     let mut ports = Vec::new();
     for l in listen {
         let port = l
             .strip_prefix("tcp:")
             .and_then(|p| p.parse::<u16>().ok())
             .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                bad(format!(
-                    "--listen {l:?} is not of the form tcp:PORT (PORT 1-65535)"
-                ))
-            })?;
+            .ok_or_else(|| format!("--listen {l:?} is not of the form tcp:PORT (PORT 1-65535)"))?;
         if ports.contains(&port) {
-            return Err(bad(format!("--listen: port {port} is already listened on")));
+            return Err(format!("--listen: port {port} is given twice"));
         }
         ports.push(port);
     }
+    Ok(ports)
+}
+
+fn parse_network(nic: Option<&str>, listen: &[String]) -> Result<(Option<Nic>, Vec<u16>), Failure> {
+    let ports = listen_ports(listen).map_err(bad)?;
     let Some(nic) = nic else {
         if !ports.is_empty() {
             return Err(bad(

@@ -556,23 +556,7 @@ fn parse_nic(s: &str) -> Result<Nic, Fail> {
 }
 
 fn parse_listen(listen: &[String]) -> Result<Vec<u16>, Fail> {
-    let mut ports = Vec::new();
-    for l in listen {
-        let port = l
-            .strip_prefix("tcp:")
-            .and_then(|p| p.parse::<u16>().ok())
-            .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                bad(format!(
-                    "--listen {l:?} is not of the form tcp:PORT (PORT 1-65535)"
-                ))
-            })?;
-        if ports.contains(&port) {
-            return Err(bad(format!("--listen: port {port} is given twice")));
-        }
-        ports.push(port);
-    }
-    Ok(ports)
+    crate::listen_ports(listen).map_err(bad)
 }
 
 /// The request `vm create` sends, its flags checked and its paths made absolute.

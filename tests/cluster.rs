@@ -127,6 +127,36 @@ impl Cluster {
     }
 }
 
+/// What [`Cluster::watching`] saw: the most copies of the VM running at once, in how many
+/// looks, and what the watched work returned.
+struct Watched<R> {
+    most: usize,
+    samples: usize,
+    out: R,
+}
+
+impl Cluster {
+    /// Run `work` while counting, every 10 ms, the copies of `vm` running on every host.
+    fn watching<R: Send>(&self, vm: &str, work: impl FnOnce() -> R + Send) -> Watched<R> {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let watcher = sc.spawn(|| {
+                let (mut most, mut samples) = (0, 0);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    most = most.max(self.copies_running(vm));
+                    samples += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                (most, samples)
+            });
+            let out = work();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (most, samples) = watcher.join().unwrap();
+            Watched { most, samples, out }
+        })
+    }
+}
+
 fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or("")
 }
@@ -345,16 +375,9 @@ fn the_masters_agent_killed_and_restarted_at_once_never_runs_a_copy_twice() {
     assert_eq!(field(&c.show("kvd"), "primary_host"), m1);
     // Only the agent dies (its copies with it), and is started again at once: the new one
     // must never start the copies its predecessor ran, whoever is master meanwhile.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (most, took) = std::thread::scope(|sc| {
-        let watcher = sc.spawn(|| {
-            let mut most = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                most = most.max(c.copies_running("kvd"));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            most
-        });
+    let Watched {
+        most, out: took, ..
+    } = c.watching("kvd", || {
         c.lab.kill_agent(k);
         c.lab.host_op("revive", k);
         let took = c.wait("kvd failed over and protected again", 60, || {
@@ -364,8 +387,7 @@ fn the_masters_agent_killed_and_restarted_at_once_never_runs_a_copy_twice() {
         c.lab
             .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
         std::thread::sleep(Duration::from_secs(1));
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        (watcher.join().unwrap(), took)
+        took
     });
     eprintln!("protected again {took:?} after the master's agent was killed");
     assert!(
@@ -399,23 +421,14 @@ fn power_cycles_re_creation_and_concurrent_creates_stay_consistent() {
         .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     // Off and on again at once, asking for the other host: whether the master saw it off
     // or not, there is never a second copy before the first stopped.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let most = std::thread::scope(|sc| {
-        let watcher = sc.spawn(|| {
-            let mut most = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                most = most.max(c.copies_running("kvd"));
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            most
-        });
-        c.ok(&["vm", "power-off", "kvd"]);
-        c.ok(&["vm", "power-on", "kvd", "--host", "host2"]);
-        c.lab
-            .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        watcher.join().unwrap()
-    });
+    let most = c
+        .watching("kvd", || {
+            c.ok(&["vm", "power-off", "kvd"]);
+            c.ok(&["vm", "power-on", "kvd", "--host", "host2"]);
+            c.lab
+                .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        })
+        .most;
     assert_eq!(most, 1, "kvd ran twice across a power cycle");
     // Destroyed and created again under its name: it runs again at once.
     c.ok(&["vm", "power-off", "kvd"]);
@@ -587,24 +600,12 @@ fn an_isolated_host_stops_its_vm_which_restarts_elsewhere_and_never_runs_twice()
     let r = tandem(&["lab", "isolate", "host1", "--name", &c.lab.name]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     // Until it serves from host2, never more than one copy runs anywhere.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (most, samples) = std::thread::scope(|sc| {
-        let watcher = sc.spawn(|| {
-            let (mut most, mut samples) = (0, 0);
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                most = most.max(c.copies_running("web"));
-                samples += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            (most, samples)
-        });
+    let Watched { most, samples, .. } = c.watching("web", || {
         c.wait("web restarted on host2", 60, || {
             field(&c.show("web"), "primary_host") == "host2"
         });
         c.lab
             .wait_for("curl", &["-s", "http://10.77.0.11/"], "one copy only");
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        watcher.join().unwrap()
     });
     assert_eq!(most, 1, "web ran {most} times at once");
     assert!(
@@ -668,24 +669,12 @@ fn a_stalled_agent_fences_its_copies_before_its_lease_expires() {
     // The agent stops (SIGSTOP): it neither renews its lease nor kills anything. Its copy
     // must end by itself before the lease expires and kvd starts on host2.
     c.lab.signal_agent(1, libc::SIGSTOP);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (most, samples) = std::thread::scope(|sc| {
-        let watcher = sc.spawn(|| {
-            let (mut most, mut samples) = (0, 0);
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                most = most.max(c.copies_running("kvd"));
-                samples += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            (most, samples)
-        });
+    let Watched { most, samples, .. } = c.watching("kvd", || {
         c.wait("kvd restarted on host2", 60, || {
             field(&c.show("kvd"), "primary_host") == "host2"
         });
         c.lab
             .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        watcher.join().unwrap()
     });
     c.lab.signal_agent(1, libc::SIGCONT);
     assert_eq!(most, 1, "kvd ran {most} times at once");

@@ -307,7 +307,7 @@ fn decode<T: DeserializeOwned>(r: Response) -> Result<T, ClientError> {
 
 /// Run `f` on a fresh thread inside network namespace `ns` (`/run/netns/NS`); only that
 /// thread changes namespace, and it ends with `f`.
-fn in_netns<T: Send + 'static>(
+pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ClientError> {
