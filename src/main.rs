@@ -561,6 +561,18 @@ struct Nic {
     config: netstack::NetConfig,
 }
 
+/// A NIC's `mac=` value: six hex octets, unicast.
+pub fn nic_mac(v: &str) -> Result<[u8; 6], String> {
+    let m = parse_mac(v)
+        .ok_or_else(|| format!("--nic: {v:?} is not a MAC address like 02:00:00:00:00:10"))?;
+    if m[0] & 1 != 0 {
+        return Err(format!(
+            "--nic: {v} is a multicast MAC; a NIC needs a unicast one"
+        ));
+    }
+    Ok(m)
+}
+
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
@@ -614,19 +626,7 @@ fn parse_network(nic: Option<&str>, listen: &[String]) -> Result<(Option<Nic>, V
     for part in nic.split(',') {
         match part.split_once('=') {
             Some(("bridge", v)) if !v.is_empty() => bridge = Some(v.to_string()),
-            Some(("mac", v)) => {
-                let m = parse_mac(v).ok_or_else(|| {
-                    bad(format!(
-                        "--nic: {v:?} is not a MAC address like 02:00:00:00:00:10"
-                    ))
-                })?;
-                if m[0] & 1 != 0 {
-                    return Err(bad(format!(
-                        "--nic: {v} is a multicast MAC; a NIC needs a unicast one"
-                    )));
-                }
-                mac = Some(m);
-            }
+            Some(("mac", v)) => mac = Some(nic_mac(v).map_err(bad)?),
             Some(("ip", v)) => {
                 ip = Some(parse_cidr(v).ok_or_else(|| {
                     bad(format!(

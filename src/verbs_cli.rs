@@ -521,16 +521,7 @@ fn parse_nic(s: &str) -> Result<Nic, Fail> {
     for part in s.split(',') {
         match part.split_once('=') {
             Some(("mac", v)) => {
-                let m = crate::parse_mac(v).ok_or_else(|| {
-                    bad(format!(
-                        "--nic: {v:?} is not a MAC address like 02:00:00:00:00:10"
-                    ))
-                })?;
-                if m[0] & 1 != 0 {
-                    return Err(bad(format!(
-                        "--nic: {v} is a multicast MAC; a NIC needs a unicast one"
-                    )));
-                }
+                crate::nic_mac(v).map_err(bad)?;
                 mac = Some(v.to_ascii_lowercase());
             }
             Some(("ip", v)) => {

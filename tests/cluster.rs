@@ -111,6 +111,34 @@ impl Cluster {
         };
     }
 
+    /// httpd as VM `web` (10.77.0.11:80, not FT), serving `page` from its datastore on
+    /// shared storage, powered on on `host`.
+    fn web(&self, page: &str, host: &str) {
+        let httpd = guest("httpd.wasm");
+        let www = format!("/tmp/{}-shared/web/www", self.lab.name);
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(format!("{www}/index.html"), page).unwrap();
+        self.ok(&[
+            "vm",
+            "create",
+            "web",
+            "--wasm",
+            s(&httpd),
+            "--datastore",
+            &www,
+            "--nic",
+            "mac=02:00:00:00:00:11,ip=10.77.0.11/24",
+            "--listen",
+            "tcp:80",
+            "--memory-mib",
+            "64",
+        ]);
+        self.ok(&["vm", "power-on", "web", "--host", host]);
+        assert_eq!(field(&self.show("web"), "primary_host"), host);
+        self.lab
+            .wait_for("curl", &["-s", "http://10.77.0.11/"], page.trim());
+    }
+
     /// How many `ft primary`/`ft secondary` processes of `vm` run, over every host.
     fn copies_running(&self, vm: &str) -> usize {
         let out = std::process::Command::new("pgrep")
@@ -229,33 +257,7 @@ fn both_hosts_of_a_pair_killed_restarts_the_vm_with_every_acknowledged_write_and
         field(&v, "primary_host").to_string(),
         field(&v, "secondary_host").to_string(),
     );
-    let httpd = guest("httpd.wasm");
-    let shared = format!("/tmp/{}-shared", c.lab.name);
-    let www = format!("{shared}/web/www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(format!("{www}/index.html"), "served by the cluster\n").unwrap();
-    c.ok(&[
-        "vm",
-        "create",
-        "web",
-        "--wasm",
-        s(&httpd),
-        "--datastore",
-        &www,
-        "--nic",
-        "mac=02:00:00:00:00:11,ip=10.77.0.11/24",
-        "--listen",
-        "tcp:80",
-        "--memory-mib",
-        "64",
-    ]);
-    c.ok(&["vm", "power-on", "web", "--host", &p]);
-    assert_eq!(field(&c.show("web"), "primary_host"), p);
-    c.lab.wait_for(
-        "curl",
-        &["-s", "http://10.77.0.11/"],
-        "served by the cluster",
-    );
+    c.web("served by the cluster\n", &p);
     c.lab
         .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     for i in 0..50 {
@@ -575,28 +577,7 @@ fn bad_requests_are_refused_with_a_4xx_and_a_clear_message() {
 #[test]
 fn an_isolated_host_stops_its_vm_which_restarts_elsewhere_and_never_runs_twice() {
     let c = Cluster::up("isol", 2);
-    let httpd = guest("httpd.wasm");
-    let www = format!("/tmp/{}-shared/web/www", c.lab.name);
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(format!("{www}/index.html"), "one copy only\n").unwrap();
-    c.ok(&[
-        "vm",
-        "create",
-        "web",
-        "--wasm",
-        s(&httpd),
-        "--datastore",
-        &www,
-        "--nic",
-        "mac=02:00:00:00:00:11,ip=10.77.0.11/24",
-        "--listen",
-        "tcp:80",
-        "--memory-mib",
-        "64",
-    ]);
-    c.ok(&["vm", "power-on", "web", "--host", "host1"]);
-    c.lab
-        .wait_for("curl", &["-s", "http://10.77.0.11/"], "one copy only");
+    c.web("one copy only\n", "host1");
     let r = tandem(&["lab", "isolate", "host1", "--name", &c.lab.name]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     // Until it serves from host2, never more than one copy runs anywhere.
