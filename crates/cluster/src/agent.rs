@@ -29,7 +29,10 @@ use crate::store::{Store, StoreError};
 /// The host's lease: its records vanish this long after its agent last renewed it.
 pub const LEASE_TTL_SECS: i64 = 4;
 /// How often the lease is renewed.
-const RENEW_EVERY: Duration = Duration::from_millis(1000);
+const RENEW_EVERY: Duration = Duration::from_millis(500);
+/// How long one renewal may take: several attempts fit in [`ISOLATED_AFTER`], so that one
+/// slow answer of the store does not fence every copy of the host.
+const RENEW_TIMEOUT: Duration = Duration::from_millis(700);
 /// Without a renewal for this long, the agent stops its copies (half the TTL).
 const ISOLATED_AFTER: Duration = Duration::from_millis(LEASE_TTL_SECS as u64 * 500);
 /// How often each copy's fence is fed.
@@ -706,12 +709,13 @@ fn last_error(log: &Path) -> Option<String> {
 /// Keep the lease alive; if it expired (the host was cut off too long), register again
 /// under a new one.
 fn renew(
-    store: &Store,
+    slow_store: &Store,
     lease: &Mutex<Lease>,
     stop: &AtomicBool,
     cfg: &AgentConfig,
     peers: &Mutex<Option<Vec<String>>>,
 ) {
+    let store = &slow_store.with_timeout(RENEW_TIMEOUT);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(RENEW_EVERY);
         let id = lock(lease).id;
