@@ -139,6 +139,22 @@ impl Cluster {
             .wait_for("curl", &["-s", "http://10.77.0.11/"], page.trim());
     }
 
+    /// How many `ft primary` processes of `vm` run on host K.
+    fn primaries_on(&self, k: u32, vm: &str) -> usize {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", &self.lab.ns(&format!("host{k}"))])
+            .output()
+            .expect("ip netns pids");
+        let want = format!("ft\0primary\0--vm\0{vm}\0");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(want.len()).any(|w| w == want.as_bytes()))
+            })
+            .count()
+    }
+
     /// How many `ft primary`/`ft secondary` processes of `vm` run, over every host.
     fn copies_running(&self, vm: &str) -> usize {
         let out = std::process::Command::new("pgrep")
@@ -377,12 +393,20 @@ fn the_masters_agent_killed_and_restarted_at_once_never_runs_a_copy_twice() {
     assert_eq!(field(&c.show("kvd"), "primary_host"), m1);
     // Only the agent dies (its copies with it), and is started again at once: the new one
     // must never start the copies its predecessor ran, whoever is master meanwhile.
+    assert_eq!(c.primaries_on(k, "kvd"), 1);
+    let stale = std::sync::atomic::AtomicUsize::new(0);
     let Watched {
         most, out: took, ..
     } = c.watching("kvd", || {
         c.lab.kill_agent(k);
         c.lab.host_op("revive", k);
         let took = c.wait("kvd failed over and protected again", 60, || {
+            // The old primary never comes back on its host (the live copy is the
+            // promoted secondary, an `ft secondary` process).
+            stale.fetch_max(
+                c.primaries_on(k, "kvd"),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let v = c.show("kvd");
             field(&v, "ft") == "protected" && v["failovers"] == 1
         });
@@ -397,6 +421,12 @@ fn the_masters_agent_killed_and_restarted_at_once_never_runs_a_copy_twice() {
         "kvd ran {most} copies at once (a primary and a secondary at most)"
     );
     assert_eq!(c.copies_running("kvd"), 2);
+    assert_eq!(
+        stale.into_inner(),
+        0,
+        "the restarted agent started its predecessor's primary"
+    );
+    assert_eq!(c.primaries_on(k, "kvd"), 0);
     let st = c.json(&["cluster", "status"]);
     assert!(field(&st, "master").starts_with("host"), "a master: {st}");
     // The restarted agent's host is back and takes work again.
@@ -479,6 +509,29 @@ fn power_cycles_re_creation_and_concurrent_creates_stay_consistent() {
             r.stderr
         );
     }
+    // A VM folder that is a link, or a datastore that leads out through one: refused.
+    let shared = format!("/tmp/{}-shared", c.lab.name);
+    std::os::unix::fs::symlink("/etc", format!("{shared}/linked")).unwrap();
+    let r = c.verb(&["vm", "create", "linked", "--wasm", s(&kvd)]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("must be a real folder"), "{}", r.stderr);
+    std::fs::create_dir_all(format!("{shared}/out")).unwrap();
+    std::os::unix::fs::symlink("/", format!("{shared}/out/ds")).unwrap();
+    let r = c.verb(&[
+        "vm",
+        "create",
+        "out",
+        "--wasm",
+        s(&kvd),
+        "--datastore",
+        &format!("{shared}/out/ds/etc"),
+    ]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("not inside the VM's own folder"),
+        "{}",
+        r.stderr
+    );
     let r = c.verb(&["vm", "create", "twin", "--wasm", s(&kvd), "--nic", KVD_NIC]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("already has MAC"), "{}", r.stderr);
@@ -660,12 +713,17 @@ fn a_stalled_agent_fences_its_copies_before_its_lease_expires() {
     c.lab.signal_agent(1, libc::SIGCONT);
     assert_eq!(most, 1, "kvd ran {most} times at once");
     assert!(samples > 10, "watched ({samples} samples)");
-    let logs = format!("/tmp/{}-shared/.agents/host1", c.lab.name);
-    let fenced = std::fs::read_dir(&logs)
-        .unwrap()
-        .flatten()
-        .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("fenced")));
-    assert!(fenced, "host1's copy says it was fenced");
+    // Once running again, host1's agent reaps its copy and says why it ended.
+    let log = c.lab.agent_log(1);
+    let mut fenced = false;
+    for _ in 0..50 {
+        fenced = std::fs::read_to_string(&log).is_ok_and(|t| t.contains("(fenced:"));
+        if fenced {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(fenced, "host1's agent says its copy was fenced");
     // The agent, running again, registers anew and runs nothing of its earlier life.
     c.wait("host1 back", 30, || {
         c.json(&["host", "list"])

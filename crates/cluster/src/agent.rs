@@ -34,7 +34,7 @@ const RENEW_EVERY: Duration = Duration::from_millis(500);
 /// slow answer of the store does not fence every copy of the host.
 const RENEW_TIMEOUT: Duration = Duration::from_millis(700);
 /// Without a renewal for this long, the agent stops its copies (half the TTL).
-const ISOLATED_AFTER: Duration = Duration::from_millis(LEASE_TTL_SECS as u64 * 500);
+const ISOLATED_AFTER: Duration = Duration::from_millis(LEASE_TTL_SECS as u64 * 1000 - 1000);
 /// How often each copy's fence is fed.
 const FENCE_EVERY: Duration = Duration::from_millis(100);
 /// How often the agent looks at its placements and its children.
@@ -84,6 +84,22 @@ struct Running {
     log: PathBuf,
 }
 
+/// The copies' fences, each under the lease it was started in: only those of the current
+/// lease are fed, so a copy started in an earlier life of the lease dies.
+#[derive(Default)]
+struct Fences {
+    by_copy: BTreeMap<u64, (i64, FenceWriter)>,
+}
+
+impl Fences {
+    fn feed(&mut self, lease: i64, deadline_ns: u64) {
+        self.by_copy.retain(|_, (l, _)| *l == lease);
+        for (_, f) in self.by_copy.values_mut() {
+            f.send(deadline_ns);
+        }
+    }
+}
+
 /// The lease, shared between the renewing thread and the rest.
 struct Lease {
     id: i64,
@@ -102,7 +118,7 @@ pub struct Agent {
     /// The hosts reached on the logging network at the last probe.
     log_peers: Arc<Mutex<Option<Vec<String>>>>,
     /// Each running copy's fence (by copy id): its process lives only while fed.
-    fences: Arc<Mutex<BTreeMap<u64, FenceWriter>>>,
+    fences: Arc<Mutex<Fences>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,7 +172,7 @@ impl Agent {
             })),
             stop: Arc::new(AtomicBool::new(false)),
             log_peers: Arc::new(Mutex::new(None)),
-            fences: Arc::new(Mutex::new(BTreeMap::new())),
+            fences: Arc::new(Mutex::new(Fences::default())),
         })
     }
 
@@ -184,16 +200,17 @@ impl Agent {
     /// stop every copy and give the lease back.
     pub fn run(self) -> Result<(), ClusterError> {
         let renewer = {
-            let (store, lease, stop, cfg, peers) = (
+            let (store, lease, stop, cfg, peers, fences) = (
                 self.cfg.store.clone(),
                 self.lease.clone(),
                 self.stop.clone(),
                 self.cfg.clone(),
                 self.log_peers.clone(),
+                self.fences.clone(),
             );
             std::thread::Builder::new()
                 .name("lease".into())
-                .spawn(move || renew(&store, &lease, &stop, &cfg, &peers))
+                .spawn(move || renew(&store, &lease, &stop, &cfg, &peers, &fences))
                 .map_err(|e| ClusterError::Internal(format!("start a thread: {e}")))?
         };
         self.probe_logging_network()?;
@@ -207,10 +224,11 @@ impl Agent {
                     // its own: a stalled main loop must not let a copy outlive the lease,
                     // nor kill copies whose lease is held.
                     while !stop.load(Ordering::Relaxed) {
-                        let deadline = lock(&lease).renewed_ns + ISOLATED_AFTER.as_nanos() as u64;
-                        for f in lock(&fences).values_mut() {
-                            f.send(deadline);
-                        }
+                        let (id, deadline) = {
+                            let l = lock(&lease);
+                            (l.id, l.renewed_ns + ISOLATED_AFTER.as_nanos() as u64)
+                        };
+                        lock(&fences).feed(id, deadline);
                         std::thread::sleep(FENCE_EVERY);
                     }
                 })
@@ -359,7 +377,7 @@ impl Agent {
                 c.exit = Some(how);
             }
             if c.exit.is_some() {
-                lock(&self.fences).remove(&c.id);
+                lock(&self.fences).by_copy.remove(&c.id);
             }
         }
     }
@@ -425,7 +443,7 @@ impl Agent {
                     tracing::info!("{vm}: copy {} no longer placed here; stopping it", c.id);
                     stop_copy(&mut c);
                 }
-                lock(&self.fences).remove(&c.id);
+                lock(&self.fences).by_copy.remove(&c.id);
                 if !wanted.contains_key(&vm) {
                     store.delete(&model::copy_key(me, &vm))?;
                 }
@@ -448,7 +466,7 @@ impl Agent {
                 }
             };
             started.insert((vm.clone(), *id));
-            match self.start(rec, *id, *role, primary_ip.as_deref()) {
+            match self.start(rec, *id, *role, primary_ip.as_deref(), lease) {
                 Ok(c) => {
                     tracing::info!("{vm}: started copy {id} as {role:?} (pid {})", c.child.id());
                     copies.insert(vm.clone(), c);
@@ -470,6 +488,15 @@ impl Agent {
                 c.reported = Some((Instant::now(), report));
             }
         }
+        // A report of a copy this agent no longer runs (its delete failed, or it never
+        // started) would hold the VM's lock for ever: it goes.
+        let mine = format!("{}copies/{me}/", model::PREFIX);
+        for kv in store.get_prefix(&mine)? {
+            let vm = kv.key.strip_prefix(&mine).unwrap_or_default();
+            if !copies.contains_key(vm) {
+                store.delete(&kv.key)?;
+            }
+        }
         Ok(())
     }
 
@@ -479,9 +506,18 @@ impl Agent {
         id: u64,
         role: Role,
         primary_ip: Option<&str>,
+        lease: i64,
     ) -> std::io::Result<Running> {
         let spec = &rec.spec;
         let cfg = &self.cfg;
+        // The datastore was checked (resolved, inside the VM's folder) when the VM was
+        // created: a link put in its place since must not hand the guest another folder.
+        if spec.datastore.canonicalize().ok().as_ref() != Some(&spec.datastore) {
+            return Err(std::io::Error::other(format!(
+                "the datastore {} no longer resolves to itself (a link was put in its place?)",
+                spec.datastore.display()
+            )));
+        }
         let mut args: Vec<String> = vec![
             "ft".into(),
             match role {
@@ -536,7 +572,22 @@ impl Agent {
         let err = out.try_clone()?;
         let mut cmd = Command::new(&cfg.exe);
         cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
-        let (writer, reader) = fence::pipe()?;
+        let (mut writer, reader) = fence::pipe()?;
+        // The copy's first deadline is the lease's, before it exists: a copy started late
+        // in a renewal's life must not outlive it; none at all under a lease not current.
+        let deadline = {
+            let l = lock(&self.lease);
+            if l.id != lease {
+                return Err(std::io::Error::other("this host's lease changed meanwhile"));
+            }
+            l.renewed_ns + ISOLATED_AFTER.as_nanos() as u64
+        };
+        if deadline <= fence::monotonic_ns() {
+            return Err(std::io::Error::other(
+                "this host's lease is not known to be held",
+            ));
+        }
+        writer.send(deadline);
         let reader_fd = std::os::fd::AsRawFd::as_raw_fd(&reader);
         cmd.args(["--fence-fd", &fence::FENCE_FD.to_string()]);
         // SAFETY: the closure runs in the child between fork and exec and only calls
@@ -565,7 +616,7 @@ impl Agent {
         }
         let child = cmd.spawn()?;
         drop(reader);
-        lock(&self.fences).insert(id, writer);
+        lock(&self.fences).by_copy.insert(id, (lease, writer));
         Ok(Running {
             vm: spec.name.clone(),
             id,
@@ -675,6 +726,10 @@ fn stop_copy(c: &mut Running) {
 fn describe(s: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (s.code(), s.signal()) {
+        (Some(fence::FENCED_EXIT), _) => format!(
+            "exit {} (fenced: its host's lease was not renewed in time)",
+            fence::FENCED_EXIT
+        ),
         (Some(c), _) => format!("exit {c}"),
         (_, Some(sig)) => format!("signal {sig}"),
         _ => "ended".into(),
@@ -714,10 +769,14 @@ fn renew(
     stop: &AtomicBool,
     cfg: &AgentConfig,
     peers: &Mutex<Option<Vec<String>>>,
+    fences: &Mutex<Fences>,
 ) {
     let store = &slow_store.with_timeout(RENEW_TIMEOUT);
+    let mut next = Instant::now() + RENEW_EVERY;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(RENEW_EVERY);
+        // A fixed schedule from the sends: a slow answer does not push the next one back.
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next = Instant::now() + RENEW_EVERY;
         let id = lock(lease).id;
         let (sent, sent_ns) = (Instant::now(), fence::monotonic_ns());
         match store.keepalive(id) {
@@ -727,18 +786,35 @@ fn renew(
                 l.renewed_ns = sent_ns;
             }
             Err(StoreError::LeaseExpired) => {
-                tracing::warn!("this host's lease expired; registering again");
+                // Every copy of the old lease ends now (closing its fence), before this
+                // host is registered again.
+                lock(fences).by_copy.clear();
+                tracing::warn!("this host's lease expired; its copies stopped; registering again");
                 let again = store.grant(LEASE_TTL_SECS).and_then(|id| {
                     let rec = Agent::record(cfg, lock(peers).clone(), id);
-                    store.put_json(&model::host_key(&cfg.name), &rec, Some(id))?;
-                    Ok(id)
+                    let bytes =
+                        serde_json::to_vec(&rec).map_err(|e| StoreError::Decode(e.to_string()))?;
+                    Ok((
+                        id,
+                        store.create(&model::host_key(&cfg.name), &bytes, Some(id))?,
+                    ))
                 });
                 match again {
-                    Ok(id) => {
+                    Ok((id, true)) => {
                         let mut l = lock(lease);
                         l.id = id;
                         l.renewed = sent;
                         l.renewed_ns = sent_ns;
+                    }
+                    Ok((id, false)) => {
+                        // Another agent took this host's name meanwhile (this one was
+                        // stopped or cut off): it is that one's host now.
+                        let _ = store.revoke(id);
+                        tracing::error!(
+                            "another agent registered host {} meanwhile; this one exits",
+                            cfg.name
+                        );
+                        std::process::exit(1);
                     }
                     Err(e) => tracing::warn!("cannot register again: {e}"),
                 }

@@ -66,8 +66,6 @@ const MAX_ARGS: usize = 64;
 const MAX_ARG_BYTES: usize = 4096;
 /// Logging-channel ports handed to VMs.
 const LOG_PORTS: std::ops::RangeInclusive<u16> = 7100..=7999;
-/// Datastores local to a host (not shared: a VM there cannot be FT-protected).
-pub const LOCAL_DATASTORES: &str = "/var/lib/tandem/datastores";
 /// Kill requests for a copy that no agent carries out vanish after this long.
 const KILL_TTL_SECS: i64 = 30;
 
@@ -288,10 +286,13 @@ impl Verbs {
         let datastore = match req.datastore {
             Some(d) => self.check_datastore(&req.name, &d)?,
             None => {
-                let d = self.shared.join(&req.name).join("datastore");
-                std::fs::create_dir_all(&d)
-                    .map_err(|e| ClusterError::Internal(format!("create {}: {e}", d.display())))?;
-                d
+                let d = self.own_folder(&req.name)?.join("datastore");
+                if std::fs::symlink_metadata(&d).is_err() {
+                    std::fs::create_dir(&d).map_err(|e| {
+                        ClusterError::Internal(format!("create {}: {e}", d.display()))
+                    })?;
+                }
+                self.check_datastore(&req.name, &d)?
             }
         };
         let memory_mib = req.memory_mib.unwrap_or(256);
@@ -417,18 +418,44 @@ impl Verbs {
         self.vm(&req.name)
     }
 
+    /// The VM's own folder on shared storage, `<shared>/<name>`, made if missing: a real
+    /// folder (never a symbolic link), exactly where the kernel resolves it to be.
+    fn own_folder(&self, name: &str) -> Result<PathBuf, ClusterError> {
+        let shared = self.shared.canonicalize().map_err(|e| {
+            ClusterError::Internal(format!("shared storage {}: {e}", self.shared.display()))
+        })?;
+        let own = shared.join(name);
+        match std::fs::symlink_metadata(&own) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(invalid(format!(
+                    "{} is not a folder (a link or a file): the VM's folder must be a real folder",
+                    own.display()
+                )));
+            }
+            Err(_) => std::fs::create_dir(&own)
+                .map_err(|e| ClusterError::Internal(format!("create {}: {e}", own.display())))?,
+        }
+        if own.canonicalize().ok().as_deref() != Some(own.as_path()) {
+            return Err(invalid(format!(
+                "{} does not resolve to itself",
+                own.display()
+            )));
+        }
+        Ok(own)
+    }
+
     /// A datastore a guest may be given: an existing folder, as the kernel resolves it,
-    /// inside the VM's own folder on shared storage (not its FT state), or inside the
-    /// local datastores folder ([`LOCAL_DATASTORES`]; such a VM cannot be FT-protected).
-    /// Anything else would hand the guest a folder of the host or of another VM.
+    /// inside the VM's own folder on shared storage (not its FT state). Anything else would
+    /// hand the guest a folder of the host or of another VM. The path kept is the resolved
+    /// one, and agents check again that it still resolves to itself before each start.
     fn check_datastore(&self, name: &str, d: &std::path::Path) -> Result<PathBuf, ClusterError> {
-        let own = self.shared.join(name);
+        let own = self.own_folder(name)?;
         let refuse = |why: &str| {
             invalid(format!(
-                "--datastore {}: {why}; a datastore is a folder inside {}/ (shared storage) or {}/ (this host only)",
+                "--datastore {}: {why}; a datastore is a folder inside {}/ (on shared storage)",
                 d.display(),
                 own.display(),
-                LOCAL_DATASTORES
             ))
         };
         if !d.is_absolute() {
@@ -438,16 +465,6 @@ impl Verbs {
         if !real.is_dir() {
             return Err(refuse("not a folder"));
         }
-        let local = std::path::Path::new(LOCAL_DATASTORES).canonicalize().ok();
-        if let Some(local) = local
-            && real.starts_with(&local)
-            && real != local
-        {
-            return Ok(real);
-        }
-        let own = own
-            .canonicalize()
-            .map_err(|_| refuse("not inside the VM's own folder"))?;
         match real
             .strip_prefix(&own)
             .ok()
