@@ -3,15 +3,18 @@
 //! takes its turn as the HA master when elected.
 //!
 //! Invariants:
-//! - a copy id is started at most once on this host: a copy that ended (or was stopped) is
-//!   never started again; the master places a new copy instead;
-//! - the isolation response: an agent whose lease was not renewed for half its TTL stops
-//!   every copy it runs (SIGKILL) and starts none until it renews again. Its reports (the
-//!   copies' locks) vanish with its lease no earlier than a full TTL after the last renewal,
-//!   so by then no copy of it runs, and the master may start them elsewhere;
-//! - children die with the agent (`PR_SET_PDEATHSIG`): an agent that dies is a host that
-//!   died, as far as its copies are concerned. A restarted agent finds no copy of its
-//!   earlier life still running.
+//! - a copy id is started at most once on this host, and only if it was placed under this
+//!   host's current incarnation (its lease): a copy that ended (or was stopped), or one
+//!   placed in an earlier life of the agent, is never started; the master places a new one;
+//! - every copy lives by its fence ([`crate::fence`]), fed from the lease's renewals (send
+//!   time plus the TTL less a second) and only while that lease is current: whatever
+//!   happens to the agent, its copies end before its lease can expire. Its reports (the
+//!   copies' locks) vanish with the lease, and only then may the master start them
+//!   elsewhere. The agent's own isolation response (it kills its copies past the same
+//!   deadline and starts none) is the second line;
+//! - children die with the agent (`PR_SET_PDEATHSIG`, and their fence closes): an agent
+//!   that dies is a host that died, as far as its copies are concerned. A restarted agent
+//!   finds no copy of its earlier life still running.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
