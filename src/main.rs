@@ -66,8 +66,9 @@ enum Command {
     /// The cluster's hosts: list them, or run this host's agent.
     #[command(subcommand)]
     Host(verbs_cli::HostCommand),
-    /// The main job: an FT-protected kvd survives the death of its primary's host while
-    /// redis-benchmark and a checker drive it; ends with `verdict: PASS|FAIL ...`.
+    /// The main job: a 4-host lab cluster keeps kvd FT-protected through two host deaths
+    /// under redis-benchmark and a checker (failover, then automatic re-protection), and
+    /// HA-restarts an unprotected httpd; ends with `verdict: PASS|FAIL failovers=...`.
     Demo(demo::DemoArgs),
 }
 
