@@ -252,7 +252,7 @@ fn bad_network_options_give_one_clear_line_and_exit_2() {
         (vec!["--listen", "tcp:0"], "tcp:PORT"),
         (
             vec!["--listen", "tcp:80", "--listen", "tcp:80"],
-            "already listened",
+            "given twice",
         ),
     ];
     for (extra, want) in cases {
