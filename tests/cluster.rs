@@ -509,6 +509,18 @@ fn power_cycles_re_creation_and_concurrent_creates_stay_consistent() {
             r.stderr
         );
     }
+    // A datastore swapped for a link after the VM was created: no copy ever starts on it;
+    // the cluster gives up after five tries and says why.
+    let ds = format!("/tmp/{}-shared/p0/datastore", c.lab.name);
+    std::fs::remove_dir(&ds).unwrap();
+    std::os::unix::fs::symlink("/etc", &ds).unwrap();
+    c.ok(&["vm", "power-on", "p0", "--no-wait"]);
+    c.wait("p0 left off, saying why", 60, || {
+        let v = c.show("p0");
+        field(&v, "power") == "off"
+            && field(&v, "ft_reason").contains("no longer resolves to itself")
+    });
+    assert_eq!(c.copies_running("p0"), 0);
     // A VM folder that is a link, or a datastore that leads out through one: refused.
     let shared = format!("/tmp/{}-shared", c.lab.name);
     std::os::unix::fs::symlink("/etc", format!("{shared}/linked")).unwrap();

@@ -474,7 +474,29 @@ impl Agent {
                     tracing::info!("{vm}: started copy {id} as {role:?} (pid {})", c.child.id());
                     copies.insert(vm.clone(), c);
                 }
-                Err(e) => tracing::error!("{vm}: cannot start copy {id}: {e}"),
+                Err(e) => {
+                    tracing::error!("{vm}: cannot start copy {id}: {e}");
+                    // Said at once, so that the master places it elsewhere now rather
+                    // than when its start grace ends.
+                    let failed = CopyReport {
+                        vm: vm.clone(),
+                        id: *id,
+                        role: *role,
+                        pid: 0,
+                        state: CopyState::Exited,
+                        live: false,
+                        protected: false,
+                        guest_exit: None,
+                        events: 0,
+                        acked: 0,
+                        lag_ms: 0,
+                        log_bytes: 0,
+                        log_bps: 0,
+                        exit: Some("failed to start".into()),
+                        last_error: Some(e.to_string()),
+                    };
+                    store.put_json(&model::copy_key(me, vm), &failed, Some(lease))?;
+                }
             }
         }
         // Reports.
@@ -496,7 +518,8 @@ impl Agent {
         let mine = format!("{}copies/{me}/", model::PREFIX);
         for kv in store.get_prefix(&mine)? {
             let vm = kv.key.strip_prefix(&mine).unwrap_or_default();
-            if !copies.contains_key(vm) {
+            // (A copy placed here that failed to start keeps its report: it says so.)
+            if !copies.contains_key(vm) && !wanted.contains_key(vm) {
                 store.delete(&kv.key)?;
             }
         }
