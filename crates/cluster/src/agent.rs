@@ -479,21 +479,9 @@ impl Agent {
                     // Said at once, so that the master places it elsewhere now rather
                     // than when its start grace ends.
                     let failed = CopyReport {
-                        vm: vm.clone(),
-                        id: *id,
-                        role: *role,
-                        pid: 0,
-                        state: CopyState::Exited,
-                        live: false,
-                        protected: false,
-                        guest_exit: None,
-                        events: 0,
-                        acked: 0,
-                        lag_ms: 0,
-                        log_bytes: 0,
-                        log_bps: 0,
                         exit: Some("failed to start".into()),
                         last_error: Some(e.to_string()),
+                        ..CopyReport::new(vm, *id, *role, CopyState::Exited)
                     };
                     store.put_json(&model::copy_key(me, vm), &failed, Some(lease))?;
                 }

@@ -522,62 +522,22 @@ pub fn elect(store: &Store, host: &str, lease: i64) -> Result<bool, StoreError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Role, VmSpec};
+    use crate::model::Role;
 
     fn host(name: &str) -> HostRecord {
-        HostRecord {
-            name: name.into(),
-            version: "1".into(),
-            fingerprint: "f".into(),
-            api: String::new(),
-            log_ip: String::new(),
-            memory_mib: 4096,
-            maintenance: false,
-            started_ms: 0,
-            log_peers: None,
-            incarnation: 0,
-        }
+        crate::model::fixtures::host(name)
     }
 
     fn vm(ft: FtMode) -> VmRecord {
-        VmRecord {
-            spec: VmSpec {
-                name: "kvd".into(),
-                wasm: "/k.wasm".into(),
-                datastore: "/d".into(),
-                nic: None,
-                listen: vec![],
-                memory_mib: 64,
-                restart_priority: Priority::Medium,
-                args: vec![],
-                env: vec![],
-                log_port: 7100,
-            },
-            power: Power::On,
-            ft,
-            want_host: None,
-            secondary_to: None,
-            boots: 1,
-        }
+        crate::model::fixtures::vm("kvd", ft, 64)
     }
 
     fn report(id: u64, role: Role, state: CopyState, live: bool, protected: bool) -> CopyReport {
         CopyReport {
-            vm: "kvd".into(),
-            id,
-            role,
             pid: 1,
-            state,
             live,
             protected,
-            guest_exit: None,
-            events: 0,
-            acked: 0,
-            lag_ms: 0,
-            log_bytes: 0,
-            log_bps: 0,
-            exit: None,
-            last_error: None,
+            ..CopyReport::new("kvd", id, role, state)
         }
     }
 

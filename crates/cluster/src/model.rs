@@ -282,6 +282,29 @@ pub struct CopyReport {
     pub last_error: Option<String>,
 }
 
+impl CopyReport {
+    /// A copy with nothing counted yet.
+    pub fn new(vm: &str, id: u64, role: Role, state: CopyState) -> Self {
+        CopyReport {
+            vm: vm.to_string(),
+            id,
+            role,
+            pid: 0,
+            state,
+            live: false,
+            protected: false,
+            guest_exit: None,
+            events: 0,
+            acked: 0,
+            lag_ms: 0,
+            log_bytes: 0,
+            log_bps: 0,
+            exit: None,
+            last_error: None,
+        }
+    }
+}
+
 /// The FT status users see.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -347,6 +370,51 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Records for unit tests of the crate's decisions.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A connected host with 4 GiB, version 1, fingerprint "f".
+    pub fn host(name: &str) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            version: "1".into(),
+            fingerprint: "f".into(),
+            api: String::new(),
+            log_ip: String::new(),
+            memory_mib: 4096,
+            maintenance: false,
+            started_ms: 0,
+            log_peers: None,
+            incarnation: 0,
+        }
+    }
+
+    /// A powered-on VM `name` of `memory_mib`.
+    pub fn vm(name: &str, ft: FtMode, memory_mib: u64) -> VmRecord {
+        VmRecord {
+            spec: VmSpec {
+                name: name.into(),
+                wasm: "/x.wasm".into(),
+                datastore: "/d".into(),
+                nic: None,
+                listen: vec![],
+                memory_mib,
+                restart_priority: Priority::Medium,
+                args: vec![],
+                env: vec![],
+                log_port: 7100,
+            },
+            power: Power::On,
+            ft,
+            want_host: None,
+            secondary_to: None,
+            boots: 1,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -186,43 +186,17 @@ pub fn place(loads: &[HostLoad], req: &Request) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Copy, Power, VmSpec};
+    use crate::model::Copy;
 
     fn host(name: &str) -> HostRecord {
         HostRecord {
-            name: name.into(),
             version: "1.0".into(),
-            fingerprint: "f".into(),
-            api: String::new(),
-            log_ip: String::new(),
-            memory_mib: 4096,
-            maintenance: false,
-            started_ms: 0,
-            log_peers: None,
-            incarnation: 0,
+            ..crate::model::fixtures::host(name)
         }
     }
 
     fn vm(name: &str, ft: FtMode) -> VmRecord {
-        VmRecord {
-            spec: VmSpec {
-                name: name.into(),
-                wasm: "/x.wasm".into(),
-                datastore: "/d".into(),
-                nic: None,
-                listen: vec![],
-                memory_mib: 256,
-                restart_priority: Default::default(),
-                args: vec![],
-                env: vec![],
-                log_port: 7100,
-            },
-            power: Power::On,
-            ft,
-            want_host: None,
-            secondary_to: None,
-            boots: 1,
-        }
+        crate::model::fixtures::vm(name, ft, 256)
     }
 
     fn req<'a>(v: &'a VmRecord, primary: Option<&'a HostRecord>) -> Request<'a> {
