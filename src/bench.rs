@@ -473,18 +473,8 @@ struct BenchRow {
 
 /// Run redis-benchmark from `client_ns` against `ip` with `args` (CSV output): one row per test.
 fn redis_benchmark(client_ns: &str, ip: &str, args: &[&str]) -> Result<Vec<BenchRow>> {
-    let out = Command::new("timeout")
-        .args([
-            "120",
-            "ip",
-            "netns",
-            "exec",
-            client_ns,
-            "redis-benchmark",
-            "-h",
-            ip,
-            "--csv",
-        ])
+    let out = crate::client::redis_benchmark(client_ns, ip, 120)
+        .arg("--csv")
         .args(args)
         .output()
         .context("running redis-benchmark (package redis-tools)")?;
@@ -1031,18 +1021,8 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// Run redis-benchmark from `client_ns` against `ip` to its end (at most `limit_s`).
 fn redis_benchmark_quiet(client_ns: &str, ip: &str, limit_s: u64, args: &[&str]) -> Result<()> {
-    let status = Command::new("timeout")
-        .arg(limit_s.to_string())
-        .args([
-            "ip",
-            "netns",
-            "exec",
-            client_ns,
-            "redis-benchmark",
-            "-h",
-            ip,
-            "-q",
-        ])
+    let status = crate::client::redis_benchmark(client_ns, ip, limit_s)
+        .arg("-q")
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -31,6 +31,15 @@ pub fn redis_in(ns: &str, addr: SocketAddr, args: &[&str]) -> Result<String> {
     })
 }
 
+/// `redis-benchmark -h IP` run in namespace `ns`, ended after `limit_s` seconds (the
+/// caller adds the load's arguments and what to do with its output).
+pub fn redis_benchmark(ns: &str, ip: &str, limit_s: u64) -> std::process::Command {
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.arg(limit_s.to_string())
+        .args(["ip", "netns", "exec", ns, "redis-benchmark", "-h", ip]);
+    cmd
+}
+
 /// One RESP connection.
 pub struct Resp {
     r: BufReader<TcpStream>,

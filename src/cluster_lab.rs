@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -327,17 +327,7 @@ impl Load {
             let mut rep = LoadReport::default();
             while !s.load(Ordering::SeqCst) && !machine::stop_requested() && rep.failures.len() < 5
             {
-                let out = Command::new("timeout")
-                    .args([
-                        "60",
-                        "ip",
-                        "netns",
-                        "exec",
-                        &ns,
-                        "redis-benchmark",
-                        "-h",
-                        &ip,
-                    ])
+                let out = crate::client::redis_benchmark(&ns, &ip, 60)
                     .args(["-t", "set,incr", "-n", "20000", "-c", "20", "-P", "8", "-q"])
                     .stdin(Stdio::null())
                     .output();

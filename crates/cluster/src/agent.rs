@@ -401,11 +401,9 @@ impl Agent {
             .into_iter()
             .map(|(_, r)| (r.spec.name.clone(), r))
             .collect();
-        let hosts: BTreeMap<String, HostRecord> = store
-            .prefix_json::<HostRecord>(&format!("{}hosts/", model::PREFIX))?
-            .into_iter()
-            .map(|(_, h)| (h.name.clone(), h))
-            .collect();
+        // The hosts are read only when a secondary is to start (it needs its primary's
+        // logging address): most ticks start nothing.
+        let mut hosts: Option<BTreeMap<String, HostRecord>> = None;
         // What the master placed here, under this incarnation: vm → (id, role, placement).
         // A copy placed under an earlier one died with that agent: never started again.
         let mut wanted: BTreeMap<String, (u64, Role, Placement)> = BTreeMap::new();
@@ -462,7 +460,16 @@ impl Agent {
                 Role::Primary => None,
                 Role::Secondary => {
                     let host = p.primary.as_ref().map(|c| c.host.as_str()).unwrap_or("");
-                    match hosts.get(host) {
+                    if hosts.is_none() {
+                        hosts = Some(
+                            store
+                                .prefix_json::<HostRecord>(&format!("{}hosts/", model::PREFIX))?
+                                .into_iter()
+                                .map(|(_, h)| (h.name.clone(), h))
+                                .collect(),
+                        );
+                    }
+                    match hosts.as_ref().and_then(|h| h.get(host)) {
                         Some(h) => Some(h.log_ip.clone()),
                         None => continue,
                     }
@@ -752,9 +759,13 @@ fn describe(s: std::process::ExitStatus) -> String {
 
 /// `key=value` lines (a missing or torn file is empty).
 fn read_fields(path: &Path) -> BTreeMap<String, String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+    use std::io::Read;
+    // A status file is a dozen short lines: read no more than that could be.
+    let mut text = String::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(64 * 1024).read_to_string(&mut text);
+    }
+    text.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()

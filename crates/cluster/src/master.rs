@@ -561,6 +561,25 @@ mod tests {
         notes
     }
 
+    /// Primary 1 on h1, secondary 2 on h2.
+    fn pair() -> Placement {
+        Placement {
+            primary: copy(1, "h1"),
+            secondary: copy(2, "h2"),
+            next_id: 2,
+            ..Default::default()
+        }
+    }
+
+    /// Primary 1 on h1, alone.
+    fn alone() -> Placement {
+        Placement {
+            primary: copy(1, "h1"),
+            next_id: 1,
+            ..Default::default()
+        }
+    }
+
     fn copy(id: u64, host: &str) -> Option<Copy> {
         Some(Copy {
             id,
@@ -595,12 +614,7 @@ mod tests {
 
     #[test]
     fn a_live_secondary_becomes_the_primary_and_a_new_secondary_is_placed_elsewhere() {
-        let mut p = Placement {
-            primary: copy(1, "h1"),
-            secondary: copy(2, "h2"),
-            next_id: 2,
-            ..Default::default()
-        };
+        let mut p = pair();
         // h1 died (no host record, no report); the secondary won arbitration.
         let v = view(
             &["h2", "h3"],
@@ -660,11 +674,7 @@ mod tests {
         // A copy placed under an earlier incarnation of its host is gone: its agent died.
         let mut v = view(&["h1", "h2"], vm(FtMode::Off), vec![]);
         v.hosts.get_mut("h1").unwrap().incarnation = 7;
-        let mut p = Placement {
-            primary: copy(1, "h1"),
-            next_id: 1,
-            ..Default::default()
-        };
+        let mut p = alone();
         decide(&v, &mut p);
         let c = p.primary.unwrap();
         assert_ne!(c.id, 1, "replaced");
@@ -679,12 +689,7 @@ mod tests {
 
     #[test]
     fn a_secondary_still_joining_does_not_hold_off_a_restart_and_five_losses_leave_it_off() {
-        let mut p = Placement {
-            primary: copy(1, "h1"),
-            secondary: copy(2, "h2"),
-            next_id: 2,
-            ..Default::default()
-        };
+        let mut p = pair();
         let v = view(
             &["h2", "h3"],
             vm(FtMode::On),
@@ -717,12 +722,7 @@ mod tests {
 
     #[test]
     fn while_arbitration_decides_nothing_is_restarted() {
-        let mut p = Placement {
-            primary: copy(1, "h1"),
-            secondary: copy(2, "h2"),
-            next_id: 2,
-            ..Default::default()
-        };
+        let mut p = pair();
         let v = view(
             &["h2", "h3"],
             vm(FtMode::On),
@@ -741,12 +741,7 @@ mod tests {
     #[test]
     fn an_ft_vm_whose_two_hosts_died_restarts_from_its_datastore_but_one_with_priority_disabled_does_not()
      {
-        let base = Placement {
-            primary: copy(1, "h1"),
-            secondary: copy(2, "h2"),
-            next_id: 2,
-            ..Default::default()
-        };
+        let base = pair();
         let mut p = base.clone();
         let v = view(&["h3"], vm(FtMode::On), vec![]);
         decide(&v, &mut p);
@@ -767,11 +762,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_ended_leaves_the_vm_off_until_it_is_powered_on_again() {
-        let mut p = Placement {
-            primary: copy(1, "h1"),
-            next_id: 1,
-            ..Default::default()
-        };
+        let mut p = alone();
         let mut ended = report(1, Role::Primary, CopyState::Exited, false, false);
         ended.exit = Some("exit 3".into());
         ended.guest_exit = Some("exit 3".into());
@@ -786,11 +777,7 @@ mod tests {
         let mut killed = ended.clone();
         killed.exit = Some("signal 9".into());
         killed.guest_exit = None;
-        let mut q = Placement {
-            primary: copy(1, "h1"),
-            next_id: 1,
-            ..Default::default()
-        };
+        let mut q = alone();
         decide(
             &view(&["h1", "h2"], vm(FtMode::Off), vec![("h1", killed)]),
             &mut q,
@@ -806,12 +793,7 @@ mod tests {
 
     #[test]
     fn an_exited_secondary_is_replaced_and_disable_parks_its_host() {
-        let mut p = Placement {
-            primary: copy(1, "h1"),
-            secondary: copy(2, "h2"),
-            next_id: 2,
-            ..Default::default()
-        };
+        let mut p = pair();
         let primary = (
             "h1",
             report(1, Role::Primary, CopyState::Running, true, false),
