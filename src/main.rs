@@ -411,11 +411,16 @@ impl From<anyhow::Error> for Failure {
 /// if the guest computes without calls), so that a recording ends with its end record and a
 /// NIC's tap is removed.
 fn install_stop_handler() {
-    extern "C" fn on_signal(_: libc::c_int) {
-        machine::request_stop();
+    extern "C" fn on_signal(sig: libc::c_int) {
+        if sig == libc::SIGUSR1 {
+            HANDOVER.store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            machine::request_stop();
+        }
     }
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: `on_signal` only calls `machine::request_stop`, which stores to an atomic
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+        // SAFETY: `on_signal` only stores to an atomic (itself or through
+        // `machine::request_stop`)
         // (async-signal-safe: no locks, no allocation, no syscalls); the sigaction
         // structure is fully initialised before the call.
         unsafe {
@@ -425,6 +430,37 @@ fn install_stop_handler() {
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
+}
+
+/// SIGUSR1 asks an FT copy that is live to hand its VM over to its secondary (a planned
+/// switch: a host agent's maintenance mode sends it).
+static HANDOVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Hand the VM over to the secondary whenever SIGUSR1 asks (while `live` says this copy
+/// is the live one).
+fn serve_handovers(
+    primary: lockstep::primary::Primary,
+    live: impl Fn() -> bool + Send + 'static,
+) -> Result<(), Failure> {
+    std::thread::Builder::new()
+        .name("ft-handover".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                if !HANDOVER.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                if !live() {
+                    tracing::warn!("handover asked of a copy that is not live: ignored");
+                    continue;
+                }
+                if let Err(e) = primary.hand_over("planned switch asked by SIGUSR1") {
+                    tracing::warn!("handover refused: {e}");
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| bad(format!("cannot start a thread: {e}")))
 }
 
 fn main() -> ExitCode {
@@ -768,6 +804,7 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
         move |events| done.checkpointed(events),
     )
     .map_err(|e| bad(e.to_string()))?;
+    serve_handovers(primary.clone(), || true)?;
     let host = machine::live_host(&spec, a.run.datastore.as_deref(), tap)?;
     let inputs = Inputs::Live {
         host,
@@ -784,6 +821,10 @@ fn end_primary(
     primary: &lockstep::primary::Primary,
     result: Result<machine::RunReport, CaptureError>,
 ) -> Result<u8, Failure> {
+    if let Some(why) = primary.handed_over() {
+        eprintln!("tandem: handed over to the secondary: {why}");
+        return Ok(0);
+    }
     if let Some(why) = primary.halted() {
         eprintln!("tandem: halted: {why}");
         return Ok(4);
@@ -958,6 +999,10 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             port: Some(port),
         }),
     };
+    {
+        let sec = secondary.clone();
+        serve_handovers(standby.clone(), move || sec.live_generation().is_some())?;
+    }
     // An operator's stop while this copy replays makes it leave (drop out without
     // claiming a generation); it is never kept for a later go-live. Once live, the VM's
     // own stop handling takes it.

@@ -175,6 +175,63 @@ fn the_primary_host_dies_under_load_and_clients_carry_on() {
 }
 
 #[test]
+fn a_planned_switch_under_load_hands_the_vm_to_the_secondary_with_nothing_lost() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start("fh");
+    let mut bench = background_benchmark(&ft.lab, "200000", Stdio::piped());
+    let mut checker = Checker::start(&ft.lab, "ft:switch");
+    checker.incr_for("ft:switch", Duration::from_millis(700));
+    // SIGUSR1: what a host agent sends when the primary's host enters maintenance.
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(ft.lab.pid(ft.primary) as i32, libc::SIGUSR1) };
+    let before = checker.sent;
+    checker.incr_for("ft:switch", Duration::from_millis(1500));
+    let code = ft
+        .lab
+        .wait_exit(ft.primary, Duration::from_secs(10), "the handed-over primary");
+    assert_eq!(code, 0, "{}", ft.log("primary"));
+    assert!(
+        ft.log("primary").contains("handed over to the secondary"),
+        "{}",
+        ft.log("primary")
+    );
+    let sent = checker.finish();
+    assert!(sent > before + 50, "the client did not carry on");
+    assert!(bench.wait().unwrap().success(), "redis-benchmark failed across the switch");
+    let _ = bench.stdout.take();
+    // The secondary went live in the next generation, claimed on the handover, not after
+    // a timeout; the primary never claimed again.
+    ft.wait_status("role=live", Duration::from_secs(5));
+    let gens = ft.generations();
+    assert_eq!(gens.len(), 2, "{gens:?}");
+    assert!(gens[1].1.starts_with("secondary"), "{gens:?}");
+    assert!(
+        ft.log("secondary").contains("handover: planned switch"),
+        "{}",
+        ft.log("secondary")
+    );
+    assert_eq!(ft.cli(&["GET", "ft:switch"]), sent.to_string());
+    assert!(ft.running(ft.secondary));
+}
+
+/// A switch asked of an unprotected primary is refused and the VM carries on there.
+#[test]
+fn a_planned_switch_without_a_secondary_is_refused_and_the_vm_carries_on() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_primary("fr");
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(ft.lab.pid(ft.primary) as i32, libc::SIGUSR1) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ft.log("primary").contains("handover refused") {
+        assert!(Instant::now() < deadline, "{}", ft.log("primary"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ft.log("primary").contains("not protected"), "{}", ft.log("primary"));
+    assert_eq!(ft.cli(&["INCR", "ft:alone"]), "1");
+    assert!(ft.running(ft.primary));
+}
+
+#[test]
 fn cutting_only_the_logging_link_leaves_exactly_one_live_copy() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut ft = Ft::start("fc");

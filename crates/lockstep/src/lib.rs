@@ -43,6 +43,12 @@
 //!    copy that no longer holds the events from there refuses it (`ToSecondary::Refused`).
 //!    Every secondary keeps what it replays in a standby [`primary::Primary`], which becomes
 //!    the primary when it goes live (`tests/ft.rs`: two successive host kills).
+//! 9. a planned switch ([`primary::Primary::hand_over`]) is a failover without a failure:
+//!    the primary pauses at an event boundary, before the event's result reaches its guest;
+//!    once the secondary holds every event and every held output was written it sends
+//!    `ToSecondary::Handover`, and from then on it never resumes except by winning
+//!    arbitration. The secondary claims the next generation as after a failure, so at most
+//!    one copy is live whatever is lost on the way (`tests/ft.rs`: handover under load).
 
 pub mod arbiter;
 pub mod checkpoint;
@@ -114,6 +120,11 @@ pub enum ToSecondary {
     /// Instead of Hello: this copy cannot serve the secondary, and why (e.g. it starts
     /// from a checkpoint older than the history this copy keeps).
     Refused(String),
+    /// A planned switch: the primary stopped at an event boundary after `events` events
+    /// (all sent, all acknowledged, every output depending on them written) and takes no
+    /// more. The secondary claims the next generation and goes live there; `why` is the
+    /// reason, for the logs and the status.
+    Handover { events: u64, why: String },
 }
 
 /// Secondary → primary.
@@ -154,6 +165,9 @@ pub enum FtError {
     Storage(#[from] arbiter::StorageError),
     #[error("the primary refused this secondary: {0}")]
     Refused(String),
+    /// Not a failure: the primary handed the VM over (a planned switch), and why.
+    #[error("the primary handed the VM over: {0}")]
+    HandedOver(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FtError {

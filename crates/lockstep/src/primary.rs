@@ -42,6 +42,26 @@ enum Held {
     Console(u32, Vec<u8>),
 }
 
+/// How long a planned switch waits for the secondary to hold every event and for the held
+/// outputs to be written before it is given up (the VM goes on here, still protected).
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+/// How long after `Handover` was sent the secondary has to claim the next generation before
+/// it is fenced off (this copy then claims it, and goes on if it wins).
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// A planned switch in progress ([`Primary::hand_over`]).
+struct Handover {
+    why: String,
+    /// The event boundary the VM paused at, once it reached one.
+    at: Option<u64>,
+    /// Every event up to `at` is acknowledged and every held output written: the sender
+    /// may send `Handover`.
+    ready: bool,
+    /// `Handover` was (being) sent: the secondary may claim the next generation at any
+    /// moment, so this copy may resume only by winning it.
+    sent: bool,
+}
+
 struct State {
     header: LogHeader,
     /// The events from position `base` on: those since the latest checkpoint (a snapshot
@@ -79,6 +99,9 @@ struct State {
     next_conn: u64,
     generation: u64,
     halted: Option<String>,
+    /// A planned switch asked for, and once it happened, why (this copy then halted).
+    handover: Option<Handover>,
+    handed_over: Option<String>,
     held: VecDeque<(u64, Held)>,
     /// Outputs ever held, and those the releaser has written (held outputs all written:
     /// `held` empty and the two equal).
@@ -251,6 +274,80 @@ impl Shared {
 }
 
 impl Shared {
+    /// The VM's thread, at an event boundary with a planned switch asked for: pause until
+    /// the secondary took over (then this copy halts: `Err`), or the switch was given up or
+    /// the secondary lost and arbitration won (`Ok`: the VM goes on here).
+    fn switch_over<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> Result<MutexGuard<'a, State>, LogError> {
+        let at = st.end();
+        let generation = st.generation;
+        if let Some(h) = st.handover.as_mut() {
+            h.at = Some(at);
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(why) = &st.halted {
+                return Err(LogError::Source(format!("halted: {why}")));
+            }
+            let Some(h) = st.handover.as_ref() else {
+                return Ok(st);
+            };
+            let sent = h.sent;
+            if st.attached.is_none() {
+                // The secondary was lost (and, if it could have gone live, arbitration kept
+                // the VM here): the switch is off.
+                tracing::warn!("planned switch given up: the secondary was lost");
+                st.handover = None;
+                return Ok(st);
+            }
+            if sent {
+                // The secondary claims the next generation on `Handover`.
+                if self.arbiter.current().is_ok_and(|g| g > generation) {
+                    let why = st.handover.take().map(|h| h.why).unwrap_or_default();
+                    tracing::warn!(
+                        "planned switch done after {at} events, the VM paused {} ms: the secondary is live ({why}); halting",
+                        start.elapsed().as_millis()
+                    );
+                    st.handed_over = Some(why.clone());
+                    st.halted = Some(format!("handed over to the secondary ({why})"));
+                    self.events.notify_all();
+                    self.acks.notify_all();
+                    return Err(LogError::Source(format!("handed over: {why}")));
+                }
+                if start.elapsed() > HANDOVER_WAIT + TAKEOVER_WAIT
+                    && let Some(conn) = st.attached
+                {
+                    drop(st);
+                    self.lose_secondary(conn, "it did not take over in time");
+                    st = self.lock();
+                    st.handover = None;
+                    continue;
+                }
+            } else if st.acked >= at && st.held.is_empty() && st.released == st.held_total {
+                if let Some(h) = st.handover.as_mut()
+                    && !h.ready
+                {
+                    h.ready = true;
+                    self.events.notify_all();
+                }
+            } else if start.elapsed() > HANDOVER_WAIT {
+                tracing::warn!(
+                    "planned switch given up: the secondary did not hold event {at} within {} s",
+                    HANDOVER_WAIT.as_secs()
+                );
+                st.handover = None;
+                return Ok(st);
+            }
+            st = self
+                .acks
+                .wait_timeout(st, Duration::from_millis(5))
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
     fn new(
         dir: VmDir,
         key: [u8; 32],
@@ -283,6 +380,8 @@ impl Shared {
                 next_conn: 1,
                 generation: 0,
                 halted: None,
+                handover: None,
+                handed_over: None,
                 held: VecDeque::new(),
                 held_total: 0,
                 released: 0,
@@ -490,9 +589,46 @@ impl Primary {
         self.shared.lock().released
     }
 
-    /// Why the primary halted, if it did.
+    /// Why the primary halted, if it did (a copy that handed over halted too).
     pub fn halted(&self) -> Option<String> {
         self.shared.lock().halted.clone()
+    }
+
+    /// Why this copy handed the VM over to its secondary, if it did.
+    pub fn handed_over(&self) -> Option<String> {
+        self.shared.lock().handed_over.clone()
+    }
+
+    /// Hand the VM over to the secondary (a planned switch): at its next event boundary the
+    /// VM pauses before the event's result reaches the guest; once the secondary holds every
+    /// event and every held output was written, the secondary goes live there and this copy
+    /// halts ([`Primary::handed_over`]). Refused unless the VM is protected. If the switch
+    /// cannot be completed within [`HANDOVER_WAIT`] it is given up and the VM goes on here.
+    pub fn hand_over(&self, why: &str) -> Result<(), FtError> {
+        {
+            let mut st = self.shared.lock();
+            if st.standby || st.halted.is_some() {
+                return Err(FtError::Protocol("this copy is not the live one".into()));
+            }
+            if !st.protected() {
+                return Err(FtError::Protocol(
+                    "the VM is not protected: no secondary could take it over".into(),
+                ));
+            }
+            if st.handover.is_some() {
+                return Ok(());
+            }
+            tracing::warn!("planned switch ({why}): pausing the VM at its next event");
+            st.handover = Some(Handover {
+                why: why.to_string(),
+                at: None,
+                ready: false,
+                sent: false,
+            });
+        }
+        // An idle VM waiting for the network takes its next event now.
+        machine::host::wake_waits();
+        Ok(())
     }
 
     /// Whether the VM is protected: a secondary is attached and eligible to go live.
@@ -587,6 +723,9 @@ impl EventSink for PrimarySink {
         }
         st.push(event);
         s.events.notify_all();
+        if st.handover.is_some() {
+            st = s.switch_over(st)?;
+        }
         // Bounded lag: a secondary that trails too far slows the primary down.
         while st.attached.is_some()
             && st.halted.is_none()
@@ -911,7 +1050,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             s.status(&s.lock());
             status_at = Instant::now();
         }
-        let (batch, end, intent) = {
+        let (batch, end, intent, handover) = {
             let mut st = s.lock();
             let deadline = Instant::now() + s.config.heartbeat;
             let unsent = |st: &State| {
@@ -919,10 +1058,16 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                     .as_ref()
                     .is_some_and(|i| Some(i.seq) != intent_sent && i.seq == st.end())
             };
+            let handover_due = |st: &State| {
+                st.handover
+                    .as_ref()
+                    .is_some_and(|h| h.ready && !h.sent && h.at == Some(st.end()))
+            };
             while st.attached == Some(conn)
                 && st.end() == sent
                 && (st.end.is_none() || end_sent)
                 && !unsent(&st)
+                && !handover_due(&st)
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -972,9 +1117,19 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 // Counted before the write: a secondary may hold these from now on.
                 st.sent = upto;
             }
-            (batch, end, intent)
+            // The switch follows every event, never an event after it.
+            let handover = (upto == st.end() && handover_due(&st))
+                .then(|| {
+                    st.handover.as_mut().map(|h| {
+                        // Sent from here on: the secondary may claim at any moment.
+                        h.sent = true;
+                        (upto, h.why.clone())
+                    })
+                })
+                .flatten();
+            (batch, end, intent, handover)
         };
-        let idle = batch.is_none() && intent.is_none();
+        let idle = batch.is_none() && intent.is_none() && handover.is_none();
         if let Some(payload) = batch {
             w.send(KIND_MSG, &payload)
                 .map_err(io_err("stream events"))?;
@@ -992,6 +1147,10 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             w.send(KIND_MSG, &encode(&ToSecondary::End(end)))
                 .map_err(io_err("send the end"))?;
             end_sent = true;
+        }
+        if let Some((events, why)) = handover {
+            w.send(KIND_MSG, &encode(&ToSecondary::Handover { events, why }))
+                .map_err(io_err("send the handover"))?;
         }
     }
 }

@@ -174,7 +174,8 @@ impl Secondary {
                         ]);
                         return;
                     }
-                    Err(e) => e.to_string(),
+                    Err(FtError::HandedOver(reason)) => format!("handover: {reason}"),
+                    Err(e) => format!("primary lost ({e})"),
                 };
                 decide(&s, &dir, generation, release, &host, &why);
             })
@@ -297,6 +298,13 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
                 st.intent = Some(intent);
                 s.cv.notify_all();
             }
+            ToSecondary::Handover { events, why } => {
+                let st = s.lock();
+                in_place(&st, events, "a handover")?;
+                // Bounded for the logs: the reason comes off the wire.
+                let why: String = why.chars().take(200).collect();
+                return Err(FtError::HandedOver(why));
+            }
             ToSecondary::Heartbeat => {}
             ToSecondary::Hello { .. } | ToSecondary::Refused(_) => {
                 return Err(FtError::Protocol("a second Hello".into()));
@@ -324,15 +332,13 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
         // Outputs depending on events this copy does not hold may have left the primary:
         // going live here would roll back what the world was told.
         Verdict::Halt(format!(
-            "dropped out: lost the primary ({why}) during catch-up, holding {received} of the \
+            "dropped out: {why} during catch-up, holding {received} of the \
              {release} events it must hold to go live; not claiming a generation"
         ))
     } else {
         match Arbiter::new(&dir.arbitration()).claim(next, &format!("secondary on {host}")) {
             Ok(Claim::Won) => {
-                tracing::warn!(
-                    "primary lost ({why}); won arbitration for generation {next}: going live"
-                );
+                tracing::warn!("{why}; won arbitration for generation {next}: going live");
                 s.lock().live_generation = Some(next);
                 dir.write_status(
                     next,
@@ -341,6 +347,7 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
                         ("host", host.into()),
                         ("protected", "false".into()),
                         ("generation", next.to_string()),
+                        ("went_live", why.into()),
                     ],
                 );
                 Verdict::GoLive
