@@ -485,7 +485,9 @@ fn main() -> ExitCode {
     let client_verb = matches!(
         cli.command,
         Command::Cluster(_)
-            | Command::Host(verbs_cli::HostCommand::List { .. })
+            | Command::Host(
+                verbs_cli::HostCommand::List { .. } | verbs_cli::HostCommand::Maintenance(_)
+            )
             | Command::Vm(
                 VmCommand::Create(_)
                     | VmCommand::PowerOn(_)

@@ -84,6 +84,31 @@ pub enum HostCommand {
     /// Run this host's agent: register the host in the cluster store, run the VM copies
     /// placed here, serve the REST API (one agent per host; one of them is the master).
     Agent(crate::agent_cli::AgentArgs),
+    /// Maintenance mode. `enter HOST` moves everything off the host (secondaries to other
+    /// hosts; protected primaries by a planned switch to their secondary, then re-protected
+    /// elsewhere; VMs without FT through a secondary placed for the move) and waits until
+    /// it holds nothing and every FT VM is protected again; it is refused, with the reason,
+    /// when the other hosts cannot take them. The host takes nothing until `exit HOST`.
+    #[command(subcommand)]
+    Maintenance(MaintenanceCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum MaintenanceCommand {
+    /// Evacuate HOST and keep it empty.
+    Enter(MaintenanceArgs),
+    /// HOST takes VMs again.
+    Exit(MaintenanceArgs),
+}
+
+#[derive(clap::Args)]
+pub struct MaintenanceArgs {
+    /// The host's name.
+    pub host: String,
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub wait: Wait,
 }
 
 /// A verb on one VM.
@@ -251,6 +276,89 @@ pub fn host(cmd: &HostCommand) -> anyhow::Result<u8> {
     match cmd {
         HostCommand::List { target, json } => Ok(finish(host_list(target, *json))),
         HostCommand::Agent(a) => crate::agent_cli::run(a),
+        HostCommand::Maintenance(MaintenanceCommand::Enter(a)) => Ok(finish(enter_maintenance(a))),
+        HostCommand::Maintenance(MaintenanceCommand::Exit(a)) => Ok(finish((|| {
+            check_name("host", &a.host)?;
+            let h = a.target.client()?.maintenance(&a.host, false)?;
+            println!(
+                "maintenance: {} takes VMs again (maintenance={})",
+                h.name, h.maintenance
+            );
+            Ok(OK)
+        })())),
+    }
+}
+
+/// What holds `host` (`vm (role)`, sorted), and the FT VMs not protected.
+fn on_host(vms: &[VmView], host: &str) -> (Vec<String>, Vec<String>) {
+    let mut here = Vec::new();
+    for v in vms {
+        if v.primary_host.as_deref() == Some(host) {
+            here.push(format!("{} (primary)", v.name));
+        }
+        if v.secondary_host.as_deref() == Some(host) {
+            here.push(format!("{} (secondary)", v.name));
+        }
+    }
+    let unprotected = vms
+        .iter()
+        .filter(|v| v.power == Power::On && v.ft == FtStatus::NotProtected)
+        .map(|v| v.name.clone())
+        .collect();
+    (here, unprotected)
+}
+
+fn enter_maintenance(a: &MaintenanceArgs) -> Result<u8, Fail> {
+    check_name("host", &a.host)?;
+    let client = a.target.client()?;
+    client.maintenance(&a.host, true)?;
+    println!("maintenance: {} takes nothing more; moving its VMs", a.host);
+    if a.wait.no_wait {
+        return Ok(OK);
+    }
+    let start = Instant::now();
+    let limit = Duration::from_secs(a.wait.timeout_secs);
+    let mut last = None;
+    loop {
+        let vms = client.vms()?;
+        let (here, unprotected) = on_host(&vms, &a.host);
+        let line = format!(
+            "on {}: {}; not protected: {}",
+            a.host,
+            if here.is_empty() {
+                "nothing".into()
+            } else {
+                here.join(", ")
+            },
+            if unprotected.is_empty() {
+                "none".into()
+            } else {
+                unprotected.join(", ")
+            }
+        );
+        if last.as_ref() != Some(&line) {
+            println!("[{:6.1}s] {line}", start.elapsed().as_secs_f64());
+            last = Some(line);
+        }
+        if here.is_empty() && unprotected.is_empty() {
+            println!(
+                "maintenance: {} evacuated in {:.1} s; every FT VM protected",
+                a.host,
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(OK);
+        }
+        if start.elapsed() >= limit || machine::stop_requested() {
+            return Err(Fail(
+                FAILED,
+                format!(
+                    "{} not evacuated after {:.0} s (it stays in maintenance; `host maintenance exit` takes it out)",
+                    a.host,
+                    start.elapsed().as_secs_f64()
+                ),
+            ));
+        }
+        std::thread::sleep(POLL);
     }
 }
 
@@ -968,6 +1076,9 @@ mod tests {
         }
         fn ft(&self, _: &str, _: FtOp) -> Result<VmView, cluster::ClusterError> {
             Ok(self.script[0].clone().unwrap())
+        }
+        fn maintenance(&self, _: &str, _: bool) -> Result<HostView, cluster::ClusterError> {
+            Err(cluster::ClusterError::Internal("not scripted".into()))
         }
     }
 

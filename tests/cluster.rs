@@ -747,3 +747,122 @@ fn a_stalled_agent_fences_its_copies_before_its_lease_expires() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(c.copies_running("kvd"), 1);
 }
+
+/// Maintenance of a host holding an FT primary, another VM's FT secondary and a VM without
+/// FT, under real client load: the primary hands over by a planned switch, the secondary
+/// moves, the plain VM moves through a secondary placed for the move; nothing is lost, no
+/// connection resets, every FT VM is protected again, and nothing lands on the host.
+#[test]
+fn maintenance_moves_a_primary_a_secondary_and_a_plain_vm_off_a_host_under_load() {
+    let c = Cluster::up("maint", 4);
+    c.kvd_on("a", KVD_NIC, Some("host1"));
+    c.ok(&["ft", "turn-on", "a"]);
+    c.kvd_on("b", "mac=02:00:00:00:00:12,ip=10.77.0.12/24", Some("host2"));
+    c.ok(&["ft", "turn-on", "b"]);
+    c.ok(&["ft", "migrate-secondary", "b", "--to", "host1"]);
+    c.web("<h1>maintained</h1>\n", "host1");
+    assert_eq!(field(&c.show("a"), "primary_host"), "host1");
+    assert_eq!(field(&c.show("b"), "secondary_host"), "host1");
+    let b_secondary = c
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.12", "SET", "maint:b", "kept"]);
+    assert_eq!(b_secondary.stdout.trim(), "OK", "{}", b_secondary.stderr);
+
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    let mut checker = Checker::start(&c.lab, "maint:counter");
+    let (load, entered) = std::thread::scope(|sc| {
+        let bench = sc.spawn(|| c.lab.redis_benchmark(KVD_LOAD));
+        checker.incr_for("maint:counter", Duration::from_millis(300));
+        let entered = sc.spawn(|| c.verb(&["host", "maintenance", "enter", "host1"]));
+        while !entered.is_finished() {
+            checker.incr_for("maint:counter", Duration::from_millis(200));
+        }
+        checker.incr_for("maint:counter", Duration::from_millis(500));
+        (bench.join().unwrap(), entered.join().unwrap())
+    });
+    assert_eq!(entered.code, 0, "{}{}", entered.stdout, entered.stderr);
+    eprintln!("{}", entered.stdout);
+    assert!(
+        entered.stdout.contains("host1 evacuated"),
+        "{}",
+        entered.stdout
+    );
+    assert_eq!(
+        load.code, 0,
+        "redis-benchmark: {}{}",
+        load.stdout, load.stderr
+    );
+    let sent = checker.sent;
+    assert_eq!(
+        checker.finish(),
+        sent,
+        "every INCR answered in order, no reset"
+    );
+    let r = c
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.10", "GET", "maint:counter"]);
+    assert_eq!(r.stdout.trim(), sent.to_string());
+
+    for vm in ["a", "b"] {
+        let v = c.show(vm);
+        assert_eq!(field(&v, "ft"), "protected", "{v}");
+        assert!(field(&v, "primary_host") != "host1", "{v}");
+        assert!(field(&v, "secondary_host") != "host1", "{v}");
+        // A planned switch is not a failover.
+        assert_eq!(v["failovers"], 0, "{v}");
+    }
+    let web = c.show("web");
+    assert!(
+        !field(&web, "primary_host").is_empty() && field(&web, "primary_host") != "host1",
+        "{web}"
+    );
+    assert!(
+        web["secondary_host"].is_null(),
+        "no secondary is left behind: {web}"
+    );
+    let page = c.lab.client("curl", &["-s", "http://10.77.0.11/"]);
+    assert_eq!(page.stdout.trim(), "<h1>maintained</h1>");
+    let got = c
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.12", "GET", "maint:b"]);
+    assert_eq!(got.stdout.trim(), "kept");
+    let hosts = c.json(&["host", "list"]);
+    let h1 = hosts
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == "host1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(h1["maintenance"], true, "{hosts}");
+    assert_eq!(h1["vms"], 0, "{hosts}");
+    // Out of maintenance, the host takes VMs again.
+    c.ok(&["host", "maintenance", "exit", "host1"]);
+    c.ok(&["ft", "migrate-secondary", "a", "--to", "host1"]);
+}
+
+/// Maintenance is refused, with the reason, when the other hosts cannot take what the host
+/// holds, and then nothing moves.
+#[test]
+fn maintenance_is_refused_when_the_rest_of_the_cluster_cannot_take_the_vms() {
+    let c = Cluster::up("mrefuse", 2);
+    c.kvd_on("kvd", KVD_NIC, Some("host1"));
+    c.ok(&["ft", "turn-on", "kvd"]);
+    let r = c.verb(&["host", "maintenance", "enter", "host1"]);
+    assert_ne!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("host1 cannot enter maintenance")
+            && r.stderr.contains("no host for the new secondary of kvd"),
+        "{}",
+        r.stderr
+    );
+    let v = c.show("kvd");
+    assert_eq!(field(&v, "primary_host"), "host1", "{v}");
+    assert_eq!(field(&v, "ft"), "protected", "{v}");
+    let bad = c.verb(&["host", "maintenance", "enter", "nosuch"]);
+    assert_ne!(bad.code, 0);
+    assert!(
+        bad.stderr.contains("no connected host named nosuch"),
+        "{}",
+        bad.stderr
+    );
+}

@@ -186,9 +186,11 @@ fn a_planned_switch_under_load_hands_the_vm_to_the_secondary_with_nothing_lost()
     unsafe { libc::kill(ft.lab.pid(ft.primary) as i32, libc::SIGUSR1) };
     let before = checker.sent;
     checker.incr_for("ft:switch", Duration::from_millis(1500));
-    let code = ft
-        .lab
-        .wait_exit(ft.primary, Duration::from_secs(10), "the handed-over primary");
+    let code = ft.lab.wait_exit(
+        ft.primary,
+        Duration::from_secs(10),
+        "the handed-over primary",
+    );
     assert_eq!(code, 0, "{}", ft.log("primary"));
     assert!(
         ft.log("primary").contains("handed over to the secondary"),
@@ -197,7 +199,10 @@ fn a_planned_switch_under_load_hands_the_vm_to_the_secondary_with_nothing_lost()
     );
     let sent = checker.finish();
     assert!(sent > before + 50, "the client did not carry on");
-    assert!(bench.wait().unwrap().success(), "redis-benchmark failed across the switch");
+    assert!(
+        bench.wait().unwrap().success(),
+        "redis-benchmark failed across the switch"
+    );
     let _ = bench.stdout.take();
     // The secondary went live in the next generation, claimed on the handover, not after
     // a timeout; the primary never claimed again.
@@ -226,7 +231,11 @@ fn a_planned_switch_without_a_secondary_is_refused_and_the_vm_carries_on() {
         assert!(Instant::now() < deadline, "{}", ft.log("primary"));
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(ft.log("primary").contains("not protected"), "{}", ft.log("primary"));
+    assert!(
+        ft.log("primary").contains("not protected"),
+        "{}",
+        ft.log("primary")
+    );
     assert_eq!(ft.cli(&["INCR", "ft:alone"]), "1");
     assert!(ft.running(ft.primary));
 }

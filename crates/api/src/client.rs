@@ -168,6 +168,15 @@ impl Client {
         self.post(&format!("/api/v1/vms/{name}/ft/{verb}"), body)
     }
 
+    /// Put a host into maintenance mode (`enter`) or take it out.
+    pub fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClientError> {
+        let verb = if enter { "enter" } else { "exit" };
+        self.post(
+            &format!("/api/v1/hosts/{}/maintenance/{verb}", checked(host)?),
+            None,
+        )
+    }
+
     /// `GET path`'s JSON text exactly as the API returned it (for `--json` output),
     /// checked to be JSON.
     pub fn get_raw(&self, path: &str) -> Result<String, ClientError> {

@@ -19,6 +19,8 @@ pub enum Kind {
     PowerOn,
     PowerOff,
     Ft(FtKind),
+    /// Host maintenance mode: enter (`true`) or exit.
+    Maintenance(bool),
     OpenApi,
     Healthz,
 }
@@ -79,6 +81,16 @@ pub const ROUTES: &[(&str, &str, Kind)] = &[
         "POST",
         "/api/v1/vms/{name}/ft/migrate-secondary",
         Kind::Ft(FtKind::MigrateSecondary),
+    ),
+    (
+        "POST",
+        "/api/v1/hosts/{name}/maintenance/enter",
+        Kind::Maintenance(true),
+    ),
+    (
+        "POST",
+        "/api/v1/hosts/{name}/maintenance/exit",
+        Kind::Maintenance(false),
     ),
     ("GET", "/api/v1/openapi.json", Kind::OpenApi),
     ("GET", "/healthz", Kind::Healthz),

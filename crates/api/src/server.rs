@@ -57,6 +57,7 @@ pub trait Backend: Send + Sync + 'static {
     fn power_off(&self, name: &str) -> Result<VmView, ClusterError>;
     fn destroy(&self, name: &str) -> Result<(), ClusterError>;
     fn ft(&self, name: &str, op: FtOp) -> Result<VmView, ClusterError>;
+    fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClusterError>;
 }
 
 impl Backend for Verbs {
@@ -86,6 +87,13 @@ impl Backend for Verbs {
     }
     fn ft(&self, name: &str, op: FtOp) -> Result<VmView, ClusterError> {
         Verbs::ft(self, name, op)
+    }
+    fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClusterError> {
+        if enter {
+            Verbs::enter_maintenance(self, host)
+        } else {
+            Verbs::exit_maintenance(self, host)
+        }
     }
 }
 
@@ -607,6 +615,13 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
                 FtKind::RestartSecondary => simple(FtOp::RestartSecondary)?,
             };
             verb(backend.ft(&name, op), 200)
+        }
+        Kind::Maintenance(enter) => {
+            parse_optional::<NoBody>(&req.body)?;
+            match backend.maintenance(&name, enter) {
+                Ok(v) => json(200, &v),
+                Err(e) => error(status_of(&e), e.to_string()),
+            }
         }
     })
 }

@@ -117,6 +117,12 @@ impl Backend for Fake {
         self.record(format!("ft {name} {op:?}"));
         self.known(name)
     }
+    fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClusterError> {
+        self.record(format!("maintenance {host} {enter}"));
+        Err(ClusterError::NotFound(format!(
+            "no connected host named {host}"
+        )))
+    }
 }
 
 fn info() -> AgentInfo {

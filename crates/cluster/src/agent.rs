@@ -426,8 +426,16 @@ impl Agent {
             if let Some(c) = copies.get_mut(&vm).filter(|c| Some(c.id) == id)
                 && c.exit.is_none()
             {
-                tracing::warn!("{vm}: killing copy {} ({:?}) on request", c.id, c.role);
-                let _ = c.child.kill();
+                if kv.value == model::HANDOVER {
+                    // A planned switch: the copy hands its VM over to its secondary at its
+                    // next event boundary (or refuses, unprotected, and carries on).
+                    tracing::warn!("{vm}: asking copy {} for a planned switch", c.id);
+                    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+                    unsafe { libc::kill(c.child.id() as i32, libc::SIGUSR1) };
+                } else {
+                    tracing::warn!("{vm}: killing copy {} ({:?}) on request", c.id, c.role);
+                    let _ = c.child.kill();
+                }
                 store.delete(&kv.key)?;
             }
         }

@@ -13,6 +13,12 @@
 //! - a secondary that went live (it won arbitration) becomes the primary at once, without
 //!   waiting for the old primary's lease: arbitration already fenced the old primary;
 //! - an FT VM is restarted from its datastore only when neither copy runs anywhere.
+//!
+//! Maintenance mode (`maintenance/<host>`): such a host takes nothing, and the master moves
+//! what it holds: a secondary is replaced by one elsewhere (kept until another host can
+//! take it); a primary whose VM is protected is asked for a planned switch to its secondary
+//! (a `kill/` request of [`model::HANDOVER`]), after which the VM is re-protected elsewhere;
+//! a VM without FT is moved the same way, through a secondary placed only for the move.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -42,6 +48,8 @@ pub struct View {
     /// (host, vm) → report.
     pub copies: BTreeMap<(String, String), CopyReport>,
     pub master: Option<MasterRecord>,
+    /// Hosts in maintenance mode (their records say so too).
+    pub maintenance: BTreeSet<String>,
 }
 
 impl View {
@@ -71,6 +79,15 @@ impl View {
         v.master = store
             .get_json::<MasterRecord>(&model::master_key())?
             .map(|(m, _)| m);
+        let maintenance = format!("{}maintenance/", model::PREFIX);
+        for kv in store.get_prefix(&maintenance)? {
+            if let Some(host) = kv.key.strip_prefix(&maintenance) {
+                v.maintenance.insert(host.to_string());
+            }
+        }
+        for (name, h) in v.hosts.iter_mut() {
+            h.maintenance |= v.maintenance.contains(name);
+        }
         Ok(v)
     }
 
@@ -112,7 +129,16 @@ enum Health {
 pub struct Master {
     /// When each copy id was first seen placed without a report.
     waiting: BTreeMap<(String, u64), Instant>,
+    /// Planned switches asked of live copies (vm, copy id), and when.
+    handovers: BTreeMap<(String, u64), Instant>,
+    /// Planned switches to ask this pass.
+    to_ask: Vec<(String, u64)>,
 }
+
+/// A planned switch not done this long after it was asked is asked again.
+const HANDOVER_RETRY: Duration = Duration::from_secs(15);
+/// A `kill/` request no agent carries out vanishes after this long.
+const REQUEST_TTL_SECS: i64 = 30;
 
 impl Master {
     fn health(&mut self, view: &View, vm: &str, copy: &Copy) -> Health {
@@ -193,6 +219,11 @@ impl Master {
             })
             .collect();
         self.waiting.retain(|k, _| live.contains(k));
+        self.handovers.retain(|k, _| live.contains(k));
+        for (vm, id) in std::mem::take(&mut self.to_ask) {
+            let lease = store.grant(REQUEST_TTL_SECS)?;
+            store.put(&model::kill_key(&vm, id), model::HANDOVER, Some(lease))?;
+        }
         Ok(said)
     }
 
@@ -264,13 +295,23 @@ impl Master {
                 .secondary
                 .take()
                 .expect("secondary health implies a secondary");
+            let planned = primary
+                .as_ref()
+                .is_some_and(|c| self.handovers.contains_key(&(name.to_string(), c.id)));
             notes.push(format!(
-                "failover: the secondary on {} went live (primary was on {})",
+                "{}: the secondary on {} went live (primary was on {})",
+                if planned {
+                    "planned switch"
+                } else {
+                    "failover"
+                },
                 s.host,
                 primary.as_ref().map_or("?", |c| c.host.as_str())
             ));
             p.primary = Some(s);
-            p.failovers += 1;
+            if !planned {
+                p.failovers += 1;
+            }
             p.unprotected_since_ms.get_or_insert(model::now_ms());
         } else if primary_health == Some(Health::Gone) {
             // Only a running secondary can be deciding arbitration: one still joining
@@ -374,7 +415,10 @@ impl Master {
         // The secondary.
         let primary = p.primary.clone().expect("placed above");
         let primary_live = matches!(self.health(view, name, &primary), Health::Live { .. });
+        // A VM leaving a host in maintenance moves through a secondary, FT or not.
+        let evacuating = view.maintenance.contains(&primary.host);
         match r.ft {
+            _ if evacuating => {}
             FtMode::Off => {
                 if p.secondary.take().is_some() {
                     notes.push("FT turned off: secondary removed".into());
@@ -417,11 +461,27 @@ impl Master {
                             placement::place(loads, &req).is_ok_and(|h| &h == to)
                         })
                 });
+                // Off a host in maintenance, once another host can take it.
+                let leaving = view.maintenance.contains(&s.host)
+                    && view.hosts.get(&primary.host).is_some_and(|ph| {
+                        let avoid = [s.host.clone()];
+                        let req = Request {
+                            vm: r,
+                            ft: true,
+                            primary: Some(ph),
+                            prefer: None,
+                            avoid: &avoid,
+                            counted_on: None,
+                        };
+                        placement::place(loads, &req).is_ok()
+                    });
                 if gone {
                     notes.push(format!("secondary on {} lost", s.host));
                     p.unprotected_since_ms.get_or_insert(model::now_ms());
+                } else if leaving {
+                    notes.push(format!("secondary leaves {} (maintenance)", s.host));
                 }
-                gone || moved
+                gone || moved || leaving
             }
         };
         if replace {
@@ -481,6 +541,24 @@ impl Master {
             .as_ref()
             .and_then(|s| view.report(name, s))
             .is_some_and(|r| r.state == CopyState::Running);
+        if protected && evacuating {
+            // The pair is whole: hand the VM over to the secondary, off this host.
+            let key = (name.to_string(), primary.id);
+            let due = self
+                .handovers
+                .get(&key)
+                .is_none_or(|asked| asked.elapsed() > HANDOVER_RETRY);
+            if due {
+                notes.push(format!(
+                    "planned switch asked of the primary on {} (maintenance)",
+                    primary.host
+                ));
+                self.handovers.insert(key, Instant::now());
+                self.to_ask.push((name.to_string(), primary.id));
+            }
+            p.reason = Some(format!("moving off {} (maintenance)", primary.host));
+            return;
+        }
         if protected {
             if let Some(since) = p.unprotected_since_ms.take() {
                 p.reprotections += 1;

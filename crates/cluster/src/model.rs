@@ -12,10 +12,14 @@
 //!   its copies before the lease can expire (the isolation response);
 //! - `ports/<port>` → the VM holding that logging-channel port (created with the VM);
 //! - `kill/<vm>/<copy id>` → `""`, a request (test-failover, restart-secondary, disable) that the
-//!   agent running that copy carries out and deletes.
+//!   agent running that copy carries out and deletes; → [`HANDOVER`], a planned switch the
+//!   master asks of a live copy (maintenance mode): its agent signals the copy;
+//! - `maintenance/<host>` → [`MaintenanceRecord`], desired state: the host takes nothing and
+//!   the master moves everything off it.
 //!
-//! Invariant: one writer per key family (verbs: `vms/`, `kill/`; master: `place/`, `master`;
-//! each agent: its own `hosts/<host>` and `copies/<host>/`).
+//! Invariant: one writer per key family (verbs: `vms/`, `kill/` kills, `maintenance/`;
+//! master: `place/`, `master`, `kill/` handovers; each agent: its own `hosts/<host>` and
+//! `copies/<host>/`).
 
 use std::path::PathBuf;
 
@@ -59,6 +63,19 @@ pub fn copy_key(host: &str, vm: &str) -> String {
 pub fn kill_key(vm: &str, copy: u64) -> String {
     format!("{PREFIX}kill/{vm}/{copy}")
 }
+pub fn maintenance_key(host: &str) -> String {
+    format!("{PREFIX}maintenance/{host}")
+}
+/// The value of a `kill/` request that asks a live copy to hand its VM over to its
+/// secondary instead of dying.
+pub const HANDOVER: &[u8] = b"handover";
+
+/// A host in maintenance mode, as the verb that put it there recorded it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MaintenanceRecord {
+    pub since_ms: u64,
+}
+
 pub fn port_key(port: u16) -> String {
     format!("{PREFIX}ports/{port}")
 }

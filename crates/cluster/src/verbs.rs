@@ -579,6 +579,118 @@ impl Verbs {
         })
     }
 
+    /// `host maintenance enter`: the host takes nothing more and the master moves what it
+    /// holds (see `master`). Refused, with every reason, when the other hosts cannot take
+    /// what it holds, or when an FT VM on it is not protected (a switch would lose it).
+    pub fn enter_maintenance(&self, host: &str) -> Result<HostView, ClusterError> {
+        check_name("host", host)?;
+        let mut v = self.view()?;
+        if !v.hosts.contains_key(host) {
+            return Err(ClusterError::NotFound(format!(
+                "no connected host named {host}"
+            )));
+        }
+        if !v.maintenance.contains(host) {
+            if let Some(h) = v.hosts.get_mut(host) {
+                h.maintenance = true;
+            }
+            let why = Self::evacuation_blockers(&v, host);
+            if !why.is_empty() {
+                return Err(ClusterError::Conflict(format!(
+                    "{host} cannot enter maintenance: {}",
+                    why.join("; ")
+                )));
+            }
+            let rec = model::MaintenanceRecord {
+                since_ms: model::now_ms(),
+            };
+            let bytes =
+                serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
+            self.store
+                .put(&model::maintenance_key(host), &bytes, None)?;
+            tracing::warn!("{host} enters maintenance: its VMs move to other hosts");
+        }
+        self.host(host)
+    }
+
+    /// `host maintenance exit`: the host takes copies again.
+    pub fn exit_maintenance(&self, host: &str) -> Result<HostView, ClusterError> {
+        check_name("host", host)?;
+        self.store.delete(&model::maintenance_key(host))?;
+        tracing::info!("{host} leaves maintenance");
+        self.host(host)
+    }
+
+    fn host(&self, host: &str) -> Result<HostView, ClusterError> {
+        self.hosts()?
+            .into_iter()
+            .find(|h| h.name == host)
+            .ok_or_else(|| ClusterError::NotFound(format!("no connected host named {host}")))
+    }
+
+    /// Why the VMs on `host` (already marked in maintenance in `v`) could not all move.
+    fn evacuation_blockers(v: &View, host: &str) -> Vec<String> {
+        let mut loads = v.loads();
+        let mut why = Vec::new();
+        let fit = |loads: &mut Vec<placement::HostLoad>,
+                   r: &VmRecord,
+                   primary: &model::HostRecord,
+                   what: &str|
+         -> Option<String> {
+            let req = Request {
+                vm: r,
+                ft: true,
+                primary: Some(primary),
+                prefer: None,
+                avoid: &[],
+                counted_on: None,
+            };
+            match placement::place(loads, &req) {
+                Ok(to) => {
+                    if let Some(l) = loads.iter_mut().find(|l| l.host.name == to) {
+                        l.copies += 1;
+                        l.ft_copies += 1;
+                        l.reserved_mib += r.spec.memory_mib;
+                    }
+                    None
+                }
+                Err(e) => Some(format!("{what} {}: {e}", r.spec.name)),
+            }
+        };
+        for (name, (p, _)) in &v.places {
+            let Some(r) = v.vms.get(name) else { continue };
+            let on = |c: &Option<model::Copy>| c.as_ref().is_some_and(|c| c.host == host);
+            if on(&p.primary) {
+                let Some(h) = v.hosts.get(host) else { continue };
+                if r.ft == FtMode::On {
+                    let view = Self::view_of(v, r);
+                    if view.ft != FtStatus::Protected {
+                        why.push(format!(
+                            "{name} is not protected{}: a switch would lose it",
+                            view.ft_reason
+                                .map(|r| format!(" ({r})"))
+                                .unwrap_or_default()
+                        ));
+                        continue;
+                    }
+                    // After the switch, its secondary's host is the primary's: a new
+                    // secondary goes on a third host.
+                    let sec = p.secondary.as_ref().and_then(|c| v.hosts.get(&c.host));
+                    if let Some(sec) = sec {
+                        why.extend(fit(&mut loads, r, sec, "no host for the new secondary of"));
+                    }
+                } else {
+                    why.extend(fit(&mut loads, r, h, "no host to move"));
+                }
+            } else if on(&p.secondary)
+                && let Some(ph) = p.primary.as_ref().and_then(|c| v.hosts.get(&c.host))
+            {
+                why.extend(fit(&mut loads, r, ph, "no host for the secondary of"));
+            }
+        }
+        why
+    }
+
     fn kill(&self, vm: &str, id: u64) -> Result<(), ClusterError> {
         let lease = self.store.grant(KILL_TTL_SECS)?;
         self.store.put(&model::kill_key(vm, id), b"", Some(lease))?;

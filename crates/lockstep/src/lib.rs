@@ -124,7 +124,10 @@ pub enum ToSecondary {
     /// (all sent, all acknowledged, every output depending on them written) and takes no
     /// more. The secondary claims the next generation and goes live there; `why` is the
     /// reason, for the logs and the status.
-    Handover { events: u64, why: String },
+    Handover {
+        events: u64,
+        why: String,
+    },
 }
 
 /// Secondary → primary.
