@@ -131,6 +131,19 @@ struct FtArgs {
     /// copy at once (so that no copy outlives its host's lease).
     #[arg(long, value_name = "FD")]
     fence_fd: Option<i32>,
+    /// The VM network's uplink on this host (the VM bridge's port towards the network):
+    /// its carrier is watched. Shared storage (the VM's folder) is always watched. A
+    /// primary whose host lost either, while the secondary's host has it, hands the VM
+    /// over to the secondary; a secondary whose host lost one makes the VM not protected.
+    #[arg(long, value_name = "IFACE")]
+    uplink: Option<String>,
+    /// A storage or uplink failure counts only once it has lasted this long: a shorter
+    /// flap does nothing.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    health_hold_ms: u64,
+    /// Never hand the VM over because of this host's storage or uplink (still reported).
+    #[arg(long)]
+    no_health_handover: bool,
 }
 
 /// The largest heartbeat interval or failure timeout accepted, in milliseconds.
@@ -145,6 +158,33 @@ impl FtArgs {
             Some(fd) => cluster::fence::watch(fd).map_err(|e| bad(e.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// What to watch of this host's health (storage, and the uplink if given), checked.
+    fn health(&self, dir: &lockstep::VmDir) -> Result<lockstep::health::HealthConfig, Failure> {
+        if let Some(i) = &self.uplink
+            && (i.is_empty()
+                || i.len() > 15
+                || !i
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                || i.starts_with('.'))
+        {
+            return Err(bad(format!(
+                "--uplink {i:?}: an interface name is 1-15 letters, digits, '_', '.' or '-'"
+            )));
+        }
+        if self.health_hold_ms == 0 || self.health_hold_ms > MAX_FT_MS {
+            return Err(bad(format!(
+                "--health-hold-ms {} is outside 1..={MAX_FT_MS}",
+                self.health_hold_ms
+            )));
+        }
+        Ok(lockstep::health::HealthConfig {
+            folder: dir.0.clone(),
+            uplink: self.uplink.clone(),
+            hold: std::time::Duration::from_millis(self.health_hold_ms),
+        })
     }
 
     /// The checked checkpoint policy.
@@ -430,6 +470,13 @@ fn install_stop_handler() {
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
+}
+
+fn start_monitor(
+    health: lockstep::health::HealthConfig,
+) -> Result<lockstep::health::Monitor, Failure> {
+    lockstep::health::Monitor::start(health)
+        .map_err(|e| bad(format!("cannot watch this host's health: {e}")))
 }
 
 /// SIGUSR1 asks an FT copy that is live to hand its VM over to its secondary (a planned
@@ -782,6 +829,7 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
     }
     let config = a.ft.config()?;
     let policy = a.ft.policy()?;
+    let health = a.ft.health(&lockstep::VmDir::new(&a.ft.shared, &a.ft.vm))?;
     let (spec, nic) = prepare_spec(&a.run)?;
     let machine = SnapMachine::load(&a.run.wasm)?;
     let control = Control::new(&machine.module_digest(), &machine.instrumented_digest());
@@ -807,6 +855,7 @@ fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
     )
     .map_err(|e| bad(e.to_string()))?;
     serve_handovers(primary.clone(), || true)?;
+    primary.watch_health(start_monitor(health)?, !a.ft.no_health_handover);
     let host = machine::live_host(&spec, a.run.datastore.as_deref(), tap)?;
     let inputs = Inputs::Live {
         host,
@@ -864,6 +913,7 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
         )));
     }
     let dir = lockstep::VmDir::new(&a.ft.shared, &a.ft.vm);
+    let health = a.ft.health(&dir)?;
     let machine = SnapMachine::load(&a.wasm)?;
     let checkpoints = lockstep::checkpoint::Checkpoints::new(&dir);
     let mut tries = 0;
@@ -1004,6 +1054,11 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
     {
         let sec = secondary.clone();
         serve_handovers(standby.clone(), move || sec.live_generation().is_some())?;
+        let monitor = start_monitor(health)?;
+        secondary
+            .watch_health(monitor.clone())
+            .map_err(|e| bad(format!("cannot start a thread: {e}")))?;
+        standby.watch_health(monitor, !a.ft.no_health_handover);
     }
     // An operator's stop while this copy replays makes it leave (drop out without
     // claiming a generation); it is never kept for a later go-live. Once live, the VM's

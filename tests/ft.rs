@@ -44,7 +44,21 @@ impl Ft {
         Ft::start_primary_in(Lab::up(tag, 2), "kvd")
     }
 
-    fn start_primary_in(mut lab: Lab, vm: &str) -> Ft {
+    fn start_primary_in(lab: Lab, vm: &str) -> Ft {
+        Ft::start_primary_with(lab, vm, &[])
+    }
+
+    /// A protected kvd whose copies both take `extra` arguments.
+    fn start_with(tag: &str, extra: &[&str]) -> Ft {
+        let mut ft = Ft::start_primary_with(Lab::up(tag, 2), "kvd", extra);
+        ft.secondary = ft.join(2, 1, extra, "secondary");
+        ft.lab
+            .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        ft.wait_status("protected=true", Duration::from_secs(10));
+        ft
+    }
+
+    fn start_primary_with(mut lab: Lab, vm: &str, extra: &[&str]) -> Ft {
         let shared = std::path::PathBuf::from(format!("/tmp/{}-shared", lab.name));
         let data = shared.join(vm).join("data");
         std::fs::create_dir_all(&data).unwrap();
@@ -68,7 +82,10 @@ impl Ft {
                 NIC,
                 "--listen",
                 "tcp:6379",
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
             &shared.join(format!("{vm}.primary.out")),
         );
         let ft = Ft {
@@ -238,6 +255,89 @@ fn a_planned_switch_without_a_secondary_is_refused_and_the_vm_carries_on() {
     );
     assert_eq!(ft.cli(&["INCR", "ft:alone"]), "1");
     assert!(ft.running(ft.primary));
+}
+
+/// Set host K's uplink (its VM bridge's port on the VM switch) down or up: the host's side
+/// loses or regains carrier.
+fn uplink(ft: &Ft, k: u32, up: bool) {
+    let r = Command::new("ip")
+        .args([
+            "-n",
+            &ft.lab.ns("net"),
+            "link",
+            "set",
+            &format!("h{k}up"),
+            if up { "up" } else { "down" },
+        ])
+        .status()
+        .unwrap();
+    assert!(r.success());
+}
+
+const WATCH_UPLINK: &[&str] = &["--uplink", "uplink"];
+
+#[test]
+fn a_primary_that_loses_its_vm_network_hands_over_to_a_secondary_that_has_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_with("fu", WATCH_UPLINK);
+    let mut bench = background_benchmark(&ft.lab, "200000", Stdio::piped());
+    let mut checker = Checker::start(&ft.lab, "ft:uplink");
+    checker.incr_for("ft:uplink", Duration::from_millis(500));
+    uplink(&ft, 1, false);
+    let before = checker.sent;
+    checker.incr_for("ft:uplink", Duration::from_millis(2500));
+    let code = ft
+        .lab
+        .wait_exit(ft.primary, Duration::from_secs(10), "the primary without uplink");
+    assert_eq!(code, 0, "{}", ft.log("primary"));
+    assert!(
+        ft.log("primary")
+            .contains("handed over to the secondary: primary lost its VM network"),
+        "{}",
+        ft.log("primary")
+    );
+    let sent = checker.finish();
+    assert!(sent > before + 50, "the client did not carry on");
+    assert!(bench.wait().unwrap().success(), "redis-benchmark failed across the handover");
+    let _ = bench.stdout.take();
+    ft.wait_status("role=live", Duration::from_secs(5));
+    assert_eq!(ft.cli(&["GET", "ft:uplink"]), sent.to_string());
+    assert!(ft.running(ft.secondary));
+}
+
+#[test]
+fn a_secondary_without_vm_network_leaves_the_primary_in_place_not_protected_and_a_flap_does_nothing()
+ {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_with("fv", WATCH_UPLINK);
+    // A flap shorter than the hold (300 ms) on the primary's side: nothing happens.
+    uplink(&ft, 1, false);
+    std::thread::sleep(Duration::from_millis(100));
+    uplink(&ft, 1, true);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(ft.running(ft.primary), "{}", ft.log("primary"));
+    assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
+    assert!(!ft.log("primary").contains("planned switch"), "{}", ft.log("primary"));
+    // The secondary's host loses its VM network: the VM stays, reported not protected,
+    // and why.
+    uplink(&ft, 2, false);
+    ft.wait_status("protected=false", Duration::from_secs(5));
+    assert!(
+        ft.status()
+            .contains("unprotected_why=the secondary's host lost its VM network"),
+        "{}",
+        ft.status()
+    );
+    assert_eq!(ft.cli(&["INCR", "ft:stays"]), "1");
+    // And the primary's too, now: both lost it, so nothing moves.
+    uplink(&ft, 1, false);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(ft.running(ft.primary), "{}", ft.log("primary"));
+    assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
+    uplink(&ft, 1, true);
+    uplink(&ft, 2, true);
+    ft.wait_status("protected=true", Duration::from_secs(5));
+    assert_eq!(ft.cli(&["INCR", "ft:stays"]), "2");
 }
 
 #[test]
@@ -857,6 +957,18 @@ fn ft_arguments_are_range_checked_and_the_vm_stays_inside_shared_storage() {
         ("--vm", secondary(&["--vm", "a/b", "--shared", sh])),
         ("--vm", primary(&["--vm", &"v".repeat(65), "--shared", sh])),
         ("--shared", primary(&["--vm", "v", "--shared", s(&missing)])),
+        (
+            "--uplink",
+            primary(&["--vm", "v", "--shared", sh, "--uplink", "../../x"]),
+        ),
+        (
+            "--uplink",
+            secondary(&["--vm", "v", "--shared", sh, "--uplink", "averyveryverylongname"]),
+        ),
+        (
+            "--health-hold-ms",
+            primary(&["--vm", "v", "--shared", sh, "--health-hold-ms", "0"]),
+        ),
     ];
     for (flag, run) in &cases {
         assert_eq!(run.code, 2, "{flag}: {}{}", run.stdout, run.stderr);

@@ -52,6 +52,7 @@
 
 pub mod arbiter;
 pub mod checkpoint;
+pub mod health;
 pub mod primary;
 pub mod secondary;
 pub mod wire;
@@ -146,6 +147,9 @@ pub enum ToPrimary {
     /// The secondary wrote a checkpoint holding the VM at event `events` to shared
     /// storage: the events before it may be dropped.
     Checkpoint { events: u64 },
+    /// What the secondary's host reaches (sent when it changes): the primary hands over
+    /// only to a copy whose host has what its own lost.
+    Health(health::HostHealth),
 }
 
 /// Frame kinds on the wire.

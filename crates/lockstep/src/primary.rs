@@ -102,6 +102,11 @@ struct State {
     /// A planned switch asked for, and once it happened, why (this copy then halted).
     handover: Option<Handover>,
     handed_over: Option<String>,
+    /// What this host and the attached secondary's host have lost (see [`crate::health`]),
+    /// and whether losing a path the secondary's host has hands the VM over.
+    own_health: crate::health::HostHealth,
+    peer_health: crate::health::HostHealth,
+    health_handover: bool,
     held: VecDeque<(u64, Held)>,
     /// Outputs ever held, and those the releaser has written (held outputs all written:
     /// `held` empty and the two equal).
@@ -156,6 +161,15 @@ impl State {
     fn protected(&self) -> bool {
         self.attached.is_some() && self.halted.is_none() && self.acked >= self.release
     }
+
+    /// Why the VM is reported not protected although a secondary could go live: its host
+    /// lost a path (storage, VM network) that the VM would need there.
+    fn weakness(&self) -> Option<String> {
+        self.peer_health
+            .lost()
+            .filter(|_| self.protected())
+            .map(|l| format!("the secondary's host lost {l}"))
+    }
 }
 
 struct Shared {
@@ -171,6 +185,8 @@ struct Shared {
     arbiter: Arbiter,
     /// The NIC's tap on this host: set at start, or when a standby copy goes live.
     tap: OnceLock<Arc<devices::Tap>>,
+    /// This host's health, once watched ([`Primary::watch_health`]).
+    monitor: OnceLock<crate::health::Monitor>,
     console: bool,
     host: String,
 }
@@ -196,7 +212,10 @@ impl Shared {
         let mut fields = vec![
             ("role", role.to_string()),
             ("host", self.host.clone()),
-            ("protected", st.protected().to_string()),
+            (
+                "protected",
+                (st.protected() && st.weakness().is_none()).to_string(),
+            ),
             ("generation", st.generation.to_string()),
             ("events", st.end().to_string()),
             ("history_events", st.history.len().to_string()),
@@ -214,6 +233,12 @@ impl Shared {
         ];
         if let Some(exit) = &st.finished {
             fields.push(("exit", exit.clone()));
+        }
+        if let Some(why) = st.weakness() {
+            fields.push(("unprotected_why", why));
+        }
+        if let Some(lost) = st.own_health.lost() {
+            fields.push(("host_lost", lost));
         }
         self.dir.write_status(st.generation, &fields);
     }
@@ -382,6 +407,9 @@ impl Shared {
                 halted: None,
                 handover: None,
                 handed_over: None,
+                own_health: Default::default(),
+                peer_health: Default::default(),
+                health_handover: false,
                 held: VecDeque::new(),
                 held_total: 0,
                 released: 0,
@@ -397,6 +425,7 @@ impl Shared {
             dir,
             arbiter,
             tap: OnceLock::new(),
+            monitor: OnceLock::new(),
             console,
             host: hostname(),
         })
@@ -592,6 +621,66 @@ impl Primary {
     /// Why the primary halted, if it did (a copy that handed over halted too).
     pub fn halted(&self) -> Option<String> {
         self.shared.lock().halted.clone()
+    }
+
+    /// Watch this host's health: while live, losing a path (storage, VM network) that the
+    /// secondary's host has hands the VM over to it (if `handover`), and the VM is reported
+    /// not protected while the secondary's host lacks one. A loss on both sides changes
+    /// nothing: the VM stays, and its guest sees what it would natively.
+    pub fn watch_health(&self, monitor: crate::health::Monitor, handover: bool) {
+        let _ = self.shared.monitor.set(monitor.clone());
+        self.shared.lock().health_handover = handover;
+        let p = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ft-health-watch".into())
+            .spawn(move || {
+                let mut tried: Option<Instant> = None;
+                let mut both_said = false;
+                loop {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let own = monitor.current();
+                    let (ask, both) = {
+                        let mut st = p.shared.lock();
+                        if st.halted.is_some() {
+                            return;
+                        }
+                        if st.standby {
+                            continue;
+                        }
+                        if own != st.own_health {
+                            st.own_health = own.clone();
+                            p.shared.status(&st);
+                        }
+                        let lost_here = |h: &crate::health::HostHealth| {
+                            (own.storage.is_some() && h.storage.is_none())
+                                || (own.uplink.is_some() && h.uplink.is_none())
+                        };
+                        let ask = handover
+                            && st.protected()
+                            && st.handover.is_none()
+                            && lost_here(&st.peer_health)
+                            && tried.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+                        (ask, !own.ok() && st.attached.is_some() && !lost_here(&st.peer_health))
+                    };
+                    if both && !both_said {
+                        tracing::error!(
+                            "this host lost {} and so did the secondary's: the VM stays here",
+                            own.lost().unwrap_or_default()
+                        );
+                    }
+                    both_said = both;
+                    if ask {
+                        tried = Some(Instant::now());
+                        let why = format!("primary lost {}", own.lost().unwrap_or_default());
+                        if let Err(e) = p.hand_over(&why) {
+                            tracing::warn!("handover for {why}: {e}");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot watch this host's health: {e}");
+        }
     }
 
     /// Why this copy handed the VM over to its secondary, if it did.
@@ -843,6 +932,42 @@ impl OutputPort for GatedPort {
         }
     }
 
+    fn storage_failed(&mut self, position: u64) -> Result<(), LogError> {
+        let s = &self.0;
+        let Some(monitor) = s.monitor.get() else {
+            return Ok(());
+        };
+        if !s.lock().health_handover {
+            return Ok(());
+        }
+        // An I/O error that storage does not confirm is the guest's to see.
+        let Some(why) = monitor.storage_now() else {
+            return Ok(());
+        };
+        let mut st = s.lock();
+        if let Some(h) = &st.halted {
+            return Err(LogError::Source(format!("halted: {h}")));
+        }
+        if !st.protected() || st.peer_health.storage.is_some() {
+            tracing::error!(
+                "event {position}: storage lost here ({why}) and no secondary that reaches it: the guest gets the error"
+            );
+            return Ok(());
+        }
+        if st.handover.is_none() {
+            tracing::error!(
+                "event {position}: storage lost here ({why}); handing over before the guest sees the error"
+            );
+            st.handover = Some(Handover {
+                why: format!("primary lost its storage ({why})"),
+                at: None,
+                ready: false,
+                sent: false,
+            });
+        }
+        s.switch_over(st).map(drop)
+    }
+
     fn before_disk(&mut self, position: u64) -> Result<(), LogError> {
         let s = &self.0;
         let mut st = s.lock();
@@ -990,6 +1115,8 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, u64), FtError> {
     st.sent = from;
     st.end_held = false;
     st.intent_held = None;
+    // A new secondary's host says what it reaches once it runs.
+    st.peer_health = Default::default();
     // Outputs depending on every event so far may have left already: a copy going live
     // short of this point would roll back what the world was told.
     st.release = st.end();
@@ -1216,6 +1343,19 @@ fn receive_from(
                     st.base
                 );
                 s.status(&st);
+            }
+            ToPrimary::Health(h) => {
+                let h = h.bounded();
+                if h != st.peer_health {
+                    match h.lost() {
+                        Some(l) => tracing::error!(
+                            "secondary {host}'s host lost {l}: NOT PROTECTED against this host's loss of it"
+                        ),
+                        None => tracing::info!("secondary {host}'s host reaches storage and its VM network"),
+                    }
+                    st.peer_health = h;
+                    s.status(&st);
+                }
             }
             ToPrimary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
         }

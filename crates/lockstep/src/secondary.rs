@@ -49,6 +49,8 @@ struct State {
     checkpoint: Option<u64>,
     /// The primary was lost and this copy is settling what to do: too late to leave.
     deciding: bool,
+    /// This host's health, to be reported to the primary.
+    health: Option<crate::health::HostHealth>,
     acknowledger_gone: bool,
 }
 
@@ -140,6 +142,7 @@ impl Secondary {
                 left: false,
                 checkpoint: None,
                 deciding: false,
+                health: None,
                 acknowledger_gone: false,
             }),
             cv: Condvar::new(),
@@ -229,6 +232,30 @@ impl Secondary {
             shared: self.shared.clone(),
             standby,
         }
+    }
+
+    /// Report this host's health to the primary whenever it changes.
+    pub fn watch_health(&self, monitor: crate::health::Monitor) -> std::io::Result<()> {
+        let s = self.shared.clone();
+        std::thread::Builder::new()
+            .name("ft-health-report".into())
+            .spawn(move || {
+                loop {
+                    let now = monitor.current();
+                    {
+                        let mut st = s.lock();
+                        if st.verdict.is_some() || st.acknowledger_gone {
+                            return;
+                        }
+                        if st.health.as_ref() != Some(&now) {
+                            st.health = Some(now);
+                            s.cv.notify_all();
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .map(drop)
     }
 
     /// This copy wrote a checkpoint at event `events`: tell the primary, which then drops
@@ -387,8 +414,9 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     let mut end_confirmed = false;
     let mut intent_held = None;
     let mut checkpoint_sent = None;
+    let mut health_sent = None;
     loop {
-        let (now, end, intent, checkpoint) = {
+        let (now, end, intent, checkpoint, health) = {
             let mut st = s.lock();
             let deadline = Instant::now() + heartbeat;
             while st.verdict.is_none()
@@ -396,6 +424,7 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
                 && (end_confirmed || st.end.is_none())
                 && st.intent.as_ref().map(|i| i.seq) == intent_held
                 && st.checkpoint == checkpoint_sent
+                && st.health == health_sent
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -418,19 +447,24 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
                 .map(|i| i.seq)
                 .filter(|seq| Some(*seq) != intent_held);
             let checkpoint = st.checkpoint.filter(|c| Some(*c) != checkpoint_sent);
-            ((st.received, st.executed), end, intent, checkpoint)
+            let health = st.health.clone().filter(|h| Some(h) != health_sent.as_ref());
+            ((st.received, st.executed), end, intent, checkpoint, health)
         };
-        let msg = match (end, intent, checkpoint) {
-            (Some(events), _, _) => ToPrimary::EndHeld { events },
-            (None, Some(seq), _) => {
+        let msg = match (end, intent, checkpoint, health) {
+            (Some(events), _, _, _) => ToPrimary::EndHeld { events },
+            (None, Some(seq), _, _) => {
                 intent_held = Some(seq);
                 ToPrimary::IntentHeld { seq }
             }
-            (None, None, Some(events)) => {
+            (None, None, Some(events), _) => {
                 checkpoint_sent = Some(events);
                 ToPrimary::Checkpoint { events }
             }
-            (None, None, None) => {
+            (None, None, None, Some(h)) => {
+                health_sent = Some(h.clone());
+                ToPrimary::Health(h)
+            }
+            (None, None, None, None) => {
                 last = now;
                 ToPrimary::Ack {
                     received: now.0,

@@ -163,6 +163,22 @@ pub struct Event {
 }
 
 impl Kind {
+    /// Whether the call reaches the datastore (reads as well as mutations).
+    pub fn uses_disk(self) -> bool {
+        self.mutates_disk()
+            || matches!(
+                self,
+                Kind::FdRead
+                    | Kind::FdPread
+                    | Kind::FdSeekEnd
+                    | Kind::FdSync
+                    | Kind::FdFilestatGet
+                    | Kind::FdReaddir
+                    | Kind::PathFilestatGet
+                    | Kind::PathReadlink
+            )
+    }
+
     /// Whether the call may change the datastore: such a call is an output as well as an
     /// input, and waits for the output rule before it is performed.
     pub fn mutates_disk(self) -> bool {

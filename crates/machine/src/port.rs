@@ -23,6 +23,12 @@ pub trait OutputPort: Send {
     fn before_uncertain(&mut self, intent: &crate::event::Intent) -> Result<(), LogError>;
     /// Whether outputs go to a replica that may go live (intents are worth computing).
     fn replicates(&self) -> bool;
+    /// The disk operation at `position` failed the way a lost storage path fails (an I/O
+    /// error). A port that replicates may hand the VM over to a copy that still reaches
+    /// storage before the guest sees the error: it then returns an error and this copy
+    /// stops at that boundary, the operation's result never given. `Ok`: the guest gets the
+    /// error, as natively.
+    fn storage_failed(&mut self, position: u64) -> Result<(), LogError>;
 }
 
 /// Write a console output to this process's stdout or stderr.
@@ -75,5 +81,9 @@ impl OutputPort for Direct {
 
     fn replicates(&self) -> bool {
         false
+    }
+
+    fn storage_failed(&mut self, _: u64) -> Result<(), LogError> {
+        Ok(())
     }
 }

@@ -410,6 +410,11 @@ impl Vm {
                         None => op(host, &self.fds, &self.clock),
                     };
                     crate::failpoint::after_disk_op(kind, !names.is_empty());
+                    if kind.uses_disk() && outcome == Outcome::Errno(crate::wasi::errno::IO) {
+                        // A lost storage path: a copy that still reaches storage may take
+                        // the VM over before the guest sees the error.
+                        port.storage_failed(seq)?;
+                    }
                     // A wait cut short by a stop request has no effect on the host and is
                     // not part of the run: the run ends before it.
                     if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
@@ -700,6 +705,9 @@ impl OutputPort for Muted {
     }
     fn replicates(&self) -> bool {
         self.port.replicates()
+    }
+    fn storage_failed(&mut self, position: u64) -> Result<(), LogError> {
+        self.port.storage_failed(position)
     }
 }
 
