@@ -19,6 +19,11 @@ pub struct AgentArgs {
     /// The bridge VMs' NICs join on this host.
     #[arg(long, value_name = "BR", default_value = "br-vm")]
     pub vm_bridge: String,
+    /// The VM network's uplink on this host (the VM bridge's port towards the network):
+    /// every copy watches its carrier, and a primary whose uplink is down hands its VM over
+    /// to a secondary whose uplink is up.
+    #[arg(long, value_name = "IFACE")]
+    pub vm_uplink: Option<String>,
     /// This host's IPv4 address on the logging network (FT logging channels listen there).
     #[arg(long, value_name = "IP")]
     pub log_ip: std::net::Ipv4Addr,
@@ -53,6 +58,11 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
     if !a.shared.is_dir() {
         bail!("--shared {}: no such folder", a.shared.display());
     }
+    if let Some(i) = &a.vm_uplink
+        && !lockstep::health::valid_ifname(i)
+    {
+        bail!("--vm-uplink {i:?}: an interface name is 1-15 letters, digits, '_', '.' or '-'");
+    }
     let store = cluster::store::Store::connect(&a.store).context("--store")?;
     let exe = std::env::current_exe().context("finding the tandem binary")?;
     let cfg = cluster::agent::AgentConfig {
@@ -60,6 +70,7 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
         store: store.clone(),
         shared: a.shared.clone(),
         vm_bridge: a.vm_bridge.clone(),
+        vm_uplink: a.vm_uplink.clone(),
         log_ip: a.log_ip.to_string(),
         api: format!("http://{}", a.api),
         memory_mib: a.memory_mib.unwrap_or_else(machine_memory_mib),

@@ -477,6 +477,8 @@ pub fn start_agent(name: &str, k: u32) -> Result<()> {
         &shared_dir(name).display().to_string(),
         "--vm-bridge",
         "br-vm",
+        "--vm-uplink",
+        "uplink",
         "--log-ip",
         &log_ip(k),
         "--api",

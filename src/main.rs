@@ -163,12 +163,7 @@ impl FtArgs {
     /// What to watch of this host's health (storage, and the uplink if given), checked.
     fn health(&self, dir: &lockstep::VmDir) -> Result<lockstep::health::HealthConfig, Failure> {
         if let Some(i) = &self.uplink
-            && (i.is_empty()
-                || i.len() > 15
-                || !i
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-                || i.starts_with('.'))
+            && !lockstep::health::valid_ifname(i)
         {
             return Err(bad(format!(
                 "--uplink {i:?}: an interface name is 1-15 letters, digits, '_', '.' or '-'"
@@ -1035,7 +1030,7 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             // Going live follows a generation won; a copy without one has nothing to serve.
             let generation = sec.live_generation();
             match generation {
-                Some(g) => p.activate(g, tap, listen.as_deref()),
+                Some(g) => p.activate(g, sec.went_live(), tap, listen.as_deref()),
                 None => tracing::error!("going live without a generation won: not serving"),
             }
             Box::new(p.port())

@@ -232,6 +232,11 @@ fn a_planned_switch_under_load_hands_the_vm_to_the_secondary_with_nothing_lost()
         "{}",
         ft.log("secondary")
     );
+    assert!(
+        ft.status().contains("went_live=handover: planned switch"),
+        "{}",
+        ft.status()
+    );
     assert_eq!(ft.cli(&["GET", "ft:switch"]), sent.to_string());
     assert!(ft.running(ft.secondary));
 }
@@ -286,9 +291,11 @@ fn a_primary_that_loses_its_vm_network_hands_over_to_a_secondary_that_has_it() {
     uplink(&ft, 1, false);
     let before = checker.sent;
     checker.incr_for("ft:uplink", Duration::from_millis(2500));
-    let code = ft
-        .lab
-        .wait_exit(ft.primary, Duration::from_secs(10), "the primary without uplink");
+    let code = ft.lab.wait_exit(
+        ft.primary,
+        Duration::from_secs(10),
+        "the primary without uplink",
+    );
     assert_eq!(code, 0, "{}", ft.log("primary"));
     assert!(
         ft.log("primary")
@@ -298,9 +305,18 @@ fn a_primary_that_loses_its_vm_network_hands_over_to_a_secondary_that_has_it() {
     );
     let sent = checker.finish();
     assert!(sent > before + 50, "the client did not carry on");
-    assert!(bench.wait().unwrap().success(), "redis-benchmark failed across the handover");
+    assert!(
+        bench.wait().unwrap().success(),
+        "redis-benchmark failed across the handover"
+    );
     let _ = bench.stdout.take();
     ft.wait_status("role=live", Duration::from_secs(5));
+    assert!(
+        ft.status()
+            .contains("went_live=handover: primary lost its VM network (uplink has no carrier)"),
+        "{}",
+        ft.status()
+    );
     assert_eq!(ft.cli(&["GET", "ft:uplink"]), sent.to_string());
     assert!(ft.running(ft.secondary));
 }
@@ -317,7 +333,11 @@ fn a_secondary_without_vm_network_leaves_the_primary_in_place_not_protected_and_
     std::thread::sleep(Duration::from_millis(1000));
     assert!(ft.running(ft.primary), "{}", ft.log("primary"));
     assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
-    assert!(!ft.log("primary").contains("planned switch"), "{}", ft.log("primary"));
+    assert!(
+        !ft.log("primary").contains("planned switch"),
+        "{}",
+        ft.log("primary")
+    );
     // The secondary's host loses its VM network: the VM stays, reported not protected,
     // and why.
     uplink(&ft, 2, false);
@@ -963,7 +983,14 @@ fn ft_arguments_are_range_checked_and_the_vm_stays_inside_shared_storage() {
         ),
         (
             "--uplink",
-            secondary(&["--vm", "v", "--shared", sh, "--uplink", "averyveryverylongname"]),
+            secondary(&[
+                "--vm",
+                "v",
+                "--shared",
+                sh,
+                "--uplink",
+                "averyveryverylongname",
+            ]),
         ),
         (
             "--health-hold-ms",

@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub shared: PathBuf,
     /// The bridge VMs' NICs join on this host.
     pub vm_bridge: String,
+    /// The VM network's uplink on this host, which copies watch (`ft ... --uplink`).
+    pub vm_uplink: Option<String>,
     /// This host's address on the logging network.
     pub log_ip: String,
     /// The URL the host's REST API is reached at.
@@ -565,6 +567,9 @@ impl Agent {
             "--log-listen".into(),
             format!("{}:{}", cfg.log_ip, spec.log_port),
         ];
+        if let Some(uplink) = &cfg.vm_uplink {
+            args.extend(["--uplink".into(), uplink.clone()]);
+        }
         match role {
             Role::Primary => {
                 args.extend(["--memory-mib".into(), spec.memory_mib.to_string()]);

@@ -62,6 +62,17 @@ impl HostHealth {
     }
 }
 
+/// A network interface's name as Linux allows it (it names a `/sys/class/net` entry, so
+/// nothing else is accepted): 1-15 letters, digits, '_', '.' or '-', not starting with '.'.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 /// What to watch.
 #[derive(Clone, Debug)]
 pub struct HealthConfig {
@@ -217,11 +228,12 @@ impl Monitor {
             if pending.is_none() && last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
                 let (tx, rx) = std::sync::mpsc::channel();
                 let (probe, folder) = (self.probe.clone(), self.config.folder.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("ft-probe".into())
-                    .spawn(move || {
-                        let _ = tx.send(probe_storage(&probe, &folder));
-                    });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("ft-probe".into())
+                        .spawn(move || {
+                            let _ = tx.send(probe_storage(&probe, &folder));
+                        });
                 if spawned.is_ok() {
                     pending = Some((Instant::now(), rx));
                 }
@@ -255,7 +267,10 @@ fn probe_storage(probe: &std::path::Path, folder: &std::path::Path) -> Result<()
         .and_then(|_| f.read_exact(&mut back))
         .map_err(|e| fail("cannot read in", e))?;
     if back != stamp {
-        return Err(format!("{} reads back what was not written", folder.display()));
+        return Err(format!(
+            "{} reads back what was not written",
+            folder.display()
+        ));
     }
     Ok(())
 }

@@ -75,8 +75,9 @@ struct State {
     /// A secondary's copy-to-be: it keeps the history it replays, but is not live (no
     /// listener, no generation, no status) until [`Primary::activate`].
     standby: bool,
-    /// This copy was a secondary and went live (its status says `live`).
+    /// This copy was a secondary and went live (its status says `live`), and why.
     promoted: bool,
+    went_live: Option<String>,
     /// The history outgrew its bound once without a checkpoint (said once).
     history_warned: bool,
     /// This copy went live: its next checkpoint is due at once (see [`Primary::activate`]).
@@ -240,6 +241,9 @@ impl Shared {
         if let Some(lost) = st.own_health.lost() {
             fields.push(("host_lost", lost));
         }
+        if let Some(why) = &st.went_live {
+            fields.push(("went_live", why.clone()));
+        }
         self.dir.write_status(st.generation, &fields);
     }
 
@@ -391,6 +395,7 @@ impl Shared {
                 checkpoint: None,
                 standby: false,
                 promoted: false,
+                went_live: None,
                 history_warned: false,
                 checkpoint_due: false,
                 end: None,
@@ -535,7 +540,13 @@ impl Primary {
     /// This (standby) copy won `generation` and went live with its NIC on `tap`: from
     /// now on it is the primary, accepting a secondary on `addr` (if given). A copy that
     /// cannot listen stays live, unprotectable, and says so.
-    pub fn activate(&self, generation: u64, tap: Option<Arc<devices::Tap>>, addr: Option<&str>) {
+    pub fn activate(
+        &self,
+        generation: u64,
+        why: Option<String>,
+        tap: Option<Arc<devices::Tap>>,
+        addr: Option<&str>,
+    ) {
         if let Some(tap) = tap {
             let _ = self.shared.tap.set(tap);
         }
@@ -552,6 +563,7 @@ impl Primary {
             let mut st = self.shared.lock();
             st.standby = false;
             st.promoted = true;
+            st.went_live = why;
             // Going live changed the VM outside any event (the NIC announced, unacknowledged
             // data sent again): a replay of the history across this point would diverge.
             // So the history starts here, a newcomer joins from a checkpoint taken after
@@ -660,7 +672,10 @@ impl Primary {
                             && st.handover.is_none()
                             && lost_here(&st.peer_health)
                             && tried.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
-                        (ask, !own.ok() && st.attached.is_some() && !lost_here(&st.peer_health))
+                        (
+                            ask,
+                            !own.ok() && st.attached.is_some() && !lost_here(&st.peer_health),
+                        )
                     };
                     if both && !both_said {
                         tracing::error!(
@@ -1351,7 +1366,9 @@ fn receive_from(
                         Some(l) => tracing::error!(
                             "secondary {host}'s host lost {l}: NOT PROTECTED against this host's loss of it"
                         ),
-                        None => tracing::info!("secondary {host}'s host reaches storage and its VM network"),
+                        None => tracing::info!(
+                            "secondary {host}'s host reaches storage and its VM network"
+                        ),
                     }
                     st.peer_health = h;
                     s.status(&st);
@@ -1629,7 +1646,7 @@ mod tests {
             .unwrap()
             .port();
         let addr = format!("127.0.0.1:{port}");
-        standby.activate(1, None, Some(&addr));
+        standby.activate(1, None, None, Some(&addr));
         assert_eq!(
             standby.history_bytes(),
             0,
@@ -1703,7 +1720,7 @@ mod tests {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = probe.local_addr().unwrap().to_string();
         drop(probe);
-        standby.activate(1, None, Some(&addr));
+        standby.activate(1, None, None, Some(&addr));
         let status = std::fs::read_to_string(dir.status()).unwrap();
         assert!(
             status.contains("role=live") && status.contains("events=6"),

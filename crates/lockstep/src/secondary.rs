@@ -41,8 +41,9 @@ struct State {
     end_confirmed: bool,
     /// The primary's intent for the event after those received, if it sent one.
     intent: Option<Intent>,
-    /// The generation this copy won to go live in, once it did.
+    /// The generation this copy won to go live in, once it did, and why it went live.
     live_generation: Option<u64>,
+    went_live: Option<String>,
     /// This copy left on request (an operator's stop) before it went live.
     left: bool,
     /// The latest checkpoint this copy wrote, to be reported to the primary.
@@ -139,6 +140,7 @@ impl Secondary {
                 end_confirmed: false,
                 intent: None,
                 live_generation: None,
+                went_live: None,
                 left: false,
                 checkpoint: None,
                 deciding: false,
@@ -222,6 +224,11 @@ impl Secondary {
     /// The generation this copy went live in, if it won arbitration.
     pub fn live_generation(&self) -> Option<u64> {
         self.shared.lock().live_generation
+    }
+
+    /// Why this copy went live ("handover: ...", "primary lost (...)"), once it did.
+    pub fn went_live(&self) -> Option<String> {
+        self.shared.lock().went_live.clone()
     }
 
     /// The replaying VM's events. Each one handed out is kept by `standby` (this copy's
@@ -366,7 +373,11 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
         match Arbiter::new(&dir.arbitration()).claim(next, &format!("secondary on {host}")) {
             Ok(Claim::Won) => {
                 tracing::warn!("{why}; won arbitration for generation {next}: going live");
-                s.lock().live_generation = Some(next);
+                {
+                    let mut st = s.lock();
+                    st.live_generation = Some(next);
+                    st.went_live = Some(why.to_string());
+                }
                 dir.write_status(
                     next,
                     &[
@@ -447,7 +458,10 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
                 .map(|i| i.seq)
                 .filter(|seq| Some(*seq) != intent_held);
             let checkpoint = st.checkpoint.filter(|c| Some(*c) != checkpoint_sent);
-            let health = st.health.clone().filter(|h| Some(h) != health_sent.as_ref());
+            let health = st
+                .health
+                .clone()
+                .filter(|h| Some(h) != health_sent.as_ref());
             ((st.received, st.executed), end, intent, checkpoint, health)
         };
         let msg = match (end, intent, checkpoint, health) {
