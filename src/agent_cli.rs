@@ -77,7 +77,7 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
         version: a
             .advertise_version
             .clone()
-            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+            .unwrap_or_else(|| crate::VERSION.to_string()),
         fingerprint: machine::engine_fingerprint(),
         exe,
         state_dir: a

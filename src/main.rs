@@ -28,10 +28,18 @@ use machine::{
     MachineError, hex, live_inputs,
 };
 
+/// This build's Tandem version: the package's, unless the build set `TANDEM_VERSION`
+/// (a second build for a rolling-upgrade test). Hosts report it, and an FT pair only spans
+/// hosts of one version.
+pub const VERSION: &str = match option_env!("TANDEM_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 #[derive(Parser)]
 #[command(
     name = "tandem",
-    version,
+    version = VERSION,
     about = "Fault tolerance for WebAssembly VMs: a primary and a secondary in lockstep",
     long_about = "Tandem keeps a VM running when the host under it dies. VMs are ordinary \
 wasm32-wasi programs run deterministically: every nondeterministic input (clock, entropy, \

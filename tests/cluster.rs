@@ -866,3 +866,121 @@ fn maintenance_is_refused_when_the_rest_of_the_cluster_cannot_take_the_vms() {
         bad.stderr
     );
 }
+
+/// A rolling upgrade, the documented way: one host at a time enters maintenance, its agent
+/// is replaced by a second build of another version, and it exits maintenance. Under a
+/// client's load the FT VMs stay protected except while their own pair moves, nothing is
+/// lost, and no pair is ever protected across two versions.
+#[test]
+fn a_rolling_upgrade_of_every_host_to_a_second_build_keeps_protection_and_never_pairs_two_versions()
+{
+    const V2: &str = "0.2.0-upgrade";
+    let v2 = common::second_build(V2);
+    let mut c = Cluster::up("upgrade", 4);
+    c.kvd("a", KVD_NIC, &[]);
+    c.ok(&["ft", "turn-on", "a"]);
+    c.kvd("b", "mac=02:00:00:00:00:12,ip=10.77.0.12/24", &[]);
+    c.ok(&["ft", "turn-on", "b"]);
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    let mut checker = Checker::start(&c.lab, "upgrade:counter");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the watcher however the scope ends (a failed step must not leave it looping).
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let mixed = std::thread::scope(|sc| {
+        let _stop = Stop(&done);
+        // Every 150 ms: is any VM protected by a pair on two versions?
+        let name = c.lab.name.clone();
+        let done = &done;
+        let watcher = sc.spawn(move || {
+            let mut mixed = Vec::new();
+            let list = |what: &str| tandem(&[what, "list", "--json", "--lab", &name]);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let (hosts, vms) = (list("host"), list("vm"));
+                let (Ok(hosts), Ok(vms)) = (
+                    serde_json::from_str::<Value>(&hosts.stdout),
+                    serde_json::from_str::<Value>(&vms.stdout),
+                ) else {
+                    continue;
+                };
+                let version = |h: &str| {
+                    hosts.as_array().and_then(|a| {
+                        a.iter()
+                            .find(|x| x["name"] == h)
+                            .map(|x| x["version"].as_str().unwrap_or("").to_string())
+                    })
+                };
+                for v in vms.as_array().into_iter().flatten() {
+                    let (p, s) = (field(v, "primary_host"), field(v, "secondary_host"));
+                    if field(v, "ft") == "protected" && version(p) != version(s) {
+                        mixed.push(format!(
+                            "{} on {p} ({:?}) and {s} ({:?})",
+                            field(v, "name"),
+                            version(p),
+                            version(s)
+                        ));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            mixed
+        });
+        for k in 1..=4 {
+            let host = format!("host{k}");
+            checker.incr_for("upgrade:counter", Duration::from_millis(200));
+            c.ok(&["host", "maintenance", "enter", &host]);
+            // The upgrade: the agent stops (its host holds nothing) and the second build
+            // starts in its place.
+            c.lab.signal_agent(k, libc::SIGTERM);
+            c.wait("the old agent gone", 30, || {
+                let r = c.verb(&["host", "list", "--json"]);
+                !r.stdout.contains(&format!("\"{host}\""))
+            });
+            c.lab.start_agent_exe(k, &v2, &[]);
+            c.wait("the upgraded agent registered", 30, || {
+                let r = c.verb(&["host", "list", "--json"]);
+                serde_json::from_str::<Value>(&r.stdout).is_ok_and(|a| {
+                    a.as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|h| h["name"] == host.as_str() && h["version"] == V2)
+                    })
+                })
+            });
+            c.ok(&["host", "maintenance", "exit", &host]);
+            for vm in ["a", "b"] {
+                c.wait("protected after the host's upgrade", 60, || {
+                    field(&c.show(vm), "ft") == "protected"
+                });
+            }
+            checker.incr_for("upgrade:counter", Duration::from_millis(200));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    assert!(mixed.is_empty(), "pairs across two versions: {mixed:?}");
+    let sent = checker.sent;
+    assert_eq!(
+        checker.finish(),
+        sent,
+        "every INCR answered in order, no reset"
+    );
+    let r = c
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.10", "GET", "upgrade:counter"]);
+    assert_eq!(r.stdout.trim(), sent.to_string());
+    let hosts = c.json(&["host", "list"]);
+    assert!(
+        hosts
+            .as_array()
+            .is_some_and(|a| a.len() == 4 && a.iter().all(|h| h["version"] == V2)),
+        "{hosts}"
+    );
+    for vm in ["a", "b"] {
+        assert_eq!(field(&c.show(vm), "ft"), "protected");
+    }
+}

@@ -10,6 +10,55 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A second build of `tandem` announcing `version` (set at build time through
+/// `TANDEM_VERSION`), for rolling upgrades. It is built in `target/upgrade` from a copy of
+/// this build's compiled dependencies, so only the binary's own crates compile again (a
+/// later call with unchanged sources is a no-op build).
+pub fn second_build(version: &str) -> PathBuf {
+    let ws = workspace();
+    let main = ws.join("target/release");
+    let dir = ws.join("target/upgrade");
+    let release = dir.join("release");
+    if !release.join(".fingerprint").exists() {
+        std::fs::create_dir_all(release.join("deps")).expect("creating target/upgrade");
+        let copied = Command::new("cp")
+            .args(["-a"])
+            .arg(main.join("build"))
+            .arg(main.join(".fingerprint"))
+            .arg(&release)
+            .status()
+            .expect("cp");
+        assert!(copied.success(), "copying the build's fingerprints");
+        for entry in std::fs::read_dir(main.join("deps")).expect("target/release/deps") {
+            let path = entry.expect("a deps entry").path();
+            let keep = path
+                .extension()
+                .is_some_and(|e| ["rlib", "rmeta", "so", "d"].contains(&e.to_str().unwrap_or("")));
+            if keep {
+                std::fs::copy(&path, release.join("deps").join(path.file_name().unwrap()))
+                    .expect("copying a compiled dependency");
+            }
+        }
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--offline",
+            "--bin",
+            "tandem",
+            "--target-dir",
+        ])
+        .arg(&dir)
+        .env("TANDEM_VERSION", version)
+        .current_dir(&ws)
+        .status()
+        .expect("cargo build");
+    assert!(built.success(), "building tandem {version}");
+    release.join("tandem")
+}
+
 /// Build the example guests once per test binary (make is idempotent).
 pub fn guest(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
@@ -224,6 +273,11 @@ impl Lab {
 
     /// Start an agent on host K with the lab's flags and `extra`.
     pub fn start_agent(&mut self, k: u32, extra: &[&str]) {
+        self.start_agent_exe(k, Path::new(env!("CARGO_BIN_EXE_tandem")), extra);
+    }
+
+    /// [`Lab::start_agent`] with another build of `tandem` (it runs its copies too).
+    pub fn start_agent_exe(&mut self, k: u32, exe: &Path, extra: &[&str]) {
         let (log_ip, api) = (
             format!("10.78.0.{}", 10 + k),
             format!("10.79.0.{}:7070", 10 + k),
@@ -241,6 +295,8 @@ impl Lab {
             &shared,
             "--vm-bridge",
             "br-vm",
+            "--vm-uplink",
+            "uplink",
             "--log-ip",
             &log_ip,
             "--api",
@@ -250,7 +306,7 @@ impl Lab {
         ];
         args.extend_from_slice(extra);
         let log = self.agent_log(k).with_extension("restarted.log");
-        self.start_vm(k, &args, &log);
+        self.start_exe(k, exe, &[], &args, &log);
     }
 
     /// Start `tandem ARGS` on host `k` in the background; stdout and stderr to `out`.
@@ -266,10 +322,22 @@ impl Lab {
         args: &[&str],
         out: &Path,
     ) -> usize {
+        self.start_exe(k, Path::new(env!("CARGO_BIN_EXE_tandem")), env, args, out)
+    }
+
+    /// Start `EXE ARGS` on host `k` in the background; stdout and stderr to `out`.
+    pub fn start_exe(
+        &mut self,
+        k: u32,
+        exe: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+        out: &Path,
+    ) -> usize {
         let file = std::fs::File::create(out).expect("creating the VM's output file");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(&format!("host{k}"))])
-            .arg(env!("CARGO_BIN_EXE_tandem"))
+            .arg(exe)
             .args(args)
             .envs(env.iter().copied())
             .stdout(file.try_clone().expect("dup"))

@@ -309,6 +309,7 @@ impl Master {
                 primary.as_ref().map_or("?", |c| c.host.as_str())
             ));
             p.primary = Some(s);
+            p.moving = false;
             if !planned {
                 p.failovers += 1;
             }
@@ -389,6 +390,7 @@ impl Master {
                 return;
             }
             let req = Request {
+                any_version: false,
                 vm: r,
                 ft,
                 primary: None,
@@ -439,6 +441,20 @@ impl Master {
             }
             FtMode::On => {}
         }
+        if r.ft == FtMode::On
+            && !p.moving
+            && let Some((to, version)) = Self::cross_version_target(view, loads, r, p, &primary)
+        {
+            notes.push(format!(
+                "moving to {to} (Tandem {version}) off a host in maintenance: not protected while its pair moves"
+            ));
+            Self::account(loads, &to, r, true);
+            p.moving = true;
+            p.secondary = Some(Self::new_copy(view, p, to.clone()));
+            p.unprotected_since_ms.get_or_insert(model::now_ms());
+            p.reason = Some(format!("moving to {to} (Tandem {version})"));
+            return;
+        }
         let secondary = p.secondary.clone();
         let replace = match &secondary {
             None => true,
@@ -451,6 +467,7 @@ impl Master {
                         && to != &primary.host
                         && view.hosts.get(&primary.host).is_some_and(|ph| {
                             let req = Request {
+                                any_version: false,
                                 vm: r,
                                 ft: true,
                                 primary: Some(ph),
@@ -466,6 +483,7 @@ impl Master {
                     && view.hosts.get(&primary.host).is_some_and(|ph| {
                         let avoid = [s.host.clone()];
                         let req = Request {
+                            any_version: false,
                             vm: r,
                             ft: true,
                             primary: Some(ph),
@@ -512,6 +530,8 @@ impl Master {
                     &avoid
                 },
                 counted_on: p.secondary_parked.as_deref(),
+                // A copy placed only to move the VM may run another version.
+                any_version: p.moving || (evacuating && r.ft != FtMode::On),
             };
             match placement::place(loads, &req) {
                 Ok(host) => {
@@ -541,7 +561,39 @@ impl Master {
             .as_ref()
             .and_then(|s| view.report(name, s))
             .is_some_and(|r| r.state == CopyState::Running);
-        if protected && evacuating {
+        if protected && evacuating && !p.moving && r.ft == FtMode::On {
+            // After the switch the secondary's host needs a secondary of its own: until a
+            // host can take it (a restarted agent still probing its peers, say), the VM
+            // stays protected where it is rather than switch into an unprotected spot.
+            let reprotectable = p
+                .secondary
+                .as_ref()
+                .and_then(|s| view.hosts.get(&s.host))
+                .is_some_and(|sh| {
+                    let req = Request {
+                        any_version: false,
+                        vm: r,
+                        ft: true,
+                        primary: Some(sh),
+                        prefer: None,
+                        avoid: &[],
+                        counted_on: None,
+                    };
+                    placement::place(loads, &req).is_ok()
+                });
+            if !reprotectable {
+                let why = format!(
+                    "waiting to leave {} (maintenance): no host could re-protect it after the switch",
+                    primary.host
+                );
+                if p.reason.as_deref() != Some(&why) {
+                    notes.push(why.clone());
+                }
+                p.reason = Some(why);
+                return;
+            }
+        }
+        if protected && (evacuating || p.moving) {
             // The pair is whole: hand the VM over to the secondary, off this host.
             let key = (name.to_string(), primary.id);
             let due = self
@@ -556,7 +608,9 @@ impl Master {
                 self.handovers.insert(key, Instant::now());
                 self.to_ask.push((name.to_string(), primary.id));
             }
-            p.reason = Some(format!("moving off {} (maintenance)", primary.host));
+            if !p.moving {
+                p.reason = Some(format!("moving off {} (maintenance)", primary.host));
+            }
             return;
         }
         if protected {
@@ -571,6 +625,58 @@ impl Master {
         } else if p.reason.is_none() || p.reason.as_deref() == Some("secondary starting") {
             p.reason = Some("secondary catching up".into());
         }
+    }
+
+    /// An FT pair one of whose hosts is in maintenance, when no host of its version can
+    /// take the copy it needs to stay protected: the host of another Tandem version (with
+    /// the same engine) it may move to, and that version, if one can take it and re-protect
+    /// it among hosts of its own version. (A rolling upgrade: the last pairs on the old
+    /// version move to the new one, unprotected only while they move.)
+    fn cross_version_target(
+        view: &View,
+        loads: &[HostLoad],
+        r: &VmRecord,
+        p: &Placement,
+        primary: &Copy,
+    ) -> Option<(String, String)> {
+        let sec = p.secondary.as_ref()?;
+        let on_primary = view.maintenance.contains(&primary.host);
+        if !on_primary && !view.maintenance.contains(&sec.host) {
+            return None;
+        }
+        let ph = view.hosts.get(&primary.host)?;
+        let sh = view.hosts.get(&sec.host)?;
+        let req = |from: &'_ HostRecord, any_version: bool, avoid: &'_ [String]| {
+            placement::place(
+                loads,
+                &Request {
+                    any_version,
+                    vm: r,
+                    ft: true,
+                    primary: Some(from),
+                    prefer: None,
+                    avoid,
+                    counted_on: None,
+                },
+            )
+        };
+        // The copy it needs, among hosts of its version: after a switch, a secondary for
+        // the secondary's host; else a secondary elsewhere for the primary's.
+        let needed = if on_primary {
+            req(sh, false, &[])
+        } else {
+            req(ph, false, std::slice::from_ref(&sec.host))
+        };
+        if needed.is_ok() {
+            return None;
+        }
+        let to = req(ph, true, std::slice::from_ref(&sec.host)).ok()?;
+        let th = view.hosts.get(&to)?;
+        if th.version == ph.version {
+            return None;
+        }
+        req(th, false, &[]).ok()?;
+        Some((to, th.version.clone()))
     }
 
     fn account(loads: &mut [HostLoad], host: &str, r: &VmRecord, ft: bool) {
@@ -912,5 +1018,144 @@ mod tests {
         off.power = Power::Off;
         decide(&view(&["h1"], off, vec![]), &mut p);
         assert!(p.primary.is_none() && p.secondary.is_none());
+    }
+}
+
+#[cfg(test)]
+mod maintenance_tests {
+    use super::*;
+    use crate::model::Role;
+
+    fn setup(versions: &[(&str, &str)], maintenance: &str) -> (View, Placement) {
+        let mut v = View::default();
+        for (h, ver) in versions {
+            let mut rec = crate::model::fixtures::host(h);
+            rec.version = ver.to_string();
+            rec.maintenance = *h == maintenance;
+            v.hosts.insert(h.to_string(), rec);
+        }
+        v.maintenance.insert(maintenance.to_string());
+        v.vms.insert(
+            "kvd".into(),
+            crate::model::fixtures::vm("kvd", FtMode::On, 64),
+        );
+        let copy = |id, host: &str| {
+            Some(Copy {
+                id,
+                host: host.into(),
+                incarnation: 0,
+            })
+        };
+        let p = Placement {
+            primary: copy(1, "h3"),
+            secondary: copy(2, "h4"),
+            next_id: 2,
+            ..Default::default()
+        };
+        for (id, h, role, live) in [
+            (1, "h3", Role::Primary, true),
+            (2, "h4", Role::Secondary, false),
+        ] {
+            v.copies.insert(
+                (h.to_string(), "kvd".into()),
+                CopyReport {
+                    pid: 1,
+                    live,
+                    protected: live,
+                    ..CopyReport::new("kvd", id, role, CopyState::Running)
+                },
+            );
+        }
+        (v, p)
+    }
+
+    fn decide(m: &mut Master, v: &View, p: &mut Placement) -> Vec<String> {
+        let mut notes = vec![];
+        let mut loads = v.loads();
+        let r = v.vms["kvd"].clone();
+        m.decide(v, &mut loads, &r, p, &mut notes);
+        notes
+    }
+
+    #[test]
+    fn a_pair_that_cannot_stay_on_its_version_moves_to_the_other_one_through_a_move_copy() {
+        let (v, mut p) = setup(&[("h1", "2"), ("h2", "2"), ("h3", "1"), ("h4", "1")], "h3");
+        let mut m = Master::default();
+        let notes = decide(&mut m, &v, &mut p);
+        assert!(p.moving, "{notes:?} {p:?}");
+        let to = p.secondary.as_ref().unwrap().host.clone();
+        assert!(to == "h1" || to == "h2", "{p:?}");
+        assert!(
+            m.to_ask.is_empty(),
+            "no switch before the move copy holds the VM"
+        );
+    }
+
+    #[test]
+    fn a_pair_that_can_stay_on_its_version_switches_within_it() {
+        let (v, mut p) = setup(&[("h1", "1"), ("h2", "2"), ("h3", "1"), ("h4", "1")], "h3");
+        let mut m = Master::default();
+        let notes = decide(&mut m, &v, &mut p);
+        assert!(!p.moving, "{notes:?}");
+        assert_eq!(m.to_ask, vec![("kvd".to_string(), 1)], "{notes:?}");
+    }
+}
+
+#[cfg(test)]
+mod maintenance_two_vms {
+    use super::*;
+    use crate::model::Role;
+
+    #[test]
+    fn two_pairs_on_the_old_version_both_move() {
+        let mut v = View::default();
+        for (h, ver) in [("h1", "2"), ("h2", "2"), ("h3", "1"), ("h4", "1")] {
+            let mut rec = crate::model::fixtures::host(h);
+            rec.version = ver.to_string();
+            rec.maintenance = h == "h3";
+            v.hosts.insert(h.to_string(), rec);
+        }
+        v.maintenance.insert("h3".into());
+        let copy = |id, host: &str| {
+            Some(Copy {
+                id,
+                host: host.into(),
+                incarnation: 0,
+            })
+        };
+        for vm in ["a", "b"] {
+            v.vms
+                .insert(vm.into(), crate::model::fixtures::vm(vm, FtMode::On, 64));
+            let p = Placement {
+                primary: copy(1, "h3"),
+                secondary: copy(2, "h4"),
+                next_id: 2,
+                ..Default::default()
+            };
+            v.places.insert(vm.into(), (p, 1));
+            for (id, h, role, live) in [
+                (1, "h3", Role::Primary, true),
+                (2, "h4", Role::Secondary, false),
+            ] {
+                v.copies.insert(
+                    (h.to_string(), vm.into()),
+                    CopyReport {
+                        pid: 1,
+                        live,
+                        protected: live,
+                        ..CopyReport::new(vm, id, role, CopyState::Running)
+                    },
+                );
+            }
+        }
+        let mut m = Master::default();
+        let mut loads = v.loads();
+        for vm in ["a", "b"] {
+            let mut p = v.places[vm].0.clone();
+            let mut notes = vec![];
+            let r = v.vms[vm].clone();
+            m.decide(&v, &mut loads, &r, &mut p, &mut notes);
+            assert!(p.moving, "{vm}: {notes:?} {p:?}");
+        }
     }
 }

@@ -248,6 +248,10 @@ pub struct Placement {
     /// off until powered on again, never restarted by HA (its copies would end alike).
     #[serde(default)]
     pub ended: Option<(u64, String)>,
+    /// The VM is moving to hosts of another Tandem version (a rolling upgrade): its
+    /// secondary is a copy placed for the move, which may run another version.
+    #[serde(default)]
+    pub moving: bool,
 }
 
 /// How a copy's process is.

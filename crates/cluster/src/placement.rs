@@ -74,6 +74,10 @@ pub struct Request<'a> {
     pub avoid: &'a [String],
     /// Memory already counted on a host for this copy (moving a parked reservation).
     pub counted_on: Option<&'a str>,
+    /// A copy placed only to move the VM (it goes live there and the pair it joins ends):
+    /// it may run another Tandem version than the primary's host, as long as the engine
+    /// fingerprint is the same (a rolling upgrade moves VMs across versions this way).
+    pub any_version: bool,
 }
 
 /// Why a host cannot take the copy, or `None` if it can.
@@ -83,7 +87,7 @@ fn unfit(load: &HostLoad, req: &Request) -> Option<String> {
         if p.name == h.name {
             return Some(format!("{} runs the primary", h.name));
         }
-        if p.version != h.version {
+        if p.version != h.version && !req.any_version {
             return Some(format!(
                 "{} runs Tandem {} but the primary's host {} runs {}",
                 h.name, h.version, p.name, p.version
@@ -207,6 +211,7 @@ mod tests {
             prefer: None,
             avoid: &[],
             counted_on: None,
+            any_version: false,
         }
     }
 

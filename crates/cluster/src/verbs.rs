@@ -544,6 +544,7 @@ impl Verbs {
             None => placement::place(
                 &loads,
                 &Request {
+                    any_version: false,
                     vm: r,
                     ft: true,
                     primary: None,
@@ -565,6 +566,7 @@ impl Verbs {
         placement::place(
             &loads,
             &Request {
+                any_version: false,
                 vm: r,
                 ft: true,
                 primary: Some(prec),
@@ -629,63 +631,85 @@ impl Verbs {
     }
 
     /// Why the VMs on `host` (already marked in maintenance in `v`) could not all move.
+    /// The same rules as the master's: a copy an FT pair needs goes to a host of its
+    /// version; failing that, the VM moves to hosts of another version (same engine) that
+    /// can re-protect it; a VM without FT moves to any host.
     fn evacuation_blockers(v: &View, host: &str) -> Vec<String> {
         let mut loads = v.loads();
         let mut why = Vec::new();
+        // Place one copy (and count it), or say why not.
         let fit = |loads: &mut Vec<placement::HostLoad>,
                    r: &VmRecord,
-                   primary: &model::HostRecord,
-                   what: &str|
-         -> Option<String> {
+                   from: &model::HostRecord,
+                   any_version: bool,
+                   avoid: &[String]|
+         -> Result<String, String> {
             let req = Request {
+                any_version,
                 vm: r,
                 ft: true,
-                primary: Some(primary),
+                primary: Some(from),
                 prefer: None,
-                avoid: &[],
+                avoid,
                 counted_on: None,
             };
-            match placement::place(loads, &req) {
-                Ok(to) => {
-                    if let Some(l) = loads.iter_mut().find(|l| l.host.name == to) {
-                        l.copies += 1;
-                        l.ft_copies += 1;
-                        l.reserved_mib += r.spec.memory_mib;
-                    }
-                    None
-                }
-                Err(e) => Some(format!("{what} {}: {e}", r.spec.name)),
+            let to = placement::place(loads, &req)?;
+            if let Some(l) = loads.iter_mut().find(|l| l.host.name == to) {
+                l.copies += 1;
+                l.ft_copies += 1;
+                l.reserved_mib += r.spec.memory_mib;
             }
+            Ok(to)
         };
         for (name, (p, _)) in &v.places {
             let Some(r) = v.vms.get(name) else { continue };
             let on = |c: &Option<model::Copy>| c.as_ref().is_some_and(|c| c.host == host);
-            if on(&p.primary) {
-                let Some(h) = v.hosts.get(host) else { continue };
-                if r.ft == FtMode::On {
-                    let view = Self::view_of(v, r);
-                    if view.ft != FtStatus::Protected {
-                        why.push(format!(
-                            "{name} is not protected{}: a switch would lose it",
-                            view.ft_reason
-                                .map(|r| format!(" ({r})"))
-                                .unwrap_or_default()
-                        ));
-                        continue;
-                    }
-                    // After the switch, its secondary's host is the primary's: a new
-                    // secondary goes on a third host.
-                    let sec = p.secondary.as_ref().and_then(|c| v.hosts.get(&c.host));
-                    if let Some(sec) = sec {
-                        why.extend(fit(&mut loads, r, sec, "no host for the new secondary of"));
-                    }
-                } else {
-                    why.extend(fit(&mut loads, r, h, "no host to move"));
+            let primary = p.primary.as_ref().and_then(|c| v.hosts.get(&c.host));
+            let secondary = p.secondary.as_ref().and_then(|c| v.hosts.get(&c.host));
+            if !on(&p.primary) && !on(&p.secondary) {
+                continue;
+            }
+            let Some(ph) = primary else { continue };
+            if r.ft != FtMode::On {
+                if on(&p.primary)
+                    && let Err(e) = fit(&mut loads, r, ph, true, &[])
+                {
+                    why.push(format!("no host to move {name}: {e}"));
                 }
-            } else if on(&p.secondary)
-                && let Some(ph) = p.primary.as_ref().and_then(|c| v.hosts.get(&c.host))
-            {
-                why.extend(fit(&mut loads, r, ph, "no host for the secondary of"));
+                continue;
+            }
+            let view = Self::view_of(v, r);
+            if on(&p.primary) && view.ft != FtStatus::Protected {
+                why.push(format!(
+                    "{name} is not protected{}: a switch would lose it",
+                    view.ft_reason
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                ));
+                continue;
+            }
+            let Some(sh) = secondary else { continue };
+            // The copy the pair needs among hosts of its version: after the switch, a
+            // secondary for the secondary's host; else one for the primary elsewhere.
+            let needed = if on(&p.primary) {
+                fit(&mut loads, r, sh, false, &[])
+            } else {
+                fit(&mut loads, r, ph, false, std::slice::from_ref(&sh.name))
+            };
+            let Err(e) = needed else { continue };
+            // Else the VM moves to hosts of another version that can re-protect it.
+            let moved = fit(&mut loads, r, ph, true, std::slice::from_ref(&sh.name))
+                .ok()
+                .and_then(|to| v.hosts.get(&to))
+                .filter(|th| th.version != ph.version)
+                .is_some_and(|th| fit(&mut loads, r, th, false, &[]).is_ok());
+            if !moved {
+                let what = if on(&p.primary) {
+                    "no host for the new secondary of"
+                } else {
+                    "no host for the secondary of"
+                };
+                why.push(format!("{what} {name}: {e}"));
             }
         }
         why
@@ -793,6 +817,7 @@ impl Verbs {
                 if let Some(prec) = p.primary.as_ref().and_then(|c| v.hosts.get(&c.host)) {
                     let loads = v.loads();
                     let req = Request {
+                        any_version: false,
                         vm: &rec,
                         ft: true,
                         primary: Some(prec),
