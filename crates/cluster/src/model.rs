@@ -11,10 +11,12 @@
 //!   elsewhere only once this key is gone, and an agent that cannot renew its lease stops
 //!   its copies before the lease can expire (the isolation response);
 //! - `ports/<port>` → the VM holding that logging-channel port (created with the VM);
+//! - `logcheck/<from>/<to>` → [`crate::logcheck::LogCheck`], the last measurement of the
+//!   logging network between two hosts (written by the verb that measured it);
 //! - `kill/<vm>/<copy id>` → `""`, a request (test-failover, restart-secondary, disable) that the
 //!   agent running that copy carries out and deletes.
 //!
-//! Invariant: one writer per key family (verbs: `vms/`, `kill/`; master: `place/`, `master`;
+//! Invariant: one writer per key family (verbs: `vms/`, `kill/`, `logcheck/`; master: `place/`, `master`;
 //! each agent: its own `hosts/<host>` and `copies/<host>/`).
 
 use std::path::PathBuf;
@@ -58,6 +60,9 @@ pub fn copy_key(host: &str, vm: &str) -> String {
 }
 pub fn kill_key(vm: &str, copy: u64) -> String {
     format!("{PREFIX}kill/{vm}/{copy}")
+}
+pub fn logcheck_key(from: &str, to: &str) -> String {
+    format!("{PREFIX}logcheck/{from}/{to}")
 }
 pub fn port_key(port: u16) -> String {
     format!("{PREFIX}ports/{port}")
@@ -178,6 +183,9 @@ pub struct VmRecord {
     /// again (see [`Placement::ended`]).
     #[serde(default)]
     pub boots: u64,
+    /// Day-two settings: VM monitoring, FT schedule.
+    #[serde(default)]
+    pub ops: crate::ops::VmOps,
 }
 
 /// What a copy is.
@@ -231,6 +239,9 @@ pub struct Placement {
     /// off until powered on again, never restarted by HA (its copies would end alike).
     #[serde(default)]
     pub ended: Option<(u64, String)>,
+    /// VM monitoring's resets.
+    #[serde(default)]
+    pub monitor: crate::ops::MonitorState,
 }
 
 /// How a copy's process is.
@@ -280,6 +291,16 @@ pub struct CopyReport {
     /// The last line the copy logged at warn/error level (why it ended).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The live copy's disk bytes read and network bytes received (cumulative), and their
+    /// averages since this agent first saw it live (bytes per second).
+    #[serde(default)]
+    pub disk_read_bytes: u64,
+    #[serde(default)]
+    pub net_in_bytes: u64,
+    #[serde(default)]
+    pub disk_read_avg_bps: u64,
+    #[serde(default)]
+    pub net_in_avg_bps: u64,
 }
 
 impl CopyReport {
@@ -301,6 +322,10 @@ impl CopyReport {
             log_bps: 0,
             exit: None,
             last_error: None,
+            disk_read_bytes: 0,
+            net_in_bytes: 0,
+            disk_read_avg_bps: 0,
+            net_in_avg_bps: 0,
         }
     }
 }
@@ -334,6 +359,9 @@ pub struct VmView {
     pub reprotections: u64,
     pub restarts: u64,
     pub spec: VmSpec,
+    /// Day-two figures: monitoring, FT schedule, measured reads and input.
+    #[serde(default)]
+    pub ops: crate::ops::OpsView,
 }
 
 /// A host as `host list` presents it.
@@ -413,6 +441,7 @@ pub(crate) mod fixtures {
             want_host: None,
             secondary_to: None,
             boots: 1,
+            ops: Default::default(),
         }
     }
 }
