@@ -13,6 +13,7 @@ mod cluster_lab;
 mod demo;
 mod guests;
 mod lab;
+mod ops_cli;
 mod snap;
 mod verbs_cli;
 
@@ -101,6 +102,13 @@ enum FtCommand {
     /// Cluster verb: move the VM's secondary to another host; waits until the VM is
     /// Protected with its secondary there.
     MigrateSecondary(verbs_cli::MigrateArgs),
+    /// Cluster verb: FT on demand. `--on SPEC --off SPEC` (or a window `--on 'Mon-Fri
+    /// 08:00-18:00'`): the master turns FT on and off at those times; `--clear` removes it.
+    Schedule(ops_cli::ScheduleArgs),
+    /// Cluster verb: the logging bandwidth the VM needs, by the seed's formula
+    /// ((disk reads MB/s x 8 + network input Mbit/s) x 1.2) from its own measured reads
+    /// and input, beside what its logging channel carries and the measured network.
+    Sizing(ops_cli::SizingArgs),
 }
 
 #[derive(clap::Args)]
@@ -508,6 +516,8 @@ fn main() -> ExitCode {
             &a.vm,
             FtOp::MigrateSecondary { to: a.to.clone() },
         )),
+        Command::Ft(FtCommand::Schedule(a)) => Ok(ops_cli::ft_schedule(&a)),
+        Command::Ft(FtCommand::Sizing(a)) => Ok(ops_cli::ft_sizing(&a)),
         Command::Lab(c) => lab::run(c).map_err(Failure::from),
     };
     match result {

@@ -19,6 +19,12 @@ pub enum Kind {
     PowerOn,
     PowerOff,
     Ft(FtKind),
+    /// FT on demand: set or clear the VM's schedule.
+    FtSchedule,
+    /// The seed's sizing formula for the VM.
+    FtSizing,
+    /// Measure the logging network from `{name}` (a host) to another.
+    CheckLogging,
     OpenApi,
     Healthz,
 }
@@ -79,6 +85,13 @@ pub const ROUTES: &[(&str, &str, Kind)] = &[
         "POST",
         "/api/v1/vms/{name}/ft/migrate-secondary",
         Kind::Ft(FtKind::MigrateSecondary),
+    ),
+    ("POST", "/api/v1/vms/{name}/ft/schedule", Kind::FtSchedule),
+    ("GET", "/api/v1/vms/{name}/ft/sizing", Kind::FtSizing),
+    (
+        "POST",
+        "/api/v1/hosts/{name}/check-logging",
+        Kind::CheckLogging,
     ),
     ("GET", "/api/v1/openapi.json", Kind::OpenApi),
     ("GET", "/healthz", Kind::Healthz),

@@ -70,6 +70,7 @@ fn view(name: &str) -> VmView {
             env: vec![],
             log_port: 7100,
         },
+        ops: Default::default(),
     }
 }
 
@@ -206,6 +207,7 @@ fn the_openapi_references_resolve_and_views_have_their_schemas() {
         restart_priority: None,
         args: vec![],
         env: vec![],
+        monitoring: None,
     })
     .unwrap();
     let sent: BTreeSet<&String> = req.as_object().unwrap().keys().collect();
@@ -678,6 +680,7 @@ fn the_client_calls_the_server_and_carries_its_errors() {
         restart_priority: Some(Priority::High),
         args: vec!["-v".into()],
         env: vec!["A=B".into()],
+        monitoring: None,
     };
     assert_eq!(client.create(&create).unwrap().name, "web");
     client.power_on("kvd", Some("host3")).unwrap();

@@ -17,11 +17,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::ops;
 use crate::model::{
     self, Copy, CopyReport, CopyState, FtMode, HostRecord, MasterRecord, Placement, Power,
     Priority, VmRecord,
 };
+use crate::ops;
 use crate::placement::{self, HostLoad, Request};
 use crate::store::{Store, StoreError};
 
@@ -582,10 +582,7 @@ impl Master {
             return false;
         };
         let key = (r.spec.name.clone(), c.id);
-        let seen = self
-            .progress
-            .entry(key)
-            .or_insert((events, Instant::now()));
+        let seen = self.progress.entry(key).or_insert((events, Instant::now()));
         if seen.0 != events {
             *seen = (events, Instant::now());
             return false;
@@ -906,7 +903,10 @@ mod tests {
             r.clone(),
             vec![
                 ("h1", trapped(1, Role::Primary)),
-                ("h2", report(2, Role::Secondary, CopyState::Running, false, false)),
+                (
+                    "h2",
+                    report(2, Role::Secondary, CopyState::Running, false, false),
+                ),
             ],
         );
         let before = p.clone();
@@ -926,7 +926,10 @@ mod tests {
                 assert!(p.secondary.is_none(), "a new pair, once the primary runs");
                 assert_eq!(p.monitor.resets, n);
                 assert_eq!(p.restarts, 0, "not an HA restart");
-                assert!(notes.iter().any(|n| n.contains("VM monitoring")), "{notes:?}");
+                assert!(
+                    notes.iter().any(|n| n.contains("VM monitoring")),
+                    "{notes:?}"
+                );
             } else {
                 assert!(p.primary.is_none() && p.secondary.is_none());
                 let why = &p.ended.as_ref().unwrap().1;

@@ -61,7 +61,10 @@ impl Monitoring {
     /// Within bounds, or why not.
     pub fn check(&self) -> Result<(), String> {
         if self.max_resets > MAX_RESETS {
-            return Err(format!("--max-resets {} is over {MAX_RESETS}", self.max_resets));
+            return Err(format!(
+                "--max-resets {} is over {MAX_RESETS}",
+                self.max_resets
+            ));
         }
         if !(1..=MAX_WINDOW_SECS).contains(&self.window_secs) {
             return Err(format!(

@@ -66,8 +66,7 @@ pub(crate) fn ops_view(
 ) -> OpsView {
     let live = primary.filter(|r| r.live);
     let warning = if effective.ft == FtMode::On {
-        need(primary)
-            .and_then(|n| ops::logging_warning(&stored.spec.name, n, measured_for(v, p)))
+        need(primary).and_then(|n| ops::logging_warning(&stored.spec.name, n, measured_for(v, p)))
     } else {
         None
     };
@@ -125,7 +124,9 @@ impl Verbs {
             off: req.off,
             tz: req.tz.unwrap_or_else(|| "UTC".into()),
         };
-        if s.tz.len() > schedule::MAX_SPEC || s.off.as_ref().is_some_and(|o| o.len() > schedule::MAX_SPEC) {
+        if s.tz.len() > schedule::MAX_SPEC
+            || s.off.as_ref().is_some_and(|o| o.len() > schedule::MAX_SPEC)
+        {
             return Err(invalid("a SPEC or time zone too long".into()));
         }
         s.parse().map_err(|e| invalid(e.to_string()))?;

@@ -330,18 +330,22 @@ impl FtSchedule {
         let on = spec(&self.on).map_err(|e| SpecError(format!("--on: {e}")))?;
         let off = match (&on, &self.off) {
             (Spec::Window(_), Some(_)) => {
-                return err(
-                    "--on is a window (FT on inside it, off outside): --off is not needed",
-                );
+                return err("--on is a window (FT on inside it, off outside): --off is not needed");
             }
             (Spec::Window(_), None) => None,
             (Spec::At(_), None) => {
-                return err("--on is an instant: give --off too (or make --on a window, DAYS HH:MM-HH:MM)");
+                return err(
+                    "--on is an instant: give --off too (or make --on a window, DAYS HH:MM-HH:MM)",
+                );
             }
-            (Spec::At(_), Some(off)) => match spec(off).map_err(|e| SpecError(format!("--off: {e}")))? {
-                Spec::At(c) => Some(c),
-                Spec::Window(_) => return err("--off: a window; --off is an instant (DAYS HH:MM or cron)"),
-            },
+            (Spec::At(_), Some(off)) => {
+                match spec(off).map_err(|e| SpecError(format!("--off: {e}")))? {
+                    Spec::At(c) => Some(c),
+                    Spec::Window(_) => {
+                        return err("--off: a window; --off is an instant (DAYS HH:MM or cron)");
+                    }
+                }
+            }
         };
         if off.is_some() && self.off.as_deref().map(str::trim) == Some(self.on.trim()) {
             return err("--on and --off are the same instant");
@@ -412,7 +416,11 @@ impl Cron {
             if !ok || !self.hour.has(in_day / 60) || !self.min.has(in_day % 60) {
                 continue;
             }
-            let top = if back == 0 { t.rem_euclid(60) as u32 } else { 59 };
+            let top = if back == 0 {
+                t.rem_euclid(60) as u32
+            } else {
+                59
+            };
             if let Some(s) = (0..=top).rev().find(|s| self.sec.has(*s)) {
                 return Some(minute * 60 + i64::from(s));
             }

@@ -12,6 +12,7 @@ use crate::model::{
     self, ClusterView, CopyState, FtMode, FtStatus, HostView, Nic, Power, Priority, VmRecord,
     VmSpec, VmView,
 };
+pub use crate::ops_verbs::ScheduleRequest;
 use crate::placement::{self, Request};
 use crate::store::Store;
 
@@ -122,10 +123,10 @@ impl Verbs {
 
     pub(crate) fn view(&self) -> Result<View, ClusterError> {
         let mut v = View::read(&self.store)?;
-        for (_, c) in self.store.prefix_json::<crate::logcheck::LogCheck>(&format!(
-            "{}logcheck/",
-            model::PREFIX
-        ))? {
+        for (_, c) in self
+            .store
+            .prefix_json::<crate::logcheck::LogCheck>(&format!("{}logcheck/", model::PREFIX))?
+        {
             v.logchecks.insert((c.from.clone(), c.to.clone()), c);
         }
         Ok(v)
