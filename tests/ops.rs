@@ -20,11 +20,16 @@ impl Cluster {
         let c = Cluster {
             lab: Lab::cluster(tag, hosts),
         };
-        c.wait("every agent registered", 30, || {
+        // Registered, and each has probed the logging network (its check service, started
+        // before the probe, is up).
+        c.wait("every agent registered and probing", 30, || {
             let r = c.verb(&["host", "list", "--json"]);
             r.code == 0
-                && serde_json::from_str::<Value>(&r.stdout)
-                    .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == hosts as usize))
+                && serde_json::from_str::<Value>(&r.stdout).is_ok_and(|v| {
+                    v.as_array().is_some_and(|a| {
+                        a.len() == hosts as usize && a.iter().all(|h| !h["log_peers"].is_null())
+                    })
+                })
         });
         c
     }
@@ -387,4 +392,56 @@ fn check_logging_and_sizing_match_what_the_test_measures_meanwhile() {
         "{}",
         sizing.stdout
     );
+}
+
+#[test]
+fn a_vm_declared_to_heartbeat_that_stops_making_progress_is_reset_then_left_off() {
+    let c = Cluster::up("hbeat", 2);
+    // spin (no argument) reads the clock once, then computes without a single event.
+    let spin = guest("spin.wasm");
+    c.ok(&[
+        "vm",
+        "create",
+        "hang",
+        "--wasm",
+        s(&spin),
+        "--heartbeat",
+        "3",
+        "--max-resets",
+        "1",
+        "--memory-mib",
+        "64",
+    ]);
+    // A guest that ticks keeps its heartbeat: never reset.
+    c.ok(&[
+        "vm",
+        "create",
+        "ticks",
+        "--wasm",
+        s(&spin),
+        "--arg",
+        "tick",
+        "--heartbeat",
+        "3",
+        "--memory-mib",
+        "64",
+    ]);
+    c.ok(&["vm", "power-on", "hang"]);
+    c.ok(&["vm", "power-on", "ticks"]);
+    c.wait("reset once for its stalled heartbeat", 40, || {
+        c.show("hang")["ops"]["resets"] == 1
+    });
+    assert!(field(&c.show("hang")["ops"], "last_reset").contains("no heartbeat"));
+    c.wait("left off after its second stall", 40, || {
+        field(&c.show("hang"), "power") == "off"
+    });
+    let v = c.show("hang");
+    assert!(
+        field(&v, "ft_reason").contains("no heartbeat")
+            && field(&v, "ft_reason").contains("left off"),
+        "{v:#}"
+    );
+    let t = c.show("ticks");
+    assert_eq!(t["ops"]["resets"], 0, "{t:#}");
+    assert_eq!(field(&t, "power"), "on");
 }

@@ -1000,3 +1000,38 @@ fn curl_speaks_to_the_server() {
     assert_eq!((s, body.as_str()), (200, r#"{"host":"host1","ok":true}"#));
     assert_eq!(fake.calls(), ["vm kvd", "create web", "destroy kvd"]);
 }
+
+#[test]
+fn the_day_two_routes_check_their_bodies_before_the_verbs() {
+    let fake = Fake::default();
+    for (method, target, body, status) in [
+        ("POST", "/api/v1/vms/kvd/ft/schedule", "{", 400),
+        (
+            "POST",
+            "/api/v1/vms/kvd/ft/schedule",
+            r#"{"on":"x","when":1}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/hosts/host1/check-logging",
+            r#"{"to":"Bad"}"#,
+            400,
+        ),
+        ("POST", "/api/v1/hosts/host1/check-logging", r#"{}"#, 400),
+        (
+            "POST",
+            "/api/v1/hosts/Host1/check-logging",
+            r#"{"to":"host2"}"#,
+            400,
+        ),
+        ("GET", "/api/v1/vms/kvd/ft/schedule", "", 405),
+        // A backend without the day-two verbs says so.
+        ("GET", "/api/v1/vms/kvd/ft/sizing", "", 500),
+    ] {
+        let (s, v) = ask(&fake, method, target, body);
+        assert_eq!(s, status, "{method} {target} {body}: {v}");
+        assert!(!error_line(&v).is_empty());
+    }
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+}
