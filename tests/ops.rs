@@ -392,6 +392,55 @@ fn check_logging_and_sizing_match_what_the_test_measures_meanwhile() {
         "{}",
         sizing.stdout
     );
+
+    // A logging network too slow for that need (the primary host's logging link shaped to 20 Mbit/s
+    // with tc): measured as such, `ft turn-on` warns in its output and the agent's log.
+    let primary = field(&c.show("kvd"), "primary_host").to_string();
+    let other = if primary == "host1" { "host2" } else { "host1" };
+    let k: u32 = primary.trim_start_matches("host").parse().unwrap();
+    let shape = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &c.lab.ns(&format!("host{k}")), "tc"])
+            .args(args)
+            .output()
+            .expect("tc");
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    shape(&[
+        "qdisc", "add", "dev", "log0", "root", "tbf", "rate", "20mbit", "burst", "32kbit",
+        "latency", "400ms",
+    ]);
+    let r = c.ok(&[
+        "host",
+        "check-logging",
+        &primary,
+        other,
+        "--mib",
+        "2",
+        "--pings",
+        "20",
+        "--json",
+    ]);
+    let slow: Value = serde_json::from_str(&r.stdout).unwrap();
+    let gbit = slow["gbit_s"].as_f64().unwrap();
+    assert!(gbit < 0.05, "shaped to 20 Mbit/s, measured {gbit} Gbit/s");
+    let on = c.ok(&["ft", "turn-on", "kvd", "--no-wait"]);
+    assert!(
+        on.stdout.contains("warning: the logging network between")
+            && on.stdout.contains("less than"),
+        "{}{}",
+        on.stdout,
+        on.stderr
+    );
+    assert!(
+        c.agent_logs(2)
+            .contains("ft turn-on kvd: the logging network")
+    );
+    shape(&["qdisc", "del", "dev", "log0", "root"]);
 }
 
 #[test]
