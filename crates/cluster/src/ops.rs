@@ -265,6 +265,57 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_decides_ft_and_keeps_a_disabled_ft_disabled() {
+        let mut r = crate::model::fixtures::vm("kvd", FtMode::Off, 64);
+        assert_eq!(effective(&r).ft, FtMode::Off);
+        r.ops.ft_schedule = Some(FtSchedule {
+            on: "daily 00:00-23:59".into(),
+            off: None,
+            tz: "UTC".into(),
+        });
+        // On all day but the day's last minute.
+        let last_minute = (crate::model::now_ms() / 1000) % 86_400 >= 86_340;
+        let want = if last_minute { FtMode::Off } else { FtMode::On };
+        assert_eq!(effective(&r).ft, want);
+        r.ft = FtMode::Disabled;
+        if !last_minute {
+            assert_eq!(effective(&r).ft, FtMode::Disabled);
+        }
+        r.ops.ft_schedule.as_mut().unwrap().on = "Mon 00:00".into();
+        assert_eq!(
+            effective(&r).ft,
+            FtMode::Off,
+            "a schedule that no longer parses: off"
+        );
+    }
+
+    #[test]
+    fn a_warning_only_when_the_measured_network_is_short() {
+        let m = LogCheck {
+            from: "h1".into(),
+            to: "h2".into(),
+            from_ip: "10.78.0.11".into(),
+            to_ip: "10.78.0.12".into(),
+            pings: 10,
+            rtt_min_us: 10,
+            rtt_median_us: 20,
+            rtt_p99_us: 30,
+            bytes: 1 << 20,
+            secs: 1.0,
+            mbyte_s: 1.25,
+            gbit_s: 0.01,
+            at_ms: 0,
+        };
+        let w = logging_warning("kvd", 120.0, Some(&m)).unwrap();
+        assert!(w.contains("10 Mbit/s") && w.contains("120 Mbit/s"), "{w}");
+        assert!(logging_warning("kvd", 5.0, Some(&m)).is_none());
+        assert!(
+            logging_warning("kvd", 5000.0, None).is_none(),
+            "not measured: no word"
+        );
+    }
+
+    #[test]
     fn the_seeds_formula() {
         // 10 MB/s of reads and 20 Mbit/s of input: (80 + 20) × 1.2.
         assert!((need_mbit_s(10.0, 20.0) - 120.0).abs() < 1e-9);
