@@ -336,6 +336,9 @@ enum VmCommand {
     List(verbs_cli::ListArgs),
     /// Cluster verb: one VM in full.
     Show(verbs_cli::ShowArgs),
+    /// Cluster verb: VM monitoring's settings of a VM (what is not given stays): resets
+    /// allowed in a window, and the opt-in heartbeat.
+    Monitor(ops_cli::MonitorArgs),
 }
 
 #[derive(clap::Args)]
@@ -504,6 +507,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Destroy(a)) => Ok(verbs_cli::vm_destroy(&a)),
         Command::Vm(VmCommand::List(a)) => Ok(verbs_cli::vm_list(&a)),
         Command::Vm(VmCommand::Show(a)) => Ok(verbs_cli::vm_show(&a)),
+        Command::Vm(VmCommand::Monitor(a)) => Ok(ops_cli::vm_monitor(&a)),
         Command::Ft(FtCommand::TurnOn(a)) => Ok(verbs_cli::ft_wait(&a, FtOp::TurnOn)),
         Command::Ft(FtCommand::TurnOff(a)) => Ok(verbs_cli::ft_now(&a, FtOp::TurnOff)),
         Command::Ft(FtCommand::Disable(a)) => Ok(verbs_cli::ft_now(&a, FtOp::Disable)),

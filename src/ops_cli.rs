@@ -49,6 +49,41 @@ impl MonitoringArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct MonitorArgs {
+    /// The VM's name.
+    pub name: String,
+    #[command(flatten)]
+    pub monitoring: MonitoringArgs,
+    /// Stop checking the VM's heartbeat.
+    #[arg(long, conflicts_with = "heartbeat")]
+    pub no_heartbeat: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn vm_monitor(a: &MonitorArgs) -> u8 {
+    finish((|| {
+        check_name("VM", &a.name)?;
+        let client = a.target.client()?;
+        let now = client.vm(&a.name)?.ops.monitoring;
+        let f = &a.monitoring;
+        let m = Monitoring {
+            max_resets: f.max_resets.unwrap_or(now.max_resets),
+            window_secs: f.reset_window_secs.unwrap_or(now.window_secs),
+            heartbeat_secs: if a.no_heartbeat {
+                None
+            } else {
+                f.heartbeat.or(now.heartbeat_secs)
+            },
+        };
+        m.check().map_err(bad)?;
+        let v = client.set_monitoring(&a.name, &m)?;
+        show_ops(&v);
+        Ok(OK)
+    })())
+}
+
+#[derive(clap::Args, Debug)]
 pub struct ScheduleArgs {
     /// The VM's name.
     pub name: String,

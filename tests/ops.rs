@@ -493,4 +493,28 @@ fn a_vm_declared_to_heartbeat_that_stops_making_progress_is_reset_then_left_off(
     let t = c.show("ticks");
     assert_eq!(t["ops"]["resets"], 0, "{t:#}");
     assert_eq!(field(&t, "power"), "on");
+    // `vm monitor` changes the settings: without a heartbeat, the spinning guest runs on.
+    let r = c.verb(&["vm", "monitor", "hang", "--heartbeat", "1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--heartbeat 1 is outside"),
+        "{}",
+        r.stderr
+    );
+    let r = c.ok(&[
+        "vm",
+        "monitor",
+        "hang",
+        "--no-heartbeat",
+        "--max-resets",
+        "5",
+    ]);
+    assert!(r.stdout.contains("at most 5 resets"), "{}", r.stdout);
+    let v = c.show("hang");
+    assert!(v["ops"]["monitoring"]["heartbeat_secs"].is_null(), "{v:#}");
+    c.ok(&["vm", "power-on", "hang"]);
+    std::thread::sleep(Duration::from_secs(6));
+    let v = c.show("hang");
+    assert_eq!(field(&v, "power"), "on", "{v:#}");
+    assert_eq!(v["ops"]["resets"], 1, "{v:#}");
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use cluster::logcheck::{CheckRequest, LogCheck};
 use cluster::model::{ClusterView, HostView, VmView, valid_name};
-use cluster::ops::Sizing;
+use cluster::ops::{Monitoring, Sizing};
 use cluster::verbs::{CreateVm, FtOp, ScheduleRequest};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -177,6 +177,12 @@ impl Client {
             &format!("/api/v1/vms/{name}/ft/schedule"),
             Some(to_json(req)?),
         )
+    }
+
+    /// `vm monitor`: VM monitoring's settings of the VM.
+    pub fn set_monitoring(&self, name: &str, m: &Monitoring) -> Result<VmView, ClientError> {
+        let name = checked(name)?;
+        self.post(&format!("/api/v1/vms/{name}/monitoring"), Some(to_json(m)?))
     }
 
     /// `ft sizing`: the seed's formula for the VM.

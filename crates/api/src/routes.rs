@@ -21,6 +21,8 @@ pub enum Kind {
     Ft(FtKind),
     /// FT on demand: set or clear the VM's schedule.
     FtSchedule,
+    /// VM monitoring's settings of the VM.
+    SetMonitoring,
     /// The seed's sizing formula for the VM.
     FtSizing,
     /// Measure the logging network from `{name}` (a host) to another.
@@ -88,6 +90,7 @@ pub const ROUTES: &[(&str, &str, Kind)] = &[
     ),
     ("POST", "/api/v1/vms/{name}/ft/schedule", Kind::FtSchedule),
     ("GET", "/api/v1/vms/{name}/ft/sizing", Kind::FtSizing),
+    ("POST", "/api/v1/vms/{name}/monitoring", Kind::SetMonitoring),
     (
         "POST",
         "/api/v1/hosts/{name}/check-logging",

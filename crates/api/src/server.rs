@@ -21,7 +21,7 @@ use std::time::Duration;
 use cluster::ClusterError;
 use cluster::logcheck::{CheckRequest, LogCheck};
 use cluster::model::{ClusterView, HostView, VmView, valid_name};
-use cluster::ops::Sizing;
+use cluster::ops::{Monitoring, Sizing};
 use cluster::verbs::{CreateVm, FtOp, ScheduleRequest, Verbs};
 use serde::Deserialize;
 
@@ -66,6 +66,10 @@ pub trait Backend: Send + Sync + 'static {
     }
     fn ft_sizing(&self, name: &str) -> Result<Sizing, ClusterError> {
         let _ = name;
+        Err(ClusterError::Internal("not served here".into()))
+    }
+    fn set_monitoring(&self, name: &str, m: Monitoring) -> Result<VmView, ClusterError> {
+        let _ = (name, m);
         Err(ClusterError::Internal("not served here".into()))
     }
     /// Measure the logging network from host `from`; `me` is the host serving the call.
@@ -113,6 +117,9 @@ impl Backend for Verbs {
     }
     fn ft_sizing(&self, name: &str) -> Result<Sizing, ClusterError> {
         Verbs::sizing(self, name)
+    }
+    fn set_monitoring(&self, name: &str, m: Monitoring) -> Result<VmView, ClusterError> {
+        Verbs::set_monitoring(self, name, m)
     }
     fn check_logging(
         &self,
@@ -629,6 +636,10 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
         Kind::FtSchedule => {
             let b: ScheduleRequest = parse(&req.body)?;
             verb(backend.ft_schedule(&name, b), 200)
+        }
+        Kind::SetMonitoring => {
+            let m: Monitoring = parse(&req.body)?;
+            verb(backend.set_monitoring(&name, m), 200)
         }
         Kind::FtSizing => match backend.ft_sizing(&name) {
             Ok(v) => json(200, &v),

@@ -270,8 +270,10 @@ impl Master {
     ) {
         let name = r.spec.name.as_str();
         if p.ended.as_ref().is_some_and(|(boot, _)| *boot < r.boots) {
-            // Powered on again since the guest ended.
+            // Powered on again since the guest ended: VM monitoring's count starts afresh
+            // (the user's power-on is a decision, not a failure).
             p.ended = None;
+            p.monitor.recent.clear();
         }
         if r.power == Power::Off || p.ended.is_some() {
             if r.power == Power::Off {
@@ -938,6 +940,12 @@ mod tests {
         }
         decide(&view(&["h1", "h2"], r.clone(), vec![]), &mut p);
         assert!(p.primary.is_none(), "it stays off");
+        // Powered on again: placed, and monitoring's count starts afresh.
+        let mut again = r.clone();
+        again.boots += 1;
+        decide(&view(&["h1", "h2"], again, vec![]), &mut p);
+        assert!(p.primary.is_some() && p.monitor.recent.is_empty());
+        assert_eq!(p.monitor.resets, 2, "the statistics stay");
         // A guest that exits 0 ended by itself: off at once, no reset.
         let mut q = alone();
         let mut clean = report(1, Role::Primary, CopyState::Exited, false, false);

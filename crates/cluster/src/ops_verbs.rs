@@ -154,6 +154,22 @@ impl Verbs {
         Ok(view)
     }
 
+    /// `vm monitor NAME ...`: VM monitoring's settings (the resets already counted stay).
+    pub fn set_monitoring(&self, name: &str, m: ops::Monitoring) -> Result<VmView, ClusterError> {
+        m.check().map_err(ClusterError::Invalid)?;
+        let view = self.update(name, |r| {
+            r.ops.monitoring = m.clone();
+            Ok(())
+        })?;
+        tracing::info!(
+            "VM monitoring of {name}: at most {} resets in {} s, heartbeat {:?} s",
+            m.max_resets,
+            m.window_secs,
+            m.heartbeat_secs
+        );
+        Ok(view)
+    }
+
     /// `ft sizing NAME`: the seed's formula from the VM's own measured reads and input.
     pub fn sizing(&self, name: &str) -> Result<Sizing, ClusterError> {
         let (rec, _) = self.record(name)?;
