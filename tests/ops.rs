@@ -91,7 +91,7 @@ fn a_guest_that_traps_three_times_is_reset_twice_then_left_off_with_the_reason()
         "--wasm",
         s(&trap),
         "--arg",
-        "3000",
+        "6000",
         "--max-resets",
         "2",
         "--reset-window-secs",
@@ -147,6 +147,9 @@ fn a_guest_that_traps_three_times_is_reset_twice_then_left_off_with_the_reason()
     assert!(show.contains("2 so far"), "{show}");
     let logs = c.agent_logs(3);
     assert!(logs.contains("VM monitoring"), "the master logs its resets");
+    // FT stayed on through the resets: each fresh power-on got a new pair.
+    let pairs = logs.matches("crash: secondary placed on").count();
+    assert!(pairs >= 2, "{pairs} secondaries placed over three boots");
 }
 
 #[test]

@@ -377,8 +377,11 @@ fn civil(days: i64) -> (i64, u32, u32) {
 /// The host's offset from UTC at `unix` seconds.
 fn host_offset(unix: i64) -> i64 {
     let t = unix as libc::time_t;
-    // SAFETY: localtime_r writes only into `tm`, a local we own, and reads `t`.
+    // SAFETY: `libc::tm` is a plain C struct of integers and a pointer, for which all
+    // zeroes is a valid value (a null zone name).
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes only into `tm`, both locals we own; it is
+    // the reentrant form (no shared static buffer).
     let r = unsafe { libc::localtime_r(&t, &mut tm) };
     if r.is_null() { 0 } else { tm.tm_gmtoff }
 }
