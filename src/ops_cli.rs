@@ -235,14 +235,25 @@ pub fn ft_sizing(a: &SizingArgs) -> u8 {
         if a.secs > 0 {
             std::thread::sleep(Duration::from_secs(a.secs));
             let second: Sizing = client.ft_sizing(&a.name)?;
-            let dt = t0.elapsed().as_secs_f64();
-            let d = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
-            line(
-                &format!("over the last {dt:.1} s"),
-                d(first.disk_read_bytes, second.disk_read_bytes) / 1e6,
-                mbit(d(first.net_in_bytes, second.net_in_bytes)),
-                mbit(d(first.log_bytes, second.log_bytes)),
-            );
+            let changed = second.primary_host != first.primary_host
+                || second.net_in_bytes < first.net_in_bytes
+                || second.disk_read_bytes < first.disk_read_bytes;
+            if changed {
+                // Another live copy (a failover or a reset): its counters started afresh.
+                println!(
+                    "over the last {} s: the live copy changed meanwhile; run it again",
+                    a.secs
+                );
+            } else {
+                let dt = t0.elapsed().as_secs_f64();
+                let d = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
+                line(
+                    &format!("over the last {dt:.1} s"),
+                    d(first.disk_read_bytes, second.disk_read_bytes) / 1e6,
+                    mbit(d(first.net_in_bytes, second.net_in_bytes)),
+                    mbit(d(first.log_bytes, second.log_bytes)),
+                );
+            }
         }
         match &first.measured {
             Some(m) => println!(
