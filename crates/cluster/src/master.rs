@@ -12,7 +12,13 @@
 //!   before the lease can expire (the agent's isolation response), so no VM runs twice;
 //! - a secondary that went live (it won arbitration) becomes the primary at once, without
 //!   waiting for the old primary's lease: arbitration already fenced the old primary;
-//! - an FT VM is restarted from its datastore only when neither copy runs anywhere.
+//! - an FT VM is restarted from its datastore only when neither copy runs anywhere;
+//! - VM monitoring ([`crate::ops`]): a guest that trapped or exited with an error is reset
+//!   (a fresh power-on, a new pair under FT) within its VM's limit, never while its running
+//!   secondary may still replay to the same end; one that stopped heartbeating is reset the
+//!   same way, its earlier copy stopping before the new one is placed (a stray);
+//! - the FT a VM gets is what its schedule wants now, when it has one
+//!   ([`crate::ops::effective`]): a pure function of its record and the time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
