@@ -164,6 +164,7 @@ impl ClusterLab {
             restart_priority: Some(priority),
             args: vec![],
             env: vec![],
+            monitoring: None,
         })?;
         self.client.power_on("kvd", None)?;
         self.wait_until("kvd answering PING", Duration::from_secs(30), || {
@@ -205,6 +206,7 @@ impl ClusterLab {
             restart_priority: Some(Priority::High),
             args: vec![],
             env: vec![],
+            monitoring: None,
         })?;
         self.place_web(host)
     }

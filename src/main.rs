@@ -13,6 +13,7 @@ mod cluster_lab;
 mod demo;
 mod guests;
 mod lab;
+mod ops_cli;
 mod snap;
 mod verbs_cli;
 
@@ -109,6 +110,13 @@ enum FtCommand {
     /// Cluster verb: move the VM's secondary to another host; waits until the VM is
     /// Protected with its secondary there.
     MigrateSecondary(verbs_cli::MigrateArgs),
+    /// Cluster verb: FT on demand. `--on SPEC --off SPEC` (or a window `--on 'Mon-Fri
+    /// 08:00-18:00'`): the master turns FT on and off at those times; `--clear` removes it.
+    Schedule(ops_cli::ScheduleArgs),
+    /// Cluster verb: the logging bandwidth the VM needs, by the seed's formula
+    /// ((disk reads MB/s x 8 + network input Mbit/s) x 1.2) from its own measured reads
+    /// and input, beside what its logging channel carries and the measured network.
+    Sizing(ops_cli::SizingArgs),
 }
 
 #[derive(clap::Args)]
@@ -371,6 +379,9 @@ enum VmCommand {
     List(verbs_cli::ListArgs),
     /// Cluster verb: one VM in full.
     Show(verbs_cli::ShowArgs),
+    /// Cluster verb: VM monitoring's settings of a VM (what is not given stays): resets
+    /// allowed in a window, and the opt-in heartbeat.
+    Monitor(ops_cli::MonitorArgs),
 }
 
 #[derive(clap::Args)]
@@ -584,6 +595,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Destroy(a)) => Ok(verbs_cli::vm_destroy(&a)),
         Command::Vm(VmCommand::List(a)) => Ok(verbs_cli::vm_list(&a)),
         Command::Vm(VmCommand::Show(a)) => Ok(verbs_cli::vm_show(&a)),
+        Command::Vm(VmCommand::Monitor(a)) => Ok(ops_cli::vm_monitor(&a)),
         Command::Ft(FtCommand::TurnOn(a)) => Ok(verbs_cli::ft_wait(&a, FtOp::TurnOn)),
         Command::Ft(FtCommand::TurnOff(a)) => Ok(verbs_cli::ft_now(&a, FtOp::TurnOff)),
         Command::Ft(FtCommand::Disable(a)) => Ok(verbs_cli::ft_now(&a, FtOp::Disable)),
@@ -596,6 +608,8 @@ fn main() -> ExitCode {
             &a.vm,
             FtOp::MigrateSecondary { to: a.to.clone() },
         )),
+        Command::Ft(FtCommand::Schedule(a)) => Ok(ops_cli::ft_schedule(&a)),
+        Command::Ft(FtCommand::Sizing(a)) => Ok(ops_cli::ft_sizing(&a)),
         Command::Lab(c) => lab::run(c).map_err(Failure::from),
     };
     match result {

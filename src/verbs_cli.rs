@@ -19,9 +19,9 @@ use cluster::verbs::{CreateVm, FtOp};
 /// How often a long verb looks at its VM.
 const POLL: Duration = Duration::from_millis(200);
 
-const OK: u8 = 0;
-const FAILED: u8 = 1;
-const BAD_REQUEST: u8 = 2;
+pub(crate) const OK: u8 = 0;
+pub(crate) const FAILED: u8 = 1;
+pub(crate) const BAD_REQUEST: u8 = 2;
 const UNREACHABLE: u8 = 3;
 
 /// Which cluster to call.
@@ -38,7 +38,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn client(&self) -> Result<Client, ClientError> {
+    pub(crate) fn client(&self) -> Result<Client, ClientError> {
         if self.api.is_empty() {
             Client::from_lab(&self.lab)
         } else {
@@ -91,6 +91,10 @@ pub enum HostCommand {
     /// when the other hosts cannot take them. The host takes nothing until `exit HOST`.
     #[command(subcommand)]
     Maintenance(MaintenanceCommand),
+    /// Measure the logging network between two hosts (vmkping's job): round-trip latency
+    /// (min/median/p99) and throughput, measured by the first host's agent against the
+    /// second's; the result is kept for `ft sizing` and `ft turn-on`'s warning.
+    CheckLogging(crate::ops_cli::CheckLoggingArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -208,11 +212,14 @@ pub struct CreateArgs {
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
     #[command(flatten)]
+    pub monitoring: crate::ops_cli::MonitoringArgs,
+    #[command(flatten)]
     pub target: Target,
 }
 
 /// A failure: its line (on stderr) and exit code.
-struct Fail(u8, String);
+#[derive(Debug)]
+pub(crate) struct Fail(pub(crate) u8, pub(crate) String);
 
 impl From<ClientError> for Fail {
     fn from(e: ClientError) -> Self {
@@ -230,7 +237,7 @@ impl From<ClientError> for Fail {
     }
 }
 
-fn finish(r: Result<u8, Fail>) -> u8 {
+pub(crate) fn finish(r: Result<u8, Fail>) -> u8 {
     match r {
         Ok(code) => code,
         Err(Fail(code, message)) => {
@@ -241,7 +248,7 @@ fn finish(r: Result<u8, Fail>) -> u8 {
 }
 
 /// The API's JSON, as it sent it (keys in its order).
-fn print_json(text: &str) -> Result<u8, Fail> {
+pub(crate) fn print_json(text: &str) -> Result<u8, Fail> {
     println!("{text}");
     Ok(OK)
 }
@@ -286,6 +293,7 @@ pub fn host(cmd: &HostCommand) -> anyhow::Result<u8> {
             );
             Ok(OK)
         })())),
+        HostCommand::CheckLogging(a) => Ok(crate::ops_cli::check_logging(a)),
     }
 }
 
@@ -441,7 +449,7 @@ fn ft_cell(v: &VmView) -> String {
     }
 }
 
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = n as f64;
     let mut unit = 0;
@@ -497,7 +505,7 @@ fn vm_table(vms: &[VmView]) -> String {
 
 /// The one line saying what holds for a VM, e.g. `kvd: Protected (primary host2,
 /// secondary host3)`.
-fn holds(v: &VmView) -> String {
+pub(crate) fn holds(v: &VmView) -> String {
     let mut hosts = Vec::new();
     if let Some(p) = &v.primary_host {
         hosts.push(format!("primary {p}"));
@@ -588,6 +596,7 @@ pub fn vm_show(a: &ShowArgs) -> u8 {
             println!("listen:           {}", ports.join(" "));
         }
         println!("memory:           {} MiB", v.spec.memory_mib);
+        crate::ops_cli::show_ops(&v);
         Ok(OK)
     })())
 }
@@ -601,7 +610,7 @@ fn priority_name(p: Priority) -> &'static str {
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), Fail> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), Fail> {
     if valid_name(name) {
         Ok(())
     } else {
@@ -615,7 +624,7 @@ fn check_name(what: &str, name: &str) -> Result<(), Fail> {
     }
 }
 
-fn bad(message: String) -> Fail {
+pub(crate) fn bad(message: String) -> Fail {
     Fail(BAD_REQUEST, message)
 }
 
@@ -697,6 +706,7 @@ fn create_request(a: &CreateArgs) -> Result<CreateVm, Fail> {
         }),
         args: a.args.clone(),
         env: a.env.clone(),
+        monitoring: a.monitoring.request()?,
     })
 }
 
@@ -796,6 +806,13 @@ pub fn ft_wait(a: &WaitVmArgs, op: FtOp) -> u8 {
                 "the secondary moved and protected again",
                 move |_, now| protected(now) && now.secondary_host.as_deref() == Some(&to),
             ),
+            FtOp::TurnOn => {
+                let code = wait(&client, &a.wait, before, "protected", move |_, now| {
+                    protected(now)
+                })?;
+                crate::ops_cli::warn_logging(&client, &a.name);
+                Ok(code)
+            }
             _ => wait(&client, &a.wait, before, "protected", move |_, now| {
                 protected(now)
             }),
@@ -930,6 +947,7 @@ mod tests {
                 env: vec![],
                 log_port: 7000,
             },
+            ops: Default::default(),
         }
     }
 

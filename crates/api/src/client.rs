@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use cluster::logcheck::{CheckRequest, LogCheck};
 use cluster::model::{ClusterView, HostView, VmView, valid_name};
-use cluster::verbs::{CreateVm, FtOp};
+use cluster::ops::{Monitoring, Sizing};
+use cluster::verbs::{CreateVm, FtOp, ScheduleRequest};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -175,6 +177,41 @@ impl Client {
             &format!("/api/v1/hosts/{}/maintenance/{verb}", checked(host)?),
             None,
         )
+    }
+
+    /// `ft schedule`: set (or clear) the VM's FT schedule.
+    pub fn ft_schedule(&self, name: &str, req: &ScheduleRequest) -> Result<VmView, ClientError> {
+        let name = checked(name)?;
+        self.post(
+            &format!("/api/v1/vms/{name}/ft/schedule"),
+            Some(to_json(req)?),
+        )
+    }
+
+    /// `vm monitor`: VM monitoring's settings of the VM.
+    pub fn set_monitoring(&self, name: &str, m: &Monitoring) -> Result<VmView, ClientError> {
+        let name = checked(name)?;
+        self.post(&format!("/api/v1/vms/{name}/monitoring"), Some(to_json(m)?))
+    }
+
+    /// `ft sizing`: the seed's formula for the VM.
+    pub fn ft_sizing(&self, name: &str) -> Result<Sizing, ClientError> {
+        self.get(&format!("/api/v1/vms/{}/ft/sizing", checked(name)?))
+    }
+
+    /// `host check-logging FROM TO`: call this on a client of FROM's own API
+    /// ([`Client::only`]).
+    pub fn check_logging(&self, from: &str, req: &CheckRequest) -> Result<LogCheck, ClientError> {
+        let from = checked(from)?;
+        self.post(
+            &format!("/api/v1/hosts/{from}/check-logging"),
+            Some(to_json(req)?),
+        )
+    }
+
+    /// A client of one API of the same cluster (same namespace, same timeout).
+    pub fn only(&self, api: &str) -> Client {
+        Client::new(vec![api.to_string()], self.netns.clone()).with_timeout(self.timeout)
     }
 
     /// `GET path`'s JSON text exactly as the API returned it (for `--json` output),

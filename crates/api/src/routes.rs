@@ -21,6 +21,14 @@ pub enum Kind {
     Ft(FtKind),
     /// Host maintenance mode: enter (`true`) or exit.
     Maintenance(bool),
+    /// FT on demand: set or clear the VM's schedule.
+    FtSchedule,
+    /// VM monitoring's settings of the VM.
+    SetMonitoring,
+    /// The seed's sizing formula for the VM.
+    FtSizing,
+    /// Measure the logging network from `{name}` (a host) to another.
+    CheckLogging,
     OpenApi,
     Healthz,
 }
@@ -91,6 +99,14 @@ pub const ROUTES: &[(&str, &str, Kind)] = &[
         "POST",
         "/api/v1/hosts/{name}/maintenance/exit",
         Kind::Maintenance(false),
+    ),
+    ("POST", "/api/v1/vms/{name}/ft/schedule", Kind::FtSchedule),
+    ("GET", "/api/v1/vms/{name}/ft/sizing", Kind::FtSizing),
+    ("POST", "/api/v1/vms/{name}/monitoring", Kind::SetMonitoring),
+    (
+        "POST",
+        "/api/v1/hosts/{name}/check-logging",
+        Kind::CheckLogging,
     ),
     ("GET", "/api/v1/openapi.json", Kind::OpenApi),
     ("GET", "/healthz", Kind::Healthz),

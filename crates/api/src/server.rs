@@ -19,8 +19,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cluster::ClusterError;
+use cluster::logcheck::{CheckRequest, LogCheck};
 use cluster::model::{ClusterView, HostView, VmView, valid_name};
-use cluster::verbs::{CreateVm, FtOp, Verbs};
+use cluster::ops::{Monitoring, Sizing};
+use cluster::verbs::{CreateVm, FtOp, ScheduleRequest, Verbs};
 use serde::Deserialize;
 
 use crate::ApiError;
@@ -58,6 +60,29 @@ pub trait Backend: Send + Sync + 'static {
     fn destroy(&self, name: &str) -> Result<(), ClusterError>;
     fn ft(&self, name: &str, op: FtOp) -> Result<VmView, ClusterError>;
     fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClusterError>;
+    /// The day-two verbs (issue 11); a backend without them answers 501-like errors.
+    fn ft_schedule(&self, name: &str, req: ScheduleRequest) -> Result<VmView, ClusterError> {
+        let _ = (name, req);
+        Err(ClusterError::Internal("not served here".into()))
+    }
+    fn ft_sizing(&self, name: &str) -> Result<Sizing, ClusterError> {
+        let _ = name;
+        Err(ClusterError::Internal("not served here".into()))
+    }
+    fn set_monitoring(&self, name: &str, m: Monitoring) -> Result<VmView, ClusterError> {
+        let _ = (name, m);
+        Err(ClusterError::Internal("not served here".into()))
+    }
+    /// Measure the logging network from host `from`; `me` is the host serving the call.
+    fn check_logging(
+        &self,
+        me: &str,
+        from: &str,
+        req: CheckRequest,
+    ) -> Result<LogCheck, ClusterError> {
+        let _ = (me, from, req);
+        Err(ClusterError::Internal("not served here".into()))
+    }
 }
 
 impl Backend for Verbs {
@@ -94,6 +119,23 @@ impl Backend for Verbs {
         } else {
             Verbs::exit_maintenance(self, host)
         }
+    }
+    fn ft_schedule(&self, name: &str, req: ScheduleRequest) -> Result<VmView, ClusterError> {
+        Verbs::ft_schedule(self, name, req)
+    }
+    fn ft_sizing(&self, name: &str) -> Result<Sizing, ClusterError> {
+        Verbs::sizing(self, name)
+    }
+    fn set_monitoring(&self, name: &str, m: Monitoring) -> Result<VmView, ClusterError> {
+        Verbs::set_monitoring(self, name, m)
+    }
+    fn check_logging(
+        &self,
+        me: &str,
+        from: &str,
+        req: CheckRequest,
+    ) -> Result<LogCheck, ClusterError> {
+        Verbs::check_logging(self, me, from, req)
     }
 }
 
@@ -598,6 +640,26 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
         Kind::PowerOff => {
             parse_optional::<NoBody>(&req.body)?;
             verb(backend.power_off(&name), 200)
+        }
+        Kind::FtSchedule => {
+            let b: ScheduleRequest = parse(&req.body)?;
+            verb(backend.ft_schedule(&name, b), 200)
+        }
+        Kind::SetMonitoring => {
+            let m: Monitoring = parse(&req.body)?;
+            verb(backend.set_monitoring(&name, m), 200)
+        }
+        Kind::FtSizing => match backend.ft_sizing(&name) {
+            Ok(v) => json(200, &v),
+            Err(e) => error(status_of(&e), e.to_string()),
+        },
+        Kind::CheckLogging => {
+            let b: CheckRequest = parse(&req.body)?;
+            check_host("\"to\"", &b.to)?;
+            match backend.check_logging(&info.host, &name, b) {
+                Ok(v) => json(200, &v),
+                Err(e) => error(status_of(&e), e.to_string()),
+            }
         }
         Kind::Ft(ft) => {
             let simple = |op: FtOp| parse_optional::<NoBody>(&req.body).map(|_| op);

@@ -70,6 +70,7 @@ fn view(name: &str) -> VmView {
             env: vec![],
             log_port: 7100,
         },
+        ops: Default::default(),
     }
 }
 
@@ -212,6 +213,7 @@ fn the_openapi_references_resolve_and_views_have_their_schemas() {
         restart_priority: None,
         args: vec![],
         env: vec![],
+        monitoring: None,
     })
     .unwrap();
     let sent: BTreeSet<&String> = req.as_object().unwrap().keys().collect();
@@ -684,6 +686,7 @@ fn the_client_calls_the_server_and_carries_its_errors() {
         restart_priority: Some(Priority::High),
         args: vec!["-v".into()],
         env: vec!["A=B".into()],
+        monitoring: None,
     };
     assert_eq!(client.create(&create).unwrap().name, "web");
     client.power_on("kvd", Some("host3")).unwrap();
@@ -1002,4 +1005,39 @@ fn curl_speaks_to_the_server() {
     let (s, body) = curl(&[&format!("{base}/healthz")]);
     assert_eq!((s, body.as_str()), (200, r#"{"host":"host1","ok":true}"#));
     assert_eq!(fake.calls(), ["vm kvd", "create web", "destroy kvd"]);
+}
+
+#[test]
+fn the_day_two_routes_check_their_bodies_before_the_verbs() {
+    let fake = Fake::default();
+    for (method, target, body, status) in [
+        ("POST", "/api/v1/vms/kvd/ft/schedule", "{", 400),
+        (
+            "POST",
+            "/api/v1/vms/kvd/ft/schedule",
+            r#"{"on":"x","when":1}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/hosts/host1/check-logging",
+            r#"{"to":"Bad"}"#,
+            400,
+        ),
+        ("POST", "/api/v1/hosts/host1/check-logging", r#"{}"#, 400),
+        (
+            "POST",
+            "/api/v1/hosts/Host1/check-logging",
+            r#"{"to":"host2"}"#,
+            400,
+        ),
+        ("GET", "/api/v1/vms/kvd/ft/schedule", "", 405),
+        // A backend without the day-two verbs says so.
+        ("GET", "/api/v1/vms/kvd/ft/sizing", "", 500),
+    ] {
+        let (s, v) = ask(&fake, method, target, body);
+        assert_eq!(s, status, "{method} {target} {body}: {v}");
+        assert!(!error_line(&v).is_empty());
+    }
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
 }

@@ -87,6 +87,9 @@ struct Running {
     log_bytes: (Instant, u64),
     reported: Option<(Instant, CopyReport)>,
     log: PathBuf,
+    /// When this agent first saw the copy live, and its disk-read and network-input
+    /// counters then: averages are taken from there.
+    live_base: Option<(Instant, u64, u64)>,
 }
 
 /// The copies' fences, each under the lease it was started in: only those of the current
@@ -300,6 +303,13 @@ impl Agent {
     /// which hosts this one reaches there (placement needs a secondary that reaches its
     /// primary).
     fn probe_logging_network(&self) -> Result<(), ClusterError> {
+        crate::logcheck::serve(&self.cfg.log_ip).map_err(|e| {
+            ClusterError::Internal(format!(
+                "serve the logging check on {}:{}: {e}",
+                self.cfg.log_ip,
+                crate::logcheck::LOG_CHECK_PORT
+            ))
+        })?;
         let addr = format!("{}:{LOG_PROBE_PORT}", self.cfg.log_ip);
         let listener = std::net::TcpListener::bind(&addr)
             .map_err(|e| ClusterError::Internal(format!("listen on {addr} for probes: {e}")))?;
@@ -661,6 +671,7 @@ impl Agent {
             log_bytes: (Instant::now(), 0),
             reported: None,
             log,
+            live_base: None,
         })
     }
 
@@ -692,6 +703,22 @@ impl Agent {
             (0, 0, 0)
         };
         let now = Instant::now();
+        let (disk_read_bytes, net_in_bytes) = if live {
+            (num("disk_read_bytes"), num("net_in_bytes"))
+        } else {
+            (0, 0)
+        };
+        let (mut disk_read_avg_bps, mut net_in_avg_bps) = (0, 0);
+        if live {
+            let (since, disk0, net0) =
+                *c.live_base
+                    .get_or_insert((now, disk_read_bytes, net_in_bytes));
+            let secs = now.duration_since(since).as_secs_f64();
+            if secs >= 1.0 {
+                disk_read_avg_bps = (disk_read_bytes.saturating_sub(disk0) as f64 / secs) as u64;
+                net_in_avg_bps = (net_in_bytes.saturating_sub(net0) as f64 / secs) as u64;
+            }
+        }
         let mut lag_ms = 0;
         if live {
             c.samples.push_back((now, events));
@@ -735,6 +762,10 @@ impl Agent {
             log_bps,
             exit: c.exit.clone(),
             last_error: c.exit.as_ref().and_then(|_| last_error(&c.log)),
+            disk_read_bytes,
+            net_in_bytes,
+            disk_read_avg_bps,
+            net_in_avg_bps,
         }
     }
 }

@@ -6,9 +6,13 @@
 pub mod agent;
 pub mod fence;
 pub mod http;
+pub mod logcheck;
 pub mod master;
 pub mod model;
+pub mod ops;
+mod ops_verbs;
 pub mod placement;
+pub mod schedule;
 pub mod store;
 pub mod verbs;
 

@@ -12,13 +12,21 @@
 //!   before the lease can expire (the agent's isolation response), so no VM runs twice;
 //! - a secondary that went live (it won arbitration) becomes the primary at once, without
 //!   waiting for the old primary's lease: arbitration already fenced the old primary;
-//! - an FT VM is restarted from its datastore only when neither copy runs anywhere.
+//! - an FT VM is restarted from its datastore only when neither copy runs anywhere;
+//! - VM monitoring ([`crate::ops`]): a guest that trapped or exited with an error is reset
+//!   (a fresh power-on, a new pair under FT) within its VM's limit, never while its running
+//!   secondary may still replay to the same end; one that stopped heartbeating is reset the
+//!   same way, its earlier copy stopping before the new one is placed (a stray);
+//! - the FT a VM gets is what its schedule wants now, when it has one
+//!   ([`crate::ops::effective`]): a pure function of its record and the time.
 //!
 //! Maintenance mode (`maintenance/<host>`): such a host takes nothing, and the master moves
 //! what it holds: a secondary is replaced by one elsewhere (kept until another host can
 //! take it); a primary whose VM is protected is asked for a planned switch to its secondary
 //! (a `kill/` request of [`model::HANDOVER`]), after which the VM is re-protected elsewhere;
-//! a VM without FT is moved the same way, through a secondary placed only for the move.
+//! a VM without FT is moved the same way, through a secondary placed only for the move. A
+//! pair no host of its version can keep protected moves to hosts of another version (a
+//! rolling upgrade), unprotected only while it moves.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -27,6 +35,7 @@ use crate::model::{
     self, Copy, CopyReport, CopyState, FtMode, HostRecord, MasterRecord, Placement, Power,
     Priority, VmRecord,
 };
+use crate::ops;
 use crate::placement::{self, HostLoad, Request};
 use crate::store::{Store, StoreError};
 
@@ -50,6 +59,9 @@ pub struct View {
     pub master: Option<MasterRecord>,
     /// Hosts in maintenance mode (their records say so too).
     pub maintenance: BTreeSet<String>,
+    /// The last logging-network measurements, (from, to) → result (read by the verbs
+    /// only: the master does not need them).
+    pub logchecks: BTreeMap<(String, String), crate::logcheck::LogCheck>,
 }
 
 impl View {
@@ -133,6 +145,10 @@ pub struct Master {
     handovers: BTreeMap<(String, u64), Instant>,
     /// Planned switches to ask this pass.
     to_ask: Vec<(String, u64)>,
+    /// The live copies' last event counts, and when each last moved (heartbeats).
+    progress: BTreeMap<(String, u64), (u64, Instant)>,
+    /// What each scheduled VM's schedule wanted at the last pass (to log its changes).
+    scheduled: BTreeMap<String, bool>,
 }
 
 /// A planned switch not done this long after it was asked is asked again.
@@ -189,6 +205,8 @@ impl Master {
             let (old, rev) = view.places.get(name).cloned().unwrap_or_default();
             let mut p = old.clone();
             let mut notes = Vec::new();
+            let r = &*ops::effective(r);
+            self.log_schedule(r, &mut said);
             self.decide(&view, &mut loads, r, &mut p, &mut notes);
             if p != old {
                 let bytes =
@@ -224,7 +242,31 @@ impl Master {
             let lease = store.grant(REQUEST_TTL_SECS)?;
             store.put(&model::kill_key(&vm, id), model::HANDOVER, Some(lease))?;
         }
+        self.progress.retain(|k, _| live.contains(k));
+        self.scheduled.retain(|k, _| view.vms.contains_key(k));
         Ok(said)
+    }
+
+    /// FT on demand: say when a VM's schedule turns its FT on or off (`r` is effective).
+    fn log_schedule(&mut self, r: &VmRecord, said: &mut Vec<String>) {
+        let Some(s) = &r.ops.ft_schedule else {
+            self.scheduled.remove(&r.spec.name);
+            return;
+        };
+        let on = r.ft != FtMode::Off;
+        if self.scheduled.insert(r.spec.name.clone(), on) != Some(on) {
+            said.push(format!(
+                "{}: FT schedule (on {:?}{}, {}): FT {}",
+                r.spec.name,
+                s.on,
+                s.off
+                    .as_ref()
+                    .map(|o| format!(", off {o:?}"))
+                    .unwrap_or_default(),
+                s.tz,
+                if on { "on" } else { "off" }
+            ));
+        }
     }
 
     /// A new copy of the VM on `host`, under the host's current incarnation. Ids start
@@ -267,8 +309,10 @@ impl Master {
     ) {
         let name = r.spec.name.as_str();
         if p.ended.as_ref().is_some_and(|(boot, _)| *boot < r.boots) {
-            // Powered on again since the guest ended.
+            // Powered on again since the guest ended: VM monitoring's count starts afresh
+            // (the user's power-on is a decision, not a failure).
             p.ended = None;
+            p.monitor.recent.clear();
         }
         if r.power == Power::Off || p.ended.is_some() {
             if r.power == Power::Off {
@@ -289,6 +333,21 @@ impl Master {
         let primary = p.primary.clone();
         let primary_health = primary.as_ref().map(|c| self.health(view, name, c));
         let secondary_health = p.secondary.clone().map(|c| self.health(view, name, &c));
+        if let (Some(c), Some(Health::Live { .. })) = (&primary, &primary_health)
+            && self.stalled(view, r, c)
+        {
+            let why = format!(
+                "no heartbeat: its guest executed no event for {} s",
+                r.ops.monitoring.heartbeat_secs.unwrap_or_default()
+            );
+            if !Self::monitor_reset(r, p, notes, &why) {
+                p.primary = None;
+                p.secondary = None;
+                p.reason = None;
+                p.unprotected_since_ms = None;
+                return;
+            }
+        }
         if let Some(Health::Live { .. }) = secondary_health {
             // The secondary won arbitration and runs the VM: it is the primary now.
             let s = p
@@ -314,28 +373,34 @@ impl Master {
                 p.failovers += 1;
             }
             p.unprotected_since_ms.get_or_insert(model::now_ms());
-        } else if primary_health == Some(Health::Gone) {
-            // Only a running secondary can be deciding arbitration: one still joining
-            // never claims (it is not caught up), so it is not waited for.
-            let secondary_up = secondary_health == Some(Health::Up);
-            let exit = primary
-                .as_ref()
-                .and_then(|c| view.report(name, c))
-                .and_then(|r| r.guest_exit.clone());
-            if let Some(exit) = exit {
-                if secondary_up {
-                    // It replays to the same end, then exits too.
-                    return;
+        } else if let Some(exit) = primary
+            .as_ref()
+            .filter(|_| primary_health == Some(Health::Gone))
+            .and_then(|c| view.report(name, c))
+            .and_then(|r| r.guest_exit.clone())
+        {
+            if secondary_health == Some(Health::Up) {
+                // It replays to the same end, then exits too.
+                return;
+            }
+            // VM monitoring resets a guest that failed (a fresh power-on: both FT copies
+            // fail alike, so FT cannot save it), within its limit; a guest that ended by
+            // itself stays off, restarting it would end alike.
+            if !ops::unexpected_end(&exit) || !Self::monitor_reset(r, p, notes, &exit) {
+                if p.ended.is_none() {
+                    notes.push(format!("the guest ended ({exit}): the VM is off"));
+                    p.ended = Some((r.boots, format!("the guest ended ({exit})")));
                 }
-                // The guest ended by itself: restarting it elsewhere would end alike.
-                notes.push(format!("the guest ended ({exit}): the VM is off"));
-                p.ended = Some((r.boots, format!("the guest ended ({exit})")));
                 p.primary = None;
                 p.secondary = None;
                 p.reason = None;
                 p.unprotected_since_ms = None;
                 return;
             }
+        } else if primary_health == Some(Health::Gone) {
+            // Only a running secondary can be deciding arbitration: one still joining
+            // never claims (it is not caught up), so it is not waited for.
+            let secondary_up = secondary_health == Some(Health::Up);
             if secondary_up {
                 // Arbitration is deciding: the secondary goes live or halts (then gone).
                 p.reason = Some("failover in progress".into());
@@ -679,6 +744,46 @@ impl Master {
         Some((to, th.version.clone()))
     }
 
+    /// VM monitoring: reset the VM (its copies dropped, a fresh primary placed below) if
+    /// its limit allows, else leave it off with the reason. Whether it was reset.
+    fn monitor_reset(r: &VmRecord, p: &mut Placement, notes: &mut Vec<String>, why: &str) -> bool {
+        match ops::on_failure(&r.ops.monitoring, &mut p.monitor, model::now_ms(), why) {
+            ops::Verdict::Reset => {
+                notes.push(format!(
+                    "VM monitoring: {why}; reset {} (a fresh power-on from its datastore)",
+                    p.monitor.resets
+                ));
+                p.primary = None;
+                p.secondary = None;
+                p.unprotected_since_ms.get_or_insert(model::now_ms());
+                true
+            }
+            ops::Verdict::LeaveOff(reason) => {
+                notes.push(format!("VM monitoring: {reason}"));
+                p.ended = Some((r.boots, reason));
+                false
+            }
+        }
+    }
+
+    /// The live copy `c` of a VM declared to heartbeat has executed no event for its
+    /// heartbeat time (as this master saw it: a new master starts the count afresh).
+    fn stalled(&mut self, view: &View, r: &VmRecord, c: &Copy) -> bool {
+        let Some(secs) = r.ops.monitoring.heartbeat_secs else {
+            return false;
+        };
+        let Some(events) = view.report(&r.spec.name, c).map(|rep| rep.events) else {
+            return false;
+        };
+        let key = (r.spec.name.clone(), c.id);
+        let seen = self.progress.entry(key).or_insert((events, Instant::now()));
+        if seen.0 != events {
+            *seen = (events, Instant::now());
+            return false;
+        }
+        seen.1.elapsed() > Duration::from_secs(secs)
+    }
+
     fn account(loads: &mut [HostLoad], host: &str, r: &VmRecord, ft: bool) {
         if let Some(l) = loads.iter_mut().find(|l| l.host.name == host) {
             l.copies += 1;
@@ -973,6 +1078,100 @@ mod tests {
         again.boots = 2;
         decide(&view(&["h1", "h2"], again, vec![("h1", ended)]), &mut p);
         assert!(p.primary.is_some() && p.ended.is_none());
+    }
+
+    #[test]
+    fn a_guest_that_traps_is_reset_up_to_its_limit_then_left_off_saying_why() {
+        let mut r = vm(FtMode::On);
+        r.ops.monitoring.max_resets = 2;
+        let mut p = pair();
+        let trapped = |id: u64, role: Role| {
+            let mut t = report(id, role, CopyState::Exited, false, false);
+            t.exit = Some("exit 1".into());
+            t.guest_exit = Some("trap: wasm trap: unreachable".into());
+            t
+        };
+        // Both copies trap alike: while the secondary still runs, it is waited for.
+        let v = view(
+            &["h1", "h2"],
+            r.clone(),
+            vec![
+                ("h1", trapped(1, Role::Primary)),
+                (
+                    "h2",
+                    report(2, Role::Secondary, CopyState::Running, false, false),
+                ),
+            ],
+        );
+        let before = p.clone();
+        decide(&v, &mut p);
+        assert_eq!(p, before, "waiting for the secondary's end");
+        for n in 1..=3u64 {
+            let (pc, sc) = (p.primary.clone().unwrap(), p.secondary.clone());
+            let mut copies = vec![(pc.host.as_str(), trapped(pc.id, Role::Primary))];
+            if let Some(s) = &sc {
+                copies.push((s.host.as_str(), trapped(s.id, Role::Secondary)));
+            }
+            let v = view(&["h1", "h2"], r.clone(), copies);
+            let notes = decide(&v, &mut p);
+            if n <= 2 {
+                let c = p.primary.clone().expect("reset: a fresh primary");
+                assert!(c.id != pc.id, "{notes:?}");
+                assert!(p.secondary.is_none(), "a new pair, once the primary runs");
+                assert_eq!(p.monitor.resets, n);
+                assert_eq!(p.restarts, 0, "not an HA restart");
+                assert!(
+                    notes.iter().any(|n| n.contains("VM monitoring")),
+                    "{notes:?}"
+                );
+            } else {
+                assert!(p.primary.is_none() && p.secondary.is_none());
+                let why = &p.ended.as_ref().unwrap().1;
+                assert!(why.contains("trap") && why.contains("2 times"), "{why}");
+            }
+        }
+        decide(&view(&["h1", "h2"], r.clone(), vec![]), &mut p);
+        assert!(p.primary.is_none(), "it stays off");
+        // Powered on again: placed, and monitoring's count starts afresh.
+        let mut again = r.clone();
+        again.boots += 1;
+        decide(&view(&["h1", "h2"], again, vec![]), &mut p);
+        assert!(p.primary.is_some() && p.monitor.recent.is_empty());
+        assert_eq!(p.monitor.resets, 2, "the statistics stay");
+        // A guest that exits 0 ended by itself: off at once, no reset.
+        let mut q = alone();
+        let mut clean = report(1, Role::Primary, CopyState::Exited, false, false);
+        clean.guest_exit = Some("exit code 0".into());
+        decide(&view(&["h1"], r.clone(), vec![("h1", clean)]), &mut q);
+        assert!(q.primary.is_none() && q.ended.is_some() && q.monitor.resets == 0);
+    }
+
+    #[test]
+    fn a_vm_declared_to_heartbeat_is_reset_when_its_events_stall() {
+        let mut r = vm(FtMode::Off);
+        r.ops.monitoring.heartbeat_secs = Some(2);
+        let mut p = alone();
+        let mut live = report(1, Role::Primary, CopyState::Running, true, false);
+        live.events = 10;
+        let v = view(&["h1", "h2"], r.clone(), vec![("h1", live.clone())]);
+        let mut m = Master::default();
+        let mut loads = v.loads();
+        let mut notes = vec![];
+        m.decide(&v, &mut loads, &r, &mut p, &mut notes);
+        assert_eq!(p.primary, copy(1, "h1"));
+        // Events move: no reset.
+        std::thread::sleep(Duration::from_millis(1500));
+        live.events = 11;
+        let v = view(&["h1", "h2"], r.clone(), vec![("h1", live.clone())]);
+        m.decide(&v, &mut loads, &r, &mut p, &mut notes);
+        assert_eq!(p.primary, copy(1, "h1"));
+        // Stalled past the heartbeat: reset; the new primary waits for the old to stop.
+        std::thread::sleep(Duration::from_millis(2100));
+        m.decide(&v, &mut loads, &r, &mut p, &mut notes);
+        assert!(p.primary.is_none(), "{notes:?}");
+        assert_eq!(p.monitor.resets, 1);
+        assert!(p.monitor.last.as_ref().unwrap().contains("heartbeat"));
+        assert!(p.reason.as_ref().unwrap().contains("earlier copy on h1"));
     }
 
     #[test]

@@ -11,15 +11,17 @@
 //!   elsewhere only once this key is gone, and an agent that cannot renew its lease stops
 //!   its copies before the lease can expire (the isolation response);
 //! - `ports/<port>` → the VM holding that logging-channel port (created with the VM);
+//! - `logcheck/<from>/<to>` → [`crate::logcheck::LogCheck`], the last measurement of the
+//!   logging network between two hosts (written by the verb that measured it);
 //! - `kill/<vm>/<copy id>` → `""`, a request (test-failover, restart-secondary, disable) that the
 //!   agent running that copy carries out and deletes; → [`HANDOVER`], a planned switch the
 //!   master asks of a live copy (maintenance mode): its agent signals the copy;
 //! - `maintenance/<host>` → [`MaintenanceRecord`], desired state: the host takes nothing and
 //!   the master moves everything off it.
 //!
-//! Invariant: one writer per key family (verbs: `vms/`, `kill/` kills, `maintenance/`;
-//! master: `place/`, `master`, `kill/` handovers; each agent: its own `hosts/<host>` and
-//! `copies/<host>/`).
+//! Invariant: one writer per key family (verbs: `vms/`, `kill/` kills, `maintenance/`,
+//! `logcheck/`; master: `place/`, `master`, `kill/` handovers; each agent: its own
+//! `hosts/<host>` and `copies/<host>/`).
 
 use std::path::PathBuf;
 
@@ -76,6 +78,9 @@ pub struct MaintenanceRecord {
     pub since_ms: u64,
 }
 
+pub fn logcheck_key(from: &str, to: &str) -> String {
+    format!("{PREFIX}logcheck/{from}/{to}")
+}
 pub fn port_key(port: u16) -> String {
     format!("{PREFIX}ports/{port}")
 }
@@ -195,6 +200,9 @@ pub struct VmRecord {
     /// again (see [`Placement::ended`]).
     #[serde(default)]
     pub boots: u64,
+    /// Day-two settings: VM monitoring, FT schedule.
+    #[serde(default)]
+    pub ops: crate::ops::VmOps,
 }
 
 /// What a copy is.
@@ -252,6 +260,9 @@ pub struct Placement {
     /// secondary is a copy placed for the move, which may run another version.
     #[serde(default)]
     pub moving: bool,
+    /// VM monitoring's resets.
+    #[serde(default)]
+    pub monitor: crate::ops::MonitorState,
 }
 
 /// How a copy's process is.
@@ -301,6 +312,16 @@ pub struct CopyReport {
     /// The last line the copy logged at warn/error level (why it ended).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The live copy's disk bytes read and network bytes received (cumulative), and their
+    /// averages since this agent first saw it live (bytes per second).
+    #[serde(default)]
+    pub disk_read_bytes: u64,
+    #[serde(default)]
+    pub net_in_bytes: u64,
+    #[serde(default)]
+    pub disk_read_avg_bps: u64,
+    #[serde(default)]
+    pub net_in_avg_bps: u64,
 }
 
 impl CopyReport {
@@ -322,6 +343,10 @@ impl CopyReport {
             log_bps: 0,
             exit: None,
             last_error: None,
+            disk_read_bytes: 0,
+            net_in_bytes: 0,
+            disk_read_avg_bps: 0,
+            net_in_avg_bps: 0,
         }
     }
 }
@@ -355,6 +380,9 @@ pub struct VmView {
     pub reprotections: u64,
     pub restarts: u64,
     pub spec: VmSpec,
+    /// Day-two figures: monitoring, FT schedule, measured reads and input.
+    #[serde(default)]
+    pub ops: crate::ops::OpsView,
 }
 
 /// A host as `host list` presents it.
@@ -434,6 +462,7 @@ pub(crate) mod fixtures {
             want_host: None,
             secondary_to: None,
             boots: 1,
+            ops: Default::default(),
         }
     }
 }

@@ -40,7 +40,8 @@ pub fn loads(
         .collect();
     for (name, p) in places {
         let Some(vm) = vms.get(name) else { continue };
-        let ft = vm.ft != FtMode::Off;
+        // A scheduled VM counts as FT while its schedule has FT on.
+        let ft = crate::ops::effective(vm).ft != FtMode::Off;
         let copies = [p.primary.as_ref(), p.secondary.as_ref()];
         for c in copies.into_iter().flatten() {
             if let Some(l) = out.iter_mut().find(|l| l.host.name == c.host) {

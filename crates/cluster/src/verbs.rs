@@ -12,6 +12,7 @@ use crate::model::{
     self, ClusterView, CopyState, FtMode, FtStatus, HostView, Nic, Power, Priority, VmRecord,
     VmSpec, VmView,
 };
+pub use crate::ops_verbs::ScheduleRequest;
 use crate::placement::{self, Request};
 use crate::store::Store;
 
@@ -37,6 +38,9 @@ pub struct CreateVm {
     pub args: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
+    /// VM monitoring (default: 3 resets an hour, no heartbeat).
+    #[serde(default)]
+    pub monitoring: Option<crate::ops::Monitoring>,
 }
 
 /// The FT verbs (`POST /api/v1/vms/{name}/ft/{op}`).
@@ -54,9 +58,9 @@ pub enum FtOp {
 /// The verbs, over one cluster store.
 #[derive(Clone, Debug)]
 pub struct Verbs {
-    store: Store,
+    pub(crate) store: Store,
     /// The shared storage folder, as this host sees it.
-    shared: PathBuf,
+    pub(crate) shared: PathBuf,
 }
 
 /// Bounds on what a VM may ask for.
@@ -105,7 +109,7 @@ fn valid_cidr(ip: &str) -> bool {
 }
 
 /// `path` is inside `root`, as the kernel resolves both (symbolic links followed).
-fn inside(path: &std::path::Path, root: &std::path::Path) -> bool {
+pub(crate) fn inside(path: &std::path::Path, root: &std::path::Path) -> bool {
     match (path.canonicalize(), root.canonicalize()) {
         (Ok(p), Ok(r)) => p.starts_with(r),
         _ => false,
@@ -117,11 +121,18 @@ impl Verbs {
         Verbs { store, shared }
     }
 
-    fn view(&self) -> Result<View, ClusterError> {
-        Ok(View::read(&self.store)?)
+    pub(crate) fn view(&self) -> Result<View, ClusterError> {
+        let mut v = View::read(&self.store)?;
+        for (_, c) in self
+            .store
+            .prefix_json::<crate::logcheck::LogCheck>(&format!("{}logcheck/", model::PREFIX))?
+        {
+            v.logchecks.insert((c.from.clone(), c.to.clone()), c);
+        }
+        Ok(v)
     }
 
-    fn record(&self, name: &str) -> Result<(VmRecord, i64), ClusterError> {
+    pub(crate) fn record(&self, name: &str) -> Result<(VmRecord, i64), ClusterError> {
         check_name("VM", name)?;
         self.store
             .get_json::<VmRecord>(&model::vm_key(name))?
@@ -130,7 +141,7 @@ impl Verbs {
 
     /// Change a VM's record with a compare-and-swap (a concurrent verb makes this one fail
     /// with a conflict rather than be lost).
-    fn update(
+    pub(crate) fn update(
         &self,
         name: &str,
         change: impl FnOnce(&mut VmRecord) -> Result<(), ClusterError>,
@@ -188,7 +199,9 @@ impl Verbs {
         v.vms.values().map(|r| Self::view_of(v, r)).collect()
     }
 
-    fn view_of(v: &View, r: &VmRecord) -> VmView {
+    pub(crate) fn view_of(v: &View, stored: &VmRecord) -> VmView {
+        // While a schedule is set, FT is what it wants now.
+        let r = &*crate::ops::effective(stored);
         let name = &r.spec.name;
         let p = v
             .places
@@ -258,6 +271,7 @@ impl Verbs {
             reprotections: p.reprotections,
             restarts: p.restarts,
             spec: r.spec.clone(),
+            ops: crate::ops_verbs::ops_view(v, stored, r, &p, primary),
         }
     }
 
@@ -295,6 +309,9 @@ impl Verbs {
                 self.check_datastore(&req.name, &d)?
             }
         };
+        if let Some(m) = &req.monitoring {
+            m.check().map_err(invalid)?;
+        }
         let memory_mib = req.memory_mib.unwrap_or(256);
         if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
             return Err(invalid(format!(
@@ -405,6 +422,10 @@ impl Verbs {
             want_host: None,
             secondary_to: None,
             boots: 0,
+            ops: crate::ops::VmOps {
+                monitoring: req.monitoring.unwrap_or_default(),
+                ft_schedule: None,
+            },
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| ClusterError::Internal(e.to_string()))?;
         if !self.store.create(&model::vm_key(&req.name), &bytes, None)? {
@@ -730,16 +751,31 @@ impl Verbs {
             .map(|(p, _)| p.clone())
             .unwrap_or_default();
         let conflict = |s: String| Err(ClusterError::Conflict(s));
+        if let Some(s) = &rec.ops.ft_schedule
+            && matches!(
+                op,
+                FtOp::TurnOn | FtOp::TurnOff | FtOp::Disable | FtOp::Enable
+            )
+        {
+            return conflict(format!(
+                "FT of {name} follows its schedule (on {:?}): `tandem ft schedule {name} --clear` first",
+                s.on
+            ));
+        }
         match op {
             FtOp::TurnOn => {
                 if rec.ft == FtMode::On {
                     return self.vm(name);
                 }
                 self.ft_requirements(&rec, &v)?;
-                self.update(name, |r| {
+                let view = self.update(name, |r| {
                     r.ft = FtMode::On;
                     Ok(())
-                })
+                })?;
+                if let Some(w) = &view.ops.logging_warning {
+                    tracing::warn!("ft turn-on {name}: {w}");
+                }
+                Ok(view)
             }
             FtOp::TurnOff => self.update(name, |r| {
                 r.ft = FtMode::Off;

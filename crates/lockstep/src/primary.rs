@@ -119,6 +119,9 @@ struct State {
     log_bytes: u64,
     disk_read_bytes: u64,
     net_in_bytes: u64,
+    /// When the status was last written from the event path (without a secondary, nothing
+    /// else keeps its counters current: VM monitoring's heartbeat and sizing read them).
+    status_at: Instant,
 }
 
 impl State {
@@ -422,6 +425,7 @@ impl Shared {
                 log_bytes: 0,
                 disk_read_bytes: 0,
                 net_in_bytes: 0,
+                status_at: Instant::now(),
             }),
             events: Condvar::new(),
             acks: Condvar::new(),
@@ -826,6 +830,10 @@ impl EventSink for PrimarySink {
             )));
         }
         st.push(event);
+        if st.attached.is_none() && st.status_at.elapsed() > Duration::from_millis(250) {
+            st.status_at = Instant::now();
+            s.status(&st);
+        }
         s.events.notify_all();
         if st.handover.is_some() {
             st = s.switch_over(st)?;
