@@ -10,6 +10,7 @@ pub mod master;
 pub mod model;
 pub mod placement;
 pub mod store;
+pub mod timeline;
 pub mod verbs;
 
 /// The cluster's errors, by what the caller should do about them.

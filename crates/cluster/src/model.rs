@@ -12,7 +12,9 @@
 //!   its copies before the lease can expire (the isolation response);
 //! - `ports/<port>` → the VM holding that logging-channel port (created with the VM);
 //! - `kill/<vm>/<copy id>` → `""`, a request (test-failover, restart-secondary, disable) that the
-//!   agent running that copy carries out and deletes.
+//!   agent running that copy carries out and deletes;
+//! - `timeline/<ms>-<host>-<seq>` → `timeline::TimelineEvent`, the events the dashboard
+//!   shows (bounded; written by the master for its decisions, by agents for verbs).
 //!
 //! Invariant: one writer per key family (verbs: `vms/`, `kill/`; master: `place/`, `master`;
 //! each agent: its own `hosts/<host>` and `copies/<host>/`).
@@ -98,7 +100,19 @@ pub struct MasterRecord {
     pub since_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     High,
@@ -109,7 +123,9 @@ pub enum Priority {
     Disabled,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Power {
     On,
@@ -131,7 +147,7 @@ pub enum FtMode {
 }
 
 /// The VM's NIC: its own MAC and address (the bridge is each host's VM bridge).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Nic {
     pub mac: String,
     /// CIDR, e.g. `10.77.0.10/24`.
@@ -139,7 +155,7 @@ pub struct Nic {
 }
 
 /// What a VM is: fixed at `vm create`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct VmSpec {
     pub name: String,
     /// The guest module (a path every host reads: on shared storage, or installed alike).
@@ -227,6 +243,9 @@ pub struct Placement {
     /// When the VM last lost protection (Unix ms), to measure re-protection.
     #[serde(default)]
     pub unprotected_since_ms: Option<u64>,
+    /// How long the last re-protection took (ms): from losing protection to protected again.
+    #[serde(default)]
+    pub last_reprotect_ms: Option<u64>,
     /// The guest ended by itself (exited, or trapped) in boot `.0`, as `.1` says: the VM is
     /// off until powered on again, never restarted by HA (its copies would end alike).
     #[serde(default)]
@@ -274,6 +293,17 @@ pub struct CopyReport {
     pub log_bytes: u64,
     #[serde(default)]
     pub log_bps: u64,
+    /// Outputs the live copy holds back by the output rule now, and how many it ever held.
+    #[serde(default)]
+    pub outputs_held: u64,
+    #[serde(default)]
+    pub outputs_held_total: u64,
+    /// The rates of disk reads and network input the VM's events carried, bytes per second
+    /// (the inputs of the logging-bandwidth sizing formula).
+    #[serde(default)]
+    pub disk_read_bps: u64,
+    #[serde(default)]
+    pub net_in_bps: u64,
     /// How the process ended (`exit 0`, `signal 9`, ...).
     #[serde(default)]
     pub exit: Option<String>,
@@ -299,6 +329,10 @@ impl CopyReport {
             lag_ms: 0,
             log_bytes: 0,
             log_bps: 0,
+            outputs_held: 0,
+            outputs_held_total: 0,
+            disk_read_bps: 0,
+            net_in_bps: 0,
             exit: None,
             last_error: None,
         }
@@ -306,7 +340,7 @@ impl CopyReport {
 }
 
 /// The FT status users see.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FtStatus {
     Protected,
@@ -316,7 +350,7 @@ pub enum FtStatus {
 }
 
 /// A VM as `vm list` / `vm show` present it (JSON keys are part of the API).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct VmView {
     pub name: String,
     pub power: Power,
@@ -334,10 +368,27 @@ pub struct VmView {
     pub reprotections: u64,
     pub restarts: u64,
     pub spec: VmSpec,
+    /// Events the live copy executed (the VM's position).
+    #[serde(default)]
+    pub events: Option<u64>,
+    /// Outputs held back by the output rule now, and ever.
+    #[serde(default)]
+    pub outputs_held: Option<u64>,
+    #[serde(default)]
+    pub outputs_held_total: Option<u64>,
+    /// Disk reads and network input carried by the VM's events, bytes per second: the
+    /// sizing formula's inputs (logging bandwidth ~ (disk reads + network input) x 1.2).
+    #[serde(default)]
+    pub disk_read_bps: Option<u64>,
+    #[serde(default)]
+    pub net_in_bps: Option<u64>,
+    /// How long the last re-protection took, ms.
+    #[serde(default)]
+    pub reprotect_ms: Option<u64>,
 }
 
 /// A host as `host list` presents it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct HostView {
     pub name: String,
     /// `connected` (its agent holds its lease).
@@ -356,7 +407,7 @@ pub struct HostView {
 }
 
 /// `cluster status`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ClusterView {
     pub master: Option<String>,
     pub hosts: usize,

@@ -16,7 +16,7 @@ use crate::placement::{self, Request};
 use crate::store::Store;
 
 /// `POST /api/v1/vms`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     pub name: String,
@@ -119,6 +119,11 @@ impl Verbs {
 
     fn view(&self) -> Result<View, ClusterError> {
         Ok(View::read(&self.store)?)
+    }
+
+    /// The store the verbs write (the API records its timeline events there).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     fn record(&self, name: &str) -> Result<(VmRecord, i64), ClusterError> {
@@ -258,6 +263,12 @@ impl Verbs {
             reprotections: p.reprotections,
             restarts: p.restarts,
             spec: r.spec.clone(),
+            events: primary.map(|c| c.events),
+            outputs_held: primary.map(|c| c.outputs_held),
+            outputs_held_total: primary.map(|c| c.outputs_held_total),
+            disk_read_bps: primary.map(|c| c.disk_read_bps),
+            net_in_bps: primary.map(|c| c.net_in_bps),
+            reprotect_ms: p.last_reprotect_ms,
         }
     }
 
