@@ -38,11 +38,21 @@ impl Cluster {
         let c = Cluster {
             lab: Lab::cluster(tag, hosts),
         };
-        c.wait("every agent registered", 30, || {
+        // Every agent registered, and each reaching every other on the logging network
+        // (FT needs it; the agents probe it once they run).
+        c.wait("every agent registered and probed", 60, || {
             let r = c.verb(&["host", "list", "--json"]);
             r.code == 0
-                && serde_json::from_str::<Value>(&r.stdout)
-                    .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == hosts as usize))
+                && serde_json::from_str::<Value>(&r.stdout).is_ok_and(|v| {
+                    v.as_array().is_some_and(|a| {
+                        a.len() == hosts as usize
+                            && a.iter().all(|h| {
+                                h["log_peers"]
+                                    .as_array()
+                                    .is_some_and(|p| p.len() + 1 == hosts as usize)
+                            })
+                    })
+                })
         });
         c
     }
