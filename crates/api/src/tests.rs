@@ -1247,3 +1247,34 @@ fn the_event_stream_sends_the_whole_state_and_metrics_have_their_families() {
         assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
     }
 }
+
+#[test]
+fn metrics_say_an_unreadable_store_and_escape_their_labels() {
+    let text = crate::metrics::render("host1", None);
+    assert_eq!(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>(),
+        ["tandem_store_up 0"]
+    );
+    let mut odd = view("kvd");
+    odd.name = "a\"b\\c\nd".into();
+    let text = crate::metrics::render("host1", Some((&[], &[odd])));
+    assert!(
+        text.contains(r#"tandem_vm_failovers_total{vm="a\"b\\c\nd"} 0"#),
+        "{text}"
+    );
+    // Every family is declared once, before its samples.
+    let mut declared = BTreeSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            assert!(
+                declared.insert(rest.split(' ').next().unwrap().to_string()),
+                "{l}"
+            );
+        } else if !l.starts_with('#') {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert!(declared.contains(name), "{l} before its TYPE");
+        }
+    }
+}

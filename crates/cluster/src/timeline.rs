@@ -170,6 +170,20 @@ pub fn events_of_change(vm: &str, old: &Placement, new: &Placement) -> Vec<Timel
             ),
         ));
     }
+    // A secondary replaced without a failover (lost, restarted, migrated).
+    if new.failovers == old.failovers
+        && let (Some(was), Some(now_s)) = (old.secondary.as_ref(), new.secondary.as_ref())
+        && was.id != now_s.id
+    {
+        out.push(event(
+            EventKind::Notice,
+            primary,
+            format!(
+                "a new secondary on {} (the one on {} was lost or replaced)",
+                now_s.host, was.host
+            ),
+        ));
+    }
     if let Some((_, why)) = new.ended.as_ref().filter(|_| old.ended.is_none()) {
         out.push(event(
             EventKind::Notice,
@@ -226,6 +240,56 @@ mod tests {
         assert!(e[0].detail.contains("2.5 s"), "{}", e[0].detail);
         // Nothing moved: nothing told.
         assert!(events_of_change("kvd", &new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_replaced_secondary_is_a_notice() {
+        let old = Placement {
+            primary: copy(1, "host1"),
+            secondary: copy(2, "host2"),
+            ..Default::default()
+        };
+        let new = Placement {
+            secondary: copy(3, "host3"),
+            ..old.clone()
+        };
+        let e = events_of_change("kvd", &old, &new);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].kind, EventKind::Notice);
+        assert!(e[0].detail.contains("host3") && e[0].detail.contains("host2"));
+    }
+
+    #[test]
+    fn the_timeline_in_etcd_keeps_the_last_events_in_order() {
+        let etcd = crate::store::tests::Etcd::start();
+        let store = etcd.store();
+        let at = model::now_ms();
+        for i in 0..(MAX_EVENTS + 5) {
+            record(
+                &store,
+                TimelineEvent {
+                    at_ms: at + i as u64,
+                    kind: EventKind::Verb,
+                    vm: Some("kvd".into()),
+                    host: Some("host1".into()),
+                    detail: format!("verb {i}\nsecond line"),
+                    who: Some("x".repeat(2 * MAX_FIELD)),
+                },
+            )
+            .unwrap();
+        }
+        let all = recent(&store, usize::MAX).unwrap();
+        assert_eq!(all.len(), MAX_EVENTS, "pruned to the bound");
+        assert_eq!(all[0].detail, "verb 5 second line", "the oldest went first");
+        assert_eq!(
+            all.last().unwrap().detail,
+            format!("verb {} second line", MAX_EVENTS + 4)
+        );
+        assert!(all.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+        assert_eq!(all[0].who.as_ref().unwrap().len(), MAX_FIELD);
+        let last3 = recent(&store, 3).unwrap();
+        assert_eq!(last3.len(), 3);
+        assert_eq!(last3[2], *all.last().unwrap());
     }
 
     #[test]
