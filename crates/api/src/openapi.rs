@@ -30,11 +30,19 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// A schema given inline, in OpenAPI 3.0's dialect (`nullable`, not a `null` type), as the
+/// generator's own transforms make the referenced ones.
+fn dialect(mut schema: schemars::Schema) -> Value {
+    use schemars::transform::Transform;
+    schemars::transform::AddNullable::default().transform(&mut schema);
+    schema.to_value()
+}
+
 fn content(g: &mut schemars::SchemaGenerator, body: Body) -> Option<Value> {
     match body {
         Body::Empty => None,
         Body::Json(f) | Body::OptionalJson(f) => {
-            Some(json!({ "application/json": { "schema": f(g).to_value() } }))
+            Some(json!({ "application/json": { "schema": dialect(f(g)) } }))
         }
         Body::Text(mime, _) => Some(json!({ mime: { "schema": { "type": "string" } } })),
     }
@@ -90,7 +98,7 @@ pub fn generate() -> Value {
         }
         responses.insert(status.to_string(), ok);
         for e in r.errors {
-            let schema = error_schema(&mut g).to_value();
+            let schema = dialect(error_schema(&mut g));
             responses.insert(
                 e.to_string(),
                 json!({
@@ -112,7 +120,8 @@ pub fn generate() -> Value {
     }
     // The event stream's data, described beside the rest.
     let _ = crate::routes::schema::<crate::bodies::Snapshot>(&mut g);
-    let schemas = Value::Object(g.definitions().clone());
+    // Taken with the OpenAPI 3.0 transforms applied (`nullable`, no type arrays).
+    let schemas = Value::Object(g.take_definitions(true));
     json!({
         "openapi": "3.0.3",
         "info": {

@@ -197,6 +197,25 @@ fn the_openapi_references_resolve_and_views_have_their_schemas() {
             _ => {}
         }
     }
+    // OpenAPI 3.0's dialect: no `type` arrays (a null type is `nullable: true`).
+    fn no_type_arrays(v: &serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(t) = m.get("type") {
+                    assert!(t.is_string(), "a type that is not one name: {v}");
+                }
+                m.values().for_each(no_type_arrays);
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(no_type_arrays),
+            _ => {}
+        }
+    }
+    no_type_arrays(&doc["components"]);
+    no_type_arrays(&doc["paths"]);
+    assert_eq!(
+        doc["components"]["schemas"]["VmView"]["properties"]["lag_ms"]["nullable"],
+        true
+    );
     let mut all = Vec::new();
     refs(&doc, &mut all);
     assert!(!all.is_empty());
