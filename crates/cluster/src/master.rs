@@ -168,7 +168,7 @@ impl Master {
                 let bytes =
                     serde_json::to_vec(&p).map_err(|e| StoreError::Decode(e.to_string()))?;
                 if store.put_if(&model::place_key(name), &bytes, rev, None)? {
-                    crate::timeline::placement_changed(store, name, &old, &p);
+                    crate::timeline::placement_changed(store, &view, name, &old, &p);
                     said.extend(notes.into_iter().map(|n| format!("{name}: {n}")));
                 } else {
                     said.push(format!("{name}: placement changed under me; next pass"));

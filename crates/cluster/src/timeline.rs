@@ -120,9 +120,19 @@ pub fn recent(store: &Store, limit: usize) -> Result<Vec<TimelineEvent>, StoreEr
         .collect())
 }
 
+/// How a copy that halted exits (`tandem ft`'s exit 4: it lost arbitration, or could not
+/// go live without what clients were told).
+pub const LOST_ARBITRATION_EXIT: &str = "exit 4";
+
 /// The events a placement change tells (the master calls this once a placement it
-/// decided is written): one per counter that moved, and a VM newly left off.
-pub fn events_of_change(vm: &str, old: &Placement, new: &Placement) -> Vec<TimelineEvent> {
+/// decided is written): one per counter that moved, a secondary replaced, and a VM newly
+/// left off. `old_secondary_exit` is how the replaced secondary's process ended, if known.
+pub fn events_of_change(
+    vm: &str,
+    old: &Placement,
+    new: &Placement,
+    old_secondary_exit: Option<&str>,
+) -> Vec<TimelineEvent> {
     let now = model::now_ms();
     let event = |kind, host: Option<&str>, detail: String| TimelineEvent {
         at_ms: now,
@@ -175,6 +185,18 @@ pub fn events_of_change(vm: &str, old: &Placement, new: &Placement) -> Vec<Timel
         && let (Some(was), Some(now_s)) = (old.secondary.as_ref(), new.secondary.as_ref())
         && was.id != now_s.id
     {
+        if old_secondary_exit == Some(LOST_ARBITRATION_EXIT) {
+            out.push(event(
+                EventKind::Arbitration,
+                primary,
+                format!(
+                    "the primary on {} stays live: the secondary on {} halted (it lost \
+                     arbitration, or could not go live)",
+                    primary.unwrap_or("?"),
+                    was.host
+                ),
+            ));
+        }
         out.push(event(
             EventKind::Notice,
             primary,
@@ -194,9 +216,21 @@ pub fn events_of_change(vm: &str, old: &Placement, new: &Placement) -> Vec<Timel
     out
 }
 
-/// Record what a placement change tells (see [`events_of_change`]).
-pub fn placement_changed(store: &Store, vm: &str, old: &Placement, new: &Placement) {
-    for e in events_of_change(vm, old, new) {
+/// Record what a placement change tells (see [`events_of_change`]), the copies' reports
+/// read from the master's `view`.
+pub fn placement_changed(
+    store: &Store,
+    view: &crate::master::View,
+    vm: &str,
+    old: &Placement,
+    new: &Placement,
+) {
+    let exit = old
+        .secondary
+        .as_ref()
+        .and_then(|c| view.report(vm, c))
+        .and_then(|r| r.exit.clone());
+    for e in events_of_change(vm, old, new, exit.as_deref()) {
         note(store, e);
     }
 }
@@ -226,7 +260,7 @@ mod tests {
             failovers: 1,
             ..Default::default()
         };
-        let e = events_of_change("kvd", &old, &new);
+        let e = events_of_change("kvd", &old, &new, None);
         let kinds: Vec<EventKind> = e.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [EventKind::Arbitration, EventKind::Failover]);
         assert!(e[1].detail.contains("host2") && e[1].detail.contains("host1"));
@@ -234,12 +268,12 @@ mod tests {
         new.secondary = copy(3, "host3");
         new.reprotections = 1;
         new.last_reprotect_ms = Some(2500);
-        let e = events_of_change("kvd", &old, &new);
+        let e = events_of_change("kvd", &old, &new, None);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].kind, EventKind::Reprotect);
         assert!(e[0].detail.contains("2.5 s"), "{}", e[0].detail);
         // Nothing moved: nothing told.
-        assert!(events_of_change("kvd", &new, &new).is_empty());
+        assert!(events_of_change("kvd", &new, &new, None).is_empty());
     }
 
     #[test]
@@ -253,10 +287,18 @@ mod tests {
             secondary: copy(3, "host3"),
             ..old.clone()
         };
-        let e = events_of_change("kvd", &old, &new);
+        let e = events_of_change("kvd", &old, &new, Some("exit 0"));
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].kind, EventKind::Notice);
         assert!(e[0].detail.contains("host3") && e[0].detail.contains("host2"));
+        // A secondary that halted having lost arbitration: the primary won.
+        let e = events_of_change("kvd", &old, &new, Some(LOST_ARBITRATION_EXIT));
+        assert_eq!(e[0].kind, EventKind::Arbitration);
+        assert!(
+            e[0].detail.contains("primary on host1 stays live"),
+            "{}",
+            e[0].detail
+        );
     }
 
     #[test]
