@@ -668,6 +668,12 @@ pub fn run_up(a: &LabArgs, hosts: u32, bare: bool) -> Result<u8> {
             a.name,
             lab_file(&a.name).display()
         );
+        println!(
+            "dashboard: http://{}:{API_PORT}/ from the client machine {} (API token {})",
+            mgmt_ip(1),
+            ns(&a.name, "client"),
+            token_file(&a.name).display()
+        );
     }
     Ok(0)
 }
