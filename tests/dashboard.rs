@@ -129,9 +129,12 @@ impl Browser {
         let ns = lab.ns("client");
         let profile = PathBuf::from(format!("/tmp/{}-chromium", lab.name));
         let _ = std::fs::remove_dir_all(&profile);
+        // Chromium's scratch folders go inside the profile too, removed with it.
+        std::fs::create_dir_all(profile.join("tmp")).unwrap();
         let driver = Command::new("ip")
             .args(["netns", "exec", &ns, "chromedriver"])
             .arg(format!("--port={DRIVER_PORT}"))
+            .env("TMPDIR", profile.join("tmp"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -160,7 +163,7 @@ impl Browser {
                     "args": [
                         "--headless=new", "--no-sandbox", "--disable-gpu",
                         "--disable-dev-shm-usage", "--window-size=1440,1100",
-                        format!("--user-data-dir={}", b.profile.display()),
+                        format!("--user-data-dir={}", b.profile.join("data").display()),
                     ]
                 }
             }}
@@ -306,7 +309,7 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         // Any chromium left (its driver killed first): found by its unique profile.
-        let needle = format!("--user-data-dir={}", self.profile.display());
+        let needle = format!("--user-data-dir={}", self.profile.join("data").display());
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for e in dir.flatten() {
                 let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
