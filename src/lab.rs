@@ -79,6 +79,16 @@ pub enum LabCommand {
         /// The host, e.g. host1.
         host: String,
     },
+    /// Serve the lab's dashboard (and API) on this machine: each connection to LISTEN is
+    /// relayed to the first agent that accepts it, from the lab's client machine (the
+    /// management network is not reachable from here). Runs until interrupted.
+    Dashboard {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Where to listen on this machine.
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// Carry out a `tandem lab` command.
@@ -95,6 +105,7 @@ pub fn run(cmd: LabCommand) -> Result<u8> {
             );
             Ok(0)
         }
+        LabCommand::Dashboard { lab, listen } => crate::lab_proxy::run(&lab.name, listen),
         LabCommand::Revive { lab, host } => {
             let started = revive(&lab.name, &host)?;
             println!(

@@ -255,8 +255,8 @@ fn cluster_status(target: &Target, json: bool) -> Result<u8, Fail> {
     let api = client.apis().first().cloned().unwrap_or_default();
     match client.netns() {
         Some(ns) => println!(
-            "dashboard: {api}/ (on the lab's management network: reachable from its client \
-             machine, e.g. `ip netns exec {ns} chromium {api}/`)"
+            "dashboard: {api}/ (on the lab's management network, from its client machine \
+             {ns}; `tandem lab dashboard` serves it here at http://127.0.0.1:7070/)"
         ),
         None => println!("dashboard: {api}/"),
     }

@@ -774,4 +774,51 @@ fn metrics_scraped_during_load_parse_strictly_and_their_counters_move() {
         );
     }
     assert_eq!(value(&m1, "tandem_store_up", &[]), Some(1.0));
+
+    // `lab dashboard` relays this machine's port to the lab's agents.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    struct Relay(std::process::Child);
+    impl Drop for Relay {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _relay = Relay(
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args([
+                "lab",
+                "dashboard",
+                "--name",
+                &c.lab.name,
+                "--listen",
+                &listen,
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = |p: &str| format!("http://{listen}{p}");
+    let get = |p: &str, headers: &[(&str, &str)]| {
+        cluster::http::request_with("GET", &url(p), headers, None, Duration::from_secs(5))
+    };
+    let start = Instant::now();
+    while get("/healthz", &[]).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "lab dashboard never listened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let page = get("/", &[]).unwrap();
+    assert_eq!(page.status, 401);
+    assert!(page.text().contains("<form"), "the sign-in page");
+    let bearer = format!("Bearer {}", c.token());
+    let vms = get("/api/v1/vms", &[("Authorization", &bearer)]).unwrap();
+    assert_eq!(vms.status, 200);
+    assert!(vms.text().contains("\"kvd\""), "{}", vms.text());
 }
