@@ -1,11 +1,18 @@
-//! The route table: every (method, path) the API serves, and the matching of a request's
-//! method and path against it. The table is the one truth the OpenAPI document is checked
-//! against (see the tests): a route added here and not documented fails a test.
+//! The route table: every (method, path) the API serves, with what it needs (the token), its
+//! bodies' types and its answers, and the matching of a request against it. The table is the
+//! one truth both the dispatcher and the OpenAPI generator (`crate::openapi`) read: a route
+//! cannot be served undocumented, and a test calls every documented route.
 //!
 //! Invariant: a `{name}` segment that reaches a handler is a valid cluster name
 //! (`cluster::model::valid_name`): it is checked here, before any store access.
 
+use crate::bodies::{
+    ErrorBody, Health, HostList, MigrateBody, NoBody, PowerOnBody, SignInBody, TimelineEvents,
+    VmList,
+};
 use cluster::model::valid_name;
+use cluster::model::{ClusterView, VmView};
+use cluster::verbs::CreateVm;
 
 /// What a route does (its name, if any, travels beside it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,13 +87,6 @@ pub struct Route {
     /// The error statuses it may answer (each with an `ErrorBody`).
     pub errors: &'static [u16],
 }
-
-use crate::bodies::{
-    ErrorBody, Health, HostList, MigrateBody, NoBody, PowerOnBody, SignInBody, TimelineEvents,
-    VmList,
-};
-use cluster::model::{ClusterView, VmView};
-use cluster::verbs::CreateVm;
 
 const STORE: &[u16] = &[401, 500, 503];
 const VERB: &[u16] = &[400, 401, 404, 409, 500, 503];
