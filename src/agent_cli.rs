@@ -33,6 +33,10 @@ pub struct AgentArgs {
     /// Memory this host offers VMs, MiB (default: the machine's total memory).
     #[arg(long, value_name = "MIB")]
     pub memory_mib: Option<u64>,
+    /// The file holding the cluster's API token (its first line; default <shared>/.token).
+    /// Every API route and the dashboard require it, but /metrics and /healthz.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// Where the copies' logs go (default /var/lib/tandem/agent-NAME).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -63,6 +67,13 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
     {
         bail!("--vm-uplink {i:?}: an interface name is 1-15 letters, digits, '_', '.' or '-'");
     }
+    let token_file = a
+        .token_file
+        .clone()
+        .unwrap_or_else(|| a.shared.join(".token"));
+    let token = api::client::read_token(&token_file).with_context(
+        || "the API needs a token: pass --token-file FILE (`tandem lab up` writes <shared>/.token)",
+    )?;
     let store = cluster::store::Store::connect(&a.store).context("--store")?;
     let exe = std::env::current_exe().context("finding the tandem binary")?;
     let cfg = cluster::agent::AgentConfig {
@@ -116,6 +127,8 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
         verbs,
         api::server::AgentInfo {
             host: a.name.clone(),
+            token: Some(token),
+            token_hint: token_file.display().to_string(),
         },
     )
     .with_context(|| format!("serving the API on {}", a.api))?;

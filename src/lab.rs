@@ -79,6 +79,16 @@ pub enum LabCommand {
         /// The host, e.g. host1.
         host: String,
     },
+    /// Serve the lab's dashboard (and API) on this machine: each connection to LISTEN is
+    /// relayed to the first agent that accepts it, from the lab's client machine (the
+    /// management network is not reachable from here). Runs until interrupted.
+    Dashboard {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Where to listen on this machine.
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// Carry out a `tandem lab` command.
@@ -95,6 +105,7 @@ pub fn run(cmd: LabCommand) -> Result<u8> {
             );
             Ok(0)
         }
+        LabCommand::Dashboard { lab, listen } => crate::lab_proxy::run(&lab.name, listen),
         LabCommand::Revive { lab, host } => {
             let started = revive(&lab.name, &host)?;
             println!(
@@ -124,6 +135,32 @@ pub fn host_ns(name: &str, k: u32) -> String {
 
 pub fn shared_dir(name: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/{name}-shared"))
+}
+
+/// `<shared>/.token`: the cluster's API token (mode 0600), which the agents require and the
+/// CLI sends. Outside every VM's own folder, so no guest's datastore reaches it.
+pub fn token_file(name: &str) -> PathBuf {
+    shared_dir(name).join(".token")
+}
+
+/// A fresh token: 32 random bytes, hex, written to `path` readable by its owner only.
+fn write_token(path: &std::path::Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the API token")?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// `/tmp/NAME-lab.json`: where a lab's cluster is (see [`LabFile`]).
@@ -170,6 +207,9 @@ pub struct LabFile {
     /// Every host's agent API, `http://IP:PORT`, host1 first.
     pub apis: Vec<String>,
     pub hosts: u32,
+    /// The API token's file (mode 0600): the agents require the token, the CLI sends it.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -420,6 +460,7 @@ fn start_cluster(name: &str, hosts: u32) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     reap_in_background(etcd);
+    write_token(&token_file(name))?;
     for k in 1..=hosts {
         start_agent(name, k)?;
     }
@@ -431,6 +472,7 @@ fn start_cluster(name: &str, hosts: u32) -> Result<()> {
             .map(|k| format!("http://{}:{API_PORT}", mgmt_ip(k)))
             .collect(),
         hosts,
+        token_file: Some(token_file(name)),
     };
     let path = lab_file(name);
     let tmp = path.with_extension("json.tmp");
@@ -485,6 +527,8 @@ pub fn start_agent(name: &str, k: u32) -> Result<()> {
         &format!("{}:{API_PORT}", mgmt_ip(k)),
         "--state-dir",
         &agent_dir(name, k).display().to_string(),
+        "--token-file",
+        &token_file(name).display().to_string(),
     ]
     .iter()
     .map(|a| a.to_string())
@@ -636,6 +680,12 @@ pub fn run_up(a: &LabArgs, hosts: u32, bare: bool) -> Result<u8> {
             (1..=hosts).map(mgmt_ip).collect::<Vec<_>>().join(","),
             a.name,
             lab_file(&a.name).display()
+        );
+        println!(
+            "dashboard: http://{}:{API_PORT}/ from the client machine {} (API token {})",
+            mgmt_ip(1),
+            ns(&a.name, "client"),
+            token_file(&a.name).display()
         );
     }
     Ok(0)

@@ -13,6 +13,7 @@ mod cluster_lab;
 mod demo;
 mod guests;
 mod lab;
+mod lab_proxy;
 mod ops_cli;
 mod snap;
 mod verbs_cli;

@@ -35,14 +35,22 @@ pub struct Target {
     /// in order), from this machine's own network.
     #[arg(long, value_name = "URL", conflicts_with = "lab")]
     pub api: Vec<String>,
+    /// The cluster's API token, from this file (its first line): with --api (a lab's CLI
+    /// reads the lab's token file).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Target {
     pub(crate) fn client(&self) -> Result<Client, ClientError> {
-        if self.api.is_empty() {
-            Client::from_lab(&self.lab)
+        let client = if self.api.is_empty() {
+            Client::from_lab(&self.lab)?
         } else {
-            Ok(Client::new(self.api.clone(), None))
+            Client::new(self.api.clone(), None)
+        };
+        match &self.token_file {
+            Some(f) => client.with_token_file(f),
+            None => Ok(client),
         }
     }
 }
@@ -227,7 +235,7 @@ impl From<ClientError> for Fail {
             ClientError::Api { status: 503, .. } => UNREACHABLE,
             ClientError::Api { status, .. } if (400..500).contains(status) => BAD_REQUEST,
             ClientError::Api { .. } | ClientError::Decode(_) => FAILED,
-            ClientError::Invalid(_) => BAD_REQUEST,
+            ClientError::Invalid(_) | ClientError::Token { .. } => BAD_REQUEST,
             ClientError::NoLab(_)
             | ClientError::Lab { .. }
             | ClientError::Unreachable(_)
@@ -275,6 +283,22 @@ fn cluster_status(target: &Target, json: bool) -> Result<u8, Fail> {
         c.vms, c.protected, c.not_protected
     );
     println!("version:  {}", c.version);
+    // The dashboard is every agent's `/`: the first API the client reaches.
+    let api = client.apis().first().cloned().unwrap_or_default();
+    match client.netns() {
+        Some(ns) => println!(
+            "dashboard: {api}/ (on the lab's management network, from its client machine \
+             {ns}; `tandem lab dashboard` serves it here at http://127.0.0.1:7070/)"
+        ),
+        None => println!("dashboard: {api}/"),
+    }
+    match client.token_file() {
+        Some(f) => println!(
+            "token:    {} (sign in with it; API clients send it as a bearer token)",
+            f.display()
+        ),
+        None => println!("token:    none given (pass --token-file FILE)"),
+    }
     Ok(OK)
 }
 
@@ -948,6 +972,12 @@ mod tests {
                 log_port: 7000,
             },
             ops: Default::default(),
+            events: Some(100),
+            outputs_held: Some(0),
+            outputs_held_total: Some(5),
+            disk_read_bps: Some(0),
+            net_in_bps: Some(0),
+            reprotect_ms: None,
         }
     }
 
@@ -1098,6 +1128,13 @@ mod tests {
         fn maintenance(&self, _: &str, _: bool) -> Result<HostView, cluster::ClusterError> {
             Err(cluster::ClusterError::Internal("not scripted".into()))
         }
+        fn timeline(
+            &self,
+            _: usize,
+        ) -> Result<Vec<cluster::timeline::TimelineEvent>, cluster::ClusterError> {
+            Ok(vec![])
+        }
+        fn note(&self, _: cluster::timeline::TimelineEvent) {}
     }
 
     /// Run an FT verb against the script: (exit code, looks taken).
@@ -1109,9 +1146,7 @@ mod tests {
         let server = api::server::serve_backend(
             "127.0.0.1:0".parse().unwrap(),
             backend.clone(),
-            api::server::AgentInfo {
-                host: "host1".into(),
-            },
+            api::server::AgentInfo::open("host1"),
         )
         .unwrap();
         let args = WaitVmArgs {
@@ -1119,6 +1154,7 @@ mod tests {
             target: Target {
                 lab: "tandem".into(),
                 api: vec![format!("http://{}", server.local_addr())],
+                token_file: None,
             },
             wait: Wait {
                 timeout_secs,

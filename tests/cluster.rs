@@ -576,10 +576,26 @@ fn bad_requests_are_refused_with_a_4xx_and_a_clear_message() {
     assert!(r.stderr.contains("not protected"), "{}", r.stderr);
     // Raw HTTP from the client machine: malformed JSON, unknown fields, unknown routes.
     let api = "http://10.79.0.11:7070/api/v1";
+    let token = std::fs::read_to_string(format!("/tmp/{}-shared/.token", c.lab.name)).unwrap();
+    let bearer = format!("Authorization: Bearer {}", token.trim());
     let curl = |args: &[&str]| {
-        c.lab
-            .client("curl", &[&["-s", "-w", "\n%{http_code}"], args].concat())
+        c.lab.client(
+            "curl",
+            &[&["-s", "-w", "\n%{http_code}", "-H", &bearer], args].concat(),
+        )
     };
+    // Without the token (or with another), the API refuses, and says how to sign in.
+    for h in [
+        &[][..],
+        &["-H", "Authorization: Bearer 0000000000000000000000"][..],
+    ] {
+        let r = c.lab.client(
+            "curl",
+            &[&["-s", "-w", "\n%{http_code}"], h, &[&format!("{api}/vms")]].concat(),
+        );
+        assert!(r.stdout.ends_with("401"), "{}", r.stdout);
+        assert!(r.stdout.contains("Authorization: Bearer"), "{}", r.stdout);
+    }
     let r = curl(&["-X", "POST", "-d", "{bad", &format!("{api}/vms")]);
     assert!(r.stdout.ends_with("400"), "{}", r.stdout);
     assert!(r.stdout.contains("\"error\""), "{}", r.stdout);

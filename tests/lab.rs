@@ -66,8 +66,21 @@ fn a_cluster_lab_runs_etcd_and_agents_on_the_management_network() {
             "store": "http://10.79.0.1:2379",
             "apis": ["http://10.79.0.11:7070", "http://10.79.0.12:7070"],
             "hosts": 2,
+            "token_file": format!("/tmp/{name}-shared/.token"),
         })
     );
+    // The API token: random, readable by its owner only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let token = format!("/tmp/{name}-shared/.token");
+        let meta = std::fs::metadata(&token).expect("the token file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let t = std::fs::read_to_string(&token).unwrap();
+        assert!(
+            t.trim().len() == 64 && t.trim().bytes().all(|b| b.is_ascii_hexdigit()),
+            "{t:?}"
+        );
+    }
 
     // One etcd, reachable from every host and the client: a key written from host1 is
     // read from host2 and from the client.

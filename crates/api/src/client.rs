@@ -19,7 +19,7 @@ use cluster::verbs::{CreateVm, FtOp, ScheduleRequest};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use cluster::http::{Response, request};
+use cluster::http::{Response, request_with};
 
 /// How long one exchange with one API may take (a verb only records what it asks, so
 /// an answer is quick; an API on a dead host costs this much, once: see `preferred`).
@@ -41,6 +41,9 @@ pub enum ClientError {
     /// The network namespace could not be joined.
     #[error("network namespace {ns}: {why}")]
     Netns { ns: String, why: String },
+    /// The token file cannot be read or holds no token.
+    #[error("token file {path}: {why}")]
+    Token { path: String, why: String },
     /// The request is refused before sending (a bad name).
     #[error("{0}")]
     Invalid(String),
@@ -58,6 +61,32 @@ struct LabFile {
     #[serde(default)]
     netns: Option<String>,
     apis: Vec<String>,
+    /// The file holding the cluster's API token (mode 0600).
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+}
+
+/// The longest token file read.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The token in `path` (its first line, trimmed), checked to be one a server accepts.
+pub fn read_token(path: &std::path::Path) -> Result<String, ClientError> {
+    use std::io::Read;
+    let bad = |why: String| ClientError::Token {
+        path: path.display().to_string(),
+        why,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_FILE).read_to_string(&mut text))
+        .map_err(|e| bad(e.to_string()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    if !crate::server::valid_token(&token) {
+        return Err(bad(
+            "not a token (16-256 letters, digits, '-', '_', '.', '~' on the first line)".into(),
+        ));
+    }
+    Ok(token)
 }
 
 /// A client of a cluster's REST API.
@@ -66,6 +95,10 @@ pub struct Client {
     apis: Vec<String>,
     netns: Option<String>,
     timeout: Duration,
+    /// Sent as `Authorization: Bearer` on every call.
+    token: Option<String>,
+    /// Where the token came from (said by `cluster status`).
+    token_file: Option<PathBuf>,
     /// The API that answered last: tried first next time, so that a dead host's API (its
     /// connection attempts time out) slows one call, not every poll of a long verb.
     preferred: Arc<AtomicUsize>,
@@ -81,6 +114,8 @@ impl Client {
                 .collect(),
             netns,
             timeout: DEFAULT_TIMEOUT,
+            token: None,
+            token_file: None,
             preferred: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -110,7 +145,34 @@ impl Client {
         if lab.apis.is_empty() {
             return Err(lab_err(format!("{} lists no API", path.display())));
         }
-        Ok(Client::new(lab.apis, lab.netns))
+        let client = Client::new(lab.apis, lab.netns);
+        match lab.token_file {
+            Some(f) => client.with_token_file(&f),
+            None => Ok(client),
+        }
+    }
+
+    /// Send the token in `path` with every call.
+    pub fn with_token_file(mut self, path: &std::path::Path) -> Result<Self, ClientError> {
+        self.token = Some(read_token(path)?);
+        self.token_file = Some(path.to_path_buf());
+        Ok(self)
+    }
+
+    /// Send this token with every call.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The token file the client read, if any.
+    pub fn token_file(&self) -> Option<&std::path::Path> {
+        self.token_file.as_deref()
+    }
+
+    /// The network namespace the APIs are reached from, if any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// Each exchange may take this long (per API tried).
@@ -211,7 +273,10 @@ impl Client {
 
     /// A client of one API of the same cluster (same namespace, same timeout).
     pub fn only(&self, api: &str) -> Client {
-        Client::new(vec![api.to_string()], self.netns.clone()).with_timeout(self.timeout)
+        Client {
+            token: self.token.clone(),
+            ..Client::new(vec![api.to_string()], self.netns.clone()).with_timeout(self.timeout)
+        }
     }
 
     /// `GET path`'s JSON text exactly as the API returned it (for `--json` output),
@@ -254,11 +319,17 @@ impl Client {
             .collect();
         let timeout = self.timeout;
         let preferred = self.preferred.clone();
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let exchange = move || -> Result<Response, ClientError> {
             let mut failures = Vec::new();
             let mut unavailable = None;
             for (i, url) in &urls {
-                match request(method, url, body.as_deref(), timeout) {
+                let headers: Vec<(&str, &str)> = auth
+                    .as_deref()
+                    .map(|a| ("Authorization", a))
+                    .into_iter()
+                    .collect();
+                match request_with(method, url, &headers, body.as_deref(), timeout) {
                     Ok(r) if r.status == 503 => unavailable = Some(r),
                     Ok(r) => {
                         preferred.store(*i, Ordering::Relaxed);

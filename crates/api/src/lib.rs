@@ -2,20 +2,24 @@
 //! one HTTP call with a JSON body, described by an OpenAPI document the agents serve.
 //!
 //! - [`server`] serves the routes over `cluster::verbs::Verbs` (one per host agent);
-//! - [`client`] calls them, trying a cluster's APIs in order (the CLI is its user).
+//! - [`client`] calls them, trying a cluster's APIs in order (the CLI is its user);
+//! - [`openapi`] generates the OpenAPI document from the route table and the handlers'
+//!   types ([`bodies`], the cluster's views);
+//! - [`metrics`] renders `/metrics` (Prometheus text format);
+//! - the dashboard (`dashboard.html`, served at `/`) is one embedded page fed by the event
+//!   stream.
 //!
 //! This crate sits above `cluster` (never the reverse) and owns the wire: the route table,
 //! the HTTP parsing, the mapping of `cluster::ClusterError` to status codes and the
 //! `{"error": "..."}` bodies.
 
+pub mod bodies;
 pub mod client;
+pub mod metrics;
+pub mod openapi;
 pub mod server;
 
 mod routes;
-
-/// The OpenAPI 3.0 document describing every route (hand-written; a unit test checks that
-/// its paths and methods are exactly the router's).
-pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// The server's errors (starting it; serving never fails as a whole).
 #[derive(Debug, thiserror::Error)]

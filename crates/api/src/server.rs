@@ -10,6 +10,15 @@
 //! The verbs are reached through [`Backend`], implemented by `cluster::verbs::Verbs`: the
 //! unit tests put an in-memory fake behind it, and what they test is this layer (parsing,
 //! routing, error mapping), never the cluster.
+//!
+//! Auth: with a token set ([`AgentInfo::token`]), every route whose table entry says `auth`
+//! needs it, as `Authorization: Bearer TOKEN` or as the dashboard's HttpOnly cookie
+//! ([`COOKIE`], set by signing in); anything else is 401 (the dashboard's 401 is its sign-in
+//! page). A change authenticated by the cookie alone must also carry [`CSRF_HEADER`] (which
+//! a cross-site form cannot send), or it is 403. Tokens are compared in constant time.
+//!
+//! The event stream (`/api/v1/events`) holds its connection: at most [`MAX_STREAMS`] at
+//! once, each at most [`STREAM_LIFETIME`], each ending when the server stops.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -22,11 +31,30 @@ use cluster::ClusterError;
 use cluster::logcheck::{CheckRequest, LogCheck};
 use cluster::model::{ClusterView, HostView, VmView, valid_name};
 use cluster::ops::{Monitoring, Sizing};
+use cluster::timeline::{EventKind, TimelineEvent};
 use cluster::verbs::{CreateVm, FtOp, ScheduleRequest, Verbs};
-use serde::Deserialize;
 
 use crate::ApiError;
+use crate::bodies::{ErrorBody, Health, MigrateBody, NoBody, PowerOnBody, SignInBody, Snapshot};
 use crate::routes::{self, FtKind, Kind, Miss, clip};
+
+/// The dashboard's cookie (HttpOnly, SameSite=Strict): the token, set by signing in.
+pub const COOKIE: &str = "tandem_token";
+/// The header a cookie-authenticated change must carry (`1`): the dashboard's scripts send
+/// it; a form or link from another site cannot.
+pub const CSRF_HEADER: &str = "x-tandem-csrf";
+/// Event streams served at once; one more is answered 503.
+pub const MAX_STREAMS: usize = 16;
+/// How long one event stream lasts (the browser's EventSource reconnects).
+pub const STREAM_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// How often a stream sends the cluster's state.
+pub const STREAM_PERIOD: Duration = Duration::from_secs(1);
+/// Timeline events in a stream's snapshot, and in `GET /api/v1/timeline`.
+const SNAPSHOT_EVENTS: usize = 50;
+const TIMELINE_EVENTS: usize = 200;
+/// The dashboard: one page, its styles and scripts inline (no build step, no CDN).
+const DASHBOARD: &str = include_str!("dashboard.html");
+const SIGN_IN: &str = include_str!("signin.html");
 
 /// Connections served at once; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -42,10 +70,42 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`IO_TIMEOUT`] holds its slot no longer than this).
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Who serves: named in every answer's `X-Tandem-Host` header and in `/healthz`.
+/// Who serves: named in every answer's `X-Tandem-Host` header and in `/healthz`; and the
+/// token its routes require.
 #[derive(Clone, Debug)]
 pub struct AgentInfo {
     pub host: String,
+    /// The cluster's token (`None`: no route needs one: only for tests of this layer).
+    pub token: Option<String>,
+    /// Where the token is, said on the sign-in page and in 401 answers.
+    pub token_hint: String,
+}
+
+impl AgentInfo {
+    /// An agent that needs no token (tests of this layer).
+    pub fn open(host: &str) -> Self {
+        AgentInfo {
+            host: host.to_string(),
+            token: None,
+            token_hint: String::new(),
+        }
+    }
+}
+
+/// A token as the lab writes it and agents read it: 16-256 characters safe in a header and
+/// a cookie (letters, digits, `-`, `_`, `.`, `~`).
+pub fn valid_token(t: &str) -> bool {
+    (16..=256).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The verbs as the server calls them (`cluster::verbs::Verbs`'s methods).
@@ -59,6 +119,11 @@ pub trait Backend: Send + Sync + 'static {
     fn power_off(&self, name: &str) -> Result<VmView, ClusterError>;
     fn destroy(&self, name: &str) -> Result<(), ClusterError>;
     fn ft(&self, name: &str, op: FtOp) -> Result<VmView, ClusterError>;
+    /// The last `limit` timeline events, oldest first.
+    fn timeline(&self, limit: usize) -> Result<Vec<TimelineEvent>, ClusterError>;
+    /// Record a timeline event (best effort: a failure is logged).
+    fn note(&self, event: TimelineEvent);
+    /// Host maintenance mode: enter or exit.
     fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClusterError>;
     /// The day-two verbs (issue 11); a backend without them answers 501-like errors.
     fn ft_schedule(&self, name: &str, req: ScheduleRequest) -> Result<VmView, ClusterError> {
@@ -112,6 +177,12 @@ impl Backend for Verbs {
     }
     fn ft(&self, name: &str, op: FtOp) -> Result<VmView, ClusterError> {
         Verbs::ft(self, name, op)
+    }
+    fn timeline(&self, limit: usize) -> Result<Vec<TimelineEvent>, ClusterError> {
+        Ok(cluster::timeline::recent(self.store(), limit)?)
+    }
+    fn note(&self, event: TimelineEvent) {
+        cluster::timeline::note(self.store(), event);
     }
     fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClusterError> {
         if enter {
@@ -234,6 +305,10 @@ fn accept_loop(
     stop: Arc<AtomicBool>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
+    let ctx = Arc::new(Ctx {
+        stop: stop.clone(),
+        streams: AtomicUsize::new(0),
+    });
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -260,16 +335,36 @@ fn accept_loop(
             continue;
         }
         let slot = Slot(active.clone());
-        let (backend, info) = (backend.clone(), info.clone());
+        let (backend, info, ctx) = (backend.clone(), info.clone(), ctx.clone());
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(&mut stream, &*backend, &info);
+                let peer = stream.peer_addr().ok();
+                serve_stream(&mut stream, &*backend, &info, &ctx, peer);
                 let _ = stream.shutdown(Shutdown::Both);
             });
         if let Err(e) = spawned {
             tracing::warn!("API: cannot start a connection's thread: {e}");
+        }
+    }
+}
+
+/// What the stream serving needs beyond one request: the server's stop flag and how many
+/// event streams are open.
+pub(crate) struct Ctx {
+    pub stop: Arc<AtomicBool>,
+    pub streams: AtomicUsize,
+}
+
+#[cfg(test)]
+impl Ctx {
+    /// A context whose server has stopped: an event stream sends its head and ends (a test
+    /// connection never breaks, so a stream on it would not end otherwise).
+    pub(crate) fn detached() -> Ctx {
+        Ctx {
+            stop: Arc::new(AtomicBool::new(true)),
+            streams: AtomicUsize::new(0),
         }
     }
 }
@@ -280,9 +375,30 @@ pub(crate) struct Response {
     pub status: u16,
     pub body: Vec<u8>,
     pub allow: Option<String>,
+    pub content_type: &'static str,
+    /// Further headers (`Set-Cookie`, `Location`, ...): names and values of ours only.
+    pub headers: Vec<(&'static str, String)>,
+    /// The answer is an event stream: its head only is in `to_bytes`, then the stream.
+    pub stream: bool,
 }
 
 impl Response {
+    fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Response {
+        Response {
+            status,
+            body,
+            allow: None,
+            content_type,
+            headers: Vec::new(),
+            stream: false,
+        }
+    }
+
+    fn with(mut self, name: &'static str, value: String) -> Response {
+        self.headers.push((name, value));
+        self
+    }
+
     fn to_bytes(&self, host: &str) -> Vec<u8> {
         let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         // The host name is ours, but keep the header well-formed whatever it is.
@@ -291,9 +407,21 @@ impl Response {
         if let Some(allow) = &self.allow {
             head.push_str(&format!("Allow: {allow}\r\n"));
         }
+        for (name, value) in &self.headers {
+            let value: String = value.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if self.stream {
+            head.push_str(&format!(
+                "Content-Type: {}\r\nCache-Control: no-store\r\n\r\n",
+                self.content_type
+            ));
+            return head.into_bytes();
+        }
         if self.status != 204 {
             head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                "Content-Type: {}\r\nContent-Length: {}\r\n",
+                self.content_type,
                 self.body.len()
             ));
         }
@@ -311,6 +439,9 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         201 => "Created",
         204 => "No Content",
+        303 => "See Other",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -329,23 +460,29 @@ fn reason(status: u16) -> &'static str {
 /// `{"error": "..."}` with its status; the message made one line.
 pub(crate) fn error(status: u16, message: String) -> Response {
     let line = message.replace(['\r', '\n'], " ");
-    Response {
+    Response::new(
         status,
-        body: serde_json::to_vec(&serde_json::json!({ "error": line }))
+        "application/json",
+        serde_json::to_vec(&ErrorBody { error: line })
             .unwrap_or_else(|_| b"{\"error\":\"?\"}".to_vec()),
-        allow: None,
-    }
+    )
 }
 
 fn json<T: serde::Serialize>(status: u16, value: &T) -> Response {
     match serde_json::to_vec(value) {
-        Ok(body) => Response {
-            status,
-            body,
-            allow: None,
-        },
+        Ok(body) => Response::new(status, "application/json", body),
         Err(e) => error(500, format!("cannot encode the answer: {e}")),
     }
+}
+
+fn html(status: u16, page: String) -> Response {
+    Response::new(status, "text/html; charset=utf-8", page.into_bytes())
+        .with("Cache-Control", "no-store".into())
+        // The page's own inline script and style only: nothing loaded from elsewhere.
+        .with(
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'unsafe-inline' 'self'; style-src 'unsafe-inline' 'self'; img-src 'self' data:; frame-ancestors 'none'".into(),
+        )
 }
 
 /// The status code of a verb's error.
@@ -359,28 +496,138 @@ pub fn status_of(e: &ClusterError) -> u16 {
     }
 }
 
-/// Read one request from the connection, answer it.
+/// Read one request from the connection, answer it (tests: no peer, no stop flag).
+#[cfg(test)]
 pub(crate) fn serve_connection<S: Read + Write>(
     stream: &mut S,
     backend: &dyn Backend,
     info: &AgentInfo,
 ) {
+    serve_stream(stream, backend, info, &Ctx::detached(), None)
+}
+
+fn serve_stream<S: Read + Write>(
+    stream: &mut S,
+    backend: &dyn Backend,
+    info: &AgentInfo,
+    ctx: &Ctx,
+    peer: Option<SocketAddr>,
+) {
     let response = match read_request(stream) {
-        Ok(Some(req)) => respond(&req, backend, info),
+        Ok(Some(mut req)) => {
+            req.peer = peer;
+            respond(&req, backend, info)
+        }
         // The peer closed without a request: nothing to answer.
         Ok(None) => return,
         Err(r) => r,
     };
+    if response.stream {
+        stream_events(stream, backend, info, ctx, response);
+        return;
+    }
     let _ = stream.write_all(&response.to_bytes(&info.host));
     let _ = stream.flush();
 }
 
+/// Serve an event stream: every [`STREAM_PERIOD`] the cluster's [`Snapshot`], until the
+/// peer leaves, the server stops or [`STREAM_LIFETIME`] passed.
+fn stream_events<S: Read + Write>(
+    stream: &mut S,
+    backend: &dyn Backend,
+    info: &AgentInfo,
+    ctx: &Ctx,
+    head: Response,
+) {
+    struct Open<'a>(&'a AtomicUsize);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    if ctx.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+        drop(Open(&ctx.streams));
+        let r = error(
+            503,
+            format!("more than {MAX_STREAMS} event streams: try again"),
+        );
+        let _ = stream.write_all(&r.to_bytes(&info.host));
+        return;
+    }
+    let _open = Open(&ctx.streams);
+    if stream.write_all(&head.to_bytes(&info.host)).is_err() {
+        return;
+    }
+    // Reconnect after 2 s if the stream breaks.
+    if stream.write_all(b"retry: 2000\n\n").is_err() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    while !ctx.stop.load(Ordering::SeqCst) && started.elapsed() < STREAM_LIFETIME {
+        let chunk = match snapshot(backend, info) {
+            Ok(s) => match serde_json::to_string(&s) {
+                Ok(j) => format!("data: {j}\n\n"),
+                Err(e) => format!("event: failure\ndata: {}\n\n", json_line(&e.to_string())),
+            },
+            Err(e) => format!("event: failure\ndata: {}\n\n", json_line(&e.to_string())),
+        };
+        if stream
+            .write_all(chunk.as_bytes())
+            .and_then(|()| stream.flush())
+            .is_err()
+        {
+            return;
+        }
+        std::thread::sleep(STREAM_PERIOD);
+    }
+}
+
+fn json_line(message: &str) -> String {
+    serde_json::to_string(&ErrorBody {
+        error: message.replace(['\r', '\n'], " "),
+    })
+    .unwrap_or_default()
+}
+
+fn snapshot(backend: &dyn Backend, info: &AgentInfo) -> Result<Snapshot, ClusterError> {
+    Ok(Snapshot {
+        at_ms: cluster::model::now_ms(),
+        served_by: info.host.clone(),
+        cluster: backend.status()?,
+        hosts: backend.hosts()?,
+        vms: backend.vms()?,
+        timeline: backend.timeline(SNAPSHOT_EVENTS)?,
+    })
+}
+
 /// A parsed request.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Request {
     pub method: String,
     pub target: String,
     pub body: Vec<u8>,
+    /// The headers this server reads (names lower-cased): authorization, cookie,
+    /// content-type and the CSRF header.
+    pub headers: Vec<(String, String)>,
+    /// The client's address (who asked, in the timeline).
+    pub peer: Option<SocketAddr>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The dashboard's cookie, if sent.
+    fn cookie(&self) -> Option<&str> {
+        self.header("cookie")?.split(';').find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == COOKIE).then_some(v)
+        })
+    }
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -446,6 +693,7 @@ pub(crate) fn read_request<S: Read + Write>(stream: &mut S) -> Result<Option<Req
     }
     let mut content_length: Option<usize> = None;
     let mut expect_continue = false;
+    let mut kept = Vec::new();
     for (i, line) in lines.enumerate() {
         if i >= MAX_HEADERS {
             return Err(error(431, format!("more than {MAX_HEADERS} headers")));
@@ -473,6 +721,11 @@ pub(crate) fn read_request<S: Read + Write>(stream: &mut S) -> Result<Option<Req
         } else if name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case("100-continue")
         {
             expect_continue = true;
+        } else if ["authorization", "cookie", "content-type", CSRF_HEADER]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
+        {
+            kept.push((name.to_ascii_lowercase(), value.to_string()));
         }
     }
     let length = content_length.unwrap_or(0);
@@ -506,6 +759,8 @@ pub(crate) fn read_request<S: Read + Write>(stream: &mut S) -> Result<Option<Req
         method: method.to_string(),
         target: target.to_string(),
         body,
+        headers: kept,
+        peer: None,
     }))
 }
 
@@ -515,26 +770,6 @@ fn is_timeout(e: &std::io::Error) -> bool {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
     )
 }
-
-/// `power-on`'s body (optional).
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct PowerOnBody {
-    #[serde(default)]
-    host: Option<String>,
-}
-
-/// `migrate-secondary`'s body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateBody {
-    to: String,
-}
-
-/// The other verbs take no body, or `{}`.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct NoBody {}
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| error(400, format!("malformed JSON: {e}")))
@@ -574,8 +809,188 @@ pub(crate) fn respond(req: &Request, backend: &dyn Backend, info: &AgentInfo) ->
     }
 }
 
+/// How a request proved it may call: who asked, as the timeline says it.
+enum Caller {
+    Bearer,
+    Cookie,
+    Open,
+}
+
+fn who(caller: &Caller, req: &Request) -> String {
+    let how = match caller {
+        Caller::Bearer => "API token",
+        Caller::Cookie => "dashboard",
+        Caller::Open => "anonymous",
+    };
+    match req.peer {
+        Some(p) => format!("{how} from {}", p.ip()),
+        None => how.to_string(),
+    }
+}
+
+/// The caller, if the request carries the token (or none is required).
+fn authenticate(req: &Request, info: &AgentInfo) -> Option<Caller> {
+    let Some(token) = &info.token else {
+        return Some(Caller::Open);
+    };
+    if let Some(bearer) = req
+        .header("authorization")
+        .and_then(|a| a.strip_prefix("Bearer "))
+        && same(bearer.trim().as_bytes(), token.as_bytes())
+    {
+        return Some(Caller::Bearer);
+    }
+    if let Some(c) = req.cookie()
+        && same(c.as_bytes(), token.as_bytes())
+    {
+        return Some(Caller::Cookie);
+    }
+    None
+}
+
+fn sign_in_page(status: u16, info: &AgentInfo, note: &str) -> Response {
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let hint = if info.token_hint.is_empty() {
+        "the token file given to the agents with --token-file".to_string()
+    } else {
+        info.token_hint.clone()
+    };
+    html(
+        status,
+        SIGN_IN
+            .replace("{{HOST}}", &escape(&info.host))
+            .replace("{{HINT}}", &escape(&hint))
+            .replace("{{NOTE}}", &escape(note)),
+    )
+}
+
+fn unauthorized(kind: Kind, info: &AgentInfo) -> Response {
+    if kind == Kind::Dashboard {
+        return sign_in_page(401, info, "");
+    }
+    let hint = if info.token_hint.is_empty() {
+        String::new()
+    } else {
+        format!(" (the token is in {})", info.token_hint)
+    };
+    error(
+        401,
+        format!("missing or wrong token: send `Authorization: Bearer TOKEN`{hint}"),
+    )
+    .with("WWW-Authenticate", "Bearer realm=\"tandem\"".into())
+}
+
+fn set_cookie(value: &str, max_age: u64) -> String {
+    format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}")
+}
+
+/// `application/x-www-form-urlencoded`'s field `name`, decoded (bounded by the body).
+fn form_field(body: &[u8], name: &str) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let raw = text.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then_some(v)
+    })?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b'%' => return None,
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn sign_in(req: &Request, info: &AgentInfo) -> Response {
+    let form = req
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    let given = if form {
+        form_field(&req.body, "token")
+    } else {
+        serde_json::from_slice::<SignInBody>(&req.body)
+            .ok()
+            .map(|b| b.token)
+    };
+    let Some(given) = given else {
+        return error(
+            400,
+            "send {\"token\": \"...\"} or a form with token=...".into(),
+        );
+    };
+    let given = given.trim();
+    let ok = match &info.token {
+        Some(t) => same(given.as_bytes(), t.as_bytes()),
+        None => true,
+    };
+    if !ok {
+        return if form {
+            sign_in_page(401, info, "That token is not this cluster's.")
+        } else {
+            error(401, "wrong token".into())
+        };
+    }
+    let value = info.token.clone().unwrap_or_default();
+    let cookie = set_cookie(&value, 7 * 24 * 3600);
+    if form {
+        Response::new(303, "text/plain", b"signed in".to_vec())
+            .with("Location", "/".into())
+            .with("Set-Cookie", cookie)
+    } else {
+        Response::new(204, "application/json", Vec::new()).with("Set-Cookie", cookie)
+    }
+}
+
+/// A verb's line in the timeline.
+fn verb_line(kind: Kind, req: &Request) -> Option<String> {
+    Some(match kind {
+        Kind::CreateVm => "vm create".into(),
+        Kind::DestroyVm => "vm destroy".into(),
+        Kind::PowerOn => match parse_optional::<PowerOnBody>(&req.body).ok()?.host {
+            Some(h) => format!("vm power-on --host {h}"),
+            None => "vm power-on".into(),
+        },
+        Kind::PowerOff => "vm power-off".into(),
+        Kind::Ft(ft) => {
+            let op = match ft {
+                FtKind::TurnOn => "turn-on",
+                FtKind::TurnOff => "turn-off",
+                FtKind::Disable => "disable",
+                FtKind::Enable => "enable",
+                FtKind::TestFailover => "test-failover",
+                FtKind::RestartSecondary => "restart-secondary",
+                FtKind::MigrateSecondary => {
+                    let to = parse::<MigrateBody>(&req.body).ok()?.to;
+                    return Some(format!("ft migrate-secondary --to {to}"));
+                }
+            };
+            format!("ft {op}")
+        }
+        Kind::FtSchedule => "ft schedule".into(),
+        Kind::SetMonitoring => "vm monitor".into(),
+        Kind::CheckLogging => "host check-logging".into(),
+        Kind::Maintenance(true) => "host maintenance enter".into(),
+        Kind::Maintenance(false) => "host maintenance exit".into(),
+        _ => return None,
+    })
+}
+
 fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Response, Response> {
-    let (kind, name) = routes::route(&req.method, &req.target).map_err(|miss| match miss {
+    let (route, name) = routes::route(&req.method, &req.target).map_err(|miss| match miss {
         Miss::NotFound(m) => error(404, m),
         Miss::BadName(m) => error(400, m),
         Miss::Method { allow, message } => Response {
@@ -583,18 +998,101 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
             ..error(405, message)
         },
     })?;
+    let kind = route.kind;
+    let caller = if route.auth {
+        let Some(c) = authenticate(req, info) else {
+            return Err(unauthorized(kind, info));
+        };
+        if matches!(c, Caller::Cookie)
+            && req.method != "GET"
+            && req.header(CSRF_HEADER) != Some("1")
+        {
+            return Err(error(
+                403,
+                format!("a change signed in by cookie must send the {CSRF_HEADER}: 1 header"),
+            ));
+        }
+        c
+    } else {
+        Caller::Open
+    };
     let name = name.unwrap_or_default();
+    let response = answer(kind, &name, req, backend, info)?;
+    if (200..300).contains(&response.status)
+        && let Some(line) = verb_line(kind, req)
+    {
+        let vm = if kind == Kind::CreateVm {
+            serde_json::from_slice::<CreateVm>(&req.body)
+                .ok()
+                .map(|c| c.name)
+        } else {
+            Some(name.clone())
+        };
+        backend.note(TimelineEvent {
+            at_ms: cluster::model::now_ms(),
+            kind: EventKind::Verb,
+            vm,
+            host: Some(info.host.clone()),
+            detail: line,
+            who: Some(who(&caller, req)),
+        });
+    }
+    Ok(response)
+}
+
+fn answer(
+    kind: Kind,
+    name: &str,
+    req: &Request,
+    backend: &dyn Backend,
+    info: &AgentInfo,
+) -> Result<Response, Response> {
     let verb = |r: Result<VmView, ClusterError>, status: u16| match r {
         Ok(v) => json(status, &v),
         Err(e) => error(status_of(&e), e.to_string()),
     };
     Ok(match kind {
-        Kind::Healthz => json(200, &serde_json::json!({"ok": true, "host": info.host})),
-        Kind::OpenApi => Response {
-            status: 200,
-            body: crate::OPENAPI.as_bytes().to_vec(),
-            allow: None,
+        Kind::Dashboard => html(200, DASHBOARD.replace("{{HOST}}", &info.host)),
+        Kind::SignIn => sign_in(req, info),
+        Kind::SignOut => {
+            Response::new(204, "application/json", Vec::new()).with("Set-Cookie", set_cookie("", 0))
+        }
+        Kind::Events => {
+            let mut r = Response::new(200, "text/event-stream", Vec::new());
+            r.stream = true;
+            r
+        }
+        Kind::Timeline => match backend.timeline(TIMELINE_EVENTS) {
+            Ok(v) => json(200, &v),
+            Err(e) => error(status_of(&e), e.to_string()),
         },
+        Kind::Metrics => {
+            let state = backend.hosts().and_then(|h| Ok((h, backend.vms()?)));
+            let text = match &state {
+                Ok((h, v)) => crate::metrics::render(&info.host, Some((h, v))),
+                Err(e) => {
+                    tracing::warn!("metrics: cannot read the cluster: {e}");
+                    crate::metrics::render(&info.host, None)
+                }
+            };
+            Response::new(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text.into_bytes(),
+            )
+        }
+        Kind::Healthz => json(
+            200,
+            &Health {
+                host: info.host.clone(),
+                ok: true,
+            },
+        ),
+        Kind::OpenApi => Response::new(
+            200,
+            "application/json",
+            crate::openapi::document().as_bytes().to_vec(),
+        ),
         Kind::Cluster => match backend.status() {
             Ok(v) => json(200, &v),
             Err(e) => error(status_of(&e), e.to_string()),
@@ -607,7 +1105,7 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
             Ok(v) => json(200, &v),
             Err(e) => error(status_of(&e), e.to_string()),
         },
-        Kind::GetVm => verb(backend.vm(&name), 200),
+        Kind::GetVm => verb(backend.vm(name), 200),
         Kind::CreateVm => {
             let create: CreateVm = parse(&req.body)?;
             if !valid_name(&create.name) {
@@ -622,12 +1120,8 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
             }
             verb(backend.create(create), 201)
         }
-        Kind::DestroyVm => match backend.destroy(&name) {
-            Ok(()) => Response {
-                status: 204,
-                body: Vec::new(),
-                allow: None,
-            },
+        Kind::DestroyVm => match backend.destroy(name) {
+            Ok(()) => Response::new(204, "application/json", Vec::new()),
             Err(e) => error(status_of(&e), e.to_string()),
         },
         Kind::PowerOn => {
@@ -635,31 +1129,11 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
             if let Some(h) = &b.host {
                 check_host("\"host\"", h)?;
             }
-            verb(backend.power_on(&name, b.host), 200)
+            verb(backend.power_on(name, b.host), 200)
         }
         Kind::PowerOff => {
             parse_optional::<NoBody>(&req.body)?;
-            verb(backend.power_off(&name), 200)
-        }
-        Kind::FtSchedule => {
-            let b: ScheduleRequest = parse(&req.body)?;
-            verb(backend.ft_schedule(&name, b), 200)
-        }
-        Kind::SetMonitoring => {
-            let m: Monitoring = parse(&req.body)?;
-            verb(backend.set_monitoring(&name, m), 200)
-        }
-        Kind::FtSizing => match backend.ft_sizing(&name) {
-            Ok(v) => json(200, &v),
-            Err(e) => error(status_of(&e), e.to_string()),
-        },
-        Kind::CheckLogging => {
-            let b: CheckRequest = parse(&req.body)?;
-            check_host("\"to\"", &b.to)?;
-            match backend.check_logging(&info.host, &name, b) {
-                Ok(v) => json(200, &v),
-                Err(e) => error(status_of(&e), e.to_string()),
-            }
+            verb(backend.power_off(name), 200)
         }
         Kind::Ft(ft) => {
             let simple = |op: FtOp| parse_optional::<NoBody>(&req.body).map(|_| op);
@@ -676,11 +1150,31 @@ fn dispatch(req: &Request, backend: &dyn Backend, info: &AgentInfo) -> Result<Re
                 FtKind::TestFailover => simple(FtOp::TestFailover)?,
                 FtKind::RestartSecondary => simple(FtOp::RestartSecondary)?,
             };
-            verb(backend.ft(&name, op), 200)
+            verb(backend.ft(name, op), 200)
+        }
+        Kind::FtSchedule => {
+            let b: ScheduleRequest = parse(&req.body)?;
+            verb(backend.ft_schedule(name, b), 200)
+        }
+        Kind::SetMonitoring => {
+            let m: Monitoring = parse(&req.body)?;
+            verb(backend.set_monitoring(name, m), 200)
+        }
+        Kind::FtSizing => match backend.ft_sizing(name) {
+            Ok(v) => json(200, &v),
+            Err(e) => error(status_of(&e), e.to_string()),
+        },
+        Kind::CheckLogging => {
+            let b: CheckRequest = parse(&req.body)?;
+            check_host("\"to\"", &b.to)?;
+            match backend.check_logging(&info.host, name, b) {
+                Ok(v) => json(200, &v),
+                Err(e) => error(status_of(&e), e.to_string()),
+            }
         }
         Kind::Maintenance(enter) => {
             parse_optional::<NoBody>(&req.body)?;
-            match backend.maintenance(&name, enter) {
+            match backend.maintenance(name, enter) {
                 Ok(v) => json(200, &v),
                 Err(e) => error(status_of(&e), e.to_string()),
             }

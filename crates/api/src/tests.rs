@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use cluster::ClusterError;
 use cluster::model::{ClusterView, FtStatus, HostView, Power, Priority, VmSpec, VmView};
+use cluster::timeline::TimelineEvent;
 use cluster::verbs::{CreateVm, FtOp};
 
 use crate::client::{Client, ClientError};
@@ -21,6 +22,8 @@ use crate::server::{self, AgentInfo, Backend, Request};
 #[derive(Default)]
 struct Fake {
     calls: Mutex<Vec<String>>,
+    /// The timeline events the server recorded.
+    notes: Mutex<Vec<TimelineEvent>>,
 }
 
 impl Fake {
@@ -70,6 +73,12 @@ fn view(name: &str) -> VmView {
             env: vec![],
             log_port: 7100,
         },
+        events: Some(100),
+        outputs_held: Some(1),
+        outputs_held_total: Some(40),
+        disk_read_bps: Some(1000),
+        net_in_bps: Some(2000),
+        reprotect_ms: Some(1500),
         ops: Default::default(),
     }
 }
@@ -118,18 +127,91 @@ impl Backend for Fake {
         self.record(format!("ft {name} {op:?}"));
         self.known(name)
     }
+    fn timeline(&self, limit: usize) -> Result<Vec<TimelineEvent>, ClusterError> {
+        let n = self.notes.lock().unwrap();
+        Ok(n[n.len().saturating_sub(limit)..].to_vec())
+    }
+    fn note(&self, event: TimelineEvent) {
+        self.notes.lock().unwrap().push(event);
+    }
     fn maintenance(&self, host: &str, enter: bool) -> Result<HostView, ClusterError> {
         self.record(format!("maintenance {host} {enter}"));
-        Err(ClusterError::NotFound(format!(
-            "no connected host named {host}"
-        )))
+        Ok(HostView {
+            name: host.into(),
+            state: "connected".into(),
+            version: "0.1.0".into(),
+            fingerprint: "f".into(),
+            master: false,
+            ft_vms: 0,
+            vms: 0,
+            maintenance: enter,
+            memory_mib: 1024,
+            memory_reserved_mib: 0,
+            api: "http://10.79.0.11:7070".into(),
+            log_peers: None,
+        })
+    }
+    fn ft_schedule(
+        &self,
+        name: &str,
+        _: cluster::verbs::ScheduleRequest,
+    ) -> Result<VmView, ClusterError> {
+        self.record(format!("ft_schedule {name}"));
+        self.known(name)
+    }
+    fn set_monitoring(
+        &self,
+        name: &str,
+        _: cluster::ops::Monitoring,
+    ) -> Result<VmView, ClusterError> {
+        self.record(format!("set_monitoring {name}"));
+        self.known(name)
+    }
+    fn ft_sizing(&self, name: &str) -> Result<cluster::ops::Sizing, ClusterError> {
+        self.record(format!("ft_sizing {name}"));
+        self.known(name)?;
+        Ok(cluster::ops::Sizing {
+            vm: name.into(),
+            primary_host: Some("host1".into()),
+            secondary_host: Some("host2".into()),
+            disk_read_bytes: 0,
+            net_in_bytes: 1 << 20,
+            log_bytes: 2 << 20,
+            disk_read_mbyte_s: 0.0,
+            net_in_mbit_s: 8.0,
+            log_mbit_s: 9.0,
+            need_mbit_s: cluster::ops::need_mbit_s(0.0, 8.0),
+            measured: None,
+            warning: None,
+        })
+    }
+    fn check_logging(
+        &self,
+        me: &str,
+        from: &str,
+        req: cluster::logcheck::CheckRequest,
+    ) -> Result<cluster::logcheck::LogCheck, ClusterError> {
+        self.record(format!("check_logging {me} {from} {}", req.to));
+        Ok(cluster::logcheck::LogCheck {
+            from: from.into(),
+            to: req.to,
+            from_ip: "10.78.0.11".into(),
+            to_ip: "10.78.0.12".into(),
+            pings: 1,
+            rtt_min_us: 10,
+            rtt_median_us: 10,
+            rtt_p99_us: 10,
+            bytes: 1 << 20,
+            secs: 0.01,
+            mbyte_s: 100.0,
+            gbit_s: 0.8,
+            at_ms: 0,
+        })
     }
 }
 
 fn info() -> AgentInfo {
-    AgentInfo {
-        host: "host1".into(),
-    }
+    AgentInfo::open("host1")
 }
 
 /// Answer one parsed request: (status, JSON body or Null).
@@ -138,6 +220,7 @@ fn ask(fake: &Fake, method: &str, target: &str, body: &str) -> (u16, serde_json:
         method: method.into(),
         target: target.into(),
         body: body.as_bytes().to_vec(),
+        ..Default::default()
     };
     let r = server::respond(&req, fake, &info());
     let v = if r.body.is_empty() {
@@ -156,7 +239,7 @@ fn error_line(v: &serde_json::Value) -> &str {
 
 #[test]
 fn every_documented_route_is_served_and_every_served_route_documented() {
-    let doc: serde_json::Value = serde_json::from_str(crate::OPENAPI).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(crate::openapi::document()).unwrap();
     assert_eq!(doc["openapi"], "3.0.3");
     let mut documented = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -166,7 +249,7 @@ fn every_documented_route_is_served_and_every_served_route_documented() {
     }
     let served: BTreeSet<(String, String)> = ROUTES
         .iter()
-        .map(|(m, p, _)| (m.to_string(), p.to_string()))
+        .map(|r| (r.method.to_string(), r.path.to_string()))
         .collect();
     assert_eq!(documented, served);
     assert_eq!(served.len(), ROUTES.len(), "a route is listed twice");
@@ -174,7 +257,7 @@ fn every_documented_route_is_served_and_every_served_route_documented() {
 
 #[test]
 fn the_openapi_references_resolve_and_views_have_their_schemas() {
-    let doc: serde_json::Value = serde_json::from_str(crate::OPENAPI).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(crate::openapi::document()).unwrap();
     fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
             serde_json::Value::Object(m) => {
@@ -189,6 +272,25 @@ fn the_openapi_references_resolve_and_views_have_their_schemas() {
             _ => {}
         }
     }
+    // OpenAPI 3.0's dialect: no `type` arrays (a null type is `nullable: true`).
+    fn no_type_arrays(v: &serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(t) = m.get("type") {
+                    assert!(t.is_string(), "a type that is not one name: {v}");
+                }
+                m.values().for_each(no_type_arrays);
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(no_type_arrays),
+            _ => {}
+        }
+    }
+    no_type_arrays(&doc["components"]);
+    no_type_arrays(&doc["paths"]);
+    assert_eq!(
+        doc["components"]["schemas"]["VmView"]["properties"]["lag_ms"]["nullable"],
+        true
+    );
     let mut all = Vec::new();
     refs(&doc, &mut all);
     assert!(!all.is_empty());
@@ -211,9 +313,9 @@ fn the_openapi_references_resolve_and_views_have_their_schemas() {
         listen: vec![],
         memory_mib: None,
         restart_priority: None,
+        monitoring: None,
         args: vec![],
         env: vec![],
-        monitoring: None,
     })
     .unwrap();
     let sent: BTreeSet<&String> = req.as_object().unwrap().keys().collect();
@@ -327,7 +429,7 @@ fn bad_requests_are_refused_before_the_verbs() {
         ("GET", "/api/v1/vms/a_b", "", 400, "bad VM name"),
         ("POST", "/api/v1/vms/..%2F/power-on", "", 400, "bad VM name"),
         ("GET", "/api/v1/nothing", "", 404, "no route"),
-        ("GET", "/", "", 404, "no route"),
+        ("GET", "/api", "", 404, "no route"),
         ("PUT", "/api/v1/vms", "", 405, "not allowed"),
         ("GET", "/api/v1/vms/kvd/power-on", "", 405, "not allowed"),
         ("POST", "/api/v1/vms", "{", 400, "malformed JSON"),
@@ -684,9 +786,9 @@ fn the_client_calls_the_server_and_carries_its_errors() {
         listen: vec![80],
         memory_mib: Some(64),
         restart_priority: Some(Priority::High),
+        monitoring: None,
         args: vec!["-v".into()],
         env: vec!["A=B".into()],
-        monitoring: None,
     };
     assert_eq!(client.create(&create).unwrap().name, "web");
     client.power_on("kvd", Some("host3")).unwrap();
@@ -1007,6 +1109,275 @@ fn curl_speaks_to_the_server() {
     assert_eq!(fake.calls(), ["vm kvd", "create web", "destroy kvd"]);
 }
 
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+fn start_with_token(fake: Arc<Fake>) -> server::Server {
+    let info = AgentInfo {
+        host: "host1".into(),
+        token: Some(TOKEN.into()),
+        token_hint: "/tmp/lab-shared/.token".into(),
+    };
+    server::serve_backend("127.0.0.1:0".parse().unwrap(), fake, info).unwrap()
+}
+
+/// One raw exchange: (status, head, body). An event stream is read until its first event.
+fn raw(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if text.contains("text/event-stream") && text.contains("\ndata: ") && text.ends_with("\n\n")
+        {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    (
+        head[9..12].parse().unwrap(),
+        head.to_string(),
+        body.to_string(),
+    )
+}
+
+fn req(method: &str, path: &str, headers: &[&str], body: &str) -> String {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n");
+    for h in headers {
+        r.push_str(h);
+        r.push_str("\r\n");
+    }
+    r.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    r
+}
+
+#[test]
+fn every_documented_route_answers_with_the_token_and_refuses_without_it() {
+    let fake = Arc::new(Fake::default());
+    let server = start_with_token(fake.clone());
+    let doc: serde_json::Value = serde_json::from_str(crate::openapi::document()).unwrap();
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let method = method.to_uppercase();
+            let target = path.replace("{name}", "kvd");
+            let body = match path.as_str() {
+                "/api/v1/vms" => r#"{"name":"web","wasm":"/g/httpd.wasm"}"#.to_string(),
+                "/api/v1/session" => format!(r#"{{"token":"{TOKEN}"}}"#),
+                p if p.ends_with("migrate-secondary") => r#"{"to":"host3"}"#.into(),
+                p if p.ends_with("ft/schedule") => r#"{"clear":true}"#.into(),
+                p if p.ends_with("/monitoring") => r#"{"max_resets":3}"#.into(),
+                p if p.ends_with("check-logging") => r#"{"to":"host2"}"#.into(),
+                _ => String::new(),
+            };
+            let (status, head, _) = raw(
+                server.local_addr(),
+                &req(&method, &target, &[&bearer], &body),
+            );
+            let documented: Vec<u16> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| k.parse().unwrap())
+                .collect();
+            assert!(
+                (200..400).contains(&status) && documented.contains(&status),
+                "{method} {path}: {status} not a documented success ({documented:?}): {head}"
+            );
+            let needs_token = op.get("security") != Some(&serde_json::json!([]));
+            let (without, _, _) = raw(server.local_addr(), &req(&method, &target, &[], &body));
+            if needs_token {
+                assert_eq!(without, 401, "{method} {path} without the token");
+                assert!(
+                    documented.contains(&401),
+                    "{method} {path}: 401 undocumented"
+                );
+            } else if path != "/api/v1/session" {
+                assert_ne!(without, 401, "{method} {path} needs no token");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, ROUTES.len());
+}
+
+#[test]
+fn the_dashboard_signs_in_by_form_and_cookie_changes_need_the_csrf_header() {
+    let fake = Arc::new(Fake::default());
+    let server = start_with_token(fake.clone());
+    let a = server.local_addr();
+    // No token: the sign-in page, saying where the token is.
+    let (s, head, body) = raw(a, &req("GET", "/", &[], ""));
+    assert_eq!(s, 401);
+    assert!(head.contains("text/html"), "{head}");
+    assert!(
+        body.contains("/tmp/lab-shared/.token") && body.contains("<form"),
+        "{body}"
+    );
+    // A wrong token: the page again, saying so.
+    let form = "Content-Type: application/x-www-form-urlencoded";
+    let (s, _, body) = raw(a, &req("POST", "/api/v1/session", &[form], "token=nope"));
+    assert_eq!(s, 401);
+    assert!(body.contains("not this cluster"), "{body}");
+    // The right one: a cookie, and back to the dashboard.
+    let (s, head, _) = raw(
+        a,
+        &req(
+            "POST",
+            "/api/v1/session",
+            &[form],
+            &format!("token={TOKEN}"),
+        ),
+    );
+    assert_eq!(s, 303, "{head}");
+    assert!(head.contains("Location: /\r\n"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "Set-Cookie: tandem_token={TOKEN}; Path=/; HttpOnly; SameSite=Strict"
+        )),
+        "{head}"
+    );
+    let cookie = format!("Cookie: other=1; tandem_token={TOKEN}");
+    let (s, _, body) = raw(a, &req("GET", "/", &[&cookie], ""));
+    assert_eq!(s, 200);
+    assert!(body.contains("EventSource") && body.contains("Turn On FT"));
+    // A change by cookie alone is refused without the dashboard's header.
+    let (s, _, _) = raw(
+        a,
+        &req("POST", "/api/v1/vms/kvd/ft/turn-on", &[&cookie], ""),
+    );
+    assert_eq!(s, 403);
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    let (s, _, _) = raw(
+        a,
+        &req(
+            "POST",
+            "/api/v1/vms/kvd/ft/turn-on",
+            &[&cookie, "X-Tandem-Csrf: 1"],
+            "",
+        ),
+    );
+    assert_eq!(s, 200);
+    // A wrong cookie or bearer is refused; so is a token of the wrong length.
+    for h in [
+        "Cookie: tandem_token=0123456789abcdef0123456789abcdee".to_string(),
+        "Authorization: Bearer 0123456789abcdef0123456789abcde".to_string(),
+        format!("Authorization: Basic {TOKEN}"),
+    ] {
+        let (s, head, _) = raw(a, &req("GET", "/api/v1/vms", &[&h], ""));
+        assert_eq!(s, 401, "{h}");
+        assert!(head.contains("WWW-Authenticate: Bearer"), "{head}");
+    }
+    // /metrics and /healthz need no token.
+    assert_eq!(raw(a, &req("GET", "/metrics", &[], "")).0, 200);
+    assert_eq!(raw(a, &req("GET", "/healthz", &[], "")).0, 200);
+}
+
+#[test]
+fn verbs_are_told_in_the_timeline_with_who_asked() {
+    let fake = Arc::new(Fake::default());
+    let server = start_with_token(fake.clone());
+    let client = Client::new(vec![format!("http://{}", server.local_addr())], None)
+        .with_token(Some(TOKEN.into()));
+    client.ft("kvd", &FtOp::TurnOn).unwrap();
+    client
+        .ft("kvd", &FtOp::MigrateSecondary { to: "host3".into() })
+        .unwrap();
+    // A failed verb is not told.
+    assert!(client.ft("nope", &FtOp::TurnOn).is_err());
+    let notes = fake.notes.lock().unwrap().clone();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!(notes[0].detail, "ft turn-on");
+    assert_eq!(notes[1].detail, "ft migrate-secondary --to host3");
+    assert_eq!(notes[0].vm.as_deref(), Some("kvd"));
+    assert_eq!(notes[0].who.as_deref(), Some("API token from 127.0.0.1"));
+    let timeline = client.get_raw("/api/v1/timeline").unwrap();
+    assert!(timeline.contains("migrate-secondary"), "{timeline}");
+    // A client without the token is refused, and says so.
+    let bare = Client::new(vec![format!("http://{}", server.local_addr())], None);
+    match bare.vms() {
+        Err(ClientError::Api {
+            status: 401,
+            message,
+        }) => {
+            assert!(message.contains("Authorization: Bearer"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_event_stream_sends_the_whole_state_and_metrics_have_their_families() {
+    let fake = Arc::new(Fake::default());
+    let server = start_with_token(fake.clone());
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    let (s, head, body) = raw(
+        server.local_addr(),
+        &req("GET", "/api/v1/events", &[&bearer], ""),
+    );
+    assert_eq!(s, 200);
+    assert!(head.contains("Content-Type: text/event-stream"), "{head}");
+    let data = body
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("an event");
+    let snap: crate::bodies::Snapshot = serde_json::from_str(data).unwrap();
+    assert_eq!(snap.vms[0].name, "kvd");
+    assert_eq!(snap.served_by, "host1");
+    let (s, head, text) = raw(server.local_addr(), &req("GET", "/metrics", &[], ""));
+    assert_eq!(s, 200);
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    for line in [
+        "tandem_store_up 1",
+        "tandem_vm_ft_state{vm=\"kvd\",state=\"protected\"} 1",
+        "tandem_vm_ft_state{vm=\"kvd\",state=\"off\"} 0",
+        "tandem_vm_secondary_lag_seconds{vm=\"kvd\"} 0.003",
+        "tandem_vm_outputs_held_total{vm=\"kvd\"} 40",
+        "tandem_vm_reprotect_duration_seconds{vm=\"kvd\"} 1.5",
+        "# TYPE tandem_vm_failovers_total counter",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+}
+
+#[test]
+fn metrics_say_an_unreadable_store_and_escape_their_labels() {
+    let text = crate::metrics::render("host1", None);
+    assert_eq!(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>(),
+        ["tandem_store_up 0"]
+    );
+    let mut odd = view("kvd");
+    odd.name = "a\"b\\c\nd".into();
+    let text = crate::metrics::render("host1", Some((&[], &[odd])));
+    assert!(
+        text.contains(r#"tandem_vm_failovers_total{vm="a\"b\\c\nd"} 0"#),
+        "{text}"
+    );
+    // Every family is declared once, before its samples.
+    let mut declared = BTreeSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            assert!(
+                declared.insert(rest.split(' ').next().unwrap().to_string()),
+                "{l}"
+            );
+        } else if !l.starts_with('#') {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert!(declared.contains(name), "{l} before its TYPE");
+        }
+    }
+}
+
 #[test]
 fn the_day_two_routes_check_their_bodies_before_the_verbs() {
     let fake = Fake::default();
@@ -1032,8 +1403,6 @@ fn the_day_two_routes_check_their_bodies_before_the_verbs() {
             400,
         ),
         ("GET", "/api/v1/vms/kvd/ft/schedule", "", 405),
-        // A backend without the day-two verbs says so.
-        ("GET", "/api/v1/vms/kvd/ft/sizing", "", 500),
     ] {
         let (s, v) = ask(&fake, method, target, body);
         assert_eq!(s, status, "{method} {target} {body}: {v}");

@@ -85,6 +85,8 @@ struct Running {
     /// (when, events executed) samples of the live copy, to tell the secondary's lag in ms.
     samples: VecDeque<(Instant, u64)>,
     log_bytes: (Instant, u64),
+    /// (when, disk read bytes, network input bytes) at the last rate sample.
+    io_bytes: (Instant, u64, u64),
     reported: Option<(Instant, CopyReport)>,
     log: PathBuf,
     /// When this agent first saw the copy live, and its disk-read and network-input
@@ -669,6 +671,7 @@ impl Agent {
             exit: None,
             samples: VecDeque::new(),
             log_bytes: (Instant::now(), 0),
+            io_bytes: (Instant::now(), 0, 0),
             reported: None,
             log,
             live_base: None,
@@ -740,6 +743,25 @@ impl Agent {
         if dt >= 1.0 {
             c.log_bytes = (now, log_bytes);
         }
+        // The sizing formula's inputs, as rates over the same kind of window.
+        let (disk, net) = if live {
+            (num("disk_read_bytes"), num("net_in_bytes"))
+        } else {
+            (0, 0)
+        };
+        let (io_at, disk_before, net_before) = c.io_bytes;
+        let io_dt = now.duration_since(io_at).as_secs_f64();
+        let rate = |now_v: u64, before: u64| {
+            if io_dt > 0.0 && now_v >= before {
+                ((now_v - before) as f64 / io_dt) as u64
+            } else {
+                0
+            }
+        };
+        let (disk_read_bps, net_in_bps) = (rate(disk, disk_before), rate(net, net_before));
+        if io_dt >= 1.0 {
+            c.io_bytes = (now, disk, net);
+        }
         CopyReport {
             vm: c.vm.clone(),
             id: c.id,
@@ -760,6 +782,10 @@ impl Agent {
             lag_ms,
             log_bytes,
             log_bps,
+            outputs_held: if live { num("outputs_held") } else { 0 },
+            outputs_held_total: if live { num("outputs_held_total") } else { 0 },
+            disk_read_bps,
+            net_in_bps,
             exit: c.exit.clone(),
             last_error: c.exit.as_ref().and_then(|_| last_error(&c.log)),
             disk_read_bytes,

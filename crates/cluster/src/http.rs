@@ -169,6 +169,31 @@ pub fn request(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
+    request_with(method, url, &[], body, timeout)
+}
+
+/// [`request`] with extra headers (`Authorization`, ...). A header whose name or value could
+/// end the line or the head (CR, LF, a ':' in the name) is refused, never sent.
+pub fn request_with(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
+    for (name, value) in headers {
+        let bad_name =
+            name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if bad_name || value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            return Err(HttpError::BadUrl {
+                url: url.chars().take(200).collect(),
+                why: format!(
+                    "header {:?}: not a single header line",
+                    name.chars().take(40).collect::<String>()
+                ),
+            });
+        }
+    }
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(HttpError::BadUrl {
             url: url.chars().take(200).collect(),
@@ -195,6 +220,9 @@ pub fn request(
             u.authority()
         }
     );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(b) = body {
         head.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",

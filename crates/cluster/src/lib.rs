@@ -14,6 +14,7 @@ mod ops_verbs;
 pub mod placement;
 pub mod schedule;
 pub mod store;
+pub mod timeline;
 pub mod verbs;
 
 /// The cluster's errors, by what the caller should do about them.

@@ -30,7 +30,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// One measurement between two hosts' logging addresses.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct LogCheck {
     pub from: String,
     pub to: String,
@@ -49,7 +49,7 @@ pub struct LogCheck {
 }
 
 /// What to measure (`POST /api/v1/hosts/{name}/check-logging`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     /// The other host.

@@ -212,6 +212,7 @@ impl Master {
                 let bytes =
                     serde_json::to_vec(&p).map_err(|e| StoreError::Decode(e.to_string()))?;
                 if store.put_if(&model::place_key(name), &bytes, rev, None)? {
+                    crate::timeline::placement_changed(store, &view, name, &old, &p);
                     said.extend(notes.into_iter().map(|n| format!("{name}: {n}")));
                 } else {
                     said.push(format!("{name}: placement changed under me; next pass"));
@@ -681,6 +682,7 @@ impl Master {
         if protected {
             if let Some(since) = p.unprotected_since_ms.take() {
                 p.reprotections += 1;
+                p.last_reprotect_ms = Some(model::now_ms().saturating_sub(since));
                 notes.push(format!(
                     "protected again after {:.1} s",
                     model::now_ms().saturating_sub(since) as f64 / 1000.0

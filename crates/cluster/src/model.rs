@@ -18,6 +18,9 @@
 //!   master asks of a live copy (maintenance mode): its agent signals the copy;
 //! - `maintenance/<host>` → [`MaintenanceRecord`], desired state: the host takes nothing and
 //!   the master moves everything off it.
+//!   agent running that copy carries out and deletes;
+//! - `timeline/<ms>-<host>-<seq>` → `timeline::TimelineEvent`, the events the dashboard
+//!   shows (bounded; written by the master for its decisions, by agents for verbs).
 //!
 //! Invariant: one writer per key family (verbs: `vms/`, `kill/` kills, `maintenance/`,
 //! `logcheck/`; master: `place/`, `master`, `kill/` handovers; each agent: its own
@@ -73,7 +76,7 @@ pub fn maintenance_key(host: &str) -> String {
 pub const HANDOVER: &[u8] = b"handover";
 
 /// A host in maintenance mode, as the verb that put it there recorded it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct MaintenanceRecord {
     pub since_ms: u64,
 }
@@ -86,7 +89,7 @@ pub fn port_key(port: u16) -> String {
 }
 
 /// A host, as its agent registers it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct HostRecord {
     pub name: String,
     /// Tandem's version on the host.
@@ -114,13 +117,25 @@ pub struct HostRecord {
     pub incarnation: i64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct MasterRecord {
     pub host: String,
     pub since_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     High,
@@ -131,7 +146,9 @@ pub enum Priority {
     Disabled,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Power {
     On,
@@ -140,7 +157,9 @@ pub enum Power {
 }
 
 /// What the user asked of FT for a VM.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FtMode {
     /// No secondary.
@@ -153,7 +172,7 @@ pub enum FtMode {
 }
 
 /// The VM's NIC: its own MAC and address (the bridge is each host's VM bridge).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Nic {
     pub mac: String,
     /// CIDR, e.g. `10.77.0.10/24`.
@@ -161,7 +180,7 @@ pub struct Nic {
 }
 
 /// What a VM is: fixed at `vm create`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct VmSpec {
     pub name: String,
     /// The guest module (a path every host reads: on shared storage, or installed alike).
@@ -185,7 +204,7 @@ pub struct VmSpec {
 }
 
 /// Desired state of a VM: its spec and what the user last asked.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct VmRecord {
     pub spec: VmSpec,
     pub power: Power,
@@ -206,7 +225,7 @@ pub struct VmRecord {
 }
 
 /// What a copy is.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
@@ -215,7 +234,7 @@ pub enum Role {
 
 /// One copy of a VM on one host, as the master placed it. `id` is unique in the cluster
 /// for the copy's life: a copy that goes live keeps its id as it becomes the primary.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Copy {
     pub id: u64,
     pub host: String,
@@ -225,7 +244,7 @@ pub struct Copy {
 }
 
 /// Which copies of a VM run where: the master's decision.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
 pub struct Placement {
     pub primary: Option<Copy>,
     pub secondary: Option<Copy>,
@@ -252,6 +271,9 @@ pub struct Placement {
     /// When the VM last lost protection (Unix ms), to measure re-protection.
     #[serde(default)]
     pub unprotected_since_ms: Option<u64>,
+    /// How long the last re-protection took (ms): from losing protection to protected again.
+    #[serde(default)]
+    pub last_reprotect_ms: Option<u64>,
     /// The guest ended by itself (exited, or trapped) in boot `.0`, as `.1` says: the VM is
     /// off until powered on again, never restarted by HA (its copies would end alike).
     #[serde(default)]
@@ -266,7 +288,7 @@ pub struct Placement {
 }
 
 /// How a copy's process is.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CopyState {
     /// Started, not yet running the VM (a secondary joining, a primary booting).
@@ -277,7 +299,7 @@ pub enum CopyState {
 }
 
 /// A copy as its host's agent sees it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CopyReport {
     pub vm: String,
     pub id: u64,
@@ -306,6 +328,17 @@ pub struct CopyReport {
     pub log_bytes: u64,
     #[serde(default)]
     pub log_bps: u64,
+    /// Outputs the live copy holds back by the output rule now, and how many it ever held.
+    #[serde(default)]
+    pub outputs_held: u64,
+    #[serde(default)]
+    pub outputs_held_total: u64,
+    /// The rates of disk reads and network input the VM's events carried, bytes per second
+    /// (the inputs of the logging-bandwidth sizing formula).
+    #[serde(default)]
+    pub disk_read_bps: u64,
+    #[serde(default)]
+    pub net_in_bps: u64,
     /// How the process ended (`exit 0`, `signal 9`, ...).
     #[serde(default)]
     pub exit: Option<String>,
@@ -341,6 +374,10 @@ impl CopyReport {
             lag_ms: 0,
             log_bytes: 0,
             log_bps: 0,
+            outputs_held: 0,
+            outputs_held_total: 0,
+            disk_read_bps: 0,
+            net_in_bps: 0,
             exit: None,
             last_error: None,
             disk_read_bytes: 0,
@@ -352,7 +389,7 @@ impl CopyReport {
 }
 
 /// The FT status users see.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FtStatus {
     Protected,
@@ -362,7 +399,7 @@ pub enum FtStatus {
 }
 
 /// A VM as `vm list` / `vm show` present it (JSON keys are part of the API).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct VmView {
     pub name: String,
     pub power: Power,
@@ -383,10 +420,27 @@ pub struct VmView {
     /// Day-two figures: monitoring, FT schedule, measured reads and input.
     #[serde(default)]
     pub ops: crate::ops::OpsView,
+    /// Events the live copy executed (the VM's position).
+    #[serde(default)]
+    pub events: Option<u64>,
+    /// Outputs held back by the output rule now, and ever.
+    #[serde(default)]
+    pub outputs_held: Option<u64>,
+    #[serde(default)]
+    pub outputs_held_total: Option<u64>,
+    /// Disk reads and network input carried by the VM's events, bytes per second: the
+    /// sizing formula's inputs (logging bandwidth ~ (disk reads + network input) x 1.2).
+    #[serde(default)]
+    pub disk_read_bps: Option<u64>,
+    #[serde(default)]
+    pub net_in_bps: Option<u64>,
+    /// How long the last re-protection took, ms.
+    #[serde(default)]
+    pub reprotect_ms: Option<u64>,
 }
 
 /// A host as `host list` presents it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct HostView {
     pub name: String,
     /// `connected` (its agent holds its lease).
@@ -405,7 +459,7 @@ pub struct HostView {
 }
 
 /// `cluster status`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ClusterView {
     pub master: Option<String>,
     pub hosts: usize,

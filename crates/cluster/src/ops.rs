@@ -25,7 +25,7 @@ pub const MIN_HEARTBEAT_SECS: u64 = 2;
 pub const MAX_HEARTBEAT_SECS: u64 = 86_400;
 
 /// How a VM is monitored.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Monitoring {
     /// Resets allowed within `window_secs`; one more failure leaves the VM off.
@@ -84,7 +84,7 @@ impl Monitoring {
 }
 
 /// The day-two settings of a VM, in its record.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 pub struct VmOps {
     #[serde(default)]
     pub monitoring: Monitoring,
@@ -94,7 +94,7 @@ pub struct VmOps {
 }
 
 /// The master's record of monitoring resets, in the VM's placement.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 pub struct MonitorState {
     /// When the VM was reset within the current window (Unix ms).
     #[serde(default)]
@@ -159,7 +159,7 @@ pub fn effective(r: &VmRecord) -> std::borrow::Cow<'_, VmRecord> {
 }
 
 /// Day-two figures of a VM, as `vm show` and the sizing verb present them.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
 pub struct OpsView {
     pub monitoring: Monitoring,
     /// Monitoring resets ever, and the last one's reason.
@@ -180,7 +180,7 @@ pub struct OpsView {
 }
 
 /// `GET /api/v1/vms/{name}/ft/sizing`: the seed's formula for the VM.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Sizing {
     pub vm: String,
     pub primary_host: Option<String>,

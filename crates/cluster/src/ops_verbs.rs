@@ -13,7 +13,7 @@ use crate::schedule::{self, FtSchedule};
 use crate::verbs::Verbs;
 
 /// `POST /api/v1/vms/{name}/ft/schedule`: a schedule, or `{"clear": true}`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleRequest {
     #[serde(default)]

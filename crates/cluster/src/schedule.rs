@@ -32,7 +32,7 @@ pub const MAX_SPEC: usize = 200;
 
 /// A VM's FT schedule as stored (the specs as the user wrote them: parsed again where
 /// used, after being checked at the verb).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FtSchedule {
     pub on: String,

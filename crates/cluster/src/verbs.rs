@@ -17,7 +17,7 @@ use crate::placement::{self, Request};
 use crate::store::Store;
 
 /// `POST /api/v1/vms`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     pub name: String,
@@ -130,6 +130,11 @@ impl Verbs {
             v.logchecks.insert((c.from.clone(), c.to.clone()), c);
         }
         Ok(v)
+    }
+
+    /// The store the verbs write (the API records its timeline events there).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub(crate) fn record(&self, name: &str) -> Result<(VmRecord, i64), ClusterError> {
@@ -272,6 +277,12 @@ impl Verbs {
             restarts: p.restarts,
             spec: r.spec.clone(),
             ops: crate::ops_verbs::ops_view(v, stored, r, &p, primary),
+            events: primary.map(|c| c.events),
+            outputs_held: primary.map(|c| c.outputs_held),
+            outputs_held_total: primary.map(|c| c.outputs_held_total),
+            disk_read_bps: primary.map(|c| c.disk_read_bps),
+            net_in_bps: primary.map(|c| c.net_in_bps),
+            reprotect_ms: p.last_reprotect_ms,
         }
     }
 

@@ -234,6 +234,10 @@ impl Shared {
             ("log_bytes", st.log_bytes.to_string()),
             ("disk_read_bytes", st.disk_read_bytes.to_string()),
             ("net_in_bytes", st.net_in_bytes.to_string()),
+            // The output rule at work: outputs held now, and ever (metrics).
+            ("outputs_held", st.held.len().to_string()),
+            ("outputs_held_total", st.held_total.to_string()),
+            ("outputs_released", st.released.to_string()),
         ];
         if let Some(exit) = &st.finished {
             fields.push(("exit", exit.clone()));
