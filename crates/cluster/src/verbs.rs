@@ -218,7 +218,9 @@ impl Verbs {
         // The primary's word alone may be a second old: the secondary it counts on must be
         // the one placed, and running.
         let protected = primary.is_some_and(|c| c.live && c.protected)
-            && secondary.is_some_and(|s| s.state == CopyState::Running);
+            && secondary.is_some_and(|s| s.state == CopyState::Running)
+            // A copy placed for a move (to another version) is not protection.
+            && !p.moving;
         let ended = p.ended.as_ref().filter(|(boot, _)| *boot >= r.boots);
         let (ft, reason) = match r.ft {
             _ if ended.is_some() => (
