@@ -13,6 +13,7 @@ mod cluster_lab;
 mod demo;
 mod guests;
 mod lab;
+mod labstore;
 mod snap;
 mod verbs_cli;
 
