@@ -524,7 +524,7 @@ impl Passthrough {
             cut,
             root,
             nodes: Mutex::new(nodes),
-            next_ino: AtomicU64::new(2),
+            next_ino: AtomicU64::new(1 << 63),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -561,7 +561,14 @@ impl Passthrough {
             n.lookups += 1;
             return Ok((ino, attr(ino, &st)));
         }
-        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        // The kernel's node number is also the inode number `stat` shows: the real one,
+        // so that every host's view shows a file by the same number (the datastore finds
+        // a file again by it when a copy goes live). Only a clash (another file system
+        // below the folder, or the number the root must have) takes a number of our own.
+        let mut ino = st.st_ino;
+        if ino == INodeNo::ROOT.0 || nodes.by_ino.contains_key(&ino) {
+            ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        }
         nodes.by_key.insert(key, ino);
         nodes.by_ino.insert(
             ino,
@@ -908,8 +915,11 @@ impl Filesystem for Passthrough {
         let r = (|| {
             let fd = self.node(ino)?;
             let path = proc_path(fd.as_raw_fd());
-            let flags =
-                (flags.0 & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY)) | libc::O_CLOEXEC;
+            // O_NOFOLLOW was the kernel's to apply (to the name, already resolved): here it
+            // would refuse the /proc link itself.
+            let flags = (flags.0
+                & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW))
+                | libc::O_CLOEXEC;
             // SAFETY: open(2) with a NUL-terminated path that outlives the call.
             let f = owned(unsafe { libc::open(path.as_ptr(), flags) })?;
             let fh = self.new_fh();

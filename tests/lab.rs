@@ -262,6 +262,19 @@ impl Drop for Holder {
     }
 }
 
+/// openat2(2) with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS from a directory descriptor
+/// on the folder given; prints `NAME: ok` or `NAME: ERRNO` for each try.
+const OPENAT2: &str = r#"
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+for label, name, flags in [("x", b"x", os.O_RDONLY), ("x nofollow", b"x", os.O_WRONLY | os.O_NOFOLLOW),
+                           ("../escape", b"../" + os.path.basename(sys.argv[1]).encode() + b"/x", os.O_RDONLY)]:
+    how = ctypes.create_string_buffer(struct.pack("QQQ", flags | os.O_CLOEXEC, 0, 0x08 | 0x02))
+    r = libc.syscall(437, d, name, how, 24)
+    print("%s: %s" % (label, "ok" if r >= 0 else ctypes.get_errno()))
+"#;
+
 /// Every thread of every host races to create `race-I` with O_EXCL, for I in 0..ROUNDS,
 /// once `go` exists; prints the rounds this host won.
 const RACER: &str = r#"
@@ -317,6 +330,14 @@ fn every_host_sees_the_shared_storage_through_its_own_view_which_the_lab_can_cut
         on_host(&lab, 2, "cat", &[&format!("{shared}/x")]).stdout,
         "three"
     );
+    // A file has the same inode number in every view (the datastore finds files by it).
+    let ino = |k| on_host(&lab, k, "stat", &["-c", "%i", &format!("{shared}/x")]).stdout;
+    assert_eq!(ino(1), ino(2));
+    let real = std::fs::metadata(format!("{shared}/x")).unwrap();
+    assert_eq!(
+        ino(1).trim(),
+        std::os::unix::fs::MetadataExt::ino(&real).to_string()
+    );
     // Rename over an existing file, seen by the other host at once.
     let r = sh(
         &lab,
@@ -359,6 +380,15 @@ fn every_host_sees_the_shared_storage_through_its_own_view_which_the_lab_can_cut
         df.stdout.trim().parse::<u64>().is_ok_and(|b| b > 0),
         "statfs: {}",
         df.stdout
+    );
+
+    // openat2 beneath a directory descriptor held on the view (how a VM reaches its
+    // datastore): a name below opens, with O_NOFOLLOW too; `..` out of it is refused.
+    let r = on_host(&lab, 1, "python3", &["-c", OPENAT2, &shared]);
+    assert_eq!(
+        r.stdout, "x: ok\nx nofollow: ok\n../escape: 18\n",
+        "{}",
+        r.stderr
     );
 
     // O_EXCL stays atomic across hosts: 2 hosts x 8 threads race for each of 30 names,
