@@ -9,11 +9,20 @@
 //! - `NAME-hostK`: host K, with a VM bridge `br-vm` whose uplink is a port of `sw0` (so a
 //!   VM's tap on `br-vm` is on the VM network), `log0` 10.78.0.(10+K)/24 on `lg0` and
 //!   `mgmt0` 10.79.0.(10+K)/24 on `mg0`;
-//! - `/tmp/NAME-shared`: the shared storage folder;
+//! - `/tmp/NAME-shared`: the shared storage folder; unless made `--plain-storage`, every host
+//!   sees it through a view of its own, served by the host's storage server in the host's
+//!   own mount namespace (see [`crate::labstore`]); whatever the lab runs on a host (agents,
+//!   VMs: [`on_host`], `lab exec`) joins that namespace, so `lab cut HOST storage` takes the
+//!   storage away from that host alone;
 //! - unless made `--bare`: one etcd member in `NAME-net` (data `/tmp/NAME-etcd`, log
 //!   `/tmp/NAME-etcd.log`), a host agent in every host (log `/tmp/NAME-hostK-agent.log`),
 //!   and the lab file `/tmp/NAME-lab.json` saying where they are. The lab file exists only
 //!   for a lab that runs a cluster.
+//!
+//! Faults: `kill` (links down in the host, every process SIGKILLed, its storage server
+//! last), `isolate`, `cut HOST storage|uplink|logging` (a link is cut at the switch: its
+//! port in `NAME-net` goes down, so the host's end loses carrier) and their undoing
+//! (`revive`, `heal`).
 //!
 //! Every link is created inside its namespaces, so several labs can exist at once. `down`
 //! kills what runs in the namespaces (etcd and the agents included), deletes them (which
