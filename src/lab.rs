@@ -205,6 +205,14 @@ pub fn shared_dir(name: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/{name}-shared"))
 }
 
+/// `/tmp/NAME-run`: a folder of the machine's that every host and the machine itself see
+/// as one (it is not shared storage), for the control sockets an operator on the machine
+/// talks to: a Unix socket bound through one host's view of the shared storage is that
+/// host's alone, as on any network file system.
+pub fn run_dir(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/{name}-run"))
+}
+
 /// `/tmp/NAME-lab.json`: where a lab's cluster is (see [`LabFile`]).
 pub fn lab_file(name: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/{name}-lab.json"))
@@ -419,6 +427,7 @@ fn build(name: &str, hosts: u32, views: bool) -> Result<()> {
         mgmt_port(&net, &h, &format!("h{k}mg"), &mgmt_ip(k))?;
     }
     std::fs::create_dir_all(shared_dir(name)).context("creating the shared storage folder")?;
+    std::fs::create_dir_all(run_dir(name)).context("creating the lab's socket folder")?;
     if views {
         std::fs::write(crate::labstore::marker(name), b"")
             .context("marking the lab as one with storage views")?;
@@ -678,6 +687,7 @@ fn kill_all(ns: &str) {
 /// the agents' logs, the lab file.
 fn remove_files(name: &str) {
     let _ = std::fs::remove_dir_all(shared_dir(name));
+    let _ = std::fs::remove_dir_all(run_dir(name));
     let _ = std::fs::remove_dir_all(etcd_dir(name));
     let _ = std::fs::remove_file(etcd_log(name));
     let _ = std::fs::remove_file(lab_file(name));
