@@ -28,8 +28,9 @@
 //!   racing creators wins, as on a local file system.
 //! - A node is an `O_PATH` descriptor of the real file, never a path: a rename by another
 //!   host does not make the server look at the wrong file.
-//! - Nothing a caller sends panics the server: names with NUL are refused, sizes are
-//!   bounded, unknown handles and nodes answer EBADF / ESTALE.
+//! - Nothing a caller sends panics the server or reaches past the shared folder: names
+//!   with NUL or `/`, `.` and `..` are refused, sizes are bounded, unknown handles and
+//!   nodes answer EBADF / ESTALE.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -366,8 +367,15 @@ fn check(r: libc::c_int) -> Result<(), Errno> {
     if r < 0 { Err(last()) } else { Ok(()) }
 }
 
+/// One name in a directory, as the kernel sends it. Never `..`, `.` or a path: the server
+/// resolves names relative to the real folder's descriptors, and such a name would reach
+/// beyond the node it was asked of (out of the shared folder, from its root).
 fn cname(name: &OsStr) -> Result<CString, Errno> {
-    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    CString::new(b).map_err(|_| Errno::EINVAL)
 }
 
 /// `/proc/self/fd/N`: the file an `O_PATH` descriptor stands for, to calls that take a
@@ -845,7 +853,8 @@ impl Filesystem for Passthrough {
         let r = (|| {
             let p = self.node(parent)?;
             let c = cname(link_name)?;
-            let t = cname(target.as_os_str())?;
+            // A link's target is any path (the kernel resolves it for the reader).
+            let t = CString::new(target.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
             // SAFETY: symlinkat with NUL-terminated strings and a descriptor we hold.
             check(unsafe { libc::symlinkat(t.as_ptr(), p.as_raw_fd(), c.as_ptr()) })?;
             self.lookup_at(parent, link_name)
