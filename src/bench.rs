@@ -1180,7 +1180,10 @@ fn migrate_rows(lab_name: &str, migrations: u32) -> Result<(Vec<f64>, u64)> {
     std::fs::create_dir_all(&ds)?;
     let kvd = guests::file("kvd.wasm")?.display().to_string();
     let ds = ds.display().to_string();
-    let sock = |i: u32| shared.join(format!("vm{i}.sock"));
+    // Control sockets where the bench (on the machine) can reach them: not through a
+    // host's view of the shared storage.
+    let run = crate::lab::run_dir(lab_name);
+    let sock = |i: u32| run.join(format!("vm{i}.sock"));
     let nic = format!("bridge=br-vm,mac=02:00:00:00:00:10,ip={VM_IP}/24");
     let first = sock(0).display().to_string();
     let mut vm = VmProcess::start(

@@ -157,7 +157,7 @@ impl FtLab {
         Ok(())
     }
 
-    /// The primary's process id (that of `tandem` itself: `ip netns exec` execs it).
+    /// The primary's process id (that of `tandem` itself: `lab exec` execs it).
     pub fn primary_pid(&self) -> u32 {
         self.primary.0.id()
     }

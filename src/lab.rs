@@ -9,11 +9,20 @@
 //! - `NAME-hostK`: host K, with a VM bridge `br-vm` whose uplink is a port of `sw0` (so a
 //!   VM's tap on `br-vm` is on the VM network), `log0` 10.78.0.(10+K)/24 on `lg0` and
 //!   `mgmt0` 10.79.0.(10+K)/24 on `mg0`;
-//! - `/tmp/NAME-shared`: the shared storage folder;
+//! - `/tmp/NAME-shared`: the shared storage folder; unless made `--plain-storage`, every host
+//!   sees it through a view of its own, served by the host's storage server in the host's
+//!   own mount namespace (see [`crate::labstore`]); whatever the lab runs on a host (agents,
+//!   VMs: [`on_host`], `lab exec`) joins that namespace, so `lab cut HOST storage` takes the
+//!   storage away from that host alone;
 //! - unless made `--bare`: one etcd member in `NAME-net` (data `/tmp/NAME-etcd`, log
 //!   `/tmp/NAME-etcd.log`), a host agent in every host (log `/tmp/NAME-hostK-agent.log`),
 //!   and the lab file `/tmp/NAME-lab.json` saying where they are. The lab file exists only
 //!   for a lab that runs a cluster.
+//!
+//! Faults: `kill` (links down in the host, every process SIGKILLed, its storage server
+//! last), `isolate`, `cut HOST storage|uplink|logging` (a link is cut at the switch: its
+//! port in `NAME-net` goes down, so the host's end loses carrier) and their undoing
+//! (`revive`, `heal`).
 //!
 //! Every link is created inside its namespaces, so several labs can exist at once. `down`
 //! kills what runs in the namespaces (etcd and the agents included), deletes them (which
@@ -51,6 +60,10 @@ pub enum LabCommand {
         /// Only the namespaces and networks: no etcd, no agents, no lab file.
         #[arg(long)]
         bare: bool,
+        /// Every host sees the shared folder itself, with no per-host view (no storage
+        /// server, no mount namespace per host): `lab cut HOST storage` is then refused.
+        #[arg(long)]
+        plain_storage: bool,
     },
     /// Remove the lab and everything running in it.
     Down {
@@ -66,6 +79,45 @@ pub enum LabCommand {
     },
     /// Isolate a host: cut its links (VM, logging, management), its processes alive.
     Isolate {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+    },
+    /// Break one of a host's paths: `storage` (its view of the shared folder answers EIO
+    /// to everything, open files included), `uplink` (its VM network link loses carrier)
+    /// or `logging` (its logging link loses carrier). Its processes stay alive.
+    Cut {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+        /// What to break: storage, uplink or logging.
+        what: String,
+    },
+    /// Undo `lab cut`: the path works again (files opened before a storage cut too).
+    Heal {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+        /// What to heal: storage, uplink or logging.
+        what: String,
+    },
+    /// Run a command on a host: in its network namespace and its view of the shared
+    /// storage (the process becomes the command: same pid).
+    Exec {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// The host, e.g. host1.
+        host: String,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<std::ffi::OsString>,
+    },
+    /// Internal: serve a host's view of the shared storage (started by `lab up`).
+    #[command(hide = true)]
+    StorageServe {
         #[command(flatten)]
         lab: LabArgs,
         /// The host, e.g. host1.
@@ -94,7 +146,34 @@ pub enum LabCommand {
 /// Carry out a `tandem lab` command.
 pub fn run(cmd: LabCommand) -> Result<u8> {
     match cmd {
-        LabCommand::Up { lab, hosts, bare } => run_up(&lab, hosts, bare),
+        LabCommand::Up {
+            lab,
+            hosts,
+            bare,
+            plain_storage,
+        } => run_up(&lab, hosts, bare, !plain_storage),
+        LabCommand::Cut { lab, host, what } => {
+            let what = Fault::parse(&what)?;
+            cut(&lab.name, &host, what, true)?;
+            println!("lab {}: {host} {} cut", lab.name, what.name());
+            Ok(0)
+        }
+        LabCommand::Heal { lab, host, what } => {
+            let what = Fault::parse(&what)?;
+            cut(&lab.name, &host, what, false)?;
+            println!("lab {}: {host} {} healed", lab.name, what.name());
+            Ok(0)
+        }
+        LabCommand::Exec { lab, host, cmd } => {
+            let k = host_number(&lab.name, &host)?;
+            crate::labstore::exec(&lab.name, k, &cmd)?;
+            Ok(1)
+        }
+        LabCommand::StorageServe { lab, host } => {
+            let k = host_number(&lab.name, &host)?;
+            crate::labstore::serve(&lab.name, k)?;
+            Ok(0)
+        }
         LabCommand::Down { lab } => run_down(&lab),
         LabCommand::Kill { lab, host } => run_kill(&lab, &host),
         LabCommand::Isolate { lab, host } => {
@@ -161,6 +240,14 @@ fn write_token(path: &std::path::Path) -> Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(f, "{hex}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// `/tmp/NAME-run`: a folder of the machine's that every host and the machine itself see
+/// as one (it is not shared storage), for the control sockets an operator on the machine
+/// talks to: a Unix socket bound through one host's view of the shared storage is that
+/// host's alone, as on any network file system.
+pub fn run_dir(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/{name}-run"))
 }
 
 /// `/tmp/NAME-lab.json`: where a lab's cluster is (see [`LabFile`]).
@@ -297,16 +384,18 @@ fn bridge(ns: &str, name: &str) -> Result<()> {
 /// Create lab `name` with `hosts` hosts, bare: namespaces and networks only (what the
 /// FT tests, the demo and the benchmarks use). See [`up_cluster`] for etcd and agents.
 pub fn up(name: &str, hosts: u32) -> Result<()> {
-    up_with(name, hosts, false)
+    up_with(name, hosts, false, true)
 }
 
 /// Create lab `name` with `hosts` hosts running a cluster: etcd on the management network
 /// (waited for), a host agent started in every host (not waited for), the lab file.
 pub fn up_cluster(name: &str, hosts: u32) -> Result<()> {
-    up_with(name, hosts, true)
+    up_with(name, hosts, true, true)
 }
 
-fn up_with(name: &str, hosts: u32, cluster: bool) -> Result<()> {
+/// `views`: every host sees the shared folder through its own storage server (see
+/// [`crate::labstore`]), which `lab cut HOST storage` can break.
+fn up_with(name: &str, hosts: u32, cluster: bool, views: bool) -> Result<()> {
     valid_name(name)?;
     if !(1..=16).contains(&hosts) {
         bail!("--hosts {hosts}: a lab has 1 to 16 hosts");
@@ -316,7 +405,7 @@ fn up_with(name: &str, hosts: u32, cluster: bool) -> Result<()> {
     }
     // What a lab that was never taken down left behind (a stale cluster state above all).
     remove_files(name);
-    let result = build(name, hosts).and_then(|()| {
+    let result = build(name, hosts, views).and_then(|()| {
         if cluster {
             start_cluster(name, hosts)
         } else {
@@ -329,7 +418,7 @@ fn up_with(name: &str, hosts: u32, cluster: bool) -> Result<()> {
     result
 }
 
-fn build(name: &str, hosts: u32) -> Result<()> {
+fn build(name: &str, hosts: u32, views: bool) -> Result<()> {
     let net = ns(name, "net");
     let client = ns(name, "client");
     for n in std::iter::once(net.clone())
@@ -378,6 +467,14 @@ fn build(name: &str, hosts: u32) -> Result<()> {
         mgmt_port(&net, &h, &format!("h{k}mg"), &mgmt_ip(k))?;
     }
     std::fs::create_dir_all(shared_dir(name)).context("creating the shared storage folder")?;
+    std::fs::create_dir_all(run_dir(name)).context("creating the lab's socket folder")?;
+    if views {
+        std::fs::write(crate::labstore::marker(name), b"")
+            .context("marking the lab as one with storage views")?;
+        for k in 1..=hosts {
+            crate::labstore::start(name, k)?;
+        }
+    }
     Ok(())
 }
 
@@ -393,7 +490,7 @@ fn mgmt_port(net: &str, ns: &str, port: &str, ip: &str) -> Result<()> {
 /// in namespace `ns`; the child is reaped by a thread of its own, so a long-lived caller
 /// (the demo, a benchmark) collects no zombies.
 fn spawn_detached(
-    ns: &str,
+    place: &[std::ffi::OsString],
     program: &std::ffi::OsStr,
     args: &[String],
     log: &std::path::Path,
@@ -404,16 +501,53 @@ fn spawn_detached(
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     // `setsid` execs (a spawned child leads no process group), so the child is the
-    // program itself once `ip netns exec` execs it too.
+    // program itself once `ip netns exec` or `lab exec` execs it too.
     Command::new("setsid")
-        .args(["ip", "netns", "exec", ns])
+        .args(place)
         .arg(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()
-        .with_context(|| format!("starting {} in {ns}", program.to_string_lossy()))
+        .with_context(|| {
+            format!(
+                "starting {} in {}",
+                program.to_string_lossy(),
+                place
+                    .last()
+                    .map(|p| p.to_string_lossy())
+                    .unwrap_or_default()
+            )
+        })
+}
+
+/// The command prefix that runs a program in namespace `ns`.
+fn netns_exec(ns: &str) -> Vec<std::ffi::OsString> {
+    ["ip", "netns", "exec", ns].map(Into::into).to_vec()
+}
+
+/// The command prefix that runs a program on host K of lab `name`: `tandem lab exec`
+/// (its network namespace and its view of the shared storage) in a lab with storage
+/// views, `ip netns exec` in one without.
+pub fn on_host(name: &str, k: u32) -> Result<Vec<std::ffi::OsString>> {
+    if !crate::labstore::enabled(name) {
+        return Ok(netns_exec(&host_ns(name, k)));
+    }
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let mut v = vec![exe.into_os_string()];
+    v.extend(
+        ["lab", "exec", "--name", name, &format!("host{k}"), "--"].map(std::ffi::OsString::from),
+    );
+    Ok(v)
+}
+
+/// [`on_host`] for a namespace named `NAME-hostK`; `ip netns exec` for any other.
+fn on_host_ns(ns: &str) -> Result<Vec<std::ffi::OsString>> {
+    match ns.rsplit_once("-host").map(|(n, k)| (n, k.parse::<u32>())) {
+        Some((name, Ok(k))) => on_host(name, k),
+        _ => Ok(netns_exec(ns)),
+    }
 }
 
 fn reap_in_background(mut child: std::process::Child) {
@@ -436,7 +570,7 @@ fn start_cluster(name: &str, hosts: u32) -> Result<()> {
         format!("--initial-cluster={name}={peer}"),
         "--initial-cluster-state=new".to_string(),
     ];
-    let mut etcd = spawn_detached(&net, "etcd".as_ref(), &args, &etcd_log(name))
+    let mut etcd = spawn_detached(&netns_exec(&net), "etcd".as_ref(), &args, &etcd_log(name))
         .context("etcd (scripts/setup installs etcd-server; `lab up --bare` runs without it)")?;
     let deadline = Instant::now() + ETCD_WAIT;
     loop {
@@ -533,7 +667,12 @@ pub fn start_agent(name: &str, k: u32) -> Result<()> {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    let child = spawn_detached(&h, exe.as_os_str(), &args, &agent_log(name, k))?;
+    let child = spawn_detached(
+        &on_host(name, k)?,
+        exe.as_os_str(),
+        &args,
+        &agent_log(name, k),
+    )?;
     reap_in_background(child);
     Ok(())
 }
@@ -560,11 +699,33 @@ fn pids(ns: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Kill every process in a namespace with SIGKILL.
+/// Kill every process in a namespace with SIGKILL; a host's storage server last, once
+/// the processes that use its view are gone (bounded wait), so none of them sees its
+/// storage fail before it dies.
 fn kill_all(ns: &str) {
-    for pid in pids(ns) {
+    let server = ns
+        .rsplit_once("-host")
+        .and_then(|(name, k)| Some((name, k.parse::<u32>().ok()?)))
+        .and_then(|(name, k)| crate::labstore::server_pid(name, k));
+    let others =
+        |pids: Vec<i32>| -> Vec<i32> { pids.into_iter().filter(|&p| Some(p) != server).collect() };
+    for pid in others(pids(ns)) {
         // SAFETY: kill(2) with a pid read from the kernel; no memory is involved.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if let Some(server) = server {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !others(pids(ns)).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: kill(2) with a pid checked to be the storage server; no memory.
+        unsafe { libc::kill(server, libc::SIGKILL) };
+        // A killed host runs nothing once `lab kill` returns: the server's FUSE teardown
+        // can outlast the signal by a few milliseconds.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while pids(ns).contains(&server) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -572,19 +733,23 @@ fn kill_all(ns: &str) {
 /// the agents' logs, the lab file.
 fn remove_files(name: &str) {
     let _ = std::fs::remove_dir_all(shared_dir(name));
+    let _ = std::fs::remove_dir_all(run_dir(name));
     let _ = std::fs::remove_dir_all(etcd_dir(name));
     let _ = std::fs::remove_file(etcd_log(name));
     let _ = std::fs::remove_file(lab_file(name));
-    // Agent logs of any host number (the lab may have had more hosts than are left).
+    let _ = std::fs::remove_file(crate::labstore::marker(name));
+    // Agent logs and storage servers' state and logs of any host number (the lab may have had more hosts than are left).
     let prefix = format!("{name}-host");
     if let Ok(dir) = std::fs::read_dir("/tmp") {
         for e in dir.flatten() {
             let f = e.file_name();
             let f = f.to_string_lossy();
-            let is_agent_log = f
-                .strip_prefix(&prefix)
-                .and_then(|r| r.strip_suffix("-agent.log"))
-                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()));
+            let is_agent_log = f.strip_prefix(&prefix).is_some_and(|r| {
+                ["-agent.log", "-storage", "-storage.log", "-storage.tmp"]
+                    .iter()
+                    .filter_map(|s| r.strip_suffix(s))
+                    .any(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            });
             if is_agent_log {
                 let _ = std::fs::remove_file(e.path());
             }
@@ -652,6 +817,9 @@ pub fn isolate(name: &str, host: &str) -> Result<()> {
 pub fn revive(name: &str, host: &str) -> Result<bool> {
     let k = host_number(name, host)?;
     set_links(name, k, "up")?;
+    if crate::labstore::enabled(name) && crate::labstore::server_pid(name, k).is_none() {
+        crate::labstore::start(name, k)?;
+    }
     if lab_file(name).is_file() && !agent_running(&host_ns(name, k)) {
         start_agent(name, k)?;
         return Ok(true);
@@ -659,8 +827,90 @@ pub fn revive(name: &str, host: &str) -> Result<bool> {
     Ok(false)
 }
 
-pub fn run_up(a: &LabArgs, hosts: u32, bare: bool) -> Result<u8> {
-    up_with(&a.name, hosts, !bare)?;
+/// What `lab cut` breaks on a host.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fault {
+    /// Its view of the shared storage (its storage server answers EIO).
+    Storage,
+    /// Its VM network link (`uplink`, the VM bridge's port on `sw0`).
+    Uplink,
+    /// Its logging link (`log0`, on `lg0`).
+    Logging,
+}
+
+impl Fault {
+    pub fn parse(what: &str) -> Result<Fault> {
+        match what {
+            "storage" => Ok(Fault::Storage),
+            "uplink" => Ok(Fault::Uplink),
+            "logging" => Ok(Fault::Logging),
+            _ => bail!("cannot cut {what:?}: say storage, uplink or logging"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Storage => "storage",
+            Fault::Uplink => "uplink",
+            Fault::Logging => "logging",
+        }
+    }
+}
+
+/// Cut (`true`) or heal one path of `host`. A link is cut at the switch: its port in
+/// `NAME-net` goes down, so the host's end loses carrier (as when a cable or a switch
+/// port fails), and the host's own settings are left alone.
+pub fn cut(name: &str, host: &str, what: Fault, cut: bool) -> Result<()> {
+    let k = host_number(name, host)?;
+    let state = if cut { "down" } else { "up" };
+    let (port, link) = match what {
+        Fault::Storage => return crate::labstore::set_cut(name, k, cut),
+        Fault::Uplink => (format!("h{k}up"), "uplink"),
+        Fault::Logging => (format!("h{k}log"), "log0"),
+    };
+    in_ns(&ns(name, "net"), &["link", "set", &port, state])?;
+    // The kernel reports a carrier change with a delay of its own (up to a second):
+    // the command returns once the host sees it, so what runs next sees it too.
+    let h = host_ns(name, k);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let net = ns(name, "net");
+    let settled = || {
+        if cut {
+            !carrier(&h, link)
+        } else {
+            carrier(&h, link) && carrier(&net, &port) && forwarding(&net, &port)
+        }
+    };
+    while !settled() {
+        if Instant::now() > deadline {
+            bail!("{host}'s {link} did not see its carrier {state} within 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Whether bridge port `port` in namespace `ns` forwards frames.
+fn forwarding(ns: &str, port: &str) -> bool {
+    Command::new("bridge")
+        .args(["-n", ns, "link", "show", "dev", port])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("state forwarding"))
+}
+
+/// Whether `dev` in namespace `ns` has a carrier (and is up).
+fn carrier(ns: &str, dev: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "dev", dev])
+        .output()
+        .is_ok_and(|o| {
+            let s = String::from_utf8_lossy(&o.stdout);
+            s.contains("LOWER_UP") && !s.contains("NO-CARRIER")
+        })
+}
+
+pub fn run_up(a: &LabArgs, hosts: u32, bare: bool, views: bool) -> Result<u8> {
+    up_with(&a.name, hosts, !bare, views)?;
     println!(
         "lab {} up: {} hosts ({}), client {} ({CLIENT_IP}), switch {}, shared storage {}",
         a.name,
@@ -673,6 +923,12 @@ pub fn run_up(a: &LabArgs, hosts: u32, bare: bool) -> Result<u8> {
         ns(&a.name, "net"),
         shared_dir(&a.name).display()
     );
+    if views {
+        println!(
+            "storage: every host sees {} through its own view (`lab exec` runs a command there; `lab cut HOST storage` breaks it)",
+            shared_dir(&a.name).display()
+        );
+    }
     if !bare {
         println!(
             "cluster: etcd {STORE_URL} (log {}), agents' APIs {}:{API_PORT} (logs /tmp/{}-hostK-agent.log), lab file {}",
@@ -730,8 +986,9 @@ impl VmProcess {
         out: Option<&std::path::Path>,
     ) -> Result<Self> {
         let exe = std::env::current_exe().context("finding the tandem binary")?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", host_ns])
+        let place = on_host_ns(host_ns)?;
+        let child = Command::new(&place[0])
+            .args(&place[1..])
             .arg(exe)
             .args(args)
             .stdout(match out {

@@ -15,6 +15,7 @@ mod guests;
 mod lab;
 mod lab_proxy;
 mod ops_cli;
+mod labstore;
 mod snap;
 mod verbs_cli;
 

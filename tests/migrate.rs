@@ -44,8 +44,10 @@ impl Setup {
         std::fs::read_to_string(self.out(name)).unwrap_or_default()
     }
 
+    /// In the lab's socket folder (`/tmp/NAME-run`), which the test reaches: a socket bound
+    /// through a host's view of the shared storage is that host's alone.
     fn sock(&self, name: &str) -> PathBuf {
-        self.shared.join(format!("{name}.sock"))
+        PathBuf::from(format!("/tmp/{}-run", self.lab.name)).join(format!("{name}.sock"))
     }
 
     /// kvd powered on at host `k`, serving its control API at `sock(name)`.

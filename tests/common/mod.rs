@@ -237,6 +237,17 @@ impl Lab {
         );
     }
 
+    /// `tandem lab VERB --name NAME hostK WHAT` (cut, heal); panics unless it worked.
+    pub fn host_op_on(&self, verb: &str, k: u32, what: &str) {
+        let host = format!("host{k}");
+        let run = tandem(&["lab", verb, "--name", &self.name, &host, what]);
+        assert_eq!(
+            run.code, 0,
+            "lab {verb} {host} {what}: {}{}",
+            run.stdout, run.stderr
+        );
+    }
+
     pub fn ns(&self, what: &str) -> String {
         format!("{}-{what}", self.name)
     }
@@ -335,8 +346,17 @@ impl Lab {
         out: &Path,
     ) -> usize {
         let file = std::fs::File::create(out).expect("creating the VM's output file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(&format!("host{k}"))])
+        // `lab exec` joins the host's network namespace and its view of the shared storage,
+        // then execs: the child is the VM itself.
+        let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args([
+                "lab",
+                "exec",
+                "--name",
+                &self.name,
+                &format!("host{k}"),
+                "--",
+            ])
             .arg(exe)
             .args(args)
             .envs(env.iter().copied())
@@ -348,7 +368,7 @@ impl Lab {
         self.vms.len() - 1
     }
 
-    /// The process id of VM `i` (`ip netns exec` execs it: the same process).
+    /// The process id of VM `i` (`lab exec` execs it: the same process).
     pub fn pid(&self, i: usize) -> u32 {
         self.vms[i].id()
     }
