@@ -199,7 +199,7 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         args.flags.json,
         "start-up of a large guest: empty code cache, cached, wasmtime's own compile",
     );
-    let start = start_rows(rounds.min(3), work.path())?;
+    let start = start_rows(rounds, work.path())?;
 
     progress(
         args.flags.json,

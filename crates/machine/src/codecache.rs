@@ -142,7 +142,8 @@ pub fn load_or_compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Modul
     let short = crate::vm::hex(&key[..6]);
     let mut rejected = None;
     match read_entry(&dir, &path, &key) {
-        Ok(Some(payload)) => {
+        Ok(Some(entry)) => {
+            let payload = &entry[HEADER_LEN..];
             // SAFETY: `payload` is exactly what `Module::serialize` wrote for this module
             // under an engine of this configuration and this Tandem version: it was read
             // whole from a file that this user alone can write (folder and file checked),
@@ -150,7 +151,7 @@ pub fn load_or_compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Modul
             // its blake3 matches the hash written with it, so it is neither damaged nor
             // another module's code. wasmtime also checks its own header (version, engine
             // compatibility) and refuses a mismatch, handled below as a rejected entry.
-            match unsafe { Module::deserialize(engine, &payload) } {
+            match unsafe { Module::deserialize(engine, payload) } {
                 Ok(m) => {
                     tracing::info!(
                         "code cache: hit {short}: {} loaded in {:.3} s",
@@ -222,7 +223,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     }
 }
 
-/// The checked payload of the entry at `path`; `None` when there is no entry.
+/// The entry at `path`, checked (its payload follows [`HEADER_LEN`] bytes of header);
+/// `None` when there is none.
 fn read_entry(dir: &Path, path: &Path, key: &[u8; 32]) -> Result<Option<Vec<u8>>, CacheError> {
     match std::fs::symlink_metadata(dir) {
         Ok(m) if !m.is_dir() || !owned_alone(&m) => {
@@ -262,7 +264,7 @@ fn read_entry(dir: &Path, path: &Path, key: &[u8; 32]) -> Result<Option<Vec<u8>>
     file.take(MAX_ENTRY + 1)
         .read_to_end(&mut all)
         .map_err(io(path))?;
-    check_entry(&all, key).map(|()| Some(all.split_off(HEADER_LEN)))
+    check_entry(&all, key).map(|()| Some(all))
 }
 
 /// Check an entry's header against `key` and its payload against the hash it carries.
@@ -317,6 +319,33 @@ fn remove_entry(path: &Path) {
     }
 }
 
+/// A temporary file this old was left by a process killed while writing it (a write takes
+/// seconds).
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Delete the temporary files of writers killed mid-write, which would otherwise pile up.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in list.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(".code.") && name.ends_with(".tmp")) {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMPORARY);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Write an entry atomically: a temporary file beside it, synced, renamed, the folder
 /// synced.
 fn store(dir: &Path, path: &Path, key: &[u8; 32], payload: &[u8]) -> Result<(), CacheError> {
@@ -330,6 +359,7 @@ fn store(dir: &Path, path: &Path, key: &[u8; 32], payload: &[u8]) -> Result<(), 
     if !meta.is_dir() || !owned_alone(&meta) {
         return Err(CacheError::Untrusted(dir.to_path_buf()));
     }
+    remove_stale_temporaries(dir);
     let tmp = crate::asyncify::temp_name(dir, "code");
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
