@@ -1,6 +1,6 @@
 //! The compiled-code cache end to end: the real `tandem` binary starts the large generated
 //! guest (`bigcode.wasm`, 11 MB of wasm) with a cache folder of the test's own; the log's
-//! `code cache:` line says whether the code was loaded or compiled. Damaged entries are
+//! `code cache:` line (debug level) says whether the code was loaded or compiled. Damaged entries are
 //! rebuilt, never run; concurrent starts share the folder safely.
 
 mod common;
@@ -8,7 +8,23 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Run, guest, s, tandem, workspace};
+use common::{Run, guest, s, workspace};
+
+/// What the cache did is a debug line.
+const LOG: &str = "warn,machine::codecache=debug";
+
+/// The `tandem` binary with the cache's debug lines on.
+fn tandem_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    c.args(args).env("TANDEM_LOG", LOG);
+    c
+}
+
+fn tandem(args: &[&str]) -> Run {
+    let run = Run::from(tandem_cmd(args).output().expect("running tandem"));
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    run
+}
 
 fn expected() -> String {
     guest("bigcode.wasm");
@@ -66,8 +82,7 @@ fn a_second_start_loads_the_code_the_first_compiled() {
 
     // The environment names the cache when no flag does.
     let other = dir.path().join("from-env");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["vm", "run", "--wasm", s(&g)])
+    let out = tandem_cmd(&["vm", "run", "--wasm", s(&g)])
         .env("TANDEM_CODE_CACHE", &other)
         .output()
         .unwrap();
@@ -201,8 +216,7 @@ fn two_starts_at_once_with_an_empty_cache_both_succeed() {
     let cache = dir.path().join("code");
     let g = guest("bigcode.wasm");
     let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["--code-cache", s(&cache), "vm", "run", "--wasm", s(&g)])
+        tandem_cmd(&["--code-cache", s(&cache), "vm", "run", "--wasm", s(&g)])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

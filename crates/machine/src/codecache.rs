@@ -31,6 +31,10 @@
 //! entry is valid. The cache only ever speeds a start up: a folder that cannot be made,
 //! read or written is reported and the module compiled as if there were no cache.
 //!
+//! **Seen.** A hit or a miss is a debug line (`TANDEM_LOG=machine::codecache=debug`: an
+//! error's output stays one line); a rejected entry, a folder not used or an entry not
+//! stored is a warning.
+//!
 //! **Where.** [`set`] (the `--code-cache DIR` / `--no-code-cache` flags) wins; else
 //! `$TANDEM_CODE_CACHE` (`off` turns the cache off); else the folder `code` in the
 //! instrumented-module cache's folder ([`crate::asyncify::cache_dir`], itself
@@ -153,7 +157,7 @@ pub fn load_or_compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Modul
             // compatibility) and refuses a mismatch, handled below as a rejected entry.
             match unsafe { Module::deserialize(engine, payload) } {
                 Ok(m) => {
-                    tracing::info!(
+                    tracing::debug!(
                         "code cache: hit {short}: {} loaded in {:.3} s",
                         path.display(),
                         started.elapsed().as_secs_f64()
@@ -192,7 +196,7 @@ pub fn load_or_compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Modul
         Err(e) => Some(format!("serialize: {e}")),
     };
     match &unstored {
-        None => tracing::info!(
+        None => tracing::debug!(
             "code cache: miss {short}: compiled in {compiled:.3} s, stored as {}",
             path.display()
         ),
