@@ -70,6 +70,18 @@ struct VmBench {
     snapshot_memory_mib: u64,
     snapshot_pause_ms: f64,
     snapshot_bytes: u64,
+    /// Start-up of a large guest (`bigcode.wasm`, `start_module_bytes` of wasm): a
+    /// `tandem vm run` process from spawn to exit (the guest's own work takes
+    /// milliseconds), its compiled-code cache empty (goal: ≤ `wasmtime_compile_s`)...
+    start_first_s: f64,
+    /// ...and again, the cache holding its code (goal ≤ 1 s).
+    start_cached_s: f64,
+    /// wasmtime compiling the same module under its default configuration (its Python
+    /// bindings, `target/wasmtime-venv`), timed around the compile alone, same rounds.
+    wasmtime_compile_s: Option<f64>,
+    /// Why `wasmtime_compile_s` is missing, when it is.
+    wasmtime_skipped: Option<String>,
+    start_module_bytes: u64,
     rounds: u32,
 }
 
@@ -185,6 +197,12 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
 
     progress(
         args.flags.json,
+        "start-up of a large guest: empty code cache, cached, wasmtime's own compile",
+    );
+    let start = start_rows(rounds, work.path())?;
+
+    progress(
+        args.flags.json,
         "network: bulk TCP into a VM vs host loopback; kvd under redis-benchmark",
     );
     let (net, net_skipped) = match net_rows(args.flags.quick, rounds) {
@@ -208,6 +226,11 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         snapshot_memory_mib: snap.memory_mib,
         snapshot_pause_ms: snap.pause_ms,
         snapshot_bytes: snap.bytes,
+        start_first_s: start.first_s,
+        start_cached_s: start.cached_s,
+        wasmtime_compile_s: start.wasmtime_s,
+        wasmtime_skipped: start.wasmtime_skipped,
+        start_module_bytes: start.module_bytes,
         rounds,
     };
     if args.flags.json {
@@ -302,6 +325,116 @@ fn snapshot_rows(
     })
 }
 
+struct StartRows {
+    first_s: f64,
+    cached_s: f64,
+    wasmtime_s: Option<f64>,
+    wasmtime_skipped: Option<String>,
+    module_bytes: u64,
+}
+
+/// Start-up of the large guest, round after round: a `tandem vm run` with a fresh (empty)
+/// compiled-code cache, the same again with the cache it filled, and wasmtime's default
+/// compile of the module; the best of each. Every run's output is checked.
+fn start_rows(rounds: u32, work: &Path) -> Result<StartRows> {
+    let wasm = guests::file("bigcode.wasm")?;
+    let expected = std::fs::read_to_string(guests::file("bigcode.expected")?)?;
+    let module_bytes = std::fs::metadata(&wasm)?.len();
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let python = wasmtime_python();
+    let mut wasmtime_skipped = python
+        .is_none()
+        .then(|| "wasmtime's Python bindings are not installed (scripts/setup)".to_string());
+    let (mut first, mut cached, mut reference) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    for round in 0..rounds {
+        let cache = work.join(format!("code-cache-{round}"));
+        for slot in [&mut first, &mut cached] {
+            let begun = Instant::now();
+            let out = Command::new(&exe)
+                .arg("--code-cache")
+                .arg(&cache)
+                .args(["vm", "run", "--wasm"])
+                .arg(&wasm)
+                .env("TANDEM_LOG", "warn")
+                .output()
+                .context("running tandem vm run")?;
+            let took = begun.elapsed();
+            if !out.status.success() || String::from_utf8_lossy(&out.stdout) != expected {
+                bail!(
+                    "bigcode.wasm ran wrong ({}): {:?} / {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            *slot = (*slot).min(took);
+        }
+        let _ = std::fs::remove_dir_all(&cache);
+        if let (Some(py), None) = (&python, &wasmtime_skipped) {
+            match wasmtime_compile(py, &wasm) {
+                Ok(t) => reference = reference.min(t),
+                Err(e) => wasmtime_skipped = Some(format!("{e:#}")),
+            }
+        }
+    }
+    Ok(StartRows {
+        first_s: secs(first),
+        cached_s: secs(cached),
+        wasmtime_s: wasmtime_skipped.is_none().then(|| secs(reference)),
+        wasmtime_skipped,
+        module_bytes,
+    })
+}
+
+/// The Python that has wasmtime's bindings: `$TANDEM_WASMTIME_PYTHON`, else
+/// `target/wasmtime-venv` beside this executable's `target/<profile>/`, or in the
+/// workspace the guests were found in.
+fn wasmtime_python() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("TANDEM_WASMTIME_PYTHON") {
+        return Some(p.into());
+    }
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.join("wasmtime-venv/bin/python")));
+    let in_workspace = guests::dir()
+        .ok()
+        .map(|d| d.join("../../target/wasmtime-venv/bin/python"));
+    beside_exe
+        .into_iter()
+        .chain(in_workspace)
+        .find(|p| p.is_file())
+}
+
+/// wasmtime's compile of `wasm` under its default configuration (a fresh engine), timed
+/// around `wasmtime.Module(engine, bytes)` alone.
+fn wasmtime_compile(python: &Path, wasm: &Path) -> Result<Duration> {
+    const SCRIPT: &str = "import sys, time, wasmtime\n\
+        b = open(sys.argv[1], 'rb').read()\n\
+        e = wasmtime.Engine()\n\
+        t = time.perf_counter()\n\
+        wasmtime.Module(e, b)\n\
+        print(time.perf_counter() - t)\n";
+    let out = Command::new(python)
+        .args(["-c", SCRIPT])
+        .arg(wasm)
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "wasmtime's compile failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    let secs: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("reading wasmtime's compile time")?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// The guests' console output is not the bench's: keep it off the table.
 fn quiet(mut inputs: Inputs) -> Inputs {
     if let Inputs::Live { port, host, .. } = &mut inputs {
@@ -364,6 +497,28 @@ fn print_vm_table(r: &VmBench) {
         "snapshot_ms_per_gib: {:.0} ms/GiB ({} MiB of incompressible memory paused {:.1} ms, \
          snapshot {} bytes)",
         r.snapshot_ms_per_gib, r.snapshot_memory_mib, r.snapshot_pause_ms, r.snapshot_bytes
+    );
+    println!(
+        "{:<34} {:>11.3}s {:>11.3}s {:>8} {:>6}",
+        "start_first_s / start_cached_s", r.start_first_s, r.start_cached_s, "-", "≤1s"
+    );
+    match (r.wasmtime_compile_s, &r.wasmtime_skipped) {
+        (Some(w), _) => println!(
+            "{:<34} {:>11.3}s {:>11.3}s {:>8.3} {:>6}",
+            "wasmtime_compile_s ÷ start_first_s",
+            w,
+            r.start_first_s,
+            w / r.start_first_s,
+            "≥1.00"
+        ),
+        (None, why) => println!(
+            "wasmtime_compile_s skipped: {}",
+            why.as_deref().unwrap_or("-")
+        ),
+    }
+    println!(
+        "start-up: bigcode.wasm, {:.1} MB of wasm, a `tandem vm run` from spawn to exit",
+        r.start_module_bytes as f64 / 1e6
     );
     println!(
         "recorded run: {} events, log {} bytes ({:.1} bytes/event)",

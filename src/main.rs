@@ -54,6 +54,16 @@ dies the secondary goes live where it left off. Start with `tandem demo`."
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Keep guests' compiled code in DIR, so that a second start of a module loads it
+    /// instead of compiling it (default: $TANDEM_CODE_CACHE, else the folder `code` in
+    /// the instrumented-module cache: $TANDEM_CACHE_DIR, $XDG_CACHE_HOME/tandem,
+    /// ~/.cache/tandem or /var/cache/tandem). An entry is checked before use; a damaged
+    /// one is reported, deleted and rebuilt.
+    #[arg(long, global = true, value_name = "DIR")]
+    code_cache: Option<PathBuf>,
+    /// Compile every guest afresh: no compiled-code cache.
+    #[arg(long, global = true, conflicts_with = "code_cache")]
+    no_code_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -537,6 +547,11 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
+    if cli.no_code_cache {
+        machine::codecache::set(machine::codecache::Setting::Off);
+    } else if let Some(dir) = &cli.code_cache {
+        machine::codecache::set(machine::codecache::Setting::Dir(dir.clone()));
+    }
     // A replay performs nothing on the host and does not stop on request: SIGINT/SIGTERM
     // keep their default action there (end the process).
     if !matches!(cli.command, Command::Vm(VmCommand::Replay { .. })) {

@@ -717,9 +717,25 @@ fn a_guest_that_ends_leaves_its_vm_off_and_power_on_starts_it_again() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(runs(), 1);
     assert_eq!(c.show("once")["restarts"], 0);
+    // The copy's module, instrumented and compiled, is cached on shared storage...
+    let code = format!("/tmp/{}-shared/.cache/code", c.lab.name);
+    let entries = || -> Vec<(std::path::PathBuf, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(&code)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| (e.path(), e.metadata().unwrap().ino()))
+            .collect()
+    };
+    let first = entries();
+    assert_eq!(first.len(), 1, "no compiled code in {code}");
     c.ok(&["vm", "power-on", "once"]);
     c.wait("a second run", 30, || runs() == 2);
     c.wait("off again", 30, || field(&c.show("once"), "power") == "off");
+    // ...so the second run, on whichever host, loaded it: a compile would have stored its
+    // code anew (another file renamed into place).
+    assert_eq!(entries(), first);
 }
 
 #[test]

@@ -51,6 +51,11 @@ pub const LOG_PROBE_PORT: u16 = 7069;
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The caches' folder on shared storage (VM names cannot start with a dot).
+pub fn shared_cache(shared: &std::path::Path) -> PathBuf {
+    shared.join(".cache")
+}
+
 /// What an agent is told at start.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -618,6 +623,13 @@ impl Agent {
         let err = out.try_clone()?;
         let mut cmd = Command::new(&cfg.exe);
         cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
+        // The copies' caches (instrumented modules, compiled code) on shared storage, unless
+        // this agent was told otherwise: a copy started on another host (a new secondary, a
+        // failover's re-protection, an HA restart) finds the module already instrumented and
+        // compiled by the first, instead of spending seconds per MB of wasm on each.
+        if std::env::var_os("TANDEM_CACHE_DIR").is_none() {
+            cmd.env("TANDEM_CACHE_DIR", shared_cache(&cfg.shared));
+        }
         let (mut writer, reader) = fence::pipe()?;
         // The copy's first deadline is the lease's, before it exists: a copy started late
         // in a renewal's life must not outlive it; none at all under a lease not current.

@@ -276,7 +276,7 @@ fn ensure_dir(dir: &Path) -> Result<(), InstrumentError> {
 }
 
 /// A name no other process or thread uses at the same time.
-fn temp_name(dir: &Path, what: &str) -> PathBuf {
+pub(crate) fn temp_name(dir: &Path, what: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()

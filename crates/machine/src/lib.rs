@@ -11,6 +11,7 @@
 pub mod asyncify;
 pub mod capture;
 pub mod clock;
+pub mod codecache;
 pub mod control;
 pub mod datastore;
 pub mod event;

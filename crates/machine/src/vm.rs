@@ -586,10 +586,11 @@ pub(crate) fn compile_guest(
     path: &Path,
 ) -> Result<(Engine, Module, Linker<Vm>), MachineError> {
     let engine = deterministic_engine()?;
-    let module = Module::new(&engine, bytes).map_err(|e| MachineError::NotWasm {
-        path: path.to_path_buf(),
-        why: format!("{e:#}"),
-    })?;
+    let (module, _) =
+        crate::codecache::load_or_compile(&engine, bytes).map_err(|e| MachineError::NotWasm {
+            path: path.to_path_buf(),
+            why: format!("{e:#}"),
+        })?;
     for import in module.imports() {
         if !crate::wasi::provides(import.module(), import.name()) {
             return Err(MachineError::Link(format!(
@@ -621,9 +622,21 @@ pub fn deterministic_engine() -> Result<Engine, MachineError> {
 /// formats' versions, the snapshot transform and the engine's compiled-code identity
 /// (wasmtime checks the last itself for serialized modules: `Engine::precompile_compatibility_hash`).
 pub fn engine_fingerprint() -> String {
+    match deterministic_engine() {
+        Ok(engine) => fingerprint_of(&engine),
+        Err(_) => fingerprint_parts(None),
+    }
+}
+
+/// [`engine_fingerprint`] of an engine already built.
+pub(crate) fn fingerprint_of(engine: &Engine) -> String {
+    fingerprint_parts(Some(engine))
+}
+
+fn fingerprint_parts(engine: Option<&Engine>) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    if let Ok(engine) = deterministic_engine() {
+    if let Some(engine) = engine {
         engine.precompile_compatibility_hash().hash(&mut h);
     }
     let mut key = blake3::Hasher::new();
