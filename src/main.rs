@@ -14,8 +14,8 @@ mod demo;
 mod guests;
 mod lab;
 mod lab_proxy;
-mod ops_cli;
 mod labstore;
+mod ops_cli;
 mod snap;
 mod verbs_cli;
 

@@ -360,6 +360,105 @@ fn a_secondary_without_vm_network_leaves_the_primary_in_place_not_protected_and_
     assert_eq!(ft.cli(&["INCR", "ft:stays"]), "2");
 }
 
+/// `tandem lab cut|heal` of host K's `what` (storage, uplink, logging).
+fn lab_fault(ft: &Ft, verb: &str, k: u32, what: &str) {
+    let r = tandem(&[
+        "lab",
+        verb,
+        "--name",
+        &ft.lab.name,
+        &format!("host{k}"),
+        what,
+    ]);
+    assert_eq!(
+        r.code, 0,
+        "lab {verb} host{k} {what}: {}{}",
+        r.stdout, r.stderr
+    );
+}
+
+#[test]
+fn a_primary_that_loses_its_storage_hands_over_before_the_guest_sees_an_error() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start("fs");
+    let mut bench = background_benchmark(&ft.lab, "200000", Stdio::piped());
+    let mut checker = Checker::start(&ft.lab, "ft:storage");
+    checker.incr_for("ft:storage", Duration::from_millis(500));
+    // Every write kvd acknowledges is in its append-only file first: the next one after
+    // the cut fails on host1's storage.
+    lab_fault(&ft, "cut", 1, "storage");
+    let before = checker.sent;
+    checker.incr_for("ft:storage", Duration::from_millis(2500));
+    let code = ft.lab.wait_exit(
+        ft.primary,
+        Duration::from_secs(10),
+        "the primary without storage",
+    );
+    assert_eq!(code, 0, "{}", ft.log("primary"));
+    let log = ft.log("primary");
+    assert!(
+        log.contains("handed over to the secondary: primary lost its storage"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("kvd: writing the append-only file"),
+        "the guest saw the error: {log}"
+    );
+    let sent = checker.finish();
+    assert!(sent > before + 50, "the client did not carry on");
+    assert!(
+        bench.wait().unwrap().success(),
+        "redis-benchmark failed across the handover"
+    );
+    let _ = bench.stdout.take();
+    ft.wait_status("role=live", Duration::from_secs(5));
+    assert!(
+        ft.status()
+            .contains("went_live=handover: primary lost its storage"),
+        "{}",
+        ft.status()
+    );
+    assert_eq!(ft.cli(&["GET", "ft:storage"]), sent.to_string());
+    assert!(ft.running(ft.secondary));
+    lab_fault(&ft, "heal", 1, "storage");
+}
+
+#[test]
+fn storage_lost_by_the_secondary_then_by_both_moves_nothing_and_the_guest_sees_the_error() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start("fb");
+    assert_eq!(ft.cli(&["SET", "k", "v"]), "OK");
+    lab_fault(&ft, "cut", 2, "storage");
+    ft.wait_status("protected=false", Duration::from_secs(5));
+    assert!(
+        ft.status()
+            .contains("unprotected_why=the secondary's host lost its storage"),
+        "{}",
+        ft.status()
+    );
+    // The primary stays and serves.
+    assert_eq!(ft.cli(&["INCR", "n"]), "1");
+    // Now host1 loses it too: no handover (no copy could do better); kvd's next write
+    // fails as it would natively, and kvd ends the way it does on a failed write.
+    lab_fault(&ft, "cut", 1, "storage");
+    std::thread::sleep(Duration::from_millis(600));
+    let _ = ft
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.10", "INCR", "n"]);
+    let code = ft.lab.wait_exit(
+        ft.primary,
+        Duration::from_secs(10),
+        "the primary whose guest ended",
+    );
+    let log = ft.log("primary");
+    assert!(log.contains("kvd: writing the append-only file"), "{log}");
+    assert!(!log.contains("handed over"), "{log}");
+    assert_ne!(code, 0, "{log}");
+    lab_fault(&ft, "heal", 1, "storage");
+    lab_fault(&ft, "heal", 2, "storage");
+    assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
+}
+
 #[test]
 fn cutting_only_the_logging_link_leaves_exactly_one_live_copy() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -298,6 +298,14 @@ impl Shared {
                 }
             }
         }
+        if st.halted.is_some()
+            && let Some(h) = st.handover.take().filter(|h| h.sent)
+        {
+            // The secondary was told to take over and this copy may not go on: the switch
+            // happened (the other copy holds the generation, or this one lost storage and
+            // can never be live again).
+            st.handed_over = Some(h.why);
+        }
         if let Some(why) = &st.halted {
             tracing::error!("halting: {why}");
             // The VM's thread may be waiting for frames: wake it so that it stops.
