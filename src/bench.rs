@@ -842,6 +842,15 @@ struct FtBench {
     failover_gaps_ms: Vec<u64>,
     failover_lost: i64,
     failover_resets: u64,
+    /// The longest client-visible silence when the primary's host loses its storage or its
+    /// VM network's uplink (fault to the first reply from the secondary it hands over to),
+    /// median and each; what the checker lost and the resets it saw across all of them.
+    storage_handover_ms: f64,
+    storage_handovers_ms: Vec<u64>,
+    uplink_handover_ms: f64,
+    uplink_handovers_ms: Vec<u64>,
+    handover_lost: i64,
+    handover_resets: u64,
     /// Logging channel bandwidth measured during the FT throughput run, next to the
     /// sizing formula (disk reads MB/s × 8 + network input Mbit/s) × 1.2 for that run.
     logging_mbps: f64,
@@ -978,13 +987,39 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         resets += rep.resets;
         gaps.push(rep.max_gap_ms);
     }
-    let mut sorted = gaps.clone();
-    sorted.sort_unstable();
-    let median = if sorted.len() % 2 == 1 {
-        sorted[sorted.len() / 2] as f64
-    } else {
-        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) as f64 / 2.0
-    };
+    let median = median_f64(&gaps.iter().map(|g| *g as f64).collect::<Vec<_>>());
+    // Failures the logging channel does not see: the primary's host loses its storage, or
+    // its uplink; it hands the VM over to the secondary.
+    let handovers = if args.flags.quick { 1 } else { 5 };
+    let (mut storage_gaps, mut uplink_gaps) = (Vec::new(), Vec::new());
+    let (mut handover_lost, mut handover_resets) = (0i64, 0u64);
+    for fault in [crate::lab::Fault::Storage, crate::lab::Fault::Uplink] {
+        for k in 0..handovers {
+            progress(
+                args.flags.json,
+                &format!(
+                    "handover {}/{handovers}: the primary's host loses its {} under the checker",
+                    k + 1,
+                    fault.name()
+                ),
+            );
+            let lab = FtLab::start_with(&ft_lab, false, args.timeout_ms, &["--uplink", "uplink"])?;
+            let checker = lab.start_checker("bench:counter");
+            std::thread::sleep(Duration::from_millis(800));
+            checker.mark();
+            crate::lab::cut(&ft_lab, "host1", fault, true)?;
+            std::thread::sleep(Duration::from_millis(1500));
+            let rep = checker.finish()?;
+            let final_value: i64 = lab.redis(&["GET", "bench:counter"])?.parse().unwrap_or(-1);
+            handover_lost += (rep.last_value - final_value).max(0);
+            handover_resets += rep.resets;
+            match fault {
+                crate::lab::Fault::Storage => storage_gaps.push(rep.max_gap_ms),
+                _ => uplink_gaps.push(rep.max_gap_ms),
+            }
+        }
+    }
+    let med = |v: &[u64]| median_f64(&v.iter().map(|g| *g as f64).collect::<Vec<_>>());
     let migrations = if args.flags.quick { 2 } else { 6 };
     progress(
         args.flags.json,
@@ -1007,6 +1042,12 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         failover_gaps_ms: gaps,
         failover_lost: lost,
         failover_resets: resets,
+        storage_handover_ms: med(&storage_gaps),
+        storage_handovers_ms: storage_gaps,
+        uplink_handover_ms: med(&uplink_gaps),
+        uplink_handovers_ms: uplink_gaps,
+        handover_lost,
+        handover_resets,
         logging_mbps: logging.0,
         formula_mbps: (logging.1 * 8.0 + logging.2) * 1.2,
         disk_read_mbps: logging.1,
@@ -1062,6 +1103,34 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             "-",
             "-",
             format!("{} / {}", r.failover_lost, r.failover_resets)
+        );
+        for (what, gaps, median) in [
+            (
+                "storage_handover_ms",
+                &r.storage_handovers_ms,
+                r.storage_handover_ms,
+            ),
+            (
+                "uplink_handover_ms",
+                &r.uplink_handovers_ms,
+                r.uplink_handover_ms,
+            ),
+        ] {
+            println!(
+                "{:<40} {:>12} {:>12} {:>8.0}ms {:>8}",
+                what,
+                "-",
+                format!("{gaps:?}"),
+                median,
+                "-"
+            );
+        }
+        println!(
+            "{:<40} {:>12} {:>12} {:>10}",
+            "handover lost / resets",
+            "-",
+            "-",
+            format!("{} / {}", r.handover_lost, r.handover_resets)
         );
         println!(
             "{:<40} {:>12} {:>12} {:>8.1}Mb {:>8}",

@@ -60,8 +60,13 @@ pub struct FtLab {
 impl FtLab {
     /// `timeout_ms`: the failure timeout both copies use (the design's default is 300).
     pub fn start(name: &str, keep: bool, timeout_ms: u64) -> Result<FtLab> {
-        let mut ft = FtLab::start_primary(name, keep, timeout_ms, &[])?;
-        ft.start_secondary()?;
+        FtLab::start_with(name, keep, timeout_ms, &[])
+    }
+
+    /// [`FtLab::start`] with `extra` arguments for both copies.
+    pub fn start_with(name: &str, keep: bool, timeout_ms: u64, extra: &[&str]) -> Result<FtLab> {
+        let mut ft = FtLab::start_primary(name, keep, timeout_ms, extra)?;
+        ft.start_secondary_with(extra)?;
         ft.wait_protected(Duration::from_secs(15))?;
         Ok(ft)
     }
@@ -140,6 +145,11 @@ impl FtLab {
     /// Start the secondary on host2 (it joins the primary and catches up; see
     /// [`FtLab::wait_protected`]).
     pub fn start_secondary(&mut self) -> Result<()> {
+        self.start_secondary_with(&[])
+    }
+
+    /// [`FtLab::start_secondary`] with `extra` arguments.
+    pub fn start_secondary_with(&mut self, extra: &[&str]) -> Result<()> {
         let kvd = guests::file("kvd.wasm")?.display().to_string();
         let data = self.shared.join("kvd/data");
         let (shared_s, data_s) = (
@@ -149,6 +159,7 @@ impl FtLab {
         let timeout = self.timeout_ms.to_string();
         let mut args = Self::common("secondary", &shared_s, &timeout, &kvd, &data_s);
         args.extend(["--primary", LOG_ADDR, "--bridge", "br-vm"]);
+        args.extend_from_slice(extra);
         self.secondary = Some(VmProcess::start_logged(
             &lab::host_ns(&self.name, 2),
             &args,
