@@ -1300,12 +1300,6 @@ mod maintenance_tests {
         assert!(!p.moving, "{notes:?}");
         assert_eq!(m.to_ask, vec![("kvd".to_string(), 1)], "{notes:?}");
     }
-}
-
-#[cfg(test)]
-mod maintenance_two_vms {
-    use super::*;
-    use crate::model::Role;
 
     #[test]
     fn two_pairs_on_the_old_version_both_move() {
