@@ -191,54 +191,64 @@ fn the_primary_host_dies_under_load_and_clients_carry_on() {
     assert!(ft.running(ft.secondary));
 }
 
-#[test]
-fn a_planned_switch_under_load_hands_the_vm_to_the_secondary_with_nothing_lost() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ft = Ft::start("fh");
+/// Under redis-benchmark and the one-connection INCR checker (on `key`), `fault` makes the
+/// primary hand the VM over to the secondary: the primary exits 0 saying why (`why`), the
+/// secondary went live in the next generation saying so in its log and the status, every
+/// acknowledged INCR is there and no connection was reset. The primary's log.
+fn hands_over_under_load(ft: &mut Ft, key: &str, why: &str, fault: impl FnOnce(&Ft)) -> String {
     let mut bench = background_benchmark(&ft.lab, "200000", Stdio::piped());
-    let mut checker = Checker::start(&ft.lab, "ft:switch");
-    checker.incr_for("ft:switch", Duration::from_millis(700));
-    // SIGUSR1: what a host agent sends when the primary's host enters maintenance.
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(ft.lab.pid(ft.primary) as i32, libc::SIGUSR1) };
+    let mut checker = Checker::start(&ft.lab, key);
+    checker.incr_for(key, Duration::from_millis(500));
+    fault(ft);
     let before = checker.sent;
-    checker.incr_for("ft:switch", Duration::from_millis(1500));
+    checker.incr_for(key, Duration::from_millis(2500));
     let code = ft.lab.wait_exit(
         ft.primary,
         Duration::from_secs(10),
-        "the handed-over primary",
+        "the primary handing over",
     );
-    assert_eq!(code, 0, "{}", ft.log("primary"));
+    let log = ft.log("primary");
+    assert_eq!(code, 0, "{log}");
     assert!(
-        ft.log("primary").contains("handed over to the secondary"),
-        "{}",
-        ft.log("primary")
+        log.contains(&format!("handed over to the secondary: {why}")),
+        "{log}"
     );
     let sent = checker.finish();
     assert!(sent > before + 50, "the client did not carry on");
     assert!(
         bench.wait().unwrap().success(),
-        "redis-benchmark failed across the switch"
+        "redis-benchmark failed across the handover"
     );
     let _ = bench.stdout.take();
-    // The secondary went live in the next generation, claimed on the handover, not after
-    // a timeout; the primary never claimed again.
+    // Claimed on the handover, not after a timeout; the primary never claimed again.
     ft.wait_status("role=live", Duration::from_secs(5));
     let gens = ft.generations();
     assert_eq!(gens.len(), 2, "{gens:?}");
     assert!(gens[1].1.starts_with("secondary"), "{gens:?}");
     assert!(
-        ft.log("secondary").contains("handover: planned switch"),
+        ft.log("secondary").contains(&format!("handover: {why}")),
         "{}",
         ft.log("secondary")
     );
     assert!(
-        ft.status().contains("went_live=handover: planned switch"),
+        ft.status().contains(&format!("went_live=handover: {why}")),
         "{}",
         ft.status()
     );
-    assert_eq!(ft.cli(&["GET", "ft:switch"]), sent.to_string());
+    assert_eq!(ft.cli(&["GET", key]), sent.to_string());
     assert!(ft.running(ft.secondary));
+    log
+}
+
+#[test]
+fn a_planned_switch_under_load_hands_the_vm_to_the_secondary_with_nothing_lost() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start("fh");
+    // SIGUSR1: what a host agent sends when the primary's host enters maintenance.
+    hands_over_under_load(&mut ft, "ft:switch", "planned switch", |ft| {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(ft.lab.pid(ft.primary) as i32, libc::SIGUSR1) };
+    });
 }
 
 /// A switch asked of an unprotected primary is refused and the VM carries on there.
@@ -285,40 +295,12 @@ const WATCH_UPLINK: &[&str] = &["--uplink", "uplink"];
 fn a_primary_that_loses_its_vm_network_hands_over_to_a_secondary_that_has_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut ft = Ft::start_with("fu", WATCH_UPLINK);
-    let mut bench = background_benchmark(&ft.lab, "200000", Stdio::piped());
-    let mut checker = Checker::start(&ft.lab, "ft:uplink");
-    checker.incr_for("ft:uplink", Duration::from_millis(500));
-    uplink(&ft, 1, false);
-    let before = checker.sent;
-    checker.incr_for("ft:uplink", Duration::from_millis(2500));
-    let code = ft.lab.wait_exit(
-        ft.primary,
-        Duration::from_secs(10),
-        "the primary without uplink",
+    hands_over_under_load(
+        &mut ft,
+        "ft:uplink",
+        "primary lost its VM network (uplink has no carrier)",
+        |ft| uplink(ft, 1, false),
     );
-    assert_eq!(code, 0, "{}", ft.log("primary"));
-    assert!(
-        ft.log("primary")
-            .contains("handed over to the secondary: primary lost its VM network"),
-        "{}",
-        ft.log("primary")
-    );
-    let sent = checker.finish();
-    assert!(sent > before + 50, "the client did not carry on");
-    assert!(
-        bench.wait().unwrap().success(),
-        "redis-benchmark failed across the handover"
-    );
-    let _ = bench.stdout.take();
-    ft.wait_status("role=live", Duration::from_secs(5));
-    assert!(
-        ft.status()
-            .contains("went_live=handover: primary lost its VM network (uplink has no carrier)"),
-        "{}",
-        ft.status()
-    );
-    assert_eq!(ft.cli(&["GET", "ft:uplink"]), sent.to_string());
-    assert!(ft.running(ft.secondary));
 }
 
 #[test]
@@ -381,45 +363,15 @@ fn lab_fault(ft: &Ft, verb: &str, k: u32, what: &str) {
 fn a_primary_that_loses_its_storage_hands_over_before_the_guest_sees_an_error() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut ft = Ft::start("fs");
-    let mut bench = background_benchmark(&ft.lab, "200000", Stdio::piped());
-    let mut checker = Checker::start(&ft.lab, "ft:storage");
-    checker.incr_for("ft:storage", Duration::from_millis(500));
     // Every write kvd acknowledges is in its append-only file first: the next one after
     // the cut fails on host1's storage.
-    lab_fault(&ft, "cut", 1, "storage");
-    let before = checker.sent;
-    checker.incr_for("ft:storage", Duration::from_millis(2500));
-    let code = ft.lab.wait_exit(
-        ft.primary,
-        Duration::from_secs(10),
-        "the primary without storage",
-    );
-    assert_eq!(code, 0, "{}", ft.log("primary"));
-    let log = ft.log("primary");
-    assert!(
-        log.contains("handed over to the secondary: primary lost its storage"),
-        "{log}"
-    );
+    let log = hands_over_under_load(&mut ft, "ft:storage", "primary lost its storage", |ft| {
+        lab_fault(ft, "cut", 1, "storage")
+    });
     assert!(
         !log.contains("kvd: writing the append-only file"),
         "the guest saw the error: {log}"
     );
-    let sent = checker.finish();
-    assert!(sent > before + 50, "the client did not carry on");
-    assert!(
-        bench.wait().unwrap().success(),
-        "redis-benchmark failed across the handover"
-    );
-    let _ = bench.stdout.take();
-    ft.wait_status("role=live", Duration::from_secs(5));
-    assert!(
-        ft.status()
-            .contains("went_live=handover: primary lost its storage"),
-        "{}",
-        ft.status()
-    );
-    assert_eq!(ft.cli(&["GET", "ft:storage"]), sent.to_string());
-    assert!(ft.running(ft.secondary));
     lab_fault(&ft, "heal", 1, "storage");
 }
 
