@@ -5,75 +5,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use common::cluster::Cluster;
 
-use common::{Checker, KVD_LOAD, Lab, Run, guest, s, tandem};
+use std::time::Duration;
+
+use common::{Checker, KVD_LOAD, guest, s, tandem};
 use serde_json::Value;
-
-/// A lab with etcd and an agent on every host, driven through the verbs.
-struct Cluster {
-    lab: Lab,
-}
 
 const KVD_NIC: &str = "mac=02:00:00:00:00:10,ip=10.77.0.10/24";
 
 impl Cluster {
-    fn up(tag: &str, hosts: u32) -> Cluster {
-        let c = Cluster {
-            lab: Lab::cluster(tag, hosts),
-        };
-        c.wait("every agent registered", 30, || {
-            let r = c.verb(&["host", "list", "--json"]);
-            r.code == 0
-                && serde_json::from_str::<Value>(&r.stdout)
-                    .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == hosts as usize))
-        });
-        c
-    }
-
-    /// `tandem ARGS --lab NAME`.
-    fn verb(&self, args: &[&str]) -> Run {
-        let mut a = args.to_vec();
-        a.extend(["--lab", &self.lab.name]);
-        tandem(&a)
-    }
-
-    /// A verb that must succeed.
-    fn ok(&self, args: &[&str]) -> Run {
-        let r = self.verb(args);
-        assert_eq!(
-            r.code, 0,
-            "tandem {args:?} failed:\n{}{}",
-            r.stdout, r.stderr
-        );
-        r
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let r = self.ok(&a);
-        serde_json::from_str(&r.stdout)
-            .unwrap_or_else(|e| panic!("tandem {args:?} --json: {e}: {}", r.stdout))
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        self.json(&["vm", "show", vm])
-    }
-
-    fn wait(&self, what: &str, secs: u64, mut ok: impl FnMut() -> bool) -> Duration {
-        let start = Instant::now();
-        while !ok() {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{what}: not within {secs} s; cluster: {}",
-                self.verb(&["vm", "list"]).stdout
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        start.elapsed()
-    }
-
     fn kill(&self, host: &str) {
         let r = tandem(&["lab", "kill", host, "--name", &self.lab.name]);
         assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);

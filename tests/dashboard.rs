@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::cluster::Cluster;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -28,64 +30,7 @@ fn api_of(k: u32) -> String {
     format!("http://10.79.0.{}:7070", 10 + k)
 }
 
-/// A cluster lab driven through the CLI.
-struct Cluster {
-    lab: Lab,
-}
-
 impl Cluster {
-    fn up(tag: &str, hosts: u32) -> Cluster {
-        let c = Cluster {
-            lab: Lab::cluster(tag, hosts),
-        };
-        // Every agent registered, and each reaching every other on the logging network
-        // (FT needs it; the agents probe it once they run).
-        c.wait("every agent registered and probed", 60, || {
-            let r = c.verb(&["host", "list", "--json"]);
-            r.code == 0
-                && serde_json::from_str::<Value>(&r.stdout).is_ok_and(|v| {
-                    v.as_array().is_some_and(|a| {
-                        a.len() == hosts as usize
-                            && a.iter().all(|h| {
-                                h["log_peers"]
-                                    .as_array()
-                                    .is_some_and(|p| p.len() + 1 == hosts as usize)
-                            })
-                    })
-                })
-        });
-        c
-    }
-
-    fn verb(&self, args: &[&str]) -> common::Run {
-        let mut a = args.to_vec();
-        a.extend(["--lab", &self.lab.name]);
-        tandem(&a)
-    }
-
-    fn ok(&self, args: &[&str]) -> common::Run {
-        let r = self.verb(args);
-        assert_eq!(r.code, 0, "tandem {args:?}:\n{}{}", r.stdout, r.stderr);
-        r
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        let r = self.ok(&["vm", "show", vm, "--json"]);
-        serde_json::from_str(&r.stdout).unwrap()
-    }
-
-    fn wait(&self, what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !ok() {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{what}: not within {secs} s; cluster: {}",
-                self.verb(&["vm", "list"]).stdout
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
     fn token(&self) -> String {
         std::fs::read_to_string(format!("/tmp/{}-shared/.token", self.lab.name))
             .unwrap()

@@ -6,68 +6,14 @@
 
 mod common;
 
+use common::cluster::Cluster;
+
 use std::time::{Duration, Instant};
 
-use common::{Lab, Run, guest, s, tandem};
+use common::{Lab, guest, s};
 use serde_json::Value;
 
-struct Cluster {
-    lab: Lab,
-}
-
 impl Cluster {
-    fn up(tag: &str, hosts: u32) -> Cluster {
-        let c = Cluster {
-            lab: Lab::cluster(tag, hosts),
-        };
-        // Registered, and each has probed the logging network (its check service, started
-        // before the probe, is up).
-        c.wait("every agent registered and probing", 30, || {
-            let r = c.verb(&["host", "list", "--json"]);
-            r.code == 0
-                && serde_json::from_str::<Value>(&r.stdout).is_ok_and(|v| {
-                    v.as_array().is_some_and(|a| {
-                        a.len() == hosts as usize && a.iter().all(|h| !h["log_peers"].is_null())
-                    })
-                })
-        });
-        c
-    }
-
-    fn verb(&self, args: &[&str]) -> Run {
-        let mut a = args.to_vec();
-        a.extend(["--lab", &self.lab.name]);
-        tandem(&a)
-    }
-
-    fn ok(&self, args: &[&str]) -> Run {
-        let r = self.verb(args);
-        assert_eq!(
-            r.code, 0,
-            "tandem {args:?} failed:\n{}{}",
-            r.stdout, r.stderr
-        );
-        r
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        let r = self.ok(&["vm", "show", vm, "--json"]);
-        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
-    }
-
-    fn wait(&self, what: &str, secs: u64, mut ok: impl FnMut() -> bool) -> Duration {
-        let start = Instant::now();
-        while !ok() {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{what}: not within {secs} s; cluster: {}",
-                self.verb(&["vm", "list"]).stdout
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        start.elapsed()
-    }
-
     /// The agents' logs, all hosts.
     fn agent_logs(&self, hosts: u32) -> String {
         (1..=hosts)
