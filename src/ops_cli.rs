@@ -157,14 +157,9 @@ pub fn ft_schedule(a: &ScheduleArgs) -> u8 {
         let v = a.target.client()?.ft_schedule(&a.name, &req)?;
         match &v.ops.ft_schedule {
             Some(s) => println!(
-                "{}: FT schedule on {:?}{} ({}); the schedule wants FT {} now",
+                "{}: FT schedule {}; the schedule wants FT {} now",
                 v.name,
-                s.on,
-                s.off
-                    .as_ref()
-                    .map(|o| format!(", off {o:?}"))
-                    .unwrap_or_default(),
-                s.tz,
+                s.describe(),
                 if v.ops.scheduled_ft_on == Some(true) {
                     "on"
                 } else {
@@ -356,13 +351,8 @@ pub fn show_ops(v: &VmView) {
     );
     if let Some(s) = &o.ft_schedule {
         println!(
-            "ft schedule:      on {:?}{} ({}); FT {} now",
-            s.on,
-            s.off
-                .as_ref()
-                .map(|o| format!(", off {o:?}"))
-                .unwrap_or_default(),
-            s.tz,
+            "ft schedule:      {}; FT {} now",
+            s.describe(),
             if o.scheduled_ft_on == Some(true) {
                 "on"
             } else {

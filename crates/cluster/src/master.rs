@@ -257,14 +257,9 @@ impl Master {
         let on = r.ft != FtMode::Off;
         if self.scheduled.insert(r.spec.name.clone(), on) != Some(on) {
             said.push(format!(
-                "{}: FT schedule (on {:?}{}, {}): FT {}",
+                "{}: FT schedule ({}): FT {}",
                 r.spec.name,
-                s.on,
-                s.off
-                    .as_ref()
-                    .map(|o| format!(", off {o:?}"))
-                    .unwrap_or_default(),
-                s.tz,
+                s.describe(),
                 if on { "on" } else { "off" }
             ));
         }

@@ -43,6 +43,18 @@ pub struct FtSchedule {
     pub tz: String,
 }
 
+impl FtSchedule {
+    /// `on "SPEC", off "SPEC" (TZ)`, as the master's log and the CLI say it.
+    pub fn describe(&self) -> String {
+        let off = self
+            .off
+            .as_ref()
+            .map(|o| format!(", off {o:?}"))
+            .unwrap_or_default();
+        format!("on {:?}{off} ({})", self.on, self.tz)
+    }
+}
+
 fn utc() -> String {
     "UTC".into()
 }
