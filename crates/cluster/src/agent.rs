@@ -395,7 +395,19 @@ impl Agent {
                 && let Ok(Some(status)) = c.child.try_wait()
             {
                 let how = describe(status);
-                tracing::info!("{} copy {} ({:?}) ended: {how}", c.vm, c.id, c.role);
+                if status.success() {
+                    tracing::info!("{} copy {} ({:?}) ended: {how}", c.vm, c.id, c.role);
+                } else {
+                    // Its own last words say why; the operator should not need to find the file.
+                    tracing::warn!(
+                        "{} copy {} ({:?}) ended: {how}: {} (log {})",
+                        c.vm,
+                        c.id,
+                        c.role,
+                        last_line(&c.log),
+                        c.log.display()
+                    );
+                }
                 c.exit = Some(how);
             }
             if c.exit.is_some() {
@@ -824,6 +836,20 @@ fn stop_copy(c: &mut Running) {
     }
     let _ = c.child.kill();
     c.exit = c.child.wait().ok().map(describe);
+}
+
+/// The last non-empty line of a copy's log (at most its last 4 KiB read, 300 characters kept).
+fn last_line(log: &std::path::Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tail = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = f.take(4096).read_to_end(&mut tail);
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(empty log)");
+    line.trim().chars().take(300).collect()
 }
 
 fn describe(s: std::process::ExitStatus) -> String {

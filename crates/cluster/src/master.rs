@@ -557,6 +557,11 @@ impl Master {
                 if gone {
                     notes.push(format!("secondary on {} lost", s.host));
                     p.unprotected_since_ms.get_or_insert(model::now_ms());
+                    // A move that lost its copy starts over: the replacement is placed
+                    // among the pair's own version and the move is chosen again from there
+                    // (a copy of either version, and then a switch, would strand the VM
+                    // where nothing can re-protect it).
+                    p.moving = false;
                 } else if leaving {
                     notes.push(format!("secondary leaves {} (maintenance)", s.host));
                 }
@@ -1285,6 +1290,42 @@ mod maintenance_tests {
             m.to_ask.is_empty(),
             "no switch before the move copy holds the VM"
         );
+    }
+
+    #[test]
+    fn a_move_whose_copy_is_lost_is_chosen_again_and_never_switches_into_its_own_version() {
+        let (mut v, mut p) =
+            setup(&[("h1", "2"), ("h2", "2"), ("h3", "1"), ("h4", "1")], "h3");
+        let mut m = Master::default();
+        decide(&mut m, &v, &mut p);
+        assert!(p.moving);
+        let mover = p.secondary.clone().unwrap();
+        // The move copy exits (as when it could not join); the primary still runs.
+        v.copies.insert(
+            (mover.host.clone(), "kvd".into()),
+            CopyReport {
+                pid: 1,
+                ..CopyReport::new("kvd", mover.id, Role::Secondary, CopyState::Exited)
+            },
+        );
+        let notes = decide(&mut m, &v, &mut p);
+        assert!(!p.moving, "{notes:?}");
+        let back = p.secondary.clone().unwrap();
+        assert_eq!(back.host, "h4", "{notes:?}");
+        // The replacement runs and the pair is whole again on version 1: no switch into
+        // h4 (nothing of version 1 could re-protect it there); the move is chosen again.
+        v.copies.insert(
+            ("h4".into(), "kvd".into()),
+            CopyReport {
+                pid: 1,
+                ..CopyReport::new("kvd", back.id, Role::Secondary, CopyState::Running)
+            },
+        );
+        let notes = decide(&mut m, &v, &mut p);
+        assert!(m.to_ask.is_empty(), "no switch into h4: {notes:?}");
+        assert!(p.moving, "{notes:?} {p:?}");
+        let to = p.secondary.as_ref().unwrap().host.clone();
+        assert!(to == "h1" || to == "h2", "{p:?}");
     }
 
     #[test]

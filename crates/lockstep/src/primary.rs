@@ -1114,6 +1114,10 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
     result
 }
 
+/// How a primary refuses a newcomer while it has a secondary: the newcomer asks again
+/// (the one attached may be on its way out).
+pub(crate) const ATTACHED_ALREADY: &str = "a secondary is attached already";
+
 /// Attach the secondary `host` starting at event `from`, if this copy can serve it: its
 /// connection number and release point.
 fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, u64), FtError> {
@@ -1139,7 +1143,7 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, u64), FtError> {
     }
     if st.attached.is_some() {
         return Err(FtError::Protocol(format!(
-            "a secondary is attached already; refusing {host}"
+            "{ATTACHED_ALREADY}; refusing {host}"
         )));
     }
     let conn = st.next_conn;
@@ -1687,6 +1691,35 @@ mod tests {
             "from the checkpoint after the go-live: {:?}",
             s.err()
         );
+    }
+
+    #[test]
+    fn a_newcomer_refused_while_a_secondary_is_attached_asks_again_and_joins_once_it_leaves() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, _sink) =
+            primary_with_history(&dir, (0..4).map(|i| data_event(i, 10)).collect());
+        let addr = primary.addr.to_string();
+        let first =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        // Without time to wait, the refusal is the answer.
+        match Secondary::connect(dir.clone(), &addr, Duration::ZERO, config(), 0) {
+            Err(FtError::Refused(why)) => assert!(why.contains(ATTACHED_ALREADY), "{why}"),
+            other => panic!("a second secondary: {:?}", other.err()),
+        }
+        // With time, the newcomer asks again and is taken once the first has left.
+        let leaver = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            assert!(first.leave("replaced"));
+            first
+        });
+        let second =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(10), config(), 0).unwrap();
+        let _first = leaver.join().unwrap();
+        let mut source = second.source(None);
+        for seq in 0..4 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+        }
     }
 
     #[test]

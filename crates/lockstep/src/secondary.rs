@@ -77,6 +77,70 @@ pub struct Secondary {
     pub release: u64,
 }
 
+/// One attempt to join the primary at `addr`: connect (retrying until `deadline`),
+/// authenticate with the pair key, say where this copy starts, and read the primary's
+/// Hello: the stream, its writer and reader, this host's name and (header, generation,
+/// release point).
+#[allow(clippy::type_complexity)]
+fn handshake(
+    dir: &VmDir,
+    addr: &str,
+    deadline: Instant,
+    config: &FtConfig,
+    from: u64,
+) -> Result<
+    (
+        TcpStream,
+        FrameWriter<TcpStream>,
+        FrameReader<TcpStream>,
+        String,
+        (LogHeader, u64, u64),
+    ),
+    FtError,
+> {
+    let stream = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(io_err(format!("connect to the primary at {addr}"))(e));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(config.timeout))
+        .map_err(io_err("set a timeout"))?;
+    let mut nonce = [0u8; 16];
+    std::io::Read::read_exact(&mut &stream, &mut nonce)
+        .map_err(io_err("read the primary's nonce"))?;
+    let key = connection_key(&dir.read_key()?, &nonce);
+    let mut writer = FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
+    let host = crate::primary::hostname();
+    writer
+        .send(
+            KIND_MSG,
+            &encode(&ToPrimary::Hello {
+                host: host.clone(),
+                from,
+            }),
+        )
+        .map_err(io_err("send Hello"))?;
+    let channel = stream.try_clone().map_err(io_err("clone the stream"))?;
+    let mut reader = FrameReader::new(stream, key);
+    let (_, hello) = reader.recv()?;
+    let hello = match decode(&hello)? {
+        ToSecondary::Hello {
+            header,
+            generation,
+            release,
+        } => (header, generation, release),
+        ToSecondary::Refused(why) => return Err(FtError::Refused(why)),
+        _ => return Err(FtError::Protocol("expected Hello".into())),
+    };
+    Ok((channel, writer, reader, host, hello))
+}
+
 impl Secondary {
     /// Connect to the primary at `addr` (retrying for `wait`), authenticate with the pair
     /// key from shared storage, and start following its event stream from event `from`
@@ -89,47 +153,22 @@ impl Secondary {
         from: u64,
     ) -> Result<Secondary, FtError> {
         let deadline = Instant::now() + wait;
-        let stream = loop {
-            match TcpStream::connect(addr) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(io_err(format!("connect to the primary at {addr}"))(e));
+        // A primary still holding the secondary this one replaces (being stopped by its
+        // agent at this moment, say) refuses a second: ask again until `wait` is over.
+        let (stream, writer, reader, host, (header, generation, release)) = loop {
+            match handshake(&dir, addr, deadline, &config, from) {
+                Err(FtError::Refused(why))
+                    if why.contains(crate::primary::ATTACHED_ALREADY)
+                        && Instant::now() < deadline =>
+                {
+                    tracing::info!("the primary at {addr} {why}; asking again");
+                    std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                other => break other?,
             }
         };
-        let _ = stream.set_nodelay(true);
-        stream
-            .set_read_timeout(Some(config.timeout))
-            .map_err(io_err("set a timeout"))?;
-        let mut nonce = [0u8; 16];
-        std::io::Read::read_exact(&mut &stream, &mut nonce)
-            .map_err(io_err("read the primary's nonce"))?;
-        let key = connection_key(&dir.read_key()?, &nonce);
-        let mut writer =
-            FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
-        let host = crate::primary::hostname();
-        writer
-            .send(
-                KIND_MSG,
-                &encode(&ToPrimary::Hello {
-                    host: host.clone(),
-                    from,
-                }),
-            )
-            .map_err(io_err("send Hello"))?;
-        let channel = stream.try_clone().map_err(io_err("clone the stream"))?;
-        let mut reader = FrameReader::new(stream, key);
-        let (_, hello) = reader.recv()?;
-        let (header, generation, release) = match decode(&hello)? {
-            ToSecondary::Hello {
-                header,
-                generation,
-                release,
-            } => (header, generation, release),
-            ToSecondary::Refused(why) => return Err(FtError::Refused(why)),
-            _ => return Err(FtError::Protocol("expected Hello".into())),
-        };
+        let channel = stream;
+        let mut reader = reader;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
