@@ -848,7 +848,11 @@ fn last_line(log: &std::path::Path) -> String {
         let _ = f.take(4096).read_to_end(&mut tail);
     }
     let text = String::from_utf8_lossy(&tail);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(empty log)");
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(empty log)");
     line.trim().chars().take(300).collect()
 }
 

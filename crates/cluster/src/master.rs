@@ -713,7 +713,7 @@ impl Master {
         }
         let ph = view.hosts.get(&primary.host)?;
         let sh = view.hosts.get(&sec.host)?;
-        let req = |from: &'_ HostRecord, any_version: bool, avoid: &'_ [String]| {
+        let place = |from: &HostRecord, any_version: bool, avoid: &[String]| {
             placement::place(
                 loads,
                 &Request {
@@ -727,23 +727,10 @@ impl Master {
                 },
             )
         };
-        // The copy it needs, among hosts of its version: after a switch, a secondary for
-        // the secondary's host; else a secondary elsewhere for the primary's.
-        let needed = if on_primary {
-            req(sh, false, &[])
-        } else {
-            req(ph, false, std::slice::from_ref(&sec.host))
-        };
-        if needed.is_ok() {
-            return None;
+        match placement::plan_pair(&view.hosts, ph, sh, on_primary, place) {
+            Ok(placement::PairPlan::Across { to, version }) => Some((to, version)),
+            _ => None,
         }
-        let to = req(ph, true, std::slice::from_ref(&sec.host)).ok()?;
-        let th = view.hosts.get(&to)?;
-        if th.version == ph.version {
-            return None;
-        }
-        req(th, false, &[]).ok()?;
-        Some((to, th.version.clone()))
     }
 
     /// VM monitoring: reset the VM (its copies dropped, a fresh primary placed below) if
@@ -1294,8 +1281,7 @@ mod maintenance_tests {
 
     #[test]
     fn a_move_whose_copy_is_lost_is_chosen_again_and_never_switches_into_its_own_version() {
-        let (mut v, mut p) =
-            setup(&[("h1", "2"), ("h2", "2"), ("h3", "1"), ("h4", "1")], "h3");
+        let (mut v, mut p) = setup(&[("h1", "2"), ("h2", "2"), ("h3", "1"), ("h4", "1")], "h3");
         let mut m = Master::default();
         decide(&mut m, &v, &mut p);
         assert!(p.moving);

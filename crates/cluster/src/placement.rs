@@ -136,6 +136,51 @@ fn unfit(load: &HostLoad, req: &Request) -> Option<String> {
     None
 }
 
+/// Where an FT pair one of whose hosts leaves (maintenance) goes next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PairPlan {
+    /// The copy it needs fits among hosts of its own version, on this host: after the
+    /// switch, a secondary for the secondary's host; else a secondary elsewhere.
+    Within(String),
+    /// None of its version can: the VM moves to `to`, a host of Tandem `version` (same
+    /// engine) where a host of that version can then re-protect it.
+    Across { to: String, version: String },
+}
+
+/// The one rule the master follows and `enter_maintenance` checks beforehand. `place`
+/// places one FT copy for a primary on the given host (`any_version`, `avoid`), counting
+/// it where the caller keeps count. `primary_leaves`: the primary's host is the one
+/// leaving (else the secondary's). The error is why the needed copy fits nowhere.
+pub fn plan_pair(
+    hosts: &BTreeMap<String, HostRecord>,
+    primary: &HostRecord,
+    secondary: &HostRecord,
+    primary_leaves: bool,
+    mut place: impl FnMut(&HostRecord, bool, &[String]) -> Result<String, String>,
+) -> Result<PairPlan, String> {
+    let needed = if primary_leaves {
+        place(secondary, false, &[])
+    } else {
+        place(primary, false, std::slice::from_ref(&secondary.name))
+    };
+    let why = match needed {
+        Ok(host) => return Ok(PairPlan::Within(host)),
+        Err(why) => why,
+    };
+    let across = place(primary, true, std::slice::from_ref(&secondary.name))
+        .ok()
+        .and_then(|to| hosts.get(&to))
+        .filter(|th| th.version != primary.version)
+        .filter(|th| place(th, false, &[]).is_ok());
+    match across {
+        Some(th) => Ok(PairPlan::Across {
+            to: th.name.clone(),
+            version: th.version.clone(),
+        }),
+        None => Err(why),
+    }
+}
+
 /// The host for the copy, or one line saying why no host can take it.
 pub fn place(loads: &[HostLoad], req: &Request) -> Result<String, String> {
     let what = if req.primary.is_some() {

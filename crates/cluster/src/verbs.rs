@@ -723,21 +723,10 @@ impl Verbs {
                 continue;
             }
             let Some(sh) = secondary else { continue };
-            // The copy the pair needs among hosts of its version: after the switch, a
-            // secondary for the secondary's host; else one for the primary elsewhere.
-            let needed = if on(&p.primary) {
-                fit(&mut loads, r, sh, false, &[])
-            } else {
-                fit(&mut loads, r, ph, false, std::slice::from_ref(&sh.name))
+            let place = |from: &model::HostRecord, any_version: bool, avoid: &[String]| {
+                fit(&mut loads, r, from, any_version, avoid)
             };
-            let Err(e) = needed else { continue };
-            // Else the VM moves to hosts of another version that can re-protect it.
-            let moved = fit(&mut loads, r, ph, true, std::slice::from_ref(&sh.name))
-                .ok()
-                .and_then(|to| v.hosts.get(&to))
-                .filter(|th| th.version != ph.version)
-                .is_some_and(|th| fit(&mut loads, r, th, false, &[]).is_ok());
-            if !moved {
+            if let Err(e) = placement::plan_pair(&v.hosts, ph, sh, on(&p.primary), place) {
                 let what = if on(&p.primary) {
                     "no host for the new secondary of"
                 } else {
