@@ -123,12 +123,19 @@ struct State {
     uplink: Path,
 }
 
+/// A storage probe's answer.
+type Answer = Result<(), String>;
+
 /// Watches this host's paths (a handle: clones watch the same).
 #[derive(Clone)]
 pub struct Monitor {
     config: Arc<HealthConfig>,
     state: Arc<Mutex<State>>,
-    probe: Arc<PathBuf>,
+    /// Asks the one prober thread for a storage probe; it answers on the sender given.
+    /// One thread for the monitor's life, so a probe costs no thread start; a hung probe
+    /// holds only that thread, and later questions wait behind it until their askers'
+    /// bound runs out.
+    prober: Arc<std::sync::mpsc::Sender<std::sync::mpsc::Sender<Answer>>>,
 }
 
 impl Monitor {
@@ -140,10 +147,19 @@ impl Monitor {
         let probe = config
             .folder
             .join(format!(".health.{host}.{}", std::process::id()));
+        let (prober, questions) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Answer>>();
+        let folder = config.folder.clone();
+        std::thread::Builder::new()
+            .name("ft-probe".into())
+            .spawn(move || {
+                for answer in questions {
+                    let _ = answer.send(probe_storage(&probe, &folder));
+                }
+            })?;
         let m = Monitor {
             config: Arc::new(config),
             state: Arc::default(),
-            probe: Arc::new(probe),
+            prober: Arc::new(prober),
         };
         let w = m.clone();
         std::thread::Builder::new()
@@ -164,17 +180,10 @@ impl Monitor {
     /// Probe storage now (an operation just failed with an I/O error): why it is
     /// unreachable, or `None` if it answers.
     pub fn storage_now(&self) -> Option<String> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (probe, folder) = (self.probe.clone(), self.config.folder.clone());
-        // On a thread of its own: a hung file system must not hold the VM past the bound.
-        let spawned = std::thread::Builder::new()
-            .name("ft-probe-now".into())
-            .spawn(move || {
-                let _ = tx.send(probe_storage(&probe, &folder));
-            });
-        if let Err(e) = spawned {
-            return Some(format!("cannot probe: {e}"));
-        }
+        // On the prober's thread: a hung file system must not hold the VM past the bound.
+        let Some(rx) = self.ask() else {
+            return Some("the storage prober has stopped".into());
+        };
         match rx.recv_timeout(PROBE_TIMEOUT) {
             Ok(r) => r.err(),
             Err(_) => Some(format!("no answer within {} ms", PROBE_TIMEOUT.as_millis())),
@@ -185,7 +194,7 @@ impl Monitor {
         let mut last_probe: Option<Instant> = None;
         // One probe at a time: a hung one is waited for no longer than PROBE_TIMEOUT, and
         // no second is started while it hangs.
-        let mut pending: Option<(Instant, std::sync::mpsc::Receiver<Result<(), String>>)> = None;
+        let mut pending: Option<(Instant, std::sync::mpsc::Receiver<Answer>)> = None;
         loop {
             std::thread::sleep(TICK);
             if let Some(ifname) = &self.config.uplink {
@@ -226,20 +235,16 @@ impl Monitor {
                     .saw(r, self.config.hold, "shared storage");
             }
             if pending.is_none() && last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let (probe, folder) = (self.probe.clone(), self.config.folder.clone());
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("ft-probe".into())
-                        .spawn(move || {
-                            let _ = tx.send(probe_storage(&probe, &folder));
-                        });
-                if spawned.is_ok() {
-                    pending = Some((Instant::now(), rx));
-                }
+                pending = self.ask().map(|rx| (Instant::now(), rx));
                 last_probe = Some(Instant::now());
             }
         }
+    }
+
+    /// Ask the prober for a storage probe: where its answer will come.
+    fn ask(&self) -> Option<std::sync::mpsc::Receiver<Answer>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.prober.send(tx).ok().map(|()| rx)
     }
 }
 
