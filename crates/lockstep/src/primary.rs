@@ -709,11 +709,15 @@ impl Primary {
     /// What [`Primary::to_checkpoint`] says, and whether the checkpoint is due at once
     /// (this copy just went live: no newcomer can join it before).
     pub fn to_checkpoint_kept(&self) -> Option<crate::checkpoint::Kept> {
-        let due = self.shared.lock().checkpoint_due;
+        let (due, generation) = {
+            let st = self.shared.lock();
+            (st.checkpoint_due, st.generation)
+        };
         self.to_checkpoint().map(|bytes| crate::checkpoint::Kept {
             bytes,
             live: true,
             due,
+            generation,
         })
     }
 
