@@ -936,9 +936,6 @@ const JOIN_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 /// checkpoints as it replays, and keeps the events since the latest: once live, it
 /// accepts a new secondary on --log-listen, which joins the same way.
 fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
-    // Restoring the checkpoint and replaying the backlog is a burst of CPU that a live VM
-    // on this host must not pause for: in the background until the primary gates this copy.
-    lockstep::secondary::catch_up_in_background();
     a.ft.fence()?;
     check_datastore(a.datastore.as_deref())?;
     let config = a.ft.config()?;

@@ -1752,62 +1752,37 @@ mod tests {
     }
 
     #[test]
-    fn a_newcomer_catches_up_in_the_background_and_runs_at_its_own_priority_once_gated() {
-        use crate::secondary::{CATCH_UP_NICE, catch_up_in_background, thread_nice};
-        let shared = tempfile::tempdir().unwrap();
-        let dir = VmDir::new(shared.path(), "vm");
-        // The release point comes after a pause: the newcomer catches up meanwhile.
-        let pair = dir.create_key().unwrap();
-        Arbiter::new(&dir.arbitration())
-            .claim(1, "primary")
-            .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (go, gate) = std::sync::mpsc::channel::<()>();
-        let primary = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let nonce = [3u8; 16];
-            std::io::Write::write_all(&mut &stream, &nonce).unwrap();
-            let key = connection_key(&pair, &nonce);
-            let mut r = FrameReader::new(stream.try_clone().unwrap(), key);
-            let mut w = FrameWriter::new(stream.try_clone().unwrap(), key);
-            r.recv().unwrap();
-            let hello = ToSecondary::Hello {
-                header: header(),
-                generation: 1,
-            };
-            w.send(KIND_MSG, &encode(&hello)).unwrap();
-            w.send(KIND_MSG, &encode(&ToSecondary::Events(vec![event(0)])))
-                .unwrap();
-            gate.recv().unwrap();
-            w.send(KIND_MSG, &encode(&ToSecondary::Release { release: 1 }))
-                .unwrap();
-            while r.recv().is_ok() {}
-        });
-        // A process of its own in real life: here a thread, and the threads it starts.
-        let (own, during, after) = std::thread::spawn(move || {
-            let own = thread_nice().unwrap();
-            catch_up_in_background();
+    fn a_newcomer_replays_in_the_background_until_gated_then_at_its_own_priority() {
+        use crate::secondary::{CATCH_UP_NICE, thread_nice};
+        for gated in [false, true] {
+            let shared = tempfile::tempdir().unwrap();
+            let dir = VmDir::new(shared.path(), "vm");
+            let addr = fake_primary(&dir, gated.then_some(3), (0..3).map(event).collect(), None);
             let secondary =
-                Secondary::connect(dir, &addr, Duration::from_secs(5), config(), 0).unwrap();
+                Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0)
+                    .unwrap();
             let mut source = secondary.source(None);
-            assert_eq!(source.next_event().unwrap().unwrap().seq, 0);
-            let during = thread_nice().unwrap();
-            go.send(()).unwrap();
-            wait("gated", || secondary.release() == Some(1));
-            let after = thread_nice().unwrap();
-            assert!(secondary.leave("test over"));
-            (own, during, after)
-        })
-        .join()
-        .unwrap();
-        primary.join().unwrap();
-        assert!(own < CATCH_UP_NICE);
-        assert_eq!(
-            during, CATCH_UP_NICE,
-            "catching up at the live VM's priority"
-        );
-        assert_eq!(after, own, "still in the background once gated");
+            // On a thread of its own, as the VM's: niceness is per thread.
+            let (own, during, after) = std::thread::spawn(move || {
+                let own = thread_nice().unwrap();
+                assert_eq!(source.next_event().unwrap().unwrap().seq, 0);
+                let during = thread_nice().unwrap();
+                for seq in 1..3 {
+                    assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+                }
+                let _ = source.next_event();
+                (own, during, thread_nice().unwrap())
+            })
+            .join()
+            .unwrap();
+            assert!(own < CATCH_UP_NICE);
+            if gated {
+                assert_eq!(after, own, "still in the background once gated");
+            } else {
+                assert_eq!(during, CATCH_UP_NICE, "catching up at the VM's priority");
+                assert_eq!(after, CATCH_UP_NICE, "never gated, never back");
+            }
+        }
     }
 
     #[test]

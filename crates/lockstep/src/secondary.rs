@@ -281,6 +281,7 @@ impl Secondary {
         SecondarySource {
             shared: self.shared.clone(),
             standby,
+            lowered: Lowered::NotYet,
         }
     }
 
@@ -394,8 +395,6 @@ fn follow(
                 return Err(FtError::HandedOver(why));
             }
             ToSecondary::Release { release } => {
-                // Back at full priority before anything counts on it as gated.
-                caught_up();
                 let mut st = s.lock();
                 // Every event sent before it is at or before the release point, and it
                 // comes once.
@@ -606,17 +605,23 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     }
 }
 
-/// The niceness a newcomer runs at while it catches up ungated: in the background.
-/// Restoring a checkpoint and replaying the backlog is a burst of CPU as large as the
-/// backlog; a live VM on the same host (the primary itself in a one-machine lab, other VMs'
-/// primaries in a cluster) must not pause for it. Once gated, the primary's outputs wait
-/// for this copy's acknowledgements: from then on it runs at its own priority.
+/// The niceness a newcomer's replay runs at while it catches up ungated: in the background.
+/// A catch-up is a burst of replay as fast as the CPU allows; a live VM on the same host
+/// (the primary itself in a one-machine lab, other VMs' primaries in a cluster) must not
+/// pause for it. The threads that receive and acknowledge keep their priority: once the
+/// copy is gated, outputs wait for them.
 pub const CATCH_UP_NICE: i32 = 19;
 
-/// The niceness the process had before [`catch_up_in_background`], while it is lowered.
-static CATCH_UP: Mutex<Option<i32>> = Mutex::new(None);
+/// Whether the replaying thread runs in the background ([`CATCH_UP_NICE`]).
+enum Lowered {
+    NotYet,
+    /// Lowered from this niceness.
+    From(i32),
+    /// Back at its own priority (or never lowered: gated from the start).
+    Done,
+}
 
-/// The calling thread's niceness (Linux: niceness is per thread).
+/// The calling thread's niceness, and setting it (Linux: niceness is per thread).
 pub(crate) fn thread_nice() -> Option<i32> {
     // SAFETY: gettid and getpriority take no pointers; errno is the calling thread's own
     // and is cleared first, since -1 is both a niceness and the error return.
@@ -628,10 +633,9 @@ pub(crate) fn thread_nice() -> Option<i32> {
     }
 }
 
-/// Set the niceness of thread `tid` of this process.
-fn set_nice(tid: libc::id_t, nice: i32) -> std::io::Result<()> {
-    // SAFETY: setpriority takes no pointers; it affects only the thread named.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority take no pointers and affect only the calling thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
     if r == 0 {
         Ok(())
     } else {
@@ -639,59 +643,48 @@ fn set_nice(tid: libc::id_t, nice: i32) -> std::io::Result<()> {
     }
 }
 
-/// Run the calling thread, and every thread it starts from now on, in the background
-/// ([`CATCH_UP_NICE`]) until the primary gates this copy. A secondary's process calls it
-/// first thing, before it starts any thread.
-pub fn catch_up_in_background() {
-    let mut lowered = CATCH_UP.lock().unwrap_or_else(|p| p.into_inner());
-    if lowered.is_some() {
-        return;
-    }
-    let Some(own) = thread_nice().filter(|n| *n < CATCH_UP_NICE) else {
-        return;
-    };
-    // SAFETY: gettid takes no arguments.
-    let tid = unsafe { libc::gettid() } as libc::id_t;
-    match set_nice(tid, CATCH_UP_NICE) {
-        Ok(()) => *lowered = Some(own),
-        Err(e) => tracing::warn!("cannot catch up in the background: {e}"),
-    }
-}
-
-/// Gated: every thread of this process back to the priority it had before the catch-up.
-fn caught_up() {
-    let Some(own) = CATCH_UP.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-        return;
-    };
-    let tasks = std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten();
-    let mut failed = None;
-    for task in tasks {
-        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
-            continue;
-        };
-        // A thread that ended meanwhile is no failure.
-        if let Err(e) = set_nice(tid, own)
-            && e.raw_os_error() != Some(libc::ESRCH)
-        {
-            failed = Some(e);
-        }
-    }
-    if let Some(e) = failed {
-        tracing::warn!("gated, but cannot return to the priority of before ({own}): {e}");
-    }
-}
-
 /// The replaying VM's events.
 pub struct SecondarySource {
     shared: Arc<Shared>,
     standby: Option<Primary>,
+    lowered: Lowered,
+}
+
+impl SecondarySource {
+    /// Replay in the background while catching up ungated, at the thread's own priority
+    /// once gated (see [`CATCH_UP_NICE`]).
+    fn pace(&mut self, gated: bool) {
+        match (&self.lowered, gated) {
+            (Lowered::NotYet, false) => {
+                self.lowered = match thread_nice() {
+                    Some(own) if own < CATCH_UP_NICE => match set_thread_nice(CATCH_UP_NICE) {
+                        Ok(()) => Lowered::From(own),
+                        Err(e) => {
+                            tracing::warn!("cannot replay the catch-up in the background: {e}");
+                            Lowered::Done
+                        }
+                    },
+                    _ => Lowered::Done,
+                };
+            }
+            (Lowered::NotYet, true) => self.lowered = Lowered::Done,
+            (Lowered::From(own), true) => {
+                if let Err(e) = set_thread_nice(*own) {
+                    tracing::warn!(
+                        "caught up, but cannot replay at the priority of before ({own}): {e}"
+                    );
+                }
+                self.lowered = Lowered::Done;
+            }
+            _ => {}
+        }
+    }
 }
 
 impl EventSource for SecondarySource {
     fn next_event(&mut self) -> Result<Option<Event>, LogError> {
+        let gated = self.shared.lock().release.is_some();
+        self.pace(gated);
         let s = &self.shared;
         let mut st = s.lock();
         loop {
