@@ -1042,13 +1042,19 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
             move || {
                 if sec.left() {
                     None
-                } else if sec.live_generation().is_some() {
+                } else if let Some(won) = sec.live_generation() {
+                    // Named with the generation won, also before the copy is activated.
                     kept.to_checkpoint_kept()
+                        .map(|k| lockstep::checkpoint::Kept {
+                            generation: k.generation.max(won),
+                            ..k
+                        })
                 } else {
                     Some(lockstep::checkpoint::Kept {
                         bytes: kept.history_bytes(),
                         live: false,
                         due: false,
+                        generation: sec.generation,
                     })
                 }
             },

@@ -15,13 +15,21 @@
 //! 3. at most one copy is live: a copy goes live only after winning arbitration;
 //! 4. a damaged or forged frame closes the channel and never reaches the replica; no frame
 //!    is ever larger than [`wire::MAX_PAYLOAD`] (the history is split by bytes);
-//! 5. (design invariant 9) only a caught-up secondary may go live. When a secondary attaches,
-//!    the primary's *release point* is its history length: outputs depending on those events
-//!    may already have left. The secondary is *eligible* once it holds every event up to the
-//!    release point; an ineligible secondary that loses the primary drops out and never
-//!    claims a generation. The VM is reported protected only once the secondary is eligible;
-//!    a primary that loses a secondary to which it sent fewer events than the release point
-//!    keeps running without arbitration (that secondary cannot be eligible);
+//! 5. (design invariant 9) only a caught-up secondary may go live. A newcomer first catches
+//!    up *ungated*: the primary streams it the backlog but behaves as unprotected (outputs
+//!    and disk operations go at once), and its `Hello` carries no release point, so the
+//!    newcomer cannot go live. Once it is nearly caught up the primary *gates* it: it picks
+//!    the *release point*, its history length at that moment (outputs depending on those
+//!    events may already have left), sends it in-stream (`ToSecondary::Release`), and from
+//!    then on holds outputs for it. The secondary is *eligible* once it holds the release
+//!    point and every event up to it; an ineligible secondary that loses the primary drops
+//!    out and never claims a generation. The VM is reported protected only once the
+//!    secondary confirmed the release point (`ToPrimary::ReleaseHeld`) and acknowledged
+//!    every event up to it; a primary that loses a secondary to which it never sent the
+//!    release point, or fewer events than it, keeps running without arbitration (that
+//!    secondary cannot be eligible). The primary never gates while an operation that must
+//!    not be done twice (7.) may be under way ungated, so a secondary never goes live at an
+//!    operation whose intent it could not have held;
 //! 6. (design invariant 10) stopping is not failing: the primary's end (a guest exit or an
 //!    operator's stop, always at an event boundary) is sent after every event and confirmed
 //!    by the secondary (`ToPrimary::EndHeld`); a secondary that holds the end never
@@ -103,12 +111,12 @@ pub const HISTORY_WAIT: Duration = Duration::from_secs(5);
 /// `Events` as variant 1): append, never reorder.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToSecondary {
-    /// The VM's configuration, the generation in which the primary is live, and its
-    /// release point: the secondary may go live only once it holds this many events.
+    /// The VM's configuration and the generation in which the primary is live. It carries
+    /// no release point: until `Release` comes the secondary is catching up ungated and may
+    /// never go live.
     Hello {
         header: LogHeader,
         generation: u64,
-        release: u64,
     },
     /// The next events, in sequence order.
     Events(Vec<Event>),
@@ -128,6 +136,12 @@ pub enum ToSecondary {
     Handover {
         events: u64,
         why: String,
+    },
+    /// The secondary is gated from now on: the primary's outputs wait for it, and it may go
+    /// live once it holds `release` events (the primary's history length when it was
+    /// gated; every event sent before this message comes before that point). Sent once.
+    Release {
+        release: u64,
     },
 }
 
@@ -150,6 +164,9 @@ pub enum ToPrimary {
     /// What the secondary's host reaches (sent when it changes): the primary hands over
     /// only to a copy whose host has what its own lost.
     Health(health::HostHealth),
+    /// The secondary holds the release point (`ToSecondary::Release`): once it holds that
+    /// many events it is eligible, and the primary reports the VM protected.
+    ReleaseHeld { release: u64 },
 }
 
 /// Frame kinds on the wire.

@@ -7,12 +7,21 @@
 //! acknowledgements and watches for silence; a releaser sends held outputs once they are
 //! acknowledged.
 //!
+//! A newcomer catches up *ungated*: while it takes the backlog this copy behaves as if it
+//! had no secondary (outputs and disk operations go at once). Once it holds and executed
+//! all but [`GATE_EVENTS`] events (of at most [`GATE_BYTES`] bytes) of the history (or after
+//! [`GATE_ROUNDS`] rounds of catching up, for a VM that outruns it) it is *gated*: the
+//! release point is the history length at that moment, sent in-stream
+//! (`ToSecondary::Release`), and from then on outputs wait for it.
+//!
 //! Invariants: a held output at position p leaves only when the secondary holds p events or
-//! the VM is not protected (no secondary, or arbitration won after losing it); after losing
-//! arbitration nothing more leaves, ever, and this copy never writes the VM's status again.
-//! A secondary is eligible to go live only once it acknowledged the release point (the
-//! history length when it attached); losing one to which fewer events than that were sent
-//! needs no arbitration, since it cannot be eligible. The process ends ([`Primary::finish`])
+//! no secondary is gated (none attached, one still catching up, or arbitration won after
+//! losing one); after losing arbitration nothing more leaves, ever, and this copy never
+//! writes the VM's status again. A secondary is eligible to go live only once it holds the
+//! release point and every event before it; losing one to which the release point or that
+//! many events were not sent needs no arbitration, since it cannot be eligible. A secondary
+//! is never gated while an operation that must not be done twice may be under way ungated
+//! (its intent is at the end of the history). The process ends ([`Primary::finish`])
 //! only once the secondary confirmed the end and every held output was written, or after
 //! the secondary was fenced off by claiming the next generation.
 
@@ -32,6 +41,17 @@ use crate::{FtConfig, FtError, KIND_MSG, ToPrimary, ToSecondary, VmDir, decode, 
 /// The payload bytes a frame of events aims at: large enough that frame overhead is
 /// nothing, small enough that acknowledgements flow while a long history is in transit.
 pub const FRAME_TARGET: usize = 1 << 20;
+
+/// A catching-up secondary is gated once it holds and has executed all but at most this
+/// many events...
+pub const GATE_EVENTS: u64 = 256;
+/// ...and these events weigh at most this: the outputs produced from then on wait only for
+/// what is left in transit (about a round trip), not for the backlog.
+pub const GATE_BYTES: u64 = 128 << 10;
+/// A round of catching up ends when the secondary executed what this copy held when the
+/// round began; after this many rounds without getting near the end (a VM producing events as
+/// fast as they travel) it is gated anyway, with about one round's events in transit.
+pub const GATE_ROUNDS: u32 = 8;
 
 /// A `ToSecondary::Events` payload's bytes beyond its events: the variant's tag (1) and the
 /// event count (a varint of at most 10).
@@ -88,9 +108,18 @@ struct State {
     executed: u64,
     /// The attached secondary's connection number, if one is attached.
     attached: Option<u64>,
-    /// The attached secondary's release point (history length when it attached), the
-    /// events handed to its connection, and whether it confirmed holding the end.
+    /// Whether the attached secondary is gated (outputs wait for it), its release point
+    /// (the history length when it was gated), whether the release point was handed to its
+    /// connection and whether it confirmed holding it.
+    gated: bool,
     release: u64,
+    release_sent: bool,
+    release_held: bool,
+    /// While it catches up ungated: the history length at which its current round of
+    /// catching up ends, and the rounds done.
+    catch_up_mark: u64,
+    catch_up_rounds: u32,
+    /// The events handed to its connection, and whether it confirmed holding the end.
     sent: u64,
     end_held: bool,
     /// The intent of the disk operation the VM is about to perform (it waits until the
@@ -161,9 +190,63 @@ impl State {
         }
     }
 
-    /// The attached secondary holds every event up to its release point: it may go live.
+    /// The attached secondary holds the release point and every event up to it: it may go
+    /// live.
     fn protected(&self) -> bool {
-        self.attached.is_some() && self.halted.is_none() && self.acked >= self.release
+        self.gates() && self.halted.is_none() && self.release_held && self.acked >= self.release
+    }
+
+    /// Outputs and disk operations wait for the attached secondary: it is gated.
+    fn gates(&self) -> bool {
+        self.attached.is_some() && self.gated
+    }
+
+    /// The attached secondary could be eligible: its connection was handed the release point
+    /// and every event up to it. Losing one that could not needs no arbitration.
+    fn may_be_eligible(&self) -> bool {
+        self.gates() && self.release_sent && self.sent >= self.release
+    }
+
+    /// Gate the attached, catching-up secondary if it is nearly caught up (see
+    /// [`GATE_EVENTS`]): the release point is the end of the history now. Whether it was.
+    fn gate_if_near(&mut self) -> bool {
+        if self.attached.is_none() || self.gated || self.halted.is_some() || self.end.is_some() {
+            return false;
+        }
+        // An operation that must not be done twice may be under way ungated: a secondary
+        // going live right before it would not hold its intent and would do it again.
+        if self.intent.as_ref().is_some_and(|i| i.seq >= self.end()) {
+            return false;
+        }
+        let end = self.end();
+        let behind = end.saturating_sub(self.acked);
+        // Near in what it holds and in what it executed: a newcomer still restoring its
+        // checkpoint or replaying the backlog is busy, and outputs waiting for its
+        // acknowledgements would wait on that.
+        let near = behind <= GATE_EVENTS && end.saturating_sub(self.executed) <= GATE_EVENTS && {
+            let from = self.acked.saturating_sub(self.base) as usize;
+            let bytes: u64 = self
+                .history
+                .get(from..)
+                .unwrap_or(&[])
+                .iter()
+                .map(weight)
+                .sum();
+            bytes <= GATE_BYTES
+        };
+        if !near {
+            if self.executed < self.catch_up_mark {
+                return false;
+            }
+            self.catch_up_rounds += 1;
+            self.catch_up_mark = end;
+            if self.catch_up_rounds < GATE_ROUNDS {
+                return false;
+            }
+        }
+        self.gated = true;
+        self.release = end;
+        true
     }
 
     /// Why the VM is reported not protected although a secondary could go live: its host
@@ -230,6 +313,7 @@ impl Shared {
                     .map_or_else(|| "none".into(), |c| c.to_string()),
             ),
             ("acked", st.acked.to_string()),
+            ("gated", st.gates().to_string()),
             ("release", st.release.to_string()),
             ("log_bytes", st.log_bytes.to_string()),
             ("disk_read_bytes", st.disk_read_bytes.to_string()),
@@ -261,18 +345,27 @@ impl Shared {
         if st.attached != Some(conn) || st.halted.is_some() {
             return;
         }
+        let may_be_eligible = st.may_be_eligible();
         st.attached = None;
         if st.end_held {
             // It holds the end and never arbitrates: it ends the way this copy did.
             tracing::info!("secondary done ({why}); it ends with the VM");
-        } else if st.sent < st.release {
-            // It cannot hold the release point, so it cannot be eligible: it drops out and
-            // never claims a generation. No arbitration needed.
-            tracing::warn!(
-                "secondary lost during catch-up ({why}) after {} of {} events: NOT PROTECTED",
-                st.sent,
-                st.release
-            );
+        } else if !may_be_eligible {
+            // It was never handed the release point or every event up to it, so it cannot be
+            // eligible: it drops out and never claims a generation. No arbitration needed.
+            if st.gated {
+                tracing::warn!(
+                    "secondary lost during catch-up ({why}) after {} of {} events: NOT PROTECTED",
+                    st.sent,
+                    st.release
+                );
+            } else {
+                tracing::warn!(
+                    "secondary lost during catch-up ({why}) after {} events, before it was \
+                     gated: NOT PROTECTED",
+                    st.sent
+                );
+            }
         } else {
             let next = st.generation + 1;
             match self
@@ -417,7 +510,12 @@ impl Shared {
                 acked: 0,
                 executed: 0,
                 attached: None,
+                gated: false,
                 release: 0,
+                release_sent: false,
+                release_held: false,
+                catch_up_mark: 0,
+                catch_up_rounds: 0,
                 sent: 0,
                 end_held: false,
                 intent: None,
@@ -611,11 +709,15 @@ impl Primary {
     /// What [`Primary::to_checkpoint`] says, and whether the checkpoint is due at once
     /// (this copy just went live: no newcomer can join it before).
     pub fn to_checkpoint_kept(&self) -> Option<crate::checkpoint::Kept> {
-        let due = self.shared.lock().checkpoint_due;
+        let (due, generation) = {
+            let st = self.shared.lock();
+            (st.checkpoint_due, st.generation)
+        };
         self.to_checkpoint().map(|bytes| crate::checkpoint::Kept {
             bytes,
             live: true,
             due,
+            generation,
         })
     }
 
@@ -907,7 +1009,8 @@ impl GatedPort {
         if st.halted.is_some() {
             return;
         }
-        if st.attached.is_none() && st.held.is_empty() {
+        if !st.gates() && st.held.is_empty() {
+            // No secondary, or one still catching up: unprotected, the output goes at once.
             drop(st);
             send(s, out);
             return;
@@ -915,7 +1018,7 @@ impl GatedPort {
         st.held.push_back((position, out));
         st.held_total += 1;
         // The releaser waits for acknowledgements; wake it only if this one is due.
-        if position <= st.acked || st.attached.is_none() {
+        if position <= st.acked || !st.gates() {
             s.acks.notify_all();
         }
     }
@@ -959,8 +1062,9 @@ impl OutputPort for GatedPort {
                 return Err(LogError::Source(format!("halted: {why}")));
             }
             // Held by the secondary (which holds every event before it too, the channel
-            // being in order), or no secondary that could go live here.
-            if st.attached.is_none() || st.intent_held == Some(intent.seq) {
+            // being in order), or no secondary that could go live here (none, or one still
+            // catching up: it is not gated before this operation's event is in the history).
+            if !st.gates() || st.intent_held == Some(intent.seq) {
                 return Ok(());
             }
             st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -1010,7 +1114,7 @@ impl OutputPort for GatedPort {
             if let Some(why) = &st.halted {
                 return Err(LogError::Source(format!("halted: {why}")));
             }
-            if st.attached.is_none() || st.acked >= position {
+            if !st.gates() || st.acked >= position {
                 return Ok(());
             }
             st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -1023,9 +1127,9 @@ fn release(s: Arc<Shared>) {
     loop {
         let mut st = s.lock();
         let ready = |st: &State| {
-            st.held.front().is_some_and(|(p, _)| {
-                st.halted.is_none() && (st.attached.is_none() || *p <= st.acked)
-            })
+            st.held
+                .front()
+                .is_some_and(|(p, _)| st.halted.is_none() && (!st.gates() || *p <= st.acked))
         };
         while !ready(&st) {
             st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -1077,24 +1181,41 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
         .set_read_timeout(Some(s.config.timeout))
         .map_err(io_err("set a timeout"))?;
     let mut reader = FrameReader::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
-    let (_, hello) = reader.recv()?;
+    let refuse = |why: &str| {
+        // Say why, so that the newcomer does not take it for a lost primary. (A tandem of
+        // another protocol version refuses this frame in turn, naming this version.)
+        if let Ok(out) = stream.try_clone() {
+            let mut w = FrameWriter::new(out, key);
+            let _ = w.send(KIND_MSG, &encode(&ToSecondary::Refused(why.to_string())));
+        }
+    };
+    let hello = match reader.recv() {
+        Ok((_, hello)) => hello,
+        Err(e @ crate::wire::FrameError::Version(_)) => {
+            refuse(&e.to_string());
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let ToPrimary::Hello { host, from } = decode(&hello)? else {
         return Err(FtError::Protocol("expected Hello".into()));
     };
     let attached = attach(s, &host, from);
-    let (conn, release) = match attached {
+    let (conn, gated) = match attached {
         Ok(a) => a,
         Err(e) => {
-            // Say why, so that the newcomer does not take it for a lost primary.
-            let mut w =
-                FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
-            let _ = w.send(KIND_MSG, &encode(&ToSecondary::Refused(e.to_string())));
+            refuse(&e.to_string());
             return Err(e);
         }
     };
-    tracing::info!(
-        "secondary {host} attached from event {from}; release point {release}: streaming the history"
-    );
+    match gated {
+        Some(release) => tracing::info!(
+            "secondary {host} attached from event {from}; release point {release}: streaming the history"
+        ),
+        None => tracing::info!(
+            "secondary {host} attached from event {from}: streaming the history, outputs not held until it nearly caught up"
+        ),
+    }
     let writer = FrameWriter::new(stream.try_clone().map_err(io_err("clone the stream"))?, key);
     let sender_shared = s.clone();
     let _ = std::thread::Builder::new()
@@ -1119,8 +1240,9 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
 pub(crate) const ATTACHED_ALREADY: &str = "a secondary is attached already";
 
 /// Attach the secondary `host` starting at event `from`, if this copy can serve it: its
-/// connection number and release point.
-fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, u64), FtError> {
+/// connection number and, if it is near enough the end to be gated at once, its release
+/// point.
+fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, Option<u64>), FtError> {
     let mut st = s.lock();
     if st.halted.is_some() {
         return Err(FtError::Protocol("this copy has halted".into()));
@@ -1156,11 +1278,17 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, u64), FtError> {
     st.intent_held = None;
     // A new secondary's host says what it reaches once it runs.
     st.peer_health = Default::default();
-    // Outputs depending on every event so far may have left already: a copy going live
-    // short of this point would roll back what the world was told.
-    st.release = st.end();
+    // It catches up ungated: outputs go at once meanwhile, and it cannot go live. The
+    // release point is chosen when it is gated (at once if it starts near the end).
+    st.gated = false;
+    st.release = 0;
+    st.release_sent = false;
+    st.release_held = false;
+    st.catch_up_mark = st.end();
+    st.catch_up_rounds = 0;
+    let gated = st.gate_if_near().then_some(st.release);
     s.status(&st);
-    Ok((conn, st.release))
+    Ok((conn, gated))
 }
 
 /// Serialises exactly as `ToSecondary::Events`, borrowing the events.
@@ -1201,7 +1329,6 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
         ToSecondary::Hello {
             header: st.header.clone(),
             generation: st.generation,
-            release: st.release,
         }
     };
     w.send(KIND_MSG, &encode(&hello))
@@ -1229,11 +1356,13 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                     .as_ref()
                     .is_some_and(|h| h.ready && !h.sent && h.at == Some(st.end()))
             };
+            let release_due = |st: &State| st.gated && !st.release_sent;
             while st.attached == Some(conn)
                 && st.end() == sent
                 && (st.end.is_none() || end_sent)
                 && !unsent(&st)
                 && !handover_due(&st)
+                && !release_due(&st)
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -1252,6 +1381,16 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 return Err(FtError::Protocol(format!(
                     "events from {sent} were dropped at a checkpoint before they were sent"
                 )));
+            }
+            if release_due(&st) {
+                // Before any event after the release point (every event sent so far is at
+                // or before it): counted before the write, as it may arrive from now on.
+                st.release_sent = true;
+                let release = st.release;
+                drop(st);
+                w.send(KIND_MSG, &encode(&ToSecondary::Release { release }))
+                    .map_err(io_err("send the release point"))?;
+                continue;
             }
             let from = (sent - st.base) as usize;
             let upto = next_batch(&st.history, from, FRAME_TARGET);
@@ -1398,7 +1537,24 @@ fn receive_from(
                     s.status(&st);
                 }
             }
+            ToPrimary::ReleaseHeld { release } => {
+                if !st.release_sent || release != st.release || st.release_held {
+                    return Err(FtError::Protocol(format!(
+                        "the secondary claims to hold release point {release}"
+                    )));
+                }
+                st.release_held = true;
+            }
             ToPrimary::Hello { .. } => return Err(FtError::Protocol("a second Hello".into())),
+        }
+        if st.gate_if_near() {
+            tracing::info!(
+                "secondary {host} nearly caught up (holds {} events); release point {}: outputs now wait for it",
+                st.acked,
+                st.release
+            );
+            s.status(&st);
+            s.events.notify_all();
         }
         if !protected && st.protected() {
             protected = true;
@@ -1418,6 +1574,7 @@ mod tests {
     use crate::secondary::Secondary;
     use machine::event::{Event, Kind, Outcome};
     use machine::{EventSource, Exit, Tail};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
     fn data_event(seq: u64, len: usize) -> Event {
@@ -1500,8 +1657,14 @@ mod tests {
     }
 
     /// A stand-in primary on a real TCP channel speaking the real wire format: it sends
-    /// Hello with `release`, then `events`, then `end` if any, then closes the channel.
-    fn fake_primary(dir: &VmDir, release: u64, events: Vec<Event>, end: Option<End>) -> String {
+    /// Hello, then the release point if any (gating the secondary), then `events`, then
+    /// `end` if any, then closes the channel.
+    fn fake_primary(
+        dir: &VmDir,
+        release: Option<u64>,
+        events: Vec<Event>,
+        end: Option<End>,
+    ) -> String {
         let pair = dir.create_key().unwrap();
         let arbiter = Arbiter::new(&dir.arbitration());
         assert_eq!(arbiter.claim(1, "primary").unwrap(), Claim::Won);
@@ -1518,9 +1681,12 @@ mod tests {
             let hello = ToSecondary::Hello {
                 header: header(),
                 generation: 1,
-                release,
             };
             w.send(KIND_MSG, &encode(&hello)).unwrap();
+            if let Some(release) = release {
+                w.send(KIND_MSG, &encode(&ToSecondary::Release { release }))
+                    .unwrap();
+            }
             w.send(KIND_MSG, &encode(&ToSecondary::Events(events)))
                 .unwrap();
             if let Some(end) = end {
@@ -1536,16 +1702,16 @@ mod tests {
     fn a_secondary_lost_before_the_release_point_drops_out_without_claiming() {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
-        let addr = fake_primary(&dir, 10, (0..3).map(event).collect(), None);
+        let addr = fake_primary(&dir, Some(10), (0..3).map(event).collect(), None);
         let secondary =
             Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
-        assert_eq!(secondary.release, 10);
         let mut source = secondary.source(None);
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
         let err = source.next_event().unwrap_err().to_string();
         assert!(err.contains("dropped out"), "{err}");
+        assert_eq!(secondary.release(), Some(10));
         assert_eq!(
             generations(&dir),
             ["gen-1"],
@@ -1557,10 +1723,73 @@ mod tests {
     }
 
     #[test]
+    fn a_newcomer_never_gated_cannot_go_live_when_the_primary_dies() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        // It holds every event the primary had, but no release point: the primary's
+        // outputs did not wait for it, so it must not go live.
+        let addr = fake_primary(&dir, None, (0..3).map(event).collect(), None);
+        let secondary =
+            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        let mut source = secondary.source(None);
+        for seq in 0..3 {
+            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+        }
+        let err = source.next_event().unwrap_err().to_string();
+        assert!(
+            err.contains("dropped out") && err.contains("before the primary gated"),
+            "{err}"
+        );
+        assert!(source.tail().is_err());
+        assert_eq!(secondary.release(), None);
+        assert_eq!(generations(&dir), ["gen-1"], "an ungated secondary claimed");
+        assert!(!dir.status().exists(), "a secondary wrote the VM's status");
+        let own = std::fs::read_to_string(dir.secondary_status()).unwrap();
+        assert!(
+            own.contains("role=dropped-out") && own.contains("release=none"),
+            "{own}"
+        );
+    }
+
+    #[test]
+    fn a_newcomer_replays_in_the_background_until_gated_then_at_its_own_priority() {
+        use crate::secondary::{CATCH_UP_NICE, thread_nice};
+        for gated in [false, true] {
+            let shared = tempfile::tempdir().unwrap();
+            let dir = VmDir::new(shared.path(), "vm");
+            let addr = fake_primary(&dir, gated.then_some(3), (0..3).map(event).collect(), None);
+            let secondary =
+                Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0)
+                    .unwrap();
+            let mut source = secondary.source(None);
+            // On a thread of its own, as the VM's: niceness is per thread.
+            let (own, during, after) = std::thread::spawn(move || {
+                let own = thread_nice().unwrap();
+                assert_eq!(source.next_event().unwrap().unwrap().seq, 0);
+                let during = thread_nice().unwrap();
+                for seq in 1..3 {
+                    assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
+                }
+                let _ = source.next_event();
+                (own, during, thread_nice().unwrap())
+            })
+            .join()
+            .unwrap();
+            assert!(own < CATCH_UP_NICE);
+            if gated {
+                assert_eq!(after, own, "still in the background once gated");
+            } else {
+                assert_eq!(during, CATCH_UP_NICE, "catching up at the VM's priority");
+                assert_eq!(after, CATCH_UP_NICE, "never gated, never back");
+            }
+        }
+    }
+
+    #[test]
     fn a_secondary_holding_the_release_point_arbitrates_and_goes_live() {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
-        let addr = fake_primary(&dir, 3, (0..3).map(event).collect(), None);
+        let addr = fake_primary(&dir, Some(3), (0..3).map(event).collect(), None);
         let secondary =
             Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
         let mut source = secondary.source(None);
@@ -1584,7 +1813,12 @@ mod tests {
             digest: [1; 32],
         };
         // The channel closes right after the end, as when the primary's process exits.
-        let addr = fake_primary(&dir, 3, (0..3).map(event).collect(), Some(end.clone()));
+        let addr = fake_primary(
+            &dir,
+            Some(3),
+            (0..3).map(event).collect(),
+            Some(end.clone()),
+        );
         let secondary =
             Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
         let mut source = secondary.source(None);
@@ -1602,8 +1836,17 @@ mod tests {
     }
 
     /// A stand-in secondary: authenticates, then reads frames and acknowledges only what
-    /// `ack` allows (`None`: never reads after Hello and stays silent).
+    /// `ack` allows (`None`: never reads after Hello and stays silent); it confirms a
+    /// release point at once.
     fn fake_secondary(primary: &Primary, ack: Option<u64>) -> std::thread::JoinHandle<()> {
+        fake_secondary_with(primary, ack.map(|a| Arc::new(AtomicU64::new(a))))
+    }
+
+    /// [`fake_secondary`] with a limit that the test may raise as it goes.
+    fn fake_secondary_with(
+        primary: &Primary,
+        ack: Option<Arc<AtomicU64>>,
+    ) -> std::thread::JoinHandle<()> {
         let addr = primary.addr;
         let pair = primary.shared.key;
         std::thread::spawn(move || {
@@ -1629,10 +1872,17 @@ mod tests {
             };
             let mut received = 0u64;
             while let Ok((_, payload)) = r.recv() {
-                if let Ok(ToSecondary::Events(e)) = decode::<ToSecondary>(&payload) {
-                    received += e.len() as u64;
+                match decode::<ToSecondary>(&payload) {
+                    Ok(ToSecondary::Events(e)) => received += e.len() as u64,
+                    Ok(ToSecondary::Release { release }) => {
+                        let held = ToPrimary::ReleaseHeld { release };
+                        if w.send(KIND_MSG, &encode(&held)).is_err() {
+                            return;
+                        }
+                    }
+                    _ => {}
                 }
-                let acked = received.min(limit);
+                let acked = received.min(limit.load(Ordering::SeqCst));
                 let ack = ToPrimary::Ack {
                     received: acked,
                     executed: acked,
@@ -1752,7 +2002,8 @@ mod tests {
         for seq in 6..10 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
-        assert_eq!(secondary.release, 10);
+        // Four events behind: gated at once, at the end of the history.
+        wait("gated", || secondary.release() == Some(10));
     }
 
     #[test]
@@ -1788,7 +2039,7 @@ mod tests {
         standby.checkpointed(6);
         let secondary =
             Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 6).unwrap();
-        assert_eq!(secondary.release, 6);
+        wait("gated", || secondary.release() == Some(6));
     }
 
     #[test]
@@ -1816,11 +2067,14 @@ mod tests {
     fn protected_only_once_the_secondary_holds_the_release_point() {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
-        let (primary, _sink) = primary_with_history(&dir, (0..100).map(event).collect());
-        // Acknowledges at most 60 of the 100 events of its release point.
-        let fake = fake_secondary(&primary, Some(60));
-        wait("acks", || primary.shared.lock().acked == 60);
+        let (primary, _sink) = primary_with_history(&dir, (0..1000).map(event).collect());
+        // Acknowledges at most 900 of the 1000 events of its release point: near enough to
+        // be gated, not enough to be eligible.
+        let fake = fake_secondary(&primary, Some(900));
+        wait("acks", || primary.shared.lock().acked == 900);
+        wait("gated", || primary.shared.lock().release_held);
         std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(primary.shared.lock().release, 1000);
         assert!(!primary.protected());
         assert!(
             std::fs::read_to_string(dir.status())
@@ -2002,5 +2256,99 @@ mod tests {
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
+    }
+
+    #[test]
+    fn outputs_go_at_once_while_a_newcomer_catches_up_and_wait_for_it_once_gated() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, mut sink) = primary_with_history(&dir, (0..2000).map(event).collect());
+        let mut port = primary.port();
+        // The newcomer holds 1000 of the 2000 events of its backlog: far from the end.
+        let limit = Arc::new(AtomicU64::new(1000));
+        let _fake = fake_secondary_with(&primary, Some(limit.clone()));
+        wait("acks", || primary.shared.lock().acked == 1000);
+        std::thread::sleep(Duration::from_millis(200));
+        {
+            let st = primary.shared.lock();
+            assert!(st.attached.is_some() && !st.gated && !st.release_sent);
+        }
+        assert!(!primary.protected());
+        // Catching up, it is not gated: outputs and disk operations go at once.
+        port.frame(2000, b"depends on every event");
+        port.console(2000, 1, b"so does this");
+        assert_eq!(
+            primary.shared.lock().held_total,
+            0,
+            "an output was held for a secondary still catching up"
+        );
+        let mut disk_port = primary.port();
+        let disk = std::thread::spawn(move || disk_port.before_disk(2000));
+        wait("the disk operation", || disk.is_finished());
+        assert!(disk.join().unwrap().is_ok());
+        // An operation that must not be done twice, performed ungated: the newcomer is not
+        // gated while it may be under way, even once it holds every event.
+        let intent = Intent {
+            seq: 2000,
+            kind: Kind::PathCreateDirectory,
+            args: 7,
+            names: vec![],
+        };
+        let mut intent_port = primary.port();
+        let intent_call = std::thread::spawn(move || intent_port.before_uncertain(&intent));
+        wait("the uncertain operation", || intent_call.is_finished());
+        assert!(intent_call.join().unwrap().is_ok());
+        limit.store(u64::MAX, Ordering::SeqCst);
+        wait("acks", || primary.shared.lock().acked == 2000);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !primary.shared.lock().gated,
+            "gated while an ungated operation was under way"
+        );
+        // Its event is in the history: now it is gated, past it, and confirms.
+        sink.append(&event(2000)).unwrap();
+        wait("protected", || primary.protected());
+        assert_eq!(primary.shared.lock().release, 2001);
+        // Gated: an output after 2002 events waits until the secondary holds them.
+        port.frame(2002, b"held");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(primary.shared.lock().held_total, 1);
+        assert_eq!(
+            primary.released(),
+            0,
+            "released before the secondary held it"
+        );
+        sink.append(&event(2001)).unwrap();
+        wait("release", || primary.released() == 1);
+        assert_eq!(generations(&dir), ["gen-1"]);
+    }
+
+    #[test]
+    fn a_newcomer_of_another_protocol_version_is_refused_saying_why() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, _sink) = primary_with_history(&dir, (0..3).map(event).collect());
+        let stream = TcpStream::connect(primary.addr).unwrap();
+        let mut nonce = [0u8; 16];
+        std::io::Read::read_exact(&mut &stream, &mut nonce).unwrap();
+        let key = connection_key(&primary.shared.key, &nonce);
+        let hello = encode(&ToPrimary::Hello {
+            host: "old".into(),
+            from: 0,
+        });
+        let old = crate::wire::encode_as(crate::wire::VERSION - 1, &key, 0, KIND_MSG, &hello);
+        std::io::Write::write_all(&mut &stream, &old).unwrap();
+        let mut r = FrameReader::new(stream.try_clone().unwrap(), key);
+        let (_, reply) = r.recv().unwrap();
+        match decode::<ToSecondary>(&reply).unwrap() {
+            ToSecondary::Refused(why) => assert!(why.contains("protocol version"), "{why}"),
+            other => panic!("answered {other:?}"),
+        }
+        assert!(matches!(
+            r.recv(),
+            Err(crate::wire::FrameError::Closed | crate::wire::FrameError::Io(_))
+        ));
+        assert!(primary.shared.lock().attached.is_none());
+        assert_eq!(generations(&dir), ["gen-1"]);
     }
 }

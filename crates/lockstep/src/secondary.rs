@@ -4,14 +4,16 @@
 //! A receiver thread takes frames into a queue and watches for silence; a sender thread
 //! acknowledges (received, executed) every heartbeat and whenever events arrive, and
 //! confirms the end once it holds it. The VM's thread takes events from the queue
-//! ([`SecondarySource`]). When the channel fails the receiver decides: a secondary that
-//! does not yet hold the primary's release point drops out without arbitrating; otherwise
-//! it arbitrates. The source hands out every event still queued, then answers "no more"
-//! (go live) or an error (halt).
+//! ([`SecondarySource`]). A newcomer catches up ungated: it learns the primary's release
+//! point only when the primary gates it (`ToSecondary::Release`, confirmed with
+//! `ToPrimary::ReleaseHeld`). When the channel fails the receiver decides: a secondary that
+//! was not gated, or does not yet hold the release point, drops out without arbitrating;
+//! otherwise it arbitrates. The source hands out every event still queued, then answers
+//! "no more" (go live) or an error (halt).
 //!
-//! Invariants: this copy claims a generation only if it holds every event up to the
-//! release point and never received the primary's end; it writes the VM's status only
-//! once it won (it is then the live copy), and its own doings to `status.secondary`.
+//! Invariants: this copy claims a generation only if it received the release point, holds
+//! every event up to it and never received the primary's end; it writes the VM's status
+//! only once it won (it is then the live copy), and its own doings to `status.secondary`.
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
@@ -41,6 +43,9 @@ struct State {
     end_confirmed: bool,
     /// The primary's intent for the event after those received, if it sent one.
     intent: Option<Intent>,
+    /// The primary's release point, once it gated this copy: it is eligible to go live
+    /// once it holds this many events. Never before.
+    release: Option<u64>,
     /// The generation this copy won to go live in, once it did, and why it went live.
     live_generation: Option<u64>,
     went_live: Option<String>,
@@ -72,15 +77,11 @@ pub struct Secondary {
     stream: TcpStream,
     pub header: LogHeader,
     pub generation: u64,
-    /// The primary's release point: this copy is eligible to go live once it holds this
-    /// many events.
-    pub release: u64,
 }
 
 /// One attempt to join the primary at `addr`: connect (retrying until `deadline`),
 /// authenticate with the pair key, say where this copy starts, and read the primary's
-/// Hello: the stream, its writer and reader, this host's name and (header, generation,
-/// release point).
+/// Hello: the stream, its writer and reader, this host's name and (header, generation).
 #[allow(clippy::type_complexity)]
 fn handshake(
     dir: &VmDir,
@@ -94,7 +95,7 @@ fn handshake(
         FrameWriter<TcpStream>,
         FrameReader<TcpStream>,
         String,
-        (LogHeader, u64, u64),
+        (LogHeader, u64),
     ),
     FtError,
 > {
@@ -130,11 +131,7 @@ fn handshake(
     let mut reader = FrameReader::new(stream, key);
     let (_, hello) = reader.recv()?;
     let hello = match decode(&hello)? {
-        ToSecondary::Hello {
-            header,
-            generation,
-            release,
-        } => (header, generation, release),
+        ToSecondary::Hello { header, generation } => (header, generation),
         ToSecondary::Refused(why) => return Err(FtError::Refused(why)),
         _ => return Err(FtError::Protocol("expected Hello".into())),
     };
@@ -155,7 +152,7 @@ impl Secondary {
         let deadline = Instant::now() + wait;
         // A primary still holding the secondary this one replaces (being stopped by its
         // agent at this moment, say) refuses a second: ask again until `wait` is over.
-        let (stream, writer, reader, host, (header, generation, release)) = loop {
+        let (stream, writer, reader, host, (header, generation)) = loop {
             match handshake(&dir, addr, deadline, &config, from) {
                 Err(FtError::Refused(why))
                     if why.contains(crate::primary::ATTACHED_ALREADY)
@@ -178,6 +175,7 @@ impl Secondary {
                 verdict: None,
                 end_confirmed: false,
                 intent: None,
+                release: None,
                 live_generation: None,
                 went_live: None,
                 left: false,
@@ -192,7 +190,7 @@ impl Secondary {
             ("role", "secondary".into()),
             ("host", host.clone()),
             ("generation", generation.to_string()),
-            ("release", release.to_string()),
+            ("release", "none".into()),
         ]);
         let s = shared.clone();
         let heartbeat = config.heartbeat;
@@ -208,32 +206,38 @@ impl Secondary {
         std::thread::Builder::new()
             .name("ft-recv".into())
             .spawn(move || {
-                let why = match follow(&s, &mut reader) {
+                let why = match follow(&s, &mut reader, &dir, &host, generation) {
                     Ok(()) => {
+                        let release = release_field(s.lock().release);
                         dir.write_secondary_status(&[
                             ("role", "ending".into()),
                             ("host", host.clone()),
                             ("generation", generation.to_string()),
-                            ("release", release.to_string()),
+                            ("release", release),
                         ]);
                         return;
                     }
                     Err(FtError::HandedOver(reason)) => format!("handover: {reason}"),
                     Err(e) => format!("primary lost ({e})"),
                 };
-                decide(&s, &dir, generation, release, &host, &why);
+                decide(&s, &dir, generation, &host, &why);
             })
             .map_err(io_err("start the receiver"))?;
         tracing::info!(
-            "secondary following the primary at {addr} (generation {generation}, release point {release})"
+            "secondary following the primary at {addr} (generation {generation}); catching up, not eligible to go live before the primary gates it"
         );
         Ok(Secondary {
             shared,
             stream: channel,
             header,
             generation,
-            release,
         })
+    }
+
+    /// The primary's release point, once it gated this copy (it is eligible to go live
+    /// once it holds that many events).
+    pub fn release(&self) -> Option<u64> {
+        self.shared.lock().release
     }
 
     /// Leave (an operator stopped this copy) unless it already went live or holds the end:
@@ -277,6 +281,7 @@ impl Secondary {
         SecondarySource {
             shared: self.shared.clone(),
             standby,
+            lowered: Lowered::NotYet,
         }
     }
 
@@ -343,8 +348,19 @@ fn in_place(st: &State, position: u64, what: &str) -> Result<(), FtError> {
     Ok(())
 }
 
+/// A release point for a status file.
+fn release_field(release: Option<u64>) -> String {
+    release.map_or_else(|| "none".into(), |r| r.to_string())
+}
+
 /// Take frames until the primary ends the run or the channel fails.
-fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
+fn follow(
+    s: &Shared,
+    r: &mut FrameReader<TcpStream>,
+    dir: &VmDir,
+    host: &str,
+    generation: u64,
+) -> Result<(), FtError> {
     loop {
         let (_, payload) = r.recv()?;
         match decode::<ToSecondary>(&payload)? {
@@ -378,6 +394,34 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
                 let why: String = why.chars().take(200).collect();
                 return Err(FtError::HandedOver(why));
             }
+            ToSecondary::Release { release } => {
+                let mut st = s.lock();
+                // Every event sent before it is at or before the release point, and it
+                // comes once.
+                if st.release.is_some() || release < st.received {
+                    return Err(FtError::Protocol(format!(
+                        "a release point {release} where {} events were received{}",
+                        st.received,
+                        if st.release.is_some() {
+                            " (a second one)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+                st.release = Some(release);
+                s.cv.notify_all();
+                drop(st);
+                tracing::info!(
+                    "gated by the primary: eligible to go live once holding {release} events"
+                );
+                dir.write_secondary_status(&[
+                    ("role", "secondary".into()),
+                    ("host", host.into()),
+                    ("generation", generation.to_string()),
+                    ("release", release.to_string()),
+                ]);
+            }
             ToSecondary::Heartbeat => {}
             ToSecondary::Hello { .. } | ToSecondary::Refused(_) => {
                 return Err(FtError::Protocol("a second Hello".into()));
@@ -388,7 +432,7 @@ fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
 
 /// The primary is lost: drop out if this copy has not caught up, otherwise arbitrate; tell
 /// the VM what to do once the queue is empty.
-fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, why: &str) {
+fn decide(s: &Shared, dir: &VmDir, generation: u64, host: &str, why: &str) {
     {
         let mut st = s.lock();
         if st.verdict.is_some() {
@@ -400,49 +444,59 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
         st.deciding = true;
     }
     let next = generation + 1;
-    let received = s.lock().received;
-    let verdict = if received < release {
+    let (received, release) = {
+        let st = s.lock();
+        (st.received, st.release)
+    };
+    let verdict = match release {
+        // Not gated yet: the primary's outputs did not wait for this copy, so any of them
+        // may depend on events it does not hold.
+        None => Verdict::Halt(format!(
+            "dropped out: {why} during catch-up, holding {received} events, before the \
+             primary gated this copy; not claiming a generation"
+        )),
         // Outputs depending on events this copy does not hold may have left the primary:
         // going live here would roll back what the world was told.
-        Verdict::Halt(format!(
+        Some(release) if received < release => Verdict::Halt(format!(
             "dropped out: {why} during catch-up, holding {received} of the \
              {release} events it must hold to go live; not claiming a generation"
-        ))
-    } else {
-        match Arbiter::new(&dir.arbitration()).claim(next, &format!("secondary on {host}")) {
-            Ok(Claim::Won) => {
-                tracing::warn!("{why}; won arbitration for generation {next}: going live");
-                {
-                    let mut st = s.lock();
-                    st.live_generation = Some(next);
-                    st.went_live = Some(why.to_string());
+        )),
+        Some(_) => {
+            match Arbiter::new(&dir.arbitration()).claim(next, &format!("secondary on {host}")) {
+                Ok(Claim::Won) => {
+                    tracing::warn!("{why}; won arbitration for generation {next}: going live");
+                    {
+                        let mut st = s.lock();
+                        st.live_generation = Some(next);
+                        st.went_live = Some(why.to_string());
+                    }
+                    dir.write_status(
+                        next,
+                        &[
+                            ("role", "live".into()),
+                            ("host", host.into()),
+                            ("protected", "false".into()),
+                            ("generation", next.to_string()),
+                            ("went_live", why.into()),
+                        ],
+                    );
+                    Verdict::GoLive
                 }
-                dir.write_status(
-                    next,
-                    &[
-                        ("role", "live".into()),
-                        ("host", host.into()),
-                        ("protected", "false".into()),
-                        ("generation", next.to_string()),
-                        ("went_live", why.into()),
-                    ],
-                );
-                Verdict::GoLive
+                Ok(Claim::Lost(holder)) => Verdict::Halt(format!(
+                    "the primary ({}) kept generation {next}",
+                    holder.trim()
+                )),
+                Err(e) => Verdict::Halt(format!(
+                    "{e}: a copy that cannot reach shared storage must not go live"
+                )),
             }
-            Ok(Claim::Lost(holder)) => Verdict::Halt(format!(
-                "the primary ({}) kept generation {next}",
-                holder.trim()
-            )),
-            Err(e) => Verdict::Halt(format!(
-                "{e}: a copy that cannot reach shared storage must not go live"
-            )),
         }
     };
     let role = match &verdict {
         Verdict::GoLive => "live",
         Verdict::Halt(why) => {
             tracing::error!("halting: {why}");
-            if received < release {
+            if release.is_none_or(|r| received < r) {
                 "dropped-out"
             } else {
                 "halted"
@@ -453,7 +507,7 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, release: u64, host: &str, wh
         ("role", role.into()),
         ("host", host.into()),
         ("received", received.to_string()),
-        ("release", release.to_string()),
+        ("release", release_field(release)),
     ]);
     s.lock().verdict = Some(verdict);
     s.cv.notify_all();
@@ -465,14 +519,16 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     let mut intent_held = None;
     let mut checkpoint_sent = None;
     let mut health_sent = None;
+    let mut release_sent = None;
     loop {
-        let (now, end, intent, checkpoint, health) = {
+        let (now, end, intent, release, checkpoint, health) = {
             let mut st = s.lock();
             let deadline = Instant::now() + heartbeat;
             while st.verdict.is_none()
                 && (st.received, st.executed) == last
                 && (end_confirmed || st.end.is_none())
                 && st.intent.as_ref().map(|i| i.seq) == intent_held
+                && st.release == release_sent
                 && st.checkpoint == checkpoint_sent
                 && st.health == health_sent
             {
@@ -496,28 +552,40 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
                 .as_ref()
                 .map(|i| i.seq)
                 .filter(|seq| Some(*seq) != intent_held);
+            let release = st.release.filter(|r| Some(*r) != release_sent);
             let checkpoint = st.checkpoint.filter(|c| Some(*c) != checkpoint_sent);
             let health = st
                 .health
                 .clone()
                 .filter(|h| Some(h) != health_sent.as_ref());
-            ((st.received, st.executed), end, intent, checkpoint, health)
+            (
+                (st.received, st.executed),
+                end,
+                intent,
+                release,
+                checkpoint,
+                health,
+            )
         };
-        let msg = match (end, intent, checkpoint, health) {
-            (Some(events), _, _, _) => ToPrimary::EndHeld { events },
-            (None, Some(seq), _, _) => {
+        let msg = match (end, intent, release, checkpoint, health) {
+            (Some(events), ..) => ToPrimary::EndHeld { events },
+            (None, Some(seq), ..) => {
                 intent_held = Some(seq);
                 ToPrimary::IntentHeld { seq }
             }
-            (None, None, Some(events), _) => {
+            (None, None, Some(release), ..) => {
+                release_sent = Some(release);
+                ToPrimary::ReleaseHeld { release }
+            }
+            (None, None, None, Some(events), _) => {
                 checkpoint_sent = Some(events);
                 ToPrimary::Checkpoint { events }
             }
-            (None, None, None, Some(h)) => {
+            (None, None, None, None, Some(h)) => {
                 health_sent = Some(h.clone());
                 ToPrimary::Health(h)
             }
-            (None, None, None, None) => {
+            (None, None, None, None, None) => {
                 last = now;
                 ToPrimary::Ack {
                     received: now.0,
@@ -537,14 +605,86 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     }
 }
 
+/// The niceness a newcomer's replay runs at while it catches up ungated: in the background.
+/// A catch-up is a burst of replay as fast as the CPU allows; a live VM on the same host
+/// (the primary itself in a one-machine lab, other VMs' primaries in a cluster) must not
+/// pause for it. The threads that receive and acknowledge keep their priority: once the
+/// copy is gated, outputs wait for them.
+pub const CATCH_UP_NICE: i32 = 19;
+
+/// Whether the replaying thread runs in the background ([`CATCH_UP_NICE`]).
+enum Lowered {
+    NotYet,
+    /// Lowered from this niceness.
+    From(i32),
+    /// Back at its own priority (or never lowered: gated from the start).
+    Done,
+}
+
+/// The calling thread's niceness, and setting it (Linux: niceness is per thread).
+pub(crate) fn thread_nice() -> Option<i32> {
+    // SAFETY: gettid and getpriority take no pointers; errno is the calling thread's own
+    // and is cleared first, since -1 is both a niceness and the error return.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid);
+        (n != -1 || *libc::__errno_location() == 0).then_some(n)
+    }
+}
+
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority take no pointers and affect only the calling thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The replaying VM's events.
 pub struct SecondarySource {
     shared: Arc<Shared>,
     standby: Option<Primary>,
+    lowered: Lowered,
+}
+
+impl SecondarySource {
+    /// Replay in the background while catching up ungated, at the thread's own priority
+    /// once gated (see [`CATCH_UP_NICE`]).
+    fn pace(&mut self, gated: bool) {
+        match (&self.lowered, gated) {
+            (Lowered::NotYet, false) => {
+                self.lowered = match thread_nice() {
+                    Some(own) if own < CATCH_UP_NICE => match set_thread_nice(CATCH_UP_NICE) {
+                        Ok(()) => Lowered::From(own),
+                        Err(e) => {
+                            tracing::warn!("cannot replay the catch-up in the background: {e}");
+                            Lowered::Done
+                        }
+                    },
+                    _ => Lowered::Done,
+                };
+            }
+            (Lowered::NotYet, true) => self.lowered = Lowered::Done,
+            (Lowered::From(own), true) => {
+                if let Err(e) = set_thread_nice(*own) {
+                    tracing::warn!(
+                        "caught up, but cannot replay at the priority of before ({own}): {e}"
+                    );
+                }
+                self.lowered = Lowered::Done;
+            }
+            _ => {}
+        }
+    }
 }
 
 impl EventSource for SecondarySource {
     fn next_event(&mut self) -> Result<Option<Event>, LogError> {
+        let gated = self.shared.lock().release.is_some();
+        self.pace(gated);
         let s = &self.shared;
         let mut st = s.lock();
         loop {

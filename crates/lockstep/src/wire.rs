@@ -18,8 +18,10 @@ use std::io::{self, Read, Write};
 
 pub const MAGIC: &[u8; 2] = b"TL";
 /// Version 2: `Hello` carries the release point, `ToPrimary::EndHeld` confirms the end.
-/// 3: intents (`ToSecondary::Intent`, `ToPrimary::IntentHeld`).
-pub const VERSION: u8 = 4;
+/// 3: intents (`ToSecondary::Intent`, `ToPrimary::IntentHeld`). 5: `Hello` carries no
+/// release point; a newcomer catches up ungated until `ToSecondary::Release` (confirmed by
+/// `ToPrimary::ReleaseHeld`).
+pub const VERSION: u8 = 5;
 /// The largest payload a frame may carry: comfortably above one event's 16 MiB of data.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 const HEADER: usize = 16;
@@ -81,10 +83,20 @@ fn frame_parts(
     kind: u8,
     payload: &[u8],
 ) -> ([u8; HEADER], [u8; TRAILER]) {
+    frame_parts_as(VERSION, key, seq, kind, payload)
+}
+
+fn frame_parts_as(
+    version: u8,
+    key: &[u8; 32],
+    seq: u64,
+    kind: u8,
+    payload: &[u8],
+) -> ([u8; HEADER], [u8; TRAILER]) {
     let mut head = [0u8; HEADER];
     head[..MAGIC.len()].copy_from_slice(MAGIC);
     let mut at = MAGIC.len();
-    head[at] = VERSION;
+    head[at] = version;
     head[at + 1] = kind;
     at += 2;
     head[at..at + 8].copy_from_slice(&seq.to_le_bytes());
@@ -105,6 +117,19 @@ fn frame_parts(
 
 pub fn encode(key: &[u8; 32], seq: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
     let (head, tail) = frame_parts(key, seq, kind, payload);
+    [&head[..], payload, &tail[..]].concat()
+}
+
+/// A frame as a tandem speaking protocol `version` writes it (tests of cross-version pairs).
+#[cfg(test)]
+pub(crate) fn encode_as(
+    version: u8,
+    key: &[u8; 32],
+    seq: u64,
+    kind: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (head, tail) = frame_parts_as(version, key, seq, kind, payload);
     [&head[..], payload, &tail[..]].concat()
 }
 
@@ -262,6 +287,18 @@ mod tests {
             connection_key(&[1; 32], &[0; 16]),
             connection_key(&[1; 32], &[1; 16])
         );
+    }
+
+    #[test]
+    fn a_frame_of_another_protocol_version_is_refused_whatever_its_mac() {
+        let key = [7u8; 32];
+        for version in [1, VERSION - 1, VERSION + 1, u8::MAX] {
+            let f = encode_as(version, &key, 0, 1, b"hello");
+            assert!(matches!(
+                FrameReader::new(&f[..], key).recv(),
+                Err(FrameError::Version(v)) if v == version
+            ));
+        }
     }
 
     #[test]
