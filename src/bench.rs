@@ -795,6 +795,9 @@ pub struct FtBenchArgs {
     /// (spurious_failovers; default 600, 20 with --quick; 0 skips the soak).
     #[arg(long, value_name = "SECS")]
     soak_secs: Option<u64>,
+    /// Only the soak (spurious_failovers).
+    #[arg(long)]
+    soak_only: bool,
 }
 
 /// A secondary joining a running kvd (FT enabled late): see [`join_rows`].
@@ -1057,11 +1060,28 @@ fn soak_rows(lab_name: &str, secs: u64, timeout_ms: u64, json: bool) -> Result<u
                 let _ = l.wait();
             }
             if failed_over > 0 {
+                // Give the copies a moment to log why, then say it.
+                std::thread::sleep(Duration::from_millis(300));
+                let why: Vec<String> = ["primary", "secondary"]
+                    .iter()
+                    .flat_map(|who| {
+                        lab.log(who)
+                            .lines()
+                            .filter(|l| {
+                                ["silent", "lost", "arbitration", "closed"]
+                                    .iter()
+                                    .any(|w| l.contains(w))
+                            })
+                            .map(|l| format!("{who}: {l}"))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
                 progress(
                     json,
                     &format!(
-                        "soak: a failover with no fault (generation {first} → {})",
-                        first + failed_over
+                        "soak: a failover with no fault (generation {first} → {}):\n{}",
+                        first + failed_over,
+                        why.join("\n")
                     ),
                 );
             }
@@ -1095,6 +1115,24 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             println!("tandem bench ft --join-only");
             print_ft_header();
             print_join_table(&join);
+        }
+        return Ok(0);
+    }
+    let soak_secs = args
+        .soak_secs
+        .unwrap_or(if args.flags.quick { 20 } else { 600 });
+    if args.soak_only {
+        let spurious = soak_rows(
+            &format!("bff{pid}"),
+            soak_secs,
+            args.timeout_ms,
+            args.flags.json,
+        )?;
+        let r = serde_json::json!({ "spurious_failovers": spurious, "soak_secs": soak_secs });
+        if args.flags.json {
+            println!("{r}");
+        } else {
+            println!("spurious_failovers {spurious} ({soak_secs} s soak, cores busy; goal 0)");
         }
         return Ok(0);
     }
@@ -1257,9 +1295,6 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     );
     let (migrate_pauses_ms, migrate_bytes) = migrate_rows(&format!("bfm{pid}"), migrations)?;
     let join = join_rows(&format!("bfj{pid}"), args)?;
-    let soak_secs = args
-        .soak_secs
-        .unwrap_or(if args.flags.quick { 20 } else { 600 });
     let spurious_failovers = soak_rows(&ft_lab, soak_secs, args.timeout_ms, args.flags.json)?;
     let (ops_plain, ops_ft) = (ops(&plain), ops(&ft_rows));
     let all_ops = ops_per_run * f64::from(rounds);
