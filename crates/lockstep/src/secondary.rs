@@ -168,7 +168,7 @@ impl Secondary {
             }
         };
         let channel = stream;
-        let mut reader = reader;
+        let mut reader = crate::detector::Watched::new(reader, &config);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -344,7 +344,8 @@ fn in_place(st: &State, position: u64, what: &str) -> Result<(), FtError> {
 }
 
 /// Take frames until the primary ends the run or the channel fails.
-fn follow(s: &Shared, r: &mut FrameReader<TcpStream>) -> Result<(), FtError> {
+fn follow(s: &Shared, r: &mut crate::detector::Watched) -> Result<(), FtError> {
+    crate::detector::favour_this_thread();
     loop {
         let (_, payload) = r.recv()?;
         match decode::<ToSecondary>(&payload)? {
