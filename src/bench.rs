@@ -784,7 +784,7 @@ pub struct FtBenchArgs {
     #[arg(long)]
     kills: Option<u32>,
     /// The failure timeout of the FT pair: the ceiling of its adaptive failure detector
-    /// (the design's default: 300 ms; the floor stays at its default, 100 ms).
+    /// (the design's default: 300 ms; the floor stays at its default, 150 ms).
     #[arg(long, default_value_t = 300)]
     timeout_ms: u64,
     /// Only the rows of a secondary joining a loaded kvd (join_s, enable_pause_ms,
@@ -1077,13 +1077,11 @@ fn soak_rows(lab_name: &str, secs: u64, timeout_ms: u64, json: bool) -> Result<u
                             .collect::<Vec<_>>()
                     })
                     .collect();
-                progress(
-                    json,
-                    &format!(
-                        "soak: a failover with no fault (generation {first} → {}):\n{}",
-                        first + failed_over,
-                        why.join("\n")
-                    ),
+                // On stderr even with --json: a failure to explain, never a progress line.
+                eprintln!(
+                    "bench: soak: a failover with no fault (generation {first} → {}):\n{}",
+                    first + failed_over,
+                    why.join("\n")
                 );
             }
             spurious += failed_over;

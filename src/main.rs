@@ -151,7 +151,7 @@ struct FtArgs {
     /// The failure detector's floor: however steady the channel, less silence than this
     /// (or than two heartbeats) is never a suspected failure. Above --timeout-ms it is
     /// --timeout-ms (a fixed timeout).
-    #[arg(long, value_name = "MS", default_value_t = 100)]
+    #[arg(long, value_name = "MS", default_value_t = 150)]
     min_timeout_ms: u64,
     /// Checkpoint the VM (a snapshot on shared storage) once the events since the last
     /// one weigh this much: what each copy keeps in memory is bounded by it. The

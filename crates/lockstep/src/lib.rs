@@ -95,7 +95,7 @@ impl Default for FtConfig {
         FtConfig {
             heartbeat: Duration::from_millis(20),
             timeout: Duration::from_millis(300),
-            min_timeout: Duration::from_millis(100),
+            min_timeout: Duration::from_millis(150),
             max_lag_events: 100_000,
             max_history_bytes: u64::MAX,
             end_wait: Duration::from_secs(10),
