@@ -173,6 +173,12 @@ impl FtLab {
         self.primary.0.id()
     }
 
+    /// The secondary's process id, once started (that of `tandem` itself, as for the
+    /// primary).
+    pub fn secondary_pid(&self) -> Option<u32> {
+        self.secondary.as_ref().map(|s| s.0.id())
+    }
+
     /// What copy `who` ("primary" or "secondary") printed so far.
     pub fn log(&self, who: &str) -> String {
         std::fs::read_to_string(self.shared.join(format!("{who}.log"))).unwrap_or_default()

@@ -141,11 +141,18 @@ struct FtArgs {
     #[arg(long, value_name = "DIR")]
     shared: PathBuf,
     /// Heartbeat interval on the logging channel.
-    #[arg(long, value_name = "MS", default_value_t = 50)]
+    #[arg(long, value_name = "MS", default_value_t = 20)]
     heartbeat_ms: u64,
-    /// Silence for this long is a suspected failure (then arbitration decides).
+    /// Silence for this long is always a suspected failure (then arbitration decides):
+    /// the ceiling of the failure detector, which adapts to the jitter it observes on
+    /// the channel (a fresh channel waits this long).
     #[arg(long, value_name = "MS", default_value_t = 300)]
     timeout_ms: u64,
+    /// The failure detector's floor: however steady the channel, less silence than this
+    /// (or than two heartbeats) is never a suspected failure. Above --timeout-ms it is
+    /// --timeout-ms (a fixed timeout).
+    #[arg(long, value_name = "MS", default_value_t = 150)]
+    min_timeout_ms: u64,
     /// Checkpoint the VM (a snapshot on shared storage) once the events since the last
     /// one weigh this much: what each copy keeps in memory is bounded by it. The
     /// secondary takes checkpoints; a copy without one takes its own.
@@ -243,6 +250,7 @@ impl FtArgs {
         for (flag, v) in [
             ("--heartbeat-ms", self.heartbeat_ms),
             ("--timeout-ms", self.timeout_ms),
+            ("--min-timeout-ms", self.min_timeout_ms),
         ] {
             if v == 0 || v > MAX_FT_MS {
                 return Err(bad(format!("{flag} {v} is outside 1..={MAX_FT_MS}")));
@@ -261,6 +269,7 @@ impl FtArgs {
         Ok(lockstep::FtConfig {
             heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
             timeout: std::time::Duration::from_millis(self.timeout_ms),
+            min_timeout: std::time::Duration::from_millis(self.min_timeout_ms),
             // Two intervals and one largest event: the secondary checkpoints at one interval
             // and may be taking that checkpoint while the next accumulates.
             max_history_bytes: (self.checkpoint_mib << 21) + machine::event::MAX_EVENT_DATA as u64,

@@ -1230,7 +1230,11 @@ fn checkpoints_bound_both_copies_memory_under_two_minutes_of_load() {
     let (p2, s2now) = (rss_kib(p), rss_kib(s2));
     assert!(
         p1 > 0 && s1 > 0 && p2 > 0 && s2now > 0,
-        "both copies ran throughout"
+        "both copies ran throughout: RSS {p1}/{s1} then {p2}/{s2now} KiB; generations {:?}\n{}\nprimary:\n{}\nsecondary:\n{}",
+        ft.generations(),
+        ft.status(),
+        ft.log("primary"),
+        ft.log("secondary")
     );
     assert!(ft.checkpoint().is_some_and(|c| c > 0), "{}", ft.status());
     let grew = |a: u64, b: u64| b.saturating_sub(a) / 1024;

@@ -5,8 +5,10 @@
 //! secondary acknowledges what it holds and reports what it executed. Outputs follow the
 //! output rule ([`primary::GatedPort`]): a frame or console write produced after N events
 //! leaves only once the secondary holds those N events, and a disk mutation is performed
-//! only then. Both sides send heartbeats; silence past the timeout is a suspected failure,
-//! settled by arbitration on shared storage ([`arbiter`]): exactly one copy stays live.
+//! only then. Both sides send heartbeats; silence past the failure detector's timeout (which
+//! adapts to the jitter observed, between a floor and the configured timeout: [`detector`])
+//! is a suspected failure, settled by arbitration on shared storage ([`arbiter`]): exactly
+//! one copy stays live.
 //! A secondary that wins goes live where the primary left off.
 //!
 //! Invariants (from the design; tests in `tests/ft.rs` exercise each):
@@ -60,6 +62,7 @@
 
 pub mod arbiter;
 pub mod checkpoint;
+pub mod detector;
 pub mod health;
 pub mod primary;
 pub mod secondary;
@@ -77,8 +80,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug)]
 pub struct FtConfig {
     pub heartbeat: Duration,
-    /// Silence for this long is a suspected failure.
+    /// Silence for this long is a suspected failure: the ceiling of the adaptive
+    /// detector ([`detector`]), and the timeout until it has heard enough.
     pub timeout: Duration,
+    /// The floor of the adaptive detector: it never suspects a failure after less
+    /// silence than this, nor than two heartbeats.
+    pub min_timeout: Duration,
     /// The primary is slowed when the secondary trails by more events than this.
     pub max_lag_events: u64,
     /// While a secondary is attached, the primary is slowed when the history it keeps
@@ -94,12 +101,23 @@ pub struct FtConfig {
 impl Default for FtConfig {
     fn default() -> Self {
         FtConfig {
-            heartbeat: Duration::from_millis(50),
+            heartbeat: Duration::from_millis(20),
             timeout: Duration::from_millis(300),
+            min_timeout: Duration::from_millis(150),
             max_lag_events: 100_000,
             max_history_bytes: u64::MAX,
             end_wait: Duration::from_secs(10),
         }
+    }
+}
+
+impl FtConfig {
+    /// A failure detector for one side of a channel with this timing.
+    pub fn detector(&self) -> detector::Detector {
+        detector::Detector::new(
+            self.min_timeout.max(self.heartbeat.saturating_mul(2)),
+            self.timeout,
+        )
     }
 }
 

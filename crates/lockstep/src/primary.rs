@@ -1225,6 +1225,7 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
                 sender_shared.lose_secondary(conn, &e.to_string());
             }
         });
+    let mut reader = crate::detector::Watched::new(reader, &s.config);
     let result = receive_from(s, conn, &mut reader, &host);
     let why = match &result {
         Ok(()) => "the channel closed".to_string(),
@@ -1463,12 +1464,14 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
 fn receive_from(
     s: &Shared,
     conn: u64,
-    r: &mut FrameReader<TcpStream>,
+    r: &mut crate::detector::Watched,
     host: &str,
 ) -> Result<(), FtError> {
+    // Only now: a thread inherits its creator's priority, and `ft-send` must not.
+    crate::detector::favour_this_thread();
     let mut protected = false;
     loop {
-        // The read timeout is the failure timeout: silence that long ends the channel.
+        // The detector's timeout is the failure timeout: silence that long ends the channel.
         let (_, payload) = r.recv()?;
         let mut st = s.lock();
         if st.attached != Some(conn) {

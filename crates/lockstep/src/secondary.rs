@@ -165,7 +165,7 @@ impl Secondary {
             }
         };
         let channel = stream;
-        let mut reader = reader;
+        let mut reader = crate::detector::Watched::new(reader, &config);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -356,11 +356,12 @@ fn release_field(release: Option<u64>) -> String {
 /// Take frames until the primary ends the run or the channel fails.
 fn follow(
     s: &Shared,
-    r: &mut FrameReader<TcpStream>,
+    r: &mut crate::detector::Watched,
     dir: &VmDir,
     host: &str,
     generation: u64,
 ) -> Result<(), FtError> {
+    crate::detector::favour_this_thread();
     loop {
         let (_, payload) = r.recv()?;
         match decode::<ToSecondary>(&payload)? {

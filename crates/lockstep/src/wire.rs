@@ -188,6 +188,11 @@ impl<R: Read> FrameReader<R> {
         FrameReader { input, key, seq: 0 }
     }
 
+    /// What it reads from (to set a socket's timeout, say).
+    pub fn get_ref(&self) -> &R {
+        &self.input
+    }
+
     /// The next frame's kind and payload.
     pub fn recv(&mut self) -> Result<(u8, Vec<u8>), FrameError> {
         let mut head = [0u8; HEADER];

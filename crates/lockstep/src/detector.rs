@@ -1,0 +1,345 @@
+//! Failure detection on the logging channel: how long a silence may last before the other
+//! copy is suspected, adapted to the jitter observed on this channel.
+//!
+//! Each side hears the other at least every heartbeat (and far more often under load). The
+//! detector ([`Detector`]) is fed the arrival time of every frame and answers with the
+//! silence that counts as a failure: the larger of
+//! - `mean + K·stddev` of the inter-arrival times (exponentially weighted, so that it
+//!   follows the channel as its load changes), and
+//! - `MARGIN ×` the longest inter-arrival time seen over the last [`MEMORY`] seconds (a
+//!   scheduling stall or a burst of lateness once seen keeps the detector patient for a
+//!   while: stalls come back),
+//!
+//! clamped to `[floor, ceiling]`. Until it has heard [`WARMUP`] frames it answers the
+//! ceiling (the configured timeout): a fresh channel has shown nothing of its jitter yet.
+//!
+//! Invariants: the answer is always within `[floor, ceiling]` (the floor is first lowered
+//! to the ceiling if above it); its state is bounded (a fixed ring of per-second maxima
+//! and three numbers); any sequence of arrival times is accepted, out of order included
+//! (a time before the previous one counts as an interval of zero). It is pure: times are
+//! given, never read, so that it is tested by feeding it arrival times.
+//!
+//! [`Watched`] applies it to a channel's reader: the socket's read timeout follows the
+//! detector, so that a read that finds the channel silent that long fails
+//! ([`crate::wire::FrameError::Silent`]) and the caller treats the other copy as lost.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::wire::{FrameError, FrameReader};
+
+/// Frames heard before the detector trusts what it measured.
+pub const WARMUP: u32 = 16;
+/// How many standard deviations above the mean an interval may be.
+const K: f64 = 8.0;
+/// How far above the longest recent interval the timeout stays.
+const MARGIN: f64 = 2.0;
+/// Seconds over which the longest interval is remembered (a ring of per-second maxima).
+pub const MEMORY: usize = 30;
+/// Weight of a new interval in the running mean and variance.
+const ALPHA: f64 = 1.0 / 32.0;
+
+/// An adaptive failure detector for one direction of one channel. Times are durations
+/// since an origin the caller picks (the channel's start, say).
+#[derive(Clone, Debug)]
+pub struct Detector {
+    floor: Duration,
+    ceiling: Duration,
+    heard: u32,
+    last: Option<Duration>,
+    /// Exponentially weighted mean and variance of the intervals, in seconds.
+    mean: f64,
+    var: f64,
+    /// The longest interval that ended in each of the last [`MEMORY`] seconds, by the
+    /// second it ended in (`second`, `longest`); stale slots are ignored.
+    recent: [(u64, f64); MEMORY],
+}
+
+impl Detector {
+    /// A detector that never answers less than `floor` nor more than `ceiling`.
+    pub fn new(floor: Duration, ceiling: Duration) -> Detector {
+        Detector {
+            floor: floor.min(ceiling),
+            ceiling,
+            heard: 0,
+            last: None,
+            mean: 0.0,
+            var: 0.0,
+            recent: [(u64::MAX, 0.0); MEMORY],
+        }
+    }
+
+    /// A frame arrived at `at`.
+    pub fn heard(&mut self, at: Duration) {
+        if let Some(last) = self.last {
+            let gap = at.saturating_sub(last).as_secs_f64();
+            if self.heard <= 1 {
+                self.mean = gap;
+                self.var = 0.0;
+            } else {
+                // West's incremental form of the exponentially weighted variance.
+                let diff = gap - self.mean;
+                let incr = ALPHA * diff;
+                self.mean += incr;
+                self.var = (1.0 - ALPHA) * (self.var + diff * incr);
+            }
+            let second = at.as_secs();
+            let slot = &mut self.recent[(second % MEMORY as u64) as usize];
+            if slot.0 != second {
+                *slot = (second, 0.0);
+            }
+            slot.1 = slot.1.max(gap);
+        }
+        self.last = Some(self.last.map_or(at, |l| l.max(at)));
+        self.heard = self.heard.saturating_add(1);
+    }
+
+    /// The silence, counted from the last frame, that is a suspected failure.
+    pub fn timeout(&self) -> Duration {
+        if self.heard < WARMUP {
+            return self.ceiling;
+        }
+        let now = self.last.map_or(0, |l| l.as_secs());
+        let longest = self
+            .recent
+            .iter()
+            .filter(|(second, _)| *second <= now && now - *second < MEMORY as u64)
+            .map(|(_, gap)| *gap)
+            .fold(0.0, f64::max);
+        let spread = self.mean + K * self.var.max(0.0).sqrt();
+        let want = spread.max(MARGIN * longest);
+        // Non-finite values cannot arise from finite times, but must never panic.
+        let want = if want.is_finite() {
+            Duration::from_secs_f64(want.clamp(0.0, self.ceiling.as_secs_f64()))
+        } else {
+            self.ceiling
+        };
+        want.clamp(self.floor, self.ceiling)
+    }
+}
+
+/// The nice value of the channel's receiving threads (the primary's `ft-conn`, the
+/// secondary's `ft-recv`): what they read must not wait behind the VM, the client or
+/// anything else busy on the host, or a frame that did arrive would be read late and the
+/// silence taken for a failure. They block between frames and never spin.
+///
+/// The sending threads (`ft-send`, `ft-ack`) are left at the usual priority on purpose:
+/// favoured, they preempt the VM at every event it logs and send one frame per event
+/// instead of a batch (measured with `tandem bench ft --quick`, two runs each way: the
+/// channel's CPU per event about doubled, 37-41 µs against 19-20, and throughput_ratio
+/// fell from 0.46-0.63 to 0.32-0.36). Favouring the receivers alone showed no cost
+/// beyond this machine's noise. Heartbeats are due only when the channel is otherwise
+/// idle.
+pub const CHANNEL_NICE: i32 = -10;
+
+/// Favour the calling thread (a receiving thread of the channel) with the scheduler:
+/// nice [`CHANNEL_NICE`]. Fails soft: without the privilege to raise a priority the
+/// thread runs at its usual one (logged once per process).
+pub fn favour_this_thread() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: gettid(2) takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority(2) on this very thread's id (on Linux, PRIO_PROCESS with a
+    // thread id sets that thread's nice value); no memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, CHANNEL_NICE) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        WARNED.call_once(|| {
+            tracing::info!(
+                "logging channel threads run at the usual priority (cannot set nice \
+                 {CHANNEL_NICE}: {e}); a busy host may delay heartbeats"
+            )
+        });
+    }
+}
+
+/// A channel's reader whose read timeout follows a [`Detector`] fed by its frames.
+pub struct Watched {
+    reader: FrameReader<TcpStream>,
+    detector: Detector,
+    origin: Instant,
+    /// The read timeout in force on the socket.
+    current: Duration,
+}
+
+/// The read timeout is changed only when the detector's answer moved this much: one
+/// system call per frame would cost the channel more than the precision is worth.
+const RESET_STEP: Duration = Duration::from_millis(5);
+
+impl Watched {
+    /// Watch `reader`, whose socket's read timeout is `config`'s ceiling until the
+    /// detector has heard enough.
+    pub fn new(reader: FrameReader<TcpStream>, config: &crate::FtConfig) -> Watched {
+        let detector = config.detector();
+        let current = detector.timeout();
+        let _ = reader.get_ref().set_read_timeout(Some(current));
+        Watched {
+            reader,
+            detector,
+            origin: Instant::now(),
+            current,
+        }
+    }
+
+    /// The next frame; [`FrameError::Silent`] once the channel was silent past the
+    /// detector's timeout.
+    pub fn recv(&mut self) -> Result<(u8, Vec<u8>), FrameError> {
+        let got = self.reader.recv();
+        if matches!(got, Err(FrameError::Silent)) {
+            tracing::warn!(
+                "logging channel silent for {} ms (the detector's timeout; ceiling {} ms)",
+                self.current.as_millis(),
+                self.detector.ceiling.as_millis()
+            );
+        }
+        let got = got?;
+        self.detector.heard(self.origin.elapsed());
+        let want = self.detector.timeout();
+        if want.abs_diff(self.current) >= RESET_STEP {
+            // If this fails the previous timeout stays in force: still within bounds.
+            if self.reader.get_ref().set_read_timeout(Some(want)).is_ok() {
+                self.current = want;
+            }
+        }
+        Ok(got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLOOR: Duration = Duration::from_millis(100);
+    const CEILING: Duration = Duration::from_millis(300);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn rounded(d: Duration) -> u128 {
+        (d.as_micros() + 500) / 1000
+    }
+
+    /// Feed arrivals every `every` ms from `from` ms for `count` frames; the time of the last.
+    fn feed(d: &mut Detector, from: u64, every: u64, count: u64) -> u64 {
+        let mut t = from;
+        for i in 0..count {
+            t = from + i * every;
+            d.heard(ms(t));
+        }
+        t
+    }
+
+    #[test]
+    fn a_fresh_channel_waits_the_ceiling() {
+        let mut d = Detector::new(FLOOR, CEILING);
+        assert_eq!(d.timeout(), CEILING);
+        feed(&mut d, 0, 20, u64::from(WARMUP) - 1);
+        assert_eq!(d.timeout(), CEILING);
+    }
+
+    #[test]
+    fn steady_heartbeats_bring_it_down_to_the_floor() {
+        let mut d = Detector::new(FLOOR, CEILING);
+        feed(&mut d, 0, 20, 200);
+        assert_eq!(d.timeout(), FLOOR);
+    }
+
+    #[test]
+    fn a_stall_once_seen_keeps_it_patient_and_then_is_forgotten() {
+        let mut d = Detector::new(FLOOR, CEILING);
+        let t = feed(&mut d, 0, 20, 200);
+        // One 120 ms stall: twice it is 240 ms.
+        d.heard(ms(t + 120));
+        assert_eq!(rounded(d.timeout()), 240);
+        // Still remembered 20 s later...
+        let t = feed(&mut d, t + 140, 20, 1000);
+        assert_eq!(rounded(d.timeout()), 240);
+        // ...and forgotten once it is over MEMORY seconds old.
+        feed(&mut d, t + 20, 20, 1000);
+        assert_eq!(d.timeout(), FLOOR);
+    }
+
+    #[test]
+    fn jitter_raises_it_and_the_ceiling_bounds_it() {
+        let mut d = Detector::new(FLOOR, CEILING);
+        // Intervals alternating 5 and 75 ms: mean 40, stddev 35; mean + 8·sd = 320 ms and
+        // twice the longest is 150: the ceiling.
+        let mut t = 0;
+        for i in 0..400 {
+            t += if i % 2 == 0 { 5 } else { 75 };
+            d.heard(ms(t));
+        }
+        assert_eq!(d.timeout(), CEILING);
+        // Light jitter (18-22 ms): the floor.
+        let mut d = Detector::new(FLOOR, CEILING);
+        let mut t = 0;
+        for i in 0..400 {
+            t += 18 + (i % 5);
+            d.heard(ms(t));
+        }
+        assert_eq!(d.timeout(), FLOOR);
+    }
+
+    #[test]
+    fn load_then_idle_stays_at_the_floor() {
+        // Frames every millisecond under load, then heartbeats every 20 ms.
+        let mut d = Detector::new(FLOOR, CEILING);
+        let t = feed(&mut d, 0, 1, 5000);
+        assert_eq!(d.timeout(), FLOOR);
+        feed(&mut d, t + 20, 20, 100);
+        assert_eq!(d.timeout(), FLOOR);
+    }
+
+    #[test]
+    fn hostile_times_never_panic_and_stay_in_bounds() {
+        let mut d = Detector::new(FLOOR, CEILING);
+        for t in [5_000u64, 0, u64::MAX / 2, 3, u64::MAX, 7, 1, 0, 0, 0] {
+            d.heard(Duration::from_millis(t));
+            d.heard(Duration::MAX);
+            let got = d.timeout();
+            assert!(got >= FLOOR && got <= CEILING, "{got:?}");
+        }
+        for _ in 0..100 {
+            d.heard(Duration::ZERO);
+        }
+        let got = d.timeout();
+        assert!(got >= FLOOR && got <= CEILING, "{got:?}");
+    }
+
+    #[test]
+    fn a_watched_channel_that_falls_silent_fails_and_one_that_closes_says_so() {
+        use crate::wire::FrameWriter;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = [3u8; 32];
+        let writer = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut w = FrameWriter::new(conn, key);
+            for _ in 0..2 * WARMUP {
+                w.send(1, b"beat").unwrap();
+                std::thread::sleep(ms(2));
+            }
+            // Silent, the connection held open, until the reader has given up.
+            w
+        });
+        let config = crate::FtConfig::default();
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut r = Watched::new(FrameReader::new(stream, key), &config);
+        for _ in 0..2 * WARMUP {
+            assert_eq!(r.recv().unwrap(), (1, b"beat".to_vec()));
+        }
+        // The detector has heard enough: its timeout is below the configured one.
+        assert!(r.current < config.timeout, "{:?}", r.current);
+        assert!(matches!(r.recv(), Err(FrameError::Silent)));
+        drop(writer.join().unwrap());
+        assert!(matches!(r.recv(), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn a_floor_above_the_ceiling_is_the_ceiling() {
+        let mut d = Detector::new(ms(500), CEILING);
+        feed(&mut d, 0, 20, 100);
+        assert_eq!(d.timeout(), CEILING);
+    }
+}
