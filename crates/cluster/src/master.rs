@@ -543,15 +543,7 @@ impl Master {
                 let leaving = view.maintenance.contains(&s.host)
                     && view.hosts.get(&primary.host).is_some_and(|ph| {
                         let avoid = [s.host.clone()];
-                        let req = Request {
-                            any_version: false,
-                            vm: r,
-                            ft: true,
-                            primary: Some(ph),
-                            prefer: None,
-                            avoid: &avoid,
-                            counted_on: None,
-                        };
+                        let req = Request::secondary(r, ph, false, &avoid);
                         placement::place(loads, &req).is_ok()
                     });
                 if gone {
@@ -636,15 +628,7 @@ impl Master {
                 .as_ref()
                 .and_then(|s| view.hosts.get(&s.host))
                 .is_some_and(|sh| {
-                    let req = Request {
-                        any_version: false,
-                        vm: r,
-                        ft: true,
-                        primary: Some(sh),
-                        prefer: None,
-                        avoid: &[],
-                        counted_on: None,
-                    };
+                    let req = Request::secondary(r, sh, false, &[]);
                     placement::place(loads, &req).is_ok()
                 });
             if !reprotectable {
@@ -714,18 +698,7 @@ impl Master {
         let ph = view.hosts.get(&primary.host)?;
         let sh = view.hosts.get(&sec.host)?;
         let place = |from: &HostRecord, any_version: bool, avoid: &[String]| {
-            placement::place(
-                loads,
-                &Request {
-                    any_version,
-                    vm: r,
-                    ft: true,
-                    primary: Some(from),
-                    prefer: None,
-                    avoid,
-                    counted_on: None,
-                },
-            )
+            placement::place(loads, &Request::secondary(r, from, any_version, avoid))
         };
         match placement::plan_pair(&view.hosts, ph, sh, on_primary, place) {
             Ok(placement::PairPlan::Across { to, version }) => Some((to, version)),

@@ -81,6 +81,26 @@ pub struct Request<'a> {
     pub any_version: bool,
 }
 
+impl<'a> Request<'a> {
+    /// A secondary for a primary on `primary`: nothing preferred, nothing counted already.
+    pub fn secondary(
+        vm: &'a VmRecord,
+        primary: &'a HostRecord,
+        any_version: bool,
+        avoid: &'a [String],
+    ) -> Self {
+        Request {
+            vm,
+            ft: true,
+            primary: Some(primary),
+            prefer: None,
+            avoid,
+            counted_on: None,
+            any_version,
+        }
+    }
+}
+
 /// Why a host cannot take the copy, or `None` if it can.
 fn unfit(load: &HostLoad, req: &Request) -> Option<String> {
     let h = &load.host;

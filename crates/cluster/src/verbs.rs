@@ -678,16 +678,7 @@ impl Verbs {
                    any_version: bool,
                    avoid: &[String]|
          -> Result<String, String> {
-            let req = Request {
-                any_version,
-                vm: r,
-                ft: true,
-                primary: Some(from),
-                prefer: None,
-                avoid,
-                counted_on: None,
-            };
-            let to = placement::place(loads, &req)?;
+            let to = placement::place(loads, &Request::secondary(r, from, any_version, avoid))?;
             if let Some(l) = loads.iter_mut().find(|l| l.host.name == to) {
                 l.copies += 1;
                 l.ft_copies += 1;
