@@ -228,6 +228,11 @@ impl Lab {
         PathBuf::from(format!("/tmp/{}-host{k}-agent.log", self.name))
     }
 
+    /// Where an agent this test restarted (`start_agent_exe`) writes its log.
+    pub fn restarted_log(&self, k: u32) -> PathBuf {
+        self.agent_log(k).with_extension("restarted.log")
+    }
+
     /// `tandem lab VERB --name NAME hostK` (kill, isolate, revive); panics unless it worked.
     pub fn host_op(&self, verb: &str, k: u32) {
         let host = format!("host{k}");
@@ -318,7 +323,7 @@ impl Lab {
             &state,
         ];
         args.extend_from_slice(extra);
-        let log = self.agent_log(k).with_extension("restarted.log");
+        let log = self.restarted_log(k);
         self.start_exe(k, exe, &[], &args, &log);
     }
 
@@ -437,6 +442,7 @@ impl Drop for Lab {
         if self.cluster && std::thread::panicking() {
             let mut logs = vec![PathBuf::from(format!("/tmp/{}-etcd.log", self.name))];
             logs.extend((1..=16).map(|k| self.agent_log(k)));
+            logs.extend((1..=16).map(|k| self.restarted_log(k)));
             for log in logs {
                 if let Ok(text) = std::fs::read_to_string(&log) {
                     let lines: Vec<&str> = text.lines().collect();
@@ -455,6 +461,10 @@ impl Drop for Lab {
         let _ = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(["lab", "down", "--name", &self.name])
             .output();
+        // The logs of agents this test restarted are its own, not the lab's.
+        for k in 1..=16 {
+            let _ = std::fs::remove_file(self.restarted_log(k));
+        }
     }
 }
 
