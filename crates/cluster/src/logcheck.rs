@@ -251,6 +251,23 @@ fn pct(sorted: &[u64], p: usize) -> u64 {
 }
 
 /// Measure from here to `to_ip`'s service.
+/// How long a measurement waits for the service to finish another one (say, the reverse
+/// direction's, whose last bytes it is still draining) before it says it is busy.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `step`, asked again while the service is busy, until [`BUSY_WAIT`] runs out.
+fn patiently<T>(mut step: impl FnMut() -> Result<T, CheckError>) -> Result<T, CheckError> {
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match step() {
+            Err(CheckError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub fn measure(
     from: (&str, &str),
     to: (&str, &str),
@@ -270,8 +287,8 @@ pub fn measure(
     let addr: SocketAddr = format!("{}:{LOG_CHECK_PORT}", to.1)
         .parse()
         .map_err(|_| CheckError::Invalid(format!("{} has no logging address", to.0)))?;
-    let rtts = ping(addr, pings)?;
-    let (bytes, secs) = bulk(addr, mib)?;
+    let rtts = patiently(|| ping(addr, pings))?;
+    let (bytes, secs) = patiently(|| bulk(addr, mib))?;
     let rate = bytes as f64 / secs.max(1e-9);
     Ok(LogCheck {
         from: from.0.into(),
