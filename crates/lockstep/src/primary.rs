@@ -1701,11 +1701,20 @@ mod tests {
         addr
     }
 
-    #[test]
-    fn a_secondary_lost_before_the_release_point_drops_out_without_claiming() {
+    /// A secondary following a primary that sends three events (and `release`, if any)
+    /// and then dies: the secondary, its source, its folder and the error that ended it.
+    fn lost_after_three_events(
+        release: Option<u64>,
+    ) -> (
+        tempfile::TempDir,
+        VmDir,
+        Secondary,
+        crate::secondary::SecondarySource,
+        String,
+    ) {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
-        let addr = fake_primary(&dir, Some(10), (0..3).map(event).collect(), None);
+        let addr = fake_primary(&dir, release, (0..3).map(event).collect(), None);
         let secondary =
             Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
         let mut source = secondary.source(None);
@@ -1713,6 +1722,12 @@ mod tests {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
         let err = source.next_event().unwrap_err().to_string();
+        (shared, dir, secondary, source, err)
+    }
+
+    #[test]
+    fn a_secondary_lost_before_the_release_point_drops_out_without_claiming() {
+        let (_shared, dir, secondary, _source, err) = lost_after_three_events(Some(10));
         assert!(err.contains("dropped out"), "{err}");
         assert_eq!(secondary.release(), Some(10));
         assert_eq!(
@@ -1727,18 +1742,9 @@ mod tests {
 
     #[test]
     fn a_newcomer_never_gated_cannot_go_live_when_the_primary_dies() {
-        let shared = tempfile::tempdir().unwrap();
-        let dir = VmDir::new(shared.path(), "vm");
         // It holds every event the primary had, but no release point: the primary's
         // outputs did not wait for it, so it must not go live.
-        let addr = fake_primary(&dir, None, (0..3).map(event).collect(), None);
-        let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
-        let mut source = secondary.source(None);
-        for seq in 0..3 {
-            assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
-        }
-        let err = source.next_event().unwrap_err().to_string();
+        let (_shared, dir, secondary, mut source, err) = lost_after_three_events(None);
         assert!(
             err.contains("dropped out") && err.contains("before the primary gated"),
             "{err}"
