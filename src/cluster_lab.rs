@@ -54,7 +54,7 @@ pub enum Progress {
 /// A lab running a cluster, and the way to drive it.
 pub struct ClusterLab {
     pub name: String,
-    client: Client,
+    pub(crate) client: Client,
     /// Where progress lines go.
     progress: Progress,
     _guard: Option<LabGuard>,
@@ -75,7 +75,8 @@ impl ClusterLab {
             _guard: guard,
         };
         c.wait_until("every agent registered", Duration::from_secs(30), || {
-            Ok((c.client.hosts()?.len() == hosts as usize).then_some(()))
+            let up = c.client.hosts()?.iter().filter(|h| h.responding()).count();
+            Ok((up == hosts as usize).then_some(()))
         })
         .map_err(|e| anyhow!("{e:#}; agents' logs: /tmp/{name}-hostK-agent.log"))?;
         Ok(c)
@@ -141,7 +142,13 @@ impl ClusterLab {
 
     /// The hosts registered now (their agents hold their leases).
     pub fn host_names(&self) -> Result<Vec<String>> {
-        Ok(self.client.hosts()?.into_iter().map(|h| h.name).collect())
+        Ok(self
+            .client
+            .hosts()?
+            .into_iter()
+            .filter(|h| h.responding())
+            .map(|h| h.name)
+            .collect())
     }
 
     pub fn master(&self) -> Result<Option<String>> {

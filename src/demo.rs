@@ -417,6 +417,14 @@ fn prepare(c: &ClusterLab) -> Result<()> {
         c.host_names()?.join(" "),
         c.master()?.unwrap_or_else(|| "(none yet)".into())
     ));
+    say(&format!(
+        "dashboard: {} (watch the failovers live; sign in with the token in {})",
+        c.client.dashboard(),
+        c.client.token_file().map_or_else(
+            || "the lab's token file".into(),
+            |f| f.display().to_string()
+        )
+    ));
     c.create_kvd(Priority::High)?;
     let v = c.vm("kvd")?;
     say(&format!(

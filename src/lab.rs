@@ -137,9 +137,12 @@ pub enum LabCommand {
     Dashboard {
         #[command(flatten)]
         lab: LabArgs,
-        /// Where to listen on this machine.
+        /// Where to listen on this machine (port 0: any free port).
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:7070")]
         listen: std::net::SocketAddr,
+        /// Write the address listened on to FILE once listening.
+        #[arg(long, value_name = "FILE", hide = true)]
+        addr_file: Option<PathBuf>,
     },
 }
 
@@ -184,7 +187,11 @@ pub fn run(cmd: LabCommand) -> Result<u8> {
             );
             Ok(0)
         }
-        LabCommand::Dashboard { lab, listen } => crate::lab_proxy::run(&lab.name, listen),
+        LabCommand::Dashboard {
+            lab,
+            listen,
+            addr_file,
+        } => crate::lab_proxy::run(&lab.name, listen, addr_file.as_deref()),
         LabCommand::Revive { lab, host } => {
             let started = revive(&lab.name, &host)?;
             println!(
@@ -297,6 +304,10 @@ pub struct LabFile {
     /// The API token's file (mode 0600): the agents require the token, the CLI sends it.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// The dashboard from this machine: `http://127.0.0.1:PORT`, the lab's relay
+    /// (`tandem lab dashboard`, started by `lab up` and stopped by `lab down`).
+    #[serde(default)]
+    pub dashboard: Option<String>,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -404,6 +415,7 @@ fn up_with(name: &str, hosts: u32, cluster: bool, views: bool) -> Result<()> {
         bail!("lab {name} is already up: `tandem lab down --name {name}` first");
     }
     // What a lab that was never taken down left behind (a stale cluster state above all).
+    stop_relay(name);
     remove_files(name);
     let result = build(name, hosts, views).and_then(|()| {
         if cluster {
@@ -607,13 +619,102 @@ fn start_cluster(name: &str, hosts: u32) -> Result<()> {
             .collect(),
         hosts,
         token_file: Some(token_file(name)),
+        dashboard: None,
     };
-    let path = lab_file(name);
+    write_lab_file(&file)?;
+    // The relay reads the lab file; the lab file then says where the relay listens.
+    let dashboard = start_relay(name)?;
+    write_lab_file(&LabFile {
+        dashboard: Some(format!("http://{dashboard}")),
+        ..file
+    })
+}
+
+fn write_lab_file(file: &LabFile) -> Result<()> {
+    let path = lab_file(&file.name);
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&file)?)
+    std::fs::write(&tmp, serde_json::to_vec_pretty(file)?)
         .and_then(|()| std::fs::rename(&tmp, &path))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Where the lab's dashboard relay says it listens, and its pid.
+fn relay_files(name: &str) -> (PathBuf, PathBuf) {
+    let dir = run_dir(name);
+    (dir.join("dashboard.addr"), dir.join("dashboard.pid"))
+}
+
+/// Start the lab's dashboard relay on this machine (`lab dashboard` on a free port of
+/// 127.0.0.1, detached) and return the address it listens on.
+fn start_relay(name: &str) -> Result<std::net::SocketAddr> {
+    let (addr_file, pid_file) = relay_files(name);
+    let _ = std::fs::remove_file(&addr_file);
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let args: Vec<String> = [
+        "lab",
+        "dashboard",
+        "--name",
+        name,
+        "--listen",
+        "127.0.0.1:0",
+        "--addr-file",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .chain([addr_file.display().to_string()])
+    .collect();
+    let log = PathBuf::from(format!("/tmp/{name}-dashboard.log"));
+    let child = spawn_detached(&[], exe.as_os_str(), &args, &log)?;
+    std::fs::write(&pid_file, child.id().to_string())
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    reap_in_background(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(a) = std::fs::read_to_string(&addr_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Ok(a);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the dashboard relay did not start within 10 s: {}",
+                tail(&log, 10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stop the lab's dashboard relay, if its pid file names one still running as it.
+fn stop_relay(name: &str) {
+    let (_, pid_file) = relay_files(name);
+    let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+    else {
+        return;
+    };
+    // Only the relay of this lab: a pid reused by another process is left alone.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = words.contains(&b"dashboard".as_slice()) && words.contains(&name.as_bytes());
+    if !ours {
+        return;
+    }
+    // SIGKILL: the relay keeps no state, and tandem's SIGTERM handler stops VMs, not it.
+    // SAFETY: kill(2) with a pid read above and a valid signal number; it touches no
+    // memory of ours.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether the lab's etcd reports itself healthy, asked from inside `NAME-net` (the
@@ -737,6 +838,7 @@ fn remove_files(name: &str) {
     let _ = std::fs::remove_dir_all(etcd_dir(name));
     let _ = std::fs::remove_file(etcd_log(name));
     let _ = std::fs::remove_file(lab_file(name));
+    let _ = std::fs::remove_file(format!("/tmp/{name}-dashboard.log"));
     let _ = std::fs::remove_file(crate::labstore::marker(name));
     // Agent logs and storage servers' state and logs of any host number (the lab may have had more hosts than are left).
     let prefix = format!("{name}-host");
@@ -760,6 +862,7 @@ fn remove_files(name: &str) {
 /// Remove lab `name`: kill what runs in it (etcd and agents too), delete its namespaces
 /// and files. Removing what is already gone is not an error.
 pub fn down(name: &str) {
+    stop_relay(name);
     let all = namespaces(name);
     for n in &all {
         kill_all(n);
@@ -937,10 +1040,12 @@ pub fn run_up(a: &LabArgs, hosts: u32, bare: bool, views: bool) -> Result<u8> {
             a.name,
             lab_file(&a.name).display()
         );
+        let here = std::fs::read_to_string(relay_files(&a.name).0).unwrap_or_default();
         println!(
-            "dashboard: http://{}:{API_PORT}/ from the client machine {} (API token {})",
-            mgmt_ip(1),
+            "dashboard: http://{}/ on this machine (relayed to the agents; from the client machine {}: http://{}:{API_PORT}/); API token {}",
+            here.trim(),
             ns(&a.name, "client"),
+            mgmt_ip(1),
             token_file(&a.name).display()
         );
     }

@@ -43,9 +43,24 @@ fn agents(name: &str) -> Result<(String, Vec<SocketAddr>)> {
 }
 
 /// Relay until interrupted.
-pub fn run(name: &str, listen: SocketAddr) -> Result<u8> {
+pub fn run(name: &str, listen: SocketAddr, addr_file: Option<&std::path::Path>) -> Result<u8> {
     let (ns, addrs) = agents(name)?;
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let listen = listener.local_addr().context("the address listened on")?;
+    if let Some(f) = addr_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, listen.to_string())
+            .and_then(|()| std::fs::rename(&tmp, f))
+            .with_context(|| format!("writing {}", f.display()))?;
+    }
+    // A relay outlives nothing of its lab: once the lab file is gone (`lab down`), it ends.
+    let lab = crate::lab::lab_file(name);
+    std::thread::spawn(move || {
+        while lab.exists() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        std::process::exit(0);
+    });
     let token = crate::lab::token_file(name);
     println!(
         "dashboard: http://{listen}/ (relayed to lab {name}'s agents {}; sign in with the \

@@ -285,7 +285,7 @@ pub fn check_logging(a: &CheckLoggingArgs) -> u8 {
         }
         let client = a.target.client()?;
         let hosts = client.hosts()?;
-        let Some(from) = hosts.iter().find(|h| h.name == a.from) else {
+        let Some(from) = hosts.iter().find(|h| h.name == a.from && h.responding()) else {
             return Err(Fail(
                 BAD_REQUEST,
                 format!("no connected host named {}", a.from),

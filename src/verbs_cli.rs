@@ -76,6 +76,22 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The event timeline, oldest first: failovers, arbitration results, re-protections,
+    /// HA restarts, FT schedules, VMs left off, and every verb with who asked (UTC times).
+    Timeline {
+        #[command(flatten)]
+        target: Target,
+        /// Only the last N events.
+        #[arg(long, value_name = "N", default_value_t = 50,
+              value_parser = clap::value_parser!(u32).range(1..=500))]
+        last: u32,
+        /// Only the events of this VM.
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+        /// Print the API's JSON (every event it keeps; --last and --vm ignored).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -241,7 +257,14 @@ impl From<ClientError> for Fail {
             | ClientError::Unreachable(_)
             | ClientError::Netns { .. } => UNREACHABLE,
         };
-        Fail(code, e.to_string())
+        let hint = match &e {
+            // The server's words are for any API client; the CLI's user passes a file.
+            ClientError::Api { status: 401, .. } => {
+                " (the API wants the cluster's token: pass --token-file FILE with the file the agents were given)"
+            }
+            _ => "",
+        };
+        Fail(code, format!("{e}{hint}"))
     }
 }
 
@@ -264,7 +287,62 @@ pub(crate) fn print_json(text: &str) -> Result<u8, Fail> {
 pub fn cluster(cmd: &ClusterCommand) -> u8 {
     finish(match cmd {
         ClusterCommand::Status { target, json } => cluster_status(target, *json),
+        ClusterCommand::Timeline {
+            target,
+            last,
+            vm,
+            json,
+        } => cluster_timeline(target, *last as usize, vm.as_deref(), *json),
     })
+}
+
+fn cluster_timeline(
+    target: &Target,
+    last: usize,
+    vm: Option<&str>,
+    json: bool,
+) -> Result<u8, Fail> {
+    if let Some(vm) = vm {
+        check_name("VM", vm)?;
+    }
+    let client = target.client()?;
+    if json {
+        return print_json(&client.get_raw("/api/v1/timeline")?);
+    }
+    let events: Vec<_> = client
+        .timeline()?
+        .into_iter()
+        .filter(|e| vm.is_none() || e.vm.as_deref() == vm)
+        .collect();
+    for e in &events[events.len().saturating_sub(last)..] {
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|k| k.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut line = format!(
+            "{}  {kind:<12} {}{}",
+            cluster::schedule::utc_time(e.at_ms),
+            e.vm.as_deref()
+                .map(|v| format!("{v}: "))
+                .unwrap_or_default(),
+            e.detail
+        );
+        if let Some(who) = &e.who {
+            line += &format!(" (by {who}");
+            if let Some(h) = &e.host {
+                line += &format!(" via {h}");
+            }
+            line += ")";
+        }
+        println!("{line}");
+    }
+    if events.is_empty() {
+        println!(
+            "no events{}",
+            vm.map(|v| format!(" of {v}")).unwrap_or_default()
+        );
+    }
+    Ok(OK)
 }
 
 fn cluster_status(target: &Target, json: bool) -> Result<u8, Fail> {
@@ -283,15 +361,8 @@ fn cluster_status(target: &Target, json: bool) -> Result<u8, Fail> {
         c.vms, c.protected, c.not_protected
     );
     println!("version:  {}", c.version);
-    // The dashboard is every agent's `/`: the first API the client reaches.
-    let api = client.apis().first().cloned().unwrap_or_default();
-    match client.netns() {
-        Some(ns) => println!(
-            "dashboard: {api}/ (on the lab's management network, from its client machine \
-             {ns}; `tandem lab dashboard` serves it here at http://127.0.0.1:7070/)"
-        ),
-        None => println!("dashboard: {api}/"),
-    }
+    // The dashboard is every agent's `/`; a lab's agents are reached here through its relay.
+    println!("dashboard: {}", client.dashboard());
     match client.token_file() {
         Some(f) => println!(
             "token:    {} (sign in with it; API clients send it as a bearer token)",

@@ -60,10 +60,35 @@ fn a_cluster_lab_runs_etcd_and_agents_on_the_management_network() {
     let lab = Lab::cluster("lc", 2);
     let name = lab.name().to_string();
 
-    // The lab file says where everything is.
-    let file: serde_json::Value =
+    // The lab file says where everything is; the dashboard from this machine is the
+    // lab's relay, on a free port of 127.0.0.1, and it answers from here.
+    let mut file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(lab.lab_file()).expect("the lab file"))
             .expect("the lab file is JSON");
+    let dashboard = file
+        .as_object_mut()
+        .and_then(|o| o.remove("dashboard"))
+        .and_then(|d| d.as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no dashboard in the lab file: {file}"));
+    assert!(dashboard.starts_with("http://127.0.0.1:"), "{dashboard}");
+    let health = Command::new("curl")
+        .args(["-s", "-m", "5"])
+        .arg(format!("{dashboard}/healthz"))
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success() && !health.stdout.is_empty(),
+        "{dashboard}/healthz: {}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    let relay_pid = std::fs::read_to_string(format!("/tmp/{name}-run/dashboard.pid"))
+        .expect("the relay's pid file")
+        .trim()
+        .to_string();
+    assert!(
+        std::path::Path::new(&format!("/proc/{relay_pid}")).exists(),
+        "the relay runs"
+    );
     assert_eq!(
         file,
         serde_json::json!({
@@ -172,6 +197,12 @@ fn a_cluster_lab_runs_etcd_and_agents_on_the_management_network() {
     assert!(
         !String::from_utf8_lossy(&netns.stdout).contains(&format!("{name}-")),
         "namespaces survived lab down"
+    );
+    // The relay is stopped (a zombie until its parent, long gone, is reaped: not running).
+    let state = std::fs::read_to_string(format!("/proc/{relay_pid}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z "),
+        "the dashboard relay survived lab down: {state}"
     );
 }
 

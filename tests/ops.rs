@@ -164,6 +164,16 @@ fn a_schedule_turns_ft_on_and_off_within_a_minute() {
         logs.contains("FT schedule") && logs.contains("): FT on") && logs.contains("): FT off"),
         "the master logs what it did"
     );
+    // And the timeline shows both turns, on then off, as the schedule's doing.
+    let timeline = c.ok(&["cluster", "timeline", "--vm", "batch"]).stdout;
+    let turns: Vec<&str> = timeline
+        .lines()
+        .filter(|l| l.contains("FT schedule (") && l.contains("by the FT schedule"))
+        .collect();
+    assert!(
+        turns.len() == 2 && turns[0].contains("): FT on") && turns[1].contains("): FT off"),
+        "{timeline}"
+    );
     // Cleared: FT stays as it is (off), and the manual verbs work again.
     c.ok(&["ft", "schedule", "batch", "--clear"]);
     assert!(c.show("batch")["ops"]["ft_schedule"].is_null());

@@ -62,6 +62,38 @@ pub struct Snapshot {
     pub vms: Vec<VmView>,
     /// The most recent events, oldest first.
     pub timeline: Vec<TimelineEvent>,
+    /// In a stream's first event only: what this agent sampled over the last
+    /// [`crate::server::HISTORY_WINDOW`], oldest first, so that a page just opened draws
+    /// its charts from minutes back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Sample>,
+}
+
+/// Each FT VM's logging bandwidth and secondary lag at one moment.
+#[derive(Clone, Serialize, Deserialize, JsonSchema, Debug, PartialEq)]
+pub struct Sample {
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// VM name → logging-channel bandwidth, bytes per second.
+    pub log_bps: std::collections::BTreeMap<String, u64>,
+    /// VM name → the secondary's lag, ms.
+    pub lag_ms: std::collections::BTreeMap<String, u64>,
+}
+
+impl Sample {
+    pub fn of(at_ms: u64, vms: &[cluster::model::VmView]) -> Sample {
+        Sample {
+            at_ms,
+            log_bps: vms
+                .iter()
+                .filter_map(|v| Some((v.name.clone(), v.log_bps?)))
+                .collect(),
+            lag_ms: vms
+                .iter()
+                .filter_map(|v| Some((v.name.clone(), v.lag_ms?)))
+                .collect(),
+        }
+    }
 }
 
 pub type VmList = Vec<VmView>;

@@ -64,6 +64,9 @@ struct LabFile {
     /// The file holding the cluster's API token (mode 0600).
     #[serde(default)]
     token_file: Option<PathBuf>,
+    /// Where this machine reaches the lab's dashboard (`tandem lab up` starts a relay).
+    #[serde(default)]
+    dashboard: Option<String>,
 }
 
 /// The longest token file read.
@@ -99,6 +102,9 @@ pub struct Client {
     token: Option<String>,
     /// Where the token came from (said by `cluster status`).
     token_file: Option<PathBuf>,
+    /// Where this machine reaches the dashboard, when it is not the APIs' own address (a
+    /// lab's agents are on its management network; its relay is here).
+    dashboard: Option<String>,
     /// The API that answered last: tried first next time, so that a dead host's API (its
     /// connection attempts time out) slows one call, not every poll of a long verb.
     preferred: Arc<AtomicUsize>,
@@ -116,6 +122,7 @@ impl Client {
             timeout: DEFAULT_TIMEOUT,
             token: None,
             token_file: None,
+            dashboard: None,
             preferred: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -145,7 +152,10 @@ impl Client {
         if lab.apis.is_empty() {
             return Err(lab_err(format!("{} lists no API", path.display())));
         }
-        let client = Client::new(lab.apis, lab.netns);
+        let client = Client {
+            dashboard: lab.dashboard,
+            ..Client::new(lab.apis, lab.netns)
+        };
         match lab.token_file {
             Some(f) => client.with_token_file(&f),
             None => Ok(client),
@@ -168,6 +178,19 @@ impl Client {
     /// The token file the client read, if any.
     pub fn token_file(&self) -> Option<&std::path::Path> {
         self.token_file.as_deref()
+    }
+
+    /// The dashboard's URL from this machine: the lab's relay if it has one, else the API
+    /// that answered last.
+    pub fn dashboard(&self) -> String {
+        match &self.dashboard {
+            Some(d) => d.trim_end_matches('/').to_string() + "/",
+            None => {
+                let i = self.preferred.load(Ordering::Relaxed);
+                let api = self.apis.get(i).or(self.apis.first());
+                api.cloned().unwrap_or_default() + "/"
+            }
+        }
     }
 
     /// The network namespace the APIs are reached from, if any.
@@ -281,6 +304,11 @@ impl Client {
 
     /// `GET path`'s JSON text exactly as the API returned it (for `--json` output),
     /// checked to be JSON.
+    /// The event timeline, oldest first.
+    pub fn timeline(&self) -> Result<Vec<cluster::timeline::TimelineEvent>, ClientError> {
+        self.get("/api/v1/timeline")
+    }
+
     pub fn get_raw(&self, path: &str) -> Result<String, ClientError> {
         let r = ok_or_error(self.call("GET", path, None)?)?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&r.body)

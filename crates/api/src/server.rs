@@ -20,10 +20,11 @@
 //! The event stream (`/api/v1/events`) holds its connection: at most [`MAX_STREAMS`] at
 //! once, each at most [`STREAM_LIFETIME`], each ending when the server stops.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -35,7 +36,9 @@ use cluster::timeline::{EventKind, TimelineEvent};
 use cluster::verbs::{CreateVm, FtOp, ScheduleRequest, Verbs};
 
 use crate::ApiError;
-use crate::bodies::{ErrorBody, Health, MigrateBody, NoBody, PowerOnBody, SignInBody, Snapshot};
+use crate::bodies::{
+    ErrorBody, Health, MigrateBody, NoBody, PowerOnBody, Sample, SignInBody, Snapshot,
+};
 use crate::routes::{self, FtKind, Kind, Miss, clip};
 
 /// The dashboard's cookie (HttpOnly, SameSite=Strict): the token, set by signing in.
@@ -49,6 +52,10 @@ pub const MAX_STREAMS: usize = 16;
 pub const STREAM_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// How often a stream sends the cluster's state.
 pub const STREAM_PERIOD: Duration = Duration::from_secs(1);
+/// How far back the charts' samples go.
+pub const HISTORY_WINDOW: Duration = Duration::from_secs(300);
+/// The samples' spacing (at most [`HISTORY_WINDOW`] / this many are kept).
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Timeline events in a stream's snapshot, and in `GET /api/v1/timeline`.
 const SNAPSHOT_EVENTS: usize = 50;
 const TIMELINE_EVENTS: usize = 200;
@@ -255,14 +262,24 @@ impl Drop for Server {
 
 /// Serve the REST API on `listen` over these verbs.
 pub fn serve(listen: SocketAddr, verbs: Verbs, info: AgentInfo) -> Result<Server, ApiError> {
-    serve_backend(listen, Arc::new(verbs), info)
+    start(listen, Arc::new(verbs), info, true)
 }
 
-/// Serve the REST API over any [`Backend`].
+/// Serve the REST API over any [`Backend`] (the charts' history is sampled only while
+/// event streams are open: a test's backend sees no calls but its clients').
 pub fn serve_backend(
     listen: SocketAddr,
     backend: Arc<dyn Backend>,
     info: AgentInfo,
+) -> Result<Server, ApiError> {
+    start(listen, backend, info, false)
+}
+
+fn start(
+    listen: SocketAddr,
+    backend: Arc<dyn Backend>,
+    info: AgentInfo,
+    sampler: bool,
 ) -> Result<Server, ApiError> {
     let listener = TcpListener::bind(listen).map_err(|source| ApiError::Listen {
         addr: listen,
@@ -278,7 +295,7 @@ pub fn serve_backend(
         let info = Arc::new(info);
         std::thread::Builder::new()
             .name("api-accept".into())
-            .spawn(move || accept_loop(listener, backend, info, stop))
+            .spawn(move || accept_loop(listener, backend, info, stop, sampler))
             .map_err(ApiError::Thread)?
     };
     tracing::info!("REST API on http://{addr}");
@@ -303,12 +320,24 @@ fn accept_loop(
     backend: Arc<dyn Backend>,
     info: Arc<AgentInfo>,
     stop: Arc<AtomicBool>,
+    sampler: bool,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
-    let ctx = Arc::new(Ctx {
-        stop: stop.clone(),
-        streams: AtomicUsize::new(0),
-    });
+    let ctx = Arc::new(Ctx::new(stop.clone()));
+    if sampler {
+        // The charts' history is kept whether or not a page is open.
+        let (ctx, backend) = (ctx.clone(), backend.clone());
+        let _ = std::thread::Builder::new()
+            .name("api-sampler".into())
+            .spawn(move || {
+                while !ctx.stop.load(Ordering::SeqCst) {
+                    if let Ok(vms) = backend.vms() {
+                        ctx.sample(cluster::model::now_ms(), &vms);
+                    }
+                    std::thread::sleep(SAMPLE_EVERY);
+                }
+            });
+    }
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -355,6 +384,39 @@ fn accept_loop(
 pub(crate) struct Ctx {
     pub stop: Arc<AtomicBool>,
     pub streams: AtomicUsize,
+    /// The samples of the last [`HISTORY_WINDOW`] (see [`Ctx::sample`]).
+    pub history: Mutex<VecDeque<Sample>>,
+}
+
+impl Ctx {
+    fn new(stop: Arc<AtomicBool>) -> Ctx {
+        Ctx {
+            stop,
+            streams: AtomicUsize::new(0),
+            history: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Keep a sample of `vms` if the last one is [`SAMPLE_EVERY`] old; drop those older
+    /// than [`HISTORY_WINDOW`]. At most one per period, whoever calls: the sampler thread
+    /// and every open stream.
+    pub(crate) fn sample(&self, at_ms: u64, vms: &[VmView]) {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let period = SAMPLE_EVERY.as_millis() as u64;
+        if h.back().is_some_and(|s| at_ms < s.at_ms + period) {
+            return;
+        }
+        h.push_back(Sample::of(at_ms, vms));
+        let window = HISTORY_WINDOW.as_millis() as u64;
+        while h.front().is_some_and(|s| s.at_ms + window < at_ms) {
+            h.pop_front();
+        }
+    }
+
+    pub(crate) fn history(&self) -> Vec<Sample> {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.iter().cloned().collect()
+    }
 }
 
 #[cfg(test)]
@@ -362,10 +424,7 @@ impl Ctx {
     /// A context whose server has stopped: an event stream sends its head and ends (a test
     /// connection never breaks, so a stream on it would not end otherwise).
     pub(crate) fn detached() -> Ctx {
-        Ctx {
-            stop: Arc::new(AtomicBool::new(true)),
-            streams: AtomicUsize::new(0),
-        }
+        Ctx::new(Arc::new(AtomicBool::new(true)))
     }
 }
 
@@ -563,8 +622,16 @@ fn stream_events<S: Read + Write>(
         return;
     }
     let started = std::time::Instant::now();
+    let mut first = true;
     while !ctx.stop.load(Ordering::SeqCst) && started.elapsed() < STREAM_LIFETIME {
-        let chunk = match snapshot(backend, info) {
+        let snap = snapshot(backend, info).map(|mut s| {
+            ctx.sample(s.at_ms, &s.vms);
+            if std::mem::take(&mut first) {
+                s.history = ctx.history();
+            }
+            s
+        });
+        let chunk = match snap {
             Ok(s) => match serde_json::to_string(&s) {
                 Ok(j) => format!("data: {j}\n\n"),
                 Err(e) => format!("event: failure\ndata: {}\n\n", json_line(&e.to_string())),
@@ -597,6 +664,7 @@ fn snapshot(backend: &dyn Backend, info: &AgentInfo) -> Result<Snapshot, Cluster
         hosts: backend.hosts()?,
         vms: backend.vms()?,
         timeline: backend.timeline(SNAPSHOT_EVENTS)?,
+        history: Vec::new(),
     })
 }
 

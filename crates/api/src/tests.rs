@@ -1410,3 +1410,32 @@ fn the_day_two_routes_check_their_bodies_before_the_verbs() {
     }
     assert!(fake.calls().is_empty(), "{:?}", fake.calls());
 }
+
+#[test]
+fn the_charts_history_keeps_one_sample_per_period_over_five_minutes() {
+    let ctx = crate::server::Ctx::detached();
+    let mut off = view("off");
+    off.log_bps = None;
+    off.lag_ms = None;
+    let vms = [view("kvd"), off];
+    ctx.sample(1_000_000, &vms);
+    // Within the period: not kept (the sampler and every open stream call it).
+    ctx.sample(1_001_000, &vms);
+    ctx.sample(1_002_000, &vms);
+    let h = ctx.history();
+    assert_eq!(
+        h.iter().map(|s| s.at_ms).collect::<Vec<_>>(),
+        [1_000_000, 1_002_000]
+    );
+    // Only VMs with a figure are in a sample.
+    assert_eq!(h[0].log_bps.get("kvd"), Some(&250));
+    assert_eq!(h[0].lag_ms.get("kvd"), Some(&3));
+    assert!(!h[0].log_bps.contains_key("off") && !h[0].lag_ms.contains_key("off"));
+    // Five minutes on, the first ones are gone.
+    ctx.sample(1_301_500, &vms);
+    let h = ctx.history();
+    assert_eq!(
+        h.iter().map(|s| s.at_ms).collect::<Vec<_>>(),
+        [1_002_000, 1_301_500]
+    );
+}

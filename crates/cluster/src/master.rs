@@ -206,7 +206,7 @@ impl Master {
             let mut p = old.clone();
             let mut notes = Vec::new();
             let r = &*ops::effective(r);
-            self.log_schedule(r, &mut said);
+            self.log_schedule(store, r, &old, &mut said);
             self.decide(&view, &mut loads, r, &mut p, &mut notes);
             if p != old {
                 let bytes =
@@ -248,20 +248,44 @@ impl Master {
         Ok(said)
     }
 
-    /// FT on demand: say when a VM's schedule turns its FT on or off (`r` is effective).
-    fn log_schedule(&mut self, r: &VmRecord, said: &mut Vec<String>) {
+    /// FT on demand: say when a VM's schedule turns its FT on or off (`r` is effective), in
+    /// the log and on the timeline. A master that just took over knows no earlier state:
+    /// it tells a turn only when the placement does not match it yet, so a master failover
+    /// does not repeat one on the timeline.
+    fn log_schedule(
+        &mut self,
+        store: &Store,
+        r: &VmRecord,
+        placed: &Placement,
+        said: &mut Vec<String>,
+    ) {
         let Some(s) = &r.ops.ft_schedule else {
             self.scheduled.remove(&r.spec.name);
             return;
         };
         let on = r.ft != FtMode::Off;
-        if self.scheduled.insert(r.spec.name.clone(), on) != Some(on) {
-            said.push(format!(
-                "{}: FT schedule ({}): FT {}",
-                r.spec.name,
-                s.describe(),
-                if on { "on" } else { "off" }
-            ));
+        let before = self.scheduled.insert(r.spec.name.clone(), on);
+        if before == Some(on) {
+            return;
+        }
+        let detail = format!(
+            "FT schedule ({}): FT {}",
+            s.describe(),
+            if on { "on" } else { "off" }
+        );
+        said.push(format!("{}: {detail}", r.spec.name));
+        if before.is_some() || placed.secondary.is_some() != on {
+            crate::timeline::note(
+                store,
+                crate::timeline::TimelineEvent {
+                    at_ms: model::now_ms(),
+                    kind: crate::timeline::EventKind::Notice,
+                    vm: Some(r.spec.name.clone()),
+                    host: placed.primary.as_ref().map(|c| c.host.clone()),
+                    detail,
+                    who: Some("the FT schedule".into()),
+                },
+            );
         }
     }
 

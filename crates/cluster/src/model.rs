@@ -443,7 +443,9 @@ pub struct VmView {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct HostView {
     pub name: String,
-    /// `connected` (its agent holds its lease).
+    /// `connected` (its agent holds its lease), `entering maintenance` (copies still
+    /// on it), `in maintenance`, or `not responding` (no lease, but copies are still
+    /// placed on it or it is in maintenance).
     pub state: String,
     pub version: String,
     pub fingerprint: String,
@@ -456,6 +458,16 @@ pub struct HostView {
     pub api: String,
     /// The hosts it reaches on the logging network (`None` until probed).
     pub log_peers: Option<Vec<String>>,
+}
+
+/// [`HostView::state`] of a host that holds no lease.
+pub const NOT_RESPONDING: &str = "not responding";
+
+impl HostView {
+    /// Whether its agent holds its lease (it is registered now).
+    pub fn responding(&self) -> bool {
+        self.state != NOT_RESPONDING
+    }
 }
 
 /// `cluster status`.

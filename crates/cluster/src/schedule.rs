@@ -370,6 +370,19 @@ impl FtSchedule {
     }
 }
 
+/// `unix_ms` as a UTC date and time, `YYYY-MM-DD HH:MM:SSZ` (the timeline's lines).
+pub fn utc_time(unix_ms: u64) -> String {
+    let secs = (unix_ms / 1000) as i64;
+    let (y, m, d) = civil(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
+}
+
 /// A civil date from days since 1970-01-01 (proleptic Gregorian): (year, month 1-12,
 /// day 1-31).
 fn civil(days: i64) -> (i64, u32, u32) {
@@ -501,6 +514,14 @@ mod tests {
     fn at(day: i64, h: i64, m: i64, s: i64) -> i64 {
         let monday = 20_780; // days from 1970-01-01 to 2026-11-23
         (monday + day) * 86_400 + h * 3600 + m * 60 + s
+    }
+
+    #[test]
+    fn utc_times_read_as_a_calendar_does() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00Z");
+        // 2026-11-26 12:58:03.5 UTC.
+        assert_eq!(utc_time(1_795_697_883_500), "2026-11-26 12:58:03Z");
+        assert_eq!(utc_time(951_782_400_000), "2000-02-29 00:00:00Z");
     }
 
     #[test]

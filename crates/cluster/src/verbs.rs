@@ -2,6 +2,7 @@
 //! its request, records desired state in the store (`vms/`, `kill/`) and returns; the
 //! master and the agents carry it out. Nothing here runs a VM.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -179,25 +180,7 @@ impl Verbs {
     }
 
     pub fn hosts(&self) -> Result<Vec<HostView>, ClusterError> {
-        let v = self.view()?;
-        let master = v.master.as_ref().map(|m| m.host.clone());
-        Ok(v.loads()
-            .into_iter()
-            .map(|l| HostView {
-                master: master.as_deref() == Some(l.host.name.as_str()),
-                state: "connected".into(),
-                name: l.host.name,
-                version: l.host.version,
-                fingerprint: l.host.fingerprint,
-                ft_vms: l.ft_copies,
-                vms: l.copies,
-                maintenance: l.host.maintenance,
-                memory_mib: l.host.memory_mib,
-                memory_reserved_mib: l.reserved_mib,
-                api: l.host.api,
-                log_peers: l.host.log_peers,
-            })
-            .collect())
+        Ok(host_views(&self.view()?))
     }
 
     fn views(v: &View) -> Vec<VmView> {
@@ -865,5 +848,138 @@ impl Verbs {
                 })
             }
         }
+    }
+}
+
+/// The hosts as `host list` and the dashboard show them: every registered host, and each
+/// host without a lease that copies are still placed on or that is in maintenance (not
+/// responding), so a host that died does not just vanish from the list.
+pub fn host_views(v: &View) -> Vec<HostView> {
+    let master = v.master.as_ref().map(|m| m.host.clone());
+    let mut hosts: Vec<HostView> = v
+        .loads()
+        .into_iter()
+        .map(|l| HostView {
+            master: master.as_deref() == Some(l.host.name.as_str()),
+            state: match (l.host.maintenance, l.copies) {
+                (false, _) => "connected",
+                (true, 0) => "in maintenance",
+                (true, _) => "entering maintenance",
+            }
+            .into(),
+            name: l.host.name,
+            version: l.host.version,
+            fingerprint: l.host.fingerprint,
+            ft_vms: l.ft_copies,
+            vms: l.copies,
+            maintenance: l.host.maintenance,
+            memory_mib: l.host.memory_mib,
+            memory_reserved_mib: l.reserved_mib,
+            api: l.host.api,
+            log_peers: l.host.log_peers,
+        })
+        .collect();
+    // A host whose agent lost its lease is still named by the copies placed on it
+    // (until the master moves them) or by its maintenance record: shown as not
+    // responding rather than vanishing from the list.
+    let placed = v.places.values().flat_map(|(p, _)| {
+        [p.primary.as_ref(), p.secondary.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|c| c.host.clone())
+    });
+    let gone: BTreeSet<String> = placed
+        .chain(v.maintenance.iter().cloned())
+        .filter(|h| !v.hosts.contains_key(h))
+        .collect();
+    for name in gone {
+        let copies = |ft: bool| {
+            v.places
+                .values()
+                .filter(|(p, _)| {
+                    (!ft || p.secondary.is_some())
+                        && [p.primary.as_ref(), p.secondary.as_ref()]
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c.host == name)
+                })
+                .count()
+        };
+        hosts.push(HostView {
+            master: false,
+            state: model::NOT_RESPONDING.into(),
+            version: String::new(),
+            fingerprint: String::new(),
+            ft_vms: copies(true),
+            vms: copies(false),
+            maintenance: v.maintenance.contains(&name),
+            memory_mib: 0,
+            memory_reserved_mib: 0,
+            api: String::new(),
+            log_peers: None,
+            name,
+        });
+    }
+    hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Copy, FtMode, Placement};
+
+    #[test]
+    fn a_host_without_a_lease_that_copies_are_placed_on_is_listed_as_not_responding() {
+        let mut v = View::default();
+        for h in ["h1", "h2", "h3"] {
+            let mut rec = crate::model::fixtures::host(h);
+            rec.maintenance = h == "h3";
+            v.hosts.insert(h.into(), rec);
+        }
+        v.maintenance.extend(["h3".to_string(), "h5".to_string()]);
+        v.vms.insert(
+            "kvd".into(),
+            crate::model::fixtures::vm("kvd", FtMode::On, 64),
+        );
+        let copy = |id, host: &str| {
+            Some(Copy {
+                id,
+                host: host.into(),
+                incarnation: 0,
+            })
+        };
+        // kvd's primary on h1; its secondary on h4, whose agent lost its lease.
+        let p = Placement {
+            primary: copy(1, "h1"),
+            secondary: copy(2, "h4"),
+            next_id: 2,
+            ..Default::default()
+        };
+        v.places.insert("kvd".into(), (p, 1));
+        let hosts = host_views(&v);
+        let state = |n: &str| {
+            hosts
+                .iter()
+                .find(|h| h.name == n)
+                .map(|h| (h.state.clone(), h.responding(), h.ft_vms))
+        };
+        assert_eq!(state("h1"), Some(("connected".into(), true, 1)));
+        assert_eq!(state("h2"), Some(("connected".into(), true, 0)));
+        assert_eq!(state("h3"), Some(("in maintenance".into(), true, 0)));
+        assert_eq!(state("h4"), Some(("not responding".into(), false, 1)));
+        // In maintenance with no lease: still listed, so that its operator sees it.
+        assert_eq!(state("h5"), Some(("not responding".into(), false, 0)));
+        assert_eq!(hosts.len(), 5);
+        // A host in maintenance with copies still on it is entering maintenance.
+        v.hosts.get_mut("h1").unwrap().maintenance = true;
+        v.maintenance.insert("h1".into());
+        let hosts = host_views(&v);
+        assert_eq!(
+            hosts
+                .iter()
+                .find(|h| h.name == "h1")
+                .map(|h| h.state.as_str()),
+            Some("entering maintenance")
+        );
     }
 }
