@@ -785,6 +785,28 @@ fn maintenance_moves_a_primary_a_secondary_and_a_plain_vm_off_a_host_under_load(
         // A planned switch is not a failover.
         assert_eq!(v["failovers"], 0, "{v}");
     }
+    // a's primary left host1 by a planned switch: the secondary went live on the
+    // handover, never on a timeout (its copy logs, on every host, say which).
+    let logs: String = (1..=4)
+        .filter_map(|k| {
+            std::fs::read_dir(format!("/tmp/{}-shared/.agents/host{k}", c.lab.name)).ok()
+        })
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with("a.") && n.ends_with(".log")
+        })
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        logs.contains("handover: planned switch") && logs.contains("going live"),
+        "a's secondary went live on the handover: {logs}"
+    );
+    assert!(
+        !logs.contains("primary lost ("),
+        "a timeout, not a planned switch: {logs}"
+    );
     let web = c.show("web");
     assert!(
         !field(&web, "primary_host").is_empty() && field(&web, "primary_host") != "host1",
