@@ -483,6 +483,70 @@ fn killing_the_secondary_host_leaves_the_primary_running_unprotected() {
     assert_eq!(ft.cli(&["GET", "k"]), sent.to_string());
 }
 
+/// Stall the whole machine for `d`: on every CPU, a real-time (SCHED_FIFO) thread spins,
+/// so that no ordinary process runs (the kernel still leaves them 5% of each second), as
+/// when a host is overloaded: their timers expire while they cannot run.
+fn stall_the_machine(d: Duration) {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let until = Instant::now() + d;
+    let hogs: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+                // sched_setaffinity/sched_setscheduler act on this thread (pid 0) with
+                // structures that live for the call.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                    let param = libc::sched_param { sched_priority: 10 };
+                    assert_eq!(
+                        libc::sched_setscheduler(0, libc::SCHED_FIFO, &param),
+                        0,
+                        "SCHED_FIFO: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    for h in hogs {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn a_stall_of_both_copies_longer_than_the_timeout_is_not_a_failover() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start("fz");
+    ft.wait_status("protected=true", Duration::from_secs(30));
+    let mut checker = Checker::start(&ft.lab, "z");
+    checker.incr_for("z", Duration::from_millis(300));
+    // Twice the ceiling (300 ms), four times the floor.
+    stall_the_machine(Duration::from_millis(600));
+    checker.incr_for("z", Duration::from_millis(1000));
+    let sent = checker.finish();
+    assert_eq!(ft.cli(&["GET", "z"]), sent.to_string());
+    let gens = ft.generations();
+    assert_eq!(
+        gens.len(),
+        1,
+        "a copy claimed the VM: {gens:?}\nprimary:\n{}\nsecondary:\n{}",
+        ft.log("primary"),
+        ft.log("secondary")
+    );
+    assert!(ft.running(ft.primary) && ft.running(ft.secondary));
+    let logs = ft.log("primary") + &ft.log("secondary");
+    assert!(
+        logs.contains("while this process was not running: not counted"),
+        "{logs}"
+    );
+    ft.wait_status("protected=true", Duration::from_secs(5));
+}
+
 #[test]
 fn garbage_truncated_and_forged_frames_on_the_logging_port_are_refused() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -22,6 +22,15 @@
 //! [`Watched`] applies it to a channel's reader: the socket's read timeout follows the
 //! detector, so that a read that finds the channel silent that long fails
 //! ([`crate::wire::FrameError::Silent`]) and the caller treats the other copy as lost.
+//!
+//! **This process's own stalls are not the peer's silence.** When the host is so busy
+//! that this process itself did not run (a burst of CPU contention, memory pressure, a
+//! stopped machine), the other copy's frames may be late for the same reason, and a
+//! failover would be spurious. A ticking thread ([`Pauses`]) records every interval in
+//! which this process was not scheduled; a silence is counted without them
+//! ([`Pauses::starved`]), so only time this process was running and heard nothing counts
+//! toward the timeout. A peer that really died is detected as before: this process ran
+//! all along, so nothing is discounted (the failover gap is unchanged).
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -153,6 +162,93 @@ pub fn favour_this_thread() {
     }
 }
 
+/// How often the pause monitor's thread wakes up.
+const TICK: Duration = Duration::from_millis(5);
+/// A wake-up later than [`TICK`] by more than this is a stall of this process.
+const STALL: Duration = Duration::from_millis(20);
+/// How many stalls are remembered (the oldest dropped first; a silence is at most a
+/// ceiling long, and stalls shorter than [`STALL`] are not kept).
+const STALLS_KEPT: usize = 256;
+
+/// The intervals in which this process was not scheduled, as a thread of its own that
+/// wakes up every [`TICK`] sees them. One per process, started on first use.
+pub struct Pauses {
+    origin: Instant,
+    /// When the ticking thread last ran (µs since `origin`).
+    last_tick: std::sync::atomic::AtomicU64,
+    /// Stalls, oldest first: (from, to) in µs since `origin`.
+    stalls: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
+}
+
+impl Pauses {
+    /// The process's monitor; `None` if its thread cannot be started (then nothing is
+    /// discounted: detection works as without it).
+    pub fn get() -> Option<&'static Pauses> {
+        static PAUSES: std::sync::OnceLock<Option<&'static Pauses>> = std::sync::OnceLock::new();
+        *PAUSES.get_or_init(|| {
+            let p: &'static Pauses = Box::leak(Box::new(Pauses::new()));
+            std::thread::Builder::new()
+                .name("ft-pauses".into())
+                .spawn(move || {
+                    // As favoured as the receivers: a stall it records is one they had too.
+                    favour_this_thread();
+                    loop {
+                        std::thread::sleep(TICK);
+                        p.tick(p.micros(Instant::now()));
+                    }
+                })
+                .ok()
+                .map(|_| p)
+        })
+    }
+
+    fn new() -> Pauses {
+        Pauses {
+            origin: Instant::now(),
+            last_tick: std::sync::atomic::AtomicU64::new(0),
+            stalls: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    fn micros(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.origin).as_micros() as u64
+    }
+
+    /// The ticking thread ran at `now` (µs since the origin).
+    fn tick(&self, now: u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.last_tick.swap(now, Ordering::Relaxed);
+        let late = now.saturating_sub(before);
+        if late > (TICK + STALL).as_micros() as u64 {
+            let mut stalls = self.stalls.lock().unwrap_or_else(|p| p.into_inner());
+            if stalls.len() == STALLS_KEPT {
+                stalls.pop_front();
+            }
+            // The thread was due one tick after it last ran: the rest is the stall.
+            stalls.push_back((before + TICK.as_micros() as u64, now));
+        }
+    }
+
+    /// How much of `[since, now]` this process spent not running: the stalls recorded
+    /// within it, and the one it may be in right now (the ticking thread has not run for
+    /// longer than a stall, which is also the case just after a stall, before it ran).
+    pub fn starved(&self, since: Instant, now: Instant) -> Duration {
+        self.starved_us(self.micros(since), self.micros(now))
+    }
+
+    fn starved_us(&self, since: u64, now: u64) -> Duration {
+        use std::sync::atomic::Ordering;
+        let overlap = |(a, b): (u64, u64)| b.min(now).saturating_sub(a.max(since));
+        let stalls = self.stalls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut us: u64 = stalls.iter().copied().map(overlap).sum();
+        let last = self.last_tick.load(Ordering::Relaxed);
+        if now.saturating_sub(last) > (TICK + STALL).as_micros() as u64 {
+            us += overlap((last + TICK.as_micros() as u64, now));
+        }
+        Duration::from_micros(us.min(now.saturating_sub(since)))
+    }
+}
+
 /// A channel's reader whose read timeout follows a [`Detector`] fed by its frames.
 pub struct Watched {
     reader: FrameReader<TcpStream>,
@@ -160,6 +256,8 @@ pub struct Watched {
     origin: Instant,
     /// The read timeout in force on the socket.
     current: Duration,
+    /// When the last frame (or the channel's start) was heard.
+    heard: Instant,
 }
 
 /// The read timeout is changed only when the detector's answer moved this much: one
@@ -173,26 +271,30 @@ impl Watched {
         let detector = config.detector();
         let current = detector.timeout();
         let _ = reader.get_ref().set_read_timeout(Some(current));
+        let _ = Pauses::get();
         Watched {
             reader,
             detector,
             origin: Instant::now(),
             current,
+            heard: Instant::now(),
         }
     }
 
     /// The next frame; [`FrameError::Silent`] once the channel was silent past the
-    /// detector's timeout.
+    /// detector's timeout, counting only time this process was running ([`Pauses`]).
     pub fn recv(&mut self) -> Result<(u8, Vec<u8>), FrameError> {
+        self.await_frame()?;
         let got = self.reader.recv();
         if matches!(got, Err(FrameError::Silent)) {
             tracing::warn!(
-                "logging channel silent for {} ms (the detector's timeout; ceiling {} ms)",
+                "logging channel silent for {} ms within a frame (the detector's timeout; ceiling {} ms)",
                 self.current.as_millis(),
                 self.detector.ceiling.as_millis()
             );
         }
         let got = got?;
+        self.heard = Instant::now();
         self.detector.heard(self.origin.elapsed());
         let want = self.detector.timeout();
         if want.abs_diff(self.current) >= RESET_STEP {
@@ -203,11 +305,94 @@ impl Watched {
         }
         Ok(got)
     }
+
+    /// Wait for the first byte of the next frame (a peek: nothing is consumed, so a
+    /// silence found here leaves the channel whole). A silence this process slept through
+    /// is not counted: the wait goes on for what of the timeout it was running.
+    fn await_frame(&mut self) -> Result<(), FrameError> {
+        let socket = self.reader.get_ref();
+        let mut extended = false;
+        let result = loop {
+            match socket.peek(&mut [0u8; 1]) {
+                // Data, or the end of the stream (the frame read then says Closed).
+                Ok(_) => break Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let now = Instant::now();
+                    let silence = now.saturating_duration_since(self.heard);
+                    let starved =
+                        Pauses::get().map_or(Duration::ZERO, |p| p.starved(self.heard, now));
+                    let counted = silence.saturating_sub(starved);
+                    if counted + Duration::from_millis(1) < self.current {
+                        if !extended {
+                            tracing::info!(
+                                "logging channel silent for {} ms, {} ms of them while this process was not running: not counted",
+                                silence.as_millis(),
+                                starved.as_millis()
+                            );
+                        }
+                        extended = true;
+                        let left = self.current - counted;
+                        if socket.set_read_timeout(Some(left)).is_err() {
+                            break Err(FrameError::Silent);
+                        }
+                        continue;
+                    }
+                    tracing::warn!(
+                        "logging channel silent for {} ms ({} ms of it while this process was not running; the detector's timeout {} ms, ceiling {} ms)",
+                        silence.as_millis(),
+                        starved.as_millis(),
+                        self.current.as_millis(),
+                        self.detector.ceiling.as_millis()
+                    );
+                    break Err(FrameError::Silent);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // Any other error: the frame read reports it.
+                Err(_) => break Ok(()),
+            }
+        };
+        if extended {
+            let _ = socket.set_read_timeout(Some(self.current));
+        }
+        result
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pauses_count_only_the_time_this_process_was_not_running() {
+        let p = Pauses::new();
+        let ms = |n: u64| n * 1000;
+        // Ticks every 5 ms up to 10 ms, then nothing until 100 ms: a stall from 15 ms
+        // (when the tick was due) to 100 ms.
+        for t in [0, 5, 10, 100, 105, 110] {
+            p.tick(ms(t));
+        }
+        assert_eq!(p.starved_us(ms(0), ms(112)), Duration::from_millis(85));
+        // Only the part of a stall inside the window counts.
+        assert_eq!(p.starved_us(ms(50), ms(112)), Duration::from_millis(50));
+        assert_eq!(p.starved_us(ms(100), ms(112)), Duration::ZERO);
+        // Late by less than a stall: not counted.
+        p.tick(ms(130));
+        assert_eq!(p.starved_us(ms(110), ms(131)), Duration::ZERO);
+        // A stall in progress (the ticking thread has not run for 100 ms) counts up to now.
+        assert_eq!(p.starved_us(ms(120), ms(230)), Duration::from_millis(95));
+        // Never more than the window.
+        assert!(p.starved_us(ms(200), ms(230)) <= Duration::from_millis(30));
+        // Bounded memory.
+        for i in 0..2 * STALLS_KEPT as u64 {
+            p.tick(ms(1000 + 100 * i));
+        }
+        assert_eq!(p.stalls.lock().unwrap().len(), STALLS_KEPT);
+    }
 
     const FLOOR: Duration = Duration::from_millis(100);
     const CEILING: Duration = Duration::from_millis(300);
