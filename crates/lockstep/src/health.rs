@@ -51,6 +51,17 @@ impl HostHealth {
         (!parts.is_empty()).then(|| parts.join(" and "))
     }
 
+    /// Whether a copy on a host with this health may take the VM over from a host with
+    /// `own`: it lacks nothing `own` has (a handover never trades one lost path for
+    /// another), and has something `own` lost.
+    pub fn better_than(&self, own: &HostHealth) -> bool {
+        let no_worse = (self.storage.is_none() || own.storage.is_some())
+            && (self.uplink.is_none() || own.uplink.is_some());
+        let better = (own.storage.is_some() && self.storage.is_none())
+            || (own.uplink.is_some() && self.uplink.is_none());
+        no_worse && better
+    }
+
     /// Reasons bounded in length (what came off the wire).
     pub fn bounded(mut self) -> Self {
         for w in [&mut self.storage, &mut self.uplink].into_iter().flatten() {
@@ -115,6 +126,11 @@ impl Path {
     fn lost(&self) -> Option<String> {
         self.lost.then(|| self.why.clone().unwrap_or_default())
     }
+
+    /// Why it fails now, lost or not yet (its latest look failed).
+    fn failing(&self) -> Option<String> {
+        self.failing_since.and(self.why.clone())
+    }
 }
 
 #[derive(Default)]
@@ -175,6 +191,21 @@ impl Monitor {
             storage: st.storage.lost(),
             uplink: st.uplink.lost(),
         }
+    }
+
+    /// What this host lacks right now, without waiting for the hold: storage probed now
+    /// (bounded by [`PROBE_TIMEOUT`]), the uplink as its latest look found it. A copy asked
+    /// to take the VM over answers with this: a loss that hit both hosts at once is not
+    /// yet a loss after the hold on either.
+    pub fn fresh(&self) -> HostHealth {
+        let storage = self.storage_now();
+        let uplink = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .uplink
+            .failing();
+        HostHealth { storage, uplink }.bounded()
     }
 
     /// Probe storage now (an operation just failed with an I/O error): why it is
