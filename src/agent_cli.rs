@@ -24,6 +24,11 @@ pub struct AgentArgs {
     /// to a secondary whose uplink is up.
     #[arg(long, value_name = "IFACE")]
     pub vm_uplink: Option<String>,
+    /// An address on the VM network every copy probes through the uplink (repeatable, at
+    /// most 16): a host from whose uplink none of them answers has lost its VM network,
+    /// carrier or not. Needs --vm-uplink.
+    #[arg(long = "vm-peer", value_name = "IP")]
+    pub vm_peers: Vec<std::net::Ipv4Addr>,
     /// Passed to every copy: a storage or uplink failure counts only once it has lasted
     /// this long (default: the copies' own, 300 ms).
     #[arg(long, value_name = "MS")]
@@ -75,6 +80,16 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
     {
         bail!("--vm-uplink {i:?}: an interface name is 1-15 letters, digits, '_', '.' or '-'");
     }
+    if !a.vm_peers.is_empty() && a.vm_uplink.is_none() {
+        bail!("--vm-peer: peers are probed through the uplink: give --vm-uplink too");
+    }
+    if a.vm_peers.len() > lockstep::health::MAX_PEERS {
+        bail!(
+            "--vm-peer given {} times: at most {}",
+            a.vm_peers.len(),
+            lockstep::health::MAX_PEERS
+        );
+    }
     if let Some(ms) = a.health_hold_ms
         && (ms == 0 || ms > crate::MAX_FT_MS)
     {
@@ -95,6 +110,7 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
         shared: a.shared.clone(),
         vm_bridge: a.vm_bridge.clone(),
         vm_uplink: a.vm_uplink.clone(),
+        vm_peers: a.vm_peers.clone(),
         health_hold_ms: a.health_hold_ms,
         no_health_handover: a.no_health_handover,
         log_ip: a.log_ip.to_string(),

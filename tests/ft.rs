@@ -343,6 +343,13 @@ fn a_secondary_without_vm_network_leaves_the_primary_in_place_not_protected_and_
         "{}",
         ft.log("primary")
     );
+    // Seen, and ignored for being shorter than the hold (not missed).
+    assert!(
+        ft.log("primary")
+            .contains("the VM network's uplink: a flap of"),
+        "{}",
+        ft.log("primary")
+    );
     // The secondary's host loses its VM network: the VM stays, reported not protected,
     // and why.
     uplink(&ft, 2, false);
@@ -363,6 +370,47 @@ fn a_secondary_without_vm_network_leaves_the_primary_in_place_not_protected_and_
     uplink(&ft, 2, true);
     ft.wait_status("protected=true", Duration::from_secs(5));
     assert_eq!(ft.cli(&["INCR", "ft:stays"]), "2");
+}
+
+/// Watch the uplink's carrier and whether the client machine answers through it.
+const WATCH_PEERS: &[&str] = &["--uplink", "uplink", "--uplink-peer", "10.77.0.2"];
+
+/// Take host K's uplink off the VM switch (`false`), or put it back: its carrier stays up,
+/// but nothing on the VM network is reachable through it (a switch port in the wrong VLAN).
+fn plug(ft: &Ft, k: u32, plugged: bool) {
+    let port = format!("h{k}up");
+    let how: &[&str] = if plugged {
+        &["master", "sw0"]
+    } else {
+        &["nomaster"]
+    };
+    let r = Command::new("ip")
+        .args(["-n", &ft.lab.ns("net"), "link", "set", &port])
+        .args(how)
+        .status()
+        .unwrap();
+    assert!(r.success());
+}
+
+#[test]
+fn a_primary_whose_peers_are_unreachable_with_carrier_up_hands_over_and_healing_moves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_with("fp", WATCH_PEERS);
+    let log = hands_over_under_load(
+        &mut ft,
+        "ft:peers",
+        "primary lost its VM network (no peer (10.77.0.2) answers through uplink",
+        |ft| plug(ft, 1, false),
+    );
+    assert!(!log.contains("has no carrier"), "{log}");
+    let count: u64 = ft.cli(&["GET", "ft:peers"]).parse().unwrap();
+    // Put back: nothing more happens (the old primary halted; the VM stays on host2).
+    plug(&ft, 1, true);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ft.generations().len(), 2, "{:?}", ft.generations());
+    assert!(ft.running(ft.secondary), "{}", ft.log("secondary"));
+    assert!(ft.status().contains("role=live"), "{}", ft.status());
+    assert_eq!(ft.cli(&["INCR", "ft:peers"]), (count + 1).to_string());
 }
 
 /// `tandem lab cut|heal` of host K's `what` (storage, uplink, logging).
@@ -1139,6 +1187,19 @@ fn ft_arguments_are_range_checked_and_the_vm_stays_inside_shared_storage() {
         (
             "--health-hold-ms",
             primary(&["--vm", "v", "--shared", sh, "--health-hold-ms", "0"]),
+        ),
+        (
+            "--uplink-peer",
+            primary(&["--vm", "v", "--shared", sh, "--uplink-peer", "10.77.0.2"]),
+        ),
+        (
+            "--uplink-peer",
+            secondary(
+                &["--vm", "v", "--shared", sh, "--uplink", "uplink"]
+                    .into_iter()
+                    .chain(std::iter::repeat_n(["--uplink-peer", "10.0.0.1"], 17).flatten())
+                    .collect::<Vec<_>>(),
+            ),
         ),
     ];
     for (flag, run) in &cases {

@@ -67,6 +67,9 @@ pub struct AgentConfig {
     pub vm_bridge: String,
     /// The VM network's uplink on this host, which copies watch (`ft ... --uplink`).
     pub vm_uplink: Option<String>,
+    /// Addresses on the VM network the copies probe through the uplink
+    /// (`ft ... --uplink-peer`).
+    pub vm_peers: Vec<std::net::Ipv4Addr>,
     /// How long a storage or uplink failure must last to count (`ft ... --health-hold-ms`;
     /// `None`: the copies' default), and whether a primary never hands over because of its
     /// host's health (`ft ... --no-health-handover`).
@@ -603,6 +606,9 @@ impl Agent {
         ];
         if let Some(uplink) = &cfg.vm_uplink {
             args.extend(["--uplink".into(), uplink.clone()]);
+        }
+        for peer in &cfg.vm_peers {
+            args.extend(["--uplink-peer".into(), peer.to_string()]);
         }
         if let Some(ms) = cfg.health_hold_ms {
             args.extend(["--health-hold-ms".into(), ms.to_string()]);

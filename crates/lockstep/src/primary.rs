@@ -1982,6 +1982,7 @@ mod tests {
             crate::health::Monitor::start(crate::health::HealthConfig {
                 folder: folder.to_path_buf(),
                 uplink: None,
+                peers: vec![],
                 hold: Duration::from_secs(60),
             })
             .unwrap()
