@@ -570,6 +570,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a host agent keeps its copies' logs on shared
+        // storage, which the host may lose) must not take the logging thread down: the
+        // subscriber would report the failure with eprintln!, which panics on that same
+        // stderr (and a health watcher dying this way never reports the loss).
+        .log_internal_errors(false)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
