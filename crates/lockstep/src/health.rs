@@ -13,9 +13,12 @@
 //! nothing (and is logged as ignored), and found again at its first success.
 //!
 //! The secondary sends its host's health to the primary (`ToPrimary::Health`); the primary
-//! hands the VM over when its own host lost a path the secondary's host has (see
+//! hands the VM over when its own host lost a path the secondary's host has, and the
+//! secondary's host lacks none this one has ([`HostHealth::better_than`]; see
 //! `primary::Primary::watch_health`), and reports the VM not protected while the
-//! secondary's host lacks one.
+//! secondary's host lacks one. Reports come after the hold, so a loss on both hosts at once
+//! is not yet reported when the primary asks: the secondary then looks afresh
+//! ([`Monitor::fresh`]) and declines (`ToPrimary::Declined`) without every path.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -556,6 +559,28 @@ mod tests {
             assert!(Instant::now() < deadline, "storage never found again");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_handover_goes_only_to_a_host_no_worse_on_any_path_and_better_on_one() {
+        let h = |storage: bool, uplink: bool| HostHealth {
+            storage: (!storage).then(|| "lost".into()),
+            uplink: (!uplink).then(|| "lost".into()),
+        };
+        // (peer, own): whether the peer may take over.
+        assert!(h(true, true).better_than(&h(false, true)));
+        assert!(h(true, true).better_than(&h(true, false)));
+        assert!(h(true, false).better_than(&h(false, false)));
+        assert!(
+            !h(true, true).better_than(&h(true, true)),
+            "nothing lost here"
+        );
+        assert!(!h(false, true).better_than(&h(false, true)), "lost on both");
+        assert!(
+            !h(false, true).better_than(&h(true, false)),
+            "storage traded for the VM network"
+        );
+        assert!(!h(true, false).better_than(&h(false, true)));
     }
 
     #[test]

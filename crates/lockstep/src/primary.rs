@@ -806,15 +806,23 @@ impl Primary {
                             && better
                             && !st.declined_lately()
                             && tried.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
-                        (ask, !own.ok() && st.attached.is_some() && !better)
+                        let peer = st.peer_health.lost();
+                        (
+                            ask,
+                            (!own.ok() && st.attached.is_some() && !better).then_some(peer),
+                        )
                     };
-                    if both && !both_said {
+                    if let Some(peer) = &both
+                        && !both_said
+                    {
                         tracing::error!(
-                            "this host lost {} and so did the secondary's: the VM stays here",
-                            own.lost().unwrap_or_default()
+                            "this host lost {} and the secondary's host is no better off \
+                             (it lost {}): the VM stays here",
+                            own.lost().unwrap_or_default(),
+                            peer.as_deref().unwrap_or("nothing")
                         );
                     }
-                    both_said = both;
+                    both_said = both.is_some();
                     if ask {
                         tried = Some(Instant::now());
                         let why = format!("primary lost {}", own.lost().unwrap_or_default());
