@@ -413,6 +413,43 @@ fn a_primary_whose_peers_are_unreachable_with_carrier_up_hands_over_and_healing_
     assert_eq!(ft.cli(&["INCR", "ft:peers"]), (count + 1).to_string());
 }
 
+/// The VM network lost on both hosts at once: the secondary's report comes after its (long)
+/// hold, so the primary asks it to take over; it looks afresh, finds its uplink down too and
+/// declines. Nothing moves; healed, the VM serves on, still protected.
+#[test]
+fn uplink_lost_on_both_hosts_at_once_is_declined_and_moves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ft = Ft::start_primary_with(Lab::up("fw", 2), "kvd", WATCH_UPLINK);
+    let slow: Vec<&str> = WATCH_UPLINK
+        .iter()
+        .copied()
+        .chain(["--health-hold-ms", "5000"])
+        .collect();
+    ft.secondary = ft.join(2, 1, &slow, "secondary");
+    ft.wait_status("protected=true", Duration::from_secs(10));
+    assert_eq!(ft.cli(&["INCR", "ft:both"]), "1");
+    uplink(&ft, 2, false);
+    uplink(&ft, 1, false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ft.log("primary").contains("declined by secondary") {
+        assert!(Instant::now() < deadline, "{}", ft.log("primary"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        ft.log("secondary")
+            .contains("declined: this host lost its VM network"),
+        "{}",
+        ft.log("secondary")
+    );
+    uplink(&ft, 1, true);
+    uplink(&ft, 2, true);
+    ft.wait_status("protected=true", Duration::from_secs(10));
+    assert_eq!(ft.cli(&["INCR", "ft:both"]), "2");
+    assert!(ft.running(ft.primary) && ft.running(ft.secondary));
+    assert!(!ft.log("primary").contains("handed over"));
+    assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
+}
+
 /// `tandem lab cut|heal` of host K's `what` (storage, uplink, logging).
 fn lab_fault(ft: &Ft, verb: &str, k: u32, what: &str) {
     let r = tandem(&[
