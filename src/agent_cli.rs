@@ -24,6 +24,19 @@ pub struct AgentArgs {
     /// to a secondary whose uplink is up.
     #[arg(long, value_name = "IFACE")]
     pub vm_uplink: Option<String>,
+    /// An address on the VM network every copy probes through the uplink (repeatable, at
+    /// most 16): a host from whose uplink none of them answers has lost its VM network,
+    /// carrier or not. Needs --vm-uplink.
+    #[arg(long = "vm-peer", value_name = "IP")]
+    pub vm_peers: Vec<std::net::Ipv4Addr>,
+    /// Passed to every copy: a storage or uplink failure counts only once it has lasted
+    /// this long (default: the copies' own, 300 ms).
+    #[arg(long, value_name = "MS")]
+    pub health_hold_ms: Option<u64>,
+    /// Passed to every copy: a primary never hands its VM over because of its host's
+    /// storage or uplink (losses are still reported, and make the VM not protected).
+    #[arg(long)]
+    pub no_health_handover: bool,
     /// This host's IPv4 address on the logging network (FT logging channels listen there).
     #[arg(long, value_name = "IP")]
     pub log_ip: std::net::Ipv4Addr,
@@ -67,6 +80,21 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
     {
         bail!("--vm-uplink {i:?}: an interface name is 1-15 letters, digits, '_', '.' or '-'");
     }
+    if !a.vm_peers.is_empty() && a.vm_uplink.is_none() {
+        bail!("--vm-peer: peers are probed through the uplink: give --vm-uplink too");
+    }
+    if a.vm_peers.len() > lockstep::health::MAX_PEERS {
+        bail!(
+            "--vm-peer given {} times: at most {}",
+            a.vm_peers.len(),
+            lockstep::health::MAX_PEERS
+        );
+    }
+    if let Some(ms) = a.health_hold_ms
+        && (ms == 0 || ms > crate::MAX_FT_MS)
+    {
+        bail!("--health-hold-ms {ms} is outside 1..={}", crate::MAX_FT_MS);
+    }
     let token_file = a
         .token_file
         .clone()
@@ -82,6 +110,9 @@ pub fn run(a: &AgentArgs) -> Result<u8> {
         shared: a.shared.clone(),
         vm_bridge: a.vm_bridge.clone(),
         vm_uplink: a.vm_uplink.clone(),
+        vm_peers: a.vm_peers.clone(),
+        health_hold_ms: a.health_hold_ms,
+        no_health_handover: a.no_health_handover,
         log_ip: a.log_ip.to_string(),
         api: format!("http://{}", a.api),
         memory_mib: a.memory_mib.unwrap_or_else(machine_memory_mib),

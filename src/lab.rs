@@ -156,13 +156,13 @@ pub fn run(cmd: LabCommand) -> Result<u8> {
             plain_storage,
         } => run_up(&lab, hosts, bare, !plain_storage),
         LabCommand::Cut { lab, host, what } => {
-            let what = Fault::parse(&what)?;
+            let what = Fault::parse(&what, "cut")?;
             cut(&lab.name, &host, what, true)?;
             println!("lab {}: {host} {} cut", lab.name, what.name());
             Ok(0)
         }
         LabCommand::Heal { lab, host, what } => {
-            let what = Fault::parse(&what)?;
+            let what = Fault::parse(&what, "heal")?;
             cut(&lab.name, &host, what, false)?;
             println!("lab {}: {host} {} healed", lab.name, what.name());
             Ok(0)
@@ -756,6 +756,10 @@ pub fn start_agent(name: &str, k: u32) -> Result<()> {
         "br-vm",
         "--vm-uplink",
         "uplink",
+        // The client machine's address: a host from whose uplink it cannot be reached has
+        // lost its VM network, carrier or not (the hosts have no VM-network addresses).
+        "--vm-peer",
+        CLIENT_IP,
         "--log-ip",
         &log_ip(k),
         "--api",
@@ -942,12 +946,13 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub fn parse(what: &str) -> Result<Fault> {
+    /// `what` names a path to `verb` (cut or heal).
+    pub fn parse(what: &str, verb: &str) -> Result<Fault> {
         match what {
             "storage" => Ok(Fault::Storage),
             "uplink" => Ok(Fault::Uplink),
             "logging" => Ok(Fault::Logging),
-            _ => bail!("cannot cut {what:?}: say storage, uplink or logging"),
+            _ => bail!("cannot {verb} {what:?}: say storage, uplink or logging"),
         }
     }
 

@@ -172,6 +172,12 @@ struct FtArgs {
     /// over to the secondary; a secondary whose host lost one makes the VM not protected.
     #[arg(long, value_name = "IFACE")]
     uplink: Option<String>,
+    /// An address on the VM network that must be reachable through the uplink (the
+    /// gateway, another host's or a client's address; repeatable, at most 16): it is sent
+    /// ARP probes out of the uplink, and the uplink counts as lost, even with carrier, while
+    /// none of them answers. Needs --uplink.
+    #[arg(long = "uplink-peer", value_name = "IP")]
+    uplink_peers: Vec<std::net::Ipv4Addr>,
     /// A storage or uplink failure counts only once it has lasted this long: a shorter
     /// flap does nothing.
     #[arg(long, value_name = "MS", default_value_t = 300)]
@@ -210,9 +216,22 @@ impl FtArgs {
                 self.health_hold_ms
             )));
         }
+        if !self.uplink_peers.is_empty() && self.uplink.is_none() {
+            return Err(bad(
+                "--uplink-peer: peers are probed through the uplink: give --uplink too".into(),
+            ));
+        }
+        if self.uplink_peers.len() > lockstep::health::MAX_PEERS {
+            return Err(bad(format!(
+                "--uplink-peer given {} times: at most {}",
+                self.uplink_peers.len(),
+                lockstep::health::MAX_PEERS
+            )));
+        }
         Ok(lockstep::health::HealthConfig {
             folder: dir.0.clone(),
             uplink: self.uplink.clone(),
+            peers: self.uplink_peers.clone(),
             hold: std::time::Duration::from_millis(self.health_hold_ms),
         })
     }
@@ -551,6 +570,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a host agent keeps its copies' logs on shared
+        // storage, which the host may lose) must not take the logging thread down: the
+        // subscriber would report the failure with eprintln!, which panics on that same
+        // stderr (and a health watcher dying this way never reports the loss).
+        .log_internal_errors(false)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()

@@ -146,6 +146,89 @@ fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or("")
 }
 
+/// The cluster tells the losses the copies handle by themselves, with their reasons: a
+/// secondary whose host lost its storage makes the VM not protected saying so, and a
+/// primary whose host lost its storage hands the VM over, which the timeline tells as a
+/// handover with its cause, not as a failover (none is counted).
+#[test]
+fn storage_losses_are_told_with_their_reasons_and_a_handover_is_no_failover() {
+    let c = Cluster::up("hwhy", 3);
+    c.kvd("kvd", KVD_NIC, &[]);
+    c.ok(&["ft", "turn-on", "kvd"]);
+    let v = c.show("kvd");
+    assert_eq!(field(&v, "ft"), "protected", "{v}");
+    let (p1, s1) = (
+        field(&v, "primary_host").to_string(),
+        field(&v, "secondary_host").to_string(),
+    );
+    let lab_fault = |verb: &str, host: &str| {
+        let r = tandem(&["lab", verb, "--name", &c.lab.name, host, "storage"]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    };
+    lab_fault("cut", &s1);
+    c.wait("not protected, saying why", 30, || {
+        let v = c.show("kvd");
+        field(&v, "ft") == "not_protected"
+            && field(&v, "ft_reason").contains("the secondary's host lost its storage")
+    });
+    lab_fault("heal", &s1);
+    c.wait("protected again", 30, || {
+        field(&c.show("kvd"), "ft") == "protected"
+    });
+    c.lab
+        .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    lab_fault("cut", &p1);
+    // kvd's next write fails on the primary's host: the VM moves before kvd sees it.
+    let mut n = 0;
+    c.wait("the VM on the secondary's host", 30, || {
+        let r = c
+            .lab
+            .client("redis-cli", &["-h", "10.77.0.10", "INCR", "hwhy"]);
+        if r.code == 0 && r.stdout.trim().parse::<u64>().is_ok() {
+            n += 1;
+        }
+        field(&c.show("kvd"), "primary_host") == s1
+    });
+    lab_fault("heal", &p1);
+    let v = c.show("kvd");
+    assert_eq!(v["failovers"], 0, "{v}");
+    let token = std::fs::read_to_string(format!("/tmp/{}-shared/.token", c.lab.name)).unwrap();
+    let bearer = format!("Authorization: Bearer {}", token.trim());
+    let timeline = c.lab.client(
+        "curl",
+        &[
+            "-s",
+            "-H",
+            &bearer,
+            "http://10.79.0.11:7070/api/v1/timeline",
+        ],
+    );
+    let events: Value = serde_json::from_str(&timeline.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", timeline.stdout));
+    let events = events.as_array().cloned().unwrap_or_default();
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e["vm"] == "kvd")
+        .map(|e| field(e, "kind"))
+        .collect();
+    assert!(!kinds.contains(&"failover"), "{kinds:?}");
+    assert!(
+        events.iter().any(|e| field(e, "kind") == "handover"
+            && field(e, "detail").starts_with(&format!(
+                "handover (primary lost its storage): the VM runs on {s1}, its primary on {p1} lost its storage"
+            ))),
+        "{events:#?}"
+    );
+    let r = c
+        .lab
+        .client("redis-cli", &["-h", "10.77.0.10", "GET", "hwhy"]);
+    assert_eq!(
+        r.stdout.trim(),
+        n.to_string(),
+        "every acknowledged INCR is there"
+    );
+}
+
 #[test]
 fn a_host_kill_under_load_fails_over_and_the_cluster_reprotects_without_a_command() {
     let c = Cluster::up("reprot", 3);

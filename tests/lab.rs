@@ -623,6 +623,16 @@ fn a_lab_with_plain_storage_refuses_a_storage_cut() {
         "{}",
         r.stderr
     );
+    // An unknown path is named with the verb asked.
+    for verb in ["cut", "heal"] {
+        let r = tandem(&["lab", verb, "--name", &name, "host1", "foo"]);
+        assert_eq!(r.code, 2);
+        assert!(
+            r.stderr.contains(&format!("cannot {verb} \"foo\"")),
+            "{}",
+            r.stderr
+        );
+    }
     // `lab exec` still runs a command on the host (its network namespace).
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args([

@@ -67,6 +67,14 @@ pub struct AgentConfig {
     pub vm_bridge: String,
     /// The VM network's uplink on this host, which copies watch (`ft ... --uplink`).
     pub vm_uplink: Option<String>,
+    /// Addresses on the VM network the copies probe through the uplink
+    /// (`ft ... --uplink-peer`).
+    pub vm_peers: Vec<std::net::Ipv4Addr>,
+    /// How long a storage or uplink failure must last to count (`ft ... --health-hold-ms`;
+    /// `None`: the copies' default), and whether a primary never hands over because of its
+    /// host's health (`ft ... --no-health-handover`).
+    pub health_hold_ms: Option<u64>,
+    pub no_health_handover: bool,
     /// This host's address on the logging network.
     pub log_ip: String,
     /// The URL the host's REST API is reached at.
@@ -599,6 +607,15 @@ impl Agent {
         if let Some(uplink) = &cfg.vm_uplink {
             args.extend(["--uplink".into(), uplink.clone()]);
         }
+        for peer in &cfg.vm_peers {
+            args.extend(["--uplink-peer".into(), peer.to_string()]);
+        }
+        if let Some(ms) = cfg.health_hold_ms {
+            args.extend(["--health-hold-ms".into(), ms.to_string()]);
+        }
+        if cfg.no_health_handover {
+            args.push("--no-health-handover".into());
+        }
         match role {
             Role::Primary => {
                 args.extend(["--memory-mib".into(), spec.memory_mib.to_string()]);
@@ -718,6 +735,12 @@ impl Agent {
         let secondary = read_fields(&dir.secondary_status());
         let running =
             live || (mine(&secondary) && secondary.get("role").is_some_and(|r| r == "secondary"));
+        // The live copy's reasons, bounded (they end up in every report and view).
+        let why = |k: &str| {
+            live.then(|| status.get(k))
+                .flatten()
+                .map(|w| w.chars().take(MAX_REASON).collect::<String>())
+        };
         let num = |k: &str| {
             status
                 .get(k)
@@ -816,9 +839,15 @@ impl Agent {
             net_in_bytes,
             disk_read_avg_bps,
             net_in_avg_bps,
+            unprotected_why: why("unprotected_why"),
+            host_lost: why("host_lost"),
+            went_live: why("went_live"),
         }
     }
 }
+
+/// The longest reason from a status file carried in a copy's report.
+const MAX_REASON: usize = 300;
 
 /// Stop a copy: SIGTERM (a primary stops its VM cleanly, a secondary leaves), then SIGKILL.
 fn stop_copy(c: &mut Running) {

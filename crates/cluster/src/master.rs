@@ -377,19 +377,32 @@ impl Master {
             let planned = primary
                 .as_ref()
                 .is_some_and(|c| self.handovers.contains_key(&(name.to_string(), c.id)));
+            // A handover the copies made by themselves (the primary's host lost a path the
+            // secondary's has) says why in the new live copy's status: not a failover.
+            let by_health = view
+                .report(name, &s)
+                .and_then(|r| r.went_live.clone())
+                .and_then(|w| w.strip_prefix("handover: ").map(str::to_string))
+                .filter(|_| !planned);
+            let what = match &by_health {
+                _ if planned => "planned switch".to_string(),
+                Some(why) => format!("handover ({})", health_cause(why)),
+                None => "failover".to_string(),
+            };
             notes.push(format!(
-                "{}: the secondary on {} went live (primary was on {})",
-                if planned {
-                    "planned switch"
-                } else {
-                    "failover"
-                },
+                "{what}: the secondary on {} went live (primary was on {}){}",
                 s.host,
-                primary.as_ref().map_or("?", |c| c.host.as_str())
+                primary.as_ref().map_or("?", |c| c.host.as_str()),
+                by_health
+                    .as_ref()
+                    .map_or(String::new(), |why| format!(": {why}"))
             ));
             p.primary = Some(s);
             p.moving = false;
-            if !planned {
+            if let Some(why) = by_health {
+                p.handovers += 1;
+                p.last_handover = Some(why);
+            } else if !planned {
                 p.failovers += 1;
             }
             p.unprotected_since_ms.get_or_insert(model::now_ms());
@@ -779,6 +792,12 @@ impl Master {
     }
 }
 
+/// A health handover's cause without its details: "primary lost its storage" of "primary
+/// lost its storage (cannot write in ...)".
+fn health_cause(why: &str) -> &str {
+    why.split_once(" (").map_or(why, |(cause, _)| cause)
+}
+
 /// Try to become the master (or confirm this agent still is). `lease` is the agent's.
 pub fn elect(store: &Store, host: &str, lease: i64) -> Result<bool, StoreError> {
     let key = model::master_key();
@@ -885,6 +904,29 @@ mod tests {
         let s = p.secondary.clone().unwrap();
         assert_ne!(s.host, primary.host);
         assert_ne!(s.id, primary.id);
+    }
+
+    #[test]
+    fn a_handover_for_the_primarys_storage_is_named_and_not_counted_as_a_failover() {
+        let mut p = pair();
+        // The primary on h1 lost its storage and handed over: it halted, the secondary is
+        // live and says why.
+        let mut live = report(2, Role::Secondary, CopyState::Running, true, false);
+        live.went_live = Some("handover: primary lost its storage (cannot write in /s/kvd)".into());
+        let v = view(&["h1", "h2", "h3"], vm(FtMode::On), vec![("h2", live)]);
+        let notes = decide(&v, &mut p);
+        assert_eq!(p.primary, copy(2, "h2"), "{notes:?}");
+        assert_eq!((p.failovers, p.handovers), (0, 1));
+        assert_eq!(
+            p.last_handover.as_deref(),
+            Some("primary lost its storage (cannot write in /s/kvd)")
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with("handover (primary lost its storage): the secondary on h2")),
+            "{notes:?}"
+        );
     }
 
     #[test]

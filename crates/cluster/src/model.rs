@@ -261,6 +261,12 @@ pub struct Placement {
     pub failovers: u64,
     #[serde(default)]
     pub reprotections: u64,
+    /// Handovers the copies made by themselves (not failovers: no copy failed), and why
+    /// the latest was made (`primary lost its storage (...)`).
+    #[serde(default)]
+    pub handovers: u64,
+    #[serde(default)]
+    pub last_handover: Option<String>,
     /// HA restarts of this VM.
     #[serde(default)]
     pub restarts: u64,
@@ -355,6 +361,16 @@ pub struct CopyReport {
     pub disk_read_avg_bps: u64,
     #[serde(default)]
     pub net_in_avg_bps: u64,
+    /// The live copy's word on why the VM is not protected although a secondary could go
+    /// live (the secondary's host lost a path), on what its own host lost, and on why it
+    /// went live, if it was a secondary (`handover: primary lost its storage (...)`,
+    /// `primary lost (...)`).
+    #[serde(default)]
+    pub unprotected_why: Option<String>,
+    #[serde(default)]
+    pub host_lost: Option<String>,
+    #[serde(default)]
+    pub went_live: Option<String>,
 }
 
 impl CopyReport {
@@ -384,6 +400,9 @@ impl CopyReport {
             net_in_bytes: 0,
             disk_read_avg_bps: 0,
             net_in_avg_bps: 0,
+            unprotected_why: None,
+            host_lost: None,
+            went_live: None,
         }
     }
 }

@@ -40,6 +40,9 @@ pub enum EventKind {
     Verb,
     /// Any other decision worth seeing (a VM left off, a copy that cannot be placed).
     Notice,
+    /// The copies moved the VM by themselves, no copy having failed: the primary's host lost
+    /// a path (storage, VM network) the secondary's host has. Not a failover.
+    Handover,
 }
 
 /// One event of the timeline (`GET /api/v1/timeline`).
@@ -158,6 +161,20 @@ pub fn events_of_change(
             format!("failover: the VM runs on {now_on} (its primary on {was} was lost)"),
         ));
     }
+    if new.handovers > old.handovers {
+        let was = old.primary.as_ref().map_or("?", |c| c.host.as_str());
+        let why = new.last_handover.as_deref().unwrap_or("?");
+        out.push(event(
+            EventKind::Handover,
+            primary,
+            format!(
+                "handover ({}): the VM runs on {}, its primary on {was} {}",
+                why.split_once(" (").map_or(why, |(cause, _)| cause),
+                primary.unwrap_or("?"),
+                why.strip_prefix("primary ").unwrap_or(why)
+            ),
+        ));
+    }
     if new.restarts > old.restarts {
         let was = old.primary.as_ref().map_or("?", |c| c.host.as_str());
         out.push(event(
@@ -274,6 +291,32 @@ mod tests {
         assert!(e[0].detail.contains("2.5 s"), "{}", e[0].detail);
         // Nothing moved: nothing told.
         assert!(events_of_change("kvd", &new, &new, None).is_empty());
+    }
+
+    #[test]
+    fn a_handover_is_told_as_one_with_its_cause_never_as_a_failover() {
+        let old = Placement {
+            primary: copy(1, "host1"),
+            secondary: copy(2, "host2"),
+            ..Default::default()
+        };
+        let new = Placement {
+            primary: copy(2, "host2"),
+            handovers: 1,
+            last_handover: Some("primary lost its VM network (uplink has no carrier)".into()),
+            ..Default::default()
+        };
+        let e = events_of_change("kvd", &old, &new, None);
+        let kinds: Vec<EventKind> = e.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::Handover]);
+        assert!(
+            e[0].detail.starts_with(
+                "handover (primary lost its VM network): the VM runs on host2, its primary on \
+                 host1 lost its VM network (uplink has no carrier)"
+            ),
+            "{}",
+            e[0].detail
+        );
     }
 
     #[test]

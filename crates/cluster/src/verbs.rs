@@ -231,6 +231,10 @@ impl Verbs {
                         p.secondary.as_ref().map_or("?", |c| c.host.as_str()),
                         s.exit.clone().unwrap_or_default()
                     )
+                } else if let Some(why) = primary.and_then(|c| c.unprotected_why.clone()) {
+                    // The live copy's own word: the secondary runs, but its host lacks a
+                    // path the VM needs ("the secondary's host lost its storage (...)").
+                    why
                 } else {
                     p.reason.clone().unwrap_or_else(|| "starting".into())
                 };

@@ -3,15 +3,24 @@
 //!
 //! A [`Monitor`] probes both from a thread of its own: storage by writing, syncing and
 //! reading back a small file in the VM's folder (each probe bounded by [`PROBE_TIMEOUT`]:
-//! a hung file system is a lost one), the uplink by its carrier in `/sys/class/net`. A
-//! path is *lost* only after it failed continuously for the hold time, so a flap shorter
-//! than that does nothing, and found again at its first success.
+//! a hung file system is a lost one; the file is removed after each probe), the uplink by
+//! its carrier in `/sys/class/net` and, if peers are configured (the gateway, the other
+//! hosts' or a client's VM-network addresses), by their reachability through it: a thread
+//! sends each an ARP probe (RFC 5227: no sender address, the host having none on the VM
+//! network) out of the uplink on a packet socket and waits for a reply. The uplink fails
+//! while it has no carrier or no peer answers (one answering is enough). A path is *lost*
+//! only after it failed continuously for the hold time, so a flap shorter than that does
+//! nothing (and is logged as ignored), and found again at its first success.
 //!
 //! The secondary sends its host's health to the primary (`ToPrimary::Health`); the primary
-//! hands the VM over when its own host lost a path the secondary's host has (see
+//! hands the VM over when its own host lost a path the secondary's host has, and the
+//! secondary's host lacks none this one has ([`HostHealth::better_than`]; see
 //! `primary::Primary::watch_health`), and reports the VM not protected while the
-//! secondary's host lacks one.
+//! secondary's host lacks one. Reports come after the hold, so a loss on both hosts at once
+//! is not yet reported when the primary asks: the secondary then looks afresh
+//! ([`Monitor::fresh`]) and declines (`ToPrimary::Declined`) without every path.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +35,10 @@ const TICK: Duration = Duration::from_millis(20);
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 /// The longest reason kept (reasons travel on the logging channel).
 pub const MAX_WHY: usize = 200;
+/// How long the peers have to answer one round of ARP probes.
+const PEER_WAIT: Duration = Duration::from_millis(200);
+/// The most peers one host watches.
+pub const MAX_PEERS: usize = 16;
 
 /// What a host has lost, if anything: each `Some` says why.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +62,17 @@ impl HostHealth {
             parts.push(format!("its VM network ({w})"));
         }
         (!parts.is_empty()).then(|| parts.join(" and "))
+    }
+
+    /// Whether a copy on a host with this health may take the VM over from a host with
+    /// `own`: it lacks nothing `own` has (a handover never trades one lost path for
+    /// another), and has something `own` lost.
+    pub fn better_than(&self, own: &HostHealth) -> bool {
+        let no_worse = (self.storage.is_none() || own.storage.is_some())
+            && (self.uplink.is_none() || own.uplink.is_some());
+        let better = (own.storage.is_some() && self.storage.is_none())
+            || (own.uplink.is_some() && self.uplink.is_none());
+        no_worse && better
     }
 
     /// Reasons bounded in length (what came off the wire).
@@ -80,6 +104,9 @@ pub struct HealthConfig {
     pub folder: PathBuf,
     /// The VM network's uplink on this host (its carrier is watched), if known.
     pub uplink: Option<String>,
+    /// Addresses on the VM network that must be reachable through the uplink (one of them
+    /// answering is enough); none: the carrier alone is watched. Needs `uplink`.
+    pub peers: Vec<Ipv4Addr>,
     /// A path is lost only after failing continuously this long.
     pub hold: Duration,
 }
@@ -98,6 +125,13 @@ impl Path {
             Ok(()) => {
                 if self.lost {
                     tracing::warn!("{what} reachable again");
+                } else if let Some(since) = self.failing_since {
+                    tracing::info!(
+                        "{what}: a flap of {} ms ignored (shorter than the {} ms hold): {}",
+                        since.elapsed().as_millis(),
+                        hold.as_millis(),
+                        self.why.as_deref().unwrap_or("")
+                    );
                 }
                 *self = Path::default();
             }
@@ -115,12 +149,19 @@ impl Path {
     fn lost(&self) -> Option<String> {
         self.lost.then(|| self.why.clone().unwrap_or_default())
     }
+
+    /// Why it fails now, lost or not yet (its latest look failed).
+    fn failing(&self) -> Option<String> {
+        self.failing_since.and(self.why.clone())
+    }
 }
 
 #[derive(Default)]
 struct State {
     storage: Path,
     uplink: Path,
+    /// The latest round of peer probes: when it started, and whether a peer answered.
+    peers: Option<(Instant, Result<(), String>)>,
 }
 
 /// A storage probe's answer.
@@ -153,7 +194,10 @@ impl Monitor {
             .name("ft-probe".into())
             .spawn(move || {
                 for answer in questions {
-                    let _ = answer.send(probe_storage(&probe, &folder));
+                    let r = probe_storage(&probe, &folder);
+                    // Nothing is left in the VM's folder, whenever the process ends.
+                    let _ = std::fs::remove_file(&probe);
+                    let _ = answer.send(r);
                 }
             })?;
         let m = Monitor {
@@ -161,6 +205,25 @@ impl Monitor {
             state: Arc::default(),
             prober: Arc::new(prober),
         };
+        if let Some(ifname) = m
+            .config
+            .uplink
+            .clone()
+            .filter(|_| !m.config.peers.is_empty())
+        {
+            let w = m.clone();
+            std::thread::Builder::new()
+                .name("ft-peers".into())
+                .spawn(move || {
+                    loop {
+                        let started = Instant::now();
+                        let r = peers_answer(&ifname, &w.config.peers, PEER_WAIT);
+                        w.state.lock().unwrap_or_else(|p| p.into_inner()).peers =
+                            Some((started, r));
+                        std::thread::sleep(PROBE_EVERY.saturating_sub(started.elapsed()));
+                    }
+                })?;
+        }
         let w = m.clone();
         std::thread::Builder::new()
             .name("ft-health".into())
@@ -175,6 +238,21 @@ impl Monitor {
             storage: st.storage.lost(),
             uplink: st.uplink.lost(),
         }
+    }
+
+    /// What this host lacks right now, without waiting for the hold: storage probed now
+    /// (bounded by [`PROBE_TIMEOUT`]), the uplink as its latest look found it. A copy asked
+    /// to take the VM over answers with this: a loss that hit both hosts at once is not
+    /// yet a loss after the hold on either.
+    pub fn fresh(&self) -> HostHealth {
+        let storage = self.storage_now();
+        let uplink = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .uplink
+            .failing();
+        HostHealth { storage, uplink }.bounded()
     }
 
     /// Probe storage now (an operation just failed with an I/O error): why it is
@@ -195,14 +273,25 @@ impl Monitor {
         // One probe at a time: a hung one is waited for no longer than PROBE_TIMEOUT, and
         // no second is started while it hangs.
         let mut pending: Option<(Instant, std::sync::mpsc::Receiver<Answer>)> = None;
+        // Since when the uplink has had carrier: peer probes sent before then say nothing of
+        // it now (a probe lost in a carrier flap must not stretch the flap).
+        let mut carrier_since: Option<Instant> = None;
         loop {
             std::thread::sleep(TICK);
             if let Some(ifname) = &self.config.uplink {
-                let r = carrier(ifname);
-                self.state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .uplink
+                let mut r = carrier(ifname);
+                if r.is_err() {
+                    carrier_since = None;
+                }
+                let since = *carrier_since.get_or_insert_with(Instant::now);
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if r.is_ok()
+                    && let Some((started, Err(why))) = &st.peers
+                    && *started >= since
+                {
+                    r = Err(why.clone());
+                }
+                st.uplink
                     .saw(r, self.config.hold, "the VM network's uplink");
             }
             let result = match &pending {
@@ -280,6 +369,133 @@ fn probe_storage(probe: &std::path::Path, folder: &std::path::Path) -> Result<()
     Ok(())
 }
 
+/// Whether any of `peers` answers an ARP probe sent out of interface `ifname` within `wait`.
+fn peers_answer(ifname: &str, peers: &[Ipv4Addr], wait: Duration) -> Result<(), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let list = peers
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let fail = |why: String| format!("no peer ({list}) answers through {ifname}: {why}");
+    let mac = mac_of(ifname).map_err(fail)?;
+    let name = std::ffi::CString::new(ifname).map_err(|e| fail(e.to_string()))?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(fail(std::io::Error::last_os_error().to_string()));
+    }
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) takes no pointers; the descriptor returned is owned below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            all as i32,
+        )
+    };
+    if raw < 0 {
+        return Err(fail(std::io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: `raw` is a descriptor just returned by socket(2) and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero sockaddr_ll is a valid value of this plain C struct.
+    let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    at.sll_family = libc::AF_PACKET as u16;
+    at.sll_protocol = all;
+    at.sll_ifindex = ifindex as i32;
+    at.sll_halen = 6;
+    at.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: `at` is a valid sockaddr_ll of `len` bytes, alive for the call.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const at).cast(), len) } != 0 {
+        return Err(fail(std::io::Error::last_os_error().to_string()));
+    }
+    for peer in peers {
+        let frame = arp_probe(&mac, *peer);
+        // SAFETY: `frame` and `at` are valid for the lengths given and alive for the call.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const at).cast(),
+                len,
+            )
+        };
+        if sent < 0 {
+            return Err(fail(std::io::Error::last_os_error().to_string()));
+        }
+    }
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail(format!("no ARP reply within {} ms", wait.as_millis())));
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd, alive for the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+        if ready <= 0 {
+            continue;
+        }
+        // SAFETY: `buf` is valid for writes of its length for the call.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 && arp_reply_from(&buf[..n as usize], peers) {
+            return Ok(());
+        }
+    }
+}
+
+/// An ARP probe for `peer` from a host with hardware address `mac` and no IP address.
+fn arp_probe(mac: &[u8; 6], peer: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, a request.
+    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(mac);
+    // Sender address 0.0.0.0, target hardware address unknown: a probe.
+    f[38..42].copy_from_slice(&peer.octets());
+    f
+}
+
+/// Whether `frame` is an ARP reply from one of `peers`.
+fn arp_reply_from(frame: &[u8], peers: &[Ipv4Addr]) -> bool {
+    frame.len() >= 42
+        && frame[12..14] == [0x08, 0x06]
+        && frame[20..22] == [0, 2]
+        && peers.iter().any(|p| frame[28..32] == p.octets())
+}
+
+/// The hardware address of interface `ifname`.
+fn mac_of(ifname: &str) -> Result<[u8; 6], String> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))
+        .map_err(|e| format!("{ifname}: {e}"))?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    bytes
+        .try_into()
+        .map_err(|_| format!("{ifname} has no Ethernet address"))
+}
+
 /// The carrier of interface `ifname` in this network namespace.
 fn carrier(ifname: &str) -> Result<(), String> {
     let path = format!("/sys/class/net/{ifname}/carrier");
@@ -322,6 +538,7 @@ mod tests {
         let m = Monitor::start(HealthConfig {
             folder: folder.clone(),
             uplink: Some("lo".into()),
+            peers: vec![],
             hold: Duration::from_millis(100),
         })
         .unwrap();
@@ -342,6 +559,45 @@ mod tests {
             assert!(Instant::now() < deadline, "storage never found again");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_handover_goes_only_to_a_host_no_worse_on_any_path_and_better_on_one() {
+        let h = |storage: bool, uplink: bool| HostHealth {
+            storage: (!storage).then(|| "lost".into()),
+            uplink: (!uplink).then(|| "lost".into()),
+        };
+        // (peer, own): whether the peer may take over.
+        assert!(h(true, true).better_than(&h(false, true)));
+        assert!(h(true, true).better_than(&h(true, false)));
+        assert!(h(true, false).better_than(&h(false, false)));
+        assert!(
+            !h(true, true).better_than(&h(true, true)),
+            "nothing lost here"
+        );
+        assert!(!h(false, true).better_than(&h(false, true)), "lost on both");
+        assert!(
+            !h(false, true).better_than(&h(true, false)),
+            "storage traded for the VM network"
+        );
+        assert!(!h(true, false).better_than(&h(false, true)));
+    }
+
+    #[test]
+    fn an_arp_probe_has_no_sender_address_and_only_a_peers_reply_counts() {
+        let mac = [2, 0, 0, 0, 0, 9];
+        let peer = Ipv4Addr::new(10, 77, 0, 2);
+        let probe = arp_probe(&mac, peer);
+        assert_eq!(&probe[28..32], &[0, 0, 0, 0]);
+        assert_eq!(&probe[38..42], &peer.octets());
+        assert!(!arp_reply_from(&probe, &[peer]), "a request is no reply");
+        let mut reply = probe;
+        reply[20..22].copy_from_slice(&[0, 2]);
+        reply[28..32].copy_from_slice(&peer.octets());
+        assert!(arp_reply_from(&reply, &[peer]));
+        assert!(!arp_reply_from(&reply, &[Ipv4Addr::new(10, 77, 0, 3)]));
+        assert!(!arp_reply_from(&reply[..41], &[peer]), "a short frame");
+        assert!(peers_answer("no-such-if0", &[peer], PEER_WAIT).is_err());
     }
 
     #[test]

@@ -57,8 +57,12 @@
 //!    the primary pauses at an event boundary, before the event's result reaches its guest;
 //!    once the secondary holds every event and every held output was written it sends
 //!    `ToSecondary::Handover`, and from then on it never resumes except by winning
-//!    arbitration. The secondary claims the next generation as after a failure, so at most
-//!    one copy is live whatever is lost on the way (`tests/ft.rs`: handover under load).
+//!    arbitration, or the secondary's refusal: a secondary whose host, looked at afresh,
+//!    lacks a path the primary's host has (storage lost on both at once, say) answers
+//!    `ToPrimary::Declined`, never claims for that handover, and the VM resumes on the
+//!    primary, its guest seeing the error it would natively. Otherwise the secondary claims
+//!    the next generation as after a failure, so at most one copy is live whatever is lost
+//!    on the way (`tests/ft.rs`: handover under load, storage lost on both hosts at once).
 
 pub mod arbiter;
 pub mod checkpoint;
@@ -185,6 +189,13 @@ pub enum ToPrimary {
     /// The secondary holds the release point (`ToSecondary::Release`): once it holds that
     /// many events it is eligible, and the primary reports the VM protected.
     ReleaseHeld { release: u64 },
+    /// The secondary will not take the VM over at the handover after `events` events: its
+    /// host, looked at right now, lacks a path the primary's has (`health`, fresh: no hold).
+    /// It never claims a generation for that handover; the primary resumes.
+    Declined {
+        events: u64,
+        health: health::HostHealth,
+    },
 }
 
 /// Frame kinds on the wire.

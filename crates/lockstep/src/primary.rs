@@ -69,6 +69,10 @@ pub const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 /// it is fenced off (this copy then claims it, and goes on if it wins).
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
+/// After the secondary declined a handover, none is asked of it again for this long (its
+/// own report of the loss comes after its hold time).
+const DECLINE_HOLD: Duration = Duration::from_secs(2);
+
 /// A planned switch in progress ([`Primary::hand_over`]).
 struct Handover {
     why: String,
@@ -137,6 +141,11 @@ struct State {
     own_health: crate::health::HostHealth,
     peer_health: crate::health::HostHealth,
     health_handover: bool,
+    /// When the secondary last declined a handover (its host, looked at afresh, lacked a
+    /// path): none is asked again for [`DECLINE_HOLD`], so a loss on both hosts at once does
+    /// not pause the VM at every failing operation while the secondary's report is on its
+    /// way.
+    declined_at: Option<Instant>,
     held: VecDeque<(u64, Held)>,
     /// Outputs ever held, and those the releaser has written (held outputs all written:
     /// `held` empty and the two equal).
@@ -247,6 +256,11 @@ impl State {
         self.gated = true;
         self.release = end;
         true
+    }
+
+    /// The secondary declined a handover a moment ago: do not ask again yet.
+    fn declined_lately(&self) -> bool {
+        self.declined_at.is_some_and(|t| t.elapsed() < DECLINE_HOLD)
     }
 
     /// Why the VM is reported not protected although a secondary could go live: its host
@@ -528,6 +542,7 @@ impl Shared {
                 own_health: Default::default(),
                 peer_health: Default::default(),
                 health_handover: false,
+                declined_at: None,
                 held: VecDeque::new(),
                 held_total: 0,
                 released: 0,
@@ -781,27 +796,33 @@ impl Primary {
                             st.own_health = own.clone();
                             p.shared.status(&st);
                         }
-                        let lost_here = |h: &crate::health::HostHealth| {
-                            (own.storage.is_some() && h.storage.is_none())
-                                || (own.uplink.is_some() && h.uplink.is_none())
-                        };
+                        // Only to a host at least as healthy on every path, which has
+                        // what this one lost (by its latest report; it looks again when
+                        // asked, and declines if it lacks a path now).
+                        let better = st.peer_health.better_than(&own);
                         let ask = handover
                             && st.protected()
                             && st.handover.is_none()
-                            && lost_here(&st.peer_health)
+                            && better
+                            && !st.declined_lately()
                             && tried.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+                        let peer = st.peer_health.lost();
                         (
                             ask,
-                            !own.ok() && st.attached.is_some() && !lost_here(&st.peer_health),
+                            (!own.ok() && st.attached.is_some() && !better).then_some(peer),
                         )
                     };
-                    if both && !both_said {
+                    if let Some(peer) = &both
+                        && !both_said
+                    {
                         tracing::error!(
-                            "this host lost {} and so did the secondary's: the VM stays here",
-                            own.lost().unwrap_or_default()
+                            "this host lost {} and the secondary's host is no better off \
+                             (it lost {}): the VM stays here",
+                            own.lost().unwrap_or_default(),
+                            peer.as_deref().unwrap_or("nothing")
                         );
                     }
-                    both_said = both;
+                    both_said = both.is_some();
                     if ask {
                         tried = Some(Instant::now());
                         let why = format!("primary lost {}", own.lost().unwrap_or_default());
@@ -1087,11 +1108,25 @@ impl OutputPort for GatedPort {
         if let Some(h) = &st.halted {
             return Err(LogError::Source(format!("halted: {h}")));
         }
-        if !st.protected() || st.peer_health.storage.is_some() {
-            tracing::error!(
-                "event {position}: storage lost here ({why}) and no secondary that reaches it: the guest gets the error"
-            );
-            return Ok(());
+        if st.handover.is_none() {
+            // Only to a host at least as healthy on every path (by its latest report; it
+            // looks again when asked, and declines if it lacks a path now).
+            let own = crate::health::HostHealth {
+                storage: Some(why.clone()),
+                uplink: monitor.current().uplink,
+            };
+            let declined = st.declined_lately();
+            if !st.protected() || declined || !st.peer_health.better_than(&own) {
+                tracing::error!(
+                    "event {position}: storage lost here ({why}) and {}: the guest gets the error",
+                    if declined {
+                        "the secondary's host lacks it too (it declined a handover just now)"
+                    } else {
+                        "no secondary whose host reaches it"
+                    }
+                );
+                return Ok(());
+            }
         }
         if st.handover.is_none() {
             tracing::error!(
@@ -1540,6 +1575,26 @@ fn receive_from(
                     s.status(&st);
                 }
             }
+            ToPrimary::Declined { events, health } => {
+                let health = health.bounded();
+                let asked = st
+                    .handover
+                    .as_ref()
+                    .is_some_and(|h| h.sent && h.at == Some(events));
+                if !asked {
+                    return Err(FtError::Protocol(format!(
+                        "the secondary declines a handover after {events} events it was not asked"
+                    )));
+                }
+                // It never claims for this handover: the VM resumes here, and the guest
+                // sees what it would natively.
+                let why = st.handover.take().map(|h| h.why).unwrap_or_default();
+                st.declined_at = Some(Instant::now());
+                tracing::error!(
+                    "handover ({why}) declined by secondary {host}: its host lost {}; the VM stays here",
+                    health.lost().unwrap_or_else(|| "nothing it names".into())
+                );
+            }
             ToPrimary::ReleaseHeld { release } => {
                 if !st.release_sent || release != st.release || st.release_held {
                     return Err(FtError::Protocol(format!(
@@ -1911,6 +1966,57 @@ mod tests {
             sink.append(e).unwrap();
         }
         (primary, sink)
+    }
+
+    #[test]
+    fn storage_lost_on_both_hosts_at_once_is_declined_by_the_secondary_and_the_vm_stays() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, mut sink) = primary_with_history(&dir, (0..10).map(event).collect());
+        let secondary = Secondary::connect(
+            dir.clone(),
+            &primary.addr.to_string(),
+            Duration::from_secs(5),
+            config(),
+            0,
+        )
+        .unwrap();
+        let _source = secondary.source(None);
+        wait("protected", || primary.protected());
+        // Each host's view of the VM's folder is gone; neither has held the loss long
+        // enough to report it (a loss on both at once).
+        let gone = shared.path().join("gone");
+        let monitor = |folder: &std::path::Path| {
+            crate::health::Monitor::start(crate::health::HealthConfig {
+                folder: folder.to_path_buf(),
+                uplink: None,
+                peers: vec![],
+                hold: Duration::from_secs(60),
+            })
+            .unwrap()
+        };
+        secondary.watch_health(monitor(&gone)).unwrap();
+        primary.watch_health(monitor(&gone), true);
+        let mut port = primary.port();
+        // The operation at event 10 failed: the primary asks the secondary, which looks
+        // afresh, declines, and never claims: the guest gets the error here.
+        let failed = std::thread::spawn(move || port.storage_failed(10));
+        wait("the guest given the error", || failed.is_finished());
+        assert!(failed.join().unwrap().is_ok());
+        assert!(primary.halted().is_none() && primary.handed_over().is_none());
+        assert!(primary.shared.lock().declined_lately());
+        assert_eq!(generations(&dir), ["gen-1"]);
+        // The VM goes on here, still protected by the same secondary.
+        sink.append(&event(10)).unwrap();
+        wait("acked", || primary.shared.lock().acked == 11);
+        assert!(primary.protected());
+        assert!(secondary.live_generation().is_none());
+        // A second failing operation right after: the guest gets its error at once.
+        let mut port = primary.port();
+        let start = Instant::now();
+        assert!(port.storage_failed(11).is_ok());
+        assert!(start.elapsed() < Duration::from_millis(500));
+        assert_eq!(generations(&dir), ["gen-1"]);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use machine::event::{Event, Intent};
@@ -57,12 +57,18 @@ struct State {
     deciding: bool,
     /// This host's health, to be reported to the primary.
     health: Option<crate::health::HostHealth>,
+    /// Handovers declined so far, and the latest one's event count and this host's health
+    /// then: to be sent to the primary (`ToPrimary::Declined`).
+    declines: u64,
+    declined: Option<(u64, crate::health::HostHealth)>,
     acknowledger_gone: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
     cv: Condvar,
+    /// This host's health, once watched: a handover is taken only with every path.
+    monitor: OnceLock<crate::health::Monitor>,
 }
 
 impl Shared {
@@ -182,9 +188,12 @@ impl Secondary {
                 checkpoint: None,
                 deciding: false,
                 health: None,
+                declines: 0,
+                declined: None,
                 acknowledger_gone: false,
             }),
             cv: Condvar::new(),
+            monitor: OnceLock::new(),
         });
         dir.write_secondary_status(&[
             ("role", "secondary".into()),
@@ -286,7 +295,9 @@ impl Secondary {
     }
 
     /// Report this host's health to the primary whenever it changes.
+    /// A handover is declined while this host, looked at afresh, lacks a path.
     pub fn watch_health(&self, monitor: crate::health::Monitor) -> std::io::Result<()> {
+        let _ = self.shared.monitor.set(monitor.clone());
         let s = self.shared.clone();
         std::thread::Builder::new()
             .name("ft-health-report".into())
@@ -389,10 +400,24 @@ fn follow(
                 s.cv.notify_all();
             }
             ToSecondary::Handover { events, why } => {
-                let st = s.lock();
-                in_place(&st, events, "a handover")?;
+                in_place(&s.lock(), events, "a handover")?;
                 // Bounded for the logs: the reason comes off the wire.
                 let why: String = why.chars().take(200).collect();
+                // Taken only with every path, looked at now: a loss that hit both hosts at
+                // once (storage, say) is not yet reported after its hold, and a copy that
+                // cannot reach storage could not claim the generation anyway: the primary
+                // would halt too and the VM be lost. Declined, the VM stays where it is.
+                let here = s.monitor.get().map(|m| m.fresh()).unwrap_or_default();
+                if let Some(lost) = here.lost() {
+                    tracing::error!(
+                        "handover ({why}) declined: this host lost {lost}; not claiming a generation"
+                    );
+                    let mut st = s.lock();
+                    st.declines += 1;
+                    st.declined = Some((events, here));
+                    s.cv.notify_all();
+                    continue;
+                }
                 return Err(FtError::HandedOver(why));
             }
             ToSecondary::Release { release } => {
@@ -521,7 +546,24 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
     let mut checkpoint_sent = None;
     let mut health_sent = None;
     let mut release_sent = None;
+    let mut declines_sent = 0;
     loop {
+        let declined = {
+            let st = s.lock();
+            (st.declines != declines_sent)
+                .then(|| st.declined.clone().map(|d| (st.declines, d)))
+                .flatten()
+        };
+        if let Some((n, (events, health))) = declined {
+            // First: the primary holds its VM paused until it hears this.
+            declines_sent = n;
+            if w.send(KIND_MSG, &encode(&ToPrimary::Declined { events, health }))
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         let (now, end, intent, release, checkpoint, health) = {
             let mut st = s.lock();
             let deadline = Instant::now() + heartbeat;
@@ -532,6 +574,7 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
                 && st.release == release_sent
                 && st.checkpoint == checkpoint_sent
                 && st.health == health_sent
+                && st.declines == declines_sent
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
