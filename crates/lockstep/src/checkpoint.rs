@@ -20,7 +20,9 @@
 //! a checkpoint are dropped only once its file is in place; while a secondary is attached
 //! only the secondary takes checkpoints (the primary never pauses for one while protected);
 //! a copy without a secondary (a primary alone, or a copy that went live) takes its own,
-//! since it alone holds the history then.
+//! since it alone holds the history then, copying the VM's memory while it runs and
+//! pausing it only for the pages written since (`machine::dirty`; the whole memory where
+//! the host cannot track writes).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -36,6 +36,12 @@
 //! import, before it returns). The stack section holds the import's result (4 bytes)
 //! and then Asyncify's data.
 //!
+//! **Memory** is copied in the pause, whole, unless the request brings a pre-copy
+//! ([`crate::dirty::PreCopy`], made by [`crate::control`] while the guest ran): then only
+//! the pages written since its last round are, after the guest's bytes are back under
+//! the buffer. The pre-copy's tracker outlives the pause (handed back to the control for
+//! the next snapshot): ending it would walk the memory's page tables.
+//!
 //! The guest runs on a thread of its own, watched for a stop as a plain VM is
 //! ([`crate::vm::run_watched`]); while a snapshot is taken the VM holds its gate, so the
 //! watcher does not take a VM being captured for a guest computing.
