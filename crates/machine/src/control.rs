@@ -177,7 +177,11 @@ impl Control {
         static UNTRACKABLE: AtomicBool = AtomicBool::new(false);
         let base = self.memory_base.load(Ordering::SeqCst);
         let len = self.memory_len.load(Ordering::SeqCst);
-        if base == 0 || len == 0 || self.ended() || UNTRACKABLE.load(Ordering::Relaxed) {
+        // A request already waiting: this one will be refused (409), copy nothing.
+        if base == 0 || len == 0 || self.pending() || self.unavailable().is_some() {
+            return None;
+        }
+        if UNTRACKABLE.load(Ordering::Relaxed) {
             return None;
         }
         let kept = self
@@ -199,11 +203,9 @@ impl Control {
         };
         let mut pc = match started {
             Ok(pc) => pc,
+            // Not a registration: another pre-copy may hold the range for a moment (EBUSY).
             Err(
-                e @ (DirtyError::Userfaultfd(_)
-                | DirtyError::Features(_)
-                | DirtyError::Register(_)
-                | DirtyError::Pagemap(_)),
+                e @ (DirtyError::Userfaultfd(_) | DirtyError::Features(_) | DirtyError::Pagemap(_)),
             ) => {
                 // The kernel or the sandbox: the same next time. Said once.
                 UNTRACKABLE.store(true, Ordering::Relaxed);

@@ -22,6 +22,11 @@
 //! writes, and a page torn by a write during its copy was written after the scan that
 //! listed it, so the next scan lists it again.
 //!
+//! Every write to the guest's memory goes through this process's page tables (the guest's
+//! code, the host's copies into it, and the kernel's `copy_to_user` for a `read` into it):
+//! nothing writes it by DMA (no `O_DIRECT` or io_uring buffers in guest memory), which
+//! the tracking would not see.
+//!
 //! Invariant: the image [`PreCopy::finish`] returns is byte for byte the memory it is
 //! given (the guest stopped): every page was copied after the last scan that found it
 //! written, and a page written after that scan is found by the final one. When the
