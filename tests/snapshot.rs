@@ -952,3 +952,53 @@ fn snapshots_pre_copied_while_the_guest_writes_its_memory_are_exact() {
         assert_eq!(replay_from(&log, &wasm, snap), whole, "from {at}");
     }
 }
+
+/// Where the kernel cannot track writes (`TANDEM_FAILPOINT=no-userfaultfd`: userfaultfd
+/// fails with ENOSYS), a snapshot of a running VM copies its memory in its pause, as
+/// without pre-copy: said once in the VM's log, the replies say nothing was pre-copied,
+/// and the snapshots replay to the same end.
+#[test]
+fn without_dirty_tracking_snapshots_copy_memory_in_the_pause_and_say_so_once() {
+    use machine::control::request;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guest("memchurn.wasm");
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("run.tlog");
+    let out = std::fs::File::create(dir.path().join("vm.out")).unwrap();
+    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["vm", "run", "--wasm", s(&wasm)])
+        .args(["--api-sock", s(&api), "--record", s(&log)])
+        .args(["--arg", "16", "--arg", "3", "--arg", "16"])
+        .env("TANDEM_FAILPOINT", "no-userfaultfd")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    wait_for_socket(&api, &mut vm);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let t = std::time::Duration::from_secs(20);
+    let mut snaps = Vec::new();
+    for i in 0..2 {
+        let snap = dir.path().join(format!("s{i}.snap"));
+        let body = serde_json::json!({ "to": s(&snap) });
+        let (code, reply) = request(&api, "PUT", "/snapshot", Some(&body), t).unwrap();
+        assert_eq!(code, 200, "{reply}");
+        assert!(reply.get("precopied").is_none(), "{reply}");
+        snaps.push(snap);
+    }
+    assert!(vm.wait().unwrap().success());
+    let text = std::fs::read_to_string(dir.path().join("vm.out")).unwrap();
+    assert_eq!(
+        text.matches("no dirty-page tracking here").count(),
+        1,
+        "said once: {text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let whole = events_and_digest(line, "recorded: ");
+    for snap in &snaps {
+        assert_eq!(replay_from(&log, &wasm, snap), whole);
+    }
+}

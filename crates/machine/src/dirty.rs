@@ -154,6 +154,11 @@ impl Tracker {
         if !base.is_multiple_of(page) || !len.is_multiple_of(page) || len == 0 {
             return Err(DirtyError::Unaligned(base, len));
         }
+        if crate::failpoint::no_userfaultfd() {
+            return Err(DirtyError::Userfaultfd(std::io::Error::from_raw_os_error(
+                libc::ENOSYS,
+            )));
+        }
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
         // SAFETY: userfaultfd takes flags and returns a new descriptor or -1; no memory
         // is passed.
