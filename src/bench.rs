@@ -821,6 +821,11 @@ struct JoinBench {
     /// load (its "checkpoint at event N ... (the VM paused P ms)" lines), and their count.
     checkpoint_pause_ms: f64,
     checkpoints: usize,
+    /// Of those, the ones whose memory was copied while the guest ran (the rest copied it
+    /// whole in their pause: no dirty-page tracking on this host), and the most any of them
+    /// copied in its pause (the pages written since the last round, in KiB).
+    checkpoints_precopied: usize,
+    checkpoint_stopped_kib_max: u64,
     /// The primary's resident memory once filled and loaded, just before the join.
     join_primary_rss_mib: f64,
     join_filled_mib: u64,
@@ -1518,6 +1523,31 @@ fn print_join_table(j: &JoinBench) {
         j.checkpoint_pause_ms,
         "-"
     );
+    println!(
+        "{:<40} {:>12} {:>12} {:>7}KiB {:>8}",
+        "  pre-copied; most copied in a pause",
+        "-",
+        format!("{} of {}", j.checkpoints_precopied, j.checkpoints),
+        j.checkpoint_stopped_kib_max,
+        "-"
+    );
+}
+
+/// What the checkpoints a copy reported as pre-copied copied in their pause, in KiB
+/// (their "...; pre-copied M MiB in R rounds while it ran, K KiB in the pause" lines).
+fn checkpoint_stopped_kib(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("checkpoint at event "))
+        .filter_map(|l| l.split("; pre-copied ").nth(1))
+        .filter_map(|rest| {
+            rest.split(" KiB in the pause")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 /// The pauses a copy reported for its checkpoints in its output, in ms.
@@ -1600,6 +1630,7 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
     let _ = load.wait();
     let rss = rss_mib(lab.primary_pid());
     let pauses = checkpoint_pauses(&lab.log("primary"));
+    let stopped_kib = checkpoint_stopped_kib(&lab.log("primary"));
 
     progress(
         args.flags.json,
@@ -1651,6 +1682,8 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
         enable_baseline_gap_ms: baseline.max_gap_ms,
         checkpoint_pause_ms: pauses.iter().copied().fold(0.0, f64::max),
         checkpoints: pauses.len(),
+        checkpoints_precopied: stopped_kib.len(),
+        checkpoint_stopped_kib_max: stopped_kib.iter().copied().max().unwrap_or(0),
         join_primary_rss_mib: rss,
         join_filled_mib: filled_mib,
         join_load_s: load_s,
@@ -2118,4 +2151,22 @@ pub fn soak(args: &SoakArgs) -> Result<u8> {
         );
     }
     Ok(if r.pass { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checkpoint lines as `lockstep::checkpoint` writes them.
+    #[test]
+    fn checkpoint_lines_are_read_whether_pre_copied_or_not() {
+        let log = " INFO checkpoint at event 7 in /s/a.snap (the VM paused 161.0 ms)\n\
+                   x\n \
+                   INFO checkpoint at event 9 in /s/b.snap (the VM paused 2.5 ms); pre-copied \
+                   256.0 MiB in 3 rounds while it ran, 120 KiB in the pause\n \
+                   INFO checkpoint at event 11 in /s/c.snap (the VM paused 0.9 ms); pre-copied \
+                   256.5 MiB in 2 rounds while it ran, 8 KiB in the pause\n";
+        assert_eq!(checkpoint_pauses(log), [161.0, 2.5, 0.9]);
+        assert_eq!(checkpoint_stopped_kib(log), [120, 8]);
+    }
 }

@@ -20,7 +20,9 @@
 //! a checkpoint are dropped only once its file is in place; while a secondary is attached
 //! only the secondary takes checkpoints (the primary never pauses for one while protected);
 //! a copy without a secondary (a primary alone, or a copy that went live) takes its own,
-//! since it alone holds the history then.
+//! since it alone holds the history then, copying the VM's memory while it runs and
+//! pausing it only for the pages written since (`machine::dirty`; the whole memory where
+//! the host cannot track writes).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -138,8 +140,9 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
 pub struct Kept {
     /// What the events since the last checkpoint weigh.
     pub bytes: u64,
-    /// The copy is live: it pauses only for the capture, and the file is written while
-    /// it runs. A replaying secondary waits for the file too: its pause holds the primary
+    /// The copy is live: its memory is copied while it runs (see `machine::dirty`), it
+    /// pauses only for the pages written since and the rest of the capture, and the file
+    /// is written while it runs. A replaying secondary waits for the file too: its pause holds the primary
     /// back (see `FtConfig::max_history_bytes`), which is what bounds the history.
     pub live: bool,
     /// Take one now, whatever the policy says.
@@ -188,12 +191,28 @@ pub fn spawn(
                 }
                 last = Instant::now();
                 match take(&control, &checkpoints, live, &kept) {
-                    Ok((events, path, pause_ms)) => {
+                    Ok((taken, path)) => {
+                        let precopied = taken.precopied.as_ref().map_or(String::new(), |p| {
+                            format!(
+                                "; pre-copied {:.1} MiB in {} rounds while it ran, {} KiB in \
+                                 the pause{}",
+                                p.running_bytes as f64 / (1 << 20) as f64,
+                                p.rounds,
+                                p.stopped_bytes >> 10,
+                                if p.whole {
+                                    " (whole: the memory moved)"
+                                } else {
+                                    ""
+                                }
+                            )
+                        });
                         tracing::info!(
-                            "checkpoint at event {events} in {} (the VM paused {pause_ms:.1} ms)",
-                            path.display()
+                            "checkpoint at event {} in {} (the VM paused {:.1} ms){precopied}",
+                            taken.events,
+                            path.display(),
+                            taken.pause_ms
                         );
-                        done(events);
+                        done(taken.events);
                     }
                     Err(why) if control.ended() => {
                         tracing::debug!("no checkpoint: {why}");
@@ -211,11 +230,14 @@ fn take(
     checkpoints: &Checkpoints,
     live: bool,
     kept: &impl Fn() -> Option<Kept>,
-) -> Result<(u64, PathBuf, f64), String> {
+) -> Result<(machine::capture::Taken, PathBuf), String> {
     let tmp = checkpoints.taking();
-    let taken = control
-        .snapshot(tmp.clone(), false, live, POINT_WAIT)
-        .map_err(|(_, why)| why)?;
+    let taken = if live {
+        control.snapshot_running(tmp.clone(), POINT_WAIT)
+    } else {
+        control.snapshot(tmp.clone(), false, false, POINT_WAIT)
+    }
+    .map_err(|(_, why)| why)?;
     // Asked again after the capture: the generation named is the copy's at the latest
     // moment before the rename (a secondary that went live meanwhile names its own: the
     // state captured is before its go-live, the same in both).
@@ -226,7 +248,7 @@ fn take(
     let path = checkpoints
         .install(&tmp, generation, taken.events)
         .map_err(|e| e.to_string())?;
-    Ok((taken.events, path, taken.pause_ms))
+    Ok((taken, path))
 }
 
 #[cfg(test)]

@@ -36,6 +36,12 @@
 //! import, before it returns). The stack section holds the import's result (4 bytes)
 //! and then Asyncify's data.
 //!
+//! **Memory** is copied in the pause, whole, unless the request brings a pre-copy
+//! ([`crate::dirty::PreCopy`], made by [`crate::control`] while the guest ran): then only
+//! the pages written since its last round are, after the guest's bytes are back under
+//! the buffer. The pre-copy's tracker outlives the pause (handed back to the control for
+//! the next snapshot): ending it would walk the memory's page tables.
+//!
 //! The guest runs on a thread of its own, watched for a stop as a plain VM is
 //! ([`crate::vm::run_watched`]); while a snapshot is taken the VM holds its gate, so the
 //! watcher does not take a VM being captured for a guest computing.
@@ -129,6 +135,9 @@ pub struct Taken {
     /// How long the guest was paused: from the unwind's start to the rewind's end
     /// (or to the file written, for a stop).
     pub pause_ms: f64,
+    /// What was copied while the guest ran and in its pause, when its memory was
+    /// pre-copied ([`crate::dirty`]).
+    pub precopied: Option<crate::dirty::PreCopied>,
 }
 
 /// What [`SnapMachine::run`] and [`SnapMachine::resume`] report.
@@ -443,6 +452,12 @@ impl SnapMachine {
             begin_rewind(&mut store, &instance, &snap.stack)
                 .map_err(|e| CaptureError::Restore(e.to_string()))?;
         }
+        if let (Some(c), Some(memory)) = (&self.control, instance.get_memory(&mut store, "memory"))
+        {
+            // Where a pre-copy finds the memory: it stays there for the whole run
+            // (checked again at the stop, see `crate::dirty::PreCopy::finish`).
+            c.set_memory(memory.data_ptr(&store) as usize, memory.data_size(&store));
+        }
         if let Some(ready) = ready {
             // The instance holds the snapshot and is about to run: a migration's
             // receiver says live now (see `crate::migrate`).
@@ -480,11 +495,18 @@ impl SnapMachine {
 fn write_behind(
     snap: Snapshot,
     to: PathBuf,
-    pause_ms: f64,
+    taken: (f64, Option<crate::dirty::PreCopied>),
     reply: std::sync::mpsc::Sender<crate::control::Answer>,
     control: Option<Arc<Control>>,
+    precopy: Option<Box<crate::dirty::PreCopy>>,
 ) {
+    let (pause_ms, precopied) = taken;
     let write = move || {
+        // The tracker is kept for the next snapshot (never dropped in the pause: ending
+        // the tracking walks the memory's page tables).
+        if let (Some(pc), Some(c)) = (precopy, &control) {
+            c.keep_tracker(pc.into_tracker());
+        }
         let answer = match crate::snapshot::write_file(&to, &snap) {
             Ok(bytes) => {
                 if let Some(c) = &control {
@@ -494,6 +516,7 @@ fn write_behind(
                     events: snap.events,
                     bytes,
                     pause_ms,
+                    precopied,
                 })
             }
             Err(e) => Err((500, e.to_string())),
@@ -567,13 +590,22 @@ impl Driven {
                             to: p.to.clone(),
                             stop: p.stop,
                             behind: false,
+                            precopy: None,
                         },
                     ),
                     (None, None) => return Err(CaptureError::Take("unplanned".into())),
                 };
-                let snap = capture(ident, &mut store, &instance)?;
+                let mut action = action;
+                let mut precopy = match &mut action {
+                    Action::Write { precopy, .. } => precopy.take(),
+                    Action::Migrate(_) => None,
+                };
+                let (snap, precopied) =
+                    capture(ident, &mut store, &instance, precopy.as_deref_mut())?;
                 let (to, stop, behind) = match action {
-                    Action::Write { to, stop, behind } => (to, stop, behind),
+                    Action::Write {
+                        to, stop, behind, ..
+                    } => (to, stop, behind),
                     Action::Migrate(out) => {
                         let since = ctl(store.data_mut())
                             .since
@@ -615,8 +647,18 @@ impl Driven {
                     begin_rewind(&mut store, &instance, &stack)
                         .map_err(|e| CaptureError::Take(e.to_string()))?;
                     let pause_ms = since.elapsed().as_secs_f64() * 1e3;
-                    write_behind(snap, to, pause_ms, r.clone(), control.clone());
+                    write_behind(
+                        snap,
+                        to,
+                        (pause_ms, precopied),
+                        r.clone(),
+                        control.clone(),
+                        precopy,
+                    );
                     continue;
+                }
+                if let (Some(pc), Some(c)) = (precopy.take(), &control) {
+                    c.keep_tracker(pc.into_tracker());
                 }
                 let written = crate::snapshot::write_file(&to, &snap);
                 let since = ctl(store.data_mut())
@@ -642,6 +684,7 @@ impl Driven {
                     events: snap.events,
                     bytes,
                     pause_ms: since.elapsed().as_secs_f64() * 1e3,
+                    precopied,
                 };
                 if let Some(r) = &reply {
                     let _ = r.send(Ok(t.clone()));
@@ -716,12 +759,15 @@ impl SnapMachine {
     }
 }
 
-/// The snapshot of a VM whose stack has just been unwound.
+/// The snapshot of a VM whose stack has just been unwound; with `precopy`, its memory
+/// was copied while it ran and only the pages written since are copied now (what was
+/// copied when is returned too).
 fn capture(
     id: Ident,
     store: &mut Store<Vm>,
     instance: &Instance,
-) -> Result<Snapshot, CaptureError> {
+    precopy: Option<&mut crate::dirty::PreCopy>,
+) -> Result<(Snapshot, Option<crate::dirty::PreCopied>), CaptureError> {
     let memory = instance
         .get_memory(&mut *store, "memory")
         .ok_or_else(|| CaptureError::Take("the module exports no memory".into()))?;
@@ -736,8 +782,16 @@ fn capture(
         .ok_or_else(|| CaptureError::Take("Asyncify's buffer is inconsistent".into()))?;
     let mut stack = result.to_le_bytes().to_vec();
     stack.extend_from_slice(saved);
+    // The guest's own bytes back under the buffer before its memory is copied: the
+    // pages written doing so are among those a pre-copy's last scan finds.
     give_back(data, vm);
-    let memory = memory.data(&*store).to_vec();
+    let (memory, precopied) = match precopy {
+        Some(pc) => {
+            let (image, stats) = pc.finish(memory.data(&*store));
+            (image, Some(stats))
+        }
+        None => (memory.data(&*store).to_vec(), None),
+    };
     let mut globals = Vec::with_capacity(id.globals as usize);
     for i in 0..id.globals {
         let g = instance
@@ -774,7 +828,7 @@ fn capture(
         stdin_ready: vm.stdin_ready,
         resume: vm.resume.clone(),
     };
-    Ok(Snapshot {
+    let snap = Snapshot {
         module_digest: id.original,
         instrumented_digest: id.instrumented,
         events: vm.seq,
@@ -782,7 +836,8 @@ fn capture(
         globals,
         stack,
         vm: postcard::to_stdvec(&state).map_err(|e| CaptureError::Take(e.to_string()))?,
-    })
+    };
+    Ok((snap, precopied))
 }
 
 fn same(a: &Val, b: &Val) -> bool {
@@ -843,6 +898,7 @@ pub(crate) fn due(vm: &Vm, memory_len: usize) -> bool {
     };
     if let Some(r) = &c.remote {
         r.set_events(vm.seq);
+        r.set_memory_len(memory_len);
     }
     let planned = c.want.is_some_and(|n| vm.seq >= n);
     let asked = c.remote.as_ref().is_some_and(|r| r.pending());

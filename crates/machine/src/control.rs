@@ -6,8 +6,10 @@
 //!   "snapshots"}`
 //! - `PUT /snapshot` `{"to": FILE, "stop": bool}` → at the VM's next snapshot point (an
 //!   event boundary, see [`crate::capture`]) the snapshot is written to FILE (whole, then
-//!   renamed into place); the reply, once it is, is `{"events", "bytes", "pause_ms"}`.
-//!   With `"stop": true` the VM then stops (suspend).
+//!   renamed into place); the reply, once it is, is `{"events", "bytes", "pause_ms"}`
+//!   (and `"precopied"`, what was copied while the guest ran and at the stop, when the
+//!   memory was pre-copied). With `"stop": true` the VM then stops (suspend); without, its
+//!   memory is first copied while it runs ([`Control::snapshot_running`]).
 //! - `PUT /migrate` `{"to": "ADDR:PORT"}` → the VM moves to the `vm receive` listening
 //!   there ([`crate::migrate`]): connected and checked while the guest runs, handed over
 //!   at its next snapshot point; the reply, once the receiver is live, is `{"events",
@@ -22,6 +24,13 @@
 //! answering it through a channel. A request wakes a VM blocked waiting for the network
 //! ([`crate::host::wake_waits`]), so an idle VM reaches its snapshot point at once.
 //!
+//! **Pre-copy.** A snapshot of a VM that goes on copies its memory while the guest runs
+//! ([`crate::dirty`]), on the thread that asked for it (the API connection's, or the
+//! checkpointer's), from the mapping the VM publishes here ([`Control::set_memory`]);
+//! the VM then pauses at its snapshot point only for the pages written since the last
+//! round. Where the kernel cannot track writes, the pause copies the whole memory, as it
+//! does without pre-copy (said once in the log).
+//!
 //! Bounds: one request per connection; a request's head is at most [`MAX_HEAD`] bytes and
 //! its body at most [`MAX_BODY`]; a client has [`IO_TIMEOUT`] to send it; one snapshot may
 //! be pending at a time (a second gets 409); a snapshot the VM has not reached an event
@@ -31,7 +40,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +48,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::capture::Taken;
+use crate::dirty::{DirtyError, PreCopy, Tracker};
 
 /// The largest request line plus headers.
 pub const MAX_HEAD: usize = 8 << 10;
@@ -50,6 +60,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long a snapshot request waits for the VM to reach a snapshot point.
 pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
+/// The most rounds of a pre-copy (the whole memory being the first).
+pub const PRECOPY_ROUNDS: u32 = 12;
+/// A pre-copy stops its rounds once one copies no more than this: what is left for the
+/// pause is about as much.
+pub const PRECOPY_ENOUGH: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -64,11 +79,14 @@ pub enum ControlError {
 #[derive(Debug)]
 pub(crate) enum Action {
     /// Write the snapshot to `to`; then stop if `stop`. With `behind` (and not `stop`)
-    /// the VM waits only for the capture and goes on while the file is written.
+    /// the VM waits only for the capture and goes on while the file is written. With
+    /// `precopy`, its memory was copied while it ran: the capture copies only the pages
+    /// written since.
     Write {
         to: PathBuf,
         stop: bool,
         behind: bool,
+        precopy: Option<Box<PreCopy>>,
     },
     /// Hand the VM over to the receiver at the other end (see [`crate::migrate`]).
     Migrate(crate::migrate::Outbound),
@@ -92,6 +110,13 @@ pub struct Control {
     request: Mutex<Option<Request>>,
     /// Events taken so far (updated by the VM as event imports return).
     events: AtomicU64,
+    /// Where the VM's linear memory is mapped in this process, and its length as of its
+    /// last snapshot point (0 and 0 while there is no VM): what a pre-copy copies.
+    memory_base: AtomicUsize,
+    memory_len: AtomicUsize,
+    /// The dirty-page tracker of the last pre-copy, kept for the next (see
+    /// [`PreCopy::into_tracker`]); dropped when the VM ends.
+    tracker: Mutex<Option<Tracker>>,
     snapshots: AtomicU64,
     /// The VM has ended (exited, stopped, suspended).
     ended: AtomicBool,
@@ -112,6 +137,9 @@ impl Control {
             pending: AtomicBool::new(false),
             request: Mutex::new(None),
             events: AtomicU64::new(0),
+            memory_base: AtomicUsize::new(0),
+            memory_len: AtomicUsize::new(0),
+            tracker: Mutex::new(None),
             snapshots: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             answering: std::sync::atomic::AtomicUsize::new(0),
@@ -128,6 +156,89 @@ impl Control {
 
     pub(crate) fn set_events(&self, n: u64) {
         self.events.store(n, Ordering::Relaxed);
+    }
+
+    /// The VM's memory is mapped at `base` (for as long as the VM runs: wasmtime reserves
+    /// its whole range up front and grows it in place) and is `len` bytes now.
+    pub(crate) fn set_memory(&self, base: usize, len: usize) {
+        self.memory_base.store(base, Ordering::SeqCst);
+        self.memory_len.store(len, Ordering::SeqCst);
+    }
+
+    /// The VM's memory is `len` bytes now (it grew).
+    pub(crate) fn set_memory_len(&self, len: usize) {
+        self.memory_len.store(len, Ordering::Relaxed);
+    }
+
+    /// Copy the VM's memory while it runs, until little is left for the pause (see the
+    /// module docs); `None` when there is no VM, when it ended meanwhile, or when writes
+    /// cannot be tracked here (the snapshot then copies the whole memory in its pause).
+    pub(crate) fn precopy(&self) -> Option<Box<PreCopy>> {
+        static UNTRACKABLE: AtomicBool = AtomicBool::new(false);
+        let base = self.memory_base.load(Ordering::SeqCst);
+        let len = self.memory_len.load(Ordering::SeqCst);
+        // A request already waiting: this one will be refused (409), copy nothing.
+        if base == 0 || len == 0 || self.pending() || self.unavailable().is_some() {
+            return None;
+        }
+        if UNTRACKABLE.load(Ordering::Relaxed) {
+            return None;
+        }
+        let kept = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let started = match kept {
+            Some(mut t) if t.base() == base && t.len() <= len => match t.grow(len) {
+                Ok(()) => PreCopy::start_with(t),
+                Err(e) => {
+                    tracing::debug!("tracking the grown memory: {e}; tracking it anew");
+                    drop(t);
+                    PreCopy::start(base, len)
+                }
+            },
+            // Another mapping (another VM): its tracker goes.
+            _ => PreCopy::start(base, len),
+        };
+        let mut pc = match started {
+            Ok(pc) => pc,
+            // Not a registration: another pre-copy may hold the range for a moment (EBUSY).
+            Err(
+                e @ (DirtyError::Userfaultfd(_) | DirtyError::Features(_) | DirtyError::Pagemap(_)),
+            ) => {
+                // The kernel or the sandbox: the same next time. Said once.
+                UNTRACKABLE.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "no dirty-page tracking here ({e}): snapshots copy the memory while the VM waits"
+                );
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!("no pre-copy: {e}");
+                return None;
+            }
+        };
+        let mut last = u64::MAX;
+        while pc.stats().rounds < PRECOPY_ROUNDS && !self.ended() {
+            match pc.round() {
+                Ok(bytes) => {
+                    // Few pages left, or no longer fewer each round (the guest writes as
+                    // fast as they are copied): stop here.
+                    let done =
+                        bytes <= PRECOPY_ENOUGH || bytes.saturating_mul(4) > last.saturating_mul(3);
+                    last = bytes;
+                    if done {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("pre-copy given up: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(Box::new(pc))
     }
 
     /// The waiting request, taken by the VM at a snapshot point.
@@ -148,9 +259,27 @@ impl Control {
         self.ended.load(Ordering::SeqCst)
     }
 
+    /// Keep the tracker of a pre-copy finished for the next one, unless the VM ended.
+    pub(crate) fn keep_tracker(&self, tracker: Tracker) {
+        let mut kept = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `end` takes after setting `ended`: a tracker is never
+        // kept past the VM's end.
+        if !self.ended() {
+            *kept = Some(tracker);
+        }
+    }
+
     /// The VM's run is over: requests are refused from now on.
     pub fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
+        self.set_memory(0, 0);
+        // Its memory is unmapped by now: the tracking ends with it.
+        drop(
+            self.tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         // A request that arrived too late is answered rather than left to time out.
         if let Some(r) = self.take() {
             let _ = r.reply.send(Err((409, "the VM has ended".into())));
@@ -216,7 +345,30 @@ impl Control {
         behind: bool,
         wait: Duration,
     ) -> Result<Taken, (u16, String)> {
-        let rx = self.submit(Action::Write { to, stop, behind })?;
+        let rx = self.submit(Action::Write {
+            to,
+            stop,
+            behind,
+            precopy: None,
+        })?;
+        self.answer(rx, wait)
+    }
+
+    /// A snapshot of the VM, which goes on: its memory copied while it runs
+    /// ([`Control::precopy`]), then at its next snapshot point the pages written since,
+    /// the rest of its state, and it goes on while the file is written to `to`. The rest
+    /// as [`Control::snapshot`].
+    pub fn snapshot_running(&self, to: PathBuf, wait: Duration) -> Result<Taken, (u16, String)> {
+        if let Some(e) = self.unavailable() {
+            return Err(e);
+        }
+        let precopy = self.precopy();
+        let rx = self.submit(Action::Write {
+            to,
+            stop: false,
+            behind: true,
+            precopy,
+        })?;
         self.answer(rx, wait)
     }
 
@@ -304,6 +456,20 @@ pub struct SnapshotReply {
     pub events: u64,
     pub bytes: u64,
     pub pause_ms: f64,
+    /// What was copied while the VM ran and in its pause, when its memory was pre-copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopied: Option<crate::dirty::PreCopied>,
+}
+
+impl From<Taken> for SnapshotReply {
+    fn from(t: Taken) -> Self {
+        SnapshotReply {
+            events: t.events,
+            bytes: t.bytes,
+            pause_ms: t.pause_ms,
+            precopied: t.precopied,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -561,20 +727,22 @@ fn route<'a>(
                     ),
                 ));
             }
+            if let Some(e) = control.unavailable() {
+                return Err(e);
+            }
+            // A VM that goes on pauses only for what it wrote during the copy.
+            let precopy = if r.stop { None } else { control.precopy() };
             let t = wait_answer(
                 control,
                 Action::Write {
                     to: r.to,
                     stop: r.stop,
                     behind: true,
+                    precopy,
                 },
                 answering,
             )?;
-            Ok(json(&SnapshotReply {
-                events: t.events,
-                bytes: t.bytes,
-                pause_ms: t.pause_ms,
-            }))
+            Ok(json(&SnapshotReply::from(t)))
         }
         ("PUT", "/migrate") => {
             let r: MigrateRequest =
@@ -590,11 +758,7 @@ fn route<'a>(
             let out = crate::migrate::Outbound::connect(to, &module, &instrumented)
                 .map_err(|e| (502, format!("receiver {to}: {e}")))?;
             let t = wait_answer(control, Action::Migrate(out), answering)?;
-            Ok(json(&SnapshotReply {
-                events: t.events,
-                bytes: t.bytes,
-                pause_ms: t.pause_ms,
-            }))
+            Ok(json(&SnapshotReply::from(t)))
         }
         (_, "/status" | "/stop" | "/snapshot" | "/migrate") => {
             Err((405, "method not allowed".into()))

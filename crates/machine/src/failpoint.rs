@@ -10,6 +10,9 @@
 //! `TANDEM_FAILPOINT=receiver-dies:POINT` SIGKILLs a migration's receiver at POINT
 //! (`before-ready`: holding the whole offer; `after-commit`: committed, before saying live):
 //! the windows [`crate::migrate`]'s handshake is built around.
+//!
+//! `TANDEM_FAILPOINT=no-userfaultfd` makes this process's kernel lack userfaultfd
+//! (ENOSYS) for [`crate::dirty`]: snapshots fall back to copying memory in their pause.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,4 +53,10 @@ pub(crate) fn receiver_at(point: &str) {
         // SAFETY: kill(2) on this very process; no memory is involved.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
+}
+
+/// Whether userfaultfd is to fail as on a kernel without it (see the module docs).
+pub(crate) fn no_userfaultfd() -> bool {
+    static NO: OnceLock<bool> = OnceLock::new();
+    *NO.get_or_init(|| std::env::var("TANDEM_FAILPOINT").is_ok_and(|v| v == "no-userfaultfd"))
 }

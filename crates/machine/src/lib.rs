@@ -14,6 +14,7 @@ pub mod clock;
 pub mod codecache;
 pub mod control;
 pub mod datastore;
+pub mod dirty;
 pub mod event;
 mod failpoint;
 pub mod fdtable;

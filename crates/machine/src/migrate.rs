@@ -335,6 +335,7 @@ pub(crate) fn migrate_out(
         events: snap.events,
         bytes: bytes.len() as u64,
         pause_ms: since.elapsed().as_secs_f64() * 1e3,
+        precopied: None,
     };
     tracing::info!(
         "migrated to {peer} at event {} ({} bytes, paused {:.1} ms)",
