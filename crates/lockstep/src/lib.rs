@@ -316,15 +316,31 @@ mod tests {
 
     #[test]
     fn borrowed_events_encode_as_the_message_does() {
-        let events = vec![Event {
-            seq: 3,
-            kind: Kind::ClockTimeGet,
-            args: 1,
-            outputs: 2,
-            outcome: Outcome::Value(42),
-        }];
-        let borrowed = encode(&primary::EventsRef(&events));
-        assert_eq!(borrowed, encode(&ToSecondary::Events(events.clone())));
+        let events = vec![
+            Event {
+                seq: 3,
+                kind: Kind::ClockTimeGet,
+                args: 1,
+                outputs: 2,
+                outcome: Outcome::Value(42),
+            },
+            Event {
+                seq: 4,
+                kind: Kind::FdRead,
+                args: 5,
+                outputs: 6,
+                outcome: Outcome::Data((0..200_000u32).map(|i| i as u8).collect::<Vec<_>>().into()),
+            },
+        ];
+        let shared: Vec<std::sync::Arc<Event>> =
+            events.iter().cloned().map(std::sync::Arc::new).collect();
+        let owned = encode(&ToSecondary::Events(events.clone()));
+        let borrowed = encode(&primary::EventsRef(&shared));
+        assert_eq!(borrowed, owned);
+        // Serialised onto a writer in pieces, as the sender does: the same bytes.
+        let mut streamed = Vec::new();
+        primary::serialize_into(&primary::EventsRef(&shared), &mut streamed).unwrap();
+        assert_eq!(streamed, owned);
         assert!(
             matches!(decode::<ToSecondary>(&borrowed).unwrap(), ToSecondary::Events(e) if e == events)
         );

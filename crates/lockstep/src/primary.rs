@@ -86,7 +86,9 @@ struct State {
     header: LogHeader,
     /// The events from position `base` on: those since the latest checkpoint (a snapshot
     /// holds the VM at `base`), which a secondary joining from that checkpoint replays.
-    history: Vec<Event>,
+    /// Shared, not copied: the VM gave its guest the data of the last one from the same
+    /// allocation, and a sender takes the ones it streams without holding the lock.
+    history: Vec<Arc<Event>>,
     base: u64,
     /// What `history` weighs (encoded bytes): the checkpoint policy's measure.
     history_bytes: u64,
@@ -159,9 +161,9 @@ impl State {
         self.base + self.history.len() as u64
     }
 
-    fn push(&mut self, event: &Event) {
-        self.history_bytes += weight(event);
-        self.history.push(event.clone());
+    fn push(&mut self, event: Arc<Event>) {
+        self.history_bytes += weight(&event);
+        self.history.push(event);
     }
 
     /// Forget the events before `position`, which a checkpoint holds, but never one an
@@ -178,7 +180,7 @@ impl State {
         if n == 0 {
             return;
         }
-        let freed: u64 = self.history[..n].iter().map(weight).sum();
+        let freed: u64 = self.history[..n].iter().map(|e| weight(e)).sum();
         self.history.drain(..n);
         self.base += n as u64;
         self.history_bytes = self.history_bytes.saturating_sub(freed);
@@ -230,7 +232,7 @@ impl State {
                 .get(from..)
                 .unwrap_or(&[])
                 .iter()
-                .map(weight)
+                .map(|e| weight(e))
                 .sum();
             bytes <= GATE_BYTES
         };
@@ -643,11 +645,12 @@ impl Primary {
         })
     }
 
-    /// A standby copy keeps an event it replayed.
+    /// A standby copy keeps an event it replayed (its data shared with the replay's, not
+    /// copied: see `machine::event::Bytes`).
     pub fn retain(&self, event: &Event) {
         let mut st = self.shared.lock();
         if st.standby && st.end() == event.seq {
-            st.push(event);
+            st.push(Arc::new(event.clone()));
         }
     }
 
@@ -920,7 +923,7 @@ pub fn hostname() -> String {
 pub struct PrimarySink(Arc<Shared>);
 
 impl EventSink for PrimarySink {
-    fn append(&mut self, event: &Event) -> Result<(), LogError> {
+    fn append(&mut self, event: Arc<Event>) -> Result<(), LogError> {
         let s = &self.0;
         let mut st = s.lock();
         if let Some(why) = &st.halted {
@@ -1292,12 +1295,21 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, Option<u64>), FtErr
     Ok((conn, gated))
 }
 
-/// Serialises exactly as `ToSecondary::Events`, borrowing the events.
-pub(crate) struct EventsRef<'a>(pub(crate) &'a [Event]);
+/// Serialises exactly as `ToSecondary::Events`, from the history's shared events.
+pub(crate) struct EventsRef<'a>(pub(crate) &'a [Arc<Event>]);
+
+/// The events of an [`EventsRef`], as the sequence `Vec<Event>` serialises as.
+struct EventSeq<'a>(&'a [Arc<Event>]);
 
 impl serde::Serialize for EventsRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_newtype_variant("ToSecondary", 1, "Events", self.0)
+        s.serialize_newtype_variant("ToSecondary", 1, "Events", &EventSeq(self.0))
+    }
+}
+
+impl serde::Serialize for EventSeq<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| &**e))
     }
 }
 
@@ -1310,11 +1322,11 @@ pub fn weight(e: &Event) -> u64 {
 /// payload bytes, and at least one. Sizes are measured, not encoded (postcard's size
 /// flavor walks the event without copying its data), so a batch is encoded once.
 /// Whatever the events, a batch is over `target` only when it is a single event.
-pub fn next_batch(history: &[Event], from: usize, target: usize) -> usize {
+pub fn next_batch(history: &[Arc<Event>], from: usize, target: usize) -> usize {
     let mut bytes = EVENTS_OVERHEAD;
     let mut upto = from;
     for e in &history[from..] {
-        let size = postcard::experimental::serialized_size(e).unwrap_or(usize::MAX / 2);
+        let size = postcard::experimental::serialized_size(&**e).unwrap_or(usize::MAX / 2);
         if upto > from && bytes + size > target {
             break;
         }
@@ -1322,6 +1334,44 @@ pub fn next_batch(history: &[Event], from: usize, target: usize) -> usize {
         upto += 1;
     }
     upto
+}
+
+/// A batch's `ToSecondary::Events` payload size: exactly what postcard writes for it,
+/// measured without encoding.
+fn batch_size(batch: &[Arc<Event>]) -> usize {
+    postcard::experimental::serialized_size(&EventsRef(batch)).unwrap_or(usize::MAX)
+}
+
+/// Serialise `m` onto `out` as [`encode`] would into a buffer. (postcard reports a failed
+/// write as a full buffer: the write's own error is kept to say what happened.)
+pub(crate) fn serialize_into<T: serde::Serialize>(
+    m: &T,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    struct Keep<'a> {
+        out: &'a mut dyn std::io::Write,
+        failed: Option<std::io::Error>,
+    }
+    impl std::io::Write for Keep<'_> {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.out.write(data).map_err(|e| {
+                let kind = e.kind();
+                self.failed = Some(e);
+                std::io::Error::from(kind)
+            })
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.out.flush()
+        }
+    }
+    let mut keep = Keep { out, failed: None };
+    match postcard::to_io(m, &mut keep) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(keep
+            .failed
+            .take()
+            .unwrap_or_else(|| std::io::Error::other(e.to_string()))),
+    }
 }
 
 fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(), FtError> {
@@ -1395,16 +1445,16 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             }
             let from = (sent - st.base) as usize;
             let upto = next_batch(&st.history, from, FRAME_TARGET);
-            // Serialised straight from the history: no copy of the events on this path.
-            let batch = (upto > from).then(|| encode(&EventsRef(&st.history[from..upto])));
+            // The batch's events, shared with the history: serialised after the lock is
+            // dropped, straight onto the channel, so the VM never waits for the send and no
+            // copy of the events is ever made on this path.
+            let batch = (upto > from).then(|| st.history[from..upto].to_vec());
+            let size = batch.as_deref().map_or(0, batch_size);
+            let batch = batch.map(|b| (b, size));
             let upto = st.base + upto as u64;
-            if batch
-                .as_ref()
-                .is_some_and(|b| b.len() > MAX_PAYLOAD as usize)
-            {
+            if size > MAX_PAYLOAD as usize {
                 return Err(FtError::Protocol(format!(
-                    "event {sent} is too large for a frame ({} bytes)",
-                    batch.map_or(0, |b| b.len())
+                    "event {sent} is too large for a frame ({size} bytes)"
                 )));
             }
             let end = if upto == st.end() && !end_sent {
@@ -1418,7 +1468,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 .flatten();
             if batch.is_some() {
                 // Frame overhead: 16 bytes of header, 4 of CRC, 16 of MAC.
-                st.log_bytes += batch.as_ref().map_or(0, |b| b.len() as u64 + 36);
+                st.log_bytes += size as u64 + 36;
                 sent = upto;
                 // Counted before the write: a secondary may hold these from now on.
                 st.sent = upto;
@@ -1436,9 +1486,11 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             (batch, end, intent, handover)
         };
         let idle = batch.is_none() && intent.is_none() && handover.is_none();
-        if let Some(payload) = batch {
-            w.send(KIND_MSG, &payload)
-                .map_err(io_err("stream events"))?;
+        if let Some((batch, size)) = batch {
+            w.send_with(KIND_MSG, size, |out| {
+                serialize_into(&EventsRef(&batch), out)
+            })
+            .map_err(io_err("stream events"))?;
         }
         if let Some(intent) = intent {
             intent_sent = Some(intent.seq);
@@ -1586,7 +1638,7 @@ mod tests {
             kind: Kind::FdRead,
             args: u64::MAX,
             outputs: u64::MAX,
-            outcome: Outcome::Data(vec![seq as u8; len]),
+            outcome: Outcome::Data(vec![seq as u8; len].into()),
         }
     }
 
@@ -1608,12 +1660,15 @@ mod tests {
 
     /// Split `history` as the sender does; check every frame against the cap and the target.
     fn split(history: &[Event], target: usize) -> Vec<std::ops::Range<usize>> {
+        let history: Vec<Arc<Event>> = history.iter().cloned().map(Arc::new).collect();
+        let history = &history[..];
         let mut frames = Vec::new();
         let mut from = 0;
         while from < history.len() {
             let upto = next_batch(history, from, target);
             assert!(upto > from, "no progress at {from}");
             let len = encode(&EventsRef(&history[from..upto])).len();
+            assert_eq!(len, batch_size(&history[from..upto]), "measured as encoded");
             assert!(
                 len <= MAX_PAYLOAD as usize,
                 "frame {from}..{upto}: {len} bytes"
@@ -1652,9 +1707,9 @@ mod tests {
         let covered: Vec<usize> = frames.into_iter().flatten().collect();
         assert_eq!(covered, (0..20).collect::<Vec<_>>());
         // A measured size is the encoded size, so the target is met exactly.
-        let one = [data_event(0, 1000)];
+        let one = [Arc::new(data_event(0, 1000))];
         assert_eq!(
-            postcard::experimental::serialized_size(&one[0]).unwrap() + 2,
+            postcard::experimental::serialized_size(&*one[0]).unwrap() + 2,
             encode(&EventsRef(&one)).len()
         );
     }
@@ -1907,8 +1962,8 @@ mod tests {
         let primary =
             Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config()).unwrap();
         let mut sink = primary.sink();
-        for e in &events {
-            sink.append(e).unwrap();
+        for e in events {
+            sink.append(Arc::new(e)).unwrap();
         }
         (primary, sink)
     }
@@ -2128,7 +2183,7 @@ mod tests {
         wait("attach", || primary.protected());
         let mut port = primary.port();
         for seq in 0..50 {
-            sink.append(&event(seq)).unwrap();
+            sink.append(Arc::new(event(seq))).unwrap();
             port.console(seq + 1, 1, b"a line");
         }
         let end = End {
@@ -2165,7 +2220,7 @@ mod tests {
         // Acknowledges every event but never confirms an end.
         let _fake = fake_secondary(&primary, Some(u64::MAX));
         wait("attach", || primary.protected());
-        sink.append(&event(0)).unwrap();
+        sink.append(Arc::new(event(0))).unwrap();
         let end = End {
             events: 1,
             exit: Exit::Stopped,
@@ -2240,7 +2295,7 @@ mod tests {
         let mut source = secondary.source(None);
         wait("attach", || primary.shared.lock().attached.is_some());
         // An output produced after 3 events is held while the secondary has fewer.
-        sink.append(&event(0)).unwrap();
+        sink.append(Arc::new(event(0))).unwrap();
         port.frame(3, b"depends on events 0..3");
         port.console(3, 1, b"so does this");
         std::thread::sleep(Duration::from_millis(200));
@@ -2257,8 +2312,8 @@ mod tests {
             !disk.is_finished(),
             "a disk mutation went ahead of the secondary"
         );
-        sink.append(&event(1)).unwrap();
-        sink.append(&event(2)).unwrap();
+        sink.append(Arc::new(event(1))).unwrap();
+        sink.append(Arc::new(event(2))).unwrap();
         // The secondary receives them (it need not have executed them yet).
         wait("release", || primary.released() == 2);
         assert!(disk.join().unwrap().is_ok());
@@ -2315,7 +2370,7 @@ mod tests {
             "gated while an ungated operation was under way"
         );
         // Its event is in the history: now it is gated, past it, and confirms.
-        sink.append(&event(2000)).unwrap();
+        sink.append(Arc::new(event(2000))).unwrap();
         wait("protected", || primary.protected());
         assert_eq!(primary.shared.lock().release, 2001);
         // Gated: an output after 2002 events waits until the secondary holds them.
@@ -2327,7 +2382,7 @@ mod tests {
             0,
             "released before the secondary held it"
         );
-        sink.append(&event(2001)).unwrap();
+        sink.append(Arc::new(event(2001))).unwrap();
         wait("release", || primary.released() == 1);
         assert_eq!(generations(&dir), ["gen-1"]);
     }
