@@ -104,6 +104,10 @@ struct State {
     history_warned: bool,
     /// This copy went live: its next checkpoint is due at once (see [`Primary::activate`]).
     checkpoint_due: bool,
+    /// Without a secondary: the history length when this copy's checkpointer was seen
+    /// asking for a checkpoint with the history past its bound, until that checkpoint is
+    /// in place (see [`PrimarySink::append`]).
+    own_asked: Option<u64>,
     end: Option<End>,
     /// Events the attached secondary holds and has executed.
     acked: u64,
@@ -508,6 +512,7 @@ impl Shared {
                 went_live: None,
                 history_warned: false,
                 checkpoint_due: false,
+                own_asked: None,
                 end: None,
                 acked: 0,
                 executed: 0,
@@ -703,6 +708,8 @@ impl Primary {
         }
         st.checkpoint = Some(st.checkpoint.map_or(position, |c| c.max(position)));
         st.drop_before(position);
+        st.own_asked = None;
+        self.shared.acks.notify_all();
         if position >= st.base {
             st.checkpoint_due = false;
         }
@@ -711,9 +718,21 @@ impl Primary {
 
     /// What [`Primary::to_checkpoint`] says, and whether the checkpoint is due at once
     /// (this copy just went live: no newcomer can join it before).
+    ///
+    /// Called by this copy's checkpointer: one that sees the history past its bound takes a
+    /// checkpoint (the bound is at least the checkpoint interval), which a VM waiting for it
+    /// learns here.
     pub fn to_checkpoint_kept(&self) -> Option<crate::checkpoint::Kept> {
         let (due, generation) = {
-            let st = self.shared.lock();
+            let mut st = self.shared.lock();
+            if st.attached.is_none()
+                && st.halted.is_none()
+                && st.own_asked.is_none()
+                && st.history_bytes > self.shared.config.max_history_bytes
+            {
+                st.own_asked = Some(st.end());
+                self.shared.acks.notify_all();
+            }
             (st.checkpoint_due, st.generation)
         };
         self.to_checkpoint().map(|bytes| crate::checkpoint::Kept {
@@ -983,6 +1002,35 @@ impl EventSink for PrimarySink {
                         s.config.max_history_bytes
                     );
                 }
+                break;
+            }
+            st = s
+                .acks
+                .wait_timeout(st, left)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        // Without a secondary this copy takes its own checkpoints, and bounds its history
+        // the same way. A checkpoint is taken at a snapshot point, the start of an event,
+        // never while the VM waits here: past the bound the VM waits until its checkpointer
+        // asks for one (and then goes on to that point), and once it passed a point since
+        // (the checkpoint is being written), until the checkpoint is in place. Otherwise a
+        // VM taking large events quickly keeps many of them in the time a checkpoint takes.
+        while st.attached.is_none()
+            && !st.standby
+            && st.halted.is_none()
+            && !st.history_warned
+            && st.history_bytes > s.config.max_history_bytes
+            && st.own_asked.is_none_or(|at| st.end() > at)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.history_warned = true;
+                tracing::warn!(
+                    "no checkpoint in {} s: the history grows past {} bytes",
+                    crate::HISTORY_WAIT.as_secs(),
+                    s.config.max_history_bytes
+                );
                 break;
             }
             st = s
@@ -1290,6 +1338,10 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, Option<u64>), FtErr
     st.release_held = false;
     st.catch_up_mark = st.end();
     st.catch_up_rounds = 0;
+    // The secondary takes the checkpoints now: one this copy asked for will not count, and
+    // a VM waiting for it (the history past its bound) waits for the secondary instead.
+    st.own_asked = None;
+    s.acks.notify_all();
     let gated = st.gate_if_near().then_some(st.release);
     s.status(&st);
     Ok((conn, gated))
@@ -2104,6 +2156,47 @@ mod tests {
         let secondary =
             Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 6).unwrap();
         wait("gated", || secondary.release() == Some(6));
+    }
+
+    #[test]
+    fn without_a_secondary_the_history_past_its_bound_waits_for_the_copys_own_checkpoint() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let bound = 2 * weight(&data_event(0, 1000));
+        let config = FtConfig {
+            max_history_bytes: bound,
+            ..config()
+        };
+        let primary =
+            Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config).unwrap();
+        let mut sink = primary.sink();
+        // Two events: at the bound, not past it.
+        for seq in 0..2 {
+            sink.append(Arc::new(data_event(seq, 1000))).unwrap();
+        }
+        let appender = std::thread::spawn(move || {
+            for seq in 2..4 {
+                sink.append(Arc::new(data_event(seq, 1000))).unwrap();
+            }
+        });
+        let appended = || primary.shared.lock().end();
+        wait("the third event", || appended() == 3);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(appended(), 3, "the VM went on past the bound unasked");
+        // The checkpointer looks and asks: the VM goes on to its next event (where the
+        // checkpoint is taken), and then waits for the checkpoint to be in place.
+        let kept = primary.to_checkpoint_kept().unwrap();
+        assert!(kept.bytes > bound);
+        wait("the fourth event", || appended() == 4);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !appender.is_finished(),
+            "the VM went on before the checkpoint"
+        );
+        primary.checkpointed(3);
+        wait("the VM going on", || appender.is_finished());
+        appender.join().unwrap();
+        assert_eq!(primary.history_bytes(), weight(&data_event(3, 1000)));
     }
 
     #[test]
