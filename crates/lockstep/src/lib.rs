@@ -88,10 +88,12 @@ pub struct FtConfig {
     pub min_timeout: Duration,
     /// The primary is slowed when the secondary trails by more events than this.
     pub max_lag_events: u64,
-    /// While a secondary is attached, the primary is slowed when the history it keeps
-    /// (the events since the latest checkpoint) weighs more than this: the secondary's
-    /// checkpoints, not the run's length, bound the primary's memory. If no checkpoint
-    /// comes within [`HISTORY_WAIT`] the primary goes on (checkpoints are failing).
+    /// The primary is slowed when the history it keeps (the events since the latest
+    /// checkpoint) weighs more than this: the checkpoints (the secondary's, or without one
+    /// this copy's own), not the run's length, bound the primary's memory. If no checkpoint
+    /// comes within [`HISTORY_WAIT`] the primary goes on (checkpoints are failing). It is
+    /// at least the checkpoint interval: a checkpointer that sees the history past it
+    /// takes a checkpoint (see `Primary::to_checkpoint_kept`).
     pub max_history_bytes: u64,
     /// How long a finished primary waits for its secondary to confirm the end (and for its
     /// held outputs to be written) before it fences the secondary off.
