@@ -289,9 +289,12 @@ impl FtArgs {
             heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
             timeout: std::time::Duration::from_millis(self.timeout_ms),
             min_timeout: std::time::Duration::from_millis(self.min_timeout_ms),
-            // Two intervals and one largest event: the secondary checkpoints at one interval
-            // and may be taking that checkpoint while the next accumulates.
-            max_history_bytes: (self.checkpoint_mib << 21) + machine::event::MAX_EVENT_DATA as u64,
+            // One interval and one largest event: the secondary checkpoints at one interval,
+            // and while it takes that checkpoint the primary goes on for another (the
+            // largest event: one that takes the history past the interval may be that
+            // large). The primary waits only past that, and then holds one event more (the
+            // one that lets an idle secondary reach a point to checkpoint at).
+            max_history_bytes: (self.checkpoint_mib << 20) + machine::event::MAX_EVENT_DATA as u64,
             ..lockstep::FtConfig::default()
         })
     }
@@ -564,7 +567,27 @@ fn serve_handovers(
         .map_err(|e| bad(format!("cannot start a thread: {e}")))
 }
 
+/// Large allocations (an event's data, up to 16 MiB; a frame of events) go to their own
+/// mappings and back to the kernel when freed. glibc's default raises its mmap threshold to
+/// the size of the largest block freed so far, so after the first 16 MiB read every later one
+/// is carved from the heap, whose freed blocks stay resident: an FT primary, which holds a
+/// few such events at a time and frees them in another order than it took them, kept
+/// tens of MiB of freed heap at its peak. A fixed threshold also stops that adjustment.
+fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const THRESHOLD: i32 = 256 << 10;
+        // SAFETY: mallopt only sets an allocator parameter; it is called once, first thing
+        // in main, before any other thread exists.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };
+        if ok == 0 {
+            eprintln!("tandem: cannot set the allocator's mmap threshold; going on without");
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    fix_mmap_threshold();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

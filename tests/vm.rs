@@ -458,7 +458,7 @@ fn an_altered_but_valid_event_is_reported_as_divergence() {
             .find(|e| e.kind == Kind::RandomGet)
             .expect("fsdemo reads entropy");
         if let Outcome::Data(d) = &mut e.outcome {
-            d[0] ^= 0xff;
+            d.make_mut()[0] ^= 0xff;
         }
         seq.set(Some(e.seq));
     });
@@ -484,7 +484,7 @@ fn an_altered_but_valid_event_is_reported_as_divergence() {
                 e.kind == Kind::FdRead && matches!(&e.outcome, Outcome::Data(d) if !d.is_empty())
             })
             .expect("fsdemo reads its journal");
-        e.outcome = Outcome::Data(b"run a\nrun b\nrun c\n".to_vec());
+        e.outcome = Outcome::Data(b"run a\nrun b\nrun c\n".to_vec().into());
     });
     let run = replay("fsdemo.wasm", &altered);
     assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);

@@ -92,10 +92,12 @@ pub struct FtConfig {
     pub min_timeout: Duration,
     /// The primary is slowed when the secondary trails by more events than this.
     pub max_lag_events: u64,
-    /// While a secondary is attached, the primary is slowed when the history it keeps
-    /// (the events since the latest checkpoint) weighs more than this: the secondary's
-    /// checkpoints, not the run's length, bound the primary's memory. If no checkpoint
-    /// comes within [`HISTORY_WAIT`] the primary goes on (checkpoints are failing).
+    /// The primary is slowed when the history it keeps (the events since the latest
+    /// checkpoint) weighs more than this: the checkpoints (the secondary's, or without one
+    /// this copy's own), not the run's length, bound the primary's memory. If no checkpoint
+    /// comes within [`HISTORY_WAIT`] the primary goes on (checkpoints are failing). It is
+    /// at least the checkpoint interval: a checkpointer that sees the history past it
+    /// takes a checkpoint (see `Primary::to_checkpoint_kept`).
     pub max_history_bytes: u64,
     /// How long a finished primary waits for its secondary to confirm the end (and for its
     /// held outputs to be written) before it fences the secondary off.
@@ -327,15 +329,31 @@ mod tests {
 
     #[test]
     fn borrowed_events_encode_as_the_message_does() {
-        let events = vec![Event {
-            seq: 3,
-            kind: Kind::ClockTimeGet,
-            args: 1,
-            outputs: 2,
-            outcome: Outcome::Value(42),
-        }];
-        let borrowed = encode(&primary::EventsRef(&events));
-        assert_eq!(borrowed, encode(&ToSecondary::Events(events.clone())));
+        let events = vec![
+            Event {
+                seq: 3,
+                kind: Kind::ClockTimeGet,
+                args: 1,
+                outputs: 2,
+                outcome: Outcome::Value(42),
+            },
+            Event {
+                seq: 4,
+                kind: Kind::FdRead,
+                args: 5,
+                outputs: 6,
+                outcome: Outcome::Data((0..200_000u32).map(|i| i as u8).collect::<Vec<_>>().into()),
+            },
+        ];
+        let shared: Vec<std::sync::Arc<Event>> =
+            events.iter().cloned().map(std::sync::Arc::new).collect();
+        let owned = encode(&ToSecondary::Events(events.clone()));
+        let borrowed = encode(&primary::EventsRef(&shared));
+        assert_eq!(borrowed, owned);
+        // Serialised onto a writer in pieces, as the sender does: the same bytes.
+        let mut streamed = Vec::new();
+        primary::serialize_into(&primary::EventsRef(&shared), &mut streamed).unwrap();
+        assert_eq!(streamed, owned);
         assert!(
             matches!(decode::<ToSecondary>(&borrowed).unwrap(), ToSecondary::Events(e) if e == events)
         );

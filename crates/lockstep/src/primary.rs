@@ -90,7 +90,9 @@ struct State {
     header: LogHeader,
     /// The events from position `base` on: those since the latest checkpoint (a snapshot
     /// holds the VM at `base`), which a secondary joining from that checkpoint replays.
-    history: Vec<Event>,
+    /// Shared, not copied: the VM gave its guest the data of the last one from the same
+    /// allocation, and a sender takes the ones it streams without holding the lock.
+    history: Vec<Arc<Event>>,
     base: u64,
     /// What `history` weighs (encoded bytes): the checkpoint policy's measure.
     history_bytes: u64,
@@ -106,6 +108,10 @@ struct State {
     history_warned: bool,
     /// This copy went live: its next checkpoint is due at once (see [`Primary::activate`]).
     checkpoint_due: bool,
+    /// Without a secondary: the history length when this copy's checkpointer was seen
+    /// asking for a checkpoint with the history past its bound, until that checkpoint is
+    /// in place (see [`PrimarySink::append`]).
+    own_asked: Option<u64>,
     end: Option<End>,
     /// Events the attached secondary holds and has executed.
     acked: u64,
@@ -168,9 +174,9 @@ impl State {
         self.base + self.history.len() as u64
     }
 
-    fn push(&mut self, event: &Event) {
-        self.history_bytes += weight(event);
-        self.history.push(event.clone());
+    fn push(&mut self, event: Arc<Event>) {
+        self.history_bytes += weight(&event);
+        self.history.push(event);
     }
 
     /// Forget the events before `position`, which a checkpoint holds, but never one an
@@ -187,7 +193,7 @@ impl State {
         if n == 0 {
             return;
         }
-        let freed: u64 = self.history[..n].iter().map(weight).sum();
+        let freed: u64 = self.history[..n].iter().map(|e| weight(e)).sum();
         self.history.drain(..n);
         self.base += n as u64;
         self.history_bytes = self.history_bytes.saturating_sub(freed);
@@ -239,7 +245,7 @@ impl State {
                 .get(from..)
                 .unwrap_or(&[])
                 .iter()
-                .map(weight)
+                .map(|e| weight(e))
                 .sum();
             bytes <= GATE_BYTES
         };
@@ -520,6 +526,7 @@ impl Shared {
                 went_live: None,
                 history_warned: false,
                 checkpoint_due: false,
+                own_asked: None,
                 end: None,
                 acked: 0,
                 executed: 0,
@@ -658,11 +665,12 @@ impl Primary {
         })
     }
 
-    /// A standby copy keeps an event it replayed.
+    /// A standby copy keeps an event it replayed (its data shared with the replay's, not
+    /// copied: see `machine::event::Bytes`).
     pub fn retain(&self, event: &Event) {
         let mut st = self.shared.lock();
         if st.standby && st.end() == event.seq {
-            st.push(event);
+            st.push(Arc::new(event.clone()));
         }
     }
 
@@ -715,6 +723,8 @@ impl Primary {
         }
         st.checkpoint = Some(st.checkpoint.map_or(position, |c| c.max(position)));
         st.drop_before(position);
+        st.own_asked = None;
+        self.shared.acks.notify_all();
         if position >= st.base {
             st.checkpoint_due = false;
         }
@@ -723,9 +733,21 @@ impl Primary {
 
     /// What [`Primary::to_checkpoint`] says, and whether the checkpoint is due at once
     /// (this copy just went live: no newcomer can join it before).
+    ///
+    /// Called by this copy's checkpointer: one that sees the history past its bound takes a
+    /// checkpoint (the bound is at least the checkpoint interval), which a VM waiting for it
+    /// learns here.
     pub fn to_checkpoint_kept(&self) -> Option<crate::checkpoint::Kept> {
         let (due, generation) = {
-            let st = self.shared.lock();
+            let mut st = self.shared.lock();
+            if st.attached.is_none()
+                && st.halted.is_none()
+                && st.own_asked.is_none()
+                && st.history_bytes > self.shared.config.max_history_bytes
+            {
+                st.own_asked = Some(st.end());
+                self.shared.acks.notify_all();
+            }
             (st.checkpoint_due, st.generation)
         };
         self.to_checkpoint().map(|bytes| crate::checkpoint::Kept {
@@ -941,7 +963,7 @@ pub fn hostname() -> String {
 pub struct PrimarySink(Arc<Shared>);
 
 impl EventSink for PrimarySink {
-    fn append(&mut self, event: &Event) -> Result<(), LogError> {
+    fn append(&mut self, event: Arc<Event>) -> Result<(), LogError> {
         let s = &self.0;
         let mut st = s.lock();
         if let Some(why) = &st.halted {
@@ -1001,6 +1023,35 @@ impl EventSink for PrimarySink {
                         s.config.max_history_bytes
                     );
                 }
+                break;
+            }
+            st = s
+                .acks
+                .wait_timeout(st, left)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        // Without a secondary this copy takes its own checkpoints, and bounds its history
+        // the same way. A checkpoint is taken at a snapshot point, the start of an event,
+        // never while the VM waits here: past the bound the VM waits until its checkpointer
+        // asks for one (and then goes on to that point), and once it passed a point since
+        // (the checkpoint is being written), until the checkpoint is in place. Otherwise a
+        // VM taking large events quickly keeps many of them in the time a checkpoint takes.
+        while st.attached.is_none()
+            && !st.standby
+            && st.halted.is_none()
+            && !st.history_warned
+            && st.history_bytes > s.config.max_history_bytes
+            && st.own_asked.is_none_or(|at| st.end() > at)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.history_warned = true;
+                tracing::warn!(
+                    "no checkpoint in {} s: the history grows past {} bytes",
+                    crate::HISTORY_WAIT.as_secs(),
+                    s.config.max_history_bytes
+                );
                 break;
             }
             st = s
@@ -1322,17 +1373,30 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, Option<u64>), FtErr
     st.release_held = false;
     st.catch_up_mark = st.end();
     st.catch_up_rounds = 0;
+    // The secondary takes the checkpoints now: one this copy asked for will not count, and
+    // a VM waiting for it (the history past its bound) waits for the secondary instead.
+    st.own_asked = None;
+    s.acks.notify_all();
     let gated = st.gate_if_near().then_some(st.release);
     s.status(&st);
     Ok((conn, gated))
 }
 
-/// Serialises exactly as `ToSecondary::Events`, borrowing the events.
-pub(crate) struct EventsRef<'a>(pub(crate) &'a [Event]);
+/// Serialises exactly as `ToSecondary::Events`, from the history's shared events.
+pub(crate) struct EventsRef<'a>(pub(crate) &'a [Arc<Event>]);
+
+/// The events of an [`EventsRef`], as the sequence `Vec<Event>` serialises as.
+struct EventSeq<'a>(&'a [Arc<Event>]);
 
 impl serde::Serialize for EventsRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_newtype_variant("ToSecondary", 1, "Events", self.0)
+        s.serialize_newtype_variant("ToSecondary", 1, "Events", &EventSeq(self.0))
+    }
+}
+
+impl serde::Serialize for EventSeq<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| &**e))
     }
 }
 
@@ -1345,11 +1409,11 @@ pub fn weight(e: &Event) -> u64 {
 /// payload bytes, and at least one. Sizes are measured, not encoded (postcard's size
 /// flavor walks the event without copying its data), so a batch is encoded once.
 /// Whatever the events, a batch is over `target` only when it is a single event.
-pub fn next_batch(history: &[Event], from: usize, target: usize) -> usize {
+pub fn next_batch(history: &[Arc<Event>], from: usize, target: usize) -> usize {
     let mut bytes = EVENTS_OVERHEAD;
     let mut upto = from;
     for e in &history[from..] {
-        let size = postcard::experimental::serialized_size(e).unwrap_or(usize::MAX / 2);
+        let size = postcard::experimental::serialized_size(&**e).unwrap_or(usize::MAX / 2);
         if upto > from && bytes + size > target {
             break;
         }
@@ -1357,6 +1421,44 @@ pub fn next_batch(history: &[Event], from: usize, target: usize) -> usize {
         upto += 1;
     }
     upto
+}
+
+/// A batch's `ToSecondary::Events` payload size: exactly what postcard writes for it,
+/// measured without encoding.
+fn batch_size(batch: &[Arc<Event>]) -> usize {
+    postcard::experimental::serialized_size(&EventsRef(batch)).unwrap_or(usize::MAX)
+}
+
+/// Serialise `m` onto `out` as [`encode`] would into a buffer. (postcard reports a failed
+/// write as a full buffer: the write's own error is kept to say what happened.)
+pub(crate) fn serialize_into<T: serde::Serialize>(
+    m: &T,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    struct Keep<'a> {
+        out: &'a mut dyn std::io::Write,
+        failed: Option<std::io::Error>,
+    }
+    impl std::io::Write for Keep<'_> {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.out.write(data).map_err(|e| {
+                let kind = e.kind();
+                self.failed = Some(e);
+                std::io::Error::from(kind)
+            })
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.out.flush()
+        }
+    }
+    let mut keep = Keep { out, failed: None };
+    match postcard::to_io(m, &mut keep) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(keep
+            .failed
+            .take()
+            .unwrap_or_else(|| std::io::Error::other(e.to_string()))),
+    }
 }
 
 fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(), FtError> {
@@ -1430,16 +1532,16 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             }
             let from = (sent - st.base) as usize;
             let upto = next_batch(&st.history, from, FRAME_TARGET);
-            // Serialised straight from the history: no copy of the events on this path.
-            let batch = (upto > from).then(|| encode(&EventsRef(&st.history[from..upto])));
+            // The batch's events, shared with the history: serialised after the lock is
+            // dropped, straight onto the channel, so the VM never waits for the send and no
+            // copy of the events is ever made on this path.
+            let batch = (upto > from).then(|| st.history[from..upto].to_vec());
+            let size = batch.as_deref().map_or(0, batch_size);
+            let batch = batch.map(|b| (b, size));
             let upto = st.base + upto as u64;
-            if batch
-                .as_ref()
-                .is_some_and(|b| b.len() > MAX_PAYLOAD as usize)
-            {
+            if size > MAX_PAYLOAD as usize {
                 return Err(FtError::Protocol(format!(
-                    "event {sent} is too large for a frame ({} bytes)",
-                    batch.map_or(0, |b| b.len())
+                    "event {sent} is too large for a frame ({size} bytes)"
                 )));
             }
             let end = if upto == st.end() && !end_sent {
@@ -1453,7 +1555,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 .flatten();
             if batch.is_some() {
                 // Frame overhead: 16 bytes of header, 4 of CRC, 16 of MAC.
-                st.log_bytes += batch.as_ref().map_or(0, |b| b.len() as u64 + 36);
+                st.log_bytes += size as u64 + 36;
                 sent = upto;
                 // Counted before the write: a secondary may hold these from now on.
                 st.sent = upto;
@@ -1471,9 +1573,11 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             (batch, end, intent, handover)
         };
         let idle = batch.is_none() && intent.is_none() && handover.is_none();
-        if let Some(payload) = batch {
-            w.send(KIND_MSG, &payload)
-                .map_err(io_err("stream events"))?;
+        if let Some((batch, size)) = batch {
+            w.send_with(KIND_MSG, size, |out| {
+                serialize_into(&EventsRef(&batch), out)
+            })
+            .map_err(io_err("stream events"))?;
         }
         if let Some(intent) = intent {
             intent_sent = Some(intent.seq);
@@ -1641,7 +1745,7 @@ mod tests {
             kind: Kind::FdRead,
             args: u64::MAX,
             outputs: u64::MAX,
-            outcome: Outcome::Data(vec![seq as u8; len]),
+            outcome: Outcome::Data(vec![seq as u8; len].into()),
         }
     }
 
@@ -1663,12 +1767,15 @@ mod tests {
 
     /// Split `history` as the sender does; check every frame against the cap and the target.
     fn split(history: &[Event], target: usize) -> Vec<std::ops::Range<usize>> {
+        let history: Vec<Arc<Event>> = history.iter().cloned().map(Arc::new).collect();
+        let history = &history[..];
         let mut frames = Vec::new();
         let mut from = 0;
         while from < history.len() {
             let upto = next_batch(history, from, target);
             assert!(upto > from, "no progress at {from}");
             let len = encode(&EventsRef(&history[from..upto])).len();
+            assert_eq!(len, batch_size(&history[from..upto]), "measured as encoded");
             assert!(
                 len <= MAX_PAYLOAD as usize,
                 "frame {from}..{upto}: {len} bytes"
@@ -1707,9 +1814,9 @@ mod tests {
         let covered: Vec<usize> = frames.into_iter().flatten().collect();
         assert_eq!(covered, (0..20).collect::<Vec<_>>());
         // A measured size is the encoded size, so the target is met exactly.
-        let one = [data_event(0, 1000)];
+        let one = [Arc::new(data_event(0, 1000))];
         assert_eq!(
-            postcard::experimental::serialized_size(&one[0]).unwrap() + 2,
+            postcard::experimental::serialized_size(&*one[0]).unwrap() + 2,
             encode(&EventsRef(&one)).len()
         );
     }
@@ -1962,8 +2069,8 @@ mod tests {
         let primary =
             Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config()).unwrap();
         let mut sink = primary.sink();
-        for e in &events {
-            sink.append(e).unwrap();
+        for e in events {
+            sink.append(Arc::new(e)).unwrap();
         }
         (primary, sink)
     }
@@ -2158,6 +2265,47 @@ mod tests {
     }
 
     #[test]
+    fn without_a_secondary_the_history_past_its_bound_waits_for_the_copys_own_checkpoint() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let bound = 2 * weight(&data_event(0, 1000));
+        let config = FtConfig {
+            max_history_bytes: bound,
+            ..config()
+        };
+        let primary =
+            Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config).unwrap();
+        let mut sink = primary.sink();
+        // Two events: at the bound, not past it.
+        for seq in 0..2 {
+            sink.append(Arc::new(data_event(seq, 1000))).unwrap();
+        }
+        let appender = std::thread::spawn(move || {
+            for seq in 2..4 {
+                sink.append(Arc::new(data_event(seq, 1000))).unwrap();
+            }
+        });
+        let appended = || primary.shared.lock().end();
+        wait("the third event", || appended() == 3);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(appended(), 3, "the VM went on past the bound unasked");
+        // The checkpointer looks and asks: the VM goes on to its next event (where the
+        // checkpoint is taken), and then waits for the checkpoint to be in place.
+        let kept = primary.to_checkpoint_kept().unwrap();
+        assert!(kept.bytes > bound);
+        wait("the fourth event", || appended() == 4);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !appender.is_finished(),
+            "the VM went on before the checkpoint"
+        );
+        primary.checkpointed(3);
+        wait("the VM going on", || appender.is_finished());
+        appender.join().unwrap();
+        assert_eq!(primary.history_bytes(), weight(&data_event(3, 1000)));
+    }
+
+    #[test]
     fn a_secondary_lost_with_its_history_in_transit_is_dropped_without_arbitration() {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
@@ -2234,7 +2382,7 @@ mod tests {
         wait("attach", || primary.protected());
         let mut port = primary.port();
         for seq in 0..50 {
-            sink.append(&event(seq)).unwrap();
+            sink.append(Arc::new(event(seq))).unwrap();
             port.console(seq + 1, 1, b"a line");
         }
         let end = End {
@@ -2271,7 +2419,7 @@ mod tests {
         // Acknowledges every event but never confirms an end.
         let _fake = fake_secondary(&primary, Some(u64::MAX));
         wait("attach", || primary.protected());
-        sink.append(&event(0)).unwrap();
+        sink.append(Arc::new(event(0))).unwrap();
         let end = End {
             events: 1,
             exit: Exit::Stopped,
@@ -2346,7 +2494,7 @@ mod tests {
         let mut source = secondary.source(None);
         wait("attach", || primary.shared.lock().attached.is_some());
         // An output produced after 3 events is held while the secondary has fewer.
-        sink.append(&event(0)).unwrap();
+        sink.append(Arc::new(event(0))).unwrap();
         port.frame(3, b"depends on events 0..3");
         port.console(3, 1, b"so does this");
         std::thread::sleep(Duration::from_millis(200));
@@ -2363,8 +2511,8 @@ mod tests {
             !disk.is_finished(),
             "a disk mutation went ahead of the secondary"
         );
-        sink.append(&event(1)).unwrap();
-        sink.append(&event(2)).unwrap();
+        sink.append(Arc::new(event(1))).unwrap();
+        sink.append(Arc::new(event(2))).unwrap();
         // The secondary receives them (it need not have executed them yet).
         wait("release", || primary.released() == 2);
         assert!(disk.join().unwrap().is_ok());
@@ -2421,7 +2569,7 @@ mod tests {
             "gated while an ungated operation was under way"
         );
         // Its event is in the history: now it is gated, past it, and confirms.
-        sink.append(&event(2000)).unwrap();
+        sink.append(Arc::new(event(2000))).unwrap();
         wait("protected", || primary.protected());
         assert_eq!(primary.shared.lock().release, 2001);
         // Gated: an output after 2002 events waits until the secondary holds them.
@@ -2433,7 +2581,7 @@ mod tests {
             0,
             "released before the secondary held it"
         );
-        sink.append(&event(2001)).unwrap();
+        sink.append(Arc::new(event(2001))).unwrap();
         wait("release", || primary.released() == 1);
         assert_eq!(generations(&dir), ["gen-1"]);
     }

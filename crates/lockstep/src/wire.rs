@@ -64,13 +64,6 @@ pub fn connection_key(pair_key: &[u8; 32], nonce: &[u8; 16]) -> [u8; 32] {
     *blake3::keyed_hash(pair_key, nonce).as_bytes()
 }
 
-fn mac(key: &[u8; 32], data: &[u8]) -> [u8; 16] {
-    let h = blake3::keyed_hash(key, data);
-    let mut m = [0u8; 16];
-    m.copy_from_slice(&h.as_bytes()[..16]);
-    m
-}
-
 /// Compare without an early exit, so that timing says nothing of where tags differ.
 fn same(a: &[u8; 16], b: &[u8]) -> bool {
     b.len() == 16 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -133,46 +126,154 @@ pub(crate) fn encode_as(
     [&head[..], payload, &tail[..]].concat()
 }
 
-/// Payloads up to this size are framed in one buffer and written at once.
-const SMALL: usize = 64 << 10;
+/// What a writer gathers before it writes: a frame's header, small payloads and its
+/// trailer go out together (a heartbeat or an acknowledgement is one segment on the wire),
+/// and a payload serialised piece by piece is written in pieces of about this size, never
+/// one syscall per piece. A piece at least this large is written where it is, not copied.
+const STAGE: usize = 64 << 10;
 
 /// Writes frames with consecutive sequence numbers.
 pub struct FrameWriter<W> {
     out: W,
     key: [u8; 32],
     seq: u64,
+    /// Bytes of the frame being written, not yet hashed nor written (reused: at most
+    /// [`STAGE`] bytes and a trailer).
+    stage: Vec<u8>,
 }
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(out: W, key: [u8; 32]) -> Self {
-        FrameWriter { out, key, seq: 0 }
+        FrameWriter {
+            out,
+            key,
+            seq: 0,
+            stage: Vec::new(),
+        }
     }
 
     /// Send one frame; a payload over [`MAX_PAYLOAD`] is refused before anything is
     /// written (the reader would refuse it and close the channel).
     pub fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
-        if payload.len() > MAX_PAYLOAD as usize {
+        self.send_with(kind, payload.len(), |w| w.write_all(payload))
+    }
+
+    /// Send one frame whose payload, of exactly `len` bytes, `fill` writes: the payload is
+    /// never held whole (a batch of events is serialised straight onto the channel), its
+    /// checksum and MAC are computed as it goes. The frame is byte for byte what
+    /// [`encode`] makes of the same payload. A `len` over [`MAX_PAYLOAD`] is refused before
+    /// anything is written; a `fill` that writes more or fewer bytes than `len` is an error
+    /// (the channel is then unusable: the frame on it is cut or damaged).
+    pub fn send_with(
+        &mut self,
+        kind: u8,
+        len: usize,
+        fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if len > MAX_PAYLOAD as usize {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
+                format!("a frame of {len} bytes is over the {MAX_PAYLOAD}-byte cap"),
+            ));
+        }
+        let mut head = [0u8; HEADER];
+        head[..MAGIC.len()].copy_from_slice(MAGIC);
+        head[2] = VERSION;
+        head[3] = kind;
+        head[4..12].copy_from_slice(&self.seq.to_le_bytes());
+        head[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+        self.stage.clear();
+        let mut body = Body {
+            out: &mut self.out,
+            stage: &mut self.stage,
+            crc: crc32fast::Hasher::new(),
+            mac: blake3::Hasher::new_keyed(&self.key),
+            left: len,
+        };
+        body.stage.extend_from_slice(&head);
+        fill(&mut body)?;
+        if body.left != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
                 format!(
-                    "a frame of {} bytes is over the {MAX_PAYLOAD}-byte cap",
-                    payload.len()
+                    "a frame's payload fell {} bytes short of its length",
+                    body.left
                 ),
             ));
         }
-        if payload.len() <= SMALL {
-            // One write: a heartbeat or an acknowledgement is one segment on the wire.
-            let f = encode(&self.key, self.seq, kind, payload);
-            self.out.write_all(&f)?;
-        } else {
-            // A large payload is written where it is, never copied into a frame.
-            let (head, tail) = frame_parts(&self.key, self.seq, kind, payload);
-            self.out.write_all(&head)?;
-            self.out.write_all(payload)?;
-            self.out.write_all(&tail)?;
+        body.hash_stage();
+        let Body {
+            out,
+            stage,
+            crc,
+            mut mac,
+            ..
+        } = body;
+        let crc = crc.finalize().to_le_bytes();
+        mac.update(&crc);
+        stage.extend_from_slice(&crc);
+        stage.extend_from_slice(&mac.finalize().as_bytes()[..16]);
+        out.write_all(stage)?;
+        stage.clear();
+        if stage.capacity() > 2 * STAGE {
+            // A large small-payload frame (up to the cap) leaves no large buffer behind.
+            stage.shrink_to(STAGE);
         }
         self.seq += 1;
         self.out.flush()
+    }
+}
+
+/// A frame's payload on its way out: hashed and written as it comes, in bounded pieces.
+struct Body<'a, W> {
+    out: &'a mut W,
+    /// What is gathered but not yet hashed nor written.
+    stage: &'a mut Vec<u8>,
+    crc: crc32fast::Hasher,
+    mac: blake3::Hasher,
+    /// Payload bytes still to come.
+    left: usize,
+}
+
+impl<W: Write> Body<'_, W> {
+    fn hash_stage(&mut self) {
+        self.crc.update(self.stage);
+        self.mac.update(self.stage);
+    }
+
+    fn write_stage(&mut self) -> io::Result<()> {
+        self.hash_stage();
+        self.out.write_all(self.stage)?;
+        self.stage.clear();
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Body<'_, W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.len() > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a frame's payload ran past its length",
+            ));
+        }
+        self.left -= data.len();
+        if self.stage.len() + data.len() > STAGE {
+            self.write_stage()?;
+        }
+        if data.len() >= STAGE {
+            self.crc.update(data);
+            self.mac.update(data);
+            self.out.write_all(data)?;
+        } else {
+            self.stage.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // The frame is flushed whole, by `send_with`.
+        Ok(())
     }
 }
 
@@ -210,20 +311,22 @@ impl<R: Read> FrameReader<R> {
         let mut rest = vec![0u8; len as usize + TRAILER];
         self.input.read_exact(&mut rest)?;
         let body_end = len as usize;
-        let mut framed = Vec::with_capacity(HEADER + body_end);
-        framed.extend_from_slice(&head);
-        framed.extend_from_slice(&rest[..body_end]);
-        let crc = u32::from_le_bytes([
-            rest[body_end],
-            rest[body_end + 1],
-            rest[body_end + 2],
-            rest[body_end + 3],
-        ]);
-        if crc32fast::hash(&framed) != crc {
+        // Checked where it lies: a frame of 16 MiB is not copied to be checked.
+        let (body, trailer) = rest.split_at(body_end);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(body);
+        let crc = crc.finalize().to_le_bytes();
+        if crc[..] != trailer[..4] {
             return Err(FrameError::Checksum);
         }
-        framed.extend_from_slice(&crc.to_le_bytes());
-        if !same(&mac(&self.key, &framed), &rest[body_end + 4..]) {
+        let mut mac = blake3::Hasher::new_keyed(&self.key);
+        mac.update(&head);
+        mac.update(body);
+        mac.update(&crc);
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&mac.finalize().as_bytes()[..16]);
+        if !same(&tag, &trailer[4..]) {
             return Err(FrameError::Forged);
         }
         let mut s = [0u8; 8];
@@ -323,6 +426,65 @@ mod tests {
             FrameReader::new(&huge[..], key).recv(),
             Err(FrameError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn a_payload_written_in_pieces_makes_the_frame_encode_makes_of_it_whole() {
+        let key = [7u8; 32];
+        // Sizes around the stage: small, straddling it, larger than it; pieces of one
+        // byte, of the stage's size and larger.
+        for len in [
+            0,
+            1,
+            STAGE - HEADER - 1,
+            STAGE - HEADER,
+            STAGE,
+            3 * STAGE + 5,
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut w = FrameWriter::new(Vec::new(), key);
+            w.send(1, b"before").unwrap();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for (i, n) in [1usize, 5, STAGE, 1, STAGE + 7, 3]
+                .iter()
+                .cycle()
+                .enumerate()
+            {
+                if at >= len || i > 1000 {
+                    break;
+                }
+                let n = (*n).min(len - at);
+                pieces.push(&payload[at..at + n]);
+                at += n;
+            }
+            pieces.push(&payload[at..]);
+            w.send_with(2, len, |out| {
+                pieces.iter().try_for_each(|p| out.write_all(p))
+            })
+            .unwrap();
+            let mut want = encode(&key, 0, 1, b"before");
+            want.extend(encode(&key, 1, 2, &payload));
+            assert!(w.out == want, "a payload of {len} bytes framed otherwise");
+            let mut r = FrameReader::new(&w.out[..], key);
+            r.recv().unwrap();
+            assert_eq!(r.recv().unwrap(), (2, payload));
+        }
+    }
+
+    #[test]
+    fn a_payload_longer_or_shorter_than_announced_is_an_error() {
+        let key = [7u8; 32];
+        let mut w = FrameWriter::new(Vec::new(), key);
+        assert!(w.send_with(1, 4, |out| out.write_all(b"five!")).is_err());
+        let mut w = FrameWriter::new(Vec::new(), key);
+        assert!(w.send_with(1, 6, |out| out.write_all(b"five!")).is_err());
+        // Nothing a reader would take for a frame.
+        assert!(FrameReader::new(&w.out[..], key).recv().is_err());
+        let mut w = FrameWriter::new(Vec::new(), key);
+        let over = MAX_PAYLOAD as usize + 1;
+        assert!(w.send_with(1, over, |_| Ok(())).is_err());
+        assert!(w.out.is_empty());
     }
 
     #[test]

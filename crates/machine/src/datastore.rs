@@ -569,7 +569,7 @@ impl LiveHost {
             }
         }
         buf.truncate(got);
-        Outcome::Data(buf)
+        Outcome::Data(buf.into())
     }
 
     /// Write `data` at `at`. Every write is positional, appends included (at the end the VM
@@ -903,7 +903,7 @@ impl LiveHost {
         if buf.first() == Some(&b'/') {
             return Outcome::Errno(errno::PERM);
         }
-        Outcome::Data(buf)
+        Outcome::Data(buf.into())
     }
 
     /// Entries of directory `fd` in WASI `dirent` encoding from `cookie` on (0: the start),
@@ -958,7 +958,7 @@ impl LiveHost {
             }
         }
         out.truncate(buf_len);
-        Outcome::Data(out)
+        Outcome::Data(out.into())
     }
 }
 

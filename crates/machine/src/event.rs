@@ -9,6 +9,8 @@
 //! Invariant: the sequence numbers of a VM's events are 0, 1, 2, ... without gaps, on the
 //! primary and on every replay of its log.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// What a WASI call was. Stored as one byte in the log; never renumber a variant.
@@ -53,6 +55,58 @@ pub enum Kind {
 /// logging-channel frame stay bounded whatever the guest asks for.
 pub const MAX_EVENT_DATA: usize = 16 << 20;
 
+/// The bytes an event hands the guest, shared rather than copied: the guest's read and the
+/// history a primary keeps for its secondary (see `lockstep::primary`) hold one buffer, so
+/// an event of 16 MiB costs 16 MiB once, not once per holder. Immutable once made (a test
+/// that alters a logged event gets its own copy: [`Bytes::make_mut`]). Encoded exactly as
+/// a byte string (as `serde_bytes` encodes a `Vec<u8>`): logs and frames are unchanged.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Bytes(Arc<Vec<u8>>);
+
+impl Bytes {
+    /// The bytes to change, copied first if they are shared.
+    pub fn make_mut(&mut self) -> &mut Vec<u8> {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes(Arc::new(v))
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_bytes::ByteBuf::deserialize(d).map(|b| Bytes::from(b.into_vec()))
+    }
+}
+
 /// File metadata as the guest sees it (WASI `filestat`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filestat {
@@ -86,7 +140,7 @@ pub enum Outcome {
     /// A time in nanoseconds, a size or an offset.
     Value(u64),
     /// Bytes handed to the guest (data read, entropy, directory entries, a link target).
-    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Data(Bytes),
     /// Bytes written and the file offset after the write.
     Written {
         n: u32,
@@ -227,5 +281,19 @@ mod tests {
         // Length-prefixing keeps ("ab","c") apart from ("a","bc").
         assert_ne!(args_digest(&[b"ab", b"c"]), args_digest(&[b"a", b"bc"]));
         assert_eq!(args_digest(&[b"x"]), args_digest(&[b"x"]));
+    }
+
+    #[test]
+    fn shared_bytes_encode_as_a_byte_string_and_back() {
+        let v: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let shared = postcard::to_stdvec(&Bytes::from(v.clone())).unwrap();
+        let plain = postcard::to_stdvec(&serde_bytes::ByteBuf::from(v.clone())).unwrap();
+        assert_eq!(shared, plain);
+        let back: Bytes = postcard::from_bytes(&shared).unwrap();
+        assert_eq!(&back[..], &v[..]);
+        // A change to shared bytes copies them: the other holder keeps what it had.
+        let mut a = back.clone();
+        a.make_mut()[0] = 0xff;
+        assert_eq!((a[0], back[0]), (0xff, 0));
     }
 }

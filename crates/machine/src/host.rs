@@ -312,7 +312,7 @@ impl LiveHost {
             }
             filled += n as usize;
         }
-        Outcome::Data(buf)
+        Outcome::Data(buf.into())
     }
 
     pub fn read_stdin(&self, len: usize) -> Outcome {
@@ -320,7 +320,7 @@ impl LiveHost {
         match io::stdin().lock().read(&mut buf) {
             Ok(n) => {
                 buf.truncate(n);
-                Outcome::Data(buf)
+                Outcome::Data(buf.into())
             }
             Err(e) => Outcome::Errno(errno_of(&e)),
         }

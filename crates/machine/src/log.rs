@@ -139,7 +139,9 @@ enum Record {
 
 /// Where events go while a VM runs live.
 pub trait EventSink {
-    fn append(&mut self, event: &Event) -> Result<(), LogError>;
+    /// Take the next event. A sink may keep it (a primary's history): the VM gives the
+    /// guest the event's outcome from the same `Arc`, its data shared, never copied.
+    fn append(&mut self, event: Arc<Event>) -> Result<(), LogError>;
     /// The run ended: record how.
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError>;
 }
@@ -397,6 +399,11 @@ impl LogWriter {
         }
     }
 
+    /// Append an event the caller keeps.
+    pub fn record(&mut self, event: &Event) -> Result<(), LogError> {
+        self.push(&RecordRef::Event(event), false)
+    }
+
     /// Write the end record and close the log, durably.
     pub fn finish_log(mut self, end: &End) -> Result<(), LogError> {
         self.push(&RecordRef::End(end), true)?;
@@ -412,8 +419,8 @@ impl LogWriter {
 }
 
 impl EventSink for LogWriter {
-    fn append(&mut self, event: &Event) -> Result<(), LogError> {
-        self.push(&RecordRef::Event(event), false)
+    fn append(&mut self, event: Arc<Event>) -> Result<(), LogError> {
+        self.record(&event)
     }
 
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError> {
@@ -773,7 +780,7 @@ pub fn write_log(
 ) -> Result<(), LogError> {
     let mut w = LogWriter::create(path, header)?;
     for e in events {
-        w.append(e)?;
+        w.record(e)?;
     }
     w.finish_log(end)
 }
@@ -874,7 +881,7 @@ mod tests {
         let mut lens = Vec::new();
         for group in ev.chunks(20) {
             for e in group {
-                w.append(e).unwrap();
+                w.record(e).unwrap();
             }
             std::thread::sleep(STALE * 4);
             lens.push(std::fs::metadata(path).unwrap().len());
@@ -895,7 +902,7 @@ mod tests {
         let (h, ev, _) = sample();
         let mut w = LogWriter::create(&path, &h).unwrap();
         for e in &ev[..20] {
-            w.append(e).unwrap();
+            w.record(e).unwrap();
         }
         std::thread::sleep(STALE * 4);
         // The writer is still open and nothing filled a batch: a kill now loses nothing.
@@ -994,7 +1001,7 @@ mod tests {
         let path = dir.path().join("cut.tlog");
         let mut w = LogWriter::create(&path, &h).unwrap();
         for e in &ev {
-            w.append(e).unwrap();
+            w.record(e).unwrap();
         }
         std::thread::sleep(STALE * 4);
         let mut r = LogReader::open(&path).unwrap();

@@ -37,7 +37,9 @@ impl Vm {
             return Ok(());
         };
         let seed = match self.event(Kind::NetSeed, 0, |h, _, _| h.random(8))? {
-            Outcome::Data(d) if d.len() == 8 => u64::from_le_bytes(d.try_into().unwrap_or([0; 8])),
+            Outcome::Data(d) if d.len() == 8 => {
+                u64::from_le_bytes(d[..].try_into().unwrap_or([0; 8]))
+            }
             other => return Err(self.unexpected(Kind::NetSeed, &other)),
         };
         let mut net = NetStack::new(config, seed);

@@ -422,15 +422,18 @@ impl Vm {
                     }
                     let outcome = match &mut g.sink {
                         Some(sink) => {
-                            let event = Event {
+                            let event = Arc::new(Event {
                                 seq,
                                 kind,
                                 args,
                                 outputs,
                                 outcome,
-                            };
-                            sink.append(&event)?;
-                            event.outcome
+                            });
+                            sink.append(Arc::clone(&event))?;
+                            // A sink that keeps the event (a primary's history) shares its
+                            // data with the guest's outcome: cloning the event copies no
+                            // bytes of it (`event::Bytes`).
+                            Arc::unwrap_or_clone(event).outcome
                         }
                         None => outcome,
                     };

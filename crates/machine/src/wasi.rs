@@ -1129,7 +1129,7 @@ fn read_parts(
     vm: &mut Vm,
     iovs: &[(u32, u32)],
     len: usize,
-    mut part: impl FnMut(&mut Vm, usize, usize) -> Result<Vec<u8>, Stop>,
+    mut part: impl FnMut(&mut Vm, usize, usize) -> Result<crate::event::Bytes, Stop>,
 ) -> Result<usize, Stop> {
     let mut done = 0;
     while done < len {
@@ -1349,7 +1349,8 @@ fn fd_readdir(m: &mut Mem, vm: &mut Vm, fd: u32, buf: u32, len: u32, cookie: u64
     let mut data = expect!(vm, Kind::FdReaddir,
         vm.event(Kind::FdReaddir, args, |h, _, _| h.readdir(fd, offset, want))?,
         Outcome::Data(d) if d.len() <= want => d);
-    vm.fds.give_cookies(fd, &mut data)?;
+    // The guest sees cookies, the event keeps offsets: a shared listing is copied here.
+    vm.fds.give_cookies(fd, data.make_mut())?;
     m.put(buf, &data)?;
     Ok(m.put_u32(out, data.len() as u32)?)
 }
