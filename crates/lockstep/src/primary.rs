@@ -2114,7 +2114,7 @@ mod tests {
         assert!(primary.shared.lock().declined_lately());
         assert_eq!(generations(&dir), ["gen-1"]);
         // The VM goes on here, still protected by the same secondary.
-        sink.append(&event(10)).unwrap();
+        sink.append(Arc::new(event(10))).unwrap();
         wait("acked", || primary.shared.lock().acked == 11);
         assert!(primary.protected());
         assert!(secondary.live_generation().is_none());
