@@ -878,6 +878,30 @@ fn a_server_blocked_in_accept_or_receive_is_snapshotted_inside_the_call() {
     }
 }
 
+/// memchurn (`ARGS`, `ENV` set) recording to `run.tlog` in `dir`, with its API socket
+/// `api.sock` there answering: the process, the socket and the log.
+fn churning(
+    dir: &std::path::Path,
+    args: [&str; 3],
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf) {
+    let wasm = guest("memchurn.wasm");
+    let api = dir.join("api.sock");
+    let log = dir.join("run.tlog");
+    let out = std::fs::File::create(dir.join("vm.out")).unwrap();
+    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["vm", "run", "--wasm", s(&wasm)])
+        .args(["--api-sock", s(&api), "--record", s(&log)])
+        .args(args.iter().flat_map(|a| ["--arg", a]))
+        .envs(env.iter().copied())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    wait_for_socket(&api, &mut vm);
+    (vm, api, log)
+}
+
 /// A snapshot of a VM that goes on copies its memory while the guest runs and pauses it
 /// only for the pages written since (issue 8's pre-copy, `machine::dirty`): memchurn
 /// writes its memory at every step (a word in each of 16 pages and one page whole,
@@ -891,18 +915,7 @@ fn snapshots_pre_copied_while_the_guest_writes_its_memory_are_exact() {
     use machine::control::request;
     let dir = tempfile::tempdir().unwrap();
     let wasm = guest("memchurn.wasm");
-    let api = dir.path().join("api.sock");
-    let log = dir.path().join("run.tlog");
-    let out = std::fs::File::create(dir.path().join("vm.out")).unwrap();
-    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["vm", "run", "--wasm", s(&wasm)])
-        .args(["--api-sock", s(&api), "--record", s(&log)])
-        .args(["--arg", "64", "--arg", "5", "--arg", "16"])
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    wait_for_socket(&api, &mut vm);
+    let (mut vm, api, log) = churning(dir.path(), ["64", "5", "16"], &[]);
     // Past its fill: churning.
     std::thread::sleep(std::time::Duration::from_millis(1200));
     let t = std::time::Duration::from_secs(20);
@@ -962,19 +975,11 @@ fn without_dirty_tracking_snapshots_copy_memory_in_the_pause_and_say_so_once() {
     use machine::control::request;
     let dir = tempfile::tempdir().unwrap();
     let wasm = guest("memchurn.wasm");
-    let api = dir.path().join("api.sock");
-    let log = dir.path().join("run.tlog");
-    let out = std::fs::File::create(dir.path().join("vm.out")).unwrap();
-    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["vm", "run", "--wasm", s(&wasm)])
-        .args(["--api-sock", s(&api), "--record", s(&log)])
-        .args(["--arg", "16", "--arg", "3", "--arg", "16"])
-        .env("TANDEM_FAILPOINT", "no-userfaultfd")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    wait_for_socket(&api, &mut vm);
+    let (mut vm, api, log) = churning(
+        dir.path(),
+        ["16", "3", "16"],
+        &[("TANDEM_FAILPOINT", "no-userfaultfd")],
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     let t = std::time::Duration::from_secs(20);
     let mut snaps = Vec::new();

@@ -304,6 +304,40 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Bounded history: while the history is past its bound and `waiting` holds, wait
+    /// for a checkpoint to drop events (or for whatever else wakes the acknowledgements),
+    /// until `deadline`; past it, say once (`what` ... the history grows) and go on.
+    fn wait_for_checkpoint<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        deadline: Instant,
+        what: &str,
+        waiting: impl Fn(&State) -> bool,
+    ) -> MutexGuard<'a, State> {
+        while st.halted.is_none()
+            && !st.history_warned
+            && st.history_bytes > self.config.max_history_bytes
+            && waiting(&st)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.history_warned = true;
+                tracing::warn!(
+                    "{what} in {} s: the history grows past {} bytes",
+                    crate::HISTORY_WAIT.as_secs(),
+                    self.config.max_history_bytes
+                );
+                break;
+            }
+            st = self
+                .acks
+                .wait_timeout(st, left)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        st
+    }
+
     /// The VM's status, while this copy is the live one (never after it halted).
     fn status(&self, st: &State) {
         if st.halted.is_some() || st.standby {
@@ -1007,59 +1041,18 @@ impl EventSink for PrimarySink {
         // inside a call for the next one, where it has no snapshot point to take a
         // checkpoint at.
         let deadline = Instant::now() + crate::HISTORY_WAIT;
-        while st.attached.is_some()
-            && st.halted.is_none()
-            && !st.history_warned
-            && st.executed < st.end()
-            && st.history_bytes > s.config.max_history_bytes
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                if !st.history_warned {
-                    st.history_warned = true;
-                    tracing::warn!(
-                        "no checkpoint from the secondary in {} s: the history grows past {} bytes",
-                        crate::HISTORY_WAIT.as_secs(),
-                        s.config.max_history_bytes
-                    );
-                }
-                break;
-            }
-            st = s
-                .acks
-                .wait_timeout(st, left)
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        st = s.wait_for_checkpoint(st, deadline, "no checkpoint from the secondary", |st| {
+            st.attached.is_some() && st.executed < st.end()
+        });
         // Without a secondary this copy takes its own checkpoints, and bounds its history
         // the same way. A checkpoint is taken at a snapshot point, the start of an event,
         // never while the VM waits here: past the bound the VM waits until its checkpointer
         // asks for one (and then goes on to that point), and once it passed a point since
         // (the checkpoint is being written), until the checkpoint is in place. Otherwise a
         // VM taking large events quickly keeps many of them in the time a checkpoint takes.
-        while st.attached.is_none()
-            && !st.standby
-            && st.halted.is_none()
-            && !st.history_warned
-            && st.history_bytes > s.config.max_history_bytes
-            && st.own_asked.is_none_or(|at| st.end() > at)
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                st.history_warned = true;
-                tracing::warn!(
-                    "no checkpoint in {} s: the history grows past {} bytes",
-                    crate::HISTORY_WAIT.as_secs(),
-                    s.config.max_history_bytes
-                );
-                break;
-            }
-            st = s
-                .acks
-                .wait_timeout(st, left)
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        let _st = s.wait_for_checkpoint(st, deadline, "no checkpoint", |st| {
+            st.attached.is_none() && !st.standby && st.own_asked.is_none_or(|at| st.end() > at)
+        });
         Ok(())
     }
 
