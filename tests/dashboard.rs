@@ -331,6 +331,19 @@ fn the_dashboard_turns_ft_on_shows_a_failover_live_and_confirms_destructive_verb
         30,
         "const e = document.querySelector('#vm-kvd [data-lag]'); return e ? e.dataset.lag : null;",
     );
+    // The colours' thresholds (0.5 s and 1 s), and the seed's sizing formula next to the
+    // logging bandwidth.
+    assert_eq!(
+        b.js("return [lagClass(0), lagClass(499), lagClass(500), lagClass(999), lagClass(1000)];"),
+        json!(["green", "green", "yellow", "yellow", "red"])
+    );
+    let formula = b.js("return document.querySelector('#vm-kvd .formula').textContent;");
+    assert!(
+        formula.as_str().is_some_and(|f| f.contains("disk reads")
+            && f.contains("× 8 + net in")
+            && f.contains("× 1.2 =")),
+        "{formula}"
+    );
     // Some load, so that the bandwidth chart has something to show.
     c.lab
         .wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
