@@ -1011,7 +1011,23 @@ fn a_rolling_upgrade_of_every_host_to_a_second_build_keeps_protection_and_never_
         for k in 1..=4 {
             let host = format!("host{k}");
             checker.incr_for("upgrade:counter", Duration::from_millis(200));
+            // A pair with no copy on this host does not move: it stays protected
+            // throughout this host's maintenance and upgrade.
+            let untouched: Vec<&str> = ["a", "b"]
+                .into_iter()
+                .filter(|vm| {
+                    let v = c.show(vm);
+                    field(&v, "primary_host") != host && field(&v, "secondary_host") != host
+                })
+                .collect();
+            let still_protected = |when: &str| {
+                for vm in &untouched {
+                    let v = c.show(vm);
+                    assert_eq!(field(&v, "ft"), "protected", "{vm} {when} on {host}: {v}");
+                }
+            };
             c.ok(&["host", "maintenance", "enter", &host]);
+            still_protected("after maintenance enter");
             // The upgrade: the agent stops (its host holds nothing) and the second build
             // starts in its place.
             c.lab.signal_agent(k, libc::SIGTERM);
@@ -1026,6 +1042,7 @@ fn a_rolling_upgrade_of_every_host_to_a_second_build_keeps_protection_and_never_
                     })
                 })
             });
+            still_protected("with the agent stopped");
             c.lab.start_agent_exe(k, &v2, &[]);
             c.wait("the upgraded agent registered", 30, || {
                 let r = c.verb(&["host", "list", "--json"]);

@@ -1588,13 +1588,15 @@ fn a_protected_guest_rereading_a_file_keeps_its_primary_memory_bounded_by_checkp
     // guest's read and the sender streams from it), so its RSS is `vm run`'s plus what the
     // history holds beyond the last event: with the secondary attached at most three
     // 16 MiB events (the bound of one interval and one event, plus the event that lets an
-    // idle secondary reach a point to checkpoint at), 1.9x at most. Until the secondary
-    // attaches the primary takes its own checkpoint, whose capture and write cost about
-    // twice the guest's memory again while two events are kept: measured 1.9x to 2.3x
-    // over runs. Before checkpoints it was over 40x: the bound below fails if the history
-    // grows with the run again, or if an event is held twice again.
+    // idle secondary reach a point to checkpoint at). Until the secondary attaches the
+    // primary takes its own checkpoint: its capture holds the guest's memory once more,
+    // and its write compresses the memory section as it lays it out and streams the file
+    // (no copy of the section's raw bytes nor of the file's). Measured 1.94x to 1.96x;
+    // 1.9x to 2.3x before the streamed write. The bound leaves room for a busy machine;
+    // before checkpoints it was over 40x: it fails if the history grows with the run
+    // again, or if an event is held twice again.
     assert!(
-        ft_kib <= 3 * plain_kib,
+        2 * ft_kib <= 5 * plain_kib,
         "peak RSS: ft primary {ft_kib} KiB, vm run {plain_kib} KiB\n{}",
         logs()
     );

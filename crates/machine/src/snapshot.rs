@@ -171,27 +171,75 @@ fn decode_memory(raw: &[u8]) -> Result<Vec<u8>, SnapshotError> {
     Ok(memory)
 }
 
+/// The memory section compressed as it is laid out, never laid out whole first (a
+/// snapshot of a large memory would otherwise hold it three times over while it is
+/// written): its raw length and stored bytes.
+fn compress_memory(memory: &[u8]) -> (u64, Vec<u8>) {
+    let pages = memory.len().div_ceil(PAGE);
+    let mut bitmap = vec![0u8; pages.div_ceil(8)];
+    let mut kept = 0;
+    for (i, page) in memory.chunks(PAGE).enumerate() {
+        if page.iter().any(|&b| b != 0) {
+            bitmap[i / 8] |= 1 << (i % 8);
+            kept += page.len();
+        }
+    }
+    let raw_len = (8 + bitmap.len() + kept) as u64;
+    let streamed = (|| {
+        let mut z = zstd::stream::write::Encoder::new(Vec::new(), 1)?;
+        z.set_pledged_src_size(Some(raw_len))?;
+        z.write_all(&(memory.len() as u64).to_le_bytes())?;
+        z.write_all(&bitmap)?;
+        for (i, page) in memory.chunks(PAGE).enumerate() {
+            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                z.write_all(page)?;
+            }
+        }
+        z.finish()
+    })();
+    match streamed {
+        Ok(stored) => (raw_len, stored),
+        // Not seen (compressing into memory), but never a panic: the laid-out way.
+        Err(_) => {
+            let raw = encode_memory(memory);
+            let stored = zstd::bulk::compress(&raw, 1).unwrap_or_else(|_| raw.clone());
+            (raw.len() as u64, stored)
+        }
+    }
+}
+
 /// The snapshot as a file's bytes.
 pub fn encode(s: &Snapshot) -> Vec<u8> {
-    let raw = |k: Kind| -> Vec<u8> {
-        match k {
-            Kind::Memory => encode_memory(&s.memory),
-            // Serialising plain vectors of plain values to a Vec cannot fail.
-            Kind::Globals => postcard::to_stdvec(&s.globals).unwrap_or_default(),
-            Kind::Stack => s.stack.clone(),
-            Kind::Vm => s.vm.clone(),
-        }
-    };
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = write_to(&mut out, s);
+    out
+}
+
+/// Write the snapshot's bytes to `w` (the sections are compressed first, one at a time,
+/// and written where they are: the file's bytes are never gathered whole); how many.
+pub fn write_to(w: &mut impl Write, s: &Snapshot) -> std::io::Result<u64> {
     let mut sections = Vec::new();
     let mut bodies = Vec::new();
     for kind in KINDS {
-        let raw = raw(kind);
         // Level 1: snapshots are taken with the VM paused; speed matters more than size,
         // and zero pages are already gone.
-        let stored = zstd::bulk::compress(&raw, 1).unwrap_or_else(|_| raw.clone());
+        let (raw_len, stored) = match kind {
+            Kind::Memory => compress_memory(&s.memory),
+            _ => {
+                let raw = match kind {
+                    // Serialising plain vectors of plain values to a Vec cannot fail.
+                    Kind::Globals => postcard::to_stdvec(&s.globals).unwrap_or_default(),
+                    Kind::Stack => s.stack.clone(),
+                    Kind::Vm | Kind::Memory => s.vm.clone(),
+                };
+                let stored = zstd::bulk::compress(&raw, 1).unwrap_or_else(|_| raw.clone());
+                (raw.len() as u64, stored)
+            }
+        };
         sections.push(SectionEntry {
             kind,
-            raw_len: raw.len() as u64,
+            raw_len,
             stored_len: stored.len() as u64,
             checksum: *blake3::hash(&stored).as_bytes(),
         });
@@ -204,17 +252,20 @@ pub fn encode(s: &Snapshot) -> Vec<u8> {
         sections,
     };
     let header = postcard::to_stdvec(&header).unwrap_or_default();
-    let mut out = Vec::with_capacity(PREAMBLE + header.len() + 32);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(&header);
-    let checksum = blake3::hash(&out);
-    out.extend_from_slice(checksum.as_bytes());
+    let mut head = Vec::with_capacity(PREAMBLE + header.len() + 32);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&VERSION.to_le_bytes());
+    head.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    head.extend_from_slice(&header);
+    let checksum = blake3::hash(&head);
+    head.extend_from_slice(checksum.as_bytes());
+    w.write_all(&head)?;
+    let mut written = head.len() as u64;
     for b in bodies {
-        out.extend_from_slice(&b);
+        w.write_all(&b)?;
+        written += b.len() as u64;
     }
-    out
+    Ok(written)
 }
 
 /// Check the preamble and the header; returns the header and where the sections start.
@@ -372,7 +423,6 @@ pub fn write_file(path: &Path, s: &Snapshot) -> Result<u64, SnapshotError> {
         path: path.to_path_buf(),
         source,
     };
-    let bytes = encode(s);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -393,22 +443,23 @@ pub fn write_file(path: &Path, s: &Snapshot) -> Result<u64, SnapshotError> {
     ));
     let result = (|| {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+        let written = write_to(&mut out, s)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
+        std::fs::File::open(&dir)?.sync_all()?;
+        Ok(written)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(io)?;
-    Ok(bytes.len() as u64)
+    result.map_err(io)
 }
 
 /// Read and check the snapshot at `path` (see [`decode`]).
@@ -427,6 +478,20 @@ pub fn read_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_compressed_as_laid_out_is_the_laid_out_section() {
+        let memory = sample().memory;
+        let (raw_len, stored) = compress_memory(&memory);
+        let raw = encode_memory(&memory);
+        assert_eq!(raw_len, raw.len() as u64);
+        assert_eq!(zstd::stream::decode_all(&stored[..]).unwrap(), raw);
+        // Written to a sink or gathered, the same bytes.
+        let mut out = Vec::new();
+        let n = write_to(&mut out, &sample()).unwrap();
+        assert_eq!(n, out.len() as u64);
+        assert_eq!(out, encode(&sample()));
+    }
 
     fn sample() -> Snapshot {
         let mut memory = vec![0u8; 5 * PAGE];
