@@ -1262,23 +1262,7 @@ mod maintenance_tests {
             v.hosts.insert(h.to_string(), rec);
         }
         v.maintenance.insert(maintenance.to_string());
-        v.vms.insert(
-            "kvd".into(),
-            crate::model::fixtures::vm("kvd", FtMode::On, 64),
-        );
-        let copy = |id, host: &str| {
-            Some(Copy {
-                id,
-                host: host.into(),
-                incarnation: 0,
-            })
-        };
-        let p = Placement {
-            primary: copy(1, "h3"),
-            secondary: copy(2, "h4"),
-            next_id: 2,
-            ..Default::default()
-        };
+        let p = crate::model::fixtures::place_kvd(&mut v, "h3", "h4");
         for (id, h, role, live) in [
             (1, "h3", Role::Primary, true),
             (2, "h4", Role::Secondary, false),

@@ -527,6 +527,26 @@ pub(crate) mod fixtures {
         }
     }
 
+    /// kvd (FT on, 64 MiB) in `v`, and a placement of it with its primary on `primary`
+    /// and its secondary on `secondary` (copies 1 and 2).
+    pub fn place_kvd(v: &mut crate::master::View, primary: &str, secondary: &str) -> Placement {
+        v.vms.insert("kvd".into(), vm("kvd", FtMode::On, 64));
+        let copy = |id, host: &str| {
+            Some(Copy {
+                id,
+                host: host.into(),
+                incarnation: 0,
+            })
+        };
+        let p = Placement {
+            primary: copy(1, primary),
+            secondary: copy(2, secondary),
+            next_id: 2,
+            ..Default::default()
+        };
+        p
+    }
+
     /// A powered-on VM `name` of `memory_mib`.
     pub fn vm(name: &str, ft: FtMode, memory_mib: u64) -> VmRecord {
         VmRecord {

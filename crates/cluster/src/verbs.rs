@@ -930,7 +930,6 @@ pub fn host_views(v: &View) -> Vec<HostView> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Copy, FtMode, Placement};
 
     #[test]
     fn a_host_without_a_lease_that_copies_are_placed_on_is_listed_as_not_responding() {
@@ -941,24 +940,8 @@ mod tests {
             v.hosts.insert(h.into(), rec);
         }
         v.maintenance.extend(["h3".to_string(), "h5".to_string()]);
-        v.vms.insert(
-            "kvd".into(),
-            crate::model::fixtures::vm("kvd", FtMode::On, 64),
-        );
-        let copy = |id, host: &str| {
-            Some(Copy {
-                id,
-                host: host.into(),
-                incarnation: 0,
-            })
-        };
         // kvd's primary on h1; its secondary on h4, whose agent lost its lease.
-        let p = Placement {
-            primary: copy(1, "h1"),
-            secondary: copy(2, "h4"),
-            next_id: 2,
-            ..Default::default()
-        };
+        let p = crate::model::fixtures::place_kvd(&mut v, "h1", "h4");
         v.places.insert("kvd".into(), (p, 1));
         let hosts = host_views(&v);
         let state = |n: &str| {
