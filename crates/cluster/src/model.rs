@@ -538,13 +538,12 @@ pub(crate) mod fixtures {
                 incarnation: 0,
             })
         };
-        let p = Placement {
+        Placement {
             primary: copy(1, primary),
             secondary: copy(2, secondary),
             next_id: 2,
             ..Default::default()
-        };
-        p
+        }
     }
 
     /// A powered-on VM `name` of `memory_mib`.
