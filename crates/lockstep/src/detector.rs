@@ -284,14 +284,41 @@ impl Watched {
     /// The next frame; [`FrameError::Silent`] once the channel was silent past the
     /// detector's timeout, counting only time this process was running ([`Pauses`]).
     pub fn recv(&mut self) -> Result<(u8, Vec<u8>), FrameError> {
-        self.await_frame()?;
-        let got = self.reader.recv();
-        if matches!(got, Err(FrameError::Silent)) {
-            tracing::warn!(
-                "logging channel silent for {} ms within a frame (the detector's timeout; ceiling {} ms)",
-                self.current.as_millis(),
-                self.detector.ceiling.as_millis()
-            );
+        let mut extended = false;
+        let got = loop {
+            match self.reader.recv() {
+                // Between frames: nothing consumed, the wait may go on.
+                Err(FrameError::Silent) if !self.reader.within_frame() => {
+                    match self.not_counted() {
+                        Some((left, starved)) => {
+                            if !extended {
+                                extended = true;
+                                tracing::info!(
+                                    "logging channel silent for {} ms, {} ms of them while this process was not running: not counted",
+                                    self.heard.elapsed().as_millis(),
+                                    starved.as_millis()
+                                );
+                            }
+                            if self.reader.get_ref().set_read_timeout(Some(left)).is_err() {
+                                break Err(FrameError::Silent);
+                            }
+                        }
+                        None => break Err(FrameError::Silent),
+                    }
+                }
+                Err(FrameError::Silent) => {
+                    tracing::warn!(
+                        "logging channel silent for {} ms within a frame (the detector's timeout; ceiling {} ms)",
+                        self.current.as_millis(),
+                        self.detector.ceiling.as_millis()
+                    );
+                    break Err(FrameError::Silent);
+                }
+                other => break other,
+            }
+        };
+        if extended {
+            let _ = self.reader.get_ref().set_read_timeout(Some(self.current));
         }
         let got = got?;
         self.heard = Instant::now();
@@ -306,60 +333,25 @@ impl Watched {
         Ok(got)
     }
 
-    /// Wait for the first byte of the next frame (a peek: nothing is consumed, so a
-    /// silence found here leaves the channel whole). A silence this process slept through
-    /// is not counted: the wait goes on for what of the timeout it was running.
-    fn await_frame(&mut self) -> Result<(), FrameError> {
-        let socket = self.reader.get_ref();
-        let mut extended = false;
-        let result = loop {
-            match socket.peek(&mut [0u8; 1]) {
-                // Data, or the end of the stream (the frame read then says Closed).
-                Ok(_) => break Ok(()),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    let now = Instant::now();
-                    let silence = now.saturating_duration_since(self.heard);
-                    let starved =
-                        Pauses::get().map_or(Duration::ZERO, |p| p.starved(self.heard, now));
-                    let counted = silence.saturating_sub(starved);
-                    if counted + Duration::from_millis(1) < self.current {
-                        if !extended {
-                            tracing::info!(
-                                "logging channel silent for {} ms, {} ms of them while this process was not running: not counted",
-                                silence.as_millis(),
-                                starved.as_millis()
-                            );
-                        }
-                        extended = true;
-                        let left = self.current - counted;
-                        if socket.set_read_timeout(Some(left)).is_err() {
-                            break Err(FrameError::Silent);
-                        }
-                        continue;
-                    }
-                    tracing::warn!(
-                        "logging channel silent for {} ms ({} ms of it while this process was not running; the detector's timeout {} ms, ceiling {} ms)",
-                        silence.as_millis(),
-                        starved.as_millis(),
-                        self.current.as_millis(),
-                        self.detector.ceiling.as_millis()
-                    );
-                    break Err(FrameError::Silent);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                // Any other error: the frame read reports it.
-                Err(_) => break Ok(()),
-            }
-        };
-        if extended {
-            let _ = socket.set_read_timeout(Some(self.current));
+    /// After a silence past the timeout: how much longer to wait, if part of the silence
+    /// was time this process was not running, and how much that was; `None` (said) if it
+    /// was silent while this process ran for the whole timeout.
+    fn not_counted(&self) -> Option<(Duration, Duration)> {
+        let now = Instant::now();
+        let silence = now.saturating_duration_since(self.heard);
+        let starved = Pauses::get().map_or(Duration::ZERO, |p| p.starved(self.heard, now));
+        let counted = silence.saturating_sub(starved);
+        if counted + Duration::from_millis(1) < self.current {
+            return Some((self.current - counted, starved));
         }
-        result
+        tracing::warn!(
+            "logging channel silent for {} ms ({} ms of it while this process was not running; the detector's timeout {} ms, ceiling {} ms)",
+            silence.as_millis(),
+            starved.as_millis(),
+            self.current.as_millis(),
+            self.detector.ceiling.as_millis()
+        );
+        None
     }
 }
 

@@ -1870,8 +1870,7 @@ mod tests {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
         let addr = fake_primary(&dir, release, (0..3).map(event).collect(), None);
-        let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        let secondary = join(&dir, &addr, 0);
         let mut source = secondary.source(None);
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
@@ -1922,9 +1921,7 @@ mod tests {
             let shared = tempfile::tempdir().unwrap();
             let dir = VmDir::new(shared.path(), "vm");
             let addr = fake_primary(&dir, gated.then_some(3), (0..3).map(event).collect(), None);
-            let secondary =
-                Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0)
-                    .unwrap();
+            let secondary = join(&dir, &addr, 0);
             let mut source = secondary.source(None);
             // On a thread of its own, as the VM's: niceness is per thread.
             let (own, during, after) = std::thread::spawn(move || {
@@ -1954,8 +1951,7 @@ mod tests {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
         let addr = fake_primary(&dir, Some(3), (0..3).map(event).collect(), None);
-        let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        let secondary = join(&dir, &addr, 0);
         let mut source = secondary.source(None);
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
@@ -1983,8 +1979,7 @@ mod tests {
             (0..3).map(event).collect(),
             Some(end.clone()),
         );
-        let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        let secondary = join(&dir, &addr, 0);
         let mut source = secondary.source(None);
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
@@ -2058,6 +2053,12 @@ mod tests {
         })
     }
 
+    /// A secondary of the primary at `addr` joining from event `from` (waiting up to 5 s
+    /// for it), with the tests' configuration.
+    fn join(dir: &VmDir, addr: &str, from: u64) -> Secondary {
+        Secondary::connect(dir.clone(), addr, Duration::from_secs(5), config(), from).unwrap()
+    }
+
     fn primary_with_history(dir: &VmDir, events: Vec<Event>) -> (Primary, PrimarySink) {
         let primary =
             Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config()).unwrap();
@@ -2073,14 +2074,7 @@ mod tests {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
         let (primary, mut sink) = primary_with_history(&dir, (0..10).map(event).collect());
-        let secondary = Secondary::connect(
-            dir.clone(),
-            &primary.addr.to_string(),
-            Duration::from_secs(5),
-            config(),
-            0,
-        )
-        .unwrap();
+        let secondary = join(&dir, &primary.addr.to_string(), 0);
         let _source = secondary.source(None);
         wait("protected", || primary.protected());
         // Each host's view of the VM's folder is gone; neither has held the loss long
@@ -2165,8 +2159,7 @@ mod tests {
         let (primary, _sink) =
             primary_with_history(&dir, (0..4).map(|i| data_event(i, 10)).collect());
         let addr = primary.addr.to_string();
-        let first =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 0).unwrap();
+        let first = join(&dir, &addr, 0);
         // Without time to wait, the refusal is the answer.
         match Secondary::connect(dir.clone(), &addr, Duration::ZERO, config(), 0) {
             Err(FtError::Refused(why)) => assert!(why.contains(ATTACHED_ALREADY), "{why}"),
@@ -2211,8 +2204,7 @@ mod tests {
             Err(FtError::Refused(why)) => assert!(why.contains("events 6 to 10"), "{why}"),
             other => panic!("joining before the history: {:?}", other.err()),
         }
-        let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 6).unwrap();
+        let secondary = join(&dir, &addr, 6);
         let mut source = secondary.source(None);
         for seq in 6..10 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
@@ -2252,8 +2244,7 @@ mod tests {
             other => panic!("joining from before the go-live: {:?}", other.err()),
         }
         standby.checkpointed(6);
-        let secondary =
-            Secondary::connect(dir.clone(), &addr, Duration::from_secs(5), config(), 6).unwrap();
+        let secondary = join(&dir, &addr, 6);
         wait("gated", || secondary.release() == Some(6));
     }
 
@@ -2342,14 +2333,7 @@ mod tests {
         let shared2 = tempfile::tempdir().unwrap();
         let dir2 = VmDir::new(shared2.path(), "vm");
         let (primary2, _sink2) = primary_with_history(&dir2, (0..100).map(event).collect());
-        let _secondary = Secondary::connect(
-            dir2.clone(),
-            &primary2.addr.to_string(),
-            Duration::from_secs(5),
-            config(),
-            0,
-        )
-        .unwrap();
+        let _secondary = join(&dir2, &primary2.addr.to_string(), 0);
         wait("protected", || primary2.protected());
         wait("status", || {
             std::fs::read_to_string(dir2.status())
@@ -2363,14 +2347,7 @@ mod tests {
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
         let (primary, mut sink) = primary_with_history(&dir, vec![]);
-        let secondary = Secondary::connect(
-            dir.clone(),
-            &primary.addr.to_string(),
-            Duration::from_secs(5),
-            config(),
-            0,
-        )
-        .unwrap();
+        let secondary = join(&dir, &primary.addr.to_string(), 0);
         let mut source = secondary.source(None);
         wait("attach", || primary.protected());
         let mut port = primary.port();

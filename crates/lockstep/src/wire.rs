@@ -282,11 +282,24 @@ pub struct FrameReader<R> {
     input: R,
     key: [u8; 32],
     seq: u64,
+    /// Bytes of a frame were read and the frame not finished (an error cut it short).
+    within: bool,
 }
 
 impl<R: Read> FrameReader<R> {
     pub fn new(input: R, key: [u8; 32]) -> Self {
-        FrameReader { input, key, seq: 0 }
+        FrameReader {
+            input,
+            key,
+            seq: 0,
+            within: false,
+        }
+    }
+
+    /// Whether the last [`FrameReader::recv`] failed within a frame. If it did not, a
+    /// [`FrameError::Silent`] consumed nothing and the reader may be asked again.
+    pub fn within_frame(&self) -> bool {
+        self.within
     }
 
     /// What it reads from (to set a socket's timeout, say).
@@ -296,8 +309,22 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame's kind and payload.
     pub fn recv(&mut self) -> Result<(u8, Vec<u8>), FrameError> {
+        if self.within {
+            // What is left of a frame cut short cannot be found again.
+            return Err(FrameError::Silent);
+        }
         let mut head = [0u8; HEADER];
-        self.input.read_exact(&mut head)?;
+        // The first read alone: a silence before it consumed nothing.
+        let first = loop {
+            match self.input.read(&mut head) {
+                Ok(0) => return Err(FrameError::Closed),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.within = true;
+        self.input.read_exact(&mut head[first..])?;
         if &head[0..2] != MAGIC {
             return Err(FrameError::Magic);
         }
@@ -339,6 +366,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         self.seq += 1;
+        self.within = false;
         rest.truncate(body_end);
         Ok((head[3], rest))
     }
@@ -347,6 +375,30 @@ impl<R: Read> FrameReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silence_between_frames_consumes_nothing_and_one_within_a_frame_ends_the_reader() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut out = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (inp, _) = l.accept().unwrap();
+        inp.set_read_timeout(Some(std::time::Duration::from_millis(30)))
+            .unwrap();
+        let key = [3; 32];
+        let mut r = FrameReader::new(inp, key);
+        // Nothing sent: silent, nothing consumed, asked again it reads the frame whole.
+        assert!(matches!(r.recv(), Err(FrameError::Silent)));
+        assert!(!r.within_frame());
+        out.write_all(&encode(&key, 0, 1, b"one")).unwrap();
+        assert_eq!(r.recv().unwrap(), (1, b"one".to_vec()));
+        // Half a frame, then silence: the frame is lost, and so is the reader.
+        let frame = encode(&key, 1, 1, b"two");
+        out.write_all(&frame[..5]).unwrap();
+        assert!(matches!(r.recv(), Err(FrameError::Silent)));
+        assert!(r.within_frame());
+        out.write_all(&frame[5..]).unwrap();
+        assert!(matches!(r.recv(), Err(FrameError::Silent)));
+    }
 
     fn frames(key: &[u8; 32]) -> Vec<u8> {
         let mut w = FrameWriter::new(Vec::new(), *key);
