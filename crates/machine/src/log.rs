@@ -252,36 +252,56 @@ pub struct LogWriter {
     writer: Option<std::thread::JoinHandle<Result<(), LogError>>>,
 }
 
-/// Frame, compress and write one batch of `length | payload` records as a chunk.
-fn write_chunk(
-    w: &mut impl Write,
-    batch: &[u8],
-    framed: &mut Vec<u8>,
-    path: &Path,
-) -> Result<(), LogError> {
-    // Checksums and compression are added here, off the guest's thread.
-    framed.clear();
-    let mut rest = batch;
-    while rest.len() >= 4 {
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let payload = &rest[4..(4 + len).min(rest.len())];
-        framed.extend_from_slice(&rest[..4]);
-        framed.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        framed.extend_from_slice(payload);
-        rest = &rest[4 + payload.len()..];
+/// The writer thread's buffers and compressor, kept from chunk to chunk: a fresh
+/// compression context and output buffer per chunk would each be mapped and unmapped
+/// again (allocations this large are `mmap`s), several system calls per chunk.
+struct Chunker {
+    framed: Vec<u8>,
+    packed: Vec<u8>,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl Chunker {
+    fn new(path: &Path) -> Result<Chunker, LogError> {
+        Ok(Chunker {
+            framed: Vec::with_capacity(BATCH + (64 << 10)),
+            packed: Vec::new(),
+            zstd: zstd::bulk::Compressor::new(1).map_err(io_err("compress", path))?,
+        })
     }
-    let packed = zstd::bulk::compress(framed, 1).map_err(io_err("compress", path))?;
-    let mut head = [0u8; 16];
-    head[0..4].copy_from_slice(&(framed.len() as u32).to_le_bytes());
-    head[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
-    head[8..12].copy_from_slice(&crc32fast::hash(&packed).to_le_bytes());
-    let head_crc = crc32fast::hash(&head[..12]);
-    head[12..16].copy_from_slice(&head_crc.to_le_bytes());
-    // Through to the file now: a kill after this loses nothing of this chunk.
-    w.write_all(&head)
-        .and_then(|_| w.write_all(&packed))
-        .and_then(|_| w.flush())
-        .map_err(io_err("write", path))
+
+    /// Frame, compress and write one batch of `length | payload` records as a chunk.
+    fn write(&mut self, w: &mut impl Write, batch: &[u8], path: &Path) -> Result<(), LogError> {
+        // Checksums and compression are added here, off the guest's thread.
+        let framed = &mut self.framed;
+        framed.clear();
+        let mut rest = batch;
+        while rest.len() >= 4 {
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let payload = &rest[4..(4 + len).min(rest.len())];
+            framed.extend_from_slice(&rest[..4]);
+            framed.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+            framed.extend_from_slice(payload);
+            rest = &rest[4 + payload.len()..];
+        }
+        let packed = &mut self.packed;
+        packed.clear();
+        packed.reserve(zstd::zstd_safe::compress_bound(framed.len()));
+        self.zstd
+            .compress_to_buffer(framed.as_slice(), packed)
+            .map_err(io_err("compress", path))?;
+        let mut head = [0u8; 16];
+        head[0..4].copy_from_slice(&(framed.len() as u32).to_le_bytes());
+        head[4..8].copy_from_slice(&(packed.len() as u32).to_le_bytes());
+        head[8..12].copy_from_slice(&crc32fast::hash(packed).to_le_bytes());
+        let head_crc = crc32fast::hash(&head[..12]);
+        head[12..16].copy_from_slice(&head_crc.to_le_bytes());
+        // Through to the file now: a kill after this loses nothing of this chunk.
+        w.write_all(&head)
+            .and_then(|_| w.write_all(packed))
+            .and_then(|_| w.flush())
+            .map_err(io_err("write", path))
+    }
 }
 
 impl LogWriter {
@@ -304,7 +324,7 @@ impl LogWriter {
             .spawn(move || {
                 use std::sync::mpsc::RecvTimeoutError;
                 let path = thread_path;
-                let mut framed = Vec::with_capacity(BATCH + (64 << 10));
+                let mut chunker = Chunker::new(&path)?;
                 // What replaces a stale batch taken from the guest.
                 let mut spare: Vec<u8> = Vec::new();
                 let mut next_look = Instant::now() + STALE;
@@ -312,7 +332,7 @@ impl LogWriter {
                     let wait = next_look.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(wait) {
                         Ok(mut batch) => {
-                            write_chunk(&mut w, &batch, &mut framed, &path)?;
+                            chunker.write(&mut w, &batch, &path)?;
                             batch.clear();
                             let _ = spent_tx.try_send(batch);
                         }
@@ -331,7 +351,7 @@ impl LogWriter {
                             ready.push(std::mem::replace(&mut *batch, std::mem::take(&mut spare)));
                             drop(batch);
                             for mut b in ready {
-                                write_chunk(&mut w, &b, &mut framed, &path)?;
+                                chunker.write(&mut w, &b, &path)?;
                                 b.clear();
                                 if spare.capacity() < b.capacity() {
                                     spare = b;
