@@ -658,8 +658,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Cluster(a)) => bench::cluster(&a).map_err(Failure::from),
         Command::Bench(BenchCommand::Soak(a)) => bench::soak(&a).map_err(Failure::from),
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
-        Command::Ft(FtCommand::Primary(a)) => ft_primary(a),
-        Command::Ft(FtCommand::Secondary(a)) => ft_secondary(a),
+        Command::Ft(FtCommand::Primary(a)) => ended_ft(ft_primary(a)),
+        Command::Ft(FtCommand::Secondary(a)) => ended_ft(ft_secondary(a)),
         Command::Cluster(c) => Ok(verbs_cli::cluster(&c)),
         Command::Host(c) => verbs_cli::host(&c).map_err(Failure::from),
         Command::Vm(VmCommand::Create(a)) => Ok(verbs_cli::vm_create(&a)),
@@ -910,6 +910,16 @@ fn vm_run(a: RunArgs) -> Result<u8, Failure> {
 /// The VM runs instrumented for snapshots: while no secondary is attached this copy
 /// takes its own checkpoints, so that what it keeps stays bounded (see
 /// `lockstep::checkpoint`).
+/// A copy's last status reaches its file before the process ends (see `lockstep::status`).
+fn ended_ft(result: Result<u8, Failure>) -> Result<u8, Failure> {
+    if !lockstep::status::flush(std::time::Duration::from_secs(2)) {
+        tracing::warn!(
+            "the VM's status file may be out of date: its storage did not answer within 2 s"
+        );
+    }
+    result
+}
+
 fn ft_primary(a: FtPrimaryArgs) -> Result<u8, Failure> {
     a.ft.fence()?;
     if a.run.record.is_some() {

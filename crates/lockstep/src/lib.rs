@@ -70,12 +70,12 @@ pub mod detector;
 pub mod health;
 pub mod primary;
 pub mod secondary;
+pub mod status;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use arbiter::Arbiter;
 use machine::event::{Event, Intent};
 use machine::{End, LogHeader};
 use serde::{Deserialize, Serialize};
@@ -265,29 +265,19 @@ impl VmDir {
 
     /// Record what the live copy is doing, for operators and tests (`key=value` lines),
     /// unless a later generation than `generation` was claimed: then this copy is not live
-    /// and the status belongs to the copy that is.
+    /// and the status belongs to the copy that is. Written by the status thread
+    /// ([`status`]), never by the caller: storage may be slow.
     pub fn write_status(&self, generation: u64, fields: &[(&str, String)]) {
-        let live = Arbiter::new(&self.arbitration()).current();
-        if live.is_ok_and(|g| g == generation) {
-            self.write_fields(&self.status(), fields);
-        }
+        status::post(
+            self.status(),
+            fields,
+            Some((self.arbitration(), generation)),
+        );
     }
 
     /// Record what a secondary is doing (never the VM's status).
     pub fn write_secondary_status(&self, fields: &[(&str, String)]) {
-        self.write_fields(&self.secondary_status(), fields);
-    }
-
-    fn write_fields(&self, path: &Path, fields: &[(&str, String)]) {
-        let text: String = fields.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("status");
-        let tmp = self.0.join(format!(".{name}.{}", std::process::id()));
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+        status::post(self.secondary_status(), fields, None);
     }
 
     /// Create (primary) the pair's key: 32 random bytes, readable by root only.

@@ -1890,7 +1890,7 @@ mod tests {
             "an ineligible secondary claimed"
         );
         assert!(!dir.status().exists(), "a secondary wrote the VM's status");
-        let own = std::fs::read_to_string(dir.secondary_status()).unwrap();
+        let own = crate::status::read_flushed(&dir.secondary_status()).unwrap();
         assert!(own.contains("role=dropped-out"), "{own}");
     }
 
@@ -1907,7 +1907,7 @@ mod tests {
         assert_eq!(secondary.release(), None);
         assert_eq!(generations(&dir), ["gen-1"], "an ungated secondary claimed");
         assert!(!dir.status().exists(), "a secondary wrote the VM's status");
-        let own = std::fs::read_to_string(dir.secondary_status()).unwrap();
+        let own = crate::status::read_flushed(&dir.secondary_status()).unwrap();
         assert!(
             own.contains("role=dropped-out") && own.contains("release=none"),
             "{own}"
@@ -1959,7 +1959,7 @@ mod tests {
         assert!(source.next_event().unwrap().is_none());
         assert!(matches!(source.tail().unwrap(), Tail::GoLive));
         assert_eq!(generations(&dir), ["gen-1", "gen-2"]);
-        let status = std::fs::read_to_string(dir.status()).unwrap();
+        let status = crate::status::read_flushed(&dir.status()).unwrap();
         assert!(status.contains("role=live") && status.contains("generation=2"));
     }
 
@@ -2193,7 +2193,7 @@ mod tests {
             primary.history_bytes() < bytes / 2,
             "dropped six of ten events"
         );
-        let status = std::fs::read_to_string(dir.status()).unwrap();
+        let status = crate::status::read_flushed(&dir.status()).unwrap();
         assert!(
             status.contains("checkpoint=6") && status.contains("events=10"),
             "{status}"
@@ -2232,7 +2232,7 @@ mod tests {
         let addr = probe.local_addr().unwrap().to_string();
         drop(probe);
         standby.activate(1, None, None, Some(&addr));
-        let status = std::fs::read_to_string(dir.status()).unwrap();
+        let status = crate::status::read_flushed(&dir.status()).unwrap();
         assert!(
             status.contains("role=live") && status.contains("events=6"),
             "{status}"
@@ -2299,7 +2299,7 @@ mod tests {
         let fake = fake_secondary(&primary, None);
         wait("attach", || primary.shared.lock().attached.is_some());
         assert!(!primary.protected(), "protected before catching up");
-        let status = std::fs::read_to_string(dir.status()).unwrap();
+        let status = crate::status::read_flushed(&dir.status()).unwrap();
         assert!(status.contains("protected=false"), "{status}");
         wait("the silent secondary dropped", || {
             primary.shared.lock().attached.is_none()
@@ -2324,7 +2324,7 @@ mod tests {
         assert_eq!(primary.shared.lock().release, 1000);
         assert!(!primary.protected());
         assert!(
-            std::fs::read_to_string(dir.status())
+            crate::status::read_flushed(&dir.status())
                 .unwrap()
                 .contains("protected=false")
         );
@@ -2368,7 +2368,7 @@ mod tests {
         );
         assert_eq!(primary.released(), 50, "held outputs were not all written");
         assert!(primary.halted().is_none());
-        let status = std::fs::read_to_string(dir.status()).unwrap();
+        let status = crate::status::read_flushed(&dir.status()).unwrap();
         assert!(
             status.contains("role=stopped") && status.contains("exit=exit code 3"),
             "{status}"
