@@ -347,19 +347,25 @@ impl Shared {
 
     /// Something to send may have come: wake the sender if it waits (one that is busy
     /// looks at the state again before it waits).
-    fn wake_sender(&self, _st: &State) {
-        self.events.notify_all();
+    fn wake_sender(&self, st: &State) {
+        if st.senders_waiting > 0 {
+            self.events.notify_all();
+        }
     }
 
     /// Something the VM's side waits for may have changed: wake it if it waits.
-    fn wake_vm(&self, _st: &State) {
-        self.vm.notify_all();
+    fn wake_vm(&self, st: &State) {
+        if st.vm_waiting > 0 {
+            self.vm.notify_all();
+        }
     }
 
     /// An acknowledgement came: wake the VM's side if it waits for one that far (or for
     /// any).
-    fn wake_vm_acked(&self, _st: &State) {
-        self.vm.notify_all();
+    fn wake_vm_acked(&self, st: &State) {
+        if st.vm_waiting > 0 && st.acked >= st.vm_target {
+            self.vm.notify_all();
+        }
     }
 
     /// Held outputs may leave without an acknowledgement: wake the releaser if they may
@@ -1330,7 +1336,9 @@ fn release_outputs(s: &Shared) {
     // Counted once written, so that the end waits for the writes themselves.
     let mut st = s.lock();
     st.released += n;
-    s.wake_vm(&st);
+    if st.outputs_waiting > 0 && st.outputs_done() {
+        s.vm.notify_all();
+    }
 }
 
 /// The releaser: writes held outputs that no acknowledgement releases (the secondary lost,
