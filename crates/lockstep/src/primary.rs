@@ -177,6 +177,10 @@ struct State {
     vm_target: u64,
     outputs_waiting: u32,
     releaser_waiting: bool,
+    /// A thread is popping and writing held outputs ([`release_outputs`]): it alone does,
+    /// so outputs leave in the order they were produced although several threads release
+    /// them, and it writes whatever becomes due before it stops.
+    releasing: bool,
     /// Bytes sent on logging channels, and the input bytes the events carried.
     log_bytes: u64,
     disk_read_bytes: u64,
@@ -324,9 +328,6 @@ struct Shared {
     /// The releaser waits on this for outputs that no acknowledgement releases (the
     /// secondary lost or not gated while outputs are held).
     releaser: Condvar,
-    /// Held by whichever thread pops held outputs and writes them, across both: outputs
-    /// leave in the order they were produced although several threads release them.
-    releasing: Mutex<()>,
     config: FtConfig,
     key: [u8; 32],
     dir: VmDir,
@@ -371,7 +372,7 @@ impl Shared {
     /// Held outputs may leave without an acknowledgement: wake the releaser if they may
     /// and it waits.
     fn wake_releaser(&self, st: &State) {
-        if st.releaser_waiting && st.release_due() {
+        if st.releaser_waiting && st.release_due() && !st.releasing {
             self.releaser.notify_one();
         }
     }
@@ -693,6 +694,7 @@ impl Shared {
                 vm_target: 0,
                 outputs_waiting: 0,
                 releaser_waiting: false,
+                releasing: false,
                 log_bytes: 0,
                 disk_read_bytes: 0,
                 net_in_bytes: 0,
@@ -701,7 +703,6 @@ impl Shared {
             events: Condvar::new(),
             vm: Condvar::new(),
             releaser: Condvar::new(),
-            releasing: Mutex::new(()),
             config,
             key,
             dir,
@@ -1312,30 +1313,35 @@ impl OutputPort for GatedPort {
 /// Write the held outputs the rule allows now, in the order they were produced. Whoever
 /// learns that they may leave calls this: the receiver on an acknowledgement, the VM's
 /// thread for an output already acknowledged, the releaser for outputs no acknowledgement
-/// releases. Popping and writing happen under [`Shared::releasing`], so that a batch one
-/// thread popped is written before any later output another thread pops.
+/// releases. One thread at a time pops and writes (`State::releasing`); one that finds
+/// another at it leaves its outputs to it, which looks again before it stops, so that no
+/// thread ever waits for another's writes.
 fn release_outputs(s: &Shared) {
-    let _turn = s.releasing.lock().unwrap_or_else(|p| p.into_inner());
-    let batch: Vec<Held> = {
-        let mut st = s.lock();
+    let mut st = s.lock();
+    if st.releasing {
+        return;
+    }
+    st.releasing = true;
+    loop {
         let mut batch = Vec::new();
         while st.release_due() {
             if let Some((_, out)) = st.held.pop_front() {
                 batch.push(out);
             }
         }
-        batch
-    };
-    if batch.is_empty() {
-        return;
+        if batch.is_empty() {
+            break;
+        }
+        drop(st);
+        let n = batch.len() as u64;
+        for out in batch {
+            send(s, out);
+        }
+        st = s.lock();
+        // Counted once written, so that the end waits for the writes themselves.
+        st.released += n;
     }
-    let n = batch.len() as u64;
-    for out in batch {
-        send(s, out);
-    }
-    // Counted once written, so that the end waits for the writes themselves.
-    let mut st = s.lock();
-    st.released += n;
+    st.releasing = false;
     if st.outputs_waiting > 0 && st.outputs_done() {
         s.vm.notify_all();
     }
@@ -1348,7 +1354,9 @@ fn release(s: Arc<Shared>) {
     loop {
         {
             let mut st = s.lock();
-            while !st.release_due() {
+            // Outputs another thread is releasing are its to write (it looks again
+            // before it stops): waiting for them here would spin.
+            while !st.release_due() || st.releasing {
                 st.releaser_waiting = true;
                 st = s.releaser.wait(st).unwrap_or_else(|p| p.into_inner());
                 st.releaser_waiting = false;
