@@ -7,7 +7,8 @@
 //! another thread. A sender thread sends a heartbeat (received, executed) whenever nothing
 //! was sent for a heartbeat, and what else the primary is to hear (the end once held, the
 //! release point, checkpoints, health, declined handovers). The VM's thread takes events
-//! from the queue ([`SecondarySource`]); what it executed rides on the acknowledgements
+//! from the queue ([`SecondarySource`]), woken for a batch ([`REPLAY_BATCH`]) or within a
+//! heartbeat, not per frame: no output waits for the replay. What it executed rides on the acknowledgements
 //! and heartbeats (the lag bound and checkpoints need no more), so it wakes no thread per
 //! event. A newcomer catches up ungated: it learns the primary's release
 //! point only when the primary gates it (`ToSecondary::Release`, confirmed with
@@ -445,7 +446,12 @@ fn follow(
                         st.received += 1;
                         st.queue.push_back(e);
                     }
-                    s.wake_vm(&st);
+                    // The replay is not on the output path (outputs wait for what was
+                    // received, never for what was executed): it is woken for a batch, or
+                    // by the sender within a heartbeat, not for every frame.
+                    if st.queue.len() >= REPLAY_BATCH {
+                        s.wake_vm(&st);
+                    }
                     ToPrimary::Ack {
                         received: st.received,
                         executed: st.executed,
@@ -616,6 +622,11 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, host: &str, why: &str) {
     s.wake_all();
 }
 
+/// The receiver wakes a waiting replay once this many events are queued; fewer wait at
+/// most a heartbeat for the sender to wake it. A wake per frame would cost the secondary a
+/// context switch per frame of a busy primary, for a replay no output waits for.
+const REPLAY_BATCH: usize = 64;
+
 /// The sender: a heartbeat (what was received and executed) after a heartbeat of silence,
 /// and whatever else the primary is to hear as it comes. Acknowledgements of events and
 /// intents go from the receiver ([`follow`]).
@@ -655,6 +666,10 @@ fn acknowledge(s: &Shared, heartbeat: Duration) {
                 let left = (s.sent_at() + heartbeat).saturating_duration_since(Instant::now());
                 if news || left.is_zero() {
                     break;
+                }
+                // Events the receiver left for a batch are replayed within a heartbeat.
+                if !st.queue.is_empty() {
+                    s.wake_vm(&st);
                 }
                 st =
                     s.cv.wait_timeout(st, left)
