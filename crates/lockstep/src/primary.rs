@@ -1,11 +1,19 @@
 //! The primary: streams its VM's events to a secondary and holds outputs to the output rule.
 //!
-//! One [`Primary`] serves one VM. Its state sits behind one mutex with one condition
-//! variable: the VM's thread appends events ([`PrimarySink`]) and outputs ([`GatedPort`]);
-//! a listener accepts a secondary on the logging address; per connection a sender streams
-//! history (in frames split by bytes, [`next_batch`]) and heartbeats and a receiver takes
-//! acknowledgements and watches for silence; a releaser sends held outputs once they are
-//! acknowledged.
+//! One [`Primary`] serves one VM. Its state sits behind one mutex: the VM's thread appends
+//! events ([`PrimarySink`]) and outputs ([`GatedPort`]); a listener accepts a secondary on
+//! the logging address; per connection a sender streams history (in frames split by bytes,
+//! [`next_batch`]) and heartbeats and a receiver takes acknowledgements and watches for
+//! silence. Held outputs are written by the thread that learns they may leave: the
+//! receiver, as the acknowledgement comes; the VM's thread, for an output whose events are
+//! acknowledged already; a releaser, for what no acknowledgement releases (the secondary
+//! lost while outputs are held).
+//!
+//! Hand-offs between threads are what the channel costs per event (every wake is a futex
+//! call and a context switch): each kind of waiter has its own condition variable, and a
+//! change wakes a waiter only if one waits, and for an acknowledgement only one that waits
+//! for that far. A busy sender is never woken: it looks at the history again before it
+//! waits, and takes everything appended meanwhile in one frame.
 //!
 //! A newcomer catches up *ungated*: while it takes the backlog this copy behaves as if it
 //! had no secondary (outputs and disk operations go at once). Once it holds and executed
@@ -159,6 +167,20 @@ struct State {
     released: u64,
     /// Set once the run ended and its final status was written.
     finished: Option<String>,
+    /// Who waits now, so that a change wakes only a thread that waits for it (a wake is a
+    /// futex syscall whether or not anyone waits, and on a virtualised host an expensive
+    /// one): senders waiting for something to send; threads waiting on [`Shared::vm`], the
+    /// least acknowledged position one of them waits for (0: any change), and how many of
+    /// them wait for every held output to be written; whether the releaser waits.
+    senders_waiting: u32,
+    vm_waiting: u32,
+    vm_target: u64,
+    outputs_waiting: u32,
+    releaser_waiting: bool,
+    /// A thread is popping and writing held outputs ([`release_outputs`]): it alone does,
+    /// so outputs leave in the order they were produced although several threads release
+    /// them, and it writes whatever becomes due before it stops.
+    releasing: bool,
     /// Bytes sent on logging channels, and the input bytes the events carried.
     log_bytes: u64,
     disk_read_bytes: u64,
@@ -264,6 +286,21 @@ impl State {
         true
     }
 
+    /// The oldest held output may leave: the attached secondary holds its events, or no
+    /// secondary is gated (and this copy did not halt: then nothing leaves, ever).
+    fn release_due(&self) -> bool {
+        self.halted.is_none()
+            && self
+                .held
+                .front()
+                .is_some_and(|(p, _)| !self.gates() || *p <= self.acked)
+    }
+
+    /// Every held output was written.
+    fn outputs_done(&self) -> bool {
+        self.held.is_empty() && self.released == self.held_total
+    }
+
     /// The secondary declined a handover a moment ago: do not ask again yet.
     fn declined_lately(&self) -> bool {
         self.declined_at.is_some_and(|t| t.elapsed() < DECLINE_HOLD)
@@ -281,11 +318,16 @@ impl State {
 
 struct Shared {
     state: Mutex<State>,
-    /// New events (or the end) for the sender.
+    /// The sender waits on this for new events (or the end, an intent, a release point, a
+    /// handover).
     events: Condvar,
-    /// Acknowledgements, written outputs and changes of protection: the releaser, the disk
-    /// gate, the lag bound and the end wait wait on these.
-    acks: Condvar,
+    /// The VM's side waits on this: the disk gate, intents, the lag bound, the history
+    /// bound, a planned switch and the end (acknowledgements, written outputs, changes of
+    /// protection).
+    vm: Condvar,
+    /// The releaser waits on this for outputs that no acknowledgement releases (the
+    /// secondary lost or not gated while outputs are held).
+    releaser: Condvar,
     config: FtConfig,
     key: [u8; 32],
     dir: VmDir,
@@ -302,6 +344,71 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking thread elsewhere must not take the VM down with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Something to send may have come: wake the sender if it waits (one that is busy
+    /// looks at the state again before it waits).
+    fn wake_sender(&self, st: &State) {
+        if st.senders_waiting > 0 {
+            self.events.notify_all();
+        }
+    }
+
+    /// Something the VM's side waits for may have changed: wake it if it waits.
+    fn wake_vm(&self, st: &State) {
+        if st.vm_waiting > 0 {
+            self.vm.notify_all();
+        }
+    }
+
+    /// An acknowledgement came: wake the VM's side if it waits for one that far (or for
+    /// any).
+    fn wake_vm_acked(&self, st: &State) {
+        if st.vm_waiting > 0 && st.acked >= st.vm_target {
+            self.vm.notify_all();
+        }
+    }
+
+    /// Held outputs may leave without an acknowledgement: wake the releaser if they may
+    /// and it waits.
+    fn wake_releaser(&self, st: &State) {
+        if st.releaser_waiting && st.release_due() && !st.releasing {
+            self.releaser.notify_one();
+        }
+    }
+
+    /// Wait on [`Shared::vm`] (for at most `timeout`): for an acknowledgement of `target`
+    /// events (0: any change), and if `outputs`, for every held output to be written.
+    fn wait_vm<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        target: u64,
+        outputs: bool,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, State> {
+        // The target is at most every waiter's: a lower one wakes too often, never too
+        // seldom.
+        st.vm_target = if st.vm_waiting == 0 {
+            target
+        } else {
+            st.vm_target.min(target)
+        };
+        st.vm_waiting += 1;
+        st.outputs_waiting += u32::from(outputs);
+        let mut st = match timeout {
+            Some(t) => self
+                .vm
+                .wait_timeout(st, t)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0),
+            None => self.vm.wait(st).unwrap_or_else(|p| p.into_inner()),
+        };
+        st.vm_waiting -= 1;
+        st.outputs_waiting -= u32::from(outputs);
+        if st.vm_waiting == 0 {
+            st.vm_target = 0;
+        }
+        st
     }
 
     /// Bounded history: while the history is past its bound and `waiting` holds, wait
@@ -329,11 +436,7 @@ impl Shared {
                 );
                 break;
             }
-            st = self
-                .acks
-                .wait_timeout(st, left)
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = self.wait_vm(st, 0, false, Some(left));
         }
         st
     }
@@ -459,8 +562,10 @@ impl Shared {
             machine::request_stop();
         }
         self.status(&st);
-        self.events.notify_all();
-        self.acks.notify_all();
+        self.wake_sender(&st);
+        self.wake_vm(&st);
+        // Held outputs go now unless this copy halted: no acknowledgement will come.
+        self.wake_releaser(&st);
     }
 }
 
@@ -503,8 +608,8 @@ impl Shared {
                     );
                     st.handed_over = Some(why.clone());
                     st.halted = Some(format!("handed over to the secondary ({why})"));
-                    self.events.notify_all();
-                    self.acks.notify_all();
+                    self.wake_sender(&st);
+                    self.wake_vm(&st);
                     return Err(LogError::Source(format!("handed over: {why}")));
                 }
                 if start.elapsed() > HANDOVER_WAIT + TAKEOVER_WAIT
@@ -516,12 +621,12 @@ impl Shared {
                     st.handover = None;
                     continue;
                 }
-            } else if st.acked >= at && st.held.is_empty() && st.released == st.held_total {
+            } else if st.acked >= at && st.outputs_done() {
                 if let Some(h) = st.handover.as_mut()
                     && !h.ready
                 {
                     h.ready = true;
-                    self.events.notify_all();
+                    self.wake_sender(&st);
                 }
             } else if start.elapsed() > HANDOVER_WAIT {
                 tracing::warn!(
@@ -531,11 +636,7 @@ impl Shared {
                 st.handover = None;
                 return Ok(st);
             }
-            st = self
-                .acks
-                .wait_timeout(st, Duration::from_millis(5))
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = self.wait_vm(st, 0, true, Some(Duration::from_millis(5)));
         }
     }
 
@@ -588,13 +689,20 @@ impl Shared {
                 held_total: 0,
                 released: 0,
                 finished: None,
+                senders_waiting: 0,
+                vm_waiting: 0,
+                vm_target: 0,
+                outputs_waiting: 0,
+                releaser_waiting: false,
+                releasing: false,
                 log_bytes: 0,
                 disk_read_bytes: 0,
                 net_in_bytes: 0,
                 status_at: Instant::now(),
             }),
             events: Condvar::new(),
-            acks: Condvar::new(),
+            vm: Condvar::new(),
+            releaser: Condvar::new(),
             config,
             key,
             dir,
@@ -758,7 +866,7 @@ impl Primary {
         st.checkpoint = Some(st.checkpoint.map_or(position, |c| c.max(position)));
         st.drop_before(position);
         st.own_asked = None;
-        self.shared.acks.notify_all();
+        self.shared.wake_vm(&st);
         if position >= st.base {
             st.checkpoint_due = false;
         }
@@ -780,7 +888,7 @@ impl Primary {
                 && st.history_bytes > self.shared.config.max_history_bytes
             {
                 st.own_asked = Some(st.end());
-                self.shared.acks.notify_all();
+                self.shared.wake_vm(&st);
             }
             (st.checkpoint_due, st.generation)
         };
@@ -954,7 +1062,7 @@ impl Primary {
                 return;
             }
             let secondary_done = st.attached.is_none() || st.end_held;
-            let outputs_done = st.held.is_empty() && st.released == st.held_total;
+            let outputs_done = st.outputs_done();
             if secondary_done && outputs_done {
                 break;
             }
@@ -971,11 +1079,7 @@ impl Primary {
                 tracing::error!("held outputs still unwritten at the end; giving up on them");
                 break;
             }
-            st = s
-                .acks
-                .wait_timeout(st, s.config.heartbeat)
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = s.wait_vm(st, 0, true, Some(s.config.heartbeat));
         }
         st.finished = Some(
             st.end
@@ -1025,7 +1129,8 @@ impl EventSink for PrimarySink {
             st.status_at = Instant::now();
             s.status(&st);
         }
-        s.events.notify_all();
+        // A sender busy sending takes this event along when it looks again.
+        s.wake_sender(&st);
         if st.handover.is_some() {
             st = s.switch_over(st)?;
         }
@@ -1034,7 +1139,7 @@ impl EventSink for PrimarySink {
             && st.halted.is_none()
             && st.end() > st.executed + s.config.max_lag_events
         {
-            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.wait_vm(st, 0, false, None);
         }
         // Bounded history: past its bound, wait for the secondary's next checkpoint, but
         // only while it has events left to replay: a secondary that took them all waits
@@ -1059,7 +1164,7 @@ impl EventSink for PrimarySink {
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError> {
         let mut st = self.0.lock();
         st.end = Some(end.clone());
-        self.0.events.notify_all();
+        self.0.wake_sender(&st);
         Ok(())
     }
 }
@@ -1074,17 +1179,21 @@ impl GatedPort {
         if st.halted.is_some() {
             return;
         }
-        if !st.gates() && st.held.is_empty() {
-            // No secondary, or one still catching up: unprotected, the output goes at once.
+        if !st.gates() && st.outputs_done() {
+            // No secondary, or one still catching up, and no earlier output on its way:
+            // unprotected, the output goes at once.
             drop(st);
             send(s, out);
             return;
         }
         st.held.push_back((position, out));
         st.held_total += 1;
-        // The releaser waits for acknowledgements; wake it only if this one is due.
-        if position <= st.acked || !st.gates() {
-            s.acks.notify_all();
+        // Already acknowledged (or not gated): written here, after those before it, rather
+        // than by waking another thread for it.
+        let due = st.release_due();
+        drop(st);
+        if due {
+            release_outputs(s);
         }
     }
 }
@@ -1121,7 +1230,7 @@ impl OutputPort for GatedPort {
         let s = &self.0;
         let mut st = s.lock();
         st.intent = Some(intent.clone());
-        s.events.notify_all();
+        s.wake_sender(&st);
         loop {
             if let Some(why) = &st.halted {
                 return Err(LogError::Source(format!("halted: {why}")));
@@ -1132,7 +1241,7 @@ impl OutputPort for GatedPort {
             if !st.gates() || st.intent_held == Some(intent.seq) {
                 return Ok(());
             }
-            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.wait_vm(st, 0, false, None);
         }
     }
 
@@ -1196,37 +1305,64 @@ impl OutputPort for GatedPort {
             if !st.gates() || st.acked >= position {
                 return Ok(());
             }
-            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.wait_vm(st, position, false, None);
         }
     }
 }
 
-/// Send held outputs as soon as the rule allows, in the order they were produced.
-fn release(s: Arc<Shared>) {
+/// Write the held outputs the rule allows now, in the order they were produced. Whoever
+/// learns that they may leave calls this: the receiver on an acknowledgement, the VM's
+/// thread for an output already acknowledged, the releaser for outputs no acknowledgement
+/// releases. One thread at a time pops and writes (`State::releasing`); one that finds
+/// another at it leaves its outputs to it, which looks again before it stops, so that no
+/// thread ever waits for another's writes.
+fn release_outputs(s: &Shared) {
+    let mut st = s.lock();
+    if st.releasing {
+        return;
+    }
+    st.releasing = true;
     loop {
-        let mut st = s.lock();
-        let ready = |st: &State| {
-            st.held
-                .front()
-                .is_some_and(|(p, _)| st.halted.is_none() && (!st.gates() || *p <= st.acked))
-        };
-        while !ready(&st) {
-            st = s.acks.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
         let mut batch = Vec::new();
-        while ready(&st) {
+        while st.release_due() {
             if let Some((_, out)) = st.held.pop_front() {
                 batch.push(out);
             }
         }
+        if batch.is_empty() {
+            break;
+        }
         drop(st);
         let n = batch.len() as u64;
         for out in batch {
-            send(&s, out);
+            send(s, out);
         }
+        st = s.lock();
         // Counted once written, so that the end waits for the writes themselves.
-        s.lock().released += n;
-        s.acks.notify_all();
+        st.released += n;
+    }
+    st.releasing = false;
+    if st.outputs_waiting > 0 && st.outputs_done() {
+        s.vm.notify_all();
+    }
+}
+
+/// The releaser: writes held outputs that no acknowledgement releases (the secondary lost,
+/// or attached anew and not gated, while outputs were held). It waits on its own
+/// condition variable, woken only when there is such work.
+fn release(s: Arc<Shared>) {
+    loop {
+        {
+            let mut st = s.lock();
+            // Outputs another thread is releasing are its to write (it looks again
+            // before it stops): waiting for them here would spin.
+            while !st.release_due() || st.releasing {
+                st.releaser_waiting = true;
+                st = s.releaser.wait(st).unwrap_or_else(|p| p.into_inner());
+                st.releaser_waiting = false;
+            }
+        }
+        release_outputs(&s);
     }
 }
 
@@ -1369,8 +1505,9 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, Option<u64>), FtErr
     // The secondary takes the checkpoints now: one this copy asked for will not count, and
     // a VM waiting for it (the history past its bound) waits for the secondary instead.
     st.own_asked = None;
-    s.acks.notify_all();
+    s.wake_vm(&st);
     let gated = st.gate_if_near().then_some(st.release);
+    s.wake_releaser(&st);
     s.status(&st);
     Ok((conn, gated))
 }
@@ -1499,11 +1636,13 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 if left.is_zero() {
                     break;
                 }
+                st.senders_waiting += 1;
                 st = s
                     .events
                     .wait_timeout(st, left)
                     .map(|r| r.0)
                     .unwrap_or_else(|p| p.into_inner().0);
+                st.senders_waiting -= 1;
             }
             if st.attached != Some(conn) {
                 return Ok(());
@@ -1709,7 +1848,7 @@ fn receive_from(
                 st.release
             );
             s.status(&st);
-            s.events.notify_all();
+            s.wake_sender(&st);
         }
         if !protected && st.protected() {
             protected = true;
@@ -1719,7 +1858,14 @@ fn receive_from(
             );
             s.status(&st);
         }
-        s.acks.notify_all();
+        s.wake_vm_acked(&st);
+        // The outputs this acknowledgement allows are written here, at once: no other
+        // thread is woken for them.
+        let due = st.release_due();
+        drop(st);
+        if due {
+            release_outputs(s);
+        }
     }
 }
 

@@ -1,10 +1,16 @@
 //! The secondary: replays the primary's events as they arrive, and goes live when the
 //! primary is lost and arbitration says so.
 //!
-//! A receiver thread takes frames into a queue and watches for silence; a sender thread
-//! acknowledges (received, executed) every heartbeat and whenever events arrive, and
-//! confirms the end once it holds it. The VM's thread takes events from the queue
-//! ([`SecondarySource`]). A newcomer catches up ungated: it learns the primary's release
+//! A receiver thread takes frames into a queue, watches for silence and acknowledges what
+//! it received itself, right after each frame of events (and an intent as it comes): the
+//! primary's outputs wait for that acknowledgement, so it goes at once, without waking
+//! another thread. A sender thread sends a heartbeat (received, executed) whenever nothing
+//! was sent for a heartbeat, and what else the primary is to hear (the end once held, the
+//! release point, checkpoints, health, declined handovers). The VM's thread takes events
+//! from the queue ([`SecondarySource`]), woken for a batch ([`REPLAY_BATCH`]) or within a
+//! heartbeat, not per frame: no output waits for the replay. What it executed rides on the acknowledgements
+//! and heartbeats (the lag bound and checkpoints need no more), so it wakes no thread per
+//! event. A newcomer catches up ungated: it learns the primary's release
 //! point only when the primary gates it (`ToSecondary::Release`, confirmed with
 //! `ToPrimary::ReleaseHeld`). When the channel fails the receiver decides: a secondary that
 //! was not gated, or does not yet hold the release point, drops out without arbitrating;
@@ -17,6 +23,7 @@
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -62,11 +69,24 @@ struct State {
     declines: u64,
     declined: Option<(u64, crate::health::HostHealth)>,
     acknowledger_gone: bool,
+    /// The VM's thread waits on [`Shared::vm`] for events (woken only then).
+    vm_waiting: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// The sender and [`Secondary::finish`] wait on this.
     cv: Condvar,
+    /// The VM's thread waits on this for events, the end or a verdict.
+    vm: Condvar,
+    /// The channel's writing half, shared by the receiver (acknowledgements) and the
+    /// sender (the rest): a frame is written whole under this lock. Never taken with
+    /// `state` held, so that a write never holds up the VM's thread.
+    out: Mutex<FrameWriter<TcpStream>>,
+    /// When anything was last sent to the primary (µs since `origin`): the sender sends a
+    /// heartbeat only after a heartbeat of silence.
+    origin: Instant,
+    sent_at: AtomicU64,
     /// This host's health, once watched: a handover is taken only with every path.
     monitor: OnceLock<crate::health::Monitor>,
 }
@@ -74,6 +94,43 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wake the VM's thread if it waits for events.
+    fn wake_vm(&self, st: &State) {
+        if st.vm_waiting {
+            self.vm.notify_all();
+        }
+    }
+
+    /// Something every waiter looks at changed (the end, a verdict).
+    fn wake_all(&self) {
+        self.cv.notify_all();
+        self.vm.notify_all();
+    }
+
+    /// The VM's thread waits for events, the end or a verdict.
+    fn wait_vm<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.vm_waiting = true;
+        let mut st = self.vm.wait(st).unwrap_or_else(|p| p.into_inner());
+        st.vm_waiting = false;
+        st
+    }
+
+    /// Send `msg` to the primary. (A write does not block in practice: the primary reads
+    /// all the time and this side sends only small frames, an acknowledgement per frame
+    /// received and a heartbeat; a lost primary is found by the receiver's silence.)
+    fn send(&self, msg: &ToPrimary) -> std::io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.send(KIND_MSG, &encode(msg))?;
+        self.sent_at
+            .store(self.origin.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// When anything was last sent to the primary.
+    fn sent_at(&self) -> Instant {
+        self.origin + Duration::from_micros(self.sent_at.load(Ordering::Relaxed))
     }
 }
 
@@ -191,8 +248,13 @@ impl Secondary {
                 declines: 0,
                 declined: None,
                 acknowledger_gone: false,
+                vm_waiting: false,
             }),
             cv: Condvar::new(),
+            vm: Condvar::new(),
+            out: Mutex::new(writer),
+            origin: Instant::now(),
+            sent_at: AtomicU64::new(0),
             monitor: OnceLock::new(),
         });
         dir.write_secondary_status(&[
@@ -206,7 +268,7 @@ impl Secondary {
         std::thread::Builder::new()
             .name("ft-ack".into())
             .spawn(move || {
-                acknowledge(&s, writer, heartbeat);
+                acknowledge(&s, heartbeat);
                 s.lock().acknowledger_gone = true;
                 s.cv.notify_all();
             })
@@ -262,7 +324,7 @@ impl Secondary {
             st.left = true;
             st.verdict = Some(Verdict::Halt(format!("left: {why}")));
         }
-        self.shared.cv.notify_all();
+        self.shared.wake_all();
         tracing::warn!("secondary leaving: {why}; not claiming a generation");
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         true
@@ -377,27 +439,48 @@ fn follow(
         let (_, payload) = r.recv()?;
         match decode::<ToSecondary>(&payload)? {
             ToSecondary::Events(events) => {
-                let mut st = s.lock();
-                for e in events {
-                    in_place(&st, e.seq, "event")?;
-                    st.received += 1;
-                    st.queue.push_back(e);
-                }
-                s.cv.notify_all();
+                let ack = {
+                    let mut st = s.lock();
+                    for e in events {
+                        in_place(&st, e.seq, "event")?;
+                        st.received += 1;
+                        st.queue.push_back(e);
+                    }
+                    // The replay is not on the output path (outputs wait for what was
+                    // received, never for what was executed): it is woken for a batch, or
+                    // by the sender within a heartbeat, not for every frame.
+                    if st.queue.len() >= REPLAY_BATCH {
+                        s.wake_vm(&st);
+                    }
+                    ToPrimary::Ack {
+                        received: st.received,
+                        executed: st.executed,
+                    }
+                };
+                // Received and checked (the reader verified the frame's CRC and MAC, and
+                // each event's place): acknowledged now, from this thread, since the
+                // primary's outputs wait for it.
+                s.send(&ack).map_err(io_err("acknowledge events"))?;
             }
             ToSecondary::End(end) => {
                 let mut st = s.lock();
                 in_place(&st, end.events, "the end")?;
                 // From here on this copy ends the way the primary did and never arbitrates.
                 st.end = Some(end);
-                s.cv.notify_all();
+                drop(st);
+                s.wake_all();
                 return Ok(());
             }
             ToSecondary::Intent(intent) => {
-                let mut st = s.lock();
-                in_place(&st, intent.seq, "an intent")?;
-                st.intent = Some(intent);
-                s.cv.notify_all();
+                let seq = intent.seq;
+                {
+                    let mut st = s.lock();
+                    in_place(&st, seq, "an intent")?;
+                    st.intent = Some(intent);
+                }
+                // The primary's VM waits for this before its operation.
+                s.send(&ToPrimary::IntentHeld { seq })
+                    .map_err(io_err("acknowledge an intent"))?;
             }
             ToSecondary::Handover { events, why } => {
                 in_place(&s.lock(), events, "a handover")?;
@@ -536,13 +619,19 @@ fn decide(s: &Shared, dir: &VmDir, generation: u64, host: &str, why: &str) {
         ("release", release_field(release)),
     ]);
     s.lock().verdict = Some(verdict);
-    s.cv.notify_all();
+    s.wake_all();
 }
 
-fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
-    let mut last = (u64::MAX, u64::MAX);
+/// The receiver wakes a waiting replay once this many events are queued; fewer wait at
+/// most a heartbeat for the sender to wake it. A wake per frame would cost the secondary a
+/// context switch per frame of a busy primary, for a replay no output waits for.
+const REPLAY_BATCH: usize = 64;
+
+/// The sender: a heartbeat (what was received and executed) after a heartbeat of silence,
+/// and whatever else the primary is to hear as it comes. Acknowledgements of events and
+/// intents go from the receiver ([`follow`]).
+fn acknowledge(s: &Shared, heartbeat: Duration) {
     let mut end_confirmed = false;
-    let mut intent_held = None;
     let mut checkpoint_sent = None;
     let mut health_sent = None;
     let mut release_sent = None;
@@ -557,87 +646,67 @@ fn acknowledge(s: &Shared, mut w: FrameWriter<TcpStream>, heartbeat: Duration) {
         if let Some((n, (events, health))) = declined {
             // First: the primary holds its VM paused until it hears this.
             declines_sent = n;
-            if w.send(KIND_MSG, &encode(&ToPrimary::Declined { events, health }))
-                .is_err()
-            {
+            if s.send(&ToPrimary::Declined { events, health }).is_err() {
                 return;
             }
             continue;
         }
-        let (now, end, intent, release, checkpoint, health) = {
+        let (now, end, release, checkpoint, health) = {
             let mut st = s.lock();
-            let deadline = Instant::now() + heartbeat;
-            while st.verdict.is_none()
-                && (st.received, st.executed) == last
-                && (end_confirmed || st.end.is_none())
-                && st.intent.as_ref().map(|i| i.seq) == intent_held
-                && st.release == release_sent
-                && st.checkpoint == checkpoint_sent
-                && st.health == health_sent
-                && st.declines == declines_sent
-            {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
+            loop {
+                if st.verdict.is_some() {
+                    return;
+                }
+                let news = (!end_confirmed && st.end.is_some())
+                    || st.release != release_sent
+                    || st.checkpoint != checkpoint_sent
+                    || st.health != health_sent
+                    || st.declines != declines_sent;
+                // Silent for a heartbeat (the receiver sends under load): time for one.
+                let left = (s.sent_at() + heartbeat).saturating_duration_since(Instant::now());
+                if news || left.is_zero() {
                     break;
+                }
+                // Events the receiver left for a batch are replayed within a heartbeat.
+                if !st.queue.is_empty() {
+                    s.wake_vm(&st);
                 }
                 st =
                     s.cv.wait_timeout(st, left)
                         .map(|r| r.0)
                         .unwrap_or_else(|p| p.into_inner().0);
             }
-            if st.verdict.is_some() {
-                return;
-            }
             let end = (!end_confirmed)
                 .then(|| st.end.as_ref().map(|e| e.events))
                 .flatten();
-            let intent = st
-                .intent
-                .as_ref()
-                .map(|i| i.seq)
-                .filter(|seq| Some(*seq) != intent_held);
             let release = st.release.filter(|r| Some(*r) != release_sent);
             let checkpoint = st.checkpoint.filter(|c| Some(*c) != checkpoint_sent);
             let health = st
                 .health
                 .clone()
                 .filter(|h| Some(h) != health_sent.as_ref());
-            (
-                (st.received, st.executed),
-                end,
-                intent,
-                release,
-                checkpoint,
-                health,
-            )
+            ((st.received, st.executed), end, release, checkpoint, health)
         };
-        let msg = match (end, intent, release, checkpoint, health) {
+        let msg = match (end, release, checkpoint, health) {
             (Some(events), ..) => ToPrimary::EndHeld { events },
-            (None, Some(seq), ..) => {
-                intent_held = Some(seq);
-                ToPrimary::IntentHeld { seq }
-            }
-            (None, None, Some(release), ..) => {
+            (None, Some(release), ..) => {
                 release_sent = Some(release);
                 ToPrimary::ReleaseHeld { release }
             }
-            (None, None, None, Some(events), _) => {
+            (None, None, Some(events), _) => {
                 checkpoint_sent = Some(events);
                 ToPrimary::Checkpoint { events }
             }
-            (None, None, None, None, Some(h)) => {
+            (None, None, None, Some(h)) => {
                 health_sent = Some(h.clone());
                 ToPrimary::Health(h)
             }
-            (None, None, None, None, None) => {
-                last = now;
-                ToPrimary::Ack {
-                    received: now.0,
-                    executed: now.1,
-                }
-            }
+            (None, None, None, None) => ToPrimary::Ack {
+                received: now.0,
+                executed: now.1,
+            },
         };
-        if w.send(KIND_MSG, &encode(&msg)).is_err() {
+        if s.send(&msg).is_err() {
             // The receiver notices a broken channel and decides (unless it holds the end).
             return;
         }
@@ -733,8 +802,8 @@ impl EventSource for SecondarySource {
         let mut st = s.lock();
         loop {
             if let Some(e) = st.queue.pop_front() {
+                // Reported with the next acknowledgement or heartbeat: no wake per event.
                 st.executed += 1;
-                s.cv.notify_all();
                 drop(st);
                 if let Some(p) = &self.standby {
                     p.retain(&e);
@@ -749,7 +818,7 @@ impl EventSource for SecondarySource {
             if st.end.is_some() {
                 return Ok(None);
             }
-            st = s.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.wait_vm(st);
         }
     }
 
@@ -786,7 +855,7 @@ impl EventSource for SecondarySource {
                 Some(Verdict::Halt(why)) => return Err(LogError::Source(format!("halted: {why}"))),
                 None => {}
             }
-            st = s.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = s.wait_vm(st);
         }
     }
 }

@@ -277,6 +277,11 @@ impl<W: Write> Write for Body<'_, W> {
     }
 }
 
+/// What a reader takes from its input in one read: small frames that arrived together
+/// (acknowledgements, frames of a few events) cost one read between them, not two each
+/// (header, then the rest).
+const READ_AHEAD: usize = 16 << 10;
+
 /// Reads and verifies frames.
 pub struct FrameReader<R> {
     input: R,
@@ -284,6 +289,10 @@ pub struct FrameReader<R> {
     seq: u64,
     /// Bytes of a frame were read and the frame not finished (an error cut it short).
     within: bool,
+    /// Bytes read ahead, `buf[at..end]` not yet taken (at most [`READ_AHEAD`]).
+    buf: Vec<u8>,
+    at: usize,
+    end: usize,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -293,7 +302,43 @@ impl<R: Read> FrameReader<R> {
             key,
             seq: 0,
             within: false,
+            buf: vec![0; READ_AHEAD],
+            at: 0,
+            end: 0,
         }
+    }
+
+    /// Read what the input has (at least one byte, at most what the buffer holds after
+    /// what is left in it), retrying an interrupted read. End of input is `Ok(0)`.
+    fn read_ahead(&mut self) -> io::Result<usize> {
+        if self.at == self.end {
+            (self.at, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.at..self.end, 0);
+            (self.at, self.end) = (0, self.end - self.at);
+        }
+        loop {
+            match self.input.read(&mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Fill `out` from what was read ahead, then from the input itself.
+    fn take(&mut self, out: &mut [u8]) -> io::Result<()> {
+        let have = (self.end - self.at).min(out.len());
+        out[..have].copy_from_slice(&self.buf[self.at..self.at + have]);
+        self.at += have;
+        if have < out.len() {
+            // A large rest is read straight where it goes, not through the buffer.
+            self.input.read_exact(&mut out[have..])?;
+        }
+        Ok(())
     }
 
     /// Whether the last [`FrameReader::recv`] failed within a frame. If it did not, a
@@ -315,16 +360,17 @@ impl<R: Read> FrameReader<R> {
         }
         let mut head = [0u8; HEADER];
         // The first read alone: a silence before it consumed nothing.
-        let first = loop {
-            match self.input.read(&mut head) {
-                Ok(0) => return Err(FrameError::Closed),
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
+        if self.at == self.end && self.read_ahead()? == 0 {
+            return Err(FrameError::Closed);
+        }
         self.within = true;
-        self.input.read_exact(&mut head[first..])?;
+        while self.end - self.at < HEADER {
+            if self.read_ahead()? == 0 {
+                return Err(FrameError::Closed);
+            }
+        }
+        head.copy_from_slice(&self.buf[self.at..self.at + HEADER]);
+        self.at += HEADER;
         if &head[0..2] != MAGIC {
             return Err(FrameError::Magic);
         }
@@ -336,7 +382,7 @@ impl<R: Read> FrameReader<R> {
             return Err(FrameError::TooLong(len));
         }
         let mut rest = vec![0u8; len as usize + TRAILER];
-        self.input.read_exact(&mut rest)?;
+        self.take(&mut rest)?;
         let body_end = len as usize;
         // Checked where it lies: a frame of 16 MiB is not copied to be checked.
         let (body, trailer) = rest.split_at(body_end);
@@ -415,6 +461,51 @@ mod tests {
         assert_eq!(r.recv().unwrap(), (1, b"first".to_vec()));
         assert_eq!(r.recv().unwrap(), (2, b"second payload".to_vec()));
         assert!(matches!(r.recv(), Err(FrameError::Closed)));
+    }
+
+    /// A reader that returns at most `step` bytes per read: frames cut anywhere.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.data.len().min(out.len()).min(self.step);
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frames_read_ahead_together_or_cut_anywhere_come_out_whole_and_in_order() {
+        let key = [7u8; 32];
+        // Small frames around ones larger than the read-ahead, one just at its edge.
+        let sizes = [
+            0,
+            5,
+            100,
+            READ_AHEAD - HEADER - TRAILER,
+            3,
+            READ_AHEAD * 3 + 7,
+            1,
+            40,
+        ];
+        let payloads: Vec<Vec<u8>> = (0..200)
+            .map(|i| vec![i as u8; sizes[i % sizes.len()]])
+            .collect();
+        let mut bytes = Vec::new();
+        for (seq, p) in payloads.iter().enumerate() {
+            bytes.extend(encode(&key, seq as u64, 1, p));
+        }
+        for step in [1, 7, HEADER, 1000, READ_AHEAD, usize::MAX] {
+            let mut r = FrameReader::new(Trickle { data: &bytes, step }, key);
+            for p in &payloads {
+                assert_eq!(r.recv().unwrap(), (1, p.clone()), "step {step}");
+            }
+            assert!(matches!(r.recv(), Err(FrameError::Closed)), "step {step}");
+        }
     }
 
     #[test]
