@@ -125,6 +125,19 @@ impl FtConfig {
             self.timeout,
         )
     }
+
+    /// The timing of the primary's side: its detector does not adapt, it waits the whole
+    /// timeout. Suspecting a secondary early only shortens the stall of outputs waiting for
+    /// it, and suspecting it wrongly (a secondary's host busy for a moment) costs the VM its
+    /// protection until a new secondary joins; a soak with every core busy saw primaries
+    /// drop secondaries stalled just past the adaptive floor. The secondary's side adapts:
+    /// there the timeout is most of the failover gap.
+    pub fn primary_side(&self) -> FtConfig {
+        FtConfig {
+            min_timeout: self.timeout,
+            ..self.clone()
+        }
+    }
 }
 
 /// The longest one event waits for a checkpoint that brings the history under
@@ -316,6 +329,20 @@ impl VmDir {
 mod tests {
     use super::*;
     use machine::event::{Kind, Outcome};
+
+    #[test]
+    fn the_primary_side_waits_the_whole_timeout_and_the_secondary_side_adapts() {
+        let config = FtConfig::default();
+        let (mut primary, mut secondary) = (config.primary_side().detector(), config.detector());
+        // Steady heartbeats for 4 s.
+        for i in 0..200u64 {
+            let at = Duration::from_millis(i * 20);
+            primary.heard(at);
+            secondary.heard(at);
+        }
+        assert_eq!(primary.timeout(), config.timeout);
+        assert_eq!(secondary.timeout(), config.min_timeout);
+    }
 
     #[test]
     fn borrowed_events_encode_as_the_message_does() {

@@ -1440,7 +1440,7 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
                 sender_shared.lose_secondary(conn, &e.to_string());
             }
         });
-    let mut reader = crate::detector::Watched::new(reader, &s.config);
+    let mut reader = crate::detector::Watched::new(reader, &s.config.primary_side());
     let result = receive_from(s, conn, &mut reader, &host);
     let why = match &result {
         Ok(()) => "the channel closed".to_string(),
