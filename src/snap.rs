@@ -410,11 +410,24 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
     let (module, instrumented) = (m.module_digest(), m.instrumented_digest());
     inb.hello(&module, &instrumented)
         .map_err(|e| e.to_string())?;
-    let bytes = inb.offer().map_err(|e| e.to_string())?;
+    let offered = inb.offer().map_err(|e| e.to_string())?;
     let prepared = (|| {
-        let snap = machine::snapshot::decode(&bytes, &module, Some(&instrumented))
+        let mut snap = machine::snapshot::decode(&offered.snapshot, &module, Some(&instrumented))
             .map_err(|e| e.to_string())?;
-        drop(bytes);
+        // The memory streamed as pages goes into the snapshot, which is then checked
+        // whole, as a snapshot file is (see `machine::migrate`).
+        if let Some(memory) = offered.memory {
+            if !snap.memory.is_empty() {
+                return Err("an offer with its memory both streamed and in the snapshot".into());
+            }
+            tracing::info!(
+                "memory: {} bytes, {} came as pages",
+                memory.len(),
+                offered.page_bytes
+            );
+            snap.memory = memory;
+        }
+        drop(offered.snapshot);
         let restore = m.check(snap).map_err(|e| e.to_string())?;
         let spec = restore.spec();
         if spec.nic.is_some() != a.bridge.is_some() {
@@ -522,7 +535,8 @@ pub fn vm_migrate(a: &MigrateArgs) -> Result<u8, Failure> {
         + machine::migrate::READY_TIMEOUT
         + machine::migrate::LIVE_TIMEOUT
         + machine::migrate::CONNECT_TIMEOUT
-        + std::time::Duration::from_secs(10);
+        + machine::migrate::PRECOPY_TIME
+        + machine::migrate::ARRIVE_TIMEOUT;
     let (code, reply) = control::request(&a.api_sock, "PUT", "/migrate", Some(&body), wait)
         .map_err(|e| {
             bad(format!(
@@ -541,6 +555,12 @@ pub fn vm_migrate(a: &MigrateArgs) -> Result<u8, Failure> {
         200 => {
             let r: control::SnapshotReply = serde_json::from_value(reply.clone())
                 .map_err(|e| bad(format!("the VM's reply: {e}")))?;
+            if let Some(p) = &r.precopied {
+                println!(
+                    "precopied: rounds={} running_bytes={} stopped_bytes={}",
+                    p.rounds, p.running_bytes, p.stopped_bytes
+                );
+            }
             println!(
                 "migrated: events={} pause_ms={:.3} bytes={}",
                 r.events, r.pause_ms, r.bytes

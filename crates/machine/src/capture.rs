@@ -600,8 +600,16 @@ impl Driven {
                     Action::Write { precopy, .. } => precopy.take(),
                     Action::Migrate(_) => None,
                 };
-                let (snap, precopied) =
-                    capture(ident, &mut store, &instance, precopy.as_deref_mut())?;
+                // A migration whose memory was streamed takes none in the pause: the
+                // hand-over sends only the pages written since.
+                let skip_memory = matches!(&action, Action::Migrate(out) if out.streamed());
+                let (snap, precopied) = capture(
+                    ident,
+                    &mut store,
+                    &instance,
+                    precopy.as_deref_mut(),
+                    skip_memory,
+                )?;
                 let (to, stop, behind) = match action {
                     Action::Write {
                         to, stop, behind, ..
@@ -611,7 +619,17 @@ impl Driven {
                             .since
                             .take()
                             .unwrap_or_else(Instant::now);
-                        match crate::migrate::migrate_out(out, &snap, since) {
+                        let memory = instance
+                            .get_memory(&mut store, "memory")
+                            .map(|m| m.data(&store))
+                            .unwrap_or(&[]);
+                        match crate::migrate::migrate_out(
+                            out,
+                            &snap,
+                            since,
+                            memory,
+                            control.as_deref(),
+                        ) {
                             Ok(t) => {
                                 if let Some(r) = &reply {
                                     let _ = r.send(Ok(t.clone()));
@@ -761,12 +779,14 @@ impl SnapMachine {
 
 /// The snapshot of a VM whose stack has just been unwound; with `precopy`, its memory
 /// was copied while it ran and only the pages written since are copied now (what was
-/// copied when is returned too).
+/// copied when is returned too). With `skip_memory` its memory is left out (empty): a
+/// migration that streamed it sends the rest itself.
 fn capture(
     id: Ident,
     store: &mut Store<Vm>,
     instance: &Instance,
     precopy: Option<&mut crate::dirty::PreCopy>,
+    skip_memory: bool,
 ) -> Result<(Snapshot, Option<crate::dirty::PreCopied>), CaptureError> {
     let memory = instance
         .get_memory(&mut *store, "memory")
@@ -786,6 +806,7 @@ fn capture(
     // pages written doing so are among those a pre-copy's last scan finds.
     give_back(data, vm);
     let (memory, precopied) = match precopy {
+        _ if skip_memory => (Vec::new(), None),
         Some(pc) => {
             let (image, stats) = pc.finish(memory.data(&*store));
             (image, Some(stats))

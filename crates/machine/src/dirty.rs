@@ -300,7 +300,11 @@ impl Tracker {
 
 /// Copy `ranges` (offsets) of this process's memory at `base` into the same offsets of
 /// `image`, by the kernel, while another thread may write them (see the module docs).
-fn read_racing(base: usize, image: &mut [u8], ranges: &[Range<usize>]) -> Result<(), DirtyError> {
+pub(crate) fn read_racing(
+    base: usize,
+    image: &mut [u8],
+    ranges: &[Range<usize>],
+) -> Result<(), DirtyError> {
     for chunk in ranges.chunks(IOVECS) {
         let mut local = Vec::with_capacity(chunk.len());
         let mut remote = Vec::with_capacity(chunk.len());
