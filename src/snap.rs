@@ -384,6 +384,10 @@ pub struct ReceiveArgs {
     /// Serve the VM's control API on this Unix socket (so it can be migrated again).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Record the VM's events from its arrival on to this log (`vm replay LOG --from
+    /// SNAP` replays it from a snapshot at the arrival).
+    #[arg(long, value_name = "LOG")]
+    pub record: Option<PathBuf>,
 }
 
 /// `vm migrate`'s arguments.
@@ -402,6 +406,9 @@ struct Arrived {
     restore: Restore,
     host: machine::host::LiveHost,
     tap: Option<std::sync::Arc<devices::Tap>>,
+    /// `--record`'s log, created before the source commits (a log that cannot be is a
+    /// refusal, never a VM committed and then lost).
+    sink: Option<Box<dyn EventSink + Send>>,
 }
 
 /// One migration attempt on a connected source, up to its commit. Any error leaves
@@ -448,7 +455,19 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
         let host = restore
             .live_host(a.datastore.as_deref(), tap.clone())
             .map_err(|e| e.to_string())?;
-        Ok(Arrived { restore, host, tap })
+        let sink = match &a.record {
+            Some(log) => Some(Box::new(
+                LogWriter::create(log, &restore.log_header())
+                    .map_err(|e| format!("--record {}: {e}", log.display()))?,
+            ) as Box<dyn EventSink + Send>),
+            None => None,
+        };
+        Ok(Arrived {
+            restore,
+            host,
+            tap,
+            sink,
+        })
     })();
     let arrived = match prepared {
         Ok(p) => p,
@@ -498,7 +517,12 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
     if let Some(c) = waiting {
         c.set_waiting(false);
     }
-    let Arrived { restore, host, tap } = arrived;
+    let Arrived {
+        restore,
+        host,
+        tap,
+        sink,
+    } = arrived;
     tracing::info!(
         "VM from {} committed at event {}",
         inb.peer(),
@@ -506,7 +530,7 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
     );
     let inputs = Inputs::Live {
         host,
-        sink: None,
+        sink,
         port: Box::new(machine::port::Direct { tap, console: true }),
     };
     let ready: machine::capture::Ready<'_> = Box::new(move || match inb.live() {
@@ -515,6 +539,13 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
         Err(e) => tracing::warn!("live, but the source did not hear it: {e}"),
     });
     let ran = m.resume_then(&restore, inputs, None, true, Some(ready))?;
+    if a.record.is_some() {
+        println!(
+            "recorded: events={} digest={}",
+            ran.report.events,
+            hex(&ran.report.digest)
+        );
+    }
     if ran.report.exit == Exit::Stopped
         && let Some(t) = &ran.taken
         && ran.handed_over

@@ -700,6 +700,7 @@ impl Outbound {
                 )));
             }
             s.declared = declared;
+            s.stats.memory_bytes = declared;
             let mut dirty = Vec::new();
             let same = memory.as_ptr() as usize == base && memory.len() >= len;
             if same && s.tracker.scan(&mut dirty).is_ok() {
