@@ -1810,7 +1810,7 @@ fn migrate_rows(
     wait_until("the control socket", || sock(0).exists())?;
     // Migration `i`: a receiver on the other host, the VM moved there.
     let migrate = |i: u32, vm: &mut VmProcess| -> Result<machine::control::SnapshotReply> {
-        let host = if i % 2 == 0 { 2 } else { 1 };
+        let host = if i.is_multiple_of(2) { 2 } else { 1 };
         let to = format!("10.78.0.{}:{}", 10 + host, 7100 + i);
         let next = sock(i + 1).display().to_string();
         let receiver = VmProcess::start(
