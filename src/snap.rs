@@ -418,6 +418,8 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
     inb.hello(&module, &instrumented)
         .map_err(|e| e.to_string())?;
     let offered = inb.offer().map_err(|e| e.to_string())?;
+    let t = std::time::Instant::now();
+    let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
     let prepared = (|| {
         let mut snap = machine::snapshot::decode(&offered.snapshot, &module, Some(&instrumented))
             .map_err(|e| e.to_string())?;
@@ -435,6 +437,7 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
             snap.memory = memory;
         }
         drop(offered.snapshot);
+        tracing::debug!("offer +{:.1} ms: decoded", ms(t));
         let restore = m.check(snap).map_err(|e| e.to_string())?;
         let spec = restore.spec();
         if spec.nic.is_some() != a.bridge.is_some() {
@@ -451,7 +454,9 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
                 "the VM has no datastore: this receiver was given --datastore".to_string()
             });
         }
+        tracing::debug!("offer +{:.1} ms: checked", ms(t));
         let tap = machine::nic_tap(&spec, a.bridge.as_deref()).map_err(|e| e.to_string())?;
+        tracing::debug!("offer +{:.1} ms: NIC", ms(t));
         let host = restore
             .live_host(a.datastore.as_deref(), tap.clone())
             .map_err(|e| e.to_string())?;
@@ -476,7 +481,9 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
             return Err(why);
         }
     };
+    tracing::debug!("offer +{:.1} ms: set up", ms(t));
     inb.ready().map_err(|e| e.to_string())?;
+    tracing::debug!("offer +{:.1} ms: committed", ms(t));
     Ok(arrived)
 }
 

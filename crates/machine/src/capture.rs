@@ -40,7 +40,10 @@
 //! ([`crate::dirty::PreCopy`], made by [`crate::control`] while the guest ran): then only
 //! the pages written since its last round are, after the guest's bytes are back under
 //! the buffer. The pre-copy's tracker outlives the pause (handed back to the control for
-//! the next snapshot): ending it would walk the memory's page tables.
+//! the next snapshot): ending it would walk the memory's page tables. A migration whose
+//! memory was streamed to its receiver while the guest ran ([`crate::migrate`]) copies
+//! none here: its capture leaves the memory out, and the hand-over sends the pages
+//! written since straight from the guest's memory, the guest still stopped.
 //!
 //! The guest runs on a thread of its own, watched for a stop as a plain VM is
 //! ([`crate::vm::run_watched`]); while a snapshot is taken the VM holds its gate, so the
@@ -426,6 +429,7 @@ impl SnapMachine {
             ..Ctl::default()
         }));
         let watcher = vm.watcher();
+        let t0 = Instant::now();
         let mut store = vm.into_store(&self.engine);
         let instance = match self.linker.instantiate(&mut store, &self.module) {
             Ok(i) => i,
@@ -448,7 +452,14 @@ impl SnapMachine {
             .get_typed_func::<(), ()>(&mut store, "asyncify_stop_unwind")
             .map_err(wasm_err("asyncify_stop_unwind"))?;
         if let Some(snap) = restore {
+            let t = Instant::now();
             self.apply(&mut store, &instance, snap)?;
+            tracing::debug!(
+                "restore: instantiated in {:.1} ms, {} bytes of memory applied in {:.1} ms",
+                (t - t0).as_secs_f64() * 1e3,
+                snap.memory.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
             begin_rewind(&mut store, &instance, &snap.stack)
                 .map_err(|e| CaptureError::Restore(e.to_string()))?;
         }
@@ -749,7 +760,9 @@ impl SnapMachine {
         memory
             .grow(&mut *store, ((want - have) / PAGE) as u64)
             .map_err(|e| bad(format!("memory: {e:#}")))?;
-        memory.data_mut(&mut *store).copy_from_slice(&snap.memory);
+        let data = memory.data_mut(&mut *store);
+        populate(data);
+        data.copy_from_slice(&snap.memory);
         if snap.globals.len() != self.inst.globals as usize {
             return Err(bad("the snapshot's globals do not fit the module".into()));
         }
@@ -774,6 +787,23 @@ impl SnapMachine {
             }
         }
         Ok(())
+    }
+}
+
+/// Fault in `data`'s pages in one call before they are written whole (a restore's
+/// memory): the kernel maps them in a walk rather than one fault per page, which is most
+/// of a large restore's time. Best effort: a kernel without `MADV_POPULATE_WRITE` (before
+/// 5.14) faults them one by one as before.
+fn populate(data: &mut [u8]) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let page = crate::dirty::page_size();
+    let start = (data.as_mut_ptr() as usize).next_multiple_of(page);
+    let end = (data.as_mut_ptr() as usize + data.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies within `data`, memory we hold mutably and are about to
+        // overwrite whole; populating for write changes no byte of it (fresh pages are
+        // zero, present ones untouched) and no mapping's protection.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) };
     }
 }
 

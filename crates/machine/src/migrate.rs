@@ -409,8 +409,10 @@ pub(crate) fn migrate_out(
         } else {
             (0u8, snap.memory.len() as u64)
         };
+        tracing::debug!("pause +{:.1} ms: last pages sent", ms(since));
         let bytes = crate::snapshot::encode(snap);
-        out.hand_over(mode, memory_len, &bytes)?;
+        tracing::debug!("pause +{:.1} ms: snapshot encoded", ms(since));
+        out.hand_over(mode, memory_len, &bytes, since)?;
         Ok(bytes.len() as u64)
     })();
     let sent = match result {
@@ -453,6 +455,11 @@ pub(crate) fn migrate_out(
         ),
     }
     Ok(t)
+}
+
+/// Milliseconds since `t`.
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Whether this source is to send a page past the memory it declares (see the module
@@ -735,6 +742,7 @@ impl Outbound {
         mode: u8,
         memory_len: u64,
         snapshot: &[u8],
+        since: Instant,
     ) -> Result<(), HandOverError> {
         use HandOverError::{NotCommitted, Uncertain};
         let mut h = [0u8; OFFER_HEAD];
@@ -755,6 +763,7 @@ impl Outbound {
             "the receiver's ready",
         )
         .map_err(NotCommitted)?;
+        tracing::debug!("pause +{:.1} ms: ready", ms(since));
         // The point of no return: from here on the receiver may go live, so the source
         // never runs again (see the module docs).
         send(&mut self.conn, Kind::Commit, &[]).map_err(Uncertain)?;
@@ -1128,9 +1137,10 @@ mod tests {
             inb.offer().unwrap();
         });
         let mut out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
-        out.hand_over(0, 0, &vec![5u8; 3 << 20]).unwrap();
+        out.hand_over(0, 0, &vec![5u8; 3 << 20], Instant::now())
+            .unwrap();
         let mut out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
-        let e = out.hand_over(0, 0, b"snap").unwrap_err();
+        let e = out.hand_over(0, 0, b"snap", Instant::now()).unwrap_err();
         assert!(matches!(e, HandOverError::NotCommitted(_)), "{e}");
         t.join().unwrap();
     }
