@@ -421,24 +421,25 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
     let t = std::time::Instant::now();
     let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
     let prepared = (|| {
-        let mut snap = machine::snapshot::decode(&offered.snapshot, &module, Some(&instrumented))
+        let snap = machine::snapshot::decode(&offered.snapshot, &module, Some(&instrumented))
             .map_err(|e| e.to_string())?;
-        // The memory streamed as pages goes into the snapshot, which is then checked
-        // whole, as a snapshot file is (see `machine::migrate`).
-        if let Some(memory) = offered.memory {
-            if !snap.memory.is_empty() {
-                return Err("an offer with its memory both streamed and in the snapshot".into());
-            }
-            tracing::info!(
-                "memory: {} bytes, {} came as pages",
-                memory.len(),
-                offered.page_bytes
-            );
-            snap.memory = memory;
-        }
         drop(offered.snapshot);
         tracing::debug!("offer +{:.1} ms: decoded", ms(t));
         let restore = m.check(snap).map_err(|e| e.to_string())?;
+        // The memory streamed as pages goes with the snapshot, checked with it as a
+        // snapshot file is (see `machine::migrate`); the restore moves its pages into the
+        // guest's memory rather than copying them.
+        let restore = match offered.memory {
+            Some(memory) => {
+                tracing::info!(
+                    "memory: {} bytes, {} came as pages",
+                    memory.len(),
+                    offered.page_bytes
+                );
+                restore.with_memory(memory).map_err(|e| e.to_string())?
+            }
+            None => restore,
+        };
         let spec = restore.spec();
         if spec.nic.is_some() != a.bridge.is_some() {
             return Err(if spec.nic.is_some() {

@@ -617,6 +617,12 @@ fn a_guest_writing_its_memory_migrates_exactly() {
         "{}",
         read(&d.join("recv.out"))
     );
+    for l in read(&d.join("recv.out"))
+        .lines()
+        .filter(|l| l.contains("restore") || l.contains("memory:"))
+    {
+        eprintln!("receiver: {l}");
+    }
     check_against_replay(d, events, "recv");
 }
 

@@ -160,9 +160,25 @@ pub type Ready<'a> = Box<dyn FnOnce() + 'a>;
 pub struct Restore {
     snap: Snapshot,
     state: VmState,
+    /// The memory, when it arrived apart from the snapshot (a migration's pages): moved
+    /// into the instance rather than copied ([`crate::migrate::Image::move_to`]); taken
+    /// by the one restore that uses it.
+    image: std::sync::Mutex<Option<crate::migrate::Image>>,
 }
 
 impl Restore {
+    /// The snapshot's memory is `image` (its own memory section being empty): a
+    /// migration's receiver rebuilt it from pages.
+    pub fn with_memory(self, image: crate::migrate::Image) -> Result<Restore, CaptureError> {
+        if !self.snap.memory.is_empty() {
+            return Err(CaptureError::Restore(
+                "a memory both streamed and in the snapshot".into(),
+            ));
+        }
+        *self.image.lock().unwrap_or_else(|p| p.into_inner()) = Some(image);
+        Ok(self)
+    }
+
     /// The snapshot's position: the sequence number of the next event.
     pub fn events(&self) -> u64 {
         self.snap.events
@@ -349,7 +365,11 @@ impl SnapMachine {
         {
             return Err(SnapshotError::Damaged("VM state of another position".into()).into());
         }
-        Ok(Restore { snap, state })
+        Ok(Restore {
+            snap,
+            state,
+            image: std::sync::Mutex::new(None),
+        })
     }
 
     /// Continue a VM from a checked snapshot with `inputs` supplying events from the
@@ -398,14 +418,19 @@ impl SnapMachine {
             }
             vm.flush_net();
         }
-        self.drive(vm, plan, Some(&restore.snap), ready)
+        let image = restore
+            .image
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.drive(vm, plan, Some((&restore.snap, image)), ready)
     }
 
     fn drive(
         &self,
         vm: Vm,
         plan: Option<Plan>,
-        restore: Option<&Snapshot>,
+        restore: Option<(&Snapshot, Option<crate::migrate::Image>)>,
         ready: Option<Ready<'_>>,
     ) -> Result<Ran, CaptureError> {
         let ran = self.drive_inner(vm, plan, restore, ready);
@@ -419,7 +444,7 @@ impl SnapMachine {
         &self,
         vm: Vm,
         plan: Option<Plan>,
-        restore: Option<&Snapshot>,
+        restore: Option<(&Snapshot, Option<crate::migrate::Image>)>,
         ready: Option<Ready<'_>>,
     ) -> Result<Ran, CaptureError> {
         let mut vm = vm;
@@ -451,13 +476,12 @@ impl SnapMachine {
         let stop_unwind = instance
             .get_typed_func::<(), ()>(&mut store, "asyncify_stop_unwind")
             .map_err(wasm_err("asyncify_stop_unwind"))?;
-        if let Some(snap) = restore {
+        if let Some((snap, image)) = restore {
             let t = Instant::now();
-            self.apply(&mut store, &instance, snap)?;
+            self.apply(&mut store, &instance, snap, image)?;
             tracing::debug!(
-                "restore: instantiated in {:.1} ms, {} bytes of memory applied in {:.1} ms",
+                "restore: instantiated in {:.1} ms, memory applied in {:.1} ms",
                 (t - t0).as_secs_f64() * 1e3,
-                snap.memory.len(),
                 t.elapsed().as_secs_f64() * 1e3
             );
             begin_rewind(&mut store, &instance, &snap.stack)
@@ -745,13 +769,14 @@ impl SnapMachine {
         store: &mut Store<Vm>,
         instance: &Instance,
         snap: &Snapshot,
+        image: Option<crate::migrate::Image>,
     ) -> Result<(), CaptureError> {
         let bad = |why: String| CaptureError::Restore(why);
         let memory = instance
             .get_memory(&mut *store, "memory")
             .ok_or_else(|| bad("the module exports no memory".into()))?;
         let have = memory.data_size(&*store);
-        let want = snap.memory.len();
+        let want = image.as_ref().map_or(snap.memory.len(), |i| i.len());
         if want < have || !want.is_multiple_of(PAGE) {
             return Err(bad(format!(
                 "the snapshot's memory ({want} bytes) is smaller than a fresh instance's ({have})"
@@ -761,8 +786,14 @@ impl SnapMachine {
             .grow(&mut *store, ((want - have) / PAGE) as u64)
             .map_err(|e| bad(format!("memory: {e:#}")))?;
         let data = memory.data_mut(&mut *store);
-        populate(data);
-        data.copy_from_slice(&snap.memory);
+        match image {
+            // Its pages moved in, nothing copied.
+            Some(image) => image.move_to(data),
+            None => {
+                populate(data);
+                data.copy_from_slice(&snap.memory);
+            }
+        }
         if snap.globals.len() != self.inst.globals as usize {
             return Err(bad("the snapshot's globals do not fit the module".into()));
         }

@@ -778,12 +778,123 @@ impl Outbound {
     }
 }
 
+/// The memory a receiver rebuilds from pages: an anonymous mapping of its own, reserved
+/// for [`MAX_MEMORY`] bytes up front (pages are only taken as they are written), so that
+/// the restore can move its pages into the guest's memory (`mremap`) instead of copying
+/// them in the pause ([`Image::move_to`]).
+pub struct Image {
+    ptr: *mut u8,
+    /// The memory's length (declared by the source): bytes past it are never touched.
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the `Image` alone; nothing else refers to it.
+unsafe impl Send for Image {}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({} bytes)", self.len)
+    }
+}
+
+impl Image {
+    fn new() -> Result<Image, MigrateError> {
+        // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MAX_MEMORY as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(Image {
+            ptr: ptr.cast(),
+            len: 0,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory's length is `len` now (at most [`MAX_MEMORY`]; bytes past the old
+    /// length are zero: never written).
+    fn set_len(&mut self, len: usize) {
+        self.len = len.min(MAX_MEMORY as usize);
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes of our mapping, readable (zero where never
+        // written), borrowed immutably with `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, borrowed mutably with `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Move the memory's pages to `dst` (`len` bytes there, mapped readable and
+    /// writable, page-aligned, whose contents are to be replaced whole): the kernel moves
+    /// the page tables, nothing is copied. Falls back to a copy when it cannot.
+    pub fn move_to(mut self, dst: &mut [u8]) {
+        let page = crate::dirty::page_size();
+        let fits = dst.len() == self.len
+            && (dst.as_ptr() as usize).is_multiple_of(page)
+            && self.len.is_multiple_of(page);
+        if fits && self.len > 0 {
+            // SAFETY: the source is the first `len` bytes of our own mapping (unmapped by
+            // the move, which `Drop` tolerates); the destination is exactly `dst`, memory
+            // we hold mutably whose contents the caller replaces whole: MREMAP_FIXED
+            // unmaps it and puts our pages in its place, readable and writable as it
+            // was. No other range is touched.
+            let r = unsafe {
+                libc::mremap(
+                    self.ptr.cast(),
+                    self.len,
+                    self.len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    dst.as_mut_ptr().cast::<libc::c_void>(),
+                )
+            };
+            if r != libc::MAP_FAILED {
+                return;
+            }
+            tracing::debug!(
+                "moving the memory's pages: {}; copied",
+                std::io::Error::last_os_error()
+            );
+        }
+        if dst.len() == self.len {
+            dst.copy_from_slice(self.as_mut_slice());
+        }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping (parts perhaps already moved away: unmapping a hole is
+        // no error), no longer used.
+        unsafe { libc::munmap(self.ptr.cast(), MAX_MEMORY as usize) };
+    }
+}
+
 /// What a source offered: its encoded snapshot and, when its memory came as pages, the
 /// memory rebuilt from them (the snapshot's own memory section is then empty).
 #[derive(Debug)]
 pub struct Offered {
     pub snapshot: Vec<u8>,
-    pub memory: Option<Vec<u8>>,
+    pub memory: Option<Image>,
     /// Bytes of memory that came as pages.
     pub page_bytes: u64,
 }
@@ -895,7 +1006,7 @@ impl Inbound {
 
     fn offer_inner(&mut self) -> Result<Offered, MigrateError> {
         let deadline = Instant::now() + ARRIVE_TIMEOUT;
-        let mut image: Vec<u8> = Vec::new();
+        let mut image: Option<Image> = None;
         let mut page_bytes = 0u64;
         let bad = |why: String| MigrateError::Protocol(why);
         loop {
@@ -911,14 +1022,14 @@ impl Inbound {
                     let (h, bytes) = payload.split_at(PAGES_HEAD);
                     let declared = u64::from_le_bytes(h[..8].try_into().unwrap_or_default());
                     let offset = u64::from_le_bytes(h[8..].try_into().unwrap_or_default());
+                    let had = image.as_ref().map_or(0, |i| i.len() as u64);
                     if declared > MAX_MEMORY
                         || !declared.is_multiple_of(crate::snapshot::PAGE as u64)
-                        || declared < image.len() as u64
+                        || declared < had
                     {
                         return Err(bad(format!(
-                            "a page frame declaring a memory of {declared} bytes (had {}, at \
-                             most {MAX_MEMORY}, in 64 KiB pages)",
-                            image.len()
+                            "a page frame declaring a memory of {declared} bytes (had {had}, at \
+                             most {MAX_MEMORY}, in 64 KiB pages)"
                         )));
                     }
                     let end = offset.checked_add(bytes.len() as u64);
@@ -928,10 +1039,14 @@ impl Inbound {
                             bytes.len()
                         )));
                     }
+                    let img = match &mut image {
+                        Some(i) => i,
+                        None => image.insert(Image::new()?),
+                    };
                     // Bounded by MAX_MEMORY above.
-                    image.resize(declared as usize, 0);
+                    img.set_len(declared as usize);
                     let at = offset as usize;
-                    image[at..at + bytes.len()].copy_from_slice(bytes);
+                    img.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
                     page_bytes += bytes.len() as u64;
                 }
                 Kind::Offer => {
@@ -941,21 +1056,25 @@ impl Inbound {
                     let mode = payload[0];
                     let memory_len =
                         u64::from_le_bytes(payload[1..OFFER_HEAD].try_into().unwrap_or_default());
+                    let had = image.as_ref().map_or(0, |i| i.len() as u64);
                     let memory = match mode {
-                        0 if image.is_empty() => None,
+                        0 if image.is_none() => None,
                         0 => return Err(bad("memory pages, then a whole snapshot".into())),
                         1 => {
                             if memory_len > MAX_MEMORY
-                                || memory_len < image.len() as u64
+                                || memory_len < had
                                 || !memory_len.is_multiple_of(crate::snapshot::PAGE as u64)
                             {
                                 return Err(bad(format!(
-                                    "an offer of a memory of {memory_len} bytes (pages for {})",
-                                    image.len()
+                                    "an offer of a memory of {memory_len} bytes (pages for {had})"
                                 )));
                             }
-                            image.resize(memory_len as usize, 0);
-                            Some(std::mem::take(&mut image))
+                            let mut img = match image.take() {
+                                Some(i) => i,
+                                None => Image::new()?,
+                            };
+                            img.set_len(memory_len as usize);
+                            Some(img)
                         }
                         m => return Err(bad(format!("an offer of mode {m}"))),
                     };
@@ -1197,6 +1316,7 @@ mod tests {
         assert_eq!(o.snapshot, b"snap");
         assert_eq!(o.page_bytes, 114);
         let m = o.memory.unwrap();
+        let m = m.as_slice();
         let mut want = vec![0u8; 4 * P as usize];
         want[..100].fill(1);
         want[50..60].fill(2);
