@@ -1436,7 +1436,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         );
         println!(
             "{:<40} {:>12} {:>12} {:>8.1}ms {:>8}",
-            format!("migrate_pause_ms ({} B snapshots)", r.migrate_bytes),
+            format!("migrate_pause_ms ({} B sent)", r.migrate_bytes),
             "-",
             format!(
                 "{:?}",

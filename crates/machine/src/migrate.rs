@@ -19,8 +19,13 @@
 //!    zeroed), then rounds of the pages the guest wrote meanwhile ([`crate::dirty`]'s
 //!    tracker on the mapping) until a round copies little, stops shrinking, or
 //!    [`crate::control::PRECOPY_ROUNDS`] / [`PRECOPY_TIME`] is reached. The receiver
-//!    keeps an image; every frame's `declared` (the source's memory length, a multiple of
-//!    64 KiB, never shrinking, at most [`MAX_MEMORY`]) bounds its offset and length.
+//!    keeps an image ([`Image`], a mapping of its own); every frame's `declared` (the
+//!    source's memory length, a multiple of 64 KiB, never shrinking, at most
+//!    [`MAX_MEMORY`]) bounds its offset and length. Once committed, the restore moves the
+//!    image's pages into the new instance's memory (`mremap`), so that a large memory
+//!    costs the pause neither its transfer nor a copy.
+//!    Then `Sync` → `Synced`: the receiver took every frame (the pause waits behind
+//!    nothing queued), and one last round.
 //! 3. At the VM's next snapshot point, the guest stopped: `Pages` for the pages written
 //!    since the last round and the memory grown since, then `Offer` (`mode u8 |
 //!    memory_len u64 | encoded snapshot`; mode 1: the snapshot's memory section is empty
@@ -34,7 +39,8 @@
 //!
 //! A version 1 peer (stop-and-copy, no `Pages`) is refused at its first frame with one
 //! line naming both versions ([`MigrateError::Version`]); the receiver tells a source
-//! that in a `Refused` frame.
+//! that in a `Refused` frame (a version 1 receiver closes the connection on a version 2
+//! hello: the source reports the closed connection).
 //!
 //! Invariant (never both, and never neither unless the connection dies in the one
 //! round trip of step 4): the source emits nothing from its capture on; the receiver
@@ -132,6 +138,8 @@ pub enum Kind {
     Live = 6,
     Refused = 7,
     Pages = 8,
+    Sync = 9,
+    Synced = 10,
 }
 
 impl Kind {
@@ -145,6 +153,8 @@ impl Kind {
             6 => Kind::Live,
             7 => Kind::Refused,
             8 => Kind::Pages,
+            9 => Kind::Sync,
+            10 => Kind::Synced,
             _ => return None,
         })
     }
@@ -682,6 +692,20 @@ impl Outbound {
                 break;
             }
         }
+        // The receiver has taken every frame sent so far (nothing queued between us for
+        // the pause to wait behind), then one last round of what the guest wrote
+        // meanwhile.
+        send(&mut self.conn, Kind::Sync, &[])?;
+        expect(
+            &mut self.conn,
+            Kind::Synced,
+            FRAME_TIMEOUT,
+            "the receiver to take the memory",
+        )?;
+        dirty.clear();
+        tracker.scan(&mut dirty)?;
+        stats.running_bytes += self.send_racing(base, declared, &dirty, &mut buf)?;
+        stats.rounds += 1;
         self.streamed = Some(Streamed {
             tracker,
             declared,
@@ -1049,6 +1073,7 @@ impl Inbound {
                     img.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
                     page_bytes += bytes.len() as u64;
                 }
+                Kind::Sync => send(&mut self.conn, Kind::Synced, &[])?,
                 Kind::Offer => {
                     if payload.len() < OFFER_HEAD {
                         return Err(bad("an offer without its head".into()));
