@@ -1378,6 +1378,46 @@ mod tests {
         assert!(matches!(e, MigrateError::Protocol(_)), "{e}");
     }
 
+    /// An image's pages moved into another mapping are its bytes there, and a
+    /// destination it cannot move to (misaligned) gets a copy.
+    #[test]
+    fn an_image_moves_its_pages_or_copies_them() {
+        let len = 4 * crate::snapshot::PAGE;
+        let mut img = Image::new().unwrap();
+        img.set_len(len);
+        img.as_mut_slice()[5] = 1;
+        img.as_mut_slice()[len - 1] = 2;
+        let want = img.as_slice().to_vec();
+        // SAFETY: a fresh anonymous mapping of our own, unmapped below.
+        let dst = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(dst, libc::MAP_FAILED);
+        // SAFETY: within the mapping just made, used by this test alone.
+        let slice = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len + 4096) };
+        slice.fill(9);
+        img.move_to(&mut slice[..len]);
+        assert!(slice[..len] == want[..]);
+        assert!(
+            slice[len..].iter().all(|&b| b == 9),
+            "nothing past it touched"
+        );
+        let mut img = Image::new().unwrap();
+        img.set_len(4096);
+        img.as_mut_slice()[7] = 3;
+        img.move_to(&mut slice[1..4097]);
+        assert_eq!((slice[8], slice[1]), (3, 0));
+        // SAFETY: our mapping, no longer used.
+        unsafe { libc::munmap(dst, len + 4096) };
+    }
+
     #[test]
     fn a_version_1_source_is_refused_naming_both_versions() {
         let l = Listener::bind("127.0.0.1:0").unwrap();
