@@ -384,6 +384,10 @@ pub struct ReceiveArgs {
     /// Serve the VM's control API on this Unix socket (so it can be migrated again).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Record the VM's events from its arrival on to this log (`vm replay LOG --from
+    /// SNAP` replays it from a snapshot at the arrival).
+    #[arg(long, value_name = "LOG")]
+    pub record: Option<PathBuf>,
 }
 
 /// `vm migrate`'s arguments.
@@ -402,6 +406,9 @@ struct Arrived {
     restore: Restore,
     host: machine::host::LiveHost,
     tap: Option<std::sync::Arc<devices::Tap>>,
+    /// `--record`'s log, created before the source commits (a log that cannot be is a
+    /// refusal, never a VM committed and then lost).
+    sink: Option<Box<dyn EventSink + Send>>,
 }
 
 /// One migration attempt on a connected source, up to its commit. Any error leaves
@@ -410,12 +417,29 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
     let (module, instrumented) = (m.module_digest(), m.instrumented_digest());
     inb.hello(&module, &instrumented)
         .map_err(|e| e.to_string())?;
-    let bytes = inb.offer().map_err(|e| e.to_string())?;
+    let offered = inb.offer().map_err(|e| e.to_string())?;
+    let t = std::time::Instant::now();
+    let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
     let prepared = (|| {
-        let snap = machine::snapshot::decode(&bytes, &module, Some(&instrumented))
+        let snap = machine::snapshot::decode(&offered.snapshot, &module, Some(&instrumented))
             .map_err(|e| e.to_string())?;
-        drop(bytes);
+        drop(offered.snapshot);
+        tracing::debug!("offer +{:.1} ms: decoded", ms(t));
         let restore = m.check(snap).map_err(|e| e.to_string())?;
+        // The memory streamed as pages goes with the snapshot, checked with it as a
+        // snapshot file is (see `machine::migrate`); the restore moves its pages into the
+        // guest's memory rather than copying them.
+        let restore = match offered.memory {
+            Some(memory) => {
+                tracing::info!(
+                    "memory: {} bytes, {} came as pages",
+                    memory.len(),
+                    offered.page_bytes
+                );
+                restore.with_memory(memory).map_err(|e| e.to_string())?
+            }
+            None => restore,
+        };
         let spec = restore.spec();
         if spec.nic.is_some() != a.bridge.is_some() {
             return Err(if spec.nic.is_some() {
@@ -431,11 +455,25 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
                 "the VM has no datastore: this receiver was given --datastore".to_string()
             });
         }
+        tracing::debug!("offer +{:.1} ms: checked", ms(t));
         let tap = machine::nic_tap(&spec, a.bridge.as_deref()).map_err(|e| e.to_string())?;
+        tracing::debug!("offer +{:.1} ms: NIC", ms(t));
         let host = restore
             .live_host(a.datastore.as_deref(), tap.clone())
             .map_err(|e| e.to_string())?;
-        Ok(Arrived { restore, host, tap })
+        let sink = match &a.record {
+            Some(log) => Some(Box::new(
+                LogWriter::create(log, &restore.log_header())
+                    .map_err(|e| format!("--record {}: {e}", log.display()))?,
+            ) as Box<dyn EventSink + Send>),
+            None => None,
+        };
+        Ok(Arrived {
+            restore,
+            host,
+            tap,
+            sink,
+        })
     })();
     let arrived = match prepared {
         Ok(p) => p,
@@ -444,7 +482,9 @@ fn arrive(m: &SnapMachine, a: &ReceiveArgs, inb: &mut Inbound) -> Result<Arrived
             return Err(why);
         }
     };
+    tracing::debug!("offer +{:.1} ms: set up", ms(t));
     inb.ready().map_err(|e| e.to_string())?;
+    tracing::debug!("offer +{:.1} ms: committed", ms(t));
     Ok(arrived)
 }
 
@@ -485,7 +525,12 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
     if let Some(c) = waiting {
         c.set_waiting(false);
     }
-    let Arrived { restore, host, tap } = arrived;
+    let Arrived {
+        restore,
+        host,
+        tap,
+        sink,
+    } = arrived;
     tracing::info!(
         "VM from {} committed at event {}",
         inb.peer(),
@@ -493,7 +538,7 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
     );
     let inputs = Inputs::Live {
         host,
-        sink: None,
+        sink,
         port: Box::new(machine::port::Direct { tap, console: true }),
     };
     let ready: machine::capture::Ready<'_> = Box::new(move || match inb.live() {
@@ -502,6 +547,13 @@ pub fn vm_receive(a: &ReceiveArgs) -> Result<u8, Failure> {
         Err(e) => tracing::warn!("live, but the source did not hear it: {e}"),
     });
     let ran = m.resume_then(&restore, inputs, None, true, Some(ready))?;
+    if a.record.is_some() {
+        println!(
+            "recorded: events={} digest={}",
+            ran.report.events,
+            hex(&ran.report.digest)
+        );
+    }
     if ran.report.exit == Exit::Stopped
         && let Some(t) = &ran.taken
         && ran.handed_over
@@ -522,7 +574,8 @@ pub fn vm_migrate(a: &MigrateArgs) -> Result<u8, Failure> {
         + machine::migrate::READY_TIMEOUT
         + machine::migrate::LIVE_TIMEOUT
         + machine::migrate::CONNECT_TIMEOUT
-        + std::time::Duration::from_secs(10);
+        + machine::migrate::PRECOPY_TIME
+        + machine::migrate::ARRIVE_TIMEOUT;
     let (code, reply) = control::request(&a.api_sock, "PUT", "/migrate", Some(&body), wait)
         .map_err(|e| {
             bad(format!(
@@ -541,6 +594,12 @@ pub fn vm_migrate(a: &MigrateArgs) -> Result<u8, Failure> {
         200 => {
             let r: control::SnapshotReply = serde_json::from_value(reply.clone())
                 .map_err(|e| bad(format!("the VM's reply: {e}")))?;
+            if let Some(p) = &r.precopied {
+                println!(
+                    "precopied: rounds={} running_bytes={} stopped_bytes={}",
+                    p.rounds, p.running_bytes, p.stopped_bytes
+                );
+            }
             println!(
                 "migrated: events={} pause_ms={:.3} bytes={}",
                 r.events, r.pause_ms, r.bytes

@@ -40,7 +40,10 @@
 //! ([`crate::dirty::PreCopy`], made by [`crate::control`] while the guest ran): then only
 //! the pages written since its last round are, after the guest's bytes are back under
 //! the buffer. The pre-copy's tracker outlives the pause (handed back to the control for
-//! the next snapshot): ending it would walk the memory's page tables.
+//! the next snapshot): ending it would walk the memory's page tables. A migration whose
+//! memory was streamed to its receiver while the guest ran ([`crate::migrate`]) copies
+//! none here: its capture leaves the memory out, and the hand-over sends the pages
+//! written since straight from the guest's memory, the guest still stopped.
 //!
 //! The guest runs on a thread of its own, watched for a stop as a plain VM is
 //! ([`crate::vm::run_watched`]); while a snapshot is taken the VM holds its gate, so the
@@ -157,9 +160,25 @@ pub type Ready<'a> = Box<dyn FnOnce() + 'a>;
 pub struct Restore {
     snap: Snapshot,
     state: VmState,
+    /// The memory, when it arrived apart from the snapshot (a migration's pages): moved
+    /// into the instance rather than copied ([`crate::migrate::Image::move_to`]); taken
+    /// by the one restore that uses it.
+    image: std::sync::Mutex<Option<crate::migrate::Image>>,
 }
 
 impl Restore {
+    /// The snapshot's memory is `image` (its own memory section being empty): a
+    /// migration's receiver rebuilt it from pages.
+    pub fn with_memory(self, image: crate::migrate::Image) -> Result<Restore, CaptureError> {
+        if !self.snap.memory.is_empty() {
+            return Err(CaptureError::Restore(
+                "a memory both streamed and in the snapshot".into(),
+            ));
+        }
+        *self.image.lock().unwrap_or_else(|p| p.into_inner()) = Some(image);
+        Ok(self)
+    }
+
     /// The snapshot's position: the sequence number of the next event.
     pub fn events(&self) -> u64 {
         self.snap.events
@@ -346,7 +365,11 @@ impl SnapMachine {
         {
             return Err(SnapshotError::Damaged("VM state of another position".into()).into());
         }
-        Ok(Restore { snap, state })
+        Ok(Restore {
+            snap,
+            state,
+            image: std::sync::Mutex::new(None),
+        })
     }
 
     /// Continue a VM from a checked snapshot with `inputs` supplying events from the
@@ -395,14 +418,19 @@ impl SnapMachine {
             }
             vm.flush_net();
         }
-        self.drive(vm, plan, Some(&restore.snap), ready)
+        let image = restore
+            .image
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.drive(vm, plan, Some((&restore.snap, image)), ready)
     }
 
     fn drive(
         &self,
         vm: Vm,
         plan: Option<Plan>,
-        restore: Option<&Snapshot>,
+        restore: Option<(&Snapshot, Option<crate::migrate::Image>)>,
         ready: Option<Ready<'_>>,
     ) -> Result<Ran, CaptureError> {
         let ran = self.drive_inner(vm, plan, restore, ready);
@@ -416,7 +444,7 @@ impl SnapMachine {
         &self,
         vm: Vm,
         plan: Option<Plan>,
-        restore: Option<&Snapshot>,
+        restore: Option<(&Snapshot, Option<crate::migrate::Image>)>,
         ready: Option<Ready<'_>>,
     ) -> Result<Ran, CaptureError> {
         let mut vm = vm;
@@ -426,6 +454,7 @@ impl SnapMachine {
             ..Ctl::default()
         }));
         let watcher = vm.watcher();
+        let t0 = Instant::now();
         let mut store = vm.into_store(&self.engine);
         let instance = match self.linker.instantiate(&mut store, &self.module) {
             Ok(i) => i,
@@ -447,8 +476,14 @@ impl SnapMachine {
         let stop_unwind = instance
             .get_typed_func::<(), ()>(&mut store, "asyncify_stop_unwind")
             .map_err(wasm_err("asyncify_stop_unwind"))?;
-        if let Some(snap) = restore {
-            self.apply(&mut store, &instance, snap)?;
+        if let Some((snap, image)) = restore {
+            let t = Instant::now();
+            self.apply(&mut store, &instance, snap, image)?;
+            tracing::debug!(
+                "restore: instantiated in {:.1} ms, memory applied in {:.1} ms",
+                (t - t0).as_secs_f64() * 1e3,
+                t.elapsed().as_secs_f64() * 1e3
+            );
             begin_rewind(&mut store, &instance, &snap.stack)
                 .map_err(|e| CaptureError::Restore(e.to_string()))?;
         }
@@ -600,8 +635,16 @@ impl Driven {
                     Action::Write { precopy, .. } => precopy.take(),
                     Action::Migrate(_) => None,
                 };
-                let (snap, precopied) =
-                    capture(ident, &mut store, &instance, precopy.as_deref_mut())?;
+                // A migration whose memory was streamed takes none in the pause: the
+                // hand-over sends only the pages written since.
+                let skip_memory = matches!(&action, Action::Migrate(out) if out.streamed());
+                let (snap, precopied) = capture(
+                    ident,
+                    &mut store,
+                    &instance,
+                    precopy.as_deref_mut(),
+                    skip_memory,
+                )?;
                 let (to, stop, behind) = match action {
                     Action::Write {
                         to, stop, behind, ..
@@ -611,7 +654,17 @@ impl Driven {
                             .since
                             .take()
                             .unwrap_or_else(Instant::now);
-                        match crate::migrate::migrate_out(out, &snap, since) {
+                        let memory = instance
+                            .get_memory(&mut store, "memory")
+                            .map(|m| m.data(&store))
+                            .unwrap_or(&[]);
+                        match crate::migrate::migrate_out(
+                            out,
+                            &snap,
+                            since,
+                            memory,
+                            control.as_deref(),
+                        ) {
                             Ok(t) => {
                                 if let Some(r) = &reply {
                                     let _ = r.send(Ok(t.clone()));
@@ -716,13 +769,14 @@ impl SnapMachine {
         store: &mut Store<Vm>,
         instance: &Instance,
         snap: &Snapshot,
+        image: Option<crate::migrate::Image>,
     ) -> Result<(), CaptureError> {
         let bad = |why: String| CaptureError::Restore(why);
         let memory = instance
             .get_memory(&mut *store, "memory")
             .ok_or_else(|| bad("the module exports no memory".into()))?;
         let have = memory.data_size(&*store);
-        let want = snap.memory.len();
+        let want = image.as_ref().map_or(snap.memory.len(), |i| i.len());
         if want < have || !want.is_multiple_of(PAGE) {
             return Err(bad(format!(
                 "the snapshot's memory ({want} bytes) is smaller than a fresh instance's ({have})"
@@ -731,7 +785,15 @@ impl SnapMachine {
         memory
             .grow(&mut *store, ((want - have) / PAGE) as u64)
             .map_err(|e| bad(format!("memory: {e:#}")))?;
-        memory.data_mut(&mut *store).copy_from_slice(&snap.memory);
+        let data = memory.data_mut(&mut *store);
+        match image {
+            // Its pages moved in, nothing copied.
+            Some(image) => image.move_to(data),
+            None => {
+                populate(data);
+                data.copy_from_slice(&snap.memory);
+            }
+        }
         if snap.globals.len() != self.inst.globals as usize {
             return Err(bad("the snapshot's globals do not fit the module".into()));
         }
@@ -759,14 +821,33 @@ impl SnapMachine {
     }
 }
 
+/// Fault in `data`'s pages in one call before they are written whole (a restore's
+/// memory): the kernel maps them in a walk rather than one fault per page, which is most
+/// of a large restore's time. Best effort: a kernel without `MADV_POPULATE_WRITE` (before
+/// 5.14) faults them one by one as before.
+fn populate(data: &mut [u8]) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let page = crate::dirty::page_size();
+    let start = (data.as_mut_ptr() as usize).next_multiple_of(page);
+    let end = (data.as_mut_ptr() as usize + data.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies within `data`, memory we hold mutably and are about to
+        // overwrite whole; populating for write changes no byte of it (fresh pages are
+        // zero, present ones untouched) and no mapping's protection.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) };
+    }
+}
+
 /// The snapshot of a VM whose stack has just been unwound; with `precopy`, its memory
 /// was copied while it ran and only the pages written since are copied now (what was
-/// copied when is returned too).
+/// copied when is returned too). With `skip_memory` its memory is left out (empty): a
+/// migration that streamed it sends the rest itself.
 fn capture(
     id: Ident,
     store: &mut Store<Vm>,
     instance: &Instance,
     precopy: Option<&mut crate::dirty::PreCopy>,
+    skip_memory: bool,
 ) -> Result<(Snapshot, Option<crate::dirty::PreCopied>), CaptureError> {
     let memory = instance
         .get_memory(&mut *store, "memory")
@@ -786,6 +867,7 @@ fn capture(
     // pages written doing so are among those a pre-copy's last scan finds.
     give_back(data, vm);
     let (memory, precopied) = match precopy {
+        _ if skip_memory => (Vec::new(), None),
         Some(pc) => {
             let (image, stats) = pc.finish(memory.data(&*store));
             (image, Some(stats))

@@ -11,9 +11,10 @@
 //!   memory was pre-copied). With `"stop": true` the VM then stops (suspend); without, its
 //!   memory is first copied while it runs ([`Control::snapshot_running`]).
 //! - `PUT /migrate` `{"to": "ADDR:PORT"}` → the VM moves to the `vm receive` listening
-//!   there ([`crate::migrate`]): connected and checked while the guest runs, handed over
-//!   at its next snapshot point; the reply, once the receiver is live, is `{"events",
-//!   "bytes", "pause_ms"}` and the VM here then stops. A failed migration (502 before the
+//!   there ([`crate::migrate`]): connected and checked, its memory streamed, while the
+//!   guest runs (this connection's thread), handed over at its next snapshot point; the
+//!   reply, once the receiver is live, is `{"events", "bytes", "pause_ms"}` (and
+//!   `"precopied"`) and the VM here then stops. A failed migration (502 before the
 //!   pause, 500 after it) leaves the VM running here, unless the error says it stopped.
 //! - `PUT /stop` → the VM stops at its next call, as on SIGTERM.
 //!
@@ -60,6 +61,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long a snapshot request waits for the VM to reach a snapshot point.
 pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
+/// Set once the kernel or the sandbox refused dirty-page tracking: the same next time.
+static UNTRACKABLE: AtomicBool = AtomicBool::new(false);
+
 /// The most rounds of a pre-copy (the whole memory being the first).
 pub const PRECOPY_ROUNDS: u32 = 12;
 /// A pre-copy stops its rounds once one copies no more than this: what is left for the
@@ -174,7 +178,6 @@ impl Control {
     /// module docs); `None` when there is no VM, when it ended meanwhile, or when writes
     /// cannot be tracked here (the snapshot then copies the whole memory in its pause).
     pub(crate) fn precopy(&self) -> Option<Box<PreCopy>> {
-        static UNTRACKABLE: AtomicBool = AtomicBool::new(false);
         let base = self.memory_base.load(Ordering::SeqCst);
         let len = self.memory_len.load(Ordering::SeqCst);
         // A request already waiting: this one will be refused (409), copy nothing.
@@ -239,6 +242,53 @@ impl Control {
             }
         }
         Some(Box::new(pc))
+    }
+
+    /// A tracker of the VM's whole memory, for a migration's pre-copy (the one kept from
+    /// the last pre-copy, or a new one); `None` when there is no VM or writes cannot be
+    /// tracked here (the migration then copies the memory in its pause: stop-and-copy,
+    /// said once in the log).
+    pub(crate) fn migrate_tracker(&self) -> Option<Tracker> {
+        let base = self.memory_base.load(Ordering::SeqCst);
+        let len = self.memory_len.load(Ordering::SeqCst);
+        if base == 0 || len == 0 || self.pending() || self.unavailable().is_some() {
+            return None;
+        }
+        if UNTRACKABLE.load(Ordering::Relaxed) {
+            return None;
+        }
+        let kept = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let tracker = match kept {
+            Some(mut t) if t.base() == base && t.len() <= len => match t.grow(len) {
+                Ok(()) => Ok(t),
+                Err(_) => {
+                    drop(t);
+                    Tracker::new(base, len)
+                }
+            },
+            _ => Tracker::new(base, len),
+        };
+        match tracker {
+            Ok(t) => Some(t),
+            Err(
+                e @ (DirtyError::Userfaultfd(_) | DirtyError::Features(_) | DirtyError::Pagemap(_)),
+            ) => {
+                UNTRACKABLE.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "no dirty-page tracking here ({e}): migrations stop the VM and copy its \
+                     memory whole (stop-and-copy)"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::debug!("no pre-copy for the migration: {e}");
+                None
+            }
+        }
     }
 
     /// The waiting request, taken by the VM at a snapshot point.
@@ -755,8 +805,14 @@ fn route<'a>(
             // Connected and welcomed while the guest runs: a receiver that is not there
             // or refuses this module costs the VM no pause.
             let (module, instrumented) = control.digests;
-            let out = crate::migrate::Outbound::connect(to, &module, &instrumented)
+            let mut out = crate::migrate::Outbound::connect(to, &module, &instrumented)
                 .map_err(|e| (502, format!("receiver {to}: {e}")))?;
+            // The memory streamed while the guest runs: the pause sends only what it
+            // wrote since. A failure here cost the VM nothing.
+            if let Some(tracker) = control.migrate_tracker() {
+                out.precopy(tracker, || control.ended())
+                    .map_err(|e| (502, format!("receiver {to}: {e}")))?;
+            }
             let t = wait_answer(control, Action::Migrate(out), answering)?;
             Ok(json(&SnapshotReply::from(t)))
         }

@@ -300,7 +300,11 @@ impl Tracker {
 
 /// Copy `ranges` (offsets) of this process's memory at `base` into the same offsets of
 /// `image`, by the kernel, while another thread may write them (see the module docs).
-fn read_racing(base: usize, image: &mut [u8], ranges: &[Range<usize>]) -> Result<(), DirtyError> {
+pub(crate) fn read_racing(
+    base: usize,
+    image: &mut [u8],
+    ranges: &[Range<usize>],
+) -> Result<(), DirtyError> {
     for chunk in ranges.chunks(IOVECS) {
         let mut local = Vec::with_capacity(chunk.len());
         let mut remote = Vec::with_capacity(chunk.len());
@@ -359,6 +363,9 @@ pub struct PreCopied {
     pub stopped_bytes: u64,
     /// The mapping moved or shrank: the stop copied the whole memory.
     pub whole: bool,
+    /// The memory's length at the stop.
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// A snapshot's memory being copied while the guest runs (see the module docs).
@@ -431,6 +438,7 @@ impl PreCopy {
             );
             self.stats.whole = true;
             self.stats.stopped_bytes = memory.len() as u64;
+            self.stats.memory_bytes = memory.len() as u64;
             return (memory.to_vec(), self.stats.clone());
         }
         let mut bytes = 0u64;
@@ -441,6 +449,7 @@ impl PreCopy {
         image.extend_from_slice(&memory[len..]);
         bytes += (memory.len() - len) as u64;
         self.stats.stopped_bytes = bytes;
+        self.stats.memory_bytes = image.len() as u64;
         (image, self.stats.clone())
     }
 

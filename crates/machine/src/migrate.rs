@@ -8,40 +8,87 @@
 //! magic "TNDMMIGR" | version u32 | kind u8 | length u64 | payload | blake3 of all before
 //! ```
 //!
-//! The exchange, source → receiver and back:
+//! The exchange (protocol version 2), source → receiver and back:
 //!
-//! 1. `Hello` (the module's digests) → `Welcome`, or `Refused` (another module): done by
-//!    the API thread while the guest runs, so a receiver that is not there or refuses
-//!    costs the VM no pause at all.
-//! 2. At the VM's next snapshot point: `Offer` (the encoded snapshot) → `Ready` once the
-//!    receiver holds it whole, checked against its module, its NIC and datastore set up;
-//!    or `Refused`.
-//! 3. `Commit` → `Live` once the receiver's VM is instantiated from the snapshot and
+//! 1. `Hello` (the module's digests) → `Welcome`, or `Refused` (another module, another
+//!    protocol version): done by the API thread while the guest runs, so a receiver that
+//!    is not there or refuses costs the VM no pause at all.
+//! 2. **Pre-copy**, while the guest runs (on the API thread, [`Outbound::precopy`]):
+//!    `Pages` frames (`declared u64 | offset u64 | bytes`, at most [`PAGES_CHUNK`] bytes
+//!    each): first the whole memory (pages all zero skipped: the receiver's image starts
+//!    zeroed), then rounds of the pages the guest wrote meanwhile ([`crate::dirty`]'s
+//!    tracker on the mapping) until a round copies little, stops shrinking, or
+//!    [`crate::control::PRECOPY_ROUNDS`] / [`PRECOPY_TIME`] is reached. The receiver
+//!    keeps an image ([`Image`], a mapping of its own); every frame's `declared` (the
+//!    source's memory length, a multiple of 64 KiB, never shrinking, at most
+//!    [`MAX_MEMORY`]) bounds its offset and length. Once committed, the restore moves the
+//!    image's pages into the new instance's memory (`mremap`), so that a large memory
+//!    costs the pause neither its transfer nor a copy.
+//!    Then `Sync` → `Synced`: the receiver took every frame (the pause waits behind
+//!    nothing queued), and one last round.
+//! 3. At the VM's next snapshot point, the guest stopped: `Pages` for the pages written
+//!    since the last round and the memory grown since, then `Offer` (`mode u8 |
+//!    memory_len u64 | encoded snapshot`; mode 1: the snapshot's memory section is empty
+//!    and the memory is the image, resized to `memory_len`; mode 0: the memory is in the
+//!    snapshot, stop-and-copy, where the kernel cannot track writes) → `Ready` once the
+//!    receiver rebuilt the whole snapshot and checked it exactly as a snapshot file
+//!    (module digest, section checksums, the module's globals), its NIC and datastore set
+//!    up; or `Refused`.
+//! 4. `Commit` → `Live` once the receiver's VM is instantiated from the snapshot and
 //!    about to run.
 //!
-//! Invariant (never both, and never neither unless the connection dies in the one
-//! round trip of step 3): the source emits nothing from its capture on; the receiver
-//! goes live only on `Commit`, which the source sends only after `Ready`; the source
-//! goes on (rewinds) when anything fails before it sent `Commit`, and exits once it got
-//! `Live`. If it sent `Commit` and cannot tell what happened next, it stops: the receiver
-//! may be live, and two copies of one VM answering its clients would diverge (lost
-//! writes, resets), while a stopped VM loses nothing acknowledged and is a visible outage.
+//! A version 1 peer (stop-and-copy, no `Pages`) is refused at its first frame with one
+//! line naming both versions ([`MigrateError::Version`]); the receiver tells a source
+//! that in a `Refused` frame (a version 1 receiver closes the connection on a version 2
+//! hello: the source reports the closed connection).
 //!
-//! Bounds: a frame's payload is at most [`MAX_OFFER`] for an offer and [`MAX_SMALL`]
-//! otherwise (checked from the frame head, before anything is read or allocated beyond
-//! what arrives); every wait has a deadline.
+//! Invariant (never both, and never neither unless the connection dies in the one
+//! round trip of step 4): the source emits nothing from its capture on; the receiver
+//! goes live only on `Commit`, which the source sends only after `Ready`, and says ready
+//! only for a snapshot it rebuilt and verified whole; the source goes on (rewinds) when
+//! anything fails before it sent `Commit`, and exits once it got `Live`. If it sent
+//! `Commit` and cannot tell what happened next, it stops: the receiver may be live, and
+//! two copies of one VM answering its clients would diverge (lost writes, resets), while
+//! a stopped VM loses nothing acknowledged and is a visible outage. A failure during the
+//! pre-copy costs the VM no pause at all: the API thread gives up before asking for one.
+//!
+//! The image the receiver rebuilds is the source's memory at the stop, byte for byte:
+//! every page was sent after the last scan that found it written, and the stop sends
+//! every page written after that scan (the invariant of [`crate::dirty::PreCopy`]).
+//!
+//! Bounds: a frame's payload is at most [`MAX_OFFER`] for an offer, [`PAGES_CHUNK`] plus
+//! its head for pages and [`MAX_SMALL`] otherwise (checked from the frame head, before
+//! anything is read or allocated beyond what arrives); the receiver's image at most
+//! [`MAX_MEMORY`]; every wait has a deadline.
+//!
+//! Fault injection for tests: `TANDEM_FAILPOINT=migrate-page-out-of-bounds` makes a
+//! source send, first, one page past the memory it declares (a receiver must refuse it).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 pub const MAGIC: [u8; 8] = *b"TNDMMIGR";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The largest offer: a snapshot of a VM's whole 4 GiB memory that does not compress,
 /// plus its other sections.
 pub const MAX_OFFER: u64 = (4 << 30) + (64 << 20);
 /// The largest payload of any other frame.
 pub const MAX_SMALL: u64 = 4096;
+/// The most memory one `Pages` frame carries.
+pub const PAGES_CHUNK: usize = 4 << 20;
+/// A `Pages` frame's head: the memory length declared, the offset.
+const PAGES_HEAD: usize = 16;
+/// An `Offer`'s head: its mode, the memory's length.
+const OFFER_HEAD: usize = 9;
+/// The largest memory a source may declare: wasm32's whole 4 GiB.
+pub const MAX_MEMORY: u64 = 4 << 30;
+/// How long the pre-copy's rounds after the first may go on (the guest runs meanwhile).
+pub const PRECOPY_TIME: Duration = Duration::from_secs(20);
+/// How long a receiver may wait for the whole exchange up to the offer: the pre-copy's
+/// first round (one frame at most [`FRAME_TIMEOUT`] apart), its rounds, the snapshot
+/// point.
+pub const ARRIVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a connection to the receiver, and its welcome, may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the receiver may take to check an offer and set the VM up (the guest is
@@ -68,6 +115,12 @@ pub enum MigrateError {
     Protocol(String),
     #[error("refused by the receiver: {0}")]
     Refused(String),
+    #[error(
+        "the peer speaks migration protocol version {theirs}, this Tandem speaks version {ours}"
+    )]
+    Version { theirs: u32, ours: u32 },
+    #[error("reading the guest's memory: {0}")]
+    Memory(#[from] crate::dirty::DirtyError),
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
     #[error("the peer closed the connection while we waited for {0}")]
@@ -84,6 +137,9 @@ pub enum Kind {
     Commit = 5,
     Live = 6,
     Refused = 7,
+    Pages = 8,
+    Sync = 9,
+    Synced = 10,
 }
 
 impl Kind {
@@ -96,13 +152,17 @@ impl Kind {
             5 => Kind::Commit,
             6 => Kind::Live,
             7 => Kind::Refused,
+            8 => Kind::Pages,
+            9 => Kind::Sync,
+            10 => Kind::Synced,
             _ => return None,
         })
     }
 
     fn bound(self) -> u64 {
         match self {
-            Kind::Offer => MAX_OFFER,
+            Kind::Offer => MAX_OFFER + OFFER_HEAD as u64,
+            Kind::Pages => (PAGES_HEAD + PAGES_CHUNK) as u64,
             _ => MAX_SMALL,
         }
     }
@@ -158,14 +218,29 @@ fn send_within(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<(), MigrateError> {
+    send_parts(conn, kind, &[payload], timeout)
+}
+
+/// Send one frame whose payload is `parts` one after the other (never copied together).
+fn send_parts(
+    conn: &mut TcpStream,
+    kind: Kind,
+    parts: &[&[u8]],
+    timeout: Duration,
+) -> Result<(), MigrateError> {
     let deadline = Instant::now() + timeout;
-    let h = head(kind, payload.len());
+    let len = parts.iter().map(|p| p.len()).sum();
+    let h = head(kind, len);
     let mut hasher = blake3::Hasher::new();
     hasher.update(&h);
-    hasher.update(payload);
+    for p in parts {
+        hasher.update(p);
+    }
     let what = "the peer to take a frame";
     write_by(conn, &h, deadline, what)?;
-    write_by(conn, payload, deadline, what)?;
+    for p in parts {
+        write_by(conn, p, deadline, what)?;
+    }
     write_by(conn, hasher.finalize().as_bytes(), deadline, what)?;
     conn.flush()?;
     Ok(())
@@ -222,9 +297,10 @@ fn receive(
     }
     let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
     if version != VERSION {
-        return Err(MigrateError::Protocol(format!(
-            "migration protocol version {version} (this Tandem speaks {VERSION})"
-        )));
+        return Err(MigrateError::Version {
+            theirs: version,
+            ours: VERSION,
+        });
     }
     let kind = Kind::from_u8(head[12])
         .ok_or_else(|| MigrateError::Protocol(format!("unknown frame kind {}", head[12])))?;
@@ -320,37 +396,128 @@ impl HandOverError {
     }
 }
 
-/// The source's side of a hand-over at a snapshot point: encode the captured snapshot,
-/// hand it over, and report the pause from the unwind's start (`since`) to the
-/// receiver's live.
+/// The source's side of a hand-over at a snapshot point: send what the pre-copy left
+/// (or, without one, the whole snapshot), hand the VM over, and report the pause from the
+/// unwind's start (`since`) to the receiver's live. `memory` is the guest's memory, the
+/// guest stopped; `snap` is its capture (without memory when the pre-copy streamed it).
+/// A tracker the hand-over no longer needs (it failed: the VM goes on) goes back to
+/// `control` for the next pre-copy.
 pub(crate) fn migrate_out(
-    out: Outbound,
+    mut out: Outbound,
     snap: &crate::snapshot::Snapshot,
     since: Instant,
+    memory: &[u8],
+    control: Option<&crate::control::Control>,
 ) -> Result<crate::capture::Taken, HandOverError> {
-    let bytes = crate::snapshot::encode(snap);
     let peer = out.peer();
-    out.hand_over(&bytes)?;
+    let streamed = out.streamed.is_some();
+    let result = (|| {
+        let (mode, memory_len) = if streamed {
+            out.finish_pages(memory)
+                .map_err(HandOverError::NotCommitted)?;
+            (1u8, memory.len() as u64)
+        } else {
+            (0u8, snap.memory.len() as u64)
+        };
+        tracing::debug!("pause +{:.1} ms: last pages sent", ms(since));
+        let bytes = crate::snapshot::encode(snap);
+        tracing::debug!("pause +{:.1} ms: snapshot encoded", ms(since));
+        out.hand_over(mode, memory_len, &bytes, since)?;
+        Ok(bytes.len() as u64)
+    })();
+    let sent = match result {
+        Ok(_) => out.sent,
+        Err(e) => {
+            if let (Some(s), Some(c)) = (out.streamed.take(), control) {
+                c.keep_tracker(s.tracker);
+            }
+            return Err(e);
+        }
+    };
+    let precopied = out.streamed.as_ref().map(|s| s.stats.clone());
     let t = crate::capture::Taken {
         events: snap.events,
-        bytes: bytes.len() as u64,
+        bytes: sent,
         pause_ms: since.elapsed().as_secs_f64() * 1e3,
-        precopied: None,
+        precopied: precopied.clone(),
     };
-    tracing::info!(
-        "migrated to {peer} at event {} ({} bytes, paused {:.1} ms)",
-        t.events,
-        t.bytes,
-        t.pause_ms
-    );
+    match &precopied {
+        Some(p) => tracing::info!(
+            "migrated to {peer} at event {} ({} bytes, paused {:.1} ms; pre-copy: {} rounds, \
+             {} bytes while the guest ran, {} bytes stopped{})",
+            t.events,
+            t.bytes,
+            t.pause_ms,
+            p.rounds,
+            p.running_bytes,
+            p.stopped_bytes,
+            if p.whole {
+                ", memory moved: copied whole"
+            } else {
+                ""
+            }
+        ),
+        None => tracing::info!(
+            "migrated to {peer} at event {} ({} bytes, paused {:.1} ms; stop-and-copy)",
+            t.events,
+            t.bytes,
+            t.pause_ms
+        ),
+    }
     Ok(t)
 }
 
+/// Milliseconds since `t`.
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Whether this source is to send a page past the memory it declares (see the module
+/// docs).
+fn page_out_of_bounds_failpoint() -> bool {
+    std::env::var("TANDEM_FAILPOINT").is_ok_and(|v| v == "migrate-page-out-of-bounds")
+}
+
+/// The runs of pages of `buf` (`page` bytes each, the last perhaps shorter) that are not
+/// all zero.
+fn nonzero_runs(buf: &[u8], page: usize) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, p) in buf.chunks(page).enumerate() {
+        if p.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let r = i * page..i * page + p.len();
+        match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => runs.push(r),
+        }
+    }
+    runs
+}
+
+/// Memory sent while the guest ran: where the stop goes on from.
+struct Streamed {
+    tracker: crate::dirty::Tracker,
+    /// The memory length declared so far (the range tracked, then the memory's at the
+    /// stop).
+    declared: u64,
+    stats: crate::dirty::PreCopied,
+}
+
 /// The source's side: a connection to a receiver that welcomed this module.
-#[derive(Debug)]
 pub struct Outbound {
     conn: TcpStream,
     peer: SocketAddr,
+    /// The pre-copy's state once memory was streamed ([`Outbound::precopy`]).
+    streamed: Option<Streamed>,
+    /// Bytes sent (frames' payloads) so far.
+    sent: u64,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Outbound({}, {} bytes sent)", self.peer, self.sent)
+    }
 }
 
 impl Outbound {
@@ -369,20 +536,250 @@ impl Outbound {
             CONNECT_TIMEOUT,
             "the receiver's welcome",
         )?;
-        Ok(Outbound { conn, peer: to })
+        Ok(Outbound {
+            conn,
+            peer: to,
+            streamed: None,
+            sent: 0,
+        })
     }
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
 
-    /// Hand the VM over: offer its encoded snapshot, commit once the receiver is ready,
-    /// wait for it to be live. The caller has stopped the VM (captured it) and emits
-    /// nothing more unless this fails with [`HandOverError::NotCommitted`].
-    pub fn hand_over(mut self, snapshot: &[u8]) -> Result<(), HandOverError> {
+    /// Whether the memory was streamed (the stop sends only what is left).
+    pub(crate) fn streamed(&self) -> bool {
+        self.streamed.is_some()
+    }
+
+    /// One `Pages` frame: `bytes` at `offset` of a memory of `declared` bytes.
+    fn pages(&mut self, declared: u64, offset: u64, bytes: &[u8]) -> Result<(), MigrateError> {
+        let mut h = [0u8; PAGES_HEAD];
+        h[..8].copy_from_slice(&declared.to_le_bytes());
+        h[8..].copy_from_slice(&offset.to_le_bytes());
+        send_parts(&mut self.conn, Kind::Pages, &[&h, bytes], FRAME_TIMEOUT)?;
+        self.sent += (PAGES_HEAD + bytes.len()) as u64;
+        Ok(())
+    }
+
+    /// A receiver that refused meanwhile (it reads our frames and says why once): its
+    /// reason, read without waiting when nothing came.
+    fn refused_meanwhile(&mut self) -> Result<(), MigrateError> {
+        self.conn.set_nonblocking(true)?;
+        let mut b = [0u8; 1];
+        let peeked = self.conn.peek(&mut b);
+        self.conn.set_nonblocking(false)?;
+        match peeked {
+            Ok(0) => Err(MigrateError::Closed("the receiver to take the memory")),
+            Ok(_) => {
+                let (kind, payload) = receive(
+                    &mut self.conn,
+                    Instant::now() + FRAME_TIMEOUT,
+                    "the receiver's word",
+                )?;
+                Err(match kind {
+                    Kind::Refused => {
+                        MigrateError::Refused(String::from_utf8_lossy(&payload).into_owned())
+                    }
+                    other => MigrateError::Protocol(format!("got {other:?} during the pre-copy")),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A failed send during the pre-copy: the receiver's reason, if it gave one.
+    fn why(&mut self, e: MigrateError) -> MigrateError {
+        match self.refused_meanwhile() {
+            Err(r @ MigrateError::Refused(_)) => r,
+            _ => e,
+        }
+    }
+
+    /// Send `ranges` (offsets from `base`) of this process's memory, which the guest
+    /// may be writing meanwhile (copied by the kernel, see [`crate::dirty`]), in frames
+    /// of at most [`PAGES_CHUNK`]: the bytes sent.
+    fn send_racing(
+        &mut self,
+        base: usize,
+        declared: u64,
+        ranges: &[std::ops::Range<usize>],
+        buf: &mut [u8],
+    ) -> Result<u64, MigrateError> {
+        let mut bytes = 0;
+        for r in ranges {
+            let mut at = r.start;
+            while at < r.end {
+                let n = (r.end - at).min(buf.len());
+                crate::dirty::read_racing(base + at, &mut buf[..n], std::slice::from_ref(&(0..n)))?;
+                self.pages(declared, at as u64, &buf[..n])?;
+                bytes += n as u64;
+                at += n;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Stream the VM's memory (what `tracker` tracks, this process's mapping of it) while
+    /// the guest runs: the whole of it, then rounds of the pages written meanwhile (see
+    /// the module docs); `ended` says the VM ended meanwhile. On success the stop sends
+    /// only what was written since ([`migrate_out`]); on failure the VM never paused.
+    pub(crate) fn precopy(
+        &mut self,
+        tracker: crate::dirty::Tracker,
+        ended: impl Fn() -> bool,
+    ) -> Result<(), MigrateError> {
+        self.precopy_inner(tracker, ended).map_err(|e| self.why(e))
+    }
+
+    fn precopy_inner(
+        &mut self,
+        mut tracker: crate::dirty::Tracker,
+        ended: impl Fn() -> bool,
+    ) -> Result<(), MigrateError> {
+        let (base, len) = (tracker.base(), tracker.len());
+        let declared = len as u64;
+        if declared > MAX_MEMORY {
+            return Err(MigrateError::Protocol(format!(
+                "a memory of {declared} bytes (at most {MAX_MEMORY})"
+            )));
+        }
+        let page = crate::dirty::page_size();
+        let mut stats = crate::dirty::PreCopied {
+            rounds: 1,
+            ..Default::default()
+        };
+        // This scan protects every page: from here on, a write is listed.
+        let mut dirty = Vec::new();
+        tracker.scan(&mut dirty)?;
+        let mut buf = vec![0u8; PAGES_CHUNK];
+        if page_out_of_bounds_failpoint() {
+            tracing::error!("failpoint: sending a page past the memory declared");
+            self.pages(declared, declared, &buf[..page])?;
+        }
+        // The whole memory, zero pages skipped (the receiver's image starts zeroed).
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(PAGES_CHUNK);
+            crate::dirty::read_racing(base + at, &mut buf[..n], std::slice::from_ref(&(0..n)))?;
+            for run in nonzero_runs(&buf[..n], page) {
+                self.pages(declared, (at + run.start) as u64, &buf[run.clone()])?;
+                stats.running_bytes += run.len() as u64;
+            }
+            at += n;
+            self.refused_meanwhile()?;
+        }
+        let started = Instant::now();
+        let mut last = u64::MAX;
+        while stats.rounds < crate::control::PRECOPY_ROUNDS
+            && started.elapsed() < PRECOPY_TIME
+            && !ended()
+        {
+            dirty.clear();
+            tracker.scan(&mut dirty)?;
+            let bytes = self.send_racing(base, declared, &dirty, &mut buf)?;
+            stats.rounds += 1;
+            stats.running_bytes += bytes;
+            self.refused_meanwhile()?;
+            // Few pages left, or no longer fewer each round (the guest writes as fast as
+            // they are sent): the stop sends the rest.
+            let done = bytes <= crate::control::PRECOPY_ENOUGH
+                || bytes.saturating_mul(4) > last.saturating_mul(3);
+            last = bytes;
+            if done {
+                break;
+            }
+        }
+        // The receiver has taken every frame sent so far (nothing queued between us for
+        // the pause to wait behind), then one last round of what the guest wrote
+        // meanwhile.
+        send(&mut self.conn, Kind::Sync, &[])?;
+        expect(
+            &mut self.conn,
+            Kind::Synced,
+            FRAME_TIMEOUT,
+            "the receiver to take the memory",
+        )?;
+        dirty.clear();
+        tracker.scan(&mut dirty)?;
+        stats.running_bytes += self.send_racing(base, declared, &dirty, &mut buf)?;
+        stats.rounds += 1;
+        self.streamed = Some(Streamed {
+            tracker,
+            declared,
+            stats,
+        });
+        Ok(())
+    }
+
+    /// At the stop: send the pages written since the last round and the memory grown
+    /// since the tracking started, from `memory` (the guest's, stopped). A mapping that
+    /// moved or shrank is sent whole (every page: the receiver's image holds old ones).
+    fn finish_pages(&mut self, memory: &[u8]) -> Result<(), MigrateError> {
+        let Some(mut s) = self.streamed.take() else {
+            return Ok(());
+        };
+        let result = (|| {
+            let (base, len) = (s.tracker.base(), s.tracker.len());
+            let declared = memory.len() as u64;
+            if declared > MAX_MEMORY || declared < s.declared {
+                return Err(MigrateError::Protocol(format!(
+                    "the memory is {declared} bytes at the stop, {} declared",
+                    s.declared
+                )));
+            }
+            s.declared = declared;
+            s.stats.memory_bytes = declared;
+            let mut dirty = Vec::new();
+            let same = memory.as_ptr() as usize == base && memory.len() >= len;
+            if same && s.tracker.scan(&mut dirty).is_ok() {
+                dirty.push(len..memory.len());
+            } else {
+                tracing::warn!("the guest's memory moved or could not be scanned: sent whole");
+                s.stats.whole = true;
+                dirty.clear();
+                dirty.push(0..memory.len());
+            }
+            let mut bytes = 0u64;
+            for r in dirty.iter().filter(|r| !r.is_empty()) {
+                for start in r.clone().step_by(PAGES_CHUNK) {
+                    let end = (start + PAGES_CHUNK).min(r.end);
+                    self.pages(declared, start as u64, &memory[start..end])?;
+                    bytes += (end - start) as u64;
+                }
+            }
+            s.stats.stopped_bytes = bytes;
+            Ok(())
+        })();
+        self.streamed = Some(s);
+        result
+    }
+
+    /// Hand the VM over: offer its encoded snapshot (`mode` 1: its memory is what was
+    /// streamed, `memory_len` bytes), commit once the receiver is ready, wait for it to be
+    /// live. The caller has stopped the VM (captured it) and emits nothing more unless
+    /// this fails with [`HandOverError::NotCommitted`].
+    fn hand_over(
+        &mut self,
+        mode: u8,
+        memory_len: u64,
+        snapshot: &[u8],
+        since: Instant,
+    ) -> Result<(), HandOverError> {
         use HandOverError::{NotCommitted, Uncertain};
-        send_within(&mut self.conn, Kind::Offer, snapshot, OFFER_SEND_TIMEOUT)
-            .map_err(NotCommitted)?;
+        let mut h = [0u8; OFFER_HEAD];
+        h[0] = mode;
+        h[1..].copy_from_slice(&memory_len.to_le_bytes());
+        send_parts(
+            &mut self.conn,
+            Kind::Offer,
+            &[&h, snapshot],
+            OFFER_SEND_TIMEOUT,
+        )
+        .map_err(NotCommitted)?;
+        self.sent += (OFFER_HEAD + snapshot.len()) as u64;
         expect(
             &mut self.conn,
             Kind::Ready,
@@ -390,6 +787,7 @@ impl Outbound {
             "the receiver's ready",
         )
         .map_err(NotCommitted)?;
+        tracing::debug!("pause +{:.1} ms: ready", ms(since));
         // The point of no return: from here on the receiver may go live, so the source
         // never runs again (see the module docs).
         send(&mut self.conn, Kind::Commit, &[]).map_err(Uncertain)?;
@@ -402,6 +800,127 @@ impl Outbound {
         .map_err(Uncertain)?;
         Ok(())
     }
+}
+
+/// The memory a receiver rebuilds from pages: an anonymous mapping of its own, reserved
+/// for [`MAX_MEMORY`] bytes up front (pages are only taken as they are written), so that
+/// the restore can move its pages into the guest's memory (`mremap`) instead of copying
+/// them in the pause ([`Image::move_to`]).
+pub struct Image {
+    ptr: *mut u8,
+    /// The memory's length (declared by the source): bytes past it are never touched.
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the `Image` alone; nothing else refers to it.
+unsafe impl Send for Image {}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({} bytes)", self.len)
+    }
+}
+
+impl Image {
+    fn new() -> Result<Image, MigrateError> {
+        // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MAX_MEMORY as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(Image {
+            ptr: ptr.cast(),
+            len: 0,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory's length is `len` now (at most [`MAX_MEMORY`]; bytes past the old
+    /// length are zero: never written).
+    fn set_len(&mut self, len: usize) {
+        self.len = len.min(MAX_MEMORY as usize);
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes of our mapping, readable (zero where never
+        // written), borrowed immutably with `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, borrowed mutably with `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Move the memory's pages to `dst` (`len` bytes there, mapped readable and
+    /// writable, page-aligned, whose contents are to be replaced whole): the kernel moves
+    /// the page tables, nothing is copied. Falls back to a copy when it cannot.
+    pub fn move_to(mut self, dst: &mut [u8]) {
+        let page = crate::dirty::page_size();
+        let fits = dst.len() == self.len
+            && (dst.as_ptr() as usize).is_multiple_of(page)
+            && self.len.is_multiple_of(page);
+        if fits && self.len > 0 {
+            // SAFETY: the source is the first `len` bytes of our own mapping (unmapped by
+            // the move, which `Drop` tolerates); the destination is exactly `dst`, memory
+            // we hold mutably whose contents the caller replaces whole: MREMAP_FIXED
+            // unmaps it and puts our pages in its place, readable and writable as it
+            // was. No other range is touched.
+            let r = unsafe {
+                libc::mremap(
+                    self.ptr.cast(),
+                    self.len,
+                    self.len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    dst.as_mut_ptr().cast::<libc::c_void>(),
+                )
+            };
+            if r != libc::MAP_FAILED {
+                return;
+            }
+            tracing::debug!(
+                "moving the memory's pages: {}; copied",
+                std::io::Error::last_os_error()
+            );
+        }
+        if dst.len() == self.len {
+            dst.copy_from_slice(self.as_mut_slice());
+        }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping (parts perhaps already moved away: unmapping a hole is
+        // no error), no longer used.
+        unsafe { libc::munmap(self.ptr.cast(), MAX_MEMORY as usize) };
+    }
+}
+
+/// What a source offered: its encoded snapshot and, when its memory came as pages, the
+/// memory rebuilt from them (the snapshot's own memory section is then empty).
+#[derive(Debug)]
+pub struct Offered {
+    pub snapshot: Vec<u8>,
+    pub memory: Option<Image>,
+    /// Bytes of memory that came as pages.
+    pub page_bytes: u64,
 }
 
 /// The receiver's side: the listening socket.
@@ -461,12 +980,21 @@ impl Inbound {
         module: &[u8; 32],
         instrumented: &[u8; 32],
     ) -> Result<(), MigrateError> {
-        let p = expect(
+        let p = match expect(
             &mut self.conn,
             Kind::Hello,
             FRAME_TIMEOUT,
             "the source's hello",
-        )?;
+        ) {
+            Ok(p) => p,
+            Err(e @ MigrateError::Version { .. }) => {
+                // Said in our version's frame: a source of another reads its head's
+                // version and reports both.
+                self.refuse(&e.to_string());
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         if p.len() != 64 {
             return Err(MigrateError::Protocol("a hello of another length".into()));
         }
@@ -487,17 +1015,115 @@ impl Inbound {
         send(&mut self.conn, Kind::Welcome, &[])
     }
 
-    /// The offered snapshot's bytes (unchecked: the caller decodes them).
-    pub fn offer(&mut self) -> Result<Vec<u8>, MigrateError> {
-        expect(
-            &mut self.conn,
-            Kind::Offer,
-            OFFER_TIMEOUT,
-            "the source's offer",
-        )
+    /// The memory's pages, then the offered snapshot (unchecked: the caller decodes it
+    /// and puts the memory in). Every page frame is checked against the memory length
+    /// its source declares (at most [`MAX_MEMORY`], never shrinking); a frame that breaks
+    /// a bound is refused, and so the whole migration.
+    pub fn offer(&mut self) -> Result<Offered, MigrateError> {
+        let r = self.offer_inner();
+        if let Err(MigrateError::Protocol(why)) = &r {
+            let why = why.clone();
+            self.refuse(&why);
+        }
+        r
     }
 
-    /// Tell the source why not (best effort: it may be gone).
+    fn offer_inner(&mut self) -> Result<Offered, MigrateError> {
+        let deadline = Instant::now() + ARRIVE_TIMEOUT;
+        let mut image: Option<Image> = None;
+        let mut page_bytes = 0u64;
+        let bad = |why: String| MigrateError::Protocol(why);
+        loop {
+            // Each frame within the offer's timeout (the source's snapshot point may take
+            // that long), the whole within the arrival's.
+            let by = deadline.min(Instant::now() + OFFER_TIMEOUT);
+            let (kind, payload) = receive(&mut self.conn, by, "the source's memory or offer")?;
+            match kind {
+                Kind::Pages => {
+                    if payload.len() < PAGES_HEAD {
+                        return Err(bad("a page frame without its head".into()));
+                    }
+                    let (h, bytes) = payload.split_at(PAGES_HEAD);
+                    let declared = u64::from_le_bytes(h[..8].try_into().unwrap_or_default());
+                    let offset = u64::from_le_bytes(h[8..].try_into().unwrap_or_default());
+                    let had = image.as_ref().map_or(0, |i| i.len() as u64);
+                    if declared > MAX_MEMORY
+                        || !declared.is_multiple_of(crate::snapshot::PAGE as u64)
+                        || declared < had
+                    {
+                        return Err(bad(format!(
+                            "a page frame declaring a memory of {declared} bytes (had {had}, at \
+                             most {MAX_MEMORY}, in 64 KiB pages)"
+                        )));
+                    }
+                    let end = offset.checked_add(bytes.len() as u64);
+                    if end.is_none_or(|end| end > declared) {
+                        return Err(bad(format!(
+                            "a page frame of {} bytes at {offset:#x}, past the memory's {declared} bytes",
+                            bytes.len()
+                        )));
+                    }
+                    let img = match &mut image {
+                        Some(i) => i,
+                        None => image.insert(Image::new()?),
+                    };
+                    // Bounded by MAX_MEMORY above.
+                    img.set_len(declared as usize);
+                    let at = offset as usize;
+                    img.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
+                    page_bytes += bytes.len() as u64;
+                }
+                Kind::Sync => send(&mut self.conn, Kind::Synced, &[])?,
+                Kind::Offer => {
+                    if payload.len() < OFFER_HEAD {
+                        return Err(bad("an offer without its head".into()));
+                    }
+                    let mode = payload[0];
+                    let memory_len =
+                        u64::from_le_bytes(payload[1..OFFER_HEAD].try_into().unwrap_or_default());
+                    let had = image.as_ref().map_or(0, |i| i.len() as u64);
+                    let memory = match mode {
+                        0 if image.is_none() => None,
+                        0 => return Err(bad("memory pages, then a whole snapshot".into())),
+                        1 => {
+                            if memory_len > MAX_MEMORY
+                                || memory_len < had
+                                || !memory_len.is_multiple_of(crate::snapshot::PAGE as u64)
+                            {
+                                return Err(bad(format!(
+                                    "an offer of a memory of {memory_len} bytes (pages for {had})"
+                                )));
+                            }
+                            let mut img = match image.take() {
+                                Some(i) => i,
+                                None => Image::new()?,
+                            };
+                            img.set_len(memory_len as usize);
+                            Some(img)
+                        }
+                        m => return Err(bad(format!("an offer of mode {m}"))),
+                    };
+                    let mut snapshot = payload;
+                    snapshot.drain(..OFFER_HEAD);
+                    return Ok(Offered {
+                        snapshot,
+                        memory,
+                        page_bytes,
+                    });
+                }
+                Kind::Refused => {
+                    return Err(MigrateError::Refused(
+                        String::from_utf8_lossy(&payload).into_owned(),
+                    ));
+                }
+                other => return Err(bad(format!("got {other:?} while waiting for the offer"))),
+            }
+        }
+    }
+
+    /// Tell the source why not (best effort: it may be gone), then read what it still
+    /// sends for a moment (boundedly) before the caller closes: closing with its frames
+    /// unread would reset the connection, and the reset could lose our reason.
     pub fn refuse(&mut self, why: &str) {
         let bytes = why.as_bytes();
         let _ = send(
@@ -505,6 +1131,18 @@ impl Inbound {
             Kind::Refused,
             &bytes[..bytes.len().min(MAX_SMALL as usize)],
         );
+        let _ = self.conn.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut sink = vec![0u8; 64 << 10];
+        while Instant::now() < deadline {
+            let _ = self.conn.set_read_timeout(Some(Duration::from_millis(200)));
+            match self.conn.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
     }
 
     /// Say ready and wait for the source's commit. An error means the source did not
@@ -632,7 +1270,9 @@ mod tests {
         let t = std::thread::spawn(move || {
             let mut inb = l.accept(|| false).unwrap().unwrap();
             inb.hello(&[1; 32], &[2; 32]).unwrap();
-            assert_eq!(inb.offer().unwrap(), vec![5u8; 3 << 20]);
+            let o = inb.offer().unwrap();
+            assert_eq!(o.snapshot, vec![5u8; 3 << 20]);
+            assert!(o.memory.is_none());
             inb.ready().unwrap();
             inb.live().unwrap();
             // The second source: dies after its offer, before ready.
@@ -640,11 +1280,169 @@ mod tests {
             inb.hello(&[1; 32], &[2; 32]).unwrap();
             inb.offer().unwrap();
         });
-        let out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
-        out.hand_over(&vec![5u8; 3 << 20]).unwrap();
-        let out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
-        let e = out.hand_over(b"snap").unwrap_err();
+        let mut out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
+        out.hand_over(0, 0, &vec![5u8; 3 << 20], Instant::now())
+            .unwrap();
+        let mut out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
+        let e = out.hand_over(0, 0, b"snap", Instant::now()).unwrap_err();
         assert!(matches!(e, HandOverError::NotCommitted(_)), "{e}");
         t.join().unwrap();
+    }
+
+    /// A receiver that gets `frames` after its hello: the offer's outcome.
+    fn offered(frames: Vec<(Kind, Vec<u8>)>) -> Result<Offered, MigrateError> {
+        let l = Listener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut inb = l.accept(|| false).unwrap().unwrap();
+            inb.hello(&[1; 32], &[2; 32]).unwrap();
+            inb.offer()
+        });
+        let mut out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
+        for (k, p) in frames {
+            if send(&mut out.conn, k, &p).is_err() {
+                break;
+            }
+        }
+        let r = t.join().unwrap();
+        if r.is_err() {
+            // Every refusal is told to the source, with its reason.
+            let e = expect(&mut out.conn, Kind::Ready, FRAME_TIMEOUT, "x").unwrap_err();
+            assert!(matches!(e, MigrateError::Refused(_)), "{e}");
+        }
+        r
+    }
+
+    fn pages(declared: u64, offset: u64, bytes: &[u8]) -> (Kind, Vec<u8>) {
+        let mut p = declared.to_le_bytes().to_vec();
+        p.extend_from_slice(&offset.to_le_bytes());
+        p.extend_from_slice(bytes);
+        (Kind::Pages, p)
+    }
+
+    fn offer(mode: u8, memory_len: u64, snapshot: &[u8]) -> (Kind, Vec<u8>) {
+        let mut p = vec![mode];
+        p.extend_from_slice(&memory_len.to_le_bytes());
+        p.extend_from_slice(snapshot);
+        (Kind::Offer, p)
+    }
+
+    #[test]
+    fn pages_build_the_image_and_every_bound_is_checked() {
+        const P: u64 = crate::snapshot::PAGE as u64;
+        // Pages, overwritten, the memory grown, then the offer: the image.
+        let o = offered(vec![
+            pages(P, 0, &[1; 100]),
+            pages(P, 50, &[2; 10]),
+            pages(3 * P, 2 * P + 7, &[3; 4]),
+            offer(1, 4 * P, b"snap"),
+        ])
+        .unwrap();
+        assert_eq!(o.snapshot, b"snap");
+        assert_eq!(o.page_bytes, 114);
+        let m = o.memory.unwrap();
+        let m = m.as_slice();
+        let mut want = vec![0u8; 4 * P as usize];
+        want[..100].fill(1);
+        want[50..60].fill(2);
+        want[2 * P as usize + 7..2 * P as usize + 11].fill(3);
+        assert!(m == want);
+        // Mode 0 with no pages: the memory is in the snapshot.
+        let o = offered(vec![offer(0, 0, b"whole")]).unwrap();
+        assert!(o.memory.is_none() && o.snapshot == b"whole");
+
+        let refused = |frames, what: &str| {
+            let e = offered(frames).unwrap_err();
+            assert!(matches!(e, MigrateError::Protocol(_)), "{what}: {e}");
+        };
+        refused(vec![pages(P, P - 4, &[1; 5])], "past the end");
+        refused(vec![pages(P, u64::MAX - 2, &[1; 5])], "offset overflow");
+        refused(vec![pages(MAX_MEMORY + P, 0, &[1])], "over MAX_MEMORY");
+        refused(vec![pages(P + 1, 0, &[1])], "not whole pages");
+        refused(
+            vec![pages(2 * P, 0, &[1]), pages(P, 0, &[1])],
+            "a memory that shrinks",
+        );
+        refused(
+            vec![pages(2 * P, 0, &[1]), offer(1, P, b"s")],
+            "an offer smaller than the pages",
+        );
+        refused(
+            vec![pages(P, 0, &[1]), offer(0, 0, b"s")],
+            "pages then mode 0",
+        );
+        refused(vec![offer(7, 0, b"s")], "an unknown mode");
+        refused(vec![(Kind::Pages, vec![0; 8])], "no head");
+        // A frame larger than its kind allows is refused from its head.
+        let e = offered(vec![(Kind::Pages, vec![0; PAGES_HEAD + PAGES_CHUNK + 1])]).unwrap_err();
+        assert!(matches!(e, MigrateError::Protocol(_)), "{e}");
+    }
+
+    /// An image's pages moved into another mapping are its bytes there, and a
+    /// destination it cannot move to (misaligned) gets a copy.
+    #[test]
+    fn an_image_moves_its_pages_or_copies_them() {
+        let len = 4 * crate::snapshot::PAGE;
+        let mut img = Image::new().unwrap();
+        img.set_len(len);
+        img.as_mut_slice()[5] = 1;
+        img.as_mut_slice()[len - 1] = 2;
+        let want = img.as_slice().to_vec();
+        // SAFETY: a fresh anonymous mapping of our own, unmapped below.
+        let dst = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(dst, libc::MAP_FAILED);
+        // SAFETY: within the mapping just made, used by this test alone.
+        let slice = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len + 4096) };
+        slice.fill(9);
+        img.move_to(&mut slice[..len]);
+        assert!(slice[..len] == want[..]);
+        assert!(
+            slice[len..].iter().all(|&b| b == 9),
+            "nothing past it touched"
+        );
+        let mut img = Image::new().unwrap();
+        img.set_len(4096);
+        img.as_mut_slice()[7] = 3;
+        img.move_to(&mut slice[1..4097]);
+        assert_eq!((slice[8], slice[1]), (3, 0));
+        // SAFETY: our mapping, no longer used.
+        unsafe { libc::munmap(dst, len + 4096) };
+    }
+
+    #[test]
+    fn a_version_1_source_is_refused_naming_both_versions() {
+        let l = Listener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut inb = l.accept(|| false).unwrap().unwrap();
+            inb.hello(&[1; 32], &[2; 32])
+        });
+        let mut a = TcpStream::connect(addr).unwrap();
+        let mut f = frame(Kind::Hello, &[1; 64]);
+        f[8..12].copy_from_slice(&1u32.to_le_bytes());
+        a.write_all(&f).unwrap();
+        let e = t.join().unwrap().unwrap_err();
+        let line = e.to_string();
+        assert!(
+            matches!(e, MigrateError::Version { theirs: 1, ours: 2 }),
+            "{e}"
+        );
+        assert!(line.contains("version 1") && line.contains("version 2") && !line.contains('\n'));
+        // The source hears why, in a version 2 frame (a version 1 source reports that
+        // version from its head).
+        let mut head = [0u8; HEAD];
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        a.read_exact(&mut head).unwrap();
+        assert_eq!(head[12], Kind::Refused as u8);
+        assert_eq!(head[8..12], 2u32.to_le_bytes());
     }
 }
