@@ -378,8 +378,10 @@ enum VmCommand {
     /// goes live), --bridge names this host's bridge for its NIC. Failed attempts are
     /// logged and the next source awaited; SIGTERM before a VM arrived exits 0.
     Receive(snap::ReceiveArgs),
-    /// Move a running VM (started with --api-sock) to a `vm receive` on another host: a
-    /// stop at its next event boundary, the receiver goes live, this VM exits. Prints
+    /// Move a running VM (started with --api-sock) to a `vm receive` on another host: its
+    /// memory copied while it runs (rounds of the pages written meanwhile), then a short
+    /// stop at its next event boundary for the last pages, the receiver goes live, this VM
+    /// exits. Prints `precopied: rounds=R running_bytes=X stopped_bytes=Y` and
     /// `migrated: events=N pause_ms=P bytes=B`. Exit 1: not migrated, the VM goes on here
     /// (receiver absent, refusing or failing before the commit); exit 4: the receiver was
     /// told to go live but did not confirm, so the VM stopped here (it may run there).
