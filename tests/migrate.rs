@@ -472,6 +472,18 @@ fn churn_source(p: &mut Procs, dir: &Path, args: [&str; 3], env: &[(&str, &str)]
 
 /// `vm receive` for memchurn at `addr`, recording to `dir/NAME.tlog`: returns once it
 /// listens.
+/// `vm migrate` of the churning source in `dir` to `addr`.
+fn migrate_churn(dir: &Path, addr: &str) -> common::Run {
+    tandem(&[
+        "vm",
+        "migrate",
+        "--api-sock",
+        s(&dir.join("src.sock")),
+        "--to",
+        addr,
+    ])
+}
+
 fn churn_receiver(p: &mut Procs, dir: &Path, addr: &str, name: &str) -> usize {
     let wasm = guest("memchurn.wasm");
     let log = dir.join(format!("{name}.tlog"));
@@ -576,14 +588,7 @@ fn a_guest_writing_its_memory_migrates_exactly() {
     let addr = free_port();
     let recv = churn_receiver(&mut p, d, &addr, "recv");
     let src = churn_source(&mut p, d, ["128", "6", "64"], &[]);
-    let run = tandem(&[
-        "vm",
-        "migrate",
-        "--api-sock",
-        s(&d.join("src.sock")),
-        "--to",
-        &addr,
-    ]);
+    let run = migrate_churn(d, &addr);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let (events, pause_ms, bytes) = migrated(run.last_line());
     let (rounds, running, stopped) = precopied(&run.stdout).unwrap_or_else(|| {
@@ -646,14 +651,7 @@ fn a_page_out_of_bounds_is_refused_and_without_tracking_migration_is_stop_and_co
         ["16", "3", "16"],
         &[("TANDEM_FAILPOINT", "migrate-page-out-of-bounds")],
     );
-    let run = tandem(&[
-        "vm",
-        "migrate",
-        "--api-sock",
-        s(&d.join("src.sock")),
-        "--to",
-        &addr,
-    ]);
+    let run = migrate_churn(d, &addr);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
     assert!(
@@ -687,14 +685,7 @@ fn a_page_out_of_bounds_is_refused_and_without_tracking_migration_is_stop_and_co
         ["32", "4", "16"],
         &[("TANDEM_FAILPOINT", "no-userfaultfd")],
     );
-    let run = tandem(&[
-        "vm",
-        "migrate",
-        "--api-sock",
-        s(&d.join("src.sock")),
-        "--to",
-        &addr,
-    ]);
+    let run = migrate_churn(d, &addr);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(precopied(&run.stdout).is_none(), "{}", run.stdout);
     let (events, _, bytes) = migrated(run.last_line());

@@ -178,45 +178,8 @@ impl Control {
     /// module docs); `None` when there is no VM, when it ended meanwhile, or when writes
     /// cannot be tracked here (the snapshot then copies the whole memory in its pause).
     pub(crate) fn precopy(&self) -> Option<Box<PreCopy>> {
-        let base = self.memory_base.load(Ordering::SeqCst);
-        let len = self.memory_len.load(Ordering::SeqCst);
-        // A request already waiting: this one will be refused (409), copy nothing.
-        if base == 0 || len == 0 || self.pending() || self.unavailable().is_some() {
-            return None;
-        }
-        if UNTRACKABLE.load(Ordering::Relaxed) {
-            return None;
-        }
-        let kept = self
-            .tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let started = match kept {
-            Some(mut t) if t.base() == base && t.len() <= len => match t.grow(len) {
-                Ok(()) => PreCopy::start_with(t),
-                Err(e) => {
-                    tracing::debug!("tracking the grown memory: {e}; tracking it anew");
-                    drop(t);
-                    PreCopy::start(base, len)
-                }
-            },
-            // Another mapping (another VM): its tracker goes.
-            _ => PreCopy::start(base, len),
-        };
-        let mut pc = match started {
+        let mut pc = match PreCopy::start_with(self.tracker_of_memory()?) {
             Ok(pc) => pc,
-            // Not a registration: another pre-copy may hold the range for a moment (EBUSY).
-            Err(
-                e @ (DirtyError::Userfaultfd(_) | DirtyError::Features(_) | DirtyError::Pagemap(_)),
-            ) => {
-                // The kernel or the sandbox: the same next time. Said once.
-                UNTRACKABLE.store(true, Ordering::Relaxed);
-                tracing::warn!(
-                    "no dirty-page tracking here ({e}): snapshots copy the memory while the VM waits"
-                );
-                return None;
-            }
             Err(e) => {
                 tracing::debug!("no pre-copy: {e}");
                 return None;
@@ -244,11 +207,12 @@ impl Control {
         Some(Box::new(pc))
     }
 
-    /// A tracker of the VM's whole memory, for a migration's pre-copy (the one kept from
-    /// the last pre-copy, or a new one); `None` when there is no VM or writes cannot be
-    /// tracked here (the migration then copies the memory in its pause: stop-and-copy,
-    /// said once in the log).
-    pub(crate) fn migrate_tracker(&self) -> Option<Tracker> {
+    /// A tracker of the VM's whole memory, for a snapshot's or a migration's pre-copy (the
+    /// one kept from the last pre-copy, or a new one); `None` when there is no VM, a
+    /// request already waits (this one will be refused: copy nothing), or writes cannot be
+    /// tracked here (the memory is then copied in the pause: stop-and-copy, said once in
+    /// the log).
+    pub(crate) fn tracker_of_memory(&self) -> Option<Tracker> {
         let base = self.memory_base.load(Ordering::SeqCst);
         let len = self.memory_len.load(Ordering::SeqCst);
         if base == 0 || len == 0 || self.pending() || self.unavailable().is_some() {
@@ -277,15 +241,17 @@ impl Control {
             Err(
                 e @ (DirtyError::Userfaultfd(_) | DirtyError::Features(_) | DirtyError::Pagemap(_)),
             ) => {
+                // The kernel or the sandbox: the same next time. Said once.
                 UNTRACKABLE.store(true, Ordering::Relaxed);
                 tracing::warn!(
-                    "no dirty-page tracking here ({e}): migrations stop the VM and copy its \
-                     memory whole (stop-and-copy)"
+                    "no dirty-page tracking here ({e}): snapshots and migrations copy the \
+                     VM's memory while it waits (stop-and-copy)"
                 );
                 None
             }
+            // Not a registration: another pre-copy may hold the range for a moment (EBUSY).
             Err(e) => {
-                tracing::debug!("no pre-copy for the migration: {e}");
+                tracing::debug!("no pre-copy: {e}");
                 None
             }
         }
@@ -809,7 +775,7 @@ fn route<'a>(
                 .map_err(|e| (502, format!("receiver {to}: {e}")))?;
             // The memory streamed while the guest runs: the pause sends only what it
             // wrote since. A failure here cost the VM nothing.
-            if let Some(tracker) = control.migrate_tracker() {
+            if let Some(tracker) = control.tracker_of_memory() {
                 out.precopy(tracker, || control.ended())
                     .map_err(|e| (502, format!("receiver {to}: {e}")))?;
             }
