@@ -117,9 +117,11 @@ impl Shared {
         st
     }
 
-    /// Send `msg` to the primary. (A write does not block in practice: the primary reads
-    /// all the time and this side sends only small frames, an acknowledgement per frame
-    /// received and a heartbeat; a lost primary is found by the receiver's silence.)
+    /// Send `msg` to the primary. The receiving thread sends its acknowledgements itself,
+    /// so a write that blocked would also stop it watching for silence: the socket's write
+    /// timeout is the failure timeout, and a write that long unread (the primary's reader
+    /// stuck, e.g. writing released outputs to a stalled console) fails the channel like a
+    /// silence would. This side sends only small frames, so its buffer fills only then.
     fn send(&self, msg: &ToPrimary) -> std::io::Result<()> {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         out.send(KIND_MSG, &encode(msg))?;
@@ -174,6 +176,7 @@ fn handshake(
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(config.timeout))
+        .and_then(|()| stream.set_write_timeout(Some(config.timeout)))
         .map_err(io_err("set a timeout"))?;
     let mut nonce = [0u8; 16];
     std::io::Read::read_exact(&mut &stream, &mut nonce)
