@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Checker, Lab, events_and_digest, guest, s, tandem};
+use common::{Checker, Lab, events_and_digest, guest, replay_from, s, tandem};
 
 const NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
 
@@ -544,17 +544,7 @@ fn check_against_replay(dir: &Path, at: u64, name: &str) {
         run.stdout
     );
     let log = dir.join(format!("{name}.tlog"));
-    let run = tandem(&[
-        "vm",
-        "replay",
-        s(&log),
-        "--wasm",
-        s(&wasm),
-        "--from",
-        s(&snap),
-    ]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(events_and_digest(run.last_line(), "replay ok: "), live);
+    assert_eq!(replay_from(&log, &wasm, &snap), live);
 }
 
 /// `precopied: rounds=R running_bytes=X stopped_bytes=Y` → (R, X, Y).

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{events_and_digest, guest, s, tandem};
+use common::{events_and_digest, guest, replay_from, s, tandem};
 
 /// Record `wasm ARGS` in a fresh datastore below `dir`; (log, events, digest).
 fn record(dir: &Path, wasm: &str, args: &[&str]) -> (PathBuf, u64, String) {
@@ -67,13 +67,6 @@ fn snapshot_via_api(api: &Path, to: &Path, stop: bool) -> (u64, u64, f64) {
     taken(run.last_line())
 }
 
-/// `tandem vm replay LOG --wasm WASM --from SNAP`: it must succeed; its (events, digest).
-fn replay_from(log: &Path, wasm: &Path, snap: &Path) -> (u64, String) {
-    let run = tandem(&["vm", "replay", s(log), "--wasm", s(wasm), "--from", s(snap)]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    events_and_digest(run.last_line(), "replay ok: ")
-}
-
 /// Replay `log` taking a snapshot at `at` into `to`: (position, bytes); the replay itself
 /// must still end as the whole log does.
 fn snapshot_while_replaying(
@@ -132,18 +125,8 @@ fn a_recorded_run_snapshotted_mid_way_replays_from_the_snapshot_to_the_same_dige
         let (pos, _) = snapshot_while_replaying(&wasm, &log, at, &snap, &whole);
         assert!(pos >= at && pos < events, "snapshot at {pos} for {at}");
         positions.push(pos);
-        let run = tandem(&[
-            "vm",
-            "replay",
-            s(&log),
-            "--wasm",
-            s(&wasm),
-            "--from",
-            s(&snap),
-        ]);
-        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
         assert_eq!(
-            events_and_digest(run.last_line(), "replay ok: "),
+            replay_from(&log, &wasm, &snap),
             whole,
             "replayed from event {pos}"
         );

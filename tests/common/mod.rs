@@ -143,6 +143,13 @@ pub fn events_and_digest(line: &str, prefix: &str) -> (u64, String) {
     (events.expect("an event count"), digest)
 }
 
+/// `tandem vm replay LOG --wasm WASM --from SNAP`: it must succeed; its (events, digest).
+pub fn replay_from(log: &Path, wasm: &Path, snap: &Path) -> (u64, String) {
+    let run = tandem(&["vm", "replay", s(log), "--wasm", s(wasm), "--from", s(snap)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    events_and_digest(run.last_line(), "replay ok: ")
+}
+
 /// Every file and folder below `dir` with its content and modification time, to prove a
 /// folder untouched.
 pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
