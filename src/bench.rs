@@ -346,6 +346,10 @@ fn start_rows(rounds: u32, work: &Path) -> Result<StartRows> {
         .is_none()
         .then(|| "wasmtime's Python bindings are not installed (scripts/setup)".to_string());
     let (mut first, mut cached, mut reference) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    // The snapshot rows leave hundreds of MiB of dirty page cache behind: written back
+    // during these rows, it would throttle the cache entry's write and share the cores.
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
     for round in 0..rounds {
         let cache = work.join(format!("code-cache-{round}"));
         for slot in [&mut first, &mut cached] {

@@ -1532,7 +1532,7 @@ impl serde::Serialize for EventSeq<'_> {
 
 /// What an event weighs in the history: its encoded size.
 pub fn weight(e: &Event) -> u64 {
-    postcard::experimental::serialized_size(e).unwrap_or(0) as u64
+    e.encoded_len() as u64
 }
 
 /// Where the next frame of `history[from..]` ends: as many events as fit in `target`
@@ -1543,7 +1543,7 @@ pub fn next_batch(history: &[Arc<Event>], from: usize, target: usize) -> usize {
     let mut bytes = EVENTS_OVERHEAD;
     let mut upto = from;
     for e in &history[from..] {
-        let size = postcard::experimental::serialized_size(&**e).unwrap_or(usize::MAX / 2);
+        let size = e.encoded_len();
         if upto > from && bytes + size > target {
             break;
         }

@@ -216,6 +216,14 @@ pub struct Event {
     pub outcome: Outcome,
 }
 
+impl Event {
+    /// Its size encoded (postcard, as in a log and on the logging channel): measured by
+    /// walking it, without copying its data.
+    pub fn encoded_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).unwrap_or(0)
+    }
+}
+
 impl Kind {
     /// Whether the call reaches the datastore (reads as well as mutations).
     pub fn uses_disk(self) -> bool {

@@ -214,8 +214,10 @@ enum RecordRef<'a> {
     End(&'a End),
 }
 
-/// Batches handed to the writer thread are about this large.
-const BATCH: usize = 256 << 10;
+/// Batches handed to the writer thread are about this large (their records' encoded size):
+/// each hand-over wakes the writer, and a wake-up crossing cores is an interrupt to the
+/// other vCPU, costly on a virtual machine.
+const BATCH: usize = 1 << 20;
 /// How many batches may wait for the writer thread before the guest waits for it.
 const QUEUED_BATCHES: usize = 8;
 /// A batch older than this is written even if not full: what a recording killed at any
@@ -227,22 +229,56 @@ pub const STALE: Duration = Duration::from_millis(50);
 /// crash loses at most this much of a long recording.
 const SYNC_EVERY: u64 = 1 << 20;
 
+/// A record waiting for the writer thread.
+enum Queued {
+    Event(Arc<Event>),
+    End(End),
+}
+
+/// Records waiting for the writer thread: the guest's thread keeps the events themselves
+/// (their data shared with the guest's outcome, never copied) and the writer encodes them.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Queued>,
+    /// The records' encoded size.
+    bytes: usize,
+}
+
+impl Batch {
+    fn with_capacity() -> Batch {
+        Batch {
+            records: Vec::with_capacity(4096),
+            bytes: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.bytes = 0;
+    }
+}
+
 /// The batch being filled, shared by the guest's thread (which appends) and the writer
 /// thread (which takes it when it goes stale).
 ///
 /// Invariant (chunk order): batches enter the channel only while this lock is held, and
 /// the writer takes a stale batch only under it after first draining the channel, so the
 /// file holds chunks in the order their records were appended.
-type Pending = Arc<Mutex<Vec<u8>>>;
+type Pending = Arc<Mutex<Batch>>;
 
-fn lock(p: &Pending) -> MutexGuard<'_, Vec<u8>> {
+fn lock(p: &Pending) -> MutexGuard<'_, Batch> {
     p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Appends events to a log file.
 ///
-/// The guest's thread only encodes records into a batch; a writer thread compresses and
-/// writes batches, so recording costs the guest little more than a copy of each event.
+/// The guest's thread only adds each event (shared, not copied) to a batch; a writer thread
+/// encodes, checksums, compresses and writes batches, so recording costs the guest little
+/// more than keeping a reference to each event.
 /// The writer takes a batch when the guest hands it over full, or itself when the batch
 /// has waited [`STALE`] (a quiet or blocked guest appends nothing that would ship it), and
 /// writes each chunk through to the file at once (not synced: that is for `finish_log`).
@@ -251,9 +287,9 @@ fn lock(p: &Pending) -> MutexGuard<'_, Vec<u8>> {
 pub struct LogWriter {
     path: PathBuf,
     pending: Pending,
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    tx: Option<std::sync::mpsc::SyncSender<Batch>>,
     /// Batches the writer thread has emptied, for reuse: fresh memory costs page faults.
-    spent: std::sync::mpsc::Receiver<Vec<u8>>,
+    spent: std::sync::mpsc::Receiver<Batch>,
     writer: Option<std::thread::JoinHandle<Result<(), LogError>>>,
 }
 
@@ -283,7 +319,7 @@ impl Chunker {
     fn write_synced(
         &mut self,
         w: &mut BufWriter<File>,
-        batch: &[u8],
+        batch: &Batch,
         path: &Path,
     ) -> Result<(), LogError> {
         self.unsynced += self.write(w, batch, path)? as u64;
@@ -294,20 +330,29 @@ impl Chunker {
         Ok(())
     }
 
-    /// Frame, compress and write one batch of `length | payload` records as a chunk;
-    /// the bytes written.
-    fn write(&mut self, w: &mut impl Write, batch: &[u8], path: &Path) -> Result<usize, LogError> {
-        // Checksums and compression are added here, off the guest's thread.
+    /// Encode, frame (`length | crc32 | payload`), compress and write one batch of
+    /// records as a chunk; the bytes written.
+    fn write(&mut self, w: &mut impl Write, batch: &Batch, path: &Path) -> Result<usize, LogError> {
+        // Encoding, checksums and compression are done here, off the guest's thread.
         let framed = &mut self.framed;
         framed.clear();
-        let mut rest = batch;
-        while rest.len() >= 4 {
-            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let payload = &rest[4..(4 + len).min(rest.len())];
-            framed.extend_from_slice(&rest[..4]);
-            framed.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-            framed.extend_from_slice(payload);
-            rest = &rest[4 + payload.len()..];
+        for record in &batch.records {
+            let at = framed.len();
+            framed.extend_from_slice(&[0; 8]);
+            let encoded = match record {
+                Queued::Event(e) => postcard::to_io(&RecordRef::Event(e), &mut *framed),
+                Queued::End(end) => postcard::to_io(&RecordRef::End(end), &mut *framed),
+            };
+            if let Err(e) = encoded {
+                return Err(LogError::Corrupt {
+                    path: path.to_path_buf(),
+                    why: format!("cannot encode a record: {e}"),
+                });
+            }
+            let len = (framed.len() - at - 8) as u32;
+            let crc = crc32fast::hash(&framed[at + 8..]);
+            framed[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            framed[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
         }
         let packed = &mut self.packed;
         packed.clear();
@@ -340,9 +385,9 @@ impl LogWriter {
             .and_then(|_| w.write_all(&frame(&payload)))
             .and_then(|_| w.flush())
             .map_err(io_err("write", path))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_BATCHES);
-        let (spent_tx, spent) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_BATCHES + 2);
-        let pending: Pending = Arc::new(Mutex::new(Vec::with_capacity(BATCH + (64 << 10))));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES);
+        let (spent_tx, spent) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES + 2);
+        let pending: Pending = Arc::new(Mutex::new(Batch::with_capacity()));
         let thread_pending = pending.clone();
         let thread_path = path.to_path_buf();
         let writer = std::thread::Builder::new()
@@ -352,7 +397,7 @@ impl LogWriter {
                 let path = thread_path;
                 let mut chunker = Chunker::new(&path)?;
                 // What replaces a stale batch taken from the guest.
-                let mut spare: Vec<u8> = Vec::new();
+                let mut spare = Batch::default();
                 let mut next_look = Instant::now() + STALE;
                 loop {
                     let wait = next_look.saturating_duration_since(Instant::now());
@@ -373,13 +418,13 @@ impl LogWriter {
                                 continue;
                             }
                             // Chunk order: full batches sent before this one go first.
-                            let mut ready: Vec<Vec<u8>> = rx.try_iter().collect();
+                            let mut ready: Vec<Batch> = rx.try_iter().collect();
                             ready.push(std::mem::replace(&mut *batch, std::mem::take(&mut spare)));
                             drop(batch);
                             for mut b in ready {
                                 chunker.write_synced(&mut w, &b, &path)?;
                                 b.clear();
-                                if spare.capacity() < b.capacity() {
+                                if spare.records.capacity() < b.records.capacity() {
                                     spare = b;
                                 } else {
                                     let _ = spent_tx.try_send(b);
@@ -402,29 +447,20 @@ impl LogWriter {
         })
     }
 
-    /// Append `length | payload` to the batch, serialising in place; hand the batch over
-    /// when it is full (or `ship` is set).
-    fn push(&mut self, record: &RecordRef, ship: bool) -> Result<(), LogError> {
+    /// Add a record to the batch (`bytes` its encoded size); hand the batch over when it is
+    /// full (or `ship` is set).
+    fn push(&mut self, record: Queued, bytes: usize, ship: bool) -> Result<(), LogError> {
         let mut batch = lock(&self.pending);
-        let at = batch.len();
-        batch.extend_from_slice(&[0; 4]);
-        if let Err(e) = postcard::to_io(record, &mut *batch) {
-            batch.truncate(at);
-            return Err(LogError::Corrupt {
-                path: self.path.clone(),
-                why: format!("cannot encode a record: {e}"),
-            });
-        }
-        let len = (batch.len() - at - 4) as u32;
-        batch[at..at + 4].copy_from_slice(&len.to_le_bytes());
-        if !ship && batch.len() < BATCH {
+        batch.records.push(record);
+        batch.bytes += bytes;
+        if !ship && batch.bytes < BATCH {
             return Ok(());
         }
         // Sent under the lock: see `Pending` (chunk order).
         let fresh = self
             .spent
             .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(BATCH + (64 << 10)));
+            .unwrap_or_else(|_| Batch::with_capacity());
         let full = std::mem::replace(&mut *batch, fresh);
         let sent = self
             .tx
@@ -445,14 +481,14 @@ impl LogWriter {
         }
     }
 
-    /// Append an event the caller keeps.
+    /// Append a copy of an event the caller keeps.
     pub fn record(&mut self, event: &Event) -> Result<(), LogError> {
-        self.push(&RecordRef::Event(event), false)
+        self.append(Arc::new(event.clone()))
     }
 
     /// Write the end record and close the log, durably.
     pub fn finish_log(mut self, end: &End) -> Result<(), LogError> {
-        self.push(&RecordRef::End(end), true)?;
+        self.push(Queued::End(end.clone()), 0, true)?;
         self.tx = None;
         match self.writer.take().map(|w| w.join()) {
             Some(Ok(result)) => result,
@@ -466,7 +502,8 @@ impl LogWriter {
 
 impl EventSink for LogWriter {
     fn append(&mut self, event: Arc<Event>) -> Result<(), LogError> {
-        self.record(&event)
+        let bytes = event.encoded_len();
+        self.push(Queued::Event(event), bytes, false)
     }
 
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError> {

@@ -617,7 +617,11 @@ pub fn deterministic_engine() -> Result<Engine, MachineError> {
         // with shared memory or atomics.wait fails to load rather than race.
         .cranelift_nan_canonicalization(true)
         .wasm_relaxed_simd(false)
-        .relaxed_simd_deterministic(true);
+        .relaxed_simd_deterministic(true)
+        // Maps from machine code back to wasm offsets serve only a trap's backtrace (which
+        // then names functions without offsets); building them was a tenth of a first
+        // start's compile. Nothing in Tandem reads them.
+        .generate_address_map(false);
     Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))
 }
 
