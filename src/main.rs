@@ -588,12 +588,6 @@ fn fix_mmap_threshold() {
     }
 }
 
-/// mimalloc, not glibc's malloc: wasmtime's compiler allocates and frees at a high rate on
-/// every thread of a first start, where glibc's arenas spent about a fifth of the time (the
-/// start of a 10 MB guest: 1.22 s under glibc, 1.00 s under mimalloc, `tandem bench vm`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     fix_mmap_threshold();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
