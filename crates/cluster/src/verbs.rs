@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ClusterError;
 use crate::master::View;
+
+/// How long `destroy` waits for the copies of a VM powered off to stop.
+const DESTROY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::model::{
     self, ClusterView, CopyState, FtMode, FtStatus, HostView, Nic, Power, Priority, VmRecord,
     VmSpec, VmView,
@@ -527,13 +530,29 @@ impl Verbs {
     }
 
     pub fn destroy(&self, name: &str) -> Result<(), ClusterError> {
+        let powered_on =
+            || ClusterError::Conflict(format!("{name} is powered on: power it off first"));
         let (rec, _) = self.record(name)?;
-        let v = self.view()?;
-        let running = v.copies.keys().any(|(_, vm)| vm == name);
-        if rec.power == Power::On || running {
-            return Err(ClusterError::Conflict(format!(
-                "{name} is powered on (or its copies are still stopping): power it off first"
-            )));
+        if rec.power == Power::On {
+            return Err(powered_on());
+        }
+        // A copy of a VM just powered off reports until its agent has stopped it (an agent
+        // tick, and the copy's own stop): `power-off` then `destroy` at once waits that out
+        // here rather than fail.
+        let deadline = std::time::Instant::now() + DESTROY_WAIT;
+        while self.view()?.copies.keys().any(|(_, vm)| vm == name) {
+            if std::time::Instant::now() >= deadline {
+                return Err(ClusterError::Conflict(format!(
+                    "{name}'s copies are still stopping after {} s (is a host not responding?): \
+                     try again once they stopped",
+                    DESTROY_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        // Powered on meanwhile: its copies are starting again.
+        if self.record(name)?.0.power == Power::On {
+            return Err(powered_on());
         }
         self.store.delete(&model::vm_key(name))?;
         self.store.delete(&model::port_key(rec.spec.log_port))?;

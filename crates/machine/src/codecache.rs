@@ -25,8 +25,11 @@
 //! each entry (a regular file, not a link). The payload's hash detects accidental damage,
 //! not a forger who can already write the folder (who could run code as this user anyway).
 //!
-//! **Concurrency.** An entry is written to a temporary name in the same folder, then
-//! renamed into place: a reader sees a whole entry or none. Two processes starting
+//! **Concurrency.** An entry is written to a temporary name in the same folder, closed,
+//! then renamed into place: a reader sees a whole entry or none. It is never synced (file
+//! or folder): an entry that a crash left empty or torn under its final name is rejected
+//! by the checks above and rebuilt, like any damaged one (syncing 7 MB of code cost a
+//! first start 0.07–0.2 s here). Two processes starting
 //! the same module at once both compile and both rename; the last rename wins and either
 //! entry is valid. The cache only ever speeds a start up: a folder that cannot be made,
 //! read or written is reported and the module compiled as if there were no cache.
@@ -213,34 +216,61 @@ pub fn load_or_compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Modul
     ))
 }
 
-/// wasmtime's compile of `bytes`, its allocations kept from going back to the kernel
-/// while it runs.
+/// wasmtime's compile of `bytes`, with the memory its threads free kept from going back
+/// to the kernel while it runs.
 ///
 /// The compiler's threads allocate and free at a high rate; glibc's malloc gives the top
-/// of a heap back to the kernel as soon as 128 KiB of it are free, and maps it again at
-/// the next allocation, and each give-back is a TLB shoot-down interrupting the other
-/// cores. That was a sixth of a first start here (a 10 MB module: 1.17 s, 1.02 s without).
-/// So the threshold is raised for the compile, and restored after it, when what the
-/// compile freed is given back at once. (Setting it fixes glibc's mmap threshold at its
-/// default, 128 KiB, for the rest of the process: large buffers, such as a guest's big
-/// reads, are then always mapped apart and returned as soon as they are freed.)
+/// of a heap back to the kernel as soon as 128 KiB of it are free and maps it again at the
+/// next allocation, each give-back a TLB shoot-down interrupting the other cores: a sixth
+/// of a first start here (a 10 MB module: 1.17 s, 1.02 s without). So the trim threshold
+/// is raised while any compile runs in this process, and put back to glibc's default once
+/// the last one ended, when what they freed is given back at once.
 fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Module> {
-    struct Heap;
-    impl Drop for Heap {
-        fn drop(&mut self) {
-            // SAFETY: mallopt(3) and malloc_trim(3) only adjust and trim glibc's own heaps;
-            // both are thread-safe and take plain integers.
-            unsafe {
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
-                libc::malloc_trim(0);
-            }
-        }
-    }
-    // SAFETY: as above.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) };
-    let _heap = Heap;
+    let _heap = CompileHeap::enter();
     Module::new(engine, bytes)
 }
+
+/// While one lives, glibc keeps freed memory (see [`compile`]); counted, so that
+/// concurrent compiles put the threshold back only when the last one ends.
+struct CompileHeap;
+
+static COMPILING: Mutex<usize> = Mutex::new(0);
+
+impl CompileHeap {
+    fn enter() -> CompileHeap {
+        let mut n = COMPILING.lock().unwrap_or_else(|p| p.into_inner());
+        if *n == 0 {
+            set_trim_threshold(1 << 30, false);
+        }
+        *n += 1;
+        CompileHeap
+    }
+}
+
+impl Drop for CompileHeap {
+    fn drop(&mut self) {
+        let mut n = COMPILING.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            set_trim_threshold(128 << 10, true);
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_trim_threshold(bytes: i32, trim: bool) {
+    // SAFETY: mallopt(3) and malloc_trim(3) only adjust and trim glibc's own heaps, are
+    // thread-safe, and take plain integers.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes);
+        if trim {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_trim_threshold(_bytes: i32, _trim: bool) {}
 
 /// Whether `meta` (a folder or an entry) is this user's alone.
 fn owned_alone(meta: &std::fs::Metadata) -> bool {
@@ -379,8 +409,8 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-/// Write an entry atomically: a temporary file beside it, synced, renamed, the folder
-/// synced.
+/// Write an entry: a temporary file beside it, closed, then renamed into place (not synced:
+/// see the module docs).
 fn store(dir: &Path, path: &Path, key: &[u8; 32], payload: &[u8]) -> Result<(), CacheError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -401,9 +431,9 @@ fn store(dir: &Path, path: &Path, key: &[u8; 32], payload: &[u8]) -> Result<(), 
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(&encode_entry(key, payload))?;
-        // Never synced, file or folder: an entry is checked whole before every use, so one
-        // that a crash left empty or torn under its final name is rejected and rebuilt like
-        // any damaged entry. Syncing 7 MB of code cost a first start 0.07-0.2 s here.
+        // Closed before the rename: on NFS (a cluster's shared cache) the close sends the
+        // written pages, so a host that opens the new name reads all of it.
+        drop(f);
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {

@@ -160,7 +160,7 @@ pub enum Outcome {
     /// readable (only looked at when the guest waits on it).
     Net {
         now: u64,
-        frames: Vec<serde_bytes::ByteBuf>,
+        frames: Vec<Bytes>,
         stdin: bool,
     },
     /// A rename: the source's and the target's paths inside the datastore as the kernel

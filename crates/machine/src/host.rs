@@ -228,7 +228,7 @@ impl LiveHost {
             if let Some(tap) = &self.tap {
                 while frames.len() < MAX_FRAMES {
                     match tap.recv(&mut buf) {
-                        Ok(Some(n)) => frames.push(serde_bytes::ByteBuf::from(buf[..n].to_vec())),
+                        Ok(Some(n)) => frames.push(crate::event::Bytes::from(buf[..n].to_vec())),
                         Ok(None) => break,
                         Err(e) => {
                             tracing::warn!("tap {}: receive failed: {e}", tap.name());

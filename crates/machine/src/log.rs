@@ -218,6 +218,10 @@ enum RecordRef<'a> {
 /// each hand-over wakes the writer, and a wake-up crossing cores is an interrupt to the
 /// other vCPU, costly on a virtual machine.
 const BATCH: usize = 1 << 20;
+/// A batch is handed over at this many records too, whatever their size: a record held
+/// costs memory beyond its encoded size (its `Arc` and its slot here), which for events of
+/// a few bytes would otherwise let ten batches hold tens of MiB.
+const BATCH_RECORDS: usize = 4096;
 /// How many batches may wait for the writer thread before the guest waits for it.
 const QUEUED_BATCHES: usize = 8;
 /// A batch older than this is written even if not full: what a recording killed at any
@@ -232,11 +236,12 @@ const SYNC_EVERY: u64 = 1 << 20;
 /// A record waiting for the writer thread.
 enum Queued {
     Event(Arc<Event>),
-    End(End),
+    End(Box<End>),
 }
 
 /// Records waiting for the writer thread: the guest's thread keeps the events themselves
-/// (their data shared with the guest's outcome, never copied) and the writer encodes them.
+/// (their data read and frames received shared with the guest's outcome, not copied) and
+/// the writer encodes them.
 #[derive(Default)]
 struct Batch {
     records: Vec<Queued>,
@@ -247,7 +252,7 @@ struct Batch {
 impl Batch {
     fn with_capacity() -> Batch {
         Batch {
-            records: Vec::with_capacity(4096),
+            records: Vec::with_capacity(BATCH_RECORDS),
             bytes: 0,
         }
     }
@@ -453,7 +458,7 @@ impl LogWriter {
         let mut batch = lock(&self.pending);
         batch.records.push(record);
         batch.bytes += bytes;
-        if !ship && batch.bytes < BATCH {
+        if !ship && batch.bytes < BATCH && batch.records.len() < BATCH_RECORDS {
             return Ok(());
         }
         // Sent under the lock: see `Pending` (chunk order).
@@ -488,7 +493,7 @@ impl LogWriter {
 
     /// Write the end record and close the log, durably.
     pub fn finish_log(mut self, end: &End) -> Result<(), LogError> {
-        self.push(Queued::End(end.clone()), 0, true)?;
+        self.push(Queued::End(Box::new(end.clone())), 0, true)?;
         self.tx = None;
         match self.writer.take().map(|w| w.join()) {
             Some(Ok(result)) => result,

@@ -430,9 +430,10 @@ impl Vm {
                                 outcome,
                             });
                             sink.append(Arc::clone(&event))?;
-                            // A sink that keeps the event (a primary's history) shares its
-                            // data with the guest's outcome: cloning the event copies no
-                            // bytes of it (`event::Bytes`).
+                            // A sink that keeps the event (a primary's history, a log's
+                            // writer until it wrote it) shares its data with the guest's
+                            // outcome: cloning the event copies no data read nor frame
+                            // received (`event::Bytes`).
                             Arc::unwrap_or_clone(event).outcome
                         }
                         None => outcome,
