@@ -7,7 +7,8 @@
 //!   within [`TIMEOUT`]: a call never waits longer than `TIMEOUT` × endpoints;
 //! - a call is retried on another endpoint only when the first did not answer (or answered
 //!   503, a member without a leader). A timeout after the request was sent is ambiguous: a
-//!   retried `put`/`delete` is harmless, a retried [`Store::create`] or [`Store::put_if`]
+//!   retried `put`/`delete` is harmless, a retried [`Store::create`], [`Store::put_if`] or
+//!   [`Store::delete_if`]
 //!   may then report `false` for a write that the first attempt made; callers of those
 //!   re-read the key before concluding they lost;
 //! - whatever etcd (or anything at its address) answers is parsed without panicking; an
@@ -175,7 +176,13 @@ impl Store {
 
     /// Write `key` only if it does not exist; whether it was written.
     pub fn create(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<bool, StoreError> {
-        self.txn(key, "CREATE", "create_revision", 0, value, lease)
+        self.txn(
+            key,
+            "CREATE",
+            "create_revision",
+            0,
+            json!({ "request_put": put_request(key, value, lease) }),
+        )
     }
 
     /// Write `key` only if its last write was at `mod_revision` (0: only if absent);
@@ -187,17 +194,34 @@ impl Store {
         mod_revision: i64,
         lease: Option<i64>,
     ) -> Result<bool, StoreError> {
-        self.txn(key, "MOD", "mod_revision", mod_revision, value, lease)
+        self.txn(
+            key,
+            "MOD",
+            "mod_revision",
+            mod_revision,
+            json!({ "request_put": put_request(key, value, lease) }),
+        )
     }
 
+    /// Delete `key` only if its last write was at `mod_revision`; whether it was deleted.
+    pub fn delete_if(&self, key: &str, mod_revision: i64) -> Result<bool, StoreError> {
+        self.txn(
+            key,
+            "MOD",
+            "mod_revision",
+            mod_revision,
+            json!({ "request_delete_range": { "key": B64.encode(key) } }),
+        )
+    }
+
+    /// `op` (one etcd request) if `key`'s `field` equals `revision`; whether it was done.
     fn txn(
         &self,
         key: &str,
         target: &str,
         field: &str,
         revision: i64,
-        value: &[u8],
-        lease: Option<i64>,
+        op: Value,
     ) -> Result<bool, StoreError> {
         let mut compare = json!({ "target": target, "key": B64.encode(key), "result": "EQUAL" });
         compare[field] = json!(revision.to_string());
@@ -205,7 +229,7 @@ impl Store {
             "/v3/kv/txn",
             &json!({
                 "compare": [compare],
-                "success": [{ "request_put": put_request(key, value, lease) }],
+                "success": [op],
             }),
         )?;
         // proto3 JSON leaves `false` out.
@@ -606,6 +630,14 @@ pub(crate) mod tests {
         assert!(!s.put_if("/c/k", b"v4", 0, None).unwrap());
         assert!(s.put_if("/c/new", b"n", 0, None).unwrap());
         assert_eq!(s.get("/c/new").unwrap().unwrap().value, b"n");
+        // A delete on a stale revision loses; on the current one it deletes.
+        let n = s.get("/c/new").unwrap().unwrap().mod_revision;
+        s.put("/c/new", b"n2", None).unwrap();
+        assert!(!s.delete_if("/c/new", n).unwrap());
+        assert_eq!(s.get("/c/new").unwrap().unwrap().value, b"n2");
+        let n2 = s.get("/c/new").unwrap().unwrap().mod_revision;
+        assert!(s.delete_if("/c/new", n2).unwrap());
+        assert!(s.get("/c/new").unwrap().is_none());
 
         // Two writers racing on one revision: exactly one wins.
         let base = s.get("/c/k").unwrap().unwrap().mod_revision;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +12,7 @@ use crate::ClusterError;
 use crate::master::View;
 
 /// How long `destroy` waits for the copies of a VM powered off to stop.
-const DESTROY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const DESTROY_WAIT: Duration = Duration::from_secs(5);
 use crate::model::{
     self, ClusterView, CopyState, FtMode, FtStatus, HostView, Nic, Power, Priority, VmRecord,
     VmSpec, VmView,
@@ -539,23 +540,32 @@ impl Verbs {
         // A copy of a VM just powered off reports until its agent has stopped it (an agent
         // tick, and the copy's own stop): `power-off` then `destroy` at once waits that out
         // here rather than fail.
-        let deadline = std::time::Instant::now() + DESTROY_WAIT;
+        let deadline = Instant::now() + DESTROY_WAIT;
         while self.view()?.copies.keys().any(|(_, vm)| vm == name) {
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return Err(ClusterError::Conflict(format!(
                     "{name}'s copies are still stopping after {} s (is a host not responding?): \
                      try again once they stopped",
                     DESTROY_WAIT.as_secs()
                 )));
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(100));
         }
-        // Powered on meanwhile: its copies are starting again.
-        if self.record(name)?.0.power == Power::On {
+        // Deleted only as it was read now: powered on meanwhile (its copies starting
+        // again) or changed by another verb, it is refused, never deleted under them.
+        let (now, rev) = self.record(name)?;
+        if now.power == Power::On {
             return Err(powered_on());
         }
-        self.store.delete(&model::vm_key(name))?;
-        self.store.delete(&model::port_key(rec.spec.log_port))?;
+        // A `false` after an ambiguous retry may be our own delete (see `store`): then the
+        // record is gone, and that is done.
+        let key = model::vm_key(name);
+        if !self.store.delete_if(&key, rev)? && self.store.get(&key)?.is_some() {
+            return Err(ClusterError::Conflict(format!(
+                "{name} changed while it was being destroyed: look again and retry"
+            )));
+        }
+        self.store.delete(&model::port_key(now.spec.log_port))?;
         tracing::info!("destroyed VM {name}");
         Ok(())
     }

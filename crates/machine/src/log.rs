@@ -250,7 +250,8 @@ struct Batch {
 }
 
 impl Batch {
-    fn with_capacity() -> Batch {
+    /// An empty batch with room for [`BATCH_RECORDS`].
+    fn new() -> Batch {
         Batch {
             records: Vec::with_capacity(BATCH_RECORDS),
             bytes: 0,
@@ -392,7 +393,7 @@ impl LogWriter {
             .map_err(io_err("write", path))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES);
         let (spent_tx, spent) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES + 2);
-        let pending: Pending = Arc::new(Mutex::new(Batch::with_capacity()));
+        let pending: Pending = Arc::new(Mutex::new(Batch::new()));
         let thread_pending = pending.clone();
         let thread_path = path.to_path_buf();
         let writer = std::thread::Builder::new()
@@ -462,10 +463,7 @@ impl LogWriter {
             return Ok(());
         }
         // Sent under the lock: see `Pending` (chunk order).
-        let fresh = self
-            .spent
-            .try_recv()
-            .unwrap_or_else(|_| Batch::with_capacity());
+        let fresh = self.spent.try_recv().unwrap_or_else(|_| Batch::new());
         let full = std::mem::replace(&mut *batch, fresh);
         let sent = self
             .tx
