@@ -882,6 +882,8 @@ struct FtBench {
     migrate_big: MigrateBig,
     #[serde(flatten)]
     join: JoinBench,
+    #[serde(flatten)]
+    disk: DiskRows,
     disk_read_mbps: f64,
     net_in_mbps: f64,
     /// CPU time (utime+stime) of the primary's process per kvd operation under the
@@ -1118,6 +1120,116 @@ fn status_counter(status: &str, key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A guest that writes its files as ordinary programs do (filechurn: each step appends a
+/// line to a journal and a record to a data file, and writes and reads back a scratch
+/// file), unprotected and as an FT pair on this host (the logging channel on loopback,
+/// the datastore on local disk), alternated: the best time of each, and how many of the FT
+/// run's writes went behind (their outcome given at once, the write held to the output
+/// rule). Every run's output is checked.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct DiskRows {
+    /// Unprotected time ÷ FT time (a throughput ratio, like `throughput_ratio`).
+    disk_ratio: f64,
+    disk_unprotected_s: f64,
+    disk_ft_s: f64,
+    disk_steps: u32,
+    disk_writes_behind: u64,
+}
+
+fn disk_rows(rounds: u32, quick: bool, json: bool) -> Result<DiskRows> {
+    let wasm = guests::file("filechurn.wasm")?;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let steps: u32 = if quick { 5000 } else { 20000 };
+    let want = format!("filechurn: {steps} steps, 0 bad reads");
+    let (mut plain, mut ft, mut behind) = (Duration::MAX, Duration::MAX, 0);
+    let addr = format!("127.0.0.1:{}", 30_000 + std::process::id() % 20_000);
+    let checked = |who: &str, out: &std::process::Output| -> Result<()> {
+        if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains(&want) {
+            bail!(
+                "filechurn ({who}) ran wrong ({}): {} / {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    for round in 0..rounds {
+        progress(
+            json,
+            &format!(
+                "disk round {}/{rounds}: filechurn unprotected, then under FT",
+                round + 1
+            ),
+        );
+        let work = tempfile::tempdir().context("creating a scratch folder")?;
+        let data = work.path().join("plain");
+        std::fs::create_dir_all(&data)?;
+        let begun = Instant::now();
+        let out = Command::new(&exe)
+            .args(["vm", "run", "--wasm"])
+            .arg(&wasm)
+            .arg("--datastore")
+            .arg(&data)
+            .args(["--arg", &steps.to_string(), "--arg", "0"])
+            .env("TANDEM_LOG", "warn")
+            .output()
+            .context("running tandem vm run")?;
+        plain = plain.min(begun.elapsed());
+        checked("unprotected", &out)?;
+
+        let data = work.path().join("w/data");
+        std::fs::create_dir_all(&data)?;
+        let pair = |role: &str| {
+            let mut c = Command::new(&exe);
+            c.args(["ft", role, "--vm", "w", "--shared"])
+                .arg(work.path())
+                .arg("--wasm")
+                .arg(&wasm)
+                .arg("--datastore")
+                .arg(&data)
+                .env("TANDEM_LOG", "warn");
+            c
+        };
+        // The secondary first: it waits for the primary, so the run is protected from
+        // its first steps.
+        let secondary = pair("secondary")
+            .args(["--primary", &addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the secondary")?;
+        let begun = Instant::now();
+        let out = pair("primary")
+            .args(["--log-listen", &addr])
+            .args(["--arg", &steps.to_string(), "--arg", "0"])
+            .output()
+            .context("running the primary")?;
+        ft = ft.min(begun.elapsed());
+        let sec = secondary.wait_with_output()?;
+        checked("FT primary", &out)?;
+        if !sec.status.success() {
+            bail!(
+                "filechurn's secondary failed ({}): {}",
+                sec.status,
+                String::from_utf8_lossy(&sec.stderr)
+            );
+        }
+        let status = std::fs::read_to_string(work.path().join("w/status")).unwrap_or_default();
+        behind = status
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("writes_behind=")?.parse().ok())
+            .unwrap_or(0);
+    }
+    Ok(DiskRows {
+        disk_ratio: plain.as_secs_f64() / ft.as_secs_f64(),
+        disk_unprotected_s: plain.as_secs_f64(),
+        disk_ft_s: ft.as_secs_f64(),
+        disk_steps: steps,
+        disk_writes_behind: behind,
+    })
+}
+
 pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     use crate::demo::{FtLab, VM_IP};
     let pid = std::process::id() % 100_000;
@@ -1310,6 +1422,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let (migrate_pauses_ms, migrate_bytes, migrate_big) =
         migrate_rows(&format!("bfm{pid}"), migrations, args.flags.json)?;
     let join = join_rows(&format!("bfj{pid}"), args)?;
+    let disk = disk_rows(rounds, args.flags.quick, args.flags.json)?;
     let spurious_failovers = soak_rows(&ft_lab, soak_secs, args.timeout_ms, args.flags.json)?;
     let (ops_plain, ops_ft) = (ops(&plain), ops(&ft_rows));
     let all_ops = ops_per_run * f64::from(rounds);
@@ -1343,6 +1456,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         migrate_bytes,
         migrate_big,
         join,
+        disk,
         primary_cpu_ratio: cpu_ft.primary / cpu_plain,
         primary_cpu_us_per_op_unprotected: us_per_op(cpu_plain),
         primary_cpu_us_per_op_ft: us_per_op(cpu_ft.primary),
@@ -1471,6 +1585,19 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             ),
             b.migrate_pause_ms_big,
             "≤50ms"
+        );
+        let d = &r.disk;
+        println!(
+            "{:<40} {:>11.2}s {:>11.2}s {:>10.3} {:>8}",
+            format!("disk_ratio (filechurn, {} steps)", d.disk_steps),
+            d.disk_unprotected_s,
+            d.disk_ft_s,
+            d.disk_ratio,
+            "-"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>10} {:>8}",
+            "  writes behind in the FT run", "-", "-", d.disk_writes_behind, "-"
         );
         println!(
             "{:<40} {:>10.1}µs {:>10.1}µs {:>10.3} {:>8}",

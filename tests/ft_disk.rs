@@ -251,6 +251,95 @@ fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_
     }
 }
 
+/// A write whose outcome the guest was given before it was performed (write-behind, while
+/// a secondary is gated) and that the primary never performed — its host died after the
+/// write's event reached the secondary — is written again by the secondary as it goes
+/// live: the files end exactly as an uninterrupted run's, for a write to a journal, to a
+/// data file renamed while open, and one after a rotation.
+#[test]
+fn a_write_the_primary_never_performed_is_written_again_at_go_live() {
+    let churn = guest("filechurn.wasm");
+    let (steps, ms) = ("120", "10");
+    let want = reference_run(&churn, &[steps, ms]);
+    let port0 = 24_000 + (std::process::id() % 20_000) as u16;
+    for k in [1u16, 2, 101] {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = shared.path();
+        let data = dir.join("w/data");
+        std::fs::create_dir_all(&data).unwrap();
+        let addr = format!("127.0.0.1:{}", port0 + k);
+        let ft = [
+            "--vm",
+            "w",
+            "--shared",
+            s(dir),
+            "--wasm",
+            s(&churn),
+            "--datastore",
+            s(&data),
+        ];
+        // The secondary first: it waits for the primary, so that the guest is protected
+        // (and its writes go behind) from its first steps.
+        let mut secondary = spawn(
+            dir,
+            "secondary",
+            &[&["ft", "secondary", "--primary", &addr][..], &ft].concat(),
+            &[],
+        );
+        let mut primary = spawn(
+            dir,
+            "primary",
+            &[
+                &[
+                    "ft",
+                    "primary",
+                    "--log-listen",
+                    &addr,
+                    "--arg",
+                    steps,
+                    "--arg",
+                    ms,
+                ][..],
+                &ft,
+            ]
+            .concat(),
+            &[("TANDEM_FAILPOINT", format!("die-before-write-behind:{k}"))],
+        );
+        let p = wait_child(&mut primary, Duration::from_secs(20));
+        let sec = wait_child(&mut secondary, Duration::from_secs(20));
+        let story = format!("failpoint {k}\n{}", story(dir));
+        assert_eq!(
+            p.map(|p| p.code()),
+            Some(None),
+            "the primary died by its failpoint: {story}"
+        );
+        assert!(
+            read(dir, "primary.err").contains("which the secondary holds"),
+            "the primary died with the write's event at the secondary: {story}"
+        );
+        assert_eq!(sec.and_then(|s| s.code()), Some(0), "{story}");
+        let err = read(dir, "secondary.err");
+        assert!(err.contains("went live"), "{story}");
+        let again = err
+            .lines()
+            .find_map(|l| {
+                l.split("going live: ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        assert!(again >= 1, "nothing was written again: {story}");
+        assert_eq!(
+            contents(&data),
+            want,
+            "the files differ from an uninterrupted run's: {story}"
+        );
+    }
+}
+
 /// An operator's stop of a secondary makes it leave: it exits at once without claiming a
 /// generation, the primary carries on unprotected and finishes the run, and the stop is
 /// never kept for a later go-live.

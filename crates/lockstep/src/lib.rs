@@ -180,6 +180,12 @@ pub enum ToSecondary {
     Release {
         release: u64,
     },
+    /// Every write logged before event `below` was performed by the primary (it performs
+    /// a write once the output rule lets it leave, after the guest had its outcome): the
+    /// secondary need not keep those to write again at a go-live.
+    Written {
+        below: u64,
+    },
 }
 
 /// Secondary → primary.

@@ -22,6 +22,19 @@
 //! release point is the history length at that moment, sent in-stream
 //! (`ToSecondary::Release`), and from then on outputs wait for it.
 //!
+//! Disk writes are outputs too. While a secondary is gated, a plain write to a regular file
+//! (the common case: an append-only file, a data file) is a *write behind*: the guest gets
+//! its outcome at once (all written) and the write is held like a frame, performed once its
+//! events are acknowledged, in order with the other outputs (a reply that says it was
+//! written leaves after it). Any other disk operation first waits until every write
+//! behind was performed (`settle_writes`), so that it sees them. The secondary keeps the
+//! writes it replays until told they were performed (`ToSecondary::Written`, or any other
+//! disk event) and performs them again as it goes live: each is positional, so doing again
+//! what was done is harmless (invariant 2). A write behind that fails halts this copy and
+//! closes the channel: nothing after it leaves, and the secondary takes over. A newcomer is
+//! gated only once no write behind is pending: it could not perform again one from before
+//! its start.
+//!
 //! Invariants: a held output at position p leaves only when the secondary holds p events or
 //! no secondary is gated (none attached, one still catching up, or arbitration won after
 //! losing one); after losing arbitration nothing more leaves, ever, and this copy never
@@ -39,7 +52,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use machine::event::{Event, Intent};
-use machine::port::{OutputPort, send_frame, write_console};
+use machine::port::{DiskWrite, OutputPort, send_frame, write_console};
 use machine::{End, EventSink, LogError, LogHeader};
 
 use crate::arbiter::{Arbiter, Claim};
@@ -68,7 +81,12 @@ const EVENTS_OVERHEAD: usize = 11;
 enum Held {
     Frame(Vec<u8>),
     Console(u32, Vec<u8>),
+    /// A write whose outcome the guest already has (see `OutputPort::write_behind`).
+    Disk(DiskWrite),
 }
+
+/// Under load, the secondary is told which writes were performed at most this often.
+const WRITTEN_EVERY: Duration = Duration::from_millis(10);
 
 /// How long a planned switch waits for the secondary to hold every event and for the held
 /// outputs to be written before it is given up (the VM goes on here, still protected).
@@ -161,6 +179,16 @@ struct State {
     /// way.
     declined_at: Option<Instant>,
     held: VecDeque<(u64, Held)>,
+    /// The positions of the writes taken to be performed later and not yet performed, in
+    /// order (see `OutputPort::write_behind`): every write logged before the first (or
+    /// before the history's end, if none) was performed. The VM's side waits for this to
+    /// be empty before any other disk operation; how many wait.
+    unwritten: VecDeque<u64>,
+    writes_waiting: u32,
+    writes_behind: u64,
+    /// A write behind failed (why): it and every output after it stay held while the VM
+    /// is handed over (the secondary writes it again); nothing more leaves from here.
+    write_failed: Option<String>,
     /// Outputs ever held, and those the releaser has written (held outputs all written:
     /// `held` empty and the two equal).
     held_total: u64,
@@ -250,6 +278,12 @@ impl State {
         if self.attached.is_none() || self.gated || self.halted.is_some() || self.end.is_some() {
             return false;
         }
+        // A write the guest was told was done, and not yet performed, may be from before
+        // the newcomer's start, where it could not perform it again: gated only once
+        // there is none (none is taken while no secondary is gated).
+        if !self.unwritten.is_empty() {
+            return false;
+        }
         // An operation that must not be done twice may be under way ungated: a secondary
         // going live right before it would not hold its intent and would do it again.
         if self.intent.as_ref().is_some_and(|i| i.seq >= self.end()) {
@@ -290,6 +324,7 @@ impl State {
     /// secondary is gated (and this copy did not halt: then nothing leaves, ever).
     fn release_due(&self) -> bool {
         self.halted.is_none()
+            && self.write_failed.is_none()
             && self
                 .held
                 .front()
@@ -479,6 +514,8 @@ impl Shared {
             ("outputs_held", st.held.len().to_string()),
             ("outputs_held_total", st.held_total.to_string()),
             ("outputs_released", st.released.to_string()),
+            // Writes whose outcome the guest had before they were performed.
+            ("writes_behind", st.writes_behind.to_string()),
         ];
         if let Some(exit) = &st.finished {
             fields.push(("exit", exit.clone()));
@@ -588,7 +625,7 @@ impl Shared {
                 return Err(LogError::Source(format!("halted: {why}")));
             }
             let Some(h) = st.handover.as_ref() else {
-                return Ok(st);
+                return self.resume(st);
             };
             let sent = h.sent;
             if st.attached.is_none() {
@@ -596,7 +633,7 @@ impl Shared {
                 // the VM here): the switch is off.
                 tracing::warn!("planned switch given up: the secondary was lost");
                 st.handover = None;
-                return Ok(st);
+                return self.resume(st);
             }
             if sent {
                 // The secondary claims the next generation on `Handover`.
@@ -621,7 +658,7 @@ impl Shared {
                     st.handover = None;
                     continue;
                 }
-            } else if st.acked >= at && st.outputs_done() {
+            } else if st.acked >= at && (st.outputs_done() || st.write_failed.is_some()) {
                 if let Some(h) = st.handover.as_mut()
                     && !h.ready
                 {
@@ -634,9 +671,24 @@ impl Shared {
                     HANDOVER_WAIT.as_secs()
                 );
                 st.handover = None;
-                return Ok(st);
+                return self.resume(st);
             }
             st = self.wait_vm(st, 0, true, Some(Duration::from_millis(5)));
+        }
+    }
+
+    /// A planned switch is off and the VM goes on here, unless a write behind failed: then
+    /// nothing can leave from here any more, and this copy halts.
+    fn resume<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> Result<MutexGuard<'a, State>, LogError> {
+        if st.write_failed.is_some() {
+            halt_on_write_failure(self, &mut st);
+        }
+        match &st.halted {
+            Some(why) => Err(LogError::Source(format!("halted: {why}"))),
+            None => Ok(st),
         }
     }
 
@@ -686,6 +738,10 @@ impl Shared {
                 health_handover: false,
                 declined_at: None,
                 held: VecDeque::new(),
+                unwritten: VecDeque::new(),
+                writes_waiting: 0,
+                writes_behind: 0,
+                write_failed: None,
                 held_total: 0,
                 released: 0,
                 finished: None,
@@ -1075,7 +1131,9 @@ impl Primary {
                 st = s.lock();
                 continue;
             }
-            if secondary_done && start.elapsed() >= wait * 2 {
+            // Frames may be given up on (TCP sends them again), writes never: the guest
+            // was told they were done.
+            if secondary_done && start.elapsed() >= wait * 2 && st.unwritten.is_empty() {
                 tracing::error!("held outputs still unwritten at the end; giving up on them");
                 break;
             }
@@ -1173,18 +1231,21 @@ impl EventSink for PrimarySink {
 pub struct GatedPort(Arc<Shared>);
 
 impl GatedPort {
-    fn hold(&mut self, position: u64, out: Held) {
+    fn hold(&mut self, position: u64, out: Held) -> Result<(), String> {
         let s = &self.0;
         let mut st = s.lock();
         if st.halted.is_some() {
-            return;
+            return Ok(());
         }
         if !st.gates() && st.outputs_done() {
             // No secondary, or one still catching up, and no earlier output on its way:
             // unprotected, the output goes at once.
             drop(st);
-            send(s, out);
-            return;
+            return send(s, &out);
+        }
+        if matches!(out, Held::Disk(_)) {
+            st.unwritten.push_back(position);
+            st.writes_behind += 1;
         }
         st.held.push_back((position, out));
         st.held_total += 1;
@@ -1193,33 +1254,160 @@ impl GatedPort {
         let due = st.release_due();
         drop(st);
         if due {
-            release_outputs(s);
+            // The VM's thread writes no disk write behind: it goes on while the releaser
+            // does.
+            release_outputs(s, false);
         }
+        Ok(())
     }
 }
 
-fn send(s: &Shared, out: Held) {
+/// Write one output. `Err`: a write the guest was told was done failed.
+fn send(s: &Shared, out: &Held) -> Result<(), String> {
     match out {
         Held::Frame(f) => {
             if let Some(tap) = s.tap.get() {
-                send_frame(tap, &f);
+                send_frame(tap, f);
             }
         }
         Held::Console(fd, d) => {
             if s.console {
-                write_console(fd, &d);
+                write_console(*fd, d);
             }
         }
+        Held::Disk(w) => {
+            return w
+                .perform()
+                .map_err(|e| format!("a write of {} bytes to the datastore failed: {e}", w.len()));
+        }
     }
+    Ok(())
+}
+
+/// A write behind failed here (it and every output after it stay held: none may leave
+/// before it). Storage lost on this host, and a secondary whose host has it: the VM is
+/// handed over, and the secondary writes it again as it goes live. Otherwise this copy
+/// halts ([`halt_on_write_failure`]).
+fn after_write_failure(s: &Shared, why: String) {
+    let monitor = s.monitor.get().filter(|_| s.lock().health_handover);
+    // An I/O error that storage does not confirm is not a lost path.
+    let lost = monitor.and_then(|m| m.storage_now().map(|lost| (lost, m.current().uplink)));
+    let mut st = s.lock();
+    if st.halted.is_some() {
+        return;
+    }
+    if let Some((lost, uplink)) = lost {
+        let own = crate::health::HostHealth {
+            storage: Some(lost.clone()),
+            uplink,
+        };
+        let may = st.protected() && !st.declined_lately() && st.peer_health.better_than(&own);
+        if st.handover.is_some() || may {
+            tracing::error!(
+                "{why}: storage lost here ({lost}); handing over: the secondary writes it again"
+            );
+            if st.handover.is_none() {
+                st.handover = Some(Handover {
+                    why: format!("primary lost its storage ({lost})"),
+                    at: None,
+                    ready: false,
+                    sent: false,
+                });
+            }
+            s.wake_vm(&st);
+            drop(st);
+            // An idle VM waiting for the network takes its next event now.
+            machine::host::wake_waits();
+            return;
+        }
+    }
+    halt_on_write_failure(s, &mut st);
+}
+
+/// A write behind failed and the VM cannot be handed over: nothing more leaves from here,
+/// ever (an output after it may tell a client it was done), and the VM stops. The logging
+/// channel is closed: the secondary, which holds the write's event or goes live before
+/// it, claims the next generation (this copy never does) and writes it again as it goes
+/// live (if it cannot either, it stops there too).
+fn halt_on_write_failure(s: &Shared, st: &mut State) {
+    let why = st
+        .write_failed
+        .clone()
+        .unwrap_or_else(|| "a write behind failed".into());
+    tracing::error!("halting: {why}; a secondary going live writes it again");
+    if st.halted.is_none() {
+        st.halted = Some(why);
+    }
+    // Its sender and receiver see this and close the connection.
+    st.attached = None;
+    machine::request_stop();
+    s.wake_vm(st);
+    s.wake_sender(st);
 }
 
 impl OutputPort for GatedPort {
     fn frame(&mut self, position: u64, frame: &[u8]) {
-        self.hold(position, Held::Frame(frame.to_vec()));
+        // Only a disk write can fail.
+        let _ = self.hold(position, Held::Frame(frame.to_vec()));
     }
 
     fn console(&mut self, position: u64, fd: u32, data: &[u8]) {
-        self.hold(position, Held::Console(fd, data.to_vec()));
+        let _ = self.hold(position, Held::Console(fd, data.to_vec()));
+    }
+
+    /// Only while a secondary is gated (then the write would wait for the output rule),
+    /// and both hosts reach storage: with it lost on either, a failed write could be
+    /// written again by neither copy, and the guest gets its error as natively.
+    /// Unprotected, a write is performed before the guest gets its outcome.
+    fn defers_writes(&self) -> bool {
+        let st = self.0.lock();
+        st.gates()
+            && st.halted.is_none()
+            && st.handover.is_none()
+            && st.own_health.storage.is_none()
+            && st.peer_health.storage.is_none()
+    }
+
+    fn write_behind(
+        &mut self,
+        position: u64,
+        write: DiskWrite,
+    ) -> Result<Option<DiskWrite>, LogError> {
+        {
+            let st = self.0.lock();
+            if let Some(why) = &st.halted {
+                return Err(LogError::Source(format!("halted: {why}")));
+            }
+            if !st.gates() && st.outputs_done() {
+                // The secondary went meanwhile: nothing to wait for, so the write is done
+                // now and the guest gets its true outcome.
+                return Ok(Some(write));
+            }
+        }
+        self.hold(position, Held::Disk(write))
+            .map(|()| None)
+            .map_err(LogError::Source)
+    }
+
+    fn settle_writes(&mut self) -> Result<(), LogError> {
+        let s = &self.0;
+        let mut st = s.lock();
+        loop {
+            if let Some(why) = &st.halted {
+                return Err(LogError::Source(format!("halted: {why}")));
+            }
+            if st.unwritten.is_empty() {
+                return Ok(());
+            }
+            if st.handover.is_some() {
+                // A planned switch (a failed write behind's, say) pauses the VM here.
+                st = s.switch_over(st)?;
+                continue;
+            }
+            st.writes_waiting += 1;
+            st = s.wait_vm(st, 0, false, None);
+            st.writes_waiting -= 1;
+        }
     }
 
     fn replicates(&self) -> bool {
@@ -1316,7 +1504,7 @@ impl OutputPort for GatedPort {
 /// releases. One thread at a time pops and writes (`State::releasing`); one that finds
 /// another at it leaves its outputs to it, which looks again before it stops, so that no
 /// thread ever waits for another's writes.
-fn release_outputs(s: &Shared) {
+fn release_outputs(s: &Shared, disk: bool) {
     let mut st = s.lock();
     if st.releasing {
         return;
@@ -1325,26 +1513,96 @@ fn release_outputs(s: &Shared) {
     loop {
         let mut batch = Vec::new();
         while st.release_due() {
-            if let Some((_, out)) = st.held.pop_front() {
-                batch.push(out);
+            if !disk && matches!(st.held.front(), Some((_, Held::Disk(_)))) {
+                // Storage can be slow: the thread that reads acknowledgements (and watches
+                // for silence) leaves writes, and what follows them, to the releaser.
+                break;
+            }
+            if let Some(held) = st.held.pop_front() {
+                batch.push(held);
             }
         }
         if batch.is_empty() {
             break;
         }
         drop(st);
-        let n = batch.len() as u64;
-        for out in batch {
-            send(s, out);
+        let (mut done, mut written) = (0u64, 0usize);
+        let mut failed = None;
+        let mut rest = Vec::new();
+        let mut batch = batch.into_iter();
+        while let Some((position, out)) = batch.next() {
+            let disk = matches!(out, Held::Disk(_));
+            let outcome = if disk && s.lock().halted.is_some() {
+                // Lost arbitration while writing this batch: the other copy is live and
+                // writes; a write from here could land over its newer data.
+                Err(String::new())
+            } else {
+                if disk && machine::failpoint::dies_before_write_behind() {
+                    die_once_held(s, position);
+                }
+                send(s, &out)
+            };
+            if let Err(why) = outcome {
+                // It and what follows it stay held, in order.
+                rest.push((position, out));
+                rest.extend(batch.by_ref());
+                failed = Some(why);
+                break;
+            }
+            done += 1;
+            written += usize::from(disk);
         }
         st = s.lock();
+        let written = written.min(st.unwritten.len());
+        st.unwritten.drain(..written);
+        for held in rest.into_iter().rev() {
+            st.held.push_front(held);
+        }
+        if st.writes_waiting > 0 && st.unwritten.is_empty() {
+            s.vm.notify_all();
+        }
         // Counted once written, so that the end waits for the writes themselves.
-        st.released += n;
+        st.released += done;
+        if let Some(why) = failed {
+            if st.halted.is_none() && st.write_failed.is_none() {
+                st.write_failed = Some(why.clone());
+                st.releasing = false;
+                drop(st);
+                after_write_failure(s, why);
+                st = s.lock();
+                st.releasing = true;
+            }
+            break;
+        }
     }
     st.releasing = false;
     if st.outputs_waiting > 0 && st.outputs_done() {
         s.vm.notify_all();
     }
+    if st.unwritten.is_empty() && st.end.is_some() {
+        // The end waits for the writes behind.
+        s.wake_sender(&st);
+    }
+    // Writes left to it.
+    s.wake_releaser(&st);
+}
+
+/// The failpoint `die-before-write-behind`: die once the secondary acknowledged holding the
+/// write's event at `position` (waiting at most 5 s: a test reads "never held" as a
+/// failure of its setup).
+fn die_once_held(s: &Shared, position: u64) -> ! {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.lock().acked <= position {
+        if Instant::now() > deadline {
+            machine::failpoint::die(&format!(
+                "before the write of event {position}, which the secondary never held"
+            ))
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    machine::failpoint::die(&format!(
+        "before the write of event {position}, which the secondary holds"
+    ))
 }
 
 /// The releaser: writes held outputs that no acknowledgement releases (the secondary lost,
@@ -1362,7 +1620,7 @@ fn release(s: Arc<Shared>) {
                 st.releaser_waiting = false;
             }
         }
-        release_outputs(&s);
+        release_outputs(&s, true);
     }
 }
 
@@ -1605,13 +1863,16 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
     let mut end_sent = false;
     let mut intent_sent = None;
     let mut status_at = Instant::now();
+    // What the secondary was last told of the writes performed, and when.
+    let mut written_sent = 0u64;
+    let mut written_at = Instant::now();
     loop {
         if status_at.elapsed() > Duration::from_millis(250) {
             // Keep the counters in the status current for operators and benchmarks.
             s.status(&s.lock());
             status_at = Instant::now();
         }
-        let (batch, end, intent, handover) = {
+        let (batch, end, intent, handover, written) = {
             let mut st = s.lock();
             let deadline = Instant::now() + s.config.heartbeat;
             let unsent = |st: &State| {
@@ -1627,7 +1888,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             let release_due = |st: &State| st.gated && !st.release_sent;
             while st.attached == Some(conn)
                 && st.end() == sent
-                && (st.end.is_none() || end_sent)
+                && (st.end.is_none() || end_sent || !st.unwritten.is_empty())
                 && !unsent(&st)
                 && !handover_due(&st)
                 && !release_due(&st)
@@ -1676,7 +1937,9 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                     "event {sent} is too large for a frame ({size} bytes)"
                 )));
             }
-            let end = if upto == st.end() && !end_sent {
+            // The end only once every write behind was performed: a secondary that holds
+            // the end never goes live, so it would never write again one left unwritten.
+            let end = if upto == st.end() && !end_sent && st.unwritten.is_empty() {
                 st.end.clone()
             } else {
                 None
@@ -1702,7 +1965,15 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                     })
                 })
                 .flatten();
-            (batch, end, intent, handover)
+            // Every write logged before this was performed (a write is registered before
+            // its event is logged). Said at most every WRITTEN_EVERY under load (a frame's
+            // write each), and whenever the channel is otherwise idle: what the secondary
+            // keeps to write again stays that small.
+            let below = st.unwritten.front().map_or(upto, |&p| p.min(upto));
+            let idle = batch.is_none() && intent.is_none() && handover.is_none();
+            let written = (below > written_sent && (idle || written_at.elapsed() >= WRITTEN_EVERY))
+                .then_some(below);
+            (batch, end, intent, handover, written)
         };
         let idle = batch.is_none() && intent.is_none() && handover.is_none();
         if let Some((batch, size)) = batch {
@@ -1716,7 +1987,13 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
             w.send(KIND_MSG, &encode(&ToSecondary::Intent(intent)))
                 .map_err(io_err("send an intent"))?;
         }
-        if idle && end.is_none() {
+        if let Some(below) = written {
+            // It stands in for a heartbeat.
+            w.send(KIND_MSG, &encode(&ToSecondary::Written { below }))
+                .map_err(io_err("say what was written"))?;
+            written_sent = below;
+            written_at = Instant::now();
+        } else if idle && end.is_none() {
             w.send(KIND_MSG, &encode(&ToSecondary::Heartbeat))
                 .map_err(io_err("send a heartbeat"))?;
         }
@@ -1864,7 +2141,7 @@ fn receive_from(
         let due = st.release_due();
         drop(st);
         if due {
-            release_outputs(s);
+            release_outputs(s, false);
         }
     }
 }
@@ -2635,6 +2912,111 @@ mod tests {
         for seq in 0..3 {
             assert_eq!(source.next_event().unwrap().unwrap().seq, seq);
         }
+    }
+
+    /// A write behind: the guest has its outcome at once, the write leaves under the output
+    /// rule in order with the other outputs, any other disk operation waits for it, and the
+    /// secondary is told once it was performed. A write that fails halts the copy: nothing
+    /// after it leaves.
+    #[test]
+    fn writes_behind_leave_in_order_under_the_output_rule_and_a_failed_one_halts() {
+        use machine::event::Bytes;
+        use machine::port::DiskWrite;
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let primary = Primary::start(
+            dir.clone(),
+            "127.0.0.1:0",
+            header(),
+            None,
+            false,
+            FtConfig::default(),
+        )
+        .unwrap();
+        let (mut sink, mut port) = (primary.sink(), primary.port());
+        assert!(
+            !port.defers_writes(),
+            "without a secondary a write is done at once"
+        );
+        let secondary = Secondary::connect(
+            dir,
+            &primary.addr.to_string(),
+            Duration::from_secs(5),
+            FtConfig::default(),
+            0,
+        )
+        .unwrap();
+        let mut source = secondary.source(None);
+        sink.append(Arc::new(event(0))).unwrap();
+        wait("gated", || primary.shared.lock().gated);
+        assert!(port.defers_writes());
+
+        let path = shared.path().join("file");
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap(),
+        );
+        // Produced after 2 events, of which the secondary holds 1: held.
+        let w = DiskWrite::new(file.clone(), 3, Bytes::from(b"hello".to_vec()));
+        assert!(
+            port.write_behind(2, w).unwrap().is_none(),
+            "a gated copy takes it"
+        );
+        port.frame(2, b"says hello was written");
+        let mut settle_port = primary.port();
+        let settle = std::thread::spawn(move || settle_port.settle_writes());
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"",
+            "written before its events were held"
+        );
+        assert!(
+            !settle.is_finished(),
+            "a disk operation went ahead of a held write"
+        );
+        assert_eq!(primary.released(), 0);
+        assert!(
+            source.written_below() <= 2,
+            "a held write was said performed"
+        );
+        sink.append(Arc::new(event(1))).unwrap();
+        wait("the write and the frame", || primary.released() == 2);
+        assert!(settle.join().unwrap().is_ok());
+        assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0hello");
+        sink.append(Arc::new(event(2))).unwrap();
+        wait("the secondary told", || source.written_below() >= 3);
+
+        // A write that fails (the file is read-only here), held with an output after it:
+        // once its events are held it is tried and fails; the output never leaves, the
+        // secondary is never told it was written, and the VM stops at its next event.
+        let ro = Arc::new(std::fs::File::open(&path).unwrap());
+        let taken = port.write_behind(4, DiskWrite::new(ro, 0, Bytes::from(b"x".to_vec())));
+        assert!(taken.unwrap().is_none(), "a gated copy takes it");
+        port.frame(4, b"must never leave");
+        sink.append(Arc::new(event(3))).unwrap();
+        wait("halted", || primary.shared.lock().halted.is_some());
+        assert_eq!(
+            primary.released(),
+            2,
+            "an output after the failed write left"
+        );
+        assert!(sink.append(Arc::new(event(4))).is_err());
+        assert!(port.settle_writes().is_err());
+        assert!(
+            port.write_behind(5, DiskWrite::new(file, 0, Bytes::from(b"y".to_vec())))
+                .is_err()
+        );
+        assert!(
+            source.written_below() <= 4,
+            "a failed write was said performed"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0hello");
     }
 
     #[test]

@@ -50,6 +50,9 @@ struct State {
     end_confirmed: bool,
     /// The primary's intent for the event after those received, if it sent one.
     intent: Option<Intent>,
+    /// Every write logged before this event was performed by the primary
+    /// (`ToSecondary::Written`): the replay keeps the others to write again if it goes live.
+    written_below: u64,
     /// The primary's release point, once it gated this copy: it is eligible to go live
     /// once it holds this many events. Never before.
     release: Option<u64>,
@@ -241,6 +244,7 @@ impl Secondary {
                 verdict: None,
                 end_confirmed: false,
                 intent: None,
+                written_below: 0,
                 release: None,
                 live_generation: None,
                 went_live: None,
@@ -484,6 +488,16 @@ fn follow(
                 // The primary's VM waits for this before its operation.
                 s.send(&ToPrimary::IntentHeld { seq })
                     .map_err(io_err("acknowledge an intent"))?;
+            }
+            ToSecondary::Written { below } => {
+                let mut st = s.lock();
+                if below > st.received {
+                    return Err(FtError::Protocol(format!(
+                        "writes said performed up to event {below} where {} events were received",
+                        st.received
+                    )));
+                }
+                st.written_below = st.written_below.max(below);
             }
             ToSecondary::Handover { events, why } => {
                 in_place(&s.lock(), events, "a handover")?;
@@ -835,6 +849,10 @@ impl EventSource for SecondarySource {
         st.intent
             .clone()
             .filter(|i| i.seq == st.received && st.queue.is_empty())
+    }
+
+    fn written_below(&mut self) -> u64 {
+        self.shared.lock().written_below
     }
 
     fn stops_at(&mut self, events: u64) -> bool {

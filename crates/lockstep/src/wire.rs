@@ -21,7 +21,8 @@ pub const MAGIC: &[u8; 2] = b"TL";
 /// 3: intents (`ToSecondary::Intent`, `ToPrimary::IntentHeld`). 5: `Hello` carries no
 /// release point; a newcomer catches up ungated until `ToSecondary::Release` (confirmed by
 /// `ToPrimary::ReleaseHeld`). 6: a secondary may decline a handover (`ToPrimary::Declined`).
-pub const VERSION: u8 = 6;
+/// 7: writes performed after their outcome was logged (`ToSecondary::Written`).
+pub const VERSION: u8 = 7;
 /// The largest payload a frame may carry: comfortably above one event's 16 MiB of data.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 const HEADER: usize = 16;

@@ -30,6 +30,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::event::{Filestat, Kind, NameState, Outcome};
 use crate::fdtable::{FdKind, FdTable};
@@ -37,6 +38,34 @@ use crate::host::{HostError, LiveHost, Root, errno_of};
 use crate::wasi::{errno, fdflags, filetype, fstflags, oflags};
 
 /// How every guest path is resolved: beneath its base, never through /proc magic links.
+/// A write taken to be performed later ends below this (every Linux file system takes
+/// files this large; EFBIG is for larger ones)...
+pub(crate) const MAX_BEHIND_END: u64 = 1 << 40;
+/// ...and leaves at least this much space free...
+pub(crate) const SPACE_MARGIN: u64 = 256 << 20;
+/// ...as looked at no longer ago than this.
+pub(crate) const SPACE_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What writes performed later need to know (see [`LiveHost::write_behind`]).
+#[derive(Default)]
+pub(crate) struct Behind {
+    /// The datastore's bytes free for an unprivileged writer, less the writes taken since
+    /// it was looked at, and when that was.
+    left: u64,
+    checked: Option<std::time::Instant>,
+    /// Which guest descriptors are of regular files.
+    regular: std::collections::HashMap<u32, bool>,
+}
+
+/// Bytes free for an unprivileged writer on the file system of `fd`.
+fn free_bytes(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: an all-zero `statvfs` is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is valid and writable for the call; `fd` is a descriptor we hold.
+    check(unsafe { libc::fstatvfs(fd, &mut st) })?;
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 const RESOLVE: u64 = 0x08 /* RESOLVE_BENEATH */ | 0x02 /* RESOLVE_NO_MAGICLINKS */;
 
 /// `struct open_how` of openat2(2) (libc's is non-exhaustive).
@@ -325,7 +354,7 @@ impl LiveHost {
                 } => {
                     let flags = access(*read, *write) | libc::O_NONBLOCK | sync_flags(*flags);
                     self.reopen(base, p, *ino, flags, *aside)
-                        .map(|f| self.files.insert(fd, File::from(f)))
+                        .map(|f| self.files.insert(fd, Arc::new(File::from(f))))
                         .is_some()
                 }
                 _ => continue,
@@ -371,6 +400,24 @@ impl LiveHost {
         }
     }
 
+    /// Open file `ino`, last named `path` in the datastore, for writing (a copy going live
+    /// writing again what its predecessor may not have written: see `Vm::written`).
+    pub(crate) fn open_to_write(&self, path: &str, ino: u64) -> io::Result<File> {
+        let base = self
+            .root
+            .as_ref()
+            .map(|r| r.fd.as_raw_fd())
+            .ok_or_else(|| io::Error::other("the VM has no datastore here"))?;
+        self.reopen(base, path, ino, libc::O_WRONLY | libc::O_NONBLOCK, false)
+            .map(File::from)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("file {ino} ({path}) is gone"),
+                )
+            })
+    }
+
     /// The host directory a guest directory descriptor resolves beneath.
     fn base(&self, fd: u32) -> Result<RawFd, u16> {
         if self.root.is_none() {
@@ -382,7 +429,7 @@ impl LiveHost {
     fn file(&self, fd: u32) -> Result<&File, u16> {
         // The table said it is an open file; a host handle missing means it could not be
         // found again after a go-live.
-        self.files.get(&fd).ok_or(errno::IO)
+        self.files.get(&fd).map(|f| &**f).ok_or(errno::IO)
     }
 
     /// Resolve the parent of `guest` beneath directory `fd`.
@@ -468,7 +515,7 @@ impl LiveHost {
             if ft == filetype::DIRECTORY {
                 self.dirs.insert(guest_fd, f);
             } else {
-                self.files.insert(guest_fd, File::from(f));
+                self.files.insert(guest_fd, Arc::new(File::from(f)));
             }
             Ok(Outcome::Opened {
                 filetype: ft,
@@ -535,6 +582,7 @@ impl LiveHost {
     }
 
     pub fn close(&mut self, fd: u32) {
+        self.behind.regular.remove(&fd);
         self.files.remove(&fd);
         self.dirs.remove(&fd);
     }
@@ -544,6 +592,7 @@ impl LiveHost {
             return;
         }
         self.close(to);
+        self.behind.regular.remove(&from);
         if let Some(f) = self.files.remove(&from) {
             self.files.insert(to, f);
         }
@@ -586,6 +635,52 @@ impl LiveHost {
             },
             Err(e) => Outcome::Errno(errno_of(&e)),
         }
+    }
+
+    /// A write of `data` at `at` to open file `fd` to be performed later
+    /// ([`crate::port::OutputPort::write_behind`]), if it cannot fail but by a lost storage
+    /// path: a regular file, ending below [`MAX_BEHIND_END`], and the file system at least
+    /// [`SPACE_MARGIN`] from full for an unprivileged writer (looked at again every
+    /// [`SPACE_RECHECK`], or sooner once the writes taken since could have used up the
+    /// margin). `None`: perform it now, so that the guest gets its error (ENOSPC, EFBIG) as
+    /// natively. (Disk quotas are not looked at: a datastore's file system has none.)
+    pub(crate) fn write_behind(
+        &mut self,
+        fd: u32,
+        at: u64,
+        data: &crate::event::Bytes,
+    ) -> Option<crate::port::DiskWrite> {
+        let file = self.files.get(&fd)?;
+        let len = data.len() as u64;
+        if at.checked_add(len)? > MAX_BEHIND_END {
+            return None;
+        }
+        // Asked once per descriptor: on a network or FUSE datastore every fstat is a
+        // round trip to the server.
+        let regular = *self.behind.regular.entry(fd).or_insert_with(|| {
+            fstat(file.as_raw_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+        });
+        if !regular {
+            return None;
+        }
+        let stale = self
+            .behind
+            .checked
+            .is_none_or(|t| t.elapsed() >= SPACE_RECHECK)
+            || self.behind.left < SPACE_MARGIN + len;
+        if stale {
+            self.behind.left = free_bytes(file.as_raw_fd()).unwrap_or(0);
+            self.behind.checked = Some(std::time::Instant::now());
+        }
+        if self.behind.left < SPACE_MARGIN + len {
+            return None;
+        }
+        self.behind.left -= len;
+        Some(crate::port::DiskWrite {
+            file: Arc::clone(file),
+            at,
+            data: data.clone(),
+        })
     }
 
     /// The raw descriptor behind a guest file or directory descriptor.

@@ -84,7 +84,7 @@ pub struct LiveHost {
     /// The datastore, when the VM has one.
     pub(crate) root: Option<Root>,
     /// Host handles of the guest's open files and directories, by guest descriptor.
-    pub(crate) files: HashMap<u32, File>,
+    pub(crate) files: HashMap<u32, Arc<File>>,
     pub(crate) dirs: HashMap<u32, OwnedFd>,
     /// The VM's NIC on this host.
     tap: Option<Arc<devices::Tap>>,
@@ -100,6 +100,8 @@ pub struct LiveHost {
     /// Some descriptor of the table could not be found again (see
     /// [`LiveHost::reopen_missing`]).
     pub(crate) missing: bool,
+    /// What writes performed later need to know ([`LiveHost::write_behind`]).
+    pub(crate) behind: Box<crate::datastore::Behind>,
 }
 
 /// The datastore on this host: every guest path is resolved by the kernel beneath it.
@@ -193,6 +195,7 @@ impl LiveHost {
             uncertain: None,
             redo: false,
             missing: false,
+            behind: Default::default(),
         };
         let now = host_monotonic() as i128;
         if (clock.last_monotonic as i128) > now {

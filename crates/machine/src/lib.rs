@@ -16,7 +16,7 @@ pub mod control;
 pub mod datastore;
 pub mod dirty;
 pub mod event;
-mod failpoint;
+pub mod failpoint;
 pub mod fdtable;
 pub mod host;
 pub mod log;

@@ -183,6 +183,13 @@ pub trait EventSource {
     fn pending_intent(&mut self) -> Option<crate::event::Intent> {
         None
     }
+    /// Every write logged before this position was performed (see
+    /// [`crate::port::OutputPort::write_behind`]); a copy going live performs again the
+    /// writes it took from or after it. A log performs each operation before it logs it:
+    /// the default says all were.
+    fn written_below(&mut self) -> u64 {
+        u64::MAX
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {

@@ -5,9 +5,43 @@
 //! hold an output until whatever it waits for (lockstep: the secondary's acknowledgement of
 //! those events) has happened. The machine itself knows nothing of why.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use crate::event::Bytes;
 use crate::log::LogError;
+
+/// A write to a datastore file whose outcome the guest was given before it was performed
+/// (write-behind): a port that replicates performs it once the output rule lets it leave,
+/// in order with the VM's other outputs, so that nothing after it (a reply to a client)
+/// leaves before it. Only writes that cannot fail short of a lost storage path are taken
+/// this way (see [`crate::host::LiveHost::write_behind`]).
+pub struct DiskWrite {
+    pub(crate) file: Arc<File>,
+    pub(crate) at: u64,
+    pub(crate) data: Bytes,
+}
+
+impl DiskWrite {
+    /// A write of `data` at `at` to `file`.
+    pub fn new(file: Arc<File>, at: u64, data: Bytes) -> DiskWrite {
+        DiskWrite { file, at, data }
+    }
+
+    /// Perform the write, all of it.
+    pub fn perform(&self) -> std::io::Result<()> {
+        self.file.write_all_at(&self.data, self.at)
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
 
 pub trait OutputPort: Send {
     /// A frame for the wire, produced at `position`.
@@ -29,6 +63,32 @@ pub trait OutputPort: Send {
     /// stops at that boundary, the operation's result never given. `Ok`: the guest gets the
     /// error, as natively.
     fn storage_failed(&mut self, position: u64) -> Result<(), LogError>;
+    /// Whether a write at `position` may be given its outcome now and performed later by
+    /// [`OutputPort::write_behind`]: a port that would otherwise make the VM wait for the
+    /// output rule before the write says yes.
+    fn defers_writes(&self) -> bool {
+        false
+    }
+    /// Take a write whose outcome (all of it written) the guest gets now, as the output
+    /// produced at `position` (the write's own event): it is performed once it may leave,
+    /// after every output before it and before every output after it. Called before the
+    /// write's event is logged. `Ok(Some(write))`: not taken (nothing to wait for after
+    /// all): the caller performs it now, as any write. An error stops the VM at that
+    /// boundary.
+    fn write_behind(
+        &mut self,
+        position: u64,
+        write: DiskWrite,
+    ) -> Result<Option<DiskWrite>, LogError> {
+        let _ = position;
+        Ok(Some(write))
+    }
+    /// Called before every other disk operation: returns once every write taken by
+    /// [`OutputPort::write_behind`] was performed, so that the operation sees them (and a
+    /// write performed now never overtakes one taken before it).
+    fn settle_writes(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 /// Write a console output to this process's stdout or stderr.

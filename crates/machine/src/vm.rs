@@ -33,6 +33,7 @@
 //! outputs up to its last event: what the guest wrote after it (console writes are outputs
 //! but not events) depends on where the stop caught it.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,11 +42,11 @@ use std::time::{Duration, Instant};
 use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::clock::VmClock;
-use crate::event::{Event, Intent, Kind, Outcome, first_u64};
+use crate::event::{Bytes, Event, Intent, Kind, Outcome, first_u64};
 use crate::fdtable::FdTable;
 use crate::host::{HostError, LiveHost};
 use crate::log::{End, EventSink, EventSource, Exit, LogError, LogHeader, Tail};
-use crate::port::{Direct, OutputPort};
+use crate::port::{Direct, DiskWrite, OutputPort};
 
 /// Default guest memory limit: fixed, so that `memory.grow` fails at the same point on
 /// every copy of the VM.
@@ -226,6 +227,22 @@ pub struct Vm {
     /// The guest memory's size as the current call was entered (whether Asyncify's
     /// buffer fits, at a snapshot point inside a call).
     pub(crate) memory_len: usize,
+    /// Replaying with a go-live ahead: the writes replayed that the primary may not have
+    /// performed yet (it performs a write once the output rule lets it leave, after giving
+    /// its outcome). A copy going live performs them again, in order: each is positional,
+    /// at the end the VM knew for an append, so writing again what was written is
+    /// harmless. Forgotten once the source says they were performed
+    /// ([`EventSource::written_below`]) or at any other disk event.
+    written: VecDeque<Written>,
+}
+
+/// A write replayed (see [`Vm::written`]): the file as the table named it then.
+struct Written {
+    seq: u64,
+    path: String,
+    ino: u64,
+    at: u64,
+    data: Bytes,
 }
 
 /// Where a call interrupted by a snapshot before its wait goes on (see [`crate::capture`]).
@@ -346,6 +363,88 @@ impl Vm {
         names: &[(u32, &str)],
         op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
     ) -> Result<Outcome, Fault> {
+        self.event_with(kind, args, names, None, op)
+    }
+
+    /// The event of a write of `data` at `at` to open file `fd`. Live, with a port that
+    /// would make the VM wait for the output rule first, a write that can only fail with
+    /// its storage path is given its outcome now and performed once it may leave (see
+    /// [`OutputPort::write_behind`]); every other write is performed before its outcome is
+    /// logged. Replaying with a go-live ahead, the write is kept until the primary is known
+    /// to have performed it ([`Vm::written`]).
+    pub(crate) fn write_event(
+        &mut self,
+        fd: u32,
+        at: u64,
+        data: &Bytes,
+        args: u64,
+        file: Option<(&str, u64)>,
+    ) -> Result<Outcome, Fault> {
+        let seq = self.seq;
+        let behind = match &mut self.inputs {
+            Inputs::Live { host, port, .. }
+                if file.is_some() && port.defers_writes() && host.uncertain.is_none() =>
+            {
+                host.write_behind(fd, at, data).map(|w| {
+                    let predicted = Outcome::Written {
+                        n: data.len() as u32,
+                        offset: at + data.len() as u64,
+                    };
+                    (w, predicted)
+                })
+            }
+            _ => None,
+        };
+        let outcome = self.event_with(Kind::FdWrite, args, &[], behind, |h, _, _| {
+            h.write_at(fd, at, data)
+        })?;
+        if !matches!(
+            self.inputs,
+            Inputs::Replay {
+                go_live: Some(_),
+                ..
+            }
+        ) {
+            return Ok(outcome);
+        }
+        let (Outcome::Written { n, .. }, Some(file)) = (&outcome, file) else {
+            // A write that could not go behind was performed before it was logged, and
+            // after every write behind before it: those are done.
+            self.written.clear();
+            return Ok(outcome);
+        };
+        let below = lock(&self.gate)
+            .source
+            .as_mut()
+            .map_or(u64::MAX, |s| s.written_below());
+        self.forget_written(below);
+        let n = (*n as usize).min(data.len());
+        if seq >= below && n > 0 {
+            // Kept whole when it was written whole (the common case): no copy.
+            let data = if n == data.len() {
+                data.clone()
+            } else {
+                Bytes::from(data[..n].to_vec())
+            };
+            self.written.push_back(Written {
+                seq,
+                path: file.0.to_string(),
+                ino: file.1,
+                at,
+                data,
+            });
+        }
+        Ok(outcome)
+    }
+
+    fn event_with(
+        &mut self,
+        kind: Kind,
+        args: u64,
+        names: &[(u32, &str)],
+        mut behind: Option<(DiskWrite, Outcome)>,
+        op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
+    ) -> Result<Outcome, Fault> {
         let seq = self.seq;
         let prior = self.outputs.at_last_event();
         // Every event is a boundary of the output digest, in every mode, so the digest of a
@@ -363,6 +462,17 @@ impl Vm {
                 Inputs::Live { host, port, .. } => {
                     if stop_requested() {
                         return Err(Fault::Stopped);
+                    }
+                    if let Some((write, predicted)) = behind.take() {
+                        // Registered before its event is logged: an event the secondary
+                        // holds is of a write performed or held here, never one unknown.
+                        // Not taken, it is performed below, as any write.
+                        if port.write_behind(seq, write)?.is_none() {
+                            return self.logged(&mut g, seq, kind, args, outputs, predicted);
+                        }
+                    }
+                    if kind.uses_disk() {
+                        port.settle_writes()?;
                     }
                     let uncertain = host
                         .uncertain
@@ -420,28 +530,7 @@ impl Vm {
                     if stop_requested() && matches!(kind, Kind::PollOneoff | Kind::NetStep) {
                         return Err(Fault::Stopped);
                     }
-                    let outcome = match &mut g.sink {
-                        Some(sink) => {
-                            let event = Arc::new(Event {
-                                seq,
-                                kind,
-                                args,
-                                outputs,
-                                outcome,
-                            });
-                            sink.append(Arc::clone(&event))?;
-                            // A sink that keeps the event (a primary's history, a log's
-                            // writer until it wrote it) shares its data with the guest's
-                            // outcome: cloning the event copies no data read nor frame
-                            // received (`event::Bytes`).
-                            Arc::unwrap_or_clone(event).outcome
-                        }
-                        None => outcome,
-                    };
-                    self.seq += 1;
-                    g.seq = self.seq;
-                    g.chain = self.outputs.at_last_event();
-                    return Ok(outcome);
+                    return self.logged(&mut g, seq, kind, args, outputs, outcome);
                 }
                 Inputs::Replay { go_live, .. } => {
                     let source = g
@@ -452,7 +541,13 @@ impl Vm {
                         match source.tail()? {
                             Tail::GoLive if go_live.is_some() => {
                                 let intent = source.pending_intent();
+                                // The primary announces an operation only once every write
+                                // behind before it was performed.
+                                let written = source
+                                    .written_below()
+                                    .max(intent.as_ref().map_or(0, |i| i.seq));
                                 drop(g);
+                                self.forget_written(written);
                                 self.go_live(intent)?;
                                 g = lock(&gate);
                                 continue;
@@ -505,6 +600,12 @@ impl Vm {
                     if let Some(why) = why {
                         return Err(Fault::Divergence { seq, why });
                     }
+                    // The primary performs any other disk operation only once every write
+                    // before it was performed, and logs it after: the writes kept for a
+                    // go-live are done.
+                    if kind.uses_disk() && kind != Kind::FdWrite {
+                        self.written.clear();
+                    }
                     self.seq += 1;
                     g.seq = self.seq;
                     g.chain = self.outputs.at_last_event();
@@ -512,6 +613,85 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// Forget the writes kept to write again that the source says were performed.
+    fn forget_written(&mut self, below: u64) {
+        while self.written.front().is_some_and(|w| w.seq < below) {
+            self.written.pop_front();
+        }
+    }
+
+    /// Going live: perform again, in order, the writes the predecessor may not have
+    /// performed ([`Vm::written`]). One that cannot be made stops the VM here rather than
+    /// let it run on as if it had been: no output that depends on it has left.
+    fn write_again(&mut self, host: &LiveHost) -> Result<(), Fault> {
+        if self.written.is_empty() {
+            return Ok(());
+        }
+        let (n, bytes) = (
+            self.written.len(),
+            self.written.iter().map(|w| w.data.len()).sum::<usize>(),
+        );
+        let mut files: std::collections::HashMap<u64, std::fs::File> = Default::default();
+        for w in std::mem::take(&mut self.written) {
+            let file = match files.entry(w.ino) {
+                std::collections::hash_map::Entry::Occupied(f) => Ok(f.into_mut()),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    host.open_to_write(&w.path, w.ino).map(|f| v.insert(f))
+                }
+            };
+            let r = file.and_then(|f| {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&w.data, w.at)
+            });
+            if let Err(e) = r {
+                return Err(Fault::GoLive(format!(
+                    "the write of event {} ({} bytes at {} of {}), which the predecessor may not have made, cannot be made again: {e}",
+                    w.seq,
+                    w.data.len(),
+                    w.at,
+                    w.path
+                )));
+            }
+        }
+        tracing::info!(
+            "going live: {n} writes ({bytes} bytes) the predecessor may not have performed were made again"
+        );
+        Ok(())
+    }
+
+    /// Log a live event's outcome and move past it.
+    fn logged(
+        &mut self,
+        g: &mut MutexGuard<'_, Gate>,
+        seq: u64,
+        kind: Kind,
+        args: u64,
+        outputs: u64,
+        outcome: Outcome,
+    ) -> Result<Outcome, Fault> {
+        let outcome = match &mut g.sink {
+            Some(sink) => {
+                let event = Arc::new(Event {
+                    seq,
+                    kind,
+                    args,
+                    outputs,
+                    outcome,
+                });
+                sink.append(Arc::clone(&event))?;
+                // A sink that keeps the event (a primary's history, a log's writer until it
+                // wrote it) shares its data with the guest's outcome: cloning the event
+                // copies no data read nor frame received (`event::Bytes`).
+                Arc::unwrap_or_clone(event).outcome
+            }
+            None => outcome,
+        };
+        self.seq += 1;
+        g.seq = self.seq;
+        g.chain = self.outputs.at_last_event();
+        Ok(outcome)
     }
 
     /// Go live where the replay stands: host resources rebuilt from VM state, the NIC on
@@ -538,6 +718,7 @@ impl Vm {
             );
         }
         host.uncertain = intent;
+        self.write_again(&host)?;
         {
             let mut g = lock(&self.gate);
             g.sink = gl.sink;
@@ -729,6 +910,19 @@ impl OutputPort for Muted {
     }
     fn storage_failed(&mut self, position: u64) -> Result<(), LogError> {
         self.port.storage_failed(position)
+    }
+    fn defers_writes(&self) -> bool {
+        self.port.defers_writes()
+    }
+    fn write_behind(
+        &mut self,
+        position: u64,
+        write: DiskWrite,
+    ) -> Result<Option<DiskWrite>, LogError> {
+        self.port.write_behind(position, write)
+    }
+    fn settle_writes(&mut self) -> Result<(), LogError> {
+        self.port.settle_writes()
     }
 }
 
@@ -1233,6 +1427,7 @@ impl Vm {
             snap: None,
             resume: None,
             memory_len: 0,
+            written: VecDeque::new(),
         }
     }
 

@@ -1217,15 +1217,25 @@ fn write_file(
     iovs: &[(u32, u32)],
     at: Option<u64>,
 ) -> Result<usize, Stop> {
-    let (path, ino, offset, append) = match vm.fds.get(fd)? {
+    let (path, ino, offset, append, behind) = match vm.fds.get(fd)? {
         FdKind::File {
             path,
             ino,
             offset,
             write: true,
             flags,
+            aside,
             ..
-        } => (path.clone(), *ino, *offset, flags & fdflags::APPEND != 0),
+        } => (
+            path.clone(),
+            *ino,
+            *offset,
+            flags & fdflags::APPEND != 0,
+            // A copy going live finds the file again by its path to write it again, which
+            // a file set aside has no more; and a synchronous write is durable when its
+            // outcome is given.
+            !aside && flags & (fdflags::DSYNC | fdflags::RSYNC | fdflags::SYNC) == 0,
+        ),
         FdKind::File { .. } | FdKind::Dir { .. } => return Err(errno::BADF.into()),
         _ if at.is_some() => return Err(errno::SPIPE.into()),
         _ => return Err(errno::BADF.into()),
@@ -1234,7 +1244,7 @@ fn write_file(
     let mut done = 0;
     let mut position = at.unwrap_or(offset);
     loop {
-        let data = m.gather_at(iovs, done, MAX_IO)?;
+        let data = crate::event::Bytes::from(m.gather_at(iovs, done, MAX_IO)?);
         // Appends go to the file's end: every change of its size went through this VM, so
         // the end it knows is the end, and writing there again is idempotent. (Linux
         // appends a pwrite on an append descriptor too.)
@@ -1244,7 +1254,7 @@ fn write_file(
             position
         };
         let args = args_digest(&[&le(u64::from(fd)), &le(start), &le(data.len() as u64)]);
-        let outcome = vm.event(Kind::FdWrite, args, |h, _, _| h.write_at(fd, start, &data));
+        let outcome = vm.write_event(fd, start, &data, args, behind.then_some((&path, ino)));
         let (written, end) = match outcome? {
             Outcome::Written { n, offset } if n as usize <= data.len() => (n as usize, offset),
             Outcome::Errno(_) if done > 0 => break,
