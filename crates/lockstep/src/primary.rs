@@ -30,10 +30,14 @@
 //! behind was performed (`settle_writes`), so that it sees them. The secondary keeps the
 //! writes it replays until told they were performed (`ToSecondary::Written`, or any other
 //! disk event) and performs them again as it goes live: each is positional, so doing again
-//! what was done is harmless (invariant 2). A write behind that fails halts this copy and
-//! closes the channel: nothing after it leaves, and the secondary takes over. A newcomer is
-//! gated only once no write behind is pending: it could not perform again one from before
-//! its start.
+//! what was done is harmless (invariant 2). Writes behind are performed by the releaser,
+//! never by the thread that reads acknowledgements (storage can be slow). One that fails
+//! stops everything after it from leaving; the VM is handed over if this host lost its
+//! storage and the secondary's has it, else this copy halts and closes the channel, and the
+//! secondary takes over: either way the secondary writes it again (the end is never sent
+//! while a write behind is pending, so a secondary holding the end never has to). A
+//! newcomer is gated only once no write behind is pending: it could not perform again one
+//! from before its start.
 //!
 //! Invariants: a held output at position p leaves only when the secondary holds p events or
 //! no secondary is gated (none attached, one still catching up, or arbitration won after
@@ -84,6 +88,13 @@ enum Held {
     /// A write whose outcome the guest already has (see `OutputPort::write_behind`).
     Disk(DiskWrite),
 }
+
+/// Writes behind not yet performed weigh at most about this (a write is taken while they
+/// weigh less; one write is at most 16 MiB): what they hold in memory, and what they may
+/// take of the datastore's free space beyond what was free when the guest was told they
+/// were written, well within the space a write behind leaves free
+/// (`machine::datastore::SPACE_MARGIN`, 256 MiB).
+const BEHIND_BYTES: u64 = 48 << 20;
 
 /// Under load, the secondary is told which writes were performed at most this often.
 const WRITTEN_EVERY: Duration = Duration::from_millis(10);
@@ -184,6 +195,7 @@ struct State {
     /// before the history's end, if none) was performed. The VM's side waits for this to
     /// be empty before any other disk operation; how many wait.
     unwritten: VecDeque<u64>,
+    unwritten_bytes: u64,
     writes_waiting: u32,
     writes_behind: u64,
     /// A write behind failed (why): it and every output after it stay held while the VM
@@ -739,6 +751,7 @@ impl Shared {
                 declined_at: None,
                 held: VecDeque::new(),
                 unwritten: VecDeque::new(),
+                unwritten_bytes: 0,
                 writes_waiting: 0,
                 writes_behind: 0,
                 write_failed: None,
@@ -1114,6 +1127,10 @@ impl Primary {
         let wait = s.config.end_wait;
         let mut st = s.lock();
         loop {
+            if st.write_failed.is_some() {
+                // The secondary was sent no end: it takes over and writes it again.
+                halt_on_write_failure(s, &mut st);
+            }
             if st.halted.is_some() {
                 return;
             }
@@ -1231,22 +1248,28 @@ impl EventSink for PrimarySink {
 pub struct GatedPort(Arc<Shared>);
 
 impl GatedPort {
-    fn hold(&mut self, position: u64, out: Held) -> Result<(), String> {
+    /// Hold a frame or console output (a write behind goes through
+    /// [`OutputPort::write_behind`]).
+    fn hold(&mut self, position: u64, out: Held) {
         let s = &self.0;
-        let mut st = s.lock();
+        let st = s.lock();
         if st.halted.is_some() {
-            return Ok(());
+            return;
         }
         if !st.gates() && st.outputs_done() {
             // No secondary, or one still catching up, and no earlier output on its way:
-            // unprotected, the output goes at once.
+            // unprotected, the output goes at once (only a disk write can fail).
             drop(st);
-            return send(s, &out);
+            let _ = send(s, &out);
+            return;
         }
-        if matches!(out, Held::Disk(_)) {
-            st.unwritten.push_back(position);
-            st.writes_behind += 1;
-        }
+        self.push(st, position, out);
+    }
+
+    /// Add an output to the held ones and write those that may leave now (the VM's thread
+    /// writes no write behind: it goes on while the releaser does).
+    fn push(&self, mut st: MutexGuard<'_, State>, position: u64, out: Held) {
+        let s = &self.0;
         st.held.push_back((position, out));
         st.held_total += 1;
         // Already acknowledged (or not gated): written here, after those before it, rather
@@ -1254,11 +1277,8 @@ impl GatedPort {
         let due = st.release_due();
         drop(st);
         if due {
-            // The VM's thread writes no disk write behind: it goes on while the releaser
-            // does.
             release_outputs(s, false);
         }
-        Ok(())
     }
 }
 
@@ -1296,7 +1316,9 @@ fn after_write_failure(s: &Shared, why: String) {
     if st.halted.is_some() {
         return;
     }
-    if let Some((lost, uplink)) = lost {
+    // After the run's end no VM thread is left to pause for a handover: the secondary
+    // (which was sent no end) takes over, writes it again and ends as the guest did.
+    if let Some((lost, uplink)) = lost.filter(|_| st.end.is_none()) {
         let own = crate::health::HostHealth {
             storage: Some(lost.clone()),
             uplink,
@@ -1347,23 +1369,24 @@ fn halt_on_write_failure(s: &Shared, st: &mut State) {
 
 impl OutputPort for GatedPort {
     fn frame(&mut self, position: u64, frame: &[u8]) {
-        // Only a disk write can fail.
-        let _ = self.hold(position, Held::Frame(frame.to_vec()));
+        self.hold(position, Held::Frame(frame.to_vec()));
     }
 
     fn console(&mut self, position: u64, fd: u32, data: &[u8]) {
-        let _ = self.hold(position, Held::Console(fd, data.to_vec()));
+        self.hold(position, Held::Console(fd, data.to_vec()));
     }
 
     /// Only while a secondary is gated (then the write would wait for the output rule),
-    /// and both hosts reach storage: with it lost on either, a failed write could be
-    /// written again by neither copy, and the guest gets its error as natively.
-    /// Unprotected, a write is performed before the guest gets its outcome.
+    /// both hosts reach storage (with it lost on either, a failed write could be written
+    /// again by neither copy: the guest gets its error as natively), and the writes not
+    /// yet performed weigh less than [`BEHIND_BYTES`]. Unprotected, a write is performed
+    /// before the guest gets its outcome.
     fn defers_writes(&self) -> bool {
         let st = self.0.lock();
         st.gates()
             && st.halted.is_none()
             && st.handover.is_none()
+            && st.unwritten_bytes < BEHIND_BYTES
             && st.own_health.storage.is_none()
             && st.peer_health.storage.is_none()
     }
@@ -1373,20 +1396,21 @@ impl OutputPort for GatedPort {
         position: u64,
         write: DiskWrite,
     ) -> Result<Option<DiskWrite>, LogError> {
-        {
-            let st = self.0.lock();
-            if let Some(why) = &st.halted {
-                return Err(LogError::Source(format!("halted: {why}")));
-            }
-            if !st.gates() && st.outputs_done() {
-                // The secondary went meanwhile: nothing to wait for, so the write is done
-                // now and the guest gets its true outcome.
-                return Ok(Some(write));
-            }
+        let mut st = self.0.lock();
+        if let Some(why) = &st.halted {
+            return Err(LogError::Source(format!("halted: {why}")));
         }
-        self.hold(position, Held::Disk(write))
-            .map(|()| None)
-            .map_err(LogError::Source)
+        if !st.gates() {
+            // The secondary went meanwhile (or is not gated yet): the write is done now,
+            // after the held ones (the caller settles first), and the guest gets its true
+            // outcome.
+            return Ok(Some(write));
+        }
+        st.unwritten.push_back(position);
+        st.unwritten_bytes += write.len() as u64;
+        st.writes_behind += 1;
+        self.push(st, position, Held::Disk(write));
+        Ok(None)
     }
 
     fn settle_writes(&mut self) -> Result<(), LogError> {
@@ -1526,7 +1550,7 @@ fn release_outputs(s: &Shared, disk: bool) {
             break;
         }
         drop(st);
-        let (mut done, mut written) = (0u64, 0usize);
+        let (mut done, mut written, mut written_bytes) = (0u64, 0usize, 0u64);
         let mut failed = None;
         let mut rest = Vec::new();
         let mut batch = batch.into_iter();
@@ -1550,11 +1574,15 @@ fn release_outputs(s: &Shared, disk: bool) {
                 break;
             }
             done += 1;
-            written += usize::from(disk);
+            if let Held::Disk(w) = &out {
+                written += 1;
+                written_bytes += w.len() as u64;
+            }
         }
         st = s.lock();
         let written = written.min(st.unwritten.len());
         st.unwritten.drain(..written);
+        st.unwritten_bytes = st.unwritten_bytes.saturating_sub(written_bytes);
         for held in rest.into_iter().rev() {
             st.held.push_front(held);
         }
