@@ -3,7 +3,8 @@
  * descriptor writes its last line, a data file written through a descriptor kept across
  * rename(tmp, data), and a scratch file unlinked while open and still used. Every byte it
  * writes is a function of the step number, so the files after a run are the same however
- * many hosts the run took. Usage: filechurn [STEPS [MS_PER_STEP]] */
+ * many hosts the run took. After WAIT_MS it takes its steps, and says on stderr how long
+ * they took. Usage: filechurn [STEPS [MS_PER_STEP [WAIT_MS]]] */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -25,6 +26,7 @@ static void put(int fd, const char *text) {
 int main(int argc, char **argv) {
     int steps = argc > 1 ? atoi(argv[1]) : 300;
     int ms = argc > 2 ? atoi(argv[2]) : 10;
+    int wait_ms = argc > 3 ? atoi(argv[3]) : 0;
     char line[128];
 
     int log = open("app.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -37,7 +39,10 @@ int main(int argc, char **argv) {
     if (scratch < 0) die("open scratch");
     if (unlink("scratch") != 0) die("unlink scratch");
     int bad = 0;
-
+    struct timespec w = {wait_ms / 1000, (long)(wait_ms % 1000) * 1000000L};
+    if (wait_ms > 0) nanosleep(&w, NULL);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int i = 0; i < steps; i++) {
         snprintf(line, sizeof line, "line %d\n", i);
         put(log, line);
@@ -62,6 +67,9 @@ int main(int argc, char **argv) {
         struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
         nanosleep(&t, NULL);
     }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    fprintf(stderr, "filechurn: steps took %lld us\n",
+            (long long)(t1.tv_sec - t0.tv_sec) * 1000000LL + (t1.tv_nsec - t0.tv_nsec) / 1000);
     close(log);
     close(data);
     close(scratch);

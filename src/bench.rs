@@ -1123,15 +1123,20 @@ fn status_counter(status: &str, key: &str) -> f64 {
 /// A guest that writes its files as ordinary programs do (filechurn: each step appends a
 /// line to a journal and a record to a data file, and writes and reads back a scratch
 /// file), unprotected and as an FT pair on this host (the logging channel on loopback,
-/// the datastore on local disk), alternated: the best time of each, and how many of the FT
+/// the datastore on local disk), alternated: the best time of each for its steps (as the
+/// guest measures it; under FT it starts them once protected), and how many of the FT
 /// run's writes went behind (their outcome given at once, the write held to the output
-/// rule). Every run's output is checked.
+/// rule); and the same FT run with `--no-write-behind` (every write waits for the
+/// secondary before it is performed). Every run's output is checked.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 struct DiskRows {
     /// Unprotected time ÷ FT time (a throughput ratio, like `throughput_ratio`).
     disk_ratio: f64,
     disk_unprotected_s: f64,
     disk_ft_s: f64,
+    /// The same with `--no-write-behind`.
+    disk_ratio_no_write_behind: f64,
+    disk_ft_no_write_behind_s: f64,
     disk_steps: u32,
     disk_writes_behind: u64,
 }
@@ -1141,7 +1146,22 @@ fn disk_rows(rounds: u32, quick: bool, json: bool) -> Result<DiskRows> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let steps: u32 = if quick { 5000 } else { 20000 };
     let want = format!("filechurn: {steps} steps, 0 bad reads");
-    let (mut plain, mut ft, mut behind) = (Duration::MAX, Duration::MAX, 0);
+    // The FT run waits this long before its steps: the secondary is gated by then.
+    let wait_ms = "1500";
+    // What the guest says its steps took.
+    let took = |out: &std::process::Output| -> Result<Duration> {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("filechurn: steps took ")?
+                    .strip_suffix(" us")
+            })
+            .and_then(|us| us.trim().parse().ok())
+            .map(Duration::from_micros)
+            .context("filechurn did not say how long its steps took")
+    };
+    let (mut plain, mut ft, mut ft_sync, mut behind) =
+        (Duration::MAX, Duration::MAX, Duration::MAX, 0);
     let addr = format!("127.0.0.1:{}", 30_000 + std::process::id() % 20_000);
     let checked = |who: &str, out: &std::process::Output| -> Result<()> {
         if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains(&want) {
@@ -1158,14 +1178,13 @@ fn disk_rows(rounds: u32, quick: bool, json: bool) -> Result<DiskRows> {
         progress(
             json,
             &format!(
-                "disk round {}/{rounds}: filechurn unprotected, then under FT",
+                "disk round {}/{rounds}: filechurn unprotected, under FT, under FT without writes behind",
                 round + 1
             ),
         );
         let work = tempfile::tempdir().context("creating a scratch folder")?;
         let data = work.path().join("plain");
         std::fs::create_dir_all(&data)?;
-        let begun = Instant::now();
         let out = Command::new(&exe)
             .args(["vm", "run", "--wasm"])
             .arg(&wasm)
@@ -1175,56 +1194,76 @@ fn disk_rows(rounds: u32, quick: bool, json: bool) -> Result<DiskRows> {
             .env("TANDEM_LOG", "warn")
             .output()
             .context("running tandem vm run")?;
-        plain = plain.min(begun.elapsed());
         checked("unprotected", &out)?;
+        plain = plain.min(took(&out)?);
 
-        let data = work.path().join("w/data");
-        std::fs::create_dir_all(&data)?;
-        let pair = |role: &str| {
-            let mut c = Command::new(&exe);
-            c.args(["ft", role, "--vm", "w", "--shared"])
-                .arg(work.path())
-                .arg("--wasm")
-                .arg(&wasm)
-                .arg("--datastore")
-                .arg(&data)
-                .env("TANDEM_LOG", "warn");
-            c
-        };
-        // The secondary first: it waits for the primary, so the run is protected from
-        // its first steps.
-        let secondary = pair("secondary")
-            .args(["--primary", &addr])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("starting the secondary")?;
-        let begun = Instant::now();
-        let out = pair("primary")
-            .args(["--log-listen", &addr])
-            .args(["--arg", &steps.to_string(), "--arg", "0"])
-            .output()
-            .context("running the primary")?;
-        ft = ft.min(begun.elapsed());
-        let sec = secondary.wait_with_output()?;
-        checked("FT primary", &out)?;
-        if !sec.status.success() {
-            bail!(
-                "filechurn's secondary failed ({}): {}",
-                sec.status,
-                String::from_utf8_lossy(&sec.stderr)
-            );
+        for sync in [false, true] {
+            let vm = if sync { "s" } else { "w" };
+            let data = work.path().join(format!("{vm}/data"));
+            std::fs::create_dir_all(&data)?;
+            let pair = |role: &str| {
+                let mut c = Command::new(&exe);
+                c.args(["ft", role, "--vm", vm, "--shared"])
+                    .arg(work.path())
+                    .arg("--wasm")
+                    .arg(&wasm)
+                    .arg("--datastore")
+                    .arg(&data)
+                    .env("TANDEM_LOG", "warn");
+                c
+            };
+            // The secondary first: it waits for the primary.
+            let secondary = pair("secondary")
+                .args(["--primary", &addr])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("starting the secondary")?;
+            let mut primary = pair("primary");
+            primary.args(["--log-listen", &addr]).args([
+                "--arg",
+                &steps.to_string(),
+                "--arg",
+                "0",
+                "--arg",
+                wait_ms,
+            ]);
+            if sync {
+                primary.arg("--no-write-behind");
+            }
+            let out = primary.output().context("running the primary")?;
+            let sec = secondary.wait_with_output()?;
+            checked("FT primary", &out)?;
+            if !sec.status.success() {
+                bail!(
+                    "filechurn's secondary failed ({}): {}",
+                    sec.status,
+                    String::from_utf8_lossy(&sec.stderr)
+                );
+            }
+            let status = std::fs::read_to_string(work.path().join(format!("{vm}/status")))
+                .unwrap_or_default();
+            let n: u64 = status
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("writes_behind=")?.parse().ok())
+                .unwrap_or(0);
+            if sync {
+                ft_sync = ft_sync.min(took(&out)?);
+                if n != 0 {
+                    bail!("{n} writes went behind with --no-write-behind");
+                }
+            } else {
+                ft = ft.min(took(&out)?);
+                behind = n;
+            }
         }
-        let status = std::fs::read_to_string(work.path().join("w/status")).unwrap_or_default();
-        behind = status
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("writes_behind=")?.parse().ok())
-            .unwrap_or(0);
     }
     Ok(DiskRows {
         disk_ratio: plain.as_secs_f64() / ft.as_secs_f64(),
         disk_unprotected_s: plain.as_secs_f64(),
         disk_ft_s: ft.as_secs_f64(),
+        disk_ratio_no_write_behind: plain.as_secs_f64() / ft_sync.as_secs_f64(),
+        disk_ft_no_write_behind_s: ft_sync.as_secs_f64(),
         disk_steps: steps,
         disk_writes_behind: behind,
     })
@@ -1598,6 +1637,14 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         println!(
             "{:<40} {:>12} {:>12} {:>10} {:>8}",
             "  writes behind in the FT run", "-", "-", d.disk_writes_behind, "-"
+        );
+        println!(
+            "{:<40} {:>11.2}s {:>11.2}s {:>10.3} {:>8}",
+            "  the same, --no-write-behind",
+            d.disk_unprotected_s,
+            d.disk_ft_no_write_behind_s,
+            d.disk_ratio_no_write_behind,
+            "-"
         );
         println!(
             "{:<40} {:>10.1}µs {:>10.1}µs {:>10.3} {:>8}",

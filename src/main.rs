@@ -185,6 +185,13 @@ struct FtArgs {
     /// Never hand the VM over because of this host's storage or uplink (still reported).
     #[arg(long)]
     no_health_handover: bool,
+    /// Every write waits for the secondary before it is performed, and the guest gets its
+    /// true outcome. By default a plain write to a regular file goes behind while the VM
+    /// is protected: the guest has its outcome at once and the write leaves with the other
+    /// outputs, under the output rule (taken only where it can fail only by a lost
+    /// storage path; the secondary writes it again if the primary could not).
+    #[arg(long)]
+    no_write_behind: bool,
 }
 
 /// The largest heartbeat interval or failure timeout accepted, in milliseconds.
@@ -295,6 +302,7 @@ impl FtArgs {
             // large). The primary waits only past that, and then holds one event more (the
             // one that lets an idle secondary reach a point to checkpoint at).
             max_history_bytes: (self.checkpoint_mib << 20) + machine::event::MAX_EVENT_DATA as u64,
+            write_behind: !self.no_write_behind,
             ..lockstep::FtConfig::default()
         })
     }

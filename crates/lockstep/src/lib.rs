@@ -102,6 +102,11 @@ pub struct FtConfig {
     /// How long a finished primary waits for its secondary to confirm the end (and for its
     /// held outputs to be written) before it fences the secondary off.
     pub end_wait: Duration,
+    /// Whether plain writes go behind while a secondary is gated (see
+    /// [`primary`]): the guest has their outcome at once and they leave under the output
+    /// rule. Off, every write waits for the secondary before it is performed, and the guest
+    /// gets its true outcome.
+    pub write_behind: bool,
 }
 
 impl Default for FtConfig {
@@ -113,6 +118,7 @@ impl Default for FtConfig {
             max_lag_events: 100_000,
             max_history_bytes: u64::MAX,
             end_wait: Duration::from_secs(10),
+            write_behind: true,
         }
     }
 }

@@ -1383,7 +1383,8 @@ impl OutputPort for GatedPort {
     /// before the guest gets its outcome.
     fn defers_writes(&self) -> bool {
         let st = self.0.lock();
-        st.gates()
+        self.0.config.write_behind
+            && st.gates()
             && st.halted.is_none()
             && st.handover.is_none()
             && st.unwritten_bytes < BEHIND_BYTES
