@@ -200,55 +200,76 @@ fn a_primary_dying_right_after_a_non_idempotent_disk_operation_is_not_redone_at_
     // mkdir, O_EXCL create, rename, link, symlink, unlink, rename over an open file,
     // rename of a folder held open, unlink, rmdir.
     for k in 1..=10u16 {
-        let shared = tempfile::tempdir().unwrap();
-        let dir = shared.path();
-        let data = dir.join("u/data");
-        std::fs::create_dir_all(&data).unwrap();
-        let addr = format!("127.0.0.1:{}", port0 + k);
-        let ft = [
-            "--vm",
-            "u",
-            "--shared",
-            s(dir),
-            "--wasm",
-            s(&wasm),
-            "--datastore",
-            s(&data),
-        ];
         // The guest waits a second first: the secondary is attached before its first
         // operation.
-        let mut primary = spawn(
-            dir,
-            "primary",
-            &[
-                &["ft", "primary", "--log-listen", &addr, "--arg", "1000"][..],
-                &ft,
-            ]
-            .concat(),
-            &[("TANDEM_FAILPOINT", format!("die-after-uncertain:{k}"))],
+        let (shared, story) = run_to_failpoint(
+            &wasm,
+            "u",
+            port0 + k,
+            &["1000"],
+            format!("die-after-uncertain:{k}"),
+            false,
         );
-        let mut secondary = spawn(
-            dir,
-            "secondary",
-            &[&["ft", "secondary", "--primary", &addr][..], &ft].concat(),
-            &[],
-        );
-        let p = wait_child(&mut primary, Duration::from_secs(20));
-        let sec = wait_child(&mut secondary, Duration::from_secs(20));
-        let story = format!("failpoint {k}\n{}", story(dir));
         assert_eq!(
-            p.map(|p| p.code()),
-            Some(None),
-            "the primary died by its failpoint: {story}"
-        );
-        assert_eq!(sec.and_then(|s| s.code()), Some(0), "{story}");
-        assert!(read(dir, "secondary.err").contains("went live"), "{story}");
-        assert_eq!(
-            contents(&data),
+            contents(&shared.path().join("u/data")),
             want,
             "the files differ from an uninterrupted run's: {story}"
         );
     }
+}
+
+/// An FT pair of `wasm` (VM `vm`, the guest's arguments `args`, the logging channel on
+/// loopback `port`) whose primary dies by `failpoint`, the secondary started first if
+/// `secondary_first`: the secondary must go live and finish the run. Shared storage (the
+/// datastore at `VM/data`) and what both copies said.
+fn run_to_failpoint(
+    wasm: &Path,
+    vm: &str,
+    port: u16,
+    args: &[&str],
+    failpoint: String,
+    secondary_first: bool,
+) -> (tempfile::TempDir, String) {
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared.path();
+    let data = dir.join(format!("{vm}/data"));
+    std::fs::create_dir_all(&data).unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let ft = [
+        "--vm",
+        vm,
+        "--shared",
+        s(dir),
+        "--wasm",
+        s(wasm),
+        "--datastore",
+        s(&data),
+    ];
+    let mut primary_args = vec!["ft", "primary", "--log-listen", &addr];
+    for a in args {
+        primary_args.extend(["--arg", a]);
+    }
+    primary_args.extend(ft);
+    let secondary_args = [&["ft", "secondary", "--primary", &addr][..], &ft].concat();
+    let env = [("TANDEM_FAILPOINT", failpoint.clone())];
+    let (mut primary, mut secondary) = if secondary_first {
+        let sec = spawn(dir, "secondary", &secondary_args, &[]);
+        (spawn(dir, "primary", &primary_args, &env), sec)
+    } else {
+        let p = spawn(dir, "primary", &primary_args, &env);
+        (p, spawn(dir, "secondary", &secondary_args, &[]))
+    };
+    let p = wait_child(&mut primary, Duration::from_secs(20));
+    let sec = wait_child(&mut secondary, Duration::from_secs(20));
+    let story = format!("failpoint {failpoint}\n{}", story(dir));
+    assert_eq!(
+        p.map(|p| p.code()),
+        Some(None),
+        "the primary died by its failpoint: {story}"
+    );
+    assert_eq!(sec.and_then(|s| s.code()), Some(0), "{story}");
+    assert!(read(dir, "secondary.err").contains("went live"), "{story}");
+    (shared, story)
 }
 
 /// A write whose outcome the guest was given before it was performed (write-behind, while
@@ -263,64 +284,21 @@ fn a_write_the_primary_never_performed_is_written_again_at_go_live() {
     let want = reference_run(&churn, &[steps, ms]);
     let port0 = 24_000 + (std::process::id() % 20_000) as u16;
     for k in [1u16, 2, 101] {
-        let shared = tempfile::tempdir().unwrap();
-        let dir = shared.path();
-        let data = dir.join("w/data");
-        std::fs::create_dir_all(&data).unwrap();
-        let addr = format!("127.0.0.1:{}", port0 + k);
-        let ft = [
-            "--vm",
-            "w",
-            "--shared",
-            s(dir),
-            "--wasm",
-            s(&churn),
-            "--datastore",
-            s(&data),
-        ];
         // The secondary first: it waits for the primary, so that the guest is protected
         // (and its writes go behind) from its first steps.
-        let mut secondary = spawn(
-            dir,
-            "secondary",
-            &[&["ft", "secondary", "--primary", &addr][..], &ft].concat(),
-            &[],
-        );
-        let mut primary = spawn(
-            dir,
-            "primary",
-            &[
-                &[
-                    "ft",
-                    "primary",
-                    "--log-listen",
-                    &addr,
-                    "--arg",
-                    steps,
-                    "--arg",
-                    ms,
-                ][..],
-                &ft,
-            ]
-            .concat(),
-            &[("TANDEM_FAILPOINT", format!("die-before-write-behind:{k}"))],
-        );
-        let p = wait_child(&mut primary, Duration::from_secs(20));
-        let sec = wait_child(&mut secondary, Duration::from_secs(20));
-        let story = format!("failpoint {k}\n{}", story(dir));
-        assert_eq!(
-            p.map(|p| p.code()),
-            Some(None),
-            "the primary died by its failpoint: {story}"
+        let (shared, story) = run_to_failpoint(
+            &churn,
+            "w",
+            port0 + k,
+            &[steps, ms],
+            format!("die-before-write-behind:{k}"),
+            true,
         );
         assert!(
-            read(dir, "primary.err").contains("which the secondary holds"),
+            read(shared.path(), "primary.err").contains("which the secondary holds"),
             "the primary died with the write's event at the secondary: {story}"
         );
-        assert_eq!(sec.and_then(|s| s.code()), Some(0), "{story}");
-        let err = read(dir, "secondary.err");
-        assert!(err.contains("went live"), "{story}");
-        let again = err
+        let again = read(shared.path(), "secondary.err")
             .lines()
             .find_map(|l| {
                 l.split("going live: ")
@@ -333,7 +311,7 @@ fn a_write_the_primary_never_performed_is_written_again_at_go_live() {
             .unwrap_or(0);
         assert!(again >= 1, "nothing was written again: {story}");
         assert_eq!(
-            contents(&data),
+            contents(&shared.path().join("w/data")),
             want,
             "the files differ from an uninterrupted run's: {story}"
         );

@@ -2887,11 +2887,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn outputs_wait_until_the_secondary_holds_their_events() {
-        let shared = tempfile::tempdir().unwrap();
-        let dir = VmDir::new(shared.path(), "vm");
-        let primary = Primary::start(
+    /// A primary of the default configuration on loopback...
+    fn default_primary(dir: &VmDir) -> Primary {
+        Primary::start(
             dir.clone(),
             "127.0.0.1:0",
             header(),
@@ -2899,20 +2897,32 @@ mod tests {
             false,
             FtConfig::default(),
         )
-        .unwrap();
-        let (mut sink, mut port) = (primary.sink(), primary.port());
-        // Unprotected: an output leaves at once.
-        port.frame(0, b"before any secondary");
-        assert_eq!(primary.released(), 0, "sent directly, not held");
+        .unwrap()
+    }
 
-        let secondary = Secondary::connect(
+    /// ...and a secondary joining it from power-on.
+    fn joined(dir: VmDir, primary: &Primary) -> Secondary {
+        Secondary::connect(
             dir,
             &primary.addr.to_string(),
             Duration::from_secs(5),
             FtConfig::default(),
             0,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn outputs_wait_until_the_secondary_holds_their_events() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let primary = default_primary(&dir);
+        let (mut sink, mut port) = (primary.sink(), primary.port());
+        // Unprotected: an output leaves at once.
+        port.frame(0, b"before any secondary");
+        assert_eq!(primary.released(), 0, "sent directly, not held");
+
+        let secondary = joined(dir, &primary);
         let mut source = secondary.source(None);
         wait("attach", || primary.shared.lock().attached.is_some());
         // An output produced after 3 events is held while the secondary has fewer.
@@ -2953,33 +2963,12 @@ mod tests {
         use machine::port::DiskWrite;
         let shared = tempfile::tempdir().unwrap();
         let dir = VmDir::new(shared.path(), "vm");
-        let primary = Primary::start(
-            dir.clone(),
-            "127.0.0.1:0",
-            header(),
-            None,
-            false,
-            FtConfig::default(),
-        )
-        .unwrap();
+        let primary = default_primary(&dir);
         let (mut sink, mut port) = (primary.sink(), primary.port());
         assert!(
             !port.defers_writes(),
             "without a secondary a write is done at once"
         );
-        let secondary = Secondary::connect(
-            dir,
-            &primary.addr.to_string(),
-            Duration::from_secs(5),
-            FtConfig::default(),
-            0,
-        )
-        .unwrap();
-        let mut source = secondary.source(None);
-        sink.append(Arc::new(event(0))).unwrap();
-        wait("gated", || primary.shared.lock().gated);
-        assert!(port.defers_writes());
-
         let path = shared.path().join("file");
         let file = Arc::new(
             std::fs::OpenOptions::new()
@@ -2990,6 +2979,22 @@ mod tests {
                 .open(&path)
                 .unwrap(),
         );
+        let early = DiskWrite::new(file.clone(), 0, Bytes::from(b"early".to_vec()));
+        assert!(
+            port.write_behind(0, early).unwrap().is_some(),
+            "not gated, a write is handed back to be done at once"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"",
+            "handed back, not written"
+        );
+        let secondary = joined(dir, &primary);
+        let mut source = secondary.source(None);
+        sink.append(Arc::new(event(0))).unwrap();
+        wait("gated", || primary.shared.lock().gated);
+        assert!(port.defers_writes());
+
         // Produced after 2 events, of which the secondary holds 1: held.
         let w = DiskWrite::new(file.clone(), 3, Bytes::from(b"hello".to_vec()));
         assert!(
