@@ -348,6 +348,33 @@ impl State {
         self.held.is_empty() && self.released == self.held_total
     }
 
+    /// This host lost storage (`own`, its health now): hand the VM over, only to a secondary
+    /// whose host is at least as healthy on every path (by its latest report; it looks
+    /// again when asked, and declines if it lacks a path now). `Ok(true)`: asked for now;
+    /// `Ok(false)`: a handover was under way already; `Err`: why not.
+    fn hand_over_for_storage(
+        &mut self,
+        own: &crate::health::HostHealth,
+    ) -> Result<bool, &'static str> {
+        if self.handover.is_some() {
+            return Ok(false);
+        }
+        if self.declined_lately() {
+            return Err("the secondary's host lacks it too (it declined a handover just now)");
+        }
+        if !self.protected() || !self.peer_health.better_than(own) {
+            return Err("no secondary whose host reaches it");
+        }
+        let lost = own.storage.as_deref().unwrap_or_default();
+        self.handover = Some(Handover {
+            why: format!("primary lost its storage ({lost})"),
+            at: None,
+            ready: false,
+            sent: false,
+        });
+        Ok(true)
+    }
+
     /// The secondary declined a handover a moment ago: do not ask again yet.
     fn declined_lately(&self) -> bool {
         self.declined_at.is_some_and(|t| t.elapsed() < DECLINE_HOLD)
@@ -391,6 +418,20 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking thread elsewhere must not take the VM down with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This host's health if storage, looked at now, confirms it is lost here (and losing
+    /// it may hand the VM over); `None` otherwise.
+    fn storage_lost_now(&self) -> Option<crate::health::HostHealth> {
+        let monitor = self.monitor.get()?;
+        if !self.lock().health_handover {
+            return None;
+        }
+        let lost = monitor.storage_now()?;
+        Some(crate::health::HostHealth {
+            storage: Some(lost),
+            uplink: monitor.current().uplink,
+        })
     }
 
     /// Something to send may have come: wake the sender if it waits (one that is busy
@@ -1309,39 +1350,26 @@ fn send(s: &Shared, out: &Held) -> Result<(), String> {
 /// handed over, and the secondary writes it again as it goes live. Otherwise this copy
 /// halts ([`halt_on_write_failure`]).
 fn after_write_failure(s: &Shared, why: String) {
-    let monitor = s.monitor.get().filter(|_| s.lock().health_handover);
     // An I/O error that storage does not confirm is not a lost path.
-    let lost = monitor.and_then(|m| m.storage_now().map(|lost| (lost, m.current().uplink)));
+    let own = s.storage_lost_now();
     let mut st = s.lock();
     if st.halted.is_some() {
         return;
     }
     // After the run's end no VM thread is left to pause for a handover: the secondary
     // (which was sent no end) takes over, writes it again and ends as the guest did.
-    if let Some((lost, uplink)) = lost.filter(|_| st.end.is_none()) {
-        let own = crate::health::HostHealth {
-            storage: Some(lost.clone()),
-            uplink,
-        };
-        let may = st.protected() && !st.declined_lately() && st.peer_health.better_than(&own);
-        if st.handover.is_some() || may {
-            tracing::error!(
-                "{why}: storage lost here ({lost}); handing over: the secondary writes it again"
-            );
-            if st.handover.is_none() {
-                st.handover = Some(Handover {
-                    why: format!("primary lost its storage ({lost})"),
-                    at: None,
-                    ready: false,
-                    sent: false,
-                });
-            }
-            s.wake_vm(&st);
-            drop(st);
-            // An idle VM waiting for the network takes its next event now.
-            machine::host::wake_waits();
-            return;
-        }
+    if let Some(own) = own.filter(|_| st.end.is_none())
+        && st.hand_over_for_storage(&own).is_ok()
+    {
+        tracing::error!(
+            "{why}: storage lost here ({}); handing over: the secondary writes it again",
+            own.storage.as_deref().unwrap_or_default()
+        );
+        s.wake_vm(&st);
+        drop(st);
+        // An idle VM waiting for the network takes its next event now.
+        machine::host::wake_waits();
+        return;
     }
     halt_on_write_failure(s, &mut st);
 }
@@ -1460,50 +1488,26 @@ impl OutputPort for GatedPort {
 
     fn storage_failed(&mut self, position: u64) -> Result<(), LogError> {
         let s = &self.0;
-        let Some(monitor) = s.monitor.get() else {
-            return Ok(());
-        };
-        if !s.lock().health_handover {
-            return Ok(());
-        }
         // An I/O error that storage does not confirm is the guest's to see.
-        let Some(why) = monitor.storage_now() else {
+        let Some(own) = s.storage_lost_now() else {
             return Ok(());
         };
+        let lost = own.storage.clone().unwrap_or_default();
         let mut st = s.lock();
         if let Some(h) = &st.halted {
             return Err(LogError::Source(format!("halted: {h}")));
         }
-        if st.handover.is_none() {
-            // Only to a host at least as healthy on every path (by its latest report; it
-            // looks again when asked, and declines if it lacks a path now).
-            let own = crate::health::HostHealth {
-                storage: Some(why.clone()),
-                uplink: monitor.current().uplink,
-            };
-            let declined = st.declined_lately();
-            if !st.protected() || declined || !st.peer_health.better_than(&own) {
+        match st.hand_over_for_storage(&own) {
+            Err(why_not) => {
                 tracing::error!(
-                    "event {position}: storage lost here ({why}) and {}: the guest gets the error",
-                    if declined {
-                        "the secondary's host lacks it too (it declined a handover just now)"
-                    } else {
-                        "no secondary whose host reaches it"
-                    }
+                    "event {position}: storage lost here ({lost}) and {why_not}: the guest gets the error"
                 );
                 return Ok(());
             }
-        }
-        if st.handover.is_none() {
-            tracing::error!(
-                "event {position}: storage lost here ({why}); handing over before the guest sees the error"
-            );
-            st.handover = Some(Handover {
-                why: format!("primary lost its storage ({why})"),
-                at: None,
-                ready: false,
-                sent: false,
-            });
+            Ok(true) => tracing::error!(
+                "event {position}: storage lost here ({lost}); handing over before the guest sees the error"
+            ),
+            Ok(false) => {}
         }
         s.switch_over(st).map(drop)
     }

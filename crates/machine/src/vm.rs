@@ -236,10 +236,11 @@ pub struct Vm {
     written: VecDeque<Written>,
 }
 
-/// A write replayed (see [`Vm::written`]): the file as the table named it then.
+/// A write replayed (see [`Vm::written`]): the file as the table named it then (its path
+/// shared with the write kept before it, for the usual run of writes to one file).
 struct Written {
     seq: u64,
-    path: String,
+    path: Arc<str>,
     ino: u64,
     at: u64,
     data: Bytes,
@@ -426,9 +427,13 @@ impl Vm {
             } else {
                 Bytes::from(data[..n].to_vec())
             };
+            let path = match self.written.back() {
+                Some(w) if w.ino == file.1 && *w.path == *file.0 => Arc::clone(&w.path),
+                _ => Arc::from(file.0),
+            };
             self.written.push_back(Written {
                 seq,
-                path: file.0.to_string(),
+                path,
                 ino: file.1,
                 at,
                 data,
