@@ -666,6 +666,12 @@ fn bench_vm_reports_its_ratios_as_json() {
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
     assert!(v["io_events"].as_u64().unwrap() > 1000, "{v}");
+    assert!(
+        v["record_us_per_event"]
+            .as_f64()
+            .is_some_and(|x| x.is_finite() && x >= 0.0),
+        "{v}"
+    );
     // Start-up is measured on a module of 10 MiB or more, beside wasmtime's own compile
     // (or the reason it could not be run).
     assert!(v["start_module_bytes"].as_u64().unwrap() >= 10 << 20, "{v}");

@@ -22,7 +22,8 @@ pub const MAGIC: &[u8; 2] = b"TL";
 /// release point; a newcomer catches up ungated until `ToSecondary::Release` (confirmed by
 /// `ToPrimary::ReleaseHeld`). 6: a secondary may decline a handover (`ToPrimary::Declined`).
 /// 7: writes performed after their outcome was logged (`ToSecondary::Written`).
-pub const VERSION: u8 = 7;
+/// 8: the output digest of log version 5 (a pair of copies must digest alike).
+pub const VERSION: u8 = 8;
 /// The largest payload a frame may carry: comfortably above one event's 16 MiB of data.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 const HEADER: usize = 16;

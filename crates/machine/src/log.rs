@@ -43,7 +43,9 @@ pub const MAGIC: &[u8; 8] = b"TANDEMLG";
 /// heads carry their own checksum so that a cut log tells a torn tail from damage).
 /// 4: the outputs between two events are folded one by one (so that a snapshot can hold
 /// the open segment): digests differ.
-pub const VERSION: u16 = 4;
+/// 5: an output's part longer than a blake3 chunk is digested on its own first (a write's
+/// data, a large frame): digests differ.
+pub const VERSION: u16 = 5;
 /// No single record is larger than this; a larger length field means damage.
 const MAX_RECORD: u32 = 64 << 20;
 /// No chunk is larger than this (a batch plus its largest record).

@@ -259,10 +259,14 @@ pub(crate) enum Resume {
 ///
 /// The digest is a chain over event boundaries: each output is hashed once and folded
 /// into the open segment (`pending = blake3(pending ‖ blake3(output))`, the first output's
-/// hash standing alone); at each event the segment is sealed into
+/// hash standing alone; within an output, each part is its length then its bytes, or for a
+/// part longer than [`OWN_HASH_OVER`] its length then its own blake3); at each event the segment is sealed into
 /// `chain = blake3(chain ‖ pending)`. Sealing costs a few compressions however long the
 /// run, the chain before an event is what that event carries (its first 8 bytes), and the
 /// whole digest state is two hashes, so a snapshot can hold it between events too.
+/// Output parts longer than this (one blake3 chunk) are digested on their own first.
+const OWN_HASH_OVER: usize = 1024;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outputs {
     chain: [u8; 32],
@@ -284,7 +288,15 @@ impl Outputs {
         h.update(what.as_bytes());
         for p in parts {
             h.update(&(p.len() as u64).to_le_bytes());
-            h.update(p);
+            // A part longer than a chunk is hashed on its own, from a chunk boundary, so
+            // that its chunks are hashed side by side (SIMD) rather than one block at a
+            // time behind the bytes before it: three times less for a 4 KiB write. Its
+            // length, fed first, tells which form follows.
+            if p.len() > OWN_HASH_OVER {
+                h.update(blake3::hash(p).as_bytes());
+            } else {
+                h.update(p);
+            }
         }
         let one = *h.finalize().as_bytes();
         self.pending = Some(match self.pending {
@@ -1531,5 +1543,22 @@ mod tests {
         a.add("frame", &[b"ab", b"c"]);
         b.add("frame", &[b"a", b"bc"]);
         assert_ne!(a.full(), b.full());
+    }
+
+    #[test]
+    fn a_long_part_is_digested_on_its_own_and_still_told_apart() {
+        let long = vec![7u8; OWN_HASH_OVER + 1];
+        let digest = |parts: &[&[u8]]| {
+            let mut o = Outputs::new();
+            o.add("write", parts);
+            o.seal()
+        };
+        // A long part and a short part made of its hash: the lengths differ.
+        assert_ne!(digest(&[&long]), digest(&[blake3::hash(&long).as_bytes()]));
+        // One byte changed anywhere in a long part changes the digest.
+        let mut other = long.clone();
+        other[OWN_HASH_OVER] = 8;
+        assert_ne!(digest(&[&long]), digest(&[&other]));
+        assert_eq!(digest(&[b"p", &long]), digest(&[b"p", &long.clone()]));
     }
 }
