@@ -487,7 +487,7 @@ fn print_vm_table(r: &VmBench) {
         "≥0.95"
     );
     println!(
-        "{:<34} {:>12} {:>12} {:>7.3}µs {:>6}",
+        "{:<34} {:>12} {:>12} {:>6.3}µs {:>6}",
         "  recording's cost per event",
         format!("{} ev", r.io_events),
         "-",

@@ -233,6 +233,9 @@ const BATCH: usize = 1 << 20;
 const BATCH_RECORDS: usize = 4096;
 /// How many batches may wait for the writer thread before the guest waits for it.
 const QUEUED_BATCHES: usize = 8;
+/// How many written batches may wait to be emptied by the guest's thread (see
+/// `LogWriter::spent`); the writer frees any beyond.
+const SPENT_KEPT: usize = QUEUED_BATCHES + 2;
 /// A batch older than this is written even if not full: what a recording killed at any
 /// moment loses at most (plus the time to write it).
 pub const STALE: Duration = Duration::from_millis(50);
@@ -275,6 +278,13 @@ impl Batch {
         self.records.clear();
         self.bytes = 0;
     }
+
+    /// Empty a written batch on the guest's thread, which made its events (see
+    /// `LogWriter::spent`).
+    fn recycle(mut self) -> Batch {
+        self.clear();
+        self
+    }
 }
 
 /// The batch being filled, shared by the guest's thread (which appends) and the writer
@@ -287,6 +297,20 @@ type Pending = Arc<Mutex<Batch>>;
 
 fn lock(p: &Pending) -> MutexGuard<'_, Batch> {
     p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Written batches handed back to the guest's thread (see `LogWriter::spent`).
+type Spent = Arc<Mutex<Vec<Batch>>>;
+
+/// The writer hands a written batch back, or frees it if [`SPENT_KEPT`] wait already.
+fn give_back(spent: &Spent, batch: Batch) {
+    let mut kept = spent.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() < SPENT_KEPT {
+        kept.push(batch);
+        return;
+    }
+    drop(kept);
+    drop(batch);
 }
 
 /// Appends events to a log file.
@@ -303,8 +327,16 @@ pub struct LogWriter {
     path: PathBuf,
     pending: Pending,
     tx: Option<std::sync::mpsc::SyncSender<Batch>>,
-    /// Batches the writer thread has emptied, for reuse: fresh memory costs page faults.
-    spent: std::sync::mpsc::Receiver<Batch>,
+    /// Batches the writer thread has written, for reuse (fresh memory costs page faults),
+    /// still holding their events: they are emptied on the guest's thread, which made
+    /// them, whenever it starts a batch. glibc's malloc frees a block into the arena of
+    /// the thread that allocated it; the writer freeing the guest's events and read data
+    /// put thousands of 4 KiB blocks a second into the guest's arena from another thread,
+    /// and every allocation of the guest then sorted them (`bench_io`: half of what
+    /// recording cost, 28 of ~70 ms). At most [`SPENT_KEPT`] wait here; a guest that
+    /// appends nothing for [`STALE`] has them freed by the writer (then the frees' cost
+    /// no longer matters, the memory they hold does).
+    spent: Spent,
     writer: Option<std::thread::JoinHandle<Result<(), LogError>>>,
 }
 
@@ -401,7 +433,8 @@ impl LogWriter {
             .and_then(|_| w.flush())
             .map_err(io_err("write", path))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES);
-        let (spent_tx, spent) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES + 2);
+        let spent: Spent = Arc::default();
+        let thread_spent = spent.clone();
         let pending: Pending = Arc::new(Mutex::new(Batch::new()));
         let thread_pending = pending.clone();
         let thread_path = path.to_path_buf();
@@ -411,16 +444,13 @@ impl LogWriter {
                 use std::sync::mpsc::RecvTimeoutError;
                 let path = thread_path;
                 let mut chunker = Chunker::new(&path)?;
-                // What replaces a stale batch taken from the guest.
-                let mut spare = Batch::default();
                 let mut next_look = Instant::now() + STALE;
                 loop {
                     let wait = next_look.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(wait) {
-                        Ok(mut batch) => {
+                        Ok(batch) => {
                             chunker.write_synced(&mut w, &batch, &path)?;
-                            batch.clear();
-                            let _ = spent_tx.try_send(batch);
+                            give_back(&thread_spent, batch);
                         }
                         Err(RecvTimeoutError::Timeout) => {
                             next_look = Instant::now() + STALE;
@@ -430,20 +460,22 @@ impl LogWriter {
                                 continue;
                             };
                             if batch.is_empty() {
+                                // Nothing appended since the guest started this batch: it
+                                // empties none of the written ones soon.
+                                drop(batch);
+                                let idle = std::mem::take(
+                                    &mut *thread_spent.lock().unwrap_or_else(|p| p.into_inner()),
+                                );
+                                drop(idle);
                                 continue;
                             }
                             // Chunk order: full batches sent before this one go first.
                             let mut ready: Vec<Batch> = rx.try_iter().collect();
-                            ready.push(std::mem::replace(&mut *batch, std::mem::take(&mut spare)));
+                            ready.push(std::mem::take(&mut *batch));
                             drop(batch);
-                            for mut b in ready {
+                            for b in ready {
                                 chunker.write_synced(&mut w, &b, &path)?;
-                                b.clear();
-                                if spare.records.capacity() < b.records.capacity() {
-                                    spare = b;
-                                } else {
-                                    let _ = spent_tx.try_send(b);
-                                }
+                                give_back(&thread_spent, b);
                             }
                         }
                         Err(RecvTimeoutError::Disconnected) => break,
@@ -466,13 +498,26 @@ impl LogWriter {
     /// full (or `ship` is set).
     fn push(&mut self, record: Queued, bytes: usize, ship: bool) -> Result<(), LogError> {
         let mut batch = lock(&self.pending);
+        if batch.is_empty() {
+            // A batch begins (after a hand-over, or the writer took a stale one): empty the
+            // written ones now, and fill the roomiest of them.
+            if let Some(roomy) = self.empty_spent()
+                && roomy.records.capacity() > batch.records.capacity()
+            {
+                *batch = roomy;
+            }
+        }
         batch.records.push(record);
         batch.bytes += bytes;
         if !ship && batch.bytes < BATCH && batch.records.len() < BATCH_RECORDS {
             return Ok(());
         }
         // Sent under the lock: see `Pending` (chunk order).
-        let fresh = self.spent.try_recv().unwrap_or_else(|_| Batch::new());
+        // Not `Batch::default()`: a fresh batch has room for a whole batch of records.
+        let fresh = match self.empty_spent() {
+            Some(b) => b,
+            None => Batch::new(),
+        };
         let full = std::mem::replace(&mut *batch, fresh);
         let sent = self
             .tx
@@ -491,6 +536,16 @@ impl LogWriter {
                 why: "the log writer stopped".into(),
             }),
         }
+    }
+
+    /// Empty every written batch on this (the guest's) thread; the roomiest of them, for
+    /// reuse.
+    fn empty_spent(&self) -> Option<Batch> {
+        let written = std::mem::take(&mut *self.spent.lock().unwrap_or_else(|p| p.into_inner()));
+        written
+            .into_iter()
+            .map(Batch::recycle)
+            .max_by_key(|b| b.records.capacity())
     }
 
     /// Append a copy of an event the caller keeps.
@@ -1005,6 +1060,51 @@ mod tests {
         assert_eq!(got, ev[..20].to_vec());
         assert!(matches!(tail, Tail::Cut(20)), "{tail:?}");
         drop(w);
+    }
+
+    #[test]
+    fn written_batches_go_back_to_the_guest_and_an_idle_one_holds_none_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tlog");
+        let (h, _, _) = sample();
+        let mut w = LogWriter::create(&path, &h).unwrap();
+        // Events with data, as a read makes them: two full batches and a bit.
+        let event = |seq: u64| Event {
+            seq,
+            kind: Kind::FdRead,
+            args: 0,
+            outputs: 0,
+            outcome: Outcome::Data(vec![seq as u8; 4096].into()),
+        };
+        let n = 2 * BATCH_RECORDS as u64 + 10;
+        let data = event(0).outcome;
+        for seq in 0..n {
+            w.append(Arc::new(event(seq))).unwrap();
+        }
+        // The guest's thread took back what was written before its last hand-over, and
+        // emptied it: what waits to be emptied is at most what was written since.
+        let waiting = |w: &LogWriter| -> usize {
+            let kept = w.spent.lock().unwrap();
+            kept.iter().map(|b| b.records.len()).sum()
+        };
+        assert!(waiting(&w) <= 2 * BATCH_RECORDS, "{}", waiting(&w));
+        // The guest goes idle: within a few STALE periods the writer wrote the last events
+        // (the last full batch, then the stale rest) and freed every written batch, so an
+        // idle guest keeps no read data alive.
+        std::thread::sleep(STALE * 8);
+        assert!(w.spent.lock().unwrap().is_empty(), "{}", waiting(&w));
+        // Nothing was lost on the way.
+        let end = End {
+            events: n,
+            exit: Exit::Code(0),
+            digest: [1; 32],
+        };
+        w.finish_log(&end).unwrap();
+        let (_, got, end2) = LogReader::open(&path).unwrap().read_all().unwrap();
+        assert_eq!(end2, end);
+        assert_eq!(got.len() as u64, n);
+        assert!(got.iter().enumerate().all(|(i, e)| e.seq == i as u64));
+        assert_eq!(got[0].outcome, data);
     }
 
     #[test]

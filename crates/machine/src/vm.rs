@@ -255,6 +255,9 @@ pub(crate) enum Resume {
     Socket,
 }
 
+/// Output parts longer than this (one blake3 chunk) are digested on their own first.
+const OWN_HASH_OVER: usize = 1024;
+
 /// Every output the VM produces: digested always, performed only when live.
 ///
 /// The digest is a chain over event boundaries: each output is hashed once and folded
@@ -264,9 +267,6 @@ pub(crate) enum Resume {
 /// `chain = blake3(chain ‖ pending)`. Sealing costs a few compressions however long the
 /// run, the chain before an event is what that event carries (its first 8 bytes), and the
 /// whole digest state is two hashes, so a snapshot can hold it between events too.
-/// Output parts longer than this (one blake3 chunk) are digested on their own first.
-const OWN_HASH_OVER: usize = 1024;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outputs {
     chain: [u8; 32],
