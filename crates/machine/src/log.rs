@@ -295,22 +295,22 @@ impl Batch {
 /// file holds chunks in the order their records were appended.
 type Pending = Arc<Mutex<Batch>>;
 
-fn lock(p: &Pending) -> MutexGuard<'_, Batch> {
-    p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// A lock of the batch being filled or of the written ones: a panic elsewhere leaves
+/// batches whole (records are only pushed and taken), so a poisoned lock is taken as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Written batches handed back to the guest's thread (see `LogWriter::spent`).
 type Spent = Arc<Mutex<Vec<Batch>>>;
 
-/// The writer hands a written batch back, or frees it if [`SPENT_KEPT`] wait already.
+/// The writer hands a written batch back, or frees it (after the lock) if [`SPENT_KEPT`]
+/// wait already.
 fn give_back(spent: &Spent, batch: Batch) {
-    let mut kept = spent.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kept = lock(spent);
     if kept.len() < SPENT_KEPT {
         kept.push(batch);
-        return;
     }
-    drop(kept);
-    drop(batch);
 }
 
 /// Appends events to a log file.
@@ -463,9 +463,7 @@ impl LogWriter {
                                 // Nothing appended since the guest started this batch: it
                                 // empties none of the written ones soon.
                                 drop(batch);
-                                let idle = std::mem::take(
-                                    &mut *thread_spent.lock().unwrap_or_else(|p| p.into_inner()),
-                                );
+                                let idle = std::mem::take(&mut *lock(&thread_spent));
                                 drop(idle);
                                 continue;
                             }
@@ -541,7 +539,7 @@ impl LogWriter {
     /// Empty every written batch on this (the guest's) thread; the roomiest of them, for
     /// reuse.
     fn empty_spent(&self) -> Option<Batch> {
-        let written = std::mem::take(&mut *self.spent.lock().unwrap_or_else(|p| p.into_inner()));
+        let written = std::mem::take(&mut *lock(&self.spent));
         written
             .into_iter()
             .map(Batch::recycle)
