@@ -606,7 +606,7 @@ impl LiveHost {
             Ok(f) => f,
             Err(e) => return Outcome::Errno(e),
         };
-        let mut buf = vec![0u8; len];
+        let mut buf = crate::event::Bytes::buffer(len);
         let mut got = 0;
         while got < len {
             match file.read_at(&mut buf[got..], offset + got as u64) {

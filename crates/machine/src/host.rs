@@ -301,7 +301,7 @@ impl LiveHost {
     }
 
     pub fn random(&self, len: usize) -> Outcome {
-        let mut buf = vec![0u8; len];
+        let mut buf = crate::event::Bytes::buffer(len);
         let mut filled = 0;
         while filled < len {
             // SAFETY: the pointer and length describe the unfilled tail of `buf`.

@@ -282,6 +282,14 @@ impl Batch {
     /// Empty a written batch on the guest's thread, which made its events (see
     /// `LogWriter::spent`).
     fn recycle(mut self) -> Batch {
+        // Their data buffers serve this thread's next reads (see `Bytes::buffer`).
+        for record in self.records.drain(..) {
+            if let Queued::Event(e) = record
+                && let Ok(e) = Arc::try_unwrap(e)
+            {
+                e.give_back();
+            }
+        }
         self.clear();
         self
     }
@@ -1103,6 +1111,27 @@ mod tests {
         assert_eq!(got.len() as u64, n);
         assert!(got.iter().enumerate().all(|(i, e)| e.seq == i as u64));
         assert_eq!(got[0].outcome, data);
+    }
+
+    #[test]
+    fn emptying_a_written_batch_keeps_its_read_data_for_the_next_reads() {
+        let data = crate::event::Bytes::buffer(4096);
+        let at = data.as_ptr();
+        let mut batch = Batch::new();
+        let event = Event {
+            seq: 0,
+            kind: Kind::FdRead,
+            args: 0,
+            outputs: 0,
+            outcome: Outcome::Data(data.into()),
+        };
+        batch.records.push(Queued::Event(Arc::new(event)));
+        let batch = batch.recycle();
+        assert!(batch.is_empty() && batch.records.capacity() >= BATCH_RECORDS);
+        assert_eq!(crate::event::spare_buffers(), 1);
+        let again = crate::event::Bytes::buffer(4096);
+        assert_eq!(again.as_ptr(), at);
+        assert_eq!(crate::event::spare_buffers(), 0);
     }
 
     #[test]
