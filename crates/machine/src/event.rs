@@ -69,41 +69,38 @@ impl Bytes {
         Arc::make_mut(&mut self.0)
     }
 
-    /// A buffer of `len` bytes for data an event will carry: one given back on this thread
-    /// ([`Bytes::give_back`]) if the last one is large enough, else a new one. Its contents
-    /// are unspecified (an earlier event's data, not zeroed again: that cost as much as
-    /// the read): the caller fills it and truncates it to what it filled.
-    pub fn buffer(len: usize) -> Vec<u8> {
-        let reused = SPARE.with(|spare| spare.borrow_mut().take(len));
-        match reused {
+    /// A buffer of `len` bytes for data an event will carry: the one this thread set aside
+    /// last ([`Bytes::spare`]) if it fits `len` (room enough, and not over twice as much),
+    /// else a new one. Its contents are unspecified (an earlier event's data, not zeroed
+    /// again: that cost as much as the read): the caller fills it and truncates it to what
+    /// it filled.
+    pub(crate) fn buffer(len: usize) -> Vec<u8> {
+        match SPARE.with(|spare| spare.borrow_mut().take(len)) {
             Some(mut v) => {
-                if v.len() >= len {
-                    v.truncate(len);
-                } else {
-                    v.resize(len, 0);
-                }
+                v.resize(len, 0);
                 v
             }
             None => vec![0; len],
         }
     }
 
-    /// Keep these bytes' buffer for [`Bytes::buffer`] on this thread, if nothing else holds
-    /// them and the thread keeps few enough; else just drop them.
-    pub fn give_back(self) {
+    /// Set these bytes' buffer aside for this thread's next [`Bytes::buffer`], if nothing
+    /// else holds them and it is worth keeping; else just drop them.
+    pub(crate) fn spare(self) {
         if let Ok(v) = Arc::try_unwrap(self.0) {
             SPARE.with(|spare| spare.borrow_mut().keep(v));
         }
     }
 }
 
-/// Buffers larger than this are not kept for reuse.
+/// Buffers smaller than this are not set aside: malloc's per-thread cache serves them warm.
+const SPARE_SMALLEST: usize = 1 << 10;
+/// Buffers larger than this are not set aside.
 const SPARE_LARGEST: usize = 64 << 10;
-/// A thread keeps buffers of at most this many bytes in all.
+/// A thread sets aside buffers of at most this many bytes in all.
 const SPARE_BYTES: usize = 4 << 20;
 
-/// Data buffers a thread let go of, last in first out.
-#[derive(Default)]
+/// Data buffers a thread set aside, last in first out.
 struct Spare {
     buffers: Vec<Vec<u8>>,
     /// Their capacities, summed.
@@ -111,18 +108,20 @@ struct Spare {
 }
 
 impl Spare {
+    /// The last buffer set aside, if it fits `len`. One that does not is dropped (reads
+    /// changed size: the next ones are unlikely to fit it either), so the buffers kept are
+    /// those of the reads the guest makes now. Never more than twice `len` (or
+    /// [`SPARE_SMALLEST`]): a small read does not hold a large buffer in a batch that
+    /// counts only its data.
     fn take(&mut self, len: usize) -> Option<Vec<u8>> {
-        if self.buffers.last()?.capacity() < len {
-            return None;
-        }
         let v = self.buffers.pop()?;
         self.bytes -= v.capacity();
-        Some(v)
+        (v.capacity() >= len && v.capacity() <= (2 * len).max(SPARE_SMALLEST)).then_some(v)
     }
 
     fn keep(&mut self, v: Vec<u8>) {
         let size = v.capacity();
-        if size == 0 || size > SPARE_LARGEST || self.bytes + size > SPARE_BYTES {
+        if !(SPARE_SMALLEST..=SPARE_LARGEST).contains(&size) || self.bytes + size > SPARE_BYTES {
             return;
         }
         self.bytes += size;
@@ -130,7 +129,7 @@ impl Spare {
     }
 }
 
-/// How many data buffers this thread keeps for reuse.
+/// How many data buffers this thread set aside.
 #[cfg(test)]
 pub(crate) fn spare_buffers() -> usize {
     SPARE.with(|s| s.borrow().buffers.len())
@@ -138,11 +137,15 @@ pub(crate) fn spare_buffers() -> usize {
 
 thread_local! {
     /// Data buffers of events this thread let go of (see [`Bytes::buffer`]): reading into
-    /// one just given back costs no allocation. A recorder keeps each event's data until
-    /// it is written, so without them malloc hands out cold memory for every read, which
-    /// `memset` and the kernel's copy then fault in (`bench_io` recorded: a sixth of what
-    /// recording cost).
-    static SPARE: std::cell::RefCell<Spare> = std::cell::RefCell::new(Spare::default());
+    /// one costs no allocation. A recorder keeps each event's data until it is written, so
+    /// without them malloc hands out cold memory for every read, which the kernel's copy
+    /// then faults in (`bench_io` recorded: about a sixth of what recording cost).
+    static SPARE: std::cell::RefCell<Spare> = const {
+        std::cell::RefCell::new(Spare {
+            buffers: Vec::new(),
+            bytes: 0,
+        })
+    };
 }
 
 impl From<Vec<u8>> for Bytes {
@@ -292,13 +295,12 @@ pub struct Event {
 }
 
 impl Event {
-    /// Let go of this event on the thread that made it, keeping its data buffers for the
-    /// next events' reads ([`Bytes::buffer`]).
-    pub fn give_back(self) {
-        match self.outcome {
-            Outcome::Data(d) => d.give_back(),
-            Outcome::Net { frames, .. } => frames.into_iter().for_each(Bytes::give_back),
-            _ => {}
+    /// Let go of this event, setting its data read aside for this thread's next reads
+    /// ([`Bytes::spare`]): called on the thread that made it. (Frames received are not
+    /// read into such buffers and are left to malloc.)
+    pub(crate) fn spare_data(self) {
+        if let Outcome::Data(d) = self.outcome {
+            d.spare();
         }
     }
 
@@ -370,46 +372,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_data_buffer_given_back_serves_the_next_read_on_its_thread_only_if_unshared() {
+    fn a_data_buffer_set_aside_serves_the_next_read_on_its_thread_if_unshared_and_fitting() {
+        // This test's own thread: it starts with nothing set aside.
+        assert_eq!(spare_buffers(), 0);
         let mut v = Bytes::buffer(4096);
         v.fill(7);
         let at = v.as_ptr();
-        Bytes::from(v).give_back();
+        Bytes::from(v).spare();
         assert_eq!(spare_buffers(), 1);
-        let again = Bytes::buffer(100);
+        // Another thread has its own (none).
+        assert_eq!(std::thread::spawn(spare_buffers).join().unwrap(), 0);
+        let again = Bytes::buffer(3000);
         assert_eq!(
             (again.as_ptr(), again.len()),
-            (at, 100),
+            (at, 3000),
             "the same buffer, cut"
         );
+        assert_eq!(spare_buffers(), 0);
         // Longer than what it last held (but within its room): the rest is zeroed, not
         // bytes of an earlier event.
         let mut longer = again;
         longer.truncate(10);
-        Bytes::from(longer).give_back();
+        Bytes::from(longer).spare();
         let grown = Bytes::buffer(4000);
         assert_eq!(grown.as_ptr(), at);
         assert!(grown[..10].iter().all(|&b| b == 7) && grown[10..].iter().all(|&b| b == 0));
-        // Still held elsewhere (a primary's history): not taken back.
+        // Still held elsewhere (a primary's history): not taken.
         let shared = Bytes::from(grown);
         let held = shared.clone();
-        shared.give_back();
+        shared.spare();
         assert_eq!(spare_buffers(), 0);
         drop(held);
-        // Too large to keep, and never more than the bound in all.
-        Bytes::from(vec![0; SPARE_LARGEST + 1]).give_back();
-        for _ in 0..SPARE_BYTES / SPARE_LARGEST + 4 {
-            Bytes::from(vec![0; SPARE_LARGEST]).give_back();
+        // A read it does not fit (too large, or under half of it) gets a new buffer, and
+        // the unfitting one is dropped.
+        for len in [4097, 100] {
+            Bytes::from(vec![0; 4096]).spare();
+            let fresh = Bytes::buffer(len);
+            assert_eq!((fresh.len(), fresh.capacity()), (len, len));
+            assert_eq!(spare_buffers(), 0, "{len}");
         }
-        SPARE.with(|s| {
-            let s = s.borrow();
-            assert!(s.bytes <= SPARE_BYTES);
-            assert_eq!(
-                s.bytes,
-                s.buffers.iter().map(|b| b.capacity()).sum::<usize>()
-            );
-            assert!(s.buffers.iter().all(|b| b.capacity() <= SPARE_LARGEST));
-        });
+        // Too small or too large to keep.
+        Bytes::from(vec![0; SPARE_SMALLEST - 1]).spare();
+        Bytes::from(vec![0; SPARE_LARGEST + 1]).spare();
+        assert_eq!(spare_buffers(), 0);
+        // Never more than the bound in all.
+        for _ in 0..SPARE_BYTES / SPARE_LARGEST + 4 {
+            Bytes::from(vec![0; SPARE_LARGEST]).spare();
+        }
+        assert_eq!(spare_buffers(), SPARE_BYTES / SPARE_LARGEST);
+        SPARE.with(|s| assert_eq!(s.borrow().bytes, SPARE_BYTES));
     }
 
     #[test]

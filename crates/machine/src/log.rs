@@ -263,7 +263,7 @@ struct Batch {
 
 impl Batch {
     /// An empty batch with room for [`BATCH_RECORDS`].
-    fn new() -> Batch {
+    fn with_room() -> Batch {
         Batch {
             records: Vec::with_capacity(BATCH_RECORDS),
             bytes: 0,
@@ -287,7 +287,7 @@ impl Batch {
             if let Queued::Event(e) = record
                 && let Ok(e) = Arc::try_unwrap(e)
             {
-                e.give_back();
+                e.spare_data();
             }
         }
         self.clear();
@@ -343,7 +343,10 @@ pub struct LogWriter {
     /// and every allocation of the guest then sorted them (`bench_io`: half of what
     /// recording cost, 28 of ~70 ms). At most [`SPENT_KEPT`] wait here; a guest that
     /// appends nothing for [`STALE`] has them freed by the writer (then the frees' cost
-    /// no longer matters, the memory they hold does).
+    /// no longer matters, the memory they hold does). Emptying them sets their events'
+    /// data read aside for the guest's next reads (`Event::spare_data`). The end record
+    /// may come from another thread (the one that ends the run): it empties none, and
+    /// what is left is freed with the writer.
     spent: Spent,
     writer: Option<std::thread::JoinHandle<Result<(), LogError>>>,
 }
@@ -443,7 +446,7 @@ impl LogWriter {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(QUEUED_BATCHES);
         let spent: Spent = Arc::default();
         let thread_spent = spent.clone();
-        let pending: Pending = Arc::new(Mutex::new(Batch::new()));
+        let pending: Pending = Arc::new(Mutex::new(Batch::with_room()));
         let thread_pending = pending.clone();
         let thread_path = path.to_path_buf();
         let writer = std::thread::Builder::new()
@@ -501,10 +504,11 @@ impl LogWriter {
     }
 
     /// Add a record to the batch (`bytes` its encoded size); hand the batch over when it is
-    /// full (or `ship` is set).
-    fn push(&mut self, record: Queued, bytes: usize, ship: bool) -> Result<(), LogError> {
+    /// full, or at once if it is the `last` (the end record, pushed by whatever thread ends
+    /// the run: written batches are not emptied there, see `spent`).
+    fn push(&mut self, record: Queued, bytes: usize, last: bool) -> Result<(), LogError> {
         let mut batch = lock(&self.pending);
-        if batch.is_empty() {
+        if batch.is_empty() && !last {
             // A batch begins (after a hand-over, or the writer took a stale one): empty the
             // written ones now, and fill the roomiest of them.
             if let Some(roomy) = self.empty_spent()
@@ -515,14 +519,16 @@ impl LogWriter {
         }
         batch.records.push(record);
         batch.bytes += bytes;
-        if !ship && batch.bytes < BATCH && batch.records.len() < BATCH_RECORDS {
+        if !last && batch.bytes < BATCH && batch.records.len() < BATCH_RECORDS {
             return Ok(());
         }
         // Sent under the lock: see `Pending` (chunk order).
-        // Not `Batch::default()`: a fresh batch has room for a whole batch of records.
-        let fresh = match self.empty_spent() {
-            Some(b) => b,
-            None => Batch::new(),
+        // Not `Batch::default()` unless it is the last: a fresh batch has room for a whole
+        // batch of records.
+        let fresh = if last {
+            Batch::default()
+        } else {
+            self.empty_spent().unwrap_or_else(Batch::with_room)
         };
         let full = std::mem::replace(&mut *batch, fresh);
         let sent = self
@@ -1117,7 +1123,7 @@ mod tests {
     fn emptying_a_written_batch_keeps_its_read_data_for_the_next_reads() {
         let data = crate::event::Bytes::buffer(4096);
         let at = data.as_ptr();
-        let mut batch = Batch::new();
+        let mut batch = Batch::with_room();
         let event = Event {
             seq: 0,
             kind: Kind::FdRead,
@@ -1127,7 +1133,7 @@ mod tests {
         };
         batch.records.push(Queued::Event(Arc::new(event)));
         let batch = batch.recycle();
-        assert!(batch.is_empty() && batch.records.capacity() >= BATCH_RECORDS);
+        assert!(batch.is_empty());
         assert_eq!(crate::event::spare_buffers(), 1);
         let again = crate::event::Bytes::buffer(4096);
         assert_eq!(again.as_ptr(), at);
