@@ -107,6 +107,36 @@ fn side_by_side(
     Ok((best_a, best_b))
 }
 
+/// A bench stopped by SIGINT or SIGTERM (the terminal's Ctrl-C) ends within about a
+/// second, its labs removed. The signal asks this process's VMs to stop (see `main`); this
+/// watcher then kills, again and again until the process exits, the clients in this
+/// bench's labs (every process in their `-client` namespaces): a client whose server
+/// stopped would otherwise wait out its whole time limit (up to ten minutes). The bench
+/// then fails, its lab guards remove the labs, and no figures are printed
+/// ([`not_interrupted`]).
+pub fn end_clients_when_interrupted() {
+    let tag = (std::process::id() % 100_000).to_string();
+    let _ = std::thread::Builder::new()
+        .name("bench-interrupt".into())
+        .spawn(move || {
+            while !machine::stop_requested() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            loop {
+                crate::lab::kill_tagged_clients(&tag);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+}
+
+/// Figures measured while the bench was being interrupted are not figures.
+fn not_interrupted() -> Result<()> {
+    if machine::stop_requested() {
+        bail!("interrupted (SIGINT or SIGTERM): no figures");
+    }
+    Ok(())
+}
+
 fn progress(json: bool, msg: &str) {
     if !json {
         eprintln!("bench: {msg}");
@@ -238,6 +268,7 @@ pub fn vm(args: &VmBenchArgs) -> Result<u8> {
         start_module_bytes: start.module_bytes,
         rounds,
     };
+    not_interrupted()?;
     if args.flags.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -1287,6 +1318,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let pid = std::process::id() % 100_000;
     if args.join_only {
         let join = join_rows(&format!("bfj{pid}"), args)?;
+        not_interrupted()?;
         if args.flags.json {
             println!("{}", serde_json::to_string(&join)?);
         } else {
@@ -1519,6 +1551,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         soak_secs,
         rounds,
     };
+    not_interrupted()?;
     if args.flags.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -2213,6 +2246,7 @@ pub fn cluster(args: &ClusterBenchArgs) -> Result<u8> {
         ha_restart_runs_s: ha,
         master_failover_runs_s: master,
     };
+    not_interrupted()?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -2390,6 +2424,7 @@ pub fn soak(args: &SoakArgs) -> Result<u8> {
         load_failures: load.failures,
         error,
     };
+    not_interrupted()?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

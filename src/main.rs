@@ -663,10 +663,22 @@ fn main() -> ExitCode {
             datastore,
             snap,
         }) => snap::vm_replay(&log, &wasm, datastore.as_deref(), &snap),
-        Command::Bench(BenchCommand::Vm(a)) => bench::vm(&a).map_err(Failure::from),
-        Command::Bench(BenchCommand::Ft(a)) => bench::ft(&a).map_err(Failure::from),
-        Command::Bench(BenchCommand::Cluster(a)) => bench::cluster(&a).map_err(Failure::from),
-        Command::Bench(BenchCommand::Soak(a)) => bench::soak(&a).map_err(Failure::from),
+        Command::Bench(b) => {
+            bench::end_clients_when_interrupted();
+            let ran = match b {
+                BenchCommand::Vm(a) => bench::vm(&a),
+                BenchCommand::Ft(a) => bench::ft(&a),
+                BenchCommand::Cluster(a) => bench::cluster(&a),
+                BenchCommand::Soak(a) => bench::soak(&a),
+            };
+            match ran {
+                Err(_) if machine::stop_requested() => Err(Failure {
+                    code: 130,
+                    message: "tandem: bench interrupted (SIGINT or SIGTERM): stopped, its labs removed, no figures".into(),
+                }),
+                other => other.map_err(Failure::from),
+            }
+        }
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ended_ft(ft_primary(a)),
         Command::Ft(FtCommand::Secondary(a)) => ended_ft(ft_secondary(a)),

@@ -1607,3 +1607,116 @@ fn a_protected_guest_rereading_a_file_keeps_its_primary_memory_bounded_by_checkp
     );
     eprintln!("peak RSS: ft primary {ft_kib} KiB, vm run {plain_kib} KiB");
 }
+
+/// A bench is interrupted as a terminal's Ctrl-C does it (SIGINT to its process group,
+/// its VMs' processes included) while redis-benchmark loads a protected kvd in its lab: it
+/// ends at once with code 130, prints no figures and leaves no namespace. (The client,
+/// which `timeout` puts in a group of its own, would otherwise wait out its time limit
+/// against VMs that stopped.)
+#[test]
+fn an_interrupted_bench_stops_at_once_and_leaves_no_lab_behind() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+
+    /// The namespaces of the labs named by letters and then exactly `tag`.
+    fn ours(tag: &str) -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| {
+                n.split_once('-').is_some_and(|(lab, _)| {
+                    lab.trim_start_matches(|c: char| c.is_ascii_alphabetic()) == tag
+                })
+            })
+            .map(str::to_string)
+            .collect()
+    }
+    /// Whatever the test's end: SIGINT to the group, then SIGKILL, then its labs removed.
+    struct Bench(std::process::Child);
+    impl Drop for Bench {
+        fn drop(&mut self) {
+            let group = -(self.0.id() as i32);
+            if matches!(self.0.try_wait(), Ok(None)) {
+                // SAFETY: kill(2) on our own running child's process group; no memory.
+                unsafe { libc::kill(group, libc::SIGINT) };
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            if matches!(self.0.try_wait(), Ok(None)) {
+                // SAFETY: as above.
+                unsafe { libc::kill(group, libc::SIGKILL) };
+                let _ = self.0.wait();
+            }
+            let tag = (self.0.id() % 100_000).to_string();
+            let labs: std::collections::BTreeSet<String> = ours(&tag)
+                .iter()
+                .filter_map(|n| Some(n.split_once('-')?.0.to_string()))
+                .collect();
+            for lab in labs {
+                let _ = tandem(&["lab", "down", "--name", &lab]);
+            }
+        }
+    }
+    let mut bench = Bench(
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["bench", "ft", "--quick", "--soak-secs", "0", "--kills", "1"])
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let tag = (bench.0.id() % 100_000).to_string();
+    let mut err = BufReader::new(bench.0.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("kvd under FT") {
+        let mut line = String::new();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the bench ended before its FT phase: {seen}"
+        );
+        seen += &line;
+    }
+    // Its lab is up and a client runs in it.
+    let client = format!("bff{tag}-client");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &client])
+            .output()
+            .unwrap();
+        if !String::from_utf8_lossy(&pids.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no client ran in {client}: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's process group; no memory is involved.
+    unsafe { libc::kill(-(bench.0.id() as i32), libc::SIGINT) };
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = bench.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(bench.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("bench interrupted"), "{rest}");
+    assert_eq!(out, "", "figures printed after an interrupt");
+    assert_eq!(ours(&tag), Vec::<String>::new(), "namespaces left behind");
+}
