@@ -107,34 +107,29 @@ fn side_by_side(
     Ok((best_a, best_b))
 }
 
-/// A bench stopped by SIGINT or SIGTERM (the terminal's Ctrl-C) ends within about a
-/// second, its labs removed. The signal asks this process's VMs to stop (see `main`); this
-/// watcher then kills, again and again until the process exits, the clients in this
-/// bench's labs (every process in their `-client` namespaces): a client whose server
-/// stopped would otherwise wait out its whole time limit (up to ten minutes). The bench
-/// then fails, its lab guards remove the labs, and no figures are printed
-/// ([`not_interrupted`]).
-pub fn end_clients_when_interrupted() {
-    let tag = (std::process::id() % 100_000).to_string();
-    let _ = std::thread::Builder::new()
-        .name("bench-interrupt".into())
-        .spawn(move || {
-            while !machine::stop_requested() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            loop {
-                crate::lab::kill_tagged_clients(&tag);
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-}
-
-/// Figures measured while the bench was being interrupted are not figures.
+/// Whether SIGINT or SIGTERM came (`main` installs the handler): a bench checks before
+/// each phase and round, and before printing (what was measured while it was being
+/// interrupted is not a figure). A terminal's Ctrl-C reaches the bench's VMs and clients
+/// too (they are in its process group: `client::redis_benchmark`), so a wait on them
+/// ends at once.
 fn not_interrupted() -> Result<()> {
     if machine::stop_requested() {
-        bail!("interrupted (SIGINT or SIGTERM): no figures");
+        bail!("interrupted (SIGINT or SIGTERM)");
     }
     Ok(())
+}
+
+/// `thread::sleep`, in steps, ending early (an error) on an interrupt.
+fn pause(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        not_interrupted()?;
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
 }
 
 fn progress(json: bool, msg: &str) {
@@ -387,6 +382,7 @@ fn start_rows(rounds: u32, work: &Path) -> Result<StartRows> {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
     for round in 0..rounds {
+        not_interrupted()?;
         let cache = work.join(format!("code-cache-{round}"));
         for slot in [&mut first, &mut cached] {
             let begun = Instant::now();
@@ -1085,6 +1081,7 @@ fn soak_rows(lab_name: &str, secs: u64, timeout_ms: u64, json: bool) -> Result<u
         let mut spurious = 0;
         let end = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < end {
+            not_interrupted()?;
             let lab = crate::demo::FtLab::start(lab_name, false, timeout_ms)?;
             let first = generation(&lab.status());
             let left = end.saturating_duration_since(Instant::now());
@@ -1098,7 +1095,7 @@ fn soak_rows(lab_name: &str, secs: u64, timeout_ms: u64, json: bool) -> Result<u
             );
             let mut load: Option<std::process::Child> = None;
             let failed_over = loop {
-                std::thread::sleep(Duration::from_millis(200));
+                pause(Duration::from_millis(200))?;
                 let now = Instant::now();
                 if now >= idle_until && now < end {
                     let done = match load.as_mut() {
@@ -1219,6 +1216,7 @@ fn disk_rows(rounds: u32, quick: bool, json: bool) -> Result<DiskRows> {
         Ok(())
     };
     for round in 0..rounds {
+        not_interrupted()?;
         progress(
             json,
             &format!(
@@ -1338,6 +1336,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             args.timeout_ms,
             args.flags.json,
         )?;
+        not_interrupted()?;
         let r = serde_json::json!({ "spurious_failovers": spurious, "soak_secs": soak_secs });
         if args.flags.json {
             println!("{r}");
@@ -1366,6 +1365,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     // Operations per throughput run: `requests` of each of SET, GET and INCR.
     let ops_per_run = 3.0 * requests.parse::<f64>().unwrap_or(0.0);
     for round in 0..rounds {
+        not_interrupted()?;
         progress(
             args.flags.json,
             &format!("round {}/{rounds}: kvd unprotected", round + 1),
@@ -1446,6 +1446,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let mut gaps = Vec::new();
     let (mut lost, mut resets) = (0i64, 0u64);
     for k in 0..kills {
+        not_interrupted()?;
         progress(
             args.flags.json,
             &format!(
@@ -1473,6 +1474,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let (mut handover_lost, mut handover_resets) = (0i64, 0u64);
     for fault in [crate::lab::Fault::Storage, crate::lab::Fault::Uplink] {
         for k in 0..handovers {
+            not_interrupted()?;
             progress(
                 args.flags.json,
                 &format!(
@@ -1876,9 +1878,10 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
         ),
     );
     let mut load = background_load(&client, "1000000000")?;
-    std::thread::sleep(Duration::from_secs(load_s));
+    let loaded = pause(Duration::from_secs(load_s));
     let _ = load.kill();
     let _ = load.wait();
+    loaded?;
     let rss = rss_mib(lab.primary_pid());
     let pauses = checkpoint_pauses(&lab.log("primary"));
     let stopped_kib = checkpoint_stopped_kib(&lab.log("primary"));
@@ -2085,6 +2088,7 @@ fn migrate_rows(
         let mut pauses = Vec::new();
         let mut bytes = 0;
         for i in 0..migrations {
+            not_interrupted()?;
             std::thread::sleep(Duration::from_millis(300));
             let r = migrate(i, &mut vm)?;
             pauses.push(r.pause_ms);

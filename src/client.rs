@@ -35,8 +35,18 @@ pub fn redis_in(ns: &str, addr: SocketAddr, args: &[&str]) -> Result<String> {
 /// caller adds the load's arguments and what to do with its output).
 pub fn redis_benchmark(ns: &str, ip: &str, limit_s: u64) -> std::process::Command {
     let mut cmd = std::process::Command::new("timeout");
-    cmd.arg(limit_s.to_string())
-        .args(["ip", "netns", "exec", ns, "redis-benchmark", "-h", ip]);
+    // `--foreground`: redis-benchmark stays in the caller's process group, so a terminal's
+    // Ctrl-C ends it with the VMs it loads (in a group of its own it waited out `limit_s`
+    // against servers that had stopped). `ip netns exec` execs it: the limit still holds.
+    cmd.arg("--foreground").arg(limit_s.to_string()).args([
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "redis-benchmark",
+        "-h",
+        ip,
+    ]);
     cmd
 }
 

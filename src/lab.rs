@@ -793,30 +793,6 @@ fn agent_running(ns: &str) -> bool {
     })
 }
 
-/// Kill (SIGKILL) every process in the client namespace of each lab named by letters and
-/// then exactly `tag` (a bench's labs: `bfp12345-client`, `bench12345-client`, ...).
-pub fn kill_tagged_clients(tag: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    let listed = String::from_utf8_lossy(&out.stdout);
-    let ours = listed
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| {
-            n.strip_suffix("-client").is_some_and(|lab| {
-                let digits = lab.trim_start_matches(|c: char| c.is_ascii_alphabetic());
-                digits == tag && digits.len() < lab.len()
-            })
-        });
-    for ns in ours {
-        for pid in pids(ns) {
-            // SAFETY: kill(2) with a pid read from the kernel; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
 /// The processes in a namespace.
 fn pids(ns: &str) -> Vec<i32> {
     let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {

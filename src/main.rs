@@ -664,7 +664,6 @@ fn main() -> ExitCode {
             snap,
         }) => snap::vm_replay(&log, &wasm, datastore.as_deref(), &snap),
         Command::Bench(b) => {
-            bench::end_clients_when_interrupted();
             let ran = match b {
                 BenchCommand::Vm(a) => bench::vm(&a),
                 BenchCommand::Ft(a) => bench::ft(&a),
@@ -672,9 +671,11 @@ fn main() -> ExitCode {
                 BenchCommand::Soak(a) => bench::soak(&a),
             };
             match ran {
-                Err(_) if machine::stop_requested() => Err(Failure {
+                Err(e) if machine::stop_requested() => Err(Failure {
                     code: 130,
-                    message: "tandem: bench interrupted (SIGINT or SIGTERM): stopped, its labs removed, no figures".into(),
+                    message: format!(
+                        "tandem: bench interrupted: its labs removed, no figures ({e:#})"
+                    ),
                 }),
                 other => other.map_err(Failure::from),
             }
