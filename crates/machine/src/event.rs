@@ -75,6 +75,10 @@ impl Bytes {
     /// again: that cost as much as the read): the caller fills it and truncates it to what
     /// it filled.
     pub(crate) fn buffer(len: usize) -> Vec<u8> {
+        // No buffer kept fits so small a read (entropy, a short record): leave them be.
+        if len < SPARE_SMALLEST / 2 {
+            return vec![0; len];
+        }
         match SPARE.with(|spare| spare.borrow_mut().take(len)) {
             Some(mut v) => {
                 v.resize(len, 0);
@@ -405,12 +409,17 @@ mod tests {
         drop(held);
         // A read it does not fit (too large, or under half of it) gets a new buffer, and
         // the unfitting one is dropped.
-        for len in [4097, 100] {
+        for len in [4097, 1000] {
             Bytes::from(vec![0; 4096]).spare();
             let fresh = Bytes::buffer(len);
             assert_eq!((fresh.len(), fresh.capacity()), (len, len));
             assert_eq!(spare_buffers(), 0, "{len}");
         }
+        // A read too small for any of them leaves them be.
+        Bytes::from(vec![0; 4096]).spare();
+        assert_eq!(Bytes::buffer(16).capacity(), 16);
+        assert_eq!(spare_buffers(), 1);
+        drop(Bytes::buffer(4096));
         // Too small or too large to keep.
         Bytes::from(vec![0; SPARE_SMALLEST - 1]).spare();
         Bytes::from(vec![0; SPARE_LARGEST + 1]).spare();
