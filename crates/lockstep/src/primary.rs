@@ -242,8 +242,12 @@ impl State {
     }
 
     /// Forget the events before `position`, which a checkpoint holds, but never one an
-    /// attached secondary may still need sent (its history in transit).
-    fn drop_before(&mut self, position: u64) {
+    /// attached secondary may still need sent (its history in transit). They are returned,
+    /// to be freed once the state's lock is released: freeing a checkpoint's worth of
+    /// events (tens of thousands, and their data) under it would hold up the VM's thread,
+    /// which takes the lock at every event.
+    #[must_use = "free the forgotten events after releasing the lock"]
+    fn drop_before(&mut self, position: u64) -> Vec<Arc<Event>> {
         let keep_from = if self.attached.is_some() {
             position.min(self.acked)
         } else {
@@ -253,18 +257,18 @@ impl State {
             .saturating_sub(self.base)
             .min(self.history.len() as u64) as usize;
         if n == 0 {
-            return;
+            return Vec::new();
         }
         let freed: u64 = self.history[..n].iter().map(|e| weight(e)).sum();
-        self.history.drain(..n);
+        // The kept events move to a Vec of their own size (a burst leaves no large
+        // allocation behind); the forgotten ones stay in the old one, untouched here.
+        let kept = self.history.split_off(n);
+        let forgotten = std::mem::replace(&mut self.history, kept);
         self.base += n as u64;
         self.history_bytes = self.history_bytes.saturating_sub(freed);
         // Checkpoints come again: the bound holds again.
         self.history_warned = false;
-        // A burst of events leaves a large allocation behind: give it back.
-        if self.history.capacity() > 4 * self.history.len() + 4096 {
-            self.history.shrink_to(2 * self.history.len());
-        }
+        forgotten
     }
 
     /// The attached secondary holds the release point and every event up to it: it may go
@@ -958,8 +962,10 @@ impl Primary {
             // So the history starts here, a newcomer joins from a checkpoint taken after
             // it, and that checkpoint is taken at once.
             let end = st.end();
-            st.drop_before(end);
+            let forgotten = st.drop_before(end);
             st.checkpoint_due = true;
+            drop(st);
+            drop(forgotten);
         }
         if let Err(e) = launch(&self.shared, generation, listener) {
             tracing::error!("{e}; the VM stays live, NOT PROTECTED");
@@ -974,13 +980,15 @@ impl Primary {
             return;
         }
         st.checkpoint = Some(st.checkpoint.map_or(position, |c| c.max(position)));
-        st.drop_before(position);
+        let forgotten = st.drop_before(position);
         st.own_asked = None;
         self.shared.wake_vm(&st);
         if position >= st.base {
             st.checkpoint_due = false;
         }
         self.shared.status(&st);
+        drop(st);
+        drop(forgotten);
     }
 
     /// What [`Primary::to_checkpoint`] says, and whether the checkpoint is due at once
@@ -2054,6 +2062,8 @@ fn receive_from(
     loop {
         // The detector's timeout is the failure timeout: silence that long ends the channel.
         let (_, payload) = r.recv()?;
+        // Declared before the lock: dropped after it (see `State::drop_before`).
+        let mut _forgotten = Vec::new();
         let mut st = s.lock();
         if st.attached != Some(conn) {
             return Ok(());
@@ -2099,7 +2109,7 @@ fn receive_from(
                 }
                 st.executed = st.executed.max(events);
                 st.checkpoint = Some(st.checkpoint.map_or(events, |c| c.max(events)));
-                st.drop_before(events);
+                _forgotten = st.drop_before(events);
                 tracing::info!(
                     "secondary {host} checkpointed at event {events}; history kept from event {}",
                     st.base
