@@ -82,13 +82,9 @@ impl Cluster {
 
     /// How many `ft primary` processes of `vm` run on host K.
     fn primaries_on(&self, k: u32, vm: &str) -> usize {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "pids", &self.lab.ns(&format!("host{k}"))])
-            .output()
-            .expect("ip netns pids");
         let want = format!("ft\0primary\0--vm\0{vm}\0");
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
+        common::netns_pids(&self.lab.ns(&format!("host{k}")))
+            .into_iter()
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| c.windows(want.len()).any(|w| w == want.as_bytes()))

@@ -1620,16 +1620,13 @@ fn an_interrupted_bench_stops_at_once_and_leaves_no_lab_behind() {
 
     /// The namespaces of the labs named by letters and then exactly `tag`.
     fn ours(tag: &str) -> Vec<String> {
-        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
+        common::netns_list()
+            .into_iter()
             .filter(|n| {
                 n.split_once('-').is_some_and(|(lab, _)| {
                     lab.trim_start_matches(|c: char| c.is_ascii_alphabetic()) == tag
                 })
             })
-            .map(str::to_string)
             .collect()
     }
     /// Whatever the test's end: SIGINT to the group, then SIGKILL, then its labs removed.
@@ -1684,16 +1681,10 @@ fn an_interrupted_bench_stops_at_once_and_leaves_no_lab_behind() {
     let client = format!("bff{tag}-client");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pids = Command::new("ip")
-            .args(["netns", "pids", &client])
-            .output()
-            .unwrap();
-        let loading = String::from_utf8_lossy(&pids.stdout)
-            .split_whitespace()
-            .any(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "redis-benchmark")
-            });
+        let loading = common::netns_pids(&client).iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "redis-benchmark")
+        });
         if loading {
             break;
         }

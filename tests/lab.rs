@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Lab, Run, tandem};
+use common::{Lab, Run, netns_pids as pids, tandem};
 use std::process::Command;
 
 /// `CMD ARGS` in namespace `ns` (bounded in time).
@@ -42,17 +42,6 @@ fn etcd(ns: &str, path: &str, body: &str) -> String {
         ],
     );
     r.stdout
-}
-
-fn pids(ns: &str) -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .expect("ip netns pids");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]

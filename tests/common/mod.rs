@@ -119,6 +119,31 @@ pub fn tandem(args: &[&str]) -> Run {
     run
 }
 
+/// The processes in network namespace `ns` (`ip netns pids`), as their pids' text.
+pub fn netns_pids(ns: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The names of the network namespaces that exist now (`ip netns list`).
+pub fn netns_list() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -280,12 +305,7 @@ impl Lab {
 
     /// Send `sig` to host K's agent.
     pub fn signal_agent(&self, k: u32, sig: i32) {
-        let ns = self.ns(&format!("host{k}"));
-        let out = Command::new("ip")
-            .args(["netns", "pids", &ns])
-            .output()
-            .expect("ip netns pids");
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        for pid in netns_pids(&self.ns(&format!("host{k}"))) {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if cmd.windows(11).any(|w| w == b"host\0agent\0")
                 && let Ok(pid) = pid.parse::<i32>()

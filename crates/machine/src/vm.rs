@@ -264,9 +264,10 @@ const OWN_HASH_OVER: usize = 1024;
 /// into the open segment (`pending = blake3(pending ‖ blake3(output))`, the first output's
 /// hash standing alone; within an output, each part is its length then its bytes, or for a
 /// part longer than [`OWN_HASH_OVER`] its length then its own blake3); at each event the
-/// segment is sealed into `chain = blake3(chain ‖ pending)`. Sealing costs a few compressions however long the
-/// run, the chain before an event is what that event carries (its first 8 bytes), and the
-/// whole digest state is two hashes, so a snapshot can hold it between events too.
+/// segment is sealed into `chain = blake3(chain ‖ pending)`. Sealing costs a few
+/// compressions however long the run, the chain before an event is what that event
+/// carries (its first 8 bytes), and the whole digest state is two hashes, so a snapshot
+/// can hold it between events too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outputs {
     chain: [u8; 32],
