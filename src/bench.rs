@@ -941,6 +941,20 @@ struct FtBench {
     channel_cpu_us_per_event: f64,
     /// Events the primary streamed during the FT throughput runs.
     channel_events: u64,
+    /// Wakes (voluntary context switches) of the primary's threads per kvd operation over
+    /// the same throughput runs, unprotected and FT: each is a thread that waited (for the
+    /// tap, an event to send, an acknowledgement, an output to release) and was woken.
+    primary_wakes_per_op_unprotected: f64,
+    primary_wakes_per_op_ft: f64,
+    /// What one wake of a thread on another core costs this machine in CPU, measured in
+    /// this run by two threads handing a turn back and forth on otherwise idle cores (a
+    /// lower bound: see [`wake_cpu_us`]).
+    wake_cpu_us: f64,
+    /// An estimate of the part of the primary's added CPU per operation that is threads
+    /// waiting and being woken: the wakes FT adds per operation times `wake_cpu_us`. Many
+    /// of them are woken by the network (an acknowledgement, a frame on the tap), and on
+    /// loaded cores, so it is an order of magnitude, to set beside the CPU added.
+    extra_wakes_cpu_us_per_op: f64,
     /// Failovers (a generation claimed) with no fault injected, FT pairs left idle and
     /// under load for `soak_secs` in total while every core is kept busy (goal 0).
     spurious_failovers: u64,
@@ -990,6 +1004,136 @@ fn channel_cpu_s(pid: u32) -> f64 {
         .filter_map(|t| stat_cpu_s(&t.path().join("stat")))
         .sum()
 }
+
+/// Voluntary context switches so far of the live threads of process `pid`: each is a
+/// thread that waited (a condition variable, a socket, the tap) and was woken again. A
+/// thread that ended takes its count with it (the primary's threads live through a
+/// throughput run). 0 if the process is gone.
+fn process_wakes(pid: u32) -> u64 {
+    let tasks = Path::new("/proc").join(pid.to_string()).join("task");
+    let Ok(dir) = std::fs::read_dir(&tasks) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| voluntary_switches(&status))
+        .sum()
+}
+
+/// The `voluntary_ctxt_switches` of a thread's `status` file.
+fn voluntary_switches(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The calling thread's CPU time so far in seconds, and its voluntary context switches.
+fn thread_usage() -> (f64, u64) {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a live timespec for clock_gettime to fill. This clock counts the
+    // thread's CPU to the nanosecond, where getrusage's times lag until the scheduler
+    // next accounts for the thread.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a live rusage for getrusage to fill; RUSAGE_THREAD is the calling
+    // thread's own.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
+    (t.tv_sec as f64 + t.tv_nsec as f64 / 1e9, u.ru_nvcsw as u64)
+}
+
+/// The CPUs the calling thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; sched_getaffinity fills it for
+    // the calling thread.
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } == 0;
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, within the set.
+        .filter(|&cpu| ok && unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// Keep the calling thread on `cpu` (a best effort: a failure leaves it where it may be).
+fn pin_this_thread(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set, `cpu` is below CPU_SETSIZE (it
+    // came from `allowed_cpus`), and sched_setaffinity reads the live set of the size
+    // passed, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+    }
+}
+
+/// What one wake of a thread waiting on another core costs this machine in CPU, in µs:
+/// two threads, each kept on its own core, pass a turn back and forth, each waiting in
+/// read(2) on a pipe of its own for it and passing it on with a byte written to the
+/// other's, as the logging channel's threads hand events and acknowledgements to threads
+/// on the other core. A read of an empty pipe always sleeps (a mutex and condition
+/// variable spin first, and two threads on idle cores then pass thousands of turns without
+/// ever sleeping); unpinned, the scheduler would run the woken thread where its waker just
+/// went to sleep, which the channel's busy VM thread never lets it do. The CPU of both
+/// threads (the syscalls, the sleeper's switch out and back in) over the waits they made
+/// (their voluntary context switches, the unit of `primary_wakes_per_op`). A lower bound:
+/// the other core's exit from idle and the wake's interrupt are charged to neither thread.
+/// Best of 3 runs of `turns` turns; with the waits of the best run.
+fn wake_cpu_us(turns: u64) -> (f64, u64) {
+    use std::io::{PipeReader, PipeWriter, Read, Write};
+    let (a, b) = match allowed_cpus()[..] {
+        [a, b, ..] => (Some(a), Some(b)),
+        // One core: the figure is a same-core wake's.
+        _ => (None, None),
+    };
+    // Waits for the turn `turns / 2` times, passing it on each time (and once before, if
+    // `first`). Its CPU (s) and waits over the turns. A pipe that fails, or whose other
+    // end is gone, ends its turns.
+    let player =
+        |mut inbox: PipeReader, mut outbox: PipeWriter, first: bool, cpu: Option<usize>| {
+            move || {
+                if let Some(cpu) = cpu {
+                    pin_this_thread(cpu);
+                }
+                let begun = thread_usage();
+                let mut byte = [0u8; 1];
+                let mut passed = !first || outbox.write_all(b"t").is_ok();
+                for _ in 0..turns / 2 {
+                    if !passed || inbox.read_exact(&mut byte).is_err() {
+                        break;
+                    }
+                    passed = outbox.write_all(&byte).is_ok();
+                }
+                let ended = thread_usage();
+                (ended.0 - begun.0, ended.1.saturating_sub(begun.1))
+            }
+        };
+    let best = (0..3)
+        .filter_map(|_| {
+            let (to_first, first_inbox) = std::io::pipe().ok().map(|(r, w)| (w, r))?;
+            let (to_second, second_inbox) = std::io::pipe().ok().map(|(r, w)| (w, r))?;
+            let second = std::thread::spawn(player(second_inbox, to_first, false, b));
+            // On a thread of its own too: the caller's own affinity stays as it was.
+            let first = std::thread::spawn(player(first_inbox, to_second, true, a));
+            match (first.join(), second.join()) {
+                (Ok(x), Ok(y)) => Some((x.0 + y.0, x.1 + y.1)),
+                _ => None,
+            }
+        })
+        .min_by(|x, y| (x.0 / x.1.max(1) as f64).total_cmp(&(y.0 / y.1.max(1) as f64)))
+        .unwrap_or((f64::INFINITY, 0));
+    (best.0 * 1e6 / best.1.max(1) as f64, best.1)
+}
+
+/// Turns (each about a wake) per run of [`wake_cpu_us`] in `bench ft`: about a second per
+/// run here.
+const WAKE_TURNS: u64 = 40_000;
 
 /// The `tandem` process that `pid` is or started (a launcher such as `ip netns exec`
 /// execs it, but a wrapper may fork): `pid` itself if it is not found within a few levels.
@@ -1353,6 +1497,12 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let requests = if args.flags.quick { "20000" } else { "100000" };
     let lat_requests = if args.flags.quick { "2000" } else { "10000" };
     let (plain_lab, ft_lab) = (format!("bfp{pid}"), format!("bff{pid}"));
+    progress(
+        args.flags.json,
+        "wake cost: two threads handing a turn back and forth",
+    );
+    let (wake_cpu_us, _) = wake_cpu_us(WAKE_TURNS);
+    not_interrupted()?;
     crate::lab::up(&plain_lab, 1)?;
     let _plain_guard = LabGuard(plain_lab.clone());
 
@@ -1361,6 +1511,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let mut logging = (0.0, 0.0, 0.0);
     // CPU over the throughput runs, summed over rounds: unprotected primary, then FT.
     let (mut cpu_plain, mut cpu_ft) = (0.0, FtCpu::default());
+    // The primary's threads' wakes over the same runs.
+    let (mut wakes_plain, mut wakes_ft) = (0u64, 0u64);
     let mut channel_events = 0u64;
     // Operations per throughput run: `requests` of each of SET, GET and INCR.
     let ops_per_run = 3.0 * requests.parse::<f64>().unwrap_or(0.0);
@@ -1375,12 +1527,14 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             let pid = tandem_pid(vm.0.0.id());
             let client = crate::lab::ns(&plain_lab, "client");
             let cpu_before = process_cpu_s(pid);
+            let wakes_before = process_wakes(pid);
             let t = redis_benchmark(
                 &client,
                 VM_IP,
                 &["-t", "set,get,incr", "-n", requests, "-c", "20", "-P", "8"],
             )?;
             cpu_plain += (process_cpu_s(pid) - cpu_before).max(0.0);
+            wakes_plain += process_wakes(pid).saturating_sub(wakes_before);
             let l = redis_benchmark(
                 &client,
                 VM_IP,
@@ -1404,6 +1558,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             );
             let before = lab.status();
             let cpu_before = FtCpu::read(pids.0, pids.1);
+            let wakes_before = process_wakes(pids.0);
             let start = Instant::now();
             let t = redis_benchmark(
                 &client,
@@ -1413,6 +1568,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             let took = start.elapsed().as_secs_f64();
             let cpu = FtCpu::read(pids.0, pids.1).since(cpu_before);
             cpu_ft.primary += cpu.primary;
+            wakes_ft += process_wakes(pids.0).saturating_sub(wakes_before);
             // The secondary and the channel may still be finishing the last batches:
             // read after the status caught up (below), the primary's before.
             // Let the status catch up with the last batches before reading the counters.
@@ -1549,6 +1705,11 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         secondary_cpu_ratio: cpu_ft.secondary / cpu_ft.primary,
         channel_cpu_us_per_event: cpu_ft.channel * 1e6 / channel_events.max(1) as f64,
         channel_events,
+        primary_wakes_per_op_unprotected: wakes_plain as f64 / all_ops,
+        primary_wakes_per_op_ft: wakes_ft as f64 / all_ops,
+        wake_cpu_us,
+        extra_wakes_cpu_us_per_op: wakes_ft.saturating_sub(wakes_plain) as f64 / all_ops
+            * wake_cpu_us,
         spurious_failovers,
         soak_secs,
         rounds,
@@ -1701,6 +1862,26 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             r.primary_cpu_us_per_op_ft,
             r.primary_cpu_ratio,
             "≤1.15"
+        );
+        println!(
+            "{:<40} {:>12.4} {:>12.4} {:>10.4} {:>8}",
+            "  primary_wakes_per_op (threads woken)",
+            r.primary_wakes_per_op_unprotected,
+            r.primary_wakes_per_op_ft,
+            r.primary_wakes_per_op_ft - r.primary_wakes_per_op_unprotected,
+            "-"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>8.2}µs {:>8}",
+            "  wake_cpu_us (one wake, both sides)", "-", "-", r.wake_cpu_us, "-"
+        );
+        println!(
+            "{:<40} {:>12} {:>10.2}µs {:>8.2}µs {:>8}",
+            "  added µs/op: measured | wakes × cost",
+            "-",
+            r.primary_cpu_us_per_op_ft - r.primary_cpu_us_per_op_unprotected,
+            r.extra_wakes_cpu_us_per_op,
+            "-"
         );
         println!(
             "{:<40} {:>12} {:>12} {:>10.3} {:>8}",
@@ -2475,5 +2656,48 @@ mod tests {
                    256.5 MiB in 2 rounds while it ran, 8 KiB in the pause\n";
         assert_eq!(checkpoint_pauses(log), [161.0, 2.5, 0.9]);
         assert_eq!(checkpoint_stopped_kib(log), [120, 8]);
+    }
+
+    /// A thread that sleeps ten times waited ten times, and its process's count holds its.
+    #[test]
+    fn a_process_wakes_are_its_threads_voluntary_switches() {
+        assert_eq!(
+            voluntary_switches(
+                "Name:\tx\nvoluntary_ctxt_switches:\t42\nnonvoluntary_ctxt_switches:\t7\n"
+            ),
+            Some(42)
+        );
+        assert_eq!(voluntary_switches("Name:\tx\n"), None);
+        // Read by the sleeper itself: other tests' threads may end meanwhile, and take
+        // their counts out of the process's.
+        let (own, all) = std::thread::spawn(|| {
+            let before = thread_usage().1;
+            for _ in 0..10 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            let own = voluntary_switches(&status).unwrap();
+            assert!(thread_usage().1 >= before + 10);
+            (own, process_wakes(std::process::id()))
+        })
+        .join()
+        .unwrap();
+        assert!(own >= 10, "{own}");
+        assert!(all >= own, "{all} < {own}");
+        assert_eq!(process_wakes(u32::MAX), 0, "a process that is not there");
+    }
+
+    /// Each turn wakes the other thread: the two threads wait about once a turn, each wait
+    /// costs CPU, and the turns end (no thread is left waiting for a turn that never comes).
+    #[test]
+    fn a_wake_costs_some_cpu_and_the_turns_end() {
+        let (us, waits) = wake_cpu_us(2_000);
+        eprintln!("one wake: {us:.2} µs of CPU over {waits} waits");
+        assert!(us.is_finite() && us > 0.0, "{us}");
+        assert!(
+            (1_500..=4_002).contains(&waits),
+            "{waits} waits for 2000 turns"
+        );
+        assert_eq!(wake_cpu_us(0).1, 0, "no turn, no wait");
     }
 }
