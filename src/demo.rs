@@ -57,6 +57,16 @@ pub struct FtLab {
     _guard: Option<LabGuard>,
 }
 
+/// Whether SIGINT or SIGTERM came (`main` installs the handler): an error then. The lab's
+/// waits (and the bench's phases) check it, so that an interrupt ends them at once
+/// rather than at their limit.
+pub(crate) fn not_interrupted() -> Result<()> {
+    if machine::stop_requested() {
+        bail!("interrupted (SIGINT or SIGTERM)");
+    }
+    Ok(())
+}
+
 impl FtLab {
     /// `timeout_ms`: the failure timeout both copies use (the design's default is 300).
     pub fn start(name: &str, keep: bool, timeout_ms: u64) -> Result<FtLab> {
@@ -112,6 +122,7 @@ impl FtLab {
             if Instant::now() > deadline {
                 bail!("kvd did not come up; primary log:\n{}", ft.log("primary"));
             }
+            not_interrupted()?;
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(ft)
@@ -197,6 +208,7 @@ impl FtLab {
             {
                 return Ok(());
             }
+            not_interrupted()?;
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!(
@@ -230,6 +242,7 @@ impl FtLab {
         lab::kill(&self.name, "host1")?;
         let deadline = at + Duration::from_secs(10);
         while !self.status().contains("role=live") {
+            not_interrupted()?;
             if Instant::now() > deadline {
                 bail!(
                     "the secondary did not go live within 10 s: {}",

@@ -1657,9 +1657,11 @@ fn an_interrupted_bench_stops_at_once_and_leaves_no_lab_behind() {
             }
         }
     }
+    let kvd = common::guest("kvd.wasm");
     let mut bench = Bench(
         Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(["bench", "ft", "--quick", "--soak-secs", "0", "--kills", "1"])
+            .env("TANDEM_GUESTS", kvd.parent().unwrap())
             .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -182,9 +182,10 @@ fn a_cluster_lab_runs_etcd_and_agents_on_the_management_network() {
     ] {
         assert!(!f.exists(), "{} survived lab down", f.display());
     }
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(
-        !String::from_utf8_lossy(&netns.stdout).contains(&format!("{name}-")),
+        !common::netns_list()
+            .iter()
+            .any(|n| n.contains(&format!("{name}-"))),
         "namespaces survived lab down"
     );
     // The relay is stopped (a zombie until its parent, long gone, is reaped: not running).
@@ -578,8 +579,11 @@ fn every_host_sees_the_shared_storage_through_its_own_view_which_the_lab_can_cut
     );
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(&name), "{mounts}");
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&format!("{name}-")));
+    assert!(
+        !common::netns_list()
+            .iter()
+            .any(|n| n.contains(&format!("{name}-")))
+    );
     for f in [
         shared.clone(),
         format!("/tmp/{name}-storage-paths"),

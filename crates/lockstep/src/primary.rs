@@ -952,6 +952,9 @@ impl Primary {
                 None
             }
         });
+        // The standby's whole history, freed once the listener is up (this is the VM's
+        // thread, going live).
+        let forgotten;
         {
             let mut st = self.shared.lock();
             st.standby = false;
@@ -962,14 +965,13 @@ impl Primary {
             // So the history starts here, a newcomer joins from a checkpoint taken after
             // it, and that checkpoint is taken at once.
             let end = st.end();
-            let forgotten = st.drop_before(end);
+            forgotten = st.drop_before(end);
             st.checkpoint_due = true;
-            drop(st);
-            drop(forgotten);
         }
         if let Err(e) = launch(&self.shared, generation, listener) {
             tracing::error!("{e}; the VM stays live, NOT PROTECTED");
         }
+        drop(forgotten);
     }
 
     /// A checkpoint holds the VM at `position`: the events before it are dropped (but

@@ -1078,6 +1078,33 @@ mod tests {
         );
     }
 
+    /// A read into a buffer an earlier event's data left behind returns the file's bytes
+    /// alone: a short read is cut to what was read, never padded with the old data.
+    #[test]
+    fn a_short_read_into_a_reused_buffer_carries_no_earlier_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [1u8; 100]).unwrap();
+        let mut host = LiveHost::from_state(
+            None,
+            &FdTable::new(false, &[]),
+            &crate::clock::VmClock::default(),
+        )
+        .unwrap();
+        host.files.insert(5, Arc::new(File::open(&path).unwrap()));
+        crate::event::Bytes::from(vec![0xAA; 4096]).spare();
+        assert_eq!(crate::event::spare_buffers(), 1);
+        let Outcome::Data(d) = host.read_at(5, 0, 4096) else {
+            panic!("the read failed");
+        };
+        assert_eq!(
+            crate::event::spare_buffers(),
+            0,
+            "the buffer was not reused"
+        );
+        assert_eq!(&d[..], &[1u8; 100][..]);
+    }
+
     #[test]
     fn dirents_have_the_wasi_layout() {
         let mut out = Vec::new();

@@ -75,8 +75,9 @@ impl Bytes {
     /// again: that cost as much as the read): the caller fills it and truncates it to what
     /// it filled.
     pub(crate) fn buffer(len: usize) -> Vec<u8> {
-        // No buffer kept fits so small a read (entropy, a short record): leave them be.
-        if len < SPARE_SMALLEST / 2 {
+        // No buffer kept fits so small a read (entropy, a short record) nor one larger than
+        // any kept: leave them be.
+        if !(SPARE_SMALLEST / 2..=SPARE_LARGEST).contains(&len) {
             return vec![0; len];
         }
         match SPARE.with(|spare| spare.borrow_mut().take(len)) {
@@ -114,13 +115,12 @@ struct Spare {
 impl Spare {
     /// The last buffer set aside, if it fits `len`. One that does not is dropped (reads
     /// changed size: the next ones are unlikely to fit it either), so the buffers kept are
-    /// those of the reads the guest makes now. Never more than twice `len` (or
-    /// [`SPARE_SMALLEST`]): a small read does not hold a large buffer in a batch that
-    /// counts only its data.
+    /// those of the reads the guest makes now. Never more than twice `len`: a small read
+    /// does not hold a large buffer in a batch that counts only its data.
     fn take(&mut self, len: usize) -> Option<Vec<u8>> {
         let v = self.buffers.pop()?;
         self.bytes -= v.capacity();
-        (v.capacity() >= len && v.capacity() <= (2 * len).max(SPARE_SMALLEST)).then_some(v)
+        (v.capacity() >= len && v.capacity() <= 2 * len).then_some(v)
     }
 
     fn keep(&mut self, v: Vec<u8>) {
@@ -415,9 +415,11 @@ mod tests {
             assert_eq!((fresh.len(), fresh.capacity()), (len, len));
             assert_eq!(spare_buffers(), 0, "{len}");
         }
-        // A read too small for any of them leaves them be.
+        // A read too small or too large for any of them leaves them be.
         Bytes::from(vec![0; 4096]).spare();
         assert_eq!(Bytes::buffer(16).capacity(), 16);
+        assert_eq!(spare_buffers(), 1);
+        assert_eq!(Bytes::buffer(SPARE_LARGEST + 1).len(), SPARE_LARGEST + 1);
         assert_eq!(spare_buffers(), 1);
         drop(Bytes::buffer(4096));
         // Too small or too large to keep.
