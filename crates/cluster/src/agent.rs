@@ -47,9 +47,49 @@ const REPORT_EVERY: Duration = Duration::from_millis(1000);
 /// Every agent accepts (and at once closes) connections on this port of its logging
 /// address, so that its peers can tell whether the logging network joins them.
 pub const LOG_PROBE_PORT: u16 = 7069;
-/// How often the logging network is probed, and how long a probe may take.
+/// How often the logging network is probed when nothing changed, and how long a probe may
+/// take.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the agent looks at the registered hosts: a host that registers is probed
+/// within this, and one not reached yet is probed again this soon (then less and less
+/// often, up to [`PROBE_EVERY`]), so that a cluster just formed can place secondaries
+/// without waiting for the slow round.
+const PROBE_LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// When the logging network is probed next: at once when the set of other hosts changed;
+/// soon when a host was not reached (a peer registers before its answerer listens), backing
+/// off to [`PROBE_EVERY`]; otherwise every [`PROBE_EVERY`].
+#[derive(Default)]
+struct ProbeDue {
+    /// The other hosts at the last probe (`None` before the first).
+    names: Option<Vec<String>>,
+    next: Option<Instant>,
+    /// The wait after the last probe that missed a host.
+    backoff: Duration,
+}
+
+impl ProbeDue {
+    fn now(&self, names: &[String], now: Instant) -> bool {
+        self.names.as_deref() != Some(names) || self.next.is_none_or(|t| now >= t)
+    }
+
+    fn probed(&mut self, names: Vec<String>, reached: &[String], now: Instant) {
+        let wait = if reached.len() < names.len() {
+            self.backoff = if self.backoff.is_zero() {
+                PROBE_LOOK_EVERY
+            } else {
+                (self.backoff * 2).min(PROBE_EVERY)
+            };
+            self.backoff
+        } else {
+            self.backoff = Duration::ZERO;
+            PROBE_EVERY
+        };
+        self.names = Some(names);
+        self.next = Some(now + wait);
+    }
+}
 
 /// The caches' folder on shared storage (VM names cannot start with a dot).
 pub fn shared_cache(shared: &std::path::Path) -> PathBuf {
@@ -353,45 +393,55 @@ impl Agent {
         spawn(
             "probe",
             Box::new(move || {
+                let mut due = ProbeDue::default();
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(hosts) = cfg
                         .store
                         .prefix_json::<HostRecord>(&format!("{}hosts/", model::PREFIX))
                     {
-                        let mut reached: Vec<String> = hosts
+                        let others: Vec<HostRecord> = hosts
                             .into_iter()
                             .map(|(_, h)| h)
                             .filter(|h| h.name != cfg.name)
-                            .filter(|h| {
-                                format!("{}:{LOG_PROBE_PORT}", h.log_ip)
-                                    .parse::<std::net::SocketAddr>()
-                                    .is_ok_and(|a| {
-                                        std::net::TcpStream::connect_timeout(&a, PROBE_TIMEOUT)
-                                            .is_ok()
-                                    })
-                            })
-                            .map(|h| h.name)
                             .collect();
-                        reached.sort();
-                        let changed = lock(&peers).as_ref() != Some(&reached);
-                        if changed {
-                            tracing::info!(
-                                "logging network: this host reaches [{}]",
-                                reached.join(", ")
-                            );
-                            *lock(&peers) = Some(reached.clone());
-                            let id = lock(&lease).id;
-                            let rec = Agent::record(&cfg, Some(reached), id);
-                            if let Err(e) =
-                                cfg.store
-                                    .put_json(&model::host_key(&cfg.name), &rec, Some(id))
-                            {
-                                tracing::warn!("cannot update this host's record: {e}");
-                                *lock(&peers) = None;
+                        let mut names: Vec<String> =
+                            others.iter().map(|h| h.name.clone()).collect();
+                        names.sort();
+                        if due.now(&names, Instant::now()) {
+                            let mut reached: Vec<String> = others
+                                .into_iter()
+                                .filter(|h| {
+                                    format!("{}:{LOG_PROBE_PORT}", h.log_ip)
+                                        .parse::<std::net::SocketAddr>()
+                                        .is_ok_and(|a| {
+                                            std::net::TcpStream::connect_timeout(&a, PROBE_TIMEOUT)
+                                                .is_ok()
+                                        })
+                                })
+                                .map(|h| h.name)
+                                .collect();
+                            reached.sort();
+                            due.probed(names, &reached, Instant::now());
+                            let changed = lock(&peers).as_ref() != Some(&reached);
+                            if changed {
+                                tracing::info!(
+                                    "logging network: this host reaches [{}]",
+                                    reached.join(", ")
+                                );
+                                *lock(&peers) = Some(reached.clone());
+                                let id = lock(&lease).id;
+                                let rec = Agent::record(&cfg, Some(reached), id);
+                                if let Err(e) =
+                                    cfg.store
+                                        .put_json(&model::host_key(&cfg.name), &rec, Some(id))
+                                {
+                                    tracing::warn!("cannot update this host's record: {e}");
+                                    *lock(&peers) = None;
+                                }
                             }
                         }
                     }
-                    std::thread::sleep(PROBE_EVERY);
+                    std::thread::sleep(PROBE_LOOK_EVERY);
                 }
             }),
         )
@@ -1020,5 +1070,52 @@ fn run_master(store: &Store, lease: &Mutex<Lease>, stop: &AtomicBool, name: &str
             }
         }
         std::thread::sleep(master::PERIOD);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_logging_network_is_probed_soon_after_a_miss_and_at_once_on_a_new_host() {
+        let t0 = Instant::now();
+        let mut due = ProbeDue::default();
+        assert!(due.now(&names(&["h2"]), t0), "the first look probes");
+        // All reached: the slow round.
+        due.probed(names(&["h2"]), &names(&["h2"]), t0);
+        assert!(!due.now(&names(&["h2"]), t0 + PROBE_EVERY / 2));
+        assert!(due.now(&names(&["h2"]), t0 + PROBE_EVERY));
+        // A host registers: probed at the next look, not after the slow round.
+        assert!(due.now(&names(&["h2", "h3"]), t0 + PROBE_LOOK_EVERY));
+        // It does not answer yet: again soon, then less and less often, never beyond
+        // the slow round.
+        let mut t = t0;
+        let mut waits = vec![];
+        for _ in 0..6 {
+            due.probed(names(&["h2", "h3"]), &names(&["h2"]), t);
+            let mut wait = Duration::ZERO;
+            while !due.now(&names(&["h2", "h3"]), t + wait) {
+                wait += Duration::from_millis(50);
+            }
+            waits.push(wait);
+            t += wait;
+        }
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 2000, 2000].map(Duration::from_millis)
+        );
+        // Reached at last: the slow round again, and a later miss starts soon again.
+        due.probed(names(&["h2", "h3"]), &names(&["h2", "h3"]), t);
+        assert!(!due.now(&names(&["h2", "h3"]), t + PROBE_EVERY / 2));
+        due.probed(names(&["h2", "h3"]), &names(&["h3"]), t);
+        assert!(due.now(&names(&["h2", "h3"]), t + PROBE_LOOK_EVERY));
+        assert!(!due.now(&names(&["h2", "h3"]), t + PROBE_LOOK_EVERY / 2));
+        // A host leaves: probed at once too.
+        assert!(due.now(&names(&["h3"]), t));
     }
 }
