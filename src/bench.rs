@@ -25,8 +25,8 @@ pub struct BenchFlags {
     /// A small, fast run (fewer rounds, less work): for smoke tests, not for figures.
     #[arg(long)]
     quick: bool,
-    /// Rounds per side (default: 5 for vm, 3 for ft; fewer with --quick).
-    #[arg(long)]
+    /// Rounds per side (default: 5 for vm, 3 for ft; fewer with --quick; at most 100).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: Option<u32>,
 }
 
@@ -818,12 +818,13 @@ fn net_rows(quick: bool, rounds: u32) -> Result<NetBench> {
 pub struct FtBenchArgs {
     #[command(flatten)]
     flags: BenchFlags,
-    /// Primary host kills for the failover gap (default 5, 1 with --quick).
-    #[arg(long)]
+    /// Primary host kills for the failover gap (default 5, 1 with --quick; at most 50).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
     kills: Option<u32>,
     /// The failure timeout of the FT pair: the ceiling of its adaptive failure detector
-    /// (the design's default: 300 ms; the floor stays at its default, 150 ms).
-    #[arg(long, default_value_t = 300)]
+    /// (the design's default: 300 ms; the floor stays at its default, 150 ms, so at least
+    /// that; at most 60000).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(150..=60_000))]
     timeout_ms: u64,
     /// Only the rows of a secondary joining a loaded kvd (join_s, enable_pause_ms,
     /// checkpoint_pause_ms).
@@ -831,8 +832,9 @@ pub struct FtBenchArgs {
     join_only: bool,
     /// Seconds in total that FT pairs are left alone, half idle and half under load,
     /// while a CPU burner keeps every core busy, counting failovers nobody caused
-    /// (spurious_failovers; default 600, 20 with --quick; 0 skips the soak).
-    #[arg(long, value_name = "SECS")]
+    /// (spurious_failovers; default 600, 20 with --quick; 0 skips the soak; at most a day,
+    /// 86400).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     soak_secs: Option<u64>,
     /// Only the soak (spurious_failovers).
     #[arg(long)]

@@ -647,6 +647,35 @@ fn the_guest_exit_code_is_passed_on_and_recorded() {
 }
 
 #[test]
+fn bench_counts_and_durations_out_of_range_are_refused_before_any_work() {
+    for (args, flag) in [
+        (&["bench", "ft", "--kills", "0"][..], "--kills"),
+        (&["bench", "ft", "--kills", "51"][..], "--kills"),
+        (&["bench", "ft", "--soak-secs", "86401"][..], "--soak-secs"),
+        (
+            &["bench", "ft", "--soak-secs", "18446744073709551615"][..],
+            "--soak-secs",
+        ),
+        (&["bench", "ft", "--timeout-ms", "149"][..], "--timeout-ms"),
+        (
+            &["bench", "ft", "--timeout-ms", "60001"][..],
+            "--timeout-ms",
+        ),
+        (&["bench", "vm", "--rounds", "0"][..], "--rounds"),
+        (&["bench", "vm", "--rounds", "101"][..], "--rounds"),
+    ] {
+        let r = tandem(args);
+        assert_eq!(r.code, 2, "{args:?}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains(flag) && r.stderr.contains("is not in"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("bench:"), "{args:?} began: {}", r.stderr);
+    }
+}
+
+#[test]
 fn bench_vm_reports_its_ratios_as_json() {
     let run = tandem(&["bench", "vm", "--quick", "--json"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
