@@ -522,11 +522,12 @@ fn install_stop_handler() {
         if sig == libc::SIGUSR1 {
             HANDOVER.store(true, std::sync::atomic::Ordering::SeqCst);
         } else {
+            STOP_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
             machine::request_stop();
         }
     }
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
-        // SAFETY: `on_signal` only stores to an atomic (itself or through
+        // SAFETY: `on_signal` only stores to atomics (itself or through
         // `machine::request_stop`)
         // (async-signal-safe: no locks, no allocation, no syscalls); the sigaction
         // structure is fully initialised before the call.
@@ -549,6 +550,28 @@ fn start_monitor(
 /// SIGUSR1 asks an FT copy that is live to hand its VM over to its secondary (a planned
 /// switch: a host agent's maintenance mode sends it).
 static HANDOVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The last of SIGINT or SIGTERM that came (0: none).
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// A bench that failed because a stop signal came exits as a shell reports a process that
+/// signal ended (128 + the signal: 130 for Ctrl-C, 143 for SIGTERM), saying so; any other
+/// failure is `Failure::from`.
+fn bench_failure(e: anyhow::Error) -> Failure {
+    if !machine::stop_requested() {
+        return Failure::from(e);
+    }
+    let (sig, name) = match STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        libc::SIGTERM => (libc::SIGTERM, "SIGTERM"),
+        _ => (libc::SIGINT, "SIGINT"),
+    };
+    Failure {
+        code: 128 + sig as u8,
+        message: format!(
+            "tandem: bench interrupted ({name}): its labs removed, no figures ({e:#})"
+        ),
+    }
+}
 
 /// Hand the VM over to the secondary whenever SIGUSR1 asks (while `live` says this copy
 /// is the live one).
@@ -670,15 +693,7 @@ fn main() -> ExitCode {
                 BenchCommand::Cluster(a) => bench::cluster(&a),
                 BenchCommand::Soak(a) => bench::soak(&a),
             };
-            match ran {
-                Err(e) if machine::stop_requested() => Err(Failure {
-                    code: 130,
-                    message: format!(
-                        "tandem: bench interrupted: its labs removed, no figures ({e:#})"
-                    ),
-                }),
-                other => other.map_err(Failure::from),
-            }
+            ran.map_err(bench_failure)
         }
         Command::Demo(a) => demo::run(&a).map_err(Failure::from),
         Command::Ft(FtCommand::Primary(a)) => ended_ft(ft_primary(a)),

@@ -675,6 +675,53 @@ fn bench_counts_and_durations_out_of_range_are_refused_before_any_work() {
     }
 }
 
+/// SIGTERM ends a bench as a shell reports a process that signal ended (143; Ctrl-C's
+/// 130 is tested with a lab in tests/ft.rs), with no figures.
+#[test]
+fn a_bench_stopped_by_sigterm_exits_143_without_figures() {
+    use std::io::{BufRead, Read};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "vm", "--quick"])
+        .env("TANDEM_GUESTS", guest("bench_io.wasm").parent().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting tandem");
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(first.starts_with("bench: "), "{first}");
+    // SAFETY: kill(2) on our own child's pid, not yet waited for.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let sent = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if sent.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("still running 20 s after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(status.code(), Some(143), "{first}{rest}");
+    assert!(rest.contains("bench interrupted (SIGTERM)"), "{rest}");
+    assert!(!rest.contains("panicked"), "{rest}");
+    assert_eq!(out, "", "figures printed after SIGTERM");
+}
+
 #[test]
 fn bench_vm_reports_its_ratios_as_json() {
     let run = tandem(&["bench", "vm", "--quick", "--json"]);
