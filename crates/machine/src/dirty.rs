@@ -14,9 +14,10 @@
 //! `linux/userfaultfd.h` and `linux/fs.h`).
 //!
 //! **Pre-copy** ([`PreCopy`]): start tracking, copy the whole range while the guest runs,
-//! then rounds of the pages written meanwhile until few remain; then, with the guest
-//! stopped at its snapshot point, [`PreCopy::finish`] copies only the pages written since
-//! the last round's scan, plus anything past the range registered (memory grown since).
+//! then rounds of the pages written meanwhile (and of the memory grown meanwhile, once
+//! [`PreCopy::grow`] tracks it) until few remain; then, with the guest stopped at its
+//! snapshot point, [`PreCopy::finish`] copies only the pages written since the last
+//! round's scan, plus anything past the range tracked (memory grown since the last grow).
 //! The copies made while the guest runs race with its writes: they are made by the kernel
 //! (`process_vm_readv` on this process), never by a Rust read of memory another thread
 //! writes, and a page torn by a write during its copy was written after the scan that
@@ -410,6 +411,20 @@ impl PreCopy {
         })
     }
 
+    /// Track the memory grown in place to `len` too, while the guest runs: the next
+    /// [`PreCopy::round`] copies the part grown (its first scan lists every page of it), so
+    /// the stop copies only what is written or grown after that, not every byte grown
+    /// since the start (a guest filling its memory grows it by megabytes between
+    /// snapshots). Nothing happens for a length not beyond the range tracked.
+    pub fn grow(&mut self, len: usize) -> Result<(), DirtyError> {
+        if len <= self.tracker.len() {
+            return Ok(());
+        }
+        self.tracker.grow(len)?;
+        self.image.resize(len, 0);
+        Ok(())
+    }
+
     /// Copy again the pages written since the previous scan, while the guest runs: the
     /// bytes copied.
     pub fn round(&mut self) -> Result<u64, DirtyError> {
@@ -598,6 +613,43 @@ mod tests {
             Tracker::new(m.base() + 1, page),
             Err(DirtyError::Unaligned(..))
         ));
+    }
+
+    /// Memory grown while a pre-copy runs is copied by its rounds once grown into, not at
+    /// the stop: the stop copies only the pages written after the last round, and the
+    /// image is still the memory byte for byte.
+    #[test]
+    fn memory_grown_during_a_pre_copy_is_copied_while_it_runs() {
+        let page = page_size();
+        let (pages, grown) = (256, 512);
+        let m = Mapping::new(pages + grown);
+        for p in 0..pages + grown {
+            m.write(p * page + 1, p as u8 | 1);
+        }
+        let Some(t) = tracker_or_skip(m.base(), pages * page) else {
+            return;
+        };
+        let mut pc = PreCopy::start_with(t).unwrap();
+        pc.grow(pages * page).unwrap();
+        pc.grow(page).unwrap();
+        assert_eq!(pc.tracker.len(), pages * page, "no shrinking, no change");
+        pc.grow((pages + grown / 2) * page).unwrap();
+        let first = pc.round().unwrap();
+        assert_eq!(first, (grown / 2 * page) as u64, "the part grown, whole");
+        pc.grow((pages + grown) * page).unwrap();
+        m.write(5 * page, 0x55);
+        m.write((pages + 3) * page, 0x66);
+        let second = pc.round().unwrap();
+        assert_eq!(
+            second,
+            ((grown / 2 + 2) * page) as u64,
+            "the rest grown and the two pages written"
+        );
+        m.write((pages + grown - 1) * page + 9, 0x77);
+        let (image, stats) = pc.finish(m.bytes());
+        assert!(image == m.bytes(), "the image differs from the memory");
+        assert_eq!(stats.stopped_bytes, page as u64, "{stats:?}");
+        assert_eq!(stats.memory_bytes, ((pages + grown) * page) as u64);
     }
 
     /// A pre-copy of memory written all the time by another thread, finished once it
