@@ -32,9 +32,7 @@ pub struct BenchFlags {
 
 impl BenchFlags {
     fn rounds(&self, full: u32, quick: u32) -> u32 {
-        self.rounds
-            .unwrap_or(if self.quick { quick } else { full })
-            .max(1)
+        self.rounds.unwrap_or(if self.quick { quick } else { full })
     }
 }
 
@@ -1541,10 +1539,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         return Ok(0);
     }
     let rounds = args.flags.rounds(3, 1);
-    let kills = args
-        .kills
-        .unwrap_or(if args.flags.quick { 1 } else { 5 })
-        .max(1);
+    let kills = args.kills.unwrap_or(if args.flags.quick { 1 } else { 5 });
     let requests = if args.flags.quick { "20000" } else { "100000" };
     let lat_requests = if args.flags.quick { "2000" } else { "10000" };
     let (plain_lab, ft_lab) = (format!("bfp{pid}"), format!("bff{pid}"));

@@ -76,12 +76,32 @@ impl ClusterLab {
             progress,
             _guard: guard,
         };
+        let mut last = Vec::new();
         c.wait_until(
             "every agent registered and reaching the others on the logging network",
-            Duration::from_secs(30),
-            || Ok(meshed(&c.client.hosts()?, hosts as usize).then_some(())),
+            Duration::from_secs(60),
+            || {
+                last = c.client.hosts()?;
+                Ok(meshed(&last, hosts as usize).then_some(()))
+            },
         )
-        .map_err(|e| anyhow!("{e:#}; agents' logs: /tmp/{name}-hostK-agent.log"))?;
+        .map_err(|e| {
+            let seen: Vec<String> = last
+                .iter()
+                .map(|h| match &h.log_peers {
+                    Some(p) => format!("{} ({}) reaches [{}]", h.name, h.state, p.join(", ")),
+                    None => format!("{} ({}) not probed yet", h.name, h.state),
+                })
+                .collect();
+            anyhow!(
+                "{e:#}; hosts: {}; agents' logs: /tmp/{name}-hostK-agent.log",
+                if seen.is_empty() {
+                    "none".into()
+                } else {
+                    seen.join("; ")
+                }
+            )
+        })?;
         Ok(c)
     }
 

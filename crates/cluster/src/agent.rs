@@ -52,18 +52,22 @@ pub const LOG_PROBE_PORT: u16 = 7069;
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often the agent looks at the registered hosts: a host that registers is probed
-/// within this, and one not reached yet is probed again this soon (then less and less
-/// often, up to [`PROBE_EVERY`]), so that a cluster just formed can place secondaries
-/// without waiting for the slow round.
+/// within this, and one newly missed is probed again this soon (then less and less often
+/// while it stays missed, up to [`PROBE_EVERY`]), so that a cluster just formed can place
+/// secondaries without waiting for the slow round.
 const PROBE_LOOK_EVERY: Duration = Duration::from_millis(250);
 
-/// When the logging network is probed next: at once when the set of other hosts changed;
-/// soon when a host was not reached (a peer registers before its answerer listens), backing
-/// off to [`PROBE_EVERY`]; otherwise every [`PROBE_EVERY`].
+/// When the logging network is probed next: at once when the set of other hosts changed
+/// or the last result could not be recorded; soon when a host was missed that the probe
+/// before reached or did not know (a peer registers before its answerer listens), backing
+/// off to [`PROBE_EVERY`] while the same hosts stay missed (a host cut off for good costs a
+/// probe every [`PROBE_EVERY`]); otherwise every [`PROBE_EVERY`].
 #[derive(Default)]
 struct ProbeDue {
     /// The other hosts at the last probe (`None` before the first).
     names: Option<Vec<String>>,
+    /// The hosts the last probe missed.
+    missed: Vec<String>,
     next: Option<Instant>,
     /// The wait after the last probe that missed a host.
     backoff: Duration,
@@ -75,19 +79,31 @@ impl ProbeDue {
     }
 
     fn probed(&mut self, names: Vec<String>, reached: &[String], now: Instant) {
-        let wait = if reached.len() < names.len() {
-            self.backoff = if self.backoff.is_zero() {
+        let missed: Vec<String> = names
+            .iter()
+            .filter(|n| !reached.contains(n))
+            .cloned()
+            .collect();
+        let wait = if missed.is_empty() {
+            self.backoff = Duration::ZERO;
+            PROBE_EVERY
+        } else {
+            let newly = missed.iter().any(|n| !self.missed.contains(n));
+            self.backoff = if newly || self.backoff.is_zero() {
                 PROBE_LOOK_EVERY
             } else {
                 (self.backoff * 2).min(PROBE_EVERY)
             };
             self.backoff
-        } else {
-            self.backoff = Duration::ZERO;
-            PROBE_EVERY
         };
+        self.missed = missed;
         self.names = Some(names);
         self.next = Some(now + wait);
+    }
+
+    /// What the last probe found could not be recorded: probe again at the next look.
+    fn unrecorded(&mut self) {
+        self.next = None;
     }
 }
 
@@ -437,6 +453,7 @@ impl Agent {
                                 {
                                     tracing::warn!("cannot update this host's record: {e}");
                                     *lock(&peers) = None;
+                                    due.unrecorded();
                                 }
                             }
                         }
@@ -1081,6 +1098,16 @@ mod tests {
         n.iter().map(|s| s.to_string()).collect()
     }
 
+    /// How long after `t` the next probe is due (in 50 ms steps; at most 10 s).
+    fn wait_of(due: &ProbeDue, names: &[String], t: Instant) -> Duration {
+        let mut wait = Duration::ZERO;
+        while !due.now(names, t + wait) {
+            wait += Duration::from_millis(50);
+            assert!(wait < Duration::from_secs(10), "never due");
+        }
+        wait
+    }
+
     #[test]
     fn the_logging_network_is_probed_soon_after_a_miss_and_at_once_on_a_new_host() {
         let t0 = Instant::now();
@@ -1098,10 +1125,7 @@ mod tests {
         let mut waits = vec![];
         for _ in 0..6 {
             due.probed(names(&["h2", "h3"]), &names(&["h2"]), t);
-            let mut wait = Duration::ZERO;
-            while !due.now(&names(&["h2", "h3"]), t + wait) {
-                wait += Duration::from_millis(50);
-            }
+            let wait = wait_of(&due, &names(&["h2", "h3"]), t);
             waits.push(wait);
             t += wait;
         }
@@ -1109,6 +1133,20 @@ mod tests {
             waits,
             [250, 500, 1000, 2000, 2000, 2000].map(Duration::from_millis)
         );
+        // h3 stays cut off; h4 registers and is missed too: soon again, not after the
+        // slow round h3 earned.
+        let three = names(&["h2", "h3", "h4"]);
+        assert!(due.now(&three, t));
+        due.probed(three.clone(), &names(&["h2"]), t);
+        assert_eq!(wait_of(&due, &three, t), PROBE_LOOK_EVERY);
+        // A host reached before and missed now is news too.
+        due.probed(three.clone(), &names(&["h4"]), t);
+        assert_eq!(wait_of(&due, &three, t), PROBE_LOOK_EVERY);
+        due.probed(three.clone(), &names(&["h4"]), t);
+        assert_eq!(wait_of(&due, &three, t), 2 * PROBE_LOOK_EVERY);
+        // What it found could not be recorded: probed at the next look.
+        due.unrecorded();
+        assert!(due.now(&three, t));
         // Reached at last: the slow round again, and a later miss starts soon again.
         due.probed(names(&["h2", "h3"]), &names(&["h2", "h3"]), t);
         assert!(!due.now(&names(&["h2", "h3"]), t + PROBE_EVERY / 2));
