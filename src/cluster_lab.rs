@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use api::client::Client;
-use cluster::model::{FtStatus, HostView, Nic, Priority, VmView};
+use cluster::model::{FtStatus, Nic, Priority, VmView, meshed};
 use cluster::verbs::{CreateVm, FtOp};
 
 use crate::client::{in_netns, redis_in};
@@ -328,18 +328,6 @@ fn guest(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("resolving {}", p.display()))
 }
 
-/// Whether `want` hosts are registered and each reaches every other on the logging network
-/// as its agent last probed it.
-fn meshed(hosts: &[HostView], want: usize) -> bool {
-    let up: Vec<&HostView> = hosts.iter().filter(|h| h.responding()).collect();
-    up.len() == want
-        && up.iter().all(|h| {
-            up.iter()
-                .filter(|o| o.name != h.name)
-                .all(|o| h.log_peers.as_ref().is_some_and(|p| p.contains(&o.name)))
-        })
-}
-
 /// Bounded redis-benchmark runs (`-t set,incr -n 20000 -c 20 -P 8`, each at most 60 s)
 /// one after another on a thread of their own, until [`Load::finish`].
 pub struct Load {
@@ -490,51 +478,5 @@ impl ClusterLab {
     /// Whether web runs on `host` now.
     pub fn web_on(&self, host: &str) -> Result<bool> {
         Ok(self.vm("web")?.primary_host.as_deref() == Some(host))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn host(name: &str, state: &str, peers: Option<&[&str]>) -> HostView {
-        HostView {
-            name: name.into(),
-            state: state.into(),
-            version: "1".into(),
-            fingerprint: "f".into(),
-            master: false,
-            ft_vms: 0,
-            vms: 0,
-            maintenance: false,
-            memory_mib: 1024,
-            memory_reserved_mib: 0,
-            api: String::new(),
-            log_peers: peers.map(|p| p.iter().map(|s| s.to_string()).collect()),
-        }
-    }
-
-    #[test]
-    fn a_lab_is_up_once_every_host_reaches_every_other() {
-        let c = "connected";
-        let all = [
-            host("h1", c, Some(&["h2", "h3"])),
-            host("h2", c, Some(&["h1", "h3"])),
-            host("h3", c, Some(&["h1", "h2"])),
-        ];
-        assert!(meshed(&all, 3));
-        assert!(!meshed(&all, 4), "a host not registered yet");
-        let mut unprobed = all.clone();
-        unprobed[1].log_peers = None;
-        assert!(!meshed(&unprobed, 3), "a host not probed yet");
-        let mut early = all.clone();
-        early[2].log_peers = Some(vec!["h2".into()]);
-        assert!(
-            !meshed(&early, 3),
-            "a host that probed before h1 registered"
-        );
-        let mut gone = all.to_vec();
-        gone.push(host("h4", cluster::model::NOT_RESPONDING, None));
-        assert!(meshed(&gone, 3), "a host without a lease is not waited for");
     }
 }

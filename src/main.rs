@@ -561,9 +561,11 @@ fn bench_failure(e: anyhow::Error) -> Failure {
     if !machine::stop_requested() {
         return Failure::from(e);
     }
+    // A bench's stop comes only from these signals; SIGINT's code if none was seen.
     let (sig, name) = match STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
         libc::SIGTERM => (libc::SIGTERM, "SIGTERM"),
-        _ => (libc::SIGINT, "SIGINT"),
+        libc::SIGINT => (libc::SIGINT, "SIGINT"),
+        _ => (libc::SIGINT, "a stop request"),
     };
     Failure {
         code: 128 + sig as u8,

@@ -691,6 +691,18 @@ fn a_bench_stopped_by_sigterm_exits_143_without_figures() {
     let mut first = String::new();
     err.read_line(&mut first).unwrap();
     assert!(first.starts_with("bench: "), "{first}");
+    // Both pipes drained while it ends: a child blocked writing one would look stuck.
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        rest
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
     // SAFETY: kill(2) on our own child's pid, not yet waited for.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
@@ -707,15 +719,7 @@ fn a_bench_stopped_by_sigterm_exits_143_without_figures() {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let (rest, out) = (rest.join().unwrap(), out.join().unwrap());
     assert_eq!(status.code(), Some(143), "{first}{rest}");
     assert!(rest.contains("bench interrupted (SIGTERM)"), "{rest}");
     assert!(!rest.contains("panicked"), "{rest}");

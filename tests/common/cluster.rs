@@ -21,16 +21,8 @@ impl Cluster {
         c.wait("every agent registered and probed", 60, || {
             let r = c.verb(&["host", "list", "--json"]);
             r.code == 0
-                && serde_json::from_str::<Value>(&r.stdout).is_ok_and(|v| {
-                    v.as_array().is_some_and(|a| {
-                        a.len() == hosts as usize
-                            && a.iter().all(|h| {
-                                h["log_peers"]
-                                    .as_array()
-                                    .is_some_and(|p| p.len() + 1 == hosts as usize)
-                            })
-                    })
-                })
+                && serde_json::from_str::<Vec<cluster::model::HostView>>(&r.stdout)
+                    .is_ok_and(|h| cluster::model::meshed(&h, hosts as usize))
         });
         c
     }

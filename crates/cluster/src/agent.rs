@@ -71,6 +71,8 @@ struct ProbeDue {
     next: Option<Instant>,
     /// The wait after the last probe that missed a host.
     backoff: Duration,
+    /// The last record of what a probe found failed.
+    failing: bool,
 }
 
 impl ProbeDue {
@@ -101,9 +103,19 @@ impl ProbeDue {
         self.next = Some(now + wait);
     }
 
-    /// What the last probe found could not be recorded: probe again at the next look.
+    /// What the last probe found could not be recorded: probe again at the next look, the
+    /// first time; while it keeps failing (the lease lost: the store refuses the record),
+    /// on the usual schedule.
     fn unrecorded(&mut self) {
-        self.next = None;
+        if !self.failing {
+            self.next = None;
+        }
+        self.failing = true;
+    }
+
+    /// What the last probe found was recorded.
+    fn recorded(&mut self) {
+        self.failing = false;
     }
 }
 
@@ -454,6 +466,8 @@ impl Agent {
                                     tracing::warn!("cannot update this host's record: {e}");
                                     *lock(&peers) = None;
                                     due.unrecorded();
+                                } else {
+                                    due.recorded();
                                 }
                             }
                         }
@@ -1144,7 +1158,14 @@ mod tests {
         assert_eq!(wait_of(&due, &three, t), PROBE_LOOK_EVERY);
         due.probed(three.clone(), &names(&["h4"]), t);
         assert_eq!(wait_of(&due, &three, t), 2 * PROBE_LOOK_EVERY);
-        // What it found could not be recorded: probed at the next look.
+        // What it found could not be recorded: probed at the next look; failing again, on
+        // the usual schedule; recorded at last, the next failure is retried at once again.
+        due.unrecorded();
+        assert!(due.now(&three, t));
+        due.probed(three.clone(), &names(&["h4"]), t);
+        due.unrecorded();
+        assert!(!due.now(&three, t));
+        due.recorded();
         due.unrecorded();
         assert!(due.now(&three, t));
         // Reached at last: the slow round again, and a later miss starts soon again.

@@ -489,6 +489,18 @@ impl HostView {
     }
 }
 
+/// Whether `want` hosts are registered and each reaches every other on the logging network
+/// as its agent last probed it (a cluster just formed can place every pair then).
+pub fn meshed(hosts: &[HostView], want: usize) -> bool {
+    let up: Vec<&HostView> = hosts.iter().filter(|h| h.responding()).collect();
+    up.len() == want
+        && up.iter().all(|h| {
+            up.iter()
+                .filter(|o| o.name != h.name)
+                .all(|o| h.log_peers.as_ref().is_some_and(|p| p.contains(&o.name)))
+        })
+}
+
 /// `cluster status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ClusterView {
@@ -574,6 +586,47 @@ pub(crate) mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host(name: &str, state: &str, peers: Option<&[&str]>) -> HostView {
+        HostView {
+            name: name.into(),
+            state: state.into(),
+            version: "1".into(),
+            fingerprint: "f".into(),
+            master: false,
+            ft_vms: 0,
+            vms: 0,
+            maintenance: false,
+            memory_mib: 1024,
+            memory_reserved_mib: 0,
+            api: String::new(),
+            log_peers: peers.map(|p| p.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_meshed_once_every_host_reaches_every_other() {
+        let c = "connected";
+        let all = [
+            host("h1", c, Some(&["h2", "h3"])),
+            host("h2", c, Some(&["h1", "h3"])),
+            host("h3", c, Some(&["h1", "h2"])),
+        ];
+        assert!(meshed(&all, 3));
+        assert!(!meshed(&all, 4), "a host not registered yet");
+        let mut unprobed = all.clone();
+        unprobed[1].log_peers = None;
+        assert!(!meshed(&unprobed, 3), "a host not probed yet");
+        let mut early = all.clone();
+        early[2].log_peers = Some(vec!["h2".into()]);
+        assert!(
+            !meshed(&early, 3),
+            "a host that probed before h1 registered"
+        );
+        let mut gone = all.to_vec();
+        gone.push(host("h4", NOT_RESPONDING, None));
+        assert!(meshed(&gone, 3), "a host without a lease is not waited for");
+    }
 
     #[test]
     fn names_are_plain() {

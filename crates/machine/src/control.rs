@@ -189,7 +189,10 @@ impl Control {
         while pc.stats().rounds < PRECOPY_ROUNDS && !self.ended() {
             // Memory the guest grew since the last round is copied now rather than in
             // the pause (wasmtime grows it in place: the same base).
-            let grown = pc.grow(self.memory_len.load(Ordering::SeqCst));
+            let grown = pc.grow(
+                self.memory_base.load(Ordering::SeqCst),
+                self.memory_len.load(Ordering::SeqCst),
+            );
             match grown.and_then(|()| pc.round()) {
                 Ok(bytes) => {
                     // Few pages left, or no longer fewer each round (the guest writes as

@@ -145,7 +145,9 @@ impl std::fmt::Debug for Tracker {
 
 impl Tracker {
     /// Track writes to `[base, base + len)`, which must be mapped and page-aligned. The
-    /// first [`Tracker::scan`] lists every page.
+    /// first [`Tracker::scan`] lists every page mapped, but may leave out a range no page
+    /// table covers yet (never touched; a write there is listed by the next scan): a first
+    /// copy is of the whole range, never of what the first scan lists.
     ///
     /// Registering never changes what the memory holds or how it may be used: with
     /// asynchronous write-protection a write to a protected page only costs a minor fault
@@ -374,6 +376,9 @@ pub struct PreCopy {
     tracker: Tracker,
     image: Vec<u8>,
     dirty: Vec<Range<usize>>,
+    /// Where the memory tracked began when [`PreCopy::grow`] last grew it: the next round
+    /// copies from there to the end whole.
+    grown_from: Option<usize>,
     stats: PreCopied,
 }
 
@@ -403,6 +408,7 @@ impl PreCopy {
             tracker,
             image,
             dirty,
+            grown_from: None,
             stats: PreCopied {
                 rounds: 1,
                 running_bytes: len as u64,
@@ -412,29 +418,56 @@ impl PreCopy {
     }
 
     /// Track the memory grown in place to `len` too, while the guest runs: the next
-    /// [`PreCopy::round`] copies the part grown (its first scan lists every page of it), so
-    /// the stop copies only what is written or grown after that, not every byte grown
-    /// since the start (a guest filling its memory grows it by megabytes between
-    /// snapshots). Nothing happens for a length not beyond the range tracked.
-    pub fn grow(&mut self, len: usize) -> Result<(), DirtyError> {
-        if len <= self.tracker.len() {
+    /// [`PreCopy::round`] copies the part grown whole after its scan (which protects what
+    /// of it is mapped: a write after the scan is listed by the next), so the stop copies
+    /// only what is written or grown after that, not every byte grown since the start (a
+    /// guest filling its memory grows it by megabytes between snapshots). Nothing happens
+    /// for a length not beyond the range tracked, nor for memory at another `base` (a
+    /// mapping that moved: [`PreCopy::finish`] copies it whole).
+    pub fn grow(&mut self, base: usize, len: usize) -> Result<(), DirtyError> {
+        if base != self.tracker.base() {
             return Ok(());
         }
+        let from = self.tracker.len();
         self.tracker.grow(len)?;
-        self.image.resize(len, 0);
+        if self.tracker.len() > from {
+            self.image.resize(self.tracker.len(), 0);
+            self.grown_from.get_or_insert(from);
+        }
         Ok(())
     }
 
-    /// Copy again the pages written since the previous scan, while the guest runs: the
-    /// bytes copied.
+    /// Copy again the pages written since the previous scan, and the memory grown since,
+    /// while the guest runs: the bytes written again (what tells whether the rounds
+    /// converge; the memory grown counts in the stats only).
     pub fn round(&mut self) -> Result<u64, DirtyError> {
         self.dirty.clear();
         self.tracker.scan(&mut self.dirty)?;
+        let rewritten: u64 = self
+            .dirty
+            .iter()
+            .map(|r| {
+                r.len().min(
+                    self.grown_from
+                        .unwrap_or(usize::MAX)
+                        .saturating_sub(r.start),
+                ) as u64
+            })
+            .sum();
+        if let Some(from) = self.grown_from.take() {
+            // The grown part is the tail of the range: whatever the scan listed in it is
+            // copied with it, once.
+            self.dirty.retain_mut(|r| {
+                r.end = r.end.min(from);
+                r.start < r.end
+            });
+            self.dirty.push(from..self.tracker.len());
+        }
         read_racing(self.tracker.base(), &mut self.image, &self.dirty)?;
         let bytes: u64 = self.dirty.iter().map(|r| r.len() as u64).sum();
         self.stats.rounds += 1;
         self.stats.running_bytes += bytes;
-        Ok(bytes)
+        Ok(rewritten)
     }
 
     /// The whole memory, with the guest stopped: `memory` is the guest's memory now (the
@@ -615,40 +648,58 @@ mod tests {
         ));
     }
 
-    /// Memory grown while a pre-copy runs is copied by its rounds once grown into, not at
-    /// the stop: the stop copies only the pages written after the last round, and the
-    /// image is still the memory byte for byte.
+    /// Memory grown while a pre-copy runs is copied by its rounds, not at the stop,
+    /// whether the guest wrote it before the growth was tracked, after, or never (no page
+    /// mapped there yet): the stop copies only the pages written after the last round, the
+    /// image is still the memory byte for byte, and growth does not count as pages written
+    /// again (it would end the rounds early).
     #[test]
     fn memory_grown_during_a_pre_copy_is_copied_while_it_runs() {
         let page = page_size();
-        let (pages, grown) = (256, 512);
+        let (pages, grown) = (256, 1024);
         let m = Mapping::new(pages + grown);
-        for p in 0..pages + grown {
+        // The first half of the growth is written before it is tracked; the second half
+        // (4 MiB, whole page tables) is never touched until the rounds run.
+        for p in 0..pages + grown / 2 {
             m.write(p * page + 1, p as u8 | 1);
         }
         let Some(t) = tracker_or_skip(m.base(), pages * page) else {
             return;
         };
         let mut pc = PreCopy::start_with(t).unwrap();
-        pc.grow(pages * page).unwrap();
-        pc.grow(page).unwrap();
-        assert_eq!(pc.tracker.len(), pages * page, "no shrinking, no change");
-        pc.grow((pages + grown / 2) * page).unwrap();
-        let first = pc.round().unwrap();
-        assert_eq!(first, (grown / 2 * page) as u64, "the part grown, whole");
-        pc.grow((pages + grown) * page).unwrap();
+        let running = pc.stats().running_bytes;
+        pc.grow(m.base(), pages * page).unwrap();
+        pc.grow(m.base(), page).unwrap();
+        pc.grow(m.base() + page, (pages + 1) * page).unwrap();
+        assert_eq!(
+            pc.tracker.len(),
+            pages * page,
+            "no shrinking, no change, nothing at another base"
+        );
+        pc.grow(m.base(), (pages + grown / 4) * page).unwrap();
+        pc.grow(m.base(), (pages + grown) * page).unwrap();
+        // Written after the growth was tracked, before the round: in the old range, in the
+        // growth written before, in the part never touched.
         m.write(5 * page, 0x55);
         m.write((pages + 3) * page, 0x66);
-        let second = pc.round().unwrap();
+        m.write((pages + grown - 7) * page + 9, 0x67);
+        let rewritten = pc.round().unwrap();
         assert_eq!(
-            second,
-            ((grown / 2 + 2) * page) as u64,
-            "the rest grown and the two pages written"
+            rewritten, page as u64,
+            "only the old range's page written again"
         );
-        m.write((pages + grown - 1) * page + 9, 0x77);
+        assert_eq!(
+            pc.stats().running_bytes - running,
+            ((grown + 1) * page) as u64,
+            "the growth whole, once, and the page written again"
+        );
+        // After the round: a write into the growth, in a page never touched before, and
+        // in one copied by the round.
+        m.write((pages + grown - 100) * page, 0x77);
+        m.write((pages + 3) * page + 1, 0x78);
         let (image, stats) = pc.finish(m.bytes());
         assert!(image == m.bytes(), "the image differs from the memory");
-        assert_eq!(stats.stopped_bytes, page as u64, "{stats:?}");
+        assert_eq!(stats.stopped_bytes, 2 * page as u64, "{stats:?}");
         assert_eq!(stats.memory_bytes, ((pages + grown) * page) as u64);
     }
 
