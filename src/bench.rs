@@ -105,10 +105,6 @@ fn side_by_side(
     Ok((best_a, best_b))
 }
 
-// A bench checks before each phase and round, and before printing (what was measured
-// while it was being interrupted is not a figure). A terminal's Ctrl-C reaches the
-// bench's VMs and clients too (they are in its process group:
-// `client::redis_benchmark`), so a wait on them ends at once.
 use crate::demo::not_interrupted;
 
 /// `thread::sleep`, in steps, ending early (an error) on an interrupt.

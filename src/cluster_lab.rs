@@ -23,7 +23,7 @@ use cluster::model::{FtStatus, Nic, Priority, VmView, meshed};
 use cluster::verbs::{CreateVm, FtOp};
 
 use crate::client::{in_netns, redis_in};
-use crate::demo::RunningChecker;
+use crate::demo::{RunningChecker, not_interrupted};
 use crate::guests;
 use crate::lab::{self, LabGuard};
 
@@ -137,9 +137,7 @@ impl ClusterLab {
                 Ok(None) => {}
                 Err(e) => last_err = Some(format!("{e:#}")),
             }
-            if machine::stop_requested() {
-                bail!("interrupted while waiting for {what}");
-            }
+            not_interrupted().with_context(|| format!("waiting for {what}"))?;
             let took = start.elapsed();
             if took > limit {
                 bail!(

@@ -57,9 +57,12 @@ pub struct FtLab {
     _guard: Option<LabGuard>,
 }
 
-/// Whether SIGINT or SIGTERM came (`main` installs the handler): an error then. The lab's
-/// waits (and the bench's phases) check it, so that an interrupt ends them at once
-/// rather than at their limit.
+/// Whether SIGINT or SIGTERM came (`main` installs the handler): an error then. The labs'
+/// waits check it, so that an interrupt ends them at once rather than at their limit; a
+/// bench checks it before each phase and round, and before printing (what was measured
+/// while it was being interrupted is not a figure). A terminal's Ctrl-C reaches the
+/// bench's VMs and clients too (they are in its process group:
+/// `client::redis_benchmark`), so a wait on them ends at once.
 pub(crate) fn not_interrupted() -> Result<()> {
     if machine::stop_requested() {
         bail!("interrupted (SIGINT or SIGTERM)");
