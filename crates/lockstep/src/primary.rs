@@ -1227,7 +1227,8 @@ pub fn hostname() -> String {
 pub struct PrimarySink(Arc<Shared>);
 
 impl EventSink for PrimarySink {
-    fn append(&mut self, event: Arc<Event>) -> Result<(), LogError> {
+    fn append(&mut self, event: Event) -> Result<(), LogError> {
+        let event = Arc::new(event);
         let s = &self.0;
         let mut st = s.lock();
         if let Some(why) = &st.halted {
@@ -2532,7 +2533,7 @@ mod tests {
             Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config()).unwrap();
         let mut sink = primary.sink();
         for e in events {
-            sink.append(Arc::new(e)).unwrap();
+            sink.append(e).unwrap();
         }
         (primary, sink)
     }
@@ -2569,7 +2570,7 @@ mod tests {
         assert!(primary.shared.lock().declined_lately());
         assert_eq!(generations(&dir), ["gen-1"]);
         // The VM goes on here, still protected by the same secondary.
-        sink.append(Arc::new(event(10))).unwrap();
+        sink.append(event(10)).unwrap();
         wait("acked", || primary.shared.lock().acked == 11);
         assert!(primary.protected());
         assert!(secondary.live_generation().is_none());
@@ -2730,11 +2731,11 @@ mod tests {
         let mut sink = primary.sink();
         // Two events: at the bound, not past it.
         for seq in 0..2 {
-            sink.append(Arc::new(data_event(seq, 1000))).unwrap();
+            sink.append(data_event(seq, 1000)).unwrap();
         }
         let appender = std::thread::spawn(move || {
             for seq in 2..4 {
-                sink.append(Arc::new(data_event(seq, 1000))).unwrap();
+                sink.append(data_event(seq, 1000)).unwrap();
             }
         });
         let appended = || primary.shared.lock().end();
@@ -2820,7 +2821,7 @@ mod tests {
         wait("attach", || primary.protected());
         let mut port = primary.port();
         for seq in 0..50 {
-            sink.append(Arc::new(event(seq))).unwrap();
+            sink.append(event(seq)).unwrap();
             port.console(seq + 1, 1, b"a line");
         }
         let end = End {
@@ -2857,7 +2858,7 @@ mod tests {
         // Acknowledges every event but never confirms an end.
         let _fake = fake_secondary(&primary, Some(u64::MAX));
         wait("attach", || primary.protected());
-        sink.append(Arc::new(event(0))).unwrap();
+        sink.append(event(0)).unwrap();
         let end = End {
             events: 1,
             exit: Exit::Stopped,
@@ -2942,7 +2943,7 @@ mod tests {
         let mut source = secondary.source(None);
         wait("attach", || primary.shared.lock().attached.is_some());
         // An output produced after 3 events is held while the secondary has fewer.
-        sink.append(Arc::new(event(0))).unwrap();
+        sink.append(event(0)).unwrap();
         port.frame(3, b"depends on events 0..3");
         port.console(3, 1, b"so does this");
         std::thread::sleep(Duration::from_millis(200));
@@ -2959,8 +2960,8 @@ mod tests {
             !disk.is_finished(),
             "a disk mutation went ahead of the secondary"
         );
-        sink.append(Arc::new(event(1))).unwrap();
-        sink.append(Arc::new(event(2))).unwrap();
+        sink.append(event(1)).unwrap();
+        sink.append(event(2)).unwrap();
         // The secondary receives them (it need not have executed them yet).
         wait("release", || primary.released() == 2);
         assert!(disk.join().unwrap().is_ok());
@@ -3007,7 +3008,7 @@ mod tests {
         );
         let secondary = joined(dir, &primary);
         let mut source = secondary.source(None);
-        sink.append(Arc::new(event(0))).unwrap();
+        sink.append(event(0)).unwrap();
         wait("gated", || primary.shared.lock().gated);
         assert!(port.defers_writes());
 
@@ -3035,11 +3036,11 @@ mod tests {
             source.written_below() <= 2,
             "a held write was said performed"
         );
-        sink.append(Arc::new(event(1))).unwrap();
+        sink.append(event(1)).unwrap();
         wait("the write and the frame", || primary.released() == 2);
         assert!(settle.join().unwrap().is_ok());
         assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0hello");
-        sink.append(Arc::new(event(2))).unwrap();
+        sink.append(event(2)).unwrap();
         wait("the secondary told", || source.written_below() >= 3);
 
         // A write that fails (the file is read-only here), held with an output after it:
@@ -3049,14 +3050,14 @@ mod tests {
         let taken = port.write_behind(4, DiskWrite::new(ro, 0, Bytes::from(b"x".to_vec())));
         assert!(taken.unwrap().is_none(), "a gated copy takes it");
         port.frame(4, b"must never leave");
-        sink.append(Arc::new(event(3))).unwrap();
+        sink.append(event(3)).unwrap();
         wait("halted", || primary.shared.lock().halted.is_some());
         assert_eq!(
             primary.released(),
             2,
             "an output after the failed write left"
         );
-        assert!(sink.append(Arc::new(event(4))).is_err());
+        assert!(sink.append(event(4)).is_err());
         assert!(port.settle_writes().is_err());
         assert!(
             port.write_behind(5, DiskWrite::new(file, 0, Bytes::from(b"y".to_vec())))
@@ -3117,7 +3118,7 @@ mod tests {
             "gated while an ungated operation was under way"
         );
         // Its event is in the history: now it is gated, past it, and confirms.
-        sink.append(Arc::new(event(2000))).unwrap();
+        sink.append(event(2000)).unwrap();
         wait("protected", || primary.protected());
         assert_eq!(primary.shared.lock().release, 2001);
         // Gated: an output after 2002 events waits until the secondary holds them.
@@ -3129,7 +3130,7 @@ mod tests {
             0,
             "released before the secondary held it"
         );
-        sink.append(Arc::new(event(2001))).unwrap();
+        sink.append(event(2001)).unwrap();
         wait("release", || primary.released() == 1);
         assert_eq!(generations(&dir), ["gen-1"]);
     }

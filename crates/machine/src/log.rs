@@ -141,9 +141,11 @@ enum Record {
 
 /// Where events go while a VM runs live.
 pub trait EventSink {
-    /// Take the next event. A sink may keep it (a primary's history): the VM gives the
-    /// guest the event's outcome from the same `Arc`, its data shared, never copied.
-    fn append(&mut self, event: Arc<Event>) -> Result<(), LogError>;
+    /// Take the next event. The VM gives the guest a clone of its outcome, made before:
+    /// data read and frames received are shared by the two ([`crate::event::Bytes`]),
+    /// never copied. The event is the sink's to keep (a primary's history, a log's batch
+    /// until written) without an allocation of its own per event.
+    fn append(&mut self, event: Event) -> Result<(), LogError>;
     /// The run ended: record how.
     fn finish(self: Box<Self>, end: &End) -> Result<(), LogError>;
 }
@@ -228,8 +230,8 @@ enum RecordRef<'a> {
 /// other vCPU, costly on a virtual machine.
 const BATCH: usize = 1 << 20;
 /// A batch is handed over at this many records too, whatever their size: a record held
-/// costs memory beyond its encoded size (its `Arc` and its slot here), which for events of
-/// a few bytes would otherwise let ten batches hold tens of MiB.
+/// costs memory beyond its encoded size (its slot here, an `Event`'s size), which for events
+/// of a few bytes would otherwise let ten batches hold tens of MiB.
 const BATCH_RECORDS: usize = 4096;
 /// How many batches may wait for the writer thread before the guest waits for it.
 const QUEUED_BATCHES: usize = 8;
@@ -247,7 +249,7 @@ const SYNC_EVERY: u64 = 1 << 20;
 
 /// A record waiting for the writer thread.
 enum Queued {
-    Event(Arc<Event>),
+    Event(Event),
     End(Box<End>),
 }
 
@@ -257,7 +259,7 @@ enum Queued {
 #[derive(Default)]
 struct Batch {
     records: Vec<Queued>,
-    /// The records' encoded size.
+    /// The records' encoded size, about ([`Event::size_hint`]).
     bytes: usize,
 }
 
@@ -284,9 +286,7 @@ impl Batch {
     fn recycle(mut self) -> Batch {
         // Their data buffers serve this thread's next reads (see `Bytes::buffer`).
         for record in self.records.drain(..) {
-            if let Queued::Event(e) = record
-                && let Ok(e) = Arc::try_unwrap(e)
-            {
+            if let Queued::Event(e) = record {
                 e.spare_data();
             }
         }
@@ -562,7 +562,7 @@ impl LogWriter {
 
     /// Append a copy of an event the caller keeps.
     pub fn record(&mut self, event: &Event) -> Result<(), LogError> {
-        self.append(Arc::new(event.clone()))
+        self.append(event.clone())
     }
 
     /// Write the end record and close the log, durably.
@@ -580,8 +580,8 @@ impl LogWriter {
 }
 
 impl EventSink for LogWriter {
-    fn append(&mut self, event: Arc<Event>) -> Result<(), LogError> {
-        let bytes = event.encoded_len();
+    fn append(&mut self, event: Event) -> Result<(), LogError> {
+        let bytes = event.size_hint();
         self.push(Queued::Event(event), bytes, false)
     }
 
@@ -1091,7 +1091,7 @@ mod tests {
         let n = 2 * BATCH_RECORDS as u64 + 10;
         let data = event(0).outcome;
         for seq in 0..n {
-            w.append(Arc::new(event(seq))).unwrap();
+            w.append(event(seq)).unwrap();
         }
         // The guest's thread took back what was written before its last hand-over, and
         // emptied it: what waits to be emptied is at most what was written since.
@@ -1131,7 +1131,7 @@ mod tests {
             outputs: 0,
             outcome: Outcome::Data(data.into()),
         };
-        batch.records.push(Queued::Event(Arc::new(event)));
+        batch.records.push(Queued::Event(event));
         let batch = batch.recycle();
         assert!(batch.is_empty());
         assert_eq!(crate::event::spare_buffers(), 1);

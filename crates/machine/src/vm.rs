@@ -691,18 +691,18 @@ impl Vm {
     ) -> Result<Outcome, Fault> {
         let outcome = match &mut g.sink {
             Some(sink) => {
-                let event = Arc::new(Event {
+                // The sink keeps the event (a primary's history, a log's batch until it
+                // is written); the guest's copy of the outcome shares its data read and
+                // frames received (`event::Bytes`): no data is copied.
+                let kept = outcome.clone();
+                sink.append(Event {
                     seq,
                     kind,
                     args,
                     outputs,
                     outcome,
-                });
-                sink.append(Arc::clone(&event))?;
-                // A sink that keeps the event (a primary's history, a log's writer until it
-                // wrote it) shares its data with the guest's outcome: cloning the event
-                // copies no data read nor frame received (`event::Bytes`).
-                Arc::unwrap_or_clone(event).outcome
+                })?;
+                kept
             }
             None => outcome,
         };
