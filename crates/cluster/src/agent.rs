@@ -200,20 +200,36 @@ struct Lease {
     renewed_ns: u64,
 }
 
+/// What a probe of the logging network found: the hosts reached and the hosts tried.
+#[derive(Clone, Debug, PartialEq)]
+struct LogReach {
+    reached: Vec<String>,
+    probed: Vec<String>,
+}
+
 pub struct Agent {
     cfg: AgentConfig,
     /// This machine's host name, as copies write it in their status (`name/pid`).
     hostname: String,
     lease: Arc<Mutex<Lease>>,
     stop: Arc<AtomicBool>,
-    /// The hosts reached on the logging network at the last probe.
-    log_peers: Arc<Mutex<Option<Vec<String>>>>,
+    /// What the last probe of the logging network found.
+    log_peers: Arc<Mutex<Option<LogReach>>>,
+    /// The probes' listener, bound before the host is registered: a peer that probes this
+    /// host as soon as it sees its record finds it answering.
+    probe_listener: Option<std::net::TcpListener>,
     /// Each running copy's fence (by copy id): its process lives only while fed.
     fences: Arc<Mutex<Fences>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn already_registered(name: &str) -> ClusterError {
+    ClusterError::Conflict(format!(
+        "host {name} is already registered by a live agent (or one that died less than {LEASE_TTL_SECS} s ago)"
+    ))
 }
 
 impl Agent {
@@ -228,6 +244,20 @@ impl Agent {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
             ClusterError::Internal(format!("create {}: {e}", cfg.state_dir.display()))
         })?;
+        // Bound before the host is registered (see `probe_listener`). Another agent of this
+        // host holds it too: its registration is the clearer refusal.
+        let addr = format!("{}:{LOG_PROBE_PORT}", cfg.log_ip);
+        let probe_listener = match std::net::TcpListener::bind(&addr) {
+            Ok(l) => l,
+            Err(e) => {
+                if cfg.store.get(&model::host_key(&cfg.name))?.is_some() {
+                    return Err(already_registered(&cfg.name));
+                }
+                return Err(ClusterError::Internal(format!(
+                    "listen on {addr} for probes: {e}"
+                )));
+            }
+        };
         let (renewed, renewed_ns) = (Instant::now(), fence::monotonic_ns());
         let id = cfg.store.grant(LEASE_TTL_SECS)?;
         let rec = Self::record(&cfg, None, id);
@@ -237,10 +267,7 @@ impl Agent {
             .create(&model::host_key(&cfg.name), &bytes, Some(id))?
         {
             let _ = cfg.store.revoke(id);
-            return Err(ClusterError::Conflict(format!(
-                "host {} is already registered by a live agent (or one that died less than {LEASE_TTL_SECS} s ago)",
-                cfg.name
-            )));
+            return Err(already_registered(&cfg.name));
         }
         tracing::info!(
             "host {} registered (Tandem {}, engine {}, {} MiB, API {})",
@@ -263,11 +290,16 @@ impl Agent {
             })),
             stop: Arc::new(AtomicBool::new(false)),
             log_peers: Arc::new(Mutex::new(None)),
+            probe_listener: Some(probe_listener),
             fences: Arc::new(Mutex::new(Fences::default())),
         })
     }
 
-    fn record(cfg: &AgentConfig, log_peers: Option<Vec<String>>, lease: i64) -> HostRecord {
+    fn record(cfg: &AgentConfig, reach: Option<LogReach>, lease: i64) -> HostRecord {
+        let (log_peers, log_probed) = match reach {
+            Some(r) => (Some(r.reached), Some(r.probed)),
+            None => (None, None),
+        };
         HostRecord {
             name: cfg.name.clone(),
             version: cfg.version.clone(),
@@ -278,6 +310,7 @@ impl Agent {
             maintenance: false,
             started_ms: model::now_ms(),
             log_peers,
+            log_probed,
             incarnation: lease,
         }
     }
@@ -289,7 +322,7 @@ impl Agent {
 
     /// Renew the lease, run the master when elected and the copies until stopped; then
     /// stop every copy and give the lease back.
-    pub fn run(self) -> Result<(), ClusterError> {
+    pub fn run(mut self) -> Result<(), ClusterError> {
         let renewer = {
             let (store, lease, stop, cfg, peers, fences) = (
                 self.cfg.store.clone(),
@@ -385,7 +418,7 @@ impl Agent {
     /// Answer peers' probes on the logging network, and probe theirs: the host record says
     /// which hosts this one reaches there (placement needs a secondary that reaches its
     /// primary).
-    fn probe_logging_network(&self) -> Result<(), ClusterError> {
+    fn probe_logging_network(&mut self) -> Result<(), ClusterError> {
         crate::logcheck::serve(&self.cfg.log_ip).map_err(|e| {
             ClusterError::Internal(format!(
                 "serve the logging check on {}:{}: {e}",
@@ -393,9 +426,11 @@ impl Agent {
                 crate::logcheck::LOG_CHECK_PORT
             ))
         })?;
-        let addr = format!("{}:{LOG_PROBE_PORT}", self.cfg.log_ip);
-        let listener = std::net::TcpListener::bind(&addr)
-            .map_err(|e| ClusterError::Internal(format!("listen on {addr} for probes: {e}")))?;
+        let Some(listener) = self.probe_listener.take() else {
+            return Err(ClusterError::Internal(
+                "the logging network is probed already".into(),
+            ));
+        };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
@@ -449,16 +484,20 @@ impl Agent {
                                 .map(|h| h.name)
                                 .collect();
                             reached.sort();
-                            due.probed(names, &reached, Instant::now());
-                            let changed = lock(&peers).as_ref() != Some(&reached);
+                            due.probed(names.clone(), &reached, Instant::now());
+                            let reach = LogReach {
+                                reached,
+                                probed: names,
+                            };
+                            let changed = lock(&peers).as_ref() != Some(&reach);
                             if changed {
                                 tracing::info!(
                                     "logging network: this host reaches [{}]",
-                                    reached.join(", ")
+                                    reach.reached.join(", ")
                                 );
-                                *lock(&peers) = Some(reached.clone());
+                                *lock(&peers) = Some(reach.clone());
                                 let id = lock(&lease).id;
-                                let rec = Agent::record(&cfg, Some(reached), id);
+                                let rec = Agent::record(&cfg, Some(reach), id);
                                 if let Err(e) =
                                     cfg.store
                                         .put_json(&model::host_key(&cfg.name), &rec, Some(id))
@@ -1015,7 +1054,7 @@ fn renew(
     lease: &Mutex<Lease>,
     stop: &AtomicBool,
     cfg: &AgentConfig,
-    peers: &Mutex<Option<Vec<String>>>,
+    peers: &Mutex<Option<LogReach>>,
     fences: &Mutex<Fences>,
 ) {
     let store = &slow_store.with_timeout(RENEW_TIMEOUT);

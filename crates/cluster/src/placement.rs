@@ -120,8 +120,13 @@ fn unfit(load: &HostLoad, req: &Request) -> Option<String> {
                 h.name, h.fingerprint, p.name, p.fingerprint
             ));
         }
+        // A host whose last probe came before the primary's host registered is not known
+        // to be cut off from it: like a host not yet probed, it may take the copy.
         if let Some(peers) = &h.log_peers
             && !peers.contains(&p.name)
+            && h.log_probed
+                .as_ref()
+                .is_none_or(|tried| tried.contains(&p.name))
         {
             return Some(format!(
                 "{} cannot reach the primary's host {} on the logging network ({})",
@@ -370,6 +375,28 @@ mod tests {
         let mut ok = host("h2");
         ok.log_peers = Some(vec!["h1".into()]);
         let l = loads(&[hosts[0].clone(), ok], &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(place(&l, &req(&v, Some(&hosts[0]))).unwrap(), "h2");
+        // Its last probe tried h1 and missed it: cut off.
+        let mut missed = host("h2");
+        missed.log_peers = Some(vec!["h3".into()]);
+        missed.log_probed = Some(vec!["h1".into(), "h3".into()]);
+        let l = loads(
+            &[hosts[0].clone(), missed],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
+        let e = place(&l, &req(&v, Some(&hosts[0]))).unwrap_err();
+        assert!(e.contains("h2 cannot reach the primary's host h1"), "{e}");
+        // Its last probe came before h1 registered: not known to be cut off, like a host
+        // not yet probed.
+        let mut early = host("h2");
+        early.log_peers = Some(vec!["h3".into()]);
+        early.log_probed = Some(vec!["h3".into()]);
+        let l = loads(
+            &[hosts[0].clone(), early],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
         assert_eq!(place(&l, &req(&v, Some(&hosts[0]))).unwrap(), "h2");
     }
 
