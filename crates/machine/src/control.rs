@@ -174,6 +174,15 @@ impl Control {
         self.memory_len.store(len, Ordering::Relaxed);
     }
 
+    /// Where the VM's memory is mapped and how long it is now (it grows while a pre-copy
+    /// runs).
+    pub(crate) fn memory_extent(&self) -> (usize, usize) {
+        (
+            self.memory_base.load(Ordering::SeqCst),
+            self.memory_len.load(Ordering::SeqCst),
+        )
+    }
+
     /// Copy the VM's memory while it runs, until little is left for the pause (see the
     /// module docs); `None` when there is no VM, when it ended meanwhile, or when writes
     /// cannot be tracked here (the snapshot then copies the whole memory in its pause).
@@ -189,10 +198,8 @@ impl Control {
         while pc.stats().rounds < PRECOPY_ROUNDS && !self.ended() {
             // Memory the guest grew since the last round is copied now rather than in
             // the pause (wasmtime grows it in place: the same base).
-            let grown = pc.grow(
-                self.memory_base.load(Ordering::SeqCst),
-                self.memory_len.load(Ordering::SeqCst),
-            );
+            let (base, len) = self.memory_extent();
+            let grown = pc.grow(base, len);
             match grown.and_then(|()| pc.round()) {
                 Ok(bytes) => {
                     // Few pages left, or no longer fewer each round (the guest writes as
@@ -782,7 +789,7 @@ fn route<'a>(
             // The memory streamed while the guest runs: the pause sends only what it
             // wrote since. A failure here cost the VM nothing.
             if let Some(tracker) = control.tracker_of_memory() {
-                out.precopy(tracker, || control.ended())
+                out.precopy(tracker, || control.ended(), || control.memory_extent())
                     .map_err(|e| (502, format!("receiver {to}: {e}")))?;
             }
             let t = wait_answer(control, Action::Migrate(out), answering)?;

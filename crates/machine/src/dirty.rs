@@ -515,12 +515,12 @@ impl PreCopy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// An anonymous private mapping of `pages` pages, unmapped when dropped.
-    struct Mapping {
+    pub(crate) struct Mapping {
         ptr: *mut u8,
         len: usize,
     }
@@ -530,7 +530,7 @@ mod tests {
     unsafe impl Sync for Mapping {}
 
     impl Mapping {
-        fn new(pages: usize) -> Mapping {
+        pub(crate) fn new(pages: usize) -> Mapping {
             let len = pages * page_size();
             // SAFETY: a fresh anonymous mapping; no existing memory is touched.
             let ptr = unsafe {
@@ -550,19 +550,19 @@ mod tests {
             }
         }
 
-        fn base(&self) -> usize {
+        pub(crate) fn base(&self) -> usize {
             self.ptr as usize
         }
 
         /// Write `value` at byte `at` (volatile: another thread may copy it meanwhile).
-        fn write(&self, at: usize, value: u8) {
+        pub(crate) fn write(&self, at: usize, value: u8) {
             assert!(at < self.len);
             // SAFETY: within the mapping, which lives as long as `self`.
             unsafe { self.ptr.add(at).write_volatile(value) }
         }
 
         /// The whole mapping; only while no thread writes it.
-        fn bytes(&self) -> &[u8] {
+        pub(crate) fn bytes(&self) -> &[u8] {
             // SAFETY: mapped, initialised (zero-filled) memory of `len` bytes.
             unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
         }
@@ -575,7 +575,7 @@ mod tests {
         }
     }
 
-    fn tracker_or_skip(base: usize, len: usize) -> Option<Tracker> {
+    pub(crate) fn tracker_or_skip(base: usize, len: usize) -> Option<Tracker> {
         match Tracker::new(base, len) {
             Ok(t) => Some(t),
             // A kernel without WP-async (before 6.7) or a sandbox without userfaultfd:

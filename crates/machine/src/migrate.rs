@@ -17,7 +17,9 @@
 //!    `Pages` frames (`declared u64 | offset u64 | bytes`, at most [`PAGES_CHUNK`] bytes
 //!    each): first the whole memory (pages all zero skipped: the receiver's image starts
 //!    zeroed), then rounds of the pages the guest wrote meanwhile ([`crate::dirty`]'s
-//!    tracker on the mapping) until a round copies little, stops shrinking, or
+//!    tracker on the mapping) and of the memory it grew meanwhile (tracked from the round
+//!    on, sent whole, zero pages skipped, under a larger `declared`), until a round
+//!    copies little, stops shrinking, or
 //!    [`crate::control::PRECOPY_ROUNDS`] / [`PRECOPY_TIME`] is reached. The receiver
 //!    keeps an image ([`Image`], a mapping of its own); every frame's `declared` (the
 //!    source's memory length, a multiple of 64 KiB, never shrinking, at most
@@ -622,25 +624,89 @@ impl Outbound {
         Ok(bytes)
     }
 
+    /// `range` of the memory at `base`, read while the guest runs, its zero pages skipped
+    /// (the receiver's image starts zeroed, and grows zeroed); the bytes sent.
+    fn send_nonzero(
+        &mut self,
+        base: usize,
+        declared: u64,
+        range: std::ops::Range<usize>,
+        buf: &mut [u8],
+    ) -> Result<u64, MigrateError> {
+        let page = crate::dirty::page_size();
+        let mut bytes = 0;
+        let mut at = range.start;
+        while at < range.end {
+            let n = (range.end - at).min(buf.len());
+            crate::dirty::read_racing(base + at, &mut buf[..n], std::slice::from_ref(&(0..n)))?;
+            for run in nonzero_runs(&buf[..n], page) {
+                self.pages(declared, (at + run.start) as u64, &buf[run.clone()])?;
+                bytes += run.len() as u64;
+            }
+            at += n;
+            self.refused_meanwhile()?;
+        }
+        Ok(bytes)
+    }
+
     /// Stream the VM's memory (what `tracker` tracks, this process's mapping of it) while
     /// the guest runs: the whole of it, then rounds of the pages written meanwhile (see
-    /// the module docs); `ended` says the VM ended meanwhile. On success the stop sends
-    /// only what was written since ([`migrate_out`]); on failure the VM never paused.
+    /// the module docs); `ended` says the VM ended meanwhile, `extent` where its memory is
+    /// and how long, now. On success the stop sends only what was written since
+    /// ([`migrate_out`]); on failure the VM never paused.
     pub(crate) fn precopy(
         &mut self,
         tracker: crate::dirty::Tracker,
         ended: impl Fn() -> bool,
+        extent: impl Fn() -> (usize, usize),
     ) -> Result<(), MigrateError> {
-        self.precopy_inner(tracker, ended).map_err(|e| self.why(e))
+        self.precopy_inner(tracker, ended, extent)
+            .map_err(|e| self.why(e))
+    }
+
+    /// One round: the memory grown since the last (in place: the same base) tracked from
+    /// now, the pages written since the last scan sent, then the growth whole, after the
+    /// scan that protects what of it is mapped (a write after it is listed by the next),
+    /// so that the stop sends only what was written or grown after this round. The bytes
+    /// written again, which tell whether the rounds converge (growth is not counted
+    /// there, only in `stats`).
+    fn precopy_round(
+        &mut self,
+        tracker: &mut crate::dirty::Tracker,
+        (at, len): (usize, usize),
+        declared: &mut u64,
+        dirty: &mut Vec<std::ops::Range<usize>>,
+        buf: &mut [u8],
+        stats: &mut crate::dirty::PreCopied,
+    ) -> Result<u64, MigrateError> {
+        let base = tracker.base();
+        let from = tracker.len();
+        // Memory at another base (it moved) or past the bound is left to the stop, which
+        // sends it whole or refuses it.
+        if at == base && len > from && len as u64 <= MAX_MEMORY {
+            tracker.grow(len)?;
+            *declared = tracker.len() as u64;
+        }
+        dirty.clear();
+        tracker.scan(dirty)?;
+        let bytes = self.send_racing(base, *declared, dirty, buf)?;
+        stats.running_bytes += bytes;
+        let grown = from..tracker.len();
+        if !grown.is_empty() {
+            stats.running_bytes += self.send_nonzero(base, *declared, grown, buf)?;
+        }
+        stats.rounds += 1;
+        Ok(bytes)
     }
 
     fn precopy_inner(
         &mut self,
         mut tracker: crate::dirty::Tracker,
         ended: impl Fn() -> bool,
+        extent: impl Fn() -> (usize, usize),
     ) -> Result<(), MigrateError> {
         let (base, len) = (tracker.base(), tracker.len());
-        let declared = len as u64;
+        let mut declared = len as u64;
         if declared > MAX_MEMORY {
             return Err(MigrateError::Protocol(format!(
                 "a memory of {declared} bytes (at most {MAX_MEMORY})"
@@ -659,29 +725,22 @@ impl Outbound {
             tracing::error!("failpoint: sending a page past the memory declared");
             self.pages(declared, declared, &buf[..page])?;
         }
-        // The whole memory, zero pages skipped (the receiver's image starts zeroed).
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(PAGES_CHUNK);
-            crate::dirty::read_racing(base + at, &mut buf[..n], std::slice::from_ref(&(0..n)))?;
-            for run in nonzero_runs(&buf[..n], page) {
-                self.pages(declared, (at + run.start) as u64, &buf[run.clone()])?;
-                stats.running_bytes += run.len() as u64;
-            }
-            at += n;
-            self.refused_meanwhile()?;
-        }
+        // The whole memory, zero pages skipped.
+        stats.running_bytes += self.send_nonzero(base, declared, 0..len, &mut buf)?;
         let started = Instant::now();
         let mut last = u64::MAX;
         while stats.rounds < crate::control::PRECOPY_ROUNDS
             && started.elapsed() < PRECOPY_TIME
             && !ended()
         {
-            dirty.clear();
-            tracker.scan(&mut dirty)?;
-            let bytes = self.send_racing(base, declared, &dirty, &mut buf)?;
-            stats.rounds += 1;
-            stats.running_bytes += bytes;
+            let bytes = self.precopy_round(
+                &mut tracker,
+                extent(),
+                &mut declared,
+                &mut dirty,
+                &mut buf,
+                &mut stats,
+            )?;
             self.refused_meanwhile()?;
             // Few pages left, or no longer fewer each round (the guest writes as fast as
             // they are sent): the stop sends the rest.
@@ -702,10 +761,14 @@ impl Outbound {
             FRAME_TIMEOUT,
             "the receiver to take the memory",
         )?;
-        dirty.clear();
-        tracker.scan(&mut dirty)?;
-        stats.running_bytes += self.send_racing(base, declared, &dirty, &mut buf)?;
-        stats.rounds += 1;
+        self.precopy_round(
+            &mut tracker,
+            extent(),
+            &mut declared,
+            &mut dirty,
+            &mut buf,
+            &mut stats,
+        )?;
         self.streamed = Some(Streamed {
             tracker,
             declared,
@@ -715,7 +778,7 @@ impl Outbound {
     }
 
     /// At the stop: send the pages written since the last round and the memory grown
-    /// since the tracking started, from `memory` (the guest's, stopped). A mapping that
+    /// since it, from `memory` (the guest's, stopped). A mapping that
     /// moved or shrank is sent whole (every page: the receiver's image holds old ones).
     fn finish_pages(&mut self, memory: &[u8]) -> Result<(), MigrateError> {
         let Some(mut s) = self.streamed.take() else {
@@ -1261,6 +1324,60 @@ mod tests {
             "{e}"
         );
         assert!(t.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn memory_grown_during_a_migrations_pre_copy_is_sent_while_it_runs() {
+        use crate::dirty::tests::{Mapping, tracker_or_skip};
+        let page = crate::dirty::page_size();
+        // Whole wasm pages, as a guest's memory is (the receiver holds to them).
+        let (old, new) = (16 * crate::snapshot::PAGE, 64 * crate::snapshot::PAGE);
+        let m = Mapping::new(new / page);
+        // Half of it written before the pre-copy, a part of the growth included; the rest
+        // never touched until after it.
+        for p in 0..new / page / 2 {
+            m.write(p * page + 1, p as u8 | 1);
+        }
+        let Some(tracker) = tracker_or_skip(m.base(), old) else {
+            return;
+        };
+        let l = Listener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let receiver = std::thread::spawn(move || {
+            let mut inb = l.accept(|| false).unwrap().unwrap();
+            inb.hello(&[1; 32], &[2; 32]).unwrap();
+            let o = inb.offer().unwrap();
+            inb.ready().unwrap();
+            inb.live().unwrap();
+            o
+        });
+        let mut out = Outbound::connect(addr, &[1; 32], &[2; 32]).unwrap();
+        // The guest grew its memory from `old` to `new` (in place) once the copy began.
+        out.precopy(tracker, || false, || (m.base(), new)).unwrap();
+        let streamed = out.streamed.as_ref().unwrap();
+        assert_eq!(
+            (streamed.declared, streamed.tracker.len()),
+            (new as u64, new),
+            "the growth declared and tracked while the guest runs"
+        );
+        // After the pre-copy: a page of the growth never touched, one copied by a round.
+        m.write(new - 100 * page, 0x77);
+        m.write(old + 3 * page + 1, 0x78);
+        out.finish_pages(m.bytes()).unwrap();
+        let stats = out.streamed.as_ref().unwrap().stats.clone();
+        assert_eq!(
+            stats.stopped_bytes,
+            2 * page as u64,
+            "only the pages written after the pre-copy are sent in the pause: {stats:?}"
+        );
+        out.hand_over(1, new as u64, b"snap", Instant::now())
+            .unwrap();
+        let o = receiver.join().unwrap();
+        let image = o.memory.expect("the memory came as pages");
+        assert!(
+            image.as_slice() == m.bytes(),
+            "the image differs from the memory"
+        );
     }
 
     #[test]
