@@ -250,7 +250,9 @@ impl Agent {
         let probe_listener = match std::net::TcpListener::bind(&addr) {
             Ok(l) => l,
             Err(e) => {
-                if cfg.store.get(&model::host_key(&cfg.name))?.is_some() {
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && matches!(cfg.store.get(&model::host_key(&cfg.name)), Ok(Some(_)))
+                {
                     return Err(already_registered(&cfg.name));
                 }
                 return Err(ClusterError::Internal(format!(

@@ -354,6 +354,16 @@ pub(crate) fn read_racing(
     Ok(())
 }
 
+/// Cut the ranges a scan listed at `from`, where memory grown since the last scan begins:
+/// a pre-copy copies the grown part whole, so what the scan listed in it would be copied
+/// twice and counted as pages written again (which tell whether the rounds converge).
+pub(crate) fn cut_at(ranges: &mut Vec<std::ops::Range<usize>>, from: usize) {
+    ranges.retain_mut(|r| {
+        r.end = r.end.min(from);
+        r.start < r.end
+    });
+}
+
 /// What a pre-copy copied, and when.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PreCopied {
@@ -362,7 +372,7 @@ pub struct PreCopied {
     /// Bytes copied while the guest ran.
     pub running_bytes: u64,
     /// Bytes copied with the guest stopped: the last pages written, and memory grown
-    /// since the tracking started.
+    /// since the last round.
     pub stopped_bytes: u64,
     /// The mapping moved or shrank: the stop copied the whole memory.
     pub whole: bool,
@@ -443,24 +453,12 @@ impl PreCopy {
     pub fn round(&mut self) -> Result<u64, DirtyError> {
         self.dirty.clear();
         self.tracker.scan(&mut self.dirty)?;
-        let rewritten: u64 = self
-            .dirty
-            .iter()
-            .map(|r| {
-                r.len().min(
-                    self.grown_from
-                        .unwrap_or(usize::MAX)
-                        .saturating_sub(r.start),
-                ) as u64
-            })
-            .sum();
-        if let Some(from) = self.grown_from.take() {
-            // The grown part is the tail of the range: whatever the scan listed in it is
-            // copied with it, once.
-            self.dirty.retain_mut(|r| {
-                r.end = r.end.min(from);
-                r.start < r.end
-            });
+        let grown_from = self.grown_from.take();
+        if let Some(from) = grown_from {
+            cut_at(&mut self.dirty, from);
+        }
+        let rewritten: u64 = self.dirty.iter().map(|r| r.len() as u64).sum();
+        if let Some(from) = grown_from {
             self.dirty.push(from..self.tracker.len());
         }
         read_racing(self.tracker.base(), &mut self.image, &self.dirty)?;

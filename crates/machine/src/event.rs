@@ -310,8 +310,8 @@ impl Event {
 
     /// Its size encoded, bounded from above without walking it: its variable-length parts
     /// (data, frames, paths) plus what the rest takes at most (every integer a 10-byte
-    /// varint), never less than [`Event::encoded_len`] and for ordinary events within about
-    /// a hundred bytes of it. What a log's batch weighs, counted on the guest's thread at
+    /// varint), never less than [`Event::encoded_len`]: within about a hundred bytes of it
+    /// but for a poll result, allowed 50 bytes an entry. What a log's batch weighs, counted on the guest's thread at
     /// every event, where walking the event cost a tenth of what recording costs
     /// (`bench_io`); exact where sizes must be.
     pub fn size_hint(&self) -> usize {

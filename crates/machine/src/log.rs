@@ -323,9 +323,11 @@ fn give_back(spent: &Spent, batch: Batch) {
 
 /// Appends events to a log file.
 ///
-/// The guest's thread only adds each event (shared, not copied) to a batch; a writer thread
-/// encodes, checksums, compresses and writes batches, so recording costs the guest little
-/// more than keeping a reference to each event.
+/// The guest's thread only moves each event into a batch (its data read and frames
+/// received shared with the guest's outcome, not copied); a writer thread encodes,
+/// checksums, compresses and writes batches, so recording costs the guest little more than
+/// moving each event. A batch has room for [`BATCH_RECORDS`] events inline (about 400 KiB),
+/// kept from batch to batch; an idle guest's written batches are freed.
 /// The writer takes a batch when the guest hands it over full, or itself when the batch
 /// has waited [`STALE`] (a quiet or blocked guest appends nothing that would ship it), and
 /// writes each chunk through to the file at once (not synced: that is for `finish_log`).

@@ -665,11 +665,11 @@ impl Outbound {
     }
 
     /// One round: the memory grown since the last (in place: the same base) tracked from
-    /// now, the pages written since the last scan sent, then the growth whole, after the
-    /// scan that protects what of it is mapped (a write after it is listed by the next),
-    /// so that the stop sends only what was written or grown after this round. The bytes
-    /// written again, which tell whether the rounds converge (growth is not counted
-    /// there, only in `stats`).
+    /// now, the pages written since the last scan sent, then the growth whole (once:
+    /// what the scan listed in it is not sent again), after the scan that protects what
+    /// of it is mapped (a write after it is listed by the next), so that the stop sends
+    /// only what was written or grown after this round. The bytes written again, which
+    /// tell whether the rounds converge (growth is not counted there, only in `stats`).
     fn precopy_round(
         &mut self,
         tracker: &mut crate::dirty::Tracker,
@@ -681,14 +681,19 @@ impl Outbound {
     ) -> Result<u64, MigrateError> {
         let base = tracker.base();
         let from = tracker.len();
-        // Memory at another base (it moved) or past the bound is left to the stop, which
-        // sends it whole or refuses it.
+        // Memory at another base (it moved), past the bound, or that cannot be tracked is
+        // left to the stop, which sends it whole or refuses it.
         if at == base && len > from && len as u64 <= MAX_MEMORY {
-            tracker.grow(len)?;
-            *declared = tracker.len() as u64;
+            match tracker.grow(len) {
+                Ok(()) => *declared = tracker.len() as u64,
+                Err(e) => tracing::debug!(
+                    "memory grown to {len} bytes, not tracked ({e}): sent at the stop"
+                ),
+            }
         }
         dirty.clear();
         tracker.scan(dirty)?;
+        crate::dirty::cut_at(dirty, from);
         let bytes = self.send_racing(base, *declared, dirty, buf)?;
         stats.running_bytes += bytes;
         let grown = from..tracker.len();
@@ -1365,6 +1370,12 @@ mod tests {
         m.write(old + 3 * page + 1, 0x78);
         out.finish_pages(m.bytes()).unwrap();
         let stats = out.streamed.as_ref().unwrap().stats.clone();
+        assert_eq!(
+            stats.running_bytes,
+            (new / 2) as u64,
+            "every page written before the pre-copy sent once while the guest ran, the \
+             growth's zero pages not at all: {stats:?}"
+        );
         assert_eq!(
             stats.stopped_bytes,
             2 * page as u64,
