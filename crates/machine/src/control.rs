@@ -70,6 +70,13 @@ pub const PRECOPY_ROUNDS: u32 = 12;
 /// pause is about as much.
 pub const PRECOPY_ENOUGH: u64 = 1 << 20;
 
+/// Whether a pre-copy's rounds end after one that copied `bytes` written again, the one
+/// before it `last`: few pages left, or no longer fewer each round (the guest writes as
+/// fast as they are copied); the pause copies the rest.
+pub(crate) fn precopy_done(bytes: u64, last: u64) -> bool {
+    bytes <= PRECOPY_ENOUGH || bytes.saturating_mul(4) > last.saturating_mul(3)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("control socket {path}: {source}")]
@@ -202,10 +209,7 @@ impl Control {
             let grown = pc.grow(base, len);
             match grown.and_then(|()| pc.round()) {
                 Ok(bytes) => {
-                    // Few pages left, or no longer fewer each round (the guest writes as
-                    // fast as they are copied): stop here.
-                    let done =
-                        bytes <= PRECOPY_ENOUGH || bytes.saturating_mul(4) > last.saturating_mul(3);
+                    let done = precopy_done(bytes, last);
                     last = bytes;
                     if done {
                         break;

@@ -747,10 +747,7 @@ impl Outbound {
                 &mut stats,
             )?;
             self.refused_meanwhile()?;
-            // Few pages left, or no longer fewer each round (the guest writes as fast as
-            // they are sent): the stop sends the rest.
-            let done = bytes <= crate::control::PRECOPY_ENOUGH
-                || bytes.saturating_mul(4) > last.saturating_mul(3);
+            let done = crate::control::precopy_done(bytes, last);
             last = bytes;
             if done {
                 break;
