@@ -59,7 +59,7 @@ const PROBE_LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// When the logging network is probed next: at once when the set of other hosts changed
 /// or the last result could not be recorded; soon when a host was missed that the probe
-/// before reached or did not know (a peer registers before its answerer listens), backing
+/// before reached or did not know (a peer whose logging link comes up late), backing
 /// off to [`PROBE_EVERY`] while the same hosts stay missed (a host cut off for good costs a
 /// probe every [`PROBE_EVERY`]); otherwise every [`PROBE_EVERY`].
 #[derive(Default)]
@@ -80,7 +80,8 @@ impl ProbeDue {
         self.names.as_deref() != Some(names) || self.next.is_none_or(|t| now >= t)
     }
 
-    fn probed(&mut self, names: Vec<String>, reached: &[String], now: Instant) {
+    /// The probe of `names` reached `reached`: the hosts it missed.
+    fn probed(&mut self, names: Vec<String>, reached: &[String], now: Instant) -> &[String] {
         let missed: Vec<String> = names
             .iter()
             .filter(|n| !reached.contains(n))
@@ -101,6 +102,7 @@ impl ProbeDue {
         self.missed = missed;
         self.names = Some(names);
         self.next = Some(now + wait);
+        &self.missed
     }
 
     /// What the last probe found could not be recorded: probe again at the next look, the
@@ -200,11 +202,11 @@ struct Lease {
     renewed_ns: u64,
 }
 
-/// What a probe of the logging network found: the hosts reached and the hosts tried.
+/// What a probe of the logging network found: the hosts reached and the hosts missed.
 #[derive(Clone, Debug, PartialEq)]
 struct LogReach {
     reached: Vec<String>,
-    probed: Vec<String>,
+    missed: Vec<String>,
 }
 
 pub struct Agent {
@@ -217,7 +219,7 @@ pub struct Agent {
     log_peers: Arc<Mutex<Option<LogReach>>>,
     /// The probes' listener, bound before the host is registered: a peer that probes this
     /// host as soon as it sees its record finds it answering.
-    probe_listener: Option<std::net::TcpListener>,
+    probe_listener: std::net::TcpListener,
     /// Each running copy's fence (by copy id): its process lives only while fed.
     fences: Arc<Mutex<Fences>>,
 }
@@ -292,14 +294,14 @@ impl Agent {
             })),
             stop: Arc::new(AtomicBool::new(false)),
             log_peers: Arc::new(Mutex::new(None)),
-            probe_listener: Some(probe_listener),
+            probe_listener,
             fences: Arc::new(Mutex::new(Fences::default())),
         })
     }
 
     fn record(cfg: &AgentConfig, reach: Option<LogReach>, lease: i64) -> HostRecord {
-        let (log_peers, log_probed) = match reach {
-            Some(r) => (Some(r.reached), Some(r.probed)),
+        let (log_peers, log_missed) = match reach {
+            Some(r) => (Some(r.reached), Some(r.missed)),
             None => (None, None),
         };
         HostRecord {
@@ -312,7 +314,7 @@ impl Agent {
             maintenance: false,
             started_ms: model::now_ms(),
             log_peers,
-            log_probed,
+            log_missed,
             incarnation: lease,
         }
     }
@@ -324,7 +326,7 @@ impl Agent {
 
     /// Renew the lease, run the master when elected and the copies until stopped; then
     /// stop every copy and give the lease back.
-    pub fn run(mut self) -> Result<(), ClusterError> {
+    pub fn run(self) -> Result<(), ClusterError> {
         let renewer = {
             let (store, lease, stop, cfg, peers, fences) = (
                 self.cfg.store.clone(),
@@ -420,7 +422,7 @@ impl Agent {
     /// Answer peers' probes on the logging network, and probe theirs: the host record says
     /// which hosts this one reaches there (placement needs a secondary that reaches its
     /// primary).
-    fn probe_logging_network(&mut self) -> Result<(), ClusterError> {
+    fn probe_logging_network(&self) -> Result<(), ClusterError> {
         crate::logcheck::serve(&self.cfg.log_ip).map_err(|e| {
             ClusterError::Internal(format!(
                 "serve the logging check on {}:{}: {e}",
@@ -428,11 +430,9 @@ impl Agent {
                 crate::logcheck::LOG_CHECK_PORT
             ))
         })?;
-        let Some(listener) = self.probe_listener.take() else {
-            return Err(ClusterError::Internal(
-                "the logging network is probed already".into(),
-            ));
-        };
+        let listener = self.probe_listener.try_clone().map_err(|e| {
+            ClusterError::Internal(format!("answer probes on the logging network: {e}"))
+        })?;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
@@ -486,11 +486,8 @@ impl Agent {
                                 .map(|h| h.name)
                                 .collect();
                             reached.sort();
-                            due.probed(names.clone(), &reached, Instant::now());
-                            let reach = LogReach {
-                                reached,
-                                probed: names,
-                            };
+                            let missed = due.probed(names, &reached, Instant::now()).to_vec();
+                            let reach = LogReach { reached, missed };
                             let changed = lock(&peers).as_ref() != Some(&reach);
                             if changed {
                                 tracing::info!(

@@ -111,11 +111,11 @@ pub struct HostRecord {
     /// The hosts this host reaches on the logging network (`None` until first probed).
     #[serde(default)]
     pub log_peers: Option<Vec<String>>,
-    /// The hosts its last probe tried, reached or not (`None` from an agent that does not
-    /// say). One it did not try registered since: the record does not know whether this
-    /// host reaches it.
+    /// The hosts its last probe tried and did not reach (`None` until first probed, or from
+    /// an agent that does not say). A host neither reached nor missed registered since: the
+    /// record does not know whether this host reaches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_probed: Option<Vec<String>>,
+    pub log_missed: Option<Vec<String>>,
     /// This registration of the host (its lease): a copy placed under an earlier one died
     /// with that agent and is never started by a later one.
     #[serde(default)]
@@ -540,7 +540,7 @@ pub(crate) mod fixtures {
             maintenance: false,
             started_ms: 0,
             log_peers: None,
-            log_probed: None,
+            log_missed: None,
             incarnation: 0,
         }
     }

@@ -120,14 +120,17 @@ fn unfit(load: &HostLoad, req: &Request) -> Option<String> {
                 h.name, h.fingerprint, p.name, p.fingerprint
             ));
         }
-        // A host whose last probe came before the primary's host registered is not known
-        // to be cut off from it: like a host not yet probed, it may take the copy.
-        if let Some(peers) = &h.log_peers
-            && !peers.contains(&p.name)
-            && h.log_probed
+        // A host whose last probe came before the primary's host registered did not miss
+        // it: like a host not yet probed, it may take the copy. (An agent that does not
+        // say what it missed: any host it did not reach.)
+        let cut_off = match &h.log_missed {
+            Some(missed) => missed.contains(&p.name),
+            None => h
+                .log_peers
                 .as_ref()
-                .is_none_or(|tried| tried.contains(&p.name))
-        {
+                .is_some_and(|reached| !reached.contains(&p.name)),
+        };
+        if cut_off {
             return Some(format!(
                 "{} cannot reach the primary's host {} on the logging network ({})",
                 h.name, p.name, p.log_ip
@@ -379,7 +382,7 @@ mod tests {
         // Its last probe tried h1 and missed it: cut off.
         let mut missed = host("h2");
         missed.log_peers = Some(vec!["h3".into()]);
-        missed.log_probed = Some(vec!["h1".into(), "h3".into()]);
+        missed.log_missed = Some(vec!["h1".into()]);
         let l = loads(
             &[hosts[0].clone(), missed],
             &BTreeMap::new(),
@@ -391,7 +394,7 @@ mod tests {
         // not yet probed.
         let mut early = host("h2");
         early.log_peers = Some(vec!["h3".into()]);
-        early.log_probed = Some(vec!["h3".into()]);
+        early.log_missed = Some(Vec::new());
         let l = loads(
             &[hosts[0].clone(), early],
             &BTreeMap::new(),

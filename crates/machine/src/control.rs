@@ -206,8 +206,8 @@ impl Control {
             // Memory the guest grew since the last round is copied now rather than in
             // the pause (wasmtime grows it in place: the same base).
             let (base, len) = self.memory_extent();
-            let grown = pc.grow(base, len);
-            match grown.and_then(|()| pc.round()) {
+            pc.grow(base, len);
+            match pc.round() {
                 Ok(bytes) => {
                     let done = precopy_done(bytes, last);
                     last = bytes;

@@ -236,6 +236,47 @@ impl Tracker {
         Ok(())
     }
 
+    /// Track the memory grown in place to `len` too while a pre-copy runs (at `base`:
+    /// memory at another base moved, and is not); where the growth begins, if it grew. A
+    /// growth the kernel refuses to track is left to the stop, which copies whatever lies
+    /// past the range tracked.
+    pub fn grow_at(&mut self, base: usize, len: usize) -> Option<usize> {
+        if base != self.base || len <= self.len {
+            return None;
+        }
+        let from = self.len;
+        match self.grow(len) {
+            Ok(()) => Some(from),
+            Err(e) => {
+                tracing::debug!(
+                    "memory grown to {len} bytes, not tracked ({e}): copied at the stop"
+                );
+                None
+            }
+        }
+    }
+
+    /// A pre-copy round's scan: the pages written since the last scan, into `dirty`, cut
+    /// where the memory grown since the last round begins (`grown_from`: the caller copies
+    /// it whole after this scan, which protects what of it is mapped, so that a write after
+    /// it is listed by the next; cut, nothing is copied twice). The bytes written again,
+    /// which tell whether the rounds converge (growth is not counted).
+    pub fn scan_round(
+        &mut self,
+        dirty: &mut Vec<Range<usize>>,
+        grown_from: Option<usize>,
+    ) -> Result<u64, DirtyError> {
+        dirty.clear();
+        self.scan(dirty)?;
+        if let Some(from) = grown_from {
+            dirty.retain_mut(|r| {
+                r.end = r.end.min(from);
+                r.start < r.end
+            });
+        }
+        Ok(dirty.iter().map(|r| r.len() as u64).sum())
+    }
+
     /// The length tracked.
     pub fn len(&self) -> usize {
         self.len
@@ -354,16 +395,6 @@ pub(crate) fn read_racing(
     Ok(())
 }
 
-/// Cut the ranges a scan listed at `from`, where memory grown since the last scan begins:
-/// a pre-copy copies the grown part whole, so what the scan listed in it would be copied
-/// twice and counted as pages written again (which tell whether the rounds converge).
-pub(crate) fn cut_at(ranges: &mut Vec<std::ops::Range<usize>>, from: usize) {
-    ranges.retain_mut(|r| {
-        r.end = r.end.min(from);
-        r.start < r.end
-    });
-}
-
 /// What a pre-copy copied, and when.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PreCopied {
@@ -433,31 +464,20 @@ impl PreCopy {
     /// only what is written or grown after that, not every byte grown since the start (a
     /// guest filling its memory grows it by megabytes between snapshots). Nothing happens
     /// for a length not beyond the range tracked, nor for memory at another `base` (a
-    /// mapping that moved: [`PreCopy::finish`] copies it whole).
-    pub fn grow(&mut self, base: usize, len: usize) -> Result<(), DirtyError> {
-        if base != self.tracker.base() {
-            return Ok(());
-        }
-        let from = self.tracker.len();
-        self.tracker.grow(len)?;
-        if self.tracker.len() > from {
+    /// mapping that moved: [`PreCopy::finish`] copies it whole; see [`Tracker::grow_at`]).
+    pub fn grow(&mut self, base: usize, len: usize) {
+        if let Some(from) = self.tracker.grow_at(base, len) {
             self.image.resize(self.tracker.len(), 0);
             self.grown_from.get_or_insert(from);
         }
-        Ok(())
     }
 
     /// Copy again the pages written since the previous scan, and the memory grown since,
     /// while the guest runs: the bytes written again (what tells whether the rounds
     /// converge; the memory grown counts in the stats only).
     pub fn round(&mut self) -> Result<u64, DirtyError> {
-        self.dirty.clear();
-        self.tracker.scan(&mut self.dirty)?;
         let grown_from = self.grown_from.take();
-        if let Some(from) = grown_from {
-            cut_at(&mut self.dirty, from);
-        }
-        let rewritten: u64 = self.dirty.iter().map(|r| r.len() as u64).sum();
+        let rewritten = self.tracker.scan_round(&mut self.dirty, grown_from)?;
         if let Some(from) = grown_from {
             self.dirty.push(from..self.tracker.len());
         }
@@ -666,16 +686,16 @@ pub(crate) mod tests {
         };
         let mut pc = PreCopy::start_with(t).unwrap();
         let running = pc.stats().running_bytes;
-        pc.grow(m.base(), pages * page).unwrap();
-        pc.grow(m.base(), page).unwrap();
-        pc.grow(m.base() + page, (pages + 1) * page).unwrap();
+        pc.grow(m.base(), pages * page);
+        pc.grow(m.base(), page);
+        pc.grow(m.base() + page, (pages + 1) * page);
         assert_eq!(
             pc.tracker.len(),
             pages * page,
             "no shrinking, no change, nothing at another base"
         );
-        pc.grow(m.base(), (pages + grown / 4) * page).unwrap();
-        pc.grow(m.base(), (pages + grown) * page).unwrap();
+        pc.grow(m.base(), (pages + grown / 4) * page);
+        pc.grow(m.base(), (pages + grown) * page);
         // Written after the growth was tracked, before the round: in the old range, in the
         // growth written before, in the part never touched.
         m.write(5 * page, 0x55);

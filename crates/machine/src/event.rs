@@ -308,12 +308,13 @@ impl Event {
         }
     }
 
-    /// Its size encoded, bounded from above without walking it: its variable-length parts
-    /// (data, frames, paths) plus what the rest takes at most (every integer a 10-byte
-    /// varint), never less than [`Event::encoded_len`]: within about a hundred bytes of it
-    /// but for a poll result, allowed 50 bytes an entry. What a log's batch weighs, counted on the guest's thread at
-    /// every event, where walking the event cost a tenth of what recording costs
-    /// (`bench_io`); exact where sizes must be.
+    /// Its size encoded, bounded from above without encoding it: its variable-length parts
+    /// (data, frames, paths: their lengths summed) plus what the rest takes at most (every
+    /// integer a 10-byte varint). Never less than [`Event::encoded_len`], and within about
+    /// a hundred bytes of it but for a poll result (allowed 50 bytes an entry). What a
+    /// log's batch and a primary's history weigh, counted at every event, where measuring
+    /// the encoding (a walk through serde) cost a tenth of what recording costs
+    /// (`bench_io`); [`Event::encoded_len`] where sizes must be exact.
     pub fn size_hint(&self) -> usize {
         // seq, args, outputs: 10 each; the kind's and the outcome's tags: 5 each.
         const HEAD: usize = 40;

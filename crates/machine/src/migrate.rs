@@ -664,41 +664,31 @@ impl Outbound {
             .map_err(|e| self.why(e))
     }
 
-    /// One round: the memory grown since the last (in place: the same base) tracked from
-    /// now, the pages written since the last scan sent, then the growth whole (once:
-    /// what the scan listed in it is not sent again), after the scan that protects what
-    /// of it is mapped (a write after it is listed by the next), so that the stop sends
-    /// only what was written or grown after this round. The bytes written again, which
-    /// tell whether the rounds converge (growth is not counted there, only in `stats`).
+    /// One round: the memory grown since the last (`extent`: where it is and how long,
+    /// now) tracked from now and declared, the pages written since the last scan sent,
+    /// then the growth whole, after the scan (see [`crate::dirty::Tracker::scan_round`]),
+    /// so that the stop sends only what was written or grown after this round. The bytes
+    /// written again, which tell whether the rounds converge (growth counts in `stats`
+    /// only). Memory past the bound is left to the stop, which refuses it.
     fn precopy_round(
         &mut self,
         tracker: &mut crate::dirty::Tracker,
         (at, len): (usize, usize),
-        declared: &mut u64,
         dirty: &mut Vec<std::ops::Range<usize>>,
         buf: &mut [u8],
         stats: &mut crate::dirty::PreCopied,
     ) -> Result<u64, MigrateError> {
-        let base = tracker.base();
-        let from = tracker.len();
-        // Memory at another base (it moved), past the bound, or that cannot be tracked is
-        // left to the stop, which sends it whole or refuses it.
-        if at == base && len > from && len as u64 <= MAX_MEMORY {
-            match tracker.grow(len) {
-                Ok(()) => *declared = tracker.len() as u64,
-                Err(e) => tracing::debug!(
-                    "memory grown to {len} bytes, not tracked ({e}): sent at the stop"
-                ),
-            }
-        }
-        dirty.clear();
-        tracker.scan(dirty)?;
-        crate::dirty::cut_at(dirty, from);
-        let bytes = self.send_racing(base, *declared, dirty, buf)?;
+        let grown_from = if len as u64 <= MAX_MEMORY {
+            tracker.grow_at(at, len)
+        } else {
+            None
+        };
+        let (base, declared) = (tracker.base(), tracker.len() as u64);
+        let bytes = tracker.scan_round(dirty, grown_from)?;
+        self.send_racing(base, declared, dirty, buf)?;
         stats.running_bytes += bytes;
-        let grown = from..tracker.len();
-        if !grown.is_empty() {
-            stats.running_bytes += self.send_nonzero(base, *declared, grown, buf)?;
+        if let Some(from) = grown_from {
+            stats.running_bytes += self.send_nonzero(base, declared, from..tracker.len(), buf)?;
         }
         stats.rounds += 1;
         Ok(bytes)
@@ -711,7 +701,7 @@ impl Outbound {
         extent: impl Fn() -> (usize, usize),
     ) -> Result<(), MigrateError> {
         let (base, len) = (tracker.base(), tracker.len());
-        let mut declared = len as u64;
+        let declared = len as u64;
         if declared > MAX_MEMORY {
             return Err(MigrateError::Protocol(format!(
                 "a memory of {declared} bytes (at most {MAX_MEMORY})"
@@ -738,14 +728,8 @@ impl Outbound {
             && started.elapsed() < PRECOPY_TIME
             && !ended()
         {
-            let bytes = self.precopy_round(
-                &mut tracker,
-                extent(),
-                &mut declared,
-                &mut dirty,
-                &mut buf,
-                &mut stats,
-            )?;
+            let bytes =
+                self.precopy_round(&mut tracker, extent(), &mut dirty, &mut buf, &mut stats)?;
             self.refused_meanwhile()?;
             let done = crate::control::precopy_done(bytes, last);
             last = bytes;
@@ -763,17 +747,10 @@ impl Outbound {
             FRAME_TIMEOUT,
             "the receiver to take the memory",
         )?;
-        self.precopy_round(
-            &mut tracker,
-            extent(),
-            &mut declared,
-            &mut dirty,
-            &mut buf,
-            &mut stats,
-        )?;
+        self.precopy_round(&mut tracker, extent(), &mut dirty, &mut buf, &mut stats)?;
         self.streamed = Some(Streamed {
+            declared: tracker.len() as u64,
             tracker,
-            declared,
             stats,
         });
         Ok(())
