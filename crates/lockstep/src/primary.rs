@@ -1832,22 +1832,20 @@ impl serde::Serialize for EventSeq<'_> {
     }
 }
 
-/// What an event weighs in the history (its bound and the gate's): its encoded size,
-/// bounded from above without walking it ([`Event::size_hint`]), counted under the state's
-/// lock at every event.
+/// What an event weighs in the history: its encoded size.
 pub fn weight(e: &Event) -> u64 {
-    e.size_hint() as u64
+    e.encoded_len() as u64
 }
 
 /// Where the next frame of `history[from..]` ends: as many events as fit in `target`
-/// payload bytes, and at least one. Sizes are bounded from above ([`Event::size_hint`]),
-/// not encoded, so a batch is encoded once; its exact size is measured once chosen.
+/// payload bytes, and at least one. Sizes are computed, not encoded
+/// ([`Event::encoded_len`]), so a batch is encoded once.
 /// Whatever the events, a batch is over `target` only when it is a single event.
 pub fn next_batch(history: &[Arc<Event>], from: usize, target: usize) -> usize {
     let mut bytes = EVENTS_OVERHEAD;
     let mut upto = from;
     for e in &history[from..] {
-        let size = e.size_hint();
+        let size = e.encoded_len();
         if upto > from && bytes + size > target {
             break;
         }

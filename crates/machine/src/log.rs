@@ -259,7 +259,7 @@ enum Queued {
 #[derive(Default)]
 struct Batch {
     records: Vec<Queued>,
-    /// The records' encoded size, about ([`Event::size_hint`]).
+    /// The records' encoded size.
     bytes: usize,
 }
 
@@ -583,7 +583,7 @@ impl LogWriter {
 
 impl EventSink for LogWriter {
     fn append(&mut self, event: Event) -> Result<(), LogError> {
-        let bytes = event.size_hint();
+        let bytes = event.encoded_len();
         self.push(Queued::Event(event), bytes, false)
     }
 
