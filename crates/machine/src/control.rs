@@ -244,13 +244,12 @@ impl Control {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let tracker = match kept {
-            Some(mut t) if t.base() == base && t.len() <= len => match t.grow(len) {
-                Ok(()) => Ok(t),
-                Err(_) => {
-                    drop(t);
-                    Tracker::new(base, len)
-                }
-            },
+            // Grown in place since: tracked from now, or left to the stop if the kernel
+            // refuses (the pre-copy copies what is tracked, the stop whatever lies past it).
+            Some(mut t) if t.base() == base && t.len() <= len => {
+                t.grow_at(base, len);
+                Ok(t)
+            }
             _ => Tracker::new(base, len),
         };
         match tracker {
