@@ -558,14 +558,10 @@ static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32:
 /// signal ended (128 + the signal: 130 for Ctrl-C, 143 for SIGTERM), saying so; any other
 /// failure is `Failure::from`.
 fn bench_failure(e: anyhow::Error) -> Failure {
-    if !machine::stop_requested() {
-        return Failure::from(e);
-    }
-    // A bench's stop comes only from these signals; SIGINT's code if none was seen.
     let (sig, name) = match STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
         libc::SIGTERM => (libc::SIGTERM, "SIGTERM"),
         libc::SIGINT => (libc::SIGINT, "SIGINT"),
-        _ => (libc::SIGINT, "a stop request"),
+        _ => return Failure::from(e),
     };
     Failure {
         code: 128 + sig as u8,

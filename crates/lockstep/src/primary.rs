@@ -1855,10 +1855,12 @@ pub fn next_batch(history: &[Arc<Event>], from: usize, target: usize) -> usize {
     upto
 }
 
-/// A batch's `ToSecondary::Events` payload size: exactly what postcard writes for it,
-/// measured without encoding.
+/// A batch's `ToSecondary::Events` payload size: exactly what postcard writes for it
+/// (the variant's index, one byte; the count; the events), computed, not walked through
+/// serde: the sender holds the state's lock, which the VM's thread takes at every event.
 fn batch_size(batch: &[Arc<Event>]) -> usize {
-    postcard::experimental::serialized_size(&EventsRef(batch)).unwrap_or(usize::MAX)
+    1 + machine::event::varint_len(batch.len() as u64)
+        + batch.iter().map(|e| e.encoded_len()).sum::<usize>()
 }
 
 /// Serialise `m` onto `out` as [`encode`] would into a buffer. (postcard reports a failed

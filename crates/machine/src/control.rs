@@ -230,8 +230,7 @@ impl Control {
     /// tracked here (the memory is then copied in the pause: stop-and-copy, said once in
     /// the log).
     pub(crate) fn tracker_of_memory(&self) -> Option<Tracker> {
-        let base = self.memory_base.load(Ordering::SeqCst);
-        let len = self.memory_len.load(Ordering::SeqCst);
+        let (base, len) = self.memory_extent();
         if base == 0 || len == 0 || self.pending() || self.unavailable().is_some() {
             return None;
         }

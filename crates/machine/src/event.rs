@@ -318,9 +318,7 @@ impl Event {
     /// and a struct as its fields in order. Tested equal to the encoding for every variant
     /// over the varints' boundaries.
     pub fn encoded_len(&self) -> usize {
-        fn varint(x: u64) -> usize {
-            (64 - (x | 1).leading_zeros() as usize).div_ceil(7)
-        }
+        use crate::event::varint_len as varint;
         fn bytes(len: usize) -> usize {
             varint(len as u64) + len
         }
@@ -334,7 +332,10 @@ impl Event {
             Outcome::Data(d) => bytes(d.len()),
             Outcome::Written { n, offset } => varint(u64::from(*n)) + varint(*offset),
             Outcome::Opened {
-                size, ino, path, ..
+                filetype: _,
+                size,
+                ino,
+                path,
             } => 1 + varint(*size) + varint(*ino) + bytes(path.len()),
             Outcome::Stat(s) => {
                 1 + [s.dev, s.ino, s.nlink, s.size, s.atim, s.mtim, s.ctim]
@@ -368,6 +369,11 @@ impl Event {
         // seq, the kind's index, args, outputs, the outcome's index.
         varint(self.seq) + 1 + varint(self.args) + varint(self.outputs) + 1 + outcome
     }
+}
+
+/// The bytes postcard writes for an integer wider than a byte: a varint, 7 bits a byte.
+pub fn varint_len(x: u64) -> usize {
+    (64 - (x | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 impl Kind {

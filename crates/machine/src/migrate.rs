@@ -669,7 +669,8 @@ impl Outbound {
     /// then the growth whole, after the scan (see [`crate::dirty::Tracker::scan_round`]),
     /// so that the stop sends only what was written or grown after this round. The bytes
     /// written again, which tell whether the rounds converge (growth counts in `stats`
-    /// only). Memory past the bound is left to the stop, which refuses it.
+    /// only). Memory past the bound is left to the stop, which refuses it; memory that
+    /// moved (another base) is not tracked here, and the stop sends it whole.
     fn precopy_round(
         &mut self,
         tracker: &mut crate::dirty::Tracker,
