@@ -13,7 +13,11 @@
 //! call and a context switch): each kind of waiter has its own condition variable, and a
 //! change wakes a waiter only if one waits, and for an acknowledgement only one that waits
 //! for that far. A busy sender is never woken: it looks at the history again before it
-//! waits, and takes everything appended meanwhile in one frame.
+//! waits, and takes everything appended meanwhile in one frame. While a secondary is gated
+//! a waiting sender is not woken for each event either, but when the VM is about to wait
+//! for input (`OutputPort::idle`) or for the secondary, when what waits unsent weighs
+//! [`SEND_BYTES`], or when an output waited [`SEND_DELAY`] for it (its heartbeat takes the
+//! rest): a burst of guest work goes in one frame and draws one acknowledgement.
 //!
 //! A newcomer catches up *ungated*: while it takes the backlog this copy behaves as if it
 //! had no secondary (outputs and disk operations go at once). Once it holds and executed
@@ -77,6 +81,14 @@ pub const GATE_BYTES: u64 = 128 << 10;
 /// round began; after this many rounds without getting near the end (a VM producing events as
 /// fast as they travel) it is gated anyway, with about one round's events in transit.
 pub const GATE_ROUNDS: u32 = 8;
+
+/// While a secondary is gated, the events a waiting sender has not taken wake it once they
+/// weigh this much (see [`State::send_due`])...
+const SEND_BYTES: u64 = 64 << 10;
+/// ...or once an output has waited this long for events not sent (a guest computing on
+/// without waiting for input); otherwise they go when the VM waits, or at the sender's
+/// heartbeat.
+const SEND_DELAY: Duration = Duration::from_micros(200);
 
 /// A `ToSecondary::Events` payload's bytes beyond its events: the variant's tag (1) and the
 /// event count (a varint of at most 10).
@@ -168,6 +180,13 @@ struct State {
     catch_up_rounds: u32,
     /// The events handed to its connection, and whether it confirmed holding the end.
     sent: u64,
+    /// What every event pushed weighed in all, and that sum when the sender last waited
+    /// (it waits only with every event taken): the events not sent weigh the difference.
+    pushed_bytes: u64,
+    send_mark: u64,
+    /// Since when an output waits for events not yet taken by the sender (cleared when it
+    /// takes the last event).
+    output_waits_since: Option<Instant>,
     end_held: bool,
     /// The intent of the disk operation the VM is about to perform (it waits until the
     /// attached secondary holds it), and the last intent the secondary said it holds.
@@ -237,8 +256,26 @@ impl State {
     }
 
     fn push(&mut self, event: Arc<Event>) {
-        self.history_bytes += weight(&event);
+        let w = weight(&event);
+        self.history_bytes += w;
+        self.pushed_bytes += w;
         self.history.push(event);
+    }
+
+    /// Whether the VM's thread, having added an event or output, should wake a waiting
+    /// sender now. Without a gated secondary, always (a newcomer catching up takes the
+    /// history as it comes). With one, only once what waits unsent weighs [`SEND_BYTES`]
+    /// or an output waited [`SEND_DELAY`] for it: the events of a burst of guest work then
+    /// go in one frame, as the VM waits for input ([`OutputPort::idle`]) or its side waits
+    /// for the secondary ([`Shared::wait_vm`]), and draw one acknowledgement, instead of a
+    /// wake, a frame and an acknowledgement for each of the first few events.
+    fn send_due(&self) -> bool {
+        self.end() > self.sent
+            && (!self.gates()
+                || self.pushed_bytes - self.send_mark >= SEND_BYTES
+                || self
+                    .output_waits_since
+                    .is_some_and(|t| t.elapsed() >= SEND_DELAY))
     }
 
     /// Forget the events before `position`, which a checkpoint holds, but never one an
@@ -478,6 +515,11 @@ impl Shared {
         outputs: bool,
         timeout: Option<Duration>,
     ) -> MutexGuard<'a, State> {
+        // Whatever the VM's side waits for comes back only once the events appended so far
+        // reach the secondary: they go now, not at the sender's heartbeat.
+        if st.end() > st.sent {
+            self.wake_sender(&st);
+        }
         // The target is at most every waiter's: a lower one wakes too often, never too
         // seldom.
         st.vm_target = if st.vm_waiting == 0 {
@@ -782,6 +824,9 @@ impl Shared {
                 catch_up_mark: 0,
                 catch_up_rounds: 0,
                 sent: 0,
+                pushed_bytes: 0,
+                send_mark: 0,
+                output_waits_since: None,
                 end_held: false,
                 intent: None,
                 intent_held: None,
@@ -1256,8 +1301,11 @@ impl EventSink for PrimarySink {
             st.status_at = Instant::now();
             s.status(&st);
         }
-        // A sender busy sending takes this event along when it looks again.
-        s.wake_sender(&st);
+        // A sender busy sending takes this event along when it looks again; a waiting one
+        // is woken for it only when it is due.
+        if st.send_due() {
+            s.wake_sender(&st);
+        }
         if st.handover.is_some() {
             st = s.switch_over(st)?;
         }
@@ -1324,6 +1372,13 @@ impl GatedPort {
         let s = &self.0;
         st.held.push_back((position, out));
         st.held_total += 1;
+        if st.output_waits_since.is_none() {
+            if position > st.sent {
+                st.output_waits_since = Some(Instant::now());
+            }
+        } else if st.send_due() {
+            s.wake_sender(&st);
+        }
         // Already acknowledged (or not gated): written here, after those before it, rather
         // than by waking another thread for it.
         let due = st.release_due();
@@ -1476,6 +1531,13 @@ impl OutputPort for GatedPort {
 
     fn replicates(&self) -> bool {
         true
+    }
+
+    fn idle(&mut self) {
+        let st = self.0.lock();
+        if st.end() > st.sent {
+            self.0.wake_sender(&st);
+        }
     }
 
     fn before_uncertain(&mut self, intent: &Intent) -> Result<(), LogError> {
@@ -1944,6 +2006,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                     break;
                 }
                 st.senders_waiting += 1;
+                st.send_mark = st.pushed_bytes;
                 st = s
                     .events
                     .wait_timeout(st, left)
@@ -2000,6 +2063,9 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 sent = upto;
                 // Counted before the write: a secondary may hold these from now on.
                 st.sent = upto;
+                if upto == st.end() {
+                    st.output_waits_since = None;
+                }
             }
             // The switch follows every event, never an event after it.
             let handover = (upto == st.end() && handover_due(&st))
@@ -2469,13 +2535,16 @@ mod tests {
     /// `ack` allows (`None`: never reads after Hello and stays silent); it confirms a
     /// release point at once.
     fn fake_secondary(primary: &Primary, ack: Option<u64>) -> std::thread::JoinHandle<()> {
-        fake_secondary_with(primary, ack.map(|a| Arc::new(AtomicU64::new(a))))
+        let ack = ack.map(|a| Arc::new(AtomicU64::new(a)));
+        fake_secondary_with(primary, ack, Default::default())
     }
 
-    /// [`fake_secondary`] with a limit that the test may raise as it goes.
+    /// [`fake_secondary`] with a limit that the test may raise as it goes, noting how many
+    /// events each frame of events brought in `frames`.
     fn fake_secondary_with(
         primary: &Primary,
         ack: Option<Arc<AtomicU64>>,
+        frames: Arc<Mutex<Vec<usize>>>,
     ) -> std::thread::JoinHandle<()> {
         let addr = primary.addr;
         let pair = primary.shared.key;
@@ -2503,7 +2572,10 @@ mod tests {
             let mut received = 0u64;
             while let Ok((_, payload)) = r.recv() {
                 match decode::<ToSecondary>(&payload) {
-                    Ok(ToSecondary::Events(e)) => received += e.len() as u64,
+                    Ok(ToSecondary::Events(e)) => {
+                        frames.lock().unwrap().push(e.len());
+                        received += e.len() as u64
+                    }
                     Ok(ToSecondary::Release { release }) => {
                         let held = ToPrimary::ReleaseHeld { release };
                         if w.send(KIND_MSG, &encode(&held)).is_err() {
@@ -2972,6 +3044,71 @@ mod tests {
         }
     }
 
+    /// While a secondary is gated, a waiting sender is not woken for each event: a burst of
+    /// events and outputs goes in one frame when the VM is about to wait for input, or once
+    /// an output waited `SEND_DELAY` for its events, or once they weigh `SEND_BYTES`.
+    #[test]
+    fn a_gated_secondary_gets_a_burst_in_one_frame_when_the_vm_waits_or_an_output_waited() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        // Heartbeats far apart: nothing is sent unless something wakes the sender.
+        let config = FtConfig {
+            heartbeat: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            ..config()
+        };
+        let primary =
+            Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config).unwrap();
+        let (mut sink, mut port) = (primary.sink(), primary.port());
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let _fake = fake_secondary_with(
+            &primary,
+            Some(Arc::new(AtomicU64::new(u64::MAX))),
+            frames.clone(),
+        );
+        // Holding the whole (empty) history, the secondary is gated at once.
+        wait("protection", || primary.protected());
+        let sender_waits = || {
+            let st = primary.shared.lock();
+            st.senders_waiting > 0 && st.sent == st.end()
+        };
+        wait("the sender to wait (1)", sender_waits);
+
+        // A burst: nine events and a reply that depends on them stay here...
+        let before = frames.lock().unwrap().len();
+        for seq in 0..9 {
+            sink.append(event(seq)).unwrap();
+        }
+        port.frame(9, b"reply");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            primary.shared.lock().sent,
+            0,
+            "events sent before the VM waited"
+        );
+        assert_eq!(primary.released(), 0);
+        // ...until the VM waits for input: then all of them go in one frame.
+        port.idle();
+        wait("the reply", || primary.released() == 1);
+        assert_eq!(frames.lock().unwrap()[before..], [9]);
+
+        // A guest computing on without waiting: its output goes once it waited SEND_DELAY,
+        // at the next event.
+        wait("the sender to wait (2)", sender_waits);
+        sink.append(event(9)).unwrap();
+        port.frame(10, b"progress");
+        std::thread::sleep(SEND_DELAY * 5);
+        sink.append(event(10)).unwrap();
+        wait("the progress line", || primary.released() == 2);
+        assert_eq!(frames.lock().unwrap()[before + 1..], [2]);
+
+        // Events that weigh SEND_BYTES go without an output or a wait.
+        wait("the sender to wait (3)", sender_waits);
+        sink.append(data_event(11, SEND_BYTES as usize)).unwrap();
+        wait("the large event sent", || primary.shared.lock().acked == 12);
+        assert_eq!(frames.lock().unwrap()[before + 2..], [1]);
+    }
+
     /// A write behind: the guest has its outcome at once, the write leaves under the output
     /// rule in order with the other outputs, any other disk operation waits for it, and the
     /// secondary is told once it was performed. A write that fails halts the copy: nothing
@@ -3080,7 +3217,7 @@ mod tests {
         let mut port = primary.port();
         // The newcomer holds 1000 of the 2000 events of its backlog: far from the end.
         let limit = Arc::new(AtomicU64::new(1000));
-        let _fake = fake_secondary_with(&primary, Some(limit.clone()));
+        let _fake = fake_secondary_with(&primary, Some(limit.clone()), Default::default());
         wait("acks", || primary.shared.lock().acked == 1000);
         std::thread::sleep(Duration::from_millis(200));
         {

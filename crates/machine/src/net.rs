@@ -61,6 +61,9 @@ impl Vm {
         deadline: Option<u64>,
         watch_stdin: bool,
     ) -> Result<(), Fault> {
+        if wait {
+            self.before_wait();
+        }
         let args = args_digest(&[
             &[u8::from(wait), u8::from(watch_stdin)],
             &deadline.unwrap_or(u64::MAX).to_le_bytes(),

@@ -57,6 +57,11 @@ pub trait OutputPort: Send {
     fn before_uncertain(&mut self, intent: &crate::event::Intent) -> Result<(), LogError>;
     /// Whether outputs go to a replica that may go live (intents are worth computing).
     fn replicates(&self) -> bool;
+    /// The VM is about to wait for input (a frame, stdin or a deadline): a port that holds
+    /// outputs back for a replica sends what they wait for on its way now, since nothing
+    /// more comes from the guest until the wait ends. (No default: a port that wraps
+    /// another must pass this on, or its outputs would wait for a heartbeat.)
+    fn idle(&mut self);
     /// The disk operation at `position` failed the way a lost storage path fails (an I/O
     /// error). A port that replicates may hand the VM over to a copy that still reaches
     /// storage before the guest sees the error: it then returns an error and this copy
@@ -138,6 +143,8 @@ impl OutputPort for Direct {
     fn before_uncertain(&mut self, _: &crate::event::Intent) -> Result<(), LogError> {
         Ok(())
     }
+
+    fn idle(&mut self) {}
 
     fn replicates(&self) -> bool {
         false

@@ -366,6 +366,15 @@ impl Vm {
         self.event_on(kind, args, &[], op)
     }
 
+    /// The next input may make the guest wait (for a frame, stdin or a deadline): a live
+    /// VM's port is told first ([`OutputPort::idle`]), so that outputs held for a replica
+    /// are not left waiting for the wait's end.
+    pub(crate) fn before_wait(&mut self) {
+        if let Inputs::Live { port, .. } = &mut self.inputs {
+            port.idle();
+        }
+    }
+
     /// [`Vm::event`] for a disk operation that must not be done twice, on `names` (each a
     /// guest path beneath a directory descriptor): live, its [`Intent`] is made known to
     /// the output port before it is performed; a copy going live whose first event is the
@@ -925,6 +934,9 @@ impl OutputPort for Muted {
     }
     fn replicates(&self) -> bool {
         self.port.replicates()
+    }
+    fn idle(&mut self) {
+        self.port.idle()
     }
     fn storage_failed(&mut self, position: u64) -> Result<(), LogError> {
         self.port.storage_failed(position)
@@ -1544,6 +1556,61 @@ mod tests {
         a.add("frame", &[b"ab", b"c"]);
         b.add("frame", &[b"a", b"bc"]);
         assert_ne!(a.full(), b.full());
+    }
+
+    /// A port that notes what it was told, in order.
+    struct Noting(Arc<Mutex<Vec<String>>>);
+
+    impl OutputPort for Noting {
+        fn frame(&mut self, position: u64, _: &[u8]) {
+            self.0.lock().unwrap().push(format!("frame@{position}"));
+        }
+        fn console(&mut self, _: u64, _: u32, data: &[u8]) {
+            let line = String::from_utf8_lossy(data).trim().to_string();
+            self.0.lock().unwrap().push(line);
+        }
+        fn before_disk(&mut self, _: u64) -> Result<(), LogError> {
+            Ok(())
+        }
+        fn before_uncertain(&mut self, _: &Intent) -> Result<(), LogError> {
+            Ok(())
+        }
+        fn replicates(&self) -> bool {
+            true
+        }
+        fn idle(&mut self) {
+            self.0.lock().unwrap().push("idle".into());
+        }
+        fn storage_failed(&mut self, _: u64) -> Result<(), LogError> {
+            Ok(())
+        }
+    }
+
+    /// A live VM tells its port before every wait for input, never between a guest's
+    /// outputs while it computes: a primary sends held outputs' events on their way then.
+    #[test]
+    fn a_live_vm_tells_its_port_before_each_wait() {
+        let spec = GuestSpec {
+            args: ["trap", "30", "exit", "0"].map(String::from).to_vec(),
+            env: vec![],
+            datastore: false,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            nic: None,
+            listen: vec![],
+        };
+        let noted = Arc::new(Mutex::new(Vec::new()));
+        let mut inputs = crate::testing::quiet(&spec);
+        if let Inputs::Live { port, .. } = &mut inputs {
+            *port = Box::new(Noting(noted.clone()));
+        }
+        let m = Machine::load(&crate::testing::guest("trap.wasm")).unwrap();
+        let report = m.run(spec, inputs).unwrap();
+        assert_eq!(report.exit, Exit::Code(0));
+        // "up", three sleeps of 10 ms (each a wait), then the last line.
+        assert_eq!(
+            *noted.lock().unwrap(),
+            ["up", "idle", "idle", "idle", "exiting with 0"]
+        );
     }
 
     #[test]

@@ -1162,6 +1162,7 @@ fn fd_read(m: &mut Mem, vm: &mut Vm, fd: u32, iovs: u32, n: u32, out: u32) -> Re
         FdKind::Stdin => {
             let want = len.min(MAX_IO);
             let args = args_digest(&[&le(u64::from(fd)), &le(want as u64)]);
+            vm.before_wait();
             let data = expect!(vm, Kind::FdRead,
                 vm.event(Kind::FdRead, args, |h, _, _| h.read_stdin(want))?,
                 Outcome::Data(d) if d.len() <= want => d);
@@ -1512,6 +1513,9 @@ fn poll_host(vm: &mut Vm, parsed: &[Sub], raw: &[u8]) -> Result<Vec<PollEvent>, 
         .collect();
     let args = args_digest(&[raw]);
     let n = parsed.len();
+    if ready.iter().all(Option::is_none) {
+        vm.before_wait();
+    }
     Ok(expect!(vm, Kind::PollOneoff,
         vm.event(Kind::PollOneoff, args, |h, _, clock| {
             let now = |id: u32| match h.now(id) {
