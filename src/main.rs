@@ -140,7 +140,10 @@ struct FtArgs {
     /// The shared storage folder both hosts reach.
     #[arg(long, value_name = "DIR")]
     shared: PathBuf,
-    /// Heartbeat interval on the logging channel.
+    /// Heartbeat interval on the logging channel. It also bounds how long events (and the
+    /// outputs that depend on them) wait unsent while the guest computes without a call:
+    /// otherwise they go when it waits for input, at its next call once an output waited
+    /// 0.2 ms for them, or once they weigh 64 KiB.
     #[arg(long, value_name = "MS", default_value_t = 20)]
     heartbeat_ms: u64,
     /// Silence for this long is always a suspected failure (then arbitration decides):

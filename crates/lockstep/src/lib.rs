@@ -83,6 +83,10 @@ use serde::{Deserialize, Serialize};
 /// Timing of the protocol.
 #[derive(Clone, Debug)]
 pub struct FtConfig {
+    /// Heartbeat interval on the channel. It also bounds how long events (and the outputs
+    /// that depend on them) wait unsent while the guest computes without a call: otherwise
+    /// they go when it waits, at its next call once an output waited `SEND_DELAY`, or once
+    /// they weigh `SEND_BYTES` (see [`primary`]).
     pub heartbeat: Duration,
     /// Silence for this long is a suspected failure: the ceiling of the adaptive
     /// detector ([`detector`]), and the timeout until it has heard enough.

@@ -1516,6 +1516,11 @@ impl OutputPort for GatedPort {
                 return Err(LogError::Source(format!("halted: {why}")));
             }
             if st.unwritten.is_empty() {
+                // The operation may take a while (slow storage, a sync): outputs waiting
+                // for events not sent must not wait for it too.
+                if st.output_waits_since.is_some() && st.end() > st.sent {
+                    s.wake_sender(&st);
+                }
                 return Ok(());
             }
             if st.handover.is_some() {
@@ -1854,6 +1859,9 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, Option<u64>), FtErr
     st.acked = from;
     st.executed = from;
     st.sent = from;
+    // What a connection before it left unsent is this one's to send from the start.
+    st.output_waits_since = None;
+    st.send_mark = st.pushed_bytes;
     st.end_held = false;
     st.intent_held = None;
     // A new secondary's host says what it reaches once it runs.
@@ -3107,6 +3115,18 @@ mod tests {
         sink.append(data_event(11, SEND_BYTES as usize)).unwrap();
         wait("the large event sent", || primary.shared.lock().acked == 12);
         assert_eq!(frames.lock().unwrap()[before + 2..], [1]);
+
+        // The VM's side waiting for the secondary (here a disk mutation after an event not
+        // sent) sends what it waits for at once, not at the heartbeat.
+        wait("the sender to wait (4)", sender_waits);
+        sink.append(event(12)).unwrap();
+        let asked = Instant::now();
+        port.before_disk(13).unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "waited for a heartbeat"
+        );
+        assert_eq!(frames.lock().unwrap()[before + 3..], [1]);
     }
 
     /// A write behind: the guest has its outcome at once, the write leaves under the output

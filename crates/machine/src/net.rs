@@ -113,6 +113,8 @@ impl Vm {
             }
             let deadline = net.next_deadline();
             if self.snap.is_some() && crate::capture::due(self, self.memory_len) {
+                // The snapshot pauses the VM as a wait would.
+                self.before_wait();
                 self.resume = Some(Resume::Socket);
                 return Err(Stop::Unwind);
             }

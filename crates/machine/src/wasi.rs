@@ -1513,7 +1513,18 @@ fn poll_host(vm: &mut Vm, parsed: &[Sub], raw: &[u8]) -> Result<Vec<PollEvent>, 
         .collect();
     let args = args_digest(&[raw]);
     let n = parsed.len();
-    if ready.iter().all(Option::is_none) {
+    // A poll that may wait: nothing ready, and no clock that fires at once.
+    let at_once = parsed.iter().any(|s| {
+        matches!(
+            s,
+            Sub::Clock {
+                timeout: 0,
+                abs: false,
+                ..
+            }
+        )
+    });
+    if !at_once && ready.iter().all(Option::is_none) {
         vm.before_wait();
     }
     Ok(expect!(vm, Kind::PollOneoff,
@@ -1640,6 +1651,8 @@ fn poll_with_network(
             .chain(vm.net.as_ref().and_then(|n| n.next_deadline()))
             .min();
         if vm.snap.is_some() && crate::capture::due(vm, memory_len) {
+            // The snapshot pauses the VM as a wait would.
+            vm.before_wait();
             vm.resume = Some(Resume::Poll(deadlines));
             return Err(Stop::Unwind);
         }
