@@ -483,6 +483,14 @@ impl Shared {
         }
     }
 
+    /// Events wait unsent and nothing more is coming from the VM for a while (it waits):
+    /// wake the sender for them now rather than at its heartbeat.
+    fn send_now(&self, st: &State) {
+        if st.end() > st.sent {
+            self.wake_sender(st);
+        }
+    }
+
     /// Something the VM's side waits for may have changed: wake it if it waits.
     fn wake_vm(&self, st: &State) {
         if st.vm_waiting > 0 {
@@ -516,10 +524,8 @@ impl Shared {
         timeout: Option<Duration>,
     ) -> MutexGuard<'a, State> {
         // Whatever the VM's side waits for comes back only once the events appended so far
-        // reach the secondary: they go now, not at the sender's heartbeat.
-        if st.end() > st.sent {
-            self.wake_sender(&st);
-        }
+        // reach the secondary.
+        self.send_now(&st);
         // The target is at most every waiter's: a lower one wakes too often, never too
         // seldom.
         st.vm_target = if st.vm_waiting == 0 {
@@ -1518,8 +1524,8 @@ impl OutputPort for GatedPort {
             if st.unwritten.is_empty() {
                 // The operation may take a while (slow storage, a sync): outputs waiting
                 // for events not sent must not wait for it too.
-                if st.output_waits_since.is_some() && st.end() > st.sent {
-                    s.wake_sender(&st);
+                if st.output_waits_since.is_some() {
+                    s.send_now(&st);
                 }
                 return Ok(());
             }
@@ -1539,10 +1545,7 @@ impl OutputPort for GatedPort {
     }
 
     fn idle(&mut self) {
-        let st = self.0.lock();
-        if st.end() > st.sent {
-            self.0.wake_sender(&st);
-        }
+        self.0.send_now(&self.0.lock());
     }
 
     fn before_uncertain(&mut self, intent: &Intent) -> Result<(), LogError> {
