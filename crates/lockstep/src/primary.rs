@@ -180,12 +180,10 @@ struct State {
     catch_up_rounds: u32,
     /// The events handed to its connection, and whether it confirmed holding the end.
     sent: u64,
-    /// What every event pushed weighed in all, and that sum when the sender last waited
-    /// (it waits only with every event taken): the events not sent weigh the difference.
-    pushed_bytes: u64,
-    send_mark: u64,
-    /// Since when an output waits for events not yet taken by the sender (cleared when it
-    /// takes the last event).
+    /// What the events pushed since the sender last took the last event weigh, and since
+    /// when an output waits for them (both cleared when it takes the last event again):
+    /// what a waiting sender has not taken, since it waits only with every event taken.
+    unsent_bytes: u64,
     output_waits_since: Option<Instant>,
     end_held: bool,
     /// The intent of the disk operation the VM is about to perform (it waits until the
@@ -258,7 +256,7 @@ impl State {
     fn push(&mut self, event: Arc<Event>) {
         let w = weight(&event);
         self.history_bytes += w;
-        self.pushed_bytes += w;
+        self.unsent_bytes += w;
         self.history.push(event);
     }
 
@@ -272,7 +270,7 @@ impl State {
     fn send_due(&self) -> bool {
         self.end() > self.sent
             && (!self.gates()
-                || self.pushed_bytes - self.send_mark >= SEND_BYTES
+                || self.unsent_bytes >= SEND_BYTES
                 || self
                     .output_waits_since
                     .is_some_and(|t| t.elapsed() >= SEND_DELAY))
@@ -830,8 +828,7 @@ impl Shared {
                 catch_up_mark: 0,
                 catch_up_rounds: 0,
                 sent: 0,
-                pushed_bytes: 0,
-                send_mark: 0,
+                unsent_bytes: 0,
                 output_waits_since: None,
                 end_held: false,
                 intent: None,
@@ -1864,7 +1861,7 @@ fn attach(s: &Shared, host: &str, from: u64) -> Result<(u64, Option<u64>), FtErr
     st.sent = from;
     // What a connection before it left unsent is this one's to send from the start.
     st.output_waits_since = None;
-    st.send_mark = st.pushed_bytes;
+    st.unsent_bytes = 0;
     st.end_held = false;
     st.intent_held = None;
     // A new secondary's host says what it reaches once it runs.
@@ -2017,7 +2014,6 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                     break;
                 }
                 st.senders_waiting += 1;
-                st.send_mark = st.pushed_bytes;
                 st = s
                     .events
                     .wait_timeout(st, left)
@@ -2076,6 +2072,7 @@ fn stream_to(s: &Shared, conn: u64, mut w: FrameWriter<TcpStream>) -> Result<(),
                 st.sent = upto;
                 if upto == st.end() {
                     st.output_waits_since = None;
+                    st.unsent_bytes = 0;
                 }
             }
             // The switch follows every event, never an event after it.
