@@ -928,9 +928,15 @@ struct FtBench {
     /// run. It includes writing the released outputs to the tap (done by ft-conn as an
     /// acknowledgement arrives, or by ft-release), which an unprotected VM does on its own
     /// thread.
+    ///
+    /// Frames of events that the VM's thread wrote itself as it went to wait for input
+    /// (`channel_frames_from_vm`) cost CPU on that thread, not on these.
     channel_cpu_us_per_event: f64,
-    /// Events the primary streamed during the FT throughput runs.
+    /// Events the primary streamed during the FT throughput runs, in how many frames, and
+    /// how many of those the VM's thread wrote itself.
     channel_events: u64,
+    channel_frames: u64,
+    channel_frames_from_vm: u64,
     /// Wakes (voluntary context switches) of the primary's threads per kvd operation over
     /// the same throughput runs, unprotected and FT: each is a thread that waited (for the
     /// tap, an event to send, an acknowledgement, an output to release) and was woken.
@@ -1564,7 +1570,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let (mut cpu_plain, mut cpu_ft) = (0.0, FtCpu::default());
     // The primary's threads' wakes over the same runs.
     let (mut wakes_plain, mut wakes_ft) = (0u64, 0u64);
-    let mut channel_events = 0u64;
+    let (mut channel_events, mut channel_frames, mut channel_frames_from_vm) = (0u64, 0u64, 0u64);
     // Operations per throughput run: `requests` of each of SET, GET and INCR.
     let ops_per_run = 3.0 * requests.parse::<f64>().unwrap_or(0.0);
     for round in 0..rounds {
@@ -1630,6 +1636,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             let after = lab.status();
             let delta = |k: &str| (status_counter(&after, k) - status_counter(&before, k)).max(0.0);
             channel_events += delta("events") as u64;
+            channel_frames += delta("log_frames") as u64;
+            channel_frames_from_vm += delta("log_frames_from_vm") as u64;
             logging = (
                 delta("log_bytes") * 8.0 / took / 1e6,
                 delta("disk_read_bytes") / took / 1e6,
@@ -1756,6 +1764,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         secondary_cpu_ratio: cpu_ft.secondary / cpu_ft.primary,
         channel_cpu_us_per_event: cpu_ft.channel * 1e6 / channel_events.max(1) as f64,
         channel_events,
+        channel_frames,
+        channel_frames_from_vm,
         primary_wakes_per_op_unprotected: wakes_plain as f64 / all_ops,
         primary_wakes_per_op_ft: wakes_ft as f64 / all_ops,
         extra_wakes_cpu_us_per_op: wake_cpu_us
@@ -1956,6 +1966,14 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             "-",
             "-",
             r.channel_cpu_us_per_event,
+            "-"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>10} {:>8}",
+            "channel_frames (written by the VM's thread)",
+            "-",
+            r.channel_frames_from_vm,
+            r.channel_frames,
             "-"
         );
         println!(

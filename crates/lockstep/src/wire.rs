@@ -226,6 +226,135 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
+impl<W> FrameWriter<W> {
+    /// What it writes to.
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+}
+
+/// A connection's output that a thread which must never block (the VM's) may write too.
+///
+/// Blocking, it writes as a stream does, after what is pending. Not blocking
+/// ([`Outbox::set_blocking`]), it hands the kernel what the socket's buffer takes at once
+/// (`MSG_DONTWAIT`, per call: the socket itself stays blocking for its reader) and keeps
+/// the rest pending, for the next blocking write or [`Outbox::flush_pending`]: a write
+/// never waits, and bytes leave in the order they were written. After a failed write the
+/// stream is unusable (a frame on it may be cut): every later write fails.
+pub struct Outbox {
+    stream: std::net::TcpStream,
+    blocking: bool,
+    pending: Vec<u8>,
+    failed: Option<io::ErrorKind>,
+}
+
+impl Outbox {
+    pub fn new(stream: std::net::TcpStream) -> Self {
+        Outbox {
+            stream,
+            blocking: true,
+            pending: Vec::new(),
+            failed: None,
+        }
+    }
+
+    pub fn set_blocking(&mut self, blocking: bool) {
+        self.blocking = blocking;
+    }
+
+    /// Bytes written without blocking that the kernel has not taken yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether a write failed (the stream is unusable).
+    pub fn failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
+    /// Write what is pending, blocking until the kernel took it.
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        if let Some(kind) = self.failed {
+            return Err(kind.into());
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.pending);
+        self.pending.clear();
+        if self.pending.capacity() > 2 * STAGE {
+            self.pending.shrink_to(STAGE);
+        }
+        self.note(result)
+    }
+
+    fn note<T>(&mut self, result: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &result {
+            self.failed = Some(e.kind());
+        }
+        result
+    }
+
+    /// One `send(2)` that never blocks: the bytes the kernel took (0 if its buffer is full).
+    fn send_now(&self, data: &[u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: `data` is a live slice of `data.len()` readable bytes for the whole
+            // call, and the descriptor is the stream's own, open while `self` lives.
+            let n = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl Write for Outbox {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(kind) = self.failed {
+            return Err(kind.into());
+        }
+        if self.blocking {
+            self.flush_pending()?;
+            let result = self.stream.write(data);
+            return self.note(result);
+        }
+        if self.pending.is_empty() {
+            let result = self.send_now(data);
+            let taken = self.note(result)?;
+            self.pending.extend_from_slice(&data[taken..]);
+        } else {
+            self.pending.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.blocking {
+            self.flush_pending()
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// A frame's payload on its way out: hashed and written as it comes, in bounded pieces.
 struct Body<'a, W> {
     out: &'a mut W,
@@ -446,6 +575,73 @@ mod tests {
         assert!(r.within_frame());
         out.write_all(&frame[5..]).unwrap();
         assert!(matches!(r.recv(), Err(FrameError::Silent)));
+    }
+
+    #[test]
+    fn an_outbox_not_blocking_keeps_what_the_socket_refuses_and_writes_it_first_later() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (inp, _) = l.accept().unwrap();
+        let key = [9; 32];
+        let payload = |i: u8| vec![i; 256 << 10];
+        // Nobody reads: 32 MiB of frames, far over what both ends' buffers hold, are all
+        // taken without a wait (a blocking write would never return).
+        let (done, written) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut w = FrameWriter::new(Outbox::new(out), key);
+            w.get_mut().set_blocking(false);
+            for i in 0..128u8 {
+                w.send(1, &payload(i)).unwrap();
+            }
+            let _ = done.send(w);
+        });
+        let mut w = written
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a write that must not block blocked");
+        assert!(w.get_ref().pending() > 0, "the socket took 32 MiB at once");
+        assert!(!w.get_ref().failed());
+        // A blocking write sends what is pending first, then its own frame.
+        let reader = std::thread::spawn(move || {
+            let mut r = FrameReader::new(inp, key);
+            (0..129).map(|_| r.recv().unwrap()).collect::<Vec<_>>()
+        });
+        w.get_mut().set_blocking(true);
+        w.send(2, b"after").unwrap();
+        assert_eq!(w.get_ref().pending(), 0);
+        let got = reader.join().unwrap();
+        for (i, (kind, body)) in got[..128].iter().enumerate() {
+            assert_eq!((*kind, body), (1, &payload(i as u8)), "frame {i}");
+        }
+        assert_eq!(got[128], (2, b"after".to_vec()));
+    }
+
+    #[test]
+    fn an_outbox_whose_write_failed_refuses_every_later_write() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (inp, _) = l.accept().unwrap();
+        let mut o = Outbox::new(out);
+        o.set_blocking(false);
+        // Closed with unread data, the peer resets the connection: a later send fails.
+        o.write_all(b"unread").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(inp);
+        let mut failed = false;
+        for _ in 0..200 {
+            if o.write_all(&[0; 1024]).is_err() {
+                failed = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(failed, "writes to a reset connection never failed");
+        assert!(o.failed());
+        assert!(o.write_all(b"x").is_err());
+        o.set_blocking(true);
+        assert!(o.write_all(b"x").is_err());
+        assert!(o.flush_pending().is_err());
     }
 
     fn frames(key: &[u8; 32]) -> Vec<u8> {
