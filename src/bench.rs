@@ -1970,10 +1970,10 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         );
         println!(
             "{:<40} {:>12} {:>12} {:>10} {:>8}",
-            "channel_frames (written by the VM's thread)",
+            "channel_frames: all | by the VM's thread",
             "-",
-            r.channel_frames_from_vm,
-            r.channel_frames,
+            "-",
+            format!("{} | {}", r.channel_frames, r.channel_frames_from_vm),
             "-"
         );
         println!(

@@ -3,8 +3,8 @@
 //! One [`Primary`] serves one VM. Its state sits behind one mutex: the VM's thread appends
 //! events ([`PrimarySink`]) and outputs ([`GatedPort`]); a listener accepts a secondary on
 //! the logging address; per connection a sender streams history (in frames split by bytes,
-//! [`next_batch`]) and heartbeats and a receiver takes acknowledgements and watches for
-//! silence. Held outputs are written by the thread that learns they may leave: the
+//! [`next_batch`]; the VM's thread writes a frame itself as it goes to wait, see below) and
+//! heartbeats and a receiver takes acknowledgements and watches for silence. Held outputs are written by the thread that learns they may leave: the
 //! receiver, as the acknowledgement comes; the VM's thread, for an output whose events are
 //! acknowledged already; a releaser, for what no acknowledgement releases (the secondary
 //! lost while outputs are held).
@@ -94,8 +94,9 @@ const SEND_BYTES: u64 = 64 << 10;
 /// without waiting for input); otherwise they go when the VM waits, or at the sender's
 /// heartbeat. Longer than a burst of kvd's work on a loaded host (at 200 µs, bursts of 20
 /// pipelining clients here often outlasted it: the sender was woken mid-burst, and only
-/// 40% of frames went from the VM's thread as it waited, against 92% at 1 ms), short
-/// against the 1 ms of latency FT may add.
+/// 40% of frames went from the VM's thread as it waited, against 92% at 1 ms). A guest
+/// that produces an output and computes on without a call holds it this long, plus a
+/// round trip (kvd's replies go as it waits for the next requests, without this delay).
 const SEND_DELAY: Duration = Duration::from_millis(1);
 
 /// A `ToSecondary::Events` payload's bytes beyond its events: the variant's tag (1) and the
@@ -197,9 +198,10 @@ struct State {
     catch_up_rounds: u32,
     /// The events handed to its connection, and whether it confirmed holding the end.
     sent: u64,
-    /// What the events pushed since the sender last took the last event weigh, and since
-    /// when an output waits for them (both cleared when it takes the last event again):
-    /// what a waiting sender has not taken, since it waits only with every event taken.
+    /// What the events pushed since the last frame took the last event weigh, and since
+    /// when an output waits for them (both cleared when a frame takes the last event
+    /// again, [`State::taken_for_sending`]): what a waiting sender has not taken, since it
+    /// waits only with every event taken.
     unsent_bytes: u64,
     output_waits_since: Option<Instant>,
     /// The attached secondary's connection number and its output, which its sender writes
@@ -575,13 +577,24 @@ impl Shared {
             serialize_into(&EventsRef(&batch), out)
         });
         w.get_mut().set_blocking(true);
+        if let Err(e) = &sent {
+            // Whatever the cause, part of a frame may be on the wire: nothing may follow.
+            w.get_mut().set_failed(e.kind());
+        }
         let left = sent.is_err() || w.get_ref().pending() > 0;
         drop(w);
         if left {
-            // Its sender writes the rest, or finds the channel failed and ends it.
+            // Its sender writes the rest, or finds the channel failed and ends it (unless
+            // the connection is gone already).
             let mut st = self.lock();
-            st.flush_due = true;
-            self.wake_sender(&st);
+            if st
+                .channel
+                .as_ref()
+                .is_some_and(|(_, c)| Arc::ptr_eq(c, &channel))
+            {
+                st.flush_due = true;
+                self.wake_sender(&st);
+            }
         }
     }
 
@@ -2201,8 +2214,9 @@ fn stream_to(s: &Shared, conn: u64, channel: Channel) -> Result<(), FtError> {
                 })
                 .flatten();
             // Every write logged before this was performed (a write is registered before
-            // its event is logged). Said at most every WRITTEN_EVERY under load (a frame's
-            // write each), and whenever the channel is otherwise idle: what the secondary
+            // its event is logged). Said at most every WRITTEN_EVERY while this sender
+            // writes frames, and whenever it wakes to an idle channel (at least every
+            // heartbeat, also while the VM's thread writes the frames): what the secondary
             // keeps to write again stays that small.
             let below = st.unwritten.front().map_or(upto, |&p| p.min(upto));
             let idle = batch.is_none() && intent.is_none() && handover.is_none();
@@ -3315,10 +3329,10 @@ mod tests {
         let (n, size) = (384u64, 60 << 10);
         let (go, stalled) = std::sync::mpsc::channel();
         let secondary = stalled_secondary(&primary, stalled, n);
-        // Gated at once (the history is empty), the release point handed to its connection.
+        // Gated at once (the history is empty), the release point sent: the sender waits.
         wait("the release point sent", || {
             let st = primary.shared.lock();
-            st.gates() && st.release_sent
+            st.gates() && st.release_sent && st.senders_waiting > 0
         });
         // The VM computes and waits for input again and again while the secondary reads
         // nothing: each wait writes what the socket takes and leaves the rest to the

@@ -284,6 +284,7 @@ impl Outbox {
         if self.pending.is_empty() {
             return Ok(());
         }
+        // `write_all` retries an interrupted call itself.
         let result = self.stream.write_all(&self.pending);
         self.pending.clear();
         if self.pending.capacity() > 2 * STAGE {
@@ -292,11 +293,21 @@ impl Outbox {
         self.note(result)
     }
 
+    /// Keep a write's failure: the stream is unusable from then on. An interrupted call
+    /// (a signal, without `SA_RESTART`) wrote nothing and is retried by its caller.
     fn note<T>(&mut self, result: io::Result<T>) -> io::Result<T> {
-        if let Err(e) = &result {
+        if let Err(e) = &result
+            && e.kind() != io::ErrorKind::Interrupted
+        {
             self.failed = Some(e.kind());
         }
         result
+    }
+
+    /// Whatever was written of a frame cannot be trusted (its writer gave up on it midway):
+    /// the stream is unusable from now on.
+    pub fn set_failed(&mut self, kind: io::ErrorKind) {
+        self.failed.get_or_insert(kind);
     }
 
     /// One `send(2)` that never blocks: the bytes the kernel took (0 if its buffer is full).
