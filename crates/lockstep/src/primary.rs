@@ -2682,29 +2682,50 @@ mod tests {
 
     /// [`fake_secondary`] with a limit that the test may raise as it goes, noting how many
     /// events each frame of events brought in `frames`.
+    /// Attach to the primary at `addr` as secondary `host` from event 0, as a secondary
+    /// does, and take its Hello: the connection's writer and reader.
+    fn handshake(
+        addr: SocketAddr,
+        pair: [u8; 32],
+        host: &str,
+    ) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut nonce = [0u8; 16];
+        std::io::Read::read_exact(&mut &stream, &mut nonce).unwrap();
+        let key = connection_key(&pair, &nonce);
+        let mut w = FrameWriter::new(stream.try_clone().unwrap(), key);
+        let mut r = FrameReader::new(stream, key);
+        let hello = ToPrimary::Hello {
+            host: host.into(),
+            from: 0,
+        };
+        w.send(KIND_MSG, &encode(&hello)).unwrap();
+        r.recv().unwrap();
+        (w, r)
+    }
+
+    /// A primary whose sender sends nothing unless something wakes it (heartbeats 10 s
+    /// apart), its failure timeout `timeout`; the temporary folder it lives in.
+    fn quiet_primary(timeout: Duration) -> (tempfile::TempDir, Primary) {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let config = FtConfig {
+            heartbeat: Duration::from_secs(10),
+            timeout,
+            ..config()
+        };
+        let primary = Primary::start(dir, "127.0.0.1:0", header(), None, false, config).unwrap();
+        (shared, primary)
+    }
+
     fn fake_secondary_with(
         primary: &Primary,
         ack: Option<Arc<AtomicU64>>,
         frames: Arc<Mutex<Vec<usize>>>,
     ) -> std::thread::JoinHandle<()> {
-        let addr = primary.addr;
-        let pair = primary.shared.key;
+        let (addr, pair) = (primary.addr, primary.shared.key);
         std::thread::spawn(move || {
-            let stream = TcpStream::connect(addr).unwrap();
-            let mut nonce = [0u8; 16];
-            std::io::Read::read_exact(&mut &stream, &mut nonce).unwrap();
-            let key = connection_key(&pair, &nonce);
-            let mut w = FrameWriter::new(stream.try_clone().unwrap(), key);
-            let mut r = FrameReader::new(stream.try_clone().unwrap(), key);
-            w.send(
-                KIND_MSG,
-                &encode(&ToPrimary::Hello {
-                    host: "fake".into(),
-                    from: 0,
-                }),
-            )
-            .unwrap();
-            r.recv().unwrap();
+            let (mut w, mut r) = handshake(addr, pair, "fake");
             let Some(limit) = ack else {
                 // Silent, reading nothing more: the history stays in transit.
                 std::thread::sleep(Duration::from_secs(3));
@@ -3190,16 +3211,8 @@ mod tests {
     /// an output waited `SEND_DELAY` for its events, or once they weigh `SEND_BYTES`.
     #[test]
     fn a_gated_secondary_gets_a_burst_in_one_frame_when_the_vm_waits_or_an_output_waited() {
-        let shared = tempfile::tempdir().unwrap();
-        let dir = VmDir::new(shared.path(), "vm");
         // Heartbeats far apart: nothing is sent unless something wakes the sender.
-        let config = FtConfig {
-            heartbeat: Duration::from_secs(10),
-            timeout: Duration::from_secs(30),
-            ..config()
-        };
-        let primary =
-            Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config).unwrap();
+        let (_shared, primary) = quiet_primary(Duration::from_secs(30));
         let (mut sink, mut port) = (primary.sink(), primary.port());
         let frames = Arc::new(Mutex::new(Vec::new()));
         let _fake = fake_secondary_with(
@@ -3279,21 +3292,9 @@ mod tests {
         go: std::sync::mpsc::Receiver<()>,
         want: u64,
     ) -> std::thread::JoinHandle<(Vec<u64>, bool)> {
-        let addr = primary.addr;
-        let pair = primary.shared.key;
+        let (addr, pair) = (primary.addr, primary.shared.key);
         std::thread::spawn(move || {
-            let stream = TcpStream::connect(addr).unwrap();
-            let mut nonce = [0u8; 16];
-            std::io::Read::read_exact(&mut &stream, &mut nonce).unwrap();
-            let key = connection_key(&pair, &nonce);
-            let mut w = FrameWriter::new(stream.try_clone().unwrap(), key);
-            let mut r = FrameReader::new(stream.try_clone().unwrap(), key);
-            let hello = ToPrimary::Hello {
-                host: "stalled".into(),
-                from: 0,
-            };
-            w.send(KIND_MSG, &encode(&hello)).unwrap();
-            r.recv().unwrap();
+            let (mut w, mut r) = handshake(addr, pair, "stalled");
             let gave_up = go.recv_timeout(Duration::from_secs(30)).is_err();
             let mut seqs = Vec::new();
             while (seqs.len() as u64) < want {
@@ -3314,15 +3315,7 @@ mod tests {
 
     #[test]
     fn the_vms_thread_never_blocks_on_a_channel_the_secondary_stopped_reading() {
-        let shared = tempfile::tempdir().unwrap();
-        let dir = VmDir::new(shared.path(), "vm");
-        let config = FtConfig {
-            heartbeat: Duration::from_secs(10),
-            timeout: Duration::from_secs(60),
-            ..config()
-        };
-        let primary =
-            Primary::start(dir.clone(), "127.0.0.1:0", header(), None, false, config).unwrap();
+        let (_shared, primary) = quiet_primary(Duration::from_secs(60));
         let (mut sink, mut port) = (primary.sink(), primary.port());
         // 384 events of 60 KiB: 22.5 MiB, far more than the socket buffers of both ends
         // hold (at most 4 + 6 MiB on Linux by default).
