@@ -4,10 +4,11 @@
 //! events ([`PrimarySink`]) and outputs ([`GatedPort`]); a listener accepts a secondary on
 //! the logging address; per connection a sender streams history (in frames split by bytes,
 //! [`next_batch`]; the VM's thread writes a frame itself as it goes to wait, see below) and
-//! heartbeats and a receiver takes acknowledgements and watches for silence. Held outputs are written by the thread that learns they may leave: the
-//! receiver, as the acknowledgement comes; the VM's thread, for an output whose events are
-//! acknowledged already; a releaser, for what no acknowledgement releases (the secondary
-//! lost while outputs are held).
+//! heartbeats and a receiver takes acknowledgements and watches for silence. Held outputs
+//! are written by the thread that learns they may leave: the receiver, as the
+//! acknowledgement comes; the VM's thread, for an output whose events are acknowledged
+//! already; a releaser, for what no acknowledgement releases (the secondary lost while
+//! outputs are held).
 //!
 //! Hand-offs between threads are what the channel costs per event (every wake is a futex
 //! call and a context switch): each kind of waiter has its own condition variable, and a
@@ -204,10 +205,11 @@ struct State {
     /// waits only with every event taken.
     unsent_bytes: u64,
     output_waits_since: Option<Instant>,
-    /// The attached secondary's connection number and its output, which its sender writes
-    /// and the VM's thread too, without blocking ([`Shared::send_from_vm`]); and whether the
-    /// VM's thread left bytes pending on it (or saw it fail) for the sender to deal with.
-    channel: Option<(u64, Channel)>,
+    /// The attached secondary's output (set only while it is attached: cleared wherever
+    /// `attached` is), which its sender writes and the VM's thread too, without blocking
+    /// ([`Shared::send_from_vm`]); and whether the VM's thread left bytes pending on it (or
+    /// saw it fail) for the sender to deal with.
+    channel: Option<Channel>,
     flush_due: bool,
     /// Frames of events written, and how many of them the VM's thread wrote itself.
     frames: u64,
@@ -550,7 +552,7 @@ impl Shared {
             && st.unsent_bytes <= SEND_BYTES
             && st.intent.as_ref().is_none_or(|i| i.seq < st.sent);
         let channel = match &st.channel {
-            Some((conn, c)) if plain && st.attached == Some(*conn) => c.clone(),
+            Some(c) if plain => c.clone(),
             _ => return self.wake_sender(&st),
         };
         // Never waited for: the sender holds it only while it writes.
@@ -590,7 +592,7 @@ impl Shared {
             if st
                 .channel
                 .as_ref()
-                .is_some_and(|(_, c)| Arc::ptr_eq(c, &channel))
+                .is_some_and(|c| Arc::ptr_eq(c, &channel))
             {
                 st.flush_due = true;
                 self.wake_sender(&st);
@@ -1926,7 +1928,7 @@ fn serve(s: &Arc<Shared>, stream: TcpStream) -> Result<(), FtError> {
     {
         let mut st = s.lock();
         if st.attached == Some(conn) {
-            st.channel = Some((conn, writer.clone()));
+            st.channel = Some(writer.clone());
         }
     }
     let sender_shared = s.clone();
