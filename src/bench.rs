@@ -937,6 +937,11 @@ struct FtBench {
     channel_events: u64,
     channel_frames: u64,
     channel_frames_from_vm: u64,
+    /// Writes behind (kvd's appends to its file) in the same runs, and those the releaser
+    /// performed: the others the thread that learned of their acknowledgement performed
+    /// itself, without a wake.
+    channel_writes_behind: u64,
+    channel_writes_behind_by_releaser: u64,
     /// Wakes (voluntary context switches) of the primary's threads per kvd operation over
     /// the same throughput runs, unprotected and FT: each is a thread that waited (for the
     /// tap, an event to send, an acknowledgement, an output to release) and was woken.
@@ -1571,6 +1576,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     // The primary's threads' wakes over the same runs.
     let (mut wakes_plain, mut wakes_ft) = (0u64, 0u64);
     let (mut channel_events, mut channel_frames, mut channel_frames_from_vm) = (0u64, 0u64, 0u64);
+    let (mut channel_writes_behind, mut channel_writes_behind_by_releaser) = (0u64, 0u64);
     // Operations per throughput run: `requests` of each of SET, GET and INCR.
     let ops_per_run = 3.0 * requests.parse::<f64>().unwrap_or(0.0);
     for round in 0..rounds {
@@ -1638,6 +1644,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             channel_events += delta("events") as u64;
             channel_frames += delta("log_frames") as u64;
             channel_frames_from_vm += delta("log_frames_from_vm") as u64;
+            channel_writes_behind += delta("writes_behind") as u64;
+            channel_writes_behind_by_releaser += delta("writes_behind_by_releaser") as u64;
             logging = (
                 delta("log_bytes") * 8.0 / took / 1e6,
                 delta("disk_read_bytes") / took / 1e6,
@@ -1766,6 +1774,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         channel_events,
         channel_frames,
         channel_frames_from_vm,
+        channel_writes_behind,
+        channel_writes_behind_by_releaser,
         primary_wakes_per_op_unprotected: wakes_plain as f64 / all_ops,
         primary_wakes_per_op_ft: wakes_ft as f64 / all_ops,
         extra_wakes_cpu_us_per_op: wake_cpu_us
@@ -1978,6 +1988,17 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         );
         println!(
             "{:<40} {:>12} {:>12} {:>10} {:>8}",
+            "writes behind: all | by ft-release",
+            "-",
+            "-",
+            format!(
+                "{} | {}",
+                r.channel_writes_behind, r.channel_writes_behind_by_releaser
+            ),
+            "-"
+        );
+        println!(
+            "{:<40} {:>12} {:>12} {:>10} {:>8}",
             format!("spurious_failovers ({} s soak, busy)", r.soak_secs),
             "-",
             "-",
@@ -2164,10 +2185,14 @@ fn join_rows(lab_name: &str, args: &FtBenchArgs) -> Result<JoinBench> {
         }
         if start.elapsed() > limit {
             let _ = checker.finish();
+            // The primary's side of it too: which of the two closed the channel, and why.
+            let primary = lab.log("primary");
+            let tail: Vec<&str> = primary.lines().rev().take(20).collect();
             bail!(
-                "the secondary did not join within {} s; its output:\n{}",
+                "the secondary did not join within {} s; its output:\n{}\nthe primary's last lines:\n{}",
                 limit.as_secs(),
-                lab.log("secondary")
+                lab.log("secondary"),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -40,9 +40,11 @@
 //! behind was performed (`settle_writes`), so that it sees them. The secondary keeps the
 //! writes it replays until told they were performed (`ToSecondary::Written`, or any other
 //! disk event) and performs them again as it goes live: each is positional, so doing again
-//! what was done is harmless (invariant 2). Writes behind are performed by the releaser,
-//! never by the thread that reads acknowledgements (storage can be slow). One that fails
-//! stops everything after it from leaving; the VM is handed over if this host lost its
+//! what was done is harmless (invariant 2). The thread that learns a write behind may be
+//! performed (the receiver, as the acknowledgement comes) performs it only while storage is
+//! quick, and leaves it to the releaser otherwise: the receiver also watches for silence
+//! ([`QUICK_WRITE_BYTES`], [`SLOW_WRITE`]). One that fails stops everything after it from
+//! leaving; the VM is handed over if this host lost its
 //! storage and the secondary's has it, else this copy halts and closes the channel, and the
 //! secondary takes over: either way the secondary writes it again (the end is never sent
 //! while a write behind is pending, so a secondary holding the end never has to). A
@@ -126,6 +128,25 @@ enum Held {
 /// were written, well within the space a write behind leaves free
 /// (`machine::datastore::SPACE_MARGIN`, 256 MiB).
 const BEHIND_BYTES: u64 = 48 << 20;
+
+/// A thread with other work than writing held outputs (the receiver, which reads
+/// acknowledgements and watches for silence; the VM's thread) performs a write behind
+/// itself, rather than waking the releaser for it, only while storage is quick: the write's
+/// own event is acknowledged (so that the thread never waits for a later acknowledgement,
+/// which the receiver itself reads), it takes at most this many bytes with the other writes
+/// of its batch...
+const QUICK_WRITE_BYTES: u64 = 64 << 10;
+/// ...and no write behind took this long, sleeping, in the last [`SLOW_WRITE_HOLD`]. A
+/// write into the page cache takes microseconds; one that sleeps longer (writeback
+/// throttling, a journal commit, a slow device) sends the writes after it to the releaser
+/// for a while: the receiver is held up by at most one slow write per hold, and while it
+/// is, the outputs it would release wait behind that write anyway. A write that took long
+/// only because its thread was preempted (on a busy host, about once a run of
+/// `tandem bench ft`) is not storage being slow: it did not sleep. (`RWF_NOWAIT` would let
+/// the receiver give up instead of waiting, but buffered writes do not take it on ext4 or
+/// tmpfs.)
+const SLOW_WRITE: Duration = Duration::from_millis(5);
+const SLOW_WRITE_HOLD: Duration = Duration::from_secs(1);
 
 /// Under load, the secondary is told which writes were performed at most this often.
 const WRITTEN_EVERY: Duration = Duration::from_millis(10);
@@ -244,6 +265,10 @@ struct State {
     unwritten_bytes: u64,
     writes_waiting: u32,
     writes_behind: u64,
+    /// Writes behind the releaser performed (the others were performed by the thread that
+    /// learned they could be), and when one last took [`SLOW_WRITE`] or more.
+    writes_by_releaser: u64,
+    slow_write_at: Option<Instant>,
     /// A write behind failed (why): it and every output after it stay held while the VM
     /// is handed over (the secondary writes it again); nothing more leaves from here.
     write_failed: Option<String>,
@@ -423,6 +448,17 @@ impl State {
                 .held
                 .front()
                 .is_some_and(|(p, _)| !self.gates() || *p <= self.acked)
+    }
+
+    /// A thread other than the releaser may perform the due write behind at `position` of
+    /// `bytes` (with those its batch took before it): see [`QUICK_WRITE_BYTES`].
+    fn quick_write(&self, position: u64, bytes: u64) -> bool {
+        self.gates()
+            && position < self.acked
+            && bytes <= QUICK_WRITE_BYTES
+            && self
+                .slow_write_at
+                .is_none_or(|t| t.elapsed() >= SLOW_WRITE_HOLD)
     }
 
     /// Every held output was written.
@@ -733,6 +769,11 @@ impl Shared {
             ("outputs_released", st.released.to_string()),
             // Writes whose outcome the guest had before they were performed.
             ("writes_behind", st.writes_behind.to_string()),
+            // Those the releaser performed: the rest went without a wake.
+            (
+                "writes_behind_by_releaser",
+                st.writes_by_releaser.to_string(),
+            ),
         ];
         if let Some(exit) = &st.finished {
             fields.push(("exit", exit.clone()));
@@ -966,6 +1007,8 @@ impl Shared {
                 unwritten_bytes: 0,
                 writes_waiting: 0,
                 writes_behind: 0,
+                writes_by_releaser: 0,
+                slow_write_at: None,
                 write_failed: None,
                 held_total: 0,
                 released: 0,
@@ -1488,8 +1531,8 @@ impl GatedPort {
         self.push(st, position, out);
     }
 
-    /// Add an output to the held ones and write those that may leave now (the VM's thread
-    /// writes no write behind: it goes on while the releaser does).
+    /// Add an output to the held ones and write those that may leave now (a write behind
+    /// only if quick, [`QUICK_WRITE_BYTES`]).
     fn push(&self, mut st: MutexGuard<'_, State>, position: u64, out: Held) {
         let s = &self.0;
         st.held.push_back((position, out));
@@ -1727,11 +1770,12 @@ impl OutputPort for GatedPort {
 
 /// Write the held outputs the rule allows now, in the order they were produced. Whoever
 /// learns that they may leave calls this: the receiver on an acknowledgement, the VM's
-/// thread for an output already acknowledged, the releaser for outputs no acknowledgement
-/// releases. One thread at a time pops and writes (`State::releasing`); one that finds
-/// another at it leaves its outputs to it, which looks again before it stops, so that no
-/// thread ever waits for another's writes.
-fn release_outputs(s: &Shared, disk: bool) {
+/// thread for an output already acknowledged, the releaser (`releaser`) for outputs no
+/// acknowledgement releases and for writes behind the others leave to it (storage can be
+/// slow: they perform only quick ones, [`QUICK_WRITE_BYTES`]). One thread at a time pops
+/// and writes (`State::releasing`); one that finds another at it leaves its outputs to it,
+/// which looks again before it stops, so that no thread ever waits for another's writes.
+fn release_outputs(s: &Shared, releaser: bool) {
     let mut st = s.lock();
     if st.releasing {
         return;
@@ -1739,11 +1783,17 @@ fn release_outputs(s: &Shared, disk: bool) {
     st.releasing = true;
     loop {
         let mut batch = Vec::new();
+        let mut quick_bytes = 0;
         while st.release_due() {
-            if !disk && matches!(st.held.front(), Some((_, Held::Disk(_)))) {
-                // Storage can be slow: the thread that reads acknowledgements (and watches
-                // for silence) leaves writes, and what follows them, to the releaser.
-                break;
+            if let Some((position, Held::Disk(w))) = st.held.front()
+                && !releaser
+            {
+                let bytes = quick_bytes + w.len() as u64;
+                if !st.quick_write(*position, bytes) {
+                    // It, and what follows it, are the releaser's (woken below).
+                    break;
+                }
+                quick_bytes = bytes;
             }
             if let Some(held) = st.held.pop_front() {
                 batch.push(held);
@@ -1754,6 +1804,7 @@ fn release_outputs(s: &Shared, disk: bool) {
         }
         drop(st);
         let (mut done, mut written, mut written_bytes) = (0u64, 0usize, 0u64);
+        let mut slow = false;
         let mut failed = None;
         let mut rest = Vec::new();
         let mut batch = batch.into_iter();
@@ -1767,7 +1818,17 @@ fn release_outputs(s: &Shared, disk: bool) {
                 if disk && machine::failpoint::dies_before_write_behind() {
                     die_once_held(s, position);
                 }
-                send(s, &out)
+                let started = (Instant::now(), disk.then(thread_sleeps));
+                let outcome = send(s, &out);
+                slow |= disk
+                    && started.0.elapsed() >= SLOW_WRITE
+                    // Unknown either side: taken for a sleep, so that a slow write is never
+                    // taken for a quick one.
+                    && match (started.1.flatten(), thread_sleeps()) {
+                        (Some(before), Some(after)) => after > before,
+                        _ => true,
+                    };
+                outcome
             };
             if let Err(why) = outcome {
                 // It and what follows it stay held, in order.
@@ -1783,6 +1844,12 @@ fn release_outputs(s: &Shared, disk: bool) {
             }
         }
         st = s.lock();
+        if slow {
+            st.slow_write_at = Some(Instant::now());
+        }
+        if releaser {
+            st.writes_by_releaser += written as u64;
+        }
         let written = written.min(st.unwritten.len());
         st.unwritten.drain(..written);
         st.unwritten_bytes = st.unwritten_bytes.saturating_sub(written_bytes);
@@ -1816,6 +1883,17 @@ fn release_outputs(s: &Shared, disk: bool) {
     }
     // Writes left to it.
     s.wake_releaser(&st);
+}
+
+/// How many times the calling thread slept (voluntary context switches): a write that
+/// slept waited for storage, one that was only preempted did not.
+fn thread_sleeps() -> Option<i64> {
+    // SAFETY: `rusage` is plain integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into the `rusage` it is given, which outlives the call;
+    // RUSAGE_THREAD names the calling thread.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (rc == 0).then_some(usage.ru_nvcsw)
 }
 
 /// The failpoint `die-before-write-behind`: die once the secondary acknowledged holding the
@@ -3456,6 +3534,78 @@ mod tests {
             "a failed write was said performed"
         );
         assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0hello");
+    }
+
+    /// A write behind whose event the secondary acknowledged is performed by the receiver
+    /// as the acknowledgement comes, without waking the releaser; after a slow write the
+    /// releaser performs them for a while (the receiver also watches for silence).
+    #[test]
+    fn a_quick_write_behind_goes_with_its_acknowledgement_and_after_a_slow_one_the_releaser_writes()
+    {
+        use machine::event::Bytes;
+        use machine::port::DiskWrite;
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let primary = default_primary(&dir);
+        let (mut sink, mut port) = (primary.sink(), primary.port());
+        let path = shared.path().join("file");
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap(),
+        );
+        let secondary = joined(dir, &primary);
+        let _source = secondary.source(None);
+        sink.append(event(0)).unwrap();
+        wait("gated", || primary.shared.lock().gated);
+        let by_releaser = || primary.shared.lock().writes_by_releaser;
+
+        let w = DiskWrite::new(file.clone(), 0, Bytes::from(b"one".to_vec()));
+        assert!(port.write_behind(1, w).unwrap().is_none());
+        port.frame(1, b"one was written");
+        sink.append(event(1)).unwrap();
+        port.idle();
+        wait("the write and the frame", || primary.released() == 2);
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        assert_eq!(by_releaser(), 0, "the releaser was woken for a quick write");
+
+        primary.shared.lock().slow_write_at = Some(Instant::now());
+        let w = DiskWrite::new(file.clone(), 3, Bytes::from(b"two".to_vec()));
+        assert!(port.write_behind(2, w).unwrap().is_none());
+        port.frame(2, b"two was written");
+        sink.append(event(2)).unwrap();
+        port.idle();
+        wait("the write and the frame", || primary.released() == 4);
+        assert_eq!(std::fs::read(&path).unwrap(), b"onetwo");
+        assert_eq!(
+            by_releaser(),
+            1,
+            "a write right after a slow one was not the releaser's"
+        );
+    }
+
+    /// What tells a write that waited for storage from one whose thread was preempted: a
+    /// sleep counts, computing does not.
+    #[test]
+    fn a_thread_sleeping_is_counted_and_one_computing_is_not() {
+        let before = thread_sleeps().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let slept = thread_sleeps().unwrap();
+        assert!(slept > before, "a sleep was not counted");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert_eq!(
+            thread_sleeps().unwrap(),
+            slept,
+            "computing was counted as a sleep"
+        );
     }
 
     #[test]
