@@ -3436,6 +3436,18 @@ mod tests {
         );
     }
 
+    /// A new, empty file to write behind to.
+    fn empty_file(path: &std::path::Path) -> Arc<std::fs::File> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        Arc::new(file)
+    }
+
     /// A write behind: the guest has its outcome at once, the write leaves under the output
     /// rule in order with the other outputs, any other disk operation waits for it, and the
     /// secondary is told once it was performed. A write that fails halts the copy: nothing
@@ -3453,15 +3465,7 @@ mod tests {
             "without a secondary a write is done at once"
         );
         let path = shared.path().join("file");
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap(),
-        );
+        let file = empty_file(&path);
         let early = DiskWrite::new(file.clone(), 0, Bytes::from(b"early".to_vec()));
         assert!(
             port.write_behind(0, early).unwrap().is_some(),
@@ -3549,37 +3553,29 @@ mod tests {
         let primary = default_primary(&dir);
         let (mut sink, mut port) = (primary.sink(), primary.port());
         let path = shared.path().join("file");
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap(),
-        );
+        let file = empty_file(&path);
         let secondary = joined(dir, &primary);
         let _source = secondary.source(None);
         sink.append(event(0)).unwrap();
         wait("gated", || primary.shared.lock().gated);
         let by_releaser = || primary.shared.lock().writes_by_releaser;
 
-        let w = DiskWrite::new(file.clone(), 0, Bytes::from(b"one".to_vec()));
-        assert!(port.write_behind(1, w).unwrap().is_none());
-        port.frame(1, b"one was written");
-        sink.append(event(1)).unwrap();
-        port.idle();
-        wait("the write and the frame", || primary.released() == 2);
+        // The k-th write behind (from 1), of `data` at `offset`, with a frame after it: both
+        // leave once their events are acknowledged.
+        let mut write_and_say = |k: u64, offset: u64, data: &[u8]| {
+            let w = DiskWrite::new(file.clone(), offset, Bytes::from(data.to_vec()));
+            assert!(port.write_behind(k, w).unwrap().is_none());
+            port.frame(k, b"written");
+            sink.append(event(k)).unwrap();
+            port.idle();
+            wait("the write and the frame", || primary.released() == 2 * k);
+        };
+        write_and_say(1, 0, b"one");
         assert_eq!(std::fs::read(&path).unwrap(), b"one");
         assert_eq!(by_releaser(), 0, "the releaser was woken for a quick write");
 
         primary.shared.lock().slow_write_at = Some(Instant::now());
-        let w = DiskWrite::new(file.clone(), 3, Bytes::from(b"two".to_vec()));
-        assert!(port.write_behind(2, w).unwrap().is_none());
-        port.frame(2, b"two was written");
-        sink.append(event(2)).unwrap();
-        port.idle();
-        wait("the write and the frame", || primary.released() == 4);
+        write_and_say(2, 3, b"two");
         assert_eq!(std::fs::read(&path).unwrap(), b"onetwo");
         assert_eq!(
             by_releaser(),
