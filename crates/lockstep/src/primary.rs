@@ -8,7 +8,7 @@
 //! are written by the thread that learns they may leave: the receiver, as the
 //! acknowledgement comes; the VM's thread, for an output whose events are acknowledged
 //! already; a releaser, for what no acknowledgement releases (the secondary lost while
-//! outputs are held).
+//! outputs are held) and for writes behind while storage is slow.
 //!
 //! Hand-offs between threads are what the channel costs per event (every wake is a futex
 //! call and a context switch): each kind of waiter has its own condition variable, and a
@@ -44,12 +44,11 @@
 //! performed (the receiver, as the acknowledgement comes) performs it only while storage is
 //! quick, and leaves it to the releaser otherwise: the receiver also watches for silence
 //! ([`QUICK_WRITE_BYTES`], [`SLOW_WRITE`]). One that fails stops everything after it from
-//! leaving; the VM is handed over if this host lost its
-//! storage and the secondary's has it, else this copy halts and closes the channel, and the
-//! secondary takes over: either way the secondary writes it again (the end is never sent
-//! while a write behind is pending, so a secondary holding the end never has to). A
-//! newcomer is gated only once no write behind is pending: it could not perform again one
-//! from before its start.
+//! leaving; the VM is handed over if this host lost its storage and the secondary's has it,
+//! else this copy halts and closes the channel, and the secondary takes over: either way
+//! the secondary writes it again (the end is never sent while a write behind is pending, so
+//! a secondary holding the end never has to). A newcomer is gated only once no write
+//! behind is pending: it could not perform again one from before its start.
 //!
 //! Invariants: a held output at position p leaves only when the secondary holds p events or
 //! no secondary is gated (none attached, one still catching up, or arbitration won after
@@ -1818,16 +1817,9 @@ fn release_outputs(s: &Shared, releaser: bool) {
                 if disk && machine::failpoint::dies_before_write_behind() {
                     die_once_held(s, position);
                 }
-                let started = (Instant::now(), disk.then(thread_sleeps));
+                let timer = disk.then(WriteTimer::start);
                 let outcome = send(s, &out);
-                slow |= disk
-                    && started.0.elapsed() >= SLOW_WRITE
-                    // Unknown either side: taken for a sleep, so that a slow write is never
-                    // taken for a quick one.
-                    && match (started.1.flatten(), thread_sleeps()) {
-                        (Some(before), Some(after)) => after > before,
-                        _ => true,
-                    };
+                slow |= timer.is_some_and(|t| t.slept_long());
                 outcome
             };
             if let Err(why) = outcome {
@@ -1885,8 +1877,33 @@ fn release_outputs(s: &Shared, releaser: bool) {
     s.wake_releaser(&st);
 }
 
-/// How many times the calling thread slept (voluntary context switches): a write that
-/// slept waited for storage, one that was only preempted did not.
+/// Times a write behind on its thread: whether it took [`SLOW_WRITE`] or more and slept
+/// meanwhile (waited for storage), not only was preempted.
+struct WriteTimer {
+    at: Instant,
+    sleeps: Option<i64>,
+}
+
+impl WriteTimer {
+    fn start() -> Self {
+        WriteTimer {
+            at: Instant::now(),
+            sleeps: thread_sleeps(),
+        }
+    }
+
+    fn slept_long(&self) -> bool {
+        self.at.elapsed() >= SLOW_WRITE
+            && match (self.sleeps, thread_sleeps()) {
+                (Some(before), Some(after)) => after > before,
+                // Unknown: taken for a sleep, so that a slow write is never taken for a
+                // quick one.
+                _ => true,
+            }
+    }
+}
+
+/// How many times the calling thread slept (voluntary context switches).
 fn thread_sleeps() -> Option<i64> {
     // SAFETY: `rusage` is plain integers, for which all zeroes is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
