@@ -700,10 +700,30 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// An unprotected kvd VM on host1 of `lab_name` at `ip`, with a fresh datastore, recording
-/// its log if `record`; up and answering when this returns.
-fn kvd_vm(lab_name: &str, ip: &str, record: bool) -> Result<(VmProcess, tempfile::TempDir)> {
-    let work = tempfile::tempdir()?;
+/// Where an unprotected kvd keeps its fresh datastore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KvdStore {
+    /// A folder of this machine's /tmp.
+    Local,
+    /// A folder of the lab's shared storage, which host1 sees through its storage server,
+    /// as an FT primary's datastore is: an FT ÷ unprotected ratio then compares the
+    /// copies' costs, not two kinds of storage.
+    Shared,
+}
+
+/// An unprotected kvd VM on host1 of `lab_name` at `ip`, with a fresh datastore in `store`,
+/// recording its log if `record`; up and answering when this returns.
+fn kvd_vm(
+    lab_name: &str,
+    ip: &str,
+    record: bool,
+    store: KvdStore,
+) -> Result<(VmProcess, tempfile::TempDir)> {
+    let work = match store {
+        KvdStore::Local => tempfile::tempdir()?,
+        KvdStore::Shared => tempfile::tempdir_in(crate::lab::shared_dir(lab_name))
+            .context("creating a datastore on the lab's shared storage")?,
+    };
     let ds = work.path().join("ds");
     std::fs::create_dir(&ds)?;
     let kvd = guests::file("kvd.wasm")?.display().to_string();
@@ -734,7 +754,7 @@ fn kvd_vm(lab_name: &str, ip: &str, record: bool) -> Result<(VmProcess, tempfile
 
 /// redis-benchmark against kvd in a fresh VM: the mean of its SET, GET and INCR rates.
 fn kvd_round(lab_name: &str, record: bool, requests: &str) -> Result<f64> {
-    let _vm = kvd_vm(lab_name, "10.77.0.21", record)?;
+    let _vm = kvd_vm(lab_name, "10.77.0.21", record, KvdStore::Local)?;
     let client = crate::lab::ns(lab_name, "client");
     let rows = redis_benchmark(
         &client,
@@ -874,7 +894,8 @@ struct JoinBench {
 
 #[derive(Serialize)]
 struct FtBench {
-    /// kvd throughput under FT ÷ unprotected (goal ≥ 0.8).
+    /// kvd throughput under FT ÷ unprotected (goal ≥ 0.8). Both keep their datastore on
+    /// the lab's shared storage, seen through host1's storage server.
     throughput_ratio: f64,
     ops_unprotected: f64,
     ops_ft: f64,
@@ -1586,7 +1607,9 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             &format!("round {}/{rounds}: kvd unprotected", round + 1),
         );
         {
-            let vm = kvd_vm(&plain_lab, VM_IP, false)?;
+            // On the storage the FT primary's datastore is on (the lab's, through host1's
+            // storage server): what the primary's CPU and wakes add under FT is FT's.
+            let vm = kvd_vm(&plain_lab, VM_IP, false, KvdStore::Shared)?;
             let pid = tandem_pid(vm.0.0.id());
             let client = crate::lab::ns(&plain_lab, "client");
             let cpu_before = process_cpu_s(pid);

@@ -21,7 +21,10 @@
 //!
 //! [`Watched`] applies it to a channel's reader: the socket's read timeout follows the
 //! detector, so that a read that finds the channel silent that long fails
-//! ([`crate::wire::FrameError::Silent`]) and the caller treats the other copy as lost.
+//! ([`crate::wire::FrameError::Silent`]) and the caller treats the other copy as lost. While
+//! a newcomer catches up ungated, its channel is given patience
+//! ([`Watched::set_patience`], [`crate::CATCH_UP_PATIENCE`]): a silence counts only past it
+//! too, since nothing waits on that copy and it cannot go live.
 //!
 //! **This process's own stalls are not the peer's silence.** When the host is so busy
 //! that this process itself did not run (a burst of CPU contention, memory pressure, a
@@ -260,6 +263,8 @@ pub struct Watched {
     current: Duration,
     /// When the last frame (or the channel's start) was heard.
     heard: Instant,
+    /// While set, the least silence that counts as a failure ([`Watched::set_patience`]).
+    patience: Option<Duration>,
 }
 
 /// The read timeout is changed only when the detector's answer moved this much: one
@@ -280,7 +285,30 @@ impl Watched {
             origin: Instant::now(),
             current,
             heard: Instant::now(),
+            patience: None,
         }
+    }
+
+    /// Count a silence as a failure only past `patience` too, until this is called again
+    /// with `None` (then the detector alone decides once more). For a channel whose copy
+    /// no output waits for and that cannot go live (a newcomer catching up ungated): there
+    /// a wrong suspicion costs the whole join, and a late one nothing.
+    pub fn set_patience(&mut self, patience: Option<Duration>) {
+        if patience == self.patience {
+            return;
+        }
+        self.patience = patience;
+        let want = self.wanted();
+        // If this fails the previous timeout stays in force: the detector's, or longer.
+        if self.reader.get_ref().set_read_timeout(Some(want)).is_ok() {
+            self.current = want;
+        }
+    }
+
+    /// The silence that counts as a failure now.
+    fn wanted(&self) -> Duration {
+        let t = self.detector.timeout();
+        self.patience.map_or(t, |p| t.max(p))
     }
 
     /// The next frame; [`FrameError::Silent`] once the channel was silent past the
@@ -325,7 +353,7 @@ impl Watched {
         let got = got?;
         self.heard = Instant::now();
         self.detector.heard(self.origin.elapsed());
-        let want = self.detector.timeout();
+        let want = self.wanted();
         if want.abs_diff(self.current) >= RESET_STEP {
             // If this fails the previous timeout stays in force: still within bounds.
             if self.reader.get_ref().set_read_timeout(Some(want)).is_ok() {
@@ -513,6 +541,40 @@ mod tests {
         assert!(matches!(r.recv(), Err(FrameError::Silent)));
         drop(writer.join().unwrap());
         assert!(matches!(r.recv(), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn patience_outlasts_a_silence_past_the_timeout_and_once_dropped_the_timeout_holds() {
+        use crate::wire::FrameWriter;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = [4u8; 32];
+        let writer = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut w = FrameWriter::new(conn, key);
+            w.send(1, b"beat").unwrap();
+            // Silent for three timeouts: a newcomer busy restoring its checkpoint.
+            std::thread::sleep(ms(300));
+            w.send(1, b"late").unwrap();
+            // Silent, the connection held open, until the reader has given up.
+            w
+        });
+        let config = crate::FtConfig {
+            timeout: ms(100),
+            min_timeout: ms(50),
+            ..Default::default()
+        };
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut r = Watched::new(FrameReader::new(stream, key), &config);
+        r.set_patience(Some(ms(2000)));
+        assert_eq!(r.recv().unwrap(), (1, b"beat".to_vec()));
+        assert_eq!(r.recv().unwrap(), (1, b"late".to_vec()));
+        r.set_patience(None);
+        assert_eq!(r.current, config.timeout);
+        let start = Instant::now();
+        assert!(matches!(r.recv(), Err(FrameError::Silent)));
+        assert!(start.elapsed() < ms(1500), "{:?}", start.elapsed());
+        drop(writer.join().unwrap());
     }
 
     #[test]

@@ -150,6 +150,13 @@ impl FtConfig {
     }
 }
 
+/// The least silence of the logging channel that counts as a failure while the secondary
+/// catches up ungated (on both sides, until the primary gates it): no output waits for it
+/// and it cannot go live, so suspecting it late costs nothing, and suspecting it wrongly
+/// costs the whole join. A newcomer restoring a large checkpoint on a busy host was seen
+/// silent for 317 ms (`tandem bench ft`, a 256 MiB kvd, the join's first second).
+pub const CATCH_UP_PATIENCE: Duration = Duration::from_secs(3);
+
 /// The longest one event waits for a checkpoint that brings the history under
 /// [`FtConfig::max_history_bytes`].
 pub const HISTORY_WAIT: Duration = Duration::from_secs(5);

@@ -2368,7 +2368,12 @@ fn receive_from(
     // Only now: a thread inherits its creator's priority, and `ft-send` must not.
     crate::detector::favour_this_thread();
     let mut protected = false;
+    // Gated at once if it attached near the end; otherwise only after a frame (below).
+    let mut gated = s.lock().gates();
     loop {
+        // Outputs wait for a gated secondary only: until then see `CATCH_UP_PATIENCE`.
+        let patience = (!gated).then_some(crate::CATCH_UP_PATIENCE);
+        r.set_patience(patience);
         // The detector's timeout is the failure timeout: silence that long ends the channel.
         let (_, payload) = r.recv()?;
         // Declared before the lock: dropped after it (see `State::drop_before`).
@@ -2479,6 +2484,7 @@ fn receive_from(
             s.status(&st);
             s.wake_sender(&st);
         }
+        gated = st.gates();
         if !protected && st.protected() {
             protected = true;
             tracing::info!(
@@ -2504,7 +2510,7 @@ mod tests {
     use crate::secondary::Secondary;
     use machine::event::{Event, Kind, Outcome};
     use machine::{EventSource, Exit, Tail};
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
 
     fn data_event(seq: u64, len: usize) -> Event {
@@ -3684,6 +3690,66 @@ mod tests {
         sink.append(event(2001)).unwrap();
         wait("release", || primary.released() == 1);
         assert_eq!(generations(&dir), ["gen-1"]);
+    }
+
+    #[test]
+    fn a_newcomer_silent_past_the_timeout_is_kept_while_ungated_and_dropped_once_gated() {
+        let shared = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(shared.path(), "vm");
+        let (primary, _sink) = primary_with_history(&dir, (0..2000).map(event).collect());
+        let timeout = primary.shared.config.timeout;
+        // A newcomer that reads everything and says something only while `speak` is set.
+        let speak = Arc::new(AtomicBool::new(false));
+        let (addr, pair, s) = (primary.addr, primary.shared.key, speak.clone());
+        let _fake = std::thread::spawn(move || {
+            let (mut w, mut r) = handshake(addr, pair, "busy");
+            let mut received = 0u64;
+            while let Ok((_, payload)) = r.recv() {
+                let reply = match decode::<ToSecondary>(&payload) {
+                    Ok(ToSecondary::Events(e)) => {
+                        received += e.len() as u64;
+                        None
+                    }
+                    Ok(ToSecondary::Release { release }) => {
+                        Some(ToPrimary::ReleaseHeld { release })
+                    }
+                    _ => None,
+                };
+                if !s.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let ack = ToPrimary::Ack {
+                    received,
+                    executed: received,
+                };
+                for m in reply.iter().chain([&ack]) {
+                    if w.send(KIND_MSG, &encode(m)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        wait("attach", || primary.shared.lock().attached.is_some());
+        // Restoring its checkpoint, say: silent for three timeouts, not yet gated.
+        std::thread::sleep(timeout * 3);
+        assert!(
+            primary.shared.lock().attached.is_some(),
+            "a newcomer catching up was dropped after a silence of {:?}",
+            timeout * 3
+        );
+        speak.store(true, Ordering::SeqCst);
+        wait("protected", || primary.protected());
+        // Gated, outputs wait for it: a silence past the timeout is a failure again.
+        speak.store(false, Ordering::SeqCst);
+        let silent = Instant::now();
+        wait("the silent secondary dropped", || {
+            primary.shared.lock().attached.is_none()
+        });
+        assert!(
+            silent.elapsed() < crate::CATCH_UP_PATIENCE,
+            "a gated secondary silent for {:?} was still attached",
+            silent.elapsed()
+        );
     }
 
     #[test]

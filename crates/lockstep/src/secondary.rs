@@ -442,6 +442,8 @@ fn follow(
     generation: u64,
 ) -> Result<(), FtError> {
     crate::detector::favour_this_thread();
+    // Until the primary gates this copy it cannot go live: see `CATCH_UP_PATIENCE`.
+    r.set_patience(Some(crate::CATCH_UP_PATIENCE));
     loop {
         let (_, payload) = r.recv()?;
         match decode::<ToSecondary>(&payload)? {
@@ -538,6 +540,8 @@ fn follow(
                 st.release = Some(release);
                 s.cv.notify_all();
                 drop(st);
+                // Eligible from here on: a silence is the failover's to detect.
+                r.set_patience(None);
                 tracing::info!(
                     "gated by the primary: eligible to go live once holding {release} events"
                 );
