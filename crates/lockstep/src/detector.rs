@@ -514,25 +514,37 @@ mod tests {
         assert!(got >= FLOOR && got <= CEILING, "{got:?}");
     }
 
-    #[test]
-    fn a_watched_channel_that_falls_silent_fails_and_one_that_closes_says_so() {
-        use crate::wire::FrameWriter;
+    /// A channel on loopback whose other side `talk`s and then is silent, the connection
+    /// held open until the writer is joined; its reader watched with `config`.
+    fn watched_channel(
+        config: &crate::FtConfig,
+        talk: impl FnOnce(&mut crate::wire::FrameWriter<TcpStream>) + Send + 'static,
+    ) -> (
+        Watched,
+        std::thread::JoinHandle<crate::wire::FrameWriter<TcpStream>>,
+    ) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let key = [3u8; 32];
         let writer = std::thread::spawn(move || {
             let (conn, _) = listener.accept().unwrap();
-            let mut w = FrameWriter::new(conn, key);
+            let mut w = crate::wire::FrameWriter::new(conn, key);
+            talk(&mut w);
+            w
+        });
+        let stream = TcpStream::connect(addr).unwrap();
+        (Watched::new(FrameReader::new(stream, key), config), writer)
+    }
+
+    #[test]
+    fn a_watched_channel_that_falls_silent_fails_and_one_that_closes_says_so() {
+        let config = crate::FtConfig::default();
+        let (mut r, writer) = watched_channel(&config, |w| {
             for _ in 0..2 * WARMUP {
                 w.send(1, b"beat").unwrap();
                 std::thread::sleep(ms(2));
             }
-            // Silent, the connection held open, until the reader has given up.
-            w
         });
-        let config = crate::FtConfig::default();
-        let stream = TcpStream::connect(addr).unwrap();
-        let mut r = Watched::new(FrameReader::new(stream, key), &config);
         for _ in 0..2 * WARMUP {
             assert_eq!(r.recv().unwrap(), (1, b"beat".to_vec()));
         }
@@ -545,27 +557,17 @@ mod tests {
 
     #[test]
     fn patience_outlasts_a_silence_past_the_timeout_and_once_dropped_the_timeout_holds() {
-        use crate::wire::FrameWriter;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let key = [4u8; 32];
-        let writer = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().unwrap();
-            let mut w = FrameWriter::new(conn, key);
-            w.send(1, b"beat").unwrap();
-            // Silent for three timeouts: a newcomer busy restoring its checkpoint.
-            std::thread::sleep(ms(300));
-            w.send(1, b"late").unwrap();
-            // Silent, the connection held open, until the reader has given up.
-            w
-        });
         let config = crate::FtConfig {
             timeout: ms(100),
             min_timeout: ms(50),
             ..Default::default()
         };
-        let stream = TcpStream::connect(addr).unwrap();
-        let mut r = Watched::new(FrameReader::new(stream, key), &config);
+        let (mut r, writer) = watched_channel(&config, |w| {
+            w.send(1, b"beat").unwrap();
+            // Silent for three timeouts: a newcomer busy restoring its checkpoint.
+            std::thread::sleep(ms(300));
+            w.send(1, b"late").unwrap();
+        });
         r.set_patience(Some(ms(2000)));
         assert_eq!(r.recv().unwrap(), (1, b"beat".to_vec()));
         assert_eq!(r.recv().unwrap(), (1, b"late".to_vec()));
