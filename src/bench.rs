@@ -954,10 +954,12 @@ struct FtBench {
     /// (`channel_frames_from_vm`) cost CPU on that thread, not on these.
     channel_cpu_us_per_event: f64,
     /// Events the primary streamed during the FT throughput runs, in how many frames, and
-    /// how many of those the VM's thread wrote itself.
+    /// how many of those the VM's thread wrote itself; and the acknowledgements of events
+    /// the primary received (one covers the frames the secondary found together).
     channel_events: u64,
     channel_frames: u64,
     channel_frames_from_vm: u64,
+    channel_acks: u64,
     /// Writes behind (kvd's appends to its file) in the same runs, and those the releaser
     /// performed: the others the thread that learned of their acknowledgement performed
     /// itself, without a wake.
@@ -1597,6 +1599,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     // The primary's threads' wakes over the same runs.
     let (mut wakes_plain, mut wakes_ft) = (0u64, 0u64);
     let (mut channel_events, mut channel_frames, mut channel_frames_from_vm) = (0u64, 0u64, 0u64);
+    let mut channel_acks = 0u64;
     let (mut channel_writes_behind, mut channel_writes_behind_by_releaser) = (0u64, 0u64);
     // Operations per throughput run: `requests` of each of SET, GET and INCR.
     let ops_per_run = 3.0 * requests.parse::<f64>().unwrap_or(0.0);
@@ -1667,6 +1670,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             channel_events += delta("events") as u64;
             channel_frames += delta("log_frames") as u64;
             channel_frames_from_vm += delta("log_frames_from_vm") as u64;
+            channel_acks += delta("log_acks") as u64;
             channel_writes_behind += delta("writes_behind") as u64;
             channel_writes_behind_by_releaser += delta("writes_behind_by_releaser") as u64;
             logging = (
@@ -1797,6 +1801,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         channel_events,
         channel_frames,
         channel_frames_from_vm,
+        channel_acks,
         channel_writes_behind,
         channel_writes_behind_by_releaser,
         primary_wakes_per_op_unprotected: wakes_plain as f64 / all_ops,
@@ -2003,10 +2008,13 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         );
         println!(
             "{:<40} {:>12} {:>12} {:>10} {:>8}",
-            "channel_frames: all | by the VM's thread",
+            "channel_frames | by VM thread | acks",
             "-",
             "-",
-            format!("{} | {}", r.channel_frames, r.channel_frames_from_vm),
+            format!(
+                "{} | {} | {}",
+                r.channel_frames, r.channel_frames_from_vm, r.channel_acks
+            ),
             "-"
         );
         println!(

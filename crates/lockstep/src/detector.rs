@@ -305,6 +305,11 @@ impl Watched {
         }
     }
 
+    /// Whether the next frame is already here, whole ([`FrameReader::holds_frame`]).
+    pub fn holds_frame(&self) -> bool {
+        self.reader.holds_frame()
+    }
+
     /// The silence that counts as a failure now.
     fn wanted(&self) -> Duration {
         let t = self.detector.timeout();

@@ -2,9 +2,10 @@
 //! primary is lost and arbitration says so.
 //!
 //! A receiver thread takes frames into a queue, watches for silence and acknowledges what
-//! it received itself, right after each frame of events (and an intent as it comes): the
-//! primary's outputs wait for that acknowledgement, so it goes at once, without waking
-//! another thread. A sender thread sends a heartbeat (received, executed) whenever nothing
+//! it received itself, right after each frame of events, or after the last of frames that
+//! arrived together (and an intent as it comes): the primary's outputs wait for that
+//! acknowledgement, so it goes before the receiver waits again, without waking another
+//! thread. A sender thread sends a heartbeat (received, executed) whenever nothing
 //! was sent for a heartbeat, and what else the primary is to hear (the end once held, the
 //! release point, checkpoints, health, declined handovers). The VM's thread takes events
 //! from the queue ([`SecondarySource`]), woken for a batch ([`REPLAY_BATCH`]) or within a
@@ -444,32 +445,42 @@ fn follow(
     crate::detector::favour_this_thread();
     // Until the primary gates this copy it cannot go live: see `CATCH_UP_PATIENCE`.
     r.set_patience(Some(crate::CATCH_UP_PATIENCE));
+    // Events received and not yet acknowledged.
+    let mut owed = false;
     loop {
+        // Received and checked (the reader verified each frame's CRC and MAC, and each
+        // event's place): acknowledged from this thread, since the primary's outputs wait
+        // for it, and before it waits for more. Frames that arrived together (already read
+        // ahead, whole) are taken first: one acknowledgement for them all, a few
+        // microseconds later, instead of a send here and a wake of the primary's
+        // receiver for each.
+        if owed && !r.holds_frame() {
+            let ack = {
+                let st = s.lock();
+                ToPrimary::Ack {
+                    received: st.received,
+                    executed: st.executed,
+                }
+            };
+            s.send(&ack).map_err(io_err("acknowledge events"))?;
+            owed = false;
+        }
         let (_, payload) = r.recv()?;
         match decode::<ToSecondary>(&payload)? {
             ToSecondary::Events(events) => {
-                let ack = {
-                    let mut st = s.lock();
-                    for e in events {
-                        in_place(&st, e.seq, "event")?;
-                        st.received += 1;
-                        st.queue.push_back(e);
-                    }
-                    // The replay is not on the output path (outputs wait for what was
-                    // received, never for what was executed): it is woken for a batch, or
-                    // by the sender within a heartbeat, not for every frame.
-                    if st.queue.len() >= REPLAY_BATCH {
-                        s.wake_vm(&st);
-                    }
-                    ToPrimary::Ack {
-                        received: st.received,
-                        executed: st.executed,
-                    }
-                };
-                // Received and checked (the reader verified the frame's CRC and MAC, and
-                // each event's place): acknowledged now, from this thread, since the
-                // primary's outputs wait for it.
-                s.send(&ack).map_err(io_err("acknowledge events"))?;
+                let mut st = s.lock();
+                for e in events {
+                    in_place(&st, e.seq, "event")?;
+                    st.received += 1;
+                    st.queue.push_back(e);
+                }
+                // The replay is not on the output path (outputs wait for what was
+                // received, never for what was executed): it is woken for a batch, or by
+                // the sender within a heartbeat, not for every frame.
+                if st.queue.len() >= REPLAY_BATCH {
+                    s.wake_vm(&st);
+                }
+                owed = true;
             }
             ToSecondary::End(end) => {
                 let mut st = s.lock();

@@ -489,6 +489,19 @@ impl<R: Read> FrameReader<R> {
         self.within
     }
 
+    /// Whether a whole frame was read ahead: the next [`FrameReader::recv`] then returns
+    /// without reading its input, so whatever answers what was just received can wait for
+    /// it (one acknowledgement for frames that arrived together, not one each).
+    pub fn holds_frame(&self) -> bool {
+        let have = self.end - self.at;
+        if self.within || have < HEADER {
+            return false;
+        }
+        let h = &self.buf[self.at..self.at + HEADER];
+        let len = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize;
+        have >= HEADER + len + TRAILER
+    }
+
     /// What it reads from (to set a socket's timeout, say).
     pub fn get_ref(&self) -> &R {
         &self.input
@@ -715,6 +728,32 @@ mod tests {
             }
             assert!(matches!(r.recv(), Err(FrameError::Closed)), "step {step}");
         }
+    }
+
+    #[test]
+    fn a_frame_is_held_only_once_all_of_it_was_read_ahead() {
+        let key = [3u8; 32];
+        let small = encode(&key, 0, 1, &[1; 10]);
+        let next = encode(&key, 1, 1, &[2; 10]);
+        let mut bytes = small.clone();
+        bytes.extend(&next);
+        // A reader of `data` (all of it in one read), after it took the first frame.
+        let after_first = |data| {
+            let step = usize::MAX;
+            let mut r = FrameReader::new(Trickle { data, step }, key);
+            assert!(!r.holds_frame(), "nothing read yet");
+            r.recv().unwrap();
+            r
+        };
+        // Both frames come in one read: the second is held once the first is taken.
+        let mut r = after_first(&bytes);
+        assert!(r.holds_frame());
+        r.recv().unwrap();
+        assert!(!r.holds_frame());
+        // The second frame short of its last byte: not held, its rest is still to come.
+        assert!(!after_first(&bytes[..bytes.len() - 1]).holds_frame());
+        // Only its header read ahead: not held either.
+        assert!(!after_first(&bytes[..small.len() + HEADER]).holds_frame());
     }
 
     #[test]
