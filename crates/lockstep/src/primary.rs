@@ -2656,6 +2656,10 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let acks = std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
+            // A secondary that never acknowledges all three fails the test, not hangs it.
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
             let nonce = [5u8; 16];
             std::io::Write::write_all(&mut &stream, &nonce).unwrap();
             let key = connection_key(&pair, &nonce);
