@@ -392,6 +392,28 @@ fn bridge(ns: &str, name: &str) -> Result<()> {
     in_ns(ns, &["link", "set", name, "up"])
 }
 
+/// The kernel's bridge netfilter hooks off in `ns`: a switch between hosts forwards frames
+/// and does not run them through the machine's firewall tables. With `br_netfilter` loaded
+/// every namespace starts with them on (`net.bridge.bridge-nf-call-*` = 1), and every frame a
+/// lab bridge forwards (the logging channel's above all) then pays for a trip through them
+/// in the sending thread's softirq. Without `br_netfilter` there is nothing to turn off.
+fn plain_switching(ns: &str) -> Result<()> {
+    const SCRIPT: &str = "for t in iptables ip6tables arptables; do \
+        f=/proc/sys/net/bridge/bridge-nf-call-$t; \
+        if [ -e \"$f\" ]; then echo 0 > \"$f\" || exit 1; fi; done";
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", SCRIPT])
+        .output()
+        .context("running ip netns exec (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "turning bridge netfilter off in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Create lab `name` with `hosts` hosts, bare: namespaces and networks only (what the
 /// FT tests, the demo and the benchmarks use). See [`up_cluster`] for etcd and agents.
 pub fn up(name: &str, hosts: u32) -> Result<()> {
@@ -440,6 +462,7 @@ fn build(name: &str, hosts: u32, views: bool) -> Result<()> {
         ip(&["netns", "add", &n])?;
         in_ns(&n, &["link", "set", "lo", "up"])?;
     }
+    plain_switching(&net)?;
     for br in ["sw0", "lg0", "mg0"] {
         bridge(&net, br)?;
     }
@@ -457,6 +480,7 @@ fn build(name: &str, hosts: u32, views: bool) -> Result<()> {
     mgmt_port(&net, &client, "clientmg", CLIENT_MGMT_IP)?;
     for k in 1..=hosts {
         let h = host_ns(name, k);
+        plain_switching(&h)?;
         bridge(&h, "br-vm")?;
         let up_port = format!("h{k}up");
         veth(&h, "uplink", &net, &up_port)?;

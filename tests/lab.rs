@@ -5,6 +5,7 @@
 mod common;
 
 use common::{Lab, Run, netns_pids as pids, tandem};
+use std::path::Path;
 use std::process::Command;
 
 /// `CMD ARGS` in namespace `ns` (bounded in time).
@@ -205,6 +206,18 @@ fn a_bare_lab_has_the_management_network_and_no_cluster() {
     let got = etcd(&lab.ns("client"), "/v3/kv/range", r#"{"key":"a2V5"}"#);
     assert!(got.is_empty(), "no etcd in a bare lab: {got}");
     assert!(pids(&lab.ns("net")).is_empty(), "nothing runs in NAME-net");
+    // The lab's switches forward frames without the bridge netfilter hooks (where the
+    // kernel has them: `br_netfilter`, which starts every namespace with them on).
+    let hook = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if Path::new(hook).exists() {
+        for ns in ["net", "host1"] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &lab.ns(ns), "cat", hook])
+                .output()
+                .expect("reading a namespace's sysctl");
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{ns}");
+        }
+    }
     // Reviving a host of a bare lab starts no agent.
     lab.host_op("isolate", 1);
     let r = tandem(&["lab", "revive", "--name", lab.name(), "host1"]);
