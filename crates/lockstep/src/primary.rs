@@ -3445,11 +3445,18 @@ mod tests {
     /// A secondary that reads its Hello and then nothing until `go` (or 30 s), then takes
     /// every frame, acknowledging events, until it holds `want`: the sequence numbers of
     /// the events it got, in order, and whether it gave up waiting for `go`.
+    /// Its connection comes back with what it read: closed with data unread (the
+    /// primary's heartbeats), it would be reset, and its last acknowledgement with it.
+    #[allow(clippy::type_complexity)]
     fn stalled_secondary(
         primary: &Primary,
         go: std::sync::mpsc::Receiver<()>,
         want: u64,
-    ) -> std::thread::JoinHandle<(Vec<u64>, bool)> {
+    ) -> std::thread::JoinHandle<(
+        Vec<u64>,
+        bool,
+        (FrameWriter<TcpStream>, FrameReader<TcpStream>),
+    )> {
         let (addr, pair) = (primary.addr, primary.shared.key);
         std::thread::spawn(move || {
             let (mut w, mut r) = handshake(addr, pair, "stalled");
@@ -3467,7 +3474,7 @@ mod tests {
                     w.send(KIND_MSG, &encode(&ack)).unwrap();
                 }
             }
-            (seqs, gave_up)
+            (seqs, gave_up, (w, r))
         })
     }
 
@@ -3496,7 +3503,7 @@ mod tests {
         let from_vm = primary.shared.lock().frames_from_vm;
         assert!(from_vm > 0, "the VM's thread wrote no frame itself");
         let _ = go.send(());
-        let (seqs, gave_up) = secondary.join().unwrap();
+        let (seqs, gave_up, _connection) = secondary.join().unwrap();
         assert!(!gave_up, "the VM's thread blocked on the full channel");
         assert_eq!(
             seqs,
