@@ -62,11 +62,6 @@ impl Vm {
         watch_stdin: bool,
     ) -> Result<(), Fault> {
         if wait {
-            // At the same point of every copy's execution, as any step of the stack must be.
-            if let Some(net) = self.net.as_mut() {
-                net.ack_now(self.net_now);
-            }
-            self.flush_net();
             self.before_wait();
         }
         let args = args_digest(&[

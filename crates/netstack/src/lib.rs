@@ -459,16 +459,6 @@ impl NetStack {
         self.collect();
     }
 
-    /// Send every acknowledgement still delayed: the guest goes to wait for input, so no
-    /// reply of its will carry them (a client waiting for them, Nagle's algorithm on, would
-    /// otherwise stall until their deadline).
-    pub fn ack_now(&mut self, now: u64) {
-        let (conns, _, mut out) = self.parts();
-        for conn in conns.values_mut() {
-            conn.tcb.ack_now(now, &mut out);
-        }
-    }
-
     /// The VM went live on this host: announce its address so that switches and peers
     /// learn where it is now, and resend what the peers have not acknowledged.
     pub fn go_live(&mut self, now: u64) {

@@ -24,10 +24,6 @@ const RTO_MAX: u64 = 60_000 * MS;
 const MAX_RETRIES: u32 = 12;
 const SYN_RETRIES: u32 = 5;
 pub const TIME_WAIT: u64 = 30_000 * MS;
-/// How long an acknowledgement of in-order data may wait for a reply to carry it (RFC 9293
-/// 3.8.6.3 and RFC 1122 4.2.3.2: under 0.5 s; Linux waits at least 40 ms). It is sent
-/// sooner when a second segment arrives or the guest goes to wait for input.
-pub const DELAYED_ACK: u64 = 40 * MS;
 
 pub fn lt(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -77,8 +73,6 @@ pub struct Tcb {
     pub ooo: BTreeMap<u32, Vec<u8>>,
     pub fin_received: bool,
     pub ack_pending: bool,
-    /// While the acknowledgement owed for in-order data is delayed: when it must go.
-    pub ack_deadline: Option<u64>,
     // Options.
     pub peer_mss: u16,
     pub snd_wscale: u8,
@@ -145,7 +139,6 @@ impl Tcb {
             ooo: BTreeMap::new(),
             fin_received: false,
             ack_pending: false,
-            ack_deadline: None,
             peer_mss,
             snd_wscale,
             rcv_wscale,
@@ -227,7 +220,6 @@ impl Tcb {
         self.state = State::Closed;
         self.rto_deadline = None;
         self.tw_deadline = None;
-        self.ack_deadline = None;
         self.send_buf.clear();
     }
 
@@ -276,17 +268,9 @@ impl Tcb {
         if self.state == State::Closed {
             return;
         }
-        let owed = self.ack_pending;
-        let delayable = self.on_data(seg);
+        self.on_data(seg);
         if self.ack_pending {
-            if delayable && !owed {
-                // The guest's reply, if it comes soon, carries the acknowledgement: one
-                // segment instead of two, as a Linux receiver does. A second segment
-                // arriving meanwhile is acknowledged at once (every other one at least).
-                self.ack_deadline = Some(now + DELAYED_ACK);
-            } else {
-                self.output(now, out);
-            }
+            self.output(now, out);
         }
     }
 
@@ -388,13 +372,7 @@ impl Tcb {
         self.rto = (self.srtt + (4 * self.rttvar).max(MS)).clamp(RTO_MIN, RTO_MAX);
     }
 
-    /// Take the segment's data and FIN; whether its acknowledgement may be delayed: it
-    /// brought new data in order, no FIN, and there was no hole before it nor is one left
-    /// (RFC 5681 4.2: the duplicate acknowledgements a hole causes drive the peer's fast
-    /// retransmit, and the one for a filled hole its recovery, so they go at once).
-    fn on_data(&mut self, seg: &Tcp) -> bool {
-        let before = self.rcv_nxt;
-        let had_hole = !self.ooo.is_empty();
+    fn on_data(&mut self, seg: &Tcp) {
         let mut seq = seg.seq;
         let mut data = seg.payload;
         if !data.is_empty() {
@@ -425,11 +403,6 @@ impl Tcb {
             }
             self.ack_pending = true;
         }
-        let delayable = self.state == State::Established
-            && !self.app_closed
-            && self.rcv_nxt != before
-            && !had_hole
-            && self.ooo.is_empty();
         if seg.flags & TCP_FIN != 0 {
             let fin_seq = seg.seq.wrapping_add(seg.payload.len() as u32);
             if fin_seq == self.rcv_nxt && !self.fin_received {
@@ -443,9 +416,7 @@ impl Tcb {
                 };
             }
             self.ack_pending = true;
-            return false;
         }
-        delayable
     }
 
     fn drain_ooo(&mut self) {
@@ -479,7 +450,6 @@ impl Tcb {
         ) {
             if self.state == State::TimeWait && self.ack_pending {
                 self.ack_pending = false;
-                self.ack_deadline = None;
                 out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
             }
             if self.state == State::TimeWait && self.tw_deadline.is_none() {
@@ -518,7 +488,6 @@ impl Tcb {
                 }
                 self.rto_deadline.get_or_insert(now + self.rto);
                 self.ack_pending = false;
-                self.ack_deadline = None;
                 continue;
             }
             if avail == 0 && self.fin_queued && !self.fin_sent {
@@ -541,7 +510,6 @@ impl Tcb {
                 };
                 self.rto_deadline.get_or_insert(now + self.rto);
                 self.ack_pending = false;
-                self.ack_deadline = None;
             }
             if avail > 0 && self.snd_wnd == 0 && in_flight == 0 {
                 // Zero window: the retransmission timer doubles as the persist timer.
@@ -551,16 +519,7 @@ impl Tcb {
         }
         if self.ack_pending {
             self.ack_pending = false;
-            self.ack_deadline = None;
             out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
-        }
-    }
-
-    /// Send the acknowledgement still owed, if any: its delay is over, or no reply is
-    /// coming to carry it (the guest went to wait).
-    pub fn ack_now(&mut self, now: u64, out: &mut impl Emit) {
-        if self.ack_pending {
-            self.output(now, out);
         }
     }
 
@@ -613,12 +572,6 @@ impl Tcb {
 
     /// Timers: retransmission (and persist) and TIME_WAIT.
     pub fn on_timer(&mut self, now: u64, out: &mut impl Emit) {
-        if self.ack_deadline.is_some_and(|t| now >= t) {
-            // Cleared whether or not a segment goes (a state that sends none keeps no
-            // timer running).
-            self.ack_deadline = None;
-            self.ack_now(now, out);
-        }
         if let Some(t) = self.tw_deadline {
             if now >= t {
                 self.close_now();
@@ -682,10 +635,10 @@ impl Tcb {
 
     /// The earliest time a timer of this connection fires.
     pub fn deadline(&self) -> Option<u64> {
-        [self.rto_deadline, self.tw_deadline, self.ack_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        match (self.rto_deadline, self.tw_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // Application side.

@@ -169,10 +169,8 @@ fn a_connection_carries_data_both_ways_and_closes() {
         ),
     );
     theirs += 6;
-    assert!(
-        segs(&mut s).is_empty(),
-        "the acknowledgement waits for the reply"
-    );
+    let acks = segs(&mut s);
+    assert_eq!(acks.last().unwrap().ack, theirs, "data is acknowledged");
     assert!(s.readable(id));
     let mut buf = [0u8; 64];
     assert_eq!(s.recv(id, &mut buf, false, 2).unwrap(), 6);
@@ -181,17 +179,11 @@ fn a_connection_carries_data_both_ways_and_closes() {
 
     assert_eq!(s.send(id, b"+PONG\r\n", 3).unwrap(), 7);
     let out = segs(&mut s);
+    assert_eq!(out.len(), 1);
     assert_eq!(
-        out.len(),
-        1,
-        "one segment: the reply carries the acknowledgement"
+        (out[0].seq, out[0].payload.as_slice()),
+        (ours, &b"+PONG\r\n"[..])
     );
-    assert_eq!(
-        (out[0].seq, out[0].ack, out[0].payload.as_slice()),
-        (ours, theirs, &b"+PONG\r\n"[..])
-    );
-    s.on_timers(3 + tcp::DELAYED_ACK);
-    assert!(segs(&mut s).is_empty(), "nothing is owed any more");
     let ours = ours + 7;
     s.input(
         4,
@@ -225,69 +217,6 @@ fn a_connection_carries_data_both_ways_and_closes() {
         s.state().conns.is_empty(),
         "the closed connection is forgotten"
     );
-}
-
-/// `n` bytes of data from the peer on `sport`, at `seq`.
-fn data(s: &mut NetStack, sport: u16, now: u64, seq: u32, ours: u32, n: usize) {
-    let payload = vec![b'x'; n];
-    s.input(
-        now,
-        &peer(sport, seq, ours, TCP_ACK, &payload, TcpOptions::default()),
-    );
-}
-
-#[test]
-fn a_delayed_acknowledgement_goes_at_its_deadline_when_the_guest_waits_or_for_a_second_segment() {
-    let mut s = stack();
-    let (_, ours, theirs) = connect(&mut s, 40010, 0);
-    // Unanswered: acknowledged at the deadline, not before, and once.
-    data(&mut s, 40010, MS, theirs, ours, 10);
-    assert!(segs(&mut s).is_empty());
-    let due = s
-        .next_deadline()
-        .expect("the delayed acknowledgement's timer runs");
-    assert!(due <= MS + tcp::DELAYED_ACK, "{due}");
-    s.on_timers(due - 1);
-    assert!(segs(&mut s).is_empty(), "nothing before the deadline");
-    s.on_timers(due);
-    let acks = segs(&mut s);
-    assert_eq!(acks.len(), 1);
-    assert_eq!((acks[0].ack, acks[0].payload.len()), (theirs + 10, 0));
-    s.on_timers(due + tcp::DELAYED_ACK);
-    assert!(segs(&mut s).is_empty(), "acknowledged once");
-    assert_eq!(s.next_deadline(), None, "no timer left running");
-
-    // The guest goes to wait: what it did not answer is acknowledged then.
-    data(&mut s, 40010, 2 * MS, theirs + 10, ours, 10);
-    assert!(segs(&mut s).is_empty());
-    s.ack_now(2 * MS);
-    let acks = segs(&mut s);
-    assert_eq!(acks.len(), 1);
-    assert_eq!(acks[0].ack, theirs + 20);
-    s.ack_now(2 * MS);
-    assert!(segs(&mut s).is_empty(), "nothing is owed any more");
-
-    // A second segment while one is unacknowledged: both are, at once.
-    data(&mut s, 40010, 3 * MS, theirs + 20, ours, 1460);
-    assert!(segs(&mut s).is_empty());
-    data(&mut s, 40010, 3 * MS, theirs + 1480, ours, 1460);
-    let acks = segs(&mut s);
-    assert_eq!(acks.len(), 1);
-    assert_eq!(acks[0].ack, theirs + 2940);
-
-    // A FIN is acknowledged at once.
-    s.input(
-        4 * MS,
-        &peer(
-            40010,
-            theirs + 2940,
-            ours,
-            TCP_ACK | TCP_FIN,
-            &[],
-            TcpOptions::default(),
-        ),
-    );
-    assert_eq!(segs(&mut s).last().map(|g| g.ack), Some(theirs + 2941));
 }
 
 #[test]
@@ -458,8 +387,6 @@ fn the_window_is_scaled_when_the_peer_offers_scaling() {
         1,
         &peer(40007, theirs, ours, TCP_ACK, b"x", TcpOptions::default()),
     );
-    // No reply comes: the guest goes to wait, and the acknowledgement goes.
-    s.ack_now(2);
     let ack = segs(&mut s).pop().unwrap();
     // 256 KiB minus the unread byte, in units of 2^7.
     assert_eq!(u32::from(ack.window), (tcp::RECV_BUF as u32 - 1) >> 7);
