@@ -211,11 +211,8 @@ fn a_bare_lab_has_the_management_network_and_no_cluster() {
     let hook = "/proc/sys/net/bridge/bridge-nf-call-iptables";
     if Path::new(hook).exists() {
         for ns in ["net", "host1"] {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &lab.ns(ns), "cat", hook])
-                .output()
-                .expect("reading a namespace's sysctl");
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{ns}");
+            let r = in_ns(&lab.ns(ns), "cat", &[hook]);
+            assert_eq!(r.stdout.trim(), "0", "{ns}: {}", r.stderr);
         }
     }
     // Reviving a host of a bare lab starts no agent.

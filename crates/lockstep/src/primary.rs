@@ -2842,11 +2842,10 @@ mod tests {
     /// events each frame of events brought in `frames`.
     /// Attach to the primary at `addr` as secondary `host` from event 0, as a secondary
     /// does, and take its Hello: the connection's writer and reader.
-    fn handshake(
-        addr: SocketAddr,
-        pair: [u8; 32],
-        host: &str,
-    ) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
+    /// A fake secondary's two ends of its connection.
+    type FakeConnection = (FrameWriter<TcpStream>, FrameReader<TcpStream>);
+
+    fn handshake(addr: SocketAddr, pair: [u8; 32], host: &str) -> FakeConnection {
         let stream = TcpStream::connect(addr).unwrap();
         let mut nonce = [0u8; 16];
         std::io::Read::read_exact(&mut &stream, &mut nonce).unwrap();
@@ -3447,16 +3446,11 @@ mod tests {
     /// the events it got, in order, and whether it gave up waiting for `go`.
     /// Its connection comes back with what it read: closed with data unread (the
     /// primary's heartbeats), it would be reset, and its last acknowledgement with it.
-    #[allow(clippy::type_complexity)]
     fn stalled_secondary(
         primary: &Primary,
         go: std::sync::mpsc::Receiver<()>,
         want: u64,
-    ) -> std::thread::JoinHandle<(
-        Vec<u64>,
-        bool,
-        (FrameWriter<TcpStream>, FrameReader<TcpStream>),
-    )> {
+    ) -> std::thread::JoinHandle<(Vec<u64>, bool, FakeConnection)> {
         let (addr, pair) = (primary.addr, primary.shared.key);
         std::thread::spawn(move || {
             let (mut w, mut r) = handshake(addr, pair, "stalled");
