@@ -204,6 +204,25 @@ fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
         .unwrap_or_else(|| panic!("no recorded line: {text}"));
     let (events, digest) = events_and_digest(line, "recorded: ");
     assert!(events > 1000, "only {events} events under redis-benchmark");
+    // A frame per request, not two: each reply carries its request's acknowledgement
+    // (14,753 frames sent for 7,816 received when every request was acknowledged at once).
+    let stats = text
+        .lines()
+        .find(|l| l.contains("network: NetStats"))
+        .unwrap_or_else(|| panic!("no network statistics: {text}"));
+    let count = |name: &str| -> u64 {
+        stats
+            .split(&format!(" {name}: "))
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    };
+    let (received, sent) = (count("rx_frames"), count("tx_frames"));
+    assert!(
+        received > 1000 && sent * 10 < received * 12,
+        "{sent} frames sent for {received} received"
+    );
 
     let before = common::tree(&ds);
     let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&kvd)]);

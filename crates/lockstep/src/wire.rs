@@ -23,7 +23,8 @@ pub const MAGIC: &[u8; 2] = b"TL";
 /// `ToPrimary::ReleaseHeld`). 6: a secondary may decline a handover (`ToPrimary::Declined`).
 /// 7: writes performed after their outcome was logged (`ToSecondary::Written`).
 /// 8: the output digest of log version 5 (a pair of copies must digest alike).
-pub const VERSION: u8 = 8;
+/// 9: log version 6 (delayed acknowledgements: a pair of copies must send alike).
+pub const VERSION: u8 = 9;
 /// The largest payload a frame may carry: comfortably above one event's 16 MiB of data.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 const HEADER: usize = 16;

@@ -113,6 +113,7 @@ struct VmState {
     net: Option<netstack::NetStackState>,
     net_now: u64,
     stdin_ready: bool,
+    acks_by: Option<u64>,
     /// At a snapshot point inside a call, before its wait: what the call goes on with.
     resume: Option<Resume>,
 }
@@ -410,6 +411,7 @@ impl SnapMachine {
         vm.net = state.net.clone().map(netstack::NetStack::from_state);
         vm.net_now = state.net_now;
         vm.stdin_ready = state.stdin_ready;
+        vm.acks_by = state.acks_by;
         vm.resume = state.resume.clone();
         if live || announced {
             let now = vm.net_now;
@@ -908,6 +910,7 @@ fn capture(
         net: vm.net.as_ref().map(|n| n.state().clone()),
         net_now: vm.net_now,
         stdin_ready: vm.stdin_ready,
+        acks_by: vm.acks_by,
         resume: vm.resume.clone(),
     };
     let snap = Snapshot {

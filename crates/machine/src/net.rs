@@ -9,6 +9,16 @@
 //!
 //! Invariant: a replaying VM's stack takes exactly the steps the recording VM's took, at
 //! the same points of the guest's execution, and so holds the same state.
+//!
+//! The stack delays its acknowledgement of a request for the guest's reply to carry it
+//! (one frame instead of two). What is still owed goes at points every copy reaches alike:
+//! before the guest waits (always before the wait's deadline is computed, which its
+//! event's arguments hold), at a network step past its 40 ms deadline, and before the
+//! next event once [`ACK_EVENTS`] passed without a network step, so that a guest busy
+//! with other calls (its disk) does not leave its peer retransmitting. A guest that
+//! computes for longer than the peer's retransmission timeout (200 ms or more) without a
+//! call holds it that long, as it holds its own retransmissions: the VM sees the stack
+//! only at its calls.
 
 use netstack::{NetStack, SockError};
 
@@ -18,6 +28,10 @@ use crate::wasi::{Stop, clockid, errno};
 
 /// Listen backlog of every preopened listener.
 const BACKLOG: usize = 1024;
+/// How many events may pass without a network step (which looks at the delays' deadlines)
+/// while acknowledgements wait for a reply: a server's reply commonly follows a write or
+/// two to its disk; a peer retransmits after 200 ms or more without one.
+pub(crate) const ACK_EVENTS: u64 = 8;
 
 pub(crate) fn sock_errno(e: SockError) -> u16 {
     match e {
@@ -75,16 +89,35 @@ impl Vm {
             return Err(self.unexpected(Kind::NetStep, &outcome));
         };
         let now = self.clock.observe(clockid::MONOTONIC, now);
-        self.net_now = now;
         self.stdin_ready = stdin;
+        self.net_input(now, &frames);
+        Ok(())
+    }
+
+    /// Advance the stack to `now` (VM monotonic time) with the frames that arrived.
+    pub(crate) fn net_input(&mut self, now: u64, frames: &[crate::event::Bytes]) {
+        self.net_now = now;
         if let Some(net) = self.net.as_mut() {
-            for f in &frames {
+            for f in frames {
                 net.input(now, f);
             }
             net.on_timers(now);
+            // A step sends what is past its deadline; the bound counts the events after it
+            // (a server reading its connections dry takes a step per connection).
+            self.acks_by = net.acks_delayed().then_some(self.seq + ACK_EVENTS);
         }
         self.flush_net();
-        Ok(())
+    }
+
+    /// Send the acknowledgements the stack is delaying: no reply is coming soon to carry
+    /// them. Called only at points every copy reaches alike (see the module's doc).
+    pub(crate) fn send_owed_acks(&mut self) {
+        self.acks_by = None;
+        let now = self.net_now;
+        if let Some(net) = self.net.as_mut().filter(|n| n.acks_delayed()) {
+            net.ack_now(now);
+            self.flush_net();
+        }
     }
 
     /// Send what the stack produced: digested always, onto the wire only when live.
@@ -111,10 +144,13 @@ impl Vm {
             if ready(net) {
                 return Ok(());
             }
-            let deadline = net.next_deadline();
+            // Before the deadline is taken: the delayed acknowledgements go now, in every
+            // copy, whether or not this one pauses for a snapshot first.
+            self.send_owed_acks();
+            let deadline = self.net.as_ref().and_then(NetStack::next_deadline);
             if self.snap.is_some() && crate::capture::due(self, self.memory_len) {
-                // The snapshot pauses the VM as a wait would.
-                self.before_wait();
+                // The snapshot pauses the VM as a wait would (what was owed went above).
+                self.tell_idle();
                 self.resume = Some(Resume::Socket);
                 return Err(Stop::Unwind);
             }

@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"TNDMSNAP";
 /// 2: the VM state holds the guest's configuration.
 /// 3: the VM state holds the output digest's open segment and an interrupted poll.
-pub const VERSION: u32 = 3;
+/// 4: a TCP connection's state holds its delayed acknowledgement's deadline, the VM's the
+/// event by which delayed acknowledgements go.
+pub const VERSION: u32 = 4;
 /// A wasm page.
 pub const PAGE: usize = 65536;
 /// No honest header comes near this (it lists a handful of sections).

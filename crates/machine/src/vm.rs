@@ -212,6 +212,9 @@ pub struct Vm {
     pub(crate) net_now: u64,
     /// Whether stdin was readable at the last network step.
     pub(crate) stdin_ready: bool,
+    /// While the stack delays acknowledgements: the event before which they go if no
+    /// network step comes first (see [`crate::net`]).
+    pub(crate) acks_by: Option<u64>,
     limits: StoreLimits,
     warned: std::collections::BTreeSet<&'static str>,
     gate: SharedGate,
@@ -370,6 +373,14 @@ impl Vm {
     /// VM's port is told first ([`OutputPort::idle`]), so that outputs held for a replica
     /// are not left waiting for the wait's end.
     pub(crate) fn before_wait(&mut self) {
+        // No reply comes while the guest waits.
+        self.send_owed_acks();
+        self.tell_idle();
+    }
+
+    /// [`Vm::before_wait`] for this copy's port alone: a snapshot's pause, which only the
+    /// copy taking the snapshot makes, must change no VM state.
+    pub(crate) fn tell_idle(&mut self) {
         if let Inputs::Live { port, .. } = &mut self.inputs {
             port.idle();
         }
@@ -472,6 +483,9 @@ impl Vm {
         mut behind: Option<(DiskWrite, Outcome)>,
         op: impl FnOnce(&mut LiveHost, &FdTable, &VmClock) -> Outcome,
     ) -> Result<Outcome, Fault> {
+        if self.acks_by.is_some_and(|by| self.seq >= by) {
+            self.send_owed_acks();
+        }
         let seq = self.seq;
         let prior = self.outputs.at_last_event();
         // Every event is a boundary of the output digest, in every mode, so the digest of a
@@ -1445,6 +1459,7 @@ impl Vm {
             net: None,
             net_now: 0,
             stdin_ready: false,
+            acks_by: None,
             limits: StoreLimitsBuilder::new()
                 .memory_size(limit)
                 .instances(1)
@@ -1558,12 +1573,22 @@ mod tests {
         assert_ne!(a.full(), b.full());
     }
 
-    /// A port that notes what it was told, in order.
+    /// A port that notes what it was told, in order (of a TCP segment, its numbers).
     struct Noting(Arc<Mutex<Vec<String>>>);
 
     impl OutputPort for Noting {
-        fn frame(&mut self, position: u64, _: &[u8]) {
-            self.0.lock().unwrap().push(format!("frame@{position}"));
+        fn frame(&mut self, position: u64, frame: &[u8]) {
+            use netstack::wire::{parse_ethernet, parse_ipv4, parse_tcp};
+            let tcp = parse_ethernet(frame)
+                .and_then(|e| parse_ipv4(e.payload).ok())
+                .and_then(|ip| parse_tcp(ip.src, ip.dst, ip.payload))
+                .map_or(String::new(), |t| {
+                    format!(" seq {} ack {} len {}", t.seq, t.ack, t.payload.len())
+                });
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("frame@{position}{tcp}"));
         }
         fn console(&mut self, _: u64, _: u32, data: &[u8]) {
             let line = String::from_utf8_lossy(data).trim().to_string();
@@ -1611,6 +1636,141 @@ mod tests {
             *noted.lock().unwrap(),
             ["up", "idle", "idle", "idle", "exiting with 0"]
         );
+    }
+
+    /// The stack's delayed acknowledgements go at points every copy reaches alike: before
+    /// the next event once `ACK_EVENTS` passed without a network step (a guest busy with
+    /// its disk), or before the guest waits; a reply carries one.
+    #[test]
+    fn a_delayed_acknowledgement_goes_at_the_event_bound_or_before_a_wait() {
+        use crate::net::ACK_EVENTS;
+        use netstack::wire::{TCP_ACK, TCP_SYN, TcpOptions, TcpOut, tcp_frame};
+        let nic = netstack::NetConfig {
+            mac: [2, 0, 0, 0, 0, 0x10],
+            ip: [10, 9, 0, 10],
+            prefix_len: 24,
+        };
+        let spec = GuestSpec {
+            args: vec!["kvd".into()],
+            env: vec![],
+            datastore: false,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            nic: Some(nic.clone()),
+            listen: vec![6379],
+        };
+        let noted = Arc::new(Mutex::new(Vec::new()));
+        let mut inputs = crate::testing::quiet(&spec);
+        if let Inputs::Live { port, .. } = &mut inputs {
+            *port = Box::new(Noting(noted.clone()));
+        }
+        let mut vm = Vm::new(spec, inputs);
+        let mut net = netstack::NetStack::new(nic, 7);
+        net.listen(6379, 8).unwrap();
+        vm.net = Some(net);
+        let from_peer = |seq: u32, ack: u32, flags: u8, payload: &[u8]| -> Bytes {
+            tcp_frame(&TcpOut {
+                src_mac: [2, 0, 0, 0, 0, 2],
+                dst_mac: [2, 0, 0, 0, 0, 0x10],
+                src_ip: [10, 9, 0, 2],
+                dst_ip: [10, 9, 0, 10],
+                ip_id: 1,
+                src_port: 40000,
+                dst_port: 6379,
+                seq,
+                ack,
+                flags,
+                window: 1000,
+                options: TcpOptions::default(),
+                payload,
+            })
+            .into()
+        };
+        let take = || std::mem::take(&mut *noted.lock().unwrap());
+        let event = |vm: &mut Vm| {
+            vm.event(Kind::RandomGet, 1, |h, _, _| h.random(1)).unwrap();
+        };
+        const MS: u64 = 1_000_000;
+
+        vm.net_input(0, &[from_peer(1000, 0, TCP_SYN, &[])]);
+        let synack = take();
+        let isn: u32 = synack[0].split(' ').nth(2).unwrap().parse().unwrap();
+        assert_eq!(synack, [format!("frame@0 seq {isn} ack 1001 len 0")]);
+        let ours = isn + 1;
+        vm.net_input(0, &[from_peer(1001, ours, TCP_ACK, &[])]);
+        let conn = vm.net.as_mut().unwrap().accept(6379).unwrap();
+
+        // A request the guest is slow to answer: acknowledged at the bound, not before.
+        vm.net_input(MS, &[from_peer(1001, ours, TCP_ACK, b"0123456789")]);
+        assert_eq!(vm.acks_by, Some(ACK_EVENTS));
+        for _ in 0..ACK_EVENTS {
+            event(&mut vm);
+        }
+        assert_eq!(take(), Vec::<String>::new(), "nothing before the bound");
+        event(&mut vm);
+        assert_eq!(
+            take(),
+            [format!("frame@{ACK_EVENTS} seq {ours} ack 1011 len 0")]
+        );
+        assert_eq!(vm.acks_by, None);
+
+        // The guest goes to wait: the acknowledgement goes first, then the port is told.
+        vm.net_input(2 * MS, &[from_peer(1011, ours, TCP_ACK, b"0123456789")]);
+        vm.before_wait();
+        assert_eq!(
+            take(),
+            [
+                format!("frame@{} seq {ours} ack 1021 len 0", ACK_EVENTS + 1),
+                "idle".into()
+            ]
+        );
+
+        // A reply carries it: nothing else goes, at the bound or later.
+        vm.net_input(3 * MS, &[from_peer(1021, ours, TCP_ACK, b"0123456789")]);
+        let now = vm.net_now;
+        vm.net
+            .as_mut()
+            .unwrap()
+            .send(conn, b"+OK\r\n", now)
+            .unwrap();
+        vm.flush_net();
+        for _ in 0..2 * ACK_EVENTS {
+            event(&mut vm);
+        }
+        vm.before_wait();
+        assert_eq!(
+            take(),
+            [
+                format!("frame@{} seq {ours} ack 1031 len 5", ACK_EVENTS + 1),
+                "idle".into()
+            ]
+        );
+        assert!(!vm.net.as_ref().unwrap().acks_delayed());
+
+        // Every network step sets the bound anew: it counts the events since the last.
+        vm.net_input(4 * MS, &[from_peer(1031, ours + 5, TCP_ACK, b"0123456789")]);
+        vm.net
+            .as_mut()
+            .unwrap()
+            .send(conn, b"+OK\r\n", 4 * MS)
+            .unwrap();
+        vm.flush_net();
+        let at = vm.seq;
+        assert_eq!(
+            take(),
+            [format!("frame@{at} seq {} ack 1041 len 5", ours + 5)]
+        );
+        event(&mut vm);
+        event(&mut vm);
+        vm.net_input(
+            5 * MS,
+            &[from_peer(1041, ours + 10, TCP_ACK, b"0123456789")],
+        );
+        assert_eq!(vm.acks_by, Some(vm.seq + ACK_EVENTS));
+        // Also with nothing new, the delay's deadline still ahead.
+        event(&mut vm);
+        vm.net_input(6 * MS, &[]);
+        assert_eq!(vm.acks_by, Some(vm.seq + ACK_EVENTS));
+        assert_eq!(take(), Vec::<String>::new());
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //!
 //! Invariants:
 //! - no input, however malformed, makes the stack panic; bad frames are dropped and counted;
-//! - the stack's behaviour is a pure function of its state, the inputs and `now`.
+//! - the stack's behaviour is a pure function of its state, the inputs and `now`;
+//! - an acknowledgement of in-order data waits up to [`tcp::DELAYED_ACK`] for the
+//!   application's reply to carry it: a caller about to wait for input calls
+//!   [`NetStack::ack_now`] first, or the peer waits that long for it.
 
 pub mod tcp;
 pub mod wire;
@@ -457,6 +460,24 @@ impl NetStack {
             }
         }
         self.collect();
+    }
+
+    /// Send every acknowledgement still delayed: no reply of the guest's is coming soon to
+    /// carry them (it goes to wait for input, or has been busy too long). A client waiting
+    /// for them, Nagle's algorithm on, would otherwise stall until their deadline.
+    pub fn ack_now(&mut self, now: u64) {
+        let (conns, _, mut out) = self.parts();
+        for conn in conns.values_mut() {
+            conn.tcb.ack_now(now, &mut out);
+        }
+    }
+
+    /// Whether an acknowledgement is being delayed for a reply to carry it.
+    pub fn acks_delayed(&self) -> bool {
+        self.state
+            .conns
+            .values()
+            .any(|c| c.tcb.ack_deadline.is_some())
     }
 
     /// The VM went live on this host: announce its address so that switches and peers

@@ -2,9 +2,13 @@
 //! opener, with RFC 6298 retransmission timing, RFC 5681 congestion control and fast
 //! retransmit, RFC 7323 window scaling).
 //!
-//! A [`Tcb`] changes only through [`Tcb::on_segment`], [`Tcb::on_timer`] and the
-//! application calls, each given the current time; it produces segments through a
-//! [`Emit`] callback. Sequence numbers compare modulo 2^32.
+//! A [`Tcb`] changes only through [`Tcb::on_segment`], [`Tcb::on_timer`], [`Tcb::ack_now`]
+//! and the application calls, each given the current time; it produces segments through
+//! a [`Emit`] callback. Sequence numbers compare modulo 2^32.
+//!
+//! The acknowledgement of in-order data is delayed for the application's reply to carry
+//! it. Invariant: `ack_deadline` is set only while `ack_pending` is, and every segment
+//! that acknowledges all received (data, FIN, a bare ACK) clears both.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -24,6 +28,10 @@ const RTO_MAX: u64 = 60_000 * MS;
 const MAX_RETRIES: u32 = 12;
 const SYN_RETRIES: u32 = 5;
 pub const TIME_WAIT: u64 = 30_000 * MS;
+/// How long an acknowledgement of in-order data may wait for a reply to carry it (RFC 9293
+/// 3.8.6.3 and RFC 1122 4.2.3.2: under 0.5 s; Linux waits at least 40 ms). It is sent
+/// sooner when a second segment arrives or the guest goes to wait for input.
+pub const DELAYED_ACK: u64 = 40 * MS;
 
 pub fn lt(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -73,6 +81,8 @@ pub struct Tcb {
     pub ooo: BTreeMap<u32, Vec<u8>>,
     pub fin_received: bool,
     pub ack_pending: bool,
+    /// While the acknowledgement owed for in-order data is delayed: when it must go.
+    pub ack_deadline: Option<u64>,
     // Options.
     pub peer_mss: u16,
     pub snd_wscale: u8,
@@ -139,6 +149,7 @@ impl Tcb {
             ooo: BTreeMap::new(),
             fin_received: false,
             ack_pending: false,
+            ack_deadline: None,
             peer_mss,
             snd_wscale,
             rcv_wscale,
@@ -220,6 +231,8 @@ impl Tcb {
         self.state = State::Closed;
         self.rto_deadline = None;
         self.tw_deadline = None;
+        // A closed connection owes nothing: no timer of it stays armed.
+        self.acknowledged();
         self.send_buf.clear();
     }
 
@@ -236,7 +249,7 @@ impl Tcb {
         }
         if !self.acceptable(seg.seq, len) {
             if seg.flags & TCP_RST == 0 {
-                out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+                self.send_ack(out);
             }
             return;
         }
@@ -247,7 +260,7 @@ impl Tcb {
         }
         if seg.flags & TCP_SYN != 0 {
             // A SYN inside an open connection: answer with an ACK (RFC 5961 challenge).
-            out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+            self.send_ack(out);
             return;
         }
         if seg.flags & TCP_ACK == 0 {
@@ -268,8 +281,17 @@ impl Tcb {
         if self.state == State::Closed {
             return;
         }
-        self.on_data(seg);
-        if self.ack_pending {
+        let owed = self.ack_pending;
+        let delayable = self.on_data(seg);
+        if !self.ack_pending || (len == 0 && self.ack_deadline.is_some()) {
+            // Nothing owed, or a bare acknowledgement or window update while one is
+            // delayed: it brought nothing new to acknowledge, and the delay goes on.
+        } else if delayable && !owed {
+            // The guest's reply, if it comes soon, carries the acknowledgement: one segment
+            // instead of two, as a Linux receiver does. A second segment arriving meanwhile
+            // is acknowledged at once (every other one at least).
+            self.ack_deadline = Some(now + DELAYED_ACK);
+        } else {
             self.output(now, out);
         }
     }
@@ -286,7 +308,7 @@ impl Tcb {
         let ack = seg.ack;
         if lt(self.snd_max, ack) {
             // Acknowledges something never sent.
-            out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+            self.send_ack(out);
             return;
         }
         let old_wnd = self.snd_wnd;
@@ -372,7 +394,14 @@ impl Tcb {
         self.rto = (self.srtt + (4 * self.rttvar).max(MS)).clamp(RTO_MIN, RTO_MAX);
     }
 
-    fn on_data(&mut self, seg: &Tcp) {
+    /// Take the segment's data and FIN; whether its acknowledgement may be delayed: it
+    /// brought new data in order, no FIN, and there was no hole before it nor is one left
+    /// (RFC 5681 4.2: the duplicate acknowledgements a hole causes drive the peer's fast
+    /// retransmit, and the one for a filled hole its recovery, so they go at once).
+    fn on_data(&mut self, seg: &Tcp) -> bool {
+        let before = self.rcv_nxt;
+        let had_hole = !self.ooo.is_empty();
+        let mut whole = true;
         let mut seq = seg.seq;
         let mut data = seg.payload;
         if !data.is_empty() {
@@ -389,6 +418,7 @@ impl Tcb {
                 }
                 if seq == self.rcv_nxt {
                     let take = data.len().min(self.rcv_wnd() as usize);
+                    whole = take == data.len();
                     self.recv_buf.extend(&data[..take]);
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(take as u32);
                     self.drain_ooo();
@@ -403,6 +433,14 @@ impl Tcb {
             }
             self.ack_pending = true;
         }
+        // A window that shrank below a segment is told at once (the peer is about to stall).
+        let delayable = self.state == State::Established
+            && !self.app_closed
+            && self.rcv_nxt != before
+            && whole
+            && self.rcv_wnd() >= self.mss()
+            && !had_hole
+            && self.ooo.is_empty();
         if seg.flags & TCP_FIN != 0 {
             let fin_seq = seg.seq.wrapping_add(seg.payload.len() as u32);
             if fin_seq == self.rcv_nxt && !self.fin_received {
@@ -416,7 +454,9 @@ impl Tcb {
                 };
             }
             self.ack_pending = true;
+            return false;
         }
+        delayable
     }
 
     fn drain_ooo(&mut self) {
@@ -449,8 +489,7 @@ impl Tcb {
             State::SynReceived | State::Closed | State::TimeWait
         ) {
             if self.state == State::TimeWait && self.ack_pending {
-                self.ack_pending = false;
-                out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+                self.send_ack(out);
             }
             if self.state == State::TimeWait && self.tw_deadline.is_none() {
                 self.tw_deadline = Some(now + TIME_WAIT);
@@ -487,7 +526,7 @@ impl Tcb {
                     self.rtt_probe = Some((self.snd_nxt, now));
                 }
                 self.rto_deadline.get_or_insert(now + self.rto);
-                self.ack_pending = false;
+                self.acknowledged();
                 continue;
             }
             if avail == 0 && self.fin_queued && !self.fin_sent {
@@ -509,7 +548,7 @@ impl Tcb {
                     s => s,
                 };
                 self.rto_deadline.get_or_insert(now + self.rto);
-                self.ack_pending = false;
+                self.acknowledged();
             }
             if avail > 0 && self.snd_wnd == 0 && in_flight == 0 {
                 // Zero window: the retransmission timer doubles as the persist timer.
@@ -518,8 +557,27 @@ impl Tcb {
             break;
         }
         if self.ack_pending {
-            self.ack_pending = false;
-            out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+            self.send_ack(out);
+        }
+    }
+
+    /// A segment acknowledging all received went: nothing is owed any more.
+    fn acknowledged(&mut self) {
+        self.ack_pending = false;
+        self.ack_deadline = None;
+    }
+
+    /// Send a bare acknowledgement of all received.
+    fn send_ack(&mut self, out: &mut impl Emit) {
+        self.acknowledged();
+        out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+    }
+
+    /// Send the acknowledgement being delayed, if any: its delay is over, or no reply is
+    /// coming to carry it (the guest goes to wait, or is busy with other work).
+    pub fn ack_now(&mut self, now: u64, out: &mut impl Emit) {
+        if self.ack_deadline.take().is_some() && self.ack_pending {
+            self.output(now, out);
         }
     }
 
@@ -544,6 +602,9 @@ impl Tcb {
                 TcpOptions::default(),
             );
         }
+        if n > 0 || self.fin_sent {
+            self.acknowledged();
+        }
         out.retransmitted();
         self.rtt_probe = None;
         self.rto_deadline = Some(now + self.rto);
@@ -564,14 +625,22 @@ impl Tcb {
                     self.retransmit_one(now, out);
                 }
                 for _ in 0..3 {
-                    out.segment(self, TCP_ACK, self.snd_nxt, &[], TcpOptions::default());
+                    self.send_ack(out);
                 }
             }
         }
     }
 
-    /// Timers: retransmission (and persist) and TIME_WAIT.
+    /// Timers: retransmission (and persist), TIME_WAIT, then the delayed acknowledgement
+    /// (a retransmission due at the same time carries it).
     pub fn on_timer(&mut self, now: u64, out: &mut impl Emit) {
+        self.on_retransmission_timer(now, out);
+        if self.ack_deadline.is_some_and(|t| now >= t) {
+            self.ack_now(now, out);
+        }
+    }
+
+    fn on_retransmission_timer(&mut self, now: u64, out: &mut impl Emit) {
         if let Some(t) = self.tw_deadline {
             if now >= t {
                 self.close_now();
@@ -635,10 +704,10 @@ impl Tcb {
 
     /// The earliest time a timer of this connection fires.
     pub fn deadline(&self) -> Option<u64> {
-        match (self.rto_deadline, self.tw_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.rto_deadline, self.tw_deadline, self.ack_deadline]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     // Application side.

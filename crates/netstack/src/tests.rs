@@ -169,8 +169,10 @@ fn a_connection_carries_data_both_ways_and_closes() {
         ),
     );
     theirs += 6;
-    let acks = segs(&mut s);
-    assert_eq!(acks.last().unwrap().ack, theirs, "data is acknowledged");
+    assert!(
+        segs(&mut s).is_empty(),
+        "the acknowledgement waits for the reply"
+    );
     assert!(s.readable(id));
     let mut buf = [0u8; 64];
     assert_eq!(s.recv(id, &mut buf, false, 2).unwrap(), 6);
@@ -179,11 +181,17 @@ fn a_connection_carries_data_both_ways_and_closes() {
 
     assert_eq!(s.send(id, b"+PONG\r\n", 3).unwrap(), 7);
     let out = segs(&mut s);
-    assert_eq!(out.len(), 1);
     assert_eq!(
-        (out[0].seq, out[0].payload.as_slice()),
-        (ours, &b"+PONG\r\n"[..])
+        out.len(),
+        1,
+        "one segment: the reply carries the acknowledgement"
     );
+    assert_eq!(
+        (out[0].seq, out[0].ack, out[0].payload.as_slice()),
+        (ours, theirs, &b"+PONG\r\n"[..])
+    );
+    s.on_timers(3 + tcp::DELAYED_ACK);
+    assert!(segs(&mut s).is_empty(), "nothing is owed any more");
     let ours = ours + 7;
     s.input(
         4,
@@ -217,6 +225,154 @@ fn a_connection_carries_data_both_ways_and_closes() {
         s.state().conns.is_empty(),
         "the closed connection is forgotten"
     );
+}
+
+/// `n` bytes of data from the peer on `sport`, at `seq`.
+fn data(s: &mut NetStack, sport: u16, now: u64, seq: u32, ours: u32, n: usize) {
+    let payload = vec![b'x'; n];
+    s.input(
+        now,
+        &peer(sport, seq, ours, TCP_ACK, &payload, TcpOptions::default()),
+    );
+}
+
+#[test]
+fn a_delayed_acknowledgement_goes_at_its_deadline_when_the_guest_waits_or_for_a_second_segment() {
+    let mut s = stack();
+    let (_, ours, theirs) = connect(&mut s, 40010, 0);
+    // Unanswered: acknowledged at the deadline, not before, and once.
+    assert!(!s.acks_delayed());
+    data(&mut s, 40010, MS, theirs, ours, 10);
+    assert!(segs(&mut s).is_empty());
+    assert!(s.acks_delayed());
+    let due = MS + tcp::DELAYED_ACK;
+    assert_eq!(s.next_deadline(), Some(due), "the delay's timer runs");
+    // A copy restored from the state taken now acknowledges alike.
+    let bytes = postcard::to_stdvec(s.state()).unwrap();
+    let mut restored = NetStack::from_state(postcard::from_bytes(&bytes).unwrap());
+    for s in [&mut s, &mut restored] {
+        s.on_timers(due - 1);
+        assert!(segs(s).is_empty(), "nothing before the deadline");
+        s.on_timers(due);
+        let acks = segs(s);
+        assert_eq!(acks.len(), 1);
+        assert_eq!((acks[0].ack, acks[0].payload.len()), (theirs + 10, 0));
+        s.on_timers(due + tcp::DELAYED_ACK);
+        assert!(segs(s).is_empty(), "acknowledged once");
+        assert_eq!(s.next_deadline(), None, "no timer left running");
+        assert!(!s.acks_delayed());
+    }
+
+    // The guest goes to wait: what it did not answer is acknowledged then.
+    data(&mut s, 40010, 2 * MS, theirs + 10, ours, 10);
+    assert!(segs(&mut s).is_empty());
+    s.ack_now(2 * MS);
+    let acks = segs(&mut s);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].ack, theirs + 20);
+    assert_eq!(s.next_deadline(), None, "the delay's timer is stopped");
+    s.ack_now(2 * MS);
+    assert!(segs(&mut s).is_empty(), "nothing is owed any more");
+
+    // A second segment while one is unacknowledged: both are, at once.
+    data(&mut s, 40010, 3 * MS, theirs + 20, ours, 1460);
+    assert!(segs(&mut s).is_empty());
+    data(&mut s, 40010, 3 * MS, theirs + 1480, ours, 1460);
+    let acks = segs(&mut s);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].ack, theirs + 2940);
+    assert!(!s.acks_delayed());
+
+    // A segment after a hole is acknowledged at once (the peer's fast retransmit needs
+    // the duplicate), and so is the one that fills it.
+    data(&mut s, 40010, 3 * MS, theirs + 2950, ours, 10);
+    assert_eq!(segs(&mut s).last().map(|g| g.ack), Some(theirs + 2940));
+    data(&mut s, 40010, 3 * MS, theirs + 2940, ours, 10);
+    assert_eq!(segs(&mut s).last().map(|g| g.ack), Some(theirs + 2960));
+    assert!(!s.acks_delayed());
+
+    // A FIN is acknowledged at once.
+    s.input(
+        4 * MS,
+        &peer(
+            40010,
+            theirs + 2960,
+            ours,
+            TCP_ACK | TCP_FIN,
+            &[],
+            TcpOptions::default(),
+        ),
+    );
+    assert_eq!(segs(&mut s).last().map(|g| g.ack), Some(theirs + 2961));
+    assert!(!s.acks_delayed());
+
+    // A reset connection owes nothing: no acknowledgement, no timer.
+    let (_, ours, theirs) = connect(&mut s, 40011, 5 * MS);
+    data(&mut s, 40011, 5 * MS, theirs, ours, 10);
+    assert!(s.acks_delayed());
+    s.input(
+        5 * MS,
+        &peer(
+            40011,
+            theirs + 10,
+            ours,
+            TCP_RST,
+            &[],
+            TcpOptions::default(),
+        ),
+    );
+    assert!(!s.acks_delayed());
+    s.ack_now(6 * MS);
+    s.on_timers(5 * MS + tcp::DELAYED_ACK);
+    assert!(
+        segs(&mut s).is_empty(),
+        "nothing goes to a reset connection"
+    );
+}
+
+#[test]
+fn a_delayed_acknowledgement_outlives_bare_acknowledgements_and_rides_on_what_goes_next() {
+    let mut s = stack();
+    let (id, ours, theirs) = connect(&mut s, 40012, 0);
+    // A bare acknowledgement (a window update) while one is delayed: the delay goes on.
+    data(&mut s, 40012, MS, theirs, ours, 10);
+    s.input(
+        MS,
+        &peer(
+            40012,
+            theirs + 10,
+            ours,
+            TCP_ACK,
+            &[],
+            TcpOptions::default(),
+        ),
+    );
+    assert!(segs(&mut s).is_empty());
+    assert_eq!(s.next_deadline(), Some(MS + tcp::DELAYED_ACK));
+
+    // The guest shuts its side: the FIN carries the acknowledgement, once.
+    s.shutdown_write(id, 2 * MS).unwrap();
+    let out = segs(&mut s);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].flags & TCP_FIN, out[0].ack), (TCP_FIN, theirs + 10));
+    assert!(!s.acks_delayed());
+
+    // A retransmission due with the delay's deadline carries it: one segment, not two.
+    let mut s = stack();
+    let (id, ours, theirs) = connect(&mut s, 40013, 3 * MS);
+    s.send(id, b"+OK\r\n", 3 * MS).unwrap();
+    segs(&mut s);
+    let rto = s.next_deadline().expect("the retransmission timer runs");
+    data(&mut s, 40013, rto - tcp::DELAYED_ACK, theirs, ours, 10);
+    assert!(segs(&mut s).is_empty());
+    s.on_timers(rto);
+    let out = segs(&mut s);
+    assert_eq!(out.len(), 1, "one segment");
+    assert_eq!(
+        (out[0].seq, out[0].ack, out[0].payload.as_slice()),
+        (ours, theirs + 10, &b"+OK\r\n"[..])
+    );
+    assert!(!s.acks_delayed());
 }
 
 #[test]
@@ -387,6 +543,8 @@ fn the_window_is_scaled_when_the_peer_offers_scaling() {
         1,
         &peer(40007, theirs, ours, TCP_ACK, b"x", TcpOptions::default()),
     );
+    // No reply comes: the guest goes to wait, and the acknowledgement goes.
+    s.ack_now(2);
     let ack = segs(&mut s).pop().unwrap();
     // 256 KiB minus the unread byte, in units of 2^7.
     assert_eq!(u32::from(ack.window), (tcp::RECV_BUF as u32 - 1) >> 7);
