@@ -12,12 +12,13 @@
 //!
 //! The stack delays its acknowledgement of a request for the guest's reply to carry it
 //! (one frame instead of two). What is still owed goes at points every copy reaches alike:
-//! before the guest waits (always before the wait's deadline is computed, which its
-//! event's arguments hold), at a network step past its 40 ms deadline, and before the
+//! before the guest waits (in the waiting step, before the wait's deadline is taken, which
+//! its event's arguments hold), at a network step past its 40 ms deadline, and before the
 //! next event once [`ACK_EVENTS`] passed without a network step, so that a guest busy
-//! with other calls (its disk) does not leave its peer retransmitting. A guest that
-//! computes for longer than the peer's retransmission timeout (200 ms or more) without a
-//! call holds it that long, as it holds its own retransmissions: the VM sees the stack
+//! with other calls (its disk) does not leave its peer retransmitting. A guest that takes
+//! longer than the peer's retransmission timeout (200 ms or more) to reach any of those
+//! (computing without a call, fewer events that are each slow, socket calls that take no
+//! event) holds it that long, as it holds its own retransmissions: the VM sees the stack
 //! only at its calls.
 
 use netstack::{NetStack, SockError};
@@ -68,15 +69,22 @@ impl Vm {
     }
 
     /// One network step: take the frames that arrived (if `wait`, waiting for some until
-    /// `deadline` in VM monotonic time, or for ever) and advance the stack to now.
+    /// the stack's next timer or the caller's `until`, in VM monotonic time, or for ever)
+    /// and advance the stack to now.
     pub(crate) fn net_step(
         &mut self,
         wait: bool,
-        deadline: Option<u64>,
+        until: Option<u64>,
         watch_stdin: bool,
     ) -> Result<(), Fault> {
+        let mut deadline = until;
         if wait {
             self.before_wait();
+            // Taken here, after the delayed acknowledgements went (their deadline is no
+            // timer to wait for): the event's arguments hold it, alike in every copy
+            // whether or not one paused for a snapshot before.
+            let timers = self.net.as_ref().and_then(NetStack::next_deadline);
+            deadline = [until, timers].into_iter().flatten().min();
         }
         let args = args_digest(&[
             &[u8::from(wait), u8::from(watch_stdin)],
@@ -144,17 +152,14 @@ impl Vm {
             if ready(net) {
                 return Ok(());
             }
-            // Before the deadline is taken: the delayed acknowledgements go now, in every
-            // copy, whether or not this one pauses for a snapshot first.
-            self.send_owed_acks();
-            let deadline = self.net.as_ref().and_then(NetStack::next_deadline);
             if self.snap.is_some() && crate::capture::due(self, self.memory_len) {
-                // The snapshot pauses the VM as a wait would (what was owed went above).
+                // The snapshot pauses the VM as a wait would; only this copy pauses, so it
+                // changes no VM state (what is owed goes in the step after it).
                 self.tell_idle();
                 self.resume = Some(Resume::Socket);
                 return Err(Stop::Unwind);
             }
-            self.net_step(true, deadline, false)?;
+            self.net_step(true, None, false)?;
         }
     }
 

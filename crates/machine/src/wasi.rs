@@ -1644,16 +1644,9 @@ fn poll_with_network(
         if !events.is_empty() {
             return Ok(events);
         }
-        // Before the deadline is taken (see [`Vm::net_wait_until`]).
-        vm.send_owed_acks();
-        let next = deadlines
-            .iter()
-            .flatten()
-            .copied()
-            .chain(vm.net.as_ref().and_then(|n| n.next_deadline()))
-            .min();
+        let next = deadlines.iter().flatten().copied().min();
         if vm.snap.is_some() && crate::capture::due(vm, memory_len) {
-            // The snapshot pauses the VM as a wait would (what was owed went above).
+            // The snapshot pauses the VM as a wait would (see [`Vm::net_wait_until`]).
             vm.tell_idle();
             vm.resume = Some(Resume::Poll(deadlines));
             return Err(Stop::Unwind);

@@ -401,7 +401,6 @@ impl Tcb {
     fn on_data(&mut self, seg: &Tcp) -> bool {
         let before = self.rcv_nxt;
         let had_hole = !self.ooo.is_empty();
-        let mut whole = true;
         let mut seq = seg.seq;
         let mut data = seg.payload;
         if !data.is_empty() {
@@ -418,7 +417,6 @@ impl Tcb {
                 }
                 if seq == self.rcv_nxt {
                     let take = data.len().min(self.rcv_wnd() as usize);
-                    whole = take == data.len();
                     self.recv_buf.extend(&data[..take]);
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(take as u32);
                     self.drain_ooo();
@@ -433,11 +431,11 @@ impl Tcb {
             }
             self.ack_pending = true;
         }
-        // A window that shrank below a segment is told at once (the peer is about to stall).
+        // A window that shrank below a segment is told at once (the peer is about to stall;
+        // a segment only partly taken left none).
         let delayable = self.state == State::Established
             && !self.app_closed
             && self.rcv_nxt != before
-            && whole
             && self.rcv_wnd() >= self.mss()
             && !had_hole
             && self.ooo.is_empty();
@@ -682,6 +680,7 @@ impl Tcb {
             // Window probe: one byte beyond the closed window.
             let byte = [self.send_buf[0]];
             out.segment(self, TCP_ACK, self.snd_una, &byte, TcpOptions::default());
+            self.acknowledged();
             self.rto_deadline = Some(now + self.rto);
             return;
         }

@@ -376,6 +376,29 @@ fn a_delayed_acknowledgement_outlives_bare_acknowledgements_and_rides_on_what_go
 }
 
 #[test]
+fn data_that_leaves_the_window_smaller_than_a_segment_is_acknowledged_at_once() {
+    let mut s = stack();
+    let (_, ours, theirs) = connect(&mut s, 40014, 0);
+    // Fill the receive buffer (nobody reads) to 2,144 bytes short of full.
+    let mut seq = theirs;
+    for n in [60_000, 60_000, 60_000, 60_000, 20_000] {
+        data(&mut s, 40014, MS, seq, ours, n);
+        seq += n as u32;
+    }
+    s.ack_now(MS);
+    segs(&mut s);
+    // 1,000 more leave 1,144, less than the peer's segment: the peer must hear at once.
+    data(&mut s, 40014, MS, seq, ours, 1000);
+    let out = segs(&mut s);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].ack, u32::from(out[0].window) << tcp::OUR_WSCALE),
+        (seq + 1000, 1144 >> tcp::OUR_WSCALE << tcp::OUR_WSCALE)
+    );
+    assert!(!s.acks_delayed());
+}
+
+#[test]
 fn lost_data_is_retransmitted_after_the_timeout() {
     let mut s = stack();
     let (id, ours, _) = connect(&mut s, 40001, 0);
