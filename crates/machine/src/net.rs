@@ -122,10 +122,10 @@ impl Vm {
     pub(crate) fn send_owed_acks(&mut self) {
         self.acks_by = None;
         let now = self.net_now;
-        if let Some(net) = self.net.as_mut().filter(|n| n.acks_delayed()) {
+        if let Some(net) = self.net.as_mut() {
             net.ack_now(now);
-            self.flush_net();
         }
+        self.flush_net();
     }
 
     /// Send what the stack produced: digested always, onto the wire only when live.
