@@ -24,7 +24,8 @@ pub const MAGIC: &[u8; 2] = b"TL";
 /// 7: writes performed after their outcome was logged (`ToSecondary::Written`).
 /// 8: the output digest of log version 5 (a pair of copies must digest alike).
 /// 9: log version 6 (delayed acknowledgements: a pair of copies must send alike).
-pub const VERSION: u8 = 9;
+/// 10: log version 7 (XXH3 digests: a pair of copies must digest alike).
+pub const VERSION: u8 = 10;
 /// The largest payload a frame may carry: comfortably above one event's 16 MiB of data.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 const HEADER: usize = 16;

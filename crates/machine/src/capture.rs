@@ -459,7 +459,10 @@ impl SnapMachine {
         let t0 = Instant::now();
         let mut store = vm.into_store(&self.engine);
         let instance = match self.linker.instantiate(&mut store, &self.module) {
-            Ok(i) => i,
+            Ok(i) => {
+                store.data_mut().memory_export = self.module.get_export_index("memory");
+                i
+            }
             Err(e) => {
                 let exit = classify(Err(e))?;
                 return Err(MachineError::Internal(format!("instantiation failed: {exit}")).into());
@@ -998,11 +1001,10 @@ pub(crate) fn on_exit(
     name: &str,
     result: i32,
 ) -> wasmtime::Result<()> {
-    if !EVENT_IMPORTS.contains(&name) {
-        return Ok(());
-    }
-    let memory = guest_memory(caller)?;
-    if !due(caller.data(), memory.data_size(&*caller)) {
+    // The cheap test first, on every call: the memory's size as the call was entered is
+    // its size now (an import never grows it).
+    let vm = caller.data();
+    if !due(vm, vm.memory_len) || !EVENT_IMPORTS.contains(&name) {
         return Ok(());
     }
     start_unwind(caller, result)
@@ -1032,10 +1034,7 @@ pub(crate) fn start_unwind(caller: &mut Caller<'_, Vm>, result: i32) -> wasmtime
 }
 
 fn guest_memory(caller: &mut Caller<'_, Vm>) -> wasmtime::Result<wasmtime::Memory> {
-    match caller.get_export("memory") {
-        Some(Extern::Memory(m)) => Ok(m),
-        _ => Err(wasmtime::Error::msg("the module exports no memory")),
-    }
+    Vm::guest_memory(caller).ok_or_else(|| wasmtime::Error::msg("the module exports no memory"))
 }
 
 fn call_export(caller: &mut Caller<'_, Vm>, name: &str, arg: Option<i32>) -> wasmtime::Result<()> {

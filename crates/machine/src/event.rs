@@ -416,14 +416,15 @@ impl Kind {
     }
 }
 
-/// A 64-bit digest of a call's arguments; collisions only weaken divergence detection.
+/// A 64-bit digest of a call's arguments (XXH3: fast and stable; collisions only weaken
+/// divergence detection, see `vm::Outputs`).
 pub fn args_digest(parts: &[&[u8]]) -> u64 {
-    let mut h = blake3::Hasher::new();
+    let mut x = xxhash_rust::xxh3::Xxh3::new();
     for p in parts {
-        h.update(&(p.len() as u64).to_le_bytes());
-        h.update(p);
+        x.update(&(p.len() as u64).to_le_bytes());
+        x.update(p);
     }
-    first_u64(h.finalize().as_bytes())
+    x.digest()
 }
 
 pub(crate) fn first_u64(bytes: &[u8; 32]) -> u64 {
@@ -584,6 +585,10 @@ mod tests {
         // Length-prefixing keeps ("ab","c") apart from ("a","bc").
         assert_ne!(args_digest(&[b"ab", b"c"]), args_digest(&[b"a", b"bc"]));
         assert_eq!(args_digest(&[b"x"]), args_digest(&[b"x"]));
+        // Logs carry it and a replay by another build compares it: pinned, like the
+        // output digest (`vm::tests`).
+        let d = args_digest(&[b"fd", &7u64.to_le_bytes()]);
+        assert_eq!(d, 0x351d_7810_9a67_74d5, "{d:#x}");
     }
 
     #[test]

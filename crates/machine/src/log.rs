@@ -47,7 +47,9 @@ pub const MAGIC: &[u8; 8] = b"TANDEMLG";
 /// data, a large frame): digests differ.
 /// 6: the guest's TCP delays its acknowledgements (fewer frames): a replay of a version 5
 /// log would diverge.
-pub const VERSION: u16 = 6;
+/// 7: outputs and call arguments are digested with XXH3 (`vm::Outputs`,
+/// `event::args_digest`): digests differ.
+pub const VERSION: u16 = 7;
 /// No single record is larger than this; a larger length field means damage.
 const MAX_RECORD: u32 = 64 << 20;
 /// No chunk is larger than this (a batch plus its largest record).

@@ -9,7 +9,7 @@
 //! descriptors `EBADF`, unknown functions `ENOSYS`; only `proc_exit` and faults of the
 //! event source (divergence, damaged log) end the run.
 
-use wasmtime::{Caller, Extern, Linker};
+use wasmtime::{Caller, Linker};
 
 use crate::event::{Filestat, Kind, Outcome, PollEvent, args_digest};
 use crate::fdtable::FdKind;
@@ -377,7 +377,7 @@ fn call(
     {
         return Ok(r);
     }
-    let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+    let Some(memory) = Vm::guest_memory(caller) else {
         return Ok(i32::from(errno::FAULT));
     };
     let (data, vm) = memory.data_and_store_mut(&mut *caller);
