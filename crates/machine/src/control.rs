@@ -116,13 +116,13 @@ pub(crate) struct Request {
 /// What the API and the VM's thread share.
 #[derive(Debug)]
 pub struct Control {
-    /// Set while a snapshot request waits: the VM's only check, at each event import.
+    /// Set while a snapshot request waits: the VM's only check, as each import returns.
     pending: AtomicBool,
     request: Mutex<Option<Request>>,
-    /// Events taken so far (updated by the VM as event imports return).
+    /// Events taken so far (updated by the VM as imports return).
     events: AtomicU64,
-    /// Where the VM's linear memory is mapped in this process, and its length as of its
-    /// last snapshot point (0 and 0 while there is no VM): what a pre-copy copies.
+    /// Where the VM's linear memory is mapped in this process, and its length as of
+    /// the last import that returned (0 and 0 while there is no VM): what a pre-copy copies.
     memory_base: AtomicUsize,
     memory_len: AtomicUsize,
     /// The dirty-page tracker of the last pre-copy, kept for the next (see

@@ -419,7 +419,7 @@ impl Kind {
 /// A 64-bit digest of a call's arguments (XXH3: fast and stable; collisions only weaken
 /// divergence detection, see `vm::Outputs`).
 pub fn args_digest(parts: &[&[u8]]) -> u64 {
-    let mut x = xxhash_rust::xxh3::Xxh3::new();
+    let mut x = xxhash_rust::xxh3::Xxh3Default::new();
     for p in parts {
         x.update(&(p.len() as u64).to_le_bytes());
         x.update(p);
