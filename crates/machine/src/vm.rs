@@ -266,14 +266,13 @@ pub(crate) enum Resume {
 ///
 /// The digest is a chain over event boundaries: each output is hashed once, with XXH3's
 /// 128-bit hash (an output is the guest's own data, hashed to tell a divergence, never to
-/// resist an adversary: a non-cryptographic hash at a sixth of blake3's cost for a 4 KiB write), and
-/// folded into the open segment (`pending = blake3(pending ‖ xxh3(output))`, the first
-/// output's hash standing alone, zero-filled; within an output, each part is its
+/// resist an adversary: a non-cryptographic hash, a sixth of blake3's cost for a 4 KiB
+/// write), and folded into the open segment (`pending = blake3(pending ‖ xxh3(output))`,
+/// the first output's hash standing alone, zero-filled; within an output, each part is its
 /// length then its bytes); at each event the segment is sealed into
-/// `chain = blake3(chain ‖ pending)`. Sealing costs a few
-/// compressions however long the run, the chain before an event is what that event
-/// carries (its first 8 bytes), and the whole digest state is two hashes, so a snapshot
-/// can hold it between events too.
+/// `chain = blake3(chain ‖ pending)`. Sealing costs a few compressions however long the
+/// run, the chain before an event is what that event carries (its first 8 bytes), and the
+/// whole digest state is two hashes, so a snapshot can hold it between events too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Outputs {
     chain: [u8; 32],
