@@ -457,12 +457,9 @@ impl SnapMachine {
         }));
         let watcher = vm.watcher();
         let t0 = Instant::now();
-        let mut store = vm.into_store(&self.engine);
+        let mut store = vm.into_store(&self.engine, &self.module);
         let instance = match self.linker.instantiate(&mut store, &self.module) {
-            Ok(i) => {
-                store.data_mut().memory_export = self.module.get_export_index("memory");
-                i
-            }
+            Ok(i) => i,
             Err(e) => {
                 let exit = classify(Err(e))?;
                 return Err(MachineError::Internal(format!("instantiation failed: {exit}")).into());

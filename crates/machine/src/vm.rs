@@ -230,7 +230,7 @@ pub struct Vm {
     /// The guest memory's size as the current call was entered (whether Asyncify's
     /// buffer fits, at a snapshot point inside a call).
     pub(crate) memory_len: usize,
-    /// Where the instance running this VM exports its memory, set as it is instantiated:
+    /// Where the instance running this VM exports its memory, set as its store is made:
     /// every call looks the memory up, and by name that cost 4% of a replay's thread
     /// (see [`Vm::guest_memory`]).
     pub(crate) memory_export: Option<wasmtime::ModuleExport>,
@@ -1075,18 +1075,14 @@ impl Machine {
             self.linker.clone(),
         );
         let watched = run_watched(&watcher, move || {
-            let mut store = Store::new(&engine, vm);
-            store.limiter(|vm| &mut vm.limits);
+            let mut store = vm.into_store(&engine, &module);
             let exit = match linker.instantiate(&mut store, &module) {
-                Ok(instance) => {
-                    store.data_mut().memory_export = module.get_export_index("memory");
-                    match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                        Ok(start) => classify(start.call(&mut store, ())),
-                        Err(_) => Err(MachineError::Link(
-                            "the module exports no _start function (not a WASI command)".into(),
-                        )),
-                    }
-                }
+                Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                    Ok(start) => classify(start.call(&mut store, ())),
+                    Err(_) => Err(MachineError::Link(
+                        "the module exports no _start function (not a WASI command)".into(),
+                    )),
+                },
                 Err(e) => classify(Err(e)),
             };
             (exit, store.into_data())
@@ -1535,8 +1531,11 @@ impl Vm {
         }
     }
 
-    /// A store holding this VM, its memory limited as [`Machine::run`] limits it.
-    pub(crate) fn into_store(self, engine: &Engine) -> Store<Vm> {
+    /// A store holding this VM for an instance of `module`, its memory limited (every run
+    /// of a VM, plain or instrumented, makes its store here). Where the module exports its
+    /// memory is found here, once, for every call to look it up by ([`Vm::guest_memory`]).
+    pub(crate) fn into_store(mut self, engine: &Engine, module: &Module) -> Store<Vm> {
+        self.memory_export = module.get_export_index("memory");
         let mut store = Store::new(engine, self);
         store.limiter(|vm| &mut vm.limits);
         store
