@@ -1,6 +1,6 @@
 /* kvd: a key-value server speaking the Redis protocol (RESP), for unmodified redis-cli and
  * redis-benchmark. Commands: PING ECHO SET GET DEL EXISTS INCR INCRBY DECR DECRBY DBSIZE
- * FLUSHALL FLUSHDB SELECT CONFIG QUIT (and inline commands). Pipelining and many clients.
+ * FLUSHALL FLUSHDB SELECT CONFIG TIME QUIT (and inline commands). Pipelining and many clients.
  * Every write is appended to an append-only file (argv[1], default kvd.aof) before it is
  * acknowledged, and the file is replayed at start, so data survives a restart.
  * Listens on the first preopened listener (fd 4). */
@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "server.h"
 
@@ -201,6 +202,19 @@ static int execute(struct buf *o, int argc, char **argv, size_t *lens, int repla
         if (eq(argv[2], "save")) buf_str(o, "*2\r\n$4\r\nsave\r\n$0\r\n\r\n");
         else if (eq(argv[2], "appendonly")) buf_str(o, "*2\r\n$10\r\nappendonly\r\n$3\r\nyes\r\n");
         else buf_str(o, "*0\r\n");
+    } else if (eq(cmd, "TIME") && argc == 1) {
+        /* As Redis answers: the wall clock's seconds and microseconds, two bulk strings. */
+        struct timespec ts;
+        if (clock_gettime(CLOCK_REALTIME, &ts) != 0) {
+            buf_str(o, "-ERR the clock cannot be read\r\n");
+            return 0;
+        }
+        char sec[32], usec[16];
+        int sn = snprintf(sec, sizeof sec, "%lld", (long long)ts.tv_sec);
+        int un = snprintf(usec, sizeof usec, "%ld", (long)(ts.tv_nsec / 1000));
+        buf_str(o, "*2\r\n");
+        reply_bulk(o, sec, (size_t)sn);
+        reply_bulk(o, usec, (size_t)un);
     } else if (eq(cmd, "QUIT")) {
         buf_str(o, "+OK\r\n");
         return -1;

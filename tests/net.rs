@@ -206,19 +206,7 @@ fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
     assert!(events > 1000, "only {events} events under redis-benchmark");
     // A frame per request, not two: each reply carries its request's acknowledgement
     // (14,753 frames sent for 7,816 received when every request was acknowledged at once).
-    let stats = text
-        .lines()
-        .find(|l| l.contains("network: NetStats"))
-        .unwrap_or_else(|| panic!("no network statistics: {text}"));
-    let count = |name: &str| -> u64 {
-        stats
-            .split(&format!(" {name}: "))
-            .nth(1)
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {stats}"))
-    };
-    let (received, sent) = (count("rx_frames"), count("tx_frames"));
+    let (received, sent) = frames(&text);
     assert!(
         received > 1000 && sent * 10 < received * 12,
         "{sent} frames sent for {received} received"
@@ -234,6 +222,105 @@ fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
     assert!(
         before == common::tree(&ds),
         "the replay touched the datastore"
+    );
+}
+
+/// The frames the VM's NIC received and sent, from the statistics `vm run` logs as it ends.
+fn frames(text: &str) -> (u64, u64) {
+    let stats = text
+        .lines()
+        .find(|l| l.contains("network: NetStats"))
+        .unwrap_or_else(|| panic!("no network statistics: {text}"));
+    let count = |name: &str| -> u64 {
+        stats
+            .split(&format!(" {name}: "))
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    };
+    (count("rx_frames"), count("tx_frames"))
+}
+
+/// A guest slow to answer (kvd's TIME reads the clock, an event, per command: a pipelined
+/// batch of 16 is 16 events after the network step that took it) has its request
+/// acknowledged at the event bound, before its reply: a frame of its own, sent at the same
+/// point of the event stream by every copy, so that the replay sends it too, and the run
+/// replays to the same outputs. TIME itself answers as Redis does, with the host's clock.
+#[test]
+fn a_reply_slower_than_the_event_bound_is_acknowledged_first_and_replays_identically() {
+    let mut lab = Lab::up("ackb", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let log = dir.path().join("kvd.tlog");
+    let kvd = guest("kvd.wasm");
+    let out = dir.path().join("vm.out");
+    let vm = lab.start_vm(1, &kvd_args(&kvd, &ds, &["--record", s(&log)]), &out);
+    lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let time = cli(&lab, &["TIME"]);
+    let fields: Vec<u64> = time
+        .lines()
+        .map(|l| l.trim().parse().expect("TIME answers two integers"))
+        .collect();
+    assert_eq!(fields.len(), 2, "TIME answered {time:?}");
+    assert!(
+        fields[0].abs_diff(now) <= 5 && fields[1] < 1_000_000,
+        "TIME answered {fields:?} at {now}"
+    );
+    assert!(
+        cli(&lab, &["TIME", "now"]).starts_with("ERR"),
+        "TIME with an argument is refused, as Redis refuses it"
+    );
+
+    // 100 batches of 16 commands, one connection: one segment each way per batch, and a
+    // bare acknowledgement before each reply.
+    let batches = 100;
+    let bench = lab.client(
+        "redis-benchmark",
+        &[
+            "-h",
+            "10.77.0.10",
+            "-c",
+            "1",
+            "-n",
+            "1600",
+            "-P",
+            "16",
+            "-q",
+            "TIME",
+        ],
+    );
+    assert_eq!(bench.code, 0, "{}{}", bench.stdout, bench.stderr);
+    assert!(bench.stdout.contains("TIME"), "{}", bench.stdout);
+    assert_eq!(lab.stop_vm(vm), 0);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let (received, sent) = frames(&text);
+    // Replies alone (each carrying its acknowledgement) would be about one frame sent per
+    // frame received; the bound adds one per batch.
+    assert!(
+        received >= batches && sent >= received + batches * 3 / 4,
+        "{sent} frames sent for {received} received in {batches} batches"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorded: "))
+        .unwrap_or_else(|| panic!("no recorded line: {text}"));
+    let (events, digest) = events_and_digest(line, "recorded: ");
+    assert!(
+        events >= 1600,
+        "only {events} events for 1600 TIME commands"
+    );
+    let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&kvd)]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        events_and_digest(run.last_line(), "replay ok: "),
+        (events, digest)
     );
 }
 
