@@ -852,6 +852,58 @@ fn enabling_ft_on_a_running_vm_catches_up_and_protects_it() {
     assert!(ft.running(ft.secondary));
 }
 
+/// A secondary that joins while the guest's replies lag its requests past the event bound
+/// (pipelined batches of 10 TIME commands from 4 clients, each command a clock read: an
+/// acknowledgement is pending at the bound at some of the points where a checkpoint is
+/// taken) starts from a checkpoint that carries the bound and sends the same bare
+/// acknowledgements as the primary (a copy that did not would diverge at its next event,
+/// each event carrying the digest of the outputs before it, and never be protected), then
+/// takes over. Where the checkpoint falls is the primary's timing: that a restored bound
+/// is kept is shown deterministically by `vm replay --from` in `tests/net.rs`.
+#[test]
+fn a_secondary_joining_while_acknowledgements_are_delayed_replays_the_same_frames() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Checkpoints every MiB of events: an unprotected primary takes its own, and a
+    // secondary starts from the last.
+    let small = ["--checkpoint-mib", "1"];
+    let mut ft = Ft::start_primary_with(Lab::up("fk", 2), "kvd", &small);
+    let mut load = Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", &ft.lab.ns("client")])
+        .args(["redis-benchmark", "-h", "10.77.0.10", "-q"])
+        .args(["-c", "4", "-P", "10", "-n", "5000000", "TIME"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ft.status().contains("checkpoint=") || ft.status().contains("checkpoint=none") {
+        assert!(Instant::now() < deadline, "no checkpoint: {}", ft.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ft.secondary = ft.join(2, 1, &small, "secondary");
+    ft.wait_status("protected=true", Duration::from_secs(20));
+    // Batches replayed from the checkpoint on, then the primary's host dies mid-load.
+    std::thread::sleep(Duration::from_secs(1));
+    let log = ft.log("secondary");
+    assert!(log.contains("joining from the checkpoint"), "{log}");
+    assert!(
+        load.try_wait().unwrap().is_none(),
+        "the load ended before the failover"
+    );
+    assert_eq!(
+        tandem(&["lab", "kill", "--name", &ft.lab.name, "host1"]).code,
+        0
+    );
+    ft.wait_status("role=live", Duration::from_secs(5));
+    let _ = load.kill();
+    let _ = load.wait();
+    let log = ft.log("secondary");
+    assert!(!log.contains("diverged"), "{log}");
+    let time = ft.cli(&["TIME"]);
+    assert_eq!(time.lines().count(), 2, "TIME after the failover: {time:?}");
+    assert!(ft.running(ft.secondary));
+}
+
 /// Every `gen-N` record in a VM folder's arbitration folder, with its holder, by generation.
 /// redis-benchmark (SET, INCR; 20 clients, pipeline 8; `requests` of them, at most 60 s) at
 /// the VM from the client, in the background.
