@@ -3,9 +3,7 @@
 
 mod common;
 
-use common::{Lab, events_and_digest, guest, s, tandem};
-
-const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
+use common::{KVD_NIC, Lab, events_and_digest, guest, s, tandem};
 
 /// `vm run` of kvd with its datastore at `ds`, its NIC at 10.77.0.10 and port 6379, plus
 /// `extra` flags.
@@ -185,24 +183,11 @@ fn httpd_serves_files_over_keep_alive() {
 
 #[test]
 fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
-    let mut lab = Lab::up("rec", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("ds");
-    std::fs::create_dir(&ds).unwrap();
-    let log = dir.path().join("kvd.tlog");
-    let kvd = guest("kvd.wasm");
-    let out = dir.path().join("vm.out");
-    let vm = lab.start_vm(1, &kvd_args(&kvd, &ds, &["--record", s(&log)]), &out);
-    lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
-    let bench = lab.redis_benchmark(common::KVD_LOAD);
+    let mut rec = common::RecordedKvd::start("rec");
+    let bench = rec.lab.redis_benchmark(common::KVD_LOAD);
     assert_eq!(bench.code, 0, "{}", bench.stderr);
-    assert_eq!(lab.stop_vm(vm), 0);
-    let text = std::fs::read_to_string(&out).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("recorded: "))
-        .unwrap_or_else(|| panic!("no recorded line: {text}"));
-    let (events, digest) = events_and_digest(line, "recorded: ");
+    let (text, (events, digest)) = rec.stop();
+    let (ds, log, kvd) = (&rec.ds, &rec.log, &rec.kvd);
     assert!(events > 1000, "only {events} events under redis-benchmark");
     // A frame per request, not two: each reply carries its request's acknowledgement
     // (14,753 frames sent for 7,816 received when every request was acknowledged at once).
@@ -212,15 +197,15 @@ fn a_recorded_kvd_under_redis_benchmark_replays_identically() {
         "{sent} frames sent for {received} received"
     );
 
-    let before = common::tree(&ds);
-    let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&kvd)]);
+    let before = common::tree(ds);
+    let run = tandem(&["vm", "replay", s(log), "--wasm", s(kvd)]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(
         events_and_digest(run.last_line(), "replay ok: "),
         (events, digest)
     );
     assert!(
-        before == common::tree(&ds),
+        before == common::tree(ds),
         "the replay touched the datastore"
     );
 }
@@ -251,21 +236,14 @@ fn frames(text: &str) -> (u64, u64) {
 /// TIME itself answers as Redis does, with the host's clock.
 #[test]
 fn a_reply_slower_than_the_event_bound_is_acknowledged_first_and_replays_identically() {
-    let mut lab = Lab::up("ackb", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("ds");
-    std::fs::create_dir(&ds).unwrap();
-    let log = dir.path().join("kvd.tlog");
-    let kvd = guest("kvd.wasm");
-    let out = dir.path().join("vm.out");
-    let vm = lab.start_vm(1, &kvd_args(&kvd, &ds, &["--record", s(&log)]), &out);
-    lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+    let mut rec = common::RecordedKvd::start("ackb");
+    let lab = &rec.lab;
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let time = cli(&lab, &["TIME"]);
+    let time = cli(lab, &["TIME"]);
     let fields: Vec<u64> = time
         .lines()
         .map(|l| l.trim().parse().expect("TIME answers two integers"))
@@ -276,7 +254,7 @@ fn a_reply_slower_than_the_event_bound_is_acknowledged_first_and_replays_identic
         "TIME answered {fields:?} at {now}"
     );
     assert!(
-        cli(&lab, &["TIME", "now"]).starts_with("ERR"),
+        cli(lab, &["TIME", "now"]).starts_with("ERR"),
         "TIME with an argument is refused, as Redis refuses it"
     );
 
@@ -300,8 +278,8 @@ fn a_reply_slower_than_the_event_bound_is_acknowledged_first_and_replays_identic
     );
     assert_eq!(bench.code, 0, "{}{}", bench.stdout, bench.stderr);
     assert!(bench.stdout.contains("TIME"), "{}", bench.stdout);
-    assert_eq!(lab.stop_vm(vm), 0);
-    let text = std::fs::read_to_string(&out).unwrap();
+    let (text, (events, digest)) = rec.stop();
+    let (log, kvd) = (&rec.log, &rec.kvd);
     let (received, sent) = frames(&text);
     // Replies alone (each carrying its acknowledgement) would be about one frame sent per
     // frame received; the bound adds one per batch.
@@ -309,16 +287,11 @@ fn a_reply_slower_than_the_event_bound_is_acknowledged_first_and_replays_identic
         received >= batches && sent >= received + batches * 3 / 4,
         "{sent} frames sent for {received} received in {batches} batches"
     );
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("recorded: "))
-        .unwrap_or_else(|| panic!("no recorded line: {text}"));
-    let (events, digest) = events_and_digest(line, "recorded: ");
     assert!(
         events >= 1600,
         "only {events} events for 1600 TIME commands"
     );
-    let run = tandem(&["vm", "replay", s(&log), "--wasm", s(&kvd)]);
+    let run = tandem(&["vm", "replay", s(log), "--wasm", s(kvd)]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(
         events_and_digest(run.last_line(), "replay ok: "),
@@ -329,11 +302,11 @@ fn a_reply_slower_than_the_event_bound_is_acknowledged_first_and_replays_identic
     // the copy restored from it sends the acknowledgement where the recorded run did. A
     // batch is about 18 events, at most 9 of them in a row with none pending, so 12
     // snapshots at consecutive events take some with one pending.
-    let snap = dir.path().join("mid.snap");
+    let snap = rec.dir.path().join("mid.snap");
     for at in events / 2..events / 2 + 12 {
         let at = at.to_string();
         let replay = |extra: &[&str]| {
-            let mut args = vec!["vm", "replay", s(&log), "--wasm", s(&kvd)];
+            let mut args = vec!["vm", "replay", s(log), "--wasm", s(kvd)];
             args.extend_from_slice(extra);
             let run = tandem(&args);
             assert_eq!(run.code, 0, "{extra:?}: {}{}", run.stdout, run.stderr);

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{events_and_digest, guest, replay_from, s, tandem};
+use common::{KVD_NIC, events_and_digest, guest, replay_from, s, tandem};
 
 /// Record `wasm ARGS` in a fresh datastore below `dir`; (log, events, digest).
 fn record(dir: &Path, wasm: &str, args: &[&str]) -> (PathBuf, u64, String) {
@@ -239,60 +239,31 @@ fn damaged_truncated_and_foreign_snapshots_are_refused_with_exit_2() {
     }
 }
 
-const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
-
 /// kvd under the load (`redis-benchmark -t set,get,incr -n 20000 -c 20 -P 8`),
 /// recorded in a lab, snapshotted mid-way through a replay (its network stack, open
 /// connections and append-only file with it), replays from the snapshot to the same end.
 #[test]
 fn a_recorded_kvd_under_redis_benchmark_replays_from_a_mid_way_snapshot() {
-    let mut lab = common::Lab::up("snk", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("ds");
-    std::fs::create_dir(&ds).unwrap();
-    let log = dir.path().join("kvd.tlog");
-    let kvd = guest("kvd.wasm");
-    let out = dir.path().join("vm.out");
-    let args = [
-        "vm",
-        "run",
-        "--wasm",
-        s(&kvd),
-        "--datastore",
-        s(&ds),
-        "--nic",
-        KVD_NIC,
-        "--listen",
-        "tcp:6379",
-        "--record",
-        s(&log),
-    ];
-    let vm = lab.start_vm(1, &args, &out);
-    lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
-    let bench = lab.redis_benchmark(common::KVD_LOAD);
+    let mut rec = common::RecordedKvd::start("snk");
+    let bench = rec.lab.redis_benchmark(common::KVD_LOAD);
     assert_eq!(bench.code, 0, "{}", bench.stderr);
-    assert_eq!(lab.stop_vm(vm), 0);
-    let text = std::fs::read_to_string(&out).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("recorded: "))
-        .unwrap_or_else(|| panic!("no recorded line: {text}"));
-    let whole = events_and_digest(line, "recorded: ");
+    let (_, whole) = rec.stop();
     assert!(whole.0 > 1000, "only {} events", whole.0);
+    let (dir, log, kvd) = (&rec.dir, &rec.log, &rec.kvd);
 
     let snap = dir.path().join("kvd.snap");
-    let (pos, bytes) = snapshot_while_replaying(&kvd, &log, whole.0 / 2, &snap, &whole);
+    let (pos, bytes) = snapshot_while_replaying(kvd, log, whole.0 / 2, &snap, &whole);
     assert!(pos >= whole.0 / 2 && pos < whole.0);
     eprintln!("kvd snapshot at event {pos} of {}: {bytes} bytes", whole.0);
-    assert_eq!(replay_from(&log, &kvd, &snap), whole);
+    assert_eq!(replay_from(log, kvd, &snap), whole);
 
     // Near the end, once the load is over: kvd idle, waiting in its poll until stopped.
     // (That a snapshot lands inside a waiting poll, live and in a replay, is shown by
     // `an_idle_kvd_is_snapshotted_through_its_api_at_once`.)
     let idle = dir.path().join("idle.snap");
-    let (pos, _) = snapshot_while_replaying(&kvd, &log, whole.0 - 1, &idle, &whole);
+    let (pos, _) = snapshot_while_replaying(kvd, log, whole.0 - 1, &idle, &whole);
     assert!(pos < whole.0);
-    assert_eq!(replay_from(&log, &kvd, &idle), whole);
+    assert_eq!(replay_from(log, kvd, &idle), whole);
 }
 
 /// A file's name below `dir` and its content, for every file (mtimes differ by design).

@@ -210,6 +210,73 @@ pub struct Lab {
 /// The issues' standard load at kvd: `redis-benchmark -t set,get,incr -n 20000 -c 20 -P 8`.
 pub const KVD_LOAD: &[&str] = &["-t", "set,get,incr", "-n", "20000", "-c", "20", "-P", "8"];
 
+/// A bare lab's VM NIC for kvd: 10.77.0.10 on the VM network's bridge.
+#[allow(dead_code)]
+pub const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
+
+/// kvd as a VM at 10.77.0.10:6379 on host1 of a one-host bare lab, its datastore a fresh
+/// folder, recording its event log: answering the client once started.
+#[allow(dead_code)]
+pub struct RecordedKvd {
+    pub lab: Lab,
+    pub dir: tempfile::TempDir,
+    pub ds: PathBuf,
+    pub log: PathBuf,
+    pub kvd: PathBuf,
+    out: PathBuf,
+    vm: usize,
+}
+
+#[allow(dead_code)]
+impl RecordedKvd {
+    pub fn start(tag: &str) -> RecordedKvd {
+        let mut lab = Lab::up(tag, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("ds");
+        std::fs::create_dir(&ds).unwrap();
+        let log = dir.path().join("kvd.tlog");
+        let kvd = guest("kvd.wasm");
+        let out = dir.path().join("vm.out");
+        let args = [
+            "vm",
+            "run",
+            "--wasm",
+            s(&kvd),
+            "--datastore",
+            s(&ds),
+            "--nic",
+            KVD_NIC,
+            "--listen",
+            "tcp:6379",
+            "--record",
+            s(&log),
+        ];
+        let vm = lab.start_vm(1, &args, &out);
+        lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
+        RecordedKvd {
+            lab,
+            dir,
+            ds,
+            log,
+            kvd,
+            out,
+            vm,
+        }
+    }
+
+    /// Stop the VM (exit 0): what it printed, and the events and digest of its recording.
+    pub fn stop(&mut self) -> (String, (u64, String)) {
+        assert_eq!(self.lab.stop_vm(self.vm), 0);
+        let text = std::fs::read_to_string(&self.out).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("recorded: "))
+            .unwrap_or_else(|| panic!("no recorded line: {text}"));
+        let recorded = events_and_digest(line, "recorded: ");
+        (text, recorded)
+    }
+}
+
 impl Lab {
     /// A bare lab (`lab up --bare`: namespaces and networks, no etcd, no agents) named
     /// after this test process and `tag`.
