@@ -3,30 +3,7 @@
 
 mod common;
 
-use common::{KVD_NIC, Lab, events_and_digest, guest, s, tandem};
-
-/// `vm run` of kvd with its datastore at `ds`, its NIC at 10.77.0.10 and port 6379, plus
-/// `extra` flags.
-fn kvd_args<'a>(
-    kvd: &'a std::path::Path,
-    ds: &'a std::path::Path,
-    extra: &[&'a str],
-) -> Vec<&'a str> {
-    let mut a = vec![
-        "vm",
-        "run",
-        "--wasm",
-        s(kvd),
-        "--datastore",
-        s(ds),
-        "--nic",
-        KVD_NIC,
-        "--listen",
-        "tcp:6379",
-    ];
-    a.extend_from_slice(extra);
-    a
-}
+use common::{Lab, events_and_digest, guest, kvd_args, s, tandem};
 
 /// `redis-cli -h 10.77.0.10 ARGS` from the client: its trimmed output.
 fn cli(lab: &Lab, args: &[&str]) -> String {

@@ -451,22 +451,7 @@ fn start_kvd(lab: &mut common::Lab, host: u32, dir: &Path, api: &Path, log: &Pat
     std::fs::create_dir_all(&ds).unwrap();
     let kvd = guest("kvd.wasm");
     let out = dir.join(format!("vm{host}.out"));
-    let args = [
-        "vm",
-        "run",
-        "--wasm",
-        s(&kvd),
-        "--datastore",
-        s(&ds),
-        "--nic",
-        KVD_NIC,
-        "--listen",
-        "tcp:6379",
-        "--api-sock",
-        s(api),
-        "--record",
-        s(log),
-    ];
+    let args = common::kvd_args(&kvd, &ds, &["--api-sock", s(api), "--record", s(log)]);
     let vm = lab.start_vm(host, &args, &out);
     lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
     vm

@@ -214,6 +214,26 @@ pub const KVD_LOAD: &[&str] = &["-t", "set,get,incr", "-n", "20000", "-c", "20",
 #[allow(dead_code)]
 pub const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
 
+/// `vm run` of kvd with its datastore at `ds`, its NIC at 10.77.0.10 and port 6379, plus
+/// `extra` flags.
+#[allow(dead_code)]
+pub fn kvd_args<'a>(kvd: &'a Path, ds: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "vm",
+        "run",
+        "--wasm",
+        s(kvd),
+        "--datastore",
+        s(ds),
+        "--nic",
+        KVD_NIC,
+        "--listen",
+        "tcp:6379",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
 /// kvd as a VM at 10.77.0.10:6379 on host1 of a one-host bare lab, its datastore a fresh
 /// folder, recording its event log: answering the client once started.
 #[allow(dead_code)]
@@ -237,21 +257,7 @@ impl RecordedKvd {
         let log = dir.path().join("kvd.tlog");
         let kvd = guest("kvd.wasm");
         let out = dir.path().join("vm.out");
-        let args = [
-            "vm",
-            "run",
-            "--wasm",
-            s(&kvd),
-            "--datastore",
-            s(&ds),
-            "--nic",
-            KVD_NIC,
-            "--listen",
-            "tcp:6379",
-            "--record",
-            s(&log),
-        ];
-        let vm = lab.start_vm(1, &args, &out);
+        let vm = lab.start_vm(1, &kvd_args(&kvd, &ds, &["--record", s(&log)]), &out);
         lab.wait_for("redis-cli", &["-h", "10.77.0.10", "PING"], "PONG");
         RecordedKvd {
             lab,
