@@ -215,6 +215,8 @@ static int execute(struct buf *o, int argc, char **argv, size_t *lens, int repla
         buf_str(o, "*2\r\n");
         reply_bulk(o, sec, (size_t)sn);
         reply_bulk(o, usec, (size_t)un);
+    } else if (eq(cmd, "TIME")) {
+        buf_str(o, "-ERR wrong number of arguments for 'time' command\r\n");
     } else if (eq(cmd, "QUIT")) {
         buf_str(o, "+OK\r\n");
         return -1;

@@ -211,12 +211,10 @@ pub struct Lab {
 pub const KVD_LOAD: &[&str] = &["-t", "set,get,incr", "-n", "20000", "-c", "20", "-P", "8"];
 
 /// A bare lab's VM NIC for kvd: 10.77.0.10 on the VM network's bridge.
-#[allow(dead_code)]
 pub const KVD_NIC: &str = "bridge=br-vm,mac=02:00:00:00:00:10,ip=10.77.0.10/24";
 
 /// `vm run` of kvd with its datastore at `ds`, its NIC at 10.77.0.10 and port 6379, plus
 /// `extra` flags.
-#[allow(dead_code)]
 pub fn kvd_args<'a>(kvd: &'a Path, ds: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "vm",
@@ -236,7 +234,6 @@ pub fn kvd_args<'a>(kvd: &'a Path, ds: &'a Path, extra: &[&'a str]) -> Vec<&'a s
 
 /// kvd as a VM at 10.77.0.10:6379 on host1 of a one-host bare lab, its datastore a fresh
 /// folder, recording its event log: answering the client once started.
-#[allow(dead_code)]
 pub struct RecordedKvd {
     pub lab: Lab,
     pub dir: tempfile::TempDir,
@@ -247,7 +244,6 @@ pub struct RecordedKvd {
     vm: usize,
 }
 
-#[allow(dead_code)]
 impl RecordedKvd {
     pub fn start(tag: &str) -> RecordedKvd {
         let mut lab = Lab::up(tag, 1);
