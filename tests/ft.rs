@@ -164,6 +164,28 @@ impl Ft {
         r.stdout.trim().to_string()
     }
 
+    /// `redis-cli ARGS` from the client, again until it succeeds and `ok` holds for its
+    /// trimmed output (clients reconnect and retransmit after a go-live), for at most 5 s:
+    /// that output; else fail, saying `what` and the last answer.
+    fn cli_until(&self, args: &[&str], what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let mut a = vec!["-h", "10.77.0.10"];
+        a.extend_from_slice(args);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = self.lab.client("redis-cli", &a);
+            if r.code == 0 && ok(r.stdout.trim()) {
+                return r.stdout.trim().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {}{}",
+                r.stdout,
+                r.stderr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether VM process `i` is still running.
     fn running(&mut self, i: usize) -> bool {
         self.lab.exited(i).is_none()
@@ -621,22 +643,9 @@ fn cutting_only_the_logging_link_leaves_exactly_one_live_copy() {
         "{status}"
     );
     // Clients keep being served, by the one live copy.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = ft
-            .lab
-            .client("redis-cli", &["-h", "10.77.0.10", "GET", "before"]);
-        if r.stdout.trim() == "cut" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nobody serves after the cut: {}{}",
-            r.stdout,
-            r.stderr
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ft.cli_until(&["GET", "before"], "nobody serves after the cut", |o| {
+        o == "cut"
+    });
     assert_eq!(ft.cli(&["INCR", "after"]), "1");
 }
 
@@ -787,22 +796,11 @@ fn garbage_truncated_and_forged_frames_on_the_logging_port_are_refused() {
         0
     );
     ft.wait_status("role=live", Duration::from_secs(5));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = ft
-            .lab
-            .client("redis-cli", &["-h", "10.77.0.10", "INCR", "g"]);
-        if r.stdout.trim() == "3" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the secondary did not take over correctly: {}{}",
-            r.stdout,
-            r.stderr
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ft.cli_until(
+        &["INCR", "g"],
+        "the secondary did not take over correctly",
+        |o| o == "3",
+    );
 }
 
 #[test]
@@ -830,23 +828,9 @@ fn enabling_ft_on_a_running_vm_catches_up_and_protects_it() {
         0
     );
     ft.wait_status("role=live", Duration::from_secs(5));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = ft.lab.client(
-            "redis-cli",
-            &["-h", "10.77.0.10", "GET", "counter:__rand_int__"],
-        );
-        if r.stdout.trim() == "20001" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after failover: {}{}",
-            r.stdout,
-            r.stderr
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ft.cli_until(&["GET", "counter:__rand_int__"], "after failover", |o| {
+        o == "20001"
+    });
     assert_eq!(ft.cli(&["GET", "before"]), "enable");
     assert!(ft.running(ft.secondary));
 }
@@ -900,21 +884,9 @@ fn a_secondary_joining_while_acknowledgements_are_delayed_replays_the_same_frame
     let _ = load.wait();
     let log = ft.log("secondary");
     assert!(!log.contains("diverged"), "{log}");
-    // The clients' connections come back within a retransmission or two.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = ft.lab.client("redis-cli", &["-h", "10.77.0.10", "TIME"]);
-        if r.code == 0 && r.stdout.trim().lines().count() == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "TIME after the failover: {}{}",
-            r.stdout,
-            r.stderr
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ft.cli_until(&["TIME"], "TIME after the failover", |o| {
+        o.lines().count() == 2
+    });
     assert!(ft.running(ft.secondary));
 }
 
