@@ -30,7 +30,7 @@ pub struct AgentArgs {
     #[arg(long = "vm-peer", value_name = "IP")]
     pub vm_peers: Vec<std::net::Ipv4Addr>,
     /// Passed to every copy: a storage or uplink failure counts only once it has lasted
-    /// this long (default: the copies' own, 300 ms).
+    /// this long (default: the copies' own, 150 ms).
     #[arg(long, value_name = "MS")]
     pub health_hold_ms: Option<u64>,
     /// Passed to every copy: a primary never hands its VM over because of its host's

@@ -182,8 +182,9 @@ struct FtArgs {
     #[arg(long = "uplink-peer", value_name = "IP")]
     uplink_peers: Vec<std::net::Ipv4Addr>,
     /// A storage or uplink failure counts only once it has lasted this long: a shorter
-    /// flap does nothing.
-    #[arg(long, value_name = "MS", default_value_t = 300)]
+    /// flap does nothing. The default hands a VM over before a client's first TCP
+    /// retransmission (200 ms at the least on Linux) of what the cut lost.
+    #[arg(long, value_name = "MS", default_value_t = lockstep::health::DEFAULT_HOLD_MS)]
     health_hold_ms: u64,
     /// Never hand the VM over because of this host's storage or uplink (still reported).
     #[arg(long)]

@@ -351,7 +351,13 @@ fn a_primary_that_loses_its_vm_network_hands_over_to_a_secondary_that_has_it() {
 fn a_secondary_without_vm_network_leaves_the_primary_in_place_not_protected_and_a_flap_does_nothing()
  {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ft = Ft::start_with("fv", WATCH_UPLINK);
+    // The hold given, not the default: the flap below is two `tandem lab` runs apart.
+    let watch: Vec<&str> = WATCH_UPLINK
+        .iter()
+        .copied()
+        .chain(["--health-hold-ms", "300"])
+        .collect();
+    let mut ft = Ft::start_with("fv", &watch);
     // A flap shorter than the hold (300 ms) on the primary's side: nothing happens.
     uplink(&ft, 1, false);
     std::thread::sleep(Duration::from_millis(100));

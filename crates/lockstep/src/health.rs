@@ -39,6 +39,14 @@ pub const MAX_WHY: usize = 200;
 const PEER_WAIT: Duration = Duration::from_millis(200);
 /// The most peers one host watches.
 pub const MAX_PEERS: usize = 16;
+/// How long a path must fail before it counts as lost, unless configured
+/// (`ft ... --health-hold-ms`). Under Linux's 200 ms minimum retransmission timeout: a
+/// client's request lost at the cut is sent again once about 200 ms later, and then only
+/// about 400 ms after that. Lost after this hold (and a `TICK`), the VM is handed over
+/// (a few ms) before that first retransmission, so it lands on the new live copy: with a
+/// 300 ms hold the lab's clients waited about 620 ms across an uplink cut, with this one
+/// about 210 ms, as across a host's death (`tandem bench ft`, `uplink_handover_ms`).
+pub const DEFAULT_HOLD_MS: u64 = 150;
 
 /// What a host has lost, if anything: each `Some` says why.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
