@@ -3472,13 +3472,28 @@ mod tests {
         })
     }
 
+    /// The most a TCP connection's two ends may buffer on this host (in this network
+    /// namespace): the largest send buffer plus the largest receive buffer, from the third
+    /// field of `tcp_wmem` and `tcp_rmem` (Linux's defaults, 4 + 6 MiB, if unreadable).
+    fn socket_buffers_max() -> u64 {
+        let max = |name: &str, default: u64| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+                .unwrap_or(default)
+        };
+        max("tcp_wmem", 4 << 20) + max("tcp_rmem", 6 << 20)
+    }
+
     #[test]
     fn the_vms_thread_never_blocks_on_a_channel_the_secondary_stopped_reading() {
         let (_shared, primary) = quiet_primary(Duration::from_secs(60));
         let (mut sink, mut port) = (primary.sink(), primary.port());
-        // 384 events of 60 KiB: 22.5 MiB, far more than the socket buffers of both ends
-        // hold (at most 4 + 6 MiB on Linux by default).
-        let (n, size) = (384u64, 60 << 10);
+        // Events of 60 KiB, at least 384 (22.5 MiB) and always twice what the socket
+        // buffers of both ends may hold (4 + 6 MiB by Linux's default limits, more where
+        // they were raised): the channel fills whatever this host's settings.
+        let size = 60 << 10;
+        let n = (2 * socket_buffers_max()).div_ceil(size as u64).max(384);
         let (go, stalled) = std::sync::mpsc::channel();
         let secondary = stalled_secondary(&primary, stalled, n);
         // Gated at once (the history is empty), the release point sent: the sender waits.
