@@ -10,7 +10,9 @@
 //! network) out of the uplink on a packet socket and waits for a reply. The uplink fails
 //! while it has no carrier or no peer answers (one answering is enough). A path is *lost*
 //! only after it failed continuously for the hold time, so a flap shorter than that does
-//! nothing (and is logged as ignored), and found again at its first success.
+//! nothing (and is logged as ignored), and found again at its first success. The peers'
+//! silence is held at least [`PEER_HOLD`]: a round that found no answer is not a loss while
+//! the next one can still answer in time.
 //!
 //! The secondary sends its host's health to the primary (`ToPrimary::Health`); the primary
 //! hands the VM over when its own host lost a path the secondary's host has, and the
@@ -18,7 +20,8 @@
 //! `primary::Primary::watch_health`), and reports the VM not protected while the
 //! secondary's host lacks one. Reports come after the hold, so a loss on both hosts at once
 //! is not yet reported when the primary asks: the secondary then looks afresh
-//! ([`Monitor::fresh`]) and declines (`ToPrimary::Declined`) without every path.
+//! ([`Monitor::fresh`]: storage probed, the carrier read and the peers asked, then and
+//! there) and declines (`ToPrimary::Declined`) without every path.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -37,15 +40,23 @@ const PROBE_EVERY: Duration = Duration::from_millis(100);
 pub const MAX_WHY: usize = 200;
 /// How long the peers have to answer one round of ARP probes.
 const PEER_WAIT: Duration = Duration::from_millis(200);
+/// The shortest hold of the peers' silence, whatever the configured hold: a failed round's
+/// verdict stands while the next round runs (up to [`PEER_WAIT`]), so a shorter hold would
+/// take one round unanswered and the next answered late but in time for a loss. Held this
+/// long, a loss takes two rounds in a row unanswered.
+const PEER_HOLD: Duration = PEER_WAIT.saturating_add(PROBE_EVERY);
 /// The most peers one host watches.
 pub const MAX_PEERS: usize = 16;
 /// How long a path must fail before it counts as lost, unless configured
 /// (`ft ... --health-hold-ms`). Under Linux's 200 ms minimum retransmission timeout: a
 /// client's request lost at the cut is sent again once about 200 ms later, and then only
-/// about 400 ms after that. Lost after this hold (and a `TICK`), the VM is handed over
-/// (a few ms) before that first retransmission, so it lands on the new live copy: with a
-/// 300 ms hold the lab's clients waited about 620 ms across an uplink cut, with this one
-/// about 210 ms, as across a host's death (`tandem bench ft`, `uplink_handover_ms`).
+/// about 400 ms after that. A carrier or storage loss is seen within a `TICK`, held this
+/// long, seen by the primary within its 20 ms look, and the VM handed over (a few ms)
+/// before that first retransmission, so it lands on the new live copy: with a 300 ms hold
+/// the lab's clients waited about 620 ms across an uplink's carrier loss, with this one
+/// about 210 ms, as across a host's death (`tandem bench ft`, `uplink_handover_ms`). The
+/// peers' silence takes a round of [`PEER_WAIT`] and [`PEER_HOLD`] to tell: its handover
+/// comes after that retransmission (about 650 ms in the lab).
 pub const DEFAULT_HOLD_MS: u64 = 150;
 
 /// What a host has lost, if anything: each `Some` says why.
@@ -157,11 +168,6 @@ impl Path {
     fn lost(&self) -> Option<String> {
         self.lost.then(|| self.why.clone().unwrap_or_default())
     }
-
-    /// Why it fails now, lost or not yet (its latest look failed).
-    fn failing(&self) -> Option<String> {
-        self.failing_since.and(self.why.clone())
-    }
 }
 
 #[derive(Default)]
@@ -249,17 +255,20 @@ impl Monitor {
     }
 
     /// What this host lacks right now, without waiting for the hold: storage probed now
-    /// (bounded by [`PROBE_TIMEOUT`]), the uplink as its latest look found it. A copy asked
-    /// to take the VM over answers with this: a loss that hit both hosts at once is not
-    /// yet a loss after the hold on either.
+    /// (bounded by [`PROBE_TIMEOUT`]), the uplink's carrier read now and its peers asked
+    /// now (bounded by [`PEER_WAIT`]). A copy asked to take the VM over answers with this:
+    /// a loss that hit both hosts at once is not yet a loss after the hold on either, and
+    /// a carrier lost on one host is told long before a silence of the peers on the other.
     pub fn fresh(&self) -> HostHealth {
         let storage = self.storage_now();
-        let uplink = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .uplink
-            .failing();
+        let uplink = self.config.uplink.as_deref().and_then(|ifname| {
+            carrier(ifname)
+                .and_then(|()| match self.config.peers.as_slice() {
+                    [] => Ok(()),
+                    peers => peers_answer(ifname, peers, PEER_WAIT),
+                })
+                .err()
+        });
         HostHealth { storage, uplink }.bounded()
     }
 
@@ -293,14 +302,15 @@ impl Monitor {
                 }
                 let since = *carrier_since.get_or_insert_with(Instant::now);
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut hold = self.config.hold;
                 if r.is_ok()
                     && let Some((started, Err(why))) = &st.peers
                     && *started >= since
                 {
                     r = Err(why.clone());
+                    hold = hold.max(PEER_HOLD);
                 }
-                st.uplink
-                    .saw(r, self.config.hold, "the VM network's uplink");
+                st.uplink.saw(r, hold, "the VM network's uplink");
             }
             let result = match &pending {
                 Some((started, rx)) => match rx.try_recv() {

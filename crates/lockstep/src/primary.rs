@@ -3489,11 +3489,14 @@ mod tests {
     fn the_vms_thread_never_blocks_on_a_channel_the_secondary_stopped_reading() {
         let (_shared, primary) = quiet_primary(Duration::from_secs(60));
         let (mut sink, mut port) = (primary.sink(), primary.port());
-        // Events of 60 KiB, at least 384 (22.5 MiB) and always twice what the socket
-        // buffers of both ends may hold (4 + 6 MiB by Linux's default limits, more where
-        // they were raised): the channel fills whatever this host's settings.
+        // Events of 60 KiB, twice what the socket buffers of both ends may hold (4 + 6 MiB
+        // by Linux's default limits, 4 + 32 here), at least 384 (22.5 MiB), at most 4,096
+        // (240 MiB, all of it kept in the primary's history): the channel fills on any
+        // host whose limits are under 120 MiB.
         let size = 60 << 10;
-        let n = (2 * socket_buffers_max()).div_ceil(size as u64).max(384);
+        let n = (2 * socket_buffers_max())
+            .div_ceil(size as u64)
+            .clamp(384, 4096);
         let (go, stalled) = std::sync::mpsc::channel();
         let secondary = stalled_secondary(&primary, stalled, n);
         // Gated at once (the history is empty), the release point sent: the sender waits.
