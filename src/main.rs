@@ -181,8 +181,9 @@ struct FtArgs {
     /// none of them answers. Needs --uplink.
     #[arg(long = "uplink-peer", value_name = "IP")]
     uplink_peers: Vec<std::net::Ipv4Addr>,
-    /// A storage or uplink failure counts only once it has lasted this long: a shorter
-    /// flap does nothing. The default hands a VM over before a client's first TCP
+    /// A storage or uplink failure counts only once it has lasted this long (the silence
+    /// of --uplink-peer: at least 300 ms): a shorter flap does nothing. The default hands a
+    /// VM over after a lost carrier or storage path before a client's first TCP
     /// retransmission (200 ms at the least on Linux) of what the cut lost.
     #[arg(long, value_name = "MS", default_value_t = lockstep::health::DEFAULT_HOLD_MS)]
     health_hold_ms: u64,

@@ -441,19 +441,41 @@ fn a_primary_whose_peers_are_unreachable_with_carrier_up_hands_over_and_healing_
     assert_eq!(ft.cli(&["INCR", "ft:peers"]), (count + 1).to_string());
 }
 
-/// The primary's host loses its uplink's carrier while the secondary's host loses its peers
-/// (carrier up, nothing answers), at once and both with the default holds: the carrier's
-/// loss is told in about 170 ms, the peers' silence only after a 200 ms round and its hold.
-/// Asked first, the secondary asks its peers then and there, hears nothing and declines: the
-/// VM is not handed to a host without its VM network.
-#[test]
-fn a_carrier_lost_on_the_primary_while_the_secondarys_peers_fall_silent_is_declined() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let ft = Ft::start_with("fx", WATCH_PEERS);
+/// The VM network lost on both hosts at once (`cut`, given the pair; `heal` undoes it):
+/// the secondary's own report comes after its (long) hold, so the primary asks it to take
+/// the VM over; it looks afresh, finds its VM network lost (`why`, its log's words) and
+/// declines. Nothing moves; healed, the VM serves on, still protected.
+fn both_lose_the_vm_network_and_nothing_moves(
+    tag: &str,
+    watch: &[&str],
+    why: &str,
+    cut: impl FnOnce(&Ft),
+    heal: impl FnOnce(&Ft),
+) {
+    let mut ft = Ft::start_primary_with(Lab::up(tag, 2), "kvd", watch);
+    let slow: Vec<&str> = watch
+        .iter()
+        .copied()
+        .chain(["--health-hold-ms", "5000"])
+        .collect();
+    ft.secondary = ft.join(2, 1, &slow, "secondary");
     ft.wait_status("protected=true", Duration::from_secs(10));
-    assert_eq!(ft.cli(&["INCR", "ft:silent"]), "1");
-    plug(&ft, 2, false);
-    uplink(&ft, 1, false);
+    let key = format!("ft:{tag}");
+    assert_eq!(ft.cli(&["INCR", &key]), "1");
+    let nothing_moved = |ft: &mut Ft| {
+        assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
+        assert!(
+            ft.running(ft.primary) && ft.running(ft.secondary),
+            "{}",
+            ft.log("primary")
+        );
+        assert!(
+            !ft.log("primary").contains("handed over"),
+            "{}",
+            ft.log("primary")
+        );
+    };
+    cut(&ft);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !ft.log("primary").contains("declined by secondary") {
         assert!(Instant::now() < deadline, "{}", ft.log("primary"));
@@ -461,52 +483,56 @@ fn a_carrier_lost_on_the_primary_while_the_secondarys_peers_fall_silent_is_decli
     }
     let secondary = ft.log("secondary");
     assert!(
-        secondary.contains("declined: this host lost its VM network (no peer (10.77.0.2)"),
+        secondary.contains(&format!("declined: this host lost its VM network ({why}")),
         "{secondary}"
     );
-    assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
-    uplink(&ft, 1, true);
-    plug(&ft, 2, true);
+    nothing_moved(&mut ft);
+    heal(&ft);
     ft.wait_status("protected=true", Duration::from_secs(10));
-    assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
-    assert_eq!(ft.cli(&["INCR", "ft:silent"]), "2");
+    assert_eq!(ft.cli(&["INCR", &key]), "2");
+    nothing_moved(&mut ft);
 }
 
-/// The VM network lost on both hosts at once: the secondary's report comes after its (long)
-/// hold, so the primary asks it to take over; it looks afresh, finds its uplink down too and
-/// declines. Nothing moves; healed, the VM serves on, still protected.
+/// The primary's host loses its uplink's carrier while the secondary's host loses its peers
+/// (carrier up, nothing answers): the carrier's loss is told after the primary's default
+/// hold (about 170 ms), long before the secondary would tell the peers' silence. Asked, the
+/// secondary asks its peers then and there, hears nothing and declines: the VM is not
+/// handed to a host without its VM network.
+#[test]
+fn a_carrier_lost_on_the_primary_while_the_secondarys_peers_fall_silent_is_declined() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    both_lose_the_vm_network_and_nothing_moves(
+        "fx",
+        WATCH_PEERS,
+        "no peer (10.77.0.2)",
+        |ft| {
+            plug(ft, 2, false);
+            uplink(ft, 1, false);
+        },
+        |ft| {
+            uplink(ft, 1, true);
+            plug(ft, 2, true);
+        },
+    );
+}
+
+/// Both uplinks lose their carrier at once; the secondary finds its own down and declines.
 #[test]
 fn uplink_lost_on_both_hosts_at_once_is_declined_and_moves_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ft = Ft::start_primary_with(Lab::up("fw", 2), "kvd", WATCH_UPLINK);
-    let slow: Vec<&str> = WATCH_UPLINK
-        .iter()
-        .copied()
-        .chain(["--health-hold-ms", "5000"])
-        .collect();
-    ft.secondary = ft.join(2, 1, &slow, "secondary");
-    ft.wait_status("protected=true", Duration::from_secs(10));
-    assert_eq!(ft.cli(&["INCR", "ft:both"]), "1");
-    uplink(&ft, 2, false);
-    uplink(&ft, 1, false);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !ft.log("primary").contains("declined by secondary") {
-        assert!(Instant::now() < deadline, "{}", ft.log("primary"));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        ft.log("secondary")
-            .contains("declined: this host lost its VM network"),
-        "{}",
-        ft.log("secondary")
+    both_lose_the_vm_network_and_nothing_moves(
+        "fw",
+        WATCH_UPLINK,
+        "uplink has no carrier",
+        |ft| {
+            uplink(ft, 2, false);
+            uplink(ft, 1, false);
+        },
+        |ft| {
+            uplink(ft, 1, true);
+            uplink(ft, 2, true);
+        },
     );
-    uplink(&ft, 1, true);
-    uplink(&ft, 2, true);
-    ft.wait_status("protected=true", Duration::from_secs(10));
-    assert_eq!(ft.cli(&["INCR", "ft:both"]), "2");
-    assert!(ft.running(ft.primary) && ft.running(ft.secondary));
-    assert!(!ft.log("primary").contains("handed over"));
-    assert_eq!(ft.generations().len(), 1, "{:?}", ft.generations());
 }
 
 /// `tandem lab cut|heal` of host K's `what` (storage, uplink, logging).

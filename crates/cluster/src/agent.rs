@@ -143,7 +143,7 @@ pub struct AgentConfig {
     /// (`ft ... --uplink-peer`).
     pub vm_peers: Vec<std::net::Ipv4Addr>,
     /// How long a storage or uplink failure must last to count (`ft ... --health-hold-ms`;
-    /// `None`: the copies' default), and whether a primary never hands over because of its
+    /// `None`: the copies' default; the peers' silence at least 300 ms), and whether a primary never hands over because of its
     /// host's health (`ft ... --no-health-handover`).
     pub health_hold_ms: Option<u64>,
     pub no_health_handover: bool,

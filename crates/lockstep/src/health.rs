@@ -126,7 +126,8 @@ pub struct HealthConfig {
     /// Addresses on the VM network that must be reachable through the uplink (one of them
     /// answering is enough); none: the carrier alone is watched. Needs `uplink`.
     pub peers: Vec<Ipv4Addr>,
-    /// A path is lost only after failing continuously this long.
+    /// A path is lost only after failing continuously this long (the peers' silence: at
+    /// least [`PEER_HOLD`]).
     pub hold: Duration,
 }
 
@@ -135,6 +136,8 @@ pub struct HealthConfig {
 struct Path {
     failing_since: Option<Instant>,
     why: Option<String>,
+    /// The hold its latest failure was held to (what a flap it ends was shorter than).
+    hold: Duration,
     lost: bool,
 }
 
@@ -148,13 +151,14 @@ impl Path {
                     tracing::info!(
                         "{what}: a flap of {} ms ignored (shorter than the {} ms hold): {}",
                         since.elapsed().as_millis(),
-                        hold.as_millis(),
+                        self.hold.as_millis(),
                         self.why.as_deref().unwrap_or("")
                     );
                 }
                 *self = Path::default();
             }
             Err(why) => {
+                self.hold = hold;
                 let since = *self.failing_since.get_or_insert_with(Instant::now);
                 if !self.lost && since.elapsed() >= hold {
                     tracing::error!("{what} lost: {why}");
