@@ -353,12 +353,7 @@ fn a_secondary_without_vm_network_leaves_the_primary_in_place_not_protected_and_
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // The hold given, not the default: the flap below is a 100 ms sleep between two `ip`
     // runs, too close to the default's 150 ms.
-    let watch: Vec<&str> = WATCH_UPLINK
-        .iter()
-        .copied()
-        .chain(["--health-hold-ms", "300"])
-        .collect();
-    let mut ft = Ft::start_with("fv", &watch);
+    let mut ft = Ft::start_with("fv", &with_hold(WATCH_UPLINK, "300"));
     // A flap shorter than the hold (300 ms) on the primary's side: nothing happens.
     uplink(&ft, 1, false);
     std::thread::sleep(Duration::from_millis(100));
@@ -441,24 +436,28 @@ fn a_primary_whose_peers_are_unreachable_with_carrier_up_hands_over_and_healing_
     assert_eq!(ft.cli(&["INCR", "ft:peers"]), (count + 1).to_string());
 }
 
-/// The VM network lost on both hosts at once (`cut`, given the pair; `heal` undoes it):
-/// the secondary's own report comes after its (long) hold, so the primary asks it to take
-/// the VM over; it looks afresh, finds its VM network lost (`why`, its log's words) and
-/// declines. Nothing moves; healed, the VM serves on, still protected.
+/// `watch` with a hold of `ms` instead of the default.
+fn with_hold<'a>(watch: &[&'a str], ms: &'a str) -> Vec<&'a str> {
+    watch
+        .iter()
+        .copied()
+        .chain(["--health-hold-ms", ms])
+        .collect()
+}
+
+/// The VM network lost on both hosts at once (`set(ft, false)`: the secondary's host
+/// first, then the primary's; `set(ft, true)` heals both): the secondary's own report comes
+/// after its (long) hold, so the primary asks it to take the VM over; it looks afresh,
+/// finds its VM network lost (`why`, its log's words) and declines. Nothing moves; healed,
+/// the VM serves on, still protected.
 fn both_lose_the_vm_network_and_nothing_moves(
     tag: &str,
     watch: &[&str],
     why: &str,
-    cut: impl FnOnce(&Ft),
-    heal: impl FnOnce(&Ft),
+    set: impl Fn(&Ft, bool),
 ) {
     let mut ft = Ft::start_primary_with(Lab::up(tag, 2), "kvd", watch);
-    let slow: Vec<&str> = watch
-        .iter()
-        .copied()
-        .chain(["--health-hold-ms", "5000"])
-        .collect();
-    ft.secondary = ft.join(2, 1, &slow, "secondary");
+    ft.secondary = ft.join(2, 1, &with_hold(watch, "5000"), "secondary");
     ft.wait_status("protected=true", Duration::from_secs(10));
     let key = format!("ft:{tag}");
     assert_eq!(ft.cli(&["INCR", &key]), "1");
@@ -475,7 +474,7 @@ fn both_lose_the_vm_network_and_nothing_moves(
             ft.log("primary")
         );
     };
-    cut(&ft);
+    set(&ft, false);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !ft.log("primary").contains("declined by secondary") {
         assert!(Instant::now() < deadline, "{}", ft.log("primary"));
@@ -487,7 +486,7 @@ fn both_lose_the_vm_network_and_nothing_moves(
         "{secondary}"
     );
     nothing_moved(&mut ft);
-    heal(&ft);
+    set(&ft, true);
     ft.wait_status("protected=true", Duration::from_secs(10));
     assert_eq!(ft.cli(&["INCR", &key]), "2");
     nothing_moved(&mut ft);
@@ -505,13 +504,9 @@ fn a_carrier_lost_on_the_primary_while_the_secondarys_peers_fall_silent_is_decli
         "fx",
         WATCH_PEERS,
         "no peer (10.77.0.2)",
-        |ft| {
-            plug(ft, 2, false);
-            uplink(ft, 1, false);
-        },
-        |ft| {
-            uplink(ft, 1, true);
-            plug(ft, 2, true);
+        |ft, up| {
+            plug(ft, 2, up);
+            uplink(ft, 1, up);
         },
     );
 }
@@ -524,13 +519,9 @@ fn uplink_lost_on_both_hosts_at_once_is_declined_and_moves_nothing() {
         "fw",
         WATCH_UPLINK,
         "uplink has no carrier",
-        |ft| {
-            uplink(ft, 2, false);
-            uplink(ft, 1, false);
-        },
-        |ft| {
-            uplink(ft, 1, true);
-            uplink(ft, 2, true);
+        |ft, up| {
+            uplink(ft, 2, up);
+            uplink(ft, 1, up);
         },
     );
 }
