@@ -156,6 +156,34 @@ fn a_recorded_run_snapshotted_mid_way_replays_from_the_snapshot_to_the_same_dige
     );
 }
 
+/// An event import reached through a function pointer is no snapshot point (Asyncify
+/// leaves indirect call sites uninstrumented, so such a stack cannot be unwound): a
+/// snapshot due there waits for the guest's next event import reached by direct calls.
+/// The `indirect` guest alternates phases of 100 clock readings, through a pointer, then
+/// directly: events 0–99 indirect, 100–199 direct, and so on. Taken at the point asked
+/// for, a snapshot inside an indirect phase resumes into a frame that never saved itself:
+/// the replay diverges there (checked: it does, at the very event).
+#[test]
+fn a_snapshot_due_under_an_indirect_call_waits_for_the_next_direct_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guest("indirect.wasm");
+    let (log, events, digest) = record(dir.path(), "indirect.wasm", &["10", "100"]);
+    assert_eq!(events, 2000, "10 rounds of two phases of 100 readings");
+    let whole = (events, digest);
+    // (asked, taken): the position is that of the next event, so a snapshot at the
+    // first direct reading (event 100) is at 101.
+    for (at, expected) in [(50, 101), (150, 150), (1010, 1101), (1999, 1999)] {
+        let snap = dir.path().join(format!("at{at}.snap"));
+        let (pos, _) = snapshot_while_replaying(&wasm, &log, at, &snap, &whole);
+        assert_eq!(pos, expected, "a snapshot asked for at event {at}");
+        assert_eq!(
+            replay_from(&log, &wasm, &snap),
+            whole,
+            "replayed from event {pos}"
+        );
+    }
+}
+
 /// Damage anywhere, truncation anywhere, a snapshot of another module, a file that is no
 /// snapshot: one line on stderr, exit 2, and nothing restored (a restore that would record
 /// creates no log).

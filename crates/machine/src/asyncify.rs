@@ -5,7 +5,8 @@
 //! snapshotted is rewritten by Binaryen's Asyncify pass (`wasm-opt` from Debian's
 //! `binaryen`, found on `PATH` or at `$TANDEM_WASM_OPT`). Asyncify turns every function
 //! that can reach one of the listed imports ([`EVENT_IMPORTS`]: the WASI calls that take
-//! events, and only those) into one that can *unwind* (save its locals and its position,
+//! events, and only those) by direct calls (indirect ones are left alone: see
+//! [`WASM_OPT_ARGS`]) into one that can *unwind* (save its locals and its position,
 //! return to its caller) and later *rewind* (be called again, skip to where it was,
 //! restore its locals). The runtime protocol, as the instrumented module exports it:
 //!
@@ -51,6 +52,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 /// The WASI imports that take events, and so the only places a snapshot is taken: the
 /// only imports Asyncify instruments calls to. (`fd_tell`, the argument and environment
@@ -95,11 +97,21 @@ pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
 /// wasm-opt's arguments besides the input and output files. `-O2` after the pass removes
 /// most of what Asyncify adds to code that never reaches an event import (measured on
 /// the CPU-bound guest: without it the instrumented module runs ~1.6× slower).
-pub const WASM_OPT_ARGS: &[&str] = &["--asyncify", "-O2"];
+///
+/// `asyncify-ignore-indirect`: an indirect call (a C function pointer: wasi-libc's stdio,
+/// a server's command table) is taken never to reach an event import, so neither the call
+/// site nor, for its sake, every function that makes one is instrumented. Without it,
+/// Asyncify must assume any indirect call may unwind, and a call-heavy guest pays on most
+/// of its code: kvd's replay took ~1.5× the CPU of the plain module (2026-11-29), about
+/// the same as the plain module with it. The price is that an event import reached
+/// through an indirect call is no snapshot point: [`CallFacts`] tells such a stack, and
+/// the snapshot waits for the guest's next event import reached by direct calls alone
+/// (see [`crate::capture`]).
+pub const WASM_OPT_ARGS: &[&str] = &["--asyncify", "--pass-arg=asyncify-ignore-indirect", "-O2"];
 
 /// Bumped whenever [`export_globals`] or the arguments change what an instrumented module
 /// is: part of the cache key and of a snapshot's identity.
-pub const TRANSFORM_VERSION: u32 = 1;
+pub const TRANSFORM_VERSION: u32 = 2;
 
 /// The export name under which global `index` of an instrumented module is reachable.
 pub fn global_export_name(index: u32) -> String {
@@ -142,6 +154,54 @@ pub struct Instrumented {
     /// How many globals the module has (imported ones included); each is exported as
     /// [`global_export_name`].
     pub globals: u32,
+    /// Which calls of the instrumented module may be indirect.
+    pub calls: Arc<CallFacts>,
+}
+
+/// What a stack of the instrumented module needs to be unwound: which of its calls may
+/// have been indirect (Asyncify instruments no indirect call site: see
+/// [`WASM_OPT_ARGS`]). Functions are numbered in the module's function index space,
+/// imports first, as wasmtime's backtraces number them.
+#[derive(Debug, Default)]
+pub struct CallFacts {
+    /// Functions an indirect call may reach: those in an element segment (tables are
+    /// never changed by the code: such a module is refused), every one if a table is
+    /// imported (its contents are not the module's to know).
+    in_table: Vec<bool>,
+    /// Functions whose code makes an indirect call (`call_indirect`, `call_ref` and their
+    /// tail-call forms).
+    calls_indirectly: Vec<bool>,
+    /// An imported table: any function may be in it.
+    table_imported: bool,
+    /// The function `_start` exports: the outermost frame of a whole stack.
+    start: Option<u32>,
+    /// How many functions are imported (numbered first).
+    imported: usize,
+}
+
+impl CallFacts {
+    /// Whether the frame of `caller` may have called `callee` (`None`: an import) by an
+    /// indirect call. Conservative: a function that calls both directly and indirectly
+    /// one that may be in a table counts as an indirect call.
+    pub fn maybe_indirect(&self, caller: u32, callee: Option<u32>) -> bool {
+        let flag = |v: &Vec<bool>, i: u32| v.get(i as usize).copied().unwrap_or(true);
+        if !flag(&self.calls_indirectly, caller) {
+            return false;
+        }
+        match callee {
+            _ if self.table_imported => true,
+            Some(f) => flag(&self.in_table, f),
+            // An import in a table: any import might be the one called.
+            None => self.in_table[..self.imported.min(self.in_table.len())]
+                .iter()
+                .any(|&t| t),
+        }
+    }
+
+    /// `_start`'s function index.
+    pub fn start(&self) -> Option<u32> {
+        self.start
+    }
 }
 
 /// The wasm-opt to run.
@@ -221,12 +281,13 @@ pub fn instrument_in(original: &[u8], cache: &Path) -> Result<Instrumented, Inst
             made
         }
     };
-    let globals = facts_of_instrumented(&bytes)?;
+    let f = facts_of_instrumented(&bytes)?;
     Ok(Instrumented {
         digest: *blake3::hash(&bytes).as_bytes(),
         bytes,
         original_digest,
-        globals,
+        globals: f.globals,
+        calls: Arc::new(f.calls),
     })
 }
 
@@ -244,7 +305,7 @@ fn looks_instrumented(b: &[u8]) -> bool {
         && f.exports.iter().any(|e| e == &global_export_name(0)) == (f.globals > 0)
 }
 
-fn facts_of_instrumented(b: &[u8]) -> Result<u32, InstrumentError> {
+fn facts_of_instrumented(b: &[u8]) -> Result<Facts, InstrumentError> {
     let f = facts(b)?;
     for needed in [
         "asyncify_start_unwind",
@@ -259,7 +320,7 @@ fn facts_of_instrumented(b: &[u8]) -> Result<u32, InstrumentError> {
             )));
         }
     }
-    Ok(f.globals)
+    Ok(f)
 }
 
 /// A fresh owner-only folder, made if missing.
@@ -358,24 +419,58 @@ struct Facts {
     exports: Vec<String>,
     /// Why the module's state is not just memory, globals and the stack.
     unsupported: Option<String>,
+    calls: CallFacts,
 }
 
 fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
-    use wasmparser::{Operator, Parser, Payload, TypeRef};
+    use wasmparser::{ElementItems, Operator, Parser, Payload, TypeRef};
     let mut f = Facts::default();
+    // The next defined function's index (imports are numbered first).
+    let mut defined = 0u32;
+    let mut in_table = Vec::new();
     for payload in Parser::new(0).parse_all(wasm) {
         match payload.map_err(malformed)? {
             Payload::ImportSection(r) => {
                 for imp in r.into_imports() {
-                    if matches!(imp.map_err(malformed)?.ty, TypeRef::Global(_)) {
-                        f.globals += 1;
+                    match imp.map_err(malformed)?.ty {
+                        TypeRef::Global(_) => f.globals += 1,
+                        TypeRef::Func(_) | TypeRef::FuncExact(_) => f.calls.imported += 1,
+                        TypeRef::Table(_) => f.calls.table_imported = true,
+                        _ => {}
+                    }
+                }
+                defined = f.calls.imported as u32;
+            }
+            Payload::ElementSection(r) => {
+                for e in r {
+                    match e.map_err(malformed)?.items {
+                        ElementItems::Functions(fs) => {
+                            for i in fs {
+                                in_table.push(i.map_err(malformed)?);
+                            }
+                        }
+                        ElementItems::Expressions(_, es) => {
+                            for e in es {
+                                for op in e.map_err(malformed)?.get_operators_reader() {
+                                    if let Operator::RefFunc { function_index } =
+                                        op.map_err(malformed)?
+                                    {
+                                        in_table.push(function_index);
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }
             Payload::GlobalSection(r) => f.globals += r.count(),
             Payload::ExportSection(r) => {
                 for e in r {
-                    f.exports.push(e.map_err(malformed)?.name.to_string());
+                    let e = e.map_err(malformed)?;
+                    if e.name == "_start" && e.kind == wasmparser::ExternalKind::Func {
+                        f.calls.start = Some(e.index);
+                    }
+                    f.exports.push(e.name.to_string());
                 }
             }
             Payload::MemorySection(r) => {
@@ -388,9 +483,28 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                 }
             }
             Payload::CodeSectionEntry(body) => {
+                let index = defined as usize;
+                defined += 1;
                 let mut ops = body.get_operators_reader().map_err(malformed)?;
                 while !ops.eof() {
                     let why = match ops.read().map_err(malformed)? {
+                        Operator::CallIndirect { .. }
+                        | Operator::ReturnCallIndirect { .. }
+                        | Operator::CallRef { .. }
+                        | Operator::ReturnCallRef { .. } => {
+                            let c = &mut f.calls.calls_indirectly;
+                            if c.len() <= index {
+                                c.resize(index + 1, false);
+                            }
+                            c[index] = true;
+                            continue;
+                        }
+                        // A reference to a function taken in code may reach a table only
+                        // by an instruction refused below, but is counted all the same.
+                        Operator::RefFunc { function_index } => {
+                            in_table.push(function_index);
+                            continue;
+                        }
                         Operator::TableSet { .. }
                         | Operator::TableGrow { .. }
                         | Operator::TableFill { .. }
@@ -406,6 +520,15 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                 }
             }
             _ => {}
+        }
+    }
+    let functions = defined as usize;
+    f.calls.calls_indirectly.resize(functions, false);
+    f.calls.in_table = vec![false; functions];
+    for i in in_table {
+        // An index past the functions: the module is malformed and will not compile.
+        if let Some(t) = f.calls.in_table.get_mut(i as usize) {
+            *t = true;
         }
     }
     Ok(f)
@@ -613,6 +736,66 @@ mod tests {
         assert!(export_globals(&m[..m.len() - 1]).is_err(), "truncated");
         assert!(export_globals(b"\0asm\x02\0\0\0").is_err(), "wrong version");
         assert!(export_globals(b"not wasm").is_err());
+    }
+
+    /// One imported function (0) and three defined ones: 1 (`_start`) makes an indirect
+    /// call, 2 does not, 3 calls the import; the table holds `in_table`.
+    fn call_module(in_table: &[u8]) -> Vec<u8> {
+        let types = vec![1, 0x60, 0, 0];
+        let imports = vec![1, 1, b'm', 1, b'f', 0x00, 0x00];
+        let funcs = vec![3, 0, 0, 0];
+        let tables = vec![1, 0x70, 0x00, 0x04];
+        let mut exports = vec![1, 6];
+        exports.extend_from_slice(b"_start");
+        exports.extend_from_slice(&[0x00, 1]);
+        let mut elements = vec![1, 0x00, 0x41, 0x00, 0x0b, in_table.len() as u8];
+        elements.extend_from_slice(in_table);
+        let bodies: [&[u8]; 3] = [
+            &[0, 0x41, 0x00, 0x11, 0x00, 0x00, 0x0b],
+            &[0, 0x0b],
+            &[0, 0x10, 0x00, 0x0b],
+        ];
+        let mut code = vec![3];
+        for b in bodies {
+            leb(b.len() as u32, &mut code);
+            code.extend_from_slice(b);
+        }
+        let m = module(&[
+            (1, types),
+            (2, imports),
+            (3, funcs),
+            (4, tables),
+            (7, exports),
+            (9, elements),
+            (10, code),
+        ]);
+        wasmparser::Validator::new().validate_all(&m).unwrap();
+        m
+    }
+
+    #[test]
+    fn a_call_may_be_indirect_only_from_a_function_that_makes_one_to_one_in_a_table() {
+        let c = facts(&call_module(&[3])).unwrap().calls;
+        assert_eq!(c.start(), Some(1));
+        assert!(
+            c.maybe_indirect(1, Some(3)),
+            "1 calls indirectly; 3 is in the table"
+        );
+        assert!(
+            !c.maybe_indirect(1, Some(2)),
+            "2 is in no table: called directly"
+        );
+        assert!(!c.maybe_indirect(2, Some(3)), "2 makes no indirect call");
+        assert!(!c.maybe_indirect(3, None), "3 makes no indirect call");
+        assert!(!c.maybe_indirect(1, None), "no import is in the table");
+        assert!(
+            c.maybe_indirect(9, Some(3)),
+            "a function not in the module: unknown"
+        );
+        // The import in the table: a call of an import from 1 may be indirect.
+        let c = facts(&call_module(&[0, 3])).unwrap().calls;
+        assert!(c.maybe_indirect(1, None));
+        assert!(!c.maybe_indirect(3, None));
     }
 
     #[test]

@@ -15,9 +15,14 @@
 //! **Snapshot points.** A snapshot is taken once the VM is at or past the requested
 //! position (or an API request is pending), at the first snapshot point: when an event
 //! import returns, and inside a `poll_oneoff` of a VM with a NIC just before each waiting
-//! network step (an idle server waits there, in one call, for ever). The snapshot's
-//! position is the sequence number of the next event. Outputs since the last event need
-//! not be sealed: the output digest's open segment is part of the VM state.
+//! network step (an idle server waits there, in one call, for ever) — provided the
+//! guest's stack can be unwound there: a call reached through an indirect call (a C
+//! function pointer) cannot, since Asyncify leaves indirect call sites uninstrumented
+//! ([`crate::asyncify::WASM_OPT_ARGS`]); [`unwindable`] looks at the stack once per call,
+//! only when a snapshot is due, and the snapshot then waits for the next call reached by
+//! direct calls alone. The snapshot's position is the sequence number of the next event.
+//! Outputs since the last event need not be sealed: the output digest's open segment is
+//! part of the VM state.
 //!
 //! The same holds of a blocking socket call (accept, receive, send) about to wait for its
 //! socket. A call interrupted before its wait unwinds without a result
@@ -78,6 +83,9 @@ use crate::vm::{
 const MAX_BUFFER: usize = 1 << 20;
 /// Where the buffer's two pointers live; the data follows them.
 const HEADER: usize = 8;
+/// The most frames of a guest's stack looked at for a snapshot point; a deeper stack is
+/// no snapshot point ([`unwindable`]).
+pub(crate) const BACKTRACE_FRAMES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -242,6 +250,11 @@ pub(crate) struct Ctl {
     since: Option<Instant>,
     /// The VM's control API, whose snapshot requests are due at the next snapshot point.
     remote: Option<Arc<Control>>,
+    /// Which calls of the module may be indirect ([`unwindable`]).
+    calls: Option<Arc<crate::asyncify::CallFacts>>,
+    /// Whether the guest's stack under the import being run can unwind, once looked at
+    /// during that call ([`unwindable`]); `None` outside calls and before a look.
+    stack: Option<bool>,
 }
 
 /// What an import re-entered by a rewind does.
@@ -453,6 +466,7 @@ impl SnapMachine {
         vm.snap = Some(Box::new(Ctl {
             want: plan.as_ref().map(|p| p.at),
             remote: self.control.clone(),
+            calls: Some(self.inst.calls.clone()),
             ..Ctl::default()
         }));
         let watcher = vm.watcher();
@@ -987,8 +1001,61 @@ pub(crate) fn due(vm: &Vm, memory_len: usize) -> bool {
     }
     let planned = c.want.is_some_and(|n| vm.seq >= n);
     let asked = c.remote.as_ref().is_some_and(|r| r.pending());
-    // No room to unwind into: not a snapshot point.
-    (planned || asked) && capacity(memory_len) >= HEADER + 64
+    // No room to unwind into, or a stack found not to unwind: not a snapshot point.
+    (planned || asked) && capacity(memory_len) >= HEADER + 64 && c.stack != Some(false)
+}
+
+/// Whether the guest's stack under the import now being run can be unwound: no frame on
+/// it was entered by an indirect call, whose call site Asyncify leaves uninstrumented
+/// (see [`crate::asyncify::WASM_OPT_ARGS`]), and the whole stack, down to `_start`, is
+/// seen. Looked at once per call (the stack does not change during it), and only at a
+/// point where a snapshot is due: the backtrace is tens of microseconds, too much for
+/// every call. A stack that cannot be unwound makes the call no snapshot point; the
+/// snapshot is taken at the guest's next event import reached by direct calls alone.
+pub(crate) fn unwindable(caller: &mut Caller<'_, Vm>) -> bool {
+    let Some(c) = caller.data().snap.as_ref() else {
+        return false;
+    };
+    if let Some(known) = c.stack {
+        return known;
+    }
+    let Some(calls) = c.calls.clone() else {
+        return false;
+    };
+    let trace = wasmtime::WasmBacktrace::force_capture(&*caller);
+    let frames = trace.frames();
+    // Innermost first: each frame's function was called by the next one's.
+    let whole = frames.len() < BACKTRACE_FRAMES
+        && frames
+            .last()
+            .is_some_and(|f| Some(f.func_index()) == calls.start());
+    let direct = frames
+        .first()
+        .is_some_and(|f| !calls.maybe_indirect(f.func_index(), None))
+        && frames
+            .windows(2)
+            .all(|w| !calls.maybe_indirect(w[1].func_index(), Some(w[0].func_index())));
+    let ok = whole && direct;
+    if !ok {
+        tracing::debug!(
+            "not a snapshot point: the guest's stack ({} frames) {}",
+            frames.len(),
+            if whole {
+                "holds an indirect call"
+            } else {
+                "is not seen whole"
+            }
+        );
+    }
+    ctl(caller.data_mut()).stack = Some(ok);
+    ok
+}
+
+/// The call has returned: the next one's stack is another.
+pub(crate) fn call_done(vm: &mut Vm) {
+    if let Some(c) = vm.snap.as_mut() {
+        c.stack = None;
+    }
 }
 
 /// Called as a WASI import returns `result`, for a VM of an instrumented module: at a
@@ -1001,7 +1068,7 @@ pub(crate) fn on_exit(
     // The cheap test first, on every call: the memory's size as the call was entered is
     // its size now (an import never grows it).
     let vm = caller.data();
-    if !due(vm, vm.memory_len) || !EVENT_IMPORTS.contains(&name) {
+    if !due(vm, vm.memory_len) || !EVENT_IMPORTS.contains(&name) || !unwindable(caller) {
         return Ok(());
     }
     start_unwind(caller, result)

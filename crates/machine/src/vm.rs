@@ -843,7 +843,11 @@ pub fn deterministic_engine() -> Result<Engine, MachineError> {
         // Maps from machine code back to wasm offsets serve only a trap's backtrace (which
         // then names functions without offsets); building them was a tenth of a first
         // start's compile. Nothing in Tandem reads them.
-        .generate_address_map(false);
+        .generate_address_map(false)
+        // A snapshot point's whole stack is looked at (`crate::capture::unwindable`).
+        .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(
+            crate::capture::BACKTRACE_FRAMES,
+        ));
     Engine::new(&config).map_err(|e| MachineError::Internal(e.to_string()))
 }
 

@@ -369,7 +369,7 @@ fn total_len(iovs: &[(u32, u32)]) -> usize {
 fn call(
     caller: &mut Caller<'_, Vm>,
     name: &'static str,
-    f: impl FnOnce(&mut Mem, &mut Vm) -> Ret,
+    mut f: impl FnMut(&mut Mem, &mut Vm) -> Ret,
 ) -> wasmtime::Result<i32> {
     // Snapshots (issue 8): a call re-entered by a rewind returns what it returned before.
     if caller.data().snap.is_some()
@@ -380,20 +380,28 @@ fn call(
     let Some(memory) = Vm::guest_memory(caller) else {
         return Ok(i32::from(errno::FAULT));
     };
-    let (data, vm) = memory.data_and_store_mut(&mut *caller);
-    vm.memory_len = data.len();
-    let r = match f(&mut Mem(data), vm) {
-        Ok(()) => 0,
-        Err(Stop::Errno(e)) => i32::from(e),
-        Err(Stop::Fault(fault)) => return Err(wasmtime::Error::new(fault)),
-        Err(Stop::Unwind) => {
-            crate::capture::start_unwind(caller, 0)?;
-            return Ok(0);
+    let r = loop {
+        let (data, vm) = memory.data_and_store_mut(&mut *caller);
+        vm.memory_len = data.len();
+        match f(&mut Mem(data), vm) {
+            Ok(()) => break 0,
+            Err(Stop::Errno(e)) => break i32::from(e),
+            Err(Stop::Fault(fault)) => return Err(wasmtime::Error::new(fault)),
+            Err(Stop::Unwind) if crate::capture::unwindable(caller) => {
+                crate::capture::start_unwind(caller, 0)?;
+                crate::capture::call_done(caller.data_mut());
+                return Ok(0);
+            }
+            // Not a snapshot point after all (its stack cannot unwind, and no other point
+            // of this call is one): the call goes on from where it stopped, as it would
+            // once rewound, and finds what it needs in `Vm::resume`.
+            Err(Stop::Unwind) => {}
         }
     };
     // Snapshots: an event import returning may be a snapshot point.
     if caller.data().snap.is_some() {
         crate::capture::on_exit(caller, name, r)?;
+        crate::capture::call_done(caller.data_mut());
     }
     Ok(r)
 }
