@@ -94,9 +94,7 @@ pub const EVENT_IMPORTS: &[&str] = &[
 /// The WASI module every event import comes from.
 pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
 
-/// wasm-opt's arguments besides the input and output files. `-O2` after the pass removes
-/// most of what Asyncify adds to code that never reaches an event import (measured on
-/// the CPU-bound guest: without it the instrumented module runs ~1.6× slower).
+/// wasm-opt's arguments besides the input and output files.
 ///
 /// `asyncify-ignore-indirect`: an indirect call (a C function pointer: wasi-libc's stdio,
 /// a server's command table) is taken never to reach an event import, so neither the call
@@ -107,7 +105,58 @@ pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
 /// through an indirect call is no snapshot point: [`CallFacts`] tells such a stack, and
 /// the snapshot waits for the guest's next event import reached by direct calls alone
 /// (see [`crate::capture`]).
-pub const WASM_OPT_ARGS: &[&str] = &["--asyncify", "--pass-arg=asyncify-ignore-indirect", "-O2"];
+///
+/// Then Binaryen's `-O2` pipeline (version 108's, pass by pass), which removes most of
+/// what Asyncify adds to code that never reaches an event import (measured on the
+/// CPU-bound guest: without it the instrumented module runs ~1.6× slower) — all but
+/// `directize`. That pass turns an indirect call whose target is a constant into a direct
+/// one: run after Asyncify, it would make a call site Asyncify left uninstrumented look
+/// direct to [`CallFacts`], and a snapshot there would resume wrongly. (No other pass of
+/// the list turns an indirect call into a direct one; for every guest of `guests/` the
+/// output is byte for byte `-O2`'s.)
+pub const WASM_OPT_ARGS: &[&str] = &[
+    "--asyncify",
+    "--pass-arg=asyncify-ignore-indirect",
+    "--optimize-level=2",
+    "--duplicate-function-elimination",
+    "--memory-packing",
+    "--once-reduction",
+    "--dce",
+    "--remove-unused-names",
+    "--remove-unused-brs",
+    "--remove-unused-names",
+    "--optimize-instructions",
+    "--pick-load-signs",
+    "--precompute",
+    "--code-pushing",
+    "--simplify-locals-nostructure",
+    "--vacuum",
+    "--reorder-locals",
+    "--remove-unused-brs",
+    "--coalesce-locals",
+    "--simplify-locals",
+    "--vacuum",
+    "--reorder-locals",
+    "--coalesce-locals",
+    "--reorder-locals",
+    "--vacuum",
+    "--merge-blocks",
+    "--remove-unused-brs",
+    "--remove-unused-names",
+    "--merge-blocks",
+    "--precompute",
+    "--optimize-instructions",
+    "--rse",
+    "--vacuum",
+    "--dae-optimizing",
+    "--inlining-optimizing",
+    "--duplicate-function-elimination",
+    "--duplicate-import-elimination",
+    "--simplify-globals-optimizing",
+    "--remove-unused-module-elements",
+    "--generate-stack-ir",
+    "--optimize-stack-ir",
+];
 
 /// Bumped whenever [`export_globals`] or the arguments change what an instrumented module
 /// is: part of the cache key and of a snapshot's identity.
@@ -184,7 +233,7 @@ impl CallFacts {
     /// indirect call. Conservative: a function that calls both directly and indirectly
     /// one that may be in a table counts as an indirect call.
     pub fn maybe_indirect(&self, caller: u32, callee: Option<u32>) -> bool {
-        let flag = |v: &Vec<bool>, i: u32| v.get(i as usize).copied().unwrap_or(true);
+        let flag = |v: &[bool], i: u32| v.get(i as usize).copied().unwrap_or(true);
         if !flag(&self.calls_indirectly, caller) {
             return false;
         }
@@ -463,7 +512,16 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                     }
                 }
             }
-            Payload::GlobalSection(r) => f.globals += r.count(),
+            Payload::GlobalSection(r) => {
+                f.globals += r.count();
+                for g in r {
+                    for op in g.map_err(malformed)?.init_expr.get_operators_reader() {
+                        if let Operator::RefFunc { function_index } = op.map_err(malformed)? {
+                            in_table.push(function_index);
+                        }
+                    }
+                }
+            }
             Payload::ExportSection(r) => {
                 for e in r {
                     let e = e.map_err(malformed)?;
@@ -499,8 +557,9 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                             c[index] = true;
                             continue;
                         }
-                        // A reference to a function taken in code may reach a table only
-                        // by an instruction refused below, but is counted all the same.
+                        // A reference to a function taken in code (or in a global's
+                        // initialiser, below) may be called by `call_ref`, or put in a
+                        // table (refused below): counted as in a table all the same.
                         Operator::RefFunc { function_index } => {
                             in_table.push(function_index);
                             continue;

@@ -1019,10 +1019,24 @@ pub(crate) fn unwindable(caller: &mut Caller<'_, Vm>) -> bool {
     if let Some(known) = c.stack {
         return known;
     }
-    let Some(calls) = c.calls.clone() else {
-        return false;
+    // Whatever the answer, it is kept for the rest of the call: a call that stopped at a
+    // point found not to be one runs on from there (see `crate::wasi`), and must not
+    // find the same point due again.
+    let ok = match c.calls.clone() {
+        Some(calls) => stack_unwinds(caller, &calls),
+        None => false,
     };
-    let trace = wasmtime::WasmBacktrace::force_capture(&*caller);
+    let c = ctl(caller.data_mut());
+    c.stack = Some(ok);
+    if !ok && let Some(remote) = &c.remote {
+        remote.refused_point();
+    }
+    ok
+}
+
+/// The check of [`unwindable`], on a backtrace of the guest's stack.
+fn stack_unwinds(caller: &Caller<'_, Vm>, calls: &crate::asyncify::CallFacts) -> bool {
+    let trace = wasmtime::WasmBacktrace::force_capture(caller);
     let frames = trace.frames();
     // Innermost first: each frame's function was called by the next one's.
     let whole = frames.len() < BACKTRACE_FRAMES
@@ -1035,20 +1049,18 @@ pub(crate) fn unwindable(caller: &mut Caller<'_, Vm>) -> bool {
         && frames
             .windows(2)
             .all(|w| !calls.maybe_indirect(w[1].func_index(), Some(w[0].func_index())));
-    let ok = whole && direct;
-    if !ok {
+    if !(whole && direct) {
         tracing::debug!(
             "not a snapshot point: the guest's stack ({} frames) {}",
             frames.len(),
             if whole {
-                "holds an indirect call"
+                "may hold an indirect call"
             } else {
                 "is not seen whole"
             }
         );
     }
-    ctl(caller.data_mut()).stack = Some(ok);
-    ok
+    whole && direct
 }
 
 /// The call has returned: the next one's stack is another.

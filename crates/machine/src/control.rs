@@ -129,6 +129,9 @@ pub struct Control {
     /// [`PreCopy::into_tracker`]); dropped when the VM ends.
     tracker: Mutex<Option<Tracker>>,
     snapshots: AtomicU64,
+    /// Calls at which a snapshot was due but the guest's stack could not be unwound (an
+    /// indirect call on it: see `crate::capture::unwindable`).
+    refused_points: AtomicU64,
     /// The VM has ended (exited, stopped, suspended).
     ended: AtomicBool,
     /// No VM here yet: a migration's receiver waiting for one.
@@ -152,6 +155,7 @@ impl Control {
             memory_len: AtomicUsize::new(0),
             tracker: Mutex::new(None),
             snapshots: AtomicU64::new(0),
+            refused_points: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             answering: std::sync::atomic::AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
@@ -167,6 +171,12 @@ impl Control {
 
     pub(crate) fn set_events(&self, n: u64) {
         self.events.store(n, Ordering::Relaxed);
+    }
+
+    /// A call at which a snapshot was due was no snapshot point (its stack cannot be
+    /// unwound): said when a request times out.
+    pub(crate) fn refused_point(&self) {
+        self.refused_points.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The VM's memory is mapped at `base` (for as long as the VM runs: wasmtime reserves
@@ -411,8 +421,15 @@ impl Control {
             Err(_) if self.withdraw() => Err((
                 504,
                 format!(
-                    "the VM reached no snapshot point within {} s (it waits for input)",
-                    wait.as_secs()
+                    "the VM reached no snapshot point within {} s ({})",
+                    wait.as_secs(),
+                    match self.refused_points.load(Ordering::Relaxed) {
+                        0 => "it waits for input".to_string(),
+                        n => format!(
+                            "{n} of its calls so far were no snapshot point: the guest \
+                             made them through a function pointer, as C's stdio does"
+                        ),
+                    }
                 ),
             )),
             // Taken just now: its answer is on its way.

@@ -844,7 +844,10 @@ pub fn deterministic_engine() -> Result<Engine, MachineError> {
         // then names functions without offsets); building them was a tenth of a first
         // start's compile. Nothing in Tandem reads them.
         .generate_address_map(false)
-        // A snapshot point's whole stack is looked at (`crate::capture::unwindable`).
+        // A snapshot point's whole stack is looked at (`crate::capture::unwindable`): every
+        // frame must be in the backtrace, so no wasm function is inlined into another
+        // (wasmtime's default, pinned).
+        .compiler_inlining(wasmtime::Inlining::No)
         .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(
             crate::capture::BACKTRACE_FRAMES,
         ));
