@@ -170,7 +170,7 @@ pub fn vm_replay(
     {
         return Err(bad(format!(
             "no snapshot taken: the run ended after {} events, before a snapshot point at \
-             or after event {at}",
+             or after event {at} (a call reached through a function pointer is none)",
             ran.report.events
         )));
     }

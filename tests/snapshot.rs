@@ -160,7 +160,9 @@ fn a_recorded_run_snapshotted_mid_way_replays_from_the_snapshot_to_the_same_dige
 /// leaves indirect call sites uninstrumented, so such a stack cannot be unwound): a
 /// snapshot due there waits for the guest's next event import reached by direct calls.
 /// The `indirect` guest alternates phases of 100 clock readings, through a pointer, then
-/// directly: events 0–99 indirect, 100–199 direct, and so on. Taken at the point asked
+/// directly, four frames down a recursion: events 0–99 indirect, 100–199 direct, and so
+/// on. (`_start` makes the indirect call, so the direct phase's function must be one no
+/// table holds to count as called directly: as the guest's is.) Taken at the point asked
 /// for, a snapshot inside an indirect phase resumes into a frame that never saved itself:
 /// the replay diverges there (checked: it does, at the very event).
 #[test]

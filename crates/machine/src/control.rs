@@ -23,7 +23,9 @@
 //! each event import returns, and before each wait of a poll: see [`crate::capture`])
 //! and, when a snapshot is pending, takes the request from the [`Control`] there,
 //! answering it through a channel. A request wakes a VM blocked waiting for the network
-//! ([`crate::host::wake_waits`]), so an idle VM reaches its snapshot point at once.
+//! ([`crate::host::wake_waits`]), so an idle VM reaches its snapshot point at once —
+//! unless the call it waits in was reached through a function pointer, which is no
+//! snapshot point ([`crate::capture::unwindable`]).
 //!
 //! **Pre-copy.** A snapshot of a VM that goes on copies its memory while the guest runs
 //! ([`crate::dirty`]), on the thread that asked for it (the API connection's, or the
@@ -35,8 +37,9 @@
 //! Bounds: one request per connection; a request's head is at most [`MAX_HEAD`] bytes and
 //! its body at most [`MAX_BODY`]; a client has [`IO_TIMEOUT`] to send it; one snapshot may
 //! be pending at a time (a second gets 409); a snapshot the VM has not reached an event
-//! boundary for within [`SNAPSHOT_WAIT`] is withdrawn (504), so a VM waiting for input
-//! that never comes cannot hold a client for ever.
+//! point for within [`SNAPSHOT_WAIT`] is withdrawn (504), so a VM waiting for input that
+//! never comes, or making its calls only through function pointers, cannot hold a client
+//! for ever; the 504 says which, as far as the VM could tell.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -416,6 +419,7 @@ impl Control {
     /// The VM's answer to a request submitted, withdrawing it if the VM reached no
     /// snapshot point within `wait`.
     fn answer(&self, rx: Receiver<Answer>, wait: Duration) -> Result<Taken, (u16, String)> {
+        let refused_before = self.refused_points.load(Ordering::Relaxed);
         match rx.recv_timeout(wait) {
             Ok(a) => a,
             Err(_) if self.withdraw() => Err((
@@ -423,11 +427,12 @@ impl Control {
                 format!(
                     "the VM reached no snapshot point within {} s ({})",
                     wait.as_secs(),
-                    match self.refused_points.load(Ordering::Relaxed) {
+                    match self.refused_points.load(Ordering::Relaxed) - refused_before {
                         0 => "it waits for input".to_string(),
                         n => format!(
-                            "{n} of its calls so far were no snapshot point: the guest \
-                             made them through a function pointer, as C's stdio does"
+                            "{n} of its calls meanwhile were no snapshot point: their stack \
+                             could not be unwound (a call made through a function pointer, \
+                             as C's stdio makes them, or a stack too deep to see whole)"
                         ),
                     }
                 ),

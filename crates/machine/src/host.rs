@@ -12,7 +12,9 @@
 //! a request that needs the VM at its next snapshot point (a snapshot through the
 //! control API, an API stop) wakes it through a process-wide eventfd ([`wake_waits`]).
 //! The woken wait returns an ordinary outcome with no frames (recorded and replayed like
-//! any other), after which the guest reaches a snapshot point. Each wake ends one wait.
+//! any other), after which the guest reaches a snapshot point (unless its stack holds a
+//! call made through a function pointer: see [`crate::capture::unwindable`]). Each wake
+//! ends one wait.
 
 use std::collections::HashMap;
 use std::fs::File;
