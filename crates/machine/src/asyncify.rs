@@ -474,8 +474,6 @@ struct Facts {
 fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
     use wasmparser::{ElementItems, Operator, Parser, Payload, TypeRef};
     let mut f = Facts::default();
-    // The next defined function's index (imports are numbered first).
-    let mut defined = 0u32;
     let mut in_table = Vec::new();
     for payload in Parser::new(0).parse_all(wasm) {
         match payload.map_err(malformed)? {
@@ -488,7 +486,8 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                         _ => {}
                     }
                 }
-                defined = f.calls.imported as u32;
+                // Imported functions are numbered first; they make no calls of ours.
+                f.calls.calls_indirectly = vec![false; f.calls.imported];
             }
             Payload::ElementSection(r) => {
                 for e in r {
@@ -500,13 +499,7 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                         }
                         ElementItems::Expressions(_, es) => {
                             for e in es {
-                                for op in e.map_err(malformed)?.get_operators_reader() {
-                                    if let Operator::RefFunc { function_index } =
-                                        op.map_err(malformed)?
-                                    {
-                                        in_table.push(function_index);
-                                    }
-                                }
+                                ref_funcs(&e.map_err(malformed)?, &mut in_table)?;
                             }
                         }
                     }
@@ -515,11 +508,7 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
             Payload::GlobalSection(r) => {
                 f.globals += r.count();
                 for g in r {
-                    for op in g.map_err(malformed)?.init_expr.get_operators_reader() {
-                        if let Operator::RefFunc { function_index } = op.map_err(malformed)? {
-                            in_table.push(function_index);
-                        }
-                    }
+                    ref_funcs(&g.map_err(malformed)?.init_expr, &mut in_table)?;
                 }
             }
             Payload::ExportSection(r) => {
@@ -541,8 +530,7 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                 }
             }
             Payload::CodeSectionEntry(body) => {
-                let index = defined as usize;
-                defined += 1;
+                f.calls.calls_indirectly.push(false);
                 let mut ops = body.get_operators_reader().map_err(malformed)?;
                 while !ops.eof() {
                     let why = match ops.read().map_err(malformed)? {
@@ -550,11 +538,9 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
                         | Operator::ReturnCallIndirect { .. }
                         | Operator::CallRef { .. }
                         | Operator::ReturnCallRef { .. } => {
-                            let c = &mut f.calls.calls_indirectly;
-                            if c.len() <= index {
-                                c.resize(index + 1, false);
+                            if let Some(this) = f.calls.calls_indirectly.last_mut() {
+                                *this = true;
                             }
-                            c[index] = true;
                             continue;
                         }
                         // A reference to a function taken in code (or in a global's
@@ -581,8 +567,8 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
             _ => {}
         }
     }
-    let functions = defined as usize;
-    f.calls.calls_indirectly.resize(functions, false);
+    // Imports, then one entry per function body.
+    let functions = f.calls.calls_indirectly.len();
     f.calls.in_table = vec![false; functions];
     for i in in_table {
         // An index past the functions: the module is malformed and will not compile.
@@ -591,6 +577,17 @@ fn facts(wasm: &[u8]) -> Result<Facts, InstrumentError> {
         }
     }
     Ok(f)
+}
+
+/// The functions a constant expression (an element's item, a global's initial value)
+/// takes a reference to.
+fn ref_funcs(expr: &wasmparser::ConstExpr<'_>, into: &mut Vec<u32>) -> Result<(), InstrumentError> {
+    for op in expr.get_operators_reader() {
+        if let wasmparser::Operator::RefFunc { function_index } = op.map_err(malformed)? {
+            into.push(function_index);
+        }
+    }
+    Ok(())
 }
 
 /// Encode `v` as unsigned LEB128.

@@ -250,10 +250,12 @@ pub(crate) struct Ctl {
     since: Option<Instant>,
     /// The VM's control API, whose snapshot requests are due at the next snapshot point.
     remote: Option<Arc<Control>>,
-    /// Which calls of the module may be indirect ([`unwindable`]).
-    calls: Option<Arc<crate::asyncify::CallFacts>>,
+    /// Which calls of the module may be indirect ([`unwindable`]); the default, no facts,
+    /// makes every call no snapshot point.
+    calls: Arc<crate::asyncify::CallFacts>,
     /// Whether the guest's stack under the import being run can unwind, once looked at
-    /// during that call ([`unwindable`]); `None` outside calls and before a look.
+    /// during that call ([`unwindable`]); `None` before a look (cleared as each call is
+    /// entered: [`on_entry`]).
     stack: Option<bool>,
 }
 
@@ -466,7 +468,7 @@ impl SnapMachine {
         vm.snap = Some(Box::new(Ctl {
             want: plan.as_ref().map(|p| p.at),
             remote: self.control.clone(),
-            calls: Some(self.inst.calls.clone()),
+            calls: self.inst.calls.clone(),
             ..Ctl::default()
         }));
         let watcher = vm.watcher();
@@ -955,7 +957,10 @@ fn same(a: &Val, b: &Val) -> bool {
 /// what it returned before (see the module docs) — or, for a poll interrupted before its
 /// wait, `None`: the call then runs again, from where it was interrupted.
 pub(crate) fn on_entry(caller: &mut Caller<'_, Vm>, name: &str) -> wasmtime::Result<Option<i32>> {
-    let Some(rewind) = ctl(caller.data_mut()).rewinding.take() else {
+    let c = ctl(caller.data_mut());
+    // A new call, a new stack: the last call's verdict on its own does not hold.
+    c.stack = None;
+    let Some(rewind) = c.rewinding.take() else {
         return Ok(None);
     };
     if !EVENT_IMPORTS.contains(&name) {
@@ -1022,10 +1027,8 @@ pub(crate) fn unwindable(caller: &mut Caller<'_, Vm>) -> bool {
     // Whatever the answer, it is kept for the rest of the call: a call that stopped at a
     // point found not to be one runs on from there (see `crate::wasi`), and must not
     // find the same point due again.
-    let ok = match c.calls.clone() {
-        Some(calls) => stack_unwinds(caller, &calls),
-        None => false,
-    };
+    let calls = c.calls.clone();
+    let ok = stack_unwinds(caller, &calls);
     let c = ctl(caller.data_mut());
     c.stack = Some(ok);
     if !ok && let Some(remote) = &c.remote {
@@ -1061,13 +1064,6 @@ fn stack_unwinds(caller: &Caller<'_, Vm>, calls: &crate::asyncify::CallFacts) ->
         );
     }
     whole && direct
-}
-
-/// The call has returned: the next one's stack is another.
-pub(crate) fn call_done(vm: &mut Vm) {
-    if let Some(c) = vm.snap.as_mut() {
-        c.stack = None;
-    }
 }
 
 /// Called as a WASI import returns `result`, for a VM of an instrumented module: at a

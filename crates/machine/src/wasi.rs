@@ -389,7 +389,6 @@ fn call(
             Err(Stop::Fault(fault)) => return Err(wasmtime::Error::new(fault)),
             Err(Stop::Unwind) if crate::capture::unwindable(caller) => {
                 crate::capture::start_unwind(caller, 0)?;
-                crate::capture::call_done(caller.data_mut());
                 return Ok(0);
             }
             // Not a snapshot point after all (its stack cannot unwind, and no other point
@@ -401,7 +400,6 @@ fn call(
     // Snapshots: an event import returning may be a snapshot point.
     if caller.data().snap.is_some() {
         crate::capture::on_exit(caller, name, r)?;
-        crate::capture::call_done(caller.data_mut());
     }
     Ok(r)
 }
