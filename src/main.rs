@@ -526,16 +526,17 @@ fn install_stop_handler() {
     extern "C" fn on_signal(sig: libc::c_int) {
         if sig == libc::SIGUSR1 {
             HANDOVER.store(true, std::sync::atomic::Ordering::SeqCst);
+            HANDOVER_NOTICE.give();
         } else {
             STOP_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
             machine::request_stop();
         }
     }
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
-        // SAFETY: `on_signal` only stores to atomics (itself or through
-        // `machine::request_stop`)
-        // (async-signal-safe: no locks, no allocation, no syscalls); the sigaction
-        // structure is fully initialised before the call.
+        // SAFETY: `on_signal` only stores to atomics and gives notices (itself or through
+        // `machine::request_stop`), which is async-signal-safe (no locks, no allocation,
+        // one `write(2)` with errno kept); the sigaction structure is fully initialised
+        // before the call.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as *const () as usize;
@@ -555,6 +556,8 @@ fn start_monitor(
 /// SIGUSR1 asks an FT copy that is live to hand its VM over to its secondary (a planned
 /// switch: a host agent's maintenance mode sends it).
 static HANDOVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Given with [`HANDOVER`], so that the thread serving handovers sleeps until one is asked.
+static HANDOVER_NOTICE: machine::notice::Notice = machine::notice::Notice::new();
 
 /// The last of SIGINT or SIGTERM that came (0: none).
 static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -585,9 +588,10 @@ fn serve_handovers(
     std::thread::Builder::new()
         .name("ft-handover".into())
         .spawn(move || {
+            HANDOVER_NOTICE.arm();
             loop {
-                std::thread::sleep(std::time::Duration::from_millis(20));
                 if !HANDOVER.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    HANDOVER_NOTICE.wait(true, None);
                     continue;
                 }
                 if !live() {
@@ -1214,9 +1218,7 @@ fn ft_secondary(a: FtSecondaryArgs) -> Result<u8, Failure> {
     std::thread::Builder::new()
         .name("ft-leave".into())
         .spawn(move || {
-            while !machine::stop_requested() {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            machine::wait_for_stop();
             leaving.leave("stopped by the operator");
         })
         .map_err(|e| bad(format!("cannot start a thread: {e}")))?;

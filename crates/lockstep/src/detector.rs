@@ -167,8 +167,12 @@ pub fn favour_this_thread() {
     }
 }
 
-/// How often the pause monitor's thread wakes up.
-const TICK: Duration = Duration::from_millis(5);
+/// How often the pause monitor's thread wakes up. A stall is measured from when the tick
+/// was due, so one that began between ticks is taken for up to this much shorter than it
+/// was (10 ms against detection timeouts of 150 ms and more); each tick costs a context
+/// switch (tens of µs on a paravirtualised host), and at 5 ms the ticks were a fifth of an
+/// idle FT copy's CPU.
+const TICK: Duration = Duration::from_millis(10);
 /// A wake-up later than [`TICK`] by more than this is a stall of this process.
 const STALL: Duration = Duration::from_millis(20);
 /// How many stalls are remembered (the oldest dropped first; a silence is at most a
@@ -397,26 +401,29 @@ mod tests {
     #[test]
     fn pauses_count_only_the_time_this_process_was_not_running() {
         let p = Pauses::new();
-        let ms = |n: u64| n * 1000;
-        // Ticks every 5 ms up to 10 ms, then nothing until 100 ms: a stall from 15 ms
-        // (when the tick was due) to 100 ms.
-        for t in [0, 5, 10, 100, 105, 110] {
-            p.tick(ms(t));
+        let us = |n: u64| n * 1000;
+        let (k, stall) = (TICK.as_millis() as u64, STALL.as_millis() as u64);
+        // Three ticks on time, then nothing until 100 ms: a stall from when the fourth was
+        // due to 100 ms.
+        for t in [0, k, 2 * k, 100, 100 + k, 100 + 2 * k] {
+            p.tick(us(t));
         }
-        assert_eq!(p.starved_us(ms(0), ms(112)), Duration::from_millis(85));
+        let end = 100 + 2 * k;
+        assert_eq!(p.starved_us(us(0), us(end + 2)), ms(100 - 3 * k));
         // Only the part of a stall inside the window counts.
-        assert_eq!(p.starved_us(ms(50), ms(112)), Duration::from_millis(50));
-        assert_eq!(p.starved_us(ms(100), ms(112)), Duration::ZERO);
+        assert_eq!(p.starved_us(us(50), us(end + 2)), ms(50));
+        assert_eq!(p.starved_us(us(100), us(end + 2)), Duration::ZERO);
         // Late by less than a stall: not counted.
-        p.tick(ms(130));
-        assert_eq!(p.starved_us(ms(110), ms(131)), Duration::ZERO);
-        // A stall in progress (the ticking thread has not run for 100 ms) counts up to now.
-        assert_eq!(p.starved_us(ms(120), ms(230)), Duration::from_millis(95));
+        let last = end + k + stall - 1;
+        p.tick(us(last));
+        assert_eq!(p.starved_us(us(end), us(last + 1)), Duration::ZERO);
+        // A stall in progress (the ticking thread has not run for 110 ms) counts up to now.
+        assert_eq!(p.starved_us(us(last - 10), us(last + 110)), ms(110 - k));
         // Never more than the window.
-        assert!(p.starved_us(ms(200), ms(230)) <= Duration::from_millis(30));
+        assert!(p.starved_us(us(last + 80), us(last + 110)) <= ms(30));
         // Bounded memory.
         for i in 0..2 * STALLS_KEPT as u64 {
-            p.tick(ms(1000 + 100 * i));
+            p.tick(us(1000 + 100 * i));
         }
         assert_eq!(p.stalls.lock().unwrap().len(), STALLS_KEPT);
     }

@@ -25,7 +25,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,15 @@ struct State {
     peers: Option<(Instant, Result<(), String>)>,
 }
 
+impl State {
+    fn health(&self) -> HostHealth {
+        HostHealth {
+            storage: self.storage.lost(),
+            uplink: self.uplink.lost(),
+        }
+    }
+}
+
 /// A storage probe's answer.
 type Answer = Result<(), String>;
 
@@ -190,6 +199,9 @@ type Answer = Result<(), String>;
 pub struct Monitor {
     config: Arc<HealthConfig>,
     state: Arc<Mutex<State>>,
+    /// Notified when what this host has lost ([`Monitor::current`]) changes, so that those
+    /// who act on it wait for a change instead of looking every tick.
+    changed: Arc<Condvar>,
     /// Asks the one prober thread for a storage probe; it answers on the sender given.
     /// One thread for the monitor's life, so a probe costs no thread start; a hung probe
     /// holds only that thread, and later questions wait behind it until their askers'
@@ -221,6 +233,7 @@ impl Monitor {
         let m = Monitor {
             config: Arc::new(config),
             state: Arc::default(),
+            changed: Arc::default(),
             prober: Arc::new(prober),
         };
         if let Some(ifname) = m
@@ -251,10 +264,27 @@ impl Monitor {
 
     /// What this host has lost now.
     pub fn current(&self) -> HostHealth {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        HostHealth {
-            storage: st.storage.lost(),
-            uplink: st.uplink.lost(),
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .health()
+    }
+
+    /// What this host has lost, once it differs from `seen`, or after `limit`.
+    pub fn wait_change(&self, seen: &HostHealth, limit: Duration) -> HostHealth {
+        let deadline = Instant::now() + limit;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = st.health();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if now != *seen || left.is_zero() {
+                return now;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
@@ -297,6 +327,7 @@ impl Monitor {
         // Since when the uplink has had carrier: peer probes sent before then say nothing of
         // it now (a probe lost in a carrier flap must not stretch the flap).
         let mut carrier_since: Option<Instant> = None;
+        let mut told = HostHealth::default();
         loop {
             std::thread::sleep(TICK);
             if let Some(ifname) = &self.config.uplink {
@@ -348,6 +379,15 @@ impl Monitor {
             if pending.is_none() && last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
                 pending = self.ask().map(|rx| (Instant::now(), rx));
                 last_probe = Some(Instant::now());
+            }
+            let now = self
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .health();
+            if now != told {
+                told = now;
+                self.changed.notify_all();
             }
         }
     }

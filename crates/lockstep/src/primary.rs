@@ -160,6 +160,10 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// After the secondary declined a handover, none is asked of it again for this long (its
 /// own report of the loss comes after its hold time).
 const DECLINE_HOLD: Duration = Duration::from_secs(2);
+/// How often the health watcher looks while this host lacks a path...
+const HEALTH_LOOK: Duration = Duration::from_millis(20);
+/// ...and at the latest while it lacks none (it wakes at once when one is lost).
+const HEALTH_IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// A planned switch in progress ([`Primary::hand_over`]).
 struct Handover {
@@ -234,7 +238,8 @@ struct State {
     /// Frames of events written, and how many of them the VM's thread wrote itself.
     frames: u64,
     frames_from_vm: u64,
-    /// Acknowledgements of events received (one may cover several frames).
+    /// Acknowledgements that told of events received or executed not acknowledged before
+    /// (one may cover several frames; a heartbeat that tells nothing new is not counted).
     acks: u64,
     end_held: bool,
     /// The intent of the disk operation the VM is about to perform (it waits until the
@@ -1278,9 +1283,18 @@ impl Primary {
             .spawn(move || {
                 let mut tried: Option<Instant> = None;
                 let mut both_said = false;
+                let mut own = crate::health::HostHealth::default();
                 loop {
-                    std::thread::sleep(Duration::from_millis(20));
-                    let own = monitor.current();
+                    // While this host lacks nothing there is nothing to do until that
+                    // changes (looked at every second, to end with the copy); while it
+                    // lacks a path, the secondary's reports and the retry's clock decide,
+                    // so look every tick.
+                    own = if own.ok() {
+                        monitor.wait_change(&own, HEALTH_IDLE_LOOK)
+                    } else {
+                        std::thread::sleep(HEALTH_LOOK);
+                        monitor.current()
+                    };
                     let (ask, both) = {
                         let mut st = p.shared.lock();
                         if st.halted.is_some() {
@@ -2394,9 +2408,14 @@ fn receive_from(
                         st.sent
                     )));
                 }
+                // Counted when it acknowledges something new: the secondary's heartbeats
+                // are acknowledgements too, and an idle copy's status would otherwise
+                // change (and be written again) at every one.
+                if received > st.acked || executed > st.executed {
+                    st.acks += 1;
+                }
                 st.acked = st.acked.max(received);
                 st.executed = st.executed.max(executed);
-                st.acks += 1;
             }
             ToPrimary::EndHeld { events } => {
                 if st.end.as_ref().map(|e| e.events) != Some(events) || events > st.sent {

@@ -372,19 +372,20 @@ impl Secondary {
         std::thread::Builder::new()
             .name("ft-health-report".into())
             .spawn(move || {
+                let mut now = monitor.current();
                 loop {
-                    let now = monitor.current();
                     {
                         let mut st = s.lock();
                         if st.verdict.is_some() || st.acknowledger_gone {
                             return;
                         }
                         if st.health.as_ref() != Some(&now) {
-                            st.health = Some(now);
+                            st.health = Some(now.clone());
                             s.cv.notify_all();
                         }
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    // Woken by a change; at least every second, to end with the copy.
+                    now = monitor.wait_change(&now, Duration::from_secs(1));
                 }
             })
             .map(drop)

@@ -10,6 +10,12 @@
 //! (temporary file, then rename) and, for the VM's status, checks first that the writer's
 //! generation is still the live one.
 //!
+//! A post of the very text posted last for that file, written or about to be, is dropped:
+//! an idle copy re-posts the same counters every quarter second, and each write is several
+//! round trips to the storage server and wakes this thread (a context switch each, which
+//! on a paravirtualised host is a tenth of an idle copy's CPU). A write that failed is
+//! forgotten, so the next post of that text writes it again.
+//!
 //! Invariants: per file, the text written last is the text posted last (a newer post
 //! replaces one not yet written); [`flush`] returns once everything posted before it is
 //! written (or its bound passes), so a process that ends calls it last.
@@ -31,6 +37,8 @@ struct Post {
 #[derive(Default)]
 struct Queue {
     posts: BTreeMap<PathBuf, Post>,
+    /// Per file, the text posted last, unless its write failed.
+    last: BTreeMap<PathBuf, String>,
     /// The thread is writing what it took.
     writing: bool,
 }
@@ -80,8 +88,11 @@ fn write_posts(w: &'static Writer) {
                 .live
                 .as_ref()
                 .is_none_or(|(arb, g)| Arbiter::new(arb).current().is_ok_and(|c| c == *g));
-            if live {
-                write_now(&path, &post.text);
+            if live && !write_now(&path, &post.text) {
+                let mut q = w.lock();
+                if q.last.get(&path) == Some(&post.text) {
+                    q.last.remove(&path);
+                }
             }
         }
         let mut q = w.lock();
@@ -90,16 +101,17 @@ fn write_posts(w: &'static Writer) {
     }
 }
 
-fn write_now(path: &Path, text: &str) {
+/// Whether the file now holds `text`.
+fn write_now(path: &Path, text: &str) -> bool {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("status");
-    let Some(dir) = path.parent() else { return };
+    let Some(dir) = path.parent() else {
+        return false;
+    };
     let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-    if std::fs::write(&tmp, text).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
-    }
+    std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_ok()
 }
 
 /// Have `fields` written to `path` as `key=value` lines; with `live`, only while that
@@ -107,7 +119,13 @@ fn write_now(path: &Path, text: &str) {
 pub(crate) fn post(path: PathBuf, fields: &[(&str, String)], live: Option<(PathBuf, u64)>) {
     let text: String = fields.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     let w = writer();
-    w.lock().posts.insert(path, Post { text, live });
+    let mut q = w.lock();
+    if q.last.get(&path) == Some(&text) {
+        return;
+    }
+    q.last.insert(path.clone(), text.clone());
+    q.posts.insert(path, Post { text, live });
+    drop(q);
     w.changed.notify_all();
 }
 
@@ -153,6 +171,35 @@ mod tests {
         }
         assert!(flush(Duration::from_secs(5)));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "n=49\n");
+    }
+
+    #[test]
+    fn the_same_text_again_is_not_rewritten_but_a_failed_write_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status");
+        post(path.clone(), &[("n", "1".into())], None);
+        assert!(flush(Duration::from_secs(5)));
+        // Posted again unchanged: not written (the file removed behind its back stays so).
+        std::fs::remove_file(&path).unwrap();
+        post(path.clone(), &[("n", "1".into())], None);
+        assert!(flush(Duration::from_secs(5)));
+        assert!(!path.exists());
+        // A change, then the first text again: the last posted is the one written.
+        post(path.clone(), &[("n", "2".into())], None);
+        post(path.clone(), &[("n", "1".into())], None);
+        assert!(flush(Duration::from_secs(5)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "n=1\n");
+        // A write that fails (its folder is gone) is written when the same text comes again.
+        let gone = dir.path().join("gone");
+        let inner = gone.join("status");
+        std::fs::create_dir(&gone).unwrap();
+        std::fs::remove_dir(&gone).unwrap();
+        post(inner.clone(), &[("n", "3".into())], None);
+        assert!(flush(Duration::from_secs(5)));
+        std::fs::create_dir(&gone).unwrap();
+        post(inner.clone(), &[("n", "3".into())], None);
+        assert!(flush(Duration::from_secs(5)));
+        assert_eq!(std::fs::read_to_string(&inner).unwrap(), "n=3\n");
     }
 
     #[test]

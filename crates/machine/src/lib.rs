@@ -22,6 +22,7 @@ pub mod host;
 pub mod log;
 pub mod migrate;
 mod net;
+pub mod notice;
 pub mod port;
 pub mod snapshot;
 pub mod vm;
@@ -31,7 +32,7 @@ pub use log::{End, EventSink, EventSource, Exit, LogError, LogHeader, LogReader,
 pub use vm::{
     DEFAULT_MEMORY_LIMIT, GoLive, GuestSpec, Inputs, Machine, MachineError, PortFactory, RunReport,
     deterministic_engine, engine_fingerprint, hex, live_host, live_inputs, nic_tap, request_stop,
-    stop_requested,
+    stop_requested, wait_for_stop,
 };
 
 /// Helpers for this crate's unit tests.

@@ -96,10 +96,22 @@ const GUEST_STACK: usize = 8 << 20;
 /// [`STOP_GRACE`] later.
 pub fn request_stop() {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    STOP_NOTICE.give();
 }
 
 pub fn stop_requested() -> bool {
     STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Told of a stop request, for [`wait_for_stop`]; never drained (a stop is for good).
+static STOP_NOTICE: crate::notice::Notice = crate::notice::Notice::new();
+
+/// Wait until a stop is requested, without looking periodically.
+pub fn wait_for_stop() {
+    STOP_NOTICE.arm();
+    while !stop_requested() {
+        STOP_NOTICE.wait(false, None);
+    }
 }
 
 /// Why the guest stopped running before `_start` returned.
