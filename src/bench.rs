@@ -981,12 +981,24 @@ struct FtBench {
     /// of them are woken by the network (an acknowledgement, a frame on the tap), and on
     /// loaded cores, so it is an order of magnitude, to set beside the CPU added.
     extra_wakes_cpu_us_per_op: Option<f64>,
+    /// CPU an idle kvd costs per second of wall time (ms/s: tenths of a percent of a
+    /// core), measured for [`IDLE_WINDOW`] in each round before the load, side by side:
+    /// the unprotected VM's process, and the FT primary's and secondary's. What FT adds
+    /// here is its periodic work: heartbeats both ways, health probes, the pause monitor.
+    idle_cpu_ms_per_s_unprotected: f64,
+    idle_cpu_ms_per_s_primary: f64,
+    idle_cpu_ms_per_s_secondary: f64,
     /// Failovers (a generation claimed) with no fault injected, FT pairs left idle and
     /// under load for `soak_secs` in total while every core is kept busy (goal 0).
     spurious_failovers: u64,
     soak_secs: u64,
     rounds: u32,
 }
+
+/// How long each round of `bench ft` watches the idle VM's CPU, each side, before its load
+/// (`/proc` counts CPU in ticks of 10 ms: over three rounds, a few percent of an idle FT
+/// copy's figure).
+const IDLE_WINDOW: Duration = Duration::from_secs(4);
 
 /// A process's or thread's CPU time so far (utime + stime) from its `stat` file at
 /// `path`, in seconds; `None` if unreadable (it ended).
@@ -1598,6 +1610,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let (mut cpu_plain, mut cpu_ft) = (0.0, FtCpu::default());
     // The primary's threads' wakes over the same runs.
     let (mut wakes_plain, mut wakes_ft) = (0u64, 0u64);
+    // CPU over the idle windows, summed over rounds.
+    let (mut idle_plain, mut idle_ft) = (0.0, FtCpu::default());
     let (mut channel_events, mut channel_frames, mut channel_frames_from_vm) = (0u64, 0u64, 0u64);
     let mut channel_acks = 0u64;
     let (mut channel_writes_behind, mut channel_writes_behind_by_releaser) = (0u64, 0u64);
@@ -1615,6 +1629,9 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             let vm = kvd_vm(&plain_lab, VM_IP, false, KvdStore::Shared)?;
             let pid = tandem_pid(vm.0.0.id());
             let client = crate::lab::ns(&plain_lab, "client");
+            let idle_before = process_cpu_s(pid);
+            std::thread::sleep(IDLE_WINDOW);
+            idle_plain += (process_cpu_s(pid) - idle_before).max(0.0);
             let cpu_before = process_cpu_s(pid);
             let wakes_before = process_wakes(pid);
             let t = redis_benchmark(
@@ -1645,6 +1662,11 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
                 tandem_pid(lab.primary_pid()),
                 lab.secondary_pid().map(tandem_pid),
             );
+            let idle_before = FtCpu::read(pids.0, pids.1);
+            std::thread::sleep(IDLE_WINDOW);
+            let idle = FtCpu::read(pids.0, pids.1).since(idle_before);
+            idle_ft.primary += idle.primary;
+            idle_ft.secondary += idle.secondary;
             let before = lab.status();
             let cpu_before = FtCpu::read(pids.0, pids.1);
             let wakes_before = process_wakes(pids.0);
@@ -1763,6 +1785,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     let (ops_plain, ops_ft) = (ops(&plain), ops(&ft_rows));
     let all_ops = ops_per_run * f64::from(rounds);
     let us_per_op = |cpu_s: f64| cpu_s * 1e6 / all_ops;
+    let idle_ms_per_s = |cpu_s: f64| cpu_s * 1e3 / (IDLE_WINDOW.as_secs_f64() * f64::from(rounds));
     let r = FtBench {
         throughput_ratio: ops_ft / ops_plain,
         ops_unprotected: ops_plain,
@@ -1810,6 +1833,9 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             .map(|us| (wakes_ft as f64 - wakes_plain as f64) / all_ops * us),
         wake_cpu_us,
         wake_skipped,
+        idle_cpu_ms_per_s_unprotected: idle_ms_per_s(idle_plain),
+        idle_cpu_ms_per_s_primary: idle_ms_per_s(idle_ft.primary),
+        idle_cpu_ms_per_s_secondary: idle_ms_per_s(idle_ft.secondary),
         spurious_failovers,
         soak_secs,
         rounds,
@@ -1994,6 +2020,14 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         println!(
             "{:<40} {:>12} {:>12} {:>10.3} {:>8}",
             "secondary_cpu_ratio (secondary ÷ primary)", "-", "-", r.secondary_cpu_ratio, "≤0.6"
+        );
+        println!(
+            "{:<40} {:>8.1}ms/s {:>8.1}ms/s {:>8.1}ms/s {:>8}",
+            "idle_cpu (VM idle; FT: primary | second.)",
+            r.idle_cpu_ms_per_s_unprotected,
+            r.idle_cpu_ms_per_s_primary,
+            r.idle_cpu_ms_per_s_secondary,
+            "-"
         );
         println!(
             "{:<40} {:>12} {:>12} {:>8.2}µs {:>8}",
