@@ -995,9 +995,7 @@ struct FtBench {
     rounds: u32,
 }
 
-/// How long each round of `bench ft` watches the idle VM's CPU, each side, before its load
-/// (`/proc` counts CPU in ticks of 10 ms: over three rounds, a few percent of an idle FT
-/// copy's figure).
+/// How long each round of `bench ft` watches the idle VM's CPU, each side, before its load.
 const IDLE_WINDOW: Duration = Duration::from_secs(4);
 
 /// A process's or thread's CPU time so far (utime + stime) from its `stat` file at
@@ -1048,10 +1046,22 @@ fn channel_cpu_s(pid: u32) -> f64 {
         .sum()
 }
 
+/// CPU time so far of the live threads of process `pid`, in seconds, to the nanosecond
+/// (`/proc/PID/task/TID/schedstat`: `stat` counts in ticks of 10 ms, as coarse as an idle
+/// VM's whole use over seconds). A thread that ended takes its time with it.
+fn live_threads_cpu_s(pid: u32) -> f64 {
+    tasks(pid)
+        .filter_map(|t| std::fs::read_to_string(t.join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>() as f64
+        / 1e9
+}
+
 /// Voluntary context switches so far of the live threads of process `pid`: each is a
 /// thread that waited and was woken again (for the tap, an event to send, an
-/// acknowledgement, an output to release; and the timers of the pause monitor, the health
-/// probe and the checkpointer, about 1% of a loaded FT primary's). A thread that ended
+/// acknowledgement, an output to release; and the timers of the heartbeats, the pause
+/// monitor, the health probe and the checkpointer, about a tenth of a loaded FT primary's).
+/// A thread that ended
 /// takes its count with it (the primary's threads live through a throughput run). 0 if the
 /// process is gone.
 fn process_wakes(pid: u32) -> u64 {
@@ -1611,7 +1621,7 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
     // The primary's threads' wakes over the same runs.
     let (mut wakes_plain, mut wakes_ft) = (0u64, 0u64);
     // CPU over the idle windows, summed over rounds.
-    let (mut idle_plain, mut idle_ft) = (0.0, FtCpu::default());
+    let (mut idle_plain, mut idle_ft) = (0.0, (0.0, 0.0));
     let (mut channel_events, mut channel_frames, mut channel_frames_from_vm) = (0u64, 0u64, 0u64);
     let mut channel_acks = 0u64;
     let (mut channel_writes_behind, mut channel_writes_behind_by_releaser) = (0u64, 0u64);
@@ -1629,9 +1639,9 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
             let vm = kvd_vm(&plain_lab, VM_IP, false, KvdStore::Shared)?;
             let pid = tandem_pid(vm.0.0.id());
             let client = crate::lab::ns(&plain_lab, "client");
-            let idle_before = process_cpu_s(pid);
+            let idle_before = live_threads_cpu_s(pid);
             std::thread::sleep(IDLE_WINDOW);
-            idle_plain += (process_cpu_s(pid) - idle_before).max(0.0);
+            idle_plain += (live_threads_cpu_s(pid) - idle_before).max(0.0);
             let cpu_before = process_cpu_s(pid);
             let wakes_before = process_wakes(pid);
             let t = redis_benchmark(
@@ -1662,11 +1672,17 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
                 tandem_pid(lab.primary_pid()),
                 lab.secondary_pid().map(tandem_pid),
             );
-            let idle_before = FtCpu::read(pids.0, pids.1);
+            let idle_cpu = || {
+                (
+                    live_threads_cpu_s(pids.0),
+                    pids.1.map_or(0.0, live_threads_cpu_s),
+                )
+            };
+            let idle_before = idle_cpu();
             std::thread::sleep(IDLE_WINDOW);
-            let idle = FtCpu::read(pids.0, pids.1).since(idle_before);
-            idle_ft.primary += idle.primary;
-            idle_ft.secondary += idle.secondary;
+            let idle_after = idle_cpu();
+            idle_ft.0 += (idle_after.0 - idle_before.0).max(0.0);
+            idle_ft.1 += (idle_after.1 - idle_before.1).max(0.0);
             let before = lab.status();
             let cpu_before = FtCpu::read(pids.0, pids.1);
             let wakes_before = process_wakes(pids.0);
@@ -1834,8 +1850,8 @@ pub fn ft(args: &FtBenchArgs) -> Result<u8> {
         wake_cpu_us,
         wake_skipped,
         idle_cpu_ms_per_s_unprotected: idle_ms_per_s(idle_plain),
-        idle_cpu_ms_per_s_primary: idle_ms_per_s(idle_ft.primary),
-        idle_cpu_ms_per_s_secondary: idle_ms_per_s(idle_ft.secondary),
+        idle_cpu_ms_per_s_primary: idle_ms_per_s(idle_ft.0),
+        idle_cpu_ms_per_s_secondary: idle_ms_per_s(idle_ft.1),
         spurious_failovers,
         soak_secs,
         rounds,
@@ -2827,6 +2843,40 @@ mod tests {
                    256.5 MiB in 2 rounds while it ran, 8 KiB in the pause\n";
         assert_eq!(checkpoint_pauses(log), [161.0, 2.5, 0.9]);
         assert_eq!(checkpoint_stopped_kib(log), [120, 8]);
+    }
+
+    /// The live threads' CPU counts a process's work to well under a tick, and not its
+    /// sleep.
+    #[test]
+    fn live_threads_cpu_counts_work_not_sleep() {
+        let spawn = |script: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap()
+        };
+        let mut sleeper = spawn("sleep 30");
+        let mut worker = spawn("while :; do :; done");
+        // However busy the machine, the spinner gets its 50 ms within seconds.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while live_threads_cpu_s(worker.id()) < 0.05 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (slept, worked) = (
+            live_threads_cpu_s(sleeper.id()),
+            live_threads_cpu_s(worker.id()),
+        );
+        for c in [&mut sleeper, &mut worker] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(worked >= 0.05, "10 s of spinning counted as {worked} s");
+        assert!(slept < worked / 2.0, "a sleep counted as {slept} s of CPU");
+        assert_eq!(
+            live_threads_cpu_s(u32::MAX),
+            0.0,
+            "no such process: nothing"
+        );
     }
 
     /// A process's wakes are the sum of its threads' voluntary switches; a thread that
