@@ -1048,13 +1048,16 @@ fn channel_cpu_s(pid: u32) -> f64 {
 
 /// CPU time so far of the live threads of process `pid`, in seconds, to the nanosecond
 /// (`/proc/PID/task/TID/schedstat`: `stat` counts in ticks of 10 ms, as coarse as an idle
-/// VM's whole use over seconds). A thread that ended takes its time with it.
+/// VM's whole use over seconds; it is the fallback on a kernel without schedstat). A
+/// thread that ended takes its time with it.
 fn live_threads_cpu_s(pid: u32) -> f64 {
+    let schedstat = |t: &Path| {
+        let s = std::fs::read_to_string(t.join("schedstat")).ok()?;
+        Some(s.split_whitespace().next()?.parse::<u64>().ok()? as f64 / 1e9)
+    };
     tasks(pid)
-        .filter_map(|t| std::fs::read_to_string(t.join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum::<u64>() as f64
-        / 1e9
+        .filter_map(|t| schedstat(&t).or_else(|| stat_cpu_s(&t.join("stat"))))
+        .sum()
 }
 
 /// Voluntary context switches so far of the live threads of process `pid`: each is a

@@ -51,7 +51,7 @@ pub const MAX_PEERS: usize = 16;
 /// (`ft ... --health-hold-ms`). Under Linux's 200 ms minimum retransmission timeout: a
 /// client's request lost at the cut is sent again once about 200 ms later, and then only
 /// about 400 ms after that. A carrier or storage loss is seen within a `TICK`, held this
-/// long, seen by the primary within its 20 ms look, and the VM handed over (a few ms)
+/// long, told to the primary's watcher at once, and the VM handed over (a few ms)
 /// before that first retransmission, so it lands on the new live copy: with a 300 ms hold
 /// the lab's clients waited about 620 ms across an uplink's carrier loss, with this one
 /// about 210 ms, as across a host's death (`tandem bench ft`, `uplink_handover_ms`). The
@@ -607,19 +607,27 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert!(m.current().ok(), "{:?}", m.current());
         assert!(m.storage_now().is_none());
+        // Nothing changes: a waiter waits its limit.
+        let ok = m.current();
+        let start = Instant::now();
+        assert_eq!(m.wait_change(&ok, Duration::from_millis(200)), ok);
+        assert!(start.elapsed() >= Duration::from_millis(200));
         std::fs::remove_dir_all(&folder).unwrap();
         assert!(m.storage_now().is_some());
+        // The loss wakes a waiter.
         let deadline = Instant::now() + Duration::from_secs(3);
-        while m.current().storage.is_none() {
+        let mut h = ok;
+        while h.storage.is_none() {
             assert!(Instant::now() < deadline, "storage loss never seen");
-            std::thread::sleep(Duration::from_millis(20));
+            h = m.wait_change(&h, deadline.saturating_duration_since(Instant::now()));
         }
-        let lost = m.current().lost().unwrap();
+        let lost = h.lost().unwrap();
         assert!(lost.starts_with("its storage"), "{lost}");
         std::fs::create_dir(&folder).unwrap();
-        while m.current().storage.is_some() {
+        // So does finding it again.
+        while h.storage.is_some() {
             assert!(Instant::now() < deadline, "storage never found again");
-            std::thread::sleep(Duration::from_millis(20));
+            h = m.wait_change(&h, deadline.saturating_duration_since(Instant::now()));
         }
     }
 

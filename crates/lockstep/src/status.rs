@@ -10,11 +10,14 @@
 //! (temporary file, then rename) and, for the VM's status, checks first that the writer's
 //! generation is still the live one.
 //!
-//! A post of the very text posted last for that file, written or about to be, is dropped:
-//! an idle copy re-posts the same counters every quarter second, and each write is several
-//! round trips to the storage server and wakes this thread (a context switch each, which
-//! on a paravirtualised host is a tenth of an idle copy's CPU). A write that failed is
-//! forgotten, so the next post of that text writes it again.
+//! A post of the very text posted last for that file, written or about to be, less than
+//! [`REFRESH`] ago, is dropped: an idle copy re-posts the same counters every quarter
+//! second, and each write is several round trips to the storage server and wakes this
+//! thread (a context switch each, which on a paravirtualised host is a tenth of an idle
+//! copy's CPU). A text not written (the write failed, or its generation could not be
+//! confirmed live) is forgotten, so the next post of it writes it; and a file changed
+//! behind the writer's back (a write of another copy landing late on slow storage) is put
+//! right within [`REFRESH`].
 //!
 //! Invariants: per file, the text written last is the text posted last (a newer post
 //! replaces one not yet written); [`flush`] returns once everything posted before it is
@@ -27,6 +30,9 @@ use std::time::{Duration, Instant};
 
 use crate::arbiter::Arbiter;
 
+/// How long a post of the text posted last for a file is dropped.
+const REFRESH: Duration = Duration::from_secs(5);
+
 /// One file's text to write, and the generation that must still be live (the VM's
 /// status), with the arbitration folder to ask.
 struct Post {
@@ -37,8 +43,8 @@ struct Post {
 #[derive(Default)]
 struct Queue {
     posts: BTreeMap<PathBuf, Post>,
-    /// Per file, the text posted last, unless its write failed.
-    last: BTreeMap<PathBuf, String>,
+    /// Per file, the text posted last and when, unless it was not written.
+    last: BTreeMap<PathBuf, (String, Instant)>,
     /// The thread is writing what it took.
     writing: bool,
 }
@@ -88,9 +94,9 @@ fn write_posts(w: &'static Writer) {
                 .live
                 .as_ref()
                 .is_none_or(|(arb, g)| Arbiter::new(arb).current().is_ok_and(|c| c == *g));
-            if live && !write_now(&path, &post.text) {
+            if !(live && write_now(&path, &post.text)) {
                 let mut q = w.lock();
-                if q.last.get(&path) == Some(&post.text) {
+                if q.last.get(&path).is_some_and(|(t, _)| *t == post.text) {
                     q.last.remove(&path);
                 }
             }
@@ -120,10 +126,13 @@ pub(crate) fn post(path: PathBuf, fields: &[(&str, String)], live: Option<(PathB
     let text: String = fields.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     let w = writer();
     let mut q = w.lock();
-    if q.last.get(&path) == Some(&text) {
+    if q.last
+        .get(&path)
+        .is_some_and(|(t, at)| *t == text && at.elapsed() < REFRESH)
+    {
         return;
     }
-    q.last.insert(path.clone(), text.clone());
+    q.last.insert(path.clone(), (text.clone(), Instant::now()));
     q.posts.insert(path, Post { text, live });
     drop(q);
     w.changed.notify_all();
@@ -189,7 +198,8 @@ mod tests {
         post(path.clone(), &[("n", "1".into())], None);
         assert!(flush(Duration::from_secs(5)));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "n=1\n");
-        // A write that fails (its folder is gone) is written when the same text comes again.
+        // A write that fails (its folder is gone) is written when the same text comes again;
+        // so is one whose generation could not be confirmed live (no arbitration yet).
         let gone = dir.path().join("gone");
         let inner = gone.join("status");
         std::fs::create_dir(&gone).unwrap();
@@ -200,6 +210,16 @@ mod tests {
         post(inner.clone(), &[("n", "3".into())], None);
         assert!(flush(Duration::from_secs(5)));
         assert_eq!(std::fs::read_to_string(&inner).unwrap(), "n=3\n");
+        let arb = dir.path().join("arbitration");
+        let live = dir.path().join("live");
+        post(live.clone(), &[("g", "1".into())], Some((arb.clone(), 1)));
+        assert!(flush(Duration::from_secs(5)));
+        assert!(!live.exists(), "written without a live generation");
+        std::fs::create_dir(&arb).unwrap();
+        Arbiter::new(&arb).claim(1, "one").unwrap();
+        post(live.clone(), &[("g", "1".into())], Some((arb, 1)));
+        assert!(flush(Duration::from_secs(5)));
+        assert_eq!(std::fs::read_to_string(&live).unwrap(), "g=1\n");
     }
 
     #[test]

@@ -24,6 +24,21 @@ pub struct Notice {
     write: AtomicI32,
 }
 
+impl Drop for Notice {
+    fn drop(&mut self) {
+        for fd in [
+            self.read.load(Ordering::SeqCst),
+            self.write.load(Ordering::SeqCst),
+        ] {
+            if fd >= 0 {
+                // SAFETY: the notice owns its descriptors, and nothing can give or wait on
+                // it any more.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+}
+
 impl Default for Notice {
     fn default() -> Self {
         Self::new()
@@ -49,9 +64,11 @@ impl Notice {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
             return false;
         }
+        // The write end first: from then on what is given is in the pipe, even before a
+        // waiter can see the read end (until it can, it waits as if unarmed, briefly).
         if self
-            .read
-            .compare_exchange(-1, fds[0], Ordering::SeqCst, Ordering::SeqCst)
+            .write
+            .compare_exchange(-1, fds[1], Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
             // Another thread armed it first: this pipe is nobody's.
@@ -62,7 +79,7 @@ impl Notice {
             }
             return true;
         }
-        self.write.store(fds[1], Ordering::SeqCst);
+        self.read.store(fds[0], Ordering::SeqCst);
         true
     }
 
@@ -148,13 +165,20 @@ mod tests {
     }
 
     #[test]
-    fn giving_keeps_errno() {
+    fn giving_keeps_errno_even_when_the_pipe_is_full() {
         let n = Notice::new();
         assert!(n.arm());
+        // Fill the pipe: the next write fails (EAGAIN), which sets errno.
+        let fd = n.write.load(Ordering::SeqCst);
+        let chunk = [0u8; 4096];
+        // SAFETY: writes from a live local buffer to the notice's own non-blocking pipe.
+        while unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) } > 0 {}
         // SAFETY: the calling thread's errno.
         unsafe { *libc::__errno_location() = libc::EINTR };
         n.give();
         // SAFETY: as above.
         assert_eq!(unsafe { *libc::__errno_location() }, libc::EINTR);
+        // And the waiters are woken all the same.
+        assert!(n.wait(false, Some(Duration::from_secs(5))));
     }
 }
