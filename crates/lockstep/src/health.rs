@@ -272,20 +272,12 @@ impl Monitor {
 
     /// What this host has lost, once it differs from `seen`, or after `limit`.
     pub fn wait_change(&self, seen: &HostHealth, limit: Duration) -> HostHealth {
-        let deadline = Instant::now() + limit;
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let now = st.health();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if now != *seen || left.is_zero() {
-                return now;
-            }
-            st = self
-                .changed
-                .wait_timeout(st, left)
-                .map(|r| r.0)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed
+            .wait_timeout_while(st, limit, |st| st.health() == *seen)
+            .map(|r| r.0)
+            .unwrap_or_else(|p| p.into_inner().0)
+            .health()
     }
 
     /// What this host lacks right now, without waiting for the hold: storage probed now
