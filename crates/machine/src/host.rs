@@ -10,7 +10,8 @@
 //!
 //! Waking a wait. A network wait with no deadline blocks until a frame or stdin arrives;
 //! a request that needs the VM at its next snapshot point (a snapshot through the
-//! control API, an API stop) wakes it through a process-wide eventfd ([`wake_waits`]).
+//! control API, an API stop) wakes it through a process-wide [`crate::notice::Notice`]
+//! ([`wake_waits`]), whose descriptor the wait polls beside its inputs.
 //! The woken wait returns an ordinary outcome with no frames (recorded and replayed like
 //! any other), after which the guest reaches a snapshot point (unless its stack holds a
 //! call made through a function pointer: see [`crate::capture::unwindable`]). Each wake
@@ -19,7 +20,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -28,40 +29,26 @@ use crate::event::{Outcome, PollEvent};
 use crate::fdtable::FdTable;
 use crate::wasi::{clockid, errno, eventtype};
 
-/// The eventfd that wakes network waits (see the module docs); `None` if the kernel gave
-/// none, and then a wait is woken only by its own inputs.
+/// What wakes network waits (see the module docs).
+static WAKE: crate::notice::Notice = crate::notice::Notice::new();
+
+/// The descriptor a network wait polls to be woken; `None` if the kernel gave no pipe, and
+/// then a wait is woken only by its own inputs.
 fn wake_fd() -> Option<RawFd> {
-    static WAKE: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    WAKE.get_or_init(|| {
-        // SAFETY: eventfd(2) takes no pointers; a non-negative result is a new descriptor
-        // that nothing else owns.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
-        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-    })
-    .as_ref()
-    .map(|f| f.as_raw_fd())
+    WAKE.arm();
+    WAKE.fd()
 }
 
 /// Wake the network wait of this process's VM (or its next one): it returns at once with
 /// what it has, so that the VM reaches its next snapshot point.
 pub fn wake_waits() {
-    if let Some(fd) = wake_fd() {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live local buffer to an eventfd we own. A full
-        // counter (EAGAIN) means a wake is already pending: nothing to do.
-        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
-    }
+    WAKE.arm();
+    WAKE.give();
 }
 
 /// Consume a pending wake, if any.
 pub(crate) fn clear_wake() {
-    if let Some(fd) = wake_fd() {
-        let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live local buffer from a nonblocking
-        // eventfd we own; EAGAIN (no wake pending) is fine.
-        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    }
+    WAKE.wait(true, Some(std::time::Duration::ZERO));
 }
 
 /// One `poll_oneoff` subscription, decoded from guest memory.

@@ -3,6 +3,9 @@
 //! look, which on a paravirtualised host is tens of microseconds: a thread looking every
 //! 20 ms for a signal that comes once in a VM's life cost more than the VM idling).
 //!
+//! The network wait of a VM is woken the same way (`host::wake_waits`), its notice's
+//! descriptor polled beside the tap ([`Notice::fd`]).
+//!
 //! A [`Notice`] is a pipe: [`Notice::give`] writes a byte to it (async-signal-safe: one
 //! `write(2)` to a non-blocking pipe, `errno` kept), [`Notice::wait`] polls its read end.
 //! The pipe is made by [`Notice::arm`], which a waiter calls before it first looks at the
@@ -83,6 +86,13 @@ impl Notice {
         true
     }
 
+    /// The read end, for a wait on it beside other descriptors (a network wait); readable
+    /// while what was given is not drained. `None` before [`Notice::arm`] succeeded.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        let fd = self.read.load(Ordering::SeqCst);
+        (fd >= 0).then_some(fd)
+    }
+
     /// Wake the waiters (async-signal-safe: no allocation, no lock, one system call, and
     /// the interrupted code's `errno` is put back). Before [`Notice::arm`] it does nothing:
     /// the caller changes the state it tells of first, and a waiter arms before it looks.
@@ -156,8 +166,12 @@ mod tests {
         let (given, took) = t.join().unwrap();
         assert!(given);
         assert!(took < Duration::from_secs(5), "woken after {took:?}");
-        // Drained: the next wait times out.
+        // Drained: the next wait times out (and a zero limit only drains).
         assert!(!n.wait(true, Some(Duration::from_millis(10))));
+        n.give();
+        assert!(n.wait(true, Some(Duration::ZERO)));
+        assert!(!n.wait(true, Some(Duration::ZERO)));
+        assert!(n.fd().is_some());
         // Not drained: every wait after a notice returns at once.
         n.give();
         assert!(n.wait(false, Some(Duration::from_secs(10))));
