@@ -56,9 +56,11 @@ impl Notice {
         }
     }
 
-    /// Make the pipe, once (concurrent callers agree on one). Whether the notice has one.
+    /// Make the pipe, once (concurrent callers agree on one). Whether the notice has one;
+    /// once it returns `true`, [`Notice::fd`] is the read end (a network wait polls it from
+    /// its first wait on).
     pub fn arm(&self) -> bool {
-        if self.write.load(Ordering::SeqCst) >= 0 {
+        if self.read.load(Ordering::SeqCst) >= 0 {
             return true;
         }
         let mut fds = [-1; 2];
@@ -74,11 +76,15 @@ impl Notice {
             .compare_exchange(-1, fds[1], Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
-            // Another thread armed it first: this pipe is nobody's.
+            // Another thread armed it first: this pipe is nobody's. That thread publishes its
+            // read end right after its write end: a few instructions to wait for.
             // SAFETY: both descriptors were just made here and are not shared.
             unsafe {
                 libc::close(fds[0]);
                 libc::close(fds[1]);
+            }
+            while self.read.load(Ordering::SeqCst) < 0 {
+                std::thread::yield_now();
             }
             return true;
         }
@@ -123,7 +129,10 @@ impl Notice {
             std::thread::sleep(limit.map_or(UNARMED_LOOK, |l| l.min(UNARMED_LOOK)));
             return false;
         }
-        let timeout = limit.map_or(-1, |l| l.as_millis().min(i32::MAX as u128) as i32);
+        // Rounded up: a limit under a millisecond still waits, and zero only looks.
+        let timeout = limit.map_or(-1, |l| {
+            l.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        });
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
